@@ -1,0 +1,48 @@
+"""Writes the tiny, seeded Hugging Face-format checkpoints that the tests and the built-in sources use.
+
+    python scripts/make_fixtures.py OUTDIR [--only NAME ...]
+
+Every case is built from `torch_reference` with a fixed seed, so the same command writes the same bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from scripts import fixtures_bart, fixtures_gpt2, fixtures_wav2vec2  # noqa: E402
+
+CASES: dict[str, Callable[[Path], object]] = {
+    **fixtures_wav2vec2.CASES,
+    **fixtures_bart.CASES,
+    **fixtures_gpt2.CASES,
+}
+
+
+def build(name: str, root: str | Path) -> Path:
+    """Builds case `name` under `root` (once; an existing directory is reused) and returns its path."""
+    if name not in CASES:
+        raise KeyError(f"unknown fixture {name!r} (known: {', '.join(sorted(CASES))})")
+    directory = Path(root) / name
+    if not (directory / "config.json").exists():
+        CASES[name](directory)
+    return directory
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("outdir", type=Path)
+    parser.add_argument("--only", nargs="*", choices=sorted(CASES), help="build only these cases")
+    args = parser.parse_args(argv)
+    for name in args.only or sorted(CASES):
+        print(build(name, args.outdir))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
