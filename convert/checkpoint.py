@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +35,8 @@ FLAX_MSGPACK_INDEX = "flax_model.msgpack.index.json"
 CONFIG = "config.json"
 
 WEIGHT_FILES = (SAFETENSORS, SAFETENSORS_INDEX, PYTORCH_BIN, PYTORCH_BIN_INDEX, FLAX_MSGPACK, FLAX_MSGPACK_INDEX)
+# The Flax model class reads its own format first, as HF's Flax classes did.
+FLAX_FIRST = (FLAX_MSGPACK, FLAX_MSGPACK_INDEX, SAFETENSORS, SAFETENSORS_INDEX, PYTORCH_BIN, PYTORCH_BIN_INDEX)
 
 SAFETENSORS_DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),
@@ -138,9 +141,8 @@ class _TorchBinFile:
                 # Legacy (non-zip) pickles cannot be memory-mapped.
                 state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else "unpickling error"
             raise CheckpointError(f"{path}: refused: the pickle needs more than tensors to load "
-                                  f"(weights_only=True): {first}") from None
+                                  f"(weights_only=True): {_unpickling_reason(e)}") from None
         except (RuntimeError, EOFError, OSError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(f"{path}: truncated or corrupt PyTorch checkpoint ({first})") from None
@@ -175,6 +177,19 @@ class _FlaxMsgpackFile:
 
     def read(self, key: str) -> np.ndarray:
         return self.arrays[key]
+
+
+def _unpickling_reason(error: Exception) -> str:
+    """The informative sentence of torch's weights_only refusal.
+
+    Its first line is advice to retry with weights_only=False (with ANSI codes); the reason follows it.
+    """
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\.?$)", text, flags=re.MULTILINE)
+    if m:
+        return m.group(1).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else "unpickling error"
 
 
 def torch_to_numpy(t: Any) -> np.ndarray:

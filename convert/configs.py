@@ -226,6 +226,10 @@ class BartConfig(HFConfig):
                 self._refuse(where, "add_final_layer_norm", True)
         if self.d_model % self.decoder_attention_heads:
             self._refuse(where, "decoder_attention_heads", self.decoder_attention_heads, "does not divide d_model")
+        if self.cross_attention_hidden_size not in (None, self.d_model):
+            # BART's encoder_attn k/v projections take d_model wide inputs only.
+            self._refuse(where, "cross_attention_hidden_size", self.cross_attention_hidden_size,
+                         f"is not supported for BART (must equal d_model={self.d_model} or be unset)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,479 @@
+"""Compose a speech encoder and a text decoder into one speech encoder-decoder checkpoint.
+
+    python -m convert.compose --encoder SRC --decoder SRC --output DIR [options]
+
+SRC is a local checkpoint directory, a Hugging Face Hub repo id, or a built-in name (`wav2vec2`, `bart`,
+`gpt2`: tiny checkpoints shipped in the package, for trying the tool offline). Every source weight is
+copied bit for bit; only what neither source has (the encoder->decoder projection, GPT-2's
+cross-attention) is initialised, from `--seed`. Tensors stream from the sources to the outputs one at a
+time. The output directory appears only when everything, including the verification, succeeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import shutil
+import sys
+import time
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from convert.checkpoint import Checkpoint
+from convert.configs import HFConfig, SpeechEncoderDecoderConfig
+from convert.errors import ConvertError, KeyMapError, UnsupportedConfig
+from convert.keymap import Entry, Plan
+from convert.registry import Arch, arch_for
+from convert.writing import TensorSpec, atomic_directory, parse_size
+
+BUILTIN_DIR = Path(__file__).parent / "builtin"
+BUILTINS = {"encoder": ("wav2vec2",), "decoder": ("bart", "gpt2")}
+DTYPES = {"float32": np.dtype(np.float32), "bfloat16": None, "float16": np.dtype(np.float16)}
+REPORT_FILE = "compose_report.json"
+# Files copied from the sources when present: the decoder's tokenizer, the encoder's feature extractor.
+DECODER_EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                       "special_tokens_map.json", "added_tokens.json", "sentencepiece.bpe.model")
+ENCODER_EXTRA_FILES = ("preprocessor_config.json",)
+
+# How a leaf that no source has is initialised, by its name: (regex, initialiser). kernels and embeddings
+# draw from N(0, std) with the decoder's initialiser scale; biases start at 0, norm scales at 1.
+INIT_RULES: tuple[tuple[str, str], ...] = (
+    (r".*/kernel$", "normal"),
+    (r".*/embedding$", "normal"),
+    (r".*/bias$", "zeros"),
+    (r".*/scale$", "ones"),
+)
+
+
+def _dtype(name: str) -> np.dtype:
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(DTYPES[name])
+
+
+@dataclasses.dataclass
+class Source:
+    """One resolved source: where it came from and its opened checkpoint."""
+
+    role: str  # "encoder" or "decoder"
+    spec: str  # what the user passed
+    path: Path
+    repo_id: str | None
+    revision: str | None
+    checkpoint: Checkpoint
+    arch: Arch
+    config: HFConfig
+
+
+def resolve(spec: str, role: str, revision: str | None = None) -> tuple[Path, str | None, str | None]:
+    """A built-in name, a local directory or a Hub repo id -> (local directory, repo id, revision)."""
+    if spec in BUILTINS[role] and not Path(spec).exists():
+        return BUILTIN_DIR / spec, None, None
+    from convert.hub import resolve_source
+
+    resolved = resolve_source(spec, revision, what=role)
+    return resolved.path, resolved.repo_id, resolved.revision
+
+
+def open_source(spec: str, role: str, revision: str | None = None) -> Source:
+    flag = f"--{role}"
+    try:
+        path, repo_id, resolved_revision = resolve(spec, role, revision)
+        checkpoint = Checkpoint(path)
+        where = str(checkpoint.directory / "config.json")
+        arch = arch_for(checkpoint.config, where, role=role)
+        config = arch.config(checkpoint.config, where)
+        config = arch.keymaps.adapt_config(config, checkpoint)
+    except ConvertError as e:
+        raise type(e)(f"{flag} {spec}: {e}") from None
+    return Source(role, spec, Path(path), repo_id, resolved_revision, checkpoint, arch, config)
+
+
+def compose_config(
+    encoder: Source,
+    decoder: Source,
+    decoder_start_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    eos_token_id: int | None = None,
+) -> SpeechEncoderDecoderConfig:
+    """The composed config: the decoder becomes a cross-attending decoder; token ids from it (flags win)."""
+    dec = decoder.config
+    enc_width = encoder.config.encoder_output_size
+    cross = dec.cross_attention_hidden_size
+    if cross is not None and cross != enc_width:
+        raise UnsupportedConfig(
+            f"--decoder {decoder.spec}: cross_attention_hidden_size={cross} differs from the encoder's output "
+            f"width {enc_width}; the decoder cannot attend to this encoder"
+        )
+    dec = dec.replace(is_decoder=True, add_cross_attention=True)
+    start = _first(decoder_start_token_id, dec.decoder_start_token_id, dec.bos_token_id)
+    eos = _first(eos_token_id, dec.eos_token_id)
+    pad = _first(pad_token_id, dec.pad_token_id, eos)
+    if start is None:
+        raise UnsupportedConfig(f"--decoder {decoder.spec}: no decoder_start_token_id or bos_token_id in its "
+                                "config; pass --decoder-start-token-id")
+    raw = {"architectures": ["SpeechEncoderDecoderModel"], "model_type": "speech-encoder-decoder"}
+    return SpeechEncoderDecoderConfig(
+        raw=raw, encoder=encoder.config, decoder=dec,
+        decoder_start_token_id=start, pad_token_id=pad, eos_token_id=eos,
+    )
+
+
+def _first(*values: int | None) -> int | None:
+    return next((v for v in values if v is not None), None)
+
+
+@dataclasses.dataclass
+class Layout:
+    """Where every leaf of the composed Flax tree comes from."""
+
+    specs: list[TensorSpec]  # every leaf, in write order (sorted paths), in the output dtype
+    sources: dict[str, tuple[Source, Entry]]  # leaf -> (source, entry)
+    initialised: list[str]  # leaves drawn from the seed
+    plans: dict[str, Plan]  # role -> plan
+
+
+def plan_layout(config: SpeechEncoderDecoderConfig, encoder: Source, decoder: Source, dtype: np.dtype) -> Layout:
+    """Decides, from names and shapes only, which source tensor fills each leaf and which are initialised.
+
+    Raises:
+        KeyMapError: a source tensor that fits nowhere, a wrong shape, or a leaf that neither source has
+            and that is not ours to initialise.
+    """
+    from convert.params import init_shapes, plan_source, subtree
+
+    expected = init_shapes(config)
+    sources: dict[str, tuple[Source, Entry]] = {}
+    plans: dict[str, Plan] = {}
+    initialisable = {"encoder": [], "decoder": [], "projection": [r"enc_to_dec_proj/"]}
+    for src in (encoder, decoder):
+        prefix = f"{src.role}/"
+        try:
+            plan = plan_source(src.checkpoint, src.arch, src.config, subtree(expected, prefix), prefix)
+        except ConvertError as e:
+            raise type(e)(f"--{src.role} {src.spec}: {e}") from None
+        plans[src.role] = plan
+        initialisable[src.role] = [prefix + p for p in src.arch.keymaps.INITIALIZABLE]
+        for entry in plan.entries:
+            sources[entry.target] = (src, entry)
+    initialised, problems = [], []
+    allowed = [re.compile(p) for group in initialisable.values() for p in group]
+    for path in sorted(set(expected) - set(sources)):
+        if any(r.match(path) for r in allowed):
+            initialised.append(path)
+        else:
+            problems.append(path)
+    if problems:
+        role = "encoder" if problems[0].startswith("encoder/") else "decoder"
+        spec = encoder.spec if role == "encoder" else decoder.spec
+        raise KeyMapError(f"--{role} {spec}: {len(problems)} tensor(s) the model needs are missing: "
+                          + ", ".join(problems[:10]) + (" ..." if len(problems) > 10 else ""))
+    specs = []
+    for path in sorted(expected):
+        src_dtype = sources[path][0].checkpoint.info(sources[path][1].source).dtype if path in sources else dtype
+        out = dtype if _is_float(src_dtype) else src_dtype
+        specs.append(TensorSpec(path, out, tuple(expected[path])))
+    return Layout(specs, sources, initialised, plans)
+
+
+def _is_float(dtype: np.dtype) -> bool:
+    return np.issubdtype(dtype, np.floating) or np.dtype(dtype).name == "bfloat16"
+
+
+def init_leaf(path: str, shape: tuple[int, ...], std: float, seed: int, dtype: np.dtype) -> np.ndarray:
+    """A leaf no source has, drawn deterministically from (seed, path): the same seed gives the same bytes."""
+    import jax
+
+    kind = next((k for pattern, k in INIT_RULES if re.match(pattern, path)), None)
+    if kind is None:
+        raise KeyMapError(f"{path}: no initialiser for this kind of parameter")
+    if kind == "zeros":
+        return np.zeros(shape, dtype)
+    if kind == "ones":
+        return np.ones(shape, dtype)
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(path.encode()))
+    return (np.asarray(jax.random.normal(key, shape, np.float32)) * np.float32(std)).astype(dtype)
+
+
+@dataclasses.dataclass
+class ComposeResult:
+    output: Path
+    report: dict[str, Any]
+
+
+def compose(
+    encoder: str,
+    decoder: str,
+    output: str | Path,
+    *,
+    encoder_revision: str | None = None,
+    decoder_revision: str | None = None,
+    seed: int = 0,
+    dtype: str = "float32",
+    overwrite: bool = False,
+    verify: bool = True,
+    verify_tolerance: float = 1e-4,
+    max_shard_size: str | int | None = None,
+    decoder_start_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    eos_token_id: int | None = None,
+    progress: bool = True,
+    log: TextIO | None = None,
+    command: str | None = None,
+) -> ComposeResult:
+    """Composes `encoder` and `decoder` into a speech encoder-decoder checkpoint written to `output`.
+
+    Args:
+        encoder, decoder: a local directory, a Hub repo id, or a built-in name.
+        output: the directory to create (atomically; an existing non-empty one needs `overwrite`).
+        encoder_revision, decoder_revision: Hub revisions for repo-id sources.
+        seed: seeds the initialisation of what neither source has.
+        dtype: "float32", "bfloat16" or "float16" for the saved floating-point weights.
+        overwrite: replace an existing non-empty `output`.
+        verify: reload the output and compare Flax with the PyTorch reference on a seeded input.
+        verify_tolerance: the largest max |Δlogits| that passes the verification.
+        max_shard_size: e.g. "2GB": shard both weight files above this size.
+        decoder_start_token_id, pad_token_id, eos_token_id: override the decoder config's ids.
+        progress: show progress bars (on stderr).
+        log: where the summary goes (stdout by default).
+        command: the command line, recorded in the model card.
+
+    Returns:
+        The output directory and the report (also written to `output/compose_report.json`).
+
+    Raises:
+        ConvertError: one line naming the flag or file and what is wrong; nothing is written.
+    """
+    log = log or sys.stdout
+    started = time.perf_counter()
+    if dtype not in DTYPES:
+        raise ConvertError(f"--dtype {dtype}: not one of {', '.join(DTYPES)}")
+    out_dtype = _dtype(dtype)
+    shard_bytes = parse_size(max_shard_size)
+    output = Path(output)
+    if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not overwrite)):
+        raise ConvertError(f"--output {output}: directory exists and is not empty (pass --overwrite to replace it)"
+                           if output.is_dir() else f"--output {output}: exists and is not a directory")
+    enc = open_source(encoder, "encoder", encoder_revision)
+    dec = open_source(decoder, "decoder", decoder_revision)
+    config = compose_config(enc, dec, decoder_start_token_id, pad_token_id, eos_token_id)
+    layout = plan_layout(config, enc, dec, out_dtype)
+    std = float(config.decoder.init_scale)
+
+    from convert.params import save_params
+
+    def leaves():
+        from tqdm import tqdm
+
+        total = sum(s.nbytes for s in layout.specs)
+        with tqdm(total=total, unit="B", unit_scale=True, desc="composing", disable=not progress,
+                  file=sys.stderr, leave=False) as bar:
+            for spec in layout.specs:
+                if spec.name in layout.sources:
+                    src, entry = layout.sources[spec.name]
+                    array = entry.transform.to_flax(src.checkpoint.get(entry.source))
+                    if array.dtype != spec.dtype:
+                        array = array.astype(spec.dtype)
+                else:
+                    array = init_leaf(spec.name, spec.shape, std, seed, spec.dtype)
+                yield spec.name, array
+                bar.update(spec.nbytes)
+
+    with atomic_directory(output, overwrite=overwrite) as tmp:
+        save_params(tmp, config, leaves, layout.specs, max_shard_size=shard_bytes)
+        copied = _copy_extra_files(enc, dec, tmp)
+        verification = None
+        if verify:
+            from convert.verify import verify_directory
+
+            verification = verify_directory(tmp, tolerance=verify_tolerance, seed=seed)
+        report = _report(config, enc, dec, layout, seed, std, dtype, verification, copied, command)
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        _write_card(tmp, report)
+        sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        report["files"] = sizes
+        report["seconds"] = round(time.perf_counter() - started, 3)
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        if verification is not None and not verification["passed"]:
+            raise VerificationFailed(
+                f"verification failed: max |Δlogits| = {verification['max_abs_logits_diff']:.3e} between Flax and "
+                f"the PyTorch reference exceeds {verify_tolerance:.1e}; nothing was written to {output}"
+            )
+    _summary(report, output, log)
+    return ComposeResult(output, report)
+
+
+class VerificationFailed(ConvertError):
+    """The composed model's Flax and PyTorch logits disagree past the tolerance."""
+
+
+def _copy_extra_files(enc: Source, dec: Source, target: Path) -> list[str]:
+    copied = []
+    for src, names in ((dec, DECODER_EXTRA_FILES), (enc, ENCODER_EXTRA_FILES)):
+        for name in names:
+            if (src.path / name).is_file():
+                shutil.copyfile(src.path / name, target / name)
+                copied.append(name)
+    return copied
+
+
+def _source_report(src: Source, plan: Plan) -> dict[str, Any]:
+    return {
+        "source": src.spec,
+        "repo_id": src.repo_id,
+        "revision": src.revision,
+        "model_type": src.checkpoint.model_type,
+        "format": src.checkpoint.format,
+        "license": src.checkpoint.config.get("license"),
+        "loaded": [[e.source, e.target] for e in plan.entries],
+        "dropped": [[k, why] for k, why in plan.dropped],
+    }
+
+
+def _report(config, enc, dec, layout, seed, std, dtype, verification, copied, command) -> dict[str, Any]:
+    count = lambda names: int(sum(np.prod(s.shape, dtype=np.int64) for s in layout.specs if s.name in names))  # noqa: E731
+    loaded = set(layout.sources)
+    initialised = set(layout.initialised)
+    dropped = sum(
+        int(np.prod(src.checkpoint.info(k).shape, dtype=np.int64))
+        for src in (enc, dec) for k, _ in layout.plans[src.role].dropped
+    )
+    return {
+        "encoder": _source_report(enc, layout.plans["encoder"]),
+        "decoder": _source_report(dec, layout.plans["decoder"]),
+        "initialised": layout.initialised,
+        "init": {"seed": seed, "std": std, "rules": [list(r) for r in INIT_RULES]},
+        "dtype": dtype,
+        "token_ids": {
+            "decoder_start_token_id": config.decoder_start_token_id,
+            "pad_token_id": config.pad_token_id,
+            "eos_token_id": config.eos_token_id,
+        },
+        "parameters": {"loaded": count(loaded), "initialised": count(initialised), "dropped": dropped},
+        "tensors": {"loaded": len(loaded), "initialised": len(initialised),
+                    "dropped": sum(len(p.dropped) for p in layout.plans.values())},
+        "copied_files": copied,
+        "verification": verification,
+        "command": command,
+    }
+
+
+def _write_card(directory: Path, report: dict[str, Any]) -> None:
+    from convert.model_card import card_info_from_report, render_model_card
+
+    (directory / "README.md").write_text(render_model_card(card_info_from_report(report)))
+
+
+def _summary(report: dict[str, Any], output: Path, log: TextIO) -> None:
+    p, t = report["parameters"], report["tensors"]
+    size = sum(report["files"].values())
+    print(f"wrote {output} ({_human(size)}) in {report['seconds']:.1f} s", file=log)
+    print(f"  loaded      {p['loaded']:>12,} parameters in {t['loaded']} tensors", file=log)
+    print(f"  initialised {p['initialised']:>12,} parameters in {t['initialised']} tensors "
+          f"(seed {report['init']['seed']}, std {report['init']['std']})", file=log)
+    print(f"  dropped     {p['dropped']:>12,} parameters in {t['dropped']} tensors "
+          f"(see {REPORT_FILE})", file=log)
+    v = report["verification"]
+    if v is not None:
+        print(f"  verified    max |Δlogits| Flax vs PyTorch = {v['max_abs_logits_diff']:.2e} "
+              f"(tolerance {v['tolerance']:.0e})", file=log)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m convert.compose",
+        description="Compose a pretrained speech encoder and a pretrained text decoder into one speech "
+        "encoder-decoder checkpoint (Flax msgpack + PyTorch safetensors, HF layouts).",
+        epilog="SRC: a local checkpoint directory, a Hub repo id (owner/name), or a built-in tiny checkpoint "
+        "(encoder: wav2vec2; decoder: bart, gpt2). Example: python -m convert.compose --encoder wav2vec2 "
+        "--decoder bart --output out",
+    )
+    p.add_argument("--encoder", required=True, metavar="SRC", help="speech encoder checkpoint (wav2vec2)")
+    p.add_argument("--decoder", required=True, metavar="SRC", help="text decoder checkpoint (bart, mbart, gpt2)")
+    p.add_argument("--output", required=True, metavar="DIR", help="directory to write (created atomically)")
+    p.add_argument("--encoder-revision", metavar="REV", help="Hub revision of --encoder (branch, tag, commit)")
+    p.add_argument("--decoder-revision", metavar="REV", help="Hub revision of --decoder (branch, tag, commit)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the weights neither source has (default 0)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype of the saved weights")
+    p.add_argument("--max-shard-size", metavar="SIZE", help="shard the weight files above SIZE (e.g. 2GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists and is not empty")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip reloading the output and comparing Flax with the PyTorch reference")
+    p.add_argument("--verify-tolerance", type=float, default=1e-4, metavar="TOL",
+                   help="largest max |Δlogits| the verification accepts (default 1e-4)")
+    p.add_argument("--decoder-start-token-id", type=int, help="override the decoder's start token id")
+    p.add_argument("--pad-token-id", type=int, help="override the pad token id")
+    p.add_argument("--eos-token-id", type=int, help="override the end-of-sequence token id")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    hub = p.add_argument_group("Hub")
+    hub.add_argument("--push-to-hub", metavar="OWNER/NAME", help="upload the output to this Hub repo")
+    hub.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    hub.add_argument("--commit-message", metavar="MSG", help="commit message for the upload")
+    hub.add_argument("--dry-run", action="store_true",
+                     help="with --push-to-hub: show what would be uploaded, upload nothing")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.dry_run and not args.push_to_hub:
+        parser.error("--dry-run needs --push-to-hub")
+    if args.push_to_hub:
+        from convert.hub import validate_repo_id
+
+        try:
+            validate_repo_id(args.push_to_hub, flag="--push-to-hub")
+        except ConvertError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    command = "python -m convert.compose " + " ".join(sys.argv[1:] if argv is None else argv)
+    try:
+        result = compose(
+            args.encoder, args.decoder, args.output,
+            encoder_revision=args.encoder_revision, decoder_revision=args.decoder_revision,
+            seed=args.seed, dtype=args.dtype, overwrite=args.overwrite, verify=args.verify,
+            verify_tolerance=args.verify_tolerance, max_shard_size=args.max_shard_size,
+            decoder_start_token_id=args.decoder_start_token_id, pad_token_id=args.pad_token_id,
+            eos_token_id=args.eos_token_id, progress=args.progress, command=command,
+        )
+    except ConvertError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"interrupted: nothing was written to {args.output}", file=sys.stderr)
+        return 130
+    if args.push_to_hub:
+        from convert.hub import push_to_hub
+
+        try:
+            push_to_hub(result.output, args.push_to_hub, private=args.private,
+                        commit_message=args.commit_message, dry_run=args.dry_run)
+        except ConvertError as e:
+            print(f"error: {e} (the composed model is safe in {result.output})", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

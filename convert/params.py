@@ -1,0 +1,229 @@
+"""Moving whole parameter sets between checkpoints on disk and Flax trees, for any supported architecture.
+
+`composed_keymap(config)` is the key table of the composed model: the encoder's and the decoder's tables
+one level down (`encoder.`/`encoder/`, `decoder.`/`decoder/`) plus the projection. `plan_source` maps a
+source checkpoint (PyTorch or Flax names) onto a Flax subtree. `load_params` / `save_params` read and write
+complete models (composed or single-architecture directories).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flax import traverse_util
+
+from convert.checkpoint import CONFIG, FLAX_MSGPACK, WEIGHT_FILES, Checkpoint
+from convert.configs import HFConfig, SpeechEncoderDecoderConfig
+from convert.errors import KeyMapError
+from convert.keymap import Entry, KeyMap, Plan, Rule, SourceRules, T, check_missing, plan_flax_to_torch, plan_torch_to_flax
+from convert.registry import Arch, arch_for, composed_tied_keys
+from convert.writing import ShardedWriter, TensorSpec
+
+Shapes = dict[str, tuple[int, ...]]
+
+PROJECTION_KEYMAP = KeyMap("enc_to_dec_proj", (
+    Rule("enc_to_dec_proj.weight", "enc_to_dec_proj/kernel", T.LINEAR),
+    Rule("enc_to_dec_proj.bias", "enc_to_dec_proj/bias"),
+))
+
+
+def composed_keymap(config: SpeechEncoderDecoderConfig) -> KeyMap:
+    """The composed model's table: PyTorch `SpeechEncoderDecoderModel` keys <-> HF Flax paths."""
+    encoder = arch_for(config.encoder, role="encoder").keymaps.KEYMAP.prefixed("encoder.", "encoder/")
+    decoder = arch_for(config.decoder, role="decoder").keymaps.KEYMAP.prefixed("decoder.", "decoder/")
+    return encoder + decoder + PROJECTION_KEYMAP
+
+
+def keymap_for(config: HFConfig) -> KeyMap:
+    if isinstance(config, SpeechEncoderDecoderConfig):
+        return composed_keymap(config)
+    return arch_for(config).keymaps.KEYMAP
+
+
+def tied_keys_for(config: HFConfig) -> dict[str, str]:
+    if isinstance(config, SpeechEncoderDecoderConfig):
+        return composed_tied_keys(config)
+    return arch_for(config).keymaps.tied_keys(config)
+
+
+def init_shapes(config: HFConfig) -> Shapes:
+    """Every Flax leaf of the model `config` describes, `/`-joined, with its shape (nothing is allocated)."""
+    if isinstance(config, SpeechEncoderDecoderConfig):
+        from flax_model.speech_encoder_decoder import init_shapes as composed_init_shapes
+
+        tree = composed_init_shapes(config)
+    else:
+        tree = arch_for(config).flax_module.init_shapes(config)
+    return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
+
+
+def read_config(checkpoint: Checkpoint) -> HFConfig:
+    """The typed config of a checkpoint directory (composed or a single architecture)."""
+    where = str(checkpoint.directory / CONFIG)
+    if checkpoint.config.get("model_type") == "speech-encoder-decoder":
+        return SpeechEncoderDecoderConfig.from_hf_dict(checkpoint.config, where)
+    return arch_for(checkpoint.config, where).config(checkpoint.config, where)
+
+
+def subtree(shapes: Shapes, prefix: str) -> Shapes:
+    return {k: v for k, v in shapes.items() if k.startswith(prefix)}
+
+
+def plan_source(
+    checkpoint: Checkpoint,
+    arch: Arch,
+    config: HFConfig,
+    expected: Shapes,
+    flax_prefix: str = "",
+) -> Plan:
+    """Maps one source checkpoint onto the Flax leaves `expected` (already under `flax_prefix`).
+
+    PyTorch-format sources go through the architecture's source rules and key table; Flax-format sources
+    (`flax_model.msgpack`) only through its Flax source rules, since their names already are Flax paths.
+    Every source key is mapped or dropped with a reason; shapes are checked against `expected`.
+    """
+    keymaps = arch.keymaps
+    where = str(checkpoint.directory)
+    if checkpoint.format == "flax":
+        canonical, dropped = keymaps.flax_source_rules(config).canonicalize(checkpoint.keys())
+        return _identity_plan(checkpoint, {flax_prefix + k: v for k, v in canonical.items()}, dropped, expected)
+    km = keymaps.KEYMAP.prefixed("", flax_prefix) if flax_prefix else keymaps.KEYMAP
+    return plan_torch_to_flax(km, checkpoint.shapes(), expected, keymaps.source_rules(config), where)
+
+
+def read_entry(checkpoint: Checkpoint, entry: Entry) -> np.ndarray:
+    """A source tensor in the Flax layout of its target (bit-exact: only transposes and reshapes)."""
+    return entry.transform.to_flax(checkpoint.get(entry.source))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Whole models
+
+
+@dataclasses.dataclass
+class Loaded:
+    config: HFConfig
+    params: dict[str, Any]  # nested, numpy leaves
+    plan: Plan
+
+
+def load_params(directory: str | Path, dtype: np.dtype | None = None, prefer: tuple[str, ...] = WEIGHT_FILES) -> Loaded:
+    """Reads a checkpoint directory (composed or single-architecture) into a nested Flax param dict.
+
+    Raises:
+        CheckpointError / KeyMapError / UnsupportedConfig: one line naming the file and the problem,
+            including any parameter the config needs that the weights lack.
+    """
+    checkpoint = Checkpoint(directory, prefer=prefer)
+    config = read_config(checkpoint)
+    expected = init_shapes(config)
+    if isinstance(config, SpeechEncoderDecoderConfig):
+        if checkpoint.format == "flax":
+            plan = _identity_plan(checkpoint, {k: k for k in checkpoint.keys()}, [], expected)
+        else:
+            plan = plan_torch_to_flax(composed_keymap(config), checkpoint.shapes(), expected,
+                                      _tied_drops(composed_tied_keys(config)), str(checkpoint.directory))
+    else:
+        arch = arch_for(config)
+        config = arch.keymaps.adapt_config(config, checkpoint)
+        expected = init_shapes(config)
+        plan = plan_source(checkpoint, arch, config, expected)
+    check_missing(plan, where=str(checkpoint.directory))
+    flat = {}
+    for entry in plan.entries:
+        array = read_entry(checkpoint, entry)
+        flat[entry.target] = array.astype(dtype) if dtype is not None and _is_float(array) else array
+    return Loaded(config, traverse_util.unflatten_dict(flat, sep="/"), plan)
+
+
+def _identity_plan(checkpoint: Checkpoint, canonical: Mapping[str, str], dropped, expected: Shapes) -> Plan:
+    problems, entries = [], []
+    for name, src in canonical.items():
+        shape = checkpoint.info(src).shape
+        if name not in expected:
+            problems.append(f"{src}: not a parameter of this config's model")
+        elif tuple(expected[name]) != tuple(shape):
+            problems.append(f"{src}: shape {list(shape)} does not match the config (expected {list(expected[name])})")
+        else:
+            entries.append(Entry(src, name, T.IDENTITY, shape, shape))
+    if problems:
+        raise KeyMapError(f"{checkpoint.directory}: " + "; ".join(problems))
+    return Plan(entries, list(dropped), sorted(set(expected) - {e.target for e in entries}))
+
+
+def _tied_drops(tied: Mapping[str, str]) -> SourceRules:
+    return SourceRules(drops=tuple(("^" + re.escape(k) + "$", f"tied to {v}") for k, v in tied.items()))
+
+
+def _is_float(a: np.ndarray) -> bool:
+    return np.issubdtype(a.dtype, np.floating) or a.dtype.name == "bfloat16"
+
+
+def params_to_torch_state(config: HFConfig, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The PyTorch state (HF key names, PyTorch layouts) of a Flax param tree; tied keys are left out."""
+    flat = traverse_util.flatten_dict(dict(params), sep="/")
+    plan = plan_flax_to_torch(keymap_for(config), {k: np.shape(v) for k, v in flat.items()})
+    return {e.target: e.transform.to_torch(np.asarray(flat[e.source])) for e in plan.entries}
+
+
+def save_params(
+    directory: str | Path,
+    config: HFConfig,
+    leaves: Mapping[str, np.ndarray] | Callable[[], Iterator[tuple[str, np.ndarray]]],
+    specs: list[TensorSpec] | None = None,
+    max_shard_size: int | None = None,
+    formats: tuple[str, ...] = ("flax", "safetensors"),
+) -> list[Path]:
+    """Writes `config.json`, the Flax msgpack and the PyTorch safetensors weights into an existing directory.
+
+    Args:
+        directory: where to write (the caller makes it atomic).
+        config: the model's config.
+        leaves: `/`-joined Flax path -> array, or a callable returning an iterator of (path, array) in
+            `specs` order (to stream a large model through without holding it).
+        specs: the Flax leaves' names/dtypes/shapes in write order (needed when `leaves` is a callable).
+        max_shard_size: bytes per shard; None writes single files.
+        formats: which weight files to write.
+
+    Returns:
+        The files written.
+    """
+    directory = Path(directory)
+    if specs is None:
+        assert isinstance(leaves, Mapping)
+        specs = [TensorSpec(k, np.asarray(v).dtype, tuple(np.shape(v))) for k, v in sorted(leaves.items())]
+    iterate = leaves if callable(leaves) else (lambda: ((s.name, np.asarray(leaves[s.name])) for s in specs))
+    plan = plan_flax_to_torch(keymap_for(config), {s.name: s.shape for s in specs})
+    to_torch = {e.source: e for e in plan.entries}
+    torch_specs = [TensorSpec(to_torch[s.name].target, s.dtype, to_torch[s.name].target_shape) for s in specs]
+    (directory / CONFIG).write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
+    writers = []
+    if "flax" in formats:
+        writers.append(("flax", ShardedWriter(directory, "msgpack", specs, max_shard_size)))
+    if "safetensors" in formats:
+        writers.append(("torch", ShardedWriter(directory, "safetensors", torch_specs, max_shard_size,
+                                               metadata={"format": "pt"})))
+    for name, array in iterate():
+        for kind, writer in writers:
+            if kind == "flax":
+                writer.write(name, array)
+            else:
+                entry = to_torch[name]
+                writer.write(entry.target, entry.transform.to_torch(array))
+    files = [directory / CONFIG]
+    for _, writer in writers:
+        writer.close()
+        files.extend(writer.files)
+    return files
+
+
+__all__ = [
+    "FLAX_MSGPACK", "Loaded", "composed_keymap", "composed_tied_keys", "init_shapes", "load_params",
+    "params_to_torch_state", "plan_source", "read_config", "read_entry", "save_params",
+]

@@ -1,0 +1,93 @@
+"""The composed speech encoder-decoder in plain PyTorch, with HF's `SpeechEncoderDecoderModel` state-dict keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from convert.checkpoint import Checkpoint
+from convert.configs import SpeechEncoderDecoderConfig
+from convert.errors import UnsupportedConfig
+from convert.registry import arch_for, composed_tied_keys
+from torch_reference.loading import LoadReport, load_checkpoint_into
+
+
+class SpeechEncoderDecoderModel(nn.Module):
+    """encoder -> optional `enc_to_dec_proj` -> decoder with cross-attention over the encoder output."""
+
+    def __init__(self, config: SpeechEncoderDecoderConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = arch_for(config.encoder, role="encoder").torch_module_class()(config.encoder)
+        self.decoder = arch_for(config.decoder, role="decoder").torch_module_class()(config.decoder)
+        if config.has_projection:
+            self.enc_to_dec_proj = nn.Linear(config.encoder.encoder_output_size, config.decoder.hidden_size)
+
+    def encode(
+        self, inputs: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the encoder output in the decoder's width [B, S, D] and its padding mask [B, S] (bool)."""
+        hidden = self.encoder(inputs, attention_mask)
+        if attention_mask is None:
+            mask = torch.ones(hidden.shape[:2], dtype=torch.bool)
+        else:
+            encoder_code = arch_for(self.config.encoder, role="encoder").torch_module
+            mask = encoder_code.feature_vector_mask(
+                self.config.encoder, attention_mask, hidden.shape[1], add_adapter=self.config.encoder.add_adapter
+            )
+        if self.config.has_projection:
+            hidden = self.enc_to_dec_proj(hidden)
+        return hidden, mask
+
+    def decode(self, decoder_input_ids, encoder_hidden_states, encoder_attention_mask,
+               decoder_attention_mask=None, cache=None):
+        """Returns (logits [B, T, V], cache)."""
+        return self.decoder(decoder_input_ids, decoder_attention_mask, encoder_hidden_states,
+                            encoder_attention_mask, cache=cache)
+
+    def init_cache(self, batch_size: int, max_length: int, encoder_hidden_states, encoder_attention_mask):
+        return self.decoder.init_cache(batch_size, max_length, encoder_hidden_states, encoder_attention_mask)
+
+    def forward(
+        self,
+        inputs: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Teacher-forced logits [B, T, V]."""
+        hidden, mask = self.encode(inputs, attention_mask)
+        logits, _ = self.decode(decoder_input_ids, hidden, mask, decoder_attention_mask)
+        return logits
+
+    def generate(self, inputs, attention_mask=None, **kwargs):
+        """Greedy or beam-search decoding; see `torch_reference.generation.generate`."""
+        from torch_reference.generation import generate
+
+        return generate(self, inputs, attention_mask, **kwargs)
+
+
+def from_pretrained(directory: str | Path) -> tuple[SpeechEncoderDecoderModel, LoadReport]:
+    """Loads a composed checkpoint directory (`model.safetensors`, sharded or not, or `pytorch_model.bin`).
+
+    A directory holding only Flax weights is converted through the key table on the fly.
+    """
+    checkpoint = Checkpoint(directory)
+    if checkpoint.config.get("model_type") != "speech-encoder-decoder":
+        raise UnsupportedConfig(f"{checkpoint.directory / 'config.json'}: not a composed speech-encoder-decoder model")
+    config = SpeechEncoderDecoderConfig.from_hf_dict(checkpoint.config, str(checkpoint.directory / "config.json"))
+    model = SpeechEncoderDecoderModel(config).eval()
+    if checkpoint.format == "flax":
+        from convert.checkpoint import numpy_to_torch
+        from convert.params import load_params, params_to_torch_state
+
+        state = params_to_torch_state(config, load_params(directory).params)
+        missing = model.load_state_dict({k: numpy_to_torch(v) for k, v in state.items()}, strict=False).missing_keys
+        lacking = sorted(set(missing) - set(composed_tied_keys(config)))
+        if lacking:
+            raise UnsupportedConfig(f"{directory}: the Flax weights lack {', '.join(lacking)}")
+        return model, LoadReport(loaded=sorted(state), dropped=[], tied=sorted(composed_tied_keys(config).items()))
+    report = load_checkpoint_into(model, checkpoint, tied=composed_tied_keys(config))
+    return model, report
