@@ -326,13 +326,15 @@ def _copy_extra_files(enc: Source, dec: Source, target: Path) -> list[str]:
 
 
 def _source_report(src: Source, plan: Plan) -> dict[str, Any]:
+    from convert.model_card import read_license
+
     return {
         "source": src.spec,
         "repo_id": src.repo_id,
         "revision": src.revision,
         "model_type": src.checkpoint.model_type,
         "format": src.checkpoint.format,
-        "license": src.checkpoint.config.get("license"),
+        "license": read_license(src.path),
         "loaded": [[e.source, e.target] for e in plan.entries],
         "dropped": [[k, why] for k, why in plan.dropped],
     }

@@ -37,10 +37,10 @@ def read_config(directory: Path) -> GPT2Config:
     return GPT2Config.from_hf_dict(Checkpoint(directory).config)
 
 
-def load_flax_params(directory: Path, config: GPT2Config | None = None) -> dict[str, Any]:
+def load_flax_params(directory: Path) -> dict[str, Any]:
     """A checkpoint's Flax params through the key table (every leaf loaded, every source key accounted for)."""
     checkpoint = Checkpoint(directory)
-    config = config or GPT2Config.from_hf_dict(checkpoint.config)
+    config = GPT2Config.from_hf_dict(checkpoint.config)
     expected = flat_shapes(flax_gpt2.init_shapes(config))
     plan = plan_torch_to_flax(gpt2_keymap.KEYMAP, checkpoint.shapes(), expected, gpt2_keymap.source_rules(config))
     check_missing(plan)
@@ -86,8 +86,8 @@ def encoder_inputs(config: GPT2Config, inputs: dict[str, np.ndarray]) -> tuple[n
 
 
 @functools.cache
-def flax_forward(case: str, directory: Path) -> Callable[..., Any]:
-    """One jitted full forward per case (the cases' configs differ, so each compiles once)."""
+def flax_forward(directory: Path) -> Callable[..., Any]:
+    """One jitted full forward per checkpoint (their configs differ, so each compiles once)."""
     module = flax_gpt2.GPT2LMHeadModule(read_config(directory))
     return jax.jit(module.apply)
 
@@ -95,7 +95,7 @@ def flax_forward(case: str, directory: Path) -> Callable[..., Any]:
 def flax_full_logits(directory: Path, inputs: dict[str, np.ndarray]) -> np.ndarray:
     config = read_config(directory)
     encoder_out, encoder_mask = encoder_inputs(config, inputs)
-    logits, cache = flax_forward(directory.name, directory)(
+    logits, cache = flax_forward(directory)(
         load_flax_params(directory), inputs["input_ids"], inputs["attention_mask"], encoder_out, encoder_mask)
     assert cache is None
     return np.asarray(logits)
@@ -165,8 +165,8 @@ def test_cross_attention_changes_the_logits(fixture_dir, inputs):
 
 
 @functools.cache
-def flax_step(case: str, directory: Path) -> Callable[..., Any]:
-    """One jitted cached step per case (compiled once for the prefill length and once for single tokens)."""
+def flax_step(directory: Path) -> Callable[..., Any]:
+    """One jitted cached step per checkpoint (compiled for the prefill length and for single tokens)."""
     module = flax_gpt2.GPT2LMHeadModule(read_config(directory))
     return jax.jit(lambda params, ids, mask, cache: module.apply(params, ids, mask, cache=cache))
 
@@ -178,7 +178,7 @@ def flax_cached_logits(directory: Path, inputs: dict[str, np.ndarray]) -> tuple[
     params = load_flax_params(directory)
     encoder_out, encoder_mask = encoder_inputs(config, inputs)
     cache = module.apply(params, BATCH, CACHE_LENGTH, encoder_out, encoder_mask, method="init_cache")
-    step = flax_step(directory.name, directory)
+    step = flax_step(directory)
     mask = cache_mask(inputs)
     caches, logits = [cache], []
     bounds = [0, PREFILL, *range(PREFILL + 1, LENGTH + 1)]
