@@ -16,24 +16,12 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from convert.configs import Wav2Vec2Config
+from flax_model.layers import ACTIVATIONS
 
 # HF's PyTorch defaults: nn.GroupNorm / nn.LayerNorm in the conv feature encoder and the adapter do not
 # take config.layer_norm_eps.
 _CONV_NORM_EPS = 1e-5
 _ADAPTER_NORM_EPS = 1e-5
-
-ACTIVATIONS: dict[str, Any] = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_fast": lambda x: 0.5 * x * (1.0 + jnp.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x))),
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "tanh": jnp.tanh,
-}
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Lengths and masks

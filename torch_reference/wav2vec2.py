@@ -9,8 +9,6 @@ SpecAugment and LayerDrop are not implemented.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,25 +19,13 @@ from torch.nn.utils.parametrizations import weight_norm
 from convert.checkpoint import CONFIG, Checkpoint
 from convert.configs import Wav2Vec2Config
 from convert.keymaps import wav2vec2 as keymaps
+from torch_reference.layers import ACTIVATIONS
 from torch_reference.loading import LoadReport, load_checkpoint_into
 
 # HF's defaults: nn.GroupNorm / nn.LayerNorm in the conv feature encoder and the adapter do not take
 # config.layer_norm_eps.
 _CONV_NORM_EPS = 1e-5
 _ADAPTER_NORM_EPS = 1e-5
-
-ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "gelu": F.gelu,
-    "gelu_new": lambda x: 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3.0)))),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_fast": lambda x: 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x))),
-    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
-    "relu": F.relu,
-    "silu": F.silu,
-    "swish": F.silu,
-    "tanh": torch.tanh,
-}
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Lengths and masks

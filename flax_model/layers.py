@@ -1,0 +1,36 @@
+"""Small pieces shared by the Flax architectures: activations, attention masks, decoder positions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: 0.5 * x * (1.0 + jnp.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x))),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+def make_causal_mask(query_positions: jax.Array, key_length: int) -> jax.Array:
+    """[T] absolute query positions, key length L -> [T, L] bool, True where the key is not in the future."""
+    return jnp.arange(key_length)[None, :] <= query_positions[:, None]
+
+
+def make_attention_mask(causal: jax.Array | None, key_mask: jax.Array) -> jax.Array:
+    """Causal [T, S] | None and key padding [B, S] -> [B, 1, T|1, S] bool (True = attend)."""
+    mask = key_mask.astype(bool)[:, None, None, :]
+    return mask if causal is None else mask & causal[None, None]
+
+
+def decoder_positions(start: jax.Array | int, length: int) -> jax.Array:
+    """Absolute positions of `length` new tokens written from `start`: [T] int32."""
+    return start + jnp.arange(length, dtype=jnp.int32)

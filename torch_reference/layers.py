@@ -1,0 +1,61 @@
+"""Small pieces shared by the reference architectures: activations, the decoder cache, attention masks."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_new": _gelu_tanh,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x))),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+    "tanh": torch.tanh,
+}
+
+
+@dataclasses.dataclass
+class LayerCache:
+    """One layer's cache, laid out like `flax_model.cache.LayerCache`."""
+
+    key: torch.Tensor  # [B, L, N, H]
+    value: torch.Tensor  # [B, L, N, H]
+    cross_key: torch.Tensor  # [B, S, N, H] ([B, 0, N, H] without cross-attention)
+    cross_value: torch.Tensor  # [B, S, N, H]
+
+
+@dataclasses.dataclass
+class DecoderCache:
+    """All layers' caches, the number of positions written so far, and the encoder's padding mask."""
+
+    layers: tuple[LayerCache, ...]
+    index: int
+    encoder_mask: torch.Tensor  # [B, S] bool
+
+    @property
+    def max_length(self) -> int:
+        return self.layers[0].key.shape[1]
+
+
+def make_causal_mask(query_positions: torch.Tensor, key_length: int) -> torch.Tensor:
+    """[T] absolute query positions, key length L -> [T, L] bool, True where the key is not in the future."""
+    return torch.arange(key_length, device=query_positions.device)[None, :] <= query_positions[:, None]
+
+
+def make_attention_mask(causal: torch.Tensor | None, key_mask: torch.Tensor) -> torch.Tensor:
+    """Causal [T, S] | None and key padding [B, S] -> [B, 1, T|1, S] bool (True = attend)."""
+    mask = key_mask.bool()[:, None, None, :]
+    return mask if causal is None else mask & causal[None, None]
