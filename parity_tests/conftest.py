@@ -19,3 +19,21 @@ def fixtures_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def fixture_dir(fixtures_root: Path) -> Callable[[str], Path]:
     """`fixture_dir("name")` builds (once) and returns the directory of a checkpoint from make_fixtures."""
     return lambda name: make_fixtures.build(name, fixtures_root)
+
+
+@pytest.fixture(scope="session")
+def composed_dir(fixture_dir: Callable[[str], Path], fixtures_root: Path) -> Callable[..., Path]:
+    """`composed_dir("w2v_group", "bart_cg", seed=0, dtype="float32")` composes two fixtures (once per session)
+    with `convert.compose.compose` (verification off: tests check parity themselves)."""
+    import io
+
+    from convert.compose import compose
+
+    def build(encoder: str, decoder: str, seed: int = 0, dtype: str = "float32") -> Path:
+        out = fixtures_root / "composed" / f"{encoder}+{decoder}+{seed}+{dtype}"
+        if not (out / "config.json").exists():
+            compose(str(fixture_dir(encoder)), str(fixture_dir(decoder)), out, seed=seed, dtype=dtype,
+                    verify=False, progress=False, log=io.StringIO())
+        return out
+
+    return build

@@ -170,5 +170,8 @@ CASES: dict[str, Callable[[Path], object]] = {
     "w2v_bin_sharded": _case(GROUP, seed=6, fmt="bin", shards=3),
     "w2v_sharded": _case(GROUP, seed=7, shards=3),
     "w2v_old_weightnorm": _case(GROUP, seed=8, rename=_WEIGHT_NORM_OLD_NAMES),
+    # Wider than the tiny decoders (48 vs 32), so composing it needs the encoder->decoder projection.
+    "w2v_stable_wide": _case({**STABLE, "hidden_size": 48, "intermediate_size": 96, "output_hidden_size": 48,
+                              "conv_dim": [48, 48, 48]}, seed=10),
     "w2v_ctc": _ctc,
 }
