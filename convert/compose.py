@@ -332,6 +332,7 @@ def _source_report(src: Source, plan: Plan) -> dict[str, Any]:
         "source": src.spec,
         "repo_id": src.repo_id,
         "revision": src.revision,
+        "builtin": src.path.parent == BUILTIN_DIR,
         "model_type": src.checkpoint.model_type,
         "format": src.checkpoint.format,
         "license": read_license(src.path),

@@ -55,6 +55,7 @@ class CardSource:
         revision: the commit sha it resolved to, when known.
         license: the license its own card declares (`license:` in its README.md header), or None.
         model_type: its config's model_type ("wav2vec2", "bart", "mbart", "gpt2"), when known.
+        builtin: the source is one of the tiny random checkpoints shipped with the toolkit.
     """
 
     source: str
@@ -62,6 +63,7 @@ class CardSource:
     revision: str | None = None
     license: str | None = None
     model_type: str | None = None
+    builtin: bool = False
 
     @classmethod
     def from_resolved(cls, resolved: ResolvedSource, model_type: str | None = None) -> CardSource:
@@ -143,7 +145,8 @@ def card_info_from_report(report: Mapping[str, Any], *, repo_id: str | None = No
         src = report[part]
         license_ = src.get("license") or (read_license(src["path"]) if src.get("path") else None)
         sources[part] = CardSource(source=str(src["source"]), repo_id=src.get("repo_id"),
-                                   revision=src.get("revision"), license=license_, model_type=src.get("model_type"))
+                                   revision=src.get("revision"), license=license_, model_type=src.get("model_type"),
+                                   builtin=bool(src.get("builtin")))
     dropped = []
     for part in ("encoder", "decoder"):
         reasons: dict[str, int] = {}
@@ -380,10 +383,14 @@ def _cell(text: str) -> str:
 
 
 def _md_name(s: CardSource) -> str:
+    if s.builtin:
+        return f"`{s.source}` (the toolkit's built-in tiny random checkpoint)"
     return f"[{s.repo_id}]({HUB_URL}/{s.repo_id})" if s.repo_id else f"`{s.source}` (a local directory)"
 
 
 def _md_source(s: CardSource) -> str:
+    if s.builtin:
+        return f"built-in `{_cell(s.source)}` (tiny, random)"
     return f"[{s.repo_id}]({HUB_URL}/{s.repo_id})" if s.repo_id else f"local directory `{_cell(s.source)}`"
 
 
