@@ -75,8 +75,13 @@ class Source:
 
 def resolve(spec: str, role: str, revision: str | None = None) -> tuple[Path, str | None, str | None]:
     """A built-in name, a local directory or a Hub repo id -> (local directory, repo id, revision)."""
-    if spec in BUILTINS[role] and not Path(spec).exists():
-        return BUILTIN_DIR / spec, None, None
+    if not Path(spec).exists():
+        if spec in BUILTINS[role]:
+            return BUILTIN_DIR / spec, None, None
+        other = "decoder" if role == "encoder" else "encoder"
+        if spec in BUILTINS[other]:
+            raise UnsupportedConfig(f"{spec} is a built-in {other}, not an {role} "
+                                    f"(built-in {role}s: {', '.join(BUILTINS[role])})")
     from convert.hub import resolve_source
 
     resolved = resolve_source(spec, revision, what=role)
@@ -93,7 +98,9 @@ def open_source(spec: str, role: str, revision: str | None = None) -> Source:
         config = arch.config(checkpoint.config, where)
         config = arch.keymaps.adapt_config(config, checkpoint)
     except ConvertError as e:
-        raise type(e)(f"{flag} {spec}: {e}") from None
+        message = str(e)
+        message = message[len(spec) + 2:] if message.startswith(f"{spec}: ") else message
+        raise type(e)(f"{flag} {spec}: {message}") from None
     return Source(role, spec, Path(path), repo_id, resolved_revision, checkpoint, arch, config)
 
 

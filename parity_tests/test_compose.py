@@ -1,0 +1,364 @@
+"""Composition: the combined model's parity, bit-exact copies, initialisation, output files and the CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flax import traverse_util
+from safetensors import safe_open
+
+from convert.checkpoint import Checkpoint
+from convert.compose import compose
+from convert.configs import SpeechEncoderDecoderConfig
+from convert.errors import ConvertError, KeyMapError, UnsupportedConfig
+from convert.keymap import SourceRules
+from convert.registry import arch_for
+from convert.verify import compare_weight_files, seeded_inputs
+from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel
+from torch_reference.speech_encoder_decoder import SpeechEncoderDecoderModel
+from torch_reference.speech_encoder_decoder import from_pretrained as torch_from_pretrained
+
+TOL = 1e-5
+REPO = Path(__file__).resolve().parent.parent
+
+# (encoder fixture, decoder fixture, has projection, initialised Flax paths besides the projection)
+PAIRS = {
+    "w2v_adapter+bart": ("w2v_group_adapter", "bart_cg", True),
+    "w2v_stable+gpt2": ("w2v_stable_wide", "gpt2_lm", True),
+    "same_width+bart": ("w2v_group", "bart_causal", False),
+}
+
+
+def logits_both(directory: Path, seconds: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    flax_model = FlaxSpeechEncoderDecoderModel.from_pretrained(directory)
+    torch_model, _ = torch_from_pretrained(directory)
+    batch = seeded_inputs(flax_model.config, seed=1, seconds=seconds)
+    flax_logits = np.asarray(flax_model(**batch).logits)
+    with torch.no_grad():
+        torch_logits = torch_model(*(torch.from_numpy(batch[k]) for k in
+                                     ("inputs", "attention_mask", "decoder_input_ids"))).numpy()
+    return flax_logits, torch_logits
+
+
+@pytest.mark.parametrize("pair", list(PAIRS))
+def test_composed_flax_logits_match_torch_reference(pair, composed_dir):
+    encoder, decoder, has_projection = PAIRS[pair]
+    directory = composed_dir(encoder, decoder)
+    config = SpeechEncoderDecoderConfig.from_hf_dict(json.loads((directory / "config.json").read_text()))
+    assert config.has_projection == has_projection
+    flax_logits, torch_logits = logits_both(directory)
+    assert flax_logits.shape[0] == 2 and flax_logits.shape[-1] == config.decoder.vocab_size
+    err = float(np.max(np.abs(flax_logits - torch_logits)))
+    assert err <= TOL, f"{pair}: max|diff|={err:.2e} > {TOL:.0e}"
+    # Guard against a vacuous comparison: the two utterances must differ.
+    assert np.max(np.abs(flax_logits[0] - flax_logits[1])) > 1e-3
+
+
+def _canonical_source(directory: Path, role: str) -> tuple[dict[str, np.ndarray], object]:
+    """A source checkpoint's tensors under their canonical PyTorch names."""
+    checkpoint = Checkpoint(directory)
+    arch = arch_for(checkpoint.config, role=role)
+    config = arch.keymaps.adapt_config(arch.config(checkpoint.config, "config.json"), checkpoint)
+    rules: SourceRules = arch.keymaps.source_rules(config)
+    canonical, _ = rules.canonicalize(checkpoint.keys())
+    return {name: checkpoint.get(src) for name, src in canonical.items()}, arch
+
+
+@pytest.mark.parametrize("pair", list(PAIRS))
+def test_every_source_weight_is_copied_bit_exactly_to_both_files(pair, composed_dir, fixture_dir):
+    encoder, decoder, _ = PAIRS[pair]
+    directory = composed_dir(encoder, decoder)
+    out_torch = Checkpoint(directory)
+    out_flax = Checkpoint(directory, prefer=("flax_model.msgpack",))
+    assert out_torch.format == "safetensors" and out_flax.format == "flax"
+    checked = 0
+    for role, case in (("encoder", encoder), ("decoder", decoder)):
+        tensors, arch = _canonical_source(fixture_dir(case), role)
+        for name, source in tensors.items():
+            key = f"{role}.{name}"
+            assert key in out_torch, f"{key} missing from model.safetensors"
+            got = out_torch.get(key)
+            assert got.dtype == source.dtype and got.tobytes() == source.tobytes(), f"{key} differs"
+            path, transform = arch.keymaps.KEYMAP.to_flax(name)
+            flax_leaf = out_flax.get(f"{role}/{path}")
+            assert flax_leaf.tobytes() == transform.to_flax(source).tobytes(), f"{role}/{path} differs"
+            checked += 1
+    assert checked > 50
+
+
+def test_initialised_keys_are_exactly_the_missing_ones(composed_dir):
+    report = json.loads((composed_dir("w2v_stable_wide", "gpt2_lm") / "compose_report.json").read_text())
+    expected = {"enc_to_dec_proj/kernel", "enc_to_dec_proj/bias"}
+    for layer in range(2):
+        for module in ("c_attn", "q_attn", "c_proj"):
+            expected |= {f"decoder/transformer/h/{layer}/crossattention/{module}/{leaf}" for leaf in ("kernel", "bias")}
+        expected |= {f"decoder/transformer/h/{layer}/ln_cross_attn/{leaf}" for leaf in ("scale", "bias")}
+    assert set(report["initialised"]) == expected
+    bart = json.loads((composed_dir("w2v_group", "bart_causal") / "compose_report.json").read_text())
+    assert bart["initialised"] == []
+
+
+def test_initialisation_follows_the_decoders_scale(composed_dir):
+    directory = composed_dir("w2v_stable_wide", "gpt2_lm")
+    flax = Checkpoint(directory, prefer=("flax_model.msgpack",))
+    kernel = flax.get("decoder/transformer/h/0/crossattention/c_attn/kernel")
+    assert abs(float(kernel.std()) - 0.02) < 0.004, float(kernel.std())
+    assert not flax.get("enc_to_dec_proj/bias").any()
+    np.testing.assert_array_equal(flax.get("decoder/transformer/h/1/ln_cross_attn/scale"), 1.0)
+
+
+def test_same_seed_gives_identical_files_and_another_seed_changes_only_initialised(fixture_dir, tmp_path):
+    def run(name: str, seed: int) -> Path:
+        return compose(str(fixture_dir("w2v_stable_wide")), str(fixture_dir("gpt2_lm")), tmp_path / name, seed=seed,
+                       verify=False, progress=False, log=io.StringIO()).output
+
+    a, b, c = run("a", 7), run("b", 7), run("c", 8)
+    for name in ("model.safetensors", "flax_model.msgpack", "config.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    ta, tc = Checkpoint(a), Checkpoint(c)
+    report = json.loads((a / "compose_report.json").read_text())
+    initialised_torch = {"enc_to_dec_proj.weight"} | {
+        f"decoder.transformer.h.{i}.crossattention.{m}.weight" for i in range(2) for m in ("c_attn", "q_attn", "c_proj")}
+    for key in ta.keys():
+        same = ta.get(key).tobytes() == tc.get(key).tobytes()
+        assert same != (key in initialised_torch), key
+    assert report["init"]["seed"] == 7
+
+
+def test_save_pretrained_then_from_pretrained_gives_identical_logits(composed_dir, tmp_path):
+    model = FlaxSpeechEncoderDecoderModel.from_pretrained(composed_dir("w2v_group_adapter", "bart_cg"))
+    batch = seeded_inputs(model.config, seed=3, seconds=0.1)
+    before = np.asarray(model(**batch).logits)
+    model.save_pretrained(tmp_path / "saved")
+    again = FlaxSpeechEncoderDecoderModel.from_pretrained(tmp_path / "saved")
+    np.testing.assert_array_equal(np.asarray(again(**batch).logits), before)
+    torch_model, _ = torch_from_pretrained(tmp_path / "saved")
+    with torch.no_grad():
+        torch_logits = torch_model(*(torch.from_numpy(batch[k]) for k in
+                                     ("inputs", "attention_mask", "decoder_input_ids"))).numpy()
+    err = float(np.max(np.abs(torch_logits - before)))
+    assert err <= TOL, f"max|diff|={err:.2e}"
+
+
+def test_output_keys_are_hf_speech_encoder_decoder_keys(composed_dir):
+    """transformers' SpeechEncoderDecoderModel.from_pretrained must find nothing missing or unexpected:
+    the safetensors keys are the reference state dict (HF's names) minus the tied LM head, as HF saves it."""
+    for encoder, decoder, _ in PAIRS.values():
+        directory = composed_dir(encoder, decoder)
+        config = SpeechEncoderDecoderConfig.from_hf_dict(json.loads((directory / "config.json").read_text()))
+        expected = set(SpeechEncoderDecoderModel(config).state_dict()) - {"decoder.lm_head.weight"}
+        with safe_open(directory / "model.safetensors", "np") as f:
+            assert set(f.keys()) == expected
+            assert f.metadata() == {"format": "pt"}
+        flat = traverse_util.flatten_dict(
+            __import__("flax").serialization.msgpack_restore((directory / "flax_model.msgpack").read_bytes()))
+        assert {k[0] for k in flat} == ({"encoder", "decoder", "enc_to_dec_proj"} if config.has_projection
+                                        else {"encoder", "decoder"})
+        assert compare_weight_files(directory)["mismatched"] == []
+
+
+def test_composed_config_is_hf_speech_encoder_decoder_config(fixture_dir, tmp_path):
+    out = compose(str(fixture_dir("w2v_group")), str(fixture_dir("gpt2_lm")), tmp_path / "o", verify=False,
+                  progress=False, log=io.StringIO(), pad_token_id=5).output
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "speech-encoder-decoder" and config["is_encoder_decoder"] is True
+    assert config["architectures"] == ["SpeechEncoderDecoderModel"]
+    decoder = config["decoder"]
+    assert decoder["is_decoder"] is True and decoder["add_cross_attention"] is True
+    assert decoder["model_type"] == "gpt2" and config["encoder"]["model_type"] == "wav2vec2"
+    # GPT-2 has no decoder_start_token_id: its bos starts decoding; the flag overrides pad.
+    assert config["decoder_start_token_id"] == decoder["bos_token_id"]
+    assert config["eos_token_id"] == decoder["eos_token_id"] and config["pad_token_id"] == 5
+    # Fields we do not model survive the composition.
+    source = json.loads((fixture_dir("gpt2_lm") / "config.json").read_text())
+    for key, value in source.items():
+        if key not in ("add_cross_attention", "is_decoder"):
+            assert decoder[key] == value, key
+
+
+def test_bfloat16_output_halves_the_weights(composed_dir):
+    f32 = composed_dir("w2v_group", "bart_causal")
+    bf16 = composed_dir("w2v_group", "bart_causal", dtype="bfloat16")
+    with safe_open(bf16 / "model.safetensors", "pt") as f:
+        assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys())
+    ratio = (bf16 / "model.safetensors").stat().st_size / (f32 / "model.safetensors").stat().st_size
+    assert 0.45 < ratio < 0.56, ratio
+    # Every weight is the float32 one rounded to bfloat16, in both files.
+    a, b = Checkpoint(f32), Checkpoint(bf16)
+    for key in a.keys():
+        assert b.get(key).tobytes() == a.get(key).astype(b.get(key).dtype).tobytes(), key
+    assert compare_weight_files(bf16)["mismatched"] == []
+
+
+def test_model_card_and_report_describe_the_composition(composed_dir):
+    directory = composed_dir("w2v_stable_wide", "gpt2_lm")
+    card = (directory / "README.md").read_text()
+    report = json.loads((directory / "compose_report.json").read_text())
+    assert card.startswith("---\n") and "pipeline_tag: automatic-speech-recognition" in card
+    assert "crossattention" in card and "seed 0" in card
+    assert report["encoder"]["model_type"] == "wav2vec2" and report["decoder"]["model_type"] == "gpt2"
+    assert len(report["decoder"]["loaded"]) + len(report["encoder"]["loaded"]) == report["tensors"]["loaded"]
+    assert set(report["files"]) >= {"config.json", "model.safetensors", "flax_model.msgpack", "README.md"}
+
+
+def test_dropped_source_keys_are_reported(composed_dir):
+    report = json.loads((composed_dir("w2v_group_adapter", "bart_cg") / "compose_report.json").read_text())
+    dropped = dict(report["decoder"]["dropped"])
+    assert any(k.startswith("model.encoder.") for k in dropped)
+    assert all(why for why in dropped.values())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad input (library)
+
+
+def test_existing_output_is_refused_without_overwrite(fixture_dir, tmp_path):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "keep.txt").write_text("mine")
+    with pytest.raises(ConvertError, match=r"--output .*o: directory exists and is not empty"):
+        compose(str(fixture_dir("w2v_group")), str(fixture_dir("bart_causal")), tmp_path / "o",
+                verify=False, progress=False, log=io.StringIO())
+    assert (tmp_path / "o" / "keep.txt").read_text() == "mine"
+
+
+def test_a_decoder_as_encoder_is_refused(fixture_dir, tmp_path):
+    with pytest.raises(UnsupportedConfig, match=r"--encoder .*model_type='bart' is not a supported encoder"):
+        compose(str(fixture_dir("bart_causal")), str(fixture_dir("bart_causal")), tmp_path / "o",
+                verify=False, progress=False, log=io.StringIO())
+    assert not (tmp_path / "o").exists()
+
+
+def test_cross_attention_width_mismatch_is_refused(fixture_dir, tmp_path):
+    decoder = tmp_path / "dec"
+    decoder.mkdir()
+    for p in fixture_dir("bart_causal").iterdir():
+        (decoder / p.name).write_bytes(p.read_bytes())
+    config = json.loads((decoder / "config.json").read_text())
+    config["cross_attention_hidden_size"] = 32
+    (decoder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedConfig, match=r"cross_attention_hidden_size=32 differs from the encoder's"):
+        compose(str(fixture_dir("w2v_stable_wide")), str(decoder), tmp_path / "o", verify=False, progress=False,
+                log=io.StringIO())
+
+
+def test_failure_midway_leaves_no_output(fixture_dir, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    original = Checkpoint.get
+
+    def flaky(self, key):
+        calls["n"] += 1
+        if calls["n"] == 20:
+            raise KeyboardInterrupt
+        return original(self, key)
+
+    monkeypatch.setattr(Checkpoint, "get", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        compose(str(fixture_dir("w2v_group")), str(fixture_dir("bart_causal")), tmp_path / "o",
+                verify=False, progress=False, log=io.StringIO())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_decoder_tensor_is_refused_by_name(fixture_dir, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    decoder = tmp_path / "dec"
+    decoder.mkdir()
+    (decoder / "config.json").write_bytes((fixture_dir("bart_causal") / "config.json").read_bytes())
+    tensors = load_file(fixture_dir("bart_causal") / "model.safetensors")
+    del tensors["model.decoder.layers.1.fc2.weight"]
+    save_file(tensors, decoder / "model.safetensors")
+    with pytest.raises(KeyMapError, match=r"--decoder .*missing: decoder/model/decoder/layers/1/fc2/kernel"):
+        compose(str(fixture_dir("w2v_group")), str(decoder), tmp_path / "o", verify=False, progress=False,
+                log=io.StringIO())
+    assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The CLI in a subprocess
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "convert.compose", *args], capture_output=True, text=True,
+                          cwd=cwd or REPO, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, timeout=300)
+
+
+def test_cli_composes_the_builtin_sources_offline(tmp_path):
+    result = run_cli("--encoder", "wav2vec2", "--decoder", "bart", "--output", str(tmp_path / "out"),
+                     "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "verified    max |Δlogits| Flax vs PyTorch" in result.stdout
+    assert "loaded" in result.stdout and "initialised" in result.stdout and "dropped" in result.stdout
+    names = {p.name for p in (tmp_path / "out").iterdir()}
+    assert names >= {"config.json", "model.safetensors", "flax_model.msgpack", "README.md", "compose_report.json",
+                     "tokenizer.json", "preprocessor_config.json"}
+    report = json.loads((tmp_path / "out" / "compose_report.json").read_text())
+    assert report["verification"]["passed"] and report["verification"]["max_abs_logits_diff"] <= 1e-5
+    assert report["verification"]["weight_files_identical"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_cli_help_lists_every_flag():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for flag in ("--encoder", "--decoder", "--output", "--encoder-revision", "--decoder-revision", "--seed",
+                 "--dtype", "--max-shard-size", "--overwrite", "--no-verify", "--push-to-hub", "--dry-run"):
+        assert flag in result.stdout, flag
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--encoder", "/nonexistent/enc", "--decoder", "bart"], "--encoder /nonexistent/enc: "),
+        (["--encoder", "wav2vec2", "--decoder", "gpt2", "--dtype", "int8"], "argument --dtype: invalid choice"),
+        (["--encoder", "wav2vec2", "--decoder", "gpt2", "--max-shard-size", "lots"], "--max-shard-size: cannot read"),
+        (["--encoder", "wav2vec2", "--decoder", "not-cached/model"],
+         "--decoder not-cached/model: "),
+        (["--encoder", "wav2vec2", "--decoder", "bart", "--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_cli_bad_input_gets_one_line_error_and_no_output(args, message, tmp_path):
+    result = run_cli(*args, "--output", str(tmp_path / "out"), "--no-progress")
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_corrupt_source_is_named(fixture_dir, tmp_path):
+    enc = tmp_path / "enc"
+    enc.mkdir()
+    (enc / "config.json").write_bytes((fixture_dir("w2v_group") / "config.json").read_bytes())
+    data = (fixture_dir("w2v_group") / "model.safetensors").read_bytes()
+    (enc / "model.safetensors").write_bytes(data[: len(data) // 2])
+    result = run_cli("--encoder", str(enc), "--decoder", "bart", "--output", str(tmp_path / "out"), "--no-progress")
+    assert result.returncode == 1
+    assert f"{enc / 'model.safetensors'}: truncated" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_cli_interrupted_midway_leaves_no_output(sig, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "convert.compose", "--encoder", "wav2vec2", "--decoder", "gpt2",
+                             "--output", str(out), "--no-progress"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not any(p.name.startswith(".out.partial-") for p in tmp_path.iterdir()):
+        assert proc.poll() is None and time.time() < deadline, "compose ended before it started writing"
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "interrupted: nothing was written" in stderr
+    assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
