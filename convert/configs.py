@@ -132,6 +132,32 @@ class Wav2Vec2Config(HFConfig):
         """Width of the encoder output: the adapter's `output_hidden_size` when set, else `hidden_size`."""
         return self.output_hidden_size or self.hidden_size
 
+    def output_lengths(self, lengths: Any, add_adapter: bool | None = None) -> Any:
+        """Frames the conv feature encoder (and, with `add_adapter`, the adapter) makes of `lengths` samples.
+
+        Plain integer arithmetic, so `lengths` may be an int or a numpy, jax or torch integer array.
+
+        Args:
+            lengths: sample counts, [B] or an int.
+            add_adapter: count the adapter's strided convs too; defaults to `add_adapter` of the config.
+        """
+        add_adapter = self.add_adapter if add_adapter is None else add_adapter
+        for kernel, stride in zip(self.conv_kernel, self.conv_stride):
+            lengths = (lengths - kernel) // stride + 1
+        if add_adapter:
+            # Each adapter conv has kernel 3 and padding 1, which shortens like a kernel-1 conv.
+            for _ in range(self.num_adapter_layers):
+                lengths = (lengths - 1) // self.adapter_stride + 1
+        return lengths
+
+    @property
+    def min_input_length(self) -> int:
+        """The fewest samples that make one frame (the conv feature encoder's receptive field)."""
+        length = 1
+        for kernel, stride in zip(reversed(self.conv_kernel), reversed(self.conv_stride)):
+            length = (length - 1) * stride + kernel
+        return length
+
     @property
     def has_masked_spec_embed(self) -> bool:
         return self.mask_time_prob > 0 or self.mask_feature_prob > 0

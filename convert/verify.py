@@ -50,10 +50,8 @@ def compare_weight_files(directory: str | Path) -> dict[str, Any]:
 def seeded_inputs(config: SpeechEncoderDecoderConfig, seed: int = 0, seconds: float = 1.0,
                   decoder_length: int = 8) -> dict[str, np.ndarray]:
     """A padded batch of 2 utterances (the second 60% as long) and decoder ids starting with the start token."""
-    from flax_model.speech_encoder_decoder import dummy_audio_length
-
     rng = np.random.default_rng(seed)
-    n = max(int(16000 * seconds), 2 * dummy_audio_length(config))
+    n = max(int(16000 * seconds), 8 * config.encoder.min_input_length)
     audio = rng.standard_normal((2, n)).astype(np.float32)
     mask = np.ones((2, n), np.int32)
     mask[1, int(n * 0.6):] = 0

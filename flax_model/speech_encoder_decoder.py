@@ -101,20 +101,10 @@ class SpeechEncoderDecoderModule(nn.Module):
         return logits
 
 
-def dummy_audio_length(config: SpeechEncoderDecoderConfig) -> int:
-    """A short input length that still gives the encoder a few frames (for shape-only tracing)."""
-    enc = config.encoder
-    length, stride = 1, 1
-    for k, s in zip(enc.conv_kernel, enc.conv_stride):
-        length += (k - 1) * stride
-        stride *= s
-    return length + 4 * stride * (enc.adapter_stride ** enc.num_adapter_layers if enc.add_adapter else 1)
-
-
 def init_shapes(config: SpeechEncoderDecoderConfig) -> dict:
     """The abstract param tree (jax.ShapeDtypeStruct leaves); nothing is allocated."""
     module = SpeechEncoderDecoderModule(config)
-    inputs = jnp.zeros((1, dummy_audio_length(config)), jnp.float32)
+    inputs = jnp.zeros((1, config.encoder.min_input_length), jnp.float32)
     ids = jnp.zeros((1, 1), jnp.int32)
     shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), inputs, None, ids))
     return shapes["params"]

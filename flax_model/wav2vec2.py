@@ -27,28 +27,6 @@ _ADAPTER_NORM_EPS = 1e-5
 # Lengths and masks
 
 
-def conv_output_lengths(config: Wav2Vec2Config, lengths: jax.Array | int,
-                        add_adapter: bool | None = None) -> jax.Array | int:
-    """Number of frames the conv feature encoder (and, with `add_adapter`, the adapter) makes of `lengths` samples.
-
-    Args:
-        config: the encoder config.
-        lengths: sample counts, [B] or a Python int.
-        add_adapter: count the adapter's strided convs too; defaults to `config.add_adapter`.
-
-    Returns:
-        Frame counts, same shape as `lengths`.
-    """
-    add_adapter = config.add_adapter if add_adapter is None else add_adapter
-    for kernel, stride in zip(config.conv_kernel, config.conv_stride):
-        lengths = (lengths - kernel) // stride + 1
-    if add_adapter:
-        # Each adapter conv has kernel 3 and padding 1, which shortens like a kernel-1 conv.
-        for _ in range(config.num_adapter_layers):
-            lengths = (lengths - 1) // config.adapter_stride + 1
-    return lengths
-
-
 def feature_vector_mask(config: Wav2Vec2Config, attention_mask: jax.Array, num_frames: int,
                         add_adapter: bool | None = None) -> jax.Array:
     """Which frames hold real audio, from the sample-level mask.
@@ -60,9 +38,9 @@ def feature_vector_mask(config: Wav2Vec2Config, attention_mask: jax.Array, num_f
         add_adapter: count the adapter's strided convs too; defaults to `config.add_adapter`.
 
     Returns:
-        [B, S] bool, True for the first `conv_output_lengths(sum(attention_mask))` frames of each row.
+        [B, S] bool, True for the first `config.output_lengths(sum(attention_mask))` frames of each row.
     """
-    lengths = conv_output_lengths(config, attention_mask.sum(-1).astype(jnp.int32), add_adapter)  # [B]
+    lengths = config.output_lengths(attention_mask.sum(-1).astype(jnp.int32), add_adapter)  # [B]
     return jnp.arange(num_frames)[None, :] < lengths[:, None]
 
 
@@ -360,17 +338,9 @@ class Wav2Vec2Module(nn.Module):
         return hidden
 
 
-def min_input_length(config: Wav2Vec2Config) -> int:
-    """The fewest samples that make one frame (the conv feature encoder's receptive field)."""
-    length = 1
-    for kernel, stride in zip(reversed(config.conv_kernel), reversed(config.conv_stride)):
-        length = (length - 1) * stride + kernel
-    return length
-
-
 def init_shapes(config: Wav2Vec2Config) -> dict[str, Any]:
     """The abstract parameter tree (nested dicts of `jax.ShapeDtypeStruct`), without making any weights."""
     module = Wav2Vec2Module(config)
-    dummy = jax.ShapeDtypeStruct((1, min_input_length(config)), jnp.float32)
+    dummy = jax.ShapeDtypeStruct((1, config.min_input_length), jnp.float32)
     variables = jax.eval_shape(lambda x: module.init(jax.random.key(0), x), dummy)
     return dict(variables["params"])

@@ -21,7 +21,6 @@ from convert.errors import CheckpointError, KeyMapError, UnsupportedConfig
 from convert.keymap import plan_flax_to_torch, plan_torch_to_flax
 from convert.keymaps import wav2vec2 as keymaps
 from flax_model.wav2vec2 import Wav2Vec2Module, init_shapes
-from flax_model.wav2vec2 import conv_output_lengths as flax_conv_output_lengths
 from flax_model.wav2vec2 import feature_vector_mask as flax_feature_vector_mask
 from torch_reference import wav2vec2 as reference
 
@@ -115,11 +114,11 @@ def test_feature_vector_mask_agrees_between_frameworks_and_with_conv_lengths(fix
     config = _config(fixture_dir("w2v_group_adapter"))
     _, mask = _batch()
     for add_adapter in (False, True):
-        frames = reference.conv_output_lengths(config, max(LENGTHS), add_adapter)
+        frames = config.output_lengths(max(LENGTHS), add_adapter)
         ours = np.asarray(flax_feature_vector_mask(config, jnp.asarray(mask), frames, add_adapter))
         ref = reference.feature_vector_mask(config, torch.from_numpy(mask), frames, add_adapter).numpy()
         np.testing.assert_array_equal(ours, ref)
-        assert ours.sum(-1).tolist() == [flax_conv_output_lengths(config, n, add_adapter) for n in LENGTHS]
+        assert ours.sum(-1).tolist() == [config.output_lengths(n, add_adapter) for n in LENGTHS]
 
 
 # ----------------------------------------------------------------------------------------------------------

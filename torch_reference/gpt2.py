@@ -31,10 +31,6 @@ from torch_reference.layers import (
 from torch_reference.loading import LoadReport, load_checkpoint_into
 
 # ----------------------------------------------------------------------------------------------------------
-# Cache and masks
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Modules
 
 

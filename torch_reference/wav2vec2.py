@@ -31,28 +31,6 @@ _ADAPTER_NORM_EPS = 1e-5
 # Lengths and masks
 
 
-def conv_output_lengths(config: Wav2Vec2Config, lengths: torch.Tensor | int,
-                        add_adapter: bool | None = None) -> torch.Tensor | int:
-    """Number of frames the conv feature encoder (and, with `add_adapter`, the adapter) makes of `lengths` samples.
-
-    Args:
-        config: the encoder config.
-        lengths: sample counts, [B] or a Python int.
-        add_adapter: count the adapter's strided convs too; defaults to `config.add_adapter`.
-
-    Returns:
-        Frame counts, same shape as `lengths`.
-    """
-    add_adapter = config.add_adapter if add_adapter is None else add_adapter
-    for kernel, stride in zip(config.conv_kernel, config.conv_stride):
-        lengths = (lengths - kernel) // stride + 1
-    if add_adapter:
-        # Each adapter conv has kernel 3 and padding 1, which shortens like a kernel-1 conv.
-        for _ in range(config.num_adapter_layers):
-            lengths = (lengths - 1) // config.adapter_stride + 1
-    return lengths
-
-
 def feature_vector_mask(config: Wav2Vec2Config, attention_mask: torch.Tensor, num_frames: int,
                         add_adapter: bool | None = None) -> torch.Tensor:
     """Which frames hold real audio, from the sample-level mask.
@@ -64,9 +42,9 @@ def feature_vector_mask(config: Wav2Vec2Config, attention_mask: torch.Tensor, nu
         add_adapter: count the adapter's strided convs too; defaults to `config.add_adapter`.
 
     Returns:
-        [B, S] bool, True for the first `conv_output_lengths(sum(attention_mask))` frames of each row.
+        [B, S] bool, True for the first `config.output_lengths(sum(attention_mask))` frames of each row.
     """
-    lengths = conv_output_lengths(config, attention_mask.sum(-1).long(), add_adapter)  # [B]
+    lengths = config.output_lengths(attention_mask.sum(-1).long(), add_adapter)  # [B]
     return torch.arange(num_frames, device=attention_mask.device)[None, :] < lengths[:, None]
 
 
