@@ -23,7 +23,7 @@ from convert.configs import SpeechEncoderDecoderConfig
 from convert.errors import ConvertError, KeyMapError, UnsupportedConfig
 from convert.keymap import SourceRules
 from convert.registry import arch_for
-from convert.verify import compare_weight_files, seeded_inputs
+from convert.verify import compare_weight_files, load_both, logits_difference, seeded_inputs
 from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel
 from torch_reference.speech_encoder_decoder import SpeechEncoderDecoderModel
 from torch_reference.speech_encoder_decoder import from_pretrained as torch_from_pretrained
@@ -39,27 +39,18 @@ PAIRS = {
 }
 
 
-def logits_both(directory: Path, seconds: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
-    flax_model = FlaxSpeechEncoderDecoderModel.from_pretrained(directory)
-    torch_model, _ = torch_from_pretrained(directory)
-    batch = seeded_inputs(flax_model.config, seed=1, seconds=seconds)
-    flax_logits = np.asarray(flax_model(**batch).logits)
-    with torch.no_grad():
-        torch_logits = torch_model(*(torch.from_numpy(batch[k]) for k in
-                                     ("inputs", "attention_mask", "decoder_input_ids"))).numpy()
-    return flax_logits, torch_logits
-
-
 @pytest.mark.parametrize("pair", list(PAIRS))
 def test_composed_flax_logits_match_torch_reference(pair, composed_dir):
     encoder, decoder, has_projection = PAIRS[pair]
     directory = composed_dir(encoder, decoder)
     config = SpeechEncoderDecoderConfig.from_hf_dict(json.loads((directory / "config.json").read_text()))
     assert config.has_projection == has_projection
-    flax_logits, torch_logits = logits_both(directory)
-    assert flax_logits.shape[0] == 2 and flax_logits.shape[-1] == config.decoder.vocab_size
-    err = float(np.max(np.abs(flax_logits - torch_logits)))
+    flax_model, torch_model = load_both(directory)
+    batch = seeded_inputs(config, seed=1, seconds=0.1)
+    err = logits_difference(flax_model, torch_model, batch)
     assert err <= TOL, f"{pair}: max|diff|={err:.2e} > {TOL:.0e}"
+    flax_logits = np.asarray(flax_model(**batch).logits)
+    assert flax_logits.shape[0] == 2 and flax_logits.shape[-1] == config.decoder.vocab_size
     # Guard against a vacuous comparison: the two utterances must differ.
     assert np.max(np.abs(flax_logits[0] - flax_logits[1])) > 1e-3
 

@@ -1,0 +1,73 @@
+"""`python -m convert.check`: passes on a good composed model, fails with the figure on a bad one."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import wave
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from convert.check import check
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_check(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "convert.check", *args], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+
+
+def write_wav(path: Path, seconds: float, seed: int) -> Path:
+    samples = (np.random.default_rng(seed).standard_normal(int(16000 * seconds)) * 3000).astype("<i2")
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(16000)
+        f.writeframes(samples.tobytes())
+    return path
+
+
+def test_check_passes_on_a_good_composed_model(composed_dir):
+    result = run_check(str(composed_dir("w2v_stable_wide", "gpt2_lm")), "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    figures = json.loads(result.stdout)
+    assert figures["passed"] and [c["passed"] for c in figures["checks"]] == [True, True, True]
+    logits = next(c for c in figures["checks"] if c["name"].startswith("max |Δlogits|"))
+    assert 0 <= logits["value"] <= 1e-5, logits
+
+
+def test_check_fails_with_the_figure_when_weight_files_disagree(composed_dir, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(composed_dir("w2v_group_adapter", "bart_cg"), bad)
+    tensors = load_file(bad / "model.safetensors")
+    key = "decoder.model.decoder.layers.0.fc1.weight"
+    tensors[key] = tensors[key] + np.float32(0.25)
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    result = run_check(str(bad))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "flax_model.msgpack == model.safetensors" in result.stdout
+    assert "1 differ (max |Δ| 2.500e-01)" in result.stdout
+    assert "FAIL" in result.stdout and "FAILED" in result.stdout
+    logits_line = next(line for line in result.stdout.splitlines() if "max |Δlogits|" in line)
+    assert logits_line.rstrip().endswith("FAIL"), logits_line
+    assert float(logits_line.split()[5]) > 1e-4, logits_line
+
+
+def test_check_runs_on_wav_files(composed_dir, tmp_path):
+    wavs = [write_wav(tmp_path / "a.wav", 0.5, 1), write_wav(tmp_path / "b.wav", 0.3, 2)]
+    result = check(str(composed_dir("w2v_group_adapter", "bart_cg")), audio=wavs, max_new_tokens=5)
+    assert result["passed"], result
+    greedy = result["checks"][-1]
+    assert len(greedy["flax"]) == 2 and greedy["flax"] == greedy["torch"]
+
+
+def test_check_of_a_missing_directory_is_a_one_line_error(tmp_path):
+    result = run_check(str(tmp_path / "nothing-here"))
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "nothing-here" in result.stderr
