@@ -727,3 +727,53 @@ def test_compose_from_cached_hub_encoder_then_dry_run_push(fixture_dir, offline_
     assert names == sorted(names)
     assert pushed.commit_message == f"Add speech encoder-decoder composed from owner/tiny-w2v and {decoder_dir}"
     assert "Dry run: nothing will be uploaded." in capsys.readouterr().out
+
+
+def _compose_builtin(tmp_path: Path) -> Path:
+    import io
+
+    from convert.compose import compose
+
+    return compose("wav2vec2", "bart", tmp_path / "composed", verify=False, progress=False, log=io.StringIO()).output
+
+
+def test_flax_model_from_pretrained_accepts_a_cached_repo_id(offline_hub, tmp_path) -> None:
+    from convert.verify import seeded_inputs
+    from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel
+
+    local = _compose_builtin(tmp_path)
+    files = {p.name: p.read_bytes() for p in local.iterdir() if p.is_file()}
+    populate_cache(offline_hub, "me/composed", SHA_MAIN, files, refs=("main",))
+    from_hub = FlaxSpeechEncoderDecoderModel.from_pretrained("me/composed", revision="main")
+    from_dir = FlaxSpeechEncoderDecoderModel.from_pretrained(local)
+    batch = seeded_inputs(from_dir.config, seed=0, seconds=0.1)
+    np_equal = __import__("numpy").array_equal
+    assert np_equal(from_hub(**batch).logits, from_dir(**batch).logits)
+
+
+def test_compose_cli_push_dry_run_lists_the_written_files(tmp_path) -> None:
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "convert.compose", "--encoder", "wav2vec2", "--decoder", "gpt2", "--output", str(out),
+         "--no-verify", "--no-progress", "--push-to-hub", "me/tiny-asr", "--dry-run"],
+        capture_output=True, text=True, cwd=REPO_ROOT, timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert result.returncode == 0, result.stderr
+    assert "Dry run: nothing will be uploaded." in result.stdout and "me/tiny-asr" in result.stdout
+    for name in ("model.safetensors", "flax_model.msgpack", "config.json", "README.md"):
+        size = (out / name).stat().st_size
+        assert re.search(rf"{re.escape(name)}\s.*\b{size:,}\b|{re.escape(name)}\s.*\b{size}\b", result.stdout), name
+
+
+def test_compose_cli_failed_push_keeps_the_composed_files(tmp_path) -> None:
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    result = subprocess.run(
+        [sys.executable, "-m", "convert.compose", "--encoder", "wav2vec2", "--decoder", "bart", "--output", str(out),
+         "--no-verify", "--no-progress", "--push-to-hub", "me/tiny-asr"],
+        capture_output=True, text=True, cwd=REPO_ROOT, timeout=300,
+        env={**env, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "token" in lines[0].lower() and f"safe in {out}" in lines[0], result.stderr
+    assert (out / "model.safetensors").is_file() and (out / "flax_model.msgpack").is_file()
