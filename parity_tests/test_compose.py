@@ -353,3 +353,12 @@ def test_cli_interrupted_midway_leaves_no_output(sig, tmp_path):
     assert proc.returncode != 0
     assert "interrupted: nothing was written" in stderr
     assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+
+
+def test_cli_failed_verification_exits_nonzero_and_writes_nothing(tmp_path):
+    # Flax and PyTorch differ by ~1e-6 in float32: a zero tolerance must fail, with the figure.
+    result = run_cli("--encoder", "wav2vec2", "--decoder", "bart", "--output", str(tmp_path / "out"),
+                     "--no-progress", "--verify-tolerance", "0")
+    assert result.returncode == 1
+    assert "verification failed: max |Δlogits| = " in result.stderr and "exceeds 0.0e+00" in result.stderr
+    assert list(tmp_path.iterdir()) == []
