@@ -5,14 +5,18 @@ A directory holds `config.json` and weights in one of these forms (the first one
 `pytorch_model.bin.index.json`, `flax_model.msgpack`, `flax_model.msgpack.index.json`.
 
 safetensors files are parsed here (an 8-byte header length, a JSON header, raw little-endian data) and
-each tensor is read with one `readinto` when asked for, so a file is never loaded whole. `.bin` files go
-through `torch.load(weights_only=True, mmap=True)`; a pickle that needs more than tensors is refused.
+each tensor is read with one `readinto` when asked for, so a file is never loaded whole; Flax msgpack files
+likewise (their structure is walked once, skipping the array data). `.bin` files go through
+`torch.load(weights_only=True, mmap=True)`; a pickle that needs more than tensors is refused.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
+import mmap
 import os
 import re
 import struct
@@ -114,7 +118,7 @@ class _SafetensorsFile:
 
     def read(self, key: str) -> np.ndarray:
         info, (begin, end) = self.entries[key], self._offsets[key]
-        out = np.empty(info.shape, dtype=info.dtype)
+        out = new_array(info.shape, info.dtype)
         with self.path.open("rb") as f:
             f.seek(self.data_start + begin)
             got = f.readinto(memoryview(out.reshape(-1).view(np.uint8)))
@@ -132,6 +136,7 @@ class _TorchBinFile:
         import torch
 
         self.path = path
+        self._mapped = True
         try:
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -140,6 +145,7 @@ class _TorchBinFile:
                     raise
                 # Legacy (non-zip) pickles cannot be memory-mapped.
                 state = torch.load(path, map_location="cpu", weights_only=True)
+                self._mapped = False
         except pickle.UnpicklingError as e:
             raise CheckpointError(f"{path}: refused: the pickle needs more than tensors to load "
                                   f"(weights_only=True): {_unpickling_reason(e)}") from None
@@ -154,29 +160,239 @@ class _TorchBinFile:
         }
 
     def read(self, key: str) -> np.ndarray:
-        return torch_to_numpy(self.state[key])
+        tensor = self.state[key]
+        out = np.array(torch_to_numpy(tensor))  # a copy in our own memory, so that the mapped pages can go
+        if self._mapped:
+            _release_mapped_pages(tensor)
+        return out
+
+
+def _release_mapped_pages(tensor: Any) -> None:
+    """Unmaps the file pages a memory-mapped tensor was read from (MADV_DONTNEED).
+
+    The whole `.bin` stays mapped while the checkpoint is open, and every page read would otherwise stay in
+    this process's resident set: a conversion would end up holding the source file. The mapping is private
+    and never written, so a page dropped here is simply read from the file again if it is needed again.
+    """
+    import ctypes
+
+    storage = tensor.untyped_storage()
+    begin, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+    first, last = -(-begin // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
+    if last <= first:
+        return
+    try:
+        _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), getattr(mmap, "MADV_DONTNEED", 4))
+    except (AttributeError, OSError):  # no madvise on this platform: the pages stay, nothing is wrong
+        pass
+
+
+@functools.cache
+def _libc() -> Any:
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True)
 
 
 class _FlaxMsgpackFile:
-    """A `flax_model.msgpack` (flax.serialization format): read whole, then flattened to `/`-joined paths."""
+    """A `flax_model.msgpack` (flax.serialization's format), indexed without loading it.
+
+    The msgpack structure is walked once, skipping over array data and recording where each array's bytes
+    lie (flax stores an array as ext type 1 holding `(shape, dtype name, raw bytes)`, and splits arrays over
+    1 GiB into `__msgpack_chunked_array__` maps); a tensor is then read with one `readinto` per chunk.
+    """
 
     def __init__(self, path: Path):
-        from flax import serialization, traverse_util
-
+        self.path = path
+        size = path.stat().st_size
         try:
-            tree = serialization.msgpack_restore(path.read_bytes())
-        except Exception as e:  # msgpack raises many types for bad bytes
-            raise CheckpointError(f"{path}: truncated or corrupt msgpack file ({type(e).__name__})") from None
+            with path.open("rb") as f:
+                tree = _MsgpackIndex(f, size).value()
+                if f.tell() != size:
+                    raise _CorruptMsgpack(f"{size - f.tell()} bytes after the tree")
+        except (_CorruptMsgpack, EOFError, UnicodeDecodeError, ValueError, TypeError) as e:
+            why = str(e) if isinstance(e, _CorruptMsgpack) else "ends early" if isinstance(e, EOFError) \
+                else type(e).__name__
+            raise CheckpointError(f"{path}: truncated or corrupt msgpack file ({why})") from None
         if not isinstance(tree, dict):
             raise CheckpointError(f"{path}: not a Flax parameter tree")
         if set(tree) == {"params"}:
             tree = tree["params"]
-        flat = traverse_util.flatten_dict(tree, sep="/")
-        self.arrays = {k: np.asarray(v) for k, v in flat.items()}
-        self.entries = {k: TensorInfo(k, v.shape, v.dtype, path) for k, v in self.arrays.items()}
+        self._leaves: dict[str, _ArrayRef | np.ndarray] = {}
+        _flatten_tree(tree, "", self._leaves)
+        self.entries = {k: TensorInfo(k, tuple(v.shape), np.dtype(v.dtype), path) for k, v in self._leaves.items()}
 
     def read(self, key: str) -> np.ndarray:
-        return self.arrays[key]
+        leaf = self._leaves[key]
+        if isinstance(leaf, np.ndarray):  # a scalar or other small leaf, kept from the walk
+            return leaf.copy()
+        out = new_array(leaf.shape, leaf.dtype)
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        with self.path.open("rb") as f:
+            position = 0
+            for offset, nbytes in leaf.chunks:
+                f.seek(offset)
+                if f.readinto(view[position:position + nbytes]) != nbytes:
+                    raise CheckpointError(f"{self.path}: truncated msgpack file (short read of {key!r})")
+                position += nbytes
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _ArrayRef:
+    """Where an array's bytes lie in a msgpack file: (offset, nbytes) per chunk, in order."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    chunks: tuple[tuple[int, int], ...]
+
+
+class _CorruptMsgpack(Exception):
+    pass
+
+
+class _MsgpackIndex:
+    """Reads msgpack values from a file, except array data: ndarray ext values become `_ArrayRef`s."""
+
+    _CHUNKED = "__msgpack_chunked_array__"
+
+    def __init__(self, f: Any, size: int):
+        self._f = f
+        self._size = size
+
+    def _read(self, n: int) -> bytes:
+        data = self._f.read(n)
+        if len(data) < n:
+            raise EOFError
+        return data
+
+    def _uint(self, n: int) -> int:
+        return int.from_bytes(self._read(n), "big")
+
+    def value(self) -> Any:
+        t = self._read(1)[0]
+        if t <= 0x7F:
+            return t
+        if t >= 0xE0:
+            return t - 0x100
+        if t <= 0x8F:
+            return self._map(t & 0x0F)
+        if t <= 0x9F:
+            return [self.value() for _ in range(t & 0x0F)]
+        if t <= 0xBF:
+            return self._read(t & 0x1F).decode()
+        fixed = {0xC0: None, 0xC2: False, 0xC3: True}
+        if t in fixed:
+            return fixed[t]
+        if 0xC4 <= t <= 0xC6:  # bin 8/16/32
+            return self._read(self._uint(1 << (t - 0xC4)))
+        if 0xC7 <= t <= 0xC9:  # ext 8/16/32
+            n = self._uint(1 << (t - 0xC7))
+            return self._ext(self._read(1)[0], n)
+        if t == 0xCA:
+            return struct.unpack(">f", self._read(4))[0]
+        if t == 0xCB:
+            return struct.unpack(">d", self._read(8))[0]
+        if 0xCC <= t <= 0xCF:
+            return self._uint(1 << (t - 0xCC))
+        if 0xD0 <= t <= 0xD3:
+            return int.from_bytes(self._read(1 << (t - 0xD0)), "big", signed=True)
+        if 0xD4 <= t <= 0xD8:  # fixext 1/2/4/8/16
+            return self._ext(self._read(1)[0], 1 << (t - 0xD4))
+        if 0xD9 <= t <= 0xDB:
+            return self._read(self._uint(1 << (t - 0xD9))).decode()
+        if t in (0xDC, 0xDD):
+            return [self.value() for _ in range(self._uint(2 if t == 0xDC else 4))]
+        if t in (0xDE, 0xDF):
+            return self._map(self._uint(2 if t == 0xDE else 4))
+        raise _CorruptMsgpack(f"byte 0x{t:02x} is not a msgpack type")
+
+    def _map(self, n: int) -> Any:
+        out = {}
+        for _ in range(n):
+            key = self.value()
+            out[key] = self.value()
+        return self._unchunk(out) if self._CHUNKED in out else out
+
+    def _ext(self, code: int, n: int) -> Any:
+        start = self._f.tell()
+        if start + n > self._size:
+            raise EOFError
+        if code in (1, 3):  # flax's ndarray and numpy scalar: packb((shape, dtype name, data))
+            if self._read(1) != b"\x93":
+                raise _CorruptMsgpack("an array is not (shape, dtype, data)")
+            shape, name = tuple(self.value()), self.value()
+            t = self._read(1)[0]
+            if not 0xC4 <= t <= 0xC6:
+                raise _CorruptMsgpack("an array's data is not binary")
+            nbytes = self._uint(1 << (t - 0xC4))
+            offset = self._f.tell()
+            dtype = _dtype_from_name(name)
+            if offset + nbytes != start + n or nbytes != math.prod(shape) * dtype.itemsize:
+                raise _CorruptMsgpack(f"an array of shape {list(shape)} {name} holds {nbytes} bytes")
+            self._f.seek(offset + nbytes)
+            return _ArrayRef(shape, dtype, ((offset, nbytes),))
+        data = self._read(n)
+        if code == 2:  # flax's native complex: packb((real, imag))
+            import msgpack
+
+            return np.asarray(complex(*msgpack.unpackb(data)))
+        raise _CorruptMsgpack(f"unknown ext type {code}")
+
+    @staticmethod
+    def _unchunk(d: dict) -> _ArrayRef:
+        try:
+            shape = tuple(d["shape"][str(i)] for i in range(len(d["shape"])))
+            chunks = [d["chunks"][str(i)] for i in range(len(d["chunks"]))]
+        except (KeyError, TypeError):
+            raise _CorruptMsgpack("a chunked array without its shape or chunks") from None
+        if not chunks or not all(isinstance(c, _ArrayRef) and c.dtype == chunks[0].dtype for c in chunks):
+            raise _CorruptMsgpack("a chunked array with mixed chunks")
+        dtype = chunks[0].dtype
+        ranges = tuple(r for c in chunks for r in c.chunks)
+        if sum(n for _, n in ranges) != math.prod(shape) * dtype.itemsize:
+            raise _CorruptMsgpack(f"a chunked array of shape {list(shape)} holds the wrong number of bytes")
+        return _ArrayRef(shape, dtype, ranges)
+
+
+def _dtype_from_name(name: Any) -> np.dtype:
+    if not isinstance(name, str):
+        raise _CorruptMsgpack("an array's dtype is not a name")
+    try:
+        return np.dtype(getattr(ml_dtypes, name)) if hasattr(ml_dtypes, name) else np.dtype(name)
+    except TypeError:
+        raise _CorruptMsgpack(f"unknown dtype {name!r}") from None
+
+
+def _flatten_tree(tree: dict, prefix: str, out: dict[str, Any]) -> None:
+    """`/`-joined paths of the leaves, as flax.traverse_util.flatten_dict (empty subtrees vanish)."""
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            _flatten_tree(value, path + "/", out)
+        else:
+            out[path] = value if isinstance(value, _ArrayRef) else np.asarray(value)
+
+
+_OWN_MAPPING_BYTES = 1 << 20
+
+
+def new_array(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised array for a tensor read from disk; a large one in its own anonymous memory map.
+
+    Tensors are read, used and freed one after another. Through malloc, freed tensor buffers of a few MB
+    stay in the heap (glibc raises its mmap threshold as big blocks come and go) and mix with what stays
+    (a JAX or PyTorch model being filled), so that a model load could peak at twice the model's size. A
+    mapping of its own goes back to the system the moment the array is freed.
+    """
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < _OWN_MAPPING_BYTES:
+        return np.empty(shape, dtype)
+    memory = mmap.mmap(-1, nbytes)
+    if hasattr(memory, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
+        memory.madvise(mmap.MADV_HUGEPAGE)  # fewer page faults, as numpy's own allocator asks for
+    return np.frombuffer(memory, dtype).reshape(shape)
 
 
 def _unpickling_reason(error: Exception) -> str:

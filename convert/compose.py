@@ -286,9 +286,11 @@ def compose(
             for spec in layout.specs:
                 if spec.name in layout.sources:
                     src, entry = layout.sources[spec.name]
-                    array = entry.transform.to_flax(src.checkpoint.get(entry.source))
-                    if array.dtype != spec.dtype:
+                    array = src.checkpoint.get(entry.source)
+                    if array.dtype != spec.dtype:  # cast while contiguous (fast), replacing the source copy
                         array = array.astype(spec.dtype)
+                    # A strided view: the writers tile transposes out; the PyTorch file gets `array` as is.
+                    array = entry.transform.to_flax(array, contiguous=False)
                 else:
                     array = init_leaf(spec.name, spec.shape, std, seed, spec.dtype)
                 yield spec.name, array

@@ -34,20 +34,24 @@ class T(enum.Enum):
     CONV = "conv"  # torch Conv1d [out, in/groups, k] <-> flax Conv [k, in/groups, out]
     ROW = "row"  # torch [1, N] <-> flax [N] (BART's final_logits_bias as the LM head's bias)
 
-    def to_flax(self, a: np.ndarray) -> np.ndarray:
+    def to_flax(self, a: np.ndarray, contiguous: bool = True) -> np.ndarray:
+        """`a` in the Flax layout; `contiguous=False` returns a strided view instead of a copy (the writers
+        in convert.writing copy views out block by block, faster than one strided copy and without a
+        second full-size array)."""
         if self is T.LINEAR:
-            return np.ascontiguousarray(a.T)
+            return np.ascontiguousarray(a.T) if contiguous else a.T
         if self is T.CONV:
-            return np.ascontiguousarray(np.transpose(a, (2, 1, 0)))
+            a = np.transpose(a, (2, 1, 0))
+            return np.ascontiguousarray(a) if contiguous else a
         if self is T.ROW:
             return a.reshape(-1)
         return a
 
-    def to_torch(self, a: np.ndarray) -> np.ndarray:
+    def to_torch(self, a: np.ndarray, contiguous: bool = True) -> np.ndarray:
         if self is T.ROW:
             return a.reshape(1, -1)
         # The transposes are their own inverse.
-        return self.to_flax(a)
+        return self.to_flax(a, contiguous)
 
     def flax_shape(self, shape: Shape) -> Shape:
         shape = tuple(shape)

@@ -9,6 +9,7 @@ complete models (composed or single-architecture directories).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -23,7 +24,7 @@ from convert.configs import HFConfig, SpeechEncoderDecoderConfig
 from convert.errors import KeyMapError
 from convert.keymap import Entry, KeyMap, Plan, Rule, SourceRules, T, check_missing, plan_flax_to_torch, plan_torch_to_flax
 from convert.registry import Arch, arch_for, composed_tied_keys
-from convert.writing import ShardedWriter, TensorSpec
+from convert.writing import ShardedWriter, TensorSpec, WriteLanes
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -186,7 +187,8 @@ def save_params(
         directory: where to write (the caller makes it atomic).
         config: the model's config.
         leaves: `/`-joined Flax path -> array, or a callable returning an iterator of (path, array) in
-            `specs` order (to stream a large model through without holding it).
+            `specs` order (to stream a large model through without holding it). Arrays may be strided
+            views (e.g. a PyTorch kernel's transpose); nothing is copied whole.
         specs: the Flax leaves' names/dtypes/shapes in write order (needed when `leaves` is a callable).
         max_shard_size: bytes per shard; None writes single files.
         formats: which weight files to write.
@@ -209,13 +211,20 @@ def save_params(
     if "safetensors" in formats:
         writers.append(("torch", ShardedWriter(directory, "safetensors", torch_specs, max_shard_size,
                                                metadata={"format": "pt"})))
-    for name, array in iterate():
-        for kind, writer in writers:
-            if kind == "flax":
-                writer.write(name, array)
-            else:
-                entry = to_torch[name]
-                writer.write(entry.target, entry.transform.to_torch(array))
+    with WriteLanes(len(writers)) as lanes:  # one thread per file; the next leaves are read meanwhile
+        for name, array in iterate():
+            jobs = []
+            for kind, writer in writers:
+                if kind == "flax":
+                    jobs.append(functools.partial(writer.write, name, array))
+                else:
+                    entry = to_torch[name]
+                    # A view: the writer copies strided tensors out in tiles (and for a leaf that is itself
+                    # a transposed view of a PyTorch-layout source, this is that source again: no copy).
+                    jobs.append(functools.partial(writer.write, entry.target,
+                                                  entry.transform.to_torch(array, contiguous=False)))
+            lanes.submit(array.nbytes, jobs)
+            del array, jobs
     files = [directory / CONFIG]
     for _, writer in writers:
         writer.close()

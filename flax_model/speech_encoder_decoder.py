@@ -162,8 +162,11 @@ class FlaxSpeechEncoderDecoderModel:
             from convert.errors import UnsupportedConfig
 
             raise UnsupportedConfig(f"{directory}/config.json: not a composed speech-encoder-decoder model")
-        params = jax.tree_util.tree_map(jnp.asarray, loaded.params)
-        return cls(loaded.config, params, dtype=dtype)
+        config, params = loaded.config, traverse_util.flatten_dict(loaded.params, sep="/")
+        del loaded  # `params` now holds the only reference to each numpy leaf: it goes once copied to JAX
+        for path in params:
+            params[path] = jnp.asarray(params[path])
+        return cls(config, traverse_util.unflatten_dict(params, sep="/"), dtype=dtype)
 
     def save_pretrained(self, directory: str | Path, max_shard_size: int | str | None = None) -> list[Path]:
         """Writes config.json, flax_model.msgpack and model.safetensors (HF layouts), atomically.

@@ -48,7 +48,7 @@ def load_checkpoint_into(
     expected = module.state_dict()
     tied = dict(tied or {})
     problems: list[str] = []
-    state: dict[str, torch.Tensor] = {}
+    state: dict[str, str] = {}  # module key -> source key; read only once every name and shape fits
     for name, src in canonical.items():
         key = prefix + name
         if key not in expected:
@@ -59,7 +59,7 @@ def load_checkpoint_into(
             problems.append(f"{src}: shape {list(info.shape)} does not match the config "
                             f"(expected {list(expected[key].shape)})")
             continue
-        state[key] = numpy_to_torch(checkpoint.get(src))
+        state[key] = src
     for key, source in tied.items():
         if key in state:
             dropped.append((canonical.get(key[len(prefix):], key), f"tied to {source}"))
@@ -71,6 +71,6 @@ def load_checkpoint_into(
         raise CheckpointError(f"{checkpoint.directory}: does not fit the model: " + "; ".join(problems))
     targets = module.state_dict(keep_vars=True)
     with torch.no_grad():
-        for key, value in state.items():
-            targets[key].copy_(value.to(targets[key].dtype))
+        for key, src in state.items():  # one tensor at a time: the checkpoint is never held next to the module
+            targets[key].copy_(numpy_to_torch(checkpoint.get(src)).to(targets[key].dtype))
     return LoadReport(loaded=sorted(state), dropped=dropped, tied=sorted(tied.items()))
