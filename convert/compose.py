@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import re
 import shutil
 import sys
@@ -196,9 +197,11 @@ def _is_float(dtype: np.dtype) -> bool:
 
 
 def init_leaf(path: str, shape: tuple[int, ...], std: float, seed: int, dtype: np.dtype) -> np.ndarray:
-    """A leaf no source has, drawn deterministically from (seed, path): the same seed gives the same bytes."""
-    import jax
+    """A leaf no source has, drawn deterministically from (seed, path): the same seed gives the same bytes.
 
+    numpy's PCG64 seeded with (seed, crc32(path)): independent of the order leaves are drawn in, and cheap
+    (no JAX random-number kernels to compile for a handful of tensors).
+    """
     kind = next((k for pattern, k in INIT_RULES if re.match(pattern, path)), None)
     if kind is None:
         raise KeyMapError(f"{path}: no initialiser for this kind of parameter")
@@ -206,8 +209,8 @@ def init_leaf(path: str, shape: tuple[int, ...], std: float, seed: int, dtype: n
         return np.zeros(shape, dtype)
     if kind == "ones":
         return np.ones(shape, dtype)
-    key = jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(path.encode()))
-    return (np.asarray(jax.random.normal(key, shape, np.float32)) * np.float32(std)).astype(dtype)
+    rng = np.random.default_rng([seed, zlib.crc32(path.encode())])
+    return (rng.standard_normal(shape, dtype=np.float32) * np.float32(std)).astype(dtype)
 
 
 @dataclasses.dataclass
@@ -474,7 +477,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         print(f"interrupted: nothing was written to {args.output}", file=sys.stderr)
-        return 130
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # The temporary directory is gone already. Skip the interpreter's teardown: after a signal, JAX's
+        # and torch's worker threads may still be inside native code, and tearing down under them can crash.
+        os._exit(130)
     if args.push_to_hub:
         from convert.hub import push_to_hub
 

@@ -350,7 +350,7 @@ def test_cli_interrupted_midway_leaves_no_output(sig, tmp_path):
         time.sleep(0.01)
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode != 0
+    assert proc.returncode == 130, (proc.returncode, stderr)
     assert "interrupted: nothing was written" in stderr
     assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
 
