@@ -55,21 +55,22 @@ class BartAttention(nn.Module):
         self.attention_dropout = nn.Dropout(rate=cfg.attention_dropout)
 
     def _split_heads(self, x: jax.Array) -> jax.Array:
-        return x.reshape(*x.shape[:2], self.num_heads, self.head_dim)  # [B, T, N, H]
+        # Heads first, the layout of the cache (see flax_model.cache.LayerCache).
+        return x.reshape(*x.shape[:2], self.num_heads, self.head_dim).transpose(0, 2, 1, 3)  # [B, N, T, H]
 
     def project_kv(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """[B, S, D] -> keys, values [B, S, N, H]."""
+        """[B, S, D] -> keys, values [B, N, S, H]."""
         return self._split_heads(self.k_proj(x)), self._split_heads(self.v_proj(x))
 
     def __call__(self, hidden: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array,
                  deterministic: bool = True) -> jax.Array:
-        """hidden [B, T, D], key/value [B, S, N, H], mask [B, 1, T, S] bool -> [B, T, D]."""
-        query = self._split_heads(self.q_proj(hidden) * self.head_dim**-0.5)  # [B, T, N, H]
-        scores = jnp.einsum("BTNH,BSNH->BNTS", query, key)
+        """hidden [B, T, D], key/value [B, N, S, H], mask [B, 1, T, S] bool -> [B, T, D]."""
+        query = self._split_heads(self.q_proj(hidden) * self.head_dim**-0.5)  # [B, N, T, H]
+        scores = jnp.einsum("BNTH,BNSH->BNTS", query, key)
         scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
         probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype)
         probs = self.attention_dropout(probs, deterministic=deterministic)
-        out = jnp.einsum("BNTS,BSNH->BTNH", probs, value)
+        out = jnp.einsum("BNTS,BNSH->BTNH", probs, value)
         return self.out_proj(out.reshape(hidden.shape))  # [B, T, D]
 
 
@@ -101,8 +102,8 @@ class BartDecoderLayer(nn.Module):
 
     def init_layer_cache(self, batch_size: int, max_length: int, encoder_hidden_states: jax.Array) -> LayerCache:
         cfg = self.config
-        shape = (batch_size, max_length, cfg.decoder_attention_heads, cfg.d_model // cfg.decoder_attention_heads)
-        cross_key, cross_value = self.encoder_attn.project_kv(encoder_hidden_states)  # [B, S, N, H]
+        shape = (batch_size, cfg.decoder_attention_heads, max_length, cfg.d_model // cfg.decoder_attention_heads)
+        cross_key, cross_value = self.encoder_attn.project_kv(encoder_hidden_states)  # [B, N, S, H]
         return LayerCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype), cross_key, cross_value)
 
     def __call__(
@@ -119,18 +120,19 @@ class BartDecoderLayer(nn.Module):
         new_cache = None
         cross_kv = None
         if layer_cache is not None:
-            cross_kv = (layer_cache.cross_key, layer_cache.cross_value)
+            cross_kv = (layer_cache.cross_keys, layer_cache.cross_values)  # [B, N, S, H]
         elif encoder_hidden_states is not None:
             cross_kv = self.encoder_attn.project_kv(encoder_hidden_states)
 
         def self_attention(x: jax.Array) -> jax.Array:
             nonlocal new_cache
-            key, value = self.self_attn.project_kv(x)  # [B, T, N, H]
+            key, value = self.self_attn.project_kv(x)  # [B, N, T, H]
             if layer_cache is not None:
-                at = (0, index, 0, 0)
-                key = jax.lax.dynamic_update_slice(layer_cache.key, key.astype(layer_cache.key.dtype), at)
-                value = jax.lax.dynamic_update_slice(layer_cache.value, value.astype(layer_cache.value.dtype), at)
-                new_cache = layer_cache.replace(key=key, value=value)  # [B, L, N, H]
+                at = (0, 0, index, 0)
+                key = jax.lax.dynamic_update_slice(layer_cache.self_keys, key.astype(layer_cache.self_keys.dtype), at)
+                value = jax.lax.dynamic_update_slice(layer_cache.self_values,
+                                                     value.astype(layer_cache.self_values.dtype), at)
+                new_cache = layer_cache.replace(self_keys=key, self_values=value)  # [B, N, L, H]
             return self.self_attn(x, key, value, self_mask, deterministic)
 
         def mlp(x: jax.Array) -> jax.Array:

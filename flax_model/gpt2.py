@@ -75,31 +75,32 @@ class GPT2Attention(nn.Module):
         self.resid_dropout = nn.Dropout(rate=cfg.resid_pdrop)
 
     def _split_heads(self, x: jax.Array) -> jax.Array:
+        # Heads first, the layout of the cache (see flax_model.cache.LayerCache).
         cfg = self.config
-        return x.reshape(*x.shape[:2], cfg.n_head, cfg.n_embd // cfg.n_head)  # [B, T, N, H]
+        return x.reshape(*x.shape[:2], cfg.n_head, cfg.n_embd // cfg.n_head).transpose(0, 2, 1, 3)  # [B, N, T, H]
 
     def project_qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Self-attention: [B, T, D] -> queries, keys, values [B, T, N, H]."""
+        """Self-attention: [B, T, D] -> queries, keys, values [B, N, T, H]."""
         query, key, value = jnp.split(self.c_attn(x), 3, axis=-1)
         return self._split_heads(query), self._split_heads(key), self._split_heads(value)
 
     def project_query(self, x: jax.Array) -> jax.Array:
-        """Cross-attention: [B, T, D] -> queries [B, T, N, H]."""
+        """Cross-attention: [B, T, D] -> queries [B, N, T, H]."""
         return self._split_heads(self.q_attn(x))
 
     def project_kv(self, encoder_hidden_states: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Cross-attention: [B, S, D] -> keys, values [B, S, N, H]."""
+        """Cross-attention: [B, S, D] -> keys, values [B, N, S, H]."""
         key, value = jnp.split(self.c_attn(encoder_hidden_states), 2, axis=-1)
         return self._split_heads(key), self._split_heads(value)
 
     def __call__(self, query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array,
                  deterministic: bool = True) -> jax.Array:
-        """query [B, T, N, H], key/value [B, S, N, H], mask [B, 1, T|1, S] bool -> [B, T, D]."""
+        """query [B, N, T, H], key/value [B, N, S, H], mask [B, 1, T|1, S] bool -> [B, T, D]."""
         cfg = self.config
         if cfg.reorder_and_upcast_attn:
             # HF computes these scores in float32 whatever the model's dtype.
             query, key = query.astype(jnp.float32), key.astype(jnp.float32)
-        scores = jnp.einsum("BTNH,BSNH->BNTS", query, key)
+        scores = jnp.einsum("BNTH,BNSH->BNTS", query, key)
         if cfg.scale_attn_weights:
             scores = scores / jnp.sqrt(jnp.asarray(query.shape[-1], scores.dtype))
         if cfg.scale_attn_by_inverse_layer_idx:
@@ -107,7 +108,7 @@ class GPT2Attention(nn.Module):
         scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
         probs = self.attn_dropout(probs, deterministic=deterministic)
-        out = jnp.einsum("BNTS,BSNH->BTNH", probs, value)
+        out = jnp.einsum("BNTS,BNSH->BTNH", probs, value)
         out = self.c_proj(out.reshape(*out.shape[:2], cfg.n_embd))  # [B, T, D]
         return self.resid_dropout(out, deterministic=deterministic)
 
@@ -148,11 +149,11 @@ class GPT2Block(nn.Module):
                          encoder_hidden_states: jax.Array | None) -> LayerCache:
         cfg = self.config
         heads, head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
-        empty = jnp.zeros((batch_size, max_length, heads, head_dim), self.dtype)
+        empty = jnp.zeros((batch_size, heads, max_length, head_dim), self.dtype)
         if encoder_hidden_states is None:
-            no_cross = jnp.zeros((batch_size, 0, heads, head_dim), self.dtype)
+            no_cross = jnp.zeros((batch_size, heads, 0, head_dim), self.dtype)
             return LayerCache(empty, empty, no_cross, no_cross)
-        cross_key, cross_value = self.crossattention.project_kv(encoder_hidden_states)  # [B, S, N, H]
+        cross_key, cross_value = self.crossattention.project_kv(encoder_hidden_states)  # [B, N, S, H]
         return LayerCache(empty, empty, cross_key, cross_value)
 
     def __call__(
@@ -171,16 +172,17 @@ class GPT2Block(nn.Module):
         cache and projecting `encoder_hidden_states` otherwise.
         """
         new_cache = None
-        query, key, value = self.attn.project_qkv(self.ln_1(hidden))  # [B, T, N, H]
+        query, key, value = self.attn.project_qkv(self.ln_1(hidden))  # [B, N, T, H]
         if layer_cache is not None:
-            at = (0, index, 0, 0)
-            key = jax.lax.dynamic_update_slice(layer_cache.key, key.astype(layer_cache.key.dtype), at)
-            value = jax.lax.dynamic_update_slice(layer_cache.value, value.astype(layer_cache.value.dtype), at)
-            new_cache = layer_cache.replace(key=key, value=value)  # [B, L, N, H]
+            at = (0, 0, index, 0)
+            key = jax.lax.dynamic_update_slice(layer_cache.self_keys, key.astype(layer_cache.self_keys.dtype), at)
+            value = jax.lax.dynamic_update_slice(layer_cache.self_values, value.astype(layer_cache.self_values.dtype),
+                                                 at)
+            new_cache = layer_cache.replace(self_keys=key, self_values=value)  # [B, N, L, H]
         hidden = hidden + self.attn(query, key, value, self_mask, deterministic)
         if cross_mask is not None:
             if layer_cache is not None:
-                cross_kv = (layer_cache.cross_key, layer_cache.cross_value)
+                cross_kv = (layer_cache.cross_keys, layer_cache.cross_values)  # [B, N, S, H]
             else:
                 cross_kv = self.crossattention.project_kv(encoder_hidden_states)
             query = self.crossattention.project_query(self.ln_cross_attn(hidden))

@@ -41,8 +41,6 @@ import torch.nn.functional as F
 
 from torch_reference.layers import DecoderCache, LayerCache
 
-EARLY_STOPPING_CHOICES = (True, False, "never")
-
 
 @dataclasses.dataclass
 class GenerateOutput:
@@ -88,7 +86,7 @@ def resolve_settings(config: Any, max_new_tokens: int, num_beams: int, length_pe
         raise ValueError(f"num_beams={num_beams} must be at least 1")
     if not 0 <= min_new_tokens <= max_new_tokens:
         raise ValueError(f"min_new_tokens={min_new_tokens} must be between 0 and max_new_tokens={max_new_tokens}")
-    if not any(early_stopping is c for c in EARLY_STOPPING_CHOICES):
+    if not (early_stopping is True or early_stopping is False or early_stopping == "never"):
         raise ValueError(f"early_stopping={early_stopping!r} must be True, False or 'never'")
     if eos is not None and pad is None:
         raise ValueError("eos_token_id is set but there is no pad_token_id to fill finished rows")

@@ -29,7 +29,8 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 @dataclasses.dataclass
 class LayerCache:
-    """One layer's cache, laid out like `flax_model.cache.LayerCache`."""
+    """One layer's cache in the projections' layout, [B, L, N, H]: the `key`, `value`, `cross_key` and
+    `cross_value` views of `flax_model.cache.LayerCache` (which stores them heads first, for XLA)."""
 
     key: torch.Tensor  # [B, L, N, H]
     value: torch.Tensor  # [B, L, N, H]

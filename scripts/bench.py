@@ -1,0 +1,230 @@
+"""CPU benchmark of the composed model: Flax (jit) against the eager PyTorch reference, in one run.
+
+    python scripts/bench.py [--quick] [--runs N] [--threads N] [--models bart,gpt2] [--batches 1,4]
+
+Models are base-size and random, built here from configs (nothing is downloaded): wav2vec2-base (12 layers,
+768 wide, 7-layer conv feature encoder) with a BART-base decoder (6 layers, d_model 768, vocabulary 50265) and
+with GPT-2 124M (12 layers, 768 wide, vocabulary 50257), both decoders with cross-attention. The Flax params
+are drawn by `init` and copied into the reference through the key table, so both run the same weights.
+
+Figures, one JSON line each, the median of `--runs` timed runs after a warm-up, Flax and PyTorch runs
+alternating (so that other work on the machine weighs on both alike; `load` is the 1-minute load average
+when the figure was taken: on a 2-core machine, figures taken above 2 are disturbed):
+    forward   the teacher-forced forward pass: 10 s of audio and 32 decoder tokens -> logits.
+    generate  greedy generation of 64 new tokens from 10 s of audio, end to end (encoder, cross-attention
+              prefill, 64 decoder steps); `min_new_tokens=64` so that every run makes all 64 tokens.
+    decode    the 64 decoder steps alone (generate minus the encoder and the prefill, timed apart).
+Fields: bench, model, batch, flax_s, torch_s, ratio (torch_s / flax_s: > 1 means Flax is faster), compile_s
+(Flax's first call minus a compiled call: tracing and XLA compilation), tokens_per_s and torch_tokens_per_s
+(generate and decode), same_tokens (whether both produced the same greedy tokens).
+
+Threads: XLA's CPU backend runs its intra-op work on one thread per core, so PyTorch gets
+`torch.set_num_threads(os.cpu_count())` (or `--threads`) for a like-for-like comparison; the figure is printed
+first as a {"threads": ...} line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from convert.checkpoint import numpy_to_torch  # noqa: E402
+from convert.configs import BartConfig, GPT2Config, SpeechEncoderDecoderConfig, Wav2Vec2Config  # noqa: E402
+from convert.params import params_to_torch_state  # noqa: E402
+from convert.registry import composed_tied_keys  # noqa: E402
+from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel, SpeechEncoderDecoderModule  # noqa: E402
+from torch_reference.speech_encoder_decoder import SpeechEncoderDecoderModel  # noqa: E402
+
+SAMPLE_RATE = 16000
+
+
+def wav2vec2_base(quick: bool) -> Wav2Vec2Config:
+    """wav2vec2-base's architecture (HF's defaults are base's); `quick` keeps 2 layers."""
+    return Wav2Vec2Config(num_hidden_layers=2 if quick else 12, mask_time_prob=0.05)
+
+
+def bart_base(quick: bool) -> BartConfig:
+    return BartConfig(d_model=768, decoder_layers=2 if quick else 6, decoder_attention_heads=12,
+                      decoder_ffn_dim=3072, vocab_size=50265, max_position_embeddings=1024,
+                      is_decoder=True, add_cross_attention=True)
+
+
+def gpt2_124m(quick: bool) -> GPT2Config:
+    return GPT2Config(n_layer=2 if quick else 12, is_decoder=True, add_cross_attention=True)
+
+
+def composed_config(decoder: BartConfig | GPT2Config, quick: bool) -> SpeechEncoderDecoderConfig:
+    start = decoder.decoder_start_token_id if decoder.decoder_start_token_id is not None else decoder.bos_token_id
+    pad = decoder.pad_token_id if decoder.pad_token_id is not None else decoder.eos_token_id
+    return SpeechEncoderDecoderConfig(
+        raw={"architectures": ["SpeechEncoderDecoderModel"], "model_type": "speech-encoder-decoder"},
+        encoder=wav2vec2_base(quick), decoder=decoder,
+        decoder_start_token_id=start, pad_token_id=pad, eos_token_id=decoder.eos_token_id,
+    )
+
+
+def build_models(config: SpeechEncoderDecoderConfig, seed: int = 0) -> tuple[FlaxSpeechEncoderDecoderModel,
+                                                                              SpeechEncoderDecoderModel]:
+    """Random Flax params from `init`, and the reference model holding the same weights."""
+    module = SpeechEncoderDecoderModule(config)
+    inputs = jnp.zeros((1, 16000), jnp.float32)
+    ids = jnp.zeros((1, 1), jnp.int32)
+    params = jax.jit(lambda key: module.init(key, inputs, None, ids))(jax.random.PRNGKey(seed))["params"]
+    reference = SpeechEncoderDecoderModel(config).eval()
+    state = {k: numpy_to_torch(v) for k, v in params_to_torch_state(config, jax.device_get(params)).items()}
+    missing = set(reference.load_state_dict(state, strict=False).missing_keys) - set(composed_tied_keys(config))
+    if missing:
+        raise RuntimeError(f"the reference lacks weights for {sorted(missing)}")
+    return FlaxSpeechEncoderDecoderModel(config, params), reference
+
+
+def paired_seconds(flax_fn: Callable[[], Any], torch_fn: Callable[[], Any], runs: int) -> tuple[float, float, float]:
+    """(Flax's first call, Flax's median, PyTorch's median) in seconds, over `runs` calls of each after a warm-up.
+
+    The two alternate, so that whatever else the machine is doing weighs on both alike.
+    """
+    start = time.perf_counter()
+    flax_fn()
+    first = time.perf_counter() - start
+    torch_fn()
+    flax_times, torch_times = [], []
+    for _ in range(runs):
+        for fn, times in ((flax_fn, flax_times), (torch_fn, torch_times)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return first, statistics.median(flax_times), statistics.median(torch_times)
+
+
+def block(x: Any) -> Any:
+    return jax.block_until_ready(x)
+
+
+def batch_inputs(batch: int, audio_seconds: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A padded batch: the last utterance 80% as long as the others (all full at batch 1)."""
+    rng = np.random.default_rng(seed)
+    n = int(audio_seconds * SAMPLE_RATE)
+    audio = rng.standard_normal((batch, n)).astype(np.float32)
+    mask = np.ones((batch, n), np.int32)
+    if batch > 1:
+        mask[-1, int(0.8 * n):] = 0
+        audio[-1, int(0.8 * n):] = 0.0
+    return audio, mask
+
+
+def emit(record: dict[str, Any]) -> None:
+    print(json.dumps({k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in record.items()}), flush=True)
+
+
+def bench_forward(name: str, flax_model, torch_model, batch: int, args) -> None:
+    audio, mask = batch_inputs(batch, args.audio_seconds)
+    ids = np.random.default_rng(1).integers(0, flax_model.config.decoder.vocab_size, (batch, args.decoder_tokens))
+    ids[:, 0] = flax_model.config.decoder_start_token_id
+    fa, fm, fi = jnp.asarray(audio), jnp.asarray(mask), jnp.asarray(ids, jnp.int32)
+    forward = flax_model._fn("__call__")
+
+    def run_flax():
+        return block(forward(flax_model.params, fa, fm, fi))
+
+    ta, tm, ti = torch.from_numpy(audio), torch.from_numpy(mask), torch.from_numpy(ids)
+
+    def run_torch():
+        with torch.no_grad():
+            return torch_model(ta, tm, ti)
+
+    first, flax_s, torch_s = paired_seconds(run_flax, run_torch, args.runs)
+    diff = float(np.max(np.abs(np.asarray(run_flax()) - run_torch().numpy())))
+    emit({"bench": "forward", "model": name, "batch": batch, "flax_s": flax_s, "torch_s": torch_s,
+          "ratio": torch_s / flax_s, "compile_s": first - flax_s, "audio_s": args.audio_seconds,
+          "decoder_tokens": args.decoder_tokens, "max_abs_logits_diff": diff, "load": os.getloadavg()[0]})
+
+
+def bench_generate(name: str, flax_model, torch_model, batch: int, args) -> None:
+    audio, mask = batch_inputs(batch, args.audio_seconds)
+    new = args.new_tokens
+    options = {"max_new_tokens": new, "min_new_tokens": new}
+    fa, fm = jnp.asarray(audio), jnp.asarray(mask)
+    ta, tm = torch.from_numpy(audio), torch.from_numpy(mask)
+    results = {}
+
+    def run_flax():
+        results["flax"] = flax_model.generate(fa, fm, **options)
+
+    def run_torch():
+        results["torch"] = torch_model.generate(ta, tm, **options)
+
+    # The prefill alone (encoder + cross-attention keys/values), to take out of the generation time.
+    flax_prefill = jax.jit(lambda p, a, m: flax_model.module.apply(
+        {"params": p}, a, m, method=lambda mod, a, m: mod.init_cache(a.shape[0], new + 1, *mod.encode(a, m))))
+
+    def run_flax_prefill():
+        return block(flax_prefill(flax_model.params, fa, fm))
+
+    def run_torch_prefill():
+        with torch.no_grad():
+            hidden, emask = torch_model.encode(ta, tm)
+            return torch_model.init_cache(batch, new + 1, hidden, emask)
+
+    first, flax_s, torch_s = paired_seconds(run_flax, run_torch, args.runs)
+    _, flax_prefill_s, torch_prefill_s = paired_seconds(run_flax_prefill, run_torch_prefill, args.runs)
+    same = bool(np.array_equal(results["flax"].sequences, results["torch"].sequences.numpy()))
+    tokens = batch * new
+    emit({"bench": "generate", "model": name, "batch": batch, "flax_s": flax_s, "torch_s": torch_s,
+          "ratio": torch_s / flax_s, "compile_s": first - flax_s, "tokens_per_s": tokens / flax_s,
+          "torch_tokens_per_s": tokens / torch_s, "new_tokens": new, "audio_s": args.audio_seconds,
+          "same_tokens": same, "load": os.getloadavg()[0]})
+    flax_decode, torch_decode = flax_s - flax_prefill_s, torch_s - torch_prefill_s
+    emit({"bench": "decode", "model": name, "batch": batch, "flax_s": flax_decode, "torch_s": torch_decode,
+          "ratio": torch_decode / flax_decode, "tokens_per_s": tokens / flax_decode,
+          "torch_tokens_per_s": tokens / torch_decode, "new_tokens": new,
+          "flax_prefill_s": flax_prefill_s, "torch_prefill_s": torch_prefill_s, "load": os.getloadavg()[0]})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 2-layer encoder and decoders, 1 s of audio, 8 tokens, 1 timed run")
+    parser.add_argument("--runs", type=int, help="timed runs per figure (default 5; 1 with --quick)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
+    parser.add_argument("--models", default="bart,gpt2", help="comma-separated: bart, gpt2")
+    parser.add_argument("--batches", default="1,4", help="comma-separated batch sizes")
+    parser.add_argument("--benches", default="forward,generate", help="comma-separated: forward, generate")
+    args = parser.parse_args(argv)
+    args.runs = args.runs or (1 if args.quick else 5)
+    args.audio_seconds = 1.0 if args.quick else 10.0
+    args.decoder_tokens = 8 if args.quick else 32
+    args.new_tokens = 8 if args.quick else 64
+    torch.set_num_threads(args.threads)
+    emit({"threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
+          "torch": torch.__version__, "device": str(jax.devices()[0]), "quick": args.quick,
+          "load": os.getloadavg()[0]})
+    builders = {"bart": ("wav2vec2-base+bart-base", bart_base), "gpt2": ("wav2vec2-base+gpt2", gpt2_124m)}
+    for key in args.models.split(","):
+        name, decoder = builders[key]
+        flax_model, torch_model = build_models(composed_config(decoder(args.quick), args.quick))
+        for batch in (int(b) for b in args.batches.split(",")):
+            if "forward" in args.benches:
+                bench_forward(name, flax_model, torch_model, batch, args)
+            if "generate" in args.benches:
+                bench_generate(name, flax_model, torch_model, batch, args)
+        del flax_model, torch_model
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
