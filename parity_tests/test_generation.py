@@ -46,6 +46,9 @@ CASES = {
     "bart": Case("w2v_stable_adapter", "bart_untied", eos_token_id=51),
     # The wide encoder needs enc_to_dec_proj, and GPT-2's cross-attention is initialised by the composer.
     "gpt2": Case("w2v_stable_wide", "gpt2_untied", eos_token_id=64),
+    # GPT-2 whose cross-attention comes from the source at full scale, so that the encoder output steers the
+    # tokens (the two utterances decode differently): greedy row 0 ends after 21 tokens, row 1 runs on.
+    "gpt2_xattn": Case("w2v_stable_wide", "gpt2_xattn_untied", eos_token_id=33),
 }
 
 
@@ -162,6 +165,16 @@ def test_greedy_search_flax_equals_torch_reference(models, batch, name):
     np.testing.assert_array_equal(flax_out.sequences, torch_sequences)
     assert (flax_out.sequences[:, 0] == m.flax.config.decoder_start_token_id).all()
     assert_not_trivial(flax_out.sequences, m.case.eos_token_id)
+
+
+@pytest.mark.parametrize("name", ["bart", "gpt2_xattn"])
+def test_encoder_output_steers_generation(models, batch, name):
+    """The two utterances of the padded batch decode to different tokens: a test that compares sequences
+    then also checks that each row attends to its own (masked) encoder output."""
+    m = models(name)
+    flax_out, (torch_sequences, _) = run_both(m, batch)
+    np.testing.assert_array_equal(flax_out.sequences, torch_sequences)
+    assert flax_out.sequences[0].tolist() != flax_out.sequences[1].tolist()
 
 
 def test_greedy_search_pads_finished_rows(models, batch):

@@ -129,9 +129,17 @@ def gpt2_untied(directory: Path) -> None:
     save_hf_checkpoint(directory, build_model(config, SEED + 2).state_dict(), config)
 
 
+def gpt2_xattn_untied(directory: Path) -> None:
+    # Cross-attention weights in the source (drawn like the rest, not at the composer's small init scale), so
+    # the encoder output steers generation, and an untied head whose argmax moves along a sequence.
+    config = hf_config(add_cross_attention=True, is_decoder=True, tie_word_embeddings=False)
+    save_hf_checkpoint(directory, build_model(config, SEED + 3).state_dict(), config)
+
+
 CASES: dict[str, Callable[[Path], object]] = {
     "gpt2_lm": gpt2_lm,
     "gpt2_model_bin": gpt2_model_bin,
     "gpt2_xattn": gpt2_xattn,
     "gpt2_untied": gpt2_untied,
+    "gpt2_xattn_untied": gpt2_xattn_untied,
 }
