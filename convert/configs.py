@@ -239,6 +239,11 @@ class BartConfig(HFConfig):
         return self.init_std
 
     @property
+    def max_positions(self) -> int:
+        """How many positions the learned position embedding serves."""
+        return self.max_position_embeddings
+
+    @property
     def position_offset(self) -> int:
         # BART and mBART learned positions start at index 2 (a fairseq padding convention).
         return 2
@@ -306,6 +311,11 @@ class GPT2Config(HFConfig):
     @property
     def init_scale(self) -> float:
         return self.initializer_range
+
+    @property
+    def max_positions(self) -> int:
+        """How many positions the learned position embedding serves."""
+        return self.n_positions
 
     def validate(self, where: str) -> None:
         self._check_activation(where, "activation_function")
