@@ -121,7 +121,7 @@ def torch_logits(torch_model: Any, batch: dict[str, np.ndarray]) -> np.ndarray:
         return torch_model(
             torch.from_numpy(batch["inputs"]), None if mask is None else torch.from_numpy(mask),
             torch.from_numpy(batch["decoder_input_ids"]),
-        ).numpy()
+        ).logits.numpy()
 
 
 def release_free_memory() -> None:

@@ -138,7 +138,7 @@ def test_cached_decode_steps_equal_full_forward(models, batch, name):
 
     with torch.no_grad():
         t_inputs, t_mask, t_ids = torch.from_numpy(inputs), torch.from_numpy(mask), torch.from_numpy(ids).long()
-        t_full = m.torch(t_inputs, t_mask, t_ids).numpy()
+        t_full = m.torch(t_inputs, t_mask, t_ids).logits.numpy()
         hidden, encoder_mask = m.torch.encode(t_inputs, t_mask)
         t_cache = m.torch.init_cache(2, MAX_NEW_TOKENS + 1, hidden, encoder_mask)
         t_steps = []

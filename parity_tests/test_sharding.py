@@ -110,7 +110,7 @@ def test_sharded_output_loads_in_both_frameworks_with_identical_logits(outputs):
     for directory in (single, sharded):
         model, _ = torch_from_pretrained(directory)
         with torch.no_grad():
-            logits.append(model.eval()(*inputs).numpy())
+            logits.append(model.eval()(*inputs).logits.numpy())
     assert np.array_equal(logits[0], logits[1]), f"max|diff|={np.max(np.abs(logits[0] - logits[1])):.2e}"
     assert compare_weight_files(sharded)["mismatched"] == []
 

@@ -145,7 +145,7 @@ def bench_forward(name: str, flax_model, torch_model, batch: int, args) -> None:
 
     def run_torch():
         with torch.no_grad():
-            return torch_model(ta, tm, ti)
+            return torch_model(ta, tm, ti).logits
 
     first, flax_s, torch_s = paired_seconds(run_flax, run_torch, args.runs)
     diff = float(np.max(np.abs(np.asarray(run_flax()) - run_torch().numpy())))

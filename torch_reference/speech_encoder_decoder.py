@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import torch
@@ -12,6 +14,13 @@ from convert.configs import SpeechEncoderDecoderConfig
 from convert.errors import UnsupportedConfig
 from convert.registry import arch_for, composed_tied_keys
 from torch_reference.loading import LoadReport, load_checkpoint_into
+
+
+@dataclasses.dataclass
+class Seq2SeqLMOutput:
+    logits: torch.Tensor  # [B, T, V]
+    encoder_last_hidden_state: torch.Tensor | None = None  # [B, S, D], in the decoder's width
+    encoder_attention_mask: torch.Tensor | None = None  # [B, S] bool
 
 
 class SpeechEncoderDecoderModel(nn.Module):
@@ -56,11 +65,39 @@ class SpeechEncoderDecoderModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         decoder_input_ids: torch.Tensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Teacher-forced logits [B, T, V]."""
+    ) -> Seq2SeqLMOutput:
+        """Teacher-forced logits [B, T, V] (in `.logits`)."""
+        if decoder_input_ids is None:
+            raise ValueError("decoder_input_ids is required")
         hidden, mask = self.encode(inputs, attention_mask)
         logits, _ = self.decode(decoder_input_ids, hidden, mask, decoder_attention_mask)
-        return logits
+        return Seq2SeqLMOutput(logits, hidden, mask)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> SpeechEncoderDecoderModel:
+        """Loads a composed checkpoint directory (see the module function `from_pretrained`), in eval mode;
+        what the load did is in `.load_report`."""
+        model, report = from_pretrained(directory)
+        model.load_report = report
+        return model
+
+    def save_pretrained(self, directory: str | Path) -> list[Path]:
+        """Writes config.json and model.safetensors as HF's `save_pretrained` does (tied weights left out),
+        atomically.
+
+        Returns:
+            The files written.
+        """
+        from safetensors.torch import save_file
+
+        from convert.writing import atomic_directory
+
+        tied = set(composed_tied_keys(self.config))
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items() if k not in tied}
+        with atomic_directory(directory, overwrite=True) as tmp:
+            (tmp / "config.json").write_text(json.dumps(self.config.to_hf_dict(), indent=2) + "\n")
+            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        return [Path(directory) / "config.json", Path(directory) / "model.safetensors"]
 
     def generate(self, inputs, attention_mask=None, **kwargs):
         """Greedy or beam-search decoding; see `torch_reference.generation.generate`."""
