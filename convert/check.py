@@ -50,7 +50,7 @@ def check(
         {"source", "checks": [{"name", "value", "limit", "passed"}], "passed"}.
     """
     from convert.hub import resolve_source
-    from convert.verify import compare_weight_files, load_both, logits_difference, seeded_inputs
+    from convert.verify import compare_weight_files, load_both, logits_difference
 
     directory = resolve_source(source, revision, what="model").path
     checks = []

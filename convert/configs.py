@@ -164,7 +164,8 @@ class Wav2Vec2Config(HFConfig):
 
     def validate(self, where: str) -> None:
         if self.feat_extract_norm not in ("group", "layer"):
-            self._refuse(where, "feat_extract_norm", self.feat_extract_norm, "is not supported (supported: group, layer)")
+            self._refuse(where, "feat_extract_norm", self.feat_extract_norm,
+                         "is not supported (supported: group, layer)")
         self._check_activation(where, "hidden_act")
         self._check_activation(where, "feat_extract_activation")
         if not len(self.conv_dim) == len(self.conv_stride) == len(self.conv_kernel):
@@ -373,7 +374,8 @@ class SpeechEncoderDecoderConfig(HFConfig):
     def from_hf_dict(cls, d: Mapping[str, Any], where: str = "config.json") -> Self:
         if d.get("model_type") not in cls.MODEL_TYPES:
             raise UnsupportedConfig(
-                f"{where}: model_type={d.get('model_type')!r} is not a composed model (expected 'speech-encoder-decoder')"
+                f"{where}: model_type={d.get('model_type')!r} is not a composed model "
+                "(expected 'speech-encoder-decoder')"
             )
         for part in ("encoder", "decoder"):
             if not isinstance(d.get(part), Mapping):

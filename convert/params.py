@@ -22,7 +22,17 @@ from flax import traverse_util
 from convert.checkpoint import CONFIG, FLAX_MSGPACK, WEIGHT_FILES, Checkpoint
 from convert.configs import HFConfig, SpeechEncoderDecoderConfig
 from convert.errors import KeyMapError
-from convert.keymap import Entry, KeyMap, Plan, Rule, SourceRules, T, check_missing, plan_flax_to_torch, plan_torch_to_flax
+from convert.keymap import (
+    Entry,
+    KeyMap,
+    Plan,
+    Rule,
+    SourceRules,
+    T,
+    check_missing,
+    plan_flax_to_torch,
+    plan_torch_to_flax,
+)
 from convert.registry import Arch, arch_for, composed_tied_keys
 from convert.writing import ShardedWriter, TensorSpec, WriteLanes
 

@@ -231,7 +231,9 @@ def _nest(paths: Sequence[str]) -> dict:
 
 
 def _map_header(n: int) -> bytes:
-    return bytes([0x80 | n]) if n < 16 else b"\xde" + struct.pack(">H", n) if n < 2**16 else b"\xdf" + struct.pack(">I", n)
+    if n < 16:
+        return bytes([0x80 | n])
+    return b"\xde" + struct.pack(">H", n) if n < 2**16 else b"\xdf" + struct.pack(">I", n)
 
 
 def _str(s: str) -> bytes:

@@ -119,7 +119,8 @@ def test_same_seed_gives_identical_files_and_another_seed_changes_only_initialis
     ta, tc = Checkpoint(a), Checkpoint(c)
     report = json.loads((a / "compose_report.json").read_text())
     initialised_torch = {"enc_to_dec_proj.weight"} | {
-        f"decoder.transformer.h.{i}.crossattention.{m}.weight" for i in range(2) for m in ("c_attn", "q_attn", "c_proj")}
+        f"decoder.transformer.h.{i}.crossattention.{m}.weight"
+        for i in range(2) for m in ("c_attn", "q_attn", "c_proj")}
     for key in ta.keys():
         same = ta.get(key).tobytes() == tc.get(key).tobytes()
         assert same != (key in initialised_torch), key

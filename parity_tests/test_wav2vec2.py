@@ -241,7 +241,8 @@ def test_reference_state_dict_keys_are_exactly_the_checkpoint_keys(fixture_dir):
         keys = set(reference.Wav2Vec2Model(config).state_dict())
         assert keys == set(Checkpoint(directory).keys()), case
         assert ("masked_spec_embed" in keys) == config.has_masked_spec_embed
-        assert ("adapter.proj.weight" in keys) == (config.add_adapter and config.encoder_output_size != config.hidden_size)
+        projects = config.add_adapter and config.encoder_output_size != config.hidden_size
+        assert ("adapter.proj.weight" in keys) == projects
         assert ("feature_extractor.conv_layers.1.layer_norm.weight" in keys) == (config.feat_extract_norm == "layer")
 
 
