@@ -116,8 +116,10 @@ class _SafetensorsFile:
             self.entries[key] = info
             self._offsets[key] = (begin, end)
 
-    def read(self, key: str) -> np.ndarray:
+    def read(self, key: str, dtype: np.dtype | None = None) -> np.ndarray:
         info, (begin, end) = self.entries[key], self._offsets[key]
+        if dtype is not None and np.dtype(dtype) != info.dtype:
+            return self._read_cast(key, np.dtype(dtype))
         out = new_array(info.shape, info.dtype)
         with self.path.open("rb") as f:
             f.seek(self.data_start + begin)
@@ -125,6 +127,22 @@ class _SafetensorsFile:
         if got != end - begin:
             raise CheckpointError(f"{self.path}: truncated safetensors file (short read of {key!r})")
         return out
+
+    def _read_cast(self, key: str, dtype: np.dtype) -> np.ndarray:
+        """Reads a tensor in chunks through one small buffer, casting each chunk into the output: the
+        full-size array in the stored dtype is never made (half the memory traffic of read-then-astype)."""
+        info, (begin, _) = self.entries[key], self._offsets[key]
+        out = new_array(info.shape, dtype).reshape(-1)
+        step = max(1, _CAST_CHUNK_BYTES // info.dtype.itemsize)
+        scratch = np.empty(min(step, out.size), info.dtype)
+        with self.path.open("rb") as f:
+            f.seek(self.data_start + begin)
+            for start in range(0, out.size, step):
+                chunk = scratch[:min(step, out.size - start)]
+                if f.readinto(memoryview(chunk.view(np.uint8))) != chunk.nbytes:
+                    raise CheckpointError(f"{self.path}: truncated safetensors file (short read of {key!r})")
+                np.copyto(out[start:start + chunk.size], chunk, casting="unsafe")
+        return out.reshape(info.shape)
 
 
 class _TorchBinFile:
@@ -375,6 +393,7 @@ def _flatten_tree(tree: dict, prefix: str, out: dict[str, Any]) -> None:
 
 
 _OWN_MAPPING_BYTES = 1 << 20
+_CAST_CHUNK_BYTES = 4 << 20
 
 
 def new_array(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -508,9 +527,13 @@ class Checkpoint:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: self.info(k).shape for k in self._where}
 
-    def get(self, key: str) -> np.ndarray:
-        """Reads one tensor (bit-exact, in its stored dtype)."""
-        return self._where[key].read(key)
+    def get(self, key: str, dtype: np.dtype | None = None) -> np.ndarray:
+        """Reads one tensor: bit-exact in its stored dtype, or cast to `dtype` (numpy's rounding) on the way."""
+        source = self._where[key]
+        if isinstance(source, _SafetensorsFile):
+            return source.read(key, dtype)
+        array = source.read(key)
+        return array if dtype is None or array.dtype == np.dtype(dtype) else array.astype(dtype)
 
     def items(self) -> Iterator[tuple[str, np.ndarray]]:
         for key in self._where:

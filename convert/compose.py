@@ -289,9 +289,7 @@ def compose(
             for spec in layout.specs:
                 if spec.name in layout.sources:
                     src, entry = layout.sources[spec.name]
-                    array = src.checkpoint.get(entry.source)
-                    if array.dtype != spec.dtype:  # cast while contiguous (fast), replacing the source copy
-                        array = array.astype(spec.dtype)
+                    array = src.checkpoint.get(entry.source, spec.dtype)  # cast on the way in, if at all
                     # A strided view: the writers tile transposes out; the PyTorch file gets `array` as is.
                     array = entry.transform.to_flax(array, contiguous=False)
                 else:

@@ -25,6 +25,8 @@ class Arch:
     config_class: type[HFConfig]
     flax_class: str
     torch_class: str
+    # The stack of identical transformer layers: (config field with their number, Flax path of the stack).
+    layer_stack: tuple[str, str]
 
     @property
     def keymaps(self) -> ModuleType:
@@ -49,9 +51,11 @@ class Arch:
         return self.config_class.from_hf_dict(d, where)
 
 
-WAV2VEC2 = Arch("wav2vec2", "encoder", Wav2Vec2Config, "Wav2Vec2Module", "Wav2Vec2Model")
-BART = Arch("bart", "decoder", BartConfig, "BartForCausalLMModule", "BartForCausalLM")
-GPT2 = Arch("gpt2", "decoder", GPT2Config, "GPT2LMHeadModule", "GPT2LMHeadModel")
+WAV2VEC2 = Arch("wav2vec2", "encoder", Wav2Vec2Config, "Wav2Vec2Module", "Wav2Vec2Model",
+                ("num_hidden_layers", "encoder/layers/"))
+BART = Arch("bart", "decoder", BartConfig, "BartForCausalLMModule", "BartForCausalLM",
+            ("decoder_layers", "model/decoder/layers/"))
+GPT2 = Arch("gpt2", "decoder", GPT2Config, "GPT2LMHeadModule", "GPT2LMHeadModel", ("n_layer", "transformer/h/"))
 
 ARCHS: dict[str, Arch] = {"wav2vec2": WAV2VEC2, "bart": BART, "mbart": BART, "gpt2": GPT2}
 

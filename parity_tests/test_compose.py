@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -247,11 +248,11 @@ def test_failure_midway_leaves_no_output(fixture_dir, tmp_path, monkeypatch):
     calls = {"n": 0}
     original = Checkpoint.get
 
-    def flaky(self, key):
+    def flaky(self, key, dtype=None):
         calls["n"] += 1
         if calls["n"] == 20:
             raise KeyboardInterrupt
-        return original(self, key)
+        return original(self, key, dtype)
 
     monkeypatch.setattr(Checkpoint, "get", flaky)
     with pytest.raises(KeyboardInterrupt):
@@ -383,3 +384,23 @@ def test_reference_save_pretrained_then_from_pretrained_gives_identical_logits(c
         **{k: v.numpy() for k, v in batch.items()}).logits)
     err = float(np.max(np.abs(flax_logits - before.numpy())))
     assert err <= TOL, f"max|diff|={err:.2e}"
+
+
+@pytest.mark.parametrize("decoder", ["bart_cg", "mbart", "gpt2_lm", "gpt2_xattn_untied"])
+@pytest.mark.parametrize("layers", [(3, 1), (1, 4)])
+def test_one_layer_shape_trace_equals_the_full_trace(fixture_dir, decoder, layers):
+    """compose takes the composed tree's shapes from a one-layer trace, repeated; it must equal a full trace."""
+    from convert.compose import compose_config, open_source
+    from flax_model.speech_encoder_decoder import init_shapes
+
+    enc, dec = open_source(str(fixture_dir("w2v_group_adapter")), "encoder"), open_source(str(fixture_dir(decoder)),
+                                                                                          "decoder")
+    config = compose_config(enc, dec)
+    field = {"bart": "decoder_layers", "mbart": "decoder_layers", "gpt2": "n_layer"}[config.decoder.to_hf_dict()[
+        "model_type"]]
+    config = dataclasses.replace(config, encoder=config.encoder.replace(num_hidden_layers=layers[0]),
+                                 decoder=config.decoder.replace(**{field: layers[1]}))
+    fast = traverse_util.flatten_dict(init_shapes(config), sep="/")
+    full = traverse_util.flatten_dict(init_shapes(config, trace_every_layer=True), sep="/")
+    assert fast == full
+    assert f"encoder/encoder/layers/{layers[0] - 1}/attention/q_proj/kernel" in fast
