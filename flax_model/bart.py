@@ -26,6 +26,7 @@ from flax_model.layers import (
     decoder_positions,
     make_attention_mask,
     make_causal_mask,
+    run_layers,
 )
 
 LAYER_NORM_EPS = 1e-5  # HF's BART uses torch.nn.LayerNorm's default
@@ -164,14 +165,7 @@ class BartDecoderLayers(nn.Module):
     def __call__(self, hidden: jax.Array, self_mask: jax.Array, encoder_hidden_states: jax.Array | None,
                  cross_mask: jax.Array | None, cache: DecoderCache | None,
                  deterministic: bool = True) -> tuple[jax.Array, tuple[LayerCache, ...] | None]:
-        index = cache.index if cache is not None else 0
-        new_layers = []
-        for i, layer in enumerate(self.layers):
-            layer_cache = cache.layers[i] if cache is not None else None
-            hidden, new_layer_cache = layer(hidden, self_mask, encoder_hidden_states, cross_mask, layer_cache, index,
-                                            deterministic)
-            new_layers.append(new_layer_cache)
-        return hidden, (tuple(new_layers) if cache is not None else None)
+        return run_layers(self.layers, hidden, self_mask, encoder_hidden_states, cross_mask, cache, deterministic)
 
 
 class BartDecoder(nn.Module):

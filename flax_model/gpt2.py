@@ -25,6 +25,7 @@ from flax_model.layers import (
     decoder_positions,
     make_attention_mask,
     make_causal_mask,
+    run_layers,
 )
 
 # ----------------------------------------------------------------------------------------------------------
@@ -206,14 +207,7 @@ class GPT2BlockCollection(nn.Module):
 
     def __call__(self, hidden, self_mask, encoder_hidden_states, cross_mask, cache: DecoderCache | None,
                  deterministic: bool = True) -> tuple[jax.Array, tuple[LayerCache, ...] | None]:
-        index = cache.index if cache is not None else 0
-        new_layers = []
-        for i, block in enumerate(self.blocks):
-            layer_cache = cache.layers[i] if cache is not None else None
-            hidden, new_layer_cache = block(hidden, self_mask, encoder_hidden_states, cross_mask, layer_cache, index,
-                                            deterministic)
-            new_layers.append(new_layer_cache)
-        return hidden, (tuple(new_layers) if cache is not None else None)
+        return run_layers(self.blocks, hidden, self_mask, encoder_hidden_states, cross_mask, cache, deterministic)
 
 
 class GPT2Model(nn.Module):

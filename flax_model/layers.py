@@ -7,6 +7,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from flax_model.cache import DecoderCache, LayerCache
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -34,3 +36,21 @@ def make_attention_mask(causal: jax.Array | None, key_mask: jax.Array) -> jax.Ar
 def decoder_positions(start: jax.Array | int, length: int) -> jax.Array:
     """Absolute positions of `length` new tokens written from `start`: [T] int32."""
     return start + jnp.arange(length, dtype=jnp.int32)
+
+
+def run_layers(layers, hidden: jax.Array, self_mask: jax.Array, encoder_hidden_states: jax.Array | None,
+               cross_mask: jax.Array | None, cache: DecoderCache | None,
+               deterministic: bool) -> tuple[jax.Array, tuple[LayerCache, ...] | None]:
+    """Runs a decoder's layers in order, each on its own slice of the cache; hidden [B, T, D].
+
+    Returns:
+        (hidden [B, T, D], the layers' new caches, or None without a cache).
+    """
+    index = cache.index if cache is not None else 0
+    new_layers = []
+    for i, layer in enumerate(layers):
+        layer_cache = cache.layers[i] if cache is not None else None
+        hidden, new_layer_cache = layer(hidden, self_mask, encoder_hidden_states, cross_mask, layer_cache, index,
+                                        deterministic)
+        new_layers.append(new_layer_cache)
+    return hidden, (tuple(new_layers) if cache is not None else None)
