@@ -23,9 +23,9 @@ from convert.configs import BartConfig
 from flax_model.cache import DecoderCache, LayerCache
 from flax_model.layers import (
     ACTIVATIONS,
+    decoder_cross_mask,
     decoder_positions,
-    make_attention_mask,
-    make_causal_mask,
+    decoder_self_mask,
     run_layers,
 )
 
@@ -212,22 +212,11 @@ class BartDecoder(nn.Module):
             raise ValueError(f"{key_length} positions exceed max_position_embeddings="
                              f"{self.config.max_position_embeddings}")
         positions = decoder_positions(start, length)  # [T]
-        if attention_mask is None:
-            attention_mask = jnp.ones((batch, key_length), dtype=bool)
-        elif attention_mask.shape[1] != key_length:
-            raise ValueError(f"attention_mask has {attention_mask.shape[1]} positions, expected {key_length} "
-                             "(with a cache it covers every cache slot)")
-        self_mask = make_attention_mask(make_causal_mask(positions, key_length), attention_mask)  # [B, 1, T, L]
+        self_mask = decoder_self_mask(attention_mask, positions, batch, key_length)  # [B, 1, T, L]
 
+        cross_mask = decoder_cross_mask(cache, encoder_hidden_states, encoder_attention_mask)  # [B, 1, 1, S]
         if cache is not None:
             encoder_hidden_states = None  # cross-attention reads the keys/values projected at init_cache
-            cross_mask = make_attention_mask(None, cache.encoder_mask)
-        elif encoder_hidden_states is not None:
-            if encoder_attention_mask is None:
-                encoder_attention_mask = jnp.ones(encoder_hidden_states.shape[:2], dtype=bool)
-            cross_mask = make_attention_mask(None, encoder_attention_mask)  # [B, 1, 1, S]
-        else:
-            cross_mask = None
 
         hidden = self.embed_tokens(input_ids) * self.embed_scale
         hidden = hidden + self.embed_positions(positions + self.config.position_offset)[None]  # [B, T, D]

@@ -22,9 +22,9 @@ from convert.configs import GPT2Config
 from flax_model.cache import DecoderCache, LayerCache
 from flax_model.layers import (
     ACTIVATIONS,
+    decoder_cross_mask,
     decoder_positions,
-    make_attention_mask,
-    make_causal_mask,
+    decoder_self_mask,
     run_layers,
 )
 
@@ -253,25 +253,15 @@ class GPT2Model(nn.Module):
         start = cache.index if cache is not None else 0
         key_length = cache.max_length if cache is not None else length
         positions = decoder_positions(start, length)  # [T]
-        if attention_mask is None:
-            attention_mask = jnp.ones((batch, key_length), dtype=bool)
-        elif attention_mask.shape[1] != key_length:
-            raise ValueError(f"attention_mask has {attention_mask.shape[1]} positions, expected {key_length} "
-                             "(with a cache it covers every cache slot)")
-        self_mask = make_attention_mask(make_causal_mask(positions, key_length), attention_mask)  # [B, 1, T, L]
+        self_mask = decoder_self_mask(attention_mask, positions, batch, key_length)  # [B, 1, T, L]
 
         cross = self.config.add_cross_attention
         if encoder_hidden_states is not None and not cross:
             raise ValueError("encoder_hidden_states given, but the config has add_cross_attention=False")
-        if cross and cache is not None:
+        # HF skips cross-attention when no encoder output is given.
+        cross_mask = decoder_cross_mask(cache, encoder_hidden_states, encoder_attention_mask) if cross else None
+        if cache is not None:
             encoder_hidden_states = None  # cross-attention reads the keys/values projected at init_cache
-            cross_mask = make_attention_mask(None, cache.encoder_mask)
-        elif cross and encoder_hidden_states is not None:
-            if encoder_attention_mask is None:
-                encoder_attention_mask = jnp.ones(encoder_hidden_states.shape[:2], dtype=bool)
-            cross_mask = make_attention_mask(None, encoder_attention_mask)  # [B, 1, 1, S]
-        else:
-            cross_mask = None  # HF skips cross-attention when no encoder output is given
 
         hidden = self.wte(input_ids) + self.wpe(positions)[None]  # [B, T, D]
         hidden = self.drop(hidden, deterministic=deterministic)

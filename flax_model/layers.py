@@ -38,6 +38,33 @@ def decoder_positions(start: jax.Array | int, length: int) -> jax.Array:
     return start + jnp.arange(length, dtype=jnp.int32)
 
 
+def decoder_self_mask(attention_mask: jax.Array | None, positions: jax.Array, batch: int,
+                      key_length: int) -> jax.Array:
+    """Causal self-attention mask of T new tokens at `positions` [T] over L key slots -> [B, 1, T, L] bool.
+
+    `attention_mask` marks real decoder tokens: [B, T] without a cache, [B, L] (every cache slot) with one.
+    """
+    if attention_mask is None:
+        attention_mask = jnp.ones((batch, key_length), dtype=bool)
+    elif attention_mask.shape[1] != key_length:
+        raise ValueError(f"attention_mask has {attention_mask.shape[1]} positions, expected {key_length} "
+                         "(with a cache it covers every cache slot)")
+    return make_attention_mask(make_causal_mask(positions, key_length), attention_mask)
+
+
+def decoder_cross_mask(cache: DecoderCache | None, encoder_hidden_states: jax.Array | None,
+                       encoder_attention_mask: jax.Array | None) -> jax.Array | None:
+    """Cross-attention mask [B, 1, 1, S]: the cache's encoder mask, else the given one (all real by
+    default), else None when there is no encoder output to attend to."""
+    if cache is not None:
+        return make_attention_mask(None, cache.encoder_mask)
+    if encoder_hidden_states is None:
+        return None
+    if encoder_attention_mask is None:
+        encoder_attention_mask = jnp.ones(encoder_hidden_states.shape[:2], dtype=bool)
+    return make_attention_mask(None, encoder_attention_mask)
+
+
 def run_layers(layers, hidden: jax.Array, self_mask: jax.Array, encoder_hidden_states: jax.Array | None,
                cross_mask: jax.Array | None, cache: DecoderCache | None,
                deterministic: bool) -> tuple[jax.Array, tuple[LayerCache, ...] | None]:

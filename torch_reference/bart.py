@@ -24,8 +24,8 @@ from torch_reference.layers import (
     ACTIVATIONS,
     DecoderCache,
     LayerCache,
-    make_attention_mask,
-    make_causal_mask,
+    decoder_cross_mask,
+    decoder_self_mask,
 )
 from torch_reference.loading import LoadReport, load_checkpoint_into
 
@@ -174,23 +174,11 @@ class BartDecoder(nn.Module):
         if start + length > key_length:
             raise ValueError(f"{length} new tokens at position {start} overflow a cache of {key_length} slots")
         positions = torch.arange(start, start + length, device=input_ids.device)  # [T]
-        if attention_mask is None:
-            attention_mask = torch.ones(batch, key_length, dtype=torch.bool, device=input_ids.device)
-        elif attention_mask.shape[1] != key_length:
-            raise ValueError(f"attention_mask has {attention_mask.shape[1]} positions, expected {key_length} "
-                             "(with a cache it covers every cache slot)")
-        self_mask = make_attention_mask(make_causal_mask(positions, key_length), attention_mask)  # [B, 1, T, L]
+        self_mask = decoder_self_mask(attention_mask, positions, batch, key_length)  # [B, 1, T, L]
 
+        cross_mask = decoder_cross_mask(cache, encoder_hidden_states, encoder_attention_mask)  # [B, 1, 1, S]
         if cache is not None:
             encoder_hidden_states = None  # cross-attention reads the keys/values projected at init_cache
-            cross_mask = make_attention_mask(None, cache.encoder_mask)
-        elif encoder_hidden_states is not None:
-            if encoder_attention_mask is None:
-                encoder_attention_mask = torch.ones(encoder_hidden_states.shape[:2], dtype=torch.bool,
-                                                    device=encoder_hidden_states.device)
-            cross_mask = make_attention_mask(None, encoder_attention_mask)  # [B, 1, 1, S]
-        else:
-            cross_mask = None
 
         hidden = self.embed_tokens(input_ids) * self.embed_scale + self.embed_positions(positions)[None]
         hidden = F.dropout(self.layernorm_embedding(hidden), p=self.dropout, training=self.training)

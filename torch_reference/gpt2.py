@@ -25,8 +25,8 @@ from torch_reference.layers import (
     ACTIVATIONS,
     DecoderCache,
     LayerCache,
-    make_attention_mask,
-    make_causal_mask,
+    decoder_cross_mask,
+    decoder_self_mask,
 )
 from torch_reference.loading import LoadReport, load_checkpoint_into
 
@@ -172,24 +172,13 @@ class GPT2Model(nn.Module):
         start = cache.index if cache is not None else 0
         key_length = cache.max_length if cache is not None else length
         positions = torch.arange(start, start + length, device=input_ids.device)  # [T]
-        if attention_mask is None:
-            attention_mask = torch.ones(batch, key_length, dtype=torch.bool, device=input_ids.device)
-        elif attention_mask.shape[1] != key_length:
-            raise ValueError(f"attention_mask has {attention_mask.shape[1]} positions, expected {key_length} "
-                             "(with a cache it covers every cache slot)")
-        self_mask = make_attention_mask(make_causal_mask(positions, key_length), attention_mask)  # [B, 1, T, L]
+        self_mask = decoder_self_mask(attention_mask, positions, batch, key_length)  # [B, 1, T, L]
 
         cross = self.config.add_cross_attention
         if encoder_hidden_states is not None and not cross:
             raise ValueError("encoder_hidden_states given, but the config has add_cross_attention=False")
-        if cross and cache is not None:
-            cross_mask = make_attention_mask(None, cache.encoder_mask)
-        elif cross and encoder_hidden_states is not None:
-            if encoder_attention_mask is None:
-                encoder_attention_mask = torch.ones(encoder_hidden_states.shape[:2], dtype=torch.bool)
-            cross_mask = make_attention_mask(None, encoder_attention_mask)  # [B, 1, 1, S]
-        else:
-            cross_mask = None  # HF skips cross-attention when no encoder output is given
+        # HF skips cross-attention when no encoder output is given.
+        cross_mask = decoder_cross_mask(cache, encoder_hidden_states, encoder_attention_mask) if cross else None
 
         hidden = self.wte(input_ids) + self.wpe(positions)[None]  # [B, T, D]
         hidden = F.dropout(hidden, p=self.config.embd_pdrop, training=self.training)

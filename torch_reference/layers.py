@@ -60,3 +60,31 @@ def make_attention_mask(causal: torch.Tensor | None, key_mask: torch.Tensor) -> 
     """Causal [T, S] | None and key padding [B, S] -> [B, 1, T|1, S] bool (True = attend)."""
     mask = key_mask.bool()[:, None, None, :]
     return mask if causal is None else mask & causal[None, None]
+
+
+def decoder_self_mask(attention_mask: torch.Tensor | None, positions: torch.Tensor, batch: int,
+                      key_length: int) -> torch.Tensor:
+    """Causal self-attention mask of T new tokens at `positions` [T] over L key slots -> [B, 1, T, L] bool.
+
+    `attention_mask` marks real decoder tokens: [B, T] without a cache, [B, L] (every cache slot) with one.
+    """
+    if attention_mask is None:
+        attention_mask = torch.ones(batch, key_length, dtype=torch.bool, device=positions.device)
+    elif attention_mask.shape[1] != key_length:
+        raise ValueError(f"attention_mask has {attention_mask.shape[1]} positions, expected {key_length} "
+                         "(with a cache it covers every cache slot)")
+    return make_attention_mask(make_causal_mask(positions, key_length), attention_mask)
+
+
+def decoder_cross_mask(cache: DecoderCache | None, encoder_hidden_states: torch.Tensor | None,
+                       encoder_attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Cross-attention mask [B, 1, 1, S]: the cache's encoder mask, else the given one (all real by
+    default), else None when there is no encoder output to attend to."""
+    if cache is not None:
+        return make_attention_mask(None, cache.encoder_mask)
+    if encoder_hidden_states is None:
+        return None
+    if encoder_attention_mask is None:
+        encoder_attention_mask = torch.ones(encoder_hidden_states.shape[:2], dtype=torch.bool,
+                                            device=encoder_hidden_states.device)
+    return make_attention_mask(None, encoder_attention_mask)
