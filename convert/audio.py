@@ -1,26 +1,24 @@
-"""Reading WAV files and preparing waveforms the way the encoder's feature extractor (HF's
-`Wav2Vec2FeatureExtractor`) does: mono float samples at the model's rate, normalised to zero mean and unit
-variance, padded into a batch.
+"""Audio files to encoder inputs: read with soundfile, averaged to mono, resampled with soxr, normalised as HF does.
 
-Accepted: RIFF/WAVE files with integer PCM samples of 8, 16, 24 or 32 bits (read with the stdlib `wave`
-module) or IEEE float samples of 32 or 64 bits (format 3, and WAVE_FORMAT_EXTENSIBLE with either subformat,
-which `wave` refuses: their header is parsed here). Integer samples are scaled to [-1, 1) as soundfile does
-(divided by 2 ** (bits - 1); 8-bit samples are unsigned around 128). Several channels are averaged into one,
-as HF's ffmpeg-based pipelines downmix. Files at another sample rate are refused (there is no resampler
-here): convert them first, e.g. `ffmpeg -i in.wav -ac 1 -ar 16000 out.wav`.
+`read_audio` reads anything libsndfile reads (WAV incl. float and WAVE_FORMAT_EXTENSIBLE, FLAC, OGG/Vorbis, MP3,
+AIFF, ...). Integer PCM is scaled as soundfile scales it, by 1 / 2 ** (bits - 1) (8-bit WAV is unsigned around
+128); float samples are kept as stored. Channels are averaged into one, as HF's ffmpeg-based pipelines downmix.
+`load_audio` resamples other rates to the model's with soxr at quality "HQ" (see `RESAMPLE_QUALITY`), and
+`prepare_batch` normalises and pads as HF's `Wav2Vec2FeatureExtractor` does. Every problem with a file (missing,
+not audio, a corrupt header, no samples, NaN or infinite samples) is an `AudioError` of one line naming the file.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import struct
-import wave
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import soundfile
+import soxr
 
 from convert.errors import ConvertError
 
@@ -28,14 +26,22 @@ PREPROCESSOR_FILE = "preprocessor_config.json"
 DEFAULT_SAMPLE_RATE = 16000
 # HF's Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm adds this to the variance.
 NORM_EPS = 1e-7
-
-_PCM, _FLOAT, _EXTENSIBLE = 0x0001, 0x0003, 0xFFFE
-# The first two bytes of a WAVE_FORMAT_EXTENSIBLE SubFormat GUID are the format code; the rest is fixed.
-_GUID_TAIL = b"\x00\x00\x00\x00\x10\x00\x80\x00\x00\xaa\x00\x38\x9b\x71"
+# soxr's "HQ" (20-bit precision, passband to 91% of Nyquist, linear phase) is soxr's default and librosa's
+# (`librosa.resample(..., res_type="soxr_hq")`, what HF speech data pipelines commonly resample with), so the
+# model sees what it was most likely fine-tuned on; 20 bits is beyond what 16-bit speech holds, and "VHQ"
+# (28 bits) costs more time for no difference the model can see.
+RESAMPLE_QUALITY = "HQ"
+# A rate this low holds no speech: a header that claims one is corrupt, and resampling a few hertz to 16 kHz
+# would multiply the samples by thousands.
+MIN_SAMPLE_RATE = 1000
+# Samples (all channels) decoded at a time, so that a header claiming a huge length or channel count
+# allocates no more than the data it really holds.
+_BLOCK_SAMPLES = 1 << 20
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class AudioError(ConvertError):
-    """An audio file that is missing, not a WAV file, or in a form this toolkit does not read."""
+    """An audio file that is missing, unreadable, empty, holds NaN or infinite samples, or is otherwise unusable."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,113 +94,112 @@ def feature_extractor_config(directory: str | Path, encoder_config: Any | None =
     )
 
 
-def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
-    """Reads a WAV file.
+def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
+    """Reads an audio file in any format libsndfile reads (WAV incl. float and WAVE_FORMAT_EXTENSIBLE, FLAC,
+    OGG/Vorbis, MP3, AIFF, ...) and averages its channels.
 
     Returns:
-        (samples [N] float32 in [-1, 1], channels averaged; the sample rate in Hz).
+        (samples [N] float32, integer PCM scaled to [-1, 1); the file's sample rate in Hz).
 
     Raises:
-        AudioError: one line naming the file: missing, not RIFF/WAVE, an unsupported encoding, or no samples.
+        AudioError: one line naming the file: missing, not audio, no samples, or NaN or infinite samples.
     """
     path = Path(path)
-    if not path.is_file():
-        raise AudioError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
-    data = path.read_bytes()
-    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
-        raise AudioError(f"{path}: not a WAV file (no RIFF/WAVE header)")
-    fmt, payload = _riff_chunks(path, data)
-    code, channels, rate, bits = fmt
-    if code == _PCM:
-        if bits not in (8, 16, 24, 32):
-            raise AudioError(f"{path}: {bits}-bit PCM is not supported (8, 16, 24 or 32 bits)")
-        samples = _read_pcm(path)
-        if samples is None:  # `wave` refused the header (WAVE_FORMAT_EXTENSIBLE before Python 3.12)
-            samples = _frames(_decode_pcm(payload, bits), channels)
-    elif code == _FLOAT:
-        if bits not in (32, 64):
-            raise AudioError(f"{path}: {bits}-bit float samples are not supported (32 or 64 bits)")
-        width = bits // 8
-        samples = _frames(np.frombuffer(payload[:len(payload) - len(payload) % width], f"<f{width}"), channels)
-    else:
-        raise AudioError(f"{path}: WAV format code {code:#06x} is not supported (integer PCM or IEEE float only)")
-    if samples.shape[0] == 0:
-        raise AudioError(f"{path}: the file holds no samples")
-    mono = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
-    return mono.astype(np.float32), rate
-
-
-def _riff_chunks(path: Path, data: bytes) -> tuple[tuple[int, int, int, int], bytes]:
-    """The `fmt ` fields (format code, channels, rate, bits) and the `data` chunk's bytes."""
-    fmt = payload = None
-    at = 12
-    while at + 8 <= len(data):
-        chunk_id, size = data[at:at + 4], struct.unpack("<I", data[at + 4:at + 8])[0]
-        body = data[at + 8:at + 8 + size]
-        if chunk_id == b"fmt ":
-            if len(body) < 16:
-                raise AudioError(f"{path}: truncated WAV fmt chunk")
-            code, channels, rate, _, _, bits = struct.unpack("<HHIIHH", body[:16])
-            if code == _EXTENSIBLE:
-                if len(body) < 40 or body[26:40] != _GUID_TAIL:
-                    raise AudioError(f"{path}: WAVE_FORMAT_EXTENSIBLE with an unknown subformat is not supported")
-                code = struct.unpack("<H", body[24:26])[0]
-            fmt = (code, channels, rate, bits)
-        elif chunk_id == b"data":
-            payload = body
-            if fmt is not None:
-                break
-        at += 8 + size + (size & 1)  # chunks are padded to an even size
-    if fmt is None:
-        raise AudioError(f"{path}: not a valid WAV file (no fmt chunk)")
-    if payload is None:
-        raise AudioError(f"{path}: not a valid WAV file (no data chunk)")
-    if fmt[1] < 1 or fmt[2] < 1:
-        raise AudioError(f"{path}: not a valid WAV file ({fmt[1]} channels at {fmt[2]} Hz)")
-    return fmt, payload
-
-
-def _read_pcm(path: Path) -> np.ndarray | None:
-    """Integer PCM through the stdlib `wave` module: [frames, channels] float32 (None if `wave` refuses it,
-    e.g. WAVE_FORMAT_EXTENSIBLE before Python 3.12; the caller decodes the raw chunk then)."""
+    _check_is_file(path)
+    if path.suffix.lower() == ".raw":  # soundfile would ask for the rate and encoding a headerless file lacks
+        raise AudioError(f"{path}: headerless (RAW) audio has no sample rate or encoding to read; convert it to WAV "
+                         f"or FLAC first")
+    mono, at = [], 0
     try:
-        with wave.open(str(path), "rb") as f:
-            channels, width, frames = f.getnchannels(), f.getsampwidth(), f.readframes(f.getnframes())
-    except (wave.Error, EOFError):
-        return None
-    return _frames(_decode_pcm(frames, 8 * width), channels)
-
-
-def _decode_pcm(raw: bytes, bits: int) -> np.ndarray:
-    """Little-endian integer PCM bytes -> float32 in [-1, 1)."""
-    width = bits // 8
-    raw = raw[:len(raw) - len(raw) % width]
-    if bits == 8:  # unsigned, centred on 128
-        return (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
-    if bits == 24:  # three bytes: widen to int32 through the top three bytes, keeping the sign
-        b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
-        values = (b[:, 0] << 8 | b[:, 1] << 16 | b[:, 2] << 24) >> 8
-        return values.astype(np.float32) / float(1 << 23)
-    values = np.frombuffer(raw, f"<i{width}")
-    return (values.astype(np.float64) / float(1 << (bits - 1))).astype(np.float32)
-
-
-def _frames(samples: np.ndarray, channels: int) -> np.ndarray:
-    usable = samples.shape[0] - samples.shape[0] % channels
-    return np.asarray(samples[:usable], np.float32).reshape(-1, channels)  # [frames, channels]
+        with soundfile.SoundFile(str(path)) as f:
+            rate, channels = f.samplerate, f.channels
+            if rate < 1 or channels < 1:
+                raise AudioError(f"{path}: not a valid audio file ({channels} channels at {rate} Hz)")
+            frames_per_block = max(1, _BLOCK_SAMPLES // channels)
+            while (block := f.read(frames_per_block, dtype="float64", always_2d=True)).shape[0]:  # [F, C]
+                _refuse_bad_samples(path, np.isfinite(block).all(axis=1), rate, at, "holds NaN or infinite samples")
+                # Divided before summing so that no finite float64 sum overflows; a float64 file may still hold
+                # samples beyond float32's range, which would turn infinite in the cast.
+                average = (block / channels).sum(axis=1)
+                _refuse_bad_samples(path, np.abs(average) <= _FLOAT32_MAX, rate, at,
+                                    "holds samples beyond float32's range")
+                mono.append(average.astype(np.float32))
+                at += block.shape[0]
+    except (soundfile.SoundFileError, RuntimeError, TypeError, ValueError, OSError) as e:
+        raise AudioError(f"{path}: not an audio file soundfile can read ({_one_line(e)})") from None
+    if not at:
+        raise AudioError(f"{path}: the file holds no samples")
+    return np.concatenate(mono), rate
 
 
 def load_audio(path: str | Path, sampling_rate: int = DEFAULT_SAMPLE_RATE) -> np.ndarray:
-    """A mono waveform [N] float32 from a WAV file at `sampling_rate`.
+    """A mono waveform [N] float32 read from an audio file and resampled to `sampling_rate`.
+
+    Resampling is soxr's at `RESAMPLE_QUALITY`; its output has round(N * sampling_rate / rate) samples and
+    no delay (the filter is linear phase and soxr compensates for it).
 
     Raises:
-        AudioError: as `read_wav`, and for a file at another sample rate.
+        AudioError: as `read_audio`; a rate below `MIN_SAMPLE_RATE`; too few samples to give one at
+            `sampling_rate`.
     """
-    samples, rate = read_wav(path)
-    if rate != sampling_rate:
-        raise AudioError(f"{path}: sample rate {rate} Hz, but the model expects {sampling_rate} Hz (resample it "
-                         f"first, e.g. ffmpeg -i {Path(path).name} -ac 1 -ar {sampling_rate} out.wav)")
-    return samples
+    samples, rate = read_audio(path)
+    if rate == sampling_rate:
+        return samples
+    if rate < MIN_SAMPLE_RATE:
+        raise AudioError(f"{path}: sample rate {rate} Hz is too low to be speech (at least {MIN_SAMPLE_RATE} Hz; "
+                         f"is the header corrupt?)")
+    resampled = soxr.resample(samples, rate, sampling_rate, quality=RESAMPLE_QUALITY)
+    if resampled.shape[0] == 0:
+        raise AudioError(f"{path}: {samples.shape[0]} sample(s) at {rate} Hz leave none at {sampling_rate} Hz")
+    # The filter overshoots a little: samples at the edge of float32's range could turn infinite.
+    _refuse_bad_samples(path, np.isfinite(resampled), sampling_rate, 0, "holds samples beyond float32's range once "
+                        "resampled")
+    return resampled
+
+
+def audio_seconds(path: str | Path) -> float:
+    """The duration an audio file's header states, without decoding it (for progress bars).
+
+    For MP3 the length is libsndfile's estimate from the stream headers.
+
+    Raises:
+        AudioError: a missing file or one soundfile cannot open.
+    """
+    path = Path(path)
+    _check_is_file(path)
+    try:
+        info = soundfile.info(str(path))
+    except (soundfile.SoundFileError, RuntimeError, TypeError, ValueError, OSError) as e:
+        raise AudioError(f"{path}: not an audio file soundfile can read ({_one_line(e)})") from None
+    if info.samplerate < 1:
+        raise AudioError(f"{path}: not a valid audio file ({info.channels} channels at {info.samplerate} Hz)")
+    return info.frames / info.samplerate
+
+
+def _check_is_file(path: Path) -> None:
+    if path.is_file():
+        return
+    if not path.exists():
+        raise AudioError(f"{path}: no such file")
+    raise AudioError(f"{path}: is a directory, not an audio file" if path.is_dir() else f"{path}: not a file")
+
+
+def _one_line(error: Exception) -> str:
+    """soundfile's message without its "Error opening '<path>': " prefix (our message starts with the path),
+    folded onto one line: libsndfile's own messages can span several."""
+    text = error.error_string if isinstance(error, soundfile.LibsndfileError) else str(error)
+    text = " ".join(text.split()).removeprefix("Error : ").rstrip(".")
+    return text[:200] or type(error).__name__
+
+
+def _refuse_bad_samples(path: Path, good: np.ndarray, rate: int, first_frame: int, what: str) -> None:
+    """Raises naming the time of the first frame that is not `good` [F] (the block starts at `first_frame`): one
+    NaN or infinite sample turns the whole utterance's normalisation, and so its transcript, into NaN without
+    any other sign."""
+    if good.all():
+        return
+    frame = first_frame + int(np.argmin(good))
+    raise AudioError(f"{path}: {what} at {frame / rate:.2f} s")
 
 
 def zero_mean_unit_var(x: np.ndarray) -> np.ndarray:

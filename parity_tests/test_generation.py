@@ -1,11 +1,10 @@
-"""Cached decoding and generation: Flax against the PyTorch reference on composed fixtures, the compiled loop,
-the audio reader and the transcribe command."""
+"""Cached decoding and generation: Flax against the PyTorch reference on composed fixtures, the compiled loop
+and the transcribe command (the audio reader's tests are in test_audio.py)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import struct
 import subprocess
 import sys
 import wave
@@ -16,8 +15,6 @@ import numpy as np
 import pytest
 import torch
 
-from convert import audio as audio_io
-from convert.errors import ConvertError
 from flax_model import generation as flax_generation
 from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel
 from torch_reference.speech_encoder_decoder import SpeechEncoderDecoderModel
@@ -253,7 +250,7 @@ def test_generate_refuses_more_tokens_than_positions(models, batch):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Audio
+# The transcribe command
 
 
 def write_pcm(path: Path, samples: np.ndarray, rate: int = 16000, width: int = 2, channels: int = 1) -> Path:
@@ -271,87 +268,6 @@ def write_pcm(path: Path, samples: np.ndarray, rate: int = 16000, width: int = 2
         f.setframerate(rate)
         f.writeframes(raw)
     return path
-
-
-def write_float_wav(path: Path, samples: np.ndarray, rate: int = 16000, extensible: bool = False) -> Path:
-    """IEEE float32 samples (format 3, or WAVE_FORMAT_EXTENSIBLE with the float subformat), mono."""
-    data = np.asarray(samples, "<f4").tobytes()
-    if extensible:
-        guid = struct.pack("<H", 3) + audio_io._GUID_TAIL
-        fmt = struct.pack("<HHIIHHHHI", 0xFFFE, 1, rate, 4 * rate, 4, 32, 22, 32, 4) + guid
-    else:
-        fmt = struct.pack("<HHIIHH", 3, 1, rate, 4 * rate, 4, 32)
-    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(data)) + data
-    path.write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
-    return path
-
-
-@pytest.mark.parametrize("width", [1, 2, 3, 4])
-def test_pcm_wav_is_read_as_scaled_floats(tmp_path, width):
-    full = 1 << (8 * width - 1)
-    values = np.array([0, 1, -1, full - 1, -full, full // 2], np.int64)
-    samples, rate = audio_io.read_wav(write_pcm(tmp_path / "a.wav", values, width=width))
-    assert rate == 16000
-    np.testing.assert_allclose(samples, values / full, atol=1e-7)
-
-
-@pytest.mark.parametrize("extensible", [False, True], ids=["format3", "extensible"])
-def test_float_wav_is_read_exactly(tmp_path, extensible):
-    values = np.array([0.0, 0.5, -0.25, 0.123456], np.float32)
-    samples, _ = audio_io.read_wav(write_float_wav(tmp_path / "f.wav", values, extensible=extensible))
-    np.testing.assert_array_equal(samples, values)
-
-
-def test_stereo_wav_is_averaged_to_mono(tmp_path):
-    frames = np.array([[1000, 3000], [-2000, 0], [500, 500]], np.int64)
-    samples, _ = audio_io.read_wav(write_pcm(tmp_path / "s.wav", frames, channels=2))
-    np.testing.assert_allclose(samples, frames.mean(axis=1) / 32768, atol=1e-7)
-
-
-def test_unreadable_audio_is_refused_naming_the_file(tmp_path):
-    with pytest.raises(audio_io.AudioError, match=r"missing\.wav: no such file"):
-        audio_io.read_wav(tmp_path / "missing.wav")
-    (tmp_path / "text.wav").write_text("not audio at all")
-    with pytest.raises(audio_io.AudioError, match=r"text\.wav: not a WAV file"):
-        audio_io.read_wav(tmp_path / "text.wav")
-    path = write_pcm(tmp_path / "cd.wav", np.zeros(100, np.int64), rate=44100)
-    with pytest.raises(audio_io.AudioError, match=r"cd\.wav: sample rate 44100 Hz, but the model expects 16000 Hz"):
-        audio_io.load_audio(path, 16000)
-    assert issubclass(audio_io.AudioError, ConvertError)
-
-
-def test_batch_is_normalised_like_the_feature_extractor():
-    rng = np.random.default_rng(0)
-    long, short = 3 * rng.standard_normal(50) + 1, rng.standard_normal(30) - 2
-    with_mask = audio_io.FeatureExtractorConfig(return_attention_mask=True)
-    inputs, mask = audio_io.prepare_batch([long, short], with_mask)
-    expected = (short - short.mean()) / np.sqrt(short.var() + 1e-7)
-    np.testing.assert_allclose(inputs[1, :30], expected, atol=1e-6)
-    assert (inputs[1, 30:] == 0).all() and mask.sum(1).tolist() == [50, 30]
-    # Group-norm models (wav2vec2-base): each padded row is normalised whole, and no mask is passed.
-    inputs, mask = audio_io.prepare_batch([long, short], dataclasses.replace(with_mask, return_attention_mask=False))
-    padded = np.concatenate([short, np.zeros(20)])
-    assert mask is None
-    np.testing.assert_allclose(inputs[1], (padded - padded.mean()) / np.sqrt(padded.var() + 1e-7), atol=1e-6)
-    raw, _ = audio_io.prepare_batch([short], audio_io.FeatureExtractorConfig(do_normalize=False))
-    np.testing.assert_array_equal(raw[0], short.astype(np.float32))
-
-
-def test_feature_extractor_config_is_read_or_defaulted(tmp_path):
-    from convert.configs import Wav2Vec2Config
-
-    group = audio_io.feature_extractor_config(tmp_path, Wav2Vec2Config(feat_extract_norm="group"))
-    layer = audio_io.feature_extractor_config(tmp_path, Wav2Vec2Config(feat_extract_norm="layer"))
-    assert group.do_normalize and not group.return_attention_mask and layer.return_attention_mask
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps(
-        {"feature_extractor_type": "Wav2Vec2FeatureExtractor", "do_normalize": False, "sampling_rate": 8000,
-         "return_attention_mask": True, "padding_value": 0.0, "feature_size": 1}))
-    read = audio_io.feature_extractor_config(tmp_path, Wav2Vec2Config())
-    assert (read.do_normalize, read.sampling_rate, read.return_attention_mask) == (False, 8000, True)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The transcribe command
 
 
 @pytest.fixture(scope="module")
