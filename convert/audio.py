@@ -51,8 +51,8 @@ class FeatureExtractorConfig:
     Attributes:
         sampling_rate: the rate the model was trained at (Hz).
         do_normalize: normalise each utterance to zero mean and unit variance.
-        return_attention_mask: pass the padding mask to the model. When False (wav2vec2-base's group-norm
-            models), HF normalises each padded row whole and the model gets no mask.
+        return_attention_mask: pass the padding mask to the model. When False (group-norm feature encoders, by
+            HF's convention), HF normalises each padded row whole and the model gets no mask.
         padding_value: what padding samples hold.
     """
 
@@ -63,17 +63,16 @@ class FeatureExtractorConfig:
 
 
 def feature_extractor_config(directory: str | Path, encoder_config: Any | None = None) -> FeatureExtractorConfig:
-    """Reads `preprocessor_config.json` from a model directory, or gives wav2vec2's defaults without one.
+    """Reads `preprocessor_config.json` from a model directory, or gives HF's feature-extractor defaults.
 
     Without the file: 16 kHz, normalised, and the attention mask only for layer-norm feature encoders (HF's
-    convention: group-norm models such as wav2vec2-base are run without one).
+    convention, `EncoderConfig.returns_attention_mask`: group-norm feature encoders are run without one).
 
     Raises:
         AudioError: a preprocessor config that is not valid JSON or asks for what is not implemented.
     """
     path = Path(directory) / PREPROCESSOR_FILE
-    group_norm = getattr(encoder_config, "feat_extract_norm", "layer") == "group"
-    defaults = FeatureExtractorConfig(return_attention_mask=not group_norm)
+    defaults = FeatureExtractorConfig(return_attention_mask=getattr(encoder_config, "returns_attention_mask", True))
     if not path.is_file():
         return defaults
     try:

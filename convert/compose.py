@@ -27,16 +27,20 @@ from typing import Any, TextIO
 import numpy as np
 
 from convert.checkpoint import Checkpoint
-from convert.configs import HFConfig, SpeechEncoderDecoderConfig
+from convert.configs import read_json
+from convert.composed import COMPOSE_REPORT, SpeechEncoderDecoderConfig
+from convert.configs import HFConfig
 from convert.errors import ConvertError, KeyMapError, UnsupportedConfig
+from convert.hub import resolve_source
 from convert.keymap import Entry, Plan
-from convert.registry import Arch, arch_for
+from convert.params import plan_source, save_params, subtree
+from convert.registry import model_types, spec_for
+from convert.spec import ArchSpec
 from convert.writing import TensorSpec, atomic_directory, parse_size
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
-BUILTINS = {"encoder": ("wav2vec2",), "decoder": ("bart", "gpt2")}
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": None, "float16": np.dtype(np.float16)}
-REPORT_FILE = "compose_report.json"
+REPORT_FILE = COMPOSE_REPORT
 # Files copied from the sources when present: the decoder's tokenizer, the encoder's feature extractor.
 DECODER_EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                        "special_tokens_map.json", "added_tokens.json", "sentencepiece.bpe.model")
@@ -50,6 +54,18 @@ INIT_RULES: tuple[tuple[str, str], ...] = (
     (r".*/bias$", "zeros"),
     (r".*/scale$", "ones"),
 )
+
+
+def builtin_sources() -> dict[str, tuple[str, ...]]:
+    """The built-in tiny checkpoints by role, from what `convert/builtin/` holds and the specs' roles."""
+    found: dict[str, list[str]] = {"encoder": [], "decoder": []}
+    for directory in sorted(BUILTIN_DIR.iterdir()) if BUILTIN_DIR.is_dir() else ():
+        if (directory / "config.json").is_file():
+            found[spec_for(read_json(directory / "config.json"), str(directory)).role].append(directory.name)
+    return {role: tuple(names) for role, names in found.items()}
+
+
+BUILTINS = builtin_sources()
 
 
 def _dtype(name: str) -> np.dtype:
@@ -70,7 +86,7 @@ class Source:
     repo_id: str | None
     revision: str | None
     checkpoint: Checkpoint
-    arch: Arch
+    arch: ArchSpec
     config: HFConfig
 
 
@@ -83,8 +99,6 @@ def resolve(spec: str, role: str, revision: str | None = None) -> tuple[Path, st
         if spec in BUILTINS[other]:
             raise UnsupportedConfig(f"{spec} is a built-in {other}, not an {role} "
                                     f"(built-in {role}s: {', '.join(BUILTINS[role])})")
-    from convert.hub import resolve_source
-
     resolved = resolve_source(spec, revision, what=role)
     return resolved.path, resolved.repo_id, resolved.revision
 
@@ -95,9 +109,9 @@ def open_source(spec: str, role: str, revision: str | None = None) -> Source:
         path, repo_id, resolved_revision = resolve(spec, role, revision)
         checkpoint = Checkpoint(path)
         where = str(checkpoint.directory / "config.json")
-        arch = arch_for(checkpoint.config, where, role=role)
+        arch = spec_for(checkpoint.config, where, role=role)
         config = arch.config(checkpoint.config, where)
-        config = arch.keymaps.adapt_config(config, checkpoint)
+        config = arch.adapt_config(config, checkpoint)
     except ConvertError as e:
         message = str(e)
         message = message[len(spec) + 2:] if message.startswith(f"{spec}: ") else message
@@ -121,7 +135,7 @@ def compose_config(
             f"--decoder {decoder.spec}: cross_attention_hidden_size={cross} differs from the encoder's output "
             f"width {enc_width}; the decoder cannot attend to this encoder"
         )
-    dec = dec.replace(is_decoder=True, add_cross_attention=True)
+    dec = dec.as_cross_attending_decoder()
     start = _first(decoder_start_token_id, dec.decoder_start_token_id, dec.bos_token_id)
     eos = _first(eos_token_id, dec.eos_token_id)
     pad = _first(pad_token_id, dec.pad_token_id, eos)
@@ -156,9 +170,9 @@ def plan_layout(config: SpeechEncoderDecoderConfig, encoder: Source, decoder: So
         KeyMapError: a source tensor that fits nowhere, a wrong shape, or a leaf that neither source has
             and that is not ours to initialise.
     """
-    from convert.params import init_shapes, plan_source, subtree
+    from flax_model.speech_encoder_decoder import param_shapes  # imports jax: deferred so that --help and errors stay fast
 
-    expected = init_shapes(config)
+    expected = param_shapes(config)
     sources: dict[str, tuple[Source, Entry]] = {}
     plans: dict[str, Plan] = {}
     initialisable = {"encoder": [], "decoder": [], "projection": [r"enc_to_dec_proj/"]}
@@ -169,7 +183,7 @@ def plan_layout(config: SpeechEncoderDecoderConfig, encoder: Source, decoder: So
         except ConvertError as e:
             raise type(e)(f"--{src.role} {src.spec}: {e}") from None
         plans[src.role] = plan
-        initialisable[src.role] = [prefix + p for p in src.arch.keymaps.INITIALIZABLE]
+        initialisable[src.role] = [prefix + p for p in src.arch.initializable]
         for entry in plan.entries:
             sources[entry.target] = (src, entry)
     initialised, problems = [], []
@@ -277,8 +291,6 @@ def compose(
     config = compose_config(enc, dec, decoder_start_token_id, pad_token_id, eos_token_id)
     layout = plan_layout(config, enc, dec, out_dtype)
     std = float(config.decoder.init_scale)
-
-    from convert.params import save_params
 
     def leaves():
         from tqdm import tqdm
@@ -418,11 +430,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compose a pretrained speech encoder and a pretrained text decoder into one speech "
         "encoder-decoder checkpoint (Flax msgpack + PyTorch safetensors, HF layouts).",
         epilog="SRC: a local checkpoint directory, a Hub repo id (owner/name), or a built-in tiny checkpoint "
-        "(encoder: wav2vec2; decoder: bart, gpt2). Example: python -m convert.compose --encoder wav2vec2 "
-        "--decoder bart --output out",
+        f"(encoder: {', '.join(BUILTINS['encoder'])}; decoder: {', '.join(BUILTINS['decoder'])}). Example: "
+        f"python -m convert.compose --encoder {BUILTINS['encoder'][0]} --decoder {BUILTINS['decoder'][0]} "
+        "--output out",
     )
-    p.add_argument("--encoder", required=True, metavar="SRC", help="speech encoder checkpoint (wav2vec2)")
-    p.add_argument("--decoder", required=True, metavar="SRC", help="text decoder checkpoint (bart, mbart, gpt2)")
+    p.add_argument("--encoder", required=True, metavar="SRC",
+                   help=f"speech encoder checkpoint ({', '.join(model_types('encoder'))})")
+    p.add_argument("--decoder", required=True, metavar="SRC",
+                   help=f"text decoder checkpoint ({', '.join(model_types('decoder'))})")
     p.add_argument("--output", required=True, metavar="DIR", help="directory to write (created atomically)")
     p.add_argument("--encoder-revision", metavar="REV", help="Hub revision of --encoder (branch, tag, commit)")
     p.add_argument("--decoder-revision", metavar="REV", help="Hub revision of --decoder (branch, tag, commit)")
@@ -481,7 +496,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # and torch's worker threads may still be inside native code, and tearing down under them can crash.
         os._exit(130)
     if args.push_to_hub:
-        from convert.hub import push_to_hub
+        from convert.push import push_to_hub
 
         try:
             push_to_hub(result.output, args.push_to_hub, private=args.private,

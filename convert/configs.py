@@ -1,16 +1,24 @@
-"""Frozen configs read from Hugging Face `config.json` files, for every architecture we implement.
+"""The base of every config read from a Hugging Face `config.json`, and the protocols the composed model needs.
 
-Each config models the fields that change the computation and refuses settings it does not implement.
-Every other field of the source dict is kept verbatim, so `to_hf_dict(from_hf_dict(d)) == d`.
+An architecture's config (in `convert/archs/<name>.py`) is a frozen dataclass deriving from `HFConfig`: it
+models the fields that change the computation, checks their types and ranges, refuses settings it does not
+implement, and keeps every other field of the source dict verbatim, so that `to_hf_dict(from_hf_dict(d)) == d`.
+
+`EncoderConfig` and `DecoderConfig` are what the composed model, the composer, generation and training may ask
+of an architecture's config; no shared code asks which architecture it is.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
+import types
+import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Self, TypeAlias
+from typing import Any, ClassVar, Protocol, Self, runtime_checkable
 
 from convert.errors import CheckpointError, UnsupportedConfig
 
@@ -20,13 +28,21 @@ ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "quick_gelu
 
 @dataclasses.dataclass(frozen=True)
 class HFConfig:
-    """Base class: typed fields plus the untouched source dict (`raw`) for a lossless round trip."""
+    """Base class: typed fields plus the untouched source dict (`raw`) for a lossless round trip.
+
+    Subclasses list their `model_type`s, HF names that differ from field names (`ALIASES`), fields that must be
+    at least 1 (`POSITIVE`) and probabilities that must lie in [0, 1] (`PROBABILITIES`). Every field's value is
+    checked against its annotation when read, so that a `null` or a string where a number belongs is a one-line
+    error naming the field rather than a failure deep inside a model.
+    """
 
     raw: Mapping[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     MODEL_TYPES: ClassVar[tuple[str, ...]] = ()
     # HF names that differ from our field names: {hf_name: field_name}.
     ALIASES: ClassVar[Mapping[str, str]] = {}
+    POSITIVE: ClassVar[tuple[str, ...]] = ()
+    PROBABILITIES: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def from_hf_dict(cls, d: Mapping[str, Any], where: str = "config.json") -> Self:
@@ -38,17 +54,16 @@ class HFConfig:
             )
         names = {f.name: f for f in dataclasses.fields(cls) if f.name != "raw"}
         hf_to_field = {**{n: n for n in names}, **cls.ALIASES}
+        hints = _field_types(cls)
         values: dict[str, Any] = {}
         for hf_name, field_name in hf_to_field.items():
             if hf_name in d and field_name in names:
-                value = d[hf_name]
+                value = _checked(d[hf_name], hints[field_name], where, hf_name)
                 if isinstance(value, list):
                     value = tuple(value)
                 values[field_name] = value
-        try:
-            config = cls(raw=dict(d), **values)
-        except TypeError as e:  # pragma: no cover - dataclass rejects an argument
-            raise UnsupportedConfig(f"{where}: {e}") from None
+        config = cls(raw=dict(d), **values)
+        config._check_ranges(where)
         config.validate(where)
         return config
 
@@ -76,7 +91,18 @@ class HFConfig:
         return dataclasses.replace(self, **changes)
 
     def validate(self, where: str) -> None:
-        """Raises UnsupportedConfig for settings we do not implement."""
+        """Raises UnsupportedConfig for settings we do not implement (subclasses add their rules)."""
+
+    def _check_ranges(self, where: str) -> None:
+        field_to_hf = {v: k for k, v in self.ALIASES.items()}
+        for name in self.POSITIVE:
+            value = getattr(self, name)
+            if value is not None and (value < 1 if not isinstance(value, tuple) else any(v < 1 for v in value)):
+                self._refuse(where, field_to_hf.get(name, name), value, "must be at least 1")
+        for name in self.PROBABILITIES:
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                self._refuse(where, field_to_hf.get(name, name), value, "must be a probability in [0, 1]")
 
     def _refuse(self, where: str, name: str, value: Any, why: str = "is not supported") -> None:
         raise UnsupportedConfig(f"{where}: {name}={value!r} {why}")
@@ -87,333 +113,107 @@ class HFConfig:
             self._refuse(where, name, value, f"is not supported (supported: {', '.join(ACTIVATIONS)})")
 
 
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _checked(value: Any, hint: Any, where: str, name: str) -> Any:
+    """`value` if it fits the annotation `hint` (int, float, bool, str, tuple[X, ...], X | None, Any)."""
+    if _fits(value, hint):
+        return value
+    raise UnsupportedConfig(f"{where}: {name}={json.dumps(value)[:60]} is not {_describe(hint)}")
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    if hint is Any:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        return any(_fits(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is tuple:
+        item = typing.get_args(hint)[0]
+        return isinstance(value, (list, tuple)) and all(_fits(v, item) for v in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if typing.get_origin(hint) is typing.Literal:
+        return value in typing.get_args(hint)
+    return True
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_describe(h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    if origin is tuple:
+        return f"a list of {_describe(typing.get_args(hint)[0])}s"
+    names = {bool: "a boolean", int: "an integer", float: "a finite number", str: "a string"}
+    return names.get(hint, str(hint))
+
+
 # ----------------------------------------------------------------------------------------------------------
-# wav2vec2
+# What the composed model needs of its parts
 
 
-@dataclasses.dataclass(frozen=True)
-class Wav2Vec2Config(HFConfig):
-    MODEL_TYPES: ClassVar[tuple[str, ...]] = ("wav2vec2",)
+@runtime_checkable
+class EncoderConfig(Protocol):
+    """A speech encoder's config, as the composed model, compose, generation and training use it.
 
-    hidden_size: int = 768
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    intermediate_size: int = 3072
-    hidden_act: str = "gelu"
-    layer_norm_eps: float = 1e-5
-    initializer_range: float = 0.02
-    feat_extract_norm: str = "group"
-    feat_extract_activation: str = "gelu"
-    conv_dim: tuple[int, ...] = (512, 512, 512, 512, 512, 512, 512)
-    conv_stride: tuple[int, ...] = (5, 2, 2, 2, 2, 2, 2)
-    conv_kernel: tuple[int, ...] = (10, 3, 3, 3, 3, 2, 2)
-    conv_bias: bool = False
-    num_conv_pos_embeddings: int = 128
-    num_conv_pos_embedding_groups: int = 16
-    do_stable_layer_norm: bool = False
-    feat_proj_layer_norm: bool = True
-    add_adapter: bool = False
-    adapter_kernel_size: int = 3
-    adapter_stride: int = 2
-    num_adapter_layers: int = 3
-    output_hidden_size: int | None = None
-    # SpecAugment: the masked_spec_embed parameter exists when either is > 0 (training only).
-    mask_time_prob: float = 0.05
-    mask_feature_prob: float = 0.0
-    # Dropout rates (training only).
-    hidden_dropout: float = 0.1
-    attention_dropout: float = 0.1
-    activation_dropout: float = 0.1
-    feat_proj_dropout: float = 0.0
-    adapter_attn_dim: int | None = None
+    Attributes:
+        encoder_output_size: the width D of the encoder's output (after any adapter).
+        min_input_length: the fewest input samples that make one output frame.
+        init_scale: standard deviation of the encoder's weight initialiser.
+        returns_attention_mask: whether HF's feature extractor passes a padding mask to this encoder by default
+            (group-norm feature encoders are run without one: HF normalises padded rows whole instead).
+    """
 
-    @property
-    def encoder_output_size(self) -> int:
-        """Width of the encoder output: the adapter's `output_hidden_size` when set, else `hidden_size`."""
-        return self.output_hidden_size or self.hidden_size
+    encoder_output_size: int
+    min_input_length: int
+    init_scale: float
+    returns_attention_mask: bool
 
     def output_lengths(self, lengths: Any, add_adapter: bool | None = None) -> Any:
-        """Frames the conv feature encoder (and, with `add_adapter`, the adapter) makes of `lengths` samples.
-
-        Plain integer arithmetic, so `lengths` may be an int or a numpy, jax or torch integer array.
-
-        Args:
-            lengths: sample counts, [B] or an int.
-            add_adapter: count the adapter's strided convs too; defaults to `add_adapter` of the config.
-        """
-        add_adapter = self.add_adapter if add_adapter is None else add_adapter
-        for kernel, stride in zip(self.conv_kernel, self.conv_stride):
-            lengths = (lengths - kernel) // stride + 1
-        if add_adapter:
-            # Each adapter conv has kernel 3 and padding 1, which shortens like a kernel-1 conv.
-            for _ in range(self.num_adapter_layers):
-                lengths = (lengths - 1) // self.adapter_stride + 1
-        return lengths
-
-    @property
-    def min_input_length(self) -> int:
-        """The fewest samples that make one frame (the conv feature encoder's receptive field)."""
-        length = 1
-        for kernel, stride in zip(reversed(self.conv_kernel), reversed(self.conv_stride)):
-            length = (length - 1) * stride + kernel
-        return length
-
-    @property
-    def has_masked_spec_embed(self) -> bool:
-        return self.mask_time_prob > 0 or self.mask_feature_prob > 0
-
-    def validate(self, where: str) -> None:
-        if self.feat_extract_norm not in ("group", "layer"):
-            self._refuse(where, "feat_extract_norm", self.feat_extract_norm,
-                         "is not supported (supported: group, layer)")
-        self._check_activation(where, "hidden_act")
-        self._check_activation(where, "feat_extract_activation")
-        if not len(self.conv_dim) == len(self.conv_stride) == len(self.conv_kernel):
-            self._refuse(where, "conv_dim", self.conv_dim, "must have as many entries as conv_stride and conv_kernel")
-        if self.hidden_size % self.num_attention_heads:
-            self._refuse(where, "num_attention_heads", self.num_attention_heads, "does not divide hidden_size")
-        if self.hidden_size % self.num_conv_pos_embedding_groups:
-            self._refuse(where, "num_conv_pos_embedding_groups", self.num_conv_pos_embedding_groups,
-                         "does not divide hidden_size")
-        if self.adapter_attn_dim is not None:
-            self._refuse(where, "adapter_attn_dim", self.adapter_attn_dim, "is not supported (attention adapters)")
-        if self.add_adapter and self.adapter_kernel_size != 3:
-            # HF pads every adapter conv by 1, which only keeps lengths consistent for kernel 3.
-            self._refuse(where, "adapter_kernel_size", self.adapter_kernel_size, "is not supported (only 3)")
+        """Output frames made of `lengths` input samples (int or integer array), including any adapter."""
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Decoders
+@runtime_checkable
+class DecoderConfig(Protocol):
+    """A text decoder's config, as the composed model, compose, generation and training use it.
 
+    Attributes:
+        hidden_size: the decoder's width (the width cross-attention takes unless `cross_attention_hidden_size`).
+        num_layers, num_heads: the layer stack's depth and attention heads.
+        max_positions: how many positions the decoder can describe (learned position embeddings).
+        vocab_size: the LM head's width.
+        init_scale: standard deviation of the weight initialiser (used for what the composer creates).
+        cross_attention_hidden_size: the encoder width cross-attention accepts, or None for `hidden_size`.
+        decoder_start_token_id, bos_token_id, eos_token_id, pad_token_id: token ids from the decoder's config.
+    """
 
-@dataclasses.dataclass(frozen=True)
-class BartConfig(HFConfig):
-    """BART's decoder (HF `BartForCausalLM`); mBART is the same code with pre-norm and a final layer norm."""
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    max_positions: int
+    vocab_size: int
+    init_scale: float
+    cross_attention_hidden_size: int | None
+    decoder_start_token_id: int | None
+    bos_token_id: int | None
+    eos_token_id: int | None
+    pad_token_id: int | None
 
-    MODEL_TYPES: ClassVar[tuple[str, ...]] = ("bart", "mbart")
-
-    model_type: str = "bart"
-    vocab_size: int = 50265
-    max_position_embeddings: int = 1024
-    d_model: int = 1024
-    decoder_layers: int = 12
-    decoder_attention_heads: int = 16
-    decoder_ffn_dim: int = 4096
-    activation_function: str = "gelu"
-    init_std: float = 0.02
-    scale_embedding: bool = False
-    tie_word_embeddings: bool = True
-    dropout: float = 0.1
-    attention_dropout: float = 0.0
-    activation_dropout: float = 0.0
-    pad_token_id: int | None = 1
-    bos_token_id: int | None = 0
-    eos_token_id: int | None = 2
-    decoder_start_token_id: int | None = 2
-    is_decoder: bool = False
-    add_cross_attention: bool = False
-    cross_attention_hidden_size: int | None = None
-    # fairseq leftovers that HF's BART ignores; refused when set, since the weights would not match the code.
-    normalize_before: bool = False
-    add_final_layer_norm: bool = False
-    # Ours: BartForConditionalGeneration's final_logits_bias, kept as a bias of the LM head when non-zero.
-    lm_head_bias: bool = False
-
-    @property
-    def is_mbart(self) -> bool:
-        return self.model_type == "mbart"
-
-    @property
-    def hidden_size(self) -> int:
-        return self.d_model
-
-    @property
-    def num_layers(self) -> int:
-        return self.decoder_layers
-
-    @property
-    def num_heads(self) -> int:
-        return self.decoder_attention_heads
-
-    @property
-    def init_scale(self) -> float:
-        return self.init_std
-
-    @property
-    def max_positions(self) -> int:
-        """How many positions the learned position embedding serves."""
-        return self.max_position_embeddings
-
-    @property
-    def position_offset(self) -> int:
-        # BART and mBART learned positions start at index 2 (a fairseq padding convention).
-        return 2
-
-    def validate(self, where: str) -> None:
-        self._check_activation(where, "activation_function")
-        if self.model_type == "bart":
-            if self.normalize_before:
-                self._refuse(where, "normalize_before", True)
-            if self.add_final_layer_norm:
-                self._refuse(where, "add_final_layer_norm", True)
-        if self.d_model % self.decoder_attention_heads:
-            self._refuse(where, "decoder_attention_heads", self.decoder_attention_heads, "does not divide d_model")
-        if self.cross_attention_hidden_size not in (None, self.d_model):
-            # BART's encoder_attn k/v projections take d_model wide inputs only.
-            self._refuse(where, "cross_attention_hidden_size", self.cross_attention_hidden_size,
-                         f"is not supported for BART (must equal d_model={self.d_model} or be unset)")
-
-
-@dataclasses.dataclass(frozen=True)
-class GPT2Config(HFConfig):
-    MODEL_TYPES: ClassVar[tuple[str, ...]] = ("gpt2",)
-    ALIASES: ClassVar[Mapping[str, str]] = {}
-
-    vocab_size: int = 50257
-    n_positions: int = 1024
-    n_embd: int = 768
-    n_layer: int = 12
-    n_head: int = 12
-    n_inner: int | None = None
-    activation_function: str = "gelu_new"
-    layer_norm_epsilon: float = 1e-5
-    initializer_range: float = 0.02
-    scale_attn_weights: bool = True
-    scale_attn_by_inverse_layer_idx: bool = False
-    reorder_and_upcast_attn: bool = False
-    tie_word_embeddings: bool = True
-    resid_pdrop: float = 0.1
-    embd_pdrop: float = 0.1
-    attn_pdrop: float = 0.1
-    pad_token_id: int | None = None
-    bos_token_id: int | None = 50256
-    eos_token_id: int | None = 50256
-    decoder_start_token_id: int | None = None
-    is_decoder: bool = False
-    add_cross_attention: bool = False
-    cross_attention_hidden_size: int | None = None
-
-    @property
-    def hidden_size(self) -> int:
-        return self.n_embd
-
-    @property
-    def num_layers(self) -> int:
-        return self.n_layer
-
-    @property
-    def num_heads(self) -> int:
-        return self.n_head
-
-    @property
-    def inner_size(self) -> int:
-        return self.n_inner or 4 * self.n_embd
-
-    @property
-    def init_scale(self) -> float:
-        return self.initializer_range
-
-    @property
-    def max_positions(self) -> int:
-        """How many positions the learned position embedding serves."""
-        return self.n_positions
-
-    def validate(self, where: str) -> None:
-        self._check_activation(where, "activation_function")
-        if self.n_embd % self.n_head:
-            self._refuse(where, "n_head", self.n_head, "does not divide n_embd")
-        if self.cross_attention_hidden_size not in (None, self.n_embd):
-            # GPT-2's cross-attention projects keys and values from n_embd wide inputs only.
-            self._refuse(where, "cross_attention_hidden_size", self.cross_attention_hidden_size,
-                         f"is not supported for GPT-2 (must equal n_embd={self.n_embd} or be unset)")
-
-
-EncoderConfig: TypeAlias = Wav2Vec2Config
-DecoderConfig: TypeAlias = BartConfig | GPT2Config
-
-ENCODER_CONFIGS: dict[str, type[HFConfig]] = {"wav2vec2": Wav2Vec2Config}
-DECODER_CONFIGS: dict[str, type[HFConfig]] = {"bart": BartConfig, "mbart": BartConfig, "gpt2": GPT2Config}
-
-
-def encoder_config_from_hf_dict(d: Mapping[str, Any], where: str = "config.json") -> EncoderConfig:
-    return _dispatch(ENCODER_CONFIGS, d, where, "encoder")  # type: ignore[return-value]
-
-
-def decoder_config_from_hf_dict(d: Mapping[str, Any], where: str = "config.json") -> DecoderConfig:
-    return _dispatch(DECODER_CONFIGS, d, where, "decoder")  # type: ignore[return-value]
-
-
-def _dispatch(registry: Mapping[str, type[HFConfig]], d: Mapping[str, Any], where: str, role: str) -> HFConfig:
-    model_type = d.get("model_type")
-    if model_type not in registry:
-        raise UnsupportedConfig(
-            f"{where}: model_type={model_type!r} is not a supported {role} (supported: {', '.join(registry)})"
-        )
-    return registry[model_type].from_hf_dict(d, where)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The composed model
-
-
-@dataclasses.dataclass(frozen=True)
-class SpeechEncoderDecoderConfig(HFConfig):
-    """HF's `SpeechEncoderDecoderConfig`: an encoder and a decoder config plus the generation token ids."""
-
-    MODEL_TYPES: ClassVar[tuple[str, ...]] = ("speech-encoder-decoder",)
-
-    encoder: EncoderConfig = dataclasses.field(default_factory=Wav2Vec2Config)
-    decoder: DecoderConfig = dataclasses.field(default_factory=BartConfig)
-    decoder_start_token_id: int | None = None
-    pad_token_id: int | None = None
-    eos_token_id: int | None = None
-    is_encoder_decoder: bool = True
-    tie_word_embeddings: bool = False
-
-    @classmethod
-    def from_hf_dict(cls, d: Mapping[str, Any], where: str = "config.json") -> Self:
-        if d.get("model_type") not in cls.MODEL_TYPES:
-            raise UnsupportedConfig(
-                f"{where}: model_type={d.get('model_type')!r} is not a composed model "
-                "(expected 'speech-encoder-decoder')"
-            )
-        for part in ("encoder", "decoder"):
-            if not isinstance(d.get(part), Mapping):
-                raise UnsupportedConfig(f"{where}: no '{part}' sub-config")
-        encoder = encoder_config_from_hf_dict(d["encoder"], f"{where} (encoder)")
-        decoder = decoder_config_from_hf_dict(d["decoder"], f"{where} (decoder)")
-        return cls(
-            raw=dict(d),
-            encoder=encoder,
-            decoder=decoder,
-            decoder_start_token_id=d.get("decoder_start_token_id"),
-            pad_token_id=d.get("pad_token_id"),
-            eos_token_id=d.get("eos_token_id"),
-            is_encoder_decoder=d.get("is_encoder_decoder", True),
-            tie_word_embeddings=d.get("tie_word_embeddings", False),
-        )
-
-    def to_hf_dict(self) -> dict[str, Any]:
-        out = dict(self.raw)
-        out.update(
-            model_type="speech-encoder-decoder",
-            encoder=self.encoder.to_hf_dict(),
-            decoder=self.decoder.to_hf_dict(),
-            decoder_start_token_id=self.decoder_start_token_id,
-            pad_token_id=self.pad_token_id,
-            eos_token_id=self.eos_token_id,
-            is_encoder_decoder=self.is_encoder_decoder,
-            tie_word_embeddings=self.tie_word_embeddings,
-        )
-        return out
-
-    @property
-    def has_projection(self) -> bool:
-        """HF's rule: project when widths differ and the decoder has no cross_attention_hidden_size."""
-        return (
-            self.encoder.encoder_output_size != self.decoder.hidden_size
-            and self.decoder.cross_attention_hidden_size is None
-        )
+    def as_cross_attending_decoder(self) -> DecoderConfig:
+        """The same decoder configured with cross-attention (`is_decoder`, `add_cross_attention`)."""
 
 
 def read_json(path: str | Path) -> dict[str, Any]:
@@ -422,9 +222,16 @@ def read_json(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({str(e).splitlines()[0][:120]})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
+
+
+def _refuse_constant(name: str) -> Any:
+    # json accepts NaN and Infinity, which no HF config holds and which would flow silently into a model.
+    raise ValueError(f"{name} is not a number JSON allows")

@@ -130,13 +130,10 @@ def _load(directory: Path, framework: str) -> _Runner:
 
 
 def _check_length(config: Any, paths: Sequence[str | Path], waveforms: Sequence[np.ndarray]) -> None:
-    """Refuses audio too short for the encoder's convolutions to make a frame."""
+    """Refuses audio too short for the encoder to make one frame."""
     from convert.audio import AudioError
 
-    needed, stride = 1, 1
-    for kernel, step in zip(config.encoder.conv_kernel, config.encoder.conv_stride):
-        needed += (kernel - 1) * stride
-        stride *= step
+    needed = config.encoder.min_input_length
     for path, w in zip(paths, waveforms):
         if len(w) < needed:
             raise AudioError(f"{path}: {len(w)} samples is too short for the encoder (it needs at least {needed})")

@@ -22,17 +22,13 @@ import re
 import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
 from convert.errors import ConvertError
+from convert.hub import HUB_URL, LIBRARY_NAME, ResolvedSource
 
-if TYPE_CHECKING:
-    from convert.hub import ResolvedSource
-
-HUB_URL = "https://huggingface.co"
-LIBRARY_NAME = "speech-encdec-flax"
 PIPELINE_TAG = "automatic-speech-recognition"
 BASE_TAGS = ("speech-encoder-decoder", "automatic-speech-recognition", "jax", "flax")
 _FORMAT_LABELS = {"safetensors": "safetensors", "pytorch": "PyTorch .bin", "flax": "Flax msgpack"}
@@ -237,7 +233,7 @@ def render_model_card(info: CardInfo) -> str:
     if info.repo_id:
         title = info.repo_id.split("/")[-1]
     else:
-        title = f"{enc.model_type or 'wav2vec2'} + {dec.model_type or 'text decoder'}: a speech encoder-decoder"
+        title = f"{enc.model_type or 'speech encoder'} + {dec.model_type or 'text decoder'}: a speech encoder-decoder"
     out = [f"---\n{header}---\n", f"# {title}\n"]
     out.append(
         f"A speech encoder-decoder composed with [{LIBRARY_NAME}](#how-it-was-made) from the speech encoder "

@@ -1,9 +1,8 @@
 """Moving whole parameter sets between checkpoints on disk and Flax trees, for any supported architecture.
 
-`composed_keymap(config)` is the key table of the composed model: the encoder's and the decoder's tables
-one level down (`encoder.`/`encoder/`, `decoder.`/`decoder/`) plus the projection. `plan_source` maps a
-source checkpoint (PyTorch or Flax names) onto a Flax subtree. `load_params` / `save_params` read and write
-complete models (composed or single-architecture directories).
+`plan_source` maps a source checkpoint (PyTorch or Flax names) onto a Flax subtree. `load_params` /
+`save_params` read and write complete models (composed or single-architecture directories). The Flax leaves a
+model must have come from the caller (`shapes_of`): this module sits below the models and never imports them.
 """
 
 from __future__ import annotations
@@ -20,66 +19,30 @@ import numpy as np
 from flax import traverse_util
 
 from convert.checkpoint import CONFIG, FLAX_MSGPACK, WEIGHT_FILES, Checkpoint
-from convert.configs import HFConfig, SpeechEncoderDecoderConfig
-from convert.errors import KeyMapError
-from convert.keymap import (
-    Entry,
-    KeyMap,
-    Plan,
-    Rule,
-    SourceRules,
-    T,
-    check_missing,
-    plan_flax_to_torch,
-    plan_torch_to_flax,
+from convert.composed import (  # noqa: F401 - composed_keymap, tied_keys_for: part of this module's API
+    SpeechEncoderDecoderConfig,
+    composed_keymap,
+    composed_tied_keys,
+    keymap_for,
+    read_any_config,
+    tied_keys_for,
 )
-from convert.registry import Arch, arch_for, composed_tied_keys
+from convert.configs import HFConfig
+from convert.errors import KeyMapError
+from convert.keymap import Entry, Plan, SourceRules, T, check_missing, plan_flax_to_torch, plan_torch_to_flax
+from convert.registry import spec_for
+from convert.spec import ArchSpec
 from convert.writing import ShardedWriter, TensorSpec, WriteLanes
 
 Shapes = dict[str, tuple[int, ...]]
-
-PROJECTION_KEYMAP = KeyMap("enc_to_dec_proj", (
-    Rule("enc_to_dec_proj.weight", "enc_to_dec_proj/kernel", T.LINEAR),
-    Rule("enc_to_dec_proj.bias", "enc_to_dec_proj/bias"),
-))
-
-
-def composed_keymap(config: SpeechEncoderDecoderConfig) -> KeyMap:
-    """The composed model's table: PyTorch `SpeechEncoderDecoderModel` keys <-> HF Flax paths."""
-    encoder = arch_for(config.encoder, role="encoder").keymaps.KEYMAP.prefixed("encoder.", "encoder/")
-    decoder = arch_for(config.decoder, role="decoder").keymaps.KEYMAP.prefixed("decoder.", "decoder/")
-    return encoder + decoder + PROJECTION_KEYMAP
-
-
-def keymap_for(config: HFConfig) -> KeyMap:
-    if isinstance(config, SpeechEncoderDecoderConfig):
-        return composed_keymap(config)
-    return arch_for(config).keymaps.KEYMAP
-
-
-def tied_keys_for(config: HFConfig) -> dict[str, str]:
-    if isinstance(config, SpeechEncoderDecoderConfig):
-        return composed_tied_keys(config)
-    return arch_for(config).keymaps.tied_keys(config)
-
-
-def init_shapes(config: HFConfig) -> Shapes:
-    """Every Flax leaf of the model `config` describes, `/`-joined, with its shape (nothing is allocated)."""
-    if isinstance(config, SpeechEncoderDecoderConfig):
-        from flax_model.speech_encoder_decoder import init_shapes as composed_init_shapes
-
-        tree = composed_init_shapes(config)
-    else:
-        tree = arch_for(config).flax_module.init_shapes(config)
-    return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
+# The Flax leaves a config's model has: `/`-joined path -> shape. The models layer provides it
+# (flax_model.speech_encoder_decoder.param_shapes, or a reference module's state dict through the key table).
+ShapesOf = Callable[[HFConfig], Shapes]
 
 
 def read_config(checkpoint: Checkpoint) -> HFConfig:
     """The typed config of a checkpoint directory (composed or a single architecture)."""
-    where = str(checkpoint.directory / CONFIG)
-    if checkpoint.config.get("model_type") == "speech-encoder-decoder":
-        return SpeechEncoderDecoderConfig.from_hf_dict(checkpoint.config, where)
-    return arch_for(checkpoint.config, where).config(checkpoint.config, where)
+    return read_any_config(checkpoint.config, str(checkpoint.directory / CONFIG))
 
 
 def subtree(shapes: Shapes, prefix: str) -> Shapes:
@@ -88,7 +51,7 @@ def subtree(shapes: Shapes, prefix: str) -> Shapes:
 
 def plan_source(
     checkpoint: Checkpoint,
-    arch: Arch,
+    arch: ArchSpec,
     config: HFConfig,
     expected: Shapes,
     flax_prefix: str = "",
@@ -99,13 +62,12 @@ def plan_source(
     (`flax_model.msgpack`) only through its Flax source rules, since their names already are Flax paths.
     Every source key is mapped or dropped with a reason; shapes are checked against `expected`.
     """
-    keymaps = arch.keymaps
     where = str(checkpoint.directory)
     if checkpoint.format == "flax":
-        canonical, dropped = keymaps.flax_source_rules(config).canonicalize(checkpoint.keys())
+        canonical, dropped = arch.flax_source_rules(config).canonicalize(checkpoint.keys())
         return _identity_plan(checkpoint, {flax_prefix + k: v for k, v in canonical.items()}, dropped, expected)
-    km = keymaps.KEYMAP.prefixed("", flax_prefix) if flax_prefix else keymaps.KEYMAP
-    return plan_torch_to_flax(km, checkpoint.shapes(), expected, keymaps.source_rules(config), where)
+    km = arch.keymap.prefixed("", flax_prefix) if flax_prefix else arch.keymap
+    return plan_torch_to_flax(km, checkpoint.shapes(), expected, arch.source_rules(config), where)
 
 
 def read_entry(checkpoint: Checkpoint, entry: Entry) -> np.ndarray:
@@ -124,8 +86,15 @@ class Loaded:
     plan: Plan
 
 
-def load_params(directory: str | Path, dtype: np.dtype | None = None, prefer: tuple[str, ...] = WEIGHT_FILES) -> Loaded:
+def load_params(directory: str | Path, shapes_of: ShapesOf, dtype: np.dtype | None = None,
+                prefer: tuple[str, ...] = WEIGHT_FILES) -> Loaded:
     """Reads a checkpoint directory (composed or single-architecture) into a nested Flax param dict.
+
+    Args:
+        directory: the checkpoint directory.
+        shapes_of: the Flax leaves (path -> shape) the model of a config has; every one must be loaded.
+        dtype: cast floating-point leaves to this dtype.
+        prefer: weight files in order of preference.
 
     Raises:
         CheckpointError / KeyMapError / UnsupportedConfig: one line naming the file and the problem,
@@ -133,17 +102,17 @@ def load_params(directory: str | Path, dtype: np.dtype | None = None, prefer: tu
     """
     checkpoint = Checkpoint(directory, prefer=prefer)
     config = read_config(checkpoint)
-    expected = init_shapes(config)
     if isinstance(config, SpeechEncoderDecoderConfig):
+        expected = shapes_of(config)
         if checkpoint.format == "flax":
             plan = _identity_plan(checkpoint, {k: k for k in checkpoint.keys()}, [], expected)
         else:
             plan = plan_torch_to_flax(composed_keymap(config), checkpoint.shapes(), expected,
                                       _tied_drops(composed_tied_keys(config)), str(checkpoint.directory))
     else:
-        arch = arch_for(config)
-        config = arch.keymaps.adapt_config(config, checkpoint)
-        expected = init_shapes(config)
+        arch = spec_for(config)
+        config = arch.adapt_config(config, checkpoint)
+        expected = shapes_of(config)
         plan = plan_source(checkpoint, arch, config, expected)
     check_missing(plan, where=str(checkpoint.directory))
     flat = {}
@@ -243,6 +212,6 @@ def save_params(
 
 
 __all__ = [
-    "FLAX_MSGPACK", "Loaded", "composed_keymap", "composed_tied_keys", "init_shapes", "load_params",
-    "params_to_torch_state", "plan_source", "read_config", "read_entry", "save_params",
+    "FLAX_MSGPACK", "Loaded", "composed_keymap", "composed_tied_keys", "keymap_for", "load_params",
+    "params_to_torch_state", "plan_source", "read_config", "read_entry", "save_params", "tied_keys_for",
 ]

@@ -1,13 +1,277 @@
-"""`python -m convert.push DIR OWNER/NAME`: upload a composed output directory to the Hugging Face Hub."""
+"""Uploading a composed directory to the Hugging Face Hub: `push_to_hub`, and the command
+
+    python -m convert.push DIR OWNER/NAME [--private] [--commit-message MSG] [--revision BRANCH] [--dry-run]
+
+`push_to_hub` uploads every file of a composed directory in one commit (`create_repo` with `exist_ok=True`,
+then `create_commit`). `dry_run=True` prints what would be sent and touches no network. The token comes from
+`HF_TOKEN` or the cached login (`huggingface_hub.get_token`); it is passed to `HfApi` and never printed,
+logged or written by us.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
 
-from convert.errors import ConvertError
-from convert.hub import push_to_hub
+from huggingface_hub import CommitOperationAdd, get_token
+from huggingface_hub import errors as hf_errors
+
+from convert import checkpoint as ckpt
+from convert import hub
+from convert.composed import COMPOSE_REPORT, COMPOSED_MODEL_TYPE
+from convert.errors import CheckpointError, ConvertError, HubError
+from convert.hub import HUB_URL, LOGIN_HINT
+from convert.model_card import card_sources
+
+DEFAULT_COMMIT_MESSAGE = "Upload composed speech encoder-decoder"
+
+
+@dataclasses.dataclass(frozen=True)
+class PushResult:
+    """What `push_to_hub` sent (or would send, for a dry run).
+
+    Attributes:
+        repo_id: the target repo, OWNER/NAME.
+        revision: the target branch, or None for the default branch.
+        files: (path in the repo, size in bytes) for every file, in upload order.
+        commit_message: the commit message.
+        private: whether the repo was asked to be private when created.
+        dry_run: True when nothing was uploaded.
+        commit_url: the commit's URL on the Hub (None for a dry run).
+        commit_sha: the commit's sha (None for a dry run).
+    """
+
+    repo_id: str
+    revision: str | None
+    files: tuple[tuple[str, int], ...]
+    commit_message: str
+    private: bool
+    dry_run: bool
+    commit_url: str | None = None
+    commit_sha: str | None = None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(size for _, size in self.files)
+
+
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pushing
+
+
+def check_composed_directory(directory: str | Path) -> dict:
+    """Refuses anything but a complete composed output directory; returns its parsed config.json.
+
+    A composed directory has a `config.json` with `model_type: speech-encoder-decoder` and weights: at least
+    one of the weight files `Checkpoint` reads, every shard named by an index present, no empty weight file,
+    and safetensors headers that fit their files (a truncated copy is refused).
+
+    Args:
+        directory: the directory to check.
+
+    Returns:
+        The parsed `config.json`.
+
+    Raises:
+        CheckpointError: one line naming the directory or file and what is wrong.
+    """
+    directory = Path(directory)
+    if not directory.exists():
+        raise CheckpointError(f"{directory}: no such directory")
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a directory")
+    config_path = directory / ckpt.CONFIG
+    if not config_path.is_file():
+        raise CheckpointError(f"{directory}: not a composed model directory (no config.json)")
+    config = ckpt.read_json(config_path)
+    if config.get("model_type") != COMPOSED_MODEL_TYPE:
+        raise CheckpointError(f"{config_path}: model_type={config.get('model_type')!r} is not a composed speech "
+                              f"encoder-decoder (expected {COMPOSED_MODEL_TYPE!r})")
+    present = [name for name in ckpt.WEIGHT_FILES if (directory / name).is_file()]
+    if not present:
+        raise CheckpointError(f"{directory}: no weights (looked for {', '.join(ckpt.WEIGHT_FILES)}); "
+                              "the directory is empty or partial")
+    for name in present:
+        files = [directory / name]
+        if name.endswith(".index.json"):
+            weight_map = ckpt.read_json(directory / name).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{directory / name}: no 'weight_map' in the shard index")
+            files = [directory / shard for shard in dict.fromkeys(weight_map.values())]
+            for f in files:
+                if not f.is_file():
+                    raise CheckpointError(f"{directory / name}: names shard {f.name!r}, which is missing")
+        for f in files:
+            if f.stat().st_size == 0:
+                raise CheckpointError(f"{f}: empty weight file")
+    if ckpt.SAFETENSORS in present or ckpt.SAFETENSORS_INDEX in present:
+        # Header-only parse: checks every tensor's extent against the file size without reading data.
+        ckpt.Checkpoint(directory, prefer=(ckpt.SAFETENSORS, ckpt.SAFETENSORS_INDEX))
+    return config
+
+
+def upload_files(directory: str | Path) -> list[tuple[str, Path, int]]:
+    """(path in the repo, local path, size in bytes) of every file a push sends, sorted by path in the repo.
+
+    Files and folders whose name starts with "." are left out: `.git`, `.gitattributes` (the Hub keeps its
+    own), `.cache/huggingface` (a `snapshot_download(local_dir=...)` marker), editor and OS droppings.
+    """
+    directory = Path(directory)
+    out = []
+    for path in directory.rglob("*"):
+        rel = path.relative_to(directory)
+        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+            continue
+        out.append((rel.as_posix(), path, path.stat().st_size))
+    return sorted(out, key=lambda item: item[0])
+
+
+def commit_operations(directory: str | Path) -> list[CommitOperationAdd]:
+    """One `CommitOperationAdd` per file of a composed output directory, sorted by path in the repo.
+
+    Args:
+        directory: a composed output directory (see `check_composed_directory`; not checked here).
+
+    Returns:
+        The operations for `HfApi.create_commit`; building them hashes every file (sha256), as an upload must.
+    """
+    return [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path)) for rel, path, _ in upload_files(directory)]
+
+
+def default_commit_message(directory: str | Path) -> str:
+    """ "Add speech encoder-decoder composed from ENC and DEC" when the directory names its sources.
+
+    The sources come from `compose_report.json` (written by `convert.compose`), else from the model card
+    (our Sources table, or a two-entry `base_model`); otherwise the message is generic.
+    """
+    directory = Path(directory)
+    sources = None
+    try:
+        report = json.loads((directory / COMPOSE_REPORT).read_text(encoding="utf-8"))
+        sources = tuple(report[part].get("repo_id") or report[part]["source"] for part in ("encoder", "decoder"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        readme = directory / "README.md"
+        try:
+            sources = card_sources(readme.read_text(encoding="utf-8")) if readme.is_file() else None
+        except (OSError, UnicodeDecodeError, ConvertError):
+            sources = None
+    if not sources or not all(isinstance(s, str) and s for s in sources):
+        return DEFAULT_COMMIT_MESSAGE
+    return f"Add speech encoder-decoder composed from {sources[0]} and {sources[1]}"
+
+
+def human_size(n: int) -> str:
+    """Bytes in SI units, as the Hub shows sizes: 999 B, 1.5 kB, 2.3 GB."""
+    if n < 1000:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("kB", "MB", "GB", "TB", "PB"):
+        value /= 1000
+        if value < 999.95 or unit == "PB":
+            return f"{value:.1f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def format_plan(repo_id: str, files: Sequence[tuple[str, int]], commit_message: str, *, private: bool,
+                revision: str | None) -> str:
+    """The dry-run report: the repo, each file with its size, the total, and the commit message."""
+    width = max((len(name) for name, _ in files), default=0)
+    lines = [
+        f"repo:     {HUB_URL}/{repo_id} ({'private' if private else 'public'} if created)",
+        f"branch:   {revision or 'the default branch'}",
+        f"files:    {len(files)}",
+    ]
+    for name, size in files:
+        lines.append(f"  {name:<{width}}  {human_size(size):>9}  ({size:,} bytes)")
+    total = sum(size for _, size in files)
+    lines.append(f"total:    {human_size(total)} ({total:,} bytes) in {len(files)} file{'s' * (len(files) != 1)}")
+    lines.append(f"message:  {commit_message}")
+    return "\n".join(lines)
+
+
+def push_to_hub(directory: str | Path, repo_id: str, *, private: bool = False, commit_message: str | None = None,
+                revision: str | None = None, dry_run: bool = False, token: str | None = None,
+                out: TextIO | None = None) -> PushResult:
+    """Uploads a composed output directory to a Hub model repo in one commit.
+
+    Creates the repo when needed (`create_repo(exist_ok=True, private=private)`; an existing repo keeps its
+    visibility), creates `revision` as a branch when given and missing, then commits every file of the
+    directory (see `upload_files`). With `dry_run=True` it prints the plan and returns without reading a token
+    or touching the network.
+
+    Args:
+        directory: a composed output directory (`config.json` with `model_type: speech-encoder-decoder`, weights).
+        repo_id: the target repo, OWNER/NAME.
+        private: create the repo as private (no effect on an existing repo).
+        commit_message: the commit message (default: from the directory's model card, see
+            `default_commit_message`).
+        revision: the target branch (default: the repo's default branch).
+        dry_run: print what would be uploaded and upload nothing.
+        token: a Hub token; default `HF_TOKEN`, then the cached login. Never printed.
+        out: where progress and the dry-run plan are printed (default: sys.stdout at call time).
+
+    Returns:
+        What was sent (or would be), with the commit URL and sha after a real push.
+
+    Raises:
+        CheckpointError: the directory is not a complete composed model.
+        HubError: invalid repo id, no token, the Hub unreachable or refusing the upload (one line, no token).
+    """
+    out = out if out is not None else sys.stdout
+    hub.validate_repo_id(repo_id)
+    check_composed_directory(directory)
+    listing = upload_files(directory)
+    files = tuple((rel, size) for rel, _, size in listing)
+    message = commit_message or default_commit_message(directory)
+    result = PushResult(repo_id=repo_id, revision=revision, files=files, commit_message=message,
+                        private=private, dry_run=dry_run)
+    if dry_run:
+        print("Dry run: nothing will be uploaded.", file=out)
+        print(format_plan(repo_id, files, message, private=private, revision=revision), file=out)
+        return result
+
+    try:
+        token = token or get_token()
+    except Exception as e:  # get_token raises when an explicitly requested OIDC exchange fails
+        raise HubError(f"{repo_id}: could not get a Hugging Face token ({type(e).__name__}); {LOGIN_HINT}") from None
+    if not token:
+        raise HubError(f"{repo_id}: no Hugging Face token found (HF_TOKEN or a cached login); {LOGIN_HINT}")
+    if hub.is_offline():
+        raise HubError(f"{repo_id}: cannot reach the Hugging Face Hub (offline: HF_HUB_OFFLINE=1); "
+                       "nothing was uploaded")
+
+    operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path)) for rel, path, _ in listing]
+    api = hub._api(token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision is not None and revision != "main":
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        print(f"Uploading {len(files)} files ({human_size(result.total_bytes)}) to {HUB_URL}/{repo_id} ...", file=out)
+        info = api.create_commit(repo_id, operations=operations, commit_message=message, revision=revision,
+                                 repo_type="model")
+    except hub._UNREACHABLE as e:
+        raise HubError(f"{repo_id}: cannot reach the Hugging Face Hub ({hub._unreachable_reason(e)}); "
+                       "nothing was uploaded") from None
+    except hf_errors.HfHubHTTPError as e:
+        status = e.response.status_code
+        if status in (401, 403):
+            raise HubError(f"{repo_id}: the Hub refused the token (HTTP {status}): it is invalid or cannot write to "
+                           f"this repo ({LOGIN_HINT})") from None
+        raise HubError(f"{repo_id}: the Hugging Face Hub answered HTTP {status}: {hub._first_line(e, token)}") from None
+    result = dataclasses.replace(result, commit_url=info.commit_url, commit_sha=info.oid)
+    print(f"Committed {info.oid[:12] if info.oid else ''} to {HUB_URL}/{repo_id}: {info.commit_url}", file=out)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI
 
 DESCRIPTION = """\
 Upload a composed speech encoder-decoder directory (the output of `python -m convert.compose`) to a model
@@ -27,9 +291,9 @@ environment:
   HF_ENDPOINT        another Hub endpoint
 
 examples:
-  python -m convert.push out/w2v2-bart me/w2v2-bart --dry-run
-  python -m convert.push out/w2v2-bart me/w2v2-bart --private --commit-message "First composition"
-  python -m convert.push out/w2v2-bart me/w2v2-bart --revision experiments"""
+  python -m convert.push out/asr me/asr --dry-run
+  python -m convert.push out/asr me/asr --private --commit-message "First composition"
+  python -m convert.push out/asr me/asr --revision experiments"""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,72 +1,52 @@
-"""Which code implements each supported `model_type`: its config class, key table, Flax and reference modules.
+"""The supported architectures: one registration line each. Everything else is derived from `SPECS`.
 
-Modules are named by import path and imported on first use, so that reading this table never imports torch
-(flax_model must stay torch-free) nor jax (the reference must not need it).
+To add an architecture, write its spec module under `convert/archs/` and add its `SPEC` here (see DESIGN.md,
+"Adding an architecture").
 """
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
 from collections.abc import Mapping
-from types import ModuleType
 from typing import Any
 
-from convert.configs import BartConfig, GPT2Config, HFConfig, SpeechEncoderDecoderConfig, Wav2Vec2Config
+from convert.archs import bart, gpt2, wav2vec2
+from convert.configs import HFConfig
 from convert.errors import UnsupportedConfig
+from convert.spec import ArchSpec, Role
+
+SPECS: tuple[ArchSpec, ...] = (
+    wav2vec2.SPEC,
+    bart.SPEC,
+    gpt2.SPEC,
+)
+
+BY_MODEL_TYPE: dict[str, ArchSpec] = {t: spec for spec in SPECS for t in spec.model_types}
+BY_NAME: dict[str, ArchSpec] = {spec.name: spec for spec in SPECS}
 
 
-@dataclasses.dataclass(frozen=True)
-class Arch:
-    """One architecture: where its pieces live."""
-
-    name: str  # the file stem shared by flax_model/, torch_reference/ and convert/keymaps/
-    role: str  # "encoder" or "decoder"
-    config_class: type[HFConfig]
-    flax_class: str
-    torch_class: str
-    # The stack of identical transformer layers: (config field with their number, Flax path of the stack).
-    layer_stack: tuple[str, str]
-
-    @property
-    def keymaps(self) -> ModuleType:
-        """The `convert.keymaps.<name>` module: KEYMAP, source_rules, tied_keys, INITIALIZABLE, adapt_config."""
-        return importlib.import_module(f"convert.keymaps.{self.name}")
-
-    @property
-    def flax_module(self) -> ModuleType:
-        return importlib.import_module(f"flax_model.{self.name}")
-
-    @property
-    def torch_module(self) -> ModuleType:
-        return importlib.import_module(f"torch_reference.{self.name}")
-
-    def flax_module_class(self) -> type:
-        return getattr(self.flax_module, self.flax_class)
-
-    def torch_module_class(self) -> type:
-        return getattr(self.torch_module, self.torch_class)
-
-    def config(self, d: Mapping[str, Any], where: str) -> HFConfig:
-        return self.config_class.from_hf_dict(d, where)
+def model_types(role: Role | None = None) -> tuple[str, ...]:
+    """The `model_type`s this toolkit reads, for one role or all."""
+    return tuple(t for t, spec in BY_MODEL_TYPE.items() if role is None or spec.role == role)
 
 
-WAV2VEC2 = Arch("wav2vec2", "encoder", Wav2Vec2Config, "Wav2Vec2Module", "Wav2Vec2Model",
-                ("num_hidden_layers", "encoder/layers/"))
-BART = Arch("bart", "decoder", BartConfig, "BartForCausalLMModule", "BartForCausalLM",
-            ("decoder_layers", "model/decoder/layers/"))
-GPT2 = Arch("gpt2", "decoder", GPT2Config, "GPT2LMHeadModule", "GPT2LMHeadModel", ("n_layer", "transformer/h/"))
-
-ARCHS: dict[str, Arch] = {"wav2vec2": WAV2VEC2, "bart": BART, "mbart": BART, "gpt2": GPT2}
+def specs(role: Role | None = None) -> tuple[ArchSpec, ...]:
+    return tuple(spec for spec in SPECS if role is None or spec.role == role)
 
 
-def arch_for(config: Mapping[str, Any] | HFConfig, where: str = "config.json", role: str | None = None) -> Arch:
-    """The architecture for a config dict (by `model_type`) or config object; `role` restricts the choice."""
+def spec_for(config: Mapping[str, Any] | HFConfig, where: str = "config.json", role: Role | None = None) -> ArchSpec:
+    """The architecture of a config dict (by `model_type`) or config object; `role` restricts the choice.
+
+    Raises:
+        UnsupportedConfig: naming `where`, the model type and the supported ones.
+    """
     if isinstance(config, HFConfig):
+        spec = next((s for s in SPECS if isinstance(config, s.config_class)), None)
+        if spec is not None and (role is None or spec.role == role):
+            return spec
         model_type = config.to_hf_dict().get("model_type")
     else:
         model_type = config.get("model_type")
-    candidates = {k: a for k, a in ARCHS.items() if role is None or a.role == role}
+    candidates = {t: s for t, s in BY_MODEL_TYPE.items() if role is None or s.role == role}
     if model_type not in candidates:
         what = f"a supported {role}" if role else "supported"
         raise UnsupportedConfig(
@@ -75,7 +55,6 @@ def arch_for(config: Mapping[str, Any] | HFConfig, where: str = "config.json", r
     return candidates[model_type]
 
 
-def composed_tied_keys(config: SpeechEncoderDecoderConfig) -> dict[str, str]:
-    """Tied PyTorch keys of the composed model: the decoder's, one level down (`decoder.`)."""
-    tied = arch_for(config.decoder, role="decoder").keymaps.tied_keys(config.decoder)
-    return {f"decoder.{k}": f"decoder.{v}" for k, v in tied.items()}
+def config_from_hf_dict(d: Mapping[str, Any], where: str = "config.json", role: Role | None = None) -> HFConfig:
+    """The typed config of a parsed single-architecture `config.json`."""
+    return spec_for(d, where, role).config(dict(d), where)

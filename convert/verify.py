@@ -8,8 +8,7 @@ from typing import Any
 import numpy as np
 
 from convert.checkpoint import Checkpoint
-from convert.configs import SpeechEncoderDecoderConfig
-from convert.params import composed_keymap
+from convert.composed import SpeechEncoderDecoderConfig, composed_keymap
 
 
 def compare_weight_files(directory: str | Path) -> dict[str, Any]:

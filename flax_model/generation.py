@@ -50,7 +50,6 @@ import numpy as np
 
 from convert.generation_settings import GenerationSettings, resolve_settings
 from flax_model.cache import DecoderCache, reorder_cache
-from flax_model.speech_encoder_decoder import SpeechEncoderDecoderModule
 
 # How many times each search has been traced (a Python side effect that runs only while tracing).
 TRACES: collections.Counter[str] = collections.Counter()
@@ -121,7 +120,7 @@ def generate(
     return GenerateOutput(np.asarray(sequences)[:, :width], None if scores is None else np.asarray(scores))
 
 
-def search_function(module: SpeechEncoderDecoderModule, settings: GenerationSettings) -> Callable:
+def search_function(module: Any, settings: GenerationSettings) -> Callable:
     """The function to jit: (params, inputs, attention_mask, length_penalty, min_new_tokens) ->
     (sequences [B, 1 + max_new_tokens], scores [B] | None, generated lengths [B])."""
     kind = "greedy" if settings.num_beams == 1 else "beam_search"
@@ -130,13 +129,13 @@ def search_function(module: SpeechEncoderDecoderModule, settings: GenerationSett
         TRACES[kind] += 1
         variables = {"params": params}
         hidden, encoder_mask = module.apply(variables, inputs, attention_mask,
-                                            method=SpeechEncoderDecoderModule.encode)  # [B, S, D], [B, S]
+                                            method="encode")  # [B, S, D], [B, S]
         cache = module.apply(variables, inputs.shape[0], settings.max_new_tokens + 1, hidden, encoder_mask,
-                             method=SpeechEncoderDecoderModule.init_cache)
+                             method="init_cache")
 
         def decode(tokens: jax.Array, cache: DecoderCache) -> tuple[jax.Array, DecoderCache]:
             logits, cache = module.apply(variables, tokens, None, None, cache=cache,
-                                         method=SpeechEncoderDecoderModule.decode)
+                                         method="decode")
             return logits[:, -1].astype(jnp.float32), cache  # [B, V]
 
         if settings.num_beams == 1:

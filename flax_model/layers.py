@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,23 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "swish": jax.nn.silu,
     "tanh": jnp.tanh,
 }
+
+
+def frame_mask(encoder_config: Any, attention_mask: jax.Array, num_frames: int,
+               add_adapter: bool | None = None) -> jax.Array:
+    """Which of an encoder's output frames hold real audio, from the sample-level mask.
+
+    Args:
+        encoder_config: an `EncoderConfig` (its `output_lengths` counts frames, adapter included by default).
+        attention_mask: [B, N], 1 for real samples (right padding).
+        num_frames: S, the number of frames of the padded batch.
+        add_adapter: passed to `output_lengths` (False: the frames before an adapter).
+
+    Returns:
+        [B, S] bool, True for the first `output_lengths(sum(attention_mask))` frames of each row.
+    """
+    lengths = encoder_config.output_lengths(attention_mask.sum(-1).astype(jnp.int32), add_adapter)  # [B]
+    return jnp.arange(num_frames)[None, :] < lengths[:, None]
 
 
 def make_causal_mask(query_positions: jax.Array, key_length: int) -> jax.Array:

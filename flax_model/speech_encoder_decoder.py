@@ -18,9 +18,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from convert.configs import SpeechEncoderDecoderConfig
-from convert.registry import arch_for
+from convert.checkpoint import FLAX_FIRST
+from convert.composed import SpeechEncoderDecoderConfig
+from convert.configs import HFConfig
+from convert.errors import UnsupportedConfig
+from convert.hub import resolve_source
+from convert.params import load_params, save_params
+from convert.registry import spec_for
+from convert.writing import atomic_directory, parse_size
 from flax_model.cache import DecoderCache
+from flax_model.layers import frame_mask
+from flax_model.generation import generate as _generate
+from flax_model.registry import arch_module, module_for
 
 
 class SpeechEncoderDecoderModule(nn.Module):
@@ -31,8 +40,8 @@ class SpeechEncoderDecoderModule(nn.Module):
 
     def setup(self) -> None:
         cfg = self.config
-        self.encoder = arch_for(cfg.encoder, role="encoder").flax_module_class()(cfg.encoder, dtype=self.dtype)
-        self.decoder = arch_for(cfg.decoder, role="decoder").flax_module_class()(cfg.decoder, dtype=self.dtype)
+        self.encoder = module_for(cfg.encoder, "encoder", dtype=self.dtype)
+        self.decoder = module_for(cfg.decoder, "decoder", dtype=self.dtype)
         if cfg.has_projection:
             self.enc_to_dec_proj = nn.Dense(
                 cfg.decoder.hidden_size,
@@ -54,10 +63,7 @@ class SpeechEncoderDecoderModule(nn.Module):
         if attention_mask is None:
             mask = jnp.ones(hidden.shape[:2], dtype=bool)
         else:
-            encoder_code = arch_for(self.config.encoder, role="encoder").flax_module
-            mask = encoder_code.feature_vector_mask(
-                self.config.encoder, attention_mask, hidden.shape[1], add_adapter=self.config.encoder.add_adapter
-            )
+            mask = frame_mask(self.config.encoder, attention_mask, hidden.shape[1])
         if self.config.has_projection:
             hidden = self.enc_to_dec_proj(hidden)
         return hidden, mask
@@ -108,7 +114,7 @@ def init_shapes(config: SpeechEncoderDecoderConfig, trace_every_layer: bool = Fa
     stack and that layer's subtree is repeated (tracing all 36 layers of wav2vec2-large + BART-large takes
     most of a second, a third of composing it in bfloat16). `trace_every_layer` traces the whole model.
     """
-    stacks = [(part, arch_for(getattr(config, part), role=part).layer_stack) for part in ("encoder", "decoder")]
+    stacks = [(part, spec_for(getattr(config, part), role=part).layer_stack) for part in ("encoder", "decoder")]
     traced = config
     if not trace_every_layer:
         traced = dataclasses.replace(config, **{
@@ -128,6 +134,18 @@ def init_shapes(config: SpeechEncoderDecoderConfig, trace_every_layer: bool = Fa
         for i in range(getattr(getattr(config, part), field)):
             flat.update({f"{part}/{stack}{i}/{k}": v for k, v in layer.items()})
     return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def init_tree(config: HFConfig) -> dict[str, Any]:
+    """The abstract param tree (nested dict of jax.ShapeDtypeStruct) of a composed or single-architecture model."""
+    if isinstance(config, SpeechEncoderDecoderConfig):
+        return init_shapes(config)
+    return arch_module(spec_for(config)).init_shapes(config)
+
+
+def param_shapes(config: HFConfig) -> dict[str, tuple[int, ...]]:
+    """Every Flax leaf of the model `config` describes, `/`-joined, with its shape (nothing is allocated)."""
+    return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(init_tree(config), sep="/").items()}
 
 
 @dataclasses.dataclass
@@ -172,15 +190,9 @@ class FlaxSpeechEncoderDecoderModel:
             revision: the Hub revision (branch, tag or commit), for repo ids.
             dtype: the computation dtype.
         """
-        from convert.checkpoint import FLAX_FIRST
-        from convert.hub import resolve_source
-        from convert.params import load_params
-
         directory = resolve_source(str(path_or_repo), revision, what="model").path
-        loaded = load_params(directory, prefer=FLAX_FIRST)
+        loaded = load_params(directory, param_shapes, prefer=FLAX_FIRST)
         if not isinstance(loaded.config, SpeechEncoderDecoderConfig):
-            from convert.errors import UnsupportedConfig
-
             raise UnsupportedConfig(f"{directory}/config.json: not a composed speech-encoder-decoder model")
         config, params = loaded.config, traverse_util.flatten_dict(loaded.params, sep="/")
         del loaded  # `params` now holds the only reference to each numpy leaf: it goes once copied to JAX
@@ -194,9 +206,6 @@ class FlaxSpeechEncoderDecoderModel:
         Returns:
             The files written.
         """
-        from convert.params import save_params
-        from convert.writing import atomic_directory, parse_size
-
         flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(self.params, sep="/").items()}
         with atomic_directory(directory, overwrite=True) as tmp:
             files = save_params(tmp, self.config, flat, max_shard_size=parse_size(max_shard_size))
@@ -270,7 +279,5 @@ class FlaxSpeechEncoderDecoderModel:
 
     def generate(self, inputs: Any, attention_mask: Any = None, **kwargs: Any) -> Any:
         """Greedy or beam-search transcription; see `flax_model.generation.generate`."""
-        from flax_model.generation import generate
-
-        return generate(self, inputs, attention_mask, **kwargs)
+        return _generate(self, inputs, attention_mask, **kwargs)
 

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from convert.configs import Wav2Vec2Config
-from flax_model.layers import ACTIVATIONS
+from convert.archs.wav2vec2 import Wav2Vec2Config
+from flax_model.layers import ACTIVATIONS, frame_mask
 
 # HF's PyTorch defaults: nn.GroupNorm / nn.LayerNorm in the conv feature encoder and the adapter do not
 # take config.layer_norm_eps.
@@ -40,8 +40,7 @@ def feature_vector_mask(config: Wav2Vec2Config, attention_mask: jax.Array, num_f
     Returns:
         [B, S] bool, True for the first `config.output_lengths(sum(attention_mask))` frames of each row.
     """
-    lengths = config.output_lengths(attention_mask.sum(-1).astype(jnp.int32), add_adapter)  # [B]
-    return jnp.arange(num_frames)[None, :] < lengths[:, None]
+    return frame_mask(config, attention_mask, num_frames, add_adapter)
 
 
 def _layer_norm(epsilon: float, dtype: Any, name: str) -> nn.LayerNorm:

@@ -13,14 +13,15 @@ import torch
 from flax import traverse_util
 
 from convert.checkpoint import Checkpoint, numpy_to_torch
-from convert.configs import BartConfig
+from convert.archs.bart import BartConfig
 from convert.errors import CheckpointError, KeyMapError, UnsupportedConfig
 from convert.keymap import Plan, check_missing, plan_flax_to_torch, plan_torch_to_flax
-from convert.keymaps import bart as bart_keymap
+from convert.archs import bart as bart_keymap
 from flax_model.bart import BartForCausalLMModule, init_shapes
 from scripts.fixture_io import save_hf_checkpoint
 from scripts.fixtures_bart import hf_config
 from torch_reference import bart as torch_bart
+from torch_reference.registry import from_pretrained as reference_from_pretrained
 
 CASES = ("bart_causal", "bart_cg", "bart_cg_tf5", "bart_bias", "bart_untied", "mbart")
 TOL = 1e-5
@@ -45,7 +46,7 @@ def load_flax_params(directory: Path) -> tuple[BartConfig, Plan, dict]:
     expected = {k: v.shape for k, v in traverse_util.flatten_dict(init_shapes(config), sep="/").items()}
     plan = plan_torch_to_flax(bart_keymap.KEYMAP, checkpoint.shapes(), expected, bart_keymap.source_rules(config),
                               where=str(directory))
-    check_missing(plan, bart_keymap.INITIALIZABLE, where=str(directory))
+    check_missing(plan, bart_keymap.SPEC.initializable, where=str(directory))
     flat = {e.target: e.transform.to_flax(checkpoint.get(e.source)) for e in plan.entries}
     return config, plan, traverse_util.unflatten_dict(flat, sep="/")
 
@@ -57,7 +58,7 @@ def loaded(fixture_dir: Callable[[str], Path]) -> Callable[[str], Loaded]:
     def load(name: str) -> Loaded:
         if name not in cache:
             config, plan, params = load_flax_params(fixture_dir(name))
-            model, report = torch_bart.from_pretrained(fixture_dir(name))
+            model, report = reference_from_pretrained(fixture_dir(name))
             cache[name] = Loaded(config, plan, params, model, report)
         return cache[name]
 
@@ -246,7 +247,7 @@ def test_source_variants_yield_the_causal_lm_decoder_weights(loaded, fixture_dir
         reasons = dict(plan.dropped)
         encoder = [k for k in reasons if ".encoder." in f".{k}"]
         assert encoder and all("text encoder" in reasons[k] for k in encoder), directory.name
-        model, _ = torch_bart.from_pretrained(directory)
+        model, _ = reference_from_pretrained(directory)
         for key, value in ref_state.items():
             assert torch.equal(model.state_dict()[key], value), f"{directory.name}: torch {key} differs"
 
@@ -314,7 +315,7 @@ def test_missing_decoder_tensor_is_reported(fixture_dir, tmp_path):
     with pytest.raises(KeyMapError, match=r"model/decoder/layers/1/encoder_attn/v_proj/kernel"):
         load_flax_params(tmp_path)
     with pytest.raises(CheckpointError, match=r"missing model\.decoder\.layers\.1\.encoder_attn\.v_proj\.weight"):
-        torch_bart.from_pretrained(tmp_path)
+        reference_from_pretrained(tmp_path)
 
 
 @pytest.mark.parametrize("field", ["add_final_layer_norm", "normalize_before"])

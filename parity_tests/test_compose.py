@@ -20,10 +20,10 @@ from safetensors import safe_open
 
 from convert.checkpoint import Checkpoint
 from convert.compose import compose
-from convert.configs import SpeechEncoderDecoderConfig
+from convert.composed import SpeechEncoderDecoderConfig
 from convert.errors import ConvertError, KeyMapError, UnsupportedConfig
 from convert.keymap import SourceRules
-from convert.registry import arch_for
+from convert.registry import spec_for
 from convert.verify import compare_weight_files, load_both, logits_difference, seeded_inputs
 from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel
 from torch_reference.speech_encoder_decoder import SpeechEncoderDecoderModel
@@ -59,9 +59,9 @@ def test_composed_flax_logits_match_torch_reference(pair, composed_dir):
 def _canonical_source(directory: Path, role: str) -> tuple[dict[str, np.ndarray], object]:
     """A source checkpoint's tensors under their canonical PyTorch names."""
     checkpoint = Checkpoint(directory)
-    arch = arch_for(checkpoint.config, role=role)
-    config = arch.keymaps.adapt_config(arch.config(checkpoint.config, "config.json"), checkpoint)
-    rules: SourceRules = arch.keymaps.source_rules(config)
+    arch = spec_for(checkpoint.config, role=role)
+    config = arch.adapt_config(arch.config(checkpoint.config, "config.json"), checkpoint)
+    rules: SourceRules = arch.source_rules(config)
     canonical, _ = rules.canonicalize(checkpoint.keys())
     return {name: checkpoint.get(src) for name, src in canonical.items()}, arch
 
@@ -81,7 +81,7 @@ def test_every_source_weight_is_copied_bit_exactly_to_both_files(pair, composed_
             assert key in out_torch, f"{key} missing from model.safetensors"
             got = out_torch.get(key)
             assert got.dtype == source.dtype and got.tobytes() == source.tobytes(), f"{key} differs"
-            path, transform = arch.keymaps.KEYMAP.to_flax(name)
+            path, transform = arch.keymap.to_flax(name)
             flax_leaf = out_flax.get(f"{role}/{path}")
             assert flax_leaf.tobytes() == transform.to_flax(source).tobytes(), f"{role}/{path} differs"
             checked += 1

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from convert.configs import Wav2Vec2Config, encoder_config_from_hf_dict
+from convert.archs.wav2vec2 import Wav2Vec2Config
+from convert.registry import config_from_hf_dict
 from convert.errors import UnsupportedConfig
 from scripts.fixtures_wav2vec2 import GROUP, STABLE, hf_config
 
@@ -66,5 +67,5 @@ def test_wav2vec2_config_refuses_mismatched_conv_lists():
 
 
 def test_encoder_config_refuses_unknown_model_type_listing_supported():
-    with pytest.raises(UnsupportedConfig, match=r"model_type='hubert'.*supported: wav2vec2"):
-        encoder_config_from_hf_dict({"model_type": "hubert"}, where="config.json")
+    with pytest.raises(UnsupportedConfig, match=r"model_type='speecht5'.*supported: wav2vec2"):
+        config_from_hf_dict({"model_type": "speecht5"}, where="config.json", role="encoder")

@@ -324,11 +324,13 @@ def test_transcribe_command_end_to_end(builtin_model, tmp_path, capsys):
 def test_transcribe_command_reports_bad_audio_in_one_line(builtin_model, tmp_path, capsys):
     from convert.generate import main
 
-    wav = write_pcm(tmp_path / "fast.wav", np.zeros(4000, np.int64), rate=22050)
+    wav = write_pcm(tmp_path / "nan.wav", np.zeros(4000, np.int64), rate=16000)
+    data = bytearray(wav.read_bytes())
+    data[:] = data[:-8000]  # no samples left
+    wav.write_bytes(bytes(data))
     assert main(["--model", str(builtin_model), "--audio", str(wav)]) == 1
     err = capsys.readouterr().err.strip()
-    assert err == f"error: {wav}: sample rate 22050 Hz, but the model expects 16000 Hz (resample it first, " \
-                  f"e.g. ffmpeg -i fast.wav -ac 1 -ar 16000 out.wav)"
+    assert err.startswith(f"error: {wav}: ") and "\n" not in err
     assert main(["--model", str(builtin_model), "--audio", str(tmp_path / "none.wav")]) == 1
     assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'none.wav'}: no such file"
 

@@ -15,11 +15,12 @@ import torch
 from flax import traverse_util
 
 from convert.checkpoint import Checkpoint
-from convert.configs import GPT2Config
+from convert.archs.gpt2 import GPT2Config
 from convert.keymap import check_missing, plan_flax_to_torch, plan_torch_to_flax
-from convert.keymaps import gpt2 as gpt2_keymap
+from convert.archs import gpt2 as gpt2_keymap
 from flax_model import gpt2 as flax_gpt2
 from torch_reference import gpt2 as torch_gpt2
+from torch_reference.registry import from_pretrained as reference_from_pretrained
 
 TOL = 1e-5
 BATCH, LENGTH, ENCODER_LENGTH, CACHE_LENGTH, PREFILL = 2, 8, 6, 10, 3
@@ -123,7 +124,7 @@ def cache_mask(inputs: dict[str, np.ndarray]) -> np.ndarray:
 @pytest.mark.parametrize("case", ["gpt2_xattn", "gpt2_lm", "gpt2_untied"])
 def test_flax_logits_match_torch_reference(fixture_dir, inputs, case):
     directory = fixture_dir(case)
-    model, _ = torch_gpt2.from_pretrained(directory)
+    model, _ = reference_from_pretrained(directory)
     expected = torch_full_logits(model, inputs)
     got = flax_full_logits(directory, inputs)
     assert got.shape == (BATCH, LENGTH, model.config.vocab_size)
@@ -153,7 +154,7 @@ def test_config_options_match_torch_reference(inputs):
 
 def test_cross_attention_changes_the_logits(fixture_dir, inputs):
     """The encoder output and its padding mask reach the logits (a guard against a silently skipped block)."""
-    model, _ = torch_gpt2.from_pretrained(fixture_dir("gpt2_xattn"))
+    model, _ = reference_from_pretrained(fixture_dir("gpt2_xattn"))
     base = torch_full_logits(model, inputs)
     unmasked = dict(inputs, encoder_attention_mask=np.ones_like(inputs["encoder_attention_mask"]))
     assert max_diff(torch_full_logits(model, unmasked)[0], base[0]) > 1e-3
@@ -216,7 +217,7 @@ def test_flax_cached_decode_equals_full_forward(fixture_dir, inputs, case):
 
 @pytest.mark.parametrize("case", ["gpt2_xattn", "gpt2_lm"])
 def test_torch_cached_decode_equals_full_forward(fixture_dir, inputs, case):
-    model, _ = torch_gpt2.from_pretrained(fixture_dir(case))
+    model, _ = reference_from_pretrained(fixture_dir(case))
     cached, _ = torch_cached_logits(model, inputs)
     err = max_diff(cached, torch_full_logits(model, inputs))
     assert err <= TOL, f"{case}: max|diff|={err:.2e}"
@@ -229,7 +230,7 @@ def test_cross_attention_keys_values_are_projected_once_at_init_cache(fixture_di
     params = load_flax_params(directory)
     encoder_out, encoder_mask = encoder_inputs(config, inputs)
     _, caches = flax_cached_logits(directory, inputs)
-    model, _ = torch_gpt2.from_pretrained(directory)
+    model, _ = reference_from_pretrained(directory)
     _, torch_caches = torch_cached_logits(model, inputs)
 
     for i in range(config.n_layer):
@@ -268,7 +269,7 @@ def test_cross_attention_keys_values_are_projected_once_at_init_cache(fixture_di
 def test_gpt2_keymap_roundtrip_is_bit_exact(fixture_dir, case):
     directory = fixture_dir(case)
     config = read_config(directory)
-    model, _ = torch_gpt2.from_pretrained(directory)
+    model, _ = reference_from_pretrained(directory)
     tied = gpt2_keymap.tied_keys(config)
     state = {k: v.numpy() for k, v in model.state_dict().items() if k not in tied}
     expected = flat_shapes(flax_gpt2.init_shapes(config))
@@ -315,8 +316,8 @@ def test_every_gpt2_keymap_row_is_used(fixture_dir):
 
 def test_gpt2_model_bin_loads_with_buffers_dropped(fixture_dir):
     """GPT2Model names without `transformer.` plus old mask buffers load to the same weights as gpt2_lm."""
-    model, report = torch_gpt2.from_pretrained(fixture_dir("gpt2_model_bin"))
-    reference, reference_report = torch_gpt2.from_pretrained(fixture_dir("gpt2_lm"))
+    model, report = reference_from_pretrained(fixture_dir("gpt2_model_bin"))
+    reference, reference_report = reference_from_pretrained(fixture_dir("gpt2_lm"))
     config = model.config
     buffers = {f"h.{i}.attn.{b}" for i in range(config.n_layer) for b in ("bias", "masked_bias")}
     assert {key for key, _ in report.dropped} == buffers
@@ -399,7 +400,7 @@ def test_encoder_output_without_cross_attention_is_refused(fixture_dir, inputs):
     module = flax_gpt2.GPT2LMHeadModule(read_config(directory))
     with pytest.raises(ValueError, match="add_cross_attention"):
         module.apply(load_flax_params(directory), inputs["input_ids"], None, inputs["encoder_hidden_states"])
-    model, _ = torch_gpt2.from_pretrained(directory)
+    model, _ = reference_from_pretrained(directory)
     with pytest.raises(ValueError, match="add_cross_attention"):
         model(torch.from_numpy(inputs["input_ids"]).long(), None,
               torch.from_numpy(inputs["encoder_hidden_states"]))

@@ -223,17 +223,17 @@ def test_dry_run_cli_lists_exact_files_and_sizes_without_network(composed_dir: P
 
 
 def test_commit_operations_are_every_file_in_stable_order(composed_dir: Path) -> None:
-    ops = hub.commit_operations(composed_dir)
+    ops = push.commit_operations(composed_dir)
     expected = sorted((name, len(data)) for name, data in composed_files().items())
     assert all(isinstance(op, CommitOperationAdd) for op in ops)
     assert [(op.path_in_repo, op.upload_info.size) for op in ops] == expected
     assert [Path(op.path_or_fileobj) for op in ops] == [composed_dir / name for name, _ in expected]
-    assert [op.path_in_repo for op in hub.commit_operations(composed_dir)] == [op.path_in_repo for op in ops]
+    assert [op.path_in_repo for op in push.commit_operations(composed_dir)] == [op.path_in_repo for op in ops]
 
 
 def test_dry_run_reads_no_token_and_builds_no_api(composed_dir: Path, fake_api, monkeypatch, capsys) -> None:
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    result = hub.push_to_hub(composed_dir, "me/composed", dry_run=True, commit_message="msg")
+    result = push.push_to_hub(composed_dir, "me/composed", dry_run=True, commit_message="msg")
     assert fake_api.instances == []
     assert result.dry_run and result.commit_url is None and result.commit_message == "msg"
     assert result.files == tuple(sorted((n, len(d)) for n, d in composed_files().items()))
@@ -502,7 +502,7 @@ def test_online_resolution_refuses_a_repo_without_weights(monkeypatch) -> None:
 
 def test_push_without_token_fails_before_any_network(composed_dir: Path, fake_api) -> None:
     with pytest.raises(HubError) as info:
-        hub.push_to_hub(composed_dir, "me/composed")
+        push.push_to_hub(composed_dir, "me/composed")
     assert str(info.value) == ("me/composed: no Hugging Face token found (HF_TOKEN or a cached login); "
                                "run `hf auth login` or set HF_TOKEN")
     assert fake_api.instances == []
@@ -512,7 +512,7 @@ def test_push_through_fake_api_sends_exact_operations_and_hides_the_token(compos
                                                                          capsys) -> None:
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     online(monkeypatch)
-    result = hub.push_to_hub(composed_dir, "me/composed", private=True, revision="exp")
+    result = push.push_to_hub(composed_dir, "me/composed", private=True, revision="exp")
     (api,) = fake_api.instances
     assert api.token == TOKEN
     names = [call[0] for call in api.calls]
@@ -562,7 +562,7 @@ def test_push_hub_failures_are_one_line(composed_dir, fake_api, monkeypatch, err
 
     monkeypatch.setattr(fake_api, "create_repo", fail)
     with pytest.raises(HubError) as info:
-        hub.push_to_hub(composed_dir, "me/composed")
+        push.push_to_hub(composed_dir, "me/composed")
     assert str(info.value).startswith(message) and "\n" not in str(info.value) and TOKEN not in str(info.value)
 
 
@@ -570,7 +570,7 @@ def test_push_offline_is_refused_after_the_token_check(composed_dir, fake_api, m
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     offline = r"^me/composed: cannot reach the Hugging Face Hub \(offline: HF_HUB_OFFLINE=1\)"
     with pytest.raises(HubError, match=offline):
-        hub.push_to_hub(composed_dir, "me/composed")
+        push.push_to_hub(composed_dir, "me/composed")
     assert fake_api.instances == []
 
 
@@ -607,7 +607,7 @@ def test_push_cli_refuses_other_and_partial_directories(composed_dir, fake_api, 
     err = capsys.readouterr().err
     assert err.startswith("python -m convert.push: error: ") and message in err and err.count("\n") == 1, err
     with pytest.raises(CheckpointError):
-        hub.check_composed_directory(directory)
+        push.check_composed_directory(directory)
 
 
 @pytest.mark.parametrize("repo_id", ["composed", "a/b/c", "me/bad..name", "me/"])
@@ -633,7 +633,7 @@ def test_push_cli_help_names_every_flag(capsys) -> None:
 
 
 def test_human_size_uses_si_units() -> None:
-    assert [hub.human_size(n) for n in (0, 999, 1000, 1_536_000, 2_300_000_000)] == ["0 B", "999 B", "1.0 kB",
+    assert [push.human_size(n) for n in (0, 999, 1000, 1_536_000, 2_300_000_000)] == ["0 B", "999 B", "1.0 kB",
                                                                                      "1.5 MB", "2.3 GB"]
 
 
@@ -684,11 +684,11 @@ def test_default_commit_message_prefers_the_compose_report(composed_dir: Path, t
     from convert.compose import REPORT_FILE
 
     (composed_dir / REPORT_FILE).write_text(json.dumps(compose_report(tmp_path)))
-    assert hub.default_commit_message(composed_dir) == (f"Add speech encoder-decoder composed from owner/w2v and "
+    assert push.default_commit_message(composed_dir) == (f"Add speech encoder-decoder composed from owner/w2v and "
                                                         f"{tmp_path / 'my-gpt2'}")
     (composed_dir / REPORT_FILE).unlink()
     (composed_dir / "README.md").write_text("# no card\n")
-    assert hub.default_commit_message(composed_dir) == "Upload composed speech encoder-decoder"
+    assert push.default_commit_message(composed_dir) == "Upload composed speech encoder-decoder"
 
 
 def test_validate_repo_id_names_the_flag() -> None:
@@ -721,7 +721,7 @@ def test_compose_from_cached_hub_encoder_then_dry_run_push(fixture_dir, offline_
     assert metadata["base_model"] == ["owner/tiny-w2v"] and metadata["license"] == "apache-2.0"
     assert "crossattention" in body and "Not verified" in body
 
-    pushed = hub.push_to_hub(result.output, "me/tiny", dry_run=True)
+    pushed = push.push_to_hub(result.output, "me/tiny", dry_run=True)
     names = [name for name, _ in pushed.files]
     assert {"README.md", "config.json", "flax_model.msgpack", "model.safetensors"} <= set(names)
     assert names == sorted(names)

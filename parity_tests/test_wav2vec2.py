@@ -16,13 +16,14 @@ import torch
 from flax import serialization, traverse_util
 
 from convert.checkpoint import Checkpoint
-from convert.configs import Wav2Vec2Config
+from convert.archs.wav2vec2 import Wav2Vec2Config
 from convert.errors import CheckpointError, KeyMapError, UnsupportedConfig
 from convert.keymap import plan_flax_to_torch, plan_torch_to_flax
-from convert.keymaps import wav2vec2 as keymaps
+from convert.archs import wav2vec2 as keymaps
 from flax_model.wav2vec2 import Wav2Vec2Module, init_shapes
 from flax_model.wav2vec2 import feature_vector_mask as flax_feature_vector_mask
 from torch_reference import wav2vec2 as reference
+from torch_reference.registry import from_pretrained as reference_from_pretrained
 
 CASES = ("w2v_group", "w2v_stable", "w2v_group_adapter", "w2v_stable_adapter", "w2v_bin", "w2v_bin_sharded",
          "w2v_sharded", "w2v_old_weightnorm", "w2v_ctc")
@@ -66,7 +67,7 @@ def _encode(config: Wav2Vec2Config):
 
 
 def _reference_output(directory: Path, values: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-    model, _ = reference.from_pretrained(directory)
+    model, _ = reference_from_pretrained(directory)
     with torch.no_grad():
         out = model(torch.from_numpy(values), None if mask is None else torch.from_numpy(mask))
     return out.numpy()
@@ -176,7 +177,7 @@ def test_freeze_feature_encoder_stops_gradient_into_feature_extractor(fixture_di
 
 
 def test_ctc_checkpoint_reports_dropped_heads_by_name(fixture_dir):
-    model, report = reference.from_pretrained(fixture_dir("w2v_ctc"))
+    model, report = reference_from_pretrained(fixture_dir("w2v_ctc"))
     dropped = dict(report.dropped)
     assert set(dropped) == {"lm_head.weight", "lm_head.bias"}
     assert all("CTC head" in why for why in dropped.values())
@@ -228,7 +229,7 @@ def test_hf_flax_ctc_msgpack_loads_unchanged(fixture_dir, tmp_path):
 def test_old_weight_norm_names_load_as_parametrizations(fixture_dir):
     directory = fixture_dir("w2v_old_weightnorm")
     assert "encoder.pos_conv_embed.conv.weight_g" in Checkpoint(directory)
-    _, report = reference.from_pretrained(directory)
+    _, report = reference_from_pretrained(directory)
     assert "encoder.pos_conv_embed.conv.parametrizations.weight.original0" in report.loaded
     assert "encoder.pos_conv_embed.conv.parametrizations.weight.original1" in report.loaded
 
@@ -264,7 +265,7 @@ def test_missing_config_json_is_refused(fixture_dir, tmp_path):
     directory = _copy(fixture_dir, "w2v_group", tmp_path)
     (directory / "config.json").unlink()
     with pytest.raises(CheckpointError) as error:
-        reference.from_pretrained(directory)
+        reference_from_pretrained(directory)
     message = _one_line(error)
     assert str(directory / "config.json") in message and "no config.json" in message
 
@@ -273,7 +274,7 @@ def test_missing_weight_file_is_refused(fixture_dir, tmp_path):
     directory = _copy(fixture_dir, "w2v_group", tmp_path)
     (directory / "model.safetensors").unlink()
     with pytest.raises(CheckpointError) as error:
-        reference.from_pretrained(directory)
+        reference_from_pretrained(directory)
     message = _one_line(error)
     assert str(directory) in message and "no weight file" in message
 
@@ -283,7 +284,7 @@ def test_truncated_safetensors_is_refused(fixture_dir, tmp_path):
     data = path.read_bytes()
     path.write_bytes(data[:len(data) - 100])
     with pytest.raises(CheckpointError) as error:
-        reference.from_pretrained(path.parent)
+        reference_from_pretrained(path.parent)
     message = _one_line(error)
     assert str(path) in message and "truncated" in message
 
@@ -294,7 +295,7 @@ def test_corrupt_safetensors_header_is_refused(fixture_dir, tmp_path):
     data[8:16] = b"#garbage"  # the JSON header starts at byte 8
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError) as error:
-        reference.from_pretrained(path.parent)
+        reference_from_pretrained(path.parent)
     message = _one_line(error)
     assert str(path) in message and "corrupt" in message and "header" in message
 
@@ -304,7 +305,7 @@ def test_unsupported_model_type_is_refused_with_supported_list(fixture_dir, tmp_
     config = json.loads((directory / "config.json").read_text())
     (directory / "config.json").write_text(json.dumps({**config, "model_type": "hubert"}))
     with pytest.raises(UnsupportedConfig) as error:
-        reference.from_pretrained(directory)
+        reference_from_pretrained(directory)
     message = _one_line(error)
     assert str(directory / "config.json") in message and "'hubert'" in message and "supported: wav2vec2" in message
 
@@ -316,7 +317,7 @@ def test_tensor_shape_not_matching_config_is_refused(fixture_dir, tmp_path):
     key = "encoder.layers.0.feed_forward.intermediate_dense.weight"
 
     with pytest.raises(CheckpointError) as error:
-        reference.from_pretrained(directory)
+        reference_from_pretrained(directory)
     message = _one_line(error)
     assert str(directory) in message and f"{key}: shape [64, 32] does not match the config" in message
 
@@ -333,7 +334,7 @@ def test_sharded_index_naming_missing_shard_is_refused(fixture_dir, tmp_path):
     directory = _copy(fixture_dir, "w2v_sharded", tmp_path)
     (directory / "model-00002-of-00003.safetensors").unlink()
     with pytest.raises(CheckpointError) as error:
-        reference.from_pretrained(directory)
+        reference_from_pretrained(directory)
     message = _one_line(error)
     assert str(directory / "model.safetensors.index.json") in message
     assert "'model-00002-of-00003.safetensors', which is missing" in message
@@ -349,6 +350,6 @@ def test_bin_pickle_needing_more_than_weights_is_refused(extra, fixture_dir, tmp
     state = torch.load(path, weights_only=True)
     torch.save({**state, "extra": extra}, path)
     with pytest.raises(CheckpointError) as error:
-        reference.from_pretrained(path.parent)
+        reference_from_pretrained(path.parent)
     message = _one_line(error)
     assert str(path) in message and "refused" in message and "weights_only" in message

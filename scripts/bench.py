@@ -44,9 +44,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from convert.checkpoint import numpy_to_torch  # noqa: E402
-from convert.configs import BartConfig, GPT2Config, SpeechEncoderDecoderConfig, Wav2Vec2Config  # noqa: E402
+from convert.archs.bart import BartConfig  # noqa: E402
+from convert.archs.gpt2 import GPT2Config  # noqa: E402
+from convert.archs.wav2vec2 import Wav2Vec2Config  # noqa: E402
+from convert.composed import SpeechEncoderDecoderConfig, composed_tied_keys  # noqa: E402
 from convert.params import params_to_torch_state  # noqa: E402
-from convert.registry import composed_tied_keys  # noqa: E402
 from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel, SpeechEncoderDecoderModule  # noqa: E402
 from torch_reference.speech_encoder_decoder import SpeechEncoderDecoderModel  # noqa: E402
 

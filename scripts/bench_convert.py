@@ -131,7 +131,7 @@ def _fill(key: str, shape: tuple[int, ...], noise: Any, shift: float) -> Any:
 
 
 def _wav2vec2(fields: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    from convert.configs import Wav2Vec2Config
+    from convert.archs.wav2vec2 import Wav2Vec2Config
     from scripts.fixtures_wav2vec2 import hf_config
     from torch_reference.wav2vec2 import Wav2Vec2Model
 
@@ -144,7 +144,7 @@ def _bart(fields: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     drops) included, the tied copies of `model.shared.weight` left out."""
     import torch
 
-    from convert.configs import BartConfig
+    from convert.archs.bart import BartConfig
     from scripts.fixtures_bart import hf_config
     from torch_reference.bart import BartForCausalLM
 
@@ -179,7 +179,7 @@ def _bart_text_encoder_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ..
 
 
 def _gpt2(fields: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    from convert.configs import GPT2Config
+    from convert.archs.gpt2 import GPT2Config
     from scripts.fixtures_gpt2 import hf_config
     from torch_reference.gpt2 import GPT2LMHeadModel
 

@@ -2,7 +2,8 @@
 
     python scripts/make_fixtures.py OUTDIR [--only NAME ...]
 
-Every case is built from `torch_reference` with a fixed seed, so the same command writes the same bytes.
+Every case is built from `torch_reference` with a fixed seed, so the same command writes the same bytes. The
+cases are those of every registered architecture's fixture module (`ArchSpec.fixtures`).
 """
 
 from __future__ import annotations
@@ -15,13 +16,18 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scripts import fixtures_bart, fixtures_gpt2, fixtures_wav2vec2  # noqa: E402
+import importlib  # noqa: E402
 
-CASES: dict[str, Callable[[Path], object]] = {
-    **fixtures_wav2vec2.CASES,
-    **fixtures_bart.CASES,
-    **fixtures_gpt2.CASES,
-}
+from convert.registry import SPECS  # noqa: E402
+
+
+def cases_by_arch() -> dict[str, dict[str, Callable[[Path], object]]]:
+    """Every registered architecture's fixture cases: {spec name: {case name: builder}}."""
+    return {spec.name: importlib.import_module(spec.fixtures).CASES for spec in SPECS}
+
+
+CASES: dict[str, Callable[[Path], object]] = {name: build for cases in cases_by_arch().values()
+                                              for name, build in cases.items()}
 
 
 def build(name: str, root: str | Path) -> Path:

@@ -17,9 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convert.checkpoint import Checkpoint
-from convert.configs import BartConfig
-from convert.keymaps import bart as bart_keymap
+from convert.archs.bart import BartConfig
 from torch_reference.layers import (
     ACTIVATIONS,
     DecoderCache,
@@ -27,7 +25,6 @@ from torch_reference.layers import (
     decoder_cross_mask,
     decoder_self_mask,
 )
-from torch_reference.loading import LoadReport, load_checkpoint_into
 
 LAYER_NORM_EPS = 1e-5  # HF's BART uses nn.LayerNorm's default
 
@@ -270,17 +267,3 @@ class BartForCausalLM(nn.Module):
             cross_key, cross_value = layer.encoder_attn.project_kv(encoder_hidden_states)
             layers.append(LayerCache(empty, empty.clone(), cross_key, cross_value))
         return DecoderCache(tuple(layers), 0, encoder_attention_mask.bool())
-
-
-def from_pretrained(directory: str | Path) -> tuple[BartForCausalLM, LoadReport]:
-    """Loads a BART / mBART checkpoint (CausalLM, ConditionalGeneration or Model layout) in eval mode.
-
-    Raises:
-        CheckpointError, UnsupportedConfig: naming the file and what does not fit.
-    """
-    checkpoint = Checkpoint(directory)
-    config = BartConfig.from_hf_dict(checkpoint.config, where=str(Path(directory) / "config.json"))
-    config = bart_keymap.adapt_config(config, checkpoint)
-    model = BartForCausalLM(config)
-    report = load_checkpoint_into(model, checkpoint, bart_keymap.source_rules(config), bart_keymap.tied_keys(config))
-    return model.eval(), report

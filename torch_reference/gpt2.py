@@ -18,9 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convert.checkpoint import Checkpoint
-from convert.configs import GPT2Config
-from convert.keymaps import gpt2 as gpt2_keymap
+from convert.archs.gpt2 import GPT2Config
 from torch_reference.layers import (
     ACTIVATIONS,
     DecoderCache,
@@ -28,7 +26,6 @@ from torch_reference.layers import (
     decoder_cross_mask,
     decoder_self_mask,
 )
-from torch_reference.loading import LoadReport, load_checkpoint_into
 
 # ----------------------------------------------------------------------------------------------------------
 # Modules
@@ -270,17 +267,3 @@ class GPT2LMHeadModel(nn.Module):
                 cross_key, cross_value = block.crossattention.project_kv(encoder_hidden_states)  # [B, S, N, H]
             layers.append(LayerCache(empty, empty.clone(), cross_key, cross_value))
         return DecoderCache(tuple(layers), 0, encoder_attention_mask.bool())
-
-
-def from_pretrained(directory: str | Path) -> tuple[GPT2LMHeadModel, LoadReport]:
-    """Loads a GPT-2 checkpoint (`GPT2LMHeadModel` or prefix-less `GPT2Model` keys) in eval mode.
-
-    Raises:
-        CheckpointError, UnsupportedConfig: naming the file and what does not fit.
-    """
-    checkpoint = Checkpoint(directory)
-    config = GPT2Config.from_hf_dict(checkpoint.config, where=str(Path(directory) / "config.json"))
-    config = gpt2_keymap.adapt_config(config, checkpoint)
-    model = GPT2LMHeadModel(config)
-    report = load_checkpoint_into(model, checkpoint, gpt2_keymap.source_rules(config), gpt2_keymap.tied_keys(config))
-    return model.eval(), report

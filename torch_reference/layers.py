@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,14 @@ class DecoderCache:
     @property
     def max_length(self) -> int:
         return self.layers[0].key.shape[1]
+
+
+def frame_mask(encoder_config: Any, attention_mask: torch.Tensor, num_frames: int,
+               add_adapter: bool | None = None) -> torch.Tensor:
+    """Which of an encoder's output frames hold real audio, from the sample-level mask: [B, N] -> [B, S] bool,
+    True for the first `encoder_config.output_lengths(sum(attention_mask))` frames of each row."""
+    lengths = encoder_config.output_lengths(attention_mask.sum(-1).long(), add_adapter)  # [B]
+    return torch.arange(num_frames, device=attention_mask.device)[None, :] < lengths[:, None]
 
 
 def make_causal_mask(query_positions: torch.Tensor, key_length: int) -> torch.Tensor:

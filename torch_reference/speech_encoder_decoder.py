@@ -9,11 +9,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from convert.checkpoint import Checkpoint
-from convert.configs import SpeechEncoderDecoderConfig
+from convert.checkpoint import Checkpoint, numpy_to_torch
+from convert.composed import SpeechEncoderDecoderConfig, composed_keymap, composed_tied_keys
 from convert.errors import UnsupportedConfig
-from convert.registry import arch_for, composed_tied_keys
+from convert.params import load_params, params_to_torch_state
+from convert.writing import atomic_directory
+from torch_reference.generation import generate as _generate
+from torch_reference.layers import frame_mask
 from torch_reference.loading import LoadReport, load_checkpoint_into
+from torch_reference.registry import model_for
 
 
 @dataclasses.dataclass
@@ -29,8 +33,8 @@ class SpeechEncoderDecoderModel(nn.Module):
     def __init__(self, config: SpeechEncoderDecoderConfig):
         super().__init__()
         self.config = config
-        self.encoder = arch_for(config.encoder, role="encoder").torch_module_class()(config.encoder)
-        self.decoder = arch_for(config.decoder, role="decoder").torch_module_class()(config.decoder)
+        self.encoder = model_for(config.encoder, "encoder")
+        self.decoder = model_for(config.decoder, "decoder")
         if config.has_projection:
             self.enc_to_dec_proj = nn.Linear(config.encoder.encoder_output_size, config.decoder.hidden_size)
 
@@ -42,10 +46,7 @@ class SpeechEncoderDecoderModel(nn.Module):
         if attention_mask is None:
             mask = torch.ones(hidden.shape[:2], dtype=torch.bool)
         else:
-            encoder_code = arch_for(self.config.encoder, role="encoder").torch_module
-            mask = encoder_code.feature_vector_mask(
-                self.config.encoder, attention_mask, hidden.shape[1], add_adapter=self.config.encoder.add_adapter
-            )
+            mask = frame_mask(self.config.encoder, attention_mask, hidden.shape[1])
         if self.config.has_projection:
             hidden = self.enc_to_dec_proj(hidden)
         return hidden, mask
@@ -90,8 +91,6 @@ class SpeechEncoderDecoderModel(nn.Module):
         """
         from safetensors.torch import save_file
 
-        from convert.writing import atomic_directory
-
         tied = set(composed_tied_keys(self.config))
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items() if k not in tied}
         with atomic_directory(directory, overwrite=True) as tmp:
@@ -101,9 +100,7 @@ class SpeechEncoderDecoderModel(nn.Module):
 
     def generate(self, inputs, attention_mask=None, **kwargs):
         """Greedy or beam-search decoding; see `torch_reference.generation.generate`."""
-        from torch_reference.generation import generate
-
-        return generate(self, inputs, attention_mask, **kwargs)
+        return _generate(self, inputs, attention_mask, **kwargs)
 
 
 def from_pretrained(directory: str | Path) -> tuple[SpeechEncoderDecoderModel, LoadReport]:
@@ -117,10 +114,7 @@ def from_pretrained(directory: str | Path) -> tuple[SpeechEncoderDecoderModel, L
     config = SpeechEncoderDecoderConfig.from_hf_dict(checkpoint.config, str(checkpoint.directory / "config.json"))
     model = SpeechEncoderDecoderModel(config).eval()
     if checkpoint.format == "flax":
-        from convert.checkpoint import numpy_to_torch
-        from convert.params import load_params, params_to_torch_state
-
-        state = params_to_torch_state(config, load_params(directory).params)
+        state = params_to_torch_state(config, load_params(directory, _flax_shapes_of(model)).params)
         missing = model.load_state_dict({k: numpy_to_torch(v) for k, v in state.items()}, strict=False).missing_keys
         lacking = sorted(set(missing) - set(composed_tied_keys(config)))
         if lacking:
@@ -128,3 +122,20 @@ def from_pretrained(directory: str | Path) -> tuple[SpeechEncoderDecoderModel, L
         return model, LoadReport(loaded=sorted(state), dropped=[], tied=sorted(composed_tied_keys(config).items()))
     report = load_checkpoint_into(model, checkpoint, tied=composed_tied_keys(config))
     return model, report
+
+
+def _flax_shapes_of(model: SpeechEncoderDecoderModel):
+    """The Flax leaves the reference model's parameters map to (no Flax code needed): path -> shape."""
+
+    def shapes_of(config: SpeechEncoderDecoderConfig) -> dict[str, tuple[int, ...]]:
+        keymap = composed_keymap(config)
+        tied = composed_tied_keys(config)
+        out = {}
+        for key, tensor in model.state_dict().items():
+            if key in tied:
+                continue
+            path, transform = keymap.to_flax(key)
+            out[path] = transform.flax_shape(tuple(tensor.shape))
+        return out
+
+    return shapes_of

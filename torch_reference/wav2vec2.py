@@ -16,11 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from convert.checkpoint import CONFIG, Checkpoint
-from convert.configs import Wav2Vec2Config
-from convert.keymaps import wav2vec2 as keymaps
-from torch_reference.layers import ACTIVATIONS
-from torch_reference.loading import LoadReport, load_checkpoint_into
+from convert.archs.wav2vec2 import Wav2Vec2Config
+from torch_reference.layers import ACTIVATIONS, frame_mask
 
 # HF's defaults: nn.GroupNorm / nn.LayerNorm in the conv feature encoder and the adapter do not take
 # config.layer_norm_eps.
@@ -44,8 +41,7 @@ def feature_vector_mask(config: Wav2Vec2Config, attention_mask: torch.Tensor, nu
     Returns:
         [B, S] bool, True for the first `config.output_lengths(sum(attention_mask))` frames of each row.
     """
-    lengths = config.output_lengths(attention_mask.sum(-1).long(), add_adapter)  # [B]
-    return torch.arange(num_frames, device=attention_mask.device)[None, :] < lengths[:, None]
+    return frame_mask(config, attention_mask, num_frames, add_adapter)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -291,26 +287,3 @@ class Wav2Vec2Model(nn.Module):
         if self.adapter is not None:
             hidden = self.adapter(hidden)
         return hidden
-
-
-def from_pretrained(directory: str | Path) -> tuple[Wav2Vec2Model, LoadReport]:
-    """Loads a wav2vec2 checkpoint directory (Wav2Vec2Model, Wav2Vec2ForCTC, Wav2Vec2ForPreTraining, ...).
-
-    Heads the encoder does not use are dropped and listed, with why, in `LoadReport.dropped`.
-
-    Args:
-        directory: holds `config.json` and safetensors or `.bin` weights (sharded or not).
-
-    Returns:
-        (model in eval mode, what the load did).
-
-    Raises:
-        CheckpointError: a missing or corrupt file, or tensors that do not fit the config.
-        UnsupportedConfig: a config this code does not implement.
-    """
-    checkpoint = Checkpoint(directory)
-    config = Wav2Vec2Config.from_hf_dict(checkpoint.config, where=str(Path(directory) / CONFIG))
-    config = keymaps.adapt_config(config, checkpoint)
-    model = Wav2Vec2Model(config)
-    report = load_checkpoint_into(model, checkpoint, keymaps.source_rules(config), keymaps.tied_keys(config))
-    return model.eval(), report

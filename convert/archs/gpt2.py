@@ -1,4 +1,4 @@
-"""GPT-2 key table: HF `GPT2LMHeadModel` (PyTorch) <-> HF `FlaxGPT2LMHeadModule`.
+"""GPT-2 decoder: config, key table (HF `GPT2LMHeadModel` <-> HF `FlaxGPT2LMHeadModule`), spec.
 
 GPT-2's Conv1D stores its weight (in, out) and HF's Flax GPT-2 kept its kernels (out, in), so every Conv1D
 row is a transpose (`T.LINEAR`) just like a `nn.Linear` row. Source checkpoints may be `GPT2LMHeadModel`
@@ -9,9 +9,90 @@ row is a transpose (`T.LINEAR`) just like a `nn.Linear` row. Source checkpoints 
 
 from __future__ import annotations
 
-from convert.checkpoint import Checkpoint
-from convert.configs import GPT2Config
+import dataclasses
+from typing import Any, ClassVar
+
+from convert.configs import HFConfig
 from convert.keymap import KeyMap, Rule, SourceRules, T
+from convert.spec import ArchSpec
+
+# ----------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config(HFConfig):
+    """HF's `GPT2Config` (GPT2LMHeadModel), with cross-attention when composed."""
+
+    MODEL_TYPES: ClassVar[tuple[str, ...]] = ("gpt2",)
+    POSITIVE: ClassVar[tuple[str, ...]] = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner",
+                                           "cross_attention_hidden_size")
+    PROBABILITIES: ClassVar[tuple[str, ...]] = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None
+    activation_function: str = "gelu_new"
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+    reorder_and_upcast_attn: bool = False
+    tie_word_embeddings: bool = True
+    resid_pdrop: float = 0.1
+    embd_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 50256
+    eos_token_id: int | None = 50256
+    decoder_start_token_id: int | None = None
+    is_decoder: bool = False
+    add_cross_attention: bool = False
+    cross_attention_hidden_size: int | None = None
+
+    @property
+    def hidden_size(self) -> int:
+        return self.n_embd
+
+    @property
+    def num_layers(self) -> int:
+        return self.n_layer
+
+    @property
+    def num_heads(self) -> int:
+        return self.n_head
+
+    @property
+    def inner_size(self) -> int:
+        return self.n_inner or 4 * self.n_embd
+
+    @property
+    def init_scale(self) -> float:
+        return self.initializer_range
+
+    @property
+    def max_positions(self) -> int:
+        """How many positions the learned position embedding serves."""
+        return self.n_positions
+
+    def as_cross_attending_decoder(self) -> GPT2Config:
+        return self.replace(is_decoder=True, add_cross_attention=True)
+
+    def validate(self, where: str) -> None:
+        self._check_activation(where, "activation_function")
+        if self.n_embd % self.n_head:
+            self._refuse(where, "n_head", self.n_head, "does not divide n_embd")
+        if self.cross_attention_hidden_size not in (None, self.n_embd):
+            # GPT-2's cross-attention projects keys and values from n_embd wide inputs only.
+            self._refuse(where, "cross_attention_hidden_size", self.cross_attention_hidden_size,
+                         f"is not supported for GPT-2 (must equal n_embd={self.n_embd} or be unset)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Key table
 
 _MODEL = ("transformer.", "transformer/")
 _BLOCK = ("transformer.h.{i}.", "transformer/h/{i}/")
@@ -81,6 +162,18 @@ def tied_keys(config: GPT2Config) -> dict[str, str]:
     return {"lm_head.weight": _WTE} if config.tie_word_embeddings else {}
 
 
-def adapt_config(config: GPT2Config, checkpoint: Checkpoint) -> GPT2Config:
-    """GPT-2 needs no data-dependent config fix: the config is returned unchanged."""
-    return config
+SPEC = ArchSpec(
+    name="gpt2",
+    role="decoder",
+    config_class=GPT2Config,
+    keymap=KEYMAP,
+    source_rules=source_rules,
+    flax_source_rules=flax_source_rules,
+    tied_keys=tied_keys,
+    initializable=INITIALIZABLE,
+    flax_class="flax_model.gpt2:GPT2LMHeadModule",
+    torch_class="torch_reference.gpt2:GPT2LMHeadModel",
+    fixtures="scripts.fixtures_gpt2",
+    layer_stack=("n_layer", "transformer/h/"),
+    hf_classes=("GPT2LMHeadModel", "GPT2Model"),
+)

@@ -1,0 +1,218 @@
+"""BART / mBART decoders: config, key table (HF `BartForCausalLM` <-> HF `FlaxBartForCausalLMModule`), spec.
+
+Source checkpoints may also be `BartForConditionalGeneration` or `BartModel` (with or without the `model.`
+prefix) and their mBART twins: the text encoder is dropped, `model.shared.weight` stands in for the decoder's
+token embedding (transformers 5 stores only it when embeddings are tied), and a non-zero `final_logits_bias`
+becomes the LM head's bias.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import numpy as np
+
+from convert.configs import HFConfig
+from convert.keymap import KeyMap, Rule, SourceRules, T
+from convert.spec import ArchSpec
+
+# ----------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclasses.dataclass(frozen=True)
+class BartConfig(HFConfig):
+    """BART's decoder (HF `BartForCausalLM`); mBART is the same code with pre-norm and a final layer norm."""
+
+    MODEL_TYPES: ClassVar[tuple[str, ...]] = ("bart", "mbart")
+    POSITIVE: ClassVar[tuple[str, ...]] = (
+        "vocab_size", "max_position_embeddings", "d_model", "decoder_layers", "decoder_attention_heads",
+        "decoder_ffn_dim", "cross_attention_hidden_size",
+    )
+    PROBABILITIES: ClassVar[tuple[str, ...]] = ("dropout", "attention_dropout", "activation_dropout",
+                                                "decoder_layerdrop")
+
+    model_type: str = "bart"
+    vocab_size: int = 50265
+    max_position_embeddings: int = 1024
+    d_model: int = 1024
+    decoder_layers: int = 12
+    decoder_attention_heads: int = 16
+    decoder_ffn_dim: int = 4096
+    activation_function: str = "gelu"
+    init_std: float = 0.02
+    scale_embedding: bool = False
+    tie_word_embeddings: bool = True
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    activation_dropout: float = 0.0
+    decoder_layerdrop: float = 0.0
+    pad_token_id: int | None = 1
+    bos_token_id: int | None = 0
+    eos_token_id: int | None = 2
+    decoder_start_token_id: int | None = 2
+    is_decoder: bool = False
+    add_cross_attention: bool = False
+    cross_attention_hidden_size: int | None = None
+    # fairseq leftovers that HF's BART ignores; refused when set, since the weights would not match the code.
+    normalize_before: bool = False
+    add_final_layer_norm: bool = False
+    # Ours: BartForConditionalGeneration's final_logits_bias, kept as a bias of the LM head when non-zero.
+    lm_head_bias: bool = False
+
+    @property
+    def is_mbart(self) -> bool:
+        return self.model_type == "mbart"
+
+    @property
+    def hidden_size(self) -> int:
+        return self.d_model
+
+    @property
+    def num_layers(self) -> int:
+        return self.decoder_layers
+
+    @property
+    def num_heads(self) -> int:
+        return self.decoder_attention_heads
+
+    @property
+    def init_scale(self) -> float:
+        return self.init_std
+
+    @property
+    def max_positions(self) -> int:
+        """How many positions the learned position embedding serves."""
+        return self.max_position_embeddings
+
+    @property
+    def position_offset(self) -> int:
+        # BART and mBART learned positions start at index 2 (a fairseq padding convention).
+        return 2
+
+    def as_cross_attending_decoder(self) -> BartConfig:
+        return self.replace(is_decoder=True, add_cross_attention=True)
+
+    def validate(self, where: str) -> None:
+        self._check_activation(where, "activation_function")
+        if self.model_type == "bart":
+            if self.normalize_before:
+                self._refuse(where, "normalize_before", True)
+            if self.add_final_layer_norm:
+                self._refuse(where, "add_final_layer_norm", True)
+        if self.d_model % self.decoder_attention_heads:
+            self._refuse(where, "decoder_attention_heads", self.decoder_attention_heads, "does not divide d_model")
+        if self.cross_attention_hidden_size not in (None, self.d_model):
+            # BART's encoder_attn k/v projections take d_model wide inputs only.
+            self._refuse(where, "cross_attention_hidden_size", self.cross_attention_hidden_size,
+                         f"is not supported for BART (must equal d_model={self.d_model} or be unset)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Key table
+
+_DECODER = ("model.decoder.", "model/decoder/")
+_LAYER = ("model.decoder.layers.{i}.", "model/decoder/layers/{i}/")
+
+# (PyTorch parameter, Flax parameter, transform) of each kind of module.
+_LINEAR = (("weight", "kernel", T.LINEAR), ("bias", "bias", T.IDENTITY))
+_NORM = (("weight", "scale", T.NORM), ("bias", "bias", T.IDENTITY))
+_EMBED = (("weight", "embedding", T.EMBED),)
+
+
+def _rows(prefix: tuple[str, str], module: str, params: tuple[tuple[str, str, T], ...]) -> tuple[Rule, ...]:
+    """Rules for one module; `module` is dotted (`self_attn.q_proj`), its Flax path `/`-joined."""
+    torch_prefix, flax_prefix = prefix
+    flax_module = module.replace(".", "/")
+    return tuple(Rule(f"{torch_prefix}{module}.{p}", f"{flax_prefix}{flax_module}/{f}", t) for p, f, t in params)
+
+
+_MODULES = (
+    (_DECODER, "embed_tokens", _EMBED),
+    (_DECODER, "embed_positions", _EMBED),  # [max_position_embeddings + 2, D]
+    (_DECODER, "layernorm_embedding", _NORM),
+    (_DECODER, "layer_norm", _NORM),  # mBART only
+    *((_LAYER, f"{attn}.{proj}", _LINEAR)
+      for attn in ("self_attn", "encoder_attn") for proj in ("q_proj", "k_proj", "v_proj", "out_proj")),
+    (_LAYER, "self_attn_layer_norm", _NORM),
+    (_LAYER, "encoder_attn_layer_norm", _NORM),
+    (_LAYER, "fc1", _LINEAR),
+    (_LAYER, "fc2", _LINEAR),
+    (_LAYER, "final_layer_norm", _NORM),
+)
+
+KEYMAP = KeyMap("bart", (
+    *(rule for prefix, module, params in _MODULES for rule in _rows(prefix, module, params)),
+    Rule("lm_head.weight", "lm_head/kernel", T.LINEAR),  # untied heads only
+    # BartForConditionalGeneration's [1, V] buffer; kept as the LM head's bias when it is not all zeros.
+    Rule("final_logits_bias", "lm_head/bias", T.ROW),
+))
+
+_EMBED_TOKENS = "model.decoder.embed_tokens.weight"
+_FINAL_LOGITS_BIAS = "final_logits_bias"
+
+
+def source_rules(config: BartConfig) -> SourceRules:
+    """Raw BART / mBART checkpoint names -> `BartForCausalLM` names, for a config passed through `adapt_config`."""
+    drops = [(r"(model\.)?encoder\.", "the text encoder is not used (a speech encoder takes its place)")]
+    if config.tie_word_embeddings:
+        drops.append((r"lm_head\.weight\Z", f"tied to {_EMBED_TOKENS}"))
+    if not config.lm_head_bias:
+        drops.append((rf"{_FINAL_LOGITS_BIAS}\Z", "all zeros (adds nothing to the logits)"))
+    return SourceRules(
+        renames=(
+            (r"^(decoder|encoder|shared)\.", r"model.\1."),  # BartModel checkpoints carry no `model.` prefix
+            (r"^model\.shared\.weight\Z", _EMBED_TOKENS),  # duplicates the decoder embedding, or stands in for it
+        ),
+        drops=tuple(drops),
+    )
+
+
+def flax_source_rules(config: BartConfig) -> SourceRules:
+    """Raw Flax msgpack paths (`FlaxBart{ForCausalLM,ForConditionalGeneration,Model}`) -> our Flax paths.
+
+    HF's Flax seq2seq modules keep the token embedding once, as `model/shared`, and the text encoder beside
+    the decoder.
+    """
+    return SourceRules(
+        renames=(
+            (r"^(decoder|encoder|shared)/", r"model/\1/"),
+            (r"^model/shared/embedding\Z", "model/decoder/embed_tokens/embedding"),
+        ),
+        drops=((r"(model/)?encoder/", "the text encoder is not used (a speech encoder takes its place)"),),
+    )
+
+
+def tied_keys(config: BartConfig) -> dict[str, str]:
+    """{"lm_head.weight": the decoder embedding} when the LM head is tied, else {}."""
+    return {"lm_head.weight": _EMBED_TOKENS} if config.tie_word_embeddings else {}
+
+
+def adapt_config(config: BartConfig, checkpoint: Any) -> BartConfig:
+    """Sets `lm_head_bias` when the checkpoint has a non-zero `final_logits_bias` (or a Flax `lm_head/bias`)."""
+    if config.lm_head_bias:
+        return config
+    if "lm_head/bias" in checkpoint:
+        return config.replace(lm_head_bias=True)
+    if _FINAL_LOGITS_BIAS in checkpoint and np.any(checkpoint.get(_FINAL_LOGITS_BIAS)):
+        return config.replace(lm_head_bias=True)
+    return config
+
+
+SPEC = ArchSpec(
+    name="bart",
+    role="decoder",
+    config_class=BartConfig,
+    keymap=KEYMAP,
+    source_rules=source_rules,
+    flax_source_rules=flax_source_rules,
+    tied_keys=tied_keys,
+    adapt_config=adapt_config,
+    flax_class="flax_model.bart:BartForCausalLMModule",
+    torch_class="torch_reference.bart:BartForCausalLM",
+    fixtures="scripts.fixtures_bart",
+    layer_stack=("decoder_layers", "model/decoder/layers/"),
+    hf_classes=("BartForCausalLM", "BartForConditionalGeneration", "BartModel", "MBartForCausalLM",
+                "MBartForConditionalGeneration", "MBartModel"),
+)

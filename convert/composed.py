@@ -1,0 +1,140 @@
+"""The composed model's config and key table: HF's `SpeechEncoderDecoderConfig` over any registered encoder and
+decoder, and the composed key table (the two parts' tables one level down, plus `enc_to_dec_proj`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, ClassVar, Self
+
+from convert.configs import DecoderConfig, EncoderConfig, HFConfig
+from convert.errors import UnsupportedConfig
+from convert.keymap import KeyMap, Rule, T
+from convert.registry import config_from_hf_dict, spec_for
+
+COMPOSED_MODEL_TYPE = "speech-encoder-decoder"
+# Files of a composed directory besides config.json and the weights.
+COMPOSE_REPORT = "compose_report.json"  # written by convert.compose; marks a directory this toolkit wrote
+GENERATION_CONFIG = "generation_config.json"
+_TOKEN_IDS = ("decoder_start_token_id", "pad_token_id", "eos_token_id")
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeechEncoderDecoderConfig(HFConfig):
+    """HF's `SpeechEncoderDecoderConfig`: an encoder and a decoder config plus the generation token ids."""
+
+    MODEL_TYPES: ClassVar[tuple[str, ...]] = (COMPOSED_MODEL_TYPE,)
+
+    encoder: Any = None  # EncoderConfig
+    decoder: Any = None  # DecoderConfig
+    decoder_start_token_id: int | None = None
+    pad_token_id: int | None = None
+    eos_token_id: int | None = None
+    is_encoder_decoder: bool = True
+    tie_word_embeddings: bool = False
+
+    @classmethod
+    def from_hf_dict(cls, d: Mapping[str, Any], where: str = "config.json") -> Self:
+        if d.get("model_type") not in cls.MODEL_TYPES:
+            raise UnsupportedConfig(
+                f"{where}: model_type={d.get('model_type')!r} is not a composed model "
+                f"(expected {COMPOSED_MODEL_TYPE!r})"
+            )
+        for part in ("encoder", "decoder"):
+            if not isinstance(d.get(part), Mapping):
+                raise UnsupportedConfig(f"{where}: no '{part}' sub-config")
+        for name in _TOKEN_IDS:
+            value = d.get(name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise UnsupportedConfig(f"{where}: {name}={value!r} is not an integer or null")
+        for name in ("is_encoder_decoder", "tie_word_embeddings"):
+            if not isinstance(d.get(name, False), bool):
+                raise UnsupportedConfig(f"{where}: {name}={d[name]!r} is not a boolean")
+        config = cls(
+            raw=dict(d),
+            encoder=config_from_hf_dict(d["encoder"], f"{where} (encoder)", role="encoder"),
+            decoder=config_from_hf_dict(d["decoder"], f"{where} (decoder)", role="decoder"),
+            decoder_start_token_id=d.get("decoder_start_token_id"),
+            pad_token_id=d.get("pad_token_id"),
+            eos_token_id=d.get("eos_token_id"),
+            is_encoder_decoder=d.get("is_encoder_decoder", True),
+            tie_word_embeddings=d.get("tie_word_embeddings", False),
+        )
+        config.validate(where)
+        return config
+
+    def validate(self, where: str) -> None:
+        vocab = self.decoder.vocab_size
+        for name in _TOKEN_IDS:
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < vocab:
+                self._refuse(where, name, value, f"is not a token id of the decoder (vocab_size={vocab})")
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        out = dict(self.raw)
+        out.update(
+            model_type=COMPOSED_MODEL_TYPE,
+            encoder=self.encoder.to_hf_dict(),
+            decoder=self.decoder.to_hf_dict(),
+            decoder_start_token_id=self.decoder_start_token_id,
+            pad_token_id=self.pad_token_id,
+            eos_token_id=self.eos_token_id,
+            is_encoder_decoder=self.is_encoder_decoder,
+            tie_word_embeddings=self.tie_word_embeddings,
+        )
+        return out
+
+    @property
+    def has_projection(self) -> bool:
+        """HF's rule: project when widths differ and the decoder has no cross_attention_hidden_size."""
+        return (
+            self.encoder.encoder_output_size != self.decoder.hidden_size
+            and self.decoder.cross_attention_hidden_size is None
+        )
+
+    @property
+    def encoder_config(self) -> EncoderConfig:
+        return self.encoder
+
+    @property
+    def decoder_config(self) -> DecoderConfig:
+        return self.decoder
+
+
+PROJECTION_KEYMAP = KeyMap("enc_to_dec_proj", (
+    Rule("enc_to_dec_proj.weight", "enc_to_dec_proj/kernel", T.LINEAR),
+    Rule("enc_to_dec_proj.bias", "enc_to_dec_proj/bias"),
+))
+
+
+def composed_keymap(config: SpeechEncoderDecoderConfig) -> KeyMap:
+    """The composed model's table: PyTorch `SpeechEncoderDecoderModel` keys <-> HF Flax paths."""
+    encoder = spec_for(config.encoder, role="encoder").keymap.prefixed("encoder.", "encoder/")
+    decoder = spec_for(config.decoder, role="decoder").keymap.prefixed("decoder.", "decoder/")
+    return encoder + decoder + PROJECTION_KEYMAP
+
+
+def composed_tied_keys(config: SpeechEncoderDecoderConfig) -> dict[str, str]:
+    """Tied PyTorch keys of the composed model: the decoder's, one level down (`decoder.`)."""
+    tied = spec_for(config.decoder, role="decoder").tied_keys(config.decoder)
+    return {f"decoder.{k}": f"decoder.{v}" for k, v in tied.items()}
+
+
+def keymap_for(config: HFConfig) -> KeyMap:
+    """The key table of a composed or single-architecture config."""
+    if isinstance(config, SpeechEncoderDecoderConfig):
+        return composed_keymap(config)
+    return spec_for(config).keymap
+
+
+def tied_keys_for(config: HFConfig) -> dict[str, str]:
+    if isinstance(config, SpeechEncoderDecoderConfig):
+        return composed_tied_keys(config)
+    return spec_for(config).tied_keys(config)
+
+
+def read_any_config(d: Mapping[str, Any], where: str = "config.json") -> HFConfig:
+    """The typed config of a composed or single-architecture `config.json`."""
+    if d.get("model_type") == COMPOSED_MODEL_TYPE:
+        return SpeechEncoderDecoderConfig.from_hf_dict(d, where)
+    return config_from_hf_dict(d, where)
