@@ -27,9 +27,8 @@ from typing import Any, TextIO
 import numpy as np
 
 from convert.checkpoint import Checkpoint
-from convert.configs import read_json
 from convert.composed import COMPOSE_REPORT, SpeechEncoderDecoderConfig
-from convert.configs import HFConfig
+from convert.configs import HFConfig, read_json
 from convert.errors import ConvertError, KeyMapError, UnsupportedConfig
 from convert.hub import resolve_source
 from convert.keymap import Entry, Plan
@@ -170,7 +169,8 @@ def plan_layout(config: SpeechEncoderDecoderConfig, encoder: Source, decoder: So
         KeyMapError: a source tensor that fits nowhere, a wrong shape, or a leaf that neither source has
             and that is not ours to initialise.
     """
-    from flax_model.speech_encoder_decoder import param_shapes  # imports jax: deferred so that --help and errors stay fast
+    # Deferred: it imports jax, which --help and early errors do not need.
+    from flax_model.speech_encoder_decoder import param_shapes
 
     expected = param_shapes(config)
     sources: dict[str, tuple[Source, Entry]] = {}

@@ -197,6 +197,8 @@ class DecoderConfig(Protocol):
         vocab_size: the LM head's width.
         init_scale: standard deviation of the weight initialiser (used for what the composer creates).
         cross_attention_hidden_size: the encoder width cross-attention accepts, or None for `hidden_size`.
+        has_cross_attention: whether this config's model has cross-attention weights (a plain language model
+            may not; `as_cross_attending_decoder()` adds them).
         decoder_start_token_id, bos_token_id, eos_token_id, pad_token_id: token ids from the decoder's config.
     """
 
@@ -207,6 +209,7 @@ class DecoderConfig(Protocol):
     vocab_size: int
     init_scale: float
     cross_attention_hidden_size: int | None
+    has_cross_attention: bool
     decoder_start_token_id: int | None
     bos_token_id: int | None
     eos_token_id: int | None

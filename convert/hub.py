@@ -23,7 +23,7 @@ from huggingface_hub import HfApi, constants, snapshot_download, try_to_load_fro
 from huggingface_hub import errors as hf_errors
 
 from convert import checkpoint as ckpt
-from convert.errors import CheckpointError, ConvertError, HubError
+from convert.errors import HubError
 
 HUB_URL = "https://huggingface.co"
 LIBRARY_NAME = "speech-encdec-flax"

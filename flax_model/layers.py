@@ -40,6 +40,18 @@ def frame_mask(encoder_config: Any, attention_mask: jax.Array, num_frames: int,
     return jnp.arange(num_frames)[None, :] < lengths[:, None]
 
 
+def layer_drop(module: Any, rate: float, deterministic: bool) -> jax.Array | bool:
+    """LayerDrop: whether `module`'s layer is skipped in this call (training only).
+
+    One uniform draw per layer per call from the module's "dropout" PRNG stream, so that a compiled training
+    step draws anew at every step (Python's `random` would be frozen into the trace). Use as
+    `hidden = jnp.where(layer_drop(self, rate, deterministic), hidden, layer(hidden))`.
+    """
+    if deterministic or rate <= 0.0:
+        return False
+    return jax.random.uniform(module.make_rng("dropout"), ()) < rate
+
+
 def make_causal_mask(query_positions: jax.Array, key_length: int) -> jax.Array:
     """[T] absolute query positions, key length L -> [T, L] bool, True where the key is not in the future."""
     return jnp.arange(key_length)[None, :] <= query_positions[:, None]

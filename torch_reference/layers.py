@@ -60,6 +60,11 @@ def frame_mask(encoder_config: Any, attention_mask: torch.Tensor, num_frames: in
     return torch.arange(num_frames, device=attention_mask.device)[None, :] < lengths[:, None]
 
 
+def layer_drop(training: bool, rate: float) -> bool:
+    """LayerDrop as transformers does it: in training, skip the layer when a fresh `torch.rand([])` < rate."""
+    return training and rate > 0.0 and bool(torch.rand([]) < rate)
+
+
 def make_causal_mask(query_positions: torch.Tensor, key_length: int) -> torch.Tensor:
     """[T] absolute query positions, key length L -> [T, L] bool, True where the key is not in the future."""
     return torch.arange(key_length, device=query_positions.device)[None, :] <= query_positions[:, None]

@@ -9,8 +9,6 @@ SpecAugment and LayerDrop are not implemented.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn

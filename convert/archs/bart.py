@@ -91,6 +91,11 @@ class BartConfig(HFConfig):
         # BART and mBART learned positions start at index 2 (a fairseq padding convention).
         return 2
 
+    @property
+    def has_cross_attention(self) -> bool:
+        # Every BART / mBART decoder layer has encoder_attn weights, used when an encoder output is given.
+        return True
+
     def as_cross_attending_decoder(self) -> BartConfig:
         return self.replace(is_decoder=True, add_cross_attention=True)
 

@@ -10,7 +10,7 @@ row is a transpose (`T.LINEAR`) just like a `nn.Linear` row. Source checkpoints 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from convert.configs import HFConfig
 from convert.keymap import KeyMap, Rule, SourceRules, T
@@ -77,6 +77,10 @@ class GPT2Config(HFConfig):
     def max_positions(self) -> int:
         """How many positions the learned position embedding serves."""
         return self.n_positions
+
+    @property
+    def has_cross_attention(self) -> bool:
+        return self.add_cross_attention
 
     def as_cross_attending_decoder(self) -> GPT2Config:
         return self.replace(is_decoder=True, add_cross_attention=True)
