@@ -8,20 +8,29 @@ safetensors files are parsed here (an 8-byte header length, a JSON header, raw l
 each tensor is read with one `readinto` when asked for, so a file is never loaded whole; Flax msgpack files
 likewise (their structure is walked once, skipping the array data). `.bin` files go through
 `torch.load(weights_only=True, mmap=True)`; a pickle that needs more than tensors is refused.
+
+Every reader treats its file as untrusted: whatever is corrupt or absurd in it (a length field beyond the end
+of the file, a shape that does not match its bytes, nesting without end, a shard name that leaves the
+directory) ends in a one-line `CheckpointError` naming the file, and no length read from a file is allocated
+or read before it has been checked against the file's size (`parity_tests/test_fuzz_readers.py` fuzzes this).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
 import math
 import mmap
 import os
+import pickle
 import re
+import reprlib
 import struct
+import zipfile
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePath, PurePosixPath
 from typing import Any
 
 import ml_dtypes
@@ -58,6 +67,39 @@ SAFETENSORS_DTYPES: dict[str, np.dtype] = {
 }
 DTYPE_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
+_MAX_NDIM = 64  # numpy's own limit
+# A Flax parameter tree is about a dozen msgpack levels deep: 64 is far beyond any real file, and far within
+# Python's recursion limit, which the walker would otherwise meet on a corrupt one.
+_MAX_DEPTH = 64
+_NUMPY_MAX_BYTES = np.iinfo(np.intp).max
+
+_brief_repr = reprlib.Repr()
+_brief_repr.maxstring, _brief_repr.maxother, _brief_repr.maxlevel = 120, 60, 3
+
+
+def _brief(value: Any) -> str:
+    """A repr short enough for a one-line error, whatever a corrupt file put there (bounded depth and length)."""
+    return _brief_repr.repr(value)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:200]
+
+
+def _checked_shape(dims: Any, dtype: np.dtype) -> tuple[int, ...] | None:
+    """`dims` as a shape numpy can allocate, or None when it is not a list of at most 64 non-negative ints.
+
+    Bools and floats are refused rather than converted (`int(2.5)`, `int(inf)`); zeros count as ones in the
+    extent checked against numpy's size limit, as numpy counts them.
+    """
+    if not isinstance(dims, (list, tuple)) or len(dims) > _MAX_NDIM:
+        return None
+    if not all(type(d) is int and d >= 0 for d in dims):
+        return None
+    if math.prod(max(d, 1) for d in dims) * dtype.itemsize > _NUMPY_MAX_BYTES:
+        return None
+    return tuple(dims)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +113,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize  # exact: np.prod in int64 wraps around
 
 
 class _SafetensorsFile:
@@ -88,33 +130,49 @@ class _SafetensorsFile:
             if n > min(size - 8, _MAX_HEADER):
                 raise CheckpointError(f"{path}: truncated or corrupt safetensors file (header length {n} "
                                       f"does not fit in {size} bytes)")
-            try:
-                header = json.loads(f.read(n))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise CheckpointError(f"{path}: corrupt safetensors file (header is not valid JSON)") from None
+            raw = f.read(n)
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            # ValueError: JSONDecodeError, and integers past Python's 4300-digit conversion limit.
+            raise self._corrupt("header is not valid JSON") from None
         if not isinstance(header, dict):
-            raise CheckpointError(f"{path}: corrupt safetensors file (header is not a JSON object)")
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+            raise self._corrupt("header is not a JSON object")
+        metadata = header.pop("__metadata__", None)
+        if metadata is None:
+            metadata = {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise self._corrupt(f"__metadata__ is {_brief(metadata)}, not a map of strings")
+        self.metadata: dict[str, str] = metadata
         self.data_start = 8 + n
         self.entries: dict[str, TensorInfo] = {}
         self._offsets: dict[str, tuple[int, int]] = {}
         data_size = size - self.data_start
         for key, spec in header.items():
-            try:
-                dtype = SAFETENSORS_DTYPES[spec["dtype"]]
-                shape = tuple(int(d) for d in spec["shape"])
-                begin, end = (int(x) for x in spec["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{path}: corrupt safetensors file (bad header entry for {key!r})") from None
+            if not isinstance(spec, dict) or not {"dtype", "shape", "data_offsets"} <= spec.keys():
+                raise self._corrupt(f"bad header entry for {_brief(key)}")
+            code, dims, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
+            if not isinstance(code, str) or code not in SAFETENSORS_DTYPES:
+                raise self._corrupt(f"{_brief(key)} has dtype {_brief(code)}, not one of "
+                                    f"{', '.join(SAFETENSORS_DTYPES)}")
+            dtype = SAFETENSORS_DTYPES[code]
+            shape = _checked_shape(dims, dtype)
+            if shape is None:
+                raise self._corrupt(f"{_brief(key)} has shape {_brief(dims)}, not a list of sizes")
+            if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(x) is int for x in offsets)):
+                raise self._corrupt(f"{_brief(key)} has data_offsets {_brief(offsets)}, not [begin, end]")
+            begin, end = offsets
             info = TensorInfo(key, shape, dtype, path)
             if end - begin != info.nbytes or begin < 0:
-                raise CheckpointError(f"{path}: corrupt safetensors file ({key!r}: {end - begin} bytes for shape "
-                                      f"{list(shape)} {spec['dtype']})")
+                raise self._corrupt(f"{_brief(key)}: {end - begin} bytes for shape {list(shape)} {code}")
             if end > data_size:
-                raise CheckpointError(f"{path}: truncated safetensors file ({key!r} ends at byte {end} of the "
+                raise CheckpointError(f"{path}: truncated safetensors file ({_brief(key)} ends at byte {end} of the "
                                       f"data, the file holds {data_size})")
             self.entries[key] = info
             self._offsets[key] = (begin, end)
+
+    def _corrupt(self, why: str) -> CheckpointError:
+        return CheckpointError(f"{self.path}: corrupt safetensors file ({why})")
 
     def read(self, key: str, dtype: np.dtype | None = None) -> np.ndarray:
         info, (begin, end) = self.entries[key], self._offsets[key]
@@ -149,40 +207,148 @@ class _TorchBinFile:
     """A `pytorch_model.bin` loaded with `weights_only=True` (memory-mapped where the zip format allows)."""
 
     def __init__(self, path: Path):
-        import pickle
-
         import torch
 
         self.path = path
-        self._mapped = True
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            self._mapped = f.read(4) == b"PK\x03\x04"  # torch's own test for its zip format
         try:
-            try:
+            if self._mapped:
+                _check_zip_storages(path, size)
                 state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as e:
-                if "mmap" not in str(e):
-                    raise
-                # Legacy (non-zip) pickles cannot be memory-mapped.
-                state = torch.load(path, map_location="cpu", weights_only=True)
-                self._mapped = False
+            else:
+                # Legacy (pre-1.6, non-zip) files cannot be memory-mapped. They are unpickled from memory: reading
+                # a length field from a file object would allocate the whole claimed length before the read.
+                data = path.read_bytes()
+                _check_legacy_storages(path, data)
+                state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except CheckpointError:
+            raise
         except pickle.UnpicklingError as e:
-            raise CheckpointError(f"{path}: refused: the pickle needs more than tensors to load "
-                                  f"(weights_only=True): {_unpickling_reason(e)}") from None
-        except (RuntimeError, EOFError, OSError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"{path}: truncated or corrupt PyTorch checkpoint ({first})") from None
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise CheckpointError(f"{path}: not a state dict of tensors")
+            raise CheckpointError(f"{path}: refused by torch's weights-only unpickler (weights_only=True): "
+                                  f"{_unpickling_reason(e)}") from None
+        except Exception as e:
+            # torch's zip reader and unpickler raise whatever a corrupt file leads them into (RuntimeError,
+            # IndexError, KeyError, AssertionError, struct.error, ...): each of them means a bad file here.
+            raise CheckpointError(f"{path}: truncated or corrupt PyTorch checkpoint ({_first_line(e)})") from None
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path}: not a state dict of tensors (a {type(state).__name__})")
+        self.entries = {}
+        for key, tensor in state.items():
+            if not isinstance(key, str):
+                raise CheckpointError(f"{path}: not a state dict of tensors (the key {_brief(key)} is not a string)")
+            if not isinstance(tensor, torch.Tensor):
+                raise CheckpointError(f"{path}: not a state dict of tensors ({_brief(key)} is a "
+                                      f"{type(tensor).__name__})")
+            if tensor.layout != torch.strided or tensor.is_nested or tensor.device.type != "cpu":
+                raise CheckpointError(f"{path}: tensor {_brief(key)} is not a dense tensor ({tensor.layout}, "
+                                      f"{tensor.device.type})")
+            info = TensorInfo(key, tuple(tensor.shape), _torch_dtype_to_numpy(tensor.dtype, path, key), path)
+            # A view may repeat its storage (stride 0): a copy of it must still fit in what the file holds.
+            if info.nbytes > size:
+                raise CheckpointError(f"{path}: tensor {_brief(key)} of shape {list(info.shape)} claims "
+                                      f"{info.nbytes} bytes, more than the file's {size}")
+            self.entries[key] = info
         self.state = state
-        self.entries = {
-            k: TensorInfo(k, tuple(v.shape), _torch_dtype_to_numpy(v.dtype, path, k), path) for k, v in state.items()
-        }
 
     def read(self, key: str) -> np.ndarray:
-        tensor = self.state[key]
-        out = np.array(torch_to_numpy(tensor))  # a copy in our own memory, so that the mapped pages can go
+        import torch
+
+        tensor, info = self.state[key].detach(), self.entries[key]
+        out = new_array(info.shape, info.dtype)  # a copy in our own memory, so that the mapped pages can go
+        if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16 of its own: copy the bits
+            np.copyto(out.view(np.int16), tensor.view(torch.int16).numpy())
+        else:
+            np.copyto(out, tensor.numpy())
         if self._mapped:
             _release_mapped_pages(tensor)
         return out
+
+
+def _storage_claims(path: Path, stream: io.BytesIO, size: int) -> dict[Any, int]:
+    """The bytes each storage claims, by storage key, from a torch.save pickle, allocating none of them.
+
+    torch allocates (legacy format) or maps (zip format) each storage at the size its pickle claims, and only
+    then meets the data, so the claims are read first: through torch's weights-only unpickler, with storages
+    on the meta device, stopping once they add up to more than the file's `size`.
+    """
+    import torch
+    from torch import _weights_only_unpickler
+
+    claimed: dict[Any, int] = {}
+
+    def persistent_load(saved_id: Any) -> Any:
+        # ("storage", storage type, key, location, numel), plus view metadata in the legacy format.
+        typename, storage_type, key, _, numel, *_ = saved_id
+        if typename not in ("storage", b"storage") or type(numel) is not int or numel < 0:
+            raise CheckpointError(f"{path}: truncated or corrupt PyTorch checkpoint (a storage reference is "
+                                  f"{_brief(saved_id)})")
+        dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
+        claimed[key] = max(claimed.get(key, 0), numel * torch._utils._element_size(dtype))
+        if sum(claimed.values()) > size:
+            raise CheckpointError(f"{path}: truncated or corrupt PyTorch checkpoint (its storages claim "
+                                  f"{sum(claimed.values())} bytes, the file holds {size})")
+        storage = torch.UntypedStorage(claimed[key], device="meta")
+        return torch.storage.TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
+
+    unpickler = _weights_only_unpickler.Unpickler(stream, encoding="utf-8")
+    unpickler.persistent_load = persistent_load
+    unpickler.load()
+    return claimed
+
+
+def _check_zip_storages(path: Path, size: int) -> None:
+    """Refuses a zip whose entries claim more than the file holds (torch allocates a record's claimed size to
+    read it: data.pkl is read whole), or whose pickle claims a storage larger than its record: a memory-mapped
+    load takes the claimed length from the mapping without a check, reading the bytes that follow."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+            for entry in entries:
+                claimed = max(entry.file_size, entry.compress_size)
+                if claimed > size or entry.header_offset > size:
+                    raise CheckpointError(f"{path}: truncated or corrupt PyTorch checkpoint (zip entry "
+                                          f"{_brief(entry.filename)} claims {claimed} bytes in a {size}-byte file)")
+            # torch names the records of one archive "<archive>/data.pkl", "<archive>/data/<key>", ...
+            prefix = entries[0].filename.split("/", 1)[0] + "/" if entries else ""
+            pickled = archive.read(prefix + "data.pkl")
+    except CheckpointError:
+        raise
+    except Exception as e:  # zipfile raises BadZipFile, but also KeyError, OSError, ValueError, EOFError
+        raise CheckpointError(f"{path}: truncated or corrupt PyTorch checkpoint (not a readable torch.save zip "
+                              f"archive: {_first_line(e)})") from None
+    records = {entry.filename: entry.file_size for entry in entries}
+    for key, nbytes in _storage_claims(path, io.BytesIO(pickled), size).items():
+        held = records.get(f"{prefix}data/{key}")
+        if held is None or nbytes > held:
+            raise CheckpointError(f"{path}: truncated or corrupt PyTorch checkpoint (storage {_brief(key)} claims "
+                                  f"{nbytes} bytes, its record holds {held or 0})")
+
+
+def _check_legacy_storages(path: Path, data: bytes) -> None:
+    """Refuses a legacy-format file whose storages claim more bytes than it holds, or that stores no data for
+    a storage its pickle uses (torch would hand out that storage uninitialised)."""
+    import torch
+    from torch import _weights_only_unpickler
+
+    stream = io.BytesIO(data)
+    try:
+        magic = _weights_only_unpickler.load(stream, encoding="utf-8")
+    except Exception:
+        magic = None
+    if magic != torch.serialization.MAGIC_NUMBER:
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither torch.save's zip archive nor its legacy "
+                              f"format)")
+    for _ in range(2):  # the protocol version and system info that precede the state dict
+        _weights_only_unpickler.load(stream, encoding="utf-8")
+    claimed = _storage_claims(path, stream, len(data))
+    stored = _weights_only_unpickler.load(stream, encoding="utf-8")  # the keys of the storages whose data follows
+    stored_keys = {key for key in stored if isinstance(key, str)} if isinstance(stored, list) else set()
+    missing = [key for key in claimed if key not in stored_keys]
+    if missing:
+        raise CheckpointError(f"{path}: truncated or corrupt PyTorch checkpoint (no data for storage "
+                              f"{_brief(missing[0])})")
 
 
 def _release_mapped_pages(tensor: Any) -> None:
@@ -223,26 +389,26 @@ class _FlaxMsgpackFile:
     def __init__(self, path: Path):
         self.path = path
         size = path.stat().st_size
+        self._leaves: dict[str, _ArrayRef | np.ndarray] = {}
         try:
             with path.open("rb") as f:
                 tree = _MsgpackIndex(f, size).value()
                 if f.tell() != size:
                     raise _CorruptMsgpack(f"{size - f.tell()} bytes after the tree")
-        except (_CorruptMsgpack, EOFError, UnicodeDecodeError, ValueError, TypeError) as e:
-            why = str(e) if isinstance(e, _CorruptMsgpack) else "ends early" if isinstance(e, EOFError) \
-                else type(e).__name__
-            raise CheckpointError(f"{path}: truncated or corrupt msgpack file ({why})") from None
-        if not isinstance(tree, dict):
-            raise CheckpointError(f"{path}: not a Flax parameter tree")
-        if set(tree) == {"params"}:
-            tree = tree["params"]
-        self._leaves: dict[str, _ArrayRef | np.ndarray] = {}
-        _flatten_tree(tree, "", self._leaves)
+            if isinstance(tree, dict) and set(tree) == {"params"} and isinstance(tree["params"], dict):
+                tree = tree["params"]
+            if not isinstance(tree, dict):
+                raise _CorruptMsgpack(f"a {type(tree).__name__}, not a Flax parameter tree")
+            _flatten_tree(tree, "", self._leaves)
+        except _CorruptMsgpack as e:
+            raise CheckpointError(f"{path}: truncated or corrupt msgpack file ({e})") from None
+        except EOFError:
+            raise CheckpointError(f"{path}: truncated or corrupt msgpack file (ends early)") from None
         self.entries = {k: TensorInfo(k, tuple(v.shape), np.dtype(v.dtype), path) for k, v in self._leaves.items()}
 
     def read(self, key: str) -> np.ndarray:
         leaf = self._leaves[key]
-        if isinstance(leaf, np.ndarray):  # a scalar or other small leaf, kept from the walk
+        if isinstance(leaf, np.ndarray):  # a scalar kept from the walk
             return leaf.copy()
         out = new_array(leaf.shape, leaf.dtype)
         view = memoryview(out.reshape(-1).view(np.uint8))
@@ -269,16 +435,40 @@ class _CorruptMsgpack(Exception):
     pass
 
 
+# The dtypes flax writes for parameters (numpy's and ml_dtypes' names, as `dtype.name` gives them). A name is
+# looked up here, never handed to np.dtype: that would also accept "O" (object arrays), "f4,f4" or ">f4".
+_FLAX_DTYPES: dict[str, np.dtype] = {
+    np.dtype(t).name: np.dtype(t) for t in (
+        np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
+        np.float16, np.float32, np.float64, np.complex64, np.complex128,
+        *(getattr(ml_dtypes, name) for name in ("bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
+                                                 "float8_e5m2fnuz", "float8_e4m3b11fnuz", "int4", "uint4")
+          if hasattr(ml_dtypes, name)),
+    )
+}
+
+
 class _MsgpackIndex:
-    """Reads msgpack values from a file, except array data: ndarray ext values become `_ArrayRef`s."""
+    """Reads msgpack values from a file, except array data: ndarray ext values become `_ArrayRef`s.
+
+    Every length and count is checked against the bytes left before anything is read or built, and nesting is
+    bounded, so that a corrupt file is reported rather than exhausting memory or the stack.
+    """
 
     _CHUNKED = "__msgpack_chunked_array__"
 
-    def __init__(self, f: Any, size: int):
+    def __init__(self, f: Any, size: int, depth: int = 0):
         self._f = f
         self._size = size
+        self._depth = depth
+
+    def _left(self) -> int:
+        return self._size - self._f.tell()
 
     def _read(self, n: int) -> bytes:
+        # Checked first: a buffered read allocates all of `n` up front, and `n` may be 2**32 - 1.
+        if n > self._left():
+            raise EOFError
         data = self._f.read(n)
         if len(data) < n:
             raise EOFError
@@ -288,6 +478,15 @@ class _MsgpackIndex:
         return int.from_bytes(self._read(n), "big")
 
     def value(self) -> Any:
+        if self._depth >= _MAX_DEPTH:
+            raise _CorruptMsgpack(f"nested deeper than {_MAX_DEPTH} levels")
+        self._depth += 1
+        try:
+            return self._value()
+        finally:
+            self._depth -= 1
+
+    def _value(self) -> Any:
         t = self._read(1)[0]
         if t <= 0x7F:
             return t
@@ -296,9 +495,9 @@ class _MsgpackIndex:
         if t <= 0x8F:
             return self._map(t & 0x0F)
         if t <= 0x9F:
-            return [self.value() for _ in range(t & 0x0F)]
+            return self._list(t & 0x0F)
         if t <= 0xBF:
-            return self._read(t & 0x1F).decode()
+            return self._str(t & 0x1F)
         fixed = {0xC0: None, 0xC2: False, 0xC3: True}
         if t in fixed:
             return fixed[t]
@@ -318,55 +517,86 @@ class _MsgpackIndex:
         if 0xD4 <= t <= 0xD8:  # fixext 1/2/4/8/16
             return self._ext(self._read(1)[0], 1 << (t - 0xD4))
         if 0xD9 <= t <= 0xDB:
-            return self._read(self._uint(1 << (t - 0xD9))).decode()
+            return self._str(self._uint(1 << (t - 0xD9)))
         if t in (0xDC, 0xDD):
-            return [self.value() for _ in range(self._uint(2 if t == 0xDC else 4))]
+            return self._list(self._uint(2 if t == 0xDC else 4))
         if t in (0xDE, 0xDF):
             return self._map(self._uint(2 if t == 0xDE else 4))
         raise _CorruptMsgpack(f"byte 0x{t:02x} is not a msgpack type")
 
+    def _str(self, n: int) -> str:
+        try:
+            return self._read(n).decode()
+        except UnicodeDecodeError:
+            raise _CorruptMsgpack("a string is not UTF-8") from None
+
+    def _list(self, n: int) -> list:
+        if n > self._left():  # every item takes at least one byte
+            raise _CorruptMsgpack(f"an array of {n} items in {self._left()} bytes")
+        return [self.value() for _ in range(n)]
+
     def _map(self, n: int) -> Any:
+        if 2 * n > self._left():  # every entry takes at least two bytes
+            raise _CorruptMsgpack(f"a map of {n} entries in {self._left()} bytes")
         out = {}
         for _ in range(n):
             key = self.value()
+            if not isinstance(key, str):  # flax writes string keys only (and restores with strict_map_key)
+                raise _CorruptMsgpack(f"a map key is {_brief(key)}, not a string")
             out[key] = self.value()
         return self._unchunk(out) if self._CHUNKED in out else out
 
     def _ext(self, code: int, n: int) -> Any:
         start = self._f.tell()
-        if start + n > self._size:
+        if n > self._left():
             raise EOFError
         if code in (1, 3):  # flax's ndarray and numpy scalar: packb((shape, dtype name, data))
             if self._read(1) != b"\x93":
                 raise _CorruptMsgpack("an array is not (shape, dtype, data)")
-            shape, name = tuple(self.value()), self.value()
+            dims, name = self.value(), self.value()
+            dtype = _dtype_from_name(name)
+            shape = _checked_shape(dims, dtype)
+            if shape is None:
+                raise _CorruptMsgpack(f"an array's shape is {_brief(dims)}, not a list of sizes")
             t = self._read(1)[0]
             if not 0xC4 <= t <= 0xC6:
                 raise _CorruptMsgpack("an array's data is not binary")
             nbytes = self._uint(1 << (t - 0xC4))
             offset = self._f.tell()
-            dtype = _dtype_from_name(name)
             if offset + nbytes != start + n or nbytes != math.prod(shape) * dtype.itemsize:
                 raise _CorruptMsgpack(f"an array of shape {list(shape)} {name} holds {nbytes} bytes")
             self._f.seek(offset + nbytes)
             return _ArrayRef(shape, dtype, ((offset, nbytes),))
         data = self._read(n)
         if code == 2:  # flax's native complex: packb((real, imag))
-            import msgpack
-
-            return np.asarray(complex(*msgpack.unpackb(data)))
+            return self._complex(data)
         raise _CorruptMsgpack(f"unknown ext type {code}")
+
+    def _complex(self, data: bytes) -> complex:
+        inner = _MsgpackIndex(io.BytesIO(data), len(data), self._depth)
+        try:
+            parts = inner.value()
+        except EOFError:
+            parts = None
+        if inner._left() or not (isinstance(parts, list) and len(parts) == 2
+                                 and all(type(p) in (int, float) for p in parts)):
+            raise _CorruptMsgpack("a complex number is not (real, imag)")
+        return complex(*parts)
 
     @staticmethod
     def _unchunk(d: dict) -> _ArrayRef:
+        shape_map, chunk_map = d.get("shape"), d.get("chunks")
         try:
-            shape = tuple(d["shape"][str(i)] for i in range(len(d["shape"])))
-            chunks = [d["chunks"][str(i)] for i in range(len(d["chunks"]))]
+            dims = [shape_map[str(i)] for i in range(len(shape_map))]  # type: ignore[index, arg-type]
+            chunks = [chunk_map[str(i)] for i in range(len(chunk_map))]  # type: ignore[index, arg-type]
         except (KeyError, TypeError):
             raise _CorruptMsgpack("a chunked array without its shape or chunks") from None
         if not chunks or not all(isinstance(c, _ArrayRef) and c.dtype == chunks[0].dtype for c in chunks):
             raise _CorruptMsgpack("a chunked array with mixed chunks")
         dtype = chunks[0].dtype
+        shape = _checked_shape(dims, dtype)
+        if shape is None:
+            raise _CorruptMsgpack(f"a chunked array's shape is {_brief(dims)}, not a list of sizes")
         ranges = tuple(r for c in chunks for r in c.chunks)
         if sum(n for _, n in ranges) != math.prod(shape) * dtype.itemsize:
             raise _CorruptMsgpack(f"a chunked array of shape {list(shape)} holds the wrong number of bytes")
@@ -374,22 +604,30 @@ class _MsgpackIndex:
 
 
 def _dtype_from_name(name: Any) -> np.dtype:
-    if not isinstance(name, str):
-        raise _CorruptMsgpack("an array's dtype is not a name")
-    try:
-        return np.dtype(getattr(ml_dtypes, name)) if hasattr(ml_dtypes, name) else np.dtype(name)
-    except TypeError:
-        raise _CorruptMsgpack(f"unknown dtype {name!r}") from None
+    if not isinstance(name, str) or name not in _FLAX_DTYPES:
+        raise _CorruptMsgpack(f"an array's dtype is {_brief(name)}, not one of {', '.join(_FLAX_DTYPES)}")
+    return _FLAX_DTYPES[name]
 
 
 def _flatten_tree(tree: dict, prefix: str, out: dict[str, Any]) -> None:
-    """`/`-joined paths of the leaves, as flax.traverse_util.flatten_dict (empty subtrees vanish)."""
+    """`/`-joined paths of the leaves, as flax.traverse_util.flatten_dict (empty subtrees vanish).
+
+    Leaves are arrays or numbers; two paths that join to the same name ("a/b" and "a" > "b") are refused
+    rather than one silently hiding the other.
+    """
     for key, value in tree.items():
         path = f"{prefix}{key}"
         if isinstance(value, dict):
             _flatten_tree(value, path + "/", out)
+            continue
+        if path in out:
+            raise _CorruptMsgpack(f"two leaves are named {_brief(path)}")
+        if isinstance(value, _ArrayRef):
+            out[path] = value
+        elif type(value) in (bool, int, float, complex):
+            out[path] = np.asarray(value)
         else:
-            out[path] = value if isinstance(value, _ArrayRef) else np.asarray(value)
+            raise _CorruptMsgpack(f"the leaf {_brief(path)} is a {type(value).__name__}, not an array or number")
 
 
 _OWN_MAPPING_BYTES = 1 << 20
@@ -415,16 +653,17 @@ def new_array(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
 
 
 def _unpickling_reason(error: Exception) -> str:
-    """The informative sentence of torch's weights_only refusal.
+    """The informative sentence of torch's weights_only refusal, on one line.
 
-    Its first line is advice to retry with weights_only=False (with ANSI codes); the reason follows it.
+    torch's message opens with advice to retry with weights_only=False (with ANSI codes) and closes with a link
+    to the documentation; the reason lies between ("Trying to load unsupported GLOBAL posix.system ...",
+    "WeightsUnpickler error: Unsupported operand 238").
     """
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
-    m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\.?$)", text, flags=re.MULTILINE)
-    if m:
-        return m.group(1).strip()
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[0] if lines else "unpickling error"
+    text = re.sub(r".*WeightsUnpickler error:", "", text, flags=re.DOTALL)
+    boilerplate = ("Weights only load failed", "Check the documentation", "Please file an issue")
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(boilerplate)]
+    return " ".join(lines)[:300] or "unpickling error"
 
 
 def torch_to_numpy(t: Any) -> np.ndarray:
@@ -480,14 +719,16 @@ class Checkpoint:
         config_path = self.directory / CONFIG
         if not config_path.is_file():
             raise CheckpointError(f"{config_path}: no config.json in the checkpoint directory")
-        self.config: dict[str, Any] = read_json(config_path)
+        self.config: dict[str, Any] = _read_json(config_path)
         name = next((n for n in prefer if (self.directory / n).is_file()), None)
         if name is None:
             raise CheckpointError(f"{self.directory}: no weight file (looked for {', '.join(prefer)})")
         self.format = "safetensors" if "safetensors" in name else "pytorch" if "bin" in name else "flax"
         opener = {"safetensors": _SafetensorsFile, "pytorch": _TorchBinFile, "flax": _FlaxMsgpackFile}[self.format]
+        index_map: dict[str, Path] = {}
         if name.endswith(".index.json"):
-            self.weight_files = self._shards(self.directory / name)
+            index_map = self._shards(self.directory / name)
+            self.weight_files = list(dict.fromkeys(index_map.values()))
         else:
             self.weight_files = [self.directory / name]
         self._files = {}
@@ -497,20 +738,46 @@ class Checkpoint:
             self._files[path] = f
             for key in f.entries:
                 if key in self._where:
-                    raise CheckpointError(f"{path}: tensor {key!r} is also in {self._where[key].path}")
+                    raise CheckpointError(f"{path}: tensor {_brief(key)} is also in {self._where[key].path}")
                 self._where[key] = f
+        for key, path in index_map.items():
+            if key not in self._where or self._where[key].path != path:
+                raise CheckpointError(f"{self.directory / name}: lists {_brief(key)} in shard {path.name!r}, "
+                                      f"which does not hold it")
 
-    def _shards(self, index_path: Path) -> list[Path]:
-        index = read_json(index_path)
+    def _shards(self, index_path: Path) -> dict[str, Path]:
+        """The index's weight map as key -> shard path, each shard checked to be a file of this directory."""
+        index = _read_json(index_path)
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index_path}: no 'weight_map' in the shard index")
-        shards = list(dict.fromkeys(weight_map.values()))
-        for shard in shards:
-            if not (self.directory / shard).is_file():
-                raise CheckpointError(f"{index_path}: names shard {shard!r}, which is missing")
-        self._index_map = weight_map
-        return [self.directory / s for s in shards]
+        roots = _shard_roots(self.directory)
+        paths: dict[str, Path] = {}
+        for key, shard in weight_map.items():
+            if not isinstance(shard, str):
+                raise CheckpointError(f"{index_path}: the shard of {_brief(key)} is {_brief(shard)}, not a file name")
+            if shard not in paths:
+                paths[shard] = self._shard_path(index_path, shard, roots)
+        return {key: paths[shard] for key, shard in weight_map.items()}
+
+    def _shard_path(self, index_path: Path, shard: str, roots: list[Path]) -> Path:
+        # An index is data from the checkpoint's author: it may only name files of this directory.
+        posix = PurePosixPath(shard)
+        if (not shard or "\0" in shard or "\\" in shard or posix.is_absolute() or PurePath(shard).is_absolute()
+                or ".." in posix.parts or posix == PurePosixPath(".")):
+            raise CheckpointError(f"{index_path}: names shard {_brief(shard)}, which is not a file name in "
+                                  f"{self.directory}")
+        path = self.directory / shard
+        try:
+            found, real = path.is_file(), path.resolve()
+        except (OSError, RuntimeError, ValueError):  # a name too long, a symlink loop
+            found, real = False, path
+        if not found:
+            raise CheckpointError(f"{index_path}: names shard {shard!r}, which is missing")
+        if not any(real.is_relative_to(root) for root in roots):
+            raise CheckpointError(f"{index_path}: names shard {shard!r}, a link that leads out of {self.directory} "
+                                  f"(to {real})")
+        return path
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -546,6 +813,26 @@ class Checkpoint:
     @property
     def model_type(self) -> str | None:
         return self.config.get("model_type")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """`read_json`, also refusing JSON nested past the parser's recursion limit, or with integers longer than
+    Python converts (4300 digits), with the same one-line error."""
+    try:
+        return read_json(path)
+    except (RecursionError, ValueError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({_first_line(e)})") from None
+
+
+def _shard_roots(directory: Path) -> list[Path]:
+    """Where the files of `directory` may really lie: in it or, for a snapshot of huggingface_hub's cache
+    (`models--OWNER--NAME/snapshots/<commit>/`), in its repository's `blobs/`, which the snapshot links to."""
+    real = directory.resolve()
+    for folder in (real, *real.parents):
+        repo = folder.parent.parent
+        if folder.parent.name == "snapshots" and repo.name.startswith(("models--", "datasets--", "spaces--")):
+            return [real, repo / "blobs"]
+    return [real]
 
 
 def open_checkpoint(directory: str | Path) -> Checkpoint:
