@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from convert.archs import bart, gpt2, wav2vec2
+from convert.archs import bart, bert, gpt2, roberta, wav2vec2
 from convert.configs import HFConfig
 from convert.errors import UnsupportedConfig
 from convert.spec import ArchSpec, Role
@@ -18,6 +18,8 @@ SPECS: tuple[ArchSpec, ...] = (
     wav2vec2.SPEC,
     bart.SPEC,
     gpt2.SPEC,
+    bert.SPEC,
+    roberta.SPEC,
 )
 
 BY_MODEL_TYPE: dict[str, ArchSpec] = {t: spec for spec in SPECS for t in spec.model_types}
