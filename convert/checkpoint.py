@@ -9,6 +9,11 @@ each tensor is read with one `readinto` when asked for, so a file is never loade
 likewise (their structure is walked once, skipping the array data). `.bin` files go through
 `torch.load(weights_only=True, mmap=True)`; a pickle that needs more than tensors is refused.
 
+`Checkpoint.get_slice(key, index)` reads one box of a tensor (a slice per dimension) and nothing else: the
+rows of the box are contiguous byte ranges of the file (one read when the box is itself one range, one read
+per row otherwise), so that a process of a sharded load reads only the shards its devices hold.
+`Checkpoint.bytes_read` counts the tensor bytes read so far.
+
 Every reader treats its file as untrusted: whatever is corrupt or absurd in it (a length field beyond the end
 of the file, a shape that does not match its bytes, nesting without end, a shard name that leaves the
 directory) ends in a one-line `CheckpointError` naming the file, and no length read from a file is allocated
@@ -20,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+import itertools
 import json
 import math
 import mmap
@@ -31,7 +37,7 @@ import struct
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path, PurePath, PurePosixPath
-from typing import Any
+from typing import Any, TypeAlias
 
 import ml_dtypes
 import numpy as np
@@ -116,11 +122,86 @@ class TensorInfo:
         return math.prod(self.shape) * self.dtype.itemsize  # exact: np.prod in int64 wraps around
 
 
+Index: TypeAlias = tuple[slice, ...]
+
+
+def _box(shape: tuple[int, ...], index: Index, what: str) -> tuple[tuple[int, int], ...]:
+    """(start, stop) per dimension of a box given as slices (missing trailing ones select everything)."""
+    if not isinstance(index, tuple) or len(index) > len(shape):
+        raise ValueError(f"{what}: index {index!r} is not a tuple of at most {len(shape)} slices")
+    box = []
+    for dim, s in zip(shape, index + (slice(None),) * (len(shape) - len(index))):
+        if not isinstance(s, slice) or s.step not in (None, 1):
+            raise ValueError(f"{what}: index {index!r} is not a tuple of slices with step 1")
+        start, stop, _ = s.indices(dim)
+        box.append((start, max(start, stop)))
+    return tuple(box)
+
+
+def _box_runs(shape: tuple[int, ...], box: tuple[tuple[int, int], ...]) -> tuple[int, Iterator[int]]:
+    """The box as contiguous runs of the C-ordered tensor: (elements per run, first element of each run).
+
+    The dimensions after the last partly selected one are read whole, so each run spans them; the box is one
+    run when every dimension before that one selects a single index.
+    """
+    ndim = len(shape)
+    partial = max((d for d in range(ndim) if box[d] != (0, shape[d])), default=-1)
+    if partial < 0:
+        return math.prod(shape), iter((0,))
+    inner = math.prod(shape[partial + 1:])
+    run = (box[partial][1] - box[partial][0]) * inner
+    strides = [math.prod(shape[d + 1:]) for d in range(partial)]
+    first = box[partial][0] * inner
+    outer = [range(a, b) for a, b in box[:partial]]
+    return run, (first + sum(i * s for i, s in zip(rows, strides)) for rows in itertools.product(*outer))
+
+
+def _pread(fd: int, ranges: tuple[tuple[int, int], ...], start: int, out: memoryview) -> int:
+    """Fills `out` from byte `start` of a tensor whose bytes lie in `ranges` ((file offset, nbytes), in order);
+    returns the bytes read (short only when the file is)."""
+    done = 0
+    for offset, nbytes in ranges:
+        if start >= nbytes:
+            start -= nbytes
+            continue
+        want = min(nbytes - start, len(out) - done)
+        while want:
+            got = os.preadv(fd, [out[done:done + want]], offset + start)
+            if got <= 0:
+                return done
+            done, start, want = done + got, start + got, want - got
+        if done == len(out):
+            break
+        start = 0
+    return done
+
+
+def _read_box(path: Path, ranges: tuple[tuple[int, int], ...], info: TensorInfo,
+              box: tuple[tuple[int, int], ...]) -> np.ndarray:
+    """The box of a tensor stored C-ordered in `ranges` of the file `path`, read run by run."""
+    out = new_array(tuple(b - a for a, b in box), info.dtype)
+    if out.size == 0:
+        return out
+    run, firsts = _box_runs(info.shape, box)
+    size = info.dtype.itemsize
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for k, first in enumerate(firsts):
+            chunk = view[k * run * size:(k + 1) * run * size]
+            if _pread(fd, ranges, first * size, chunk) != len(chunk):
+                raise CheckpointError(f"{path}: truncated file (short read of {info.key!r})")
+    finally:
+        os.close(fd)
+    return out
+
+
 class _SafetensorsFile:
     """One parsed safetensors file: its header, checked against the file size; data read per tensor."""
 
     def __init__(self, path: Path):
         self.path = path
+        self.bytes_read = 0
         size = path.stat().st_size
         with path.open("rb") as f:
             head = f.read(8)
@@ -184,6 +265,13 @@ class _SafetensorsFile:
             got = f.readinto(memoryview(out.reshape(-1).view(np.uint8)))
         if got != end - begin:
             raise CheckpointError(f"{self.path}: truncated safetensors file (short read of {key!r})")
+        self.bytes_read += got
+        return out
+
+    def read_box(self, key: str, box: tuple[tuple[int, int], ...]) -> np.ndarray:
+        begin, end = self._offsets[key]
+        out = _read_box(self.path, ((self.data_start + begin, end - begin),), self.entries[key], box)
+        self.bytes_read += out.nbytes
         return out
 
     def _read_cast(self, key: str, dtype: np.dtype) -> np.ndarray:
@@ -200,6 +288,7 @@ class _SafetensorsFile:
                 if f.readinto(memoryview(chunk.view(np.uint8))) != chunk.nbytes:
                     raise CheckpointError(f"{self.path}: truncated safetensors file (short read of {key!r})")
                 np.copyto(out[start:start + chunk.size], chunk, casting="unsafe")
+        self.bytes_read += info.nbytes
         return out.reshape(info.shape)
 
 
@@ -210,6 +299,7 @@ class _TorchBinFile:
         import torch
 
         self.path = path
+        self.bytes_read = 0
         size = path.stat().st_size
         with path.open("rb") as f:
             self._mapped = f.read(4) == b"PK\x03\x04"  # torch's own test for its zip format
@@ -253,16 +343,23 @@ class _TorchBinFile:
         self.state = state
 
     def read(self, key: str) -> np.ndarray:
+        return self.read_box(key, tuple((0, n) for n in self.entries[key].shape))
+
+    def read_box(self, key: str, box: tuple[tuple[int, int], ...]) -> np.ndarray:
+        """A copy of the box; of a memory-mapped file only the pages under the box are read (page granularity:
+        `bytes_read` counts the box's bytes)."""
         import torch
 
-        tensor, info = self.state[key].detach(), self.entries[key]
-        out = new_array(info.shape, info.dtype)  # a copy in our own memory, so that the mapped pages can go
+        whole, info = self.state[key].detach(), self.entries[key]
+        tensor = whole[tuple(slice(a, b) for a, b in box)]
+        out = new_array(tuple(tensor.shape), info.dtype)  # a copy in our own memory, so that the mapped pages can go
         if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16 of its own: copy the bits
             np.copyto(out.view(np.int16), tensor.view(torch.int16).numpy())
         else:
             np.copyto(out, tensor.numpy())
         if self._mapped:
-            _release_mapped_pages(tensor)
+            _release_mapped_pages(whole)
+        self.bytes_read += out.nbytes
         return out
 
 
@@ -388,6 +485,7 @@ class _FlaxMsgpackFile:
 
     def __init__(self, path: Path):
         self.path = path
+        self.bytes_read = 0
         size = path.stat().st_size
         self._leaves: dict[str, _ArrayRef | np.ndarray] = {}
         try:
@@ -419,6 +517,15 @@ class _FlaxMsgpackFile:
                 if f.readinto(view[position:position + nbytes]) != nbytes:
                     raise CheckpointError(f"{self.path}: truncated msgpack file (short read of {key!r})")
                 position += nbytes
+        self.bytes_read += position
+        return out
+
+    def read_box(self, key: str, box: tuple[tuple[int, int], ...]) -> np.ndarray:
+        leaf = self._leaves[key]
+        if isinstance(leaf, np.ndarray):  # a scalar kept from the walk
+            return leaf[tuple(slice(a, b) for a, b in box)].copy()
+        out = _read_box(self.path, leaf.chunks, self.entries[key], box)
+        self.bytes_read += out.nbytes
         return out
 
 
@@ -801,6 +908,31 @@ class Checkpoint:
             return source.read(key, dtype)
         array = source.read(key)
         return array if dtype is None or array.dtype == np.dtype(dtype) else array.astype(dtype)
+
+    def get_slice(self, key: str, index: Index, dtype: np.dtype | None = None) -> np.ndarray:
+        """Reads one box of a tensor, `tensor[index]`, reading only its bytes.
+
+        Args:
+            key: the tensor's name.
+            index: one slice (step 1) per leading dimension; dimensions left out are read whole.
+            dtype: cast to this dtype (numpy's rounding) after reading; None keeps the stored dtype, bit-exact.
+
+        Returns:
+            A new array of the box's shape.
+        """
+        source = self._where[key]
+        box = _box(source.entries[key].shape, index, f"{source.path}: {key}")
+        array = source.read_box(key, box)
+        if dtype is None or array.dtype == np.dtype(dtype):
+            return array
+        cast = new_array(array.shape, np.dtype(dtype))
+        np.copyto(cast, array, casting="unsafe")
+        return cast
+
+    @property
+    def bytes_read(self) -> int:
+        """Tensor bytes read from the weight files so far (headers and msgpack structure not counted)."""
+        return sum(f.bytes_read for f in self._files.values())
 
     def items(self) -> Iterator[tuple[str, np.ndarray]]:
         for key in self._where:

@@ -101,6 +101,21 @@ def load_params(directory: str | Path, shapes_of: ShapesOf, dtype: np.dtype | No
             including any parameter the config needs that the weights lack.
     """
     checkpoint = Checkpoint(directory, prefer=prefer)
+    config, plan = plan_checkpoint(checkpoint, shapes_of)
+    flat = {}
+    for entry in plan.entries:
+        array = read_entry(checkpoint, entry)
+        flat[entry.target] = array.astype(dtype) if dtype is not None and _is_float(array) else array
+    return Loaded(config, traverse_util.unflatten_dict(flat, sep="/"), plan)
+
+
+def plan_checkpoint(checkpoint: Checkpoint, shapes_of: ShapesOf) -> tuple[HFConfig, Plan]:
+    """The config of a checkpoint directory and the plan that puts its tensors on the model's Flax leaves (every
+    leaf the config needs, shapes checked; no tensor is read).
+
+    Raises:
+        KeyMapError / UnsupportedConfig: as `load_params`.
+    """
     config = read_config(checkpoint)
     if isinstance(config, SpeechEncoderDecoderConfig):
         expected = shapes_of(config)
@@ -115,11 +130,7 @@ def load_params(directory: str | Path, shapes_of: ShapesOf, dtype: np.dtype | No
         expected = shapes_of(config)
         plan = plan_source(checkpoint, arch, config, expected)
     check_missing(plan, where=str(checkpoint.directory))
-    flat = {}
-    for entry in plan.entries:
-        array = read_entry(checkpoint, entry)
-        flat[entry.target] = array.astype(dtype) if dtype is not None and _is_float(array) else array
-    return Loaded(config, traverse_util.unflatten_dict(flat, sep="/"), plan)
+    return config, plan
 
 
 def _identity_plan(checkpoint: Checkpoint, canonical: Mapping[str, str], dropped, expected: Shapes) -> Plan:
@@ -213,5 +224,5 @@ def save_params(
 
 __all__ = [
     "FLAX_MSGPACK", "Loaded", "composed_keymap", "composed_tied_keys", "keymap_for", "load_params",
-    "params_to_torch_state", "plan_source", "read_config", "read_entry", "save_params", "tied_keys_for",
+    "params_to_torch_state", "plan_checkpoint", "plan_source", "read_config", "read_entry", "save_params", "tied_keys_for",
 ]

@@ -11,13 +11,86 @@ test parametrisation) is derived from that list.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias
 
 from convert.configs import HFConfig
-from convert.keymap import KeyMap, SourceRules
+from convert.errors import ConvertError
+from convert.keymap import KeyMap, SourceRules, T
 
 Role = Literal["encoder", "decoder"]
+
+# ----------------------------------------------------------------------------------------------------------
+# Partitioning over a device mesh (MaxText's convention: batch over `data`, parameters over `fsdp`, optionally
+# tensor parallelism over `model`). The base layer speaks plain tuples; `flax_model.sharding` turns them into
+# `jax.sharding.PartitionSpec`s for a given mesh.
+
+MESH_AXES = ("data", "fsdp", "model")
+# What one dimension is split over: nothing (None), one mesh axis, or several (their product).
+DimAxes: TypeAlias = str | tuple[str, ...] | None
+# Mesh axes per dimension of a leaf in the Flax layout; dimensions past the end are not split.
+MeshAxes: TypeAlias = tuple[DimAxes, ...]
+# (regex matched against the whole `/`-joined Flax path, mesh axes per dimension).
+PartitionRule: TypeAlias = tuple[str, MeshAxes]
+
+# The default split of each kind of weight, in the Flax layout, derived from the key table's transforms:
+# matrices and convolution kernels over `fsdp` along their input side (a contiguous range of the Flax
+# msgpack's bytes) and over `model` along the output side; embeddings [V, D] over `fsdp` along D (vocabulary
+# sizes are rarely a multiple of the device count) and over `model` along V; weight-norm v [C, C/groups, K]
+# over `fsdp` along C. Norm scales, biases and other small vectors are replicated.
+DEFAULT_AXES: dict[T, MeshAxes] = {
+    T.LINEAR: ("fsdp", "model"),
+    T.CONV: (None, "fsdp", "model"),
+    T.EMBED: ("model", "fsdp"),
+    T.WEIGHT_NORM: ("fsdp",),
+    T.NORM: (),
+    T.IDENTITY: (),
+    T.ROW: (),
+}
+
+
+class ShardingError(ConvertError):
+    """A partition rule or a device mesh that cannot place the parameters."""
+
+
+def template_regex(flax_template: str) -> str:
+    """The regex of a key-table Flax template: literal text, with `{i}`-style placeholders matching digits."""
+    return r"\d+".join(re.escape(part) for part in re.split(r"\{[a-z]\}", flax_template))
+
+
+def default_partition_rules(keymap: KeyMap) -> tuple[PartitionRule, ...]:
+    """One rule per key-table row: its Flax path, split as `DEFAULT_AXES` says for the row's transform."""
+    return tuple((template_regex(rule.flax), DEFAULT_AXES[rule.transform]) for rule in keymap.rules)
+
+
+def prefixed_rules(rules: tuple[PartitionRule, ...], prefix: str) -> tuple[PartitionRule, ...]:
+    """The same rules one level down (`encoder/`, `decoder/` in the composed model)."""
+    return tuple((re.escape(prefix) + f"(?:{regex})", axes) for regex, axes in rules)
+
+
+def check_partition_rules(rules: tuple[PartitionRule, ...], where: str) -> None:
+    """Refuses a rule whose regex does not compile or whose axes are not mesh axes, each used at most once.
+
+    Raises:
+        ShardingError: naming `where` and the rule.
+    """
+    for rule in rules:
+        if not (isinstance(rule, tuple) and len(rule) == 2 and isinstance(rule[0], str)
+                and isinstance(rule[1], tuple)):
+            raise ShardingError(f"{where}: partition rule {rule!r} is not (regex, axes per dimension)")
+        regex, axes = rule
+        try:
+            re.compile(regex)
+        except re.error as e:
+            raise ShardingError(f"{where}: partition rule {regex!r} is not a valid regex ({e})") from None
+        names = [n for dim in axes for n in ((dim,) if isinstance(dim, str) else () if dim is None else dim)]
+        bad = [n for n in names if n not in MESH_AXES]
+        if bad or not all(dim is None or isinstance(dim, (str, tuple)) for dim in axes):
+            raise ShardingError(f"{where}: partition rule {regex!r} names {bad or axes!r}, not mesh axes "
+                                f"(one of {', '.join(MESH_AXES)} or None per dimension)")
+        if len(set(names)) != len(names):
+            raise ShardingError(f"{where}: partition rule {regex!r} uses a mesh axis twice ({axes!r})")
 
 
 def no_tied_keys(config: Any) -> dict[str, str]:
@@ -57,6 +130,9 @@ class ArchSpec:
             `from_pretrained(directory) -> (model, LoadReport)`.
         fixtures: the module under `scripts` whose `CASES` build tiny seeded checkpoints.
         hf_classes: the transformers classes whose checkpoints are read (for messages and documentation).
+        partition_rules: (Flax path regex, mesh axes per dimension) rules that take precedence over the
+            defaults derived from the key table (`DEFAULT_AXES`); most architectures need none. See
+            `partitioning`.
     """
 
     name: str
@@ -73,8 +149,10 @@ class ArchSpec:
     adapt_config: Callable[[Any, Any], Any] = unchanged_config
     initializable: tuple[str, ...] = ()
     hf_classes: tuple[str, ...] = ()
+    partition_rules: tuple[PartitionRule, ...] = ()
 
     def __post_init__(self) -> None:
+        check_partition_rules(self.partition_rules, f"{self.name}: partition_rules")
         for attr, package in (("flax_class", "flax_model."), ("torch_class", "torch_reference."),
                               ("fixtures", "scripts.")):
             value = getattr(self, attr)
@@ -91,3 +169,9 @@ class ArchSpec:
 
     def num_layers(self, config: Any) -> int:
         return int(getattr(config, self.layer_stack[0]))
+
+    @property
+    def partitioning(self) -> tuple[PartitionRule, ...]:
+        """Every partition rule of the architecture, first match wins: its own `partition_rules`, then one
+        derived from each key-table row (`default_partition_rules`)."""
+        return self.partition_rules + default_partition_rules(self.keymap)
