@@ -10,6 +10,7 @@ buffer in cache-sized tiles, never as a second full-size array.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import queue
@@ -26,7 +27,7 @@ from typing import BinaryIO
 import numpy as np
 
 from convert.checkpoint import DTYPE_TO_SAFETENSORS
-from convert.errors import ConvertError
+from convert.errors import ConvertError, UsageError
 
 _MSGPACK_NDARRAY = 1  # flax.serialization's ext type code for arrays
 _MSGPACK_MAX_LEAF = 2**30  # flax chunks leaves bigger than this
@@ -56,16 +57,23 @@ def parse_size(text: str | int | None) -> int | None:
     """'2GB' -> 2 * 10**9, '500MiB' -> 500 * 2**20, '0'/None -> None (no sharding)."""
     if text is None or text == 0:
         return None
+    if isinstance(text, bool) or not isinstance(text, (int, str)):
+        raise UsageError(f"max_shard_size={text!r}: not a size (use e.g. 2GB, 500MB, 1GiB, or a number of bytes)",
+                         param="max_shard_size")
     if isinstance(text, int):
         if text < 0:
-            raise ConvertError(f"--max-shard-size: {text} is negative")
+            raise UsageError(f"max_shard_size={text}: is negative", param="max_shard_size")
         return text
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", text, flags=re.IGNORECASE)
     if not m:
-        raise ConvertError(f"--max-shard-size: cannot read {text!r} (use e.g. 2GB, 500MB, 1GiB)")
+        raise UsageError(f"max_shard_size={text}: cannot read it as a size (use e.g. 2GB, 500MB, 1GiB)",
+                         param="max_shard_size")
     number, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
     base = 1024 if binary else 1000
     size = int(number * base ** "_KMGT".index(unit or "_"))
+    if size == 0 and number != 0:
+        raise UsageError(f"max_shard_size={text}: is less than one byte (0 means no sharding)",
+                         param="max_shard_size")
     return size or None
 
 
@@ -466,61 +474,281 @@ class WriteLanes:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Atomic output directories
+# Atomic output directories, and where they may go
+
+TOOLKIT_MARKER = "compose_report.json"  # every directory this toolkit writes holds it (see atomic_directory)
+TOOLKIT_NAME = "speech-encdec-flax"
+# errno values that mean "the output location cannot take the data", whatever file the error names.
+_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+@dataclass
+class _Output:
+    target: Path
+    tmp: Path
+    created: list[Path]  # parent directories this run created, outermost first
+
+
+_OUTPUTS: dict[int, _Output] = {}
+# Held while an output is committed (renamed into place) or abandoned: an interrupt never sees half of either.
+_OUTPUTS_LOCK = threading.RLock()
+_output_ids = iter(range(1, 2**62))
+
+
+def abandon_outputs() -> list[Path]:
+    """Removes every temporary output in progress (and the parent directories its run created); returns their
+    targets. Called by `convert.cli`'s interrupt watcher from another thread, just before the process ends."""
+    with _OUTPUTS_LOCK:
+        outputs = list(_OUTPUTS.values())
+        _OUTPUTS.clear()
+        for output in outputs:
+            _remove_tree(output.tmp)
+            _remove_created(output.created)
+    return [output.target for output in outputs]
 
 
 class _Interrupted(BaseException):
     """Raised from SIGTERM/SIGHUP so that a killed run cleans up like Ctrl-C does."""
 
 
+def check_output_location(target: str | Path, *, overwrite: bool = False, sources: Sequence[tuple[str, str | Path]] = (),
+                          param: str = "output", needed_bytes: int | None = None) -> Path:
+    """Refuses, before any work, an output location that could lose a file this toolkit did not write.
+
+    Refused (UsageError): a symbolic link; the current directory, the home directory, or a directory that
+    contains either; a directory that is, contains or lies inside a source (symbolic links resolved) or the
+    Hugging Face cache (whose snapshots are sources); something that is not a directory; a non-empty directory
+    without `overwrite`; with `overwrite`, a non-empty directory this toolkit did not write (no
+    `compose_report.json` in it). Refused (OutputError): a location whose parent cannot be created or written,
+    and, when `needed_bytes` is given, a disk without that much free space.
+
+    Args:
+        target: the output directory.
+        overwrite: whether an existing directory this toolkit wrote may be replaced.
+        sources: (what, directory) of everything the run reads, e.g. ("encoder source", path).
+        param: the parameter naming the output, for messages (`output=...`).
+        needed_bytes: the size of what will be written, to compare with the free space.
+
+    Returns:
+        The target with symbolic links in its parents resolved.
+    """
+    from convert.errors import OutputError, UsageError
+
+    target = Path(target).expanduser()
+    label = f"{param}={target}"
+
+    def refuse(why: str, kind: type = UsageError) -> None:
+        raise kind(f"{label}: {why}", param=param)
+
+    if target.is_symlink():
+        refuse(f"is a symbolic link (to {os.readlink(target)}); name the directory itself")
+    resolved = Path(os.path.realpath(target))
+    protected = [("the current directory", Path(os.path.realpath(os.getcwd()))),
+                 ("your home directory", Path(os.path.realpath(Path.home())))]
+    for what, path in protected:
+        if resolved == path:
+            refuse(f"is {what}; name a new directory for the output")
+        if resolved in path.parents:
+            refuse(f"contains {what} ({path}); name a new directory for the output")
+    for what, path in [*sources, ("the Hugging Face cache", _hub_cache())]:
+        if path is None:
+            continue
+        path = Path(os.path.realpath(Path(path).expanduser()))
+        if resolved == path:
+            refuse(f"is {what} ({path}); the output must be a new directory")
+        if resolved in path.parents:
+            refuse(f"contains {what} ({path}); the output must not hold what it reads")
+        if path in resolved.parents:
+            refuse(f"lies inside {what} ({path}); the output must be outside what it reads")
+    if target.exists() and not target.is_dir():
+        refuse("exists and is not a directory")
+    if target.is_dir() and _non_empty(target):
+        if not overwrite:
+            refuse("directory exists and is not empty (pass overwrite=True to replace it)")
+        if not (target / TOOLKIT_MARKER).is_file():
+            refuse(f"exists and was not written by this toolkit (it has no {TOOLKIT_MARKER}); overwrite=True "
+                   "replaces only a directory this toolkit wrote: remove it yourself or choose another")
+    existing = next((p for p in [resolved, *resolved.parents] if p.exists()), Path("/"))
+    if existing != resolved and not existing.is_dir():
+        refuse(f"cannot be created: {existing} is not a directory", OutputError)
+    parent = existing if existing != resolved else resolved.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        refuse(f"cannot be created: no permission to write in {parent}", OutputError)
+    if needed_bytes:
+        try:
+            free = shutil.disk_usage(parent).free
+        except OSError:
+            free = None
+        if free is not None and free < needed_bytes:
+            refuse(f"needs {_size(needed_bytes)} but the disk holding {parent} has {_size(free)} free", OutputError)
+    return resolved
+
+
+def _hub_cache() -> Path | None:
+    try:
+        from convert.hub import hub_cache_dir
+
+        return hub_cache_dir()
+    except Exception:  # noqa: BLE001 - without huggingface_hub there is no cache to protect
+        return None
+
+
+def _non_empty(directory: Path) -> bool:
+    with os.scandir(directory) as entries:
+        return next(entries, None) is not None
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n} B"
+
+
+def _make_parents(directory: Path) -> list[Path]:
+    """Creates `directory` and its missing parents; returns those created, outermost first."""
+    missing = []
+    for p in [directory, *directory.parents]:
+        if p.exists():
+            break
+        missing.append(p)
+    created = []
+    for p in reversed(missing):
+        try:
+            p.mkdir()
+        except FileExistsError:
+            continue
+        created.append(p)
+    return created
+
+
+def _remove_created(created: Sequence[Path]) -> None:
+    """Removes the parent directories a run created, innermost first, each only while it is empty."""
+    for p in reversed(created):
+        try:
+            p.rmdir()
+        except OSError:
+            break
+
+
+def _remove_tree(path: Path) -> None:
+    """Removes a temporary directory even while another thread still creates files in it."""
+    if not os.path.lexists(path):
+        return
+    trash = path.with_name(path.name + ".trash")
+    try:
+        path.rename(trash)  # files opened by their old path from now on fail instead of landing in it
+    except OSError:
+        trash = path
+    for _ in range(5):
+        shutil.rmtree(trash, ignore_errors=True)
+        if not os.path.lexists(trash):
+            return
+
+
+def _default_handler(s: signal.Signals) -> bool:
+    return signal.getsignal(s) in (signal.default_int_handler, signal.SIG_DFL)
+
+
 @contextlib.contextmanager
-def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(target: str | Path, overwrite: bool = False, *, sources: Sequence[tuple[str, str | Path]] = (),
+                     param: str = "output", needed_bytes: int | None = None) -> Iterator[Path]:
     """Yields a fresh temporary directory next to `target`; on success it replaces `target` in one rename.
 
-    A failure or an interrupt (Ctrl-C, SIGTERM) removes the temporary directory, leaving `target` as it
-    was. An existing non-empty `target` is refused unless `overwrite`.
+    `check_output_location` runs first (no source, working or home directory is ever written to or replaced;
+    an existing directory is replaced only with `overwrite` and only when this toolkit wrote it). The
+    directory written gets a `compose_report.json` (a stub naming the toolkit, unless the caller wrote the
+    report), which marks it as the toolkit's. A failure or an interrupt (Ctrl-C, SIGTERM, SIGHUP) removes the
+    temporary directory and the parent directories this run created, leaving `target` as it was; an OSError
+    of the output location (a full disk, a file size limit, permissions) becomes a one-line OutputError.
     """
-    target = Path(target)
-    if target.exists() and not target.is_dir():
-        raise ConvertError(f"--output {target}: exists and is not a directory")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise ConvertError(f"--output {target}: directory exists and is not empty (pass --overwrite to replace it)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
+    from convert.errors import OutputError
+
+    target = Path(target).expanduser()
+    check_output_location(target, overwrite=overwrite, sources=sources, param=param, needed_bytes=needed_bytes)
     received: list[str] = []
 
     def on_signal(signum, frame):  # noqa: ARG001
         received.append(signal.Signals(signum).name)
         raise _Interrupted(received[-1])
 
-    # Installed before the temporary directory exists, so that no signal can leave it behind.
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    try:
+    # Installed before the temporary directory exists, so that no signal can leave it behind; only over
+    # Python's defaults (a command's interrupt guard, or a notebook's handler, is left alone).
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if _default_handler(s)}
         for s in previous:
             signal.signal(s, on_signal)
-    except ValueError:  # not the main thread: leave handlers alone
-        previous = {}
+    key = next(_output_ids)
+    output = None
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        try:
+            created = _make_parents(target.parent)
+        except OSError as e:
+            raise OutputError(f"{param}={target}: cannot be created ({e.strerror or type(e).__name__})",
+                              param=param) from None
+        tmp = target.parent / f".{target.name}.partial-{os.getpid()}-{key}"
+        output = _Output(target, tmp, created)
+        with _OUTPUTS_LOCK:
+            _OUTPUTS[key] = output
+            tmp.mkdir()
         yield tmp
         if received:
             # The handler's exception was raised where Python only prints exceptions (a gc callback, such
             # as JAX's, or a __del__) and the work went on: it is an interrupt all the same.
             raise _Interrupted(received[0])
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
+        if not (tmp / TOOLKIT_MARKER).exists():
+            (tmp / TOOLKIT_MARKER).write_text(json.dumps({"written_by": TOOLKIT_NAME}) + "\n")
+        with _OUTPUTS_LOCK:
+            if _OUTPUTS.pop(key, None) is None:  # abandoned by an interrupt meanwhile
+                raise _Interrupted("SIGINT")
+            if target.exists():
+                if _non_empty(target) and not (target / TOOLKIT_MARKER).is_file():
+                    raise OutputError(f"{param}={target}: appeared while this run wrote, and was not written by "
+                                      "this toolkit; it was left as it is", param=param)
+                old = target.parent / f".{target.name}.old-{os.getpid()}-{key}"
+                target.rename(old)
+                tmp.rename(target)
+                _remove_tree(old)
+            else:
+                tmp.rename(target)
     except _Interrupted as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _discard(key, output)
         raise KeyboardInterrupt(str(e)) from None
+    except OSError as e:
+        _discard(key, output)
+        if output is not None and (e.errno in _OUTPUT_ERRNOS or _inside(e.filename, target.parent)):
+            raise OutputError(f"{param}={target}: cannot be written ({_os_reason(e)}); nothing was written",
+                              param=param) from None
+        raise
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _discard(key, output)
         raise
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _discard(key: int, output: _Output | None) -> None:
+    with _OUTPUTS_LOCK:
+        _OUTPUTS.pop(key, None)
+        if output is not None:
+            _remove_tree(output.tmp)
+            _remove_created(output.created)
+
+
+def _inside(filename: object, directory: Path) -> bool:
+    if not isinstance(filename, (str, os.PathLike)):
+        return False
+    path = Path(os.path.abspath(filename))
+    return path == directory.absolute() or directory.absolute() in path.parents
+
+
+def _os_reason(e: OSError) -> str:
+    why = e.strerror or type(e).__name__
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{why}: the disk is full"
+    if e.errno == errno.EFBIG:
+        return f"{why}: a file size limit was reached"
+    return why

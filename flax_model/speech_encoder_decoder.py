@@ -207,7 +207,7 @@ class FlaxSpeechEncoderDecoderModel:
             The files written.
         """
         flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(self.params, sep="/").items()}
-        with atomic_directory(directory, overwrite=True) as tmp:
+        with atomic_directory(directory, overwrite=True, param="directory") as tmp:
             files = save_params(tmp, self.config, flat, max_shard_size=parse_size(max_shard_size))
         return [Path(directory) / f.name for f in files]
 

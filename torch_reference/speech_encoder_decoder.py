@@ -93,7 +93,7 @@ class SpeechEncoderDecoderModel(nn.Module):
 
         tied = set(composed_tied_keys(self.config))
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items() if k not in tied}
-        with atomic_directory(directory, overwrite=True) as tmp:
+        with atomic_directory(directory, overwrite=True, param="directory") as tmp:
             (tmp / "config.json").write_text(json.dumps(self.config.to_hf_dict(), indent=2) + "\n")
             save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         return [Path(directory) / "config.json", Path(directory) / "model.safetensors"]
