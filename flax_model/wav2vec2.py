@@ -5,18 +5,29 @@ post-norm layout (`do_stable_layer_norm=False`) and the group-norm feature encod
 PyTorch modules are (the group norm is `feature_extractor/conv_layers/0/layer_norm/{scale,bias}`).
 Numerics follow HF's PyTorch `Wav2Vec2Model`, which is the reference: where HF's Flax code differs
 (`-inf` attention bias, `layer_norm_eps` in the conv and adapter norms) we follow PyTorch.
+
+The modules here are the wav2vec2 family's shared pieces: HuBERT, WavLM and data2vec-audio subclass them and
+swap a part through a class attribute (`Encoder.POSITIONAL`, `EncoderLayers.LAYER`, `Wav2Vec2Module.ENCODER`,
+`Wav2Vec2Module.FEATURE_ENCODER`), as transformers' files say "Copied from wav2vec2" with changes.
+
+Train mode (`deterministic=False`, a "dropout" rng): dropout, attention and activation dropout, LayerDrop of
+the transformer layers, SpecAugment from explicit masks, and `freeze_feature_encoder`. transformers also drops
+adapter layers at random in training (`Wav2Vec2Adapter`, with numpy's global RNG), which changes the output
+length from step to step; a compiled step needs static shapes and the composed model's frame mask counts every
+adapter layer, so the adapter is never dropped here.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from convert.archs.wav2vec2 import Wav2Vec2Config
-from flax_model.layers import ACTIVATIONS, frame_mask
+from convert.archs.wav2vec2 import Wav2Vec2FamilyConfig
+from convert.errors import UnsupportedConfig
+from flax_model.layers import ACTIVATIONS, frame_mask, layer_drop
 
 # HF's PyTorch defaults: nn.GroupNorm / nn.LayerNorm in the conv feature encoder and the adapter do not
 # take config.layer_norm_eps.
@@ -27,7 +38,7 @@ _ADAPTER_NORM_EPS = 1e-5
 # Lengths and masks
 
 
-def feature_vector_mask(config: Wav2Vec2Config, attention_mask: jax.Array, num_frames: int,
+def feature_vector_mask(config: Wav2Vec2FamilyConfig, attention_mask: jax.Array, num_frames: int,
                         add_adapter: bool | None = None) -> jax.Array:
     """Which frames hold real audio, from the sample-level mask.
 
@@ -43,9 +54,33 @@ def feature_vector_mask(config: Wav2Vec2Config, attention_mask: jax.Array, num_f
     return frame_mask(config, attention_mask, num_frames, add_adapter)
 
 
-def _layer_norm(epsilon: float, dtype: Any, name: str) -> nn.LayerNorm:
+def spec_augment(config: Wav2Vec2FamilyConfig, hidden: jax.Array, masked_spec_embed: jax.Array | None,
+                 mask_time_indices: jax.Array | None, mask_feature_indices: jax.Array | None) -> jax.Array:
+    """SpecAugment as transformers applies it after the feature projection.
+
+    Args:
+        config: the encoder config (`apply_spec_augment=False` leaves `hidden` as it is).
+        hidden: [B, S, D] projected features.
+        masked_spec_embed: [D], the vector masked frames become (a parameter of the model).
+        mask_time_indices: [B, S] bool, frames to replace by `masked_spec_embed`, or None.
+        mask_feature_indices: [B, D] bool, channels to zero in every frame, or None.
+    """
+    if not config.apply_spec_augment:
+        return hidden
+    if mask_time_indices is not None:
+        if masked_spec_embed is None:
+            raise UnsupportedConfig("mask_time_indices: this config has no masked_spec_embed (mask_time_prob=0 and "
+                                    "mask_feature_prob=0), so frames cannot be masked")
+        hidden = jnp.where(mask_time_indices[:, :, None], masked_spec_embed.astype(hidden.dtype), hidden)
+    if mask_feature_indices is not None:
+        hidden = jnp.where(mask_feature_indices[:, None, :], jnp.zeros((), hidden.dtype), hidden)
+    return hidden
+
+
+def layer_norm(epsilon: float, dtype: Any, name: str, use_scale: bool = True) -> nn.LayerNorm:
     # Two-pass variance, as torch computes it (the fast E[x^2] - E[x]^2 form loses digits).
-    return nn.LayerNorm(epsilon=epsilon, dtype=dtype, use_fast_variance=False, name=name)
+    return nn.LayerNorm(epsilon=epsilon, dtype=dtype, use_fast_variance=False, use_scale=use_scale,
+                        use_bias=use_scale, name=name)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -55,7 +90,7 @@ def _layer_norm(epsilon: float, dtype: Any, name: str) -> nn.LayerNorm:
 class ConvLayer(nn.Module):
     """One strided conv of the feature encoder, with its norm (if any) and activation."""
 
-    config: Wav2Vec2Config
+    config: Wav2Vec2FamilyConfig
     layer_id: int
     dtype: Any = jnp.float32
 
@@ -65,7 +100,7 @@ class ConvLayer(nn.Module):
         hidden = nn.Conv(c.conv_dim[i], kernel_size=(c.conv_kernel[i],), strides=(c.conv_stride[i],),
                          padding="VALID", use_bias=c.conv_bias, dtype=self.dtype, name="conv")(hidden)  # [B, L, C]
         if c.feat_extract_norm == "layer":
-            hidden = _layer_norm(_CONV_NORM_EPS, self.dtype, "layer_norm")(hidden)
+            hidden = layer_norm(_CONV_NORM_EPS, self.dtype, "layer_norm")(hidden)
         elif i == 0:
             # One group per channel: each channel is normalised over time.
             hidden = nn.GroupNorm(num_groups=c.conv_dim[0], epsilon=_CONV_NORM_EPS, dtype=self.dtype,
@@ -74,7 +109,7 @@ class ConvLayer(nn.Module):
 
 
 class ConvLayers(nn.Module):
-    config: Wav2Vec2Config
+    config: Wav2Vec2FamilyConfig
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -85,7 +120,7 @@ class ConvLayers(nn.Module):
 
 
 class FeatureEncoder(nn.Module):
-    config: Wav2Vec2Config
+    config: Wav2Vec2FamilyConfig
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -98,14 +133,14 @@ class FeatureEncoder(nn.Module):
 
 
 class FeatureProjection(nn.Module):
-    config: Wav2Vec2Config
+    config: Wav2Vec2FamilyConfig
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, features: jax.Array, deterministic: bool = True) -> jax.Array:
         c = self.config
-        if c.feat_proj_layer_norm:
-            features = _layer_norm(c.layer_norm_eps, self.dtype, "layer_norm")(features)
+        if c.has_projection_layer_norm:
+            features = layer_norm(c.layer_norm_eps, self.dtype, "layer_norm")(features)
         hidden = nn.Dense(c.hidden_size, dtype=self.dtype, name="projection")(features)  # [B, S, D]
         return nn.Dropout(c.feat_proj_dropout)(hidden, deterministic=deterministic)
 
@@ -114,10 +149,18 @@ class FeatureProjection(nn.Module):
 # Transformer encoder
 
 
+def grouped_conv(hidden: jax.Array, kernel: jax.Array, groups: int, dtype: Any) -> jax.Array:
+    """Same-padded grouped conv over time: hidden [B, S, D], kernel [K, D/G, D] -> [B, S + 1 - K % 2, D]."""
+    pad = kernel.shape[0] // 2
+    return jax.lax.conv_general_dilated(
+        hidden.astype(dtype), kernel.astype(dtype), window_strides=(1,), padding=[(pad, pad)],
+        dimension_numbers=("NWC", "WIO", "NWC"), feature_group_count=groups)
+
+
 class WeightNormConv(nn.Module):
     """The positional conv: grouped, weight-normalised (g and v kept in PyTorch's layout, like HF's Flax)."""
 
-    config: Wav2Vec2Config
+    config: Wav2Vec2FamilyConfig
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -129,14 +172,7 @@ class WeightNormConv(nn.Module):
         weight_g = self.param("weight_g", lambda _: _tap_norms(weight_v))  # [1, 1, K]
         bias = self.param("bias", nn.initializers.zeros, (width,))
         weight = weight_v * (weight_g / _tap_norms(weight_v))  # [D, D/G, K]
-        out = jax.lax.conv_general_dilated(
-            hidden.astype(self.dtype),
-            jnp.transpose(weight, (2, 1, 0)).astype(self.dtype),  # [K, D/G, D]
-            window_strides=(1,),
-            padding=[(kernel // 2, kernel // 2)],
-            dimension_numbers=("NWC", "WIO", "NWC"),
-            feature_group_count=groups,
-        )  # [B, S + 1 - K % 2, D]
+        out = grouped_conv(hidden, jnp.transpose(weight, (2, 1, 0)), groups, self.dtype)  # kernel [K, D/G, D]
         return out + bias.astype(self.dtype)
 
 
@@ -145,11 +181,11 @@ def _tap_norms(weight_v: jax.Array) -> jax.Array:
 
 
 class PositionalConvEmbedding(nn.Module):
-    config: Wav2Vec2Config
+    config: Wav2Vec2FamilyConfig
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, hidden: jax.Array) -> jax.Array:
+    def __call__(self, hidden: jax.Array, deterministic: bool = True) -> jax.Array:
         c = self.config
         out = WeightNormConv(c, self.dtype, name="conv")(hidden)
         # Symmetric padding of an even kernel yields one frame too many; the last one is dropped.
@@ -158,12 +194,12 @@ class PositionalConvEmbedding(nn.Module):
 
 
 class Attention(nn.Module):
-    config: Wav2Vec2Config
+    config: Wav2Vec2FamilyConfig
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, hidden: jax.Array, bias: jax.Array | None, deterministic: bool = True) -> jax.Array:
-        """`hidden` [B, T, D]; `bias` [B, 1, 1, S] additive (0 or the dtype's min), or None."""
+        """`hidden` [B, T, D]; `bias` additive, broadcastable to [B, N, T, S] (0 or the dtype's min), or None."""
         c = self.config
         b, t, d = hidden.shape
         heads = (b, t, c.num_attention_heads, d // c.num_attention_heads)
@@ -181,7 +217,7 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    config: Wav2Vec2Config
+    config: Wav2Vec2FamilyConfig
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -196,38 +232,49 @@ class FeedForward(nn.Module):
 class EncoderLayer(nn.Module):
     """A transformer layer: post-norm, or pre-norm when `config.do_stable_layer_norm`."""
 
-    config: Wav2Vec2Config
+    config: Wav2Vec2FamilyConfig
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, hidden: jax.Array, bias: jax.Array | None, deterministic: bool = True) -> jax.Array:
         c = self.config
         attention = Attention(c, self.dtype, name="attention")
-        layer_norm = _layer_norm(c.layer_norm_eps, self.dtype, "layer_norm")
+        norm = layer_norm(c.layer_norm_eps, self.dtype, "layer_norm")
         feed_forward = FeedForward(c, self.dtype, name="feed_forward")
-        final_layer_norm = _layer_norm(c.layer_norm_eps, self.dtype, "final_layer_norm")
+        final_norm = layer_norm(c.layer_norm_eps, self.dtype, "final_layer_norm")
         dropout = nn.Dropout(c.hidden_dropout)
         if c.do_stable_layer_norm:
-            hidden = hidden + dropout(attention(layer_norm(hidden), bias, deterministic), deterministic=deterministic)
-            return hidden + feed_forward(final_layer_norm(hidden), deterministic)
-        hidden = layer_norm(hidden + dropout(attention(hidden, bias, deterministic), deterministic=deterministic))
-        return final_layer_norm(hidden + feed_forward(hidden, deterministic))
+            hidden = hidden + dropout(attention(norm(hidden), bias, deterministic), deterministic=deterministic)
+            return hidden + feed_forward(final_norm(hidden), deterministic)
+        hidden = norm(hidden + dropout(attention(hidden, bias, deterministic), deterministic=deterministic))
+        return final_norm(hidden + feed_forward(hidden, deterministic))
 
 
 class EncoderLayers(nn.Module):
-    config: Wav2Vec2Config
+    """The layer stack, with LayerDrop in training: a dropped layer passes its input through."""
+
+    config: Wav2Vec2FamilyConfig
     dtype: Any = jnp.float32
+
+    LAYER: ClassVar[type[nn.Module]] = EncoderLayer
 
     @nn.compact
     def __call__(self, hidden: jax.Array, bias: jax.Array | None, deterministic: bool = True) -> jax.Array:
         for i in range(self.config.num_hidden_layers):
-            hidden = EncoderLayer(self.config, self.dtype, name=str(i))(hidden, bias, deterministic)
+            out = self.LAYER(self.config, self.dtype, name=str(i))(hidden, bias, deterministic)
+            hidden = jnp.where(layer_drop(self, self.config.layerdrop, deterministic), hidden, out)
         return hidden
 
 
 class Encoder(nn.Module):
-    config: Wav2Vec2Config
+    """Positional embedding, the layer stack and the encoder's layer norm (before the layers in the post-norm
+    layout, after them in the stable one)."""
+
+    config: Wav2Vec2FamilyConfig
     dtype: Any = jnp.float32
+
+    POSITIONAL: ClassVar[type[nn.Module]] = PositionalConvEmbedding
+    LAYERS: ClassVar[type[nn.Module]] = EncoderLayers
 
     @nn.compact
     def __call__(self, hidden: jax.Array, frame_mask: jax.Array | None, deterministic: bool = True) -> jax.Array:
@@ -238,14 +285,14 @@ class Encoder(nn.Module):
             # Padded frames are zeroed so that the positional conv does not carry them into real ones.
             hidden = jnp.where(frame_mask[:, :, None], hidden, 0.0)
             bias = jnp.where(frame_mask, 0.0, jnp.finfo(self.dtype).min).astype(self.dtype)[:, None, None, :]
-        hidden = hidden + PositionalConvEmbedding(c, self.dtype, name="pos_conv_embed")(hidden)
-        layer_norm = _layer_norm(c.layer_norm_eps, self.dtype, "layer_norm")
+        hidden = hidden + self.POSITIONAL(c, self.dtype, name="pos_conv_embed")(hidden, deterministic)
+        norm = layer_norm(c.layer_norm_eps, self.dtype, "layer_norm")
         if not c.do_stable_layer_norm:
-            hidden = layer_norm(hidden)
+            hidden = norm(hidden)
         hidden = nn.Dropout(c.hidden_dropout)(hidden, deterministic=deterministic)
-        hidden = EncoderLayers(c, self.dtype, name="layers")(hidden, bias, deterministic)
+        hidden = self.LAYERS(c, self.dtype, name="layers")(hidden, bias, deterministic)
         if c.do_stable_layer_norm:
-            hidden = layer_norm(hidden)
+            hidden = norm(hidden)
         return hidden
 
 
@@ -254,7 +301,7 @@ class Encoder(nn.Module):
 
 
 class AdapterLayer(nn.Module):
-    config: Wav2Vec2Config
+    config: Wav2Vec2FamilyConfig
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -266,7 +313,7 @@ class AdapterLayer(nn.Module):
 
 
 class AdapterLayers(nn.Module):
-    config: Wav2Vec2Config
+    config: Wav2Vec2FamilyConfig
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -279,7 +326,7 @@ class AdapterLayers(nn.Module):
 class Adapter(nn.Module):
     """Strided conv + GLU layers that shorten the encoder output (after a projection when widths differ)."""
 
-    config: Wav2Vec2Config
+    config: Wav2Vec2FamilyConfig
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -287,7 +334,7 @@ class Adapter(nn.Module):
         c = self.config
         if c.encoder_output_size != c.hidden_size:
             hidden = nn.Dense(c.encoder_output_size, dtype=self.dtype, name="proj")(hidden)  # [B, S, D_out]
-            hidden = _layer_norm(_ADAPTER_NORM_EPS, self.dtype, "proj_layer_norm")(hidden)
+            hidden = layer_norm(_ADAPTER_NORM_EPS, self.dtype, "proj_layer_norm")(hidden)
         return AdapterLayers(c, self.dtype, name="layers")(hidden)
 
 
@@ -303,43 +350,56 @@ class Wav2Vec2Module(nn.Module):
         dtype: the computation dtype (parameters stay float32).
     """
 
-    config: Wav2Vec2Config
+    config: Wav2Vec2FamilyConfig
     dtype: Any = jnp.float32
+
+    FEATURE_ENCODER: ClassVar[type[nn.Module]] = FeatureEncoder
+    ENCODER: ClassVar[type[nn.Module]] = Encoder
 
     @nn.compact
     def __call__(self, input_values: jax.Array, attention_mask: jax.Array | None = None, deterministic: bool = True,
-                 freeze_feature_encoder: bool = False) -> jax.Array:
+                 freeze_feature_encoder: bool = False, mask_time_indices: jax.Array | None = None,
+                 mask_feature_indices: jax.Array | None = None) -> jax.Array:
         """Encodes raw audio.
 
         Args:
             input_values: [B, N] float samples.
             attention_mask: [B, N], 1 for real samples, 0 for right padding; None if nothing is padded.
-            deterministic: False applies dropout (needs a "dropout" rng).
+            deterministic: False applies dropout and LayerDrop (needs a "dropout" rng).
             freeze_feature_encoder: stop gradients at the conv feature encoder's output.
+            mask_time_indices: [B, S] bool, SpecAugment's masked frames (S: frames of the conv feature
+                encoder), or None. Applied whenever given, as transformers does (see `convert.spec_augment`).
+            mask_feature_indices: [B, C] bool, SpecAugment's masked channels (C: `hidden_size`), or None.
 
         Returns:
             last_hidden_state: [B, S, D], or [B, S', output_hidden_size] with the adapter.
         """
         c = self.config
+        masked_spec_embed = None
         if c.has_masked_spec_embed:
             # SpecAugment's mask vector: a parameter of HF checkpoints, used only in training.
-            self.param("masked_spec_embed", nn.initializers.uniform(), (c.hidden_size,))
-        features = FeatureEncoder(c, self.dtype, name="feature_extractor")(
+            masked_spec_embed = self.param("masked_spec_embed", nn.initializers.uniform(), (c.hidden_size,))
+        features = self.FEATURE_ENCODER(c, self.dtype, name="feature_extractor")(
             input_values.astype(self.dtype), freeze_feature_encoder)  # [B, S, C]
         frame_mask = None
         if attention_mask is not None:
             # The encoder's frames come before the adapter: it shortens them afterwards.
             frame_mask = feature_vector_mask(c, attention_mask, features.shape[1], add_adapter=False)
         hidden = FeatureProjection(c, self.dtype, name="feature_projection")(features, deterministic)  # [B, S, D]
-        hidden = Encoder(c, self.dtype, name="encoder")(hidden, frame_mask, deterministic)
+        hidden = spec_augment(c, hidden, masked_spec_embed, mask_time_indices, mask_feature_indices)
+        hidden = self.ENCODER(c, self.dtype, name="encoder")(hidden, frame_mask, deterministic)
         if c.add_adapter:
             hidden = Adapter(c, self.dtype, name="adapter")(hidden)  # [B, S', D_out]
         return hidden
 
 
-def init_shapes(config: Wav2Vec2Config) -> dict[str, Any]:
-    """The abstract parameter tree (nested dicts of `jax.ShapeDtypeStruct`), without making any weights."""
-    module = Wav2Vec2Module(config)
-    dummy = jax.ShapeDtypeStruct((1, config.min_input_length), jnp.float32)
+def module_shapes(module: nn.Module) -> dict[str, Any]:
+    """The abstract parameter tree of a family module (nested dicts of `jax.ShapeDtypeStruct`), no weights made."""
+    dummy = jax.ShapeDtypeStruct((1, module.config.min_input_length), jnp.float32)
     variables = jax.eval_shape(lambda x: module.init(jax.random.key(0), x), dummy)
     return dict(variables["params"])
+
+
+def init_shapes(config: Wav2Vec2FamilyConfig) -> dict[str, Any]:
+    """The abstract parameter tree (nested dicts of `jax.ShapeDtypeStruct`), without making any weights."""
+    return module_shapes(Wav2Vec2Module(config))
