@@ -787,7 +787,7 @@ def numpy_to_torch(a: np.ndarray) -> Any:
     """A numpy array as a torch tensor without changing a bit."""
     import torch
 
-    a = np.ascontiguousarray(a)
+    a = np.ascontiguousarray(a).reshape(a.shape)  # ascontiguousarray makes a 0-d array 1-d
     if a.dtype == ml_dtypes.bfloat16:
         return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(a)
