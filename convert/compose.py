@@ -9,12 +9,12 @@ cross-attention) is initialised, from `--seed`. Tensors stream from the sources 
 time. The output directory appears only when everything, including the verification, succeeded.
 """
 
-from __future__ import annotations
+from __future__ import annotations  # noqa: I001 - convert.cli is imported first, on purpose
 
-import argparse
+from convert import cli  # first: run as `python -m`, a Ctrl-C during the imports below exits 130 too
+
 import dataclasses
 import json
-import os
 import re
 import shutil
 import sys
@@ -29,15 +29,17 @@ import numpy as np
 from convert.checkpoint import Checkpoint
 from convert.composed import COMPOSE_REPORT, SpeechEncoderDecoderConfig
 from convert.configs import HFConfig, read_json
-from convert.errors import ConvertError, KeyMapError, UnsupportedConfig
+from convert.errors import ConvertError, KeyMapError, UnsupportedConfig, bad_argument, with_param
 from convert.hub import resolve_source
 from convert.keymap import Entry, Plan
 from convert.params import plan_source, save_params, subtree
 from convert.registry import model_types, spec_for
 from convert.spec import ArchSpec
-from convert.writing import TensorSpec, atomic_directory, parse_size
+from convert.writing import TensorSpec, atomic_directory, check_output_location, parse_size
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
+BUILTIN_SOURCES = ("the toolkit's built-in sources", BUILTIN_DIR)
+DEFAULT_FACTOR = 4.0  # = convert.verify.DEFAULT_FACTOR, which imports more than --help needs
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": None, "float16": np.dtype(np.float16)}
 REPORT_FILE = COMPOSE_REPORT
 # Files copied from the sources when present: the decoder's tokenizer, the encoder's feature extractor.
@@ -103,7 +105,9 @@ def resolve(spec: str, role: str, revision: str | None = None) -> tuple[Path, st
 
 
 def open_source(spec: str, role: str, revision: str | None = None) -> Source:
-    flag = f"--{role}"
+    """Resolves and opens one source; any problem is a one-line error naming the parameter (`encoder=...`)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise bad_argument(role, repr(spec), f"is not a source (a directory, a Hub repo id or a built-in {role})")
     try:
         path, repo_id, resolved_revision = resolve(spec, role, revision)
         checkpoint = Checkpoint(path)
@@ -112,9 +116,7 @@ def open_source(spec: str, role: str, revision: str | None = None) -> Source:
         config = arch.config(checkpoint.config, where)
         config = arch.adapt_config(config, checkpoint)
     except ConvertError as e:
-        message = str(e)
-        message = message[len(spec) + 2:] if message.startswith(f"{spec}: ") else message
-        raise type(e)(f"{flag} {spec}: {message}") from None
+        raise with_param(e, role, spec) from None
     return Source(role, spec, Path(path), repo_id, resolved_revision, checkpoint, arch, config)
 
 
@@ -125,27 +127,38 @@ def compose_config(
     pad_token_id: int | None = None,
     eos_token_id: int | None = None,
 ) -> SpeechEncoderDecoderConfig:
-    """The composed config: the decoder becomes a cross-attending decoder; token ids from it (flags win)."""
+    """The composed config: the decoder becomes a cross-attending decoder; token ids from it (arguments win)."""
     dec = decoder.config
     enc_width = encoder.config.encoder_output_size
     cross = dec.cross_attention_hidden_size
     if cross is not None and cross != enc_width:
         raise UnsupportedConfig(
-            f"--decoder {decoder.spec}: cross_attention_hidden_size={cross} differs from the encoder's output "
-            f"width {enc_width}; the decoder cannot attend to this encoder"
+            f"decoder={decoder.spec}: cross_attention_hidden_size={cross} differs from the encoder's output "
+            f"width {enc_width}; the decoder cannot attend to this encoder", param="decoder"
         )
+    vocab = dec.vocab_size
+    for name, value in (("decoder_start_token_id", decoder_start_token_id), ("pad_token_id", pad_token_id),
+                        ("eos_token_id", eos_token_id)):
+        if value is not None and not 0 <= value < vocab:
+            raise bad_argument(name, value, f"is not a token id of the decoder (its vocab_size is {vocab}: "
+                                            f"0 to {vocab - 1})")
     dec = dec.as_cross_attending_decoder()
     start = _first(decoder_start_token_id, dec.decoder_start_token_id, dec.bos_token_id)
     eos = _first(eos_token_id, dec.eos_token_id)
     pad = _first(pad_token_id, dec.pad_token_id, eos)
     if start is None:
-        raise UnsupportedConfig(f"--decoder {decoder.spec}: no decoder_start_token_id or bos_token_id in its "
-                                "config; pass --decoder-start-token-id")
+        raise UnsupportedConfig(f"decoder={decoder.spec}: no decoder_start_token_id or bos_token_id in its "
+                                "config; pass decoder_start_token_id", param="decoder")
     raw = {"architectures": ["SpeechEncoderDecoderModel"], "model_type": "speech-encoder-decoder"}
-    return SpeechEncoderDecoderConfig(
+    config = SpeechEncoderDecoderConfig(
         raw=raw, encoder=encoder.config, decoder=dec,
         decoder_start_token_id=start, pad_token_id=pad, eos_token_id=eos,
     )
+    try:
+        config.validate(str(decoder.path / "config.json"))  # ids taken from the decoder's config
+    except ConvertError as e:
+        raise with_param(e, "decoder", decoder.spec) from None
+    return config
 
 
 def _first(*values: int | None) -> int | None:
@@ -181,10 +194,16 @@ def plan_layout(config: SpeechEncoderDecoderConfig, encoder: Source, decoder: So
         try:
             plan = plan_source(src.checkpoint, src.arch, src.config, subtree(expected, prefix), prefix)
         except ConvertError as e:
-            raise type(e)(f"--{src.role} {src.spec}: {e}") from None
+            raise type(e)(f"{src.role}={src.spec}: {_brief_problems(str(e))}", param=src.role) from None
         plans[src.role] = plan
         initialisable[src.role] = [prefix + p for p in src.arch.initializable]
         for entry in plan.entries:
+            info = src.checkpoint.info(entry.source)
+            if not _is_float(info.dtype):
+                # Every weight of these models is floating point: an integer tensor here is not a weight.
+                raise KeyMapError(f"{src.role}={src.spec}: tensor {entry.source} in {Path(info.file).name} is "
+                                  f"{np.dtype(info.dtype).name}, but {entry.target} is a floating-point weight",
+                                  param=src.role)
             sources[entry.target] = (src, entry)
     initialised, problems = [], []
     allowed = [re.compile(p) for group in initialisable.values() for p in group]
@@ -196,14 +215,20 @@ def plan_layout(config: SpeechEncoderDecoderConfig, encoder: Source, decoder: So
     if problems:
         role = "encoder" if problems[0].startswith("encoder/") else "decoder"
         spec = encoder.spec if role == "encoder" else decoder.spec
-        raise KeyMapError(f"--{role} {spec}: {len(problems)} tensor(s) the model needs are missing: "
-                          + ", ".join(problems[:10]) + (" ..." if len(problems) > 10 else ""))
+        raise KeyMapError(f"{role}={spec}: {len(problems)} tensor(s) the model needs are missing: "
+                          + ", ".join(problems[:10]) + (" ..." if len(problems) > 10 else ""), param=role)
     specs = []
     for path in sorted(expected):
-        src_dtype = sources[path][0].checkpoint.info(sources[path][1].source).dtype if path in sources else dtype
-        out = dtype if _is_float(src_dtype) else src_dtype
-        specs.append(TensorSpec(path, out, tuple(expected[path])))
+        specs.append(TensorSpec(path, dtype, tuple(expected[path])))  # every leaf is a float weight
     return Layout(specs, sources, initialised, plans)
+
+
+def _brief_problems(message: str, limit: int = 3) -> str:
+    """A key-table error lists every problem, separated by "; ": keep the first few and count the rest."""
+    parts = message.split("; ")
+    if len(parts) <= limit:
+        return message
+    return "; ".join(parts[:limit]) + f"; and {len(parts) - limit} more"
 
 
 def _is_float(dtype: np.dtype) -> bool:
@@ -244,7 +269,7 @@ def compose(
     dtype: str = "float32",
     overwrite: bool = False,
     verify: bool = True,
-    verify_tolerance: float = 1e-4,
+    verify_factor: float = DEFAULT_FACTOR,
     max_shard_size: str | int | None = None,
     decoder_start_token_id: int | None = None,
     pad_token_id: int | None = None,
@@ -257,16 +282,19 @@ def compose(
 
     Args:
         encoder, decoder: a local directory, a Hub repo id, or a built-in name.
-        output: the directory to create (atomically; an existing non-empty one needs `overwrite`).
+        output: the directory to create, atomically. It may not be, contain or lie inside a source or the
+            Hugging Face cache, nor be or contain the current or home directory.
         encoder_revision, decoder_revision: Hub revisions for repo-id sources.
-        seed: seeds the initialisation of what neither source has.
+        seed: seeds the initialisation of what neither source has (0 to 2**32 - 1).
         dtype: "float32", "bfloat16" or "float16" for the saved floating-point weights.
-        overwrite: replace an existing non-empty `output`.
-        verify: reload the output and compare Flax with the PyTorch reference on a seeded input.
-        verify_tolerance: the largest max |Δlogits| that passes the verification.
+        overwrite: replace an existing non-empty `output`, only if this toolkit wrote it (it holds
+            `compose_report.json`).
+        verify: reload the output and judge Flax against the PyTorch reference (see `convert.verify`).
+        verify_factor: how many times the float32 reference's own error (against its float64 run) Flax's
+            error may be.
         max_shard_size: e.g. "2GB": shard both weight files above this size.
         decoder_start_token_id, pad_token_id, eos_token_id: override the decoder config's ids.
-        progress: show progress bars (on stderr).
+        progress: show progress bars (on stderr, when it is a terminal).
         log: where the summary goes (stdout by default).
         command: the command line, recorded in the model card.
 
@@ -274,34 +302,53 @@ def compose(
         The output directory and the report (also written to `output/compose_report.json`).
 
     Raises:
-        ConvertError: one line naming the flag or file and what is wrong; nothing is written.
+        UsageError: an argument is invalid by itself (checked before anything is read).
+        ConvertError: one line naming the parameter, file or tensor and what is wrong; nothing is written.
     """
     log = log or sys.stdout
     started = time.perf_counter()
-    if dtype not in DTYPES:
-        raise ConvertError(f"--dtype {dtype}: not one of {', '.join(DTYPES)}")
+    cli.require_choice("dtype", dtype, list(DTYPES))
+    seed = cli.require_int("seed", seed, 0, MAX_SEED)
+    verify_factor = cli.require_float("verify_factor", verify_factor, 0.0, None, low_inclusive=False)
+    for name, value in (("decoder_start_token_id", decoder_start_token_id), ("pad_token_id", pad_token_id),
+                        ("eos_token_id", eos_token_id)):
+        cli.require_int(name, value, 0, None, allow_none=True)
+    for name, value in (("overwrite", overwrite), ("verify", verify), ("progress", progress)):
+        if not isinstance(value, bool):
+            raise bad_argument(name, value, "is not True or False")
+    for name, value in (("encoder_revision", encoder_revision), ("decoder_revision", decoder_revision)):
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise bad_argument(name, repr(value), "is not a revision (a branch, tag or commit)")
     out_dtype = _dtype(dtype)
     shard_bytes = parse_size(max_shard_size)
+    if not isinstance(output, (str, Path)) or not str(output).strip():
+        raise bad_argument("output", repr(output), "is not a directory path")
     output = Path(output)
-    if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not overwrite)):
-        raise ConvertError(f"--output {output}: directory exists and is not empty (pass --overwrite to replace it)"
-                           if output.is_dir() else f"--output {output}: exists and is not a directory")
+    # Before any source is read: the output's own rules, and its relation to the local sources named.
+    local = [(f"the {role} source", p) for role, p in (("encoder", _local_path(encoder, "encoder")),
+                                                       ("decoder", _local_path(decoder, "decoder"))) if p]
+    check_output_location(output, overwrite=overwrite, sources=[*local, BUILTIN_SOURCES])
+    cli.set_interrupt_note(f"nothing was written to {output}")
     enc = open_source(encoder, "encoder", encoder_revision)
     dec = open_source(decoder, "decoder", decoder_revision)
+    sources = [("the encoder source", enc.path), ("the decoder source", dec.path), BUILTIN_SOURCES]
+    check_output_location(output, overwrite=overwrite, sources=sources)
     config = compose_config(enc, dec, decoder_start_token_id, pad_token_id, eos_token_id)
     layout = plan_layout(config, enc, dec, out_dtype)
     std = float(config.decoder.init_scale)
+    total = sum(s.nbytes for s in layout.specs)
 
     def leaves():
         from tqdm import tqdm
 
-        total = sum(s.nbytes for s in layout.specs)
-        with tqdm(total=total, unit="B", unit_scale=True, desc="composing", disable=not progress,
+        with tqdm(total=total, unit="B", unit_scale=True, desc="composing", disable=not cli.show_progress(progress),
                   file=sys.stderr, leave=False) as bar:
             for spec in layout.specs:
                 if spec.name in layout.sources:
                     src, entry = layout.sources[spec.name]
-                    array = src.checkpoint.get(entry.source, spec.dtype)  # cast on the way in, if at all
+                    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, by tensor
+                        array = src.checkpoint.get(entry.source, spec.dtype)  # cast on the way in, if at all
+                    _check_finite(array, src, entry.source, dtype)
                     # A strided view: the writers tile transposes out; the PyTorch file gets `array` as is.
                     array = entry.transform.to_flax(array, contiguous=False)
                 else:
@@ -309,14 +356,14 @@ def compose(
                 yield spec.name, array
                 bar.update(spec.nbytes)
 
-    with atomic_directory(output, overwrite=overwrite) as tmp:
+    with atomic_directory(output, overwrite=overwrite, sources=sources, needed_bytes=2 * total) as tmp:
         save_params(tmp, config, leaves, layout.specs, max_shard_size=shard_bytes)
         copied = _copy_extra_files(enc, dec, tmp)
         verification = None
         if verify:
             from convert.verify import verify_directory
 
-            verification = verify_directory(tmp, tolerance=verify_tolerance, seed=seed)
+            verification = verify_directory(tmp, factor=verify_factor, seed=seed)
         report = _report(config, enc, dec, layout, seed, std, dtype, verification, copied, command)
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
         _write_card(tmp, report)
@@ -325,16 +372,57 @@ def compose(
         report["seconds"] = round(time.perf_counter() - started, 3)
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
         if verification is not None and not verification["passed"]:
-            raise VerificationFailed(
-                f"verification failed: max |Δlogits| = {verification['max_abs_logits_diff']:.3e} between Flax and "
-                f"the PyTorch reference exceeds {verify_tolerance:.1e}; nothing was written to {output}"
-            )
+            raise VerificationFailed(f"verification failed: {_verification_problem(verification)}; nothing was "
+                                     f"written to {output}")
+    cli.set_interrupt_note(f"{output} was written completely")
     _summary(report, output, log)
     return ComposeResult(output, report)
 
 
+MAX_SEED = 2**32 - 1
+_FINITE_CHUNK = 1 << 22  # elements checked at a time: no full-size boolean array next to a large tensor
+
+
+def _local_path(spec: Any, role: str) -> Path | None:
+    """The directory a source names before resolving it (a local directory or a built-in), else None."""
+    if not isinstance(spec, str) or not spec.strip():
+        return None
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    return BUILTIN_DIR / spec if spec in BUILTINS.get(role, ()) else None
+
+
+def _check_finite(array: np.ndarray, src: Source, key: str, dtype_name: str) -> None:
+    """Refuses a tensor with NaN or Inf values (also values that overflow the output dtype), by name."""
+    flat = array.reshape(-1)
+    for start in range(0, flat.size, _FINITE_CHUNK):
+        chunk = flat[start:start + _FINITE_CHUNK]
+        if np.isfinite(chunk).all():
+            continue
+        original = src.checkpoint.get(key)
+        with np.errstate(invalid="ignore"):
+            bad_source = int(np.count_nonzero(~np.isfinite(original.astype(np.float32))))
+        if bad_source:
+            nan = int(np.count_nonzero(np.isnan(original.astype(np.float32))))
+            raise KeyMapError(f"{src.role}={src.spec}: tensor {key} holds {bad_source} non-finite value(s) "
+                              f"({nan} NaN, {bad_source - nan} Inf)", param=src.role)
+        largest = float(np.max(np.abs(original.astype(np.float64))))
+        raise KeyMapError(f"{src.role}={src.spec}: tensor {key} has values up to {largest:.3g}, beyond what "
+                          f"{dtype_name} can hold (choose another dtype)", param=src.role)
+
+
+def _verification_problem(v: dict[str, Any]) -> str:
+    from convert.verify import describe_judgement
+
+    if not v["weight_files_identical"]:
+        return (f"flax_model.msgpack and model.safetensors differ in {len(v['differing_tensors'])} tensor(s), "
+                f"e.g. {v['differing_tensors'][0]}")
+    return f"{v['reason']}: {describe_judgement(v)}"
+
+
 class VerificationFailed(ConvertError):
-    """The composed model's Flax and PyTorch logits disagree past the tolerance."""
+    """The composed model's Flax logits are further from the float64 reference than float32 rounding explains."""
 
 
 def _copy_extra_files(enc: Source, dec: Source, target: Path) -> list[str]:
@@ -364,7 +452,7 @@ def _source_report(src: Source, plan: Plan) -> dict[str, Any]:
 
 
 def _report(config, enc, dec, layout, seed, std, dtype, verification, copied, command) -> dict[str, Any]:
-    count = lambda names: int(sum(np.prod(s.shape, dtype=np.int64) for s in layout.specs if s.name in names))  # noqa: E731
+    count = lambda names: int(sum(np.prod(s.shape, dtype=np.int64) for s in layout.specs if s.name in names))  
     loaded = set(layout.sources)
     initialised = set(layout.initialised)
     dropped = sum(
@@ -387,8 +475,45 @@ def _report(config, enc, dec, layout, seed, std, dtype, verification, copied, co
                     "dropped": sum(len(p.dropped) for p in layout.plans.values())},
         "copied_files": copied,
         "verification": verification,
+        "transformers": transformers_compatibility(config),
         "command": command,
     }
+
+
+def transformers_compatibility(config: SpeechEncoderDecoderConfig) -> dict[str, Any]:
+    """Whether transformers' `SpeechEncoderDecoderModel` can load and run what compose writes, and if not, why.
+
+    transformers decides from the configs' `hidden_size`/`output_hidden_size` fields, not from what the encoder
+    really outputs: it projects when `output_hidden_size` (default `hidden_size`) differs from the decoder's
+    width (and the decoder has no `cross_attention_hidden_size`), but builds the projection as
+    Linear(`hidden_size`, decoder width); and it requires `cross_attention_hidden_size == hidden_size`. This
+    toolkit projects from the encoder's real output width (`encoder_output_size`).
+
+    Returns:
+        {"loads": bool, "reason": str | None}.
+    """
+    raw = config.encoder.to_hf_dict()
+    hidden = raw.get("hidden_size")
+    their_out = raw.get("output_hidden_size", hidden)
+    width = config.encoder.encoder_output_size
+    dec_width = config.decoder.hidden_size
+    cross = config.decoder.cross_attention_hidden_size
+    reason = None
+    if cross is not None and cross != hidden:
+        reason = (f"transformers requires the decoder's cross_attention_hidden_size ({cross}) to equal the encoder "
+                  f"config's hidden_size ({hidden})")
+    elif cross is None:
+        they_project = their_out != dec_width
+        if they_project != config.has_projection:
+            reason = (f"transformers {'adds' if they_project else 'expects no'} an encoder-to-decoder projection "
+                      f"(it compares output_hidden_size={their_out} with the decoder width {dec_width}), but the "
+                      f"encoder outputs {width} features, so {'none' if not config.has_projection else 'one'} "
+                      "was written")
+        elif they_project and hidden != width:
+            reason = (f"transformers builds enc_to_dec_proj from the encoder config's hidden_size ({hidden}) "
+                      f"while the encoder outputs {width} features (its adapter's output_hidden_size), so it "
+                      f"refuses the projection's weights [{dec_width}, {width}]")
+    return {"loads": reason is None, "reason": reason}
 
 
 def _write_card(directory: Path, report: dict[str, Any]) -> None:
@@ -408,8 +533,15 @@ def _summary(report: dict[str, Any], output: Path, log: TextIO) -> None:
           f"(see {REPORT_FILE})", file=log)
     v = report["verification"]
     if v is not None:
-        print(f"  verified    max |Δlogits| Flax vs PyTorch = {v['max_abs_logits_diff']:.2e} "
-              f"(tolerance {v['tolerance']:.0e})", file=log)
+        print(f"  verified    max |Δlogits| from a float64 reference run: Flax {v['flax_error']:.2e}, float32 "
+              f"reference {v['reference_error']:.2e} (Flax may be up to {v['bound']:.2e}, {v['factor']:g} x); "
+              f"Flax vs reference {v['max_abs_logits_diff']:.2e}", file=log)
+    else:
+        print("  not verified (verify=False)", file=log)
+    t = report.get("transformers") or {}
+    if t and not t["loads"]:
+        print(f"  transformers cannot load this model: {t['reason']}; this toolkit's Flax model and PyTorch "
+              "reference load and run it", file=log)
 
 
 def _human(n: float) -> str:
@@ -424,35 +556,40 @@ def _human(n: float) -> str:
 # CLI
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def build_parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(
         prog="python -m convert.compose",
         description="Compose a pretrained speech encoder and a pretrained text decoder into one speech "
         "encoder-decoder checkpoint (Flax msgpack + PyTorch safetensors, HF layouts).",
         epilog="SRC: a local checkpoint directory, a Hub repo id (owner/name), or a built-in tiny checkpoint "
         f"(encoder: {', '.join(BUILTINS['encoder'])}; decoder: {', '.join(BUILTINS['decoder'])}). Example: "
         f"python -m convert.compose --encoder {BUILTINS['encoder'][0]} --decoder {BUILTINS['decoder'][0]} "
-        "--output out",
+        "--output out. Exit status: 0 written, 1 error (nothing written), 2 usage error, 130 interrupted.",
     )
     p.add_argument("--encoder", required=True, metavar="SRC",
                    help=f"speech encoder checkpoint ({', '.join(model_types('encoder'))})")
     p.add_argument("--decoder", required=True, metavar="SRC",
                    help=f"text decoder checkpoint ({', '.join(model_types('decoder'))})")
-    p.add_argument("--output", required=True, metavar="DIR", help="directory to write (created atomically)")
+    p.add_argument("--output", required=True, metavar="DIR",
+                   help="directory to write (created atomically; never a source, the current or the home directory)")
     p.add_argument("--encoder-revision", metavar="REV", help="Hub revision of --encoder (branch, tag, commit)")
     p.add_argument("--decoder-revision", metavar="REV", help="Hub revision of --decoder (branch, tag, commit)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the weights neither source has (default 0)")
+    p.add_argument("--seed", type=int, default=0, help=f"seed for the weights neither source has (0 to {MAX_SEED})")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype of the saved weights")
     p.add_argument("--max-shard-size", metavar="SIZE", help="shard the weight files above SIZE (e.g. 2GB)")
-    p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists and is not empty")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace DIR if it exists and is not empty; only a directory this toolkit wrote "
+                   "(one holding compose_report.json) is ever replaced")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip reloading the output and comparing Flax with the PyTorch reference")
-    p.add_argument("--verify-tolerance", type=float, default=1e-4, metavar="TOL",
-                   help="largest max |Δlogits| the verification accepts (default 1e-4)")
-    p.add_argument("--decoder-start-token-id", type=int, help="override the decoder's start token id")
-    p.add_argument("--pad-token-id", type=int, help="override the pad token id")
-    p.add_argument("--eos-token-id", type=int, help="override the end-of-sequence token id")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument("--verify-factor", type=float, default=DEFAULT_FACTOR, metavar="F",
+                   help="the verification passes when Flax's max |Δlogits| from a float64 reference run is at most "
+                   "F times the float32 reference's own")
+    p.add_argument("--decoder-start-token-id", type=int, metavar="ID", help="override the decoder's start token id")
+    p.add_argument("--pad-token-id", type=int, metavar="ID", help="override the pad token id")
+    p.add_argument("--eos-token-id", type=int, metavar="ID", help="override the end-of-sequence token id")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bars (they are drawn only when stderr is a terminal)")
     hub = p.add_argument_group("Hub")
     hub.add_argument("--push-to-hub", metavar="OWNER/NAME", help="upload the output to this Hub repo")
     hub.add_argument("--private", action="store_true", help="create the Hub repo as private")
@@ -465,47 +602,43 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    return cli.run_command(lambda: _run(args, argv), parser)
+
+
+def _run(args: Any, argv: Sequence[str] | None) -> int:
+    from convert.errors import UsageError
+
     if args.dry_run and not args.push_to_hub:
-        parser.error("--dry-run needs --push-to-hub")
+        raise UsageError("dry_run=True: needs push_to_hub", param="dry_run")
+    if (args.private or args.commit_message is not None) and not args.push_to_hub:
+        raise UsageError(f"{'private=True' if args.private else 'commit_message'}: applies only with push_to_hub")
     if args.push_to_hub:
         from convert.hub import validate_repo_id
 
         try:
-            validate_repo_id(args.push_to_hub, flag="--push-to-hub")
+            validate_repo_id(args.push_to_hub)
         except ConvertError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+            raise UsageError(str(with_param(e, "push_to_hub", args.push_to_hub)), param="push_to_hub") from None
     command = "python -m convert.compose " + " ".join(sys.argv[1:] if argv is None else argv)
-    try:
-        result = compose(
-            args.encoder, args.decoder, args.output,
-            encoder_revision=args.encoder_revision, decoder_revision=args.decoder_revision,
-            seed=args.seed, dtype=args.dtype, overwrite=args.overwrite, verify=args.verify,
-            verify_tolerance=args.verify_tolerance, max_shard_size=args.max_shard_size,
-            decoder_start_token_id=args.decoder_start_token_id, pad_token_id=args.pad_token_id,
-            eos_token_id=args.eos_token_id, progress=args.progress, command=command,
-        )
-    except ConvertError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"interrupted: nothing was written to {args.output}", file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        # The temporary directory is gone already. Skip the interpreter's teardown: after a signal, JAX's
-        # and torch's worker threads may still be inside native code, and tearing down under them can crash.
-        os._exit(130)
+    result = compose(
+        args.encoder, args.decoder, args.output,
+        encoder_revision=args.encoder_revision, decoder_revision=args.decoder_revision,
+        seed=args.seed, dtype=args.dtype, overwrite=args.overwrite, verify=args.verify,
+        verify_factor=args.verify_factor, max_shard_size=args.max_shard_size,
+        decoder_start_token_id=args.decoder_start_token_id, pad_token_id=args.pad_token_id,
+        eos_token_id=args.eos_token_id, progress=args.progress, command=command,
+    )
     if args.push_to_hub:
         from convert.push import push_to_hub
 
+        cli.set_interrupt_note(f"the composed model is safe in {result.output}; the upload may not have completed")
         try:
             push_to_hub(result.output, args.push_to_hub, private=args.private,
                         commit_message=args.commit_message, dry_run=args.dry_run)
         except ConvertError as e:
-            print(f"error: {e} (the composed model is safe in {result.output})", file=sys.stderr)
-            return 1
-    return 0
+            raise type(e)(f"{e} (the composed model is safe in {result.output})", param=e.param) from None
+    return cli.EXIT_OK
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli.run(main)

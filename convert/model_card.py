@@ -101,6 +101,8 @@ class CardInfo:
         command: the command that produced the directory (e.g. `shlex.join(sys.argv)`).
         repo_id: where the model is published, for the title and the loading snippets; None for a directory.
         formats: the weight formats saved ("safetensors", "flax").
+        transformers_problem: why transformers' `SpeechEncoderDecoderModel` cannot load the files, or None
+            when it can.
     """
 
     encoder: CardSource
@@ -117,6 +119,7 @@ class CardInfo:
     command: str | None = None
     repo_id: str | None = None
     formats: tuple[str, ...] = ("safetensors",)
+    transformers_problem: str | None = None
 
 
 def card_info_from_report(report: Mapping[str, Any], *, repo_id: str | None = None,
@@ -151,9 +154,16 @@ def card_info_from_report(report: Mapping[str, Any], *, repo_id: str | None = No
         dropped.extend(f"{part}: {n} tensor{'s' * (n != 1)}: {why}" for why, n in reasons.items())
     verification = report.get("verification")
     parity = None
-    if verification:
+    if verification and "flax_error" in verification:
+        parity = {"max |Δlogits| Flax vs float64 reference": float(verification["flax_error"]),
+                  "max |Δlogits| float32 reference vs float64 reference": float(verification["reference_error"]),
+                  "largest Flax error accepted": float(verification["bound"]),
+                  "max |Δlogits| Flax vs float32 reference": float(verification["max_abs_logits_diff"])}
+    elif verification:  # a report written before the float64 judgement
         parity = {"max_abs_logits_diff_flax_vs_torch": float(verification["max_abs_logits_diff"]),
                   "tolerance": float(verification["tolerance"])}
+    transformers = report.get("transformers") or {}
+    transformers_problem = transformers.get("reason") if transformers.get("loads") is False else None
     if directory is not None:
         names = [p.name for p in Path(directory).iterdir()]
     else:
@@ -177,6 +187,7 @@ def card_info_from_report(report: Mapping[str, Any], *, repo_id: str | None = No
         command=report.get("command"),
         repo_id=repo_id,
         formats=formats or ("safetensors",),
+        transformers_problem=transformers_problem,
     )
 
 
@@ -242,6 +253,8 @@ def render_model_card(info: CardInfo) -> str:
            "and text) before using it for speech recognition.\n" if info.initialised or info.params_initialised
            else "Every parameter comes from a source.\n")
     )
+    if info.transformers_problem:
+        out.append("transformers cannot load this model (see [How to load](#how-to-load)); this toolkit can.\n")
 
     out.append("## Sources\n")
     out.append("| part | source | revision | model type | license |\n| --- | --- | --- | --- | --- |")
@@ -289,14 +302,18 @@ def render_model_card(info: CardInfo) -> str:
     out.append("## How to load\n")
     out.append(f"With this toolkit (JAX/Flax; a repo id downloads into the Hugging Face cache):\n\n"
                f"```python\n{FLAX_USAGE.format(ref=ref)}\n```\n")
-    if any(f in info.formats for f in ("safetensors", "pytorch")):
-        torch_load = f'model = SpeechEncoderDecoderModel.from_pretrained("{ref}")'
-        note = ""
+    if info.transformers_problem:
+        out.append(f"**transformers cannot load this model**: {info.transformers_problem}. This toolkit's Flax "
+                   "model and its PyTorch reference (`torch_reference.speech_encoder_decoder`) load and run it.\n")
     else:
-        torch_load = f'model = SpeechEncoderDecoderModel.from_pretrained("{ref}", from_flax=True)'
-        note = " (Flax weights only: needs transformers 4.x, which still reads them)"
-    out.append(f"With transformers (PyTorch){note}:\n\n"
-               f"```python\nfrom transformers import SpeechEncoderDecoderModel\n\n{torch_load}\n```\n")
+        if any(f in info.formats for f in ("safetensors", "pytorch")):
+            torch_load = f'model = SpeechEncoderDecoderModel.from_pretrained("{ref}")'
+            note = ""
+        else:
+            torch_load = f'model = SpeechEncoderDecoderModel.from_pretrained("{ref}", from_flax=True)'
+            note = " (Flax weights only: needs transformers 4.x, which still reads them)"
+        out.append(f"With transformers (PyTorch){note}:\n\n"
+                   f"```python\nfrom transformers import SpeechEncoderDecoderModel\n\n{torch_load}\n```\n")
 
     out.append("## How it was made\n")
     command = info.command or shlex.join(["python", "-m", "convert.compose", "--encoder", enc.source,

@@ -1,4 +1,14 @@
-"""Checks that a composed checkpoint is right: both weight files agree, and Flax matches the reference."""
+"""Checks that a composed checkpoint is right: both weight files agree, and Flax computes what the reference does.
+
+How logits are judged (`judge_logits`): every float32 implementation is some distance from the exact result,
+and that distance grows with the size of the activations (a 24-layer encoder, a decoder whose logits reach
+10). So the reference is also run in float64 (PyTorch on the CPU), and each float32 run is measured against
+it: the reference's own float32 error is what float32 arithmetic costs on this model and input. The Flax
+model passes when its error is at most `factor` (default 4) times that, the reference's error taken as at
+least `FLOOR_ULPS` float32 units in the last place of the largest logit (so that a reference that happens to
+be almost exact does not make the bound absurdly tight). A real bug (a weight read wrongly, a wrong
+activation, a mask off by one) moves logits by orders of magnitude more than rounding does.
+""" 
 
 from __future__ import annotations
 
@@ -9,41 +19,62 @@ import numpy as np
 
 from convert.checkpoint import Checkpoint
 from convert.composed import SpeechEncoderDecoderConfig, composed_keymap
+from convert.errors import CheckpointError
+
+FLAX_FILES = ("flax_model.msgpack", "flax_model.msgpack.index.json")
+TORCH_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 
 def compare_weight_files(directory: str | Path) -> dict[str, Any]:
     """Compares `flax_model.msgpack` with `model.safetensors` tensor by tensor through the key table.
 
     Returns:
-        {"tensors": n, "max_abs_diff": float, "mismatched": [keys], "missing": [keys]} (bit-exact means
-        max_abs_diff == 0 and no mismatches).
+        {"tensors": n, "max_abs_diff": float, "mismatched": [keys], "missing": [keys],
+        "differences": [{"tensor", "max_abs_diff" (None when incomparable), "why"}]} (bit-exact means no
+        mismatches and nothing missing).
     """
     directory = Path(directory)
-    flax = Checkpoint(directory, prefer=("flax_model.msgpack", "flax_model.msgpack.index.json"))
-    torch_side = Checkpoint(directory, prefer=("model.safetensors", "model.safetensors.index.json"))
+    flax = Checkpoint(directory, prefer=FLAX_FILES)
+    torch_side = Checkpoint(directory, prefer=TORCH_FILES)
+    if flax.format != "flax" or torch_side.format != "safetensors":
+        raise CheckpointError(f"{directory}: needs both flax_model.msgpack and model.safetensors to compare them")
     config = SpeechEncoderDecoderConfig.from_hf_dict(flax.config, str(directory / "config.json"))
     keymap = composed_keymap(config)
-    mismatched, missing = [], []
+    mismatched, missing, differences = [], [], []
     max_diff = 0.0
     seen = set()
     for path in flax.keys():
         found = keymap.to_torch(path)
         if found is None or found[0] not in torch_side:
             missing.append(path)
+            differences.append({"tensor": path, "max_abs_diff": None, "why": "only in flax_model.msgpack"})
             continue
         key, transform = found
         seen.add(key)
         a = transform.to_torch(flax.get(path), contiguous=False)
         b = torch_side.get(key)
-        if a.shape != b.shape or a.dtype != b.dtype or not _same_bits(a, b):
-            mismatched.append(key)
-            if a.shape == b.shape:
-                diff = np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))) if a.size else 0.0
-                max_diff = max(max_diff, float(diff))
-            else:
-                max_diff = float("inf")
-    missing.extend(k for k in torch_side.keys() if k not in seen)
-    return {"tensors": len(seen), "max_abs_diff": max_diff, "mismatched": mismatched, "missing": missing}
+        if a.shape == b.shape and a.dtype == b.dtype and _same_bits(a, b):
+            continue
+        mismatched.append(key)
+        if a.shape != b.shape:
+            why, diff = f"shape {list(a.shape)} in Flax, {list(b.shape)} in safetensors", float("inf")
+        else:
+            with np.errstate(invalid="ignore", over="ignore"):
+                d = np.abs(a.astype(np.float64) - b.astype(np.float64)) if a.size else np.zeros(1)
+            diff = float(np.nanmax(d)) if np.any(~np.isnan(d)) else float("nan")
+            why = f"{int(np.count_nonzero(d))} of {a.size} values differ"
+            if a.dtype != b.dtype:
+                why += f" (dtype {a.dtype} in Flax, {b.dtype} in safetensors)"
+            if np.isnan(d).any():
+                why += " (NaN in one file)"
+        max_diff = max(max_diff, diff) if not np.isnan(diff) else max_diff
+        differences.append({"tensor": key, "max_abs_diff": diff, "why": why})
+    for k in torch_side.keys():
+        if k not in seen:
+            missing.append(k)
+            differences.append({"tensor": k, "max_abs_diff": None, "why": "only in model.safetensors"})
+    return {"tensors": len(seen), "max_abs_diff": max_diff, "mismatched": mismatched, "missing": missing,
+            "differences": differences}
 
 
 def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
@@ -103,6 +134,12 @@ def load_torch(directory: str | Path) -> Any:
     return torch_from_pretrained(directory)[0].float().eval()
 
 
+DEFAULT_FACTOR = 4.0
+FLOOR_ULPS = 4
+VERIFY_SECONDS = 0.5  # of seeded audio per utterance: verification stays cheap next to loading the model
+_EPS32 = float(np.finfo(np.float32).eps)
+
+
 def logits_difference(flax_model: Any, torch_model: Any, batch: dict[str, np.ndarray]) -> float:
     """max |Δlogits| between the two models on one batch (teacher forcing)."""
     return float(np.max(np.abs(flax_logits(flax_model, batch) - torch_logits(torch_model, batch))))
@@ -112,15 +149,93 @@ def flax_logits(flax_model: Any, batch: dict[str, np.ndarray]) -> np.ndarray:
     return np.asarray(flax_model(**batch).logits)
 
 
-def torch_logits(torch_model: Any, batch: dict[str, np.ndarray]) -> np.ndarray:
+def torch_logits(torch_model: Any, batch: dict[str, np.ndarray], dtype: Any = None) -> np.ndarray:
+    """The reference's logits; with `dtype=torch.float64` the audio is fed in that dtype too (the model must
+    have been converted with `.double()`)."""
     import torch
 
     mask = batch.get("attention_mask")
+    inputs = torch.from_numpy(batch["inputs"])
+    if dtype is not None:
+        inputs = inputs.to(dtype)
     with torch.no_grad():
         return torch_model(
-            torch.from_numpy(batch["inputs"]), None if mask is None else torch.from_numpy(mask),
+            inputs, None if mask is None else torch.from_numpy(mask),
             torch.from_numpy(batch["decoder_input_ids"]),
         ).logits.numpy()
+
+
+def reference_logits(torch_model: Any, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 logits, float64 logits) of the reference; the model is converted to float64 in place for the
+    second run and back to float32 afterwards (exactly: its weights came from float32 or narrower)."""
+    import torch
+
+    logits32 = torch_logits(torch_model, batch)
+    torch_model.double()
+    try:
+        logits64 = torch_logits(torch_model, batch, dtype=torch.float64)
+    finally:
+        torch_model.float()
+    return logits32, logits64
+
+
+def judge_logits(flax32: np.ndarray, ref32: np.ndarray, ref64: np.ndarray, factor: float = DEFAULT_FACTOR
+                 ) -> dict[str, Any]:
+    """Flax's float32 logits judged against the float64 reference, next to the reference's own float32 error.
+
+    Returns:
+        {"flax_error", "reference_error", "bound", "factor", "logit_scale", "max_abs_logits_diff" (Flax vs
+        the float32 reference), "where" (utterance, position, token of Flax's largest error, with both
+        values), "passed", "reason" (why it failed, or None)}.
+    """
+    if flax32.shape != ref64.shape:
+        return {"passed": False, "reason": f"logits shapes differ: Flax {list(flax32.shape)}, reference "
+                f"{list(ref64.shape)}", "flax_error": float("inf"), "reference_error": float("nan"),
+                "bound": float("nan"), "factor": factor, "logit_scale": float("nan"),
+                "max_abs_logits_diff": float("inf"), "where": None}
+    exact = ref64.astype(np.float64)
+    flax_diff = np.abs(flax32.astype(np.float64) - exact)
+    ref_err = float(np.max(np.abs(ref32.astype(np.float64) - exact))) if exact.size else 0.0
+    scale = float(np.max(np.abs(exact))) if exact.size else 0.0
+    floor = FLOOR_ULPS * _EPS32 * max(scale, 1.0)
+    bound = factor * max(ref_err, floor)
+    reason = None
+    if not np.all(np.isfinite(exact)):
+        reason = "the float64 reference gives NaN or Inf logits"
+    elif not np.all(np.isfinite(flax32)):
+        reason = "Flax gives NaN or Inf logits"
+    flax_err = float(np.max(flax_diff)) if flax_diff.size else 0.0
+    where = None
+    if flax_diff.size:
+        flat = int(np.nanargmax(np.where(np.isnan(flax_diff), np.inf, flax_diff)))
+        index = np.unravel_index(flat, flax_diff.shape)
+        where = {"utterance": int(index[0]), "position": int(index[1]), "token": int(index[2]),
+                 "flax": float(flax32[index]), "float64": float(exact[index])}
+    if reason is None and not flax_err <= bound:
+        reason = (f"Flax is {flax_err:.2e} from the float64 reference, more than {factor:g} x the float32 "
+                  f"reference's own {max(ref_err, floor):.2e}")
+    return {
+        "flax_error": flax_err,
+        "reference_error": ref_err,
+        "bound": bound,
+        "factor": factor,
+        "logit_scale": scale,
+        "max_abs_logits_diff": float(np.max(np.abs(flax32 - ref32))) if flax32.size else 0.0,
+        "where": where,
+        "passed": reason is None,
+        "reason": reason,
+    }
+
+
+def describe_judgement(j: dict[str, Any]) -> str:
+    """One line: the figures of `judge_logits` and where Flax's largest error sits."""
+    if j.get("where") is None:
+        return j.get("reason") or "no logits"
+    w = j["where"]
+    return (f"Flax {j['flax_error']:.2e} vs reference float32 {j['reference_error']:.2e} from float64 "
+            f"(bound {j['bound']:.2e} = {j['factor']:g} x, logits up to {j['logit_scale']:.3g}); largest at "
+            f"utterance {w['utterance']}, position {w['position']}, token {w['token']} "
+            f"(Flax {w['flax']:.6g}, float64 {w['float64']:.6g})")
 
 
 def release_free_memory() -> None:
@@ -134,27 +249,37 @@ def release_free_memory() -> None:
         pass
 
 
-def verify_directory(directory: str | Path, tolerance: float = 1e-4, seed: int = 0) -> dict[str, Any]:
-    """Both weight files agree bit for bit, and Flax logits match the reference within `tolerance`.
+def verify_directory(directory: str | Path, factor: float = DEFAULT_FACTOR, seed: int = 0,
+                     seconds: float = VERIFY_SECONDS) -> dict[str, Any]:
+    """Both weight files agree bit for bit, and Flax's logits pass `judge_logits` on a short seeded input.
 
-    The two models are loaded one after the other, never side by side: the check needs the memory of one
-    float32 model, not two.
+    The models are loaded one after the other, never side by side (Flax, then the reference, which is then
+    run again in float64): the check needs the memory of one model, not two.
+
+    Returns:
+        `judge_logits`'s figures plus "seed", "weight_files_identical", "differing_tensors" (up to 20) and
+        "passed" (both checks).
     """
     import gc
 
     files = compare_weight_files(directory)
     flax_model = load_flax(directory)
-    batch = seeded_inputs(flax_model.config, seed)
-    expected = flax_logits(flax_model, batch)
+    batch = seeded_inputs(flax_model.config, seed, seconds=seconds)
+    flax32 = flax_logits(flax_model, batch)
     del flax_model
     gc.collect()
     release_free_memory()
-    diff = float(np.max(np.abs(expected - torch_logits(load_torch(directory), batch))))
-    passed = not files["mismatched"] and not files["missing"] and diff <= tolerance
+    torch_model = load_torch(directory)
+    ref32, ref64 = reference_logits(torch_model, batch)
+    del torch_model
+    gc.collect()
+    release_free_memory()
+    judgement = judge_logits(flax32, ref32, ref64, factor)
+    identical = not files["mismatched"] and not files["missing"]
     return {
-        "max_abs_logits_diff": diff,
-        "tolerance": tolerance,
+        **judgement,
         "seed": seed,
-        "weight_files_identical": not files["mismatched"] and not files["missing"],
-        "passed": passed,
+        "weight_files_identical": identical,
+        "differing_tensors": (files["mismatched"] + files["missing"])[:20],
+        "passed": identical and judgement["passed"],
     }
