@@ -1,58 +1,620 @@
-"""The options of one `generate` call, checked and completed from the config: shared by the Flax search and
-the PyTorch reference so that both decode under exactly the same settings."""
+"""The generation config (transformers' `generation_config.json`), read, checked and resolved into the settings of
+one `generate` call, shared by the Flax search, the PyTorch reference and the composer (no jax or torch here).
+
+Where the settings come from, lowest priority first, as in transformers 5's `generate`:
+
+1. transformers' global defaults (`GLOBAL_DEFAULTS`: at most 20 new tokens, greedy, top_k 50 when sampling, ...);
+2. the model's generation config: its `generation_config.json`, else what `config.json` says
+   (`GenerationConfig.from_model_config`: the top level, then the decoder's sub-config for what is still unset);
+3. a `GenerationConfig`-like object passed to `generate` (its unset fields fall through to 2);
+4. keyword arguments of `generate`.
+
+`resolve_settings` turns the merged config into `GenerationSettings`: lengths counted in new tokens (the decoder's
+start token is the whole prompt, so `max_length` = 1 + `max_new_tokens`), eos ids as a tuple, and every value
+checked against the model (vocabulary, decoder positions). A setting of transformers' `GenerationConfig` that
+this toolkit does not implement is refused by name (`GenerationConfigError`, one line) unless it holds its no-op
+value; an unknown key in a `generation_config.json` is refused too, never ignored.
+
+Deliberate differences from transformers (documented in the README's Generation section):
+* token ids outside the vocabulary (eos, pad, forced, suppressed, bad words) are refused; transformers ignores
+  some of them silently;
+* `max_new_tokens` beyond the decoder's learned positions is refused; transformers warns and then fails inside
+  the model;
+* custom (unknown) entries of a `generation_config.json` are refused; transformers keeps and ignores them.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Self
+
+from convert.errors import ConvertError
+
+GENERATION_CONFIG_FILE = "generation_config.json"
+CONFIG_FILE = "config.json"
+# The transformers version whose semantics the settings follow (written into composed generation configs).
+TRANSFORMERS_VERSION = "5.24.0"
+
+
+class GenerationConfigError(ConvertError, ValueError):
+    """A generation setting that is malformed, out of range, or not implemented (one line naming it)."""
+
+
+# transformers' `GenerationConfig._get_default_generation_params()`: what an unset field means.
+GLOBAL_DEFAULTS: Mapping[str, Any] = {
+    "max_length": 20,
+    "min_length": 0,
+    "do_sample": False,
+    "early_stopping": False,
+    "num_beams": 1,
+    "temperature": 1.0,
+    "top_k": 50,
+    "top_p": 1.0,
+    "repetition_penalty": 1.0,
+    "length_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "num_return_sequences": 1,
+    "output_scores": False,
+    "return_dict_in_generate": False,
+}
+
+# Fields of transformers' GenerationConfig that this toolkit does not implement, with the values that leave
+# generation unchanged (accepted); any other value is refused by name.
+NOT_IMPLEMENTED: Mapping[str, tuple[Any, ...]] = {
+    "max_time": (None,),
+    "stop_strings": (None,),
+    "use_mtp": (None, False),
+    "min_p": (None,),
+    "top_h": (None,),
+    "typical_p": (None, 1.0),
+    "epsilon_cutoff": (None, 0.0),
+    "eta_cutoff": (None, 0.0),
+    "encoder_repetition_penalty": (None, 1.0),
+    "encoder_no_repeat_ngram_size": (None, 0),
+    "renormalize_logits": (None, False),
+    "remove_invalid_values": (None, False),
+    "exponential_decay_length_penalty": (None,),
+    "sequence_bias": (None,),
+    "token_healing": (None, False),
+    "guidance_scale": (None, 1.0),
+    "watermarking_config": (None,),
+    "low_memory": (None, False),
+    "penalty_alpha": (None, 0.0),
+    "dola_layers": (None,),
+    "diversity_penalty": (None, 0.0),
+    "num_beam_groups": (None, 1),
+    "constraints": (None,),
+    "force_words_ids": (None,),
+    "prompt_lookup_num_tokens": (None,),
+    "assistant_early_exit": (None,),
+    "output_attentions": (None, False),
+    "output_hidden_states": (None, False),
+    "output_logits": (None, False),
+}
+
+# Fields that change nothing this toolkit computes (caching, compilation, assisted decoding without an assistant,
+# metadata): accepted with any value and kept for the round trip.
+NO_EFFECT: tuple[str, ...] = (
+    "transformers_version", "_from_model_config", "use_cache", "cache_implementation", "cache_config",
+    "max_cache_len", "compile_config", "disable_compile", "prefill_chunk_size", "continuous_batching_config",
+    "is_assistant", "num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold",
+    "assistant_lookbehind", "target_lookbehind", "max_matching_ngram_size", "assistant_ensemble_weight",
+    "speculation_type",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    """The generation settings this toolkit implements, as in transformers' `generation_config.json`.
+
+    Every field is None when unset: an unset field falls back to the next source (see the module docstring).
+    `extra` keeps the accepted fields that change nothing here (metadata, cache options), for the round trip.
+    """
+
+    max_length: int | None = None
+    max_new_tokens: int | None = None
+    min_length: int | None = None
+    min_new_tokens: int | None = None
+    early_stopping: bool | str | None = None
+    do_sample: bool | None = None
+    num_beams: int | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    length_penalty: float | None = None
+    no_repeat_ngram_size: int | None = None
+    bad_words_ids: tuple[tuple[int, ...], ...] | None = None
+    forced_bos_token_id: int | None = None
+    forced_eos_token_id: int | tuple[int, ...] | None = None
+    suppress_tokens: tuple[int, ...] | None = None
+    begin_suppress_tokens: tuple[int, ...] | None = None
+    num_return_sequences: int | None = None
+    output_scores: bool | None = None
+    return_dict_in_generate: bool | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+    decoder_start_token_id: int | None = None
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)
+
+    @classmethod
+    def from_hf_dict(cls, d: Mapping[str, Any], where: str = GENERATION_CONFIG_FILE) -> Self:
+        """Reads a `generation_config.json` dict; unknown and not-implemented settings are refused by name."""
+        if not isinstance(d, Mapping):
+            raise GenerationConfigError(f"{where}: expected a JSON object")
+        values, extra = {}, {}
+        for key, value in d.items():
+            if key in FIELDS:
+                values[key] = check_value(key, value, where)
+            elif key in NOT_IMPLEMENTED:
+                refuse_not_implemented(key, value, where)
+            elif key in NO_EFFECT:
+                extra[key] = value
+            else:
+                raise GenerationConfigError(f"{where}: {key} is not a generation setting transformers 5 knows "
+                                            f"(custom entries are not supported)")
+        return cls(**values, extra=extra)
+
+    @classmethod
+    def from_model_config(cls, d: Mapping[str, Any], where: str = CONFIG_FILE) -> Self:
+        """The generation settings a model's `config.json` holds, as transformers' `from_model_config` reads them:
+        the top level's, then, for what is still unset, the decoder sub-config's (`decoder`, `generator` or
+        `text_config`, the first present). Keys that are not generation settings are model settings: skipped."""
+        config = cls._from_flat_model_config(d, where)
+        sub = next((d[name] for name in ("decoder", "generator", "text_config") if isinstance(d.get(name), Mapping)),
+                   None)
+        if sub is not None:
+            fallback = cls._from_flat_model_config(sub, f"{where} (decoder)")
+            config = config.merged_over(fallback)
+        return config
+
+    @classmethod
+    def _from_flat_model_config(cls, d: Mapping[str, Any], where: str) -> Self:
+        values = {}
+        for key, value in d.items():
+            if value is None or key == "_from_model_config":
+                continue
+            if key in FIELDS:
+                values[key] = check_value(key, value, where)
+            elif key in NOT_IMPLEMENTED:
+                refuse_not_implemented(key, value, where)
+        # transformers' backward compatibility for old BART configs.
+        if d.get("force_bos_token_to_be_generated") is True and "forced_bos_token_id" not in values:
+            values["forced_bos_token_id"] = values.get("bos_token_id")
+        return cls(**values)
+
+    @classmethod
+    def from_object(cls, obj: Any, where: str = "generation_config") -> Self:
+        """A `GenerationConfig` from one of ours, a mapping, or any object with `to_dict()` (e.g. transformers'
+        GenerationConfig, whose unset fields are None)."""
+        if isinstance(obj, GenerationConfig):
+            return obj
+        if isinstance(obj, Mapping):
+            d = dict(obj)
+        elif callable(getattr(obj, "to_dict", None)):
+            d = {k: v for k, v in obj.to_dict().items() if not k.startswith("_") or k == "_from_model_config"}
+        else:
+            raise GenerationConfigError(f"{where}: {type(obj).__name__} is not a generation config (expected a "
+                                        "GenerationConfig, a dict, or an object with to_dict())")
+        d = {k: v for k, v in d.items() if v is not None}
+        return cls.from_hf_dict(d, where)
+
+    @classmethod
+    def from_directory(cls, directory: str | Path) -> Self:
+        """The model's generation config: `generation_config.json` when the directory has one, else from
+        `config.json` (what transformers' `from_pretrained` does)."""
+        directory = Path(directory)
+        path = directory / GENERATION_CONFIG_FILE
+        if path.is_file():
+            return cls.from_hf_dict(read_json_object(path), str(path))
+        config_path = directory / CONFIG_FILE
+        if not config_path.is_file():
+            return cls()
+        return cls.from_model_config(read_json_object(config_path), str(config_path))
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """transformers' on-disk form: the set fields (lists for tuples) and the kept extras, keys sorted."""
+        out: dict[str, Any] = dict(self.extra)
+        for name in FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = to_json_value(value)
+        return dict(sorted(out.items()))
+
+    def merged_over(self, base: GenerationConfig) -> GenerationConfig:
+        """This config with its unset fields taken from `base`."""
+        values = {name: getattr(self, name) if getattr(self, name) is not None else getattr(base, name)
+                  for name in FIELDS}
+        return GenerationConfig(**values, extra={**base.extra, **self.extra})
+
+    def updated(self, where: str = "generate", **settings: Any) -> GenerationConfig:
+        """This config with `settings` (keyword arguments of `generate`; None leaves a field as it is) applied."""
+        unknown = sorted(set(settings) - set(FIELDS))
+        for key in unknown:
+            if key in NOT_IMPLEMENTED:
+                refuse_not_implemented(key, settings[key], where)
+        unknown = [k for k in unknown if k not in NOT_IMPLEMENTED]
+        if unknown:
+            raise GenerationConfigError(f"{where}: unknown generation setting(s) {', '.join(unknown)}")
+        checked = {k: check_value(k, v, where) for k, v in settings.items() if k in FIELDS and v is not None}
+        return dataclasses.replace(self, **checked)
+
+    def write(self, directory: str | Path) -> Path:
+        """Writes `generation_config.json` into `directory`."""
+        path = Path(directory) / GENERATION_CONFIG_FILE
+        path.write_text(json.dumps(self.to_hf_dict(), indent=2, sort_keys=True) + "\n")
+        return path
+
+
+FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(GenerationConfig) if f.name != "extra")
+
+_INTS_AT_LEAST = {"max_length": 1, "max_new_tokens": 1, "min_length": 0, "min_new_tokens": 0, "num_beams": 1,
+                  "top_k": 0, "no_repeat_ngram_size": 0, "num_return_sequences": 1}
+_TOKEN_IDS = ("bos_token_id", "pad_token_id", "decoder_start_token_id", "forced_bos_token_id")
+_TOKEN_ID_LISTS = ("eos_token_id", "forced_eos_token_id")  # an id or a list of ids
+_TOKEN_TUPLES = ("suppress_tokens", "begin_suppress_tokens")
+_BOOLS = ("do_sample", "output_scores", "return_dict_in_generate")
+
+
+def check_value(key: str, value: Any, where: str) -> Any:
+    """`value` checked for the type and range of setting `key` (lists become tuples); one-line error naming it."""
+    def bad(why: str) -> GenerationConfigError:
+        return GenerationConfigError(f"{where}: {key}={value!r} {why}")
+
+    if key in _INTS_AT_LEAST:
+        if not is_int(value) or value < _INTS_AT_LEAST[key]:
+            raise bad(f"must be an integer >= {_INTS_AT_LEAST[key]}")
+        return int(value)
+    if key in _TOKEN_IDS:
+        if not is_int(value) or value < 0:
+            raise bad("must be a token id (an integer >= 0)")
+        return int(value)
+    if key in _TOKEN_ID_LISTS:
+        if is_int(value) and value >= 0:
+            return int(value)
+        if is_sequence(value) and value and all(is_int(v) and v >= 0 for v in value):
+            return tuple(int(v) for v in value)
+        raise bad("must be a token id or a non-empty list of token ids (integers >= 0)")
+    if key in _TOKEN_TUPLES:
+        if is_sequence(value) and all(is_int(v) and v >= 0 for v in value):
+            return tuple(int(v) for v in value)
+        raise bad("must be a list of token ids (integers >= 0)")
+    if key == "bad_words_ids":
+        if (is_sequence(value) and value
+                and all(is_sequence(s) and s and all(is_int(v) and v >= 0 for v in s) for s in value)):
+            return tuple(tuple(int(v) for v in s) for s in value)
+        raise bad("must be a non-empty list of non-empty lists of token ids")
+    if key in _BOOLS:
+        if not isinstance(value, bool):
+            raise bad("must be true or false")
+        return value
+    if key == "early_stopping":
+        if value is True or value is False or value == "never":
+            return value
+        raise bad("must be true, false or \"never\"")
+    if key in ("temperature", "repetition_penalty"):
+        if not is_number(value) or not value > 0:
+            raise bad("must be a finite number > 0")
+        return float(value)
+    if key == "top_p":
+        if not is_number(value) or not 0.0 <= value <= 1.0:
+            raise bad("must be a number in [0, 1]")
+        return float(value)
+    if key == "length_penalty":
+        if not is_number(value):
+            raise bad("must be a finite number")
+        return float(value)
+    raise AssertionError(f"no check for {key}")  # every field has one
+
+
+def refuse_not_implemented(key: str, value: Any, where: str) -> None:
+    if not any(value is v or (type(value) is type(v) and value == v) or (is_number(value) and is_number(v)
+                                                                           and value == v)
+               for v in NOT_IMPLEMENTED[key]):
+        raise GenerationConfigError(f"{where}: {key}={value!r} is not implemented by this toolkit "
+                                    f"(leave it unset)")
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_sequence(value: Any) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, str | bytes)
+
+
+def to_json_value(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [to_json_value(v) for v in value]
+    return value
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GenerationConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise GenerationConfigError(f"{path}: expected a JSON object")
+    return data
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The settings of one call
 
 
 @dataclasses.dataclass(frozen=True)
 class GenerationSettings:
-    """The resolved options of one `generate` call (token ids filled in from the config)."""
+    """The resolved settings of one `generate` call; lengths count new tokens (after the start token).
+
+    Attributes:
+        max_new_tokens: the most tokens generated after the start token (transformers' max_length - 1).
+        min_new_tokens: eos is forbidden while fewer tokens have been generated (0 without eos ids).
+        num_beams, do_sample, early_stopping, length_penalty, num_return_sequences: as transformers.
+        decoder_start_token_id: the first decoder input.
+        eos_token_ids: the end-of-sequence ids (empty: generation runs to `max_new_tokens`).
+        pad_token_id: what finished rows are filled with (pad, else the first eos id); None without either.
+        beam_fill_token_id: what shorter beam-search outputs are padded with (transformers' `pad or eos[0]`,
+            which takes eos[0] when pad is 0, and -1 without eos ids).
+        forced_bos_token_id: the first generated token, when set.
+        forced_eos_token_ids: the token(s) forced at the last position allowed (`max_new_tokens`), when set.
+        repetition_penalty: 1.0 is off.
+        no_repeat_ngram_size: 0 is off.
+        bad_words_ids: forbidden token sequences (those that are a single eos id removed, as transformers does).
+        suppress_tokens, begin_suppress_tokens: None when the processor is absent.
+        begin_index: the sequence length (start token included) at which `begin_suppress_tokens` apply.
+        temperature, top_k, top_p: sampling warpers (1.0 / 0 / 1.0 are off); only with `do_sample`.
+        min_tokens_to_keep: what top-k / top-p always keep (beam sampling keeps one more than the eos ids).
+        output_scores: return each step's processed scores.
+    """
 
     max_new_tokens: int
-    num_beams: int
-    length_penalty: float
-    early_stopping: bool | str
     min_new_tokens: int
+    num_beams: int
+    do_sample: bool
+    early_stopping: bool | str
+    length_penalty: float
+    num_return_sequences: int
     decoder_start_token_id: int
-    eos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
     pad_token_id: int | None
+    beam_fill_token_id: int
+    forced_bos_token_id: int | None
+    forced_eos_token_ids: tuple[int, ...]
+    repetition_penalty: float
+    no_repeat_ngram_size: int
+    bad_words_ids: tuple[tuple[int, ...], ...]
+    suppress_tokens: tuple[int, ...] | None
+    begin_suppress_tokens: tuple[int, ...] | None
+    begin_index: int
+    temperature: float
+    top_k: int
+    top_p: float
+    min_tokens_to_keep: int
+    output_scores: bool
+
+    @property
+    def mode(self) -> str:
+        """"greedy", "sample", "beam_search" or "beam_sample"."""
+        if self.num_beams == 1:
+            return "sample" if self.do_sample else "greedy"
+        return "beam_sample" if self.do_sample else "beam_search"
+
+    @property
+    def uses_repetition_penalty(self) -> bool:
+        return self.repetition_penalty != 1.0
+
+    @property
+    def uses_temperature(self) -> bool:
+        return self.do_sample and self.temperature != 1.0
+
+    @property
+    def uses_top_k(self) -> bool:
+        return self.do_sample and self.top_k != 0
+
+    @property
+    def uses_top_p(self) -> bool:
+        return self.do_sample and self.top_p < 1.0
+
+    @property
+    def beams_to_keep(self) -> int:
+        """Candidates ranked per utterance and step in beam search: enough that K survive even if all eos ids
+        are among them (transformers' `max(2, 1 + n_eos) * num_beams`)."""
+        return max(2, 1 + len(self.eos_token_ids)) * self.num_beams
+
+    @property
+    def rows_per_input(self) -> int:
+        """Rows of the output per input utterance."""
+        return self.num_return_sequences
 
     @property
     def static(self) -> tuple:
-        """What the compiled function depends on; the rest is passed in traced."""
-        return (self.max_new_tokens, self.num_beams, self.early_stopping, self.decoder_start_token_id,
-                self.eos_token_id, self.pad_token_id)
+        """What a compiled search depends on; length_penalty, min_new_tokens, repetition_penalty, temperature
+        and top_p are passed in traced (changing their values does not compile again)."""
+        return (self.max_new_tokens, self.num_beams, self.do_sample, self.early_stopping, self.num_return_sequences,
+                self.decoder_start_token_id, self.eos_token_ids, self.pad_token_id, self.beam_fill_token_id,
+                self.forced_bos_token_id, self.forced_eos_token_ids, self.uses_repetition_penalty,
+                self.no_repeat_ngram_size, self.bad_words_ids, self.suppress_tokens, self.begin_suppress_tokens,
+                self.begin_index, self.uses_temperature, self.top_k if self.uses_top_k else 0, self.uses_top_p,
+                self.min_tokens_to_keep, self.output_scores)
+
+    @property
+    def traced(self) -> dict[str, float | int]:
+        """The values passed to a compiled search as arguments."""
+        return {"length_penalty": self.length_penalty, "min_new_tokens": self.min_new_tokens,
+                "repetition_penalty": self.repetition_penalty, "temperature": self.temperature, "top_p": self.top_p}
 
 
-def resolve_settings(config: Any, max_new_tokens: int, num_beams: int, length_penalty: float,
-                     early_stopping: bool | str, min_new_tokens: int, decoder_start_token_id: int | None,
-                     eos_token_id: int | None, pad_token_id: int | None) -> GenerationSettings:
-    """Checks the options and fills the token ids from the composed config; pad defaults to eos."""
-    start = config.decoder_start_token_id if decoder_start_token_id is None else decoder_start_token_id
-    eos = config.eos_token_id if eos_token_id is None else eos_token_id
-    pad = config.pad_token_id if pad_token_id is None else pad_token_id
-    pad = eos if pad is None else pad
+def model_generation_config(model: Any) -> GenerationConfig:
+    """The generation config a model carries (`model.generation_config`, set by `from_pretrained`), else the one
+    its config implies (transformers' `from_model_config`)."""
+    config = getattr(model, "generation_config", None)
+    if config is not None:
+        return GenerationConfig.from_object(config)
+    return GenerationConfig.from_model_config(model.config.to_hf_dict())
+
+
+def resolve_settings(model_config: Any, model_generation: GenerationConfig | None = None,
+                     generation_config: Any = None, **kwargs: Any) -> GenerationSettings:
+    """The settings of one `generate` call.
+
+    Args:
+        model_config: the composed config (vocabulary, decoder positions, token ids).
+        model_generation: the model's generation config (priority below `generation_config` and `kwargs`); None
+            takes what the composed config implies (transformers' `from_model_config`).
+        generation_config: a GenerationConfig-like object passed to `generate`, or None.
+        kwargs: keyword arguments of `generate` (transformers' names); None unsets the model's value.
+
+    Raises:
+        GenerationConfigError: a setting that is malformed, not implemented, or impossible for this model.
+    """
+    config = GenerationConfig() if generation_config is None else GenerationConfig.from_object(generation_config)
+    config = config.updated(**kwargs)
+    if model_generation is None:
+        model_generation = GenerationConfig.from_model_config(model_config.to_hf_dict())
+    config = config.merged_over(model_generation)
+    # A keyword argument set to None unsets the model's value, as transformers' `generation_config.update` does
+    # (e.g. forced_bos_token_id=None turns the processor off; num_beams=None means the global default).
+    config = dataclasses.replace(config, **{k: None for k, v in kwargs.items() if v is None and k in FIELDS})
+
+    def get(name: str) -> Any:
+        value = getattr(config, name)
+        return GLOBAL_DEFAULTS.get(name) if value is None else value
+
+    where = "generate"
+    vocab = model_config.decoder.vocab_size
+
+    def refuse(name: str, value: Any, why: str) -> GenerationConfigError:
+        return GenerationConfigError(f"{where}: {name}={value!r} {why}")
+
+    # Lengths: the start token is the whole decoder prompt.
+    if config.max_new_tokens is not None:
+        max_new = config.max_new_tokens
+    elif config.max_length is None:
+        max_new = GLOBAL_DEFAULTS["max_length"]  # transformers: the default max_length counts new tokens only
+    else:
+        max_length = config.max_length
+        if max_length < 2:
+            raise refuse("max_length", max_length, "leaves no room after the decoder start token (set max_new_tokens)")
+        max_new = max_length - 1
+    positions = model_config.decoder.max_positions
+    if max_new + 1 > positions:
+        raise refuse("max_new_tokens", max_new, f"needs {max_new + 1} decoder positions; the decoder has {positions}")
+
+    start = config.decoder_start_token_id if config.decoder_start_token_id is not None else config.bos_token_id
     if start is None:
-        raise ValueError("no decoder_start_token_id in the config; pass decoder_start_token_id")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
-    if num_beams < 1:
-        raise ValueError(f"num_beams={num_beams} must be at least 1")
-    if not 0 <= min_new_tokens <= max_new_tokens:
-        raise ValueError(f"min_new_tokens={min_new_tokens} must be between 0 and max_new_tokens={max_new_tokens}")
-    if not (early_stopping is True or early_stopping is False or early_stopping == "never"):
-        raise ValueError(f"early_stopping={early_stopping!r} must be True, False or 'never'")
-    if eos is not None and pad is None:
-        raise ValueError("eos_token_id is set but there is no pad_token_id to fill finished rows")
-    positions = config.decoder.max_positions
-    if max_new_tokens + 1 > positions:
-        raise ValueError(f"max_new_tokens={max_new_tokens} needs {max_new_tokens + 1} decoder positions; the decoder "
-                         f"has {positions}")
-    vocab = config.decoder.vocab_size
-    if num_beams > 1 and 2 * num_beams > vocab - 1:
-        raise ValueError(f"num_beams={num_beams} is too many for a vocabulary of {vocab}")
-    return GenerationSettings(max_new_tokens, num_beams, float(length_penalty), early_stopping, min_new_tokens,
-                              int(start), None if eos is None else int(eos), None if pad is None else int(pad))
+        raise GenerationConfigError(f"{where}: no decoder_start_token_id or bos_token_id; pass decoder_start_token_id")
+    eos = config.eos_token_id
+    eos_ids = () if eos is None else ((eos,) if isinstance(eos, int) else tuple(eos))
+    pad = config.pad_token_id if config.pad_token_id is not None else (eos_ids[0] if eos_ids else None)
+    beam_fill = (pad or eos_ids[0]) if eos_ids else -1  # transformers' `pad_token_id or eos_token_id[0]`
+
+    for name, value in (("decoder_start_token_id", start), ("pad_token_id", pad),
+                        ("forced_bos_token_id", config.forced_bos_token_id)):
+        if value is not None and value >= vocab:
+            raise refuse(name, value, f"is not a token id of the decoder (vocab_size={vocab})")
+    for name, value in (("eos_token_id", eos), ("forced_eos_token_id", config.forced_eos_token_id),
+                        ("suppress_tokens", config.suppress_tokens),
+                        ("begin_suppress_tokens", config.begin_suppress_tokens)):
+        listed = () if value is None else ((value,) if isinstance(value, int) else value)
+        if any(v >= vocab for v in listed):
+            raise refuse(name, to_json_value(value), f"holds ids outside the decoder's vocabulary (vocab_size={vocab})")
+    for sequence in config.bad_words_ids or ():
+        if any(v >= vocab for v in sequence):
+            raise refuse("bad_words_ids", list(sequence), f"holds ids outside the decoder's vocabulary "
+                                                          f"(vocab_size={vocab})")
+
+    num_beams, do_sample = get("num_beams"), get("do_sample")
+    returns = get("num_return_sequences")
+    if returns > 1 and num_beams == 1 and not do_sample:
+        raise refuse("num_return_sequences", returns, "needs do_sample=True or num_beams > 1 (greedy search returns "
+                                                      "one sequence)")
+    if num_beams > 1 and returns > num_beams:
+        raise refuse("num_return_sequences", returns, f"must be at most num_beams={num_beams}")
+    forced_eos = config.forced_eos_token_id
+    forced_eos_ids = () if forced_eos is None else ((forced_eos,) if isinstance(forced_eos, int) else forced_eos)
+    if config.suppress_tokens is not None:
+        for name, forced in (("forced_bos_token_id", () if config.forced_bos_token_id is None
+                              else (config.forced_bos_token_id,)), ("forced_eos_token_id", forced_eos_ids)):
+            if forced and set(forced) <= set(config.suppress_tokens):
+                raise refuse(name, to_json_value(forced if len(forced) > 1 else forced[0]),
+                             "is also in suppress_tokens: every token would be forbidden at the forcing step")
+
+    if eos_ids:
+        if config.min_new_tokens is not None:
+            min_new = config.min_new_tokens
+        else:
+            min_new = max(0, get("min_length") - 1)
+    else:
+        min_new = 0  # transformers adds the min-length processors only with eos ids
+    bad_words = []
+    for sequence in config.bad_words_ids or ():
+        if not (len(sequence) == 1 and sequence[0] in eos_ids) and sequence not in bad_words:
+            bad_words.append(sequence)
+    begin_index = 2 if config.forced_bos_token_id is not None else 1
+    min_keep = (len(eos_ids) + 1 if eos_ids else 2) if num_beams > 1 else 1
+    return GenerationSettings(
+        max_new_tokens=max_new,
+        min_new_tokens=min_new,
+        num_beams=num_beams,
+        do_sample=do_sample,
+        early_stopping=get("early_stopping"),
+        length_penalty=get("length_penalty"),
+        num_return_sequences=returns,
+        decoder_start_token_id=start,
+        eos_token_ids=eos_ids,
+        pad_token_id=pad,
+        beam_fill_token_id=beam_fill,
+        forced_bos_token_id=config.forced_bos_token_id,
+        forced_eos_token_ids=tuple(forced_eos_ids),
+        repetition_penalty=get("repetition_penalty"),
+        no_repeat_ngram_size=get("no_repeat_ngram_size"),
+        bad_words_ids=tuple(bad_words),
+        suppress_tokens=config.suppress_tokens,
+        begin_suppress_tokens=config.begin_suppress_tokens,
+        begin_index=begin_index,
+        temperature=get("temperature"),
+        top_k=get("top_k"),
+        top_p=get("top_p"),
+        min_tokens_to_keep=min_keep,
+        output_scores=get("output_scores"),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Composition
+
+
+def decoder_generation_config(directory: str | Path, decoder_config: Mapping[str, Any]) -> GenerationConfig:
+    """A decoder source's generation settings: its `generation_config.json`, else its `config.json`'s."""
+    path = Path(directory) / GENERATION_CONFIG_FILE
+    if path.is_file():
+        return GenerationConfig.from_hf_dict(read_json_object(path), str(path))
+    return GenerationConfig._from_flat_model_config(decoder_config, str(Path(directory) / CONFIG_FILE))
+
+
+def composed_generation_config(decoder: GenerationConfig, model_config: Any,
+                               eos_token_id: int | None = None) -> GenerationConfig:
+    """The composed model's generation config: the decoder's settings, with the composed config's start and pad
+    ids (and its eos id where the decoder's settings have none, or when `eos_token_id` overrides it), checked
+    against the composed model.
+
+    Raises:
+        GenerationConfigError: a decoder setting that does not fit the composed model.
+    """
+    eos = eos_token_id if eos_token_id is not None else (
+        decoder.eos_token_id if decoder.eos_token_id is not None else model_config.eos_token_id)
+    config = dataclasses.replace(
+        decoder, decoder_start_token_id=model_config.decoder_start_token_id, pad_token_id=model_config.pad_token_id,
+        eos_token_id=eos, extra={"transformers_version": TRANSFORMERS_VERSION})
+    resolve_settings(model_config, config)  # refuses what the composed model cannot honour
+    return config

@@ -1,39 +1,29 @@
-"""Greedy and beam-search generation for the composed Flax model: one jitted function, one `lax.while_loop`.
+"""Generation for the composed Flax model: greedy search, sampling, beam search and beam sampling with transformers
+5's logits processors, each one jitted function around one `lax.while_loop`.
 
-Semantics are Hugging Face's `generate` (transformers >= 4.50, whose vectorised `_beam_search` replaced
-`BeamSearchScorer`), and `torch_reference.generation` computes the same thing plainly in eager PyTorch:
+Semantics are those of `torch_reference.generation` (its module docstring states them in full), which computes
+the same thing plainly in eager PyTorch; both follow transformers 5's `generate`:
 
+* Settings come from `convert.generation_settings.resolve_settings`: the model's generation config
+  (`generation_config.json`, else `config.json`), a GenerationConfig-like object, keyword arguments.
 * The encoder runs once; `init_cache` projects the cross-attention keys/values once (the prefill); every step
-  feeds the last token through the decoder with the cache (positions `0, 1, ...`; the start token sits at 0).
-  The cache holds `max_new_tokens + 1` positions.
-* Greedy: the next token is the argmax of the step's logits (the argmax of the log-softmax too; ties go to
-  the lowest id). A row that has produced `eos_token_id` is finished; later steps append `pad_token_id` to
-  it. The loop stops when every row has finished or after `max_new_tokens` tokens. Greedy has no score.
-* `min_new_tokens`: while fewer than `min_new_tokens` tokens have been generated, eos scores -inf.
-* Beam search, per utterance: `num_beams` (K) running beams start from the start token (only the first one
-  live: the others score -1e9, as HF does, so that step 1 does not pick K copies of one token). Each step
-  scores every continuation as running score + log-softmax, ranks the top 2K over all K x V, and:
-  - a candidate among the top K of those 2K that ends in eos (or reaches `max_new_tokens`) becomes a
-    finished hypothesis scored `sum_logprobs / n ** length_penalty`, n = the number of generated tokens
-    including the eos (the start token is not counted); the K best finished hypotheses are kept;
-  - the K best candidates that did not finish become the running beams (the cache rows are gathered to
-    follow them with `reorder_cache`).
-  - The utterance is done when no running beam can beat the finished ones (`early_stopping`):
-    `True`: as soon as K hypotheses are finished; `False` (HF's default heuristic): when K are finished and
-    the best running score divided by (tokens generated so far) ** length_penalty is no better than the
-    worst finished score; `"never"`: the same, but dividing by `max_new_tokens ** length_penalty` when
-    `length_penalty > 0` (the canonical bound). A done utterance takes no new hypotheses.
-  - The loop stops when every utterance is done or after `max_new_tokens` steps. The result is each
-    utterance's best finished hypothesis and its score.
-* Output: `sequences` [B, 1 + n], the start token then the generated tokens (eos included), rows shorter
-  than the longest padded with `pad_token_id`; n is the longest row's generated length.
+  feeds the last token through the decoder with the cache. The cache holds `max_new_tokens + 1` positions.
+* Every processor runs inside the loop on fixed shapes: the sequences so far live in a [rows, 1 + max_new_tokens]
+  buffer and a processor looks only at the first `1 + step` columns (masks built with `arange < cur_len`).
+  Order: repetition_penalty, no_repeat_ngram_size, bad_words_ids, min_length / min_new_tokens,
+  forced_bos_token_id, forced_eos_token_id, suppress_tokens, begin_suppress_tokens, then (sampling)
+  temperature, top_k, top_p.
+* Sampling draws from the softmax of the processed scores with the caller's `prng_key`, folded with the step
+  number (`jax.random.categorical`); beam sampling draws the candidates without replacement by the Gumbel-top-k
+  trick, the same distribution as transformers' `torch.multinomial(..., replacement=False)`. The same key gives
+  the same tokens; the draws differ from PyTorch's (another generator).
+* Beam search keeps transformers' vectorised bookkeeping: K' = max(2, 1 + number of eos ids) * K candidates per
+  step; running beams are the best candidates that did not end; finished hypotheses merge with the K best kept.
 
-Compilation: one `jax.jit` function per static configuration (beam width, `max_new_tokens`, `early_stopping`,
-token ids), cached on the model; `length_penalty` and `min_new_tokens` are traced arguments, so changing them
-does not compile again, and neither does a second call with the same input shapes. `TRACES` counts traces.
-
-Not implemented (HF generation-config options): sampling, repetition / n-gram penalties, forced BOS/EOS tokens,
-several eos ids, `num_return_sequences`.
+Compilation: one `jax.jit` function per static setting (`GenerationSettings.static`: the mode, lengths, token ids,
+which processors run, `output_scores`), cached on the model; `length_penalty`, `min_new_tokens`,
+`repetition_penalty`, `temperature` and `top_p` are traced arguments, so changing their values does not compile
+again, and neither does a second call with the same input shapes. `TRACES` counts traces per mode.
 """
 
 from __future__ import annotations
@@ -48,13 +38,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convert.generation_settings import GenerationSettings, resolve_settings
+from convert.generation_settings import (
+    GenerationConfigError,
+    GenerationSettings,
+    model_generation_config,
+    resolve_settings,
+)
 from flax_model.cache import DecoderCache, reorder_cache
 
 # How many times each search has been traced (a Python side effect that runs only while tracing).
 TRACES: collections.Counter[str] = collections.Counter()
 
-# The score of the beams that are not live at the first step (HF's value).
+# The score of the beams that are not live at the first step, and transformers' penalty for scores that must not
+# be picked (ended candidates among the running ones).
 DEAD_BEAM_SCORE = -1e9
 
 DecodeFn = Callable[[jax.Array, DecoderCache], tuple[jax.Array, DecoderCache]]
@@ -62,125 +58,257 @@ DecodeFn = Callable[[jax.Array, DecoderCache], tuple[jax.Array, DecoderCache]]
 
 @dataclasses.dataclass
 class GenerateOutput:
-    """What `generate` returns.
+    """What `generate` returns (numpy arrays).
 
     Attributes:
-        sequences: [B, 1 + n] int32, starting with `decoder_start_token_id`.
-        scores: [B] float32 length-normalised log-probabilities of the returned beams (beam search); None
-            for greedy search.
+        sequences: [N, 1 + n] int32 (N = batch * num_return_sequences), starting with the decoder start token.
+        sequences_scores: [N] float32: beam search: the length-normalised score of each returned hypothesis;
+            greedy search and sampling: the mean log-probability of the generated tokens (eos included).
+        scores: [rows, steps, V] float32 processed scores of each step with `output_scores` (beam search: one
+            row per running beam, b * K + k); else None.
+        beam_indices: [N, n] int32 running beam of each token (beam search with `output_scores`), -1 past the end.
     """
 
     sequences: np.ndarray
-    scores: np.ndarray | None
+    sequences_scores: np.ndarray
+    scores: np.ndarray | None = None
+    beam_indices: np.ndarray | None = None
 
 
 def generate(
     model: Any,
     inputs: Any,
     attention_mask: Any = None,
+    generation_config: Any = None,
     *,
-    max_new_tokens: int = 64,
-    num_beams: int = 1,
-    length_penalty: float = 1.0,
-    early_stopping: bool | str = False,
-    min_new_tokens: int = 0,
-    decoder_start_token_id: int | None = None,
-    eos_token_id: int | None = None,
-    pad_token_id: int | None = None,
+    prng_key: jax.Array | None = None,
     params: dict | None = None,
+    **kwargs: Any,
 ) -> GenerateOutput:
-    """Transcribes a batch of waveforms with greedy search (`num_beams=1`) or beam search.
+    """Transcribes a batch of waveforms.
 
     Args:
         model: a `FlaxSpeechEncoderDecoderModel`.
         inputs: [B, N] float waveforms (normalised as the feature extractor would).
         attention_mask: [B, N], 1 for real samples (right padding); None means all real.
-        max_new_tokens: the most tokens generated after the start token.
-        num_beams: 1 for greedy search, else the beam width.
-        length_penalty: beam search divides a hypothesis' log-probability by length ** length_penalty.
-        early_stopping: True, False or "never" (see the module docstring).
-        min_new_tokens: eos is forbidden until this many tokens have been generated.
-        decoder_start_token_id, eos_token_id, pad_token_id: override the config's ids.
+        generation_config: a GenerationConfig-like object (ours, transformers', or a dict) over the model's own.
+        prng_key: the key sampling draws from (`jax.random.PRNGKey(seed)`); required with do_sample=True.
         params: run with these params instead of `model.params`.
+        kwargs: generation settings by transformers' names (max_new_tokens, num_beams, do_sample, ...).
 
     Returns:
-        `GenerateOutput(sequences [B, 1 + n] int32, scores [B] float32 | None)`, as numpy arrays.
+        A `GenerateOutput`.
+
+    Raises:
+        GenerationConfigError: a setting that is malformed, not implemented, or impossible for this model.
     """
-    settings = resolve_settings(model.config, max_new_tokens, num_beams, length_penalty, early_stopping,
-                                min_new_tokens, decoder_start_token_id, eos_token_id, pad_token_id)
+    settings = resolve_settings(model.config, model_generation_config(model), generation_config, **kwargs)
+    if settings.do_sample and prng_key is None:
+        raise GenerationConfigError("generate: do_sample=True needs an explicit prng_key (jax.random.PRNGKey(seed))")
     key = ("generate", settings.static)
     if key not in model._compiled:
         model._compiled[key] = jax.jit(search_function(model.module, settings))
     run = model._compiled[key]
     inputs = jnp.asarray(inputs, jnp.float32)
     mask = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
-    sequences, scores, lengths = run(model.params if params is None else params, inputs, mask,
-                                     jnp.float32(settings.length_penalty), jnp.int32(settings.min_new_tokens))
-    width = 1 + int(jnp.max(lengths))
-    return GenerateOutput(np.asarray(sequences)[:, :width], None if scores is None else np.asarray(scores))
+    traced = {name: jnp.asarray(value, jnp.int32 if name == "min_new_tokens" else jnp.float32)
+              for name, value in settings.traced.items()}
+    rng = jax.random.PRNGKey(0) if prng_key is None else prng_key
+    out = run(model.params if params is None else params, inputs, mask, traced, rng)
+    steps = int(out["steps"])
+    width = 1 + int(jnp.max(out["lengths"]))
+    scores = None if out.get("scores") is None else np.asarray(out["scores"])[:, :steps]
+    beam_indices = None if out.get("beam_indices") is None else np.asarray(out["beam_indices"])[:, :width - 1]
+    return GenerateOutput(np.asarray(out["sequences"])[:, :width], np.asarray(out["sequences_scores"]), scores,
+                          beam_indices)
 
 
 def search_function(module: Any, settings: GenerationSettings) -> Callable:
-    """The function to jit: (params, inputs, attention_mask, length_penalty, min_new_tokens) ->
-    (sequences [B, 1 + max_new_tokens], scores [B] | None, generated lengths [B])."""
-    kind = "greedy" if settings.num_beams == 1 else "beam_search"
+    """The function to jit: (params, inputs, attention_mask, traced settings, PRNG key) -> a dict of
+    sequences [N, 1 + max_new_tokens], sequences_scores [N], lengths [N] (generated tokens), steps [],
+    and with `output_scores` scores [rows, max_new_tokens, V] (and beam_indices)."""
+    mode = settings.mode
 
-    def run(params, inputs, attention_mask, length_penalty, min_new_tokens):
-        TRACES[kind] += 1
+    def run(params, inputs, attention_mask, traced, key):
+        TRACES[mode] += 1
         variables = {"params": params}
         hidden, encoder_mask = module.apply(variables, inputs, attention_mask,
                                             method="encode")  # [B, S, D], [B, S]
-        cache = module.apply(variables, inputs.shape[0], settings.max_new_tokens + 1, hidden, encoder_mask,
+        if settings.num_beams == 1 and settings.num_return_sequences > 1:
+            hidden = jnp.repeat(hidden, settings.num_return_sequences, axis=0)
+            encoder_mask = jnp.repeat(encoder_mask, settings.num_return_sequences, axis=0)
+        cache = module.apply(variables, hidden.shape[0], settings.max_new_tokens + 1, hidden, encoder_mask,
                              method="init_cache")
 
         def decode(tokens: jax.Array, cache: DecoderCache) -> tuple[jax.Array, DecoderCache]:
-            logits, cache = module.apply(variables, tokens, None, None, cache=cache,
-                                         method="decode")
-            return logits[:, -1].astype(jnp.float32), cache  # [B, V]
+            logits, cache = module.apply(variables, tokens, None, None, cache=cache, method="decode")
+            return logits[:, -1].astype(jnp.float32), cache  # [N, V]
 
         if settings.num_beams == 1:
-            return greedy_search(decode, cache, settings, min_new_tokens)
-        return beam_search(decode, cache, settings, length_penalty, min_new_tokens)
+            return greedy_or_sample(decode, cache, settings, traced, key)
+        return beam_search(decode, cache, settings, traced, key)
 
     return run
 
 
-def forbid_eos(scores: jax.Array, settings: GenerationSettings, generated: jax.Array,
-               min_new_tokens: jax.Array) -> jax.Array:
-    """scores [B, V]: eos gets -inf while fewer than `min_new_tokens` tokens have been generated."""
-    if settings.eos_token_id is None:
-        return scores
-    eos = settings.eos_token_id
-    return scores.at[:, eos].set(jnp.where(generated < min_new_tokens, -jnp.inf, scores[:, eos]))
+# ----------------------------------------------------------------------------------------------------------
+# Logits processors
 
 
-def greedy_search(decode: DecodeFn, cache: DecoderCache, settings: GenerationSettings,
-                  min_new_tokens: jax.Array) -> tuple[jax.Array, None, jax.Array]:
-    batch = cache.encoder_mask.shape[0]
-    eos, pad = settings.eos_token_id, settings.pad_token_id
-    fill = 0 if pad is None else pad
-    sequences = jnp.full((batch, settings.max_new_tokens + 1), fill, jnp.int32)
-    sequences = sequences.at[:, 0].set(settings.decoder_start_token_id)  # [B, 1 + max_new_tokens]
+def process_scores(scores: jax.Array, sequences: jax.Array, step: jax.Array, settings: GenerationSettings,
+                   traced: dict[str, jax.Array]) -> jax.Array:
+    """transformers 5's processors, in its order, on one step's scores.
+
+    Args:
+        scores: [N, V] float32 logits (greedy, sampling) or log-probs (beam search).
+        sequences: [N, L] int32, the start token then the generated tokens; columns >= 1 + step are not read.
+        step: [] int32 tokens generated so far (the sequences hold 1 + step tokens).
+        settings: the static settings (which processors run).
+        traced: the traced values (repetition_penalty, min_new_tokens, temperature, top_p).
+
+    Returns:
+        The processed scores [N, V].
+    """
+    rows, vocab = scores.shape
+    length = sequences.shape[1]
+    cur_len = step + 1
+    neg_inf = jnp.float32(-jnp.inf)
+    row_ids = jnp.arange(rows)[:, None]
+
+    def mark(tokens: jax.Array, where: jax.Array) -> jax.Array:
+        """[N, V] bool: True at tokens[n, j] for every j where `where[n, j]` (a spare column takes the rest)."""
+        marked = jnp.zeros((rows, vocab + 1), bool).at[row_ids, jnp.where(where, tokens, vocab)].set(True)
+        return marked[:, :vocab]
+
+    if settings.uses_repetition_penalty:
+        penalty = traced["repetition_penalty"]
+        present = mark(sequences, jnp.broadcast_to(jnp.arange(length) < cur_len, sequences.shape))
+        scores = jnp.where(present, jnp.where(scores < 0, scores * penalty, scores / penalty), scores)
+    n = settings.no_repeat_ngram_size
+    if n > 0 and length >= n:
+        starts = length - n + 1
+        windows = jnp.stack([sequences[:, j:j + starts] for j in range(n)], axis=-1)  # [N, starts, n]
+        prefix = jax.lax.dynamic_slice_in_dim(sequences, jnp.maximum(cur_len - (n - 1), 0), n - 1, axis=1)
+        matches = jnp.all(windows[:, :, :-1] == prefix[:, None, :], axis=-1)  # [N, starts]
+        # A window counts once all its n tokens exist: it starts at most at cur_len - n.
+        matches = matches & (jnp.arange(starts) <= cur_len - n)[None, :]
+        scores = jnp.where(mark(windows[:, :, -1], matches), neg_inf, scores)
+    if settings.bad_words_ids:
+        banned = jnp.zeros((rows, vocab), bool)
+        singles = [s[0] for s in settings.bad_words_ids if len(s) == 1]
+        if singles:
+            banned = banned | token_mask(vocab, singles)[None, :]
+        by_prefix: dict[int, list[tuple[int, ...]]] = {}
+        for s in settings.bad_words_ids:
+            if len(s) > 1:
+                by_prefix.setdefault(len(s) - 1, []).append(s)
+        for m, group in by_prefix.items():
+            prefixes = jnp.asarray([s[:-1] for s in group], jnp.int32)  # [G, m]
+            last = jnp.asarray([s[-1] for s in group], jnp.int32)  # [G]
+            tail = jax.lax.dynamic_slice_in_dim(sequences, jnp.maximum(cur_len - m, 0), m, axis=1)  # [N, m]
+            hit = jnp.all(tail[:, None, :] == prefixes[None], axis=-1) & (cur_len >= m)  # [N, G]
+            banned = banned | mark(jnp.broadcast_to(last, hit.shape), hit)
+        scores = jnp.where(banned, neg_inf, scores)
+    if settings.eos_token_ids:
+        eos = token_mask(vocab, settings.eos_token_ids)
+        scores = jnp.where(eos[None, :] & (step < traced["min_new_tokens"]), neg_inf, scores)
+    if settings.forced_bos_token_id is not None:
+        forced = jnp.where(jnp.arange(vocab) == settings.forced_bos_token_id, 0.0, neg_inf)
+        scores = jnp.where(cur_len == 1, forced[None, :], scores)
+    if settings.forced_eos_token_ids:
+        forced = jnp.where(token_mask(vocab, settings.forced_eos_token_ids), 0.0, neg_inf)
+        scores = jnp.where(step == settings.max_new_tokens - 1, forced[None, :], scores)
+    if settings.suppress_tokens:
+        scores = jnp.where(token_mask(vocab, settings.suppress_tokens)[None, :], neg_inf, scores)
+    if settings.begin_suppress_tokens:
+        begin = token_mask(vocab, settings.begin_suppress_tokens)[None, :] & (cur_len == settings.begin_index)
+        scores = jnp.where(begin, neg_inf, scores)
+    if settings.uses_temperature:
+        scores = scores / traced["temperature"]
+    if settings.uses_top_k:
+        k = min(max(settings.top_k, settings.min_tokens_to_keep), vocab)
+        kth = jax.lax.top_k(scores, k)[0][:, -1:]
+        scores = jnp.where(scores < kth, neg_inf, scores)
+    if settings.uses_top_p:
+        scores = top_p_filter(scores, traced["top_p"], settings.min_tokens_to_keep)
+    return scores
+
+
+def token_mask(vocab: int, ids: tuple[int, ...] | list[int]) -> jax.Array:
+    """[V] bool, True at `ids`."""
+    return jnp.zeros((vocab,), bool).at[jnp.asarray(list(ids), jnp.int32)].set(True)
+
+
+def top_p_filter(scores: jax.Array, top_p: jax.Array, min_tokens_to_keep: int) -> jax.Array:
+    """Nucleus filtering as transformers: sorted ascending, a token goes when the cumulative probability up to and
+    including it is <= 1 - top_p; the `min_tokens_to_keep` most likely always stay."""
+    rows, vocab = scores.shape
+    order = jnp.argsort(scores, axis=-1, stable=True)  # ascending
+    ascending = jnp.take_along_axis(scores, order, axis=-1)
+    cumulative = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
+    remove = (cumulative <= 1 - top_p) & (jnp.arange(vocab) < vocab - min_tokens_to_keep)[None, :]
+    remove = jnp.zeros_like(remove).at[jnp.arange(rows)[:, None], order].set(remove)
+    return jnp.where(remove, -jnp.inf, scores)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Greedy search and sampling
+
+
+def greedy_or_sample(decode: DecodeFn, cache: DecoderCache, settings: GenerationSettings,
+                     traced: dict[str, jax.Array], key: jax.Array) -> dict[str, jax.Array]:
+    rows = cache.encoder_mask.shape[0]
+    max_new = settings.max_new_tokens
+    pad = 0 if settings.pad_token_id is None else settings.pad_token_id
+    sequences = jnp.full((rows, max_new + 1), pad, jnp.int32).at[:, 0].set(settings.decoder_start_token_id)
+    eos = settings.eos_token_ids
 
     def not_done(state):
-        _, _, finished, step = state
-        return (step < settings.max_new_tokens) & ~jnp.all(finished)
+        return (state["step"] < max_new) & ~jnp.all(state["finished"])
 
     def step_fn(state):
-        sequences, cache, finished, step = state
-        tokens = jax.lax.dynamic_slice_in_dim(sequences, step, 1, axis=1)  # [B, 1]
-        logits, cache = decode(tokens, cache)
-        # HF takes the argmax of the logits: the same token as the log-softmax's, without computing it.
-        next_tokens = jnp.argmax(forbid_eos(logits, settings, step, min_new_tokens), axis=-1).astype(jnp.int32)
-        if eos is not None:
-            next_tokens = jnp.where(finished, pad, next_tokens)
-            finished = finished | (next_tokens == eos)
-        sequences = jax.lax.dynamic_update_slice(sequences, next_tokens[:, None], (0, step + 1))
-        return sequences, cache, finished, step + 1
+        step = state["step"]
+        tokens = jax.lax.dynamic_slice_in_dim(state["sequences"], step, 1, axis=1)  # [N, 1]
+        logits, cache = decode(tokens, state["cache"])
+        scores = process_scores(logits, state["sequences"], step, settings, traced)
+        if settings.do_sample:
+            next_tokens = jax.random.categorical(jax.random.fold_in(key, step), scores, axis=-1).astype(jnp.int32)
+        else:
+            next_tokens = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+        log_prob = jnp.take_along_axis(jax.nn.log_softmax(scores, axis=-1), next_tokens[:, None], axis=1)[:, 0]
+        live = ~state["finished"]
+        out = dict(state, cache=cache, step=step + 1,
+                   log_prob_sum=state["log_prob_sum"] + jnp.where(live, log_prob, 0.0),
+                   lengths=state["lengths"] + live.astype(jnp.int32))
+        if eos:
+            next_tokens = jnp.where(live, next_tokens, pad)
+            out["finished"] = state["finished"] | jnp.isin(next_tokens, jnp.asarray(eos, jnp.int32))
+        out["sequences"] = jax.lax.dynamic_update_slice(state["sequences"], next_tokens[:, None], (0, step + 1))
+        if settings.output_scores:
+            out["scores"] = jax.lax.dynamic_update_slice(state["scores"], scores[:, None, :], (0, step, 0))
+        return out
 
-    state = (sequences, cache, jnp.zeros((batch,), bool), jnp.zeros((), jnp.int32))
-    sequences, _, _, steps = jax.lax.while_loop(not_done, step_fn, state)
-    return sequences, None, jnp.full((batch,), steps)
+    state = {"sequences": sequences, "cache": cache, "finished": jnp.zeros((rows,), bool),
+             "step": jnp.zeros((), jnp.int32), "log_prob_sum": jnp.zeros((rows,), jnp.float32),
+             "lengths": jnp.zeros((rows,), jnp.int32)}
+    if settings.output_scores:
+        vocab = cache_vocab_probe(decode, cache)
+        state["scores"] = jnp.zeros((rows, max_new, vocab), jnp.float32)
+    state = jax.lax.while_loop(not_done, step_fn, state)
+    return {"sequences": state["sequences"], "lengths": jnp.full((rows,), state["step"]),
+            "sequences_scores": state["log_prob_sum"] / jnp.maximum(state["lengths"], 1).astype(jnp.float32),
+            "steps": state["step"], "scores": state.get("scores")}
+
+
+def cache_vocab_probe(decode: DecodeFn, cache: DecoderCache) -> int:
+    """The vocabulary size, from the shape of one decode step traced abstractly (nothing runs)."""
+    rows = cache.encoder_mask.shape[0]
+    logits, _ = jax.eval_shape(decode, jax.ShapeDtypeStruct((rows, 1), jnp.int32), cache)
+    return logits.shape[-1]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Beam search and beam sampling
 
 
 @flax.struct.dataclass
@@ -188,66 +316,91 @@ class BeamState:
     """The beam-search loop carry: B utterances x K beams, sequences of 1 + max_new_tokens slots."""
 
     cache: DecoderCache  # batch B * K, row b * K + k is beam k of utterance b
-    running: jax.Array  # [B, K, L] int32 running beams (start token, generated tokens, pad)
+    running: jax.Array  # [B, K, L] int32 running beams (start token, generated tokens, fill)
     running_scores: jax.Array  # [B, K] float32 sum of log-probs, best first
+    running_beams: jax.Array  # [B, K, L - 1] int32 the running beam (b * K + k) each token came from, -1 after
     finished: jax.Array  # [B, K, L] int32 finished hypotheses, best first
     finished_scores: jax.Array  # [B, K] float32 length-normalised; -inf in unused slots
     finished_lengths: jax.Array  # [B, K] int32 generated tokens of each hypothesis
+    finished_beams: jax.Array  # [B, K, L - 1] int32
     done: jax.Array  # [B] bool: the utterance takes no more hypotheses
     step: jax.Array  # [] int32 tokens generated so far
+    scores: jax.Array | None  # [B * K, max_new_tokens, V] processed log-probs of each step (output_scores)
 
 
-def beam_search(decode: DecodeFn, cache: DecoderCache, settings: GenerationSettings, length_penalty: jax.Array,
-                min_new_tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    k, max_new = settings.num_beams, settings.max_new_tokens
+def beam_search(decode: DecodeFn, cache: DecoderCache, settings: GenerationSettings,
+                traced: dict[str, jax.Array], key: jax.Array) -> dict[str, jax.Array]:
+    k, max_new, keep = settings.num_beams, settings.max_new_tokens, settings.beams_to_keep
     batch = cache.encoder_mask.shape[0]
-    fill = 0 if settings.pad_token_id is None else settings.pad_token_id
+    length_penalty = traced["length_penalty"]
     cache = reorder_cache(cache, jnp.repeat(jnp.arange(batch), k))  # one copy of each utterance per beam
-    sequences = jnp.full((batch, k, max_new + 1), fill, jnp.int32).at[:, :, 0].set(settings.decoder_start_token_id)
+    sequences = jnp.full((batch, k, max_new + 1), settings.beam_fill_token_id, jnp.int32)
+    sequences = sequences.at[:, :, 0].set(settings.decoder_start_token_id)
+    no_beams = jnp.full((batch, k, max_new), -1, jnp.int32)
     first_live = jnp.where(jnp.arange(k) == 0, 0.0, DEAD_BEAM_SCORE).astype(jnp.float32)
+    scores = None
+    if settings.output_scores:
+        scores = jnp.zeros((batch * k, max_new, cache_vocab_probe(decode, cache)), jnp.float32)
     state = BeamState(
         cache=cache,
         running=sequences,
         running_scores=jnp.broadcast_to(first_live, (batch, k)),
+        running_beams=no_beams,
         finished=sequences,
         finished_scores=jnp.full((batch, k), -jnp.inf, jnp.float32),
         finished_lengths=jnp.zeros((batch, k), jnp.int32),
+        finished_beams=no_beams,
         done=jnp.zeros((batch,), bool),
         step=jnp.zeros((), jnp.int32),
+        scores=scores,
     )
+    eos = jnp.asarray(settings.eos_token_ids or (-1,), jnp.int32)
 
     def not_done(s: BeamState) -> jax.Array:
         return (s.step < max_new) & ~jnp.all(s.done)
 
     def step_fn(s: BeamState) -> BeamState:
         generated = s.step + 1  # tokens in every candidate after this step
-        tokens = jax.lax.dynamic_slice_in_dim(s.running, s.step, 1, axis=2).reshape(batch * k, 1)
+        flat_running = s.running.reshape(batch * k, max_new + 1)
+        tokens = jax.lax.dynamic_slice_in_dim(flat_running, s.step, 1, axis=1)  # [B*K, 1]
         logits, cache = decode(tokens, s.cache)
-        log_probs = forbid_eos(jax.nn.log_softmax(logits, axis=-1), settings, s.step, min_new_tokens)  # [B*K, V]
+        log_probs = process_scores(jax.nn.log_softmax(logits, axis=-1), flat_running, s.step, settings,
+                                   traced)  # [B*K, V]
         vocab = log_probs.shape[-1]
         candidates = (log_probs.reshape(batch, k, vocab) + s.running_scores[:, :, None]).reshape(batch, k * vocab)
-        top_scores, top_ids = jax.lax.top_k(candidates, 2 * k)  # [B, 2K], best first
+        if settings.do_sample:
+            gumbel = jax.random.gumbel(jax.random.fold_in(key, s.step), candidates.shape, jnp.float32)
+            _, top_ids = jax.lax.top_k(candidates + gumbel, keep)  # K' draws without replacement
+            top_scores = jnp.take_along_axis(candidates, top_ids, axis=1)
+            order = jnp.argsort(-top_scores, axis=1, stable=True)
+            top_scores, top_ids = (jnp.take_along_axis(a, order, axis=1) for a in (top_scores, top_ids))
+        else:
+            top_scores, top_ids = jax.lax.top_k(candidates, keep)  # [B, K']
         source_beam, token = top_ids // vocab, (top_ids % vocab).astype(jnp.int32)
-        extended = jnp.take_along_axis(s.running, source_beam[:, :, None], axis=1)  # [B, 2K, L]
+        extended = jnp.take_along_axis(s.running, source_beam[:, :, None], axis=1)  # [B, K', L]
         extended = jax.lax.dynamic_update_slice(extended, token[:, :, None], (0, 0, generated))
-        ends = generated >= max_new
-        if settings.eos_token_id is not None:
-            ends = ends | (token == settings.eos_token_id)  # [B, 2K]
+        source_row = (jnp.arange(batch)[:, None] * k + source_beam).astype(jnp.int32)  # [B, K']
+        beams = jnp.take_along_axis(s.running_beams, source_beam[:, :, None], axis=1)
+        beams = jax.lax.dynamic_update_slice(beams, source_row[:, :, None], (0, 0, s.step))
+        ends = jnp.isin(token, eos) | (generated >= max_new)  # [B, K']
 
-        # The K best candidates that go on (a stable sort keeps the rank order among them).
+        # The K best candidates that go on; ended ones rank last (transformers' score - 1e9; a stable sort keeps
+        # the rank order among each kind).
         go_on = jnp.argsort(ends, axis=1, stable=True)[:, :k]  # [B, K]
         running = jnp.take_along_axis(extended, go_on[:, :, None], axis=1)
-        running_scores = jnp.take_along_axis(top_scores, go_on, axis=1)
-        rows = jnp.arange(batch)[:, None] * k + jnp.take_along_axis(source_beam, go_on, axis=1)  # [B, K]
+        running_scores = jnp.take_along_axis(top_scores + jnp.where(ends, DEAD_BEAM_SCORE, 0.0), go_on, axis=1)
+        running_beams = jnp.take_along_axis(beams, go_on[:, :, None], axis=1)
+        rows = jnp.take_along_axis(source_row, go_on, axis=1)  # [B, K]
 
-        # Candidates among the top K that end join the finished hypotheses; the K best of all are kept.
-        finishing = ends & (jnp.arange(2 * k) < k)[None, :] & ~s.done[:, None]
+        # Candidates among the first K that end join the finished hypotheses; the K best of all are kept.
+        finishing = ends & (jnp.arange(keep) < k)[None, :] & ~s.done[:, None]
         final_scores = top_scores / generated.astype(jnp.float32) ** length_penalty
         merged_scores = jnp.concatenate([s.finished_scores, jnp.where(finishing, final_scores, -jnp.inf)], axis=1)
-        _, keep = jax.lax.top_k(merged_scores, k)  # ties keep the older hypothesis (lower index)
+        _, kept = jax.lax.top_k(merged_scores, k)  # ties keep the older hypothesis (lower index)
         merged = jnp.concatenate([s.finished, extended], axis=1)
-        lengths = jnp.concatenate([s.finished_lengths, jnp.full((batch, 2 * k), generated, jnp.int32)], axis=1)
-        finished_scores = jnp.take_along_axis(merged_scores, keep, axis=1)
+        merged_beams = jnp.concatenate([s.finished_beams, beams], axis=1)
+        lengths = jnp.concatenate([s.finished_lengths, jnp.full((batch, keep), generated, jnp.int32)], axis=1)
+        finished_scores = jnp.take_along_axis(merged_scores, kept, axis=1)
         full = jnp.all(finished_scores > -jnp.inf, axis=1)  # [B] K hypotheses finished
 
         if settings.early_stopping is True:
@@ -258,16 +411,26 @@ def beam_search(decode: DecodeFn, cache: DecoderCache, settings: GenerationSetti
                 bound_length = jnp.where(length_penalty > 0, jnp.float32(max_new), bound_length)
             best_possible = running_scores[:, 0] / bound_length ** length_penalty
             done = s.done | (full & (jnp.min(finished_scores, axis=1) >= best_possible))
+        step_scores = s.scores
+        if settings.output_scores:
+            step_scores = jax.lax.dynamic_update_slice(s.scores, log_probs[:, None, :], (0, s.step, 0))
         return BeamState(
             cache=reorder_cache(cache, rows.reshape(-1), cross=False),  # beams stay within their utterance
             running=running,
             running_scores=running_scores,
-            finished=jnp.take_along_axis(merged, keep[:, :, None], axis=1),
+            running_beams=running_beams,
+            finished=jnp.take_along_axis(merged, kept[:, :, None], axis=1),
             finished_scores=finished_scores,
-            finished_lengths=jnp.take_along_axis(lengths, keep, axis=1),
+            finished_lengths=jnp.take_along_axis(lengths, kept, axis=1),
+            finished_beams=jnp.take_along_axis(merged_beams, kept[:, :, None], axis=1),
             done=done,
             step=generated,
+            scores=step_scores,
         )
 
     s = jax.lax.while_loop(not_done, step_fn, state)
-    return s.finished[:, 0], s.finished_scores[:, 0], s.finished_lengths[:, 0]
+    returns = settings.num_return_sequences
+    flat = lambda a: a[:, :returns].reshape((batch * returns,) + a.shape[2:])
+    return {"sequences": flat(s.finished), "sequences_scores": flat(s.finished_scores),
+            "lengths": flat(s.finished_lengths), "steps": s.step, "scores": s.scores,
+            "beam_indices": flat(s.finished_beams) if settings.output_scores else None}

@@ -1,34 +1,42 @@
-"""Greedy and beam-search generation for the composed model in eager PyTorch, written plainly as the reference.
+"""Generation for the composed model in eager PyTorch, written plainly as the reference: greedy search, sampling,
+beam search and beam sampling, with transformers 5's logits processors in transformers 5's order.
 
 `flax_model.generation` computes the same thing vectorised inside one `lax.while_loop`; the two must give
-identical token sequences (and beam scores within 1e-4). Both follow Hugging Face's `generate` (transformers
->= 4.50, whose vectorised `_beam_search` replaced `BeamSearchScorer`):
+identical token sequences for the deterministic modes and scores within 1e-4. Both follow transformers 5's
+`generate` for an encoder-decoder model whose decoder prompt is the start token alone:
 
-* The encoder runs once; `init_cache` projects the cross-attention keys/values once; every step feeds the
-  last token through the decoder with the cache (positions `0, 1, ...`; the start token sits at 0).
-* Greedy: the next token is the argmax of the step's logits (the argmax of the log-softmax too; ties go to
-  the lowest id). A row that has produced `eos_token_id` is finished; later steps append `pad_token_id` to it.
-  Generation stops when every row has finished or after `max_new_tokens` tokens. Greedy has no score.
-* `min_new_tokens`: while fewer than `min_new_tokens` tokens have been generated, eos scores -inf.
-* Beam search, per utterance: `num_beams` (K) running beams start from the start token (only the first
-  one live: the others score -1e9, as HF does, so that step 1 does not pick K copies of one token). Each
-  step scores every continuation as running score + log-softmax, ranks the top 2K over all K x V, and:
-  - a candidate among the top K of those 2K that ends in eos (or reaches `max_new_tokens`) becomes a
-    finished hypothesis scored `sum_logprobs / n ** length_penalty`, n = the number of generated tokens
-    including the eos (the start token is not counted); the K best finished hypotheses are kept;
-  - the K best candidates that did not finish become the running beams.
-  - The utterance is done when no running beam can beat the finished ones (`early_stopping`):
-    `True`: as soon as K hypotheses are finished; `False` (HF's default heuristic): when K are finished and
-    the best running score divided by (tokens generated so far) ** length_penalty is no better than the
-    worst finished score; `"never"`: the same, but dividing by `max_new_tokens ** length_penalty` when
-    `length_penalty > 0` (the canonical bound). A done utterance takes no new hypotheses.
-  - Generation stops when every utterance is done or after `max_new_tokens` steps. The result is each
-    utterance's best finished hypothesis and its score.
-* Output: `sequences` [B, 1 + n], the start token then the generated tokens (eos included), rows shorter
-  than the longest padded with `pad_token_id`; n is the longest row's generated length.
-
-Not implemented (HF generation-config options): sampling, repetition / n-gram penalties, forced BOS/EOS tokens,
-several eos ids, `num_return_sequences`.
+* Settings: `convert.generation_settings.resolve_settings` (the model's generation config, a GenerationConfig-like
+  object, keyword arguments). `max_new_tokens` = max_length - 1.
+* The encoder runs once; `init_cache` projects the cross-attention keys/values once; every step feeds the last
+  token through the decoder with the cache (the start token sits at position 0).
+* Processors, applied to each step's scores in this order (`process_scores`): repetition_penalty,
+  no_repeat_ngram_size, bad_words_ids, min_length / min_new_tokens, forced_bos_token_id, forced_eos_token_id,
+  suppress_tokens, begin_suppress_tokens; then, when sampling, temperature, top_k, top_p. The sequences they
+  look at start with the decoder start token. Greedy search and sampling process the logits; beam search
+  processes the log-softmax of the logits.
+* Greedy: the argmax of the processed scores (ties go to the lowest id). Sampling: one draw from the softmax of
+  the processed scores (`torch.multinomial` with the caller's `generator`). A row whose token is one of the eos
+  ids is finished; later steps append `pad_token_id` to it. The loop ends when every row has finished or after
+  `max_new_tokens` tokens. With `num_return_sequences` R, each utterance is sampled R times (rows b * R + r).
+* Beam search, per utterance (K beams; K' = max(2, 1 + number of eos ids) * K candidates a step): the K running
+  beams start from the start token (only the first live: the others score -1e9, as transformers does). Each
+  step scores every continuation as running score + processed log-prob, takes the top K' over all K x V
+  (beam sampling: K' drawn without replacement from the softmax of those scores, then sorted by score), and
+  - a candidate among the first K that ends (an eos id, or the `max_new_tokens`-th token) becomes a finished
+    hypothesis scored `sum_logprobs / n ** length_penalty`, n the number of generated tokens; the K best are kept
+    (an equal score does not displace an older one);
+  - the best K candidates that did not end become the running beams;
+  - the utterance is done when no running beam can beat the finished ones (`early_stopping`): True: as soon as K
+    are finished; False: when K are finished and the best running score / (tokens so far) ** length_penalty is
+    no better than the worst finished score; "never": the same with `max_new_tokens` as the length when
+    length_penalty > 0. A done utterance takes no new hypotheses.
+  The result is each utterance's R best finished hypotheses (rows b * R + r), padded with transformers'
+  `pad_token_id or eos_token_id[0]` to the longest.
+* Scores: `sequences_scores` is, for beam search, each returned hypothesis' length-normalised score; for greedy
+  search and sampling (where transformers returns none) the mean log-probability of the generated tokens under
+  the softmax of the processed scores (eos included, padding not). With `output_scores`, `scores` holds each
+  step's processed scores ([rows, steps, V]; beam search: one row per running beam, b * K + k) and, for beam
+  search, `beam_indices` the running beam (b * K + k) each returned token came from.
 """
 
 from __future__ import annotations
@@ -39,8 +47,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from convert.generation_settings import GenerationSettings, resolve_settings
+from convert.generation_settings import GenerationSettings, model_generation_config, resolve_settings
 from torch_reference.layers import DecoderCache, LayerCache
+
+# The score of the beams that are not live at the first step, and the penalty transformers adds to scores that
+# must not be picked (finished candidates among the running ones).
+DEAD_BEAM_SCORE = -1e9
 
 
 @dataclasses.dataclass
@@ -48,13 +60,16 @@ class GenerateOutput:
     """What `generate` returns.
 
     Attributes:
-        sequences: [B, 1 + n] int64, starting with `decoder_start_token_id`.
-        scores: [B] float32 length-normalised log-probabilities of the returned beams (beam search); None
-            for greedy search.
+        sequences: [N, 1 + n] int64 (N = batch * num_return_sequences), starting with the decoder start token.
+        sequences_scores: [N] float32 (see the module docstring).
+        scores: [rows, steps, V] float32 processed scores of each step, with `output_scores`; else None.
+        beam_indices: [N, n] int64 running beam of each token (beam search with `output_scores`), -1 past the end.
     """
 
     sequences: torch.Tensor
-    scores: torch.Tensor | None
+    sequences_scores: torch.Tensor
+    scores: torch.Tensor | None = None
+    beam_indices: torch.Tensor | None = None
 
 
 @torch.no_grad()
@@ -62,117 +77,226 @@ def generate(
     model: Any,
     inputs: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
+    generation_config: Any = None,
     *,
-    max_new_tokens: int = 64,
-    num_beams: int = 1,
-    length_penalty: float = 1.0,
-    early_stopping: bool | str = False,
-    min_new_tokens: int = 0,
-    decoder_start_token_id: int | None = None,
-    eos_token_id: int | None = None,
-    pad_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+    **kwargs: Any,
 ) -> GenerateOutput:
-    """Transcribes a batch of waveforms with greedy search (`num_beams=1`) or beam search.
+    """Transcribes a batch of waveforms.
 
     Args:
         model: a `torch_reference.speech_encoder_decoder.SpeechEncoderDecoderModel` (in eval mode).
         inputs: [B, N] float waveforms (normalised as the feature extractor would).
         attention_mask: [B, N], 1 for real samples (right padding); None means all real.
-        max_new_tokens: the most tokens generated after the start token.
-        num_beams: 1 for greedy search, else the beam width.
-        length_penalty: beam search divides a hypothesis' log-probability by length ** length_penalty.
-        early_stopping: True, False or "never" (see the module docstring).
-        min_new_tokens: eos is forbidden until this many tokens have been generated.
-        decoder_start_token_id, eos_token_id, pad_token_id: override the config's ids.
+        generation_config: a GenerationConfig-like object (ours, transformers', or a dict) over the model's own.
+        generator: the torch RNG that sampling draws from (None: torch's global RNG, as transformers).
+        kwargs: generation settings by transformers' names (max_new_tokens, num_beams, do_sample, ...).
 
     Returns:
-        `GenerateOutput(sequences [B, 1 + n] int64, scores [B] | None)`.
+        A `GenerateOutput`.
+
+    Raises:
+        GenerationConfigError: a setting that is malformed, not implemented, or impossible for this model.
     """
-    settings = resolve_settings(model.config, max_new_tokens, num_beams, length_penalty, early_stopping,
-                                min_new_tokens, decoder_start_token_id, eos_token_id, pad_token_id)
+    settings = resolve_settings(model.config, model_generation_config(model), generation_config, **kwargs)
     inputs = torch.as_tensor(inputs, dtype=torch.float32)
     if attention_mask is not None:
         attention_mask = torch.as_tensor(attention_mask)
     encoder_out, encoder_mask = model.encode(inputs, attention_mask)
-    cache = model.init_cache(inputs.shape[0], settings.max_new_tokens + 1, encoder_out, encoder_mask)
     if settings.num_beams == 1:
-        return greedy_search(model, cache, settings)
-    return beam_search(model, cache, settings)
+        rows = torch.arange(inputs.shape[0]).repeat_interleave(settings.num_return_sequences)
+        encoder_out, encoder_mask = encoder_out[rows], encoder_mask[rows]
+    cache = model.init_cache(encoder_out.shape[0], settings.max_new_tokens + 1, encoder_out, encoder_mask)
+    if settings.num_beams == 1:
+        return greedy_or_sample(model, cache, settings, generator)
+    return beam_search(model, cache, settings, generator)
 
 
-def next_token_scores(model: Any, tokens: torch.Tensor, cache: DecoderCache, settings: GenerationSettings,
-                      generated: int, log_softmax: bool) -> tuple[torch.Tensor, DecoderCache]:
-    """Feeds `tokens` [B] (the last token of each row) through the decoder.
+def next_token_logits(model: Any, tokens: torch.Tensor, cache: DecoderCache) -> tuple[torch.Tensor, DecoderCache]:
+    """Feeds `tokens` [N] (the last token of each row) through the decoder: (logits [N, V] float32, cache)."""
+    logits, cache = model.decode(tokens[:, None], None, None, cache=cache)
+    return logits[:, -1].float(), cache
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Logits processors
+
+
+def process_scores(sequences: list[list[int]], scores: torch.Tensor, settings: GenerationSettings) -> torch.Tensor:
+    """transformers 5's processors, in its order, on one step's scores.
+
+    Args:
+        sequences: each row's tokens so far (the start token first); all rows have the same length.
+        scores: [N, V] logits (greedy, sampling) or log-probs (beam search).
 
     Returns:
-        (the next token's logits, or log-probs with `log_softmax`, [B, V] float32; the advanced cache).
+        The processed scores [N, V] (a new tensor).
     """
-    logits, cache = model.decode(tokens[:, None], None, None, cache=cache)
-    scores = logits[:, -1].float()
-    if log_softmax:
-        scores = F.log_softmax(scores, dim=-1)
-    if settings.eos_token_id is not None and generated < settings.min_new_tokens:
-        scores[:, settings.eos_token_id] = -float("inf")
-    return scores, cache
+    scores = scores.clone()
+    cur_len = len(sequences[0])
+    generated = cur_len - 1
+    neg_inf = -float("inf")
+    if settings.uses_repetition_penalty:
+        penalty = settings.repetition_penalty
+        for row, tokens in enumerate(sequences):
+            for token in set(tokens):
+                value = scores[row, token]
+                scores[row, token] = value * penalty if value < 0 else value / penalty
+    n = settings.no_repeat_ngram_size
+    if n > 0 and cur_len >= n:
+        for row, tokens in enumerate(sequences):
+            seen: dict[tuple[int, ...], list[int]] = {}
+            for start in range(cur_len - n + 1):
+                gram = tuple(tokens[start:start + n])
+                seen.setdefault(gram[:-1], []).append(gram[-1])
+            for token in seen.get(tuple(tokens[cur_len - n + 1:]), []):
+                scores[row, token] = neg_inf
+    for bad in settings.bad_words_ids:
+        prefix = list(bad[:-1])
+        if len(prefix) > cur_len:
+            continue
+        for row, tokens in enumerate(sequences):
+            if not prefix or tokens[cur_len - len(prefix):] == prefix:
+                scores[row, bad[-1]] = neg_inf
+    if generated < settings.min_new_tokens:
+        scores[:, list(settings.eos_token_ids)] = neg_inf
+    if settings.forced_bos_token_id is not None and cur_len == 1:
+        scores[:] = neg_inf
+        scores[:, settings.forced_bos_token_id] = 0.0
+    if settings.forced_eos_token_ids and generated == settings.max_new_tokens - 1:
+        scores[:] = neg_inf
+        scores[:, list(settings.forced_eos_token_ids)] = 0.0
+    if settings.suppress_tokens:
+        scores[:, list(settings.suppress_tokens)] = neg_inf
+    if settings.begin_suppress_tokens and cur_len == settings.begin_index:
+        scores[:, list(settings.begin_suppress_tokens)] = neg_inf
+    if settings.uses_temperature:
+        scores = scores / settings.temperature
+    if settings.uses_top_k:
+        k = min(max(settings.top_k, settings.min_tokens_to_keep), scores.shape[-1])
+        kth = scores.topk(k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, neg_inf)
+    if settings.uses_top_p:
+        scores = top_p_filter(scores, settings.top_p, settings.min_tokens_to_keep)
+    return scores
 
 
-def greedy_search(model: Any, cache: DecoderCache, settings: GenerationSettings) -> GenerateOutput:
-    batch = cache.encoder_mask.shape[0]
-    sequences = torch.full((batch, 1), settings.decoder_start_token_id, dtype=torch.long)
-    finished = torch.zeros(batch, dtype=torch.bool)
-    for step in range(settings.max_new_tokens):
-        # HF takes the argmax of the logits: the same token as the log-softmax's, without computing it.
-        logits, cache = next_token_scores(model, sequences[:, -1], cache, settings, step, log_softmax=False)
-        next_tokens = logits.argmax(dim=-1)
-        if settings.eos_token_id is not None:
-            next_tokens = torch.where(finished, torch.tensor(settings.pad_token_id), next_tokens)
-            finished = finished | (next_tokens == settings.eos_token_id)
-        sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
-        if bool(finished.all()):
+def top_p_filter(scores: torch.Tensor, top_p: float, min_tokens_to_keep: int) -> torch.Tensor:
+    """Keeps the smallest set of most likely tokens whose probability reaches `top_p` (nucleus filtering)."""
+    out = scores.clone()
+    for row in range(scores.shape[0]):
+        order = torch.argsort(scores[row], descending=True, stable=True)
+        probs = F.softmax(scores[row][order], dim=-1)
+        # transformers removes, in ascending order, every token whose cumulative probability (from the least
+        # likely up) is <= 1 - top_p; counted from the top, a token is kept while the mass above it is < top_p.
+        above = torch.flip(torch.cumsum(torch.flip(probs, [0]), 0), [0])  # mass of this token and all below it
+        keep = above > 1 - top_p
+        keep[:min_tokens_to_keep] = True
+        out[row, order[~keep]] = -float("inf")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Greedy search and sampling
+
+
+def greedy_or_sample(model: Any, cache: DecoderCache, settings: GenerationSettings,
+                     generator: torch.Generator | None) -> GenerateOutput:
+    rows = cache.encoder_mask.shape[0]
+    eos = set(settings.eos_token_ids)
+    sequences = [[settings.decoder_start_token_id] for _ in range(rows)]
+    finished = [False] * rows
+    log_prob_sums = [0.0] * rows
+    lengths = [0] * rows
+    step_scores = []
+    for _ in range(settings.max_new_tokens):
+        logits, cache = next_token_logits(model, torch.tensor([s[-1] for s in sequences]), cache)
+        scores = process_scores(sequences, logits, settings)
+        if settings.output_scores:
+            step_scores.append(scores)
+        if settings.do_sample:
+            next_tokens = torch.multinomial(F.softmax(scores, dim=-1), 1, generator=generator)[:, 0]
+        else:
+            next_tokens = scores.argmax(dim=-1)
+        log_probs = F.log_softmax(scores, dim=-1)
+        for row in range(rows):
+            token = int(next_tokens[row])
+            if finished[row]:
+                token = settings.pad_token_id
+            else:
+                log_prob_sums[row] += float(log_probs[row, token])
+                lengths[row] += 1
+                finished[row] = token in eos
+            sequences[row].append(token)
+        if all(finished):
             break
-    return GenerateOutput(sequences, None)
+    mean_log_probs = torch.tensor([s / n for s, n in zip(log_prob_sums, lengths)], dtype=torch.float32)
+    scores = torch.stack(step_scores, dim=1) if settings.output_scores else None
+    return GenerateOutput(torch.tensor(sequences, dtype=torch.long), mean_log_probs, scores)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Beam search and beam sampling
 
 
 @dataclasses.dataclass
 class Hypothesis:
     tokens: list[int]  # the generated tokens, eos included when it ended with one
     score: float  # finished: sum of log-probs / len(tokens) ** length_penalty; running: sum of log-probs
+    beams: list[int]  # the running beam (b * K + k) each token was appended to
 
 
-def beam_search(model: Any, cache: DecoderCache, settings: GenerationSettings) -> GenerateOutput:
-    k, lp, eos = settings.num_beams, settings.length_penalty, settings.eos_token_id
+def beam_search(model: Any, cache: DecoderCache, settings: GenerationSettings,
+                generator: torch.Generator | None) -> GenerateOutput:
+    k, lp, eos = settings.num_beams, settings.length_penalty, set(settings.eos_token_ids)
+    keep = settings.beams_to_keep
     batch = cache.encoder_mask.shape[0]
-    # Every beam starts from the start token; only the first is live at first.
-    cache = repeat_cache(cache, k)
-    running = [[Hypothesis([], 0.0 if j == 0 else -1e9) for j in range(k)] for _ in range(batch)]
+    start = settings.decoder_start_token_id
+    cache = repeat_cache(cache, k)  # every beam starts from the start token; only the first is live at first
+    running = [[Hypothesis([], 0.0 if j == 0 else DEAD_BEAM_SCORE, []) for j in range(k)] for _ in range(batch)]
     finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
     done = [False] * batch
-    last_tokens = torch.full((batch * k,), settings.decoder_start_token_id, dtype=torch.long)
+    step_scores = []
     for step in range(settings.max_new_tokens):
         generated = step + 1  # tokens in every candidate after this step
-        log_probs, cache = next_token_scores(model, last_tokens, cache, settings, step, log_softmax=True)
+        flat = [h for beams in running for h in beams]
+        logits, cache = next_token_logits(model, torch.tensor([(h.tokens or [start])[-1] for h in flat]), cache)
+        log_probs = process_scores([[start] + h.tokens for h in flat], F.log_softmax(logits, dim=-1), settings)
+        if settings.output_scores:
+            step_scores.append(log_probs)
         vocab = log_probs.shape[-1]
-        # Running scores are float32, as in HF (and the Flax port): the sums round alike.
+        # Running scores are float32, as in transformers (and the Flax port): the sums round alike.
         running_scores = torch.tensor([[h.score for h in beams] for beams in running], dtype=torch.float32)
         candidates = (log_probs.view(batch, k, vocab) + running_scores[:, :, None]).view(batch, k * vocab)
-        top_scores, top_ids = candidates.topk(2 * k, dim=1)
-        source_rows, next_tokens = [], []
+        if settings.do_sample:
+            top_ids = torch.multinomial(F.softmax(candidates, dim=-1), keep, generator=generator)
+            top_scores = candidates.gather(1, top_ids)
+            top_scores, order = top_scores.sort(dim=-1, descending=True, stable=True)
+            top_ids = top_ids.gather(1, order)
+        else:
+            top_scores, top_ids = candidates.topk(keep, dim=1)
+        source_rows, next_running = [], []
         for b in range(batch):
-            new_running = []
-            for rank in range(2 * k):
+            new_running, ended_running = [], []
+            for rank in range(keep):
                 beam, token = divmod(int(top_ids[b, rank]), vocab)
                 score = top_scores[b, rank]
-                tokens = running[b][beam].tokens + [token]
-                if token == eos or generated == settings.max_new_tokens:
-                    # Only the top K candidates may finish, and only while the utterance is not done.
+                parent = running[b][beam]
+                hypothesis = Hypothesis(parent.tokens + [token], float(score), parent.beams + [b * k + beam])
+                if token in eos or generated == settings.max_new_tokens:
+                    # Only the first K candidates may finish, and only while the utterance is not done.
                     if rank < k and not done[b]:
                         final = float(score / torch.tensor(float(generated)) ** lp)
-                        add_hypothesis(finished[b], Hypothesis(tokens, final), k)
-                elif len(new_running) < k:
-                    new_running.append(Hypothesis(tokens, float(score)))
-                    source_rows.append(b * k + beam)
-                    next_tokens.append(token)
-            running[b] = new_running
+                        add_hypothesis(finished[b], dataclasses.replace(hypothesis, score=final), k)
+                    # transformers ranks ended candidates last among the running ones (score - 1e9).
+                    ended_running.append((dataclasses.replace(hypothesis, score=float(score) + DEAD_BEAM_SCORE),
+                                          b * k + beam))
+                else:
+                    new_running.append((hypothesis, b * k + beam))
+            chosen = (new_running + ended_running)[:k]
+            next_running.append([h for h, _ in chosen])
+            source_rows += [row for _, row in chosen]
+        running = next_running
         if generated == settings.max_new_tokens:
             break
         for b in range(batch):
@@ -180,14 +304,17 @@ def beam_search(model: Any, cache: DecoderCache, settings: GenerationSettings) -
         if all(done):
             break
         cache = reorder_cache(cache, torch.tensor(source_rows))
-        last_tokens = torch.tensor(next_tokens)
-    best = [max(hyps, key=lambda h: h.score) for hyps in finished]
+    best = [h for hyps in finished for h in sorted(hyps, key=lambda h: -h.score)[:settings.num_return_sequences]]
     width = max(len(h.tokens) for h in best)
-    sequences = torch.full((batch, 1 + width), settings.pad_token_id, dtype=torch.long)
-    sequences[:, 0] = settings.decoder_start_token_id
-    for b, h in enumerate(best):
-        sequences[b, 1:1 + len(h.tokens)] = torch.tensor(h.tokens)
-    return GenerateOutput(sequences, torch.tensor([h.score for h in best], dtype=torch.float32))
+    sequences = torch.full((len(best), 1 + width), settings.beam_fill_token_id, dtype=torch.long)
+    sequences[:, 0] = start
+    beam_indices = torch.full((len(best), width), -1, dtype=torch.long)
+    for i, h in enumerate(best):
+        sequences[i, 1:1 + len(h.tokens)] = torch.tensor(h.tokens)
+        beam_indices[i, :len(h.beams)] = torch.tensor(h.beams)
+    scores = torch.stack(step_scores, dim=1) if settings.output_scores else None
+    return GenerateOutput(sequences, torch.tensor([h.score for h in best], dtype=torch.float32), scores,
+                          beam_indices if settings.output_scores else None)
 
 
 def add_hypothesis(hypotheses: list[Hypothesis], new: Hypothesis, keep: int) -> None:
@@ -219,7 +346,7 @@ def repeat_cache(cache: DecoderCache, times: int) -> DecoderCache:
 def reorder_cache(cache: DecoderCache, rows: torch.Tensor, cross: bool = False) -> DecoderCache:
     """Gathers the self-attention keys/values along the batch axis. The cross-attention arrays and the encoder
     mask are gathered only with `cross`: beams only move within their utterance, whose rows share them."""
-    pick = lambda a: a.index_select(0, rows) if cross else a  # noqa: E731
+    pick = lambda a: a.index_select(0, rows) if cross else a
     layers = tuple(LayerCache(c.key.index_select(0, rows), c.value.index_select(0, rows), pick(c.cross_key),
                               pick(c.cross_value)) for c in cache.layers)
     return DecoderCache(layers, cache.index, pick(cache.encoder_mask))
