@@ -30,6 +30,7 @@ from flax_model.cache import DecoderCache
 from flax_model.layers import frame_mask
 from flax_model.generation import generate as _generate
 from flax_model.registry import arch_module, module_for
+from flax_model.sharding import generate_on_mesh, load_sharded, on_mesh
 
 
 class SpeechEncoderDecoderModule(nn.Module):
@@ -170,6 +171,8 @@ class FlaxSpeechEncoderDecoderModel:
         dtype: the computation dtype (params are kept as given).
     """
 
+    mesh: Any = None  # the jax.sharding.Mesh the params are placed on (from_pretrained(mesh=...))
+
     def __init__(self, config: SpeechEncoderDecoderConfig, params: dict, dtype: Any = jnp.float32):
         self.config = config
         self.params = params
@@ -181,7 +184,7 @@ class FlaxSpeechEncoderDecoderModel:
 
     @classmethod
     def from_pretrained(
-        cls, path_or_repo: str | Path, revision: str | None = None, dtype: Any = jnp.float32
+        cls, path_or_repo: str | Path, revision: str | None = None, dtype: Any = jnp.float32, mesh: Any = None
     ) -> FlaxSpeechEncoderDecoderModel:
         """Loads a composed checkpoint from a directory or a Hub repo id (`flax_model.msgpack` or safetensors).
 
@@ -189,11 +192,18 @@ class FlaxSpeechEncoderDecoderModel:
             path_or_repo: a local directory, or a Hub repo id resolved through huggingface_hub's cache.
             revision: the Hub revision (branch, tag or commit), for repo ids.
             dtype: the computation dtype.
+            mesh: a `jax.sharding.Mesh` (axes among `data`, `fsdp`, `model`) to place every parameter on as
+                a sharded `jax.Array`, each process reading only its devices' shards (`flax_model.sharding`).
         """
         directory = resolve_source(str(path_or_repo), revision, what="model").path
-        loaded = load_params(directory, param_shapes, prefer=FLAX_FIRST)
+        if mesh is not None:
+            loaded = load_sharded(directory, mesh, param_shapes, prefer=FLAX_FIRST)
+        else:
+            loaded = load_params(directory, param_shapes, prefer=FLAX_FIRST)
         if not isinstance(loaded.config, SpeechEncoderDecoderConfig):
             raise UnsupportedConfig(f"{directory}/config.json: not a composed speech-encoder-decoder model")
+        if mesh is not None:
+            return on_mesh(cls(loaded.config, loaded.params, dtype=dtype), mesh)
         config, params = loaded.config, traverse_util.flatten_dict(loaded.params, sep="/")
         del loaded  # `params` now holds the only reference to each numpy leaf: it goes once copied to JAX
         for path in params:
@@ -278,6 +288,9 @@ class FlaxSpeechEncoderDecoderModel:
         )
 
     def generate(self, inputs: Any, attention_mask: Any = None, **kwargs: Any) -> Any:
-        """Greedy or beam-search transcription; see `flax_model.generation.generate`."""
+        """Greedy or beam-search transcription; see `flax_model.generation.generate`. On a mesh the batch is
+        split over its `data` axis (`flax_model.sharding.generate_on_mesh`); the tokens are the same."""
+        if self.mesh is not None:
+            return generate_on_mesh(self, _generate, inputs, attention_mask, **kwargs)
         return _generate(self, inputs, attention_mask, **kwargs)
 
