@@ -30,6 +30,7 @@ from convert.checkpoint import Checkpoint
 from convert.composed import COMPOSE_REPORT, SpeechEncoderDecoderConfig
 from convert.configs import HFConfig, read_json
 from convert.errors import ConvertError, KeyMapError, UnsupportedConfig, bad_argument, with_param
+from convert.generation_settings import composed_generation_config, decoder_generation_config
 from convert.hub import resolve_source
 from convert.keymap import Entry, Plan
 from convert.params import plan_source, save_params, subtree
@@ -334,6 +335,11 @@ def compose(
     sources = [("the encoder source", enc.path), ("the decoder source", dec.path), BUILTIN_SOURCES]
     check_output_location(output, overwrite=overwrite, sources=sources)
     config = compose_config(enc, dec, decoder_start_token_id, pad_token_id, eos_token_id)
+    try:  # the decoder's generation settings travel (generation_config.json, else its config.json)
+        generation = composed_generation_config(decoder_generation_config(dec.path, dec.checkpoint.config), config,
+                                                eos_token_id)
+    except ConvertError as e:
+        raise with_param(e, "decoder", decoder) from None
     layout = plan_layout(config, enc, dec, out_dtype)
     std = float(config.decoder.init_scale)
     total = sum(s.nbytes for s in layout.specs)
@@ -358,6 +364,7 @@ def compose(
 
     with atomic_directory(output, overwrite=overwrite, sources=sources, needed_bytes=2 * total) as tmp:
         save_params(tmp, config, leaves, layout.specs, max_shard_size=shard_bytes)
+        generation.write(tmp)
         copied = _copy_extra_files(enc, dec, tmp)
         verification = None
         if verify:
