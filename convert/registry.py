@@ -9,13 +9,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from convert.archs import bart, bert, gpt2, roberta, wav2vec2
+from convert.archs import bart, bert, data2vec_audio, gpt2, hubert, roberta, wav2vec2, wavlm
 from convert.configs import HFConfig
 from convert.errors import UnsupportedConfig
 from convert.spec import ArchSpec, Role
 
 SPECS: tuple[ArchSpec, ...] = (
     wav2vec2.SPEC,
+    hubert.SPEC,
+    wavlm.SPEC,
+    data2vec_audio.SPEC,
     bart.SPEC,
     gpt2.SPEC,
     bert.SPEC,

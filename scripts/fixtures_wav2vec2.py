@@ -112,7 +112,8 @@ def hf_config(**fields: Any) -> dict[str, Any]:
 
 
 def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Fills every parameter from a seeded generator (norm scales around 1, weight-norm g positive)."""
+    """Fills every parameter and buffer from a seeded generator (norm scales around 1, weight-norm g and
+    BatchNorm running variances positive), so that a misplaced tensor shows in the outputs."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in sorted(model.named_parameters()):
@@ -127,35 +128,60 @@ def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
             else:
                 value = noise / math.sqrt(param[0].numel())
             param.copy_(value)
+        for name, buffer in sorted(model.named_buffers()):
+            if not buffer.is_floating_point():
+                buffer.fill_(7)  # e.g. BatchNorm's num_batches_tracked
+                continue
+            noise = torch.randn(buffer.shape, generator=generator)
+            buffer.copy_(0.5 + noise.abs() if name.endswith("running_var") else 0.2 * noise)
     return model
+
+
+def build_family_model(model_class: type[torch.nn.Module], config_class: type, config_dict: dict[str, Any],
+                       seed: int) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """The randomised reference model of a wav2vec2-family architecture for a config dict, and its state dict."""
+    model = randomize(model_class(config_class.from_hf_dict(config_dict)), seed)
+    return model, model.state_dict()
 
 
 def build_model(config_dict: dict[str, Any], seed: int) -> tuple[Wav2Vec2Model, dict[str, torch.Tensor]]:
     """The randomised reference model for a config dict, and its state dict."""
-    model = randomize(Wav2Vec2Model(Wav2Vec2Config.from_hf_dict(config_dict)), seed)
-    return model, model.state_dict()
+    return build_family_model(Wav2Vec2Model, Wav2Vec2Config, config_dict, seed)
 
 
-def _case(fields: dict[str, Any], seed: int, **save: Any) -> Callable[[Path], Path]:
+def family_case(model_class: type[torch.nn.Module], config_class: type, defaults: dict[str, Any],
+                fields: dict[str, Any], seed: int, **save: Any) -> Callable[[Path], Path]:
+    """A fixture builder: HF `defaults` with `fields` over them, a randomised model, saved as HF saves it."""
     def build(directory: Path) -> Path:
-        config = hf_config(**fields)
-        _, state = build_model(config, seed)
+        config = {**defaults, **fields}
+        _, state = build_family_model(model_class, config_class, config, seed)
         return save_hf_checkpoint(directory, state, config, **save)
     return build
 
 
-def _ctc(directory: Path) -> Path:
-    """Wav2Vec2ForCTC layout: the encoder under `wav2vec2.` plus the `lm_head` the encoder drops."""
-    config = hf_config(**GROUP, architectures=["Wav2Vec2ForCTC"])
-    _, state = build_model(config, seed=9)
-    generator = torch.Generator().manual_seed(90)
-    state = {f"wav2vec2.{k}": v for k, v in state.items()}
-    state["lm_head.weight"] = torch.randn(config["vocab_size"], config["output_hidden_size"], generator=generator)
-    state["lm_head.bias"] = torch.randn(config["vocab_size"], generator=generator)
-    return save_hf_checkpoint(directory, state, config)
+def task_case(model_class: type[torch.nn.Module], config_class: type, defaults: dict[str, Any],
+              fields: dict[str, Any], seed: int, prefix: str, heads: dict[str, tuple[int, ...]],
+              **save: Any) -> Callable[[Path], Path]:
+    """A task model's checkpoint (e.g. `...ForCTC`): the encoder under `prefix.` plus random `heads` tensors."""
+    def build(directory: Path) -> Path:
+        config = {**defaults, **fields}
+        _, state = build_family_model(model_class, config_class, config, seed)
+        generator = torch.Generator().manual_seed(seed * 10)
+        state = {f"{prefix}.{k}": v for k, v in state.items()}
+        state.update({k: torch.randn(shape, generator=generator) for k, shape in heads.items()})
+        return save_hf_checkpoint(directory, state, config, **save)
+    return build
 
 
-_WEIGHT_NORM_OLD_NAMES = {
+def _case(fields: dict[str, Any], seed: int, **save: Any) -> Callable[[Path], Path]:
+    return family_case(Wav2Vec2Model, Wav2Vec2Config, _HF_DEFAULTS, fields, seed, **save)
+
+
+# Wav2Vec2ForCTC layout: the encoder under `wav2vec2.` plus the `lm_head` the encoder drops.
+_ctc = task_case(Wav2Vec2Model, Wav2Vec2Config, _HF_DEFAULTS, {**GROUP, "architectures": ["Wav2Vec2ForCTC"]},
+                 seed=9, prefix="wav2vec2", heads={"lm_head.weight": (32, 32), "lm_head.bias": (32,)})
+
+WEIGHT_NORM_OLD_NAMES = {
     "encoder.pos_conv_embed.conv.parametrizations.weight.original0": "encoder.pos_conv_embed.conv.weight_g",
     "encoder.pos_conv_embed.conv.parametrizations.weight.original1": "encoder.pos_conv_embed.conv.weight_v",
 }
@@ -169,9 +195,12 @@ CASES: dict[str, Callable[[Path], object]] = {
     "w2v_bin": _case(GROUP, seed=5, fmt="bin"),
     "w2v_bin_sharded": _case(GROUP, seed=6, fmt="bin", shards=3),
     "w2v_sharded": _case(GROUP, seed=7, shards=3),
-    "w2v_old_weightnorm": _case(GROUP, seed=8, rename=_WEIGHT_NORM_OLD_NAMES),
+    "w2v_old_weightnorm": _case(GROUP, seed=8, rename=WEIGHT_NORM_OLD_NAMES),
     # Wider than the tiny decoders (48 vs 32), so composing it needs the encoder->decoder projection.
     "w2v_stable_wide": _case({**STABLE, "hidden_size": 48, "intermediate_size": 96, "output_hidden_size": 48,
                               "conv_dim": [48, 48, 48]}, seed=10),
     "w2v_ctc": _ctc,
 }
+
+# The cases parity_tests/test_pairs.py composes with every decoder (DESIGN.md, "Adding an architecture").
+PAIR_CASES = ("w2v_group", "w2v_group_adapter")

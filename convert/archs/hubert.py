@@ -1,0 +1,89 @@
+"""HuBERT (HF `HubertModel` and its task models): config, key table, source rules and spec.
+
+transformers' HuBERT is wav2vec2 without the adapter, with an optional layer norm in the feature projection
+(`feat_proj_layer_norm`) and, with `conv_pos_batch_norm`, a BatchNorm before a plain positional conv instead of
+the weight norm. Task checkpoints (`HubertForCTC`, `HubertForSequenceClassification`) keep the encoder under
+`hubert.`; their heads are dropped with the reason. HF never ported HuBERT to Flax: the Flax paths follow
+DESIGN.md's canonical names (those of the wav2vec2 modules it shares, plus `.../batch_norm/{scale,bias,
+running_mean,running_var,num_batches_tracked}`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+from convert.archs.wav2vec2 import (
+    FEATURE_ROWS, LAYER_ROWS, WEIGHT_NORM_POS_CONV_ROWS, Wav2Vec2FamilyConfig, conv, family_source_rules, norm,
+    task_head_drops, weight_norm_renames,
+)
+from convert.keymap import KeyMap, Rule, SourceRules, T
+from convert.spec import ArchSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class HubertConfig(Wav2Vec2FamilyConfig):
+    """HF's `HubertConfig`: the wav2vec2 family's fields plus the layout and HuBERT's own options.
+
+    HuBERT has no adapter: `add_adapter` is always False, whatever a config.json says (HF's `HubertModel`
+    deletes it too).
+    """
+
+    MODEL_TYPES: ClassVar[tuple[str, ...]] = ("hubert",)
+    # transformers' HubertModel calls SpecAugment without the padding mask: masks span the padded length.
+    SPEC_AUGMENT_USES_LENGTHS: ClassVar[bool] = False
+
+    feat_extract_norm: str = "group"
+    do_stable_layer_norm: bool = False
+    feat_proj_layer_norm: bool = True
+    conv_pos_batch_norm: bool = False
+    # Not a field of HF's HubertConfig, but its stable layers read it (attention adapters): refused when set.
+    adapter_attn_dim: int | None = None
+
+    add_adapter: ClassVar[bool] = False
+    num_adapter_layers: ClassVar[int] = 0
+    adapter_stride: ClassVar[int] = 1
+    adapter_kernel_size: ClassVar[int] = 3
+    output_hidden_size: ClassVar[None] = None
+
+    @property
+    def has_projection_layer_norm(self) -> bool:
+        return self.feat_proj_layer_norm
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        if self.adapter_attn_dim is not None:
+            self._refuse(where, "adapter_attn_dim", self.adapter_attn_dim, "is not supported (attention adapters)")
+
+
+# The BatchNorm variant of the positional conv: BatchNorm1d's parameters and buffers, then a plain conv.
+_BATCH_NORM = "encoder.pos_conv_embed.batch_norm"
+_FLAX_BATCH_NORM = "encoder/pos_conv_embed/batch_norm"
+BATCH_NORM_POS_CONV_ROWS = (
+    *norm(_BATCH_NORM, _FLAX_BATCH_NORM),
+    Rule(f"{_BATCH_NORM}.running_mean", f"{_FLAX_BATCH_NORM}/running_mean", T.IDENTITY),
+    Rule(f"{_BATCH_NORM}.running_var", f"{_FLAX_BATCH_NORM}/running_var", T.IDENTITY),
+    Rule(f"{_BATCH_NORM}.num_batches_tracked", f"{_FLAX_BATCH_NORM}/num_batches_tracked", T.IDENTITY),
+    *conv("encoder.pos_conv_embed.conv", "encoder/pos_conv_embed/conv")[:1],  # the bias row is shared
+)
+
+KEYMAP = KeyMap("hubert", (*FEATURE_ROWS, *WEIGHT_NORM_POS_CONV_ROWS, *BATCH_NORM_POS_CONV_ROWS, *LAYER_ROWS))
+
+
+def source_rules(config: HubertConfig) -> SourceRules:
+    """Raw checkpoint names -> `HubertModel` names; task heads dropped with why."""
+    return family_source_rules(config, "hubert", task_head_drops("Hubert"), weight_norm_renames())
+
+
+SPEC = ArchSpec(
+    name="hubert",
+    role="encoder",
+    config_class=HubertConfig,
+    keymap=KEYMAP,
+    source_rules=source_rules,
+    flax_class="flax_model.hubert:HubertModule",
+    torch_class="torch_reference.hubert:HubertModel",
+    fixtures="scripts.fixtures_hubert",
+    layer_stack=("num_hidden_layers", "encoder/layers/"),
+    hf_classes=("HubertModel", "HubertForCTC", "HubertForSequenceClassification"),
+)
