@@ -290,10 +290,14 @@ class Encoder(nn.Module):
         if not c.do_stable_layer_norm:
             hidden = norm(hidden)
         hidden = nn.Dropout(c.hidden_dropout)(hidden, deterministic=deterministic)
-        hidden = self.LAYERS(c, self.dtype, name="layers")(hidden, bias, deterministic)
+        hidden = self.run_layers(hidden, bias, deterministic)
         if c.do_stable_layer_norm:
             hidden = norm(hidden)
         return hidden
+
+    def run_layers(self, hidden: jax.Array, bias: jax.Array | None, deterministic: bool) -> jax.Array:
+        """The layer stack (named "layers"); a subclass may pass the layers more (called inside `__call__`)."""
+        return self.LAYERS(self.config, self.dtype, name="layers")(hidden, bias, deterministic)
 
 
 # ----------------------------------------------------------------------------------------------------------
