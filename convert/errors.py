@@ -55,10 +55,10 @@ def bad_argument(param: str, value: Any, why: str) -> UsageError:
 
 
 def with_param(error: ConvertError, param: str, value: Any) -> ConvertError:
-    """The same error (same class) with `param=value: ` in front, unless its message already starts with the
-    value (a path): then the value is replaced by `param=value`."""
+    """The same error (same class) about `param`: `param=value: message`. A message that already starts with the
+    value (a path, or a file inside it) keeps its text, the value becoming `param=value`."""
     message = str(error)
     value = str(value)
-    if message.startswith(f"{value}: "):
-        message = message[len(value) + 2:]
+    if value and message.startswith(value) and message[len(value):][:1] in (":", "/"):
+        return type(error)(f"{param}={message}", param=param)
     return type(error)(f"{param}={value}: {message}", param=param)

@@ -8,9 +8,10 @@ then `create_commit`). `dry_run=True` prints what would be sent and touches no n
 logged or written by us.
 """
 
-from __future__ import annotations
+from __future__ import annotations  # noqa: I001 - convert.cli is imported first, on purpose
 
-import argparse
+from convert import cli  # first: run as `python -m`, a Ctrl-C during the imports below exits 130 too
+
 import dataclasses
 import json
 import sys
@@ -24,7 +25,7 @@ from huggingface_hub import errors as hf_errors
 from convert import checkpoint as ckpt
 from convert import hub
 from convert.composed import COMPOSE_REPORT, COMPOSED_MODEL_TYPE
-from convert.errors import CheckpointError, ConvertError, HubError
+from convert.errors import CheckpointError, ConvertError, HubError, UsageError, bad_argument, with_param
 from convert.hub import HUB_URL, LOGIN_HINT
 from convert.model_card import card_sources
 
@@ -225,8 +226,21 @@ def push_to_hub(directory: str | Path, repo_id: str, *, private: bool = False, c
         HubError: invalid repo id, no token, the Hub unreachable or refusing the upload (one line, no token).
     """
     out = out if out is not None else sys.stdout
-    hub.validate_repo_id(repo_id)
-    check_composed_directory(directory)
+    try:
+        hub.validate_repo_id(repo_id)
+    except ConvertError as e:
+        raise UsageError(str(with_param(e, "repo_id", repo_id)), param="repo_id") from None
+    for name, value in (("private", private), ("dry_run", dry_run)):
+        if not isinstance(value, bool):
+            raise bad_argument(name, value, "is not True or False")
+    for name, value in (("commit_message", commit_message), ("revision", revision)):
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise bad_argument(name, repr(value), "is empty" if isinstance(value, str) else "is not a string")
+    try:
+        check_composed_directory(directory)
+    except ConvertError as e:
+        raise with_param(e, "directory", directory) from None
+    cli.set_interrupt_note(f"nothing was uploaded to {repo_id}")
     listing = upload_files(directory)
     files = tuple((rel, size) for rel, _, size in listing)
     message = commit_message or default_commit_message(directory)
@@ -249,6 +263,7 @@ def push_to_hub(directory: str | Path, repo_id: str, *, private: bool = False, c
 
     operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path)) for rel, path, _ in listing]
     api = hub._api(token)
+    cli.set_interrupt_note(f"the upload to {repo_id} may or may not have completed (a commit is all or nothing)")
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         if revision is not None and revision != "main":
@@ -293,12 +308,14 @@ environment:
 examples:
   python -m convert.push out/asr me/asr --dry-run
   python -m convert.push out/asr me/asr --private --commit-message "First composition"
-  python -m convert.push out/asr me/asr --revision experiments"""
+  python -m convert.push out/asr me/asr --revision experiments
+
+exit status:
+  0 uploaded (or planned, with --dry-run), 1 error, 2 usage error, 130 interrupted"""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m convert.push", description=DESCRIPTION, epilog=EPILOG,
-                                     allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> cli.ArgumentParser:
+    parser = cli.ArgumentParser(prog="python -m convert.push", description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("directory", metavar="DIR", help="the composed output directory to upload")
     parser.add_argument("repo_id", metavar="OWNER/NAME", help="the target model repo on the Hub")
     parser.add_argument("--private", action="store_true",
@@ -318,17 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
+
+    def work() -> None:
         push_to_hub(args.directory, args.repo_id, private=args.private, commit_message=args.commit_message,
                     revision=args.revision, dry_run=args.dry_run)
-    except ConvertError as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted", file=sys.stderr)
-        return 130
-    return 0
+
+    return cli.run_command(work, parser)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -106,19 +106,25 @@ def load_both(directory: str | Path) -> tuple[Any, Any]:
     return load_flax(directory), load_torch(directory)
 
 
-def load_flax(directory: str | Path) -> Any:
-    """The Flax model in float32 (from its msgpack when present)."""
+def load_flax(directory: str | Path, prefer: tuple[str, ...] | None = None) -> Any:
+    """The Flax model in float32 (from its msgpack when present, else from the weight file `prefer` names)."""
     import jax.numpy as jnp
     from flax import traverse_util
 
-    from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel
+    from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel, param_shapes
 
-    model = FlaxSpeechEncoderDecoderModel.from_pretrained(directory)
+    if prefer is None:
+        model = FlaxSpeechEncoderDecoderModel.from_pretrained(directory)
+    else:
+        from convert.params import load_params
+
+        loaded = load_params(directory, param_shapes, prefer=prefer)
+        model = FlaxSpeechEncoderDecoderModel(loaded.config, loaded.params)
     params, model.params = traverse_util.flatten_dict(model.params, sep="/"), None
     converted = 0
     for path in params:  # leaf by leaf, so that a bfloat16 model is not held next to its float32 copy
         if params[path].dtype != jnp.float32:
-            params[path] = params[path].astype(jnp.float32)
+            params[path] = jnp.asarray(params[path]).astype(jnp.float32)
             converted += 1
             if converted % 32 == 0:  # the freed half-size buffers cannot hold float32 ones: return them
                 params[path].block_until_ready()
@@ -127,11 +133,43 @@ def load_flax(directory: str | Path) -> Any:
     return model
 
 
-def load_torch(directory: str | Path) -> Any:
-    """The PyTorch reference in float32 (from safetensors when present)."""
+def load_torch(directory: str | Path, prefer: tuple[str, ...] | None = None) -> Any:
+    """The PyTorch reference in float32 (from safetensors when present, else from the file `prefer` names)."""
+    from torch_reference.speech_encoder_decoder import SpeechEncoderDecoderModel
     from torch_reference.speech_encoder_decoder import from_pretrained as torch_from_pretrained
 
-    return torch_from_pretrained(directory)[0].float().eval()
+    if prefer is None or Checkpoint(directory, prefer=prefer).format != "flax":
+        return torch_from_pretrained(directory)[0].float().eval()  # reads safetensors first, as `prefer` asks
+    # Flax weights chosen explicitly: through the key table, as torch_reference does for Flax-only directories.
+    from convert.checkpoint import numpy_to_torch
+    from convert.composed import composed_tied_keys
+    from convert.params import load_params, params_to_torch_state, read_config
+
+    config = read_config(Checkpoint(directory, prefer=prefer))
+    model = SpeechEncoderDecoderModel(config).eval()
+    shapes = _reference_flax_shapes(model)
+    state = params_to_torch_state(config, load_params(directory, shapes, prefer=prefer).params)
+    missing = model.load_state_dict({k: numpy_to_torch(v) for k, v in state.items()}, strict=False).missing_keys
+    lacking = sorted(set(missing) - set(composed_tied_keys(config)))
+    if lacking:
+        raise CheckpointError(f"{directory}: the Flax weights lack {', '.join(lacking[:5])}")
+    return model.float().eval()
+
+
+def _reference_flax_shapes(model: Any) -> Any:
+    from convert.composed import composed_keymap, composed_tied_keys
+
+    def shapes_of(config: Any) -> dict[str, tuple[int, ...]]:
+        keymap, tied = composed_keymap(config), composed_tied_keys(config)
+        out = {}
+        for key, tensor in model.state_dict().items():
+            if key in tied:
+                continue
+            path, transform = keymap.to_flax(key)
+            out[path] = transform.flax_shape(tuple(tensor.shape))
+        return out
+
+    return shapes_of
 
 
 DEFAULT_FACTOR = 4.0

@@ -155,12 +155,12 @@ def test_parse_size_reads_hf_style_sizes(text, expected):
 
 @pytest.mark.parametrize("text", ["junk", "2XB", "-1GB", "GB", "1..5MB"])
 def test_bad_max_shard_size_is_one_line_naming_the_flag(text, tmp_path, capsys):
-    with pytest.raises(ConvertError, match="^--max-shard-size: "):
+    with pytest.raises(ConvertError, match="^max_shard_size="):  # the API names its parameter
         parse_size(text)
     assert main(["--encoder", "wav2vec2", "--decoder", "bart", "--output", str(tmp_path / "o"),
-                 f"--max-shard-size={text}", "--no-progress"]) == 1
+                 f"--max-shard-size={text}", "--no-progress"]) == 2  # a usage error
     err = capsys.readouterr().err
-    assert err.startswith("error: --max-shard-size: ") and err.count("\n") == 1, err
+    assert err.startswith(f"error: --max-shard-size {text.strip()}: ") and err.count("\n") == 1, err
     assert not (tmp_path / "o").exists()
 
 
