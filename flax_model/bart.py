@@ -26,6 +26,7 @@ from flax_model.layers import (
     decoder_cross_mask,
     decoder_positions,
     decoder_self_mask,
+    layer_drop,
     run_layers,
 )
 
@@ -117,7 +118,12 @@ class BartDecoderLayer(nn.Module):
         index: jax.Array,
         deterministic: bool = True,
     ) -> tuple[jax.Array, LayerCache | None]:
-        """hidden [B, T, D]; self_mask [B, 1, T, L]; cross_mask [B, 1, 1, S] -> ([B, T, D], new cache)."""
+        """hidden [B, T, D]; self_mask [B, 1, T, L]; cross_mask [B, 1, 1, S] -> ([B, T, D], new cache).
+
+        In training (`deterministic=False`) LayerDrop may skip the layer: its input and cache pass through.
+        """
+        skip = layer_drop(self, self.config.decoder_layerdrop, deterministic)
+        layer_input = hidden
         new_cache = None
         cross_kv = None
         if layer_cache is not None:
@@ -145,6 +151,10 @@ class BartDecoderLayer(nn.Module):
             cross = lambda x: self.encoder_attn(x, *cross_kv, cross_mask, deterministic)  # noqa: E731
             hidden = self._residual(self.encoder_attn_layer_norm, cross, hidden, deterministic)
         hidden = self._residual(self.final_layer_norm, mlp, hidden, deterministic)
+        if skip is not False:
+            hidden = jnp.where(skip, layer_input, hidden)
+            if new_cache is not None:
+                new_cache = jax.tree.map(lambda old, new: jnp.where(skip, old, new), layer_cache, new_cache)
         return hidden, new_cache
 
 

@@ -23,6 +23,7 @@ from torch_reference.layers import (
     LayerCache,
     decoder_cross_mask,
     decoder_self_mask,
+    layer_drop,
 )
 
 LAYER_NORM_EPS = 1e-5  # HF's BART uses nn.LayerNorm's default
@@ -121,7 +122,7 @@ class BartDecoderLayer(nn.Module):
 
         hidden = self._residual(self.self_attn_layer_norm, self_attention, hidden)
         if cross_kv is not None:
-            cross = lambda x: self.encoder_attn(x, *cross_kv, cross_mask)  # noqa: E731
+            cross = lambda x: self.encoder_attn(x, *cross_kv, cross_mask)
             hidden = self._residual(self.encoder_attn_layer_norm, cross, hidden)
         hidden = self._residual(self.final_layer_norm, self._mlp, hidden)
         return hidden, new_cache
@@ -181,6 +182,9 @@ class BartDecoder(nn.Module):
         new_layers = []
         for i, layer in enumerate(self.layers):
             layer_cache = cache.layers[i] if cache is not None else None
+            if layer_drop(self.training, self.config.decoder_layerdrop):  # the layer's input and cache pass through
+                new_layers.append(layer_cache)
+                continue
             hidden, new_layer_cache = layer(hidden, self_mask, encoder_hidden_states, cross_mask, layer_cache, start)
             new_layers.append(new_layer_cache)
         if self.layer_norm is not None:
