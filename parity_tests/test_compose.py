@@ -376,8 +376,8 @@ def test_reference_save_pretrained_then_from_pretrained_gives_identical_logits(c
         before = model(**batch).logits
     model.save_pretrained(tmp_path / "saved")
     # compose_report.json: the toolkit's mark (a stub here), which lets a later save replace the directory.
-    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == ["compose_report.json", "config.json",
-                                                                       "model.safetensors"]
+    assert {p.name for p in (tmp_path / "saved").iterdir()} >= {"compose_report.json", "config.json",
+                                                                 "model.safetensors"}
     with safe_open(tmp_path / "saved" / "model.safetensors", "pt") as f:
         assert "decoder.lm_head.weight" not in f.keys()  # tied, left out as HF's safe serialization does
     again = SpeechEncoderDecoderModel.from_pretrained(tmp_path / "saved")
