@@ -27,10 +27,12 @@ from convert.params import load_params, save_params
 from convert.registry import spec_for
 from convert.writing import atomic_directory, parse_size
 from flax_model.cache import DecoderCache
-from flax_model.layers import frame_mask
 from flax_model.generation import generate as _generate
+from flax_model.layers import frame_mask
 from flax_model.registry import arch_module, module_for
 from flax_model.sharding import generate_on_mesh, load_sharded, on_mesh
+from flax_model.training import LossSums, layer_pattern, remat_layers, shift_tokens_right
+from flax_model.training import loss_sums as label_loss_sums
 
 
 class SpeechEncoderDecoderModule(nn.Module):
@@ -38,6 +40,8 @@ class SpeechEncoderDecoderModule(nn.Module):
 
     config: SpeechEncoderDecoderConfig
     dtype: Any = jnp.float32
+    # Rematerialise every encoder and decoder layer in `loss_sums` (training: memory for compute).
+    remat: bool = False
 
     def setup(self) -> None:
         cfg = self.config
@@ -56,11 +60,19 @@ class SpeechEncoderDecoderModule(nn.Module):
         attention_mask: jax.Array | None = None,  # [B, N]
         deterministic: bool = True,
         freeze_feature_encoder: bool = False,
+        mask_time_indices: jax.Array | None = None,  # [B, S] bool, S the feature encoder's frames
+        mask_feature_indices: jax.Array | None = None,  # [B, C] bool
     ) -> tuple[jax.Array, jax.Array]:
-        """Returns the encoder output in the decoder's width [B, S, D] and its padding mask [B, S] (bool)."""
-        hidden = self.encoder(
-            inputs, attention_mask, deterministic=deterministic, freeze_feature_encoder=freeze_feature_encoder
-        )
+        """Returns the encoder output in the decoder's width [B, S, D] and its padding mask [B, S] (bool).
+
+        `deterministic=False` applies dropout and LayerDrop (a "dropout" rng is needed); the SpecAugment masks
+        (see `convert.spec_augment`) are applied when given; `freeze_feature_encoder` stops gradients at the
+        conv feature encoder's output.
+        """
+        masks = {name: value for name, value in (("mask_time_indices", mask_time_indices),
+                                                 ("mask_feature_indices", mask_feature_indices)) if value is not None}
+        hidden = self.encoder(inputs, attention_mask, deterministic=deterministic,
+                              freeze_feature_encoder=freeze_feature_encoder, **masks)
         if attention_mask is None:
             mask = jnp.ones(hidden.shape[:2], dtype=bool)
         else:
@@ -102,10 +114,41 @@ class SpeechEncoderDecoderModule(nn.Module):
         decoder_attention_mask: jax.Array | None = None,
         deterministic: bool = True,
         freeze_feature_encoder: bool = False,
+        mask_time_indices: jax.Array | None = None,
+        mask_feature_indices: jax.Array | None = None,
     ) -> jax.Array:
-        hidden, mask = self.encode(inputs, attention_mask, deterministic, freeze_feature_encoder)
+        hidden, mask = self.encode(inputs, attention_mask, deterministic, freeze_feature_encoder, mask_time_indices,
+                                   mask_feature_indices)
         logits, _ = self.decode(decoder_input_ids, hidden, mask, decoder_attention_mask, deterministic=deterministic)
         return logits
+
+    def loss_sums(
+        self,
+        inputs: jax.Array,  # [B, N]
+        attention_mask: jax.Array | None,  # [B, N]
+        labels: jax.Array,  # [B, T], -100 for padding
+        deterministic: bool = True,
+        freeze_feature_encoder: bool = False,
+        mask_time_indices: jax.Array | None = None,
+        mask_feature_indices: jax.Array | None = None,
+        decoder_attention_mask: jax.Array | None = None,
+    ) -> LossSums:
+        """Teacher-forced loss terms: the decoder reads `labels` shifted right (transformers' semantics)."""
+        cfg = self.config
+        if cfg.decoder_start_token_id is None or cfg.pad_token_id is None:
+            raise ValueError("the loss needs decoder_start_token_id and pad_token_id in the config")
+        decoder_input_ids = shift_tokens_right(labels, cfg.pad_token_id, cfg.decoder_start_token_id)
+        run = lambda: self(inputs, attention_mask, decoder_input_ids, decoder_attention_mask,
+                           deterministic, freeze_feature_encoder, mask_time_indices, mask_feature_indices)
+        if not self.remat:
+            return label_loss_sums(run(), labels)
+        with remat_layers(layer_pattern(layer_stacks(cfg))):
+            return label_loss_sums(run(), labels)
+
+
+def layer_stacks(config: SpeechEncoderDecoderConfig) -> list[str]:
+    """The module paths of the composed model's layer stacks (`<part>/<stack>`, layer i at `<part>/<stack>i`)."""
+    return [f"{part}/{spec_for(getattr(config, part), role=part).layer_stack[1]}" for part in ("encoder", "decoder")]
 
 
 def init_shapes(config: SpeechEncoderDecoderConfig, trace_every_layer: bool = False) -> dict:
@@ -147,6 +190,17 @@ def init_tree(config: HFConfig) -> dict[str, Any]:
 def param_shapes(config: HFConfig) -> dict[str, tuple[int, ...]]:
     """Every Flax leaf of the model `config` describes, `/`-joined, with its shape (nothing is allocated)."""
     return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(init_tree(config), sep="/").items()}
+
+
+def _check_tree(flat: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]]) -> None:
+    """Refuses a parameter tree that is not shaped like the model's, naming the first few differences."""
+    problems = [f"{k}: not a parameter of this model" for k in sorted(set(flat) - set(expected))]
+    problems += [f"{k}: missing" for k in sorted(set(expected) - set(flat))]
+    problems += [f"{k}: shape {list(flat[k].shape)}, expected {list(expected[k])}"
+                 for k in sorted(set(flat) & set(expected)) if tuple(flat[k].shape) != tuple(expected[k])]
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise UnsupportedConfig("params: " + "; ".join(problems[:5]) + more)
 
 
 @dataclasses.dataclass
@@ -210,13 +264,26 @@ class FlaxSpeechEncoderDecoderModel:
             params[path] = jnp.asarray(params[path])
         return cls(config, traverse_util.unflatten_dict(params, sep="/"), dtype=dtype)
 
-    def save_pretrained(self, directory: str | Path, max_shard_size: int | str | None = None) -> list[Path]:
-        """Writes config.json, flax_model.msgpack and model.safetensors (HF layouts), atomically.
+    def save_pretrained(self, directory: str | Path, max_shard_size: int | str | None = None,
+                        params: dict | None = None) -> list[Path]:
+        """Writes config.json, flax_model.msgpack and model.safetensors (HF layouts, transformers' names),
+        atomically.
+
+        Args:
+            directory: the directory to write (replaced if it exists).
+            max_shard_size: e.g. "2GB": shard both weight files above this size.
+            params: any tree shaped like the model's params (trained params, or gradients to compare with the
+                reference's); `self.params` by default.
 
         Returns:
             The files written.
+
+        Raises:
+            UnsupportedConfig: `params` lacks a leaf of the model, has one it does not, or a wrong shape.
         """
-        flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(self.params, sep="/").items()}
+        tree = self.params if params is None else params
+        flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(dict(tree), sep="/").items()}
+        _check_tree(flat, param_shapes(self.config))
         with atomic_directory(directory, overwrite=True, param="directory") as tmp:
             files = save_params(tmp, self.config, flat, max_shard_size=parse_size(max_shard_size))
         return [Path(directory) / f.name for f in files]
@@ -286,6 +353,60 @@ class FlaxSpeechEncoderDecoderModel:
             encoder_hidden_states=encoder_outputs.last_hidden_state,
             encoder_attention_mask=encoder_outputs.attention_mask,
         )
+
+    def loss(
+        self,
+        inputs: Any,
+        attention_mask: Any,
+        labels: Any,
+        params: dict | None = None,
+        *,
+        label_smoothing: float = 0.0,
+        dropout_rng: jax.Array | None = None,
+        freeze_feature_encoder: bool = False,
+        mask_time_indices: Any = None,
+        mask_feature_indices: Any = None,
+        decoder_attention_mask: Any = None,
+    ) -> jax.Array:
+        """The training loss, a pure function of `params` (so `jax.grad` applies), compiled once per shape.
+
+        transformers' semantics: the decoder reads `labels` shifted right (`decoder_start_token_id` first, -100
+        as `pad_token_id`); the loss is the mean cross-entropy over the label tokens that are not -100, with
+        `LabelSmoother`'s smoothing when `label_smoothing` > 0.
+
+        Args:
+            inputs: [B, N] float waveforms.
+            attention_mask: [B, N], 1 for real samples; None when nothing is padded.
+            labels: [B, T] token ids, -100 for padding.
+            params: differentiate with respect to these; `self.params` by default.
+            label_smoothing: transformers' `label_smoothing_factor`.
+            dropout_rng: a PRNG key turns on train mode (dropout, LayerDrop); None is deterministic.
+            freeze_feature_encoder: no gradient reaches the conv feature encoder.
+            mask_time_indices: [B, S] bool SpecAugment time mask over the feature encoder's frames.
+            mask_feature_indices: [B, C] bool SpecAugment channel mask.
+            decoder_attention_mask: [B, T]; transformers' training passes none (causal masking suffices).
+
+        Returns:
+            The scalar loss (float32).
+        """
+        params = self.params if params is None else params
+        deterministic = dropout_rng is None
+        key = ("loss", deterministic, bool(freeze_feature_encoder))
+        if key not in self._compiled:
+            def run(params, inputs, mask, labels, smoothing, rng, time_mask, feature_mask, decoder_mask):
+                sums = self.module.apply(
+                    {"params": params}, inputs, mask, labels, deterministic, freeze_feature_encoder, time_mask,
+                    feature_mask, decoder_mask, method=SpeechEncoderDecoderModule.loss_sums,
+                    rngs=None if deterministic else {"dropout": rng})
+                return sums.mean(smoothing)
+
+            self._compiled[key] = jax.jit(run)
+        as_array = lambda x, dtype: None if x is None else jnp.asarray(x, dtype)
+        return self._compiled[key](
+            params, jnp.asarray(inputs, jnp.float32), as_array(attention_mask, jnp.int32),
+            jnp.asarray(labels, jnp.int32), jnp.float32(label_smoothing), dropout_rng,
+            as_array(mask_time_indices, bool), as_array(mask_feature_indices, bool),
+            as_array(decoder_attention_mask, jnp.int32))
 
     def generate(self, inputs: Any, attention_mask: Any = None, **kwargs: Any) -> Any:
         """Greedy or beam-search transcription; see `flax_model.generation.generate`. On a mesh the batch is

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -12,12 +13,13 @@ from torch import nn
 from convert.checkpoint import Checkpoint, numpy_to_torch
 from convert.composed import SpeechEncoderDecoderConfig, composed_keymap, composed_tied_keys
 from convert.errors import UnsupportedConfig
-from convert.params import load_params, params_to_torch_state
+from convert.params import load_params, params_to_torch_state, save_params
 from convert.writing import atomic_directory
 from torch_reference.generation import generate as _generate
 from torch_reference.layers import frame_mask
 from torch_reference.loading import LoadReport, load_checkpoint_into
 from torch_reference.registry import model_for
+from torch_reference.training import freeze_feature_encoder, label_loss, shift_tokens_right, state_with
 
 
 @dataclasses.dataclass
@@ -39,10 +41,17 @@ class SpeechEncoderDecoderModel(nn.Module):
             self.enc_to_dec_proj = nn.Linear(config.encoder.encoder_output_size, config.decoder.hidden_size)
 
     def encode(
-        self, inputs: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self, inputs: torch.Tensor, attention_mask: torch.Tensor | None = None,
+        mask_time_indices: torch.Tensor | None = None, mask_feature_indices: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns the encoder output in the decoder's width [B, S, D] and its padding mask [B, S] (bool)."""
-        hidden = self.encoder(inputs, attention_mask)
+        """Returns the encoder output in the decoder's width [B, S, D] and its padding mask [B, S] (bool).
+
+        The SpecAugment masks ([B, S] over the feature encoder's frames, [B, C] over channels) are applied when
+        given; `.train()` turns on dropout and LayerDrop.
+        """
+        masks = {name: value for name, value in (("mask_time_indices", mask_time_indices),
+                                                 ("mask_feature_indices", mask_feature_indices)) if value is not None}
+        hidden = self.encoder(inputs, attention_mask, **masks)
         if attention_mask is None:
             mask = torch.ones(hidden.shape[:2], dtype=torch.bool)
         else:
@@ -66,13 +75,45 @@ class SpeechEncoderDecoderModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         decoder_input_ids: torch.Tensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
+        mask_time_indices: torch.Tensor | None = None,
+        mask_feature_indices: torch.Tensor | None = None,
     ) -> Seq2SeqLMOutput:
         """Teacher-forced logits [B, T, V] (in `.logits`)."""
         if decoder_input_ids is None:
             raise ValueError("decoder_input_ids is required")
-        hidden, mask = self.encode(inputs, attention_mask)
+        hidden, mask = self.encode(inputs, attention_mask, mask_time_indices, mask_feature_indices)
         logits, _ = self.decode(decoder_input_ids, hidden, mask, decoder_attention_mask)
         return Seq2SeqLMOutput(logits, hidden, mask)
+
+    def loss(
+        self,
+        inputs: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor,
+        *,
+        label_smoothing: float = 0.0,
+        mask_time_indices: torch.Tensor | None = None,
+        mask_feature_indices: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """transformers' training loss: the decoder reads `labels` shifted right (start token first, -100 as
+        pad), mean cross-entropy over the labels that are not -100 (`LabelSmoother` when `label_smoothing`).
+        Dropout and LayerDrop apply in `.train()` mode."""
+        cfg = self.config
+        if cfg.decoder_start_token_id is None or cfg.pad_token_id is None:
+            raise ValueError("the loss needs decoder_start_token_id and pad_token_id in the config")
+        decoder_input_ids = shift_tokens_right(labels, cfg.pad_token_id, cfg.decoder_start_token_id)
+        out = self(inputs, attention_mask, decoder_input_ids, decoder_attention_mask, mask_time_indices,
+                   mask_feature_indices)
+        return label_loss(out.logits, labels, label_smoothing)
+
+    def freeze_feature_encoder(self) -> list[str]:
+        """The conv feature encoder's parameters stop requiring gradients (transformers' method of that name);
+        returns their keys."""
+        if hasattr(self.encoder, "freeze_feature_encoder"):
+            self.encoder.freeze_feature_encoder()
+            return [name for name, p in self.named_parameters() if not p.requires_grad]
+        return freeze_feature_encoder(self)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> SpeechEncoderDecoderModel:
@@ -82,25 +123,54 @@ class SpeechEncoderDecoderModel(nn.Module):
         model.load_report = report
         return model
 
-    def save_pretrained(self, directory: str | Path) -> list[Path]:
-        """Writes config.json and model.safetensors as HF's `save_pretrained` does (tied weights left out),
-        atomically.
+    def save_pretrained(self, directory: str | Path, params: Mapping[str, Any] | None = None,
+                        formats: tuple[str, ...] = ("safetensors",)) -> list[Path]:
+        """Writes config.json and model.safetensors as HF's `save_pretrained` does (HF's keys, tied weights left
+        out), and flax_model.msgpack (HF's Flax layout) too when `formats` has "flax"; atomically.
+
+        Args:
+            directory: the directory to write (replaced if it was written by this toolkit).
+            params: state-dict keys -> tensors written instead of the model's own (e.g. trained weights, or
+                each parameter's `.grad` to compare with the Flax gradients); keys left out keep the model's.
+            formats: "safetensors" and/or "flax".
 
         Returns:
             The files written.
-        """
-        from safetensors.torch import save_file
 
-        tied = set(composed_tied_keys(self.config))
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items() if k not in tied}
+        Raises:
+            UnsupportedConfig: a key of `params` the model does not have, or a wrong shape.
+        """
+        try:
+            state = state_with(self, params)
+        except KeyError as e:
+            raise UnsupportedConfig(f"params: {e.args[0]}: not a parameter of this model") from None
+        except ValueError as e:
+            raise UnsupportedConfig(f"params: {e}") from None
+        keymap = composed_keymap(self.config)
+        leaves = {}
+        for key, tensor in state.items():
+            path, transform = keymap.to_flax(key)
+            leaves[path] = transform.to_flax(tensor.contiguous().numpy())
         with atomic_directory(directory, overwrite=True, param="directory") as tmp:
-            (tmp / "config.json").write_text(json.dumps(self.config.to_hf_dict(), indent=2) + "\n")
-            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        return [Path(directory) / "config.json", Path(directory) / "model.safetensors"]
+            files = save_params(tmp, self.config, leaves, formats=formats)
+        return [Path(directory) / f.name for f in files]
 
     def generate(self, inputs, attention_mask=None, **kwargs):
         """Greedy or beam-search decoding; see `torch_reference.generation.generate`."""
         return _generate(self, inputs, attention_mask, **kwargs)
+
+
+def non_trainable_paths(config: SpeechEncoderDecoderConfig) -> frozenset[str]:
+    """Flax paths of what the reference keeps as buffers (e.g. a logits bias), which transformers never trains.
+
+    The model is built on the meta device: nothing is allocated.
+    """
+    with torch.device("meta"):
+        model = SpeechEncoderDecoderModel(config)
+    keymap = composed_keymap(config)
+    persistent = set(model.state_dict())
+    found = (keymap.to_flax(name) for name, _ in model.named_buffers() if name in persistent)
+    return frozenset(f[0] for f in found if f is not None)
 
 
 def from_pretrained(directory: str | Path) -> tuple[SpeechEncoderDecoderModel, LoadReport]:

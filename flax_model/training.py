@@ -1,0 +1,280 @@
+"""Training the composed model in JAX: the loss, per-layer rematerialisation, the optimiser and the train step.
+
+Semantics are transformers' (`SpeechEncoderDecoderModel.forward(labels=...)` and `Seq2SeqTrainer`):
+
+* Labels are token ids padded with `IGNORE_INDEX` (-100). The decoder reads them shifted one place right with
+  `decoder_start_token_id` in front and -100 replaced by `pad_token_id` (`shift_tokens_right`).
+* The loss is the mean cross-entropy over the real (not -100) label tokens. With label smoothing e it is
+  transformers' `LabelSmoother`: (1 - e) * mean NLL + e * mean over tokens and vocabulary of -log p.
+* Gradient accumulation divides by the real tokens of all micro-batches of the step (transformers'
+  `num_items_in_batch`), so that accumulating k micro-batches is the same update as one batch k times as big.
+* AdamW (optax) with HF's defaults, global-norm clipping, a linear warmup then linear decay to 0. No weight decay
+  on biases and normalisation scales (as transformers' Flax examples). Frozen leaves (the conv feature encoder
+  under `freeze_feature_encoder`, and leaves the reference keeps as buffers) get no update at all.
+
+Everything here is a pure function of explicit state: `loss(params, batch, rng)`, `jax.grad`, an optax chain,
+and a `TrainState` pytree. Randomness comes from keys split per step (`step_key`), never from Python.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import re
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import traverse_util
+
+IGNORE_INDEX = -100
+# The conv feature encoder's module name in every registered speech encoder (HF's Flax and PyTorch wav2vec2
+# family all call it `feature_extractor`); `freeze_feature_encoder` freezes the leaves under it.
+FEATURE_ENCODER = "feature_extractor"
+
+# ----------------------------------------------------------------------------------------------------------
+# Loss
+
+
+def shift_tokens_right(labels: jax.Array, pad_token_id: int, decoder_start_token_id: int) -> jax.Array:
+    """Decoder inputs from labels [B, T]: the start token, then the labels but the last; -100 becomes pad."""
+    shifted = jnp.concatenate(
+        [jnp.full((labels.shape[0], 1), decoder_start_token_id, labels.dtype), labels[:, :-1]], axis=1)
+    return jnp.where(shifted == IGNORE_INDEX, pad_token_id, shifted)
+
+
+@flax.struct.dataclass
+class LossSums:
+    """Sums over the real label tokens, from which the mean loss and its gradient follow.
+
+    Attributes:
+        nll: sum of -log p(label).
+        smooth: sum over tokens of sum over the vocabulary of -log p (label smoothing's term).
+        tokens: how many real label tokens.
+        vocab_size: V, to average the smoothing term over the vocabulary.
+    """
+
+    nll: jax.Array
+    smooth: jax.Array
+    tokens: jax.Array
+    vocab_size: int = flax.struct.field(pytree_node=False, default=1)
+
+    def objective(self, label_smoothing: float | jax.Array) -> jax.Array:
+        """The loss times the number of tokens: summed over micro-batches, then divided by the total tokens."""
+        return (1.0 - label_smoothing) * self.nll + label_smoothing * self.smooth / self.vocab_size
+
+    def mean(self, label_smoothing: float | jax.Array) -> jax.Array:
+        """transformers' loss: `CrossEntropyLoss()` without smoothing, `LabelSmoother(e)` with."""
+        return self.objective(label_smoothing) / jnp.maximum(self.tokens, 1)
+
+
+def loss_sums(logits: jax.Array, labels: jax.Array) -> LossSums:
+    """logits [B, T, V] (any float dtype; computed in float32), labels [B, T] with -100 for padding."""
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, T, V]
+    real = labels != IGNORE_INDEX  # [B, T]
+    picked = jnp.take_along_axis(log_probs, jnp.where(real, labels, 0)[..., None], axis=-1)[..., 0]
+    nll = -jnp.sum(jnp.where(real, picked, 0.0))
+    smooth = -jnp.sum(jnp.where(real, jnp.sum(log_probs, axis=-1), 0.0))
+    return LossSums(nll, smooth, jnp.sum(real).astype(jnp.int32), logits.shape[-1])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rematerialisation
+
+
+_INSIDE_REMAT = contextvars.ContextVar("inside_remat", default=False)
+
+
+def layer_pattern(stacks: list[str]) -> re.Pattern[str]:
+    """Module paths of the layers of the given stacks (e.g. `encoder/encoder/layers/` -> `.../layers/3`)."""
+    return re.compile("|".join(f"{re.escape(stack)}\\d+" for stack in stacks))
+
+
+@contextlib.contextmanager
+def remat_layers(layers: re.Pattern[str]) -> Iterator[None]:
+    """Within this context, every call of a layer whose module path matches `layers` is rematerialised:
+    `nn.remat` keeps only the layer's inputs for the backward pass and recomputes its activations there.
+
+    The layers are the architectures' own modules; wrapping their calls here (a Flax method interceptor) keeps
+    rematerialisation out of every architecture file. Array arguments go through `nn.remat`; the others
+    (flags, None, Python ints) are closed over, which makes them static. Dropout keys are replayed by
+    `nn.remat`, so the recomputation draws the same masks.
+    """
+
+    def intercept(next_fun: Callable[..., Any], args: tuple, kwargs: dict, context: Any) -> Any:
+        module = context.module
+        if (context.method_name != "__call__" or _INSIDE_REMAT.get()
+                or not layers.fullmatch("/".join(module.path))):
+            return next_fun(*args, **kwargs)
+        traced = [i for i, a in enumerate(args) if isinstance(a, jax.Array)]
+
+        def run(layer: nn.Module, *arrays: jax.Array) -> Any:
+            full = list(args)
+            for i, a in zip(traced, arrays):
+                full[i] = a
+            token = _INSIDE_REMAT.set(True)
+            try:
+                return layer(*full, **kwargs)
+            finally:
+                _INSIDE_REMAT.reset(token)
+
+        return nn.remat(run)(module, *(args[i] for i in traced))
+
+    with nn.intercept_methods(intercept):
+        yield
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Which leaves train
+
+
+def leaf_labels(params: Mapping[str, Any], frozen: Callable[[str], bool]) -> dict:
+    """"train" or "frozen" for every leaf (a tree shaped like `params`), by its `/`-joined path."""
+    flat = traverse_util.flatten_dict(dict(params), sep="/")
+    return traverse_util.unflatten_dict({k: "frozen" if frozen(k) else "train" for k in flat}, sep="/")
+
+
+def frozen_predicate(freeze_feature_encoder: bool, non_trainable: frozenset[str] = frozenset()
+                     ) -> Callable[[str], bool]:
+    """Path -> frozen: the conv feature encoder's leaves when it is frozen, and the `non_trainable` paths
+    (leaves the PyTorch reference keeps as buffers, which transformers never trains)."""
+
+    def frozen(path: str) -> bool:
+        parts = path.split("/")
+        return path in non_trainable or (freeze_feature_encoder and parts[0] == "encoder" and FEATURE_ENCODER in parts)
+
+    return frozen
+
+
+def decays(path: str) -> bool:
+    """Weight decay applies to kernels and embeddings, not to biases or normalisation scales."""
+    return path.rsplit("/", 1)[-1] not in ("bias", "scale")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Optimiser and train state
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSettings:
+    """AdamW with warmup and linear decay; the defaults are transformers' `TrainingArguments` ones.
+
+    Attributes:
+        learning_rate: the peak learning rate.
+        total_steps: optimiser steps of the whole run (the decay reaches 0 there).
+        warmup_steps: steps of the linear warmup from 0.
+        weight_decay: AdamW's decoupled weight decay (kernels and embeddings only).
+        max_grad_norm: clip the global gradient norm to this; None or 0 disables clipping.
+        b1, b2, eps: Adam's moments and epsilon.
+    """
+
+    learning_rate: float = 5e-5
+    total_steps: int = 1000
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+
+    def schedule(self) -> optax.Schedule:
+        warmup = max(0, min(self.warmup_steps, self.total_steps))
+        decay = max(1, self.total_steps - warmup)
+        return optax.join_schedules([optax.linear_schedule(0.0, self.learning_rate, max(1, warmup)),
+                                     optax.linear_schedule(self.learning_rate, 0.0, decay)], [warmup])
+
+
+def make_optimizer(settings: OptimizerSettings, labels: Any) -> optax.GradientTransformation:
+    """The optimiser: clipping and AdamW on the "train" leaves, a zero update on the "frozen" ones.
+
+    Args:
+        settings: the hyper-parameters.
+        labels: `leaf_labels(params, ...)`, a tree of "train" / "frozen".
+    """
+    decay_mask = lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, _: decays("/".join(str(getattr(k, "key", k)) for k in path)), params)
+    train = optax.chain(
+        optax.clip_by_global_norm(settings.max_grad_norm) if settings.max_grad_norm else optax.identity(),
+        optax.adamw(settings.schedule(), b1=settings.b1, b2=settings.b2, eps=settings.eps,
+                    weight_decay=settings.weight_decay, mask=decay_mask),
+    )
+    return optax.multi_transform({"train": train, "frozen": optax.set_to_zero()}, labels)
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a training run carries from step to step (and checkpoints).
+
+    Attributes:
+        step: optimiser steps taken.
+        params: float32 master weights.
+        opt_state: the optimiser's state.
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def init_state(params: Any, optimizer: optax.GradientTransformation) -> TrainState:
+    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+
+def step_key(seed: int, step: int, micro_batch: int = 0) -> jax.Array:
+    """The dropout / LayerDrop key of one micro-batch of one step: a pure function of (seed, step, micro-batch),
+    so that a resumed run draws what an uninterrupted one would."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), micro_batch)
+
+
+def add_grads(total: Any, grads: Any) -> Any:
+    return grads if total is None else jax.tree.map(jnp.add, total, grads)
+
+
+def apply_function(optimizer: optax.GradientTransformation) -> Callable[[TrainState, Any, jax.Array], TrainState]:
+    """(state, summed gradients of `LossSums.objective`, total tokens) -> the next state (to jit)."""
+
+    def apply(state: TrainState, grads: Any, tokens: jax.Array) -> TrainState:
+        scale = 1.0 / jnp.maximum(tokens, 1).astype(jnp.float32)
+        grads = jax.tree.map(lambda g: g * scale, grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
+
+    return apply
+
+
+def global_norm(tree: Any) -> float:
+    return float(optax.global_norm(tree))
+
+
+def to_numpy(tree: Any) -> Any:
+    return jax.tree.map(np.asarray, tree)
+
+
+def loss_grad_function(module: nn.Module, *, deterministic: bool, freeze_feature_encoder: bool = False
+                       ) -> Callable[..., tuple[LossSums, Any]]:
+    """(params, batch, rng, label_smoothing) -> (LossSums, gradients of `LossSums.objective`), to jit.
+
+    `module` is a `SpeechEncoderDecoderModule` (its `dtype` the compute dtype, `remat` on request); `batch` holds
+    "inputs" [B, N], "attention_mask" [B, N] | None, "labels" [B, T] and optionally "mask_time_indices" [B, S]
+    and "mask_feature_indices" [B, C]. The gradients are of the summed objective: divide by the step's total
+    tokens (`apply_function` does) for the gradient of the mean loss.
+    """
+
+    def run(params: Any, batch: Mapping[str, Any], rng: jax.Array | None, label_smoothing: jax.Array):
+        def objective(p: Any) -> tuple[jax.Array, LossSums]:
+            sums = module.apply(
+                {"params": p}, batch["inputs"], batch.get("attention_mask"), batch["labels"], deterministic,
+                freeze_feature_encoder, batch.get("mask_time_indices"), batch.get("mask_feature_indices"),
+                method="loss_sums", rngs=None if deterministic else {"dropout": rng})
+            return sums.objective(label_smoothing), sums
+
+        (_, sums), grads = jax.value_and_grad(objective, has_aux=True)(params)
+        return sums, grads
+
+    return run

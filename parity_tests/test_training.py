@@ -1,0 +1,230 @@
+"""Training in Flax means what it means in PyTorch: the loss and every parameter's gradient match the reference.
+
+Pairs come from the registry: every encoder spec x every decoder spec, one fixture each (the first case of its
+fixture module), plus every encoder spec that has the adapter with it. Each pair compiles one `value_and_grad`
+and is checked twice: a padded batch without smoothing, and with label smoothing and SpecAugment masks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import traverse_util
+
+from convert.registry import specs
+from convert.verify import compare_weight_files
+from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel, SpeechEncoderDecoderModule
+from flax_model.training import (
+    FEATURE_ENCODER,
+    OptimizerSettings,
+    apply_function,
+    frozen_predicate,
+    init_state,
+    leaf_labels,
+    loss_grad_function,
+    make_optimizer,
+)
+from scripts.make_fixtures import cases_by_arch
+from torch_reference.speech_encoder_decoder import SpeechEncoderDecoderModel, non_trainable_paths
+from torch_reference.training import gradients_in_flax_layout
+
+LOSS_TOLERANCE = 1e-5  # relative
+GRAD_TOLERANCE = 1e-4  # relative, in norm, per tensor
+# A gradient below this fraction of the whole model's gradient norm is zero analytically (attention key biases:
+# softmax ignores a shift shared by every key); both frameworks must then give rounding noise below it.
+ZERO_GRADIENT = 1e-6
+
+
+def _first_case(spec) -> str:
+    return next(iter(cases_by_arch()[spec.name]))
+
+
+PAIRS = [(_first_case(e), _first_case(d)) for e in specs("encoder") for d in specs("decoder")]
+ADAPTER_ENCODERS = [e.name for e in specs("encoder")
+                    if "add_adapter" in {f.name for f in dataclasses.fields(e.config_class)}]
+
+
+def _adapter_case(arch: str, fixture_dir) -> str:
+    for case in cases_by_arch()[arch]:
+        if json.loads((fixture_dir(case) / "config.json").read_text()).get("add_adapter"):
+            return case
+    raise AssertionError(f"{arch}: no fixture case with add_adapter=True")
+
+
+def _batch(config, seed: int = 0) -> dict[str, np.ndarray]:
+    """Two utterances (the second shorter, padded) and labels padded with -100 (no pad ids among the real
+    labels: PyTorch's `padding_idx` keeps the pad embedding's gradient at zero, Flax has no such thing)."""
+    rng = np.random.default_rng(seed)
+    lengths = (max(1600, 4 * config.encoder.min_input_length), max(1000, 3 * config.encoder.min_input_length))
+    inputs = np.zeros((2, lengths[0]), np.float32)
+    mask = np.zeros((2, lengths[0]), np.int32)
+    for row, n in enumerate(lengths):
+        inputs[row, :n] = rng.standard_normal(n)
+        mask[row, :n] = 1
+    labels = rng.integers(0, config.decoder.vocab_size, (2, 7))
+    labels[labels == config.pad_token_id] = (config.pad_token_id + 1) % config.decoder.vocab_size
+    labels[1, 4:] = -100
+    return {"inputs": inputs, "attention_mask": mask, "labels": labels.astype(np.int64)}
+
+
+@functools.cache
+def _models(directory):
+    """The pair's Flax model, reference, and one compiled (params, batch, smoothing, masks) -> (loss, grads)."""
+    flax_model = FlaxSpeechEncoderDecoderModel.from_pretrained(directory)
+
+    @jax.jit
+    def value_and_grad(params, batch, smoothing, masks):
+        return jax.value_and_grad(lambda p: flax_model.loss(
+            batch["inputs"], batch["attention_mask"], batch["labels"], params=p, label_smoothing=smoothing,
+            **masks))(params)
+
+    return flax_model, SpeechEncoderDecoderModel.from_pretrained(directory), value_and_grad
+
+
+def _reference_loss_and_grads(model, batch, smoothing=0.0, **masks):
+    model.zero_grad()
+    torch_batch = {k: None if v is None else torch.from_numpy(np.asarray(v)) for k, v in batch.items()}
+    loss = model.loss(torch_batch["inputs"], torch_batch["attention_mask"], torch_batch["labels"],
+                      label_smoothing=smoothing, **{k: torch.from_numpy(v) for k, v in masks.items()})
+    loss.backward()
+    return float(loss), gradients_in_flax_layout(model)
+
+
+def _compare(case: str, loss: float, grads, ref_loss: float, ref_grads) -> None:
+    rel = abs(loss - ref_loss) / abs(ref_loss)
+    assert rel <= LOSS_TOLERANCE, f"{case}: loss {loss:.7f} vs reference {ref_loss:.7f}, relative {rel:.2e}"
+    flat = {k: np.asarray(v, np.float64) for k, v in traverse_util.flatten_dict(grads, sep="/").items()}
+    assert flat.keys() == ref_grads.keys(), sorted(flat.keys() ^ ref_grads.keys())
+    total = float(np.sqrt(sum(np.sum(np.square(g.astype(np.float64))) for g in ref_grads.values())))
+    worst, worst_key, zeros = 0.0, None, 0
+    for key, ref in ref_grads.items():
+        ref_norm, diff = float(np.linalg.norm(ref)), float(np.linalg.norm(flat[key] - ref))
+        if ref_norm < ZERO_GRADIENT * total:
+            zeros += 1
+            assert float(np.linalg.norm(flat[key])) < ZERO_GRADIENT * total, (
+                f"{case}: {key}: the reference's gradient is zero ({ref_norm:.1e}), Flax's is "
+                f"{np.linalg.norm(flat[key]):.1e}")
+            continue
+        if diff / ref_norm > worst:
+            worst, worst_key = diff / ref_norm, key
+    assert worst <= GRAD_TOLERANCE, f"{case}: {worst_key}: |Δgrad| / |grad| = {worst:.2e}"
+    assert zeros < len(ref_grads) // 4, f"{case}: {zeros} of {len(ref_grads)} gradients are zero"
+
+
+def _spec_augment_masks(config, batch) -> dict[str, np.ndarray]:
+    """Fixed SpecAugment masks: a time span in each utterance (when the encoder has a mask embedding) and two
+    channel spans; the reference applies them as given, so any mask serves the comparison."""
+    frames = int(config.encoder.output_lengths(batch["inputs"].shape[1], add_adapter=False))
+    masks = {"mask_feature_indices": np.zeros((2, config.encoder.hidden_size), bool)}
+    masks["mask_feature_indices"][0, 3:7] = True
+    masks["mask_feature_indices"][1, 10:12] = True
+    if config.encoder.has_masked_spec_embed:
+        masks["mask_time_indices"] = np.zeros((2, frames), bool)
+        masks["mask_time_indices"][0, 5:15] = True
+        masks["mask_time_indices"][1, 2:8] = True
+    return masks
+
+
+def _check_pair(directory, case: str) -> None:
+    flax_model, ref, value_and_grad = _models(directory)
+    batch = _batch(flax_model.config)
+    masks = _spec_augment_masks(flax_model.config, batch)
+    no_masks = {k: np.zeros_like(v) for k, v in masks.items()}  # all-False masks change nothing
+    for smoothing, given in ((0.0, no_masks), (0.1, masks)):
+        loss, grads = value_and_grad(flax_model.params, batch, smoothing, given)
+        ref_loss, ref_grads = _reference_loss_and_grads(ref, batch, smoothing, **{
+            k: v for k, v in given.items() if v.any()})
+        _compare(f"{case} smoothing={smoothing} masks={sorted(k for k, v in given.items() if v.any())}",
+                 float(loss), grads, ref_loss, ref_grads)
+
+
+@pytest.mark.parametrize(("encoder", "decoder"), PAIRS, ids=[f"{e}+{d}" for e, d in PAIRS])
+def test_loss_and_every_gradient_match_the_reference(encoder, decoder, composed_dir):
+    _check_pair(composed_dir(encoder, decoder), f"{encoder}+{decoder}")
+
+
+@pytest.mark.parametrize("arch", ADAPTER_ENCODERS)
+def test_gradients_match_the_reference_with_the_adapter(arch, composed_dir, fixture_dir):
+    encoder, decoder = _adapter_case(arch, fixture_dir), _first_case(specs("decoder")[0])
+    _check_pair(composed_dir(encoder, decoder), f"{encoder}+{decoder}")
+
+
+def test_saved_gradients_have_transformers_names_in_both_formats(composed_dir, tmp_path):
+    """Flax gradients saved with `save_pretrained(params=grads)` equal the reference's `.grad`s saved the same
+    way, key by key, and each directory's two weight files agree bit for bit."""
+    from safetensors.numpy import load_file
+
+    encoder, decoder = PAIRS[0]
+    flax_model, ref, value_and_grad = _models(composed_dir(encoder, decoder))
+    batch = _batch(flax_model.config, seed=1)
+    _, grads = value_and_grad(flax_model.params, batch, 0.0, {})
+    _reference_loss_and_grads(ref, batch)
+    flax_model.save_pretrained(tmp_path / "flax", params=grads)
+    ref.save_pretrained(tmp_path / "torch", params={k: p.grad for k, p in ref.named_parameters()
+                                                    if p.grad is not None}, formats=("flax", "safetensors"))
+    for d in ("flax", "torch"):
+        files = compare_weight_files(tmp_path / d)
+        assert not files["mismatched"] and not files["missing"], files
+    ours, theirs = load_file(tmp_path / "flax" / "model.safetensors"), load_file(tmp_path / "torch" / "model.safetensors")
+    assert ours.keys() == theirs.keys()
+    grad_keys = {k for k, p in ref.named_parameters() if p.grad is not None}
+    total = float(np.sqrt(sum(np.sum(np.square(theirs[k].astype(np.float64))) for k in grad_keys)))
+    worst = max(float(np.linalg.norm(ours[k].astype(np.float64) - theirs[k])) / total for k in grad_keys)
+    assert worst <= GRAD_TOLERANCE, f"max |Δgrad| / |grad| over the saved tensors: {worst:.2e}"
+
+
+def test_save_pretrained_refuses_a_tree_of_another_shape(composed_dir, tmp_path):
+    from convert.errors import ConvertError
+
+    flax_model, _, _ = _models(composed_dir(*PAIRS[0]))
+    flat = traverse_util.flatten_dict(flax_model.params, sep="/")
+    name = next(iter(flat))
+    flat[name] = jnp.zeros(flat[name].shape + (1,))
+    with pytest.raises(ConvertError, match=f"params: {name}: shape"):
+        flax_model.save_pretrained(tmp_path / "bad", params=traverse_util.unflatten_dict(flat, sep="/"))
+    assert not (tmp_path / "bad").exists()
+
+
+@functools.cache
+def _frozen_run(directory, steps: int = 8):
+    """`steps` deterministic AdamW steps (weight decay on) on one batch with the toolkit's train step and a
+    frozen feature encoder; returns (model, losses, final state)."""
+    model, _, _ = _models(directory)
+    settings = OptimizerSettings(learning_rate=3e-3, total_steps=steps, weight_decay=0.1)
+    optimizer = make_optimizer(settings, leaf_labels(model.params, frozen_predicate(True, non_trainable_paths(
+        model.config))))
+    module = SpeechEncoderDecoderModule(model.config)
+    grad_fn = jax.jit(loss_grad_function(module, deterministic=True, freeze_feature_encoder=True))
+    apply = jax.jit(apply_function(optimizer))
+    state = init_state(model.params, optimizer)
+    batch = {k: jnp.asarray(v) for k, v in _batch(model.config, seed=2).items()}
+    losses = []
+    for _ in range(steps):
+        sums, grads = grad_fn(state.params, batch, None, jnp.float32(0.0))
+        losses.append(float(sums.mean(0.0)))
+        state = apply(state, grads, sums.tokens)
+    return model, losses, state
+
+
+def test_a_frozen_feature_encoder_gets_exactly_zero_update(composed_dir):
+    model, _, state = _frozen_run(composed_dir(*PAIRS[0]))
+    before = traverse_util.flatten_dict(model.params, sep="/")
+    after = traverse_util.flatten_dict(state.params, sep="/")
+    feature = [k for k in before if k.startswith("encoder/") and FEATURE_ENCODER in k.split("/")]
+    assert feature, f"no leaf under encoder/.../{FEATURE_ENCODER}/"
+    for key in feature:
+        assert np.array_equal(np.asarray(before[key]), np.asarray(after[key])), f"{key} moved"
+    moved = [k for k in before if k not in feature and not np.array_equal(np.asarray(before[k]), np.asarray(after[k]))]
+    assert len(moved) >= len(before) - len(feature) - 8, f"only {len(moved)} of {len(before) - len(feature)} moved"
+
+
+def test_a_few_steps_reduce_the_loss_on_a_tiny_batch(composed_dir):
+    _, losses, _ = _frozen_run(composed_dir(*PAIRS[0]))
+    assert losses[-1] < 0.7 * losses[0], f"losses {[round(x, 3) for x in losses]}"
