@@ -262,7 +262,9 @@ def generate_on_mesh(model: Any, generate: Callable[..., Any], inputs: Any, atte
     """`generate(model, inputs, attention_mask, **kwargs)` with the batch split over `model.mesh`'s `data` axis.
 
     The batch is padded to a multiple of the data axis size with copies of its last utterance, and the padding
-    rows are dropped from every array of the result whose first dimension is the padded batch.
+    rows are dropped from every array of the result whose first dimension is a multiple of the padded batch
+    (rows utterance-major: with several rows per utterance, e.g. beams or returned sequences, the padding
+    utterances' rows come last).
 
     Args:
         model: a model loaded with a mesh (`FlaxSpeechEncoderDecoderModel.from_pretrained(..., mesh=...)`).
@@ -282,8 +284,11 @@ def generate_on_mesh(model: Any, generate: Callable[..., Any], inputs: Any, atte
     padded = inputs.shape[0]
     if padded == rows:
         return out
-    changes = {f.name: getattr(out, f.name)[:rows] for f in dataclasses.fields(out)
-               if isinstance(getattr(out, f.name), np.ndarray) and getattr(out, f.name).shape[:1] == (padded,)}
+    changes = {}
+    for field in dataclasses.fields(out):
+        value = getattr(out, field.name)
+        if isinstance(value, np.ndarray) and value.ndim and value.shape[0] % padded == 0:
+            changes[field.name] = value[:rows * (value.shape[0] // padded)]
     return dataclasses.replace(out, **changes)
 
 

@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
+# Eight simulated CPU devices for the mesh tests (parity_tests/test_mesh.py), set before JAX starts its backend;
+# every other test keeps running on the first device.
+MESH_DEVICES = 8
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + f" --xla_force_host_platform_device_count={MESH_DEVICES}").strip()
+
 from collections.abc import Callable
 from pathlib import Path
 
