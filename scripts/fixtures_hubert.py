@@ -81,7 +81,7 @@ CASES: dict[str, Callable[[Path], object]] = {
     "hubert_group": _case(_GROUP, seed=21),
     # hubert-large's layout, without the projection's layer norm; an odd positional kernel.
     "hubert_stable": _case({**_STABLE, "feat_proj_layer_norm": False, "num_conv_pos_embeddings": 15}, seed=22),
-    "hubert_batch_norm": _case({**_GROUP, "conv_pos_batch_norm": True, "mask_time_prob": 0.0}, seed=23),
+    "hubert_batch_norm": _case({**_GROUP, "conv_pos_batch_norm": True, "mask_feature_prob": 0.1}, seed=23),
     "hubert_ctc_bin": task_case(HubertModel, HubertConfig, HF_DEFAULTS,
                                 {**_GROUP, "architectures": ["HubertForCTC"]}, seed=24, prefix="hubert",
                                 heads={"lm_head.weight": (32, 32), "lm_head.bias": (32,)}, fmt="bin"),
