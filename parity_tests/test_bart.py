@@ -323,3 +323,120 @@ def test_cross_attention_width_other_than_d_model_is_refused():
     with pytest.raises(UnsupportedConfig, match=r"cross_attention_hidden_size=48"):
         BartConfig.from_hf_dict(hf_config(cross_attention_hidden_size=48))
     assert BartConfig.from_hf_dict(hf_config(cross_attention_hidden_size=32)).cross_attention_hidden_size == 32
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Train mode: dropout, attention dropout, activation dropout, LayerDrop
+
+RATES = ("dropout", "attention_dropout", "activation_dropout", "decoder_layerdrop")
+
+
+def with_rates(config: BartConfig, **rates: float) -> BartConfig:
+    """`config` with every dropout rate and LayerDrop zero except those given."""
+    return config.replace(**{**{name: 0.0 for name in RATES}, **rates})
+
+
+def flax_train_logits(config: BartConfig, params: dict, inputs: dict[str, np.ndarray], keys: list[int]) -> list:
+    """Training-mode logits (one jit per config), one output per PRNG key."""
+    module = BartForCausalLMModule(config)
+    fn = jax.jit(lambda p, key: module.apply({"params": p}, **inputs, deterministic=False, rngs={"dropout": key})[0])
+    return [np.asarray(fn(params, jax.random.PRNGKey(k))) for k in keys]
+
+
+def torch_train_logits(config: BartConfig, state: dict, inputs: dict[str, np.ndarray], seeds: list[int]) -> list:
+    """Training-mode logits of the reference with `config`, one output per `torch.manual_seed`."""
+    model = torch_bart.BartForCausalLM(config)
+    model.load_state_dict(state)
+    model.train()
+    outs = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            outs.append(model(**{k: torch.from_numpy(v) for k, v in inputs.items()})[0].numpy())
+    return outs
+
+
+# One kind at a time on BART; mBART (pre-norm) with every kind at once.
+DROPOUT_CASES = [("bart_causal", (rate,)) for rate in RATES[:3]] + [("mbart", RATES[:3])]
+
+
+@pytest.mark.parametrize(("case", "rates"), DROPOUT_CASES, ids=[f"{c}-{'+'.join(r)}" for c, r in DROPOUT_CASES])
+def test_each_dropout_draws_from_the_step_key(loaded, inputs, case, rates):
+    """Training outputs are equal for equal keys (seeds), differ for other keys and from the deterministic output,
+    in both frameworks."""
+    m = loaded(case)
+    config = with_rates(m.config, **{rate: 0.3 for rate in rates})
+    deterministic = torch_logits(m, inputs)
+    a, b, c = flax_train_logits(config, m.params, inputs, [0, 0, 1])
+    assert np.array_equal(a, b)
+    assert max_diff(a, c) > 1e-3 and max_diff(a, deterministic) > 1e-3, f"{rates} change nothing"
+    ta, tb, tc = torch_train_logits(config, m.torch_model.state_dict(), inputs, [0, 0, 1])
+    assert np.array_equal(ta, tb)
+    assert max_diff(ta, tc) > 1e-3 and max_diff(ta, deterministic) > 1e-3, f"reference: {rates} change nothing"
+
+
+def kept_layers(m: Loaded, keep: tuple[int, ...]) -> tuple[BartConfig, dict, dict]:
+    """The same weights in a config holding only the layers `keep` (renumbered from 0): what LayerDrop computes
+    when it skips the others, built without LayerDrop."""
+    config = with_rates(m.config).replace(decoder_layers=len(keep))
+    decoder = dict(m.params["model"]["decoder"], layers={str(j): m.params["model"]["decoder"]["layers"][str(i)]
+                                                         for j, i in enumerate(keep)})
+    params = dict(m.params, model={"decoder": decoder})
+    prefix = "model.decoder.layers."
+    state = {}
+    for key, value in m.torch_model.state_dict().items():
+        if not key.startswith(prefix):
+            state[key] = value
+            continue
+        index, rest = key[len(prefix):].split(".", 1)
+        if int(index) in keep:
+            state[f"{prefix}{keep.index(int(index))}.{rest}"] = value
+    return config, params, state
+
+
+@pytest.fixture(scope="module")
+def skip_patterns(loaded, inputs) -> dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]]:
+    """{kept layers: (Flax logits, reference logits)} for every subset of bart_causal's two layers, each from a
+    config holding only those layers, run deterministically."""
+    m = loaded("bart_causal")
+    out = {}
+    for keep in ((), (0,), (1,), (0, 1)):
+        config, params, state = kept_layers(m, keep)
+        flax_out, _ = BartForCausalLMModule(config).apply({"params": params}, **inputs)
+        model = torch_bart.BartForCausalLM(config).eval()
+        model.load_state_dict(state)
+        with torch.no_grad():
+            torch_out = model(**{k: torch.from_numpy(v) for k, v in inputs.items()})[0].numpy()
+        out[keep] = (np.asarray(flax_out), torch_out)
+    return out
+
+
+def test_layerdrop_one_skips_every_layer(loaded, inputs, skip_patterns):
+    m = loaded("bart_causal")
+    config = with_rates(m.config, decoder_layerdrop=1.0)
+    no_layers, torch_no_layers = skip_patterns[()]
+    assert max_diff(no_layers, torch_logits(m, inputs)) > 1e-2  # the layers matter
+    (got,) = flax_train_logits(config, m.params, inputs, [3])
+    err = max_diff(got, no_layers)
+    assert err <= TOL, f"flax: max|diff|={err:.2e} from the same weights with 0 layers"
+    (got,) = torch_train_logits(config, m.torch_model.state_dict(), inputs, [3])
+    err = max_diff(got, torch_no_layers)
+    assert err <= TOL, f"reference: max|diff|={err:.2e} from the same weights with 0 layers"
+
+
+def test_layerdrop_draws_differ_per_key(loaded, inputs, skip_patterns):
+    """decoder_layerdrop=0.5: each key's output is one of the four skip patterns (computed without LayerDrop), the
+    same key gives the same pattern, and 16 keys (seeds) draw at least three patterns, in both frameworks."""
+    m = loaded("bart_causal")
+    config = with_rates(m.config, decoder_layerdrop=0.5)
+    for side, outputs in (("flax", flax_train_logits(config, m.params, inputs, [*range(16), 0])),
+                          ("reference", torch_train_logits(config, m.torch_model.state_dict(), inputs,
+                                                           [*range(16), 0]))):
+        index = 0 if side == "flax" else 1
+        drawn = []
+        for out in outputs:
+            matches = [keep for keep, patterns in skip_patterns.items() if max_diff(out, patterns[index]) <= TOL]
+            assert len(matches) == 1, f"{side}: output matches {matches} of the skip patterns"
+            drawn.append(matches[0])
+        assert drawn[0] == drawn[-1], f"{side}: the same key drew {drawn[0]} and {drawn[-1]}"
+        assert len(set(drawn)) >= 3, f"{side}: 16 draws gave only {set(drawn)}"

@@ -391,3 +391,42 @@ def test_encoder_output_without_cross_attention_is_refused(fixture_dir, inputs):
     with pytest.raises(ValueError, match="add_cross_attention"):
         model(torch.from_numpy(inputs["input_ids"]).long(), None,
               torch.from_numpy(inputs["encoder_hidden_states"]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Train mode: residual, embedding and attention dropout (GPT-2 has no LayerDrop)
+
+RATES = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
+
+
+@pytest.mark.parametrize("rate", RATES)
+def test_each_dropout_draws_from_the_step_key(fixture_dir, inputs, rate):
+    """One rate at a time (the others 0): training outputs are equal for equal keys (seeds), differ for other
+    keys and from the deterministic output, in both frameworks; with every rate 0 the reference's training mode
+    equals inference."""
+    directory = fixture_dir("gpt2_xattn")
+    config = read_config(directory).replace(**{**{name: 0.0 for name in RATES}, rate: 0.3})
+    params = load_flax_params(directory)
+    module = flax_gpt2.GPT2LMHeadModule(config)
+    args = (inputs["input_ids"], inputs["attention_mask"], *encoder_inputs(config, inputs))
+    train = jax.jit(lambda p, key: module.apply(p, *args, deterministic=False, rngs={"dropout": key})[0])
+    deterministic = flax_full_logits(directory, inputs)
+    a, b, c = (np.asarray(train(params, jax.random.PRNGKey(k))) for k in (0, 0, 1))
+    assert np.array_equal(a, b)
+    assert max_diff(a, c) > 1e-3 and max_diff(a, deterministic) > 1e-3, f"{rate} changes nothing"
+
+    model = torch_gpt2.GPT2LMHeadModel(config)
+    model.load_state_dict(reference_from_pretrained(directory)[0].state_dict())
+    model.train()
+    outs = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        outs.append(torch_full_logits(model, inputs))
+    assert np.array_equal(outs[0], outs[1])
+    assert max_diff(outs[0], outs[2]) > 1e-3 and max_diff(outs[0], deterministic) > 1e-3, f"reference: {rate}"
+    if rate == RATES[0]:
+        silent = torch_gpt2.GPT2LMHeadModel(config.replace(resid_pdrop=0.0))
+        silent.load_state_dict(model.state_dict())
+        silent.train()
+        err = max_diff(torch_full_logits(silent, inputs), deterministic)
+        assert err <= TOL, f"reference, every rate 0, train mode: max|diff|={err:.2e}"
