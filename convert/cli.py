@@ -224,6 +224,16 @@ def run(main: Callable[[], int | None]) -> NoReturn:
 _guard_lock = threading.Lock()
 _guard_installed = False
 _note: str | None = None
+_deferred: Callable[[], None] | None = None
+
+
+def defer_interrupts(on_interrupt: Callable[[], None] | None) -> None:
+    """For a command that must finish something before it stops (fine-tuning saves a checkpoint): the next
+    signal calls `on_interrupt` (from the watcher thread, so it should only set a flag that the command polls)
+    instead of ending the process; a second signal ends it as usual. None restores the default.
+    """
+    global _deferred
+    _deferred = on_interrupt
 
 
 def set_interrupt_note(note: str | None) -> None:
@@ -272,13 +282,17 @@ def _ignore_in_main_thread(signum: int, frame: Any) -> None:  # noqa: ARG001
 
 
 def _watch(read_fd: int) -> None:
+    global _deferred
     while True:
         try:
             data = os.read(read_fd, 1)
         except InterruptedError:
             continue
         if data and data[0] in {int(s) for s in _SIGNALS}:
-            break
+            deferred, _deferred = _deferred, None
+            if deferred is None:
+                break
+            deferred()
     try:
         _report_interrupt(_abandon_outputs())
     finally:
