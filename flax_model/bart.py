@@ -7,6 +7,9 @@ layers are pre-norm and the decoder ends with `layer_norm`.
 
 Decoding uses an explicit `DecoderCache`: `init_cache` projects the cross-attention keys/values once, and each
 call writes the new self-attention keys/values at `cache.index` and returns the advanced cache.
+
+Training (`deterministic=False`, a "dropout" rng): `dropout`, `attention_dropout`, `activation_dropout`, and
+LayerDrop (`decoder_layerdrop`: one uniform draw per layer per call, `flax_model.layers.layer_drop`).
 """
 
 from __future__ import annotations

@@ -12,6 +12,10 @@ embeddings' position ids from its caller, so that `flax_model.roberta` reuses it
 
 Decoding uses an explicit `DecoderCache`: `init_cache` projects the cross-attention keys/values once, and each
 call writes the new self-attention keys/values at `cache.index` and returns the advanced cache.
+
+Training (`deterministic=False`, a "dropout" rng): `hidden_dropout_prob` (embeddings, each block's output) and
+`attention_probs_dropout_prob`; BERT has no LayerDrop. Lookups of the pad token pass no gradient to the
+embedding row, as torch's `padding_idx` (`padding_row_without_gradient`).
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ existing `flax_model.msgpack` files load unchanged.
 Decoding uses an explicit `DecoderCache`: `init_cache` projects the cross-attention keys/values once (HF's Flax
 GPT-2 recomputed them from the encoder output at every step), and each call writes the new self-attention
 keys/values at `cache.index` and returns the advanced cache.
+
+Training (`deterministic=False`, a "dropout" rng): `embd_pdrop`, `attn_pdrop` and `resid_pdrop` as transformers
+applies them. GPT-2 has no LayerDrop.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import io
+import itertools
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -120,8 +121,7 @@ def cache_mask(inputs: dict[str, np.ndarray]) -> np.ndarray:
 
 def steps() -> Iterator[tuple[int, int]]:
     """A prefill of PREFILL tokens, then one token per call."""
-    bounds = [0, PREFILL, *range(PREFILL + 1, LENGTH + 1)]
-    return zip(bounds, bounds[1:])
+    return itertools.pairwise([0, PREFILL, *range(PREFILL + 1, LENGTH + 1)])
 
 
 def flax_cached_logits(directory: Path, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, list[Any]]:
@@ -201,8 +201,10 @@ def test_cross_attention_keys_values_are_projected_once_at_init_cache(fixture_di
 
     # A decode step multiplies nothing into the encoder output ([B, S, D]); init_cache does, twice a layer.
     module = module_for(config)
-    reads_encoder = lambda eqn: eqn.primitive.name == "dot_general" and any(  # noqa: E731
-        getattr(v, "aval", None) is not None and v.aval.shape == encoder_out.shape for v in eqn.invars)
+    def reads_encoder(eqn: Any) -> bool:
+        return eqn.primitive.name == "dot_general" and any(
+            getattr(v, "aval", None) is not None and v.aval.shape == encoder_out.shape for v in eqn.invars)
+
     step = jax.make_jaxpr(lambda p, ids, c: module.apply(p, ids, cache_mask(inputs), cache=c))(
         params, inputs["input_ids"][:, :1], caches[0])
     init = jax.make_jaxpr(lambda p, e, m: module.apply(p, BATCH, CACHE_LENGTH, e, m, method="init_cache"))(
@@ -229,9 +231,10 @@ def test_is_decoder_attends_causally_and_masked_lm_both_ways(fixture_dir, inputs
     changed["input_ids"][:, -1] = 5 + (changed["input_ids"][:, -1] % 100)
     for case, causal in (("bert_lm", True), ("bert_mlm_bin", False)):
         model, _ = reference_from_pretrained(fixture_dir(case))
-        for logits in (lambda x: flax_full_logits(fixture_dir(case), x), lambda x: torch_full_logits(model, x)):
+        for side, logits in (("flax", functools.partial(flax_full_logits, fixture_dir(case))),
+                             ("reference", functools.partial(torch_full_logits, model))):
             err = max_diff(logits(changed)[0, :-1], logits(inputs)[0, :-1])
-            assert (err <= 1e-6) if causal else (err > 1e-3), f"{case}: earlier logits moved by {err:.2e}"
+            assert (err <= 1e-6) if causal else (err > 1e-3), f"{case}, {side}: earlier logits moved by {err:.2e}"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -441,7 +444,7 @@ def test_bert_model_source_composes_with_the_head_started_as_transformers_would(
 
 
 def test_tied_head_reuses_the_word_embedding(fixture_dir):
-    config, params = loaded(fixture_dir("bert_lm"))
+    _, params = loaded(fixture_dir("bert_lm"))
     assert "decoder" not in params["params"]["cls"]["predictions"]
     model, _ = reference_from_pretrained(fixture_dir("bert_lm"))
     head = model.cls.predictions

@@ -79,7 +79,7 @@ def randomise_(model: nn.Module, generator: torch.Generator) -> nn.Module:
     vocab = model.config.vocab_size
     with torch.no_grad():
         for name, p in model.named_parameters(remove_duplicate=False):
-            if name.endswith("LayerNorm.weight") or name.endswith("layer_norm.weight"):
+            if name.endswith(("LayerNorm.weight", "layer_norm.weight")):
                 draw(p, 0.2, shift=1.0)
             elif p.ndim == 2 and (name.endswith("embeddings.weight") or p.shape[0] == vocab):
                 draw(p, EMBED_STD)  # embeddings, an untied decoder [V, D]

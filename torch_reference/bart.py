@@ -4,6 +4,8 @@ The reference the Flax port is checked against. `state_dict()` keys equal HF's `
 (`model.decoder.*`, `lm_head.weight`) plus `final_logits_bias` when `config.lm_head_bias`. BART layers are
 post-norm; mBART layers are pre-norm and the decoder ends with `layer_norm`. Cached decoding keeps an explicit
 `DecoderCache` (mirroring `flax_model/cache.py`) whose cross-attention keys/values are projected once.
+`.train()` turns on dropout, attention and activation dropout and LayerDrop (`decoder_layerdrop`, `torch.rand`
+per layer as transformers).
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ cross-attention, then the feed-forward block. `is_decoder` makes self-attention 
 `BertModel` takes the position ids from its caller, so that `torch_reference.roberta` reuses it.
 
 Cached decoding keeps an explicit `DecoderCache` (mirroring `flax_model/cache.py`) whose cross-attention
-keys/values are projected once, at `init_cache`.
+keys/values are projected once, at `init_cache`. `.train()` turns on `hidden_dropout_prob` and
+`attention_probs_dropout_prob`.
 """
 
 from __future__ import annotations

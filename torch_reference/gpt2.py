@@ -5,7 +5,8 @@ The reference the Flax port is checked against. `state_dict()` keys equal HF's `
 `attn.masked_bias`) are not state here. Layers are pre-norm: self-attention, then (when
 `config.add_cross_attention` and an encoder output is given) cross-attention, then the MLP, each on its own
 residual branch. Cached decoding keeps an explicit `DecoderCache` (mirroring `flax_model/cache.py`) whose
-cross-attention keys/values are projected once, at `init_cache`.
+cross-attention keys/values are projected once, at `init_cache`. `.train()` turns on `embd_pdrop`, `attn_pdrop`
+and `resid_pdrop`.
 """
 
 from __future__ import annotations
