@@ -29,12 +29,12 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from convert.errors import ConvertError, with_param
+from convert.errors import ConvertError, bad_argument, with_param
 
 FORMATS = ("both", "flax", "safetensors")
 FLAX_FILES = ("flax_model.msgpack", "flax_model.msgpack.index.json")
 TORCH_FILES = ("model.safetensors", "model.safetensors.index.json")
-DEFAULT_FACTOR = 4.0  # = convert.verify.DEFAULT_FACTOR, which imports more than --help needs
+DEFAULT_FACTOR = 8.0  # = convert.verify.DEFAULT_FACTOR, which imports more than --help needs
 MAX_SEED = 2**32 - 1
 LISTED_TENSORS = 20  # differing tensors named in the table (the JSON has them all)
 
@@ -76,6 +76,8 @@ def check(
         audio = [audio]
     from convert.hub import resolve_source
 
+    if revision is not None and Path(str(model)).expanduser().is_dir():
+        raise bad_argument("revision", revision, f"applies to a Hub repo id, but {model} is a local directory")
     try:
         directory = resolve_source(str(model), revision, what="model").path
     except ConvertError as e:

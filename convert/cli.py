@@ -24,11 +24,11 @@ argparse's errors and `convert.errors.UsageError`); 130 an interrupt (Ctrl-C, SI
 
 Messages: every error is one line on stderr, `error: <message>` (`ERROR_PREFIX`); an interrupt prints
 `interrupted: <what was left>`. The library raises `ConvertError`s that speak its own language
-(`output=/tmp/x: ...`, `pass overwrite=True`); `render(error, parser)` turns them into the command's
-(`--output /tmp/x: ...`, `pass --overwrite`), the mapping read from the parser itself: each option's `dest` is
-the API parameter of the same name (`--max-shard-size` <-> `max_shard_size`), a `store_true` switch maps
-`name=True` to its flag, a `store_false` one `name=False`, and a positional argument is named by its value
-alone. `run_command` prints anything else without a traceback too (an `OSError` with its file, and, as a last
+(`output=/tmp/x: ...`, `pass overwrite=True`, `pass seed=...`); `render(error, parser)` turns them into the
+command's (`--output /tmp/x: ...`, `pass --overwrite`, `pass --seed SEED`), the mapping read from the parser
+itself: each option's `dest` is the API parameter of the same name (`--max-shard-size` <-> `max_shard_size`), a
+`store_true` switch maps `name=True` to its flag, a `store_false` one `name=False`, and a positional argument is
+named by its value alone. `run_command` prints anything else without a traceback too (an `OSError` with its file, and, as a last
 resort, an internal error with its type), so that no traceback ever reaches a user.
 
 Interrupts: `install_interrupt_guard()` (called by importing this module as the first import of a command run
@@ -74,8 +74,8 @@ _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 def flag_names(parser: argparse.ArgumentParser | Mapping[str, str] | None) -> dict[str, str]:
     """API spelling -> command spelling, read from a parser (see the module docstring) or given as a dict.
 
-    Keys are parameter names (`output` -> `--output`; a positional -> "") or whole switch tokens
-    (`overwrite=True` -> `--overwrite`, `verify=False` -> `--no-verify`).
+    Keys are parameter names (`output` -> `--output`; a positional -> "") or whole tokens of a hint: switches
+    (`overwrite=True` -> `--overwrite`, `verify=False` -> `--no-verify`) and `name=...` -> `--flag METAVAR`.
     """
     if parser is None:
         return {}
@@ -95,6 +95,7 @@ def flag_names(parser: argparse.ArgumentParser | Mapping[str, str] | None) -> di
             names[f"{action.dest}=False"] = flag
         else:
             names.setdefault(action.dest, flag)
+            names.setdefault(f"{action.dest}=...", f"{flag} {action.metavar or action.dest.upper()}")
     return names
 
 
@@ -174,7 +175,7 @@ def run_command(body: Callable[[], int | None], parser: argparse.ArgumentParser 
     except RecursionError:
         print_error("the input nests too deeply to be read")
         return EXIT_ERROR
-    except Exception as e:  # noqa: BLE001 - the last resort: a bug, but still one line for the user
+    except Exception as e:  # the last resort: a bug, but still one line for the user
         where = _innermost_frame(e)
         print_error(f"internal error: {type(e).__name__}: {render(e, parser)}{where} (please report it; set "
                     "SPEECH_ENCDEC_TRACEBACK=1 to see the traceback)")
@@ -277,7 +278,7 @@ def interrupt_guard_active() -> bool:
     return _guard_installed
 
 
-def _ignore_in_main_thread(signum: int, frame: Any) -> None:  # noqa: ARG001
+def _ignore_in_main_thread(signum: int, frame: Any) -> None:
     """The Python-level handler: the watcher thread acts on the signal; the main thread goes on undisturbed."""
 
 

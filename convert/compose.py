@@ -29,7 +29,7 @@ import numpy as np
 from convert.checkpoint import Checkpoint
 from convert.composed import COMPOSE_REPORT, SpeechEncoderDecoderConfig
 from convert.configs import HFConfig, read_json
-from convert.errors import ConvertError, KeyMapError, UnsupportedConfig, bad_argument, with_param
+from convert.errors import ConvertError, KeyMapError, UnsupportedConfig, UsageError, bad_argument, with_param
 from convert.generation_settings import composed_generation_config, decoder_generation_config
 from convert.hub import resolve_source
 from convert.keymap import Entry, Plan
@@ -40,7 +40,7 @@ from convert.writing import TensorSpec, atomic_directory, check_output_location,
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 BUILTIN_SOURCES = ("the toolkit's built-in sources", BUILTIN_DIR)
-DEFAULT_FACTOR = 4.0  # = convert.verify.DEFAULT_FACTOR, which imports more than --help needs
+DEFAULT_FACTOR = 8.0  # = convert.verify.DEFAULT_FACTOR, which imports more than --help needs
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": None, "float16": np.dtype(np.float16)}
 REPORT_FILE = COMPOSE_REPORT
 # Files copied from the sources when present: the decoder's tokenizer, the encoder's feature extractor.
@@ -94,8 +94,13 @@ class Source:
 
 def resolve(spec: str, role: str, revision: str | None = None) -> tuple[Path, str | None, str | None]:
     """A built-in name, a local directory or a Hub repo id -> (local directory, repo id, revision)."""
+    if revision is not None and Path(spec).expanduser().is_dir():
+        raise bad_argument(f"{role}_revision", revision, f"applies to a Hub repo id, but {spec} is a local directory")
     if not Path(spec).exists():
         if spec in BUILTINS[role]:
+            if revision is not None:
+                raise bad_argument(f"{role}_revision", revision, f"applies to a Hub repo id, but {spec} is a "
+                                                                 f"built-in {role}")
             return BUILTIN_DIR / spec, None, None
         other = "decoder" if role == "encoder" else "encoder"
         if spec in BUILTINS[other]:
@@ -116,6 +121,8 @@ def open_source(spec: str, role: str, revision: str | None = None) -> Source:
         arch = spec_for(checkpoint.config, where, role=role)
         config = arch.config(checkpoint.config, where)
         config = arch.adapt_config(config, checkpoint)
+    except UsageError:
+        raise
     except ConvertError as e:
         raise with_param(e, role, spec) from None
     return Source(role, spec, Path(path), repo_id, resolved_revision, checkpoint, arch, config)
@@ -149,7 +156,7 @@ def compose_config(
     pad = _first(pad_token_id, dec.pad_token_id, eos)
     if start is None:
         raise UnsupportedConfig(f"decoder={decoder.spec}: no decoder_start_token_id or bos_token_id in its "
-                                "config; pass decoder_start_token_id", param="decoder")
+                                "config; pass decoder_start_token_id=...", param="decoder")
     raw = {"architectures": ["SpeechEncoderDecoderModel"], "model_type": "speech-encoder-decoder"}
     config = SpeechEncoderDecoderConfig(
         raw=raw, encoder=encoder.config, decoder=dec,
@@ -613,8 +620,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: Any, argv: Sequence[str] | None) -> int:
-    from convert.errors import UsageError
-
     if args.dry_run and not args.push_to_hub:
         raise UsageError("dry_run=True: needs push_to_hub", param="dry_run")
     if (args.private or args.commit_message is not None) and not args.push_to_hub:
