@@ -576,9 +576,10 @@ def check_output_location(target: str | Path, *, overwrite: bool = False, source
         refuse(f"cannot be created: no permission to write in {parent}", OutputError)
     if needed_bytes:
         try:
-            free = shutil.disk_usage(parent).free
+            usage = shutil.disk_usage(parent)
         except OSError:
-            free = None
+            usage = None
+        free = usage.free if usage is not None and usage.total else None  # /proc and the like report 0 of 0
         if free is not None and free < needed_bytes:
             refuse(f"needs {_size(needed_bytes)} but the disk holding {parent} has {_size(free)} free", OutputError)
     return resolved
@@ -669,7 +670,7 @@ def atomic_directory(target: str | Path, overwrite: bool = False, *, sources: Se
     check_output_location(target, overwrite=overwrite, sources=sources, param=param, needed_bytes=needed_bytes)
     received: list[str] = []
 
-    def on_signal(signum, frame):  # noqa: ARG001
+    def on_signal(signum, frame):
         received.append(signal.Signals(signum).name)
         raise _Interrupted(received[-1])
 
