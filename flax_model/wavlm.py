@@ -24,7 +24,12 @@ from flax import linen as nn
 from convert.archs.wavlm import WavLMConfig
 from flax_model.layers import layer_drop
 from flax_model.wav2vec2 import (
-    Attention, Encoder, FeedForward, Wav2Vec2Module, layer_norm, module_shapes,
+    Attention,
+    Encoder,
+    FeedForward,
+    Wav2Vec2Module,
+    layer_norm,
+    module_shapes,
 )
 
 

@@ -29,8 +29,8 @@ GOLDENS = json.loads((Path(__file__).parent / "goldens" / "spec_augment.json").r
 TOLERANCE = 1e-5
 # One fixture per encoder architecture; HuBERT's with the BatchNorm positional conv, which train mode changes.
 ENCODERS = ("w2v_group", "hubert_batch_norm", "wavlm_group", "d2v_audio")
-_NO_DROPOUT = dict(hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
-                   layerdrop=0.0)
+_NO_DROPOUT = {"hidden_dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0, "feat_proj_dropout": 0.0,
+                   "layerdrop": 0.0}
 
 
 def _mask(rows: list[str]) -> np.ndarray:

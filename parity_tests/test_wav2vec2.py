@@ -1,4 +1,6 @@
-"""wav2vec2 encoder: Flax vs the PyTorch reference, the key table both ways, loading and bad input."""
+"""wav2vec2 encoder: Flax vs the PyTorch reference, the key table both ways, loading and bad input; and the train
+mode of the modules the wav2vec2 family shares (HuBERT, WavLM, data2vec-audio too): dropout, LayerDrop,
+freeze_feature_encoder."""
 
 from __future__ import annotations
 
@@ -20,10 +22,14 @@ from convert.archs.wav2vec2 import Wav2Vec2Config
 from convert.checkpoint import Checkpoint
 from convert.errors import CheckpointError, KeyMapError, UnsupportedConfig
 from convert.keymap import plan_flax_to_torch, plan_torch_to_flax
+from convert.params import load_params
+from flax_model.registry import module_for
+from flax_model.speech_encoder_decoder import param_shapes
 from flax_model.wav2vec2 import Wav2Vec2Module, init_shapes
 from flax_model.wav2vec2 import feature_vector_mask as flax_feature_vector_mask
 from torch_reference import wav2vec2 as reference
 from torch_reference.registry import from_pretrained as reference_from_pretrained
+from torch_reference.registry import model_for
 
 CASES = ("w2v_group", "w2v_stable", "w2v_group_adapter", "w2v_stable_adapter", "w2v_bin", "w2v_bin_sharded",
          "w2v_sharded", "w2v_old_weightnorm", "w2v_ctc")
@@ -140,27 +146,112 @@ def test_wav2vec2_keymap_roundtrip_is_bit_exact(case, fixture_dir):
 # Training behaviour and loading
 
 
-def test_freeze_feature_encoder_stops_gradient_into_feature_extractor(fixture_dir):
-    config, params = _flax_params(fixture_dir("w2v_group"))
+# The wav2vec2 family shares these modules: one fixture per architecture (HuBERT's with the BatchNorm
+# positional conv, whose statistics train mode changes).
+FAMILY = ("w2v_group", "hubert_batch_norm", "wavlm_group", "d2v_audio")
+
+
+def _loaded(case: str, fixture_dir):
+    loaded = load_params(fixture_dir(case), param_shapes)
+    return loaded.config, loaded.params
+
+
+def _kept_layers(params: dict, kept: int) -> dict:
+    """The params with only the first `kept` transformer layers (for a config with that many layers)."""
+    layers = {k: v for k, v in params["encoder"]["layers"].items() if int(k) < kept}
+    encoder = {k: v for k, v in params["encoder"].items() if k != "layers"}
+    return {**params, "encoder": {**encoder, **({"layers": layers} if layers else {})}}
+
+
+def _train_fn(config):
+    module = module_for(config)
+    return jax.jit(lambda params, key, values, mask: module.apply(
+        {"params": params}, values, mask, deterministic=False, rngs={"dropout": key}))
+
+
+@pytest.mark.parametrize("case", FAMILY)
+def test_dropout_follows_the_key_and_layerdrop_one_skips_every_layer(case, fixture_dir):
+    """With LayerDrop 1.0 the train-mode output is that of the same model without its layers (WavLM keeps
+    layer 0, which transformers never drops), dropout included: same key, same output; another key, another."""
+    config, params = _loaded(case, fixture_dir)
+    config = config.replace(layerdrop=1.0, feat_proj_dropout=0.1, hidden_dropout=0.1)
+    kept = 1 if config.MODEL_TYPES[0] == "wavlm" else 0
     values, mask = _batch()
-    module = Wav2Vec2Module(config)
+    dropped = _train_fn(config)
+    first = np.asarray(dropped(params, jax.random.key(1), values, mask))
+    again = np.asarray(dropped(params, jax.random.key(1), values, mask))
+    other = np.asarray(dropped(params, jax.random.key(2), values, mask))
+    assert np.array_equal(first, again), "the same key gave another output"
+    assert float(np.max(np.abs(first - other))) > 1e-3, "another key gave the same output"
+    without = np.asarray(_train_fn(config.replace(num_hidden_layers=kept))(
+        _kept_layers(params, kept), jax.random.key(1), values, mask))
+    err = float(np.max(np.abs(first - without)))
+    assert err <= TOLERANCE, f"{case}: LayerDrop 1.0 vs a model with {kept} layer(s): max|diff|={err:.2e}"
 
-    @functools.partial(jax.jit, static_argnums=1)
-    def grads(params, freeze):
-        def loss(params):
-            return jnp.sum(module.apply({"params": params}, values, mask, freeze_feature_encoder=freeze) ** 2)
-        return jax.grad(loss)(params)
 
-    frozen = traverse_util.flatten_dict(grads(params, True), sep="/")
-    free = traverse_util.flatten_dict(grads(params, False), sep="/")
-    for path, grad in frozen.items():
-        if path == "masked_spec_embed":
-            continue  # SpecAugment only; no gradient in either mode
-        if path.startswith("feature_extractor/"):
+def test_layerdrop_draws_a_new_subset_of_layers_per_key(fixture_dir):
+    config, params = _loaded("w2v_group", fixture_dir)
+    config = config.replace(layerdrop=0.5, hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+    values, mask = _batch()
+    run = _train_fn(config)
+    outputs = [np.asarray(run(params, jax.random.key(k), values, mask)) for k in range(8)]
+    distinct = {np.round(o, 4).tobytes() for o in outputs}
+    # Two layers make at most four subsets; eight keys drawing the same one would mean one draw for all.
+    assert 2 <= len(distinct) <= 4, f"{len(distinct)} distinct outputs over 8 keys"
+
+
+@pytest.mark.parametrize("case", FAMILY)
+def test_freeze_feature_encoder_gives_exactly_zero_gradient_to_the_conv_feature_encoder(case, fixture_dir):
+    config, params = _loaded(case, fixture_dir)
+    values, mask = _batch()
+    frames = config.output_lengths(values.shape[1], add_adapter=False)
+    time = np.zeros((len(values), frames), bool)
+    time[:, 2:6] = True  # so that masked_spec_embed takes part
+    module = module_for(config)
+    flat = traverse_util.flatten_dict(params, sep="/")
+    floats = {k: v for k, v in flat.items() if np.issubdtype(v.dtype, np.floating)}  # not BatchNorm's counter
+
+    def loss(floats):
+        tree = traverse_util.unflatten_dict({**flat, **floats}, sep="/")
+        out = module.apply({"params": tree}, values, mask, freeze_feature_encoder=True, mask_time_indices=time)
+        return jnp.sum(out ** 2)
+
+    grads = jax.jit(jax.grad(loss))(floats)
+    frozen = [k for k in grads if k.startswith("feature_extractor/")]
+    assert frozen and all(k.startswith("feature_extractor/conv_layers/") for k in frozen)
+    for path, grad in grads.items():
+        if path in frozen:
             assert not np.any(np.asarray(grad)), f"{path} has a gradient despite freeze_feature_encoder"
-            assert np.any(np.asarray(free[path])), f"{path} has no gradient even unfrozen"
         else:
             assert np.any(np.asarray(grad)), f"{path} has no gradient"
+
+
+@pytest.mark.parametrize("case", FAMILY)
+def test_reference_train_mode_layerdrop_and_freeze_feature_encoder(case, fixture_dir):
+    """The reference in `.train()`: LayerDrop 1.0 equals the model without its layers (WavLM keeps layer 0);
+    `freeze_feature_encoder()` leaves the conv feature encoder without gradient and the rest with one."""
+    model, _ = reference_from_pretrained(fixture_dir(case))
+    kept = 1 if model.config.MODEL_TYPES[0] == "wavlm" else 0
+    config = model.config.replace(layerdrop=1.0, hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+                                  feat_proj_dropout=0.0)
+    state = model.state_dict()
+    dropped = model_for(config)
+    dropped.load_state_dict(state)
+    fewer = model_for(config.replace(num_hidden_layers=kept))
+    fewer.load_state_dict({k: v for k, v in state.items()
+                           if not k.startswith("encoder.layers.") or int(k.split(".")[2]) < kept})
+    values, mask = (torch.from_numpy(a) for a in _batch())
+    with torch.no_grad():
+        err = float((dropped.train()(values, mask) - fewer.train()(values, mask)).abs().max())
+    assert err <= TOLERANCE, f"{case}: max|diff|={err:.2e}"
+
+    model.train().freeze_feature_encoder()
+    model(values, mask).square().sum().backward()
+    for name, param in model.named_parameters():
+        if name.startswith("feature_extractor."):
+            assert param.grad is None and not param.requires_grad, name
+        elif name != "masked_spec_embed":  # used only with a time mask
+            assert param.grad is not None and bool(param.grad.abs().sum() > 0), f"{name} has no gradient"
 
 
 def test_ctc_checkpoint_reports_dropped_heads_by_name(fixture_dir):
@@ -290,11 +381,12 @@ def test_corrupt_safetensors_header_is_refused(fixture_dir, tmp_path):
 def test_unsupported_model_type_is_refused_with_supported_list(fixture_dir, tmp_path):
     directory = _copy(fixture_dir, "w2v_group", tmp_path)
     config = json.loads((directory / "config.json").read_text())
-    (directory / "config.json").write_text(json.dumps({**config, "model_type": "hubert"}))
+    (directory / "config.json").write_text(json.dumps({**config, "model_type": "speecht5"}))
     with pytest.raises(UnsupportedConfig) as error:
         reference_from_pretrained(directory)
     message = _one_line(error)
-    assert str(directory / "config.json") in message and "'hubert'" in message and "supported: wav2vec2" in message
+    assert str(directory / "config.json") in message and "'speecht5'" in message
+    assert "supported: wav2vec2, hubert, wavlm, data2vec-audio" in message
 
 
 def test_tensor_shape_not_matching_config_is_refused(fixture_dir, tmp_path):

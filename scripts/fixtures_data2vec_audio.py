@@ -67,7 +67,7 @@ HF_DEFAULTS: dict[str, Any] = {
 }
 
 # wav2vec2's tiny model without the layout fields data2vec-audio does not have; two positional convs.
-_TINY = {**{k: v for k, v in GROUP.items() if k not in ("feat_extract_norm", "do_stable_layer_norm")},
+TINY = {**{k: v for k, v in GROUP.items() if k not in ("feat_extract_norm", "do_stable_layer_norm")},
          "num_conv_pos_embeddings": 2, "conv_pos_kernel_size": 6, "conv_bias": True, "layer_norm_eps": 1e-4}
 
 
@@ -81,13 +81,13 @@ def _case(fields: dict[str, Any], seed: int, **save: Any) -> Callable[[Path], Pa
 
 
 CASES: dict[str, Callable[[Path], object]] = {
-    "d2v_audio": _case(_TINY, seed=41),
-    "d2v_audio_odd_kernel": _case({**_TINY, "num_conv_pos_embeddings": 3, "conv_pos_kernel_size": 5,
+    "d2v_audio": _case(TINY, seed=41),
+    "d2v_audio_odd_kernel": _case({**TINY, "num_conv_pos_embeddings": 3, "conv_pos_kernel_size": 5,
                                    "mask_time_prob": 0.0, "hidden_act": "gelu_new"}, seed=42),
-    "d2v_audio_adapter": _case({**_TINY, "add_adapter": True, "output_hidden_size": 48, "num_adapter_layers": 2},
+    "d2v_audio_adapter": _case({**TINY, "add_adapter": True, "output_hidden_size": 48, "num_adapter_layers": 2},
                                seed=43),
     "d2v_audio_ctc_bin": task_case(Data2VecAudioModel, Data2VecAudioConfig, HF_DEFAULTS,
-                                   {**_TINY, "architectures": ["Data2VecAudioForCTC"]}, seed=44,
+                                   {**TINY, "architectures": ["Data2VecAudioForCTC"]}, seed=44,
                                    prefix="data2vec_audio",
                                    heads={"lm_head.weight": (32, 32), "lm_head.bias": (32,)}, fmt="bin"),
 }

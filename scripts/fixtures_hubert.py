@@ -64,8 +64,8 @@ HF_DEFAULTS: dict[str, Any] = {
 }
 
 _WAV2VEC2_ONLY = ("output_hidden_size",)
-_GROUP = {k: v for k, v in GROUP.items() if k not in _WAV2VEC2_ONLY}
-_STABLE = {k: v for k, v in STABLE.items() if k not in _WAV2VEC2_ONLY}
+TINY_GROUP = {k: v for k, v in GROUP.items() if k not in _WAV2VEC2_ONLY}
+TINY_STABLE = {k: v for k, v in STABLE.items() if k not in _WAV2VEC2_ONLY}
 
 
 def hf_config(**fields: Any) -> dict[str, Any]:
@@ -78,14 +78,15 @@ def _case(fields: dict[str, Any], seed: int, **save: Any) -> Callable[[Path], Pa
 
 
 CASES: dict[str, Callable[[Path], object]] = {
-    "hubert_group": _case(_GROUP, seed=21),
+    "hubert_group": _case(TINY_GROUP, seed=21),
     # hubert-large's layout, without the projection's layer norm; an odd positional kernel.
-    "hubert_stable": _case({**_STABLE, "feat_proj_layer_norm": False, "num_conv_pos_embeddings": 15}, seed=22),
-    "hubert_batch_norm": _case({**_GROUP, "conv_pos_batch_norm": True, "mask_feature_prob": 0.1}, seed=23),
+    "hubert_stable": _case({**TINY_STABLE, "feat_proj_layer_norm": False, "num_conv_pos_embeddings": 15},
+                           seed=22),
+    "hubert_batch_norm": _case({**TINY_GROUP, "conv_pos_batch_norm": True, "mask_feature_prob": 0.1}, seed=23),
     "hubert_ctc_bin": task_case(HubertModel, HubertConfig, HF_DEFAULTS,
-                                {**_GROUP, "architectures": ["HubertForCTC"]}, seed=24, prefix="hubert",
+                                {**TINY_GROUP, "architectures": ["HubertForCTC"]}, seed=24, prefix="hubert",
                                 heads={"lm_head.weight": (32, 32), "lm_head.bias": (32,)}, fmt="bin"),
-    "hubert_old_weightnorm": _case(_STABLE, seed=25, rename=WEIGHT_NORM_OLD_NAMES),
+    "hubert_old_weightnorm": _case(TINY_STABLE, seed=25, rename=WEIGHT_NORM_OLD_NAMES),
 }
 
 # The cases parity_tests/test_pairs.py composes with every decoder (DESIGN.md, "Adding an architecture").

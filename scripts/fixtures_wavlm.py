@@ -80,8 +80,8 @@ HF_DEFAULTS: dict[str, Any] = {
     "xvector_output_dim": 512,
 }
 
-_GROUP = {**GROUP, "num_buckets": 16, "max_bucket_distance": 20}
-_STABLE = {**STABLE, "num_buckets": 12, "max_bucket_distance": 30}
+TINY_GROUP = {**GROUP, "num_buckets": 16, "max_bucket_distance": 20}
+TINY_STABLE = {**STABLE, "num_buckets": 12, "max_bucket_distance": 30}
 
 
 def hf_config(**fields: Any) -> dict[str, Any]:
@@ -94,14 +94,14 @@ def _case(fields: dict[str, Any], seed: int, **save: Any) -> Callable[[Path], Pa
 
 
 CASES: dict[str, Callable[[Path], object]] = {
-    "wavlm_group": _case(_GROUP, seed=31),
-    "wavlm_stable": _case(_STABLE, seed=32),
-    "wavlm_group_adapter": _case({**_GROUP, "add_adapter": True, "output_hidden_size": 48, "num_adapter_layers": 2},
-                                 seed=33),
-    "wavlm_ctc_bin": task_case(WavLMModel, WavLMConfig, HF_DEFAULTS, {**_GROUP, "architectures": ["WavLMForCTC"]},
-                               seed=34, prefix="wavlm", heads={"lm_head.weight": (32, 32), "lm_head.bias": (32,)},
+    "wavlm_group": _case(TINY_GROUP, seed=31),
+    "wavlm_stable": _case(TINY_STABLE, seed=32),
+    "wavlm_group_adapter": _case({**TINY_GROUP, "add_adapter": True, "output_hidden_size": 48,
+                                  "num_adapter_layers": 2}, seed=33),
+    "wavlm_ctc_bin": task_case(WavLMModel, WavLMConfig, HF_DEFAULTS,
+                               {**TINY_GROUP, "architectures": ["WavLMForCTC"]}, seed=34, prefix="wavlm", heads={"lm_head.weight": (32, 32), "lm_head.bias": (32,)},
                                fmt="bin"),
-    "wavlm_old_weightnorm": _case(_STABLE, seed=35, rename=WEIGHT_NORM_OLD_NAMES),
+    "wavlm_old_weightnorm": _case(TINY_STABLE, seed=35, rename=WEIGHT_NORM_OLD_NAMES),
 }
 
 # The cases parity_tests/test_pairs.py composes with every decoder (DESIGN.md, "Adding an architecture").

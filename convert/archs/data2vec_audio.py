@@ -14,7 +14,13 @@ import dataclasses
 from typing import ClassVar
 
 from convert.archs.wav2vec2 import (
-    ADAPTER_POSITIVE, ADAPTER_ROWS, FEATURE_ROWS, LAYER_ROWS, Wav2Vec2FamilyConfig, conv, family_source_rules,
+    ADAPTER_POSITIVE,
+    ADAPTER_ROWS,
+    FEATURE_ROWS,
+    LAYER_ROWS,
+    Wav2Vec2FamilyConfig,
+    conv,
+    family_source_rules,
     task_head_drops,
 )
 from convert.keymap import KeyMap, SourceRules

@@ -14,8 +14,15 @@ import dataclasses
 from typing import ClassVar
 
 from convert.archs.wav2vec2 import (
-    FEATURE_ROWS, LAYER_ROWS, WEIGHT_NORM_POS_CONV_ROWS, Wav2Vec2FamilyConfig, conv, family_source_rules, norm,
-    task_head_drops, weight_norm_renames,
+    FEATURE_ROWS,
+    LAYER_ROWS,
+    WEIGHT_NORM_POS_CONV_ROWS,
+    Wav2Vec2FamilyConfig,
+    conv,
+    family_source_rules,
+    norm,
+    task_head_drops,
+    weight_norm_renames,
 )
 from convert.keymap import KeyMap, Rule, SourceRules, T
 from convert.spec import ArchSpec

@@ -239,8 +239,8 @@ def task_head_drops(model: str) -> tuple[tuple[str, str], ...]:
     return (
         (r"lm_head\.", f"CTC head of {model}ForCTC; {unused}"),
         (r"projector\.", f"classification head ({model}ForSequenceClassification/ForXVector); {unused}"),
-        (r"classifier\.", f"classification head ({model}ForSequenceClassification/ForAudioFrameClassification); "
-                          f"{unused}"),
+        (r"classifier\.", (f"classification head ({model}ForSequenceClassification/ForAudioFrameClassification); "
+                          f"{unused}")),
         (r"layer_weights\Z", f"weighted layer sum of a classification head; {unused}"),
         (r"tdnn\.", f"x-vector TDNN head of {model}ForXVector; {unused}"),
         (r"feature_extractor\.(weight|bias)\Z", f"x-vector projection of {model}ForXVector; {unused}"),

@@ -19,8 +19,18 @@ import dataclasses
 from typing import ClassVar
 
 from convert.archs.wav2vec2 import (
-    ADAPTER_POSITIVE, ADAPTER_ROWS, FEATURE_ROWS, FLAX_LAYER, LAYER, LAYER_ROWS, WEIGHT_NORM_POS_CONV_ROWS,
-    Wav2Vec2FamilyConfig, family_source_rules, linear, task_head_drops, weight_norm_renames,
+    ADAPTER_POSITIVE,
+    ADAPTER_ROWS,
+    FEATURE_ROWS,
+    FLAX_LAYER,
+    LAYER,
+    LAYER_ROWS,
+    WEIGHT_NORM_POS_CONV_ROWS,
+    Wav2Vec2FamilyConfig,
+    family_source_rules,
+    linear,
+    task_head_drops,
+    weight_norm_renames,
 )
 from convert.keymap import KeyMap, Rule, SourceRules, T
 from convert.spec import ArchSpec
