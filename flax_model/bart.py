@@ -9,7 +9,8 @@ Decoding uses an explicit `DecoderCache`: `init_cache` projects the cross-attent
 call writes the new self-attention keys/values at `cache.index` and returns the advanced cache.
 
 Training (`deterministic=False`, a "dropout" rng): `dropout`, `attention_dropout`, `activation_dropout`, and
-LayerDrop (`decoder_layerdrop`: one uniform draw per layer per call, `flax_model.layers.layer_drop`).
+LayerDrop (`decoder_layerdrop`: one uniform draw per layer per call, `flax_model.layers.layer_drop`). Lookups
+of the pad token pass no gradient to its embedding row, as torch's `padding_idx` in the reference.
 """
 
 from __future__ import annotations
@@ -231,7 +232,12 @@ class BartDecoder(nn.Module):
         if cache is not None:
             encoder_hidden_states = None  # cross-attention reads the keys/values projected at init_cache
 
-        hidden = self.embed_tokens(input_ids) * self.embed_scale
+        hidden = self.embed_tokens(input_ids)
+        if self.config.pad_token_id is not None:
+            # torch's padding_idx (transformers' BART embedding): pad lookups pass no gradient to their row.
+            pads = (input_ids == self.config.pad_token_id)[..., None]
+            hidden = jnp.where(pads, jax.lax.stop_gradient(hidden), hidden)
+        hidden = hidden * self.embed_scale
         hidden = hidden + self.embed_positions(positions + self.config.position_offset)[None]  # [B, T, D]
         hidden = self.dropout(self.layernorm_embedding(hidden), deterministic=deterministic)
         hidden, new_layers = self.layers(hidden, self_mask, encoder_hidden_states, cross_mask, cache, deterministic)

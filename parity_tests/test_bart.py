@@ -440,3 +440,33 @@ def test_layerdrop_draws_differ_per_key(loaded, inputs, skip_patterns):
             drawn.append(matches[0])
         assert drawn[0] == drawn[-1], f"{side}: the same key drew {drawn[0]} and {drawn[-1]}"
         assert len(set(drawn)) >= 3, f"{side}: 16 draws gave only {set(drawn)}"
+
+
+def test_gradients_match_the_reference_pad_rows_included(loaded, inputs):
+    """d(sum(logits * w))/d(params), pad tokens inside the rows: Flax equals the reference's autograd tensor by
+    tensor, and the untied embedding's pad row gets no gradient from the lookups (torch's padding_idx)."""
+    m = loaded("bart_untied")
+    pad = m.config.pad_token_id
+    batch = dict(inputs, input_ids=inputs["input_ids"].copy())
+    batch["input_ids"][:, 2] = pad
+    weights = np.random.default_rng(1).standard_normal((BATCH, LENGTH, m.config.vocab_size)).astype(np.float32)
+    module = BartForCausalLMModule(m.config)
+    grad = jax.jit(jax.grad(lambda p: (module.apply({"params": p}, **batch)[0] * weights).sum()))(m.params)
+    grads = traverse_util.flatten_dict(grad, sep="/")
+    model = torch_bart.BartForCausalLM(m.config).eval()
+    model.load_state_dict(m.torch_model.state_dict())
+    (model(**{k: torch.from_numpy(v) for k, v in batch.items()})[0] * torch.from_numpy(weights)).sum().backward()
+    expected = {k: p.grad.numpy() for k, p in model.named_parameters()}
+    # Gradients zero up to rounding (a k_proj bias shifts a row's scores alike) are held to the bound of a
+    # tensor a thousandth of the overall gradient's norm.
+    floor = 1e-3 * float(np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for g in expected.values())))
+    errors = {}
+    for key, want in expected.items():
+        path, transform = bart_keymap.KEYMAP.to_flax(key)
+        got = transform.to_torch(np.asarray(grads[path]))
+        errors[key] = float(np.linalg.norm(got - want)) / max(float(np.linalg.norm(want)), floor)
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= 1e-4, f"{worst}: relative |diff| {errors[worst]:.2e}"
+    embedding = np.asarray(grads["model/decoder/embed_tokens/embedding"])
+    assert not np.any(embedding[pad]) and not np.any(expected["model.decoder.embed_tokens.weight"][pad])
+    assert np.any(embedding[batch["input_ids"][0, 0]])
