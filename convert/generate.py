@@ -8,7 +8,9 @@ encoder's feature extractor would, and the model generates greedily or with beam
 command prints the token ids and, when DIR holds the decoder's `tokenizer.json`, the text.
 """
 
-from __future__ import annotations
+from __future__ import annotations  # noqa: I001 - convert.cli is imported first, on purpose
+
+from convert import cli  # first: run as `python -m`, a Ctrl-C from here on exits 130 with one line (convert.cli)
 
 import argparse
 import dataclasses
@@ -174,7 +176,7 @@ def print_transcriptions(results: Sequence[Transcription], as_json: bool, out: T
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(  # one-line usage errors, exit 2, defaults shown (convert.cli)
         prog="python -m convert.generate",
         description="Transcribe WAV files with a composed speech encoder-decoder (greedy or beam search).",
         epilog="Output: for each file, a line 'FILE<TAB>ids<TAB>ID ID ...' (the start token, the generated "
