@@ -494,3 +494,33 @@ def test_a_cache_needs_a_causal_decoder(fixture_dir):
     with pytest.raises(ValueError, match="is_decoder=False"):
         model.init_cache(BATCH, CACHE_LENGTH)
 
+
+
+def test_flax_msgpack_sources_are_read(fixture_dir, tmp_path):
+    """HF Flax files: a FlaxBertModel (no `bert/` level, a pooler) and a FlaxBertForPreTraining (next-sentence
+    head) of bert_lm's weights load to its leaves, the extra heads dropped with the reason."""
+    from flax.serialization import msgpack_serialize
+
+    config = json.loads((fixture_dir("bert_lm") / "config.json").read_text())
+    params = loaded(fixture_dir("bert_lm"))[1]["params"]
+    d = config["hidden_size"]
+    pooler = {"dense": {"kernel": np.ones((d, d), np.float32), "bias": np.zeros(d, np.float32)}}
+    pretraining = {"bert": dict(params["bert"], pooler=pooler),
+                   "cls": dict(params["cls"], seq_relationship={"kernel": np.ones((d, 2), np.float32),
+                                                                "bias": np.zeros(2, np.float32)})}
+    base_model = {**params["bert"], "pooler": pooler}
+    reference = traverse_util.flatten_dict(params, sep="/")
+    for name, tree, dropped in (("pretraining", pretraining, {"bert/pooler/", "cls/seq_relationship/"}),
+                                ("base", dict(base_model, cls=params["cls"]), {"pooler/"})):
+        directory = tmp_path / name
+        directory.mkdir()
+        (directory / "config.json").write_text(json.dumps(config))
+        (directory / "flax_model.msgpack").write_bytes(msgpack_serialize(jax.tree.map(np.asarray, tree)))
+        result = load_params(directory, param_shapes)
+        flat = traverse_util.flatten_dict(result.params, sep="/")
+        assert flat.keys() == reference.keys(), name
+        assert all(np.array_equal(flat[k], reference[k]) for k in reference), name
+        keys = [k for k, _ in result.plan.dropped]
+        assert all(any(k.startswith(p) for p in dropped) for k in keys), keys
+        assert all(any(k.startswith(p) for k in keys) for p in dropped), keys
+        assert all(why for _, why in result.plan.dropped)
