@@ -82,6 +82,7 @@ def check(
         directory = resolve_source(str(model), revision, what="model").path
     except ConvertError as e:
         raise with_param(e, "model", model) from None
+    _composed_config(directory)
     checks = [_files_check(directory, weights)]
     if not checks[0]["passed"]:
         return _result(model, directory, checks)
@@ -91,6 +92,15 @@ def check(
               "safetensors": (TORCH_FILES, TORCH_FILES)}[weights]
     checks.extend(_model_checks(directory, prefer, factor, audio, max_new_tokens, seed))
     return _result(model, directory, checks)
+
+
+def _composed_config(directory: Path) -> Any:
+    """The directory's composed config: anything else (a source checkpoint, a broken config) is refused here."""
+    from convert.composed import SpeechEncoderDecoderConfig
+    from convert.configs import read_json
+
+    path = directory / "config.json"
+    return SpeechEncoderDecoderConfig.from_hf_dict(read_json(path), str(path))
 
 
 def _result(model: str, directory: Path, checks: list[dict[str, Any]]) -> dict[str, Any]:

@@ -206,9 +206,18 @@ def _innermost_frame(e: BaseException) -> str:
     return f" (at {os.path.basename(tb.tb_frame.f_code.co_filename)}:{tb.tb_lineno})"
 
 
+def quiet_library_warnings() -> None:
+    """A command's stderr carries its own lines only: libraries' Python warnings (torch's unpickler, numpy's
+    casts) would add lines that say nothing about the user's input."""
+    import warnings
+
+    warnings.simplefilter("ignore")
+
+
 def run(main: Callable[[], int | None]) -> NoReturn:
     """`if __name__ == "__main__": cli.run(main)`: guards interrupts, runs `main()`, exits with its code."""
     install_interrupt_guard()
+    quiet_library_warnings()
     try:
         code = main()
         sys.stdout.flush()
@@ -425,3 +434,4 @@ def show_progress(requested: bool = True) -> bool:
 _main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
 if getattr(_main_spec, "name", "").startswith("convert.") and threading.current_thread() is threading.main_thread():
     install_interrupt_guard()
+    quiet_library_warnings()
