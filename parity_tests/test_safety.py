@@ -567,8 +567,8 @@ def test_save_pretrained_follows_the_output_rules(framework, ws, tmp_path, monke
 
 def _python_m(command: str, *args: str, cwd: Path = REPO, **kw) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", f"convert.{command}", *args], capture_output=True, text=True, check=False,
-                          cwd=cwd, env=env, timeout=300, **kw)
+    return subprocess.run([sys.executable, "-m", f"convert.{command}", *args], capture_output=True, text=True,
+                          check=False, cwd=cwd, env=env, timeout=300, **kw)
 
 
 @pytest.mark.parametrize("command, args, code", [
@@ -598,10 +598,11 @@ def test_help_shows_every_default(capsys):
 def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
     """A file size limit (what a full disk looks like to a writer): a write fails with EFBIG partway through."""
     out = tmp_path / "deep" / "out"
-    command = (f"trap '' XFSZ; ulimit -f 100; exec {sys.executable} -m convert.compose --encoder wav2vec2 --decoder bart "
-               f"--output {out} --no-verify")  # 100 blocks of 1 kB; SIGXFSZ ignored so that write() fails instead
-    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, cwd=REPO, timeout=300, check=False,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    # 100 blocks of 1 kB, SIGXFSZ ignored: a write past the limit fails with EFBIG instead of killing the process.
+    command = (f"trap '' XFSZ; ulimit -f 100; exec {sys.executable} -m convert.compose --encoder wav2vec2 "
+               f"--decoder bart --output {out} --no-verify")
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, cwd=REPO, timeout=300,
+                            check=False, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 1, result.stderr
     assert result.stderr.startswith(f"error: --output {out}: cannot be written (File too large") \
         and result.stderr.count("\n") == 1, result.stderr
