@@ -1,0 +1,258 @@
+"""Fidelity to Hugging Face transformers itself: our Flax model and our PyTorch reference against the goldens
+that scripts/make_goldens.py recorded with transformers 5 on the same fixtures (parity_tests/goldens/).
+
+The other parity tests compare our two implementations with each other, so a formula both share could be
+wrong in both; these compare each with transformers' numbers. transformers is not imported here.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from convert.composed import SpeechEncoderDecoderConfig
+from convert.params import load_params
+from flax_model import generation as flax_generation
+from flax_model import layers as flax_layers
+from flax_model import registry as flax_registry
+from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel, param_shapes
+from torch_reference import generation as torch_generation
+from torch_reference import layers as torch_layers
+from torch_reference import registry as torch_registry
+from torch_reference.speech_encoder_decoder import from_pretrained as torch_from_pretrained
+
+GOLDENS = Path(__file__).parent / "goldens"
+MANIFEST = json.loads((GOLDENS / "manifest.json").read_text())
+CASES: dict[str, dict[str, Any]] = MANIFEST["cases"]
+TOL = 1e-5
+TOL_SCORE = 1e-4
+REMAKE = "re-run scripts/make_goldens.py (see its docstring)"
+
+
+def cases(kind: str, needs: str | None = None) -> list[str]:
+    """The manifest's cases of one kind (`encoder`, `decoder`, `composed`); with `needs`, only those that
+    recorded that array."""
+    return [n for n, c in CASES.items() if c["kind"] == kind and (needs is None or needs in c.get("arrays", ()))]
+
+
+GENERATIONS = [(n, s) for n in cases("composed") for s in CASES[n]["generation"]]
+
+
+@functools.cache
+def golden(name: str) -> dict[str, np.ndarray]:
+    with np.load(GOLDENS / CASES[name]["file"]) as f:
+        return dict(f)
+
+
+@functools.cache
+def inputs(name: str) -> dict[str, np.ndarray]:
+    with np.load(GOLDENS / MANIFEST["inputs"][name]["file"]) as f:
+        return dict(f)
+
+
+def max_diff(a: Any, b: Any) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert a.shape == b.shape, f"shape {a.shape} vs transformers' {b.shape}"
+    return float(np.max(np.abs(a - b)))
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def tensors_digest(path: Path) -> str:
+    """The digest make_goldens.py records for a composed model: its tensors, not the file's layout."""
+    from safetensors.numpy import load_file
+
+    digest = hashlib.sha256()
+    for name, array in sorted(load_file(str(path)).items()):
+        digest.update(f"{name}|{array.dtype.str}|{list(array.shape)}|".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def checked_fixtures(name: str, fixture_dir: Callable[[str], Path]) -> dict[str, Path]:
+    """Builds the fixtures of a case and checks that they are the bytes the goldens were made from."""
+    dirs = {}
+    for fixture, files in CASES[name]["fixtures"].items():
+        directory = fixture_dir(fixture)
+        found = {p.name: sha256_file(p) for p in sorted(directory.iterdir()) if p.is_file()}
+        changed = sorted(f for f in found.keys() | files.keys() if found.get(f) != files.get(f))
+        assert not changed, f"fixture {fixture} changed since the goldens were made ({', '.join(changed)}): {REMAKE}"
+        dirs[fixture] = directory
+    return dirs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Single architectures
+
+
+@functools.cache
+def _jit_apply(config: Any) -> Callable:
+    """The Flax module's jitted `apply`, once per config: fixtures that share a config share a compilation."""
+    return jax.jit(flax_registry.module_for(config).apply)
+
+
+def load_both(directory: Path) -> tuple[Any, Callable, dict, Any]:
+    """(config, jitted Flax apply, Flax params, reference model) of a single-architecture checkpoint."""
+    loaded = load_params(directory, param_shapes)
+    reference, _ = torch_registry.from_pretrained(directory)
+    return loaded.config, _jit_apply(loaded.config), loaded.params, reference
+
+
+@pytest.mark.parametrize("name", cases("encoder"))
+def test_encoder_output_and_frames_match_transformers(name, fixture_dir):
+    directory = checked_fixtures(name, fixture_dir)[name]
+    config, apply, params, reference = load_both(directory)
+    batch, want = inputs(CASES[name]["settings"]["inputs"]), golden(name)
+    values, mask = batch["input_values"], batch["attention_mask"]
+
+    # Frame arithmetic first: a wrong length shows here before it shows as a shape mismatch below.
+    for add_adapter in (False, True):
+        got = np.asarray(config.output_lengths(batch["lengths"], add_adapter))
+        expected = want[f"lengths_{'with' if add_adapter else 'without'}_adapter"]
+        wrong = np.flatnonzero(got != expected)
+        assert wrong.size == 0, (f"{name}: output_lengths(add_adapter={add_adapter}) differs from transformers' for "
+                                f"{wrong.size} lengths, e.g. {batch['lengths'][wrong[0]]} samples: "
+                                f"{got[wrong[0]]} frames vs {expected[wrong[0]]}")
+    frames = want["frame_mask"].shape[1]
+    flax_mask = flax_layers.frame_mask(config, mask, frames)
+    torch_mask = torch_layers.frame_mask(config, torch.from_numpy(mask), frames)
+    np.testing.assert_array_equal(np.asarray(flax_mask), want["frame_mask"], err_msg=f"{name}: Flax frame mask")
+    np.testing.assert_array_equal(torch_mask.numpy(), want["frame_mask"], err_msg=f"{name}: reference frame mask")
+
+    flax_hidden = apply({"params": params}, values, mask)
+    with torch.no_grad():
+        torch_hidden = reference(torch.from_numpy(values), torch.from_numpy(mask)).numpy()
+    for who, hidden in (("Flax", flax_hidden), ("reference", torch_hidden)):
+        err = max_diff(hidden, want["last_hidden_state"])
+        assert err <= TOL, f"{name}: {who} last_hidden_state vs transformers: max|diff|={err:.2e}"
+
+
+@pytest.mark.parametrize("name", cases("decoder"))
+def test_decoder_logits_match_transformers(name, fixture_dir):
+    directory = checked_fixtures(name, fixture_dir)[name]
+    _, apply, params, reference = load_both(directory)
+    settings = CASES[name]["settings"]
+    batch = {k: v for k, v in inputs(settings["inputs"]).items() if k in settings["inputs_used"]}
+    flax_logits, _ = apply({"params": params}, **batch)
+    with torch.no_grad():
+        torch_logits, _ = reference(**{k: torch.from_numpy(v) for k, v in batch.items()})
+    for who, logits in (("Flax", flax_logits), ("reference", torch_logits.numpy())):
+        err = max_diff(logits, golden(name)["logits"])
+        assert err <= TOL, f"{name}: {who} logits vs transformers: max|diff|={err:.2e}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Composed models
+
+
+def checked_composition(name: str, fixture_dir: Callable[[str], Path], composed_dir: Callable[..., Path]) -> Path:
+    """Composes the pair of a case (session fixture) and checks that it holds the tensors the goldens saw."""
+    case = CASES[name]
+    checked_fixtures(name, fixture_dir)
+    directory = composed_dir(case["encoder"], case["decoder"], **case["settings"]["compose"])
+    assert tensors_digest(directory / "model.safetensors") == case["composed_tensors_sha256"], (
+        f"composing {case['encoder']} + {case['decoder']} gives other weights than when the goldens were made: "
+        f"{REMAKE}")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def composed(fixture_dir, composed_dir) -> Callable[[str], tuple[FlaxSpeechEncoderDecoderModel, Any]]:
+    """`composed(name)`: (Flax model, reference model) of a composed case, loaded once per module so that the
+    logits and generation tests share their compilations."""
+    loaded: dict[str, tuple[FlaxSpeechEncoderDecoderModel, Any]] = {}
+
+    def load(name: str) -> tuple[FlaxSpeechEncoderDecoderModel, Any]:
+        if name not in loaded:
+            directory = checked_composition(name, fixture_dir, composed_dir)
+            loaded[name] = FlaxSpeechEncoderDecoderModel.from_pretrained(directory), torch_from_pretrained(directory)[0]
+        return loaded[name]
+
+    return load
+
+
+def expected_loading_info(config: Any) -> dict[str, list]:
+    """What transformers' SpeechEncoderDecoderModel.from_pretrained should report for our output (README):
+    every key found, except
+    * a BART source's non-zero final_logits_bias, kept as `decoder.final_logits_bias`, for which
+      BartForCausalLM has no place;
+    * transformers sizes `enc_to_dec_proj` by the encoder's `hidden_size` though it projects the adapter's
+      `output_hidden_size` (transformers 5.24; its forward then fails): our [decoder width, output width]
+      weight is reported as mismatched when the two widths differ."""
+    info: dict[str, list] = {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+    if getattr(config.decoder, "lm_head_bias", False):
+        info["unexpected_keys"].append("decoder.final_logits_bias")
+    encoder_width, hidden = config.encoder.encoder_output_size, config.encoder.hidden_size
+    if config.has_projection and encoder_width != hidden:
+        width = config.decoder.hidden_size
+        info["mismatched_keys"].append(["enc_to_dec_proj.weight", [width, encoder_width], [width, hidden]])
+    return info
+
+
+@pytest.mark.parametrize("name", cases("composed"))
+def test_transformers_loads_composed_model_as_documented(name, fixture_dir, composed_dir):
+    directory = checked_composition(name, fixture_dir, composed_dir)
+    config = SpeechEncoderDecoderConfig.from_hf_dict(json.loads((directory / "config.json").read_text()))
+    assert CASES[name]["loading_info"] == expected_loading_info(config), name
+
+
+@pytest.mark.parametrize("name", cases("composed", needs="logits"))
+def test_composed_logits_match_transformers(name, composed):
+    flax_model, reference = composed(name)
+    batch, want = inputs(CASES[name]["settings"]["inputs"]), golden(name)
+    args = (batch["input_values"], batch["attention_mask"], batch["decoder_input_ids"], batch["decoder_attention_mask"])
+    flax_out = flax_model(*args)
+    with torch.no_grad():
+        torch_out = reference(*(torch.from_numpy(a) for a in args))
+    for who, out in (("Flax", flax_out), ("reference", torch_out)):
+        err = max_diff(np.asarray(out.logits), want["logits"])
+        wrong = np.argwhere(np.asarray(out.encoder_attention_mask) != want["encoder_frame_mask"]).tolist()
+        assert err <= TOL and not wrong, (f"{name}: {who} vs transformers: logits max|diff|={err:.2e}, encoder frame "
+                                          f"mask differs at [row, frame] {wrong}")
+
+
+def generate_options(generate: Callable, settings: dict[str, Any]) -> dict[str, Any]:
+    """The recorded settings as keyword arguments of one of our `generate` functions. A setting recorded as None
+    (unset: its processor off) is left out where that `generate` has no such parameter, for it then has no such
+    processor either; every other setting is passed, so one we do not implement fails loudly."""
+    parameters = inspect.signature(generate).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return dict(settings)
+    return {k: v for k, v in settings.items() if v is not None or k in parameters}
+
+
+def sequences_scores(out: Any) -> np.ndarray:
+    """The beam scores of a generate output: `sequences_scores` (transformers' name), else `scores`."""
+    scores = getattr(out, "sequences_scores", None)
+    scores = out.scores if scores is None else scores
+    return scores.numpy() if isinstance(scores, torch.Tensor) else np.asarray(scores)
+
+
+@pytest.mark.parametrize(("name", "setting"), GENERATIONS, ids=[f"{n}-{s}" for n, s in GENERATIONS])
+def test_generation_matches_transformers(name, setting, composed):
+    flax_model, reference = composed(name)
+    batch, want = inputs(CASES[name]["settings"]["inputs"]), golden(name)
+    settings = CASES[name]["generation"][setting]["settings"]  # every option transformers was given
+    values, mask = batch["input_values"], batch["attention_mask"]
+    flax_out = flax_model.generate(values, mask, **generate_options(flax_generation.generate, settings))
+    torch_out = reference.generate(torch.from_numpy(values), torch.from_numpy(mask),
+                                   **generate_options(torch_generation.generate, settings))
+    sequences = want[f"{setting}.sequences"]
+    for who, out in (("Flax", flax_out.sequences), ("reference", torch_out.sequences.numpy())):
+        np.testing.assert_array_equal(out, sequences, err_msg=f"{name} {setting}: {who} tokens vs transformers'")
+    if f"{setting}.sequences_scores" in want:
+        for who, out in (("Flax", flax_out), ("reference", torch_out)):
+            err = max_diff(sequences_scores(out), want[f"{setting}.sequences_scores"])
+            assert err <= TOL_SCORE, f"{name} {setting}: {who} beam scores vs transformers: max|diff|={err:.2e}"

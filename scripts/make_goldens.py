@@ -1,0 +1,543 @@
+"""Golden values from Hugging Face transformers itself, computed on our seeded fixtures (parity_tests/goldens/).
+
+Every other test compares our Flax model with our own PyTorch reference, so a formula that both share (the
+adapter's frame arithmetic, a layer-norm eps, a mask rule) could be wrong in both and still pass. These
+goldens are what transformers' own classes compute on the same checkpoint files; `parity_tests/test_goldens.py`
+checks both of our implementations against them without importing transformers.
+
+Run it in an environment of its own (transformers is never a dependency of the package or of its tests):
+
+    python -m venv /tmp/goldens-env && . /tmp/goldens-env/bin/activate
+    pip install -c constraints.txt -e . transformers==5.24.0
+    python scripts/make_goldens.py [--only NAME ...] [--out parity_tests/goldens]
+
+`--only` regenerates the named cases (a fixture name such as `w2v_group`, or a pair `w2v_group+mbart`) and
+keeps the others in the manifest. The fixtures are built into a temporary directory by
+`scripts.make_fixtures.build` (their bytes are deterministic for the pinned torch 2.13.0) and the pairs are
+composed there by `convert.compose.compose`.
+
+What is written:
+    manifest.json        every case: its fixtures and the sha256 of each of their files (the composed pairs also
+                         the digest of the composed tensors), what transformers reported when loading (missing,
+                         unexpected, mismatched keys), the transformers class, the settings used, the versions
+                         of transformers / torch / numpy, and the `.npz` file holding its arrays.
+    inputs_<set>.npz     the seeded inputs every case of that set was run on (stored, not only re-derivable).
+    <case>.npz           float32 outputs (hidden states, logits, beam scores) and integer ones (lengths, masks,
+                         tokens), compressed.
+
+Adding cases (rows of the tables below, nothing else):
+    * a new architecture (HuBERT, WavLM, data2vec-audio, BERT, RoBERTa, ...): a row in ARCHITECTURES keyed by
+      the `architectures[0]` its fixtures' config.json names: the transformers class that loads them and the
+      recorder (`record_speech_encoder` for speech encoders, `record_causal_lm` for decoders; a new kind of
+      model gets a new recorder and a matching comparison in test_goldens.py). Every fixture of
+      `scripts.make_fixtures.CASES` whose architecture has a row is then covered, except those in
+      SKIPPED_FIXTURES.
+    * a new composed pair: a row in PAIRS.
+    * a new generation setting (forced BOS/EOS, no_repeat_ngram_size, repetition_penalty, several eos ids,
+      ...): a row in GENERATION; list its name in the `generate` field of the pairs it should run on. The row's
+      settings are passed verbatim both to transformers' GenerationConfig and, by the test, to our two
+      `generate` functions as keyword arguments, so a setting we do not implement fails loudly. Sampling
+      cannot give equal tokens across two RNGs: cover it by recording the processed scores instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import io
+import json
+import sys
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+GOLDENS_DIR = Path(__file__).resolve().parent.parent / "parity_tests" / "goldens"
+MANIFEST = "manifest.json"
+FORMAT = 1
+FIXTURE_TORCH = "2.13.0"  # the seeded fixtures are bit-for-bit those of this torch (constraints.txt)
+
+# transformers' eager attention: the plain softmax(QK^T)V that our code writes out too.
+ATTN_IMPLEMENTATION = "eager"
+
+# ----------------------------------------------------------------------------------------------------------
+# Inputs: seeded padded batches of 2, stored with the goldens.
+
+
+def audio_inputs() -> dict[str, np.ndarray]:
+    """Two utterances of noise, the second 65% as long (zeros, then padding), and a grid of input lengths."""
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal((2, 800)).astype(np.float32)
+    mask = np.ones((2, 800), np.int32)
+    values[1, 520:], mask[1, 520:] = 0.0, 0
+    # Short lengths near the first frames (where rounding goes wrong first) and a spread of longer ones.
+    lengths = np.unique(np.concatenate([np.arange(20, 120), rng.integers(120, 50_000, 60)])).astype(np.int32)
+    return {"input_values": values, "attention_mask": mask, "lengths": lengths}
+
+
+def text_inputs() -> dict[str, np.ndarray]:
+    """Decoder ids with row 1 right-padded, and an encoder output (width 32) with row 0 right-padded."""
+    rng = np.random.default_rng(1)
+    mask = np.ones((2, 8), np.int32)
+    mask[1, 6:] = 0
+    encoder_mask = np.ones((2, 10), np.int32)
+    encoder_mask[0, 7:] = 0
+    return {
+        "input_ids": rng.integers(0, 96, (2, 8)).astype(np.int32),
+        "attention_mask": mask,
+        "encoder_hidden_states": rng.standard_normal((2, 10, 32)).astype(np.float32),
+        "encoder_attention_mask": encoder_mask,
+    }
+
+
+def speech_inputs() -> dict[str, np.ndarray]:
+    """The batch of parity_tests/test_generation.py (whose eos ids give non-trivial generations) and decoder ids
+    with row 1 right-padded."""
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal((2, 4000)).astype(np.float32)
+    mask = np.ones((2, 4000), np.int32)
+    values[1, 2600:], mask[1, 2600:] = 0.0, 0
+    ids = np.random.default_rng(1).integers(0, 96, (2, 8)).astype(np.int32)
+    decoder_mask = np.ones((2, 8), np.int32)
+    decoder_mask[1, 6:] = 0
+    return {"input_values": values, "attention_mask": mask, "decoder_input_ids": ids,
+            "decoder_attention_mask": decoder_mask}
+
+
+INPUT_SETS: dict[str, Callable[[], dict[str, np.ndarray]]] = {
+    "audio": audio_inputs,
+    "text": text_inputs,
+    "speech": speech_inputs,
+}
+
+# ----------------------------------------------------------------------------------------------------------
+# Recorders: what transformers computes for one loaded model.
+
+
+def record_speech_encoder(model: Any, inputs: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """last_hidden_state (after any adapter), the frame mask transformers derives for it, and the output lengths
+    of the length grid with and without the adapter."""
+    import torch
+
+    values, mask = torch.from_numpy(inputs["input_values"]), torch.from_numpy(inputs["attention_mask"])
+    hidden = model(values, attention_mask=mask).last_hidden_state
+    lengths = torch.from_numpy(inputs["lengths"]).long()
+    return {
+        "last_hidden_state": hidden.numpy(),
+        "frame_mask": model._get_feature_vector_attention_mask(hidden.shape[1], mask).numpy(),
+        "lengths_without_adapter": model._get_feat_extract_output_lengths(lengths, add_adapter=False).numpy(),
+        "lengths_with_adapter": model._get_feat_extract_output_lengths(lengths, add_adapter=True).numpy(),
+    }, ["input_values", "attention_mask", "lengths"]
+
+
+def record_causal_lm(model: Any, inputs: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Logits of a padded batch; with the (padded) encoder output when the decoder cross-attends (BART's
+    always do; GPT-2's with add_cross_attention)."""
+    import torch
+
+    used = ["input_ids", "attention_mask"]
+    if model.config.model_type in ("bart", "mbart") or getattr(model.config, "add_cross_attention", False):
+        used += ["encoder_hidden_states", "encoder_attention_mask"]
+    t = {k: torch.from_numpy(inputs[k]) for k in used}
+    t["input_ids"] = t["input_ids"].long()
+    return {"logits": model(**t, use_cache=False).logits.numpy()}, used
+
+
+def record_seq2seq_decoder(model: Any, inputs: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """A text encoder-decoder (BartForConditionalGeneration) run as a decoder: the given encoder output replaces
+    its text encoder's, so the logits are those of its decoder and LM head (final_logits_bias included)."""
+    import torch
+    from transformers.modeling_outputs import BaseModelOutput
+
+    t = {k: torch.from_numpy(v) for k, v in inputs.items()}
+    logits = model(encoder_outputs=BaseModelOutput(last_hidden_state=t["encoder_hidden_states"]),
+                   attention_mask=t["encoder_attention_mask"], decoder_input_ids=t["input_ids"].long(),
+                   decoder_attention_mask=t["attention_mask"], use_cache=False).logits
+    return {"logits": logits.numpy()}, ["input_ids", "attention_mask", "encoder_hidden_states", "encoder_attention_mask"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """How transformers loads the fixtures of one `architectures[0]` and what is recorded of them.
+
+    Attributes:
+        transformers_class: the class in `transformers` that loads the checkpoint.
+        kind: "encoder" or "decoder": which of our models the test compares (and how).
+        record: the recorder (transformers model, inputs) -> (arrays, names of the inputs it used: the test
+            feeds our models exactly those).
+        inputs: the name of the input set in INPUT_SETS.
+    """
+
+    transformers_class: str
+    kind: str
+    record: Callable[[Any, Mapping[str, np.ndarray]], tuple[dict[str, np.ndarray], list[str]]]
+    inputs: str
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "Wav2Vec2Model": Architecture("Wav2Vec2Model", "encoder", record_speech_encoder, "audio"),
+    # A CTC checkpoint holds the encoder under `wav2vec2.`; transformers drops the head as we do.
+    "Wav2Vec2ForCTC": Architecture("Wav2Vec2Model", "encoder", record_speech_encoder, "audio"),
+    "BartForCausalLM": Architecture("BartForCausalLM", "decoder", record_causal_lm, "text"),
+    # BartForCausalLM would leave transformers 5's shared-only files' embeddings random and drop the
+    # final_logits_bias: the class these checkpoints were written by reads them whole.
+    "BartForConditionalGeneration": Architecture("BartForConditionalGeneration", "decoder", record_seq2seq_decoder,
+                                                 "text"),
+    "MBartForCausalLM": Architecture("MBartForCausalLM", "decoder", record_causal_lm, "text"),
+    "GPT2LMHeadModel": Architecture("GPT2LMHeadModel", "decoder", record_causal_lm, "text"),
+    "GPT2Model": Architecture("GPT2LMHeadModel", "decoder", record_causal_lm, "text"),
+}
+
+# Fixtures of a covered architecture that get no golden of their own, and why.
+SKIPPED_FIXTURES: dict[str, str] = {
+    "w2v_bin": "a w2v_group-shaped model in pytorch_model.bin: a file-format variant (checkpoint tests cover it)",
+    "w2v_sharded": "a w2v_group-shaped model in safetensors shards: a file-format variant",
+    "w2v_bin_sharded": "a w2v_group-shaped model in .bin shards: a file-format variant",
+}
+
+# ----------------------------------------------------------------------------------------------------------
+# Composed pairs and generation settings.
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    """A fixture pair composed with `convert.compose.compose` and loaded by `SpeechEncoderDecoderModel`.
+
+    Attributes:
+        encoder, decoder: fixture names.
+        logits: record the logits of the padded batch (only when transformers loaded every weight).
+        generate: names of GENERATION rows to run.
+        eos_token_id: the eos id for generation (from parity_tests/test_generation.py: non-trivial outputs).
+        contiguous_encoder_output: hand the decoder a contiguous copy of the encoder output. transformers'
+            GPT-2 cross-attention `.view`s it, which fails on the wav2vec2 adapter's transposed output, so
+            `SpeechEncoderDecoderModel` cannot run adapter x GPT-2 without a projection in between. The copy
+            changes no value.
+        why: what the pair covers.
+    """
+
+    encoder: str
+    decoder: str
+    why: str
+    logits: bool = True
+    generate: tuple[str, ...] = ()
+    eos_token_id: int | None = None
+    contiguous_encoder_output: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.encoder}+{self.decoder}"
+
+
+PAIRS: tuple[Pair, ...] = (
+    Pair("w2v_stable_adapter", "bart_untied", "adapter x BART; greedy row 0 ends with eos, row 1 hits the cap",
+         generate=("greedy", "beam4", "beam4_never_lp2"), eos_token_id=51),
+    Pair("w2v_stable_wide", "gpt2_untied", "no adapter x GPT-2, enc_to_dec_proj, cross-attention initialised by "
+         "compose"),
+    Pair("w2v_stable_wide", "gpt2_xattn_untied", "GPT-2 whose source cross-attention steers the tokens",
+         generate=("greedy", "beam4"), eos_token_id=33),
+    Pair("w2v_group", "mbart", "no adapter (group norm) x mBART"),
+    Pair("w2v_stable_adapter", "mbart", "adapter x mBART"),
+    Pair("w2v_stable_adapter", "gpt2_xattn", "adapter x GPT-2 (tied head, no projection)",
+         contiguous_encoder_output=True),
+    Pair("w2v_group", "bart_cg_tf5", "no adapter x BART from transformers 5's shared-only file"),
+    Pair("w2v_group", "bart_bias", "a non-zero final_logits_bias: BartForCausalLM has no place for it",
+         logits=False),
+    Pair("w2v_group_adapter", "bart_causal", "an adapter whose output_hidden_size (48) differs from hidden_size "
+         "(32): transformers sizes enc_to_dec_proj from hidden_size", logits=False),
+)
+
+# What every generate call sets, so that nothing comes from a generation_config.json or from the decoder's
+# config: None unsets a setting (transformers' `generate(forced_bos_token_id=None)`), so BART's
+# forced_bos_token_id / forced_eos_token_id in config.json do not apply.
+GENERATION_BASE: dict[str, Any] = {"max_new_tokens": 24, "length_penalty": 1.0, "early_stopping": False,
+                                   "min_new_tokens": 0, "forced_bos_token_id": None, "forced_eos_token_id": None}
+GENERATION: dict[str, dict[str, Any]] = {
+    "greedy": {"num_beams": 1},
+    "beam4": {"num_beams": 4},
+    "beam4_never_lp2": {"num_beams": 4, "early_stopping": "never", "length_penalty": 2.0},
+}
+# transformers-only switches: plain search, outputs with sequences_scores. No cache: transformers 5.24 sizes
+# its DynamicCache by BART's `num_hidden_layers`, an alias of `encoder_layers` (1 in our fixtures, which have 2
+# decoder layers), and fails; without the cache every step recomputes the prefix, the same arithmetic.
+TRANSFORMERS_GENERATION: dict[str, Any] = {"do_sample": False, "use_cache": False, "return_dict_in_generate": True,
+                                           "output_scores": True}
+
+# ----------------------------------------------------------------------------------------------------------
+# Hashes
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fixture_hashes(directory: Path) -> dict[str, str]:
+    """sha256 of every file of a fixture directory (config and weights)."""
+    return {p.name: sha256_file(p) for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def tensors_digest(path: Path) -> str:
+    """sha256 over a safetensors file's tensors (name, dtype, shape, bytes; sorted by name): the values, not the
+    file layout."""
+    from safetensors.numpy import load_file
+
+    digest = hashlib.sha256()
+    for name, array in sorted(load_file(str(path)).items()):
+        digest.update(f"{name}|{array.dtype.str}|{list(array.shape)}|".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Making the goldens
+
+
+def loading_info(info: Mapping[str, Any]) -> dict[str, list]:
+    """transformers' loading report as sorted JSON lists."""
+    return {
+        "missing_keys": sorted(info.get("missing_keys", ())),
+        "unexpected_keys": sorted(info.get("unexpected_keys", ())),
+        "mismatched_keys": sorted([k, list(a), list(b)] for k, a, b in info.get("mismatched_keys", ())),
+        "error_msgs": list(info.get("error_msgs", ())),
+    }
+
+
+def versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    return {"transformers": transformers.__version__, "torch": torch.__version__, "numpy": np.__version__}
+
+
+def fixture_case(name: str, directory: Path, inputs: dict[str, dict[str, np.ndarray]]) -> tuple[dict, dict]:
+    """(manifest entry, arrays) of one single-architecture fixture."""
+    import torch
+    import transformers
+
+    config = json.loads((directory / "config.json").read_text())
+    architecture = config["architectures"][0]
+    row = ARCHITECTURES[architecture]
+    cls = getattr(transformers, row.transformers_class)
+    model, info = cls.from_pretrained(directory, output_loading_info=True, attn_implementation=ATTN_IMPLEMENTATION)
+    info = loading_info(info)
+    if info["missing_keys"] or info["mismatched_keys"] or info["error_msgs"]:
+        raise RuntimeError(f"{name}: transformers' {row.transformers_class} did not load every weight: {info}")
+    with torch.no_grad():
+        arrays, used = row.record(model.eval(), inputs[row.inputs])
+    entry = {
+        "kind": row.kind,
+        "fixtures": {name: fixture_hashes(directory)},
+        "architecture": architecture,
+        "model_type": config["model_type"],
+        "transformers_class": row.transformers_class,
+        "settings": {"inputs": row.inputs, "inputs_used": used, "attn_implementation": ATTN_IMPLEMENTATION,
+                     "record": row.record.__name__},
+        "loading_info": info,
+    }
+    return entry, arrays
+
+
+def generated_lengths(sequences: np.ndarray, eos: int) -> list[int]:
+    """Tokens each row generated after the start token: up to and including its first eos, else all."""
+    return [row.index(eos) + 1 if eos in row else len(row) for row in sequences[:, 1:].tolist()]
+
+
+def pair_case(pair: Pair, fixture_dirs: Mapping[str, Path], out: Path,
+              inputs: dict[str, dict[str, np.ndarray]]) -> tuple[dict, dict]:
+    """(manifest entry, arrays) of one composed pair."""
+    import torch
+    import transformers
+
+    from convert.compose import compose
+
+    compose_settings = {"seed": 0, "dtype": "float32"}
+    compose(str(fixture_dirs[pair.encoder]), str(fixture_dirs[pair.decoder]), out, verify=False, progress=False,
+            log=io.StringIO(), **compose_settings)
+    # ignore_mismatched_sizes: report a mismatch in the loading info instead of raising.
+    model, info = transformers.SpeechEncoderDecoderModel.from_pretrained(
+        out, output_loading_info=True, ignore_mismatched_sizes=True, attn_implementation=ATTN_IMPLEMENTATION)
+    model.eval()
+    if pair.contiguous_encoder_output:
+        model.encoder.register_forward_hook(_contiguous_last_hidden_state)
+    info = loading_info(info)
+    config = json.loads((out / "config.json").read_text())
+    entry: dict[str, Any] = {
+        "kind": "composed",
+        "fixtures": {n: fixture_hashes(fixture_dirs[n]) for n in (pair.encoder, pair.decoder)},
+        "encoder": pair.encoder,
+        "decoder": pair.decoder,
+        "why": pair.why,
+        "composed_tensors_sha256": tensors_digest(out / "model.safetensors"),
+        "transformers_class": "SpeechEncoderDecoderModel",
+        "settings": {"inputs": "speech", "attn_implementation": ATTN_IMPLEMENTATION, "compose": compose_settings,
+                     "use_cache": False, "contiguous_encoder_output": pair.contiguous_encoder_output},
+        "loading_info": info,
+        "generation": {},
+    }
+    arrays: dict[str, np.ndarray] = {}
+    if not pair.logits and not pair.generate:
+        return entry, arrays
+    if any(info.values()):
+        raise RuntimeError(f"{pair.name}: transformers did not load the composed model as written ({info}); "
+                           "record only the loading info for it (logits=False, no generate)")
+    batch = {k: torch.from_numpy(v) for k, v in inputs["speech"].items()}
+    with torch.no_grad():
+        if pair.logits:
+            # use_cache=False: see TRANSFORMERS_GENERATION.
+            arrays["logits"] = model(inputs=batch["input_values"], attention_mask=batch["attention_mask"],
+                                     decoder_input_ids=batch["decoder_input_ids"].long(),
+                                     decoder_attention_mask=batch["decoder_attention_mask"],
+                                     use_cache=False).logits.numpy()
+            hidden = model.encoder(batch["input_values"], attention_mask=batch["attention_mask"]).last_hidden_state
+            arrays["encoder_frame_mask"] = model.encoder._get_feature_vector_attention_mask(
+                hidden.shape[1], batch["attention_mask"]).numpy()
+        for setting in pair.generate:
+            ids = {"decoder_start_token_id": config["decoder_start_token_id"], "eos_token_id": pair.eos_token_id,
+                   "pad_token_id": config["pad_token_id"]}
+            ours = {**GENERATION_BASE, **GENERATION[setting], **ids}
+            # Keyword arguments over the model's generation config, as a user calls generate; what the
+            # arguments leave unset comes from config.json (`from_model_config`) as it does for our models.
+            result = model.generate(inputs=batch["input_values"], attention_mask=batch["attention_mask"],
+                                    **ours, **TRANSFORMERS_GENERATION)
+            sequences = result.sequences.numpy().astype(np.int32)
+            arrays[f"{setting}.sequences"] = sequences
+            scores = getattr(result, "sequences_scores", None)
+            if scores is not None:
+                arrays[f"{setting}.sequences_scores"] = scores.numpy().astype(np.float32)
+            lengths = generated_lengths(sequences, pair.eos_token_id)
+            entry["generation"][setting] = {
+                "settings": ours,
+                "transformers_only": TRANSFORMERS_GENERATION,
+                "generated_lengths": lengths,
+                "ended_with_eos": [pair.eos_token_id in row for row in sequences[:, 1:].tolist()],
+                "distinct_tokens": [len(set(row[:n])) for row, n in zip(sequences[:, 1:].tolist(), lengths)],
+            }
+            print(f"  {setting}: lengths {lengths}, eos {entry['generation'][setting]['ended_with_eos']}")
+    return entry, arrays
+
+
+def _contiguous_last_hidden_state(module: Any, args: Any, output: Any) -> Any:
+    output.last_hidden_state = output.last_hidden_state.contiguous()
+    return output
+
+
+def save_arrays(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """float arrays as float32, integer ones as int32, masks as bool; compressed."""
+    out = {}
+    for key, array in arrays.items():
+        array = np.asarray(array)
+        if array.dtype == np.bool_:
+            out[key] = array
+        elif np.issubdtype(array.dtype, np.floating):
+            out[key] = array.astype(np.float32)
+        else:
+            out[key] = array.astype(np.int32)
+    np.savez_compressed(path, **out)
+
+
+def fixture_names() -> list[str]:
+    """Every fixture but SKIPPED_FIXTURES (those whose architecture has no ARCHITECTURES row are passed over)."""
+    from scripts import make_fixtures
+
+    return [n for n in make_fixtures.CASES if n not in SKIPPED_FIXTURES]
+
+
+def make_goldens(out: Path, only: set[str] | None = None) -> dict:
+    """Builds the fixtures, runs transformers on them and writes the goldens to `out`; returns the manifest."""
+    import torch
+
+    from scripts import make_fixtures
+
+    if torch.__version__.split("+")[0] != FIXTURE_TORCH:
+        raise SystemExit(f"torch {torch.__version__}: the fixtures' bytes are those of torch {FIXTURE_TORCH} "
+                         "(constraints.txt); install it with `pip install -c constraints.txt ...`")
+    torch.manual_seed(0)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_path = out / MANIFEST
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    cases: dict[str, Any] = dict(manifest.get("cases", {}))
+    if not only:  # a full run writes its files anew: no golden of a case that left the tables stays behind
+        made = [c["file"] for c in cases.values() if c.get("file")] + [i["file"] for i in manifest.get("inputs", {}).values()]
+        for stale in made:
+            (out / stale).unlink(missing_ok=True)
+        cases = {}
+    inputs = {name: make() for name, make in INPUT_SETS.items()}
+    input_entries = {}
+    for name, arrays in inputs.items():
+        save_arrays(out / f"inputs_{name}.npz", arrays)
+        input_entries[name] = {"file": f"inputs_{name}.npz", "made_by": f"{INPUT_SETS[name].__name__}()",
+                               "shapes": {k: list(v.shape) for k, v in arrays.items()}}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        dirs: dict[str, Path] = {}
+
+        def fixture(name: str) -> Path:
+            if name not in dirs:
+                dirs[name] = make_fixtures.build(name, root / "fixtures")
+            return dirs[name]
+
+        for name in fixture_names():
+            directory = fixture(name)
+            architecture = json.loads((directory / "config.json").read_text())["architectures"][0]
+            if architecture not in ARCHITECTURES or (only and name not in only):
+                continue
+            print(f"{name}: {ARCHITECTURES[architecture].transformers_class}")
+            entry, arrays = fixture_case(name, directory, inputs)
+            cases[name] = _finish(entry, arrays, name, out)
+        for pair in PAIRS:
+            if only and pair.name not in only:
+                continue
+            print(f"{pair.name}: SpeechEncoderDecoderModel")
+            for name in (pair.encoder, pair.decoder):
+                fixture(name)
+            entry, arrays = pair_case(pair, dirs, root / "composed" / pair.name, inputs)
+            cases[pair.name] = _finish(entry, arrays, pair.name, out)
+    manifest = {
+        "format": FORMAT,
+        "made_by": "scripts/make_goldens.py",
+        "inputs": input_entries,
+        "skipped_fixtures": SKIPPED_FIXTURES,
+        "cases": dict(sorted(cases.items())),
+    }
+    manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def _finish(entry: dict, arrays: Mapping[str, np.ndarray], name: str, out: Path) -> dict:
+    entry["versions"] = versions()
+    if arrays:
+        entry["file"] = f"{name}.npz"
+        entry["arrays"] = sorted(arrays)
+        save_arrays(out / entry["file"], arrays)
+    else:
+        entry["file"] = None
+        (out / f"{name}.npz").unlink(missing_ok=True)
+    return entry
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="regenerate only these cases (fixture or pair names)")
+    parser.add_argument("--out", type=Path, default=GOLDENS_DIR, help="where the goldens go (default: %(default)s)")
+    args = parser.parse_args(argv)
+    known = set(fixture_names()) | {p.name for p in PAIRS}
+    unknown = sorted(set(args.only or ()) - known)
+    if unknown:
+        parser.error(f"unknown case(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    manifest = make_goldens(args.out, set(args.only) if args.only else None)
+    total = sum(p.stat().st_size for p in args.out.iterdir() if p.is_file())
+    print(f"{len(manifest['cases'])} cases in {args.out} ({total / 1000:.0f} kB)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
