@@ -1,0 +1,101 @@
+"""Every encoder composes with every decoder: each registered encoder's pair cases (its main fixture, and its
+adapter fixture where it has an adapter) with each registered decoder's main fixture, composed in-process.
+
+The pairs derive from the registry (`specs("encoder")` x `specs("decoder")`) and the fixture modules'
+`PAIR_CASES` (default: the first case of `CASES`; DESIGN.md, "Adding an architecture"), so that a newly
+registered architecture is paired with every architecture of the other role without an edit here. Each pair
+costs one jit compilation of the composed Flax module.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from convert.checkpoint import Checkpoint
+from convert.composed import composed_keymap
+from convert.registry import spec_for, specs
+from convert.verify import seeded_inputs
+from flax_model.speech_encoder_decoder import SpeechEncoderDecoderModule
+from torch_reference.speech_encoder_decoder import from_pretrained as torch_from_pretrained
+
+TOLERANCE = 1e-5
+
+
+def pair_cases(spec) -> tuple[str, ...]:
+    """The fixture cases of an architecture that take part in pairs: `PAIR_CASES`, else the first case."""
+    fixtures = importlib.import_module(spec.fixtures)
+    return tuple(getattr(fixtures, "PAIR_CASES", (next(iter(fixtures.CASES)),)))
+
+
+PAIRS = [(encoder, decoder) for encoder_spec in specs("encoder") for encoder in pair_cases(encoder_spec)
+         for decoder_spec in specs("decoder") for decoder in pair_cases(decoder_spec)]
+
+
+def test_every_registered_architecture_takes_part_in_pairs():
+    encoders = {spec_for_case(e) for e, _ in PAIRS}
+    decoders = {spec_for_case(d) for _, d in PAIRS}
+    assert encoders == {s.name for s in specs("encoder")} and decoders == {s.name for s in specs("decoder")}
+    assert len(PAIRS) == len({e for e, _ in PAIRS}) * len({d for _, d in PAIRS})
+
+
+def spec_for_case(case: str) -> str:
+    return next(s.name for s in specs() if case in importlib.import_module(s.fixtures).CASES)
+
+
+@pytest.mark.parametrize(("encoder", "decoder"), PAIRS, ids=[f"{e}+{d}" for e, d in PAIRS])
+def test_composed_pair_matches_reference_and_copies_every_weight_bit_exactly(encoder, decoder, composed_dir,
+                                                                          fixture_dir):
+    directory = composed_dir(encoder, decoder)
+    torch_model, _ = torch_from_pretrained(directory)
+    config = torch_model.config
+    flax_file = Checkpoint(directory, prefer=("flax_model.msgpack",))
+    torch_file = Checkpoint(directory)
+    assert flax_file.format == "flax" and torch_file.format == "safetensors"
+
+    # Every source tensor, under its canonical name, is in both output files unchanged.
+    to_torch = composed_keymap(config)
+    flax_by_key = {to_torch.to_torch(path)[0]: path for path in sorted(flax_file.keys())}
+    copied = 0
+    for role, case in (("encoder", encoder), ("decoder", decoder)):
+        source = Checkpoint(fixture_dir(case))
+        spec = spec_for(source.config, role=role)
+        part = spec.adapt_config(spec.config(source.config), source)
+        canonical, _ = spec.source_rules(part).canonicalize(source.keys())
+        tied = spec.tied_keys(part)
+        for name, key in canonical.items():
+            if name in tied:
+                continue
+            expected = source.get(key)
+            composed = f"{role}.{name}"
+            stored = torch_file.get(composed)
+            assert stored.dtype == expected.dtype and stored.tobytes() == expected.tobytes(), composed
+            path = flax_by_key[composed]
+            back = to_torch.to_torch(path)[1].to_torch(flax_file.get(path))
+            assert back.dtype == expected.dtype and back.tobytes() == expected.tobytes(), path
+            copied += 1
+    assert copied > 0
+
+    # Flax logits equal the reference's on a padded batch: one compilation of the composed module.
+    batch = seeded_inputs(config, seed=1, seconds=0.1)
+    params = {}
+    for path in sorted(flax_file.keys()):
+        node = params
+        *parents, leaf = path.split("/")
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = flax_file.get(path)
+    logits = jax.jit(SpeechEncoderDecoderModule(config).apply)(
+        {"params": params}, batch["inputs"], batch["attention_mask"], batch["decoder_input_ids"])
+    with torch.no_grad():
+        expected = torch_model(*(torch.from_numpy(batch[k]) for k in ("inputs", "attention_mask",
+                                                                          "decoder_input_ids"))).logits.numpy()
+    got = np.asarray(logits)
+    assert got.shape == expected.shape == (2, batch["decoder_input_ids"].shape[1], config.decoder.vocab_size)
+    err = float(np.max(np.abs(got - expected)))
+    assert err <= TOLERANCE, f"{encoder}+{decoder}: max|diff|={err:.2e}"
+    assert float(np.max(np.abs(expected[0] - expected[1]))) > 1e-3, "the two utterances gave the same logits"
