@@ -408,3 +408,92 @@ def test_one_layer_shape_trace_equals_the_full_trace(fixture_dir, decoder, layer
     full = traverse_util.flatten_dict(init_shapes(config, trace_every_layer=True), sep="/")
     assert fast == full
     assert f"encoder/encoder/layers/{layers[0] - 1}/attention/q_proj/kernel" in fast
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The verification judges float error (against a float64 run of the reference), and still catches a bug
+
+
+def _ill_conditioned_bart(fixture_dir, directory: Path, scale: float = 0.5) -> Path:
+    """bart_causal with every matrix redrawn at std `scale` (BART initialises at 0.02): logits of ~10."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(fixture_dir("bart_causal"), directory)
+    tensors = load_file(directory / "model.safetensors")
+    rng = np.random.default_rng(0)
+    for key, value in tensors.items():
+        if value.ndim >= 2:
+            tensors[key] = (rng.standard_normal(value.shape) * scale).astype(value.dtype)
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    return directory
+
+
+def test_verification_passes_an_ill_conditioned_decoder_and_fails_a_broken_weight(fixture_dir, tmp_path,
+                                                                                   monkeypatch):
+    from convert import verify
+
+    decoder = _ill_conditioned_bart(fixture_dir, tmp_path / "dec")
+    good = compose(str(fixture_dir("w2v_group")), str(decoder), tmp_path / "good", progress=False, log=io.StringIO())
+    v = good.report["verification"]
+    figures = (f"Flax {v['flax_error']:.2e}, reference {v['reference_error']:.2e} from float64, bound "
+               f"{v['bound']:.2e}, logits up to {v['logit_scale']:.1f}")
+    assert v["passed"] and v["logit_scale"] > 5, figures
+    assert 0 < v["reference_error"] and v["flax_error"] <= v["bound"] == v["factor"] * max(
+        v["reference_error"], verify.FLOOR_ULPS * float(np.finfo(np.float32).eps) * v["logit_scale"]), figures
+    assert set(v["where"]) == {"utterance", "position", "token", "flax", "float64"}
+
+    # One weight off by 0.1% in the Flax model (as a wrong cast or a misread layout would do): caught.
+    load_flax = verify.load_flax
+
+    def broken(directory, prefer=None):
+        model = load_flax(directory, prefer)
+        flat = traverse_util.flatten_dict(model.params, sep="/")
+        flat["decoder/model/decoder/layers/0/fc1/kernel"] = flat["decoder/model/decoder/layers/0/fc1/kernel"] * 1.001
+        model.params = traverse_util.unflatten_dict(flat, sep="/")
+        return model
+
+    monkeypatch.setattr(verify, "load_flax", broken)
+    failed = verify.verify_directory(good.output)
+    assert not failed["passed"] and failed["weight_files_identical"], failed
+    assert failed["flax_error"] > 2 * failed["bound"], f"{failed['flax_error']:.2e} vs bound {failed['bound']:.2e}"
+    assert failed["reason"].startswith("Flax is ") and "more than 8 x" in failed["reason"]
+
+
+def test_judgement_refuses_non_finite_logits():
+    from convert.verify import judge_logits
+
+    exact = np.linspace(-3, 3, 2 * 3 * 5).reshape(2, 3, 5)
+    ref32 = exact.astype(np.float32)
+    flax = ref32.copy()
+    assert judge_logits(flax, ref32, exact)["passed"]
+    flax[1, 2, 4] = np.nan
+    judged = judge_logits(flax, ref32, exact)
+    assert not judged["passed"] and judged["reason"] == "Flax gives NaN or Inf logits"
+    assert judged["where"]["utterance"] == 1 and judged["where"]["position"] == 2 and judged["where"]["token"] == 4
+    assert not judge_logits(ref32, ref32, np.full_like(exact, np.inf))["passed"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Saying when transformers cannot load the output
+
+
+def test_report_card_and_summary_say_when_transformers_cannot_load_the_output(composed_dir, fixture_dir, tmp_path):
+    # An adapter whose output_hidden_size (48) differs from hidden_size (32) and from BART's width (32):
+    # transformers builds enc_to_dec_proj as [32, 32] and refuses the [32, 48] weights (checked with 5.24).
+    directory = composed_dir("w2v_group_adapter", "bart_cg")
+    report = json.loads((directory / "compose_report.json").read_text())
+    assert report["transformers"]["loads"] is False
+    assert "hidden_size (32)" in report["transformers"]["reason"] and "48" in report["transformers"]["reason"]
+    card = (directory / "README.md").read_text()
+    assert "**transformers cannot load this model**: transformers builds enc_to_dec_proj" in card
+    assert "from transformers import SpeechEncoderDecoderModel" not in card
+    log = io.StringIO()
+    compose(str(fixture_dir("w2v_group_adapter")), str(fixture_dir("bart_cg")), tmp_path / "o", verify=False,
+            progress=False, log=log)
+    assert "transformers cannot load this model: transformers builds enc_to_dec_proj" in log.getvalue()
+    # A pair transformers loads says nothing of the kind.
+    fine = composed_dir("w2v_stable_wide", "gpt2_lm")
+    assert json.loads((fine / "compose_report.json").read_text())["transformers"] == {"loads": True, "reason": None}
+    assert "from transformers import SpeechEncoderDecoderModel" in (fine / "README.md").read_text()
