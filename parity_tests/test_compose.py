@@ -6,10 +6,8 @@ import dataclasses
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -309,53 +307,8 @@ def test_cli_help_lists_every_flag():
         assert flag in result.stdout, flag
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--encoder", "/nonexistent/enc", "--decoder", "bart"], "--encoder /nonexistent/enc: "),
-        (["--encoder", "wav2vec2", "--decoder", "gpt2", "--dtype", "int8"], "argument --dtype: invalid choice"),
-        (["--encoder", "wav2vec2", "--decoder", "gpt2", "--max-shard-size", "lots"], "--max-shard-size lots: cannot read"),
-        (["--encoder", "wav2vec2", "--decoder", "not-cached/model"],
-         "--decoder not-cached/model: "),
-        (["--encoder", "wav2vec2", "--decoder", "bart", "--bogus"], "unrecognized arguments: --bogus"),
-    ],
-)
-def test_cli_bad_input_gets_one_line_error_and_no_output(args, message, tmp_path):
-    result = run_cli(*args, "--output", str(tmp_path / "out"), "--no-progress")
-    assert result.returncode != 0
-    assert message in result.stderr, result.stderr
-    assert "Traceback" not in result.stderr
-    assert not (tmp_path / "out").exists()
-
-
-def test_cli_corrupt_source_is_named(fixture_dir, tmp_path):
-    enc = tmp_path / "enc"
-    enc.mkdir()
-    (enc / "config.json").write_bytes((fixture_dir("w2v_group") / "config.json").read_bytes())
-    data = (fixture_dir("w2v_group") / "model.safetensors").read_bytes()
-    (enc / "model.safetensors").write_bytes(data[: len(data) // 2])
-    result = run_cli("--encoder", str(enc), "--decoder", "bart", "--output", str(tmp_path / "out"), "--no-progress")
-    assert result.returncode == 1
-    assert f"{enc / 'model.safetensors'}: truncated" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "out").exists()
-
-
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_cli_interrupted_midway_leaves_no_output(sig, tmp_path):
-    out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "convert.compose", "--encoder", "wav2vec2", "--decoder", "gpt2",
-                             "--output", str(out), "--no-progress"], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not any(p.name.startswith(".out.partial-") for p in tmp_path.iterdir()):
-        assert proc.poll() is None and time.time() < deadline, "compose ended before it started writing"
-        time.sleep(0.01)
-    proc.send_signal(sig)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, (proc.returncode, stderr)
-    assert "interrupted: nothing was written" in stderr
-    assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+# Bad input to the CLI (one line, exit codes, nothing written) is catalogued in test_safety.py; interrupts are
+# in test_interrupts.py.
 
 
 def test_cli_failed_verification_exits_nonzero_and_writes_nothing(tmp_path):
