@@ -2,7 +2,7 @@
 
 HF never ported HuBERT to Flax; the parameter tree follows DESIGN.md's canonical names (the PyTorch keys of
 `HubertModel` with `.` -> `/`), which are those of `flax_model.wav2vec2` plus, with `conv_pos_batch_norm`,
-`encoder/pos_conv_embed/batch_norm/{scale,bias,running_mean,running_var,num_batches_tracked}` and a plain
+`encoder/pos_conv_embed/batch_norm/{scale,bias,running_mean,running_var}` and a plain
 `encoder/pos_conv_embed/conv/{kernel,bias}`.
 
 The BatchNorm normalises with its running statistics when deterministic and with the batch's statistics in
@@ -27,7 +27,8 @@ _BATCH_NORM_EPS = 1e-5
 
 
 class BatchNorm(nn.Module):
-    """torch's BatchNorm1d over the channels of [B, S, D], its buffers kept as parameters (HF's key names)."""
+    """torch's BatchNorm1d over the channels of [B, S, D], its running statistics kept as parameters (HF's key
+    names; the step counter is left out, see `convert.archs.hubert`)."""
 
     features: int
     dtype: Any = jnp.float32
@@ -38,7 +39,6 @@ class BatchNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
         running_mean = self.param("running_mean", nn.initializers.zeros, (self.features,))
         running_var = self.param("running_var", nn.initializers.ones, (self.features,))
-        self.param("num_batches_tracked", nn.initializers.zeros, (), jnp.int32)  # torch's counter; unused here
         if deterministic:
             mean, var = running_mean, running_var
         else:

@@ -64,13 +64,14 @@ def test_unimplemented_settings_are_refused_naming_the_field(field, value, why):
 
 
 def test_optional_modules_follow_the_config(fixture_dir):
-    """The reference's keys are exactly the checkpoint's, and the Flax tree has exactly the mapped leaves."""
+    """The reference's keys are exactly the checkpoint's (less what the source rules drop), and the Flax tree has
+    exactly the mapped leaves."""
     expectations = {
         "hubert_group": {"feature_projection.layer_norm.weight": True,
                          "encoder.pos_conv_embed.conv.parametrizations.weight.original0": True},
         "hubert_stable": {"feature_projection.layer_norm.weight": False,
                           "encoder.pos_conv_embed.batch_norm.running_var": False},
-        "hubert_batch_norm": {"encoder.pos_conv_embed.batch_norm.num_batches_tracked": True,
+        "hubert_batch_norm": {"encoder.pos_conv_embed.batch_norm.running_var": True,
                               "encoder.pos_conv_embed.conv.weight": True,
                               "encoder.pos_conv_embed.conv.parametrizations.weight.original0": False},
     }
@@ -78,12 +79,24 @@ def test_optional_modules_follow_the_config(fixture_dir):
         directory = fixture_dir(case)
         config = HubertConfig.from_file(directory / "config.json")
         keys = set(HubertModel(config).state_dict())
-        assert keys == set(Checkpoint(directory).keys()), case
+        canonical, _ = hubert.source_rules(config).canonicalize(Checkpoint(directory).keys())
+        assert keys == set(canonical), case
         for key, expected in present.items():
             assert (key in keys) == expected, f"{case}: {key}"
         mapped = {hubert.KEYMAP.to_flax(k)[0] for k in keys}
         assert mapped == set(param_shapes(config)), case
         assert "encoder" in init_shapes(config)
+
+
+def test_batch_norm_step_counter_is_dropped_with_the_reason(fixture_dir):
+    """transformers' checkpoints hold BatchNorm's integer `num_batches_tracked`; every leaf of the models is
+    floating point and the counter changes no output, so it is dropped (and not written)."""
+    directory = fixture_dir("hubert_batch_norm")
+    counter = "encoder.pos_conv_embed.batch_norm.num_batches_tracked"
+    assert counter in Checkpoint(directory)
+    model, report = reference_from_pretrained(directory)
+    assert counter not in model.state_dict()
+    assert "BatchNorm step counter" in dict(report.dropped)[counter]
 
 
 def test_batch_norm_uses_running_statistics_in_inference_and_batch_statistics_in_training(fixture_dir):

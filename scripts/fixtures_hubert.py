@@ -12,8 +12,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from convert.archs.hubert import HubertConfig
-from scripts.fixtures_wav2vec2 import GROUP, STABLE, WEIGHT_NORM_OLD_NAMES, family_case, task_case
+from scripts.fixture_io import save_hf_checkpoint
+from scripts.fixtures_wav2vec2 import (
+    GROUP,
+    STABLE,
+    WEIGHT_NORM_OLD_NAMES,
+    build_family_model,
+    family_case,
+    task_case,
+)
 from torch_reference.hubert import HubertModel
 
 # The fields HF's HubertConfig writes into config.json, at HF's defaults (transformers 5.24).
@@ -77,12 +87,20 @@ def _case(fields: dict[str, Any], seed: int, **save: Any) -> Callable[[Path], Pa
     return family_case(HubertModel, HubertConfig, HF_DEFAULTS, fields, seed, **save)
 
 
+def _batch_norm(directory: Path) -> Path:
+    """The BatchNorm positional conv, with the `num_batches_tracked` counter HF's checkpoints hold."""
+    config = hf_config(**{**TINY_GROUP, "conv_pos_batch_norm": True, "mask_feature_prob": 0.1})
+    _, state = build_family_model(HubertModel, HubertConfig, config, seed=23)
+    state = {**state, "encoder.pos_conv_embed.batch_norm.num_batches_tracked": torch.tensor(7)}
+    return save_hf_checkpoint(directory, state, config)
+
+
 CASES: dict[str, Callable[[Path], object]] = {
     "hubert_group": _case(TINY_GROUP, seed=21),
     # hubert-large's layout, without the projection's layer norm; an odd positional kernel.
     "hubert_stable": _case({**TINY_STABLE, "feat_proj_layer_norm": False, "num_conv_pos_embeddings": 15},
                            seed=22),
-    "hubert_batch_norm": _case({**TINY_GROUP, "conv_pos_batch_norm": True, "mask_feature_prob": 0.1}, seed=23),
+    "hubert_batch_norm": _batch_norm,
     "hubert_ctc_bin": task_case(HubertModel, HubertConfig, HF_DEFAULTS,
                                 {**TINY_GROUP, "architectures": ["HubertForCTC"]}, seed=24, prefix="hubert",
                                 heads={"lm_head.weight": (32, 32), "lm_head.bias": (32,)}, fmt="bin"),

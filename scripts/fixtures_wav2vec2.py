@@ -130,7 +130,6 @@ def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
             param.copy_(value)
         for name, buffer in sorted(model.named_buffers()):
             if not buffer.is_floating_point():
-                buffer.fill_(7)  # e.g. BatchNorm's num_batches_tracked
                 continue
             noise = torch.randn(buffer.shape, generator=generator)
             buffer.copy_(0.5 + noise.abs() if name.endswith("running_var") else 0.2 * noise)

@@ -2,17 +2,37 @@
 
 wav2vec2's modules (`torch_reference.wav2vec2`) with HuBERT's positional conv: weight-normalised as in
 wav2vec2, or with `conv_pos_batch_norm` a BatchNorm1d then a plain grouped conv. No adapter; the feature
-projection's layer norm follows `feat_proj_layer_norm`.
+projection's layer norm follows `feat_proj_layer_norm`. The BatchNorm has no `num_batches_tracked` counter (the
+source rules drop it from checkpoints: it changes no output).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from convert.archs.hubert import HubertConfig
 from torch_reference.layers import ACTIVATIONS
 from torch_reference.wav2vec2 import Encoder, PositionalConvEmbedding, Wav2Vec2Model, same_pad_trim
+
+
+class BatchNorm(nn.Module):
+    """torch's BatchNorm1d as transformers configures it (momentum 0.1, eps 1e-5), without the step counter
+    `num_batches_tracked`, which only momentum=None would read (see convert.archs.hubert)."""
+
+    def __init__(self, features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(features))
+        self.bias = nn.Parameter(torch.zeros(features))
+        self.register_buffer("running_mean", torch.zeros(features))
+        self.register_buffer("running_var", torch.ones(features))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[B, D, S]: running statistics in eval mode; in `.train()` the batch's, which also move the running
+        ones."""
+        return F.batch_norm(hidden, self.running_mean, self.running_var, self.weight, self.bias,
+                            training=self.training, momentum=0.1, eps=1e-5)
 
 
 class HubertPositionalConvEmbedding(PositionalConvEmbedding):
@@ -25,7 +45,7 @@ class HubertPositionalConvEmbedding(PositionalConvEmbedding):
             return
         nn.Module.__init__(self)
         kernel = config.num_conv_pos_embeddings
-        self.batch_norm = nn.BatchNorm1d(config.hidden_size)
+        self.batch_norm = BatchNorm(config.hidden_size)
         self.conv = nn.Conv1d(config.hidden_size, config.hidden_size, kernel_size=kernel, padding=kernel // 2,
                               groups=config.num_conv_pos_embedding_groups)
         self.num_pad_remove = same_pad_trim(kernel)

@@ -5,7 +5,7 @@ transformers' HuBERT is wav2vec2 without the adapter, with an optional layer nor
 the weight norm. Task checkpoints (`HubertForCTC`, `HubertForSequenceClassification`) keep the encoder under
 `hubert.`; their heads are dropped with the reason. HF never ported HuBERT to Flax: the Flax paths follow
 DESIGN.md's canonical names (those of the wav2vec2 modules it shares, plus `.../batch_norm/{scale,bias,
-running_mean,running_var,num_batches_tracked}`).
+running_mean,running_var}`; BatchNorm's integer step counter `num_batches_tracked` is dropped, see `_COUNTER`).
 """
 
 from __future__ import annotations
@@ -70,16 +70,22 @@ BATCH_NORM_POS_CONV_ROWS = (
     *norm(_BATCH_NORM, _FLAX_BATCH_NORM),
     Rule(f"{_BATCH_NORM}.running_mean", f"{_FLAX_BATCH_NORM}/running_mean", T.IDENTITY),
     Rule(f"{_BATCH_NORM}.running_var", f"{_FLAX_BATCH_NORM}/running_var", T.IDENTITY),
-    Rule(f"{_BATCH_NORM}.num_batches_tracked", f"{_FLAX_BATCH_NORM}/num_batches_tracked", T.IDENTITY),
     *conv("encoder.pos_conv_embed.conv", "encoder/pos_conv_embed/conv")[:1],  # the bias row is shared
 )
 
 KEYMAP = KeyMap("hubert", (*FEATURE_ROWS, *WEIGHT_NORM_POS_CONV_ROWS, *BATCH_NORM_POS_CONV_ROWS, *LAYER_ROWS))
 
 
+# BatchNorm1d's step counter: an integer buffer that changes the output only with momentum=None (a cumulative
+# average), which transformers' BatchNorm1d does not use. Every parameter of the models is floating point, so it
+# is neither a Flax leaf nor in the composed files (transformers then starts it at 0, as it would any counter).
+_COUNTER = (r"(hubert\.)?encoder\.pos_conv_embed\.batch_norm\.num_batches_tracked\Z",
+            "BatchNorm step counter; it changes nothing with transformers' momentum=0.1")
+
+
 def source_rules(config: HubertConfig) -> SourceRules:
-    """Raw checkpoint names -> `HubertModel` names; task heads dropped with why."""
-    return family_source_rules(config, "hubert", task_head_drops("Hubert"), weight_norm_renames())
+    """Raw checkpoint names -> `HubertModel` names; task heads and the BatchNorm counter dropped with why."""
+    return family_source_rules(config, "hubert", task_head_drops("Hubert") + (_COUNTER,), weight_norm_renames())
 
 
 SPEC = ArchSpec(
