@@ -1,0 +1,674 @@
+"""Fine-tune a composed speech encoder-decoder in JAX and write it back in the usual composed format.
+
+    python -m convert.finetune --model DIR --train train.jsonl --eval eval.jsonl --output OUT [options]
+
+Manifests hold one `{"audio": PATH, "text": TRANSCRIPT}` per line (`convert.training_data`). The run follows
+transformers' `Seq2SeqTrainer` (labels shifted right into the decoder, mean cross-entropy over real tokens,
+`LabelSmoother`, AdamW with linear warmup and decay, global-norm clipping, accumulation normalised over all the
+step's tokens) with JAX's means: one compiled step per padded shape, bfloat16 compute over float32 master
+weights on request, per-layer rematerialisation on request, dropout / LayerDrop keys and SpecAugment masks drawn
+per step from the seed (so a resumed run draws what an uninterrupted one would). Evaluation generates with the
+toolkit's generation and scores WER / CER with jiwer. Checkpoints (orbax) go to `OUT.checkpoints/` (or
+`--checkpoint-dir`); `--resume` continues from the latest. Ctrl-C saves a checkpoint, then exits 130.
+
+At the end OUT holds the fine-tuned model: config.json, flax_model.msgpack and model.safetensors, the generation
+config, the tokenizer and preprocessor files of DIR, a model card recording the run (README.md),
+`training_report.json`, `train_log.jsonl` and `loss_curve.png`.
+"""
+
+from __future__ import annotations  # noqa: I001 - convert.cli is imported first, on purpose
+
+from convert import cli  # first: guards interrupts from here on (see convert.cli)
+
+import dataclasses
+import json
+import math
+import shlex
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from convert.errors import ConvertError, UsageError
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                "added_tokens.json", "sentencepiece.bpe.model", "preprocessor_config.json", "generation_config.json")
+REPORT_FILE = "training_report.json"
+_COMPILED: dict[Any, Any] = {}
+LOG_FILE = "train_log.jsonl"
+CURVE_FILE = "loss_curve.png"
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneSettings:
+    """The knobs of a run; defaults follow transformers' `Seq2SeqTrainingArguments` where it has one.
+
+    Attributes:
+        epochs: passes over the training set (ignored when `max_steps` is set).
+        max_steps: optimiser steps of the whole run.
+        batch_size: utterances per micro-batch.
+        grad_accum: micro-batches per optimiser step.
+        learning_rate, warmup_steps, weight_decay, max_grad_norm: AdamW and its schedule.
+        label_smoothing: `label_smoothing_factor`.
+        dtype: the compute dtype ("float32", or "bfloat16" over float32 master weights).
+        remat: rematerialise every transformer layer (less memory, more compute).
+        freeze_feature_encoder: no gradient and no update for the conv feature encoder.
+        spec_augment: draw SpecAugment masks with the encoder config's probabilities (transformers does so in
+            training whenever `mask_time_prob` / `mask_feature_prob` > 0).
+        dropout: train mode (dropout, LayerDrop); False trains deterministically.
+        num_buckets: distinct padded audio lengths (compiled shapes).
+        eval_every: evaluate every N steps (0: only before and after training).
+        save_every: checkpoint every N steps (0: only at the end or on interrupt).
+        eval_batch_size, num_beams, max_new_tokens: generation during evaluation.
+        seed: data order, dropout keys and SpecAugment masks.
+    """
+
+    epochs: float = 3.0
+    max_steps: int | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    learning_rate: float = 5e-5
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    label_smoothing: float = 0.0
+    dtype: str = "float32"
+    remat: bool = False
+    freeze_feature_encoder: bool = False
+    spec_augment: bool = True
+    dropout: bool = True
+    num_buckets: int = 4
+    eval_every: int = 0
+    save_every: int = 0
+    eval_batch_size: int = 16
+    num_beams: int = 1
+    max_new_tokens: int | None = None
+    seed: int = 0
+
+    def check(self) -> None:
+        """Raises UsageError (API names) for values out of range."""
+        cli.require_float("epochs", self.epochs, low=0.0, low_inclusive=False)
+        if self.max_steps is not None:
+            cli.require_int("max_steps", self.max_steps, low=1)
+        for name in ("batch_size", "grad_accum", "num_buckets", "eval_batch_size", "num_beams"):
+            cli.require_int(name, getattr(self, name), low=1)
+        for name in ("warmup_steps", "eval_every", "save_every"):
+            cli.require_int(name, getattr(self, name), low=0)
+        cli.require_float("learning_rate", self.learning_rate, low=0.0, low_inclusive=False)
+        cli.require_float("weight_decay", self.weight_decay, low=0.0)
+        cli.require_float("max_grad_norm", self.max_grad_norm, low=0.0)
+        cli.require_float("label_smoothing", self.label_smoothing, low=0.0, high=1.0)
+        cli.require_choice("dtype", self.dtype, COMPUTE_DTYPES)
+        if self.max_new_tokens is not None:
+            cli.require_int("max_new_tokens", self.max_new_tokens, low=1)
+
+
+@dataclasses.dataclass
+class FinetuneResult:
+    output: Path
+    report: dict[str, Any]
+    interrupted: bool = False
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The run
+
+
+class _Run:
+    """Everything one fine-tuning run holds: the model, the data, the compiled step, the checkpoints."""
+
+    def __init__(self, model_dir: Path, train: str | Path, eval_manifest: str | Path, settings: FinetuneSettings,
+                 checkpoint_dir: Path):
+        import jax.numpy as jnp
+
+        from convert.audio import feature_extractor_config
+        from convert.batching import bucket_boundaries, length_batches
+        from convert.training_data import AudioCache, LabelTokenizer, read_manifest, sample_lengths
+        from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel
+
+        self.settings = s = settings
+        self.model_dir = model_dir
+        self.train = read_manifest(train)
+        self.eval = read_manifest(eval_manifest)
+        self.model = FlaxSpeechEncoderDecoderModel.from_pretrained(model_dir)
+        self.config = config = self.model.config
+        self.features = feature_extractor_config(model_dir, config.encoder)
+        self.tokenizer = LabelTokenizer(model_dir, config.decoder_start_token_id, config.eos_token_id,
+                                        config.decoder.vocab_size)
+        self.audio = AudioCache(self.features.sampling_rate)
+        self.train_labels = [self.tokenizer.encode(e.text, e.where) for e in self.train]
+        self.train_lengths = sample_lengths(self.train, self.features.sampling_rate)
+        self.eval_lengths = sample_lengths(self.eval, self.features.sampling_rate)
+        self._check_lengths()
+        lengths = self.train_lengths + self.eval_lengths
+        # Buckets in whole tenths of a second: a few shapes, each a whole number of encoder frames in practice.
+        multiple = max(1, self.features.sampling_rate // 10)
+        self.boundaries = bucket_boundaries(min(lengths), max(lengths), s.num_buckets, multiple)
+        self.label_length = int(math.ceil(max(len(ids) for ids in self.train_labels) / 8) * 8)
+        self.batches_per_epoch = len(length_batches(self.train_lengths, s.batch_size, self.boundaries))
+        steps_per_epoch = max(1, self.batches_per_epoch // s.grad_accum)
+        self.total_steps = s.max_steps or max(1, round(s.epochs * steps_per_epoch))
+        self.compute_dtype = jnp.bfloat16 if s.dtype == "bfloat16" else jnp.float32
+        self.checkpoint_dir = checkpoint_dir
+        self._epoch_cache: dict[int, list] = {}
+        self._build_step()
+
+    def _check_lengths(self) -> None:
+        needed = self.config.encoder.min_input_length
+        for examples, lengths in ((self.train, self.train_lengths), (self.eval, self.eval_lengths)):
+            for example, n in zip(examples, lengths):
+                if n < needed:
+                    raise ConvertError(f"{example.where}: {example.audio} has {n} samples, too short for the encoder "
+                                       f"(at least {needed})")
+        positions = self.config.decoder.max_positions
+        for example, ids in zip(self.train, self.train_labels):
+            if len(ids) > positions:
+                raise ConvertError(f"{example.where}: {len(ids)} label tokens exceed the decoder's {positions} "
+                                   "positions")
+
+    def _build_step(self) -> None:
+        import jax
+
+        from flax_model.speech_encoder_decoder import SpeechEncoderDecoderModule
+        from flax_model.training import (
+            OptimizerSettings,
+            apply_function,
+            frozen_predicate,
+            leaf_labels,
+            loss_grad_function,
+            make_optimizer,
+        )
+        from torch_reference.speech_encoder_decoder import non_trainable_paths
+
+        s = self.settings
+        self.optimizer_settings = OptimizerSettings(
+            learning_rate=s.learning_rate, total_steps=self.total_steps, warmup_steps=s.warmup_steps,
+            weight_decay=s.weight_decay, max_grad_norm=s.max_grad_norm)
+        non_trainable = non_trainable_paths(self.config)
+        frozen = frozen_predicate(s.freeze_feature_encoder, non_trainable)
+        self.optimizer = make_optimizer(self.optimizer_settings, leaf_labels(self.model.params, frozen))
+        # Compiled functions are shared by runs of the same model and settings in one process (a resumed run,
+        # the tests): jax.jit caches per function object.
+        key = (self.config, s.dtype, s.remat, s.dropout, s.freeze_feature_encoder)
+        if ("grad", key) not in _COMPILED:
+            module = SpeechEncoderDecoderModule(self.config, dtype=self.compute_dtype, remat=s.remat)
+            _COMPILED["grad", key] = jax.jit(loss_grad_function(module, deterministic=not s.dropout,
+                                                                freeze_feature_encoder=s.freeze_feature_encoder))
+        if ("apply", key, self.optimizer_settings, non_trainable) not in _COMPILED:
+            _COMPILED["apply", key, self.optimizer_settings, non_trainable] = jax.jit(
+                apply_function(self.optimizer), donate_argnums=(0,))
+        if "add" not in _COMPILED:
+            _COMPILED["add"] = jax.jit(lambda a, b: jax.tree.map(lambda x, y: x + y, a, b), donate_argnums=(0,))
+        self.grad_fn = _COMPILED["grad", key]
+        self.apply_fn = _COMPILED["apply", key, self.optimizer_settings, non_trainable]
+        self.add_fn = _COMPILED["add"]
+        self.model._compiled = _COMPILED.setdefault(("generate", self.config), {})
+        self.schedule = self.optimizer_settings.schedule()
+
+    # -- data order ------------------------------------------------------------------------------------
+
+    def micro_batch(self, index: int) -> Any:
+        """The `index`-th micro-batch of the run: epoch e's order is a pure function of (seed, e)."""
+        from convert.batching import length_batches
+
+        epoch, position = divmod(index, self.batches_per_epoch)
+        if epoch not in self._epoch_cache:
+            self._epoch_cache = {epoch: length_batches(self.train_lengths, self.settings.batch_size,
+                                                       self.boundaries,
+                                                       rng=np.random.default_rng([self.settings.seed, epoch]))}
+        return self._epoch_cache[epoch][position]
+
+    def arrays(self, step: int, micro: int) -> tuple[dict[str, Any], float]:
+        """The device batch of one micro-batch, with its SpecAugment masks; and its seconds of audio."""
+        import jax.numpy as jnp
+
+        from convert.spec_augment import spec_augment_masks
+        from convert.training_data import make_batch
+
+        batch = self.micro_batch(step * self.settings.grad_accum + micro)
+        data = make_batch(batch, self.train, self.train_labels, self.audio, self.features, self.label_length)
+        out = {"inputs": jnp.asarray(data["inputs"]), "labels": jnp.asarray(data["labels"])}
+        if data["attention_mask"] is not None:
+            out["attention_mask"] = jnp.asarray(data["attention_mask"])
+        if self.settings.spec_augment and self.settings.dropout:
+            frames = int(self.config.encoder.output_lengths(batch.padded_length, add_adapter=False))
+            seed = int(np.random.SeedSequence([self.settings.seed, step, micro]).generate_state(1)[0])
+            time_mask, feature_mask = spec_augment_masks(
+                self.config.encoder, data["attention_mask"], frames, np.random.RandomState(seed),
+                batch_size=batch.batch_size)
+            if time_mask is not None:
+                out["mask_time_indices"] = jnp.asarray(time_mask)
+            if feature_mask is not None:
+                out["mask_feature_indices"] = jnp.asarray(feature_mask)
+        return out, data["seconds"]
+
+    # -- one step --------------------------------------------------------------------------------------
+
+    def step(self, state: Any, step: int) -> tuple[Any, float, float]:
+        """One optimiser step (all its micro-batches); returns (state, mean loss, seconds of audio)."""
+        import jax.numpy as jnp
+
+        from flax_model.training import step_key
+
+        grads, objective, tokens, seconds = None, 0.0, 0, 0.0
+        smoothing = jnp.float32(self.settings.label_smoothing)
+        for micro in range(self.settings.grad_accum):
+            batch, batch_seconds = self.arrays(step, micro)
+            key = step_key(self.settings.seed, step, micro) if self.settings.dropout else None
+            sums, micro_grads = self.grad_fn(state.params, batch, key, smoothing)
+            grads = micro_grads if grads is None else self.add_fn(grads, micro_grads)
+            objective += float(sums.objective(self.settings.label_smoothing))
+            tokens += int(sums.tokens)
+            seconds += batch_seconds
+        state = self.apply_fn(state, grads, jnp.int32(tokens))
+        return state, objective / max(tokens, 1), seconds
+
+    # -- evaluation ------------------------------------------------------------------------------------
+
+    def evaluate(self, params: Any) -> dict[str, Any]:
+        """WER and CER (jiwer) of generated transcripts on the eval set, with the toolkit's generation."""
+        import jiwer
+
+        from convert.batching import length_batches
+        from convert.training_data import make_batch
+        from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel
+
+        s = self.settings
+        model = FlaxSpeechEncoderDecoderModel(self.config, params)
+        model._compiled = self.model._compiled  # one compiled search per shape for the whole run
+        max_new = s.max_new_tokens or min(self.config.decoder.max_positions - 1, 2 * self.label_length)
+        hypotheses = [""] * len(self.eval)
+        started = time.perf_counter()
+        for batch in length_batches(self.eval_lengths, s.eval_batch_size, self.boundaries):
+            data = make_batch(batch, self.eval, [[]] * len(self.eval), self.audio, self.features, 1)
+            out = model.generate(data["inputs"], data["attention_mask"], num_beams=s.num_beams,
+                                 max_new_tokens=max_new)
+            for row, index in enumerate(batch.indices):
+                hypotheses[index] = self.tokenizer.decode(_trim(out.sequences[row].tolist(),
+                                                                self.config.eos_token_id))
+        references = [e.text for e in self.eval]
+        return {"wer": float(jiwer.wer(references, hypotheses)), "cer": float(jiwer.cer(references, hypotheses)),
+                "examples": [{"reference": r, "hypothesis": h} for r, h in list(zip(references, hypotheses))[:5]],
+                "seconds": round(time.perf_counter() - started, 2)}
+
+    # -- checkpoints -----------------------------------------------------------------------------------
+
+    def manager(self) -> Any:
+        import orbax.checkpoint as ocp
+
+        return ocp.CheckpointManager(self.checkpoint_dir.resolve(),
+                                     options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+
+    def save(self, manager: Any, state: Any, meta: dict[str, Any]) -> None:
+        import orbax.checkpoint as ocp
+
+        step = int(state.step)
+        if manager.latest_step() == step:
+            return
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+        manager.wait_until_finished()
+
+    def restore(self, manager: Any, state: Any) -> tuple[Any, dict[str, Any]]:
+        import jax
+        import orbax.checkpoint as ocp
+
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+        restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        return restored.state, dict(restored.meta)
+
+
+def _trim(ids: list[int], eos: int | None) -> list[int]:
+    if eos is not None and eos in ids[1:]:
+        return ids[:ids.index(eos, 1) + 1]
+    return ids
+
+
+def finetune(
+    model: str | Path,
+    train: str | Path,
+    eval: str | Path,
+    output: str | Path,
+    settings: FinetuneSettings = FinetuneSettings(),
+    *,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    verify: bool = True,
+    progress: bool = True,
+    log: TextIO | None = None,
+    command: str | None = None,
+    stop: threading.Event | None = None,
+    after_step: Callable[[int], None] | None = None,
+) -> FinetuneResult:
+    """Fine-tunes a composed model directory and writes the result to `output`.
+
+    Args:
+        model: a composed checkpoint directory (with the decoder's `tokenizer.json`).
+        train, eval: JSON-lines manifests.
+        output: the directory to write (atomically, at the end).
+        settings: the run's knobs.
+        checkpoint_dir: where checkpoints go (default: `<output>.checkpoints` beside `output`).
+        resume: continue from the latest checkpoint there.
+        overwrite: replace an existing `output` written by this toolkit.
+        verify: reload the output and compare Flax with the PyTorch reference before publishing it.
+        progress: a progress bar on stderr (when it is a terminal); else a log line per eval / 10% of steps.
+        log: where log lines go (stdout by default).
+        command: the command line, for the model card.
+        stop: when set (Ctrl-C), the run saves a checkpoint after the current step and returns `interrupted`.
+        after_step: called with the step number after each step (tests).
+
+    Returns:
+        The output directory (None-like when interrupted: nothing is written there) and the report.
+
+    Raises:
+        ConvertError / UsageError: one line naming the file, field or option that is wrong.
+    """
+    import jax
+
+    from convert.writing import atomic_directory, check_output_location
+    from flax_model.training import init_state
+
+    log = log or sys.stdout
+    settings.check()
+    output = Path(output)
+    check_output_location(output, overwrite=overwrite, sources=(("model", model),), param="output")
+    model_dir = Path(model)
+    if not (model_dir / "config.json").is_file():
+        raise UsageError(f"model={model}: not a composed model directory (no config.json)")
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else output.with_name(output.name + ".checkpoints")
+    started = time.perf_counter()
+    run = _Run(model_dir, train, eval, settings, checkpoint_dir)
+    state = init_state(run.model.params, run.optimizer)
+    manager = run.manager()
+    history: dict[str, Any] = {"loss": [], "eval": [], "audio_seconds": 0.0, "train_seconds": 0.0}
+    if resume and manager.latest_step() is not None:
+        state, history = run.restore(manager, state)
+        print(f"resumed from {checkpoint_dir} at step {int(state.step)}", file=log, flush=True)
+    elif not history["eval"]:
+        history["eval"].append({"step": 0, **run.evaluate(state.params)})
+        print(f"step 0: WER {history['eval'][-1]['wer']:.3f}, CER {history['eval'][-1]['cer']:.3f}", file=log, flush=True)
+
+    bar = None
+    if cli.show_progress(progress):
+        from tqdm import tqdm
+
+        bar = tqdm(total=run.total_steps, initial=int(state.step), desc="fine-tuning", file=sys.stderr,
+                   dynamic_ncols=True)
+    interrupted = False
+    every = max(1, run.total_steps // 10)
+    try:
+        while int(state.step) < run.total_steps:
+            step = int(state.step)
+            tick = time.perf_counter()
+            state, loss, seconds = run.step(state, step)
+            jax.block_until_ready(state.params)
+            elapsed = time.perf_counter() - tick
+            history["loss"].append([step + 1, loss])
+            history["audio_seconds"] += seconds
+            history["train_seconds"] += elapsed
+            lr = float(run.schedule(step))
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", audio_s_per_s=f"{seconds / elapsed:.1f}")
+                bar.update(1)
+            elif (step + 1) % every == 0:
+                print(f"step {step + 1}/{run.total_steps}: loss {loss:.4f}, lr {lr:.2e}, "
+                      f"{seconds / elapsed:.1f} audio-s/s", file=log, flush=True)
+            if settings.eval_every and (step + 1) % settings.eval_every == 0 and step + 1 < run.total_steps:
+                history["eval"].append({"step": step + 1, **run.evaluate(state.params)})
+                print(f"step {step + 1}: WER {history['eval'][-1]['wer']:.3f}, "
+                      f"CER {history['eval'][-1]['cer']:.3f}", file=log, flush=True)
+            if settings.save_every and (step + 1) % settings.save_every == 0:
+                run.save(manager, state, history)
+            if after_step is not None:
+                after_step(step + 1)
+            if stop is not None and stop.is_set():
+                raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        if bar is not None:
+            bar.close()
+    if interrupted:
+        run.save(manager, state, history)
+        report = {"interrupted_at_step": int(state.step), "checkpoint_dir": str(checkpoint_dir)}
+        return FinetuneResult(output, report, interrupted=True)
+    run.save(manager, state, history)
+    if not history["eval"] or history["eval"][-1]["step"] != run.total_steps:
+        history["eval"].append({"step": run.total_steps, **run.evaluate(state.params)})
+    final = history["eval"][-1]
+    print(f"step {run.total_steps}: WER {final['wer']:.3f}, CER {final['cer']:.3f}", file=log, flush=True)
+    report = _report(run, history, model_dir, train, eval, command, time.perf_counter() - started)
+
+    params = jax.tree.map(np.asarray, state.params)
+    with atomic_directory(output, overwrite=overwrite, sources=(("model", model_dir),), param="output") as tmp:
+        _write_output(tmp, run, params, history, report)
+        if verify:
+            from convert.verify import verify_directory
+
+            report["verification"] = verify_directory(tmp, seed=settings.seed)
+            (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+            if not report["verification"].get("passed", False):
+                raise ConvertError(f"verification failed: Flax and the PyTorch reference disagree on the fine-tuned "
+                                   f"model; nothing was written to {output}")
+    print(f"wrote {output}: WER {history['eval'][0]['wer']:.3f} -> {final['wer']:.3f} on {len(run.eval)} held-out "
+          f"utterances, {run.total_steps} steps in {report['wall_seconds']:.0f} s", file=log, flush=True)
+    return FinetuneResult(output, report)
+
+
+def _report(run: _Run, history: dict[str, Any], model_dir: Path, train: Any, eval_manifest: Any,
+            command: str | None, wall: float) -> dict[str, Any]:
+    s = run.settings
+    losses = [loss for _, loss in history["loss"]]
+    return {
+        "base_model": str(model_dir),
+        "train_manifest": str(train),
+        "eval_manifest": str(eval_manifest),
+        "train_examples": len(run.train),
+        "train_audio_hours": round(sum(run.train_lengths) / run.features.sampling_rate / 3600, 4),
+        "eval_examples": len(run.eval),
+        "settings": dataclasses.asdict(s),
+        "steps": run.total_steps,
+        "optimizer": dataclasses.asdict(run.optimizer_settings),
+        "padded_audio_lengths": list(run.boundaries),
+        "label_length": run.label_length,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": float(np.mean(losses[-10:])) if losses else None,
+        "eval": [{k: v for k, v in e.items() if k != "examples"} for e in history["eval"]],
+        "final_examples": history["eval"][-1].get("examples", []),
+        "audio_seconds_per_second": round(history["audio_seconds"] / max(history["train_seconds"], 1e-9), 2),
+        "train_seconds": round(history["train_seconds"], 1),
+        "wall_seconds": round(wall, 1),
+        "command": command,
+    }
+
+
+def _write_output(tmp: Path, run: _Run, params: Any, history: dict[str, Any], report: dict[str, Any]) -> None:
+    from flax import traverse_util
+
+    from convert.params import save_params
+
+    flat = traverse_util.flatten_dict(params, sep="/")
+    save_params(tmp, run.config, flat)
+    for name in COPIED_FILES:
+        if (run.model_dir / name).is_file():
+            shutil.copyfile(run.model_dir / name, tmp / name)
+    if not (tmp / "generation_config.json").is_file():
+        c = run.config
+        generation = {"decoder_start_token_id": c.decoder_start_token_id, "eos_token_id": c.eos_token_id,
+                      "pad_token_id": c.pad_token_id, "max_length": c.decoder.max_positions}
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    with (tmp / LOG_FILE).open("w") as f:
+        for step, loss in history["loss"]:
+            f.write(json.dumps({"step": step, "loss": loss}) + "\n")
+        for e in history["eval"]:
+            f.write(json.dumps({"step": e["step"], "wer": e["wer"], "cer": e["cer"]}) + "\n")
+    plot_loss_curve(history, tmp / CURVE_FILE)
+    (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    (tmp / "README.md").write_text(render_card(run.model_dir, report))
+
+
+def plot_loss_curve(history: dict[str, Any], path: Path) -> None:
+    """Training loss per step, and the held-out WER at each evaluation (matplotlib, PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    steps = [s for s, _ in history["loss"]]
+    ax.plot(steps, [v for _, v in history["loss"]], lw=0.8, color="tab:blue", label="training loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (cross-entropy)")
+    if history["eval"]:
+        wer = ax.twinx()
+        wer.plot([e["step"] for e in history["eval"]], [100 * e["wer"] for e in history["eval"]], "o-",
+                 color="tab:red", label="held-out WER")
+        wer.set_ylabel("WER (%)")
+        wer.legend(loc="upper right")
+    ax.legend(loc="upper center")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def render_card(model_dir: Path, report: dict[str, Any]) -> str:
+    """The fine-tuned model's card: the composed model's metadata (when it has a compose report) and the run."""
+    import yaml
+
+    meta: dict[str, Any] = {"library_name": "transformers", "pipeline_tag": "automatic-speech-recognition",
+                            "tags": ["speech-encoder-decoder", "automatic-speech-recognition", "jax", "flax",
+                                     "fine-tuned"]}
+    compose_report = model_dir / "compose_report.json"
+    if compose_report.is_file():
+        try:
+            from convert.model_card import card_info_from_report, card_metadata
+
+            base = card_metadata(card_info_from_report(json.loads(compose_report.read_text())))
+            meta = {**base, "tags": list(dict.fromkeys([*base.get("tags", []), "fine-tuned"]))}
+        except (ValueError, KeyError, TypeError, ConvertError):
+            pass  # an old or foreign report: the card goes without the sources' metadata
+    s, first, last = report["settings"], report["eval"][0], report["eval"][-1]
+    rows = [("base model", f"`{report['base_model']}`"),
+            ("training data", (f"`{report['train_manifest']}`: {report['train_examples']} utterances, "
+                               f"{report['train_audio_hours'] * 60:.1f} min")),
+            ("held-out data", f"`{report['eval_manifest']}`: {report['eval_examples']} utterances"),
+            ("steps", f"{report['steps']} (batch {s['batch_size']} x {s['grad_accum']} accumulated)"),
+            ("optimiser", (f"AdamW, peak lr {s['learning_rate']:g}, warmup {s['warmup_steps']}, linear decay, "
+                           f"weight decay {s['weight_decay']:g}, clip {s['max_grad_norm']:g}")),
+            ("label smoothing", f"{s['label_smoothing']:g}"),
+            ("compute dtype", s["dtype"] + (" (float32 master weights)" if s["dtype"] != "float32" else "")),
+            ("train mode", ("dropout and LayerDrop" if s["dropout"] else "deterministic")
+             + (", SpecAugment" if s["spec_augment"] and s["dropout"] else "")
+             + (", frozen feature encoder" if s["freeze_feature_encoder"] else "")
+             + (", rematerialised layers" if s["remat"] else "")),
+            ("loss", f"{report['first_loss']:.3f} -> {report['final_loss']:.3f}"),
+            ("held-out WER", f"{100 * first['wer']:.1f}% -> {100 * last['wer']:.1f}%"),
+            ("held-out CER", f"{100 * first['cer']:.1f}% -> {100 * last['cer']:.1f}%"),
+            ("time", f"{report['wall_seconds']:.0f} s wall, {report['audio_seconds_per_second']} audio-s/s")]
+    body = ["# Fine-tuned speech encoder-decoder\n",
+            ("Fine-tuned with `convert.finetune` (JAX/Flax) from the composed model below; the weights are in "
+             "transformers' format (`SpeechEncoderDecoderModel`) and this toolkit's Flax layout.\n"),
+            "## Training run\n", "| | |\n| --- | --- |", *[f"| {k} | {v} |" for k, v in rows], "",
+            f"![loss curve]({CURVE_FILE})\n", "## How to load\n",
+            ("```python\nfrom flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel\n\n"
+             'model = FlaxSpeechEncoderDecoderModel.from_pretrained("path/to/this/directory")\n```\n'),
+            ("```python\nfrom transformers import SpeechEncoderDecoderModel\n\n"
+             'model = SpeechEncoderDecoderModel.from_pretrained("path/to/this/directory")\n```\n'),
+            "## How it was made\n",
+            f"```bash\n{report['command'] or 'python -m convert.finetune ...'}\n```\n"]
+    header = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, default_flow_style=False)
+    return f"---\n{header}---\n\n" + "\n".join(body)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def build_parser() -> cli.ArgumentParser:
+    d = FinetuneSettings()
+    p = cli.ArgumentParser(
+        prog="python -m convert.finetune",
+        description="Fine-tune a composed speech encoder-decoder in JAX (AdamW, bucketed batches, checkpoints, "
+        "WER/CER evaluation) and write it back in the composed format (Flax msgpack + safetensors).",
+        epilog="Manifests: one JSON object per line, {\"audio\": PATH, \"text\": TRANSCRIPT} (relative paths are "
+        "relative to the manifest). Ctrl-C saves a checkpoint and exits 130; --resume continues from it. "
+        "Example: python -m convert.finetune --model asr --train train.jsonl --eval eval.jsonl --output asr-ft "
+        "--max-steps 2000 --learning-rate 3e-4 --warmup-steps 200",
+    )
+    p.add_argument("--model", required=True, metavar="DIR", help="composed model directory (with tokenizer.json)")
+    p.add_argument("--train", required=True, metavar="JSONL", help="training manifest")
+    p.add_argument("--eval", required=True, metavar="JSONL", help="held-out manifest (WER / CER)")
+    p.add_argument("--output", required=True, metavar="DIR", help="directory to write the fine-tuned model to")
+    p.add_argument("--epochs", type=float, default=d.epochs, help="passes over the training set")
+    p.add_argument("--max-steps", type=int, metavar="N", help="optimiser steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, metavar="N", help="utterances per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum, metavar="N",
+                   help="micro-batches accumulated per optimiser step")
+    p.add_argument("--learning-rate", type=float, default=d.learning_rate, metavar="LR", help="peak learning rate")
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, metavar="N", help="linear warmup steps")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
+    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="global-norm clipping (0: none)")
+    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="label smoothing factor")
+    p.add_argument("--dtype", choices=COMPUTE_DTYPES, default=d.dtype,
+                   help="compute dtype; bfloat16 keeps float32 master weights")
+    p.add_argument("--remat", action="store_true", help="rematerialise each layer (less memory, ~30%% more time)")
+    p.add_argument("--freeze-feature-encoder", action="store_true", help="do not train the conv feature encoder")
+    p.add_argument("--no-spec-augment", dest="spec_augment", action="store_false",
+                   help="no SpecAugment masks (by default drawn with the encoder config's probabilities)")
+    p.add_argument("--no-dropout", dest="dropout", action="store_false",
+                   help="train deterministically: no dropout, LayerDrop or SpecAugment")
+    p.add_argument("--num-buckets", type=int, default=d.num_buckets, metavar="N",
+                   help="distinct padded audio lengths (compiled shapes)")
+    p.add_argument("--eval-every", type=int, default=d.eval_every, metavar="N",
+                   help="evaluate every N steps (0: before and after training only)")
+    p.add_argument("--save-every", type=int, default=d.save_every, metavar="N",
+                   help="checkpoint every N steps (0: at the end and on Ctrl-C only)")
+    p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, metavar="N")
+    p.add_argument("--num-beams", type=int, default=d.num_beams, metavar="N", help="beam width for evaluation")
+    p.add_argument("--max-new-tokens", type=int, metavar="N", help="most tokens generated in evaluation")
+    p.add_argument("--seed", type=int, default=d.seed, help="data order, dropout and SpecAugment")
+    p.add_argument("--checkpoint-dir", metavar="DIR", help="where checkpoints go (default: OUTPUT.checkpoints)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if this toolkit wrote it")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip comparing the output's Flax and PyTorch logits")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    names = {f.name for f in dataclasses.fields(FinetuneSettings)}
+    settings = FinetuneSettings(**{k: v for k, v in vars(args).items() if k in names})
+    command = shlex.join(["python", "-m", "convert.finetune", *(sys.argv[1:] if argv is None else argv)])
+    stop = threading.Event()
+    cli.defer_interrupts(stop.set)
+    cli.set_interrupt_note("stopped without saving (a second interrupt)")
+
+    def work() -> int:
+        result = finetune(args.model, args.train, args.eval, args.output, settings,
+                          checkpoint_dir=args.checkpoint_dir, resume=args.resume, overwrite=args.overwrite,
+                          verify=args.verify, progress=args.progress, command=command, stop=stop)
+        if result.interrupted:
+            sys.stderr.write(f"interrupted: checkpoint saved at step {result.report['interrupted_at_step']} in "
+                             f"{result.report['checkpoint_dir']} (continue with --resume)\n")
+            return cli.EXIT_INTERRUPTED
+        return cli.EXIT_OK
+
+    try:
+        return cli.run_command(work, parser)
+    finally:
+        cli.defer_interrupts(None)
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,173 @@
+"""Training data for fine-tuning: JSON-lines manifests, label tokenisation, and padded batches of few shapes.
+
+A manifest line is `{"audio": PATH, "text": TRANSCRIPT}`; a relative PATH is relative to the manifest's directory.
+Text becomes labels through the decoder's `tokenizer.json` (the `tokenizers` package), as transformers' speech
+recognition examples make them: the tokenizer's ids with its special tokens, the decoder start token dropped when
+the tokenizer puts it first (the model adds it when it shifts the labels), and the end-of-sequence token appended
+when the tokenizer does not add one (so that generation learns to stop). Audio is read with `convert.audio`
+(resampled to the model's rate) and normalised as the feature extractor does; batches group utterances of
+similar length (`convert.batching`) and pad audio and labels to a few bucket lengths, so that a compiled train
+step sees a few shapes. Padded label positions hold -100.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from convert.audio import FeatureExtractorConfig, audio_seconds, load_audio, zero_mean_unit_var
+from convert.batching import Batch
+from convert.errors import ConvertError
+
+IGNORE_INDEX = -100
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class DataError(ConvertError):
+    """A manifest line, transcript or tokenizer that training cannot use."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One utterance of a manifest: its audio file, transcript, and where it was read (`file:line`)."""
+
+    audio: Path
+    text: str
+    where: str
+
+
+def read_manifest(path: str | Path) -> list[Example]:
+    """Reads a JSON-lines manifest; blank lines are skipped.
+
+    Raises:
+        DataError: `FILE:LINE: what is wrong` for a missing file, bad JSON, a missing or non-string field, an
+            audio file that does not exist, or a manifest without examples.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such manifest file")
+    examples = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not a JSON object ({e.msg})") from None
+        if not isinstance(item, dict):
+            raise DataError(f"{where}: not a JSON object")
+        for field in ("audio", "text"):
+            if not isinstance(item.get(field), str) or not item[field].strip():
+                raise DataError(f"{where}: '{field}' must be a non-empty string")
+        audio = Path(item["audio"])
+        audio = audio if audio.is_absolute() else path.parent / audio
+        if not audio.is_file():
+            raise DataError(f"{where}: audio {audio}: no such file")
+        examples.append(Example(audio, item["text"], where))
+    if not examples:
+        raise DataError(f"{path}: the manifest holds no examples")
+    return examples
+
+
+class LabelTokenizer:
+    """Text <-> label ids with the decoder's `tokenizer.json`.
+
+    Args:
+        directory: the model directory holding `tokenizer.json`.
+        decoder_start_token_id: dropped when the tokenizer puts it first.
+        eos_token_id: appended when the tokenizer does not end with it.
+        vocab_size: the decoder's vocabulary; ids beyond it are refused.
+    """
+
+    def __init__(self, directory: str | Path, decoder_start_token_id: int | None, eos_token_id: int | None,
+                 vocab_size: int):
+        from tokenizers import Tokenizer
+
+        path = Path(directory) / TOKENIZER_FILE
+        if not path.is_file():
+            raise DataError(f"{path}: no such file (training needs the decoder's tokenizer.json in the model "
+                            "directory)")
+        try:
+            self.tokenizer = Tokenizer.from_file(str(path))
+        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for a malformed file
+            raise DataError(f"{path}: not a tokenizers file ({str(e).splitlines()[0]})") from None
+        self.path = path
+        self.start, self.eos, self.vocab_size = decoder_start_token_id, eos_token_id, vocab_size
+
+    def encode(self, text: str, where: str = "text") -> list[int]:
+        ids = list(self.tokenizer.encode(text).ids)
+        if ids and self.start is not None and ids[0] == self.start:
+            ids = ids[1:]
+        if self.eos is not None and (not ids or ids[-1] != self.eos):
+            ids.append(self.eos)
+        if len(ids) <= (self.eos is not None):
+            raise DataError(f"{where}: the transcript {text!r} gives no tokens")
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise DataError(f"{where}: token id {bad[0]} is outside the decoder's vocabulary ({self.vocab_size}); "
+                            f"is {self.path} the decoder's tokenizer?")
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def sample_lengths(examples: Sequence[Example], sampling_rate: int) -> list[int]:
+    """Each utterance's length in samples at `sampling_rate`, from the file headers (nothing is decoded)."""
+    return [max(1, round(audio_seconds(e.audio) * sampling_rate)) for e in examples]
+
+
+class AudioCache:
+    """Waveforms read once (resampled to the model's rate) and kept: fine-tuning reads each file every epoch."""
+
+    def __init__(self, sampling_rate: int):
+        self.sampling_rate = sampling_rate
+        self._waves: dict[Path, np.ndarray] = {}
+
+    def get(self, path: Path) -> np.ndarray:
+        if path not in self._waves:
+            self._waves[path] = load_audio(path, self.sampling_rate)
+        return self._waves[path]
+
+
+def label_length_buckets(max_tokens: int, multiple: int = 8) -> int:
+    """The padded label length: the longest label rounded up to a multiple (few distinct shapes)."""
+    return int(np.ceil(max_tokens / multiple) * multiple)
+
+
+def make_batch(batch: Batch, examples: Sequence[Example], labels: Sequence[Sequence[int]], audio: AudioCache,
+               features: FeatureExtractorConfig, label_length: int) -> dict[str, Any]:
+    """The arrays of one batch: `batch.batch_size` rows (rows past the items are silence with no label tokens).
+
+    Returns:
+        {"inputs" [B, N] float32, "attention_mask" [B, N] int32 or None (as the feature extractor passes one),
+        "labels" [B, L] int32 (-100 padding), "seconds" (real audio in the batch), "indices"}.
+    """
+    n, b = batch.padded_length, batch.batch_size
+    inputs = np.full((b, n), features.padding_value, np.float32)
+    mask = np.zeros((b, n), np.int32)
+    mask[len(batch.indices):] = 1  # filler rows: silence, unmasked, no labels
+    out_labels = np.full((b, label_length), IGNORE_INDEX, np.int32)
+    seconds = 0.0
+    for row, index in enumerate(batch.indices):
+        wave = audio.get(examples[index].audio)[:n]
+        seconds += len(wave) / audio.sampling_rate
+        inputs[row, :len(wave)] = wave
+        mask[row, :len(wave)] = 1
+        ids = list(labels[index])[:label_length]
+        out_labels[row, :len(ids)] = ids
+    if features.do_normalize:
+        for row in range(b):
+            real = int(mask[row].sum())
+            if features.return_attention_mask:
+                inputs[row, :real] = zero_mean_unit_var(inputs[row, :real])
+            else:
+                inputs[row] = zero_mean_unit_var(inputs[row])
+    return {"inputs": inputs, "attention_mask": mask if features.return_attention_mask else None,
+            "labels": out_labels, "seconds": seconds, "indices": batch.indices}

@@ -1,0 +1,130 @@
+"""`convert.finetune`: the exported directory loads and passes `convert.check`; Ctrl-C saves a checkpoint and a
+resumed run ends with the same parameters as an uninterrupted one; bad input is a one-line error."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+from flax import traverse_util
+
+from convert import cli, finetune
+from convert.finetune import FinetuneSettings
+from convert.training_data import LabelTokenizer
+
+SETTINGS = dict(max_steps=4, batch_size=2, num_buckets=1, eval_batch_size=2, max_new_tokens=4, save_every=2,
+                learning_rate=1e-3)
+WORDS = ("one two", "three", "four five six", "seven", "eight nine", "zero one")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    """A composed built-in model (it has a tokenizer.json) and six training / two held-out tone utterances."""
+    from convert.compose import compose
+
+    root = tmp_path_factory.mktemp("finetune")
+    compose("wav2vec2", "bart", root / "base", verify=False, progress=False, log=io.StringIO())
+    rng = np.random.default_rng(0)
+    (root / "wav").mkdir()
+    for name, texts in (("train", WORDS), ("eval", WORDS[:2])):
+        with (root / f"{name}.jsonl").open("w") as f:
+            for i, text in enumerate(texts):
+                seconds = 0.3 + 0.05 * len(text.split())
+                t = np.arange(int(16000 * seconds)) / 16000
+                wave = 0.3 * np.sin(2 * np.pi * (200 + 40 * i) * t) + 0.01 * rng.standard_normal(t.shape)
+                soundfile.write(root / "wav" / f"{name}{i}.wav", wave.astype(np.float32), 16000)
+                f.write(json.dumps({"audio": f"wav/{name}{i}.wav", "text": text}) + "\n")
+    return {"root": root, "model": root / "base", "train": root / "train.jsonl", "eval": root / "eval.jsonl"}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data) -> Path:
+    out = data["root"] / "straight"
+    result = finetune.finetune(data["model"], data["train"], data["eval"], out, FinetuneSettings(**SETTINGS),
+                               verify=False, progress=False, log=io.StringIO())
+    assert not result.interrupted
+    return out
+
+
+def _params(directory: Path) -> dict[str, np.ndarray]:
+    from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel
+
+    model = FlaxSpeechEncoderDecoderModel.from_pretrained(directory)
+    return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(model.params, sep="/").items()}
+
+
+def test_the_exported_directory_loads_and_convert_check_passes(data, uninterrupted):
+    from convert.check import check
+
+    for name in ("config.json", "flax_model.msgpack", "model.safetensors", "generation_config.json", "tokenizer.json",
+                 "preprocessor_config.json", "README.md", "training_report.json", "loss_curve.png"):
+        assert (uninterrupted / name).is_file(), name
+    report = json.loads((uninterrupted / "training_report.json").read_text())
+    assert report["steps"] == 4 and [e["step"] for e in report["eval"]] == [0, 4]
+    assert "Training run" in (uninterrupted / "README.md").read_text()
+    trained, base = _params(uninterrupted), _params(data["model"])
+    assert trained.keys() == base.keys()
+    moved = sum(not np.array_equal(trained[k], base[k]) for k in base)
+    assert moved > len(base) // 2, f"only {moved} of {len(base)} tensors changed"
+    result = check(str(uninterrupted), max_new_tokens=5)
+    assert result["passed"], json.dumps(result["checks"], default=str)[:1000]
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resuming_matches_an_uninterrupted_run(data, uninterrupted, monkeypatch,
+                                                                            capsys):
+    out, checkpoints = data["root"] / "resumed", data["root"] / "resumed.checkpoints"
+    argv = ["--model", str(data["model"]), "--train", str(data["train"]), "--eval", str(data["eval"]),
+            "--output", str(out), "--max-steps", "4", "--batch-size", "2", "--num-buckets", "1",
+            "--eval-batch-size", "2", "--max-new-tokens", "4", "--save-every", "2", "--learning-rate", "1e-3",
+            "--no-verify", "--no-progress"]
+    # Ctrl-C as the interrupt guard delivers it: the callback finetune registered is called after step 3 starts.
+    handlers = []
+    monkeypatch.setattr(cli, "defer_interrupts", lambda h: handlers.append(h))
+    real_step = finetune._Run.step
+
+    def step(self, state, number):
+        if number == 2 and handlers[0] is not None:
+            handlers[0]()
+        return real_step(self, state, number)
+
+    monkeypatch.setattr(finetune._Run, "step", step)
+    assert finetune.main(argv) == cli.EXIT_INTERRUPTED
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("interrupted: checkpoint saved at step 3"), err
+    assert not out.exists() and checkpoints.is_dir()
+    monkeypatch.setattr(finetune._Run, "step", real_step)
+    assert finetune.main([*argv, "--resume"]) == cli.EXIT_OK
+    assert "resumed from" in capsys.readouterr().out
+    resumed, straight = _params(out), _params(uninterrupted)
+    differ = [k for k in straight if not np.array_equal(resumed[k], straight[k])]
+    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
+
+
+def test_a_bad_manifest_line_is_a_one_line_error(data, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"audio": "x.wav", "text": "one"}\n')
+    code = finetune.main(["--model", str(data["model"]), "--train", str(bad), "--eval", str(data["eval"]),
+                          "--output", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == cli.EXIT_ERROR and len(err) == 1, err
+    assert err[0].startswith(f"error: {bad}:1: audio ") and "no such file" in err[0], err
+
+
+def test_a_bad_setting_is_a_usage_error_naming_the_flag(data, tmp_path, capsys):
+    code = finetune.main(["--model", str(data["model"]), "--train", str(data["train"]), "--eval", str(data["eval"]),
+                          "--output", str(tmp_path / "out"), "--label-smoothing", "1.5"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == cli.EXIT_USAGE and len(err) == 1 and "--label-smoothing" in err[0], err
+
+
+def test_labels_drop_the_start_token_and_end_with_eos(data):
+    tokenizer = LabelTokenizer(data["model"], decoder_start_token_id=2, eos_token_id=2, vocab_size=320)
+    ids = tokenizer.encode("one two")
+    raw = tokenizer.tokenizer.encode("one two").ids
+    assert ids == [*raw, 2] and tokenizer.decode(ids) == "one two"
+    starting = LabelTokenizer(data["model"], decoder_start_token_id=raw[0], eos_token_id=2, vocab_size=320)
+    assert starting.encode("one two") == [*raw[1:], 2]
