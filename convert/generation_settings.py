@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self
 
-from convert.errors import ConvertError
+from convert.errors import UnsupportedConfig, UsageError
 
 GENERATION_CONFIG_FILE = "generation_config.json"
 CONFIG_FILE = "config.json"
@@ -40,8 +40,25 @@ CONFIG_FILE = "config.json"
 TRANSFORMERS_VERSION = "5.24.0"
 
 
-class GenerationConfigError(ConvertError, ValueError):
-    """A generation setting that is malformed, out of range, or not implemented (one line naming it)."""
+class GenerationConfigError(UnsupportedConfig, ValueError):
+    """A generation config file (or object) holds a setting that is malformed, out of range, or not implemented;
+    one line naming the file and the setting."""
+
+
+class GenerationArgumentError(UsageError, ValueError):
+    """An argument of `generate` (or a setting the model cannot honour) is malformed, out of range, or not
+    implemented; one line `name=value: why`, the parameter in `.param`."""
+
+
+def setting_error(where: str | None, key: str, value: Any, why: str) -> UsageError | UnsupportedConfig:
+    """The error for setting `key`: about an argument (`where` None) or about a file/object named `where`."""
+    try:
+        shown = value if isinstance(value, str) else json.dumps(to_json_value(value))
+    except (TypeError, ValueError):
+        shown = repr(value)
+    if where is None:
+        return GenerationArgumentError(f"{key}={shown}: {why}", param=key)
+    return GenerationConfigError(f"{where}: {key}={shown}: {why}")
 
 
 # transformers' `GenerationConfig._get_default_generation_params()`: what an unset field means.
@@ -232,7 +249,7 @@ class GenerationConfig:
                   for name in FIELDS}
         return GenerationConfig(**values, extra={**base.extra, **self.extra})
 
-    def updated(self, where: str = "generate", **settings: Any) -> GenerationConfig:
+    def updated(self, where: str | None = None, **settings: Any) -> GenerationConfig:
         """This config with `settings` (keyword arguments of `generate`; None leaves a field as it is) applied."""
         unknown = sorted(set(settings) - set(FIELDS))
         for key in unknown:
@@ -240,9 +257,12 @@ class GenerationConfig:
                 refuse_not_implemented(key, settings[key], where)
         unknown = [k for k in unknown if k not in NOT_IMPLEMENTED]
         if unknown:
-            raise GenerationConfigError(f"{where}: unknown generation setting(s) {', '.join(unknown)}")
+            raise setting_error(where, unknown[0], settings[unknown[0]], "is not a generation setting")
         checked = {k: check_value(k, v, where) for k, v in settings.items() if k in FIELDS and v is not None}
         return dataclasses.replace(self, **checked)
+
+    def __repr__(self) -> str:
+        return f"GenerationConfig({self.to_hf_dict()})"
 
     def write(self, directory: str | Path) -> Path:
         """Writes `generation_config.json` into `directory`."""
@@ -261,10 +281,11 @@ _TOKEN_TUPLES = ("suppress_tokens", "begin_suppress_tokens")
 _BOOLS = ("do_sample", "output_scores", "return_dict_in_generate")
 
 
-def check_value(key: str, value: Any, where: str) -> Any:
-    """`value` checked for the type and range of setting `key` (lists become tuples); one-line error naming it."""
-    def bad(why: str) -> GenerationConfigError:
-        return GenerationConfigError(f"{where}: {key}={value!r} {why}")
+def check_value(key: str, value: Any, where: str | None) -> Any:
+    """`value` checked for the type and range of setting `key` (lists become tuples); one-line error naming it
+    (and the file `where`; None: an argument)."""
+    def bad(why: str) -> UsageError | UnsupportedConfig:
+        return setting_error(where, key, value, why)
 
     if key in _INTS_AT_LEAST:
         if not is_int(value) or value < _INTS_AT_LEAST[key]:
@@ -312,12 +333,11 @@ def check_value(key: str, value: Any, where: str) -> Any:
     raise AssertionError(f"no check for {key}")  # every field has one
 
 
-def refuse_not_implemented(key: str, value: Any, where: str) -> None:
+def refuse_not_implemented(key: str, value: Any, where: str | None) -> None:
     if not any(value is v or (type(value) is type(v) and value == v) or (is_number(value) and is_number(v)
                                                                            and value == v)
                for v in NOT_IMPLEMENTED[key]):
-        raise GenerationConfigError(f"{where}: {key}={value!r} is not implemented by this toolkit "
-                                    f"(leave it unset)")
+        raise setting_error(where, key, value, "is not implemented by this toolkit (leave it unset)")
 
 
 def is_int(value: Any) -> bool:
@@ -490,11 +510,10 @@ def resolve_settings(model_config: Any, model_generation: GenerationConfig | Non
         value = getattr(config, name)
         return GLOBAL_DEFAULTS.get(name) if value is None else value
 
-    where = "generate"
     vocab = model_config.decoder.vocab_size
 
-    def refuse(name: str, value: Any, why: str) -> GenerationConfigError:
-        return GenerationConfigError(f"{where}: {name}={value!r} {why}")
+    def refuse(name: str, value: Any, why: str) -> UsageError | UnsupportedConfig:
+        return setting_error(None, name, value, why)
 
     # Lengths: the start token is the whole decoder prompt.
     if config.max_new_tokens is not None:
@@ -512,7 +531,8 @@ def resolve_settings(model_config: Any, model_generation: GenerationConfig | Non
 
     start = config.decoder_start_token_id if config.decoder_start_token_id is not None else config.bos_token_id
     if start is None:
-        raise GenerationConfigError(f"{where}: no decoder_start_token_id or bos_token_id; pass decoder_start_token_id")
+        raise GenerationArgumentError("decoder_start_token_id=null: no decoder_start_token_id or bos_token_id in "
+                                      "the model's generation config; pass one", param="decoder_start_token_id")
     eos = config.eos_token_id
     eos_ids = () if eos is None else ((eos,) if isinstance(eos, int) else tuple(eos))
     pad = config.pad_token_id if config.pad_token_id is not None else (eos_ids[0] if eos_ids else None)

@@ -6,8 +6,9 @@ the same thing plainly in eager PyTorch; both follow transformers 5's `generate`
 
 * Settings come from `convert.generation_settings.resolve_settings`: the model's generation config
   (`generation_config.json`, else `config.json`), a GenerationConfig-like object, keyword arguments.
-* The encoder runs once; `init_cache` projects the cross-attention keys/values once (the prefill); every step
-  feeds the last token through the decoder with the cache. The cache holds `max_new_tokens + 1` positions.
+* The encoder runs once (the model's own jitted `encode`, compiled once per input shape whatever the settings);
+  `init_cache` projects the cross-attention keys/values once (the prefill); every step feeds the last token
+  through the decoder with the cache. The cache holds `max_new_tokens + 1` positions.
 * Every processor runs inside the loop on fixed shapes: the sequences so far live in a [rows, 1 + max_new_tokens]
   buffer and a processor looks only at the first `1 + step` columns (masks built with `arange < cur_len`).
   Order: repetition_penalty, no_repeat_ngram_size, bad_words_ids, min_length / min_new_tokens,
@@ -20,10 +21,11 @@ the same thing plainly in eager PyTorch; both follow transformers 5's `generate`
 * Beam search keeps transformers' vectorised bookkeeping: K' = max(2, 1 + number of eos ids) * K candidates per
   step; running beams are the best candidates that did not end; finished hypotheses merge with the K best kept.
 
-Compilation: one `jax.jit` function per static setting (`GenerationSettings.static`: the mode, lengths, token ids,
-which processors run, `output_scores`), cached on the model; `length_penalty`, `min_new_tokens`,
-`repetition_penalty`, `temperature` and `top_p` are traced arguments, so changing their values does not compile
-again, and neither does a second call with the same input shapes. `TRACES` counts traces per mode.
+Compilation: the encoder once per input shape, and one `jax.jit` search (prefill and loop) per static setting
+(`GenerationSettings.static`: the mode, lengths, token ids, which processors run, `output_scores`) and encoder
+output shape, cached on the model; `length_penalty`, `min_new_tokens`, `repetition_penalty`, `temperature` and
+`top_p` are traced arguments, so changing their values does not compile again, and neither does a second call
+with the same input shapes. `TRACES` counts the searches' traces per mode.
 """
 
 from __future__ import annotations
@@ -109,12 +111,13 @@ def generate(
     if key not in model._compiled:
         model._compiled[key] = jax.jit(search_function(model.module, settings))
     run = model._compiled[key]
-    inputs = jnp.asarray(inputs, jnp.float32)
-    mask = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+    params = model.params if params is None else params
+    # The encoder is compiled apart (once per input shape, whatever the generation settings).
+    encoded = model.encode(inputs, attention_mask, params=params)
     traced = {name: jnp.asarray(value, jnp.int32 if name == "min_new_tokens" else jnp.float32)
               for name, value in settings.traced.items()}
     rng = jax.random.PRNGKey(0) if prng_key is None else prng_key
-    out = run(model.params if params is None else params, inputs, mask, traced, rng)
+    out = run(params, encoded.last_hidden_state, encoded.attention_mask, traced, rng)
     steps = int(out["steps"])
     width = 1 + int(jnp.max(out["lengths"]))
     scores = None if out.get("scores") is None else np.asarray(out["scores"])[:, :steps]
@@ -124,16 +127,14 @@ def generate(
 
 
 def search_function(module: Any, settings: GenerationSettings) -> Callable:
-    """The function to jit: (params, inputs, attention_mask, traced settings, PRNG key) -> a dict of
-    sequences [N, 1 + max_new_tokens], sequences_scores [N], lengths [N] (generated tokens), steps [],
+    """The function to jit: (params, encoder output [B, S, D], its mask [B, S], traced settings, PRNG key) -> a
+    dict of sequences [N, 1 + max_new_tokens], sequences_scores [N], lengths [N] (generated tokens), steps [],
     and with `output_scores` scores [rows, max_new_tokens, V] (and beam_indices)."""
     mode = settings.mode
 
-    def run(params, inputs, attention_mask, traced, key):
+    def run(params, hidden, encoder_mask, traced, key):
         TRACES[mode] += 1
         variables = {"params": params}
-        hidden, encoder_mask = module.apply(variables, inputs, attention_mask,
-                                            method="encode")  # [B, S, D], [B, S]
         if settings.num_beams == 1 and settings.num_return_sequences > 1:
             hidden = jnp.repeat(hidden, settings.num_return_sequences, axis=0)
             encoder_mask = jnp.repeat(encoder_mask, settings.num_return_sequences, axis=0)

@@ -22,6 +22,7 @@ from convert.checkpoint import FLAX_FIRST
 from convert.composed import SpeechEncoderDecoderConfig
 from convert.configs import HFConfig
 from convert.errors import UnsupportedConfig
+from convert.generation_settings import GenerationConfig
 from convert.hub import resolve_source
 from convert.params import load_params, save_params
 from convert.registry import spec_for
@@ -233,6 +234,8 @@ class FlaxSpeechEncoderDecoderModel:
         self.dtype = dtype
         self.module = SpeechEncoderDecoderModule(config, dtype=dtype)
         self._compiled: dict[str, Any] = {}
+        # What `generate` uses by default (from_pretrained reads it); None: what the config implies.
+        self.generation_config: GenerationConfig | None = None
 
     # -- loading and saving ---------------------------------------------------------------------------
 
@@ -256,13 +259,17 @@ class FlaxSpeechEncoderDecoderModel:
             loaded = load_params(directory, param_shapes, prefer=FLAX_FIRST)
         if not isinstance(loaded.config, SpeechEncoderDecoderConfig):
             raise UnsupportedConfig(f"{directory}/config.json: not a composed speech-encoder-decoder model")
+        generation = GenerationConfig.from_directory(directory)  # generation_config.json, else config.json
         if mesh is not None:
-            return on_mesh(cls(loaded.config, loaded.params, dtype=dtype), mesh)
-        config, params = loaded.config, traverse_util.flatten_dict(loaded.params, sep="/")
-        del loaded  # `params` now holds the only reference to each numpy leaf: it goes once copied to JAX
-        for path in params:
-            params[path] = jnp.asarray(params[path])
-        return cls(config, traverse_util.unflatten_dict(params, sep="/"), dtype=dtype)
+            model = on_mesh(cls(loaded.config, loaded.params, dtype=dtype), mesh)
+        else:
+            config, params = loaded.config, traverse_util.flatten_dict(loaded.params, sep="/")
+            del loaded  # `params` now holds the only reference to each numpy leaf: it goes once copied to JAX
+            for path in params:
+                params[path] = jnp.asarray(params[path])
+            model = cls(config, traverse_util.unflatten_dict(params, sep="/"), dtype=dtype)
+        model.generation_config = generation
+        return model
 
     def save_pretrained(self, directory: str | Path, max_shard_size: int | str | None = None,
                         params: dict | None = None) -> list[Path]:
@@ -286,6 +293,8 @@ class FlaxSpeechEncoderDecoderModel:
         _check_tree(flat, param_shapes(self.config))
         with atomic_directory(directory, overwrite=True, param="directory") as tmp:
             files = save_params(tmp, self.config, flat, max_shard_size=parse_size(max_shard_size))
+            if self.generation_config is not None:
+                files.append(self.generation_config.write(tmp))
         return [Path(directory) / f.name for f in files]
 
     # -- running ---------------------------------------------------------------------------------------

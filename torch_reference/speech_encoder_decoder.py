@@ -13,6 +13,7 @@ from torch import nn
 from convert.checkpoint import Checkpoint, numpy_to_torch
 from convert.composed import SpeechEncoderDecoderConfig, composed_keymap, composed_tied_keys
 from convert.errors import UnsupportedConfig
+from convert.generation_settings import GenerationConfig
 from convert.params import load_params, params_to_torch_state, save_params
 from convert.writing import atomic_directory
 from torch_reference.generation import generate as _generate
@@ -35,6 +36,8 @@ class SpeechEncoderDecoderModel(nn.Module):
     def __init__(self, config: SpeechEncoderDecoderConfig):
         super().__init__()
         self.config = config
+        # What `generate` uses by default (from_pretrained reads it); None: what the config implies.
+        self.generation_config: GenerationConfig | None = None
         self.encoder = model_for(config.encoder, "encoder")
         self.decoder = model_for(config.decoder, "decoder")
         if config.has_projection:
@@ -153,6 +156,8 @@ class SpeechEncoderDecoderModel(nn.Module):
             leaves[path] = transform.to_flax(tensor.contiguous().numpy())
         with atomic_directory(directory, overwrite=True, param="directory") as tmp:
             files = save_params(tmp, self.config, leaves, formats=formats)
+            if self.generation_config is not None:
+                files.append(self.generation_config.write(tmp))
         return [Path(directory) / f.name for f in files]
 
     def generate(self, inputs, attention_mask=None, **kwargs):
@@ -183,6 +188,7 @@ def from_pretrained(directory: str | Path) -> tuple[SpeechEncoderDecoderModel, L
         raise UnsupportedConfig(f"{checkpoint.directory / 'config.json'}: not a composed speech-encoder-decoder model")
     config = SpeechEncoderDecoderConfig.from_hf_dict(checkpoint.config, str(checkpoint.directory / "config.json"))
     model = SpeechEncoderDecoderModel(config).eval()
+    model.generation_config = GenerationConfig.from_directory(directory)  # generation_config.json, else config.json
     if checkpoint.format == "flax":
         state = params_to_torch_state(config, load_params(directory, _flax_shapes_of(model)).params)
         missing = model.load_state_dict({k: numpy_to_torch(v) for k, v in state.items()}, strict=False).missing_keys
