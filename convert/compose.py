@@ -354,6 +354,8 @@ def compose(
     def leaves():
         from tqdm import tqdm
 
+        scratch: list[np.ndarray] = []  # one reusable buffer for the finiteness check
+
         with tqdm(total=total, unit="B", unit_scale=True, desc="composing", disable=not cli.show_progress(progress),
                   file=sys.stderr, leave=False) as bar:
             for spec in layout.specs:
@@ -361,7 +363,7 @@ def compose(
                     src, entry = layout.sources[spec.name]
                     with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, by tensor
                         array = src.checkpoint.get(entry.source, spec.dtype)  # cast on the way in, if at all
-                    _check_finite(array, src, entry.source, dtype)
+                    _check_finite(array, src, entry.source, dtype, scratch)
                     # A strided view: the writers tile transposes out; the PyTorch file gets `array` as is.
                     array = entry.transform.to_flax(array, contiguous=False)
                 else:
@@ -407,12 +409,31 @@ def _local_path(spec: Any, role: str) -> Path | None:
     return BUILTIN_DIR / spec if spec in BUILTINS.get(role, ()) else None
 
 
-def _check_finite(array: np.ndarray, src: Source, key: str, dtype_name: str) -> None:
+# Exponent bits of the 2-byte floats: all ones is Inf or NaN. Masking the bits runs ~10 GB/s where
+# np.isfinite on bfloat16 and float16 runs ~1 GB/s (they are not native numpy loops).
+_EXPONENT_MASKS = {"bfloat16": 0x7F80, "float16": 0x7C00}
+
+
+def _all_finite(flat: np.ndarray, scratch: list[np.ndarray]) -> bool:
+    mask = _EXPONENT_MASKS.get(flat.dtype.name)
+    if mask is None or flat.ndim != 1:
+        return bool(np.isfinite(flat).all())
+    if not scratch or scratch[0].size < flat.size:
+        scratch[:] = [np.empty(flat.size, np.uint16)]
+    bits = scratch[0][:flat.size]
+    np.bitwise_and(flat.view(np.uint16), mask, out=bits)
+    return bool(bits.max() != mask) if bits.size else True
+
+
+def _check_finite(array: np.ndarray, src: Source, key: str, dtype_name: str,
+                  scratch: list[np.ndarray] | None = None) -> None:
     """Refuses a tensor with NaN or Inf values (also values that overflow the output dtype), by name."""
-    flat = array.reshape(-1)
-    for start in range(0, flat.size, _FINITE_CHUNK):
-        chunk = flat[start:start + _FINITE_CHUNK]
-        if np.isfinite(chunk).all():
+    # The tensor as read is contiguous (a view then); a strided one is checked whole rather than copied.
+    flat = array.reshape(-1) if array.flags.c_contiguous else array
+    scratch = [] if scratch is None else scratch
+    chunks = range(0, flat.size, _FINITE_CHUNK) if flat.ndim == 1 else [None]
+    for start in chunks:
+        if _all_finite(flat if start is None else flat[start:start + _FINITE_CHUNK], scratch):
             continue
         original = src.checkpoint.get(key)
         with np.errstate(invalid="ignore"):
