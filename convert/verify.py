@@ -204,17 +204,14 @@ def torch_logits(torch_model: Any, batch: dict[str, np.ndarray], dtype: Any = No
 
 
 def reference_logits(torch_model: Any, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """(float32 logits, float64 logits) of the reference; the model is converted to float64 in place for the
-    second run and back to float32 afterwards (exactly: its weights came from float32 or narrower)."""
+    """(float32 logits, float64 logits) of the reference. The model is converted to float64 in place for the
+    second run (parameter by parameter, so the peak is the float64 model, not both) and left so: `.float()`
+    brings it back exactly, its weights having come from float32 or narrower."""
     import torch
 
     logits32 = torch_logits(torch_model, batch)
     torch_model.double()
-    try:
-        logits64 = torch_logits(torch_model, batch, dtype=torch.float64)
-    finally:
-        torch_model.float()
-    return logits32, logits64
+    return logits32, torch_logits(torch_model, batch, dtype=torch.float64)
 
 
 def judge_logits(flax32: np.ndarray, ref32: np.ndarray, ref64: np.ndarray, factor: float = DEFAULT_FACTOR
