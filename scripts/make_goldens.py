@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import inspect
 import io
 import json
 import sys
@@ -128,11 +129,18 @@ def record_speech_encoder(model: Any, inputs: Mapping[str, np.ndarray]) -> tuple
     values, mask = torch.from_numpy(inputs["input_values"]), torch.from_numpy(inputs["attention_mask"])
     hidden = model(values, attention_mask=mask).last_hidden_state
     lengths = torch.from_numpy(inputs["lengths"]).long()
+    lengths_of = model._get_feat_extract_output_lengths
+    takes_adapter = "add_adapter" in inspect.signature(lengths_of).parameters
+
+    def output_lengths(add_adapter: bool) -> np.ndarray:
+        # HuBERT has no adapter, and its method no add_adapter: its frames are the same either way.
+        return (lengths_of(lengths, add_adapter=add_adapter) if takes_adapter else lengths_of(lengths)).numpy()
+
     return {
         "last_hidden_state": hidden.numpy(),
         "frame_mask": model._get_feature_vector_attention_mask(hidden.shape[1], mask).numpy(),
-        "lengths_without_adapter": model._get_feat_extract_output_lengths(lengths, add_adapter=False).numpy(),
-        "lengths_with_adapter": model._get_feat_extract_output_lengths(lengths, add_adapter=True).numpy(),
+        "lengths_without_adapter": output_lengths(False),
+        "lengths_with_adapter": output_lengths(True),
     }, ["input_values", "attention_mask", "lengths"]
 
 
@@ -192,6 +200,14 @@ ARCHITECTURES: dict[str, Architecture] = {
     "MBartForCausalLM": Architecture("MBartForCausalLM", "decoder", record_causal_lm, "text"),
     "GPT2LMHeadModel": Architecture("GPT2LMHeadModel", "decoder", record_causal_lm, "text"),
     "GPT2Model": Architecture("GPT2LMHeadModel", "decoder", record_causal_lm, "text"),
+    # HuBERT, WavLM, data2vec-audio: base models, and CTC checkpoints whose encoder transformers reads under the
+    # prefix (`hubert.`, `wavlm.`, `data2vec_audio.`) as we do.
+    "HubertModel": Architecture("HubertModel", "encoder", record_speech_encoder, "audio"),
+    "HubertForCTC": Architecture("HubertModel", "encoder", record_speech_encoder, "audio"),
+    "WavLMModel": Architecture("WavLMModel", "encoder", record_speech_encoder, "audio"),
+    "WavLMForCTC": Architecture("WavLMModel", "encoder", record_speech_encoder, "audio"),
+    "Data2VecAudioModel": Architecture("Data2VecAudioModel", "encoder", record_speech_encoder, "audio"),
+    "Data2VecAudioForCTC": Architecture("Data2VecAudioModel", "encoder", record_speech_encoder, "audio"),
 }
 
 # Fixtures of a covered architecture that get no golden of their own, and why.
@@ -199,6 +215,8 @@ SKIPPED_FIXTURES: dict[str, str] = {
     "w2v_bin": "a w2v_group-shaped model in pytorch_model.bin: a file-format variant (checkpoint tests cover it)",
     "w2v_sharded": "a w2v_group-shaped model in safetensors shards: a file-format variant",
     "w2v_bin_sharded": "a w2v_group-shaped model in .bin shards: a file-format variant",
+    "hubert_old_weightnorm": "hubert_stable's layout with old weight-norm names: a file-format variant",
+    "wavlm_old_weightnorm": "wavlm_stable's layout with old weight-norm names: a file-format variant",
 }
 
 # ----------------------------------------------------------------------------------------------------------
@@ -250,6 +268,10 @@ PAIRS: tuple[Pair, ...] = (
          logits=False),
     Pair("w2v_group_adapter", "bart_causal", "an adapter whose output_hidden_size (48) differs from hidden_size "
          "(32): transformers sizes enc_to_dec_proj from hidden_size", logits=False),
+    Pair("hubert_group", "gpt2_lm", "HuBERT (group norm, post-norm) x GPT-2, cross-attention initialised by "
+         "compose"),
+    Pair("wavlm_stable", "bart_causal", "WavLM (stable layout, relative position bias) x BART"),
+    Pair("d2v_audio_odd_kernel", "mbart", "data2vec-audio (positional conv stack) x mBART"),
 )
 
 # What every generate call sets, so that nothing comes from a generation_config.json or from the decoder's
