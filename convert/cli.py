@@ -57,6 +57,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NoReturn
 
@@ -127,7 +128,13 @@ def _replace_token(text: str, token: str, replacement: str) -> str:
 
 
 def print_error(message: str) -> None:
-    """Prints `error: message` as one line on stderr (after clearing a progress line on a terminal)."""
+    """Prints `error: message` as one line on stderr (after clearing a progress line on a terminal).
+
+    While the interrupt guard ends the process, nothing is printed (the error is the interrupt's doing: its
+    temporary output vanished under the writers): the thread waits for the end instead.
+    """
+    while _interrupting.is_set():
+        time.sleep(1)  # the watcher ends the process with os._exit
     _clear_progress_line()
     print(ERROR_PREFIX + message, file=sys.stderr, flush=True)
 
@@ -225,6 +232,8 @@ def run(main: Callable[[], int | None]) -> NoReturn:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         code = EXIT_ERROR
+    while _interrupting.is_set():  # a signal came at the very end: the watcher reports it and exits 130
+        time.sleep(1)
     sys.exit(EXIT_OK if code is None else code)
 
 
@@ -233,6 +242,7 @@ def run(main: Callable[[], int | None]) -> NoReturn:
 
 _guard_lock = threading.Lock()
 _guard_installed = False
+_interrupting = threading.Event()  # set by the watcher when it starts ending the process
 _note: str | None = None
 _deferred: Callable[[], None] | None = None
 
@@ -303,6 +313,7 @@ def _watch(read_fd: int) -> None:
             if deferred is None:
                 break
             deferred()
+    _interrupting.set()
     try:
         _report_interrupt(_abandon_outputs())
     finally:
