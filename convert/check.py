@@ -244,10 +244,10 @@ def _json_safe(value: Any) -> Any:
 def build_parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(
         prog="python -m convert.check",
-        description="Check a composed speech encoder-decoder: its weight files are there and agree, and the Flax "
-        "model matches the PyTorch reference in logits (judged against a float64 reference run) and in greedy "
+        description="Check a composed speech encoder-decoder: its weight files are there and agree, and the Flax\n"
+        "model matches the PyTorch reference in logits (judged against a float64 reference run) and in greedy\n"
         "generation.",
-        epilog="Exit status: 0 every check passed, 1 a check failed or the model cannot be read, 2 usage error, "
+        epilog="exit status: 0 every check passed, 1 a check failed or the model cannot be read, 2 usage error,\n"
         "130 interrupted.",
     )
     p.add_argument("model", metavar="DIR_OR_REPO", help="a composed checkpoint directory or a Hub repo id")

@@ -594,12 +594,13 @@ def _human(n: float) -> str:
 def build_parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(
         prog="python -m convert.compose",
-        description="Compose a pretrained speech encoder and a pretrained text decoder into one speech "
+        description="Compose a pretrained speech encoder and a pretrained text decoder into one speech\n"
         "encoder-decoder checkpoint (Flax msgpack + PyTorch safetensors, HF layouts).",
-        epilog="SRC: a local checkpoint directory, a Hub repo id (owner/name), or a built-in tiny checkpoint "
-        f"(encoder: {', '.join(BUILTINS['encoder'])}; decoder: {', '.join(BUILTINS['decoder'])}). Example: "
-        f"python -m convert.compose --encoder {BUILTINS['encoder'][0]} --decoder {BUILTINS['decoder'][0]} "
-        "--output out. Exit status: 0 written, 1 error (nothing written), 2 usage error, 130 interrupted.",
+        epilog="SRC: a local checkpoint directory, a Hub repo id (owner/name), or a built-in tiny checkpoint\n"
+        f"(encoder: {', '.join(BUILTINS['encoder'])}; decoder: {', '.join(BUILTINS['decoder'])}).\n\n"
+        f"example: python -m convert.compose --encoder {BUILTINS['encoder'][0]} --decoder "
+        f"{BUILTINS['decoder'][0]} --output out\n\n"
+        "exit status: 0 written, 1 error (nothing written), 2 usage error, 130 interrupted.",
     )
     p.add_argument("--encoder", required=True, metavar="SRC",
                    help=f"speech encoder checkpoint ({', '.join(model_types('encoder'))})")
