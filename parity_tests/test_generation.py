@@ -1,51 +1,83 @@
-"""Cached decoding and generation: Flax against the PyTorch reference on composed fixtures, the compiled loop
-and the transcribe command (the audio reader's tests are in test_audio.py)."""
+"""Generation: Flax against the PyTorch reference on composed fixtures for every processor and the combinations
+users set, the generation config that travels with a composed model, and the compiled loop.
+
+The processors' semantics are checked one by one against hand-computed expectations in test_processors.py,
+sampling in test_sampling.py, transformers' own outputs in test_goldens.py, and the transcription command in
+test_transcribe.py.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
-import subprocess
-import sys
-import wave
+import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
+from convert.generation_settings import GenerationArgumentError, GenerationConfig, GenerationConfigError
 from flax_model import generation as flax_generation
 from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel
 from torch_reference.speech_encoder_decoder import SpeechEncoderDecoderModel
 from torch_reference.speech_encoder_decoder import from_pretrained as torch_from_pretrained
 
-MAX_NEW_TOKENS = 24
-MIN_GENERATED = 20  # the longest row of every parity run generates at least this many tokens
+MAX_NEW_TOKENS = 20
 TOL_LOGITS = 1e-5
 TOL_SCORE = 1e-4
 
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """A composed fixture pair and an eos id picked so that generation is not trivial: the untied LM heads give
-    logits whose argmax moves along the sequence, and the eos ends some rows or beams after 20 or more tokens
-    but not all of them (picked by running the reference over every id; see the asserts below)."""
+    """A composed fixture pair and eos ids picked (by running the reference over every id) so that generation is
+    not trivial on `batch()`: the untied LM heads give logits whose argmax moves along the sequence, the three
+    utterances decode differently, and the eos ends some rows after 5 or more tokens but not all of them."""
 
     encoder: str
     decoder: str
-    eos_token_id: int
+    eos_token_id: tuple[int, ...]
 
 
 CASES = {
-    # wav2vec2 with an adapter (layer-norm features) + BART: greedy row 0 ends with eos after 22 tokens while
-    # row 1 runs to the limit, and both beam-search results end with eos after 20 or more.
-    "bart": Case("w2v_stable_adapter", "bart_untied", eos_token_id=51),
-    # The wide encoder needs enc_to_dec_proj, and GPT-2's cross-attention is initialised by the composer.
-    "gpt2": Case("w2v_stable_wide", "gpt2_untied", eos_token_id=64),
-    # GPT-2 whose cross-attention comes from the source at full scale, so that the encoder output steers the
-    # tokens (the two utterances decode differently): greedy row 0 ends after 21 tokens, row 1 runs on.
-    "gpt2_xattn": Case("w2v_stable_wide", "gpt2_xattn_untied", eos_token_id=33),
+    # wav2vec2 with an adapter + BART. The decoder's config.json carries forced_bos_token_id=0 and
+    # forced_eos_token_id=2 (eos 2, pad 1, start 2): the composed generation_config.json keeps them.
+    "bart": Case("w2v_stable_adapter", "bart_untied", eos_token_id=(16, 2)),
+    # GPT-2 whose cross-attention comes from the source at full scale (start = eos = pad = 95).
+    "gpt2": Case("w2v_stable_wide", "gpt2_xattn_untied", eos_token_id=(92, 95)),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """Generation settings for one parity run; `mixed`: some rows end with eos, some reach the length cap."""
+
+    options: dict[str, Any]
+    mixed: bool = True
+
+
+SETTINGS: dict[tuple[str, str], Setting] = {
+    # The model's own generation config (forced BOS 0 first, forced EOS 2 at the cap), per-step scores.
+    ("bart", "greedy"): Setting({"output_scores": True}),
+    ("bart", "beam4"): Setting({"num_beams": 4}),
+    # What an mBART speech-translation checkpoint sets: the target-language token forced first, eos forced at the
+    # cap (from the config), 4 beams, no repeated 3-gram.
+    ("bart", "mbart_style"): Setting({"num_beams": 4, "no_repeat_ngram_size": 3, "forced_bos_token_id": 56}),
+    ("bart", "penalties"): Setting({"repetition_penalty": 1.3, "no_repeat_ngram_size": 2,
+                                    "bad_words_ids": [[69, 69], [83]], "suppress_tokens": [77],
+                                    "begin_suppress_tokens": [14], "min_new_tokens": 4}),
+    ("bart", "beam_returns"): Setting({"num_beams": 3, "num_return_sequences": 3, "length_penalty": 0.5,
+                                       "early_stopping": True, "repetition_penalty": 1.2, "output_scores": True}),
+    # A length penalty of 2 with the canonical stopping rule favours long hypotheses: every beam runs to the cap.
+    ("bart", "beam_never"): Setting({"num_beams": 4, "early_stopping": "never", "length_penalty": 2.0,
+                                     "min_length": 6}, mixed=False),
+    ("gpt2", "greedy"): Setting({}),
+    ("gpt2", "beam4"): Setting({"num_beams": 4}),
+    ("gpt2", "mbart_style"): Setting({"num_beams": 4, "no_repeat_ngram_size": 3, "forced_bos_token_id": 37,
+                                      "forced_eos_token_id": 95}),
 }
 
 
@@ -54,6 +86,7 @@ class Models:
     flax: FlaxSpeechEncoderDecoderModel
     torch: SpeechEncoderDecoderModel
     case: Case
+    directory: Path
 
 
 @pytest.fixture(scope="module")
@@ -65,50 +98,62 @@ def models(composed_dir: Callable[..., Path]) -> Callable[[str], Models]:
             case = CASES[name]
             directory = composed_dir(case.encoder, case.decoder)
             loaded[name] = Models(FlaxSpeechEncoderDecoderModel.from_pretrained(directory),
-                                  torch_from_pretrained(directory)[0], case)
+                                  torch_from_pretrained(directory)[0], case, directory)
         return loaded[name]
 
     return load
 
 
-@pytest.fixture(scope="module")
-def batch() -> tuple[np.ndarray, np.ndarray]:
-    """Two utterances of noise; the second is 65% as long (zeros, then padding)."""
+def speech_batch() -> tuple[np.ndarray, np.ndarray]:
+    """Three utterances of 6000 samples (0.375 s) that the fixtures decode differently: noise; a chirp with a little
+    noise, padded after 4000 samples; a square wave."""
     rng = np.random.default_rng(0)
-    inputs = rng.standard_normal((2, 4000)).astype(np.float32)
-    mask = np.ones((2, 4000), np.int32)
-    mask[1, 2600:] = 0
-    inputs[1, 2600:] = 0.0
+    n = 6000
+    t = np.arange(n) / 16000
+    chirp = 3 * np.sin(2 * np.pi * (200 + 2000 * t) * t) + 0.3 * rng.standard_normal(n)
+    inputs = np.stack([rng.standard_normal(n), chirp, np.sign(np.sin(2 * np.pi * 90 * t))]).astype(np.float32)
+    mask = np.ones((3, n), np.int32)
+    mask[1, 4000:] = 0
+    inputs[1, 4000:] = 0.0
     return inputs, mask
 
 
+@pytest.fixture(scope="module")
+def batch() -> tuple[np.ndarray, np.ndarray]:
+    return speech_batch()
+
+
+def with_case(m: Models, options: dict[str, Any]) -> dict[str, Any]:
+    return {"max_new_tokens": MAX_NEW_TOKENS, "eos_token_id": list(m.case.eos_token_id), **options}
+
+
 def run_both(m: Models, batch: tuple[np.ndarray, np.ndarray], **options):
-    """The same generate call on both frameworks: (Flax output, reference output as numpy)."""
+    """The same generate call on both frameworks: (Flax output, reference output)."""
     inputs, mask = batch
-    options = {"max_new_tokens": MAX_NEW_TOKENS, "eos_token_id": m.case.eos_token_id, **options}
-    flax_out = m.flax.generate(inputs, mask, **options)
-    torch_out = m.torch.generate(torch.from_numpy(inputs), torch.from_numpy(mask), **options)
-    torch_scores = None if torch_out.scores is None else torch_out.scores.numpy()
-    return flax_out, (torch_out.sequences.numpy(), torch_scores)
+    return (m.flax.generate(inputs, mask, **with_case(m, options)),
+            m.torch.generate(torch.from_numpy(inputs), torch.from_numpy(mask), **with_case(m, options)))
 
 
-def generated_lengths(sequences: np.ndarray, eos: int) -> list[int]:
+def generated_lengths(sequences: np.ndarray, eos: tuple[int, ...]) -> list[int]:
     """Tokens each row generated: up to and including its first eos, else all of them."""
-    lengths = []
-    for row in sequences[:, 1:].tolist():
-        lengths.append(row.index(eos) + 1 if eos in row else len(row))
-    return lengths
-
-
-def assert_not_trivial(sequences: np.ndarray, eos: int) -> None:
-    lengths = generated_lengths(sequences, eos)
-    assert max(lengths) >= MIN_GENERATED, f"only {lengths} tokens generated: {sequences.tolist()}"
-    for row, n in zip(sequences[:, 1:].tolist(), lengths):
-        assert len(set(row[:n])) >= 3, f"degenerate sequence {row[:n]}"
+    return [next((i + 1 for i, t in enumerate(row) if t in eos), len(row)) for row in sequences[:, 1:].tolist()]
 
 
 def max_diff(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+def assert_same_scores(flax_scores: np.ndarray, torch_scores: np.ndarray, what: str) -> None:
+    """Equal -inf positions (what the processors removed) and finite values within TOL_SCORE."""
+    assert flax_scores.shape == torch_scores.shape, (flax_scores.shape, torch_scores.shape)
+    removed = np.isneginf(flax_scores)
+    assert np.array_equal(removed, np.isneginf(torch_scores)), f"{what}: the processors removed different tokens"
+    err = max_diff(flax_scores[~removed], torch_scores[~removed])
+    assert err <= TOL_SCORE, f"{what}: per-step scores max|diff|={err:.2e}"
+
+
+def ngrams(row: list[int], n: int) -> list[tuple[int, ...]]:
+    return [tuple(row[i:i + n]) for i in range(len(row) - n + 1)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -119,13 +164,12 @@ def max_diff(a, b) -> float:
 def test_cached_decode_steps_equal_full_forward(models, batch, name):
     m = models(name)
     inputs, mask = batch
-    rng = np.random.default_rng(1)
-    ids = rng.integers(0, m.flax.config.decoder.vocab_size, (2, MAX_NEW_TOKENS)).astype(np.int32)
+    rows = inputs.shape[0]
+    ids = np.random.default_rng(1).integers(0, m.flax.config.decoder.vocab_size, (rows, MAX_NEW_TOKENS)).astype(np.int32)
     ids[:, 0] = m.flax.config.decoder_start_token_id
-    full = np.asarray(m.flax(inputs, mask, ids).logits)  # [B, T, V]
-
-    encoded = m.flax.encode(inputs, mask)
-    cache = m.flax.init_cache(2, MAX_NEW_TOKENS + 1, encoded)
+    encoded = m.flax.encode(inputs, mask)  # the compilation generation uses too
+    full = np.asarray(m.flax.decode(ids, encoded)[0])  # [B, T, V]
+    cache = m.flax.init_cache(rows, MAX_NEW_TOKENS + 1, encoded)
     steps = []
     for t in range(MAX_NEW_TOKENS):
         logits, cache = m.flax.decode(ids[:, t:t + 1], None, cache=cache)
@@ -137,7 +181,7 @@ def test_cached_decode_steps_equal_full_forward(models, batch, name):
         t_inputs, t_mask, t_ids = torch.from_numpy(inputs), torch.from_numpy(mask), torch.from_numpy(ids).long()
         t_full = m.torch(t_inputs, t_mask, t_ids).logits.numpy()
         hidden, encoder_mask = m.torch.encode(t_inputs, t_mask)
-        t_cache = m.torch.init_cache(2, MAX_NEW_TOKENS + 1, hidden, encoder_mask)
+        t_cache = m.torch.init_cache(rows, MAX_NEW_TOKENS + 1, hidden, encoder_mask)
         t_steps = []
         for t in range(MAX_NEW_TOKENS):
             logits, t_cache = m.torch.decode(t_ids[:, t:t + 1], None, None, cache=t_cache)
@@ -151,193 +195,219 @@ def test_cached_decode_steps_equal_full_forward(models, batch, name):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Greedy and beam search parity
+# Flax against the reference, every processor
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_greedy_search_flax_equals_torch_reference(models, batch, name):
-    m = models(name)
-    flax_out, (torch_sequences, torch_scores) = run_both(m, batch)
-    assert flax_out.scores is None and torch_scores is None
-    np.testing.assert_array_equal(flax_out.sequences, torch_sequences)
-    assert (flax_out.sequences[:, 0] == m.flax.config.decoder_start_token_id).all()
-    assert_not_trivial(flax_out.sequences, m.case.eos_token_id)
+@pytest.mark.parametrize(("name", "setting"), SETTINGS, ids=[f"{c}-{s}" for c, s in SETTINGS])
+def test_generation_flax_equals_reference(models, batch, name, setting):
+    m, options = models(name), SETTINGS[name, setting].options
+    flax_out, torch_out = run_both(m, batch, **options)
+    what = f"{name} {setting}"
+    np.testing.assert_array_equal(flax_out.sequences, torch_out.sequences.numpy(), err_msg=f"{what}: tokens")
+    err = max_diff(flax_out.sequences_scores, torch_out.sequences_scores.numpy())
+    assert err <= TOL_SCORE, f"{what}: sequence scores max|diff|={err:.2e}"
+    if options.get("output_scores"):
+        assert_same_scores(flax_out.scores, torch_out.scores.numpy(), what)
+        if options.get("num_beams", 1) > 1:
+            np.testing.assert_array_equal(flax_out.beam_indices, torch_out.beam_indices.numpy())
+    else:
+        assert flax_out.scores is None and torch_out.scores is None
+
+    # Not trivial: several different tokens per row, the utterances decode differently, and (mixed) some rows
+    # end with an eos id while others reach the cap.
+    sequences = flax_out.sequences
+    assert sequences.shape[0] == 3 * options.get("num_return_sequences", 1)
+    eos = m.case.eos_token_id
+    lengths = generated_lengths(sequences, eos)
+    for row, n in zip(sequences[:, 1:].tolist(), lengths):
+        assert len(set(row[:n])) >= 3, f"{what}: degenerate row {row[:n]}"
+    assert len({tuple(row) for row in sequences.tolist()}) > 1, f"{what}: every row is the same"
+    if SETTINGS[name, setting].mixed:
+        assert min(lengths) < MAX_NEW_TOKENS == max(lengths), f"{what}: lengths {lengths}"
+    check_what_the_settings_promise(m, batch, name, setting, flax_out)
 
 
-@pytest.mark.parametrize("name", ["bart", "gpt2_xattn"])
-def test_encoder_output_steers_generation(models, batch, name):
-    """The two utterances of the padded batch decode to different tokens: a test that compares sequences
-    then also checks that each row attends to its own (masked) encoder output."""
-    m = models(name)
-    flax_out, (torch_sequences, _) = run_both(m, batch)
-    np.testing.assert_array_equal(flax_out.sequences, torch_sequences)
-    assert flax_out.sequences[0].tolist() != flax_out.sequences[1].tolist()
-
-
-def test_greedy_search_pads_finished_rows(models, batch):
-    m = models("bart")
-    flax_out, _ = run_both(m, batch)
-    lengths = generated_lengths(flax_out.sequences, m.case.eos_token_id)
-    assert lengths[0] < lengths[1] == MAX_NEW_TOKENS, lengths  # the fixture's row 0 ends first
-    assert (flax_out.sequences[0, 1 + lengths[0]:] == m.flax.config.pad_token_id).all(), flax_out.sequences
-
-
-@pytest.mark.parametrize("name", CASES)
-def test_beam_search_flax_equals_torch_reference(models, batch, name):
-    m = models(name)
-    flax_out, (torch_sequences, torch_scores) = run_both(m, batch, num_beams=4)
-    np.testing.assert_array_equal(flax_out.sequences, torch_sequences)
-    err = max_diff(flax_out.scores, torch_scores)
-    assert err <= TOL_SCORE, f"{name}: beam scores max|diff|={err:.2e}"
-    assert_not_trivial(flax_out.sequences, m.case.eos_token_id)
-
-
-@pytest.mark.parametrize("options", [
-    {"num_beams": 4, "early_stopping": True},
-    {"num_beams": 4, "early_stopping": "never", "length_penalty": 2.0},
-    {"num_beams": 3, "length_penalty": -0.5, "min_new_tokens": 23},
-], ids=["early_stopping", "never_length_penalty", "min_new_tokens"])
-def test_beam_search_options_match_torch_reference(models, batch, options):
-    m = models("bart")
-    flax_out, (torch_sequences, torch_scores) = run_both(m, batch, **options)
-    np.testing.assert_array_equal(flax_out.sequences, torch_sequences)
-    err = max_diff(flax_out.scores, torch_scores)
-    assert err <= TOL_SCORE, f"{options}: beam scores max|diff|={err:.2e}"
-    if "min_new_tokens" in options:
-        assert (flax_out.sequences[:, 1:1 + options["min_new_tokens"]] != m.case.eos_token_id).all()
-
-
-def test_generation_stops_when_every_row_has_finished(models, batch):
-    m = models("gpt2")
-    inputs, mask = batch
-    first = m.flax.generate(inputs, mask, max_new_tokens=MAX_NEW_TOKENS, eos_token_id=m.case.eos_token_id)
-    eos = int(first.sequences[0, 3])  # the third generated token of row 0 becomes the eos
-    early = m.flax.generate(inputs, mask, max_new_tokens=MAX_NEW_TOKENS, eos_token_id=eos)
-    lengths = generated_lengths(early.sequences, eos)
-    # Greedy output is as wide as the steps run: the loop stopped as soon as the last row finished.
-    assert early.sequences.shape[1] == 1 + max(lengths) < 1 + MAX_NEW_TOKENS, early.sequences
-    # min_new_tokens holds eos back (a traced argument: the same compiled loop).
-    held = m.flax.generate(inputs, mask, max_new_tokens=MAX_NEW_TOKENS, eos_token_id=eos, min_new_tokens=5)
-    assert (held.sequences[:, 1:6] != eos).all(), held.sequences
-    reference = m.torch.generate(torch.from_numpy(inputs), torch.from_numpy(mask), max_new_tokens=MAX_NEW_TOKENS,
-                                 eos_token_id=eos, min_new_tokens=5)
-    np.testing.assert_array_equal(held.sequences, reference.sequences.numpy())
-
-
-def test_second_generate_call_does_not_trace_again(models, batch):
-    m = models("gpt2")
-    inputs, mask = batch
-    options = {"max_new_tokens": 8, "eos_token_id": m.case.eos_token_id}
-    for kind, beams in (("greedy", 1), ("beam_search", 2)):
-        first = m.flax.generate(inputs, mask, num_beams=beams, **options)
-        traces = flax_generation.TRACES[kind]
-        second = m.flax.generate(inputs, mask, num_beams=beams, **options)
-        # length_penalty and min_new_tokens are traced arguments: changing them does not compile again.
-        m.flax.generate(inputs, mask, num_beams=beams, length_penalty=0.5, min_new_tokens=2, **options)
-        assert flax_generation.TRACES[kind] == traces, f"{kind}: traced again for the same shapes"
-        np.testing.assert_array_equal(first.sequences, second.sequences)
-    traces = flax_generation.TRACES["greedy"]
-    m.flax.generate(inputs[:1], mask[:1], **options)  # a new batch shape: the counter does see a trace
-    assert flax_generation.TRACES["greedy"] == traces + 1
-
-
-def test_generate_refuses_more_tokens_than_positions(models, batch):
-    m = models("gpt2")
-    with pytest.raises(ValueError, match="decoder positions"):
-        m.flax.generate(*batch, max_new_tokens=64)
-    with pytest.raises(ValueError, match="decoder positions"):
-        m.torch.generate(torch.from_numpy(batch[0]), max_new_tokens=64)
+def check_what_the_settings_promise(m: Models, batch, name: str, setting: str, out) -> None:
+    """What the processors and the search promise, visible in the tokens and scores of a parity run."""
+    eos, start = m.case.eos_token_id, m.flax.config.decoder_start_token_id
+    rows = [row[1:1 + n] for row, n in zip(out.sequences.tolist(), generated_lengths(out.sequences, eos))]
+    capped = [row for row in rows if len(row) == MAX_NEW_TOKENS]
+    options = SETTINGS[name, setting].options
+    if (name, setting) == ("bart", "greedy"):
+        # The composed generation_config.json: forced_bos_token_id=0, forced_eos_token_id=2.
+        assert all(row[0] == 0 for row in rows) and capped and all(row[-1] == 2 for row in capped), rows
+        # Greedy search's score (transformers has none): the mean log-softmax of the processed scores at the
+        # chosen tokens, recomputed from the per-step scores.
+        log_probs = torch.log_softmax(torch.tensor(out.scores, dtype=torch.float64), dim=-1).numpy()
+        for i, row in enumerate(rows):
+            want = float(np.mean([log_probs[i, t, token] for t, token in enumerate(row)]))
+            assert abs(out.sequences_scores[i] - want) <= 1e-5, (i, out.sequences_scores[i], want)
+    if setting == "mbart_style":
+        forced_eos = options.get("forced_eos_token_id", 2)
+        assert all(row[0] == options["forced_bos_token_id"] for row in rows), rows
+        assert capped and all(row[-1] == forced_eos for row in capped), rows
+        for row in rows:
+            grams = ngrams([start, *row], 3)  # the start token counts too
+            assert len(grams) == len(set(grams)), f"a 3-gram repeats in {row}"
+    if setting == "penalties":
+        for row in rows:
+            assert 83 not in row and 77 not in row and (69, 69) not in ngrams(row, 2), row
+            assert row[1] != 14 and not set(row[:4]) & set(eos), row  # begin_suppress at index 2 (forced BOS)
+            assert len(ngrams(row, 2)) == len(set(ngrams(row, 2))), row
+    if setting == "beam_returns":
+        returns = options["num_return_sequences"]
+        scores = out.sequences_scores.reshape(3, returns)
+        assert (np.diff(scores, axis=1) <= 0).all(), scores  # best first within each utterance
+        # The best returned hypothesis is the one num_return_sequences=1 returns.
+        inputs, mask = (torch.from_numpy(a) for a in batch)
+        single = m.torch.generate(inputs, mask, **with_case(m, {**options, "num_return_sequences": 1}))
+        single = single.sequences.numpy()
+        best = out.sequences[::returns]
+        np.testing.assert_array_equal(single, best[:, :single.shape[1]])
+        assert (best[:, single.shape[1]:] == 1).all()  # the rest is padding (transformers' pad, here 1)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The transcribe command
+# The generation config travels with the model
 
 
-def write_pcm(path: Path, samples: np.ndarray, rate: int = 16000, width: int = 2, channels: int = 1) -> Path:
-    """Integer PCM through the stdlib `wave` module; `samples` [N, channels] integers of that width."""
-    data = np.asarray(samples).reshape(-1)
-    if width == 1:
-        raw = (data + 128).astype(np.uint8).tobytes()
-    elif width == 3:
-        raw = b"".join(int(v).to_bytes(3, "little", signed=True) for v in data)
-    else:
-        raw = data.astype(f"<i{width}").tobytes()
-    with wave.open(str(path), "wb") as f:
-        f.setnchannels(channels)
-        f.setsampwidth(width)
-        f.setframerate(rate)
-        f.writeframes(raw)
-    return path
+def test_composed_model_carries_the_decoders_generation_settings(models):
+    m = models("bart")
+    written = json.loads((m.directory / "generation_config.json").read_text())
+    assert written == {"bos_token_id": 0, "decoder_start_token_id": 2, "eos_token_id": 2, "forced_bos_token_id": 0,
+                       "forced_eos_token_id": 2, "pad_token_id": 1, "transformers_version": "5.24.0"}, written
+    assert m.flax.generation_config.to_hf_dict() == written == m.torch.generation_config.to_hf_dict()
 
 
 @pytest.fixture(scope="module")
-def builtin_model(tmp_path_factory) -> Path:
-    """The built-in tiny wav2vec2 + BART composed: the output holds the tokenizer and the preprocessor config."""
-    import io
-
+def beam_decoder_model(fixture_dir, tmp_path_factory) -> Path:
+    """bart_untied with a generation_config.json of its own (beam search, n-gram blocking, a length limit),
+    composed."""
     from convert.compose import compose
 
-    out = tmp_path_factory.mktemp("transcribe") / "model"
-    compose("wav2vec2", "bart", out, verify=False, progress=False, log=io.StringIO())
-    return out
+    root = tmp_path_factory.mktemp("generation_config")
+    decoder = root / "decoder"
+    shutil.copytree(fixture_dir("bart_untied"), decoder)
+    settings = {"num_beams": 2, "no_repeat_ngram_size": 2, "max_length": 13, "forced_bos_token_id": 56,
+                "forced_eos_token_id": 2, "eos_token_id": [16, 2], "length_penalty": 0.8, "bos_token_id": 0,
+                "decoder_start_token_id": 2, "pad_token_id": 1, "transformers_version": "4.51.0"}
+    (decoder / "generation_config.json").write_text(json.dumps(settings))
+    compose(str(fixture_dir("w2v_stable_adapter")), str(decoder), root / "model", verify=False, progress=False,
+            log=io.StringIO())
+    return root / "model"
 
 
-def test_compose_copies_tokenizer_and_preprocessor_config(builtin_model):
-    assert (builtin_model / "tokenizer.json").is_file()
-    assert (builtin_model / "preprocessor_config.json").is_file()
+def test_decoder_generation_config_is_the_default_and_arguments_override_it(beam_decoder_model, batch):
+    inputs, mask = batch
+    written = json.loads((beam_decoder_model / "generation_config.json").read_text())
+    assert written["num_beams"] == 2 and written["eos_token_id"] == [16, 2] and written["max_length"] == 13
+    flax_model = FlaxSpeechEncoderDecoderModel.from_pretrained(beam_decoder_model)
+    reference, _ = torch_from_pretrained(beam_decoder_model)
+    by_default = flax_model.generate(inputs, mask)
+    explicit = reference.generate(torch.from_numpy(inputs), torch.from_numpy(mask), num_beams=2,
+                                  no_repeat_ngram_size=2, max_new_tokens=12, forced_bos_token_id=56,
+                                  forced_eos_token_id=2, eos_token_id=[16, 2], length_penalty=0.8)
+    np.testing.assert_array_equal(by_default.sequences, explicit.sequences.numpy())
+    assert max_diff(by_default.sequences_scores, explicit.sequences_scores.numpy()) <= TOL_SCORE
+    assert (by_default.sequences[:, 1] == 56).all() and by_default.sequences.shape[1] <= 13
+    # A call argument wins over the file; None unsets a setting as in transformers.
+    greedy = reference.generate(torch.from_numpy(inputs), torch.from_numpy(mask), num_beams=1,
+                                forced_bos_token_id=None)
+    assert greedy.sequences.shape[0] == 3 and (greedy.sequences[:, 1] != 56).any(), greedy.sequences
+    assert greedy.sequences.shape[1] <= 13
 
 
-def test_transcribe_command_end_to_end(builtin_model, tmp_path, capsys):
-    from convert.generate import main
+def test_generation_config_objects_equal_keyword_arguments(models, batch):
+    """Our GenerationConfig, a dict, and any object with to_dict() (transformers' GenerationConfig) give what the
+    same keyword arguments give."""
+    m = models("bart")
+    inputs, mask = (torch.from_numpy(a) for a in batch)
+    options = {"num_beams": 2, "max_new_tokens": 8, "no_repeat_ngram_size": 2, "eos_token_id": [16, 2]}
 
-    rng = np.random.default_rng(3)
-    samples = np.round(rng.standard_normal(6000) * 2000).astype(np.int64)
-    wav = write_pcm(tmp_path / "speech.wav", samples)
-    assert main(["--model", str(builtin_model), "--audio", str(wav), "--max-new-tokens", "12"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert [line.split("\t")[:2] for line in lines] == [[str(wav), "ids"], [str(wav), "text"]], lines
-    ids = [int(i) for i in lines[0].split("\t")[2].split()]
+    class Duck:
+        def to_dict(self) -> dict[str, Any]:
+            return {**options, "typical_p": None, "transformers_version": "5.24.0"}
 
-    # The same ids from the reference, on the waveform normalised by hand (as preprocessor_config.json asks).
-    assert json.loads((builtin_model / "preprocessor_config.json").read_text())["do_normalize"] is True
-    model, _ = torch_from_pretrained(builtin_model)
-    x = samples / 32768.0
-    x = ((x - x.mean()) / np.sqrt(x.var() + 1e-7)).astype(np.float32)
-    expected = model.generate(torch.from_numpy(x)[None], max_new_tokens=12).sequences[0].tolist()
-    eos = model.config.eos_token_id
-    expected = expected[:expected.index(eos, 1) + 1] if eos in expected[1:] else expected
-    assert ids == expected
-
-    from tokenizers import Tokenizer
-
-    text = Tokenizer.from_file(str(builtin_model / "tokenizer.json")).decode(ids, skip_special_tokens=True)
-    assert lines[1].split("\t", 2)[2] == text
-
-    # Beam search through the reference framework, as JSON.
-    assert main(["--model", str(builtin_model), "--audio", str(wav), "--max-new-tokens", "12", "--num-beams", "2",
-                 "--framework", "torch", "--json"]) == 0
-    record = json.loads(capsys.readouterr().out)
-    assert record["audio"] == str(wav) and record["token_ids"][0] == model.config.decoder_start_token_id
-    assert isinstance(record["score"], float)
+    want = m.torch.generate(inputs, mask, **options).sequences
+    for config in (GenerationConfig(**{**options, "eos_token_id": (16, 2)}), dict(options), Duck()):
+        got = m.torch.generate(inputs, mask, generation_config=config).sequences
+        assert torch.equal(got, want), type(config).__name__
+    # Keyword arguments win over the object.
+    got = m.torch.generate(inputs, mask, generation_config=dict(options), num_beams=1).sequences
+    assert torch.equal(got, m.torch.generate(inputs, mask, **{**options, "num_beams": 1}).sequences)
 
 
-def test_transcribe_command_reports_bad_audio_in_one_line(builtin_model, tmp_path, capsys):
-    from convert.generate import main
+@pytest.mark.parametrize(("options", "message"), [
+    ({"typical_p": 0.5}, "typical_p=0.5: is not implemented"),
+    ({"num_beam_groups": 2}, "num_beam_groups=2: is not implemented"),
+    ({"constraints": [[1]]}, "constraints=[[1]]: is not implemented"),
+    ({"bogus_setting": 1}, "bogus_setting=1: is not a generation setting"),
+    ({"length_penalty": float("nan")}, "length_penalty=NaN: must be a finite number"),
+    ({"eos_token_id": -1}, "eos_token_id=-1: must be a token id"),
+    ({"max_new_tokens": 64}, "max_new_tokens=64: needs 65 decoder positions; the decoder has 64"),
+    ({"eos_token_id": 96}, "eos_token_id=96: holds ids outside the decoder's vocabulary (vocab_size=96)"),
+    ({"num_return_sequences": 2}, "num_return_sequences=2: needs do_sample=True or num_beams > 1"),
+    ({"num_beams": 2, "num_return_sequences": 3}, "num_return_sequences=3: must be at most num_beams=2"),
+    ({"forced_bos_token_id": 5, "suppress_tokens": [5]}, "forced_bos_token_id=5: is also in suppress_tokens"),
+])
+def test_bad_generation_arguments_are_refused_by_name(models, batch, options, message):
+    m = models("bart")
+    for generate in (m.flax.generate, m.torch.generate):
+        with pytest.raises(GenerationArgumentError) as error:
+            generate(batch[0], **options)
+        assert str(error.value).startswith(message), str(error.value)
+        assert error.value.param == next(iter(message.split("=")))
 
-    wav = write_pcm(tmp_path / "nan.wav", np.zeros(4000, np.int64), rate=16000)
-    data = bytearray(wav.read_bytes())
-    data[:] = data[:-8000]  # no samples left
-    wav.write_bytes(bytes(data))
-    assert main(["--model", str(builtin_model), "--audio", str(wav)]) == 1
-    err = capsys.readouterr().err.strip()
-    assert err.startswith(f"error: {wav}: ") and "\n" not in err
-    assert main(["--model", str(builtin_model), "--audio", str(tmp_path / "none.wav")]) == 1
-    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'none.wav'}: no such file"
+
+def test_a_generation_config_file_with_an_unimplemented_setting_is_refused(models, tmp_path):
+    directory = tmp_path / "model"
+    shutil.copytree(models("bart").directory, directory)
+    for settings, message in (({"typical_p": 0.9}, "typical_p=0.9: is not implemented by this toolkit"),
+                              ({"alignment_heads": [[1, 2]]}, "alignment_heads is not a generation setting"),
+                              ({"num_beams": 0}, "num_beams=0: must be an integer >= 1")):
+        (directory / "generation_config.json").write_text(json.dumps({"num_beams": 1, **settings}))
+        for load in (FlaxSpeechEncoderDecoderModel.from_pretrained, SpeechEncoderDecoderModel.from_pretrained):
+            with pytest.raises(GenerationConfigError) as error:
+                load(directory)
+            assert str(error.value).startswith(f"{directory / 'generation_config.json'}: {message}"), str(error.value)
+    # Settings at their no-op value are accepted (old configs list every default).
+    (directory / "generation_config.json").write_text(json.dumps({"typical_p": 1.0, "diversity_penalty": 0.0,
+                                                                  "num_beam_groups": 1, "use_cache": True}))
+    assert SpeechEncoderDecoderModel.from_pretrained(directory).generation_config.num_beams is None
 
 
-def test_transcribe_help_documents_every_option():
-    out = subprocess.run([sys.executable, "-m", "convert.generate", "--help"], capture_output=True, text=True,
-                         check=True, cwd=Path(__file__).resolve().parent.parent).stdout
-    for flag in ("--model", "--audio", "--num-beams", "--max-new-tokens", "--min-new-tokens", "--length-penalty",
-                 "--revision", "--framework", "--json"):
-        assert flag in out
+def test_compose_refuses_a_decoder_generation_setting_it_does_not_implement(fixture_dir, tmp_path):
+    from convert.compose import compose
+    from convert.errors import ConvertError
+
+    decoder = tmp_path / "decoder"
+    shutil.copytree(fixture_dir("bart_untied"), decoder)
+    (decoder / "generation_config.json").write_text(json.dumps({"num_beams": 4, "diversity_penalty": 0.5}))
+    with pytest.raises(ConvertError) as error:
+        compose(str(fixture_dir("w2v_stable_adapter")), str(decoder), tmp_path / "out", verify=False,
+                progress=False, log=io.StringIO())
+    assert "generation_config.json: diversity_penalty=0.5: is not implemented" in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Compilation
+
+
+def test_second_generate_call_does_not_trace_again(models, batch):
+    m = models("bart")
+    inputs, mask = batch
+    options = {**SETTINGS["bart", "penalties"].options, "max_new_tokens": MAX_NEW_TOKENS,
+               "eos_token_id": list(m.case.eos_token_id)}
+    first = m.flax.generate(inputs, mask, **options)
+    traces = flax_generation.TRACES["greedy"]
+    second = m.flax.generate(inputs, mask, **options)
+    # length_penalty, min_new_tokens and repetition_penalty are traced arguments: new values, no new compile.
+    changed = m.flax.generate(inputs, mask, **{**options, "repetition_penalty": 2.5, "min_new_tokens": 9,
+                                               "length_penalty": 0.3})
+    assert flax_generation.TRACES["greedy"] == traces, "traced again for the same static settings and shapes"
+    np.testing.assert_array_equal(first.sequences, second.sequences)
+    reference = m.torch.generate(torch.from_numpy(inputs), torch.from_numpy(mask),
+                                 **{**options, "repetition_penalty": 2.5, "min_new_tokens": 9, "length_penalty": 0.3})
+    np.testing.assert_array_equal(changed.sequences, reference.sequences.numpy())
+    assert not np.isin(changed.sequences[:, 1:10], m.case.eos_token_id).any(), changed.sequences
