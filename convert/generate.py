@@ -1,220 +1,168 @@
-"""Transcribe WAV files with a composed speech encoder-decoder.
+"""Transcribe audio with a composed speech encoder-decoder: files, directories or JSON-lines manifests, batched by
+length, one JSON line per file.
 
-    python -m convert.generate --model DIR --audio FILE.wav [FILE.wav ...] [--num-beams N] [--max-new-tokens N]
+    python -m convert.generate --model DIR --audio FILE|DIR [...] [--manifest FILE.jsonl ...] [--output OUT.jsonl]
+        [--batch-size 8] [--buckets 4] [--chunk-seconds S] [generation flags: --num-beams N --max-new-tokens N ...]
 
-DIR is a composed checkpoint directory (from `convert.compose`) or a Hub repo id. Each WAV file (16 kHz mono,
-or whatever rate DIR's `preprocessor_config.json` names; several channels are averaged) is normalised as the
-encoder's feature extractor would, and the model generates greedily or with beam search. For each file the
-command prints the token ids and, when DIR holds the decoder's `tokenizer.json`, the text.
+DIR is a composed checkpoint directory (from `convert.compose`) or a Hub repo id. Generation follows the model's
+`generation_config.json` (what transformers' `generate` would do); every generation flag overrides one setting of
+it. Each output line is `{"audio", "text", "token_ids", "score", "seconds"}` (plus `"reference"` from a manifest
+and `"chunks"`), in the order the batches finish; a summary (audio-seconds per second, compilations, WER and CER
+when the manifest gives references) goes to stderr. The work is `convert.transcribe.transcribe`.
 """
 
 from __future__ import annotations  # noqa: I001 - convert.cli is imported first, on purpose
 
-from convert import cli  # first: run as `python -m`, a Ctrl-C from here on exits 130 with one line (convert.cli)
+from convert import cli  # first: run as `python -m`, a Ctrl-C during the imports below exits 130 too
 
-import argparse
-import dataclasses
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-import numpy as np
+from convert.errors import UsageError, bad_argument
+from convert.transcribe import DEFAULT_TOKENS_PER_SECOND, FRAMEWORKS, Transcription, TranscriptionReport, transcribe
 
-from convert.audio import feature_extractor_config, load_audio, prepare_batch
-from convert.errors import CheckpointError, ConvertError
-
-TOKENIZER_FILE = "tokenizer.json"
-FRAMEWORKS = ("flax", "torch")
-
-
-class GenerationError(ConvertError):
-    """Generation options the model cannot honour (e.g. more new tokens than decoder positions)."""
-
-
-@dataclasses.dataclass
-class Transcription:
-    """One utterance's result.
-
-    Attributes:
-        audio: the WAV file.
-        token_ids: the start token, the generated tokens and the eos (when generation ended with one).
-        text: the decoded text without special tokens; None when the model has no `tokenizer.json`.
-        score: the beam's length-normalised log-probability (beam search); None for greedy search.
-    """
-
-    audio: str
-    token_ids: list[int]
-    text: str | None
-    score: float | None
+# Generation flags: transformers' setting names (the flag is the name with dashes); None leaves the model's value.
+GENERATION_FLAGS: dict[str, tuple[Any, str]] = {
+    "num_beams": (int, "beam width; 1 is greedy search or sampling"),
+    "max_new_tokens": (int, "most tokens generated per utterance (the model's max_length - 1 otherwise, 20 by default)"),
+    "min_new_tokens": (int, "forbid the end-of-sequence tokens before this many tokens"),
+    "length_penalty": (float, "beam search: divide log-probabilities by length ** X"),
+    "no_repeat_ngram_size": (int, "never repeat an n-gram of this size"),
+    "repetition_penalty": (float, "penalise tokens already in the sequence (1.0: off)"),
+    "temperature": (float, "sampling: divide the logits by X"),
+    "top_k": (int, "sampling: keep the K most likely tokens (0: off; transformers' default 50)"),
+    "top_p": (float, "sampling: keep the most likely tokens whose probability reaches P"),
+    "forced_bos_token_id": (int, "force this token first (e.g. mBART's target language)"),
+    "decoder_start_token_id": (int, "the decoder's first input token"),
+    "pad_token_id": (int, "what finished rows are padded with"),
+}
+LIST_FLAGS: dict[str, str] = {
+    "eos_token_id": "end-of-sequence token id(s)",
+    "forced_eos_token_id": "token id(s) forced at the last position allowed",
+    "suppress_tokens": "token ids never generated",
+    "begin_suppress_tokens": "token ids not generated first",
+}
 
 
-def transcribe(
-    model: str | Path,
-    audio: Sequence[str | Path],
-    *,
-    num_beams: int = 1,
-    max_new_tokens: int = 64,
-    min_new_tokens: int = 0,
-    length_penalty: float = 1.0,
-    revision: str | None = None,
-    framework: str = "flax",
-) -> list[Transcription]:
-    """Transcribes WAV files with a composed model, in one padded batch.
-
-    Args:
-        model: a composed checkpoint directory or a Hub repo id.
-        audio: WAV files.
-        num_beams: 1 for greedy search, else the beam width.
-        max_new_tokens: the most tokens generated per utterance.
-        min_new_tokens: the end-of-sequence token is forbidden before this many tokens.
-        length_penalty: beam search's length normalisation exponent.
-        revision: the Hub revision, for a repo id.
-        framework: "flax" (jit-compiled) or "torch" (the eager PyTorch reference).
-
-    Returns:
-        One `Transcription` per file, in order.
-
-    Raises:
-        ConvertError: one line naming the file or option that is wrong.
-    """
-    from convert.hub import resolve_source
-
-    if framework not in FRAMEWORKS:
-        raise GenerationError(f"--framework {framework}: not one of {', '.join(FRAMEWORKS)}")
-    if not audio:
-        raise GenerationError("no audio files given")
-    directory = resolve_source(str(model), revision, what="model").path
-    run = _load(directory, framework)
-    features = feature_extractor_config(directory, run.config.encoder)
-    waveforms = [load_audio(path, features.sampling_rate) for path in audio]
-    inputs, mask = prepare_batch(waveforms, features)
-    _check_length(run.config, audio, waveforms)
-    try:
-        out = run.generate(inputs, mask, num_beams=num_beams, max_new_tokens=max_new_tokens,
-                           min_new_tokens=min_new_tokens, length_penalty=length_penalty)
-    except ValueError as e:  # options checked by generate (token budget, beam width, ids)
-        raise GenerationError(f"{directory}: {e}") from None
-    sequences = np.asarray(out.sequences).tolist()
-    scores = None if out.scores is None else np.asarray(out.scores).tolist()
-    tokenizer = _tokenizer(directory)
-    results = []
-    for i, path in enumerate(audio):
-        ids = _trim(sequences[i], run.config.eos_token_id)
-        text = tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None else None
-        results.append(Transcription(str(path), ids, text, None if scores is None else scores[i]))
-    return results
-
-
-@dataclasses.dataclass
-class _Runner:
-    config: Any
-    generate: Any
-
-
-def _load(directory: Path, framework: str) -> _Runner:
-    if framework == "flax":
-        from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel
-
-        model = FlaxSpeechEncoderDecoderModel.from_pretrained(directory)
-        return _Runner(model.config, model.generate)
-    import torch
-
-    from torch_reference.speech_encoder_decoder import from_pretrained
-
-    model, _ = from_pretrained(directory)
-
-    def generate(inputs, mask, **options):
-        return model.generate(torch.from_numpy(inputs), None if mask is None else torch.from_numpy(mask), **options)
-
-    return _Runner(model.config, generate)
-
-
-def _check_length(config: Any, paths: Sequence[str | Path], waveforms: Sequence[np.ndarray]) -> None:
-    """Refuses audio too short for the encoder to make one frame."""
-    from convert.audio import AudioError
-
-    needed = config.encoder.min_input_length
-    for path, w in zip(paths, waveforms):
-        if len(w) < needed:
-            raise AudioError(f"{path}: {len(w)} samples is too short for the encoder (it needs at least {needed})")
-
-
-def _trim(ids: list[int], eos: int | None) -> list[int]:
-    """The start token and the generated tokens up to the first eos (kept); later padding goes."""
-    if eos is not None and eos in ids[1:]:
-        return ids[:ids.index(eos, 1) + 1]
-    return ids
-
-
-def _tokenizer(directory: Path) -> Any:
-    path = directory / TOKENIZER_FILE
-    if not path.is_file():
-        return None
-    from tokenizers import Tokenizer
-
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as e:  # noqa: BLE001 - the tokenizers package raises a bare Exception for a malformed file
-        raise CheckpointError(f"{path}: not a tokenizers file ({str(e).splitlines()[0]})") from None
-
-
-def print_transcriptions(results: Sequence[Transcription], as_json: bool, out: TextIO) -> None:
-    """One line of ids per file (and one of text with a tokenizer), or one JSON object per file."""
-    for r in results:
-        if as_json:
-            print(json.dumps(dataclasses.asdict(r)), file=out)
-            continue
-        print(f"{r.audio}\tids\t{' '.join(map(str, r.token_ids))}", file=out)
-        if r.text is not None:
-            print(f"{r.audio}\ttext\t{r.text}", file=out)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# CLI
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = cli.ArgumentParser(  # one-line usage errors, exit 2, defaults shown (convert.cli)
+def build_parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(
         prog="python -m convert.generate",
-        description="Transcribe WAV files with a composed speech encoder-decoder (greedy or beam search).",
-        epilog="Output: for each file, a line 'FILE<TAB>ids<TAB>ID ID ...' (the start token, the generated "
-        "tokens and the end-of-sequence token) and, when DIR has tokenizer.json, 'FILE<TAB>text<TAB>TEXT' "
-        "(special tokens skipped). Audio: WAV (integer PCM 8/16/24/32-bit or float 32/64-bit) at the model's "
-        "sample rate (16 kHz unless preprocessor_config.json says otherwise); several channels are averaged. "
-        "Example: python -m convert.generate --model out --audio speech.wav --num-beams 4",
+        description="Transcribe audio files, directories or JSON-lines manifests with a composed speech "
+        "encoder-decoder, batched by length; one JSON line per file.",
+        epilog="Output lines: {\"audio\", \"text\", \"token_ids\", \"score\", \"seconds\", \"chunks\"} (+ \"reference\" "
+        "from a manifest). Audio: anything libsndfile reads (WAV, FLAC, OGG, MP3, ...), resampled to the model's "
+        "rate, channels averaged. Example: python -m convert.generate --model asr --manifest test.jsonl "
+        "--num-beams 4 --output test.out.jsonl",
     )
     p.add_argument("--model", required=True, metavar="DIR",
                    help="composed checkpoint directory (from convert.compose) or Hub repo id")
-    p.add_argument("--audio", required=True, nargs="+", metavar="FILE", help="WAV file(s), transcribed as one batch")
-    p.add_argument("--num-beams", type=int, default=1, metavar="N", help="beam width; 1 is greedy search (default)")
-    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
-                   help="most tokens generated per file (default 64)")
-    p.add_argument("--min-new-tokens", type=int, default=0, metavar="N",
-                   help="forbid the end-of-sequence token before N tokens (default 0)")
-    p.add_argument("--length-penalty", type=float, default=1.0, metavar="X",
-                   help="beam search: divide log-probabilities by length ** X (default 1.0)")
-    p.add_argument("--revision", metavar="REV", help="Hub revision of --model (branch, tag, commit)")
+    p.add_argument("--audio", nargs="+", default=[], metavar="PATH",
+                   help="audio files and directories (every audio file below a directory)")
+    p.add_argument("--manifest", nargs="+", default=[], metavar="FILE", dest="manifests",
+                   help='JSON-lines manifests: {"audio": PATH, "text": optional reference} per line; a relative '
+                   "PATH is relative to the manifest")
+    p.add_argument("--output", metavar="FILE", help="write the JSON lines here instead of stdout")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument("--framework", choices=FRAMEWORKS, default="flax",
-                   help="flax (jit-compiled, default) or torch (the eager PyTorch reference)")
-    p.add_argument("--json", action="store_true",
-                   help="print one JSON object per file: audio, token_ids, text, score")
+                   help="flax (jit-compiled) or torch (the eager PyTorch reference)")
+    p.add_argument("--revision", metavar="REV", help="Hub revision of --model (branch, tag, commit)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N", help="utterances per batch")
+    p.add_argument("--buckets", type=int, default=4, metavar="N",
+                   help="most distinct padded lengths (each compiles once)")
+    p.add_argument("--chunk-seconds", type=float, metavar="S",
+                   help="transcribe audio longer than S seconds in overlapping S-second chunks (default: refuse "
+                   "audio too long for the model)")
+    p.add_argument("--chunk-overlap-seconds", type=float, default=1.0, metavar="S",
+                   help="overlap of consecutive chunks")
+    p.add_argument("--tokens-per-second", type=float, default=DEFAULT_TOKENS_PER_SECOND, metavar="X",
+                   help="speech rate assumed to bound the audio max_new_tokens can describe")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of sampling (--do-sample)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    g = p.add_argument_group("generation (each flag overrides the model's generation_config.json)")
+    g.add_argument("--generation-config", metavar="FILE",
+                   help="a generation_config.json to use over the model's")
+    g.add_argument("--do-sample", action="store_true", default=None, help="sample instead of searching")
+    g.add_argument("--early-stopping", choices=("true", "false", "never"),
+                   help="beam search's stopping rule (transformers' early_stopping)")
+    for name, (kind, text) in GENERATION_FLAGS.items():
+        g.add_argument("--" + name.replace("_", "-"), type=kind, metavar="N" if kind is int else "X", help=text)
+    for name, text in LIST_FLAGS.items():
+        g.add_argument("--" + name.replace("_", "-"), type=int, nargs="+", metavar="ID", help=text)
+    g.add_argument("--bad-words-ids", metavar="JSON", help="token sequences never generated, e.g. '[[12], [7, 9]]'")
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def generation_options(args: Any) -> dict[str, Any]:
+    """The generation settings the flags set (only those given)."""
+    options = {name: getattr(args, name) for name in (*GENERATION_FLAGS, *LIST_FLAGS)
+               if getattr(args, name) is not None}
+    if args.do_sample:
+        options["do_sample"] = True
+    if args.early_stopping is not None:
+        options["early_stopping"] = {"true": True, "false": False}.get(args.early_stopping, args.early_stopping)
+    if args.bad_words_ids is not None:
+        try:
+            options["bad_words_ids"] = json.loads(args.bad_words_ids)
+        except json.JSONDecodeError as e:
+            raise bad_argument("bad_words_ids", args.bad_words_ids, f"is not JSON ({e.msg})") from None
+    return options
+
+
+def read_generation_config(path: str | None) -> Any:
+    if path is None:
+        return None
+    from convert.generation_settings import GenerationConfig, read_json_object
+
+    if not Path(path).is_file():
+        raise bad_argument("generation_config", path, "no such file")
+    return GenerationConfig.from_hf_dict(read_json_object(Path(path)), path)
+
+
+def run(args: Any, out: TextIO, log: TextIO) -> TranscriptionReport:
+    if not args.audio and not args.manifests:
+        raise UsageError("audio=[]: no audio given (pass --audio files or directories, or --manifest)", param="audio")
+    output = Path(args.output) if args.output else None
+    if output is not None and output.exists() and not (args.overwrite and output.is_file()):
+        raise bad_argument("output", output, "exists (pass overwrite=True to replace it)" if output.is_file()
+                           else "is not a file")
+    options = generation_options(args)
+    generation_config = read_generation_config(args.generation_config)
+    handle = None
+
+    def write(result: Transcription) -> None:
+        nonlocal handle
+        if output is not None and handle is None:
+            handle = output.open("w", encoding="utf-8")
+        target = handle or out
+        target.write(json.dumps(result.to_json(), ensure_ascii=False) + "\n")
+        target.flush()
+
     try:
-        results = transcribe(args.model, args.audio, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
-                             min_new_tokens=args.min_new_tokens, length_penalty=args.length_penalty,
-                             revision=args.revision, framework=args.framework)
-    except ConvertError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print_transcriptions(results, args.json, sys.stdout)
-    return 0
+        report = transcribe(args.model, args.audio, manifests=args.manifests, framework=args.framework,
+                            revision=args.revision, batch_size=args.batch_size, buckets=args.buckets,
+                            chunk_seconds=args.chunk_seconds, chunk_overlap_seconds=args.chunk_overlap_seconds,
+                            tokens_per_second=args.tokens_per_second, seed=args.seed, progress=args.progress,
+                            on_result=write, generation_config=generation_config, **options)
+    finally:
+        if handle is not None:
+            handle.close()
+    print(report.summary(), file=log)
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+
+    def work() -> int:
+        run(args, sys.stdout, sys.stderr)
+        return cli.EXIT_OK
+
+    return cli.run_command(work, parser)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli.run(main)

@@ -1,0 +1,556 @@
+"""Transcription at scale: many audio files through a composed model, batched by length so that the compiled
+functions see a few padded shapes, with word and character error rates when references are given.
+
+What `python -m convert.generate` runs (see there for the command line). The steps:
+
+* Inputs: audio files, directories (every audio file below them, sorted), and JSON-lines manifests
+  (`{"audio": PATH, "text": REFERENCE}`, `text` optional, a relative PATH relative to the manifest). Headers are
+  read first (`convert.audio.audio_seconds`), so that a missing or unreadable file, or audio too long for the
+  model, is refused before any model work.
+* Length: the decoder writes at most `max_new_tokens` tokens per utterance (the model's generation config, or
+  the caller's). At `tokens_per_second` tokens per second of speech (4 by default: a fast speaker's 3 words a
+  second at about 1.3 subword tokens a word) that describes `max_new_tokens / tokens_per_second` seconds; longer
+  audio is refused with that figure, and with how far `max_new_tokens` may go (the decoder's positions), unless
+  `chunk_seconds` asks for chunks: windows of `chunk_seconds` overlapping by `chunk_overlap_seconds`, each
+  transcribed as an utterance of its own; the chunks' tokens are joined where their overlaps agree best
+  (`merge_overlapping`).
+* Batches: utterances (or chunks) are grouped by length (`convert.batching`) into at most `buckets` padded
+  lengths and batches of exactly `batch_size` rows (a partial batch is filled with copies of its first
+  utterance, whose results are dropped), so that the Flax encoder compiles once per bucket and the search once
+  per bucket and setting. Audio is read (`convert.audio.load_audio`: any format libsndfile reads, resampled
+  with soxr, channels averaged) one batch at a time and normalised as the model's feature extractor does.
+  Encoders without an attention mask (HF's convention for group-norm feature encoders) hear the padding: their
+  transcripts depend on the bucket length, as in transformers' batched pipelines.
+* Output: one `Transcription` per file (path, text, token ids, score, seconds of audio, reference), passed to
+  `on_result` as each batch finishes; the report adds audio-seconds per second, the compilations, and WER / CER
+  (jiwer, over the files that have a reference).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from convert.audio import (
+    AudioError,
+    FeatureExtractorConfig,
+    audio_seconds,
+    feature_extractor_config,
+    load_audio,
+    prepare_batch,
+)
+from convert.batching import bucket_boundaries, length_batches
+from convert.errors import CheckpointError, ConvertError, UsageError, bad_argument
+from convert.generation_settings import GenerationSettings, model_generation_config, resolve_settings
+
+TOKENIZER_FILE = "tokenizer.json"
+FRAMEWORKS = ("flax", "torch")
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".aifc", ".au", ".caf", ".w64", ".opus")
+DEFAULT_TOKENS_PER_SECOND = 4.0
+
+
+class TranscriptionError(ConvertError):
+    """An input that transcription cannot use: a manifest line, an empty directory, audio too long or too short."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Utterance:
+    """One input file: where it came from (`FILE:LINE` for a manifest line) and its reference, if any."""
+
+    audio: Path
+    reference: str | None = None
+    where: str = ""
+
+
+@dataclasses.dataclass
+class Transcription:
+    """One file's result.
+
+    Attributes:
+        audio: the audio file.
+        text: the decoded text without special tokens; None when the model has no `tokenizer.json`.
+        token_ids: the start token, the generated tokens and the eos (when generation ended with one); chunked
+            audio: the start token, then the chunks' tokens joined.
+        score: beam search: the hypothesis' length-normalised log-probability; greedy search and sampling: the
+            mean log-probability of the generated tokens (the mean over the chunks for chunked audio).
+        seconds: the audio's duration.
+        reference: the manifest's `text`, when given.
+        chunks: how many chunks the audio was transcribed in (1: whole).
+    """
+
+    audio: str
+    text: str | None
+    token_ids: list[int]
+    score: float
+    seconds: float
+    reference: str | None = None
+    chunks: int = 1
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        if self.reference is None:
+            del out["reference"]
+        return out
+
+
+@dataclasses.dataclass
+class TranscriptionReport:
+    """The whole run.
+
+    Attributes:
+        results: one per input file, in input order.
+        audio_seconds: the audio transcribed.
+        wall_seconds: from reading the first batch to the last result (model loading not included).
+        audio_seconds_per_second: audio_seconds / wall_seconds.
+        compilations: Flax: {"encoder": shapes the encoder compiled for, "search": traces of the generation
+            loop} during this run; the reference compiles nothing.
+        shapes: the distinct (rows, padded samples) batch shapes.
+        wer, cer: word and character error rates over the files with a reference (None without references or
+            without a tokenizer).
+        references: how many files had a reference.
+    """
+
+    results: list[Transcription]
+    audio_seconds: float
+    wall_seconds: float
+    audio_seconds_per_second: float
+    compilations: dict[str, int]
+    shapes: list[tuple[int, int]]
+    wer: float | None
+    cer: float | None
+    references: int
+
+    def summary(self) -> str:
+        line = (f"transcribed {len(self.results)} file(s), {self.audio_seconds:.1f} s of audio in "
+                f"{self.wall_seconds:.1f} s ({self.audio_seconds_per_second:.1f} audio-s/s); "
+                f"{len(self.shapes)} padded shape(s)")
+        if self.compilations:
+            line += "; compilations: " + ", ".join(f"{k} {v}" for k, v in self.compilations.items())
+        if self.wer is not None:
+            line += f"; WER {100 * self.wer:.2f}%, CER {100 * self.cer:.2f}% over {self.references} reference(s)"
+        return line
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def collect_inputs(audio: Iterable[str | Path] = (), manifests: Iterable[str | Path] = ()) -> list[Utterance]:
+    """The utterances of audio files, directories (every audio file below, sorted) and JSON-lines manifests.
+
+    Raises:
+        TranscriptionError / AudioError: a missing path, a directory without audio, a bad manifest line.
+    """
+    out: list[Utterance] = []
+    for item in audio:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
+            if not found:
+                raise TranscriptionError(f"{path}: no audio files ({', '.join(AUDIO_SUFFIXES)}) in this directory")
+            out += [Utterance(p, None, str(p)) for p in found]
+        elif not path.exists():
+            raise AudioError(f"{path}: no such file")
+        else:
+            out.append(Utterance(path, None, str(path)))
+    for manifest in manifests:
+        out += read_manifest(manifest)
+    return out
+
+
+def read_manifest(path: str | Path) -> list[Utterance]:
+    """A JSON-lines manifest: `{"audio": PATH, "text": REFERENCE}` per line (`text` optional); blank lines skipped.
+
+    Raises:
+        TranscriptionError: `FILE:LINE: what is wrong`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise TranscriptionError(f"{path}: no such manifest file")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise TranscriptionError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    out = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TranscriptionError(f"{where}: not valid JSON ({e.msg})") from None
+        if not isinstance(item, Mapping) or not isinstance(item.get("audio"), str) or not item["audio"]:
+            raise TranscriptionError(f'{where}: expected an object with an "audio" path (and an optional "text")')
+        text = item.get("text")
+        if text is not None and not isinstance(text, str):
+            raise TranscriptionError(f'{where}: "text" must be a string')
+        audio = Path(item["audio"])
+        audio = audio if audio.is_absolute() else path.parent / audio
+        if not audio.is_file():
+            raise TranscriptionError(f"{where}: {audio}: no such audio file")
+        out.append(Utterance(audio, text, where))
+    if not out:
+        raise TranscriptionError(f"{path}: the manifest lists no audio")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Models
+
+
+@dataclasses.dataclass
+class Runner:
+    """What transcription needs of a model: its config, one batch's generation, compile counts."""
+
+    framework: str
+    config: Any
+    settings: GenerationSettings
+    generate: Callable[[np.ndarray, np.ndarray | None, int], tuple[np.ndarray, np.ndarray]]
+    compilations: Callable[[], dict[str, int]]
+
+
+def make_runner(model: Any, generation_config: Any = None, seed: int = 0, **generation: Any) -> Runner:
+    """A runner for a loaded `FlaxSpeechEncoderDecoderModel` or reference `SpeechEncoderDecoderModel`; the
+    generation settings are resolved (and refused) here, before any audio is read."""
+    settings = resolve_settings(model.config, model_generation_config(model), generation_config, **generation)
+    if settings.num_return_sequences != 1:
+        raise bad_argument("num_return_sequences", settings.num_return_sequences,
+                           "transcription writes one transcript per file")
+    if hasattr(model, "module"):  # Flax
+        import jax
+
+        from flax_model import generation as flax_generation
+
+        def encoder_compilations() -> int:
+            # jax.jit's count of the shapes it compiled (a private accessor; absent: counted as 0)
+            fn = model._compiled.get("encode")
+            return int(getattr(fn, "_cache_size", lambda: 0)()) if fn is not None else 0
+
+        start = sum(flax_generation.TRACES.values())
+        encoder_start = encoder_compilations()
+        key = jax.random.PRNGKey(seed)
+
+        def run_flax(inputs, mask, batch_index):
+            out = model.generate(inputs, mask, generation_config=generation_config,
+                                 prng_key=jax.random.fold_in(key, batch_index), **generation)
+            return out.sequences, out.sequences_scores
+
+        return Runner("flax", model.config, settings, run_flax,
+                      lambda: {"encoder": encoder_compilations() - encoder_start,
+                               "search": sum(flax_generation.TRACES.values()) - start})
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def run_torch(inputs, mask, batch_index):
+        out = model.generate(torch.from_numpy(inputs), None if mask is None else torch.from_numpy(mask),
+                             generation_config=generation_config, generator=generator, **generation)
+        return out.sequences.numpy(), out.sequences_scores.numpy()
+
+    return Runner("torch", model.config, settings, run_torch, dict)
+
+
+def load_model(model: str | Path, framework: str = "flax", revision: str | None = None) -> tuple[Any, Path]:
+    """A composed model (directory or Hub repo id) in one framework, and its directory."""
+    from convert.hub import resolve_source
+
+    if framework not in FRAMEWORKS:
+        raise bad_argument("framework", framework, f"is not one of {', '.join(FRAMEWORKS)}")
+    directory = resolve_source(str(model), revision, what="model").path
+    if framework == "flax":
+        from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel
+
+        return FlaxSpeechEncoderDecoderModel.from_pretrained(directory), directory
+    from torch_reference.speech_encoder_decoder import SpeechEncoderDecoderModel
+
+    return SpeechEncoderDecoderModel.from_pretrained(directory), directory
+
+
+def load_tokenizer(directory: Path | None) -> Any:
+    """The decoder's `tokenizer.json` (the `tokenizers` package), or None when the directory has none."""
+    if directory is None or not (directory / TOKENIZER_FILE).is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    path = directory / TOKENIZER_FILE
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 - the tokenizers package raises a bare Exception for a malformed file
+        raise CheckpointError(f"{path}: not a tokenizers file ({str(e).splitlines()[0]})") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Transcription
+
+
+@dataclasses.dataclass(frozen=True)
+class _Item:
+    """One row of work: an utterance, or one chunk of it (samples [start, stop) at the model's rate)."""
+
+    utterance: int
+    chunk: int
+    start: int
+    stop: int  # from the header's length; the utterance's last item reads to the end of the file
+    last: bool
+
+
+def transcribe(
+    model: str | Path | Any,
+    audio: Sequence[str | Path] = (),
+    *,
+    manifests: Sequence[str | Path] = (),
+    framework: str = "flax",
+    revision: str | None = None,
+    batch_size: int = 8,
+    buckets: int = 4,
+    chunk_seconds: float | None = None,
+    chunk_overlap_seconds: float = 1.0,
+    tokens_per_second: float = DEFAULT_TOKENS_PER_SECOND,
+    seed: int = 0,
+    progress: bool = True,
+    on_result: Callable[[Transcription], None] | None = None,
+    generation_config: Any = None,
+    model_dir: str | Path | None = None,
+    feature_extractor: FeatureExtractorConfig | None = None,
+    **generation: Any,
+) -> TranscriptionReport:
+    """Transcribes audio files, directories and manifests with a composed model.
+
+    Args:
+        model: a composed checkpoint directory or Hub repo id, or a loaded Flax / reference model.
+        audio: audio files and directories (every audio file below a directory).
+        manifests: JSON-lines manifests (`{"audio": PATH, "text": REFERENCE}`).
+        framework: "flax" (jit-compiled) or "torch" (the eager reference); for a path or repo id.
+        revision: the Hub revision, for a repo id.
+        batch_size: rows per batch (every batch has exactly this many).
+        buckets: the most distinct padded lengths.
+        chunk_seconds: transcribe audio longer than this many seconds in overlapping chunks of this length
+            (None: audio too long for the model is refused).
+        chunk_overlap_seconds: how much consecutive chunks overlap.
+        tokens_per_second: the speech rate assumed to bound how much audio `max_new_tokens` can describe.
+        seed: seeds sampling (`do_sample=True`).
+        progress: show a progress bar (on stderr, when it is a terminal).
+        on_result: called with each file's result as soon as its batch (or its last chunk) is done.
+        generation_config: a GenerationConfig-like object over the model's own.
+        model_dir: for a loaded model, the directory holding its `tokenizer.json` and
+            `preprocessor_config.json` (None: no text, HF's feature-extractor defaults).
+        feature_extractor: how audio is normalised, over what the model's directory says.
+        generation: generation settings by transformers' names (num_beams, max_new_tokens, ...).
+
+    Returns:
+        The report, with one `Transcription` per file in input order.
+
+    Raises:
+        ConvertError: one line naming the file, manifest line or parameter that is wrong.
+    """
+    from convert import cli
+
+    cli.require_int("batch_size", batch_size, 1)
+    cli.require_int("buckets", buckets, 1)
+    cli.require_float("tokens_per_second", tokens_per_second, 0.0, low_inclusive=False)
+    cli.require_int("seed", seed, 0, 2**32 - 1)
+    if chunk_seconds is not None:
+        cli.require_float("chunk_seconds", chunk_seconds, 0.0, low_inclusive=False)
+        cli.require_float("chunk_overlap_seconds", chunk_overlap_seconds, 0.0, chunk_seconds / 2)
+    utterances = collect_inputs(audio, manifests)
+    if not utterances:
+        raise UsageError("audio=[]: no audio given (pass audio files, directories or manifests)", param="audio")
+
+    directory = None if model_dir is None else Path(model_dir)
+    if isinstance(model, str | Path):
+        model, directory = load_model(model, framework, revision)
+    runner = make_runner(model, generation_config, seed, **generation)
+    tokenizer = load_tokenizer(directory)
+    features = feature_extractor or (feature_extractor_config(directory, runner.config.encoder) if directory
+                                     else FeatureExtractorConfig(
+                                         return_attention_mask=runner.config.encoder.returns_attention_mask))
+    rate = features.sampling_rate
+
+    # Headers first: every file's duration, and whether it fits.
+    seconds = [audio_seconds(u.audio) for u in utterances]
+    limit = runner.settings.max_new_tokens / tokens_per_second
+    if chunk_seconds is not None and chunk_seconds > limit:
+        raise bad_argument("chunk_seconds", chunk_seconds, f"is longer than the {limit:.1f} s one pass can transcribe "
+                           f"({_capacity(runner, tokens_per_second)})")
+    items = []
+    for i, (u, s) in enumerate(zip(utterances, seconds)):
+        samples = round(s * rate)
+        if chunk_seconds is None or s <= chunk_seconds:
+            if s > limit:
+                raise TranscriptionError(
+                    f"{u.where}: {s:.1f} s of audio is longer than the {limit:.1f} s this model can transcribe in one "
+                    f"pass ({_capacity(runner, tokens_per_second)}); transcribe it in overlapping chunks with "
+                    "chunk_seconds (--chunk-seconds)")
+            items.append(_Item(i, 0, 0, samples, True))
+        else:
+            bounds = chunk_bounds(samples, rate, chunk_seconds, chunk_overlap_seconds)
+            items += [_Item(i, k, a, b, k == len(bounds) - 1) for k, (a, b) in enumerate(bounds)]
+    needed = runner.config.encoder.min_input_length
+    for item in items:
+        if item.stop - item.start < needed:
+            u = utterances[item.utterance]
+            raise AudioError(f"{u.where}: {item.stop - item.start} samples is too short for the encoder (it needs at "
+                             f"least {needed})")
+
+    lengths = [it.stop - it.start for it in items]
+    # Boundaries on tenths of a second; exact lengths for encoders that hear the padding (no attention mask), so
+    # that the longest utterance of a bucket is not padded at all (as transformers pads to the longest).
+    multiple = max(1, rate // 10) if features.return_attention_mask else 1
+    boundaries = bucket_boundaries(min(lengths), max(lengths), count=buckets, multiple=multiple)
+    batches = length_batches(lengths, batch_size, boundaries)
+    chunks_of = [0] * len(utterances)
+    for item in items:
+        chunks_of[item.utterance] += 1
+    pieces: dict[int, dict[int, tuple[list[int], float]]] = {}
+    results: list[Transcription | None] = [None] * len(utterances)
+    eos = set(runner.settings.eos_token_ids)
+    start_token = runner.settings.decoder_start_token_id
+    shapes: set[tuple[int, int]] = set()
+
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    with tqdm(total=round(sum(seconds), 1), unit="audio-s", desc="transcribing", file=sys.stderr, leave=False,
+              disable=not cli.show_progress(progress), bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s "
+              "[{elapsed}<{remaining}, {rate_fmt}]") as bar:
+        waveform_cache: dict[int, np.ndarray] = {}
+        for batch_index, batch in enumerate(batches):
+            waveforms = []
+            for j in batch.indices:
+                item = items[j]
+                if item.utterance not in waveform_cache:
+                    waveform_cache[item.utterance] = load_audio(utterances[item.utterance].audio, rate)
+                waveforms.append(waveform_cache[item.utterance][item.start:None if item.last else item.stop])
+            inputs, mask = pad_batch(waveforms, features, batch.padded_length, batch.batch_size)
+            shapes.add(inputs.shape)
+            sequences, scores = runner.generate(inputs, mask, batch_index)
+            done_seconds = 0.0
+            for row, j in enumerate(batch.indices):
+                item = items[j]
+                ids = trim(np.asarray(sequences[row]).tolist(), eos)
+                pieces.setdefault(item.utterance, {})[item.chunk] = (ids, float(scores[row]))
+                if len(pieces[item.utterance]) == chunks_of[item.utterance]:
+                    waveform_cache.pop(item.utterance, None)
+                    u = utterances[item.utterance]
+                    result = assemble(u, seconds[item.utterance], pieces.pop(item.utterance), tokenizer, start_token,
+                                      eos)
+                    results[item.utterance] = result
+                    done_seconds += result.seconds
+                    if on_result is not None:
+                        on_result(result)
+            bar.update(round(done_seconds, 1))
+    wall = time.perf_counter() - started
+    total = float(sum(seconds))
+    wer, cer, references = error_rates(results)
+    compilations = runner.compilations()
+    return TranscriptionReport(results=list(results), audio_seconds=total, wall_seconds=wall,
+                               audio_seconds_per_second=total / wall if wall > 0 else math.inf,
+                               compilations=compilations, shapes=sorted(shapes), wer=wer, cer=cer,
+                               references=references)
+
+
+def _capacity(runner: Runner, tokens_per_second: float) -> str:
+    positions = runner.config.decoder.max_positions
+    return (f"max_new_tokens={runner.settings.max_new_tokens} at {tokens_per_second:g} tokens per second of speech; "
+            f"the decoder's {positions} positions allow up to {(positions - 1) / tokens_per_second:.1f} s with "
+            f"max_new_tokens={positions - 1} (--max-new-tokens)")
+
+
+def chunk_bounds(samples: int, rate: int, chunk_seconds: float, overlap_seconds: float) -> list[tuple[int, int]]:
+    """[start, stop) sample ranges of overlapping windows covering `samples`; the last ends at `samples`."""
+    size = max(1, round(chunk_seconds * rate))
+    step = max(1, size - round(overlap_seconds * rate))
+    bounds, start = [], 0
+    while True:
+        stop = min(start + size, samples)
+        bounds.append((start, stop))
+        if stop >= samples:
+            return bounds
+        start += step
+
+
+def pad_batch(waveforms: Sequence[np.ndarray], features: FeatureExtractorConfig, length: int,
+              rows: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Normalised waveforms padded to `length` samples in `rows` rows (extra rows repeat the first).
+
+    With an attention mask each utterance is normalised over its own samples (the padding is masked); without
+    one, each row is padded first and normalised whole, as transformers' feature extractor does."""
+    length = max(length, *(len(w) for w in waveforms))  # a header's estimate (MP3) may fall short
+    if features.return_attention_mask:
+        inputs, mask = prepare_batch(waveforms, features)
+        grow = length - inputs.shape[1]
+        inputs = np.pad(inputs, ((0, 0), (0, grow)), constant_values=features.padding_value)
+        mask = np.pad(mask, ((0, 0), (0, grow)))
+    else:
+        padded = [np.pad(w, (0, length - len(w)), constant_values=features.padding_value) for w in waveforms]
+        inputs, mask = prepare_batch(padded, features)
+    extra = rows - inputs.shape[0]
+    if extra > 0:
+        inputs = np.concatenate([inputs, np.repeat(inputs[:1], extra, axis=0)])
+        mask = None if mask is None else np.concatenate([mask, np.repeat(mask[:1], extra, axis=0)])
+    return inputs, mask
+
+
+def trim(ids: list[int], eos: set[int]) -> list[int]:
+    """The start token and the generated tokens up to the first eos (kept); later padding goes."""
+    for i in range(1, len(ids)):
+        if ids[i] in eos:
+            return ids[:i + 1]
+    return ids
+
+
+def assemble(u: Utterance, seconds: float, chunks: dict[int, tuple[list[int], float]], tokenizer: Any,
+             start_token: int, eos: set[int]) -> Transcription:
+    """One file's result from its chunk(s)."""
+    if len(chunks) == 1:
+        ids, score = chunks[0]
+    else:
+        bodies = []
+        for k in sorted(chunks):
+            tokens = chunks[k][0][1:]
+            bodies.append(tokens[:-1] if tokens and tokens[-1] in eos else tokens)
+        merged = bodies[0]
+        for body in bodies[1:]:
+            merged = merge_overlapping(merged, body)
+        last = chunks[max(chunks)][0]
+        ids = [start_token, *merged] + ([last[-1]] if len(last) > 1 and last[-1] in eos else [])
+        score = float(np.mean([s for _, s in chunks.values()]))
+    text = tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None else None
+    return Transcription(str(u.audio), text, ids, score, seconds, u.reference, len(chunks))
+
+
+def merge_overlapping(left: list[int], right: list[int]) -> list[int]:
+    """Joins the tokens of two chunks whose audio overlaps: the end of `left` and the start of `right` describe
+    the same stretch. Every alignment of a suffix of `left` with a prefix of `right` is scored by the fraction of
+    equal tokens (at least two equal); the best (the longer on a tie) is cut in its middle: `left`'s tokens up
+    to the middle, `right`'s after. Without such an alignment the two are concatenated."""
+    best, best_overlap = 0.0, 0
+    for overlap in range(1, min(len(left), len(right)) + 1):
+        equal = sum(a == b for a, b in zip(left[len(left) - overlap:], right[:overlap]))
+        if equal >= 2 and equal / overlap >= best:
+            best, best_overlap = equal / overlap, overlap
+    if not best_overlap:
+        return left + right
+    half = best_overlap // 2
+    return left[:len(left) - best_overlap + half] + right[half:]
+
+
+def error_rates(results: Sequence[Transcription | None]) -> tuple[float | None, float | None, int]:
+    """(WER, CER, count) over the results with a non-empty reference and a text; (None, None, 0) without any."""
+    pairs = [(r.reference, r.text) for r in results
+             if r is not None and r.reference is not None and r.reference.strip() and r.text is not None]
+    if not pairs:
+        return None, None, 0
+    import jiwer
+
+    references, hypotheses = [p[0] for p in pairs], [p[1] for p in pairs]
+    return float(jiwer.wer(references, hypotheses)), float(jiwer.cer(references, hypotheses)), len(pairs)
