@@ -200,6 +200,13 @@ ARCHITECTURES: dict[str, Architecture] = {
     "MBartForCausalLM": Architecture("MBartForCausalLM", "decoder", record_causal_lm, "text"),
     "GPT2LMHeadModel": Architecture("GPT2LMHeadModel", "decoder", record_causal_lm, "text"),
     "GPT2Model": Architecture("GPT2LMHeadModel", "decoder", record_causal_lm, "text"),
+    "BertLMHeadModel": Architecture("BertLMHeadModel", "decoder", record_causal_lm, "text"),
+    "BertForMaskedLM": Architecture("BertForMaskedLM", "decoder", record_causal_lm, "text"),
+    # BertForPreTraining's output names its logits `prediction_logits`; BertLMHeadModel reads the same file (the
+    # next-sentence head and pooler reported unexpected) and computes the same bidirectional logits.
+    "BertForPreTraining": Architecture("BertLMHeadModel", "decoder", record_causal_lm, "text"),
+    "RobertaForCausalLM": Architecture("RobertaForCausalLM", "decoder", record_causal_lm, "text"),
+    "RobertaForMaskedLM": Architecture("RobertaForMaskedLM", "decoder", record_causal_lm, "text"),
     # HuBERT, WavLM, data2vec-audio: base models, and CTC checkpoints whose encoder transformers reads under the
     # prefix (`hubert.`, `wavlm.`, `data2vec_audio.`) as we do.
     "HubertModel": Architecture("HubertModel", "encoder", record_speech_encoder, "audio"),
@@ -266,6 +273,16 @@ PAIRS: tuple[Pair, ...] = (
     Pair("w2v_group", "bart_cg_tf5", "no adapter x BART from transformers 5's shared-only file"),
     Pair("w2v_group", "bart_bias", "a non-zero final_logits_bias: BartForCausalLM has no place for it",
          logits=False),
+    Pair("w2v_stable", "bert_xattn_untied", "BERT whose source cross-attention steers the tokens; untied head (the "
+         "decoder's own bias); greedy row 1 ends with eos, row 0 hits the cap", generate=("greedy", "beam4"),
+         eos_token_id=29),
+    Pair("w2v_stable_wide", "bert_pretraining", "BERT from a BertForPreTraining file (gamma/beta names, pooler and "
+         "next-sentence head dropped), enc_to_dec_proj, cross-attention initialised by compose"),
+    Pair("w2v_stable_adapter", "roberta_xattn_untied", "adapter x RoBERTa (positions from the ids) whose source "
+         "cross-attention steers the tokens; pad-filled finished rows", generate=("greedy", "beam4"),
+         eos_token_id=37),
+    Pair("w2v_group", "roberta_mlm_bin", "RoBERTa from a masked-LM .bin in shards, cross-attention initialised by "
+         "compose"),
     Pair("w2v_group_adapter", "bart_causal", "an adapter whose output_hidden_size (48) differs from hidden_size "
          "(32): transformers sizes enc_to_dec_proj from hidden_size", logits=False),
     Pair("hubert_group", "gpt2_lm", "HuBERT (group norm, post-norm) x GPT-2, cross-attention initialised by "
