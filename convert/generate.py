@@ -35,7 +35,7 @@ GENERATION_FLAGS: dict[str, tuple[Any, str]] = {
     "temperature": (float, "sampling: divide the logits by X"),
     "top_k": (int, "sampling: keep the K most likely tokens (0: off; transformers' default 50)"),
     "top_p": (float, "sampling: keep the most likely tokens whose probability reaches P"),
-    "forced_bos_token_id": (int, "force this token first (e.g. mBART's target language)"),
+    "forced_bos_token_id": (int, "force this token first (e.g. a translation model's target language)"),
     "decoder_start_token_id": (int, "the decoder's first input token"),
     "pad_token_id": (int, "what finished rows are padded with"),
 }
