@@ -97,6 +97,15 @@ def text_inputs() -> dict[str, np.ndarray]:
     }
 
 
+def text_inputs_with_pad_ids() -> dict[str, np.ndarray]:
+    """`text_inputs` with the ids 0 and 1 (BERT's and RoBERTa's pad tokens) inside both rows: RoBERTa gives pad
+    tokens the padding position and counts only the others."""
+    batch = text_inputs()
+    batch["input_ids"][0, [2, 5]] = (1, 0)
+    batch["input_ids"][1, [1, 3]] = (0, 1)
+    return batch
+
+
 def speech_inputs() -> dict[str, np.ndarray]:
     """The batch of parity_tests/test_generation.py (whose eos ids give non-trivial generations) and decoder ids
     with row 1 right-padded."""
@@ -114,6 +123,7 @@ def speech_inputs() -> dict[str, np.ndarray]:
 INPUT_SETS: dict[str, Callable[[], dict[str, np.ndarray]]] = {
     "audio": audio_inputs,
     "text": text_inputs,
+    "text_pad_ids": text_inputs_with_pad_ids,
     "speech": speech_inputs,
 }
 
@@ -200,13 +210,13 @@ ARCHITECTURES: dict[str, Architecture] = {
     "MBartForCausalLM": Architecture("MBartForCausalLM", "decoder", record_causal_lm, "text"),
     "GPT2LMHeadModel": Architecture("GPT2LMHeadModel", "decoder", record_causal_lm, "text"),
     "GPT2Model": Architecture("GPT2LMHeadModel", "decoder", record_causal_lm, "text"),
-    "BertLMHeadModel": Architecture("BertLMHeadModel", "decoder", record_causal_lm, "text"),
-    "BertForMaskedLM": Architecture("BertForMaskedLM", "decoder", record_causal_lm, "text"),
+    "BertLMHeadModel": Architecture("BertLMHeadModel", "decoder", record_causal_lm, "text_pad_ids"),
+    "BertForMaskedLM": Architecture("BertForMaskedLM", "decoder", record_causal_lm, "text_pad_ids"),
     # BertForPreTraining's output names its logits `prediction_logits`; BertLMHeadModel reads the same file (the
     # next-sentence head and pooler reported unexpected) and computes the same bidirectional logits.
-    "BertForPreTraining": Architecture("BertLMHeadModel", "decoder", record_causal_lm, "text"),
-    "RobertaForCausalLM": Architecture("RobertaForCausalLM", "decoder", record_causal_lm, "text"),
-    "RobertaForMaskedLM": Architecture("RobertaForMaskedLM", "decoder", record_causal_lm, "text"),
+    "BertForPreTraining": Architecture("BertLMHeadModel", "decoder", record_causal_lm, "text_pad_ids"),
+    "RobertaForCausalLM": Architecture("RobertaForCausalLM", "decoder", record_causal_lm, "text_pad_ids"),
+    "RobertaForMaskedLM": Architecture("RobertaForMaskedLM", "decoder", record_causal_lm, "text_pad_ids"),
     # HuBERT, WavLM, data2vec-audio: base models, and CTC checkpoints whose encoder transformers reads under the
     # prefix (`hubert.`, `wavlm.`, `data2vec_audio.`) as we do.
     "HubertModel": Architecture("HubertModel", "encoder", record_speech_encoder, "audio"),
