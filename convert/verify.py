@@ -174,7 +174,7 @@ def _reference_flax_shapes(model: Any) -> Any:
 
 DEFAULT_FACTOR = 8.0
 FLOOR_ULPS = 4
-VERIFY_SECONDS = 0.5  # of seeded audio per utterance: verification stays cheap next to loading the model
+VERIFY_SECONDS = 0.25  # of seeded audio per utterance: verification stays cheap next to loading the model
 _EPS32 = float(np.finfo(np.float32).eps)
 
 
@@ -204,14 +204,57 @@ def torch_logits(torch_model: Any, batch: dict[str, np.ndarray], dtype: Any = No
 
 
 def reference_logits(torch_model: Any, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """(float32 logits, float64 logits) of the reference. The model is converted to float64 in place for the
-    second run (parameter by parameter, so the peak is the float64 model, not both) and left so: `.float()`
-    brings it back exactly, its weights having come from float32 or narrower."""
+    """(float32 logits, float64 logits) of the reference (see `float64_logits`)."""
+    return torch_logits(torch_model, batch), float64_logits(torch_model, batch)
+
+
+def float64_logits(torch_model: Any, batch: dict[str, np.ndarray]) -> np.ndarray:
+    """The reference's logits computed in float64, holding little more memory than the float32 model.
+
+    Each module's own weights are converted to float64 only while that module runs (forward hooks); their
+    float32 storage is put back after, so the peak is the float32 model plus one module's weights in float64,
+    not a float64 copy of the whole model. Should a weight be used outside its
+    module's call (a dtype error), the whole model is converted instead, and left in float64.
+    """
     import torch
 
-    logits32 = torch_logits(torch_model, batch)
-    torch_model.double()
-    return logits32, torch_logits(torch_model, batch, dtype=torch.float64)
+    kept: dict[int, Any] = {}  # the float32 storage of each tensor while its module runs in float64
+
+    def to_float64(module: Any, args: Any) -> None:
+        for t in _tensors(module, recurse=False):
+            if id(t) not in kept:  # a module called again inside itself keeps its first conversion
+                kept[id(t)] = t.data
+                t.data = t.data.to(torch.float64)
+
+    def back(module: Any, args: Any, out: Any) -> None:
+        for t in _tensors(module, recurse=False):
+            if id(t) in kept:
+                t.data = kept.pop(id(t))  # the original float32 storage: nothing new is allocated
+
+    handles = []
+    for module in torch_model.modules():
+        if _tensors(module, recurse=False):
+            handles.append(module.register_forward_pre_hook(to_float64))
+            handles.append(module.register_forward_hook(back))
+    try:
+        return torch_logits(torch_model, batch, dtype=torch.float64)
+    except RuntimeError:  # a weight used outside its module's call: the plain way, memory permitting
+        for handle in handles:
+            handle.remove()
+        handles = []
+        for module in torch_model.modules():
+            back(module, None, None)
+        torch_model.double()
+        return torch_logits(torch_model, batch, dtype=torch.float64)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _tensors(module: Any, recurse: bool = True) -> list[Any]:
+    """A module's floating-point parameters and buffers."""
+    found = [*module.parameters(recurse=recurse), *module.buffers(recurse=recurse)]
+    return [t for t in found if t.is_floating_point()]
 
 
 def judge_logits(flax32: np.ndarray, ref32: np.ndarray, ref64: np.ndarray, factor: float = DEFAULT_FACTOR

@@ -450,3 +450,34 @@ def test_report_card_and_summary_say_when_transformers_cannot_load_the_output(co
     fine = composed_dir("w2v_stable_wide", "gpt2_lm")
     assert json.loads((fine / "compose_report.json").read_text())["transformers"] == {"loads": True, "reason": None}
     assert "from transformers import SpeechEncoderDecoderModel" in (fine / "README.md").read_text()
+
+
+def _pairs_over_every_architecture() -> list[tuple[str, str]]:
+    from convert.registry import SPECS
+    from scripts.make_fixtures import cases_by_arch
+
+    first = {spec.name: next(iter(cases_by_arch()[spec.name])) for spec in SPECS}
+    encoder = next(first[s.name] for s in SPECS if s.role == "encoder")
+    decoder = next(first[s.name] for s in SPECS if s.role == "decoder")
+    return [(first[s.name], decoder) if s.role == "encoder" else (encoder, first[s.name]) for s in SPECS]
+
+
+@pytest.mark.parametrize("encoder, decoder", _pairs_over_every_architecture())
+def test_float64_reference_run_layer_by_layer_equals_a_whole_float64_model(encoder, decoder, fixture_dir,
+                                                                          monkeypatch):
+    """The verification converts one layer at a time to float64 (memory); it must compute what .double() does."""
+    import copy
+
+    from convert.compose import compose_config, open_source
+    from convert.verify import float64_logits, torch_logits
+
+    config = compose_config(open_source(str(fixture_dir(encoder)), "encoder"),
+                            open_source(str(fixture_dir(decoder)), "decoder"), decoder_start_token_id=0)
+    torch.manual_seed(0)
+    model = SpeechEncoderDecoderModel(config).eval()
+    batch = seeded_inputs(config, seed=2, seconds=0.25)
+    expected = torch_logits(copy.deepcopy(model).double(), batch, dtype=torch.float64)
+    monkeypatch.setattr(type(model), "double", lambda self: pytest.fail("fell back to a whole float64 model"))
+    got = float64_logits(model, batch)
+    assert got.dtype == np.float64 and np.array_equal(got, expected), f"max|diff|={np.max(np.abs(got - expected)):.2e}"
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # each went back after its module ran
