@@ -572,7 +572,7 @@ def _summary(report: dict[str, Any], output: Path, log: TextIO) -> None:
               f"reference {v['reference_error']:.2e} (Flax may be up to {v['bound']:.2e}, {v['factor']:g} x); "
               f"Flax vs reference {v['max_abs_logits_diff']:.2e}", file=log)
     else:
-        print("  not verified (verify=False)", file=log)
+        print("  not verified: Flax was not compared with the PyTorch reference", file=log)
     t = report.get("transformers") or {}
     if t and not t["loads"]:
         print(f"  transformers cannot load this model: {t['reason']}; this toolkit's Flax model and PyTorch "
