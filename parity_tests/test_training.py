@@ -59,8 +59,7 @@ def _adapter_case(arch: str, fixture_dir) -> str:
 
 
 def _batch(config, seed: int = 0) -> dict[str, np.ndarray]:
-    """Two utterances (the second shorter, padded) and labels padded with -100 (no pad ids among the real
-    labels: PyTorch's `padding_idx` keeps the pad embedding's gradient at zero, Flax has no such thing)."""
+    """Two utterances (the second shorter, padded) and labels padded with -100."""
     rng = np.random.default_rng(seed)
     lengths = (max(1600, 4 * config.encoder.min_input_length), max(1000, 3 * config.encoder.min_input_length))
     inputs = np.zeros((2, lengths[0]), np.float32)
@@ -69,7 +68,6 @@ def _batch(config, seed: int = 0) -> dict[str, np.ndarray]:
         inputs[row, :n] = rng.standard_normal(n)
         mask[row, :n] = 1
     labels = rng.integers(0, config.decoder.vocab_size, (2, 7))
-    labels[labels == config.pad_token_id] = (config.pad_token_id + 1) % config.decoder.vocab_size
     labels[1, 4:] = -100
     return {"inputs": inputs, "attention_mask": mask, "labels": labels.astype(np.int64)}
 
@@ -228,3 +226,56 @@ def test_a_frozen_feature_encoder_gets_exactly_zero_update(composed_dir):
 def test_a_few_steps_reduce_the_loss_on_a_tiny_batch(composed_dir):
     _, losses, _ = _frozen_run(composed_dir(*PAIRS[0]))
     assert losses[-1] < 0.7 * losses[0], f"losses {[round(x, 3) for x in losses]}"
+
+
+def _with_rates(config, dropout: float, layerdrop: float):
+    """The config with every dropout probability of both parts set to `dropout` and every LayerDrop rate to
+    `layerdrop` (fields found by name, so any architecture's are)."""
+    def part(c):
+        changes = {f.name: (layerdrop if "layerdrop" in f.name else dropout) for f in dataclasses.fields(c)
+                   if ("dropout" in f.name or "layerdrop" in f.name or f.name.endswith("pdrop"))
+                   and isinstance(getattr(c, f.name), float)}
+        return c.replace(**changes)
+    return dataclasses.replace(config, encoder=part(config.encoder), decoder=part(config.decoder))
+
+
+def _losses(model, batch, keys):
+    return [float(model.loss(batch["inputs"], batch["attention_mask"], batch["labels"], dropout_rng=k)) for k in keys]
+
+
+def test_dropout_and_layerdrop_change_with_the_key_and_not_otherwise(composed_dir):
+    """Same key, same loss; another key, another draw (the compiled function is not frozen to one draw); and
+    LayerDrop alone (every dropout rate 0) takes at most 2**layers values: it is the only randomness left."""
+    base, _, _ = _models(composed_dir(*PAIRS[0]))
+    batch = _batch(base.config, seed=4)
+    keys = [jax.random.key(i) for i in range(8)]
+    deterministic = float(base.loss(batch["inputs"], batch["attention_mask"], batch["labels"]))
+
+    dropout = FlaxSpeechEncoderDecoderModel(_with_rates(base.config, 0.2, 0.0), base.params)
+    losses = _losses(dropout, batch, keys)
+    assert _losses(dropout, batch, keys[:1]) == losses[:1]
+    assert len(set(losses)) == len(keys), f"dropout losses {losses}"
+
+    layers = base.config.encoder.num_hidden_layers + base.config.decoder.num_layers
+    layerdrop = FlaxSpeechEncoderDecoderModel(_with_rates(base.config, 0.0, 0.5), base.params)
+    losses = _losses(layerdrop, batch, [jax.random.key(i) for i in range(16)])
+    assert 2 <= len(set(losses)) <= 2 ** layers, f"LayerDrop losses {sorted(set(losses))}"
+    assert deterministic not in set(_losses(dropout, batch, keys)), "train mode gave the deterministic loss"
+
+
+def test_rematerialised_layers_give_the_same_gradients(composed_dir):
+    """`remat=True` wraps every encoder and decoder layer in `nn.remat` (seen in the traced program) and changes
+    no gradient beyond float32 rounding."""
+    model, _, value_and_grad = _models(composed_dir(*PAIRS[0]))
+    batch = _batch(model.config, seed=5)
+    remat = loss_grad_function(SpeechEncoderDecoderModule(model.config, remat=True), deterministic=True)
+    device_batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    program = str(jax.make_jaxpr(remat)(model.params, device_batch, None, jnp.float32(0.0)))
+    layers = model.config.encoder.num_hidden_layers + model.config.decoder.num_layers
+    assert program.count("remat") >= layers, f"{program.count('remat')} remat regions for {layers} layers"
+    _, expected = value_and_grad(model.params, batch, 0.0, {})  # without remat: gradients of the mean loss
+    sums, got = jax.jit(remat)(model.params, device_batch, None, jnp.float32(0.0))
+    got = jax.tree.map(lambda g: g / sums.tokens, got)  # gradients of the summed objective -> of the mean
+    worst = max(float(jnp.linalg.norm(g - e) / jnp.maximum(jnp.linalg.norm(e), 1e-12))
+                for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)) if float(jnp.linalg.norm(e)) > 1e-6)
+    assert worst <= 1e-5, f"max relative gradient difference with remat: {worst:.2e}"
