@@ -1,6 +1,7 @@
 """CPU benchmark of the composed model: Flax (jit) against the eager PyTorch reference, in one run.
 
     python scripts/bench.py [--quick] [--runs N] [--threads N] [--models bart,gpt2] [--batches 1,4]
+        [--benches forward,generate,transcribe]
 
 Models are base-size and random, built here from configs (nothing is downloaded): wav2vec2-base (12 layers,
 768 wide, 7-layer conv feature encoder) with a BART-base decoder (6 layers, d_model 768, vocabulary 50265) and
@@ -14,7 +15,14 @@ when the figure was taken: on a 2-core machine, figures taken above 2 are distur
     generate  greedy generation of 64 new tokens from 10 s of audio, end to end (encoder, cross-attention
               prefill, 64 decoder steps); `min_new_tokens=64` so that every run makes all 64 tokens.
     decode    the 64 decoder steps alone (generate minus the encoder and the prefill, timed apart).
-Fields: bench, model, batch, flax_s, torch_s, ratio (torch_s / flax_s: > 1 means Flax is faster), compile_s
+    transcribe  batch transcription (`convert.transcribe.transcribe`) of 100 utterances of 1-15 s with
+              wav2vec2-base + BART-base: greedy search, 64 new tokens each (random weights would stop at once),
+              batches of 8 in 4 length buckets;
+              spoken by espeak-ng when it is installed (random English words at random rates and pitches), else
+              noise of the same lengths (`audio` says which). Flax runs twice (`flax_cold_*`: compiling; then
+              compiled), the reference once, on the same batches; audio-seconds per second for each, the ratio
+              (warm Flax / reference), the compilations, and whether the tokens agree.
+Fields of forward / generate / decode: bench, model, batch, flax_s, torch_s, ratio (torch_s / flax_s: > 1 means Flax is faster), compile_s
 (Flax's first call minus a compiled call: tracing and XLA compilation), tokens_per_s and torch_tokens_per_s
 (generate and decode), same_tokens (whether both produced the same greedy tokens).
 
@@ -38,19 +46,19 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
 
-from convert.checkpoint import numpy_to_torch  # noqa: E402
-from convert.archs.bart import BartConfig  # noqa: E402
-from convert.archs.gpt2 import GPT2Config  # noqa: E402
-from convert.archs.wav2vec2 import Wav2Vec2Config  # noqa: E402
-from convert.composed import SpeechEncoderDecoderConfig, composed_tied_keys  # noqa: E402
-from convert.params import params_to_torch_state  # noqa: E402
-from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel, SpeechEncoderDecoderModule  # noqa: E402
-from torch_reference.speech_encoder_decoder import SpeechEncoderDecoderModel  # noqa: E402
+from convert.archs.bart import BartConfig
+from convert.archs.gpt2 import GPT2Config
+from convert.archs.wav2vec2 import Wav2Vec2Config
+from convert.checkpoint import numpy_to_torch
+from convert.composed import SpeechEncoderDecoderConfig, composed_tied_keys
+from convert.params import params_to_torch_state
+from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel, SpeechEncoderDecoderModule
+from torch_reference.speech_encoder_decoder import SpeechEncoderDecoderModel
 
 SAMPLE_RATE = 16000
 
@@ -197,6 +205,72 @@ def bench_generate(name: str, flax_model, torch_model, batch: int, args) -> None
           "flax_prefill_s": flax_prefill_s, "torch_prefill_s": torch_prefill_s, "load": os.getloadavg()[0]})
 
 
+WORDS = ("the", "a", "model", "speech", "time", "river", "seven", "green", "window", "quickly", "morning", "paper",
+         "listen", "number", "station", "under", "bright", "yesterday", "computer", "garden", "answer", "travel",
+         "music", "simple", "over", "people", "because", "water", "different", "little", "evening", "remember")
+
+
+def make_utterances(count: int, low: float, high: float, directory: Path, seed: int = 0
+                    ) -> tuple[list[Path], list[float], str]:
+    """`count` WAV files of about `low`-`high` seconds: espeak-ng speech when installed, else noise."""
+    import shutil
+    import tempfile
+
+    import soundfile
+
+    rng = np.random.default_rng(seed)
+    targets = rng.uniform(low, high, count)
+    paths, seconds = [], []
+    if shutil.which("espeak-ng"):
+        from scripts.make_spoken_dataset import synthesise
+
+        with tempfile.TemporaryDirectory() as tmp:
+            for i, target in enumerate(targets):
+                rate = int(rng.integers(150, 200))  # words per minute
+                words = max(1, round(target * rate / 60 * 0.85))  # espeak-ng pauses a little between words
+                text = " ".join(rng.choice(WORDS, words))
+                path = directory / f"{i:03d}.wav"
+                seconds.append(synthesise(text, "en-us", rate, int(rng.integers(30, 70)), path, Path(tmp)))
+                paths.append(path)
+        return paths, seconds, "espeak-ng"
+    for i, target in enumerate(targets):
+        path = directory / f"{i:03d}.wav"
+        soundfile.write(str(path), (0.1 * rng.standard_normal(int(target * SAMPLE_RATE))).astype(np.float32),
+                        SAMPLE_RATE)
+        paths.append(path)
+        seconds.append(float(target))
+    return paths, seconds, "noise"
+
+
+def bench_transcribe(args) -> None:
+    import tempfile
+
+    from convert.transcribe import transcribe
+
+    count, low, high, tokens = (10, 1.0, 3.0, 16) if args.quick else (100, 1.0, 15.0, 64)  # 4 tokens a second
+    with tempfile.TemporaryDirectory() as tmp:
+        paths, seconds, source = make_utterances(count, low, high, Path(tmp))
+        flax_model, torch_model = build_models(composed_config(bart_base(args.quick), args.quick))
+        # Random weights would end every transcript at once: every utterance generates `tokens` tokens.
+        options = {"max_new_tokens": tokens, "min_new_tokens": tokens, "batch_size": 8, "buckets": 4,
+                   "progress": False, "tokens_per_second": 4.0}
+        cold = transcribe(flax_model, paths, **options)
+        warm = transcribe(flax_model, paths, **options)
+        reference = transcribe(torch_model, paths, **options)
+    same = [r.token_ids for r in warm.results] == [r.token_ids for r in reference.results]
+    emit({"bench": "transcribe", "model": "wav2vec2-base+bart-base", "utterances": count, "audio": source,
+          "audio_s": sum(seconds), "min_s": min(seconds), "max_s": max(seconds),
+          "flax_audio_s_per_s": warm.audio_seconds_per_second,
+          "flax_cold_audio_s_per_s": cold.audio_seconds_per_second,
+          "torch_audio_s_per_s": reference.audio_seconds_per_second,
+          "ratio": warm.audio_seconds_per_second / reference.audio_seconds_per_second,
+          "flax_s": warm.wall_seconds, "flax_cold_s": cold.wall_seconds, "torch_s": reference.wall_seconds,
+          "compilations": cold.compilations, "warm_compilations": warm.compilations,
+          "padded_shapes": [list(s) for s in cold.shapes], "new_tokens": tokens,
+          "generated_tokens": sum(len(r.token_ids) - 1 for r in warm.results), "same_tokens": same,
+          "load": os.getloadavg()[0]})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
@@ -205,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
     parser.add_argument("--models", default="bart,gpt2", help="comma-separated: bart, gpt2")
     parser.add_argument("--batches", default="1,4", help="comma-separated batch sizes")
-    parser.add_argument("--benches", default="forward,generate", help="comma-separated: forward, generate")
+    parser.add_argument("--benches", default="forward,generate,transcribe",
+                        help="comma-separated: forward, generate, transcribe")
     args = parser.parse_args(argv)
     args.runs = args.runs or (1 if args.quick else 5)
     args.audio_seconds = 1.0 if args.quick else 10.0
@@ -216,7 +291,11 @@ def main(argv: list[str] | None = None) -> int:
           "torch": torch.__version__, "device": str(jax.devices()[0]), "quick": args.quick,
           "load": os.getloadavg()[0]})
     builders = {"bart": ("wav2vec2-base+bart-base", bart_base), "gpt2": ("wav2vec2-base+gpt2", gpt2_124m)}
+    if "transcribe" in args.benches:
+        bench_transcribe(args)
     for key in args.models.split(","):
+        if not {"forward", "generate"} & set(args.benches.split(",")):
+            break
         name, decoder = builders[key]
         flax_model, torch_model = build_models(composed_config(decoder(args.quick), args.quick))
         for batch in (int(b) for b in args.batches.split(",")):
