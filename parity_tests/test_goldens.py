@@ -242,17 +242,38 @@ def sequences_scores(out: Any) -> np.ndarray:
 
 @pytest.mark.parametrize(("name", "setting"), GENERATIONS, ids=[f"{n}-{s}" for n, s in GENERATIONS])
 def test_generation_matches_transformers(name, setting, composed):
+    """Tokens equal to transformers' and beam scores within TOL_SCORE; where recorded, each step's processed
+    scores too (the same tokens removed, the rest within TOL_SCORE). A sampling row is compared by its processed
+    scores only (the draws come from other generators)."""
     flax_model, reference = composed(name)
     batch, want = inputs(CASES[name]["settings"]["inputs"]), golden(name)
-    settings = CASES[name]["generation"][setting]["settings"]  # every option transformers was given
+    recorded = CASES[name]["generation"][setting]
+    settings = recorded["settings"]  # every option transformers was given
+    per_step = f"{setting}.scores" in want
+    if per_step:
+        settings = {**settings, "output_scores": True}
     values, mask = batch["input_values"], batch["attention_mask"]
-    flax_out = flax_model.generate(values, mask, **generate_options(flax_generation.generate, settings))
+    flax_out = flax_model.generate(values, mask, prng_key=jax.random.PRNGKey(0),
+                                   **generate_options(flax_generation.generate, settings))
     torch_out = reference.generate(torch.from_numpy(values), torch.from_numpy(mask),
                                    **generate_options(torch_generation.generate, settings))
+    outputs = (("Flax", flax_out), ("reference", torch_out))
+    if per_step:
+        for who, out in outputs:
+            scores = out.scores.numpy() if isinstance(out.scores, torch.Tensor) else np.asarray(out.scores)
+            expected = want[f"{setting}.scores"]
+            assert scores.shape == expected.shape, f"{name} {setting}: {who} scores {scores.shape} vs {expected.shape}"
+            removed = np.isneginf(expected)
+            assert np.array_equal(np.isneginf(scores), removed), (
+                f"{name} {setting}: {who} removes other tokens than transformers' processors")
+            err = max_diff(scores[~removed], expected[~removed])
+            assert err <= TOL_SCORE, f"{name} {setting}: {who} per-step scores vs transformers: max|diff|={err:.2e}"
+    if recorded.get("sampled"):
+        return
     sequences = want[f"{setting}.sequences"]
     for who, out in (("Flax", flax_out.sequences), ("reference", torch_out.sequences.numpy())):
         np.testing.assert_array_equal(out, sequences, err_msg=f"{name} {setting}: {who} tokens vs transformers'")
     if f"{setting}.sequences_scores" in want:
-        for who, out in (("Flax", flax_out), ("reference", torch_out)):
+        for who, out in outputs:
             err = max_diff(sequences_scores(out), want[f"{setting}.sequences_scores"])
             assert err <= TOL_SCORE, f"{name} {setting}: {who} beam scores vs transformers: max|diff|={err:.2e}"

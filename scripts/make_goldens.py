@@ -35,9 +35,11 @@ Adding cases (rows of the tables below, nothing else):
     * a new composed pair: a row in PAIRS.
     * a new generation setting (forced BOS/EOS, no_repeat_ngram_size, repetition_penalty, several eos ids,
       ...): a row in GENERATION; list its name in the `generate` field of the pairs it should run on. The row's
-      settings are passed verbatim both to transformers' GenerationConfig and, by the test, to our two
-      `generate` functions as keyword arguments, so a setting we do not implement fails loudly. Sampling
-      cannot give equal tokens across two RNGs: cover it by recording the processed scores instead.
+      settings (over GENERATION_BASE and the pair's ids, which a row may replace; a row of MODEL_DEFAULTS_ROWS
+      alone, so that the composed generation_config.json decides) are passed verbatim as keyword arguments to
+      transformers' `generate` and, by the test, to our two `generate` functions, so a setting we do not
+      implement fails loudly. Each step's processed scores are recorded too. Sampling cannot give equal tokens
+      across two RNGs: a sampling row (`do_sample`) is compared by its processed scores (one step) only.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ import io
 import json
 import sys
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -271,11 +273,12 @@ class Pair:
 
 PAIRS: tuple[Pair, ...] = (
     Pair("w2v_stable_adapter", "bart_untied", "adapter x BART; greedy row 0 ends with eos, row 1 hits the cap",
-         generate=("greedy", "beam4", "beam4_never_lp2"), eos_token_id=51),
+         generate=("greedy", "beam4", "beam4_never_lp2", "mbart_style", "penalties", "beam3_returns", "max_length",
+                   "sample_warped", "beam_sample_warped", "model_defaults"), eos_token_id=51),
     Pair("w2v_stable_wide", "gpt2_untied", "no adapter x GPT-2, enc_to_dec_proj, cross-attention initialised by "
          "compose"),
     Pair("w2v_stable_wide", "gpt2_xattn_untied", "GPT-2 whose source cross-attention steers the tokens",
-         generate=("greedy", "beam4"), eos_token_id=33),
+         generate=("greedy", "beam4", "gpt2_mbart_style", "gpt2_penalties", "model_defaults"), eos_token_id=33),
     Pair("w2v_group", "mbart", "no adapter (group norm) x mBART"),
     Pair("w2v_stable_adapter", "mbart", "adapter x mBART"),
     Pair("w2v_stable_adapter", "gpt2_xattn", "adapter x GPT-2 (tied head, no projection)",
@@ -310,7 +313,33 @@ GENERATION: dict[str, dict[str, Any]] = {
     "greedy": {"num_beams": 1},
     "beam4": {"num_beams": 4},
     "beam4_never_lp2": {"num_beams": 4, "early_stopping": "never", "length_penalty": 2.0},
+    # The processors and what users combine (rows may replace the pair's eos: several eos ids give generations
+    # that end with eos in some rows and at the cap in others). mBART speech translation: the target-language
+    # token forced first, eos forced at the cap, 4 beams, no repeated 3-gram.
+    "mbart_style": {"num_beams": 4, "no_repeat_ngram_size": 3, "forced_bos_token_id": 56, "forced_eos_token_id": 2,
+                    "eos_token_id": [16, 2]},
+    "penalties": {"repetition_penalty": 1.3, "no_repeat_ngram_size": 2, "bad_words_ids": [[69, 69], [83]],
+                  "suppress_tokens": [77], "begin_suppress_tokens": [14], "min_new_tokens": 4, "eos_token_id": [16, 2]},
+    "beam3_returns": {"num_beams": 3, "num_return_sequences": 3, "length_penalty": 0.5, "early_stopping": True,
+                      "repetition_penalty": 1.2, "eos_token_id": [16, 2]},
+    # max_length counts the start token; min_length too (max_new_tokens / min_new_tokens unset to let them act).
+    "max_length": {"max_new_tokens": None, "max_length": 13, "min_new_tokens": None, "min_length": 5, "num_beams": 2,
+                   "eos_token_id": [16, 2]},
+    # Sampling: the tokens depend on the RNG, so only the first step's processed scores are compared (temperature,
+    # top-k, top-p; beam sampling keeps one token more than there are eos ids).
+    "sample_warped": {"do_sample": True, "temperature": 1.5, "top_k": 30, "top_p": 0.95, "max_new_tokens": 1},
+    "beam_sample_warped": {"do_sample": True, "num_beams": 2, "temperature": 2.0, "top_k": 6, "max_new_tokens": 1},
+    "gpt2_mbart_style": {"num_beams": 4, "no_repeat_ngram_size": 3, "forced_bos_token_id": 37,
+                         "forced_eos_token_id": 95, "eos_token_id": [92, 95]},
+    "gpt2_penalties": {"repetition_penalty": 1.3, "no_repeat_ngram_size": 2, "bad_words_ids": [[43, 84], [63]],
+                       "suppress_tokens": [71], "begin_suppress_tokens": [79], "min_new_tokens": 4,
+                       "eos_token_id": [92, 95]},
+    # No argument at all: both sides generate with the generation_config.json that compose wrote (BART's forced
+    # BOS / EOS, transformers' default of 20 new tokens): the generation config travels.
+    "model_defaults": {},
 }
+# Rows whose settings are passed alone, without GENERATION_BASE and the pair's ids.
+MODEL_DEFAULTS_ROWS = ("model_defaults",)
 # transformers-only switches: plain search, outputs with sequences_scores. No cache: transformers 5.24 sizes
 # its DynamicCache by BART's `num_hidden_layers`, an alias of `encoder_layers` (1 in our fixtures, which have 2
 # decoder layers), and fails; without the cache every step recomputes the prefix, the same arithmetic.
@@ -395,9 +424,10 @@ def fixture_case(name: str, directory: Path, inputs: dict[str, dict[str, np.ndar
     return entry, arrays
 
 
-def generated_lengths(sequences: np.ndarray, eos: int) -> list[int]:
+def generated_lengths(sequences: np.ndarray, eos: int | Sequence[int]) -> list[int]:
     """Tokens each row generated after the start token: up to and including its first eos, else all."""
-    return [row.index(eos) + 1 if eos in row else len(row) for row in sequences[:, 1:].tolist()]
+    eos = {eos} if isinstance(eos, int) else set(eos)
+    return [next((i + 1 for i, t in enumerate(row) if t in eos), len(row)) for row in sequences[:, 1:].tolist()]
 
 
 def pair_case(pair: Pair, fixture_dirs: Mapping[str, Path], out: Path,
@@ -452,22 +482,30 @@ def pair_case(pair: Pair, fixture_dirs: Mapping[str, Path], out: Path,
         for setting in pair.generate:
             ids = {"decoder_start_token_id": config["decoder_start_token_id"], "eos_token_id": pair.eos_token_id,
                    "pad_token_id": config["pad_token_id"]}
-            ours = {**GENERATION_BASE, **GENERATION[setting], **ids}
-            # Keyword arguments over the model's generation config, as a user calls generate; what the
-            # arguments leave unset comes from config.json (`from_model_config`) as it does for our models.
+            ours = dict(GENERATION[setting]) if setting in MODEL_DEFAULTS_ROWS else {
+                **GENERATION_BASE, **ids, **GENERATION[setting]}
+            # Keyword arguments over the model's generation config (the generation_config.json compose wrote), as
+            # a user calls generate. Sampling draws from torch's global RNG: seeded, so the file is reproducible.
+            torch.manual_seed(0)
             result = model.generate(inputs=batch["input_values"], attention_mask=batch["attention_mask"],
-                                    **ours, **TRANSFORMERS_GENERATION)
+                                    **{**TRANSFORMERS_GENERATION, **ours})
             sequences = result.sequences.numpy().astype(np.int32)
             arrays[f"{setting}.sequences"] = sequences
+            # Each step's processed scores (greedy: logits, beam search: log-probs, after every processor).
+            arrays[f"{setting}.scores"] = torch.stack(result.scores, dim=1).numpy().astype(np.float32)
             scores = getattr(result, "sequences_scores", None)
             if scores is not None:
                 arrays[f"{setting}.sequences_scores"] = scores.numpy().astype(np.float32)
-            lengths = generated_lengths(sequences, pair.eos_token_id)
+            eos = ours.get("eos_token_id", model.generation_config.eos_token_id)
+            eos = [eos] if isinstance(eos, int) else list(eos)
+            lengths = generated_lengths(sequences, eos)
             entry["generation"][setting] = {
                 "settings": ours,
                 "transformers_only": TRANSFORMERS_GENERATION,
+                "sampled": bool(ours.get("do_sample")),
                 "generated_lengths": lengths,
-                "ended_with_eos": [pair.eos_token_id in row for row in sequences[:, 1:].tolist()],
+                "ended_with_eos": [bool(set(eos) & set(row[:n])) for row, n in zip(sequences[:, 1:].tolist(),
+                                                                                     lengths)],
                 "distinct_tokens": [len(set(row[:n])) for row, n in zip(sequences[:, 1:].tolist(), lengths)],
             }
             print(f"  {setting}: lengths {lengths}, eos {entry['generation'][setting]['ended_with_eos']}")
