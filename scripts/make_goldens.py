@@ -38,8 +38,8 @@ Adding cases (rows of the tables below, nothing else):
       settings (over GENERATION_BASE and the pair's ids, which a row may replace; a row of MODEL_DEFAULTS_ROWS
       alone, so that the composed generation_config.json decides) are passed verbatim as keyword arguments to
       transformers' `generate` and, by the test, to our two `generate` functions, so a setting we do not
-      implement fails loudly. Each step's processed scores are recorded too. Sampling cannot give equal tokens
-      across two RNGs: a sampling row (`do_sample`) is compared by its processed scores (one step) only.
+      implement fails loudly. Rows in PER_STEP_SCORES record each step's processed scores too. Sampling cannot
+      give equal tokens across two RNGs: a sampling row (`do_sample`) is compared by those scores (one step).
 """
 
 from __future__ import annotations
@@ -340,6 +340,9 @@ GENERATION: dict[str, dict[str, Any]] = {
 }
 # Rows whose settings are passed alone, without GENERATION_BASE and the pair's ids.
 MODEL_DEFAULTS_ROWS = ("model_defaults",)
+# Rows whose every step's processed scores are recorded too (kept to a few: [rows, steps, vocabulary] floats).
+PER_STEP_SCORES = ("penalties", "gpt2_penalties", "max_length", "sample_warped", "beam_sample_warped",
+                   "model_defaults")
 # transformers-only switches: plain search, outputs with sequences_scores. No cache: transformers 5.24 sizes
 # its DynamicCache by BART's `num_hidden_layers`, an alias of `encoder_layers` (1 in our fixtures, which have 2
 # decoder layers), and fails; without the cache every step recomputes the prefix, the same arithmetic.
@@ -491,8 +494,8 @@ def pair_case(pair: Pair, fixture_dirs: Mapping[str, Path], out: Path,
                                     **{**TRANSFORMERS_GENERATION, **ours})
             sequences = result.sequences.numpy().astype(np.int32)
             arrays[f"{setting}.sequences"] = sequences
-            # Each step's processed scores (greedy: logits, beam search: log-probs, after every processor).
-            arrays[f"{setting}.scores"] = torch.stack(result.scores, dim=1).numpy().astype(np.float32)
+            if setting in PER_STEP_SCORES:  # each step's scores after every processor (beam search: log-probs)
+                arrays[f"{setting}.scores"] = torch.stack(result.scores, dim=1).numpy().astype(np.float32)
             scores = getattr(result, "sequences_scores", None)
             if scores is not None:
                 arrays[f"{setting}.sequences_scores"] = scores.numpy().astype(np.float32)
