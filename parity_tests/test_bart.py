@@ -356,8 +356,8 @@ def torch_train_logits(config: BartConfig, state: dict, inputs: dict[str, np.nda
     return outs
 
 
-# One kind at a time on BART; mBART (pre-norm) with every kind at once.
-DROPOUT_CASES = [("bart_causal", (rate,)) for rate in RATES[:3]] + [("mbart", RATES[:3])]
+# One kind at a time (mBART's pre-norm layers apply the same dropouts at the same places).
+DROPOUT_CASES = [("bart_causal", (rate,)) for rate in RATES[:3]]
 
 
 @pytest.mark.parametrize(("case", "rates"), DROPOUT_CASES, ids=[f"{c}-{'+'.join(r)}" for c, r in DROPOUT_CASES])
