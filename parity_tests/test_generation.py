@@ -59,10 +59,12 @@ class Setting:
     mixed: bool = True
 
 
+# Flax against the reference on a three-utterance batch (transformers' own tokens and scores for these settings
+# and more, both frameworks, are in test_goldens.py): per-step scores and beam indices, what each processor
+# promises, greedy search's score, the order of returned hypotheses.
 SETTINGS: dict[tuple[str, str], Setting] = {
     # The model's own generation config (forced BOS 0 first, forced EOS 2 at the cap), per-step scores.
     ("bart", "greedy"): Setting({"output_scores": True}),
-    ("bart", "beam4"): Setting({"num_beams": 4}),
     # What an mBART speech-translation checkpoint sets: the target-language token forced first, eos forced at the
     # cap (from the config), 4 beams, no repeated 3-gram.
     ("bart", "mbart_style"): Setting({"num_beams": 4, "no_repeat_ngram_size": 3, "forced_bos_token_id": 56}),
@@ -71,13 +73,7 @@ SETTINGS: dict[tuple[str, str], Setting] = {
                                     "begin_suppress_tokens": [14], "min_new_tokens": 4}),
     ("bart", "beam_returns"): Setting({"num_beams": 3, "num_return_sequences": 3, "length_penalty": 0.5,
                                        "early_stopping": True, "repetition_penalty": 1.2, "output_scores": True}),
-    # A length penalty of 2 with the canonical stopping rule favours long hypotheses: every beam runs to the cap.
-    ("bart", "beam_never"): Setting({"num_beams": 4, "early_stopping": "never", "length_penalty": 2.0,
-                                     "min_length": 6}, mixed=False),
-    ("gpt2", "greedy"): Setting({}),
     ("gpt2", "beam4"): Setting({"num_beams": 4}),
-    ("gpt2", "mbart_style"): Setting({"num_beams": 4, "no_repeat_ngram_size": 3, "forced_bos_token_id": 37,
-                                      "forced_eos_token_id": 95}),
 }
 
 
@@ -160,7 +156,7 @@ def ngrams(row: list[int], n: int) -> list[tuple[int, ...]]:
 # Cached decoding
 
 
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", ["bart"])  # the decoders' own cache tests are in test_bart.py, test_gpt2.py, ...
 def test_cached_decode_steps_equal_full_forward(models, batch, name):
     m = models(name)
     inputs, mask = batch

@@ -154,7 +154,7 @@ def test_beam_sampling_draws_candidates_without_replacement_from_the_softmax(mod
     the processed softmax, the best returned. Over many identical utterances the returned token must follow the
     exactly enumerated distribution of "the most probable of 4 draws without replacement"."""
     flax_model, reference = models
-    rows = 1500
+    rows = 1000
     inputs = np.repeat(utterances(1, samples=1600), rows, axis=0)
     options = {**WARPED, "top_k": 6, "top_p": 1.0, "temperature": 2.0, "num_beams": 2, "max_new_tokens": 1,
                "output_scores": True}
