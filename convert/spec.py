@@ -35,10 +35,12 @@ MeshAxes: TypeAlias = tuple[DimAxes, ...]
 PartitionRule: TypeAlias = tuple[str, MeshAxes]
 
 # The default split of each kind of weight, in the Flax layout, derived from the key table's transforms:
-# matrices and convolution kernels over `fsdp` along their input side (a contiguous range of the Flax
-# msgpack's bytes) and over `model` along the output side; embeddings [V, D] over `fsdp` along D (vocabulary
-# sizes are rarely a multiple of the device count) and over `model` along V; weight-norm v [C, C/groups, K]
-# over `fsdp` along C. Norm scales, biases and other small vectors are replicated.
+# dense kernels over `fsdp` along their first dimension (a contiguous range of the Flax msgpack's bytes:
+# the input side of [in, out] kernels) and over `model` along the second; convolution kernels [K, in, out]
+# likewise along in and out; embeddings [V, D] over `fsdp` along D (vocabulary sizes are rarely a multiple
+# of the device count) and over `model` along V; weight-norm v [C, C/groups, K] over `fsdp` along C. Norm
+# scales, biases and other vectors are replicated. Where the mesh does not divide a dimension, that
+# dimension is replicated (`flax_model.sharding.partition_spec`).
 DEFAULT_AXES: dict[T, MeshAxes] = {
     T.LINEAR: ("fsdp", "model"),
     T.CONV: (None, "fsdp", "model"),

@@ -1,9 +1,9 @@
 """Parameters and batches on a `jax.sharding.Mesh`: partition specs from the architectures' rules, sharded
 loading that reads only each process's shards, and generation with the batch split over `data`.
 
-The mesh axes are MaxText's: `data` (the batch), `fsdp` (parameters split over devices that each run a part of
-the batch... here: that hold a part of every large parameter), and optionally `model` (tensor parallelism). A
-mesh may have any subset of them; a missing axis counts as size 1. The rules (`convert.spec`: a regex over
+The mesh axes are MaxText's: `data` (the batch is split over it), `fsdp` (every large parameter is split over
+it) and, optionally, `model` (tensor parallelism). A mesh may have any subset of them; a missing axis counts as
+size 1. The rules (`convert.spec`: a regex over
 the `/`-joined Flax path -> mesh axes per dimension, first match wins) become `PartitionSpec`s here:
 
 * a dimension is split over its axes only when the product of their sizes divides it; otherwise that
