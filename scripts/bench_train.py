@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--no-freeze", dest="freeze", action="store_false")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="only XLA's memory account of the compiled step, with and without remat (no timing)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     emit({"threads": args.threads, "devices": str(jax.devices())})
@@ -102,6 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     batch = {"inputs": jnp.asarray(audio), "attention_mask": jnp.asarray(mask), "labels": jnp.asarray(labels, jnp.int32)}
     audio_s = float(mask.sum()) / 16000
 
+    if args.memory_only:
+        for remat, dtype in ((False, jnp.float32), (True, jnp.float32), (False, jnp.bfloat16), (True, jnp.bfloat16)):
+            grad_fn, _, state = flax_step(flax_model, batch, args.freeze, remat=remat, dtype=dtype)
+            emit({"bench": "memory", "remat": remat, "dtype": jnp.dtype(dtype).name, "batch": args.batch,
+                  "audio_s": audio_s, **memory_of(grad_fn, state, batch), "load": load()})
+        return 0
     grad_fn, apply, state = flax_step(flax_model, batch, args.freeze, remat=False, dtype=jnp.float32)
     counter = {"step": 0}
 
