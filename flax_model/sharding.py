@@ -3,8 +3,8 @@ loading that reads only each process's shards, and generation with the batch spl
 
 The mesh axes are MaxText's: `data` (the batch is split over it), `fsdp` (every large parameter is split over
 it) and, optionally, `model` (tensor parallelism). A mesh may have any subset of them; a missing axis counts as
-size 1. The rules (`convert.spec`: a regex over
-the `/`-joined Flax path -> mesh axes per dimension, first match wins) become `PartitionSpec`s here:
+size 1. The rules (`convert.spec`: a regex over the `/`-joined Flax path -> mesh axes per dimension, first match
+wins) become `PartitionSpec`s here:
 
 * a dimension is split over its axes only when the product of their sizes divides it; otherwise that
   dimension is replicated (e.g. a vocabulary of 50265 over 8 devices), and the other dimensions keep their

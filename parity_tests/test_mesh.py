@@ -260,6 +260,16 @@ def test_sharded_load_is_bit_exact_and_placed_by_the_rules(composed_dir, pair, p
     assert loaded.bytes_read == total, f"read {loaded.bytes_read} bytes of a {total}-byte model"
 
 
+def test_sharded_load_casts_floating_point_leaves(composed_dir):
+    directory = composed_dir(*PAIRS[0])
+    loaded = load_sharded(directory, _mesh((8,), ("fsdp",)), param_shapes, dtype=ml_dtypes.bfloat16)
+    reference = _flat(load_params(directory, param_shapes).params)
+    for path, leaf in _flat(loaded.params).items():
+        want = reference[path].astype(ml_dtypes.bfloat16)
+        assert leaf.dtype == want.dtype, f"{path}: {leaf.dtype}"
+        assert np.array_equal(np.asarray(leaf).view(np.uint16), want.view(np.uint16)), path
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Sharded generation
 
@@ -282,7 +292,8 @@ def _batch() -> tuple[np.ndarray, np.ndarray]:
 def models(composed_dir):
     directory = composed_dir(*GENERATION_PAIR)
     single = FlaxSpeechEncoderDecoderModel.from_pretrained(directory)
-    sharded = FlaxSpeechEncoderDecoderModel.from_pretrained(directory, mesh=_mesh((2, 4), ("data", "fsdp")))
+    # jax.make_mesh gives Explicit axes: the model runs them as Auto ones (sharding propagation).
+    sharded = FlaxSpeechEncoderDecoderModel.from_pretrained(directory, mesh=jax.make_mesh((2, 4), ("data", "fsdp")))
     return single, sharded
 
 
