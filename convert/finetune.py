@@ -299,12 +299,6 @@ class _Run:
 
     # -- checkpoints -----------------------------------------------------------------------------------
 
-    def manager(self) -> Any:
-        import orbax.checkpoint as ocp
-
-        return ocp.CheckpointManager(self.checkpoint_dir.resolve(),
-                                     options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
-
     def save(self, manager: Any, state: Any, meta: dict[str, Any]) -> None:
         import orbax.checkpoint as ocp
 
@@ -319,9 +313,20 @@ class _Run:
         import orbax.checkpoint as ocp
 
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-        restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        try:
+            restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+            raise ConvertError(f"{self.checkpoint_dir}: the checkpoint at step {manager.latest_step()} does not fit "
+                               f"this model and these settings ({str(e).splitlines()[0][:200]})") from None
         return restored.state, dict(restored.meta)
+
+
+def checkpoint_manager(directory: Path) -> Any:
+    """An orbax manager of the run's checkpoints (the two latest kept)."""
+    import orbax.checkpoint as ocp
+
+    return ocp.CheckpointManager(directory.resolve(), options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
 
 
 def _trim(ids: list[int], eos: int | None) -> list[int]:
@@ -365,7 +370,8 @@ def finetune(
         after_step: called with the step number after each step (tests).
 
     Returns:
-        The output directory (None-like when interrupted: nothing is written there) and the report.
+        The output directory and the run's report; when interrupted, `interrupted=True`, nothing is written to
+        `output`, and the report says which step the checkpoint holds.
 
     Raises:
         ConvertError / UsageError: one line naming the file, field or option that is wrong.
@@ -384,14 +390,19 @@ def finetune(
         raise UsageError(f"model={model}: not a composed model directory (no config.json)")
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else output.with_name(output.name + ".checkpoints")
     started = time.perf_counter()
+    manager = checkpoint_manager(checkpoint_dir)
+    if not resume and manager.latest_step() is not None:
+        raise UsageError(f"{checkpoint_dir}: holds checkpoints of an earlier run (up to step "
+                         f"{manager.latest_step()}); pass resume=True to continue it, or remove the directory")
     run = _Run(model_dir, train, eval, settings, checkpoint_dir)
     state = init_state(run.model.params, run.optimizer)
-    manager = run.manager()
     history: dict[str, Any] = {"loss": [], "eval": [], "audio_seconds": 0.0, "train_seconds": 0.0}
     if resume and manager.latest_step() is not None:
         state, history = run.restore(manager, state)
         print(f"resumed from {checkpoint_dir} at step {int(state.step)}", file=log, flush=True)
-    elif not history["eval"]:
+    else:
+        if resume:
+            print(f"no checkpoint in {checkpoint_dir}: starting from step 0", file=log, flush=True)
         history["eval"].append({"step": 0, **run.evaluate(state.params)})
         print(f"step 0: WER {history['eval'][-1]['wer']:.3f}, CER {history['eval'][-1]['cer']:.3f}", file=log, flush=True)
 

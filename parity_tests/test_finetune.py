@@ -16,8 +16,8 @@ from convert import cli, finetune
 from convert.finetune import FinetuneSettings
 from convert.training_data import LabelTokenizer
 
-SETTINGS = dict(max_steps=4, batch_size=2, num_buckets=1, eval_batch_size=2, max_new_tokens=4, save_every=2,
-                learning_rate=1e-3)
+SETTINGS = {"max_steps": 4, "batch_size": 2, "num_buckets": 1, "eval_batch_size": 2, "max_new_tokens": 4,
+            "save_every": 2, "learning_rate": 1e-3}
 WORDS = ("one two", "three", "four five six", "seven", "eight nine", "zero one")
 
 
@@ -102,6 +102,10 @@ def test_ctrl_c_saves_a_checkpoint_and_resuming_matches_an_uninterrupted_run(dat
     resumed, straight = _params(out), _params(uninterrupted)
     differ = [k for k in straight if not np.array_equal(resumed[k], straight[k])]
     assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
+    # A fresh run does not silently mix with an earlier run's checkpoints.
+    assert finetune.main([*argv[:7], str(data["root"] / "other"), "--checkpoint-dir", str(checkpoints)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds checkpoints of an earlier run" in err[0] and "--resume" in err[0], err
 
 
 def test_a_bad_manifest_line_is_a_one_line_error(data, tmp_path, capsys):
