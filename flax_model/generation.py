@@ -21,6 +21,10 @@ the same thing plainly in eager PyTorch; both follow transformers 5's `generate`
 * Beam search keeps transformers' vectorised bookkeeping: K' = max(2, 1 + number of eos ids) * K candidates per
   step; running beams are the best candidates that did not end; finished hypotheses merge with the K best kept.
 
+Deliberate differences from transformers 5 (also in the README's Generation section): the settings refuse what
+transformers would silently ignore (`convert.generation_settings`); greedy search and sampling return a score (the
+mean log-probability of the generated tokens); sampling draws from JAX's generator, not PyTorch's.
+
 Compilation: the encoder once per input shape, and one `jax.jit` search (prefill and loop) per static setting
 (`GenerationSettings.static`: the mode, lengths, token ids, which processors run, `output_scores`) and encoder
 output shape, cached on the model; `length_penalty`, `min_new_tokens`, `repetition_penalty`, `temperature` and

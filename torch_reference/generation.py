@@ -32,6 +32,8 @@ identical token sequences for the deterministic modes and scores within 1e-4. Bo
     length_penalty > 0. A done utterance takes no new hypotheses.
   The result is each utterance's R best finished hypotheses (rows b * R + r), padded with transformers'
   `pad_token_id or eos_token_id[0]` to the longest.
+* Deliberate differences from transformers 5 (README, "Generation"): settings that transformers would silently
+  ignore are refused (`convert.generation_settings`); greedy search and sampling return a score too.
 * Scores: `sequences_scores` is, for beam search, each returned hypothesis' length-normalised score; for greedy
   search and sampling (where transformers returns none) the mean log-probability of the generated tokens under
   the softmax of the processed scores (eos included, padding not). With `output_scores`, `scores` holds each
