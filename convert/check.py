@@ -168,7 +168,9 @@ def _generate(generate: Any, inputs: Any, mask: Any, max_new_tokens: int) -> np.
     from convert.generation_settings import GenerationConfigError
 
     try:
-        return np.asarray(generate(inputs, mask, max_new_tokens=max_new_tokens).sequences)
+        # Greedy whatever the generation config asks for (sampling, beams): the comparison is deterministic.
+        greedy = {"do_sample": False, "num_beams": 1, "num_return_sequences": 1}
+        return np.asarray(generate(inputs, mask, max_new_tokens=max_new_tokens, **greedy).sequences)
     except (ValueError, GenerationConfigError) as e:  # options the model cannot honour, found by generate
         raise ConvertError(f"greedy generation: {' '.join(str(e).split())}") from None
 

@@ -63,12 +63,21 @@ def test_check_fails_with_the_figure_when_weight_files_disagree(composed_dir, tm
     assert float(logits_line.split()[6]) > 1e-3, logits_line
 
 
-def test_check_runs_on_wav_files(composed_dir, tmp_path):
+def test_check_runs_on_wav_files_greedily_whatever_the_generation_config_asks(composed_dir, tmp_path):
     wavs = [write_wav(tmp_path / "a.wav", 0.5, 1), write_wav(tmp_path / "b.wav", 0.3, 2)]
     result = check(str(composed_dir("w2v_group_adapter", "bart_cg")), audio=wavs, max_new_tokens=5)
     assert result["passed"], result
     greedy = result["checks"][-1]
     assert len(greedy["flax"]) == 2 and greedy["flax"] == greedy["torch"]
+    # A model whose generation config samples with beams is still compared greedily (no key needed, same tokens).
+    sampling = tmp_path / "sampling"
+    shutil.copytree(composed_dir("w2v_group_adapter", "bart_cg"), sampling)
+    config = json.loads((sampling / "generation_config.json").read_text())
+    config.update(do_sample=True, num_beams=3, num_return_sequences=2, top_k=5)
+    (sampling / "generation_config.json").write_text(json.dumps(config))
+    again = check(str(sampling), audio=wavs, max_new_tokens=5)
+    assert again["passed"], again
+    assert again["checks"][-1]["flax"] == greedy["flax"], (again["checks"][-1], greedy)
 
 
 def test_check_of_a_missing_directory_is_a_one_line_error(tmp_path):
