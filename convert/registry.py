@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from convert.archs import bart, bert, data2vec_audio, gpt2, hubert, roberta, wav2vec2, wavlm
+from convert.archs import bart, bert, data2vec_audio, gpt2, hubert, roberta, wav2vec2, wav2vec2_conformer, wavlm
 from convert.configs import HFConfig
 from convert.errors import UnsupportedConfig
 from convert.spec import ArchSpec, Role
@@ -19,6 +19,7 @@ SPECS: tuple[ArchSpec, ...] = (
     hubert.SPEC,
     wavlm.SPEC,
     data2vec_audio.SPEC,
+    wav2vec2_conformer.SPEC,
     bart.SPEC,
     gpt2.SPEC,
     bert.SPEC,
