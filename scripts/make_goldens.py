@@ -227,6 +227,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     "WavLMForCTC": Architecture("WavLMModel", "encoder", record_speech_encoder, "audio"),
     "Data2VecAudioModel": Architecture("Data2VecAudioModel", "encoder", record_speech_encoder, "audio"),
     "Data2VecAudioForCTC": Architecture("Data2VecAudioModel", "encoder", record_speech_encoder, "audio"),
+    "Wav2Vec2ConformerModel": Architecture("Wav2Vec2ConformerModel", "encoder", record_speech_encoder, "audio"),
+    "Wav2Vec2ConformerForCTC": Architecture("Wav2Vec2ConformerModel", "encoder", record_speech_encoder, "audio"),
 }
 
 # Fixtures of a covered architecture that get no golden of their own, and why.
