@@ -222,7 +222,24 @@ def save_params(
     return files
 
 
+def save_flax_msgpack(directory: str | Path, leaves: Mapping[str, np.ndarray],
+                      max_shard_size: int | None = None) -> list[Path]:
+    """Writes the Flax msgpack of `leaves` (`/`-joined path -> array) as they are, without the key table: for
+    trees outside HF's layout, such as the stacked layers of a scanned model (`convert.stacking`).
+
+    Returns:
+        The files written.
+    """
+    specs = [TensorSpec(k, np.asarray(v).dtype, tuple(np.shape(v))) for k, v in sorted(leaves.items())]
+    writer = ShardedWriter(Path(directory), "msgpack", specs, max_shard_size)
+    for spec in specs:
+        writer.write(spec.name, np.asarray(leaves[spec.name]))
+    writer.close()
+    return list(writer.files)
+
+
 __all__ = [
     "FLAX_MSGPACK", "Loaded", "composed_keymap", "composed_tied_keys", "keymap_for", "load_params",
-    "params_to_torch_state", "plan_checkpoint", "plan_source", "read_config", "read_entry", "save_params", "tied_keys_for",
+    "params_to_torch_state", "plan_checkpoint", "plan_source", "read_config", "read_entry", "save_flax_msgpack",
+    "save_params", "tied_keys_for",
 ]

@@ -31,6 +31,8 @@ from flax_model.layers import (
     decoder_positions,
     decoder_self_mask,
     layer_drop,
+    make_stack,
+    map_stack,
     run_layers,
 )
 
@@ -163,23 +165,26 @@ class BartDecoderLayer(nn.Module):
 
 
 class BartDecoderLayers(nn.Module):
-    """The layer list; a module of its own so that layer 3 lives at `layers/3` (HF's Flax layout)."""
+    """The layer stack; a module of its own so that layer 3 lives at `layers/3` (HF's Flax layout), or, scanned
+    (`flax_model.layers.layer_scan`), the stacked params at `layers/...`."""
 
     config: BartConfig
     dtype: Any = jnp.float32
 
     def setup(self) -> None:
-        self.layers = [BartDecoderLayer(self.config, self.dtype, name=str(i))
-                       for i in range(self.config.decoder_layers)]
+        self.layers = make_stack(self, lambda i, name: BartDecoderLayer(self.config, self.dtype, name=name),
+                                 self.config.decoder_layers)
 
     def init_cache_layers(self, batch_size: int, max_length: int,
-                          encoder_hidden_states: jax.Array) -> tuple[LayerCache, ...]:
-        return tuple(layer.init_layer_cache(batch_size, max_length, encoder_hidden_states) for layer in self.layers)
+                          encoder_hidden_states: jax.Array) -> tuple[LayerCache, ...] | LayerCache:
+        return map_stack(self.layers, self.config.decoder_layers,
+                         lambda layer: layer.init_layer_cache(batch_size, max_length, encoder_hidden_states))
 
     def __call__(self, hidden: jax.Array, self_mask: jax.Array, encoder_hidden_states: jax.Array | None,
                  cross_mask: jax.Array | None, cache: DecoderCache | None,
-                 deterministic: bool = True) -> tuple[jax.Array, tuple[LayerCache, ...] | None]:
-        return run_layers(self.layers, hidden, self_mask, encoder_hidden_states, cross_mask, cache, deterministic)
+                 deterministic: bool = True) -> tuple[jax.Array, tuple[LayerCache, ...] | LayerCache | None]:
+        return run_layers(self.layers, self.config.decoder_layers, hidden, self_mask, encoder_hidden_states,
+                          cross_mask, cache, deterministic)
 
 
 class BartDecoder(nn.Module):

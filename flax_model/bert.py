@@ -34,6 +34,8 @@ from flax_model.layers import (
     decoder_positions,
     decoder_self_mask,
     make_attention_mask,
+    make_stack,
+    map_stack,
     run_layers,
 )
 
@@ -232,15 +234,18 @@ class BertLayerCollection(nn.Module):
     dtype: Any = jnp.float32
 
     def setup(self) -> None:
-        self.layers = [BertLayer(self.config, self.dtype, name=str(i)) for i in range(self.config.num_hidden_layers)]
+        self.layers = make_stack(self, lambda i, name: BertLayer(self.config, self.dtype, name=name),
+                                 self.config.num_hidden_layers)
 
     def init_cache_layers(self, batch_size: int, max_length: int,
-                          encoder_hidden_states: jax.Array | None) -> tuple[LayerCache, ...]:
-        return tuple(layer.init_layer_cache(batch_size, max_length, encoder_hidden_states) for layer in self.layers)
+                          encoder_hidden_states: jax.Array | None) -> tuple[LayerCache, ...] | LayerCache:
+        return map_stack(self.layers, self.config.num_hidden_layers,
+                         lambda layer: layer.init_layer_cache(batch_size, max_length, encoder_hidden_states))
 
     def __call__(self, hidden, self_mask, encoder_hidden_states, cross_mask, cache: DecoderCache | None,
-                 deterministic: bool = True) -> tuple[jax.Array, tuple[LayerCache, ...] | None]:
-        return run_layers(self.layers, hidden, self_mask, encoder_hidden_states, cross_mask, cache, deterministic)
+                 deterministic: bool = True) -> tuple[jax.Array, tuple[LayerCache, ...] | LayerCache | None]:
+        return run_layers(self.layers, self.config.num_hidden_layers, hidden, self_mask, encoder_hidden_states,
+                          cross_mask, cache, deterministic)
 
 
 class BertEncoder(nn.Module):

@@ -48,15 +48,25 @@ class LayerCache:
 
 @flax.struct.dataclass
 class DecoderCache:
-    """All layers' caches, the number of positions written so far, and the encoder's padding mask."""
+    """All layers' caches, the number of positions written so far, and the encoder's padding mask.
 
-    layers: tuple[LayerCache, ...]
+    `layers` is a tuple of per-layer caches, or, for a model with scanned layers (`flax_model.layers.layer_scan`),
+    one `LayerCache` whose arrays have a leading layer axis ([layers, B, N, L, H]) that the scan runs over.
+    """
+
+    layers: tuple[LayerCache, ...] | LayerCache
     index: jax.Array  # [] int32
     encoder_mask: jax.Array  # [B, S] bool, True where the encoder output is real
 
     @property
+    def stacked(self) -> bool:
+        """Whether the layers' caches are one stacked `LayerCache` (scanned layers)."""
+        return isinstance(self.layers, LayerCache)
+
+    @property
     def max_length(self) -> int:
-        return self.layers[0].self_keys.shape[2]
+        first = self.layers if self.stacked else self.layers[0]
+        return first.self_keys.shape[-2]
 
 
 def reorder_cache(cache: DecoderCache, beam_index: jax.Array, cross: bool = True) -> DecoderCache:
@@ -69,8 +79,14 @@ def reorder_cache(cache: DecoderCache, beam_index: jax.Array, cross: bool = True
             when beams only move within their utterance, whose rows hold the same cross-attention arrays:
             that saves copying them at every step.
     """
-    take = lambda a: jnp.take(a, beam_index, axis=0)  # noqa: E731
-    keep = take if cross else (lambda a: a)
-    layers = tuple(LayerCache(take(c.self_keys), take(c.self_values), keep(c.cross_keys), keep(c.cross_values))
-                   for c in cache.layers)
-    return DecoderCache(layers=layers, index=cache.index, encoder_mask=keep(cache.encoder_mask))
+    def gather(axis: int, cross: bool):
+        take = lambda a: jnp.take(a, beam_index, axis=axis)  # noqa: E731
+        keep = take if cross else (lambda a: a)
+        return lambda c: LayerCache(take(c.self_keys), take(c.self_values), keep(c.cross_keys), keep(c.cross_values))
+
+    if cache.stacked:  # [layers, B, ...]: the batch is the second axis
+        layers = gather(1, cross)(cache.layers)
+    else:
+        layers = tuple(map(gather(0, cross), cache.layers))
+    encoder_mask = jnp.take(cache.encoder_mask, beam_index, axis=0) if cross else cache.encoder_mask
+    return DecoderCache(layers=layers, index=cache.index, encoder_mask=encoder_mask)

@@ -28,6 +28,8 @@ from flax_model.layers import (
     decoder_cross_mask,
     decoder_positions,
     decoder_self_mask,
+    make_stack,
+    map_stack,
     run_layers,
 )
 
@@ -98,9 +100,13 @@ class GPT2Attention(nn.Module):
         return self._split_heads(key), self._split_heads(value)
 
     def __call__(self, query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array,
-                 deterministic: bool = True) -> jax.Array:
-        """query [B, N, T, H], key/value [B, N, S, H], mask [B, 1, T|1, S] bool -> [B, T, D]."""
+                 deterministic: bool = True, layer_index: jax.Array | int | None = None) -> jax.Array:
+        """query [B, N, T, H], key/value [B, N, S, H], mask [B, 1, T|1, S] bool -> [B, T, D].
+
+        `layer_index` (traced in a scanned stack) overrides `layer_idx` for `scale_attn_by_inverse_layer_idx`.
+        """
         cfg = self.config
+        layer_index = self.layer_idx if layer_index is None else layer_index
         if cfg.reorder_and_upcast_attn:
             # HF computes these scores in float32 whatever the model's dtype.
             query, key = query.astype(jnp.float32), key.astype(jnp.float32)
@@ -108,7 +114,8 @@ class GPT2Attention(nn.Module):
         if cfg.scale_attn_weights:
             scores = scores / jnp.sqrt(jnp.asarray(query.shape[-1], scores.dtype))
         if cfg.scale_attn_by_inverse_layer_idx:
-            scores = scores / float(self.layer_idx + 1)
+            # Python int or traced int32: both divide by the same float32 value.
+            scores = scores / jnp.asarray(layer_index + 1, scores.dtype)
         scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
         probs = self.attn_dropout(probs, deterministic=deterministic)
@@ -169,11 +176,13 @@ class GPT2Block(nn.Module):
         layer_cache: LayerCache | None,
         index: jax.Array | int,
         deterministic: bool = True,
+        layer_index: jax.Array | int | None = None,
     ) -> tuple[jax.Array, LayerCache | None]:
         """hidden [B, T, D]; self_mask [B, 1, T, L]; cross_mask [B, 1, 1, S] | None -> ([B, T, D], new cache).
 
         Cross-attention runs when `cross_mask` is given, reading the cache's keys/values when there is a
-        cache and projecting `encoder_hidden_states` otherwise.
+        cache and projecting `encoder_hidden_states` otherwise. `layer_index` overrides `layer_idx` (a scanned
+        stack passes it traced).
         """
         new_cache = None
         query, key, value = self.attn.project_qkv(self.ln_1(hidden))  # [B, N, T, H]
@@ -183,14 +192,14 @@ class GPT2Block(nn.Module):
             value = jax.lax.dynamic_update_slice(layer_cache.self_values, value.astype(layer_cache.self_values.dtype),
                                                  at)
             new_cache = layer_cache.replace(self_keys=key, self_values=value)  # [B, N, L, H]
-        hidden = hidden + self.attn(query, key, value, self_mask, deterministic)
+        hidden = hidden + self.attn(query, key, value, self_mask, deterministic, layer_index)
         if cross_mask is not None:
             if layer_cache is not None:
                 cross_kv = (layer_cache.cross_keys, layer_cache.cross_values)  # [B, N, S, H]
             else:
                 cross_kv = self.crossattention.project_kv(encoder_hidden_states)
             query = self.crossattention.project_query(self.ln_cross_attn(hidden))
-            hidden = hidden + self.crossattention(query, *cross_kv, cross_mask, deterministic)
+            hidden = hidden + self.crossattention(query, *cross_kv, cross_mask, deterministic, layer_index)
         hidden = hidden + self.mlp(self.ln_2(hidden), deterministic)
         return hidden, new_cache
 
@@ -202,15 +211,20 @@ class GPT2BlockCollection(nn.Module):
     dtype: Any = jnp.float32
 
     def setup(self) -> None:
-        self.blocks = [GPT2Block(self.config, i, self.dtype, name=str(i)) for i in range(self.config.n_layer)]
+        self.blocks = make_stack(self, lambda i, name: GPT2Block(self.config, i, self.dtype, name=name),
+                                 self.config.n_layer)
 
     def init_cache_layers(self, batch_size: int, max_length: int,
-                          encoder_hidden_states: jax.Array | None) -> tuple[LayerCache, ...]:
-        return tuple(b.init_layer_cache(batch_size, max_length, encoder_hidden_states) for b in self.blocks)
+                          encoder_hidden_states: jax.Array | None) -> tuple[LayerCache, ...] | LayerCache:
+        return map_stack(self.blocks, self.config.n_layer,
+                         lambda b: b.init_layer_cache(batch_size, max_length, encoder_hidden_states))
 
     def __call__(self, hidden, self_mask, encoder_hidden_states, cross_mask, cache: DecoderCache | None,
-                 deterministic: bool = True) -> tuple[jax.Array, tuple[LayerCache, ...] | None]:
-        return run_layers(self.blocks, hidden, self_mask, encoder_hidden_states, cross_mask, cache, deterministic)
+                 deterministic: bool = True) -> tuple[jax.Array, tuple[LayerCache, ...] | LayerCache | None]:
+        # The layer index scales the attention scores (`scale_attn_by_inverse_layer_idx`): a scanned block
+        # gets it traced.
+        return run_layers(self.blocks, self.config.n_layer, hidden, self_mask, encoder_hidden_states, cross_mask,
+                          cache, deterministic, pass_layer_index=True)
 
 
 class GPT2Model(nn.Module):

@@ -1,10 +1,15 @@
-"""Small pieces shared by the Flax architectures: activations, attention masks, decoder positions."""
+"""Small pieces shared by the Flax architectures: activations, attention masks, decoder positions, and the
+layer stack (per-layer modules or one scanned layer) every architecture runs its identical layers through."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -95,19 +100,133 @@ def decoder_cross_mask(cache: DecoderCache | None, encoder_hidden_states: jax.Ar
     return make_attention_mask(None, encoder_attention_mask)
 
 
-def run_layers(layers, hidden: jax.Array, self_mask: jax.Array, encoder_hidden_states: jax.Array | None,
-               cross_mask: jax.Array | None, cache: DecoderCache | None,
-               deterministic: bool) -> tuple[jax.Array, tuple[LayerCache, ...] | None]:
+# ----------------------------------------------------------------------------------------------------------
+# Layer stacks: unrolled or scanned
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanSettings:
+    """How the layer stacks built in the current context run.
+
+    Attributes:
+        scan: one `nn.scan` over a single layer module with stacked params (a leading layer axis) instead of
+            one module per layer (`name=str(i)`, HF's layout).
+        remat: rematerialise each scanned layer (`nn.remat` inside the scan). Unrolled layers are
+            rematerialised by `flax_model.training.remat_layers` instead.
+    """
+
+    scan: bool = False
+    remat: bool = False
+
+
+_SCAN = contextvars.ContextVar("layer_scan", default=ScanSettings())
+
+
+@contextlib.contextmanager
+def layer_scan(scan: bool = True, remat: bool | None = None) -> Iterator[None]:
+    """Within this context, the layer stacks that modules build (`make_stack`) are scanned (or not: `scan=False`).
+
+    The choice changes the param tree, so a model must be initialised and applied under the same setting: the
+    composed model (`SpeechEncoderDecoderModule.scan_layers`) enters this context in each of its methods.
+
+    Args:
+        scan: scan the stacks.
+        remat: rematerialise each scanned layer; None keeps the enclosing context's choice.
+    """
+    token = _SCAN.set(ScanSettings(scan, _SCAN.get().remat if remat is None else remat))
+    try:
+        yield
+    finally:
+        _SCAN.reset(token)
+
+
+Stack = Sequence[nn.Module] | nn.Module  # per-layer modules, or the one module a scan runs over
+
+
+def make_stack(parent: nn.Module, make_layer: Callable[[int, str], nn.Module], num_layers: int) -> Stack:
+    """The layers of a stack, built inside `parent`'s `setup` or compact method.
+
+    Unrolled: `[make_layer(i, str(i)) for i]`, layer i's params at `<parent>/<i>/...` (HF's Flax layout).
+    Scanned (inside `layer_scan`): one `make_layer(0, "layer")` whose scope is `parent`'s own, so that its
+    stacked params sit at `<parent>/...` with a leading layer axis (`convert.stacking` converts between the two).
+
+    Args:
+        parent: the module the stack's params live under.
+        make_layer: (layer index, name) -> an unbound layer module. A scanned layer is built with index 0 and
+            gets its traced index from `run_stack` (a layer whose computation depends on its index must take it
+            from there).
+        num_layers: how many layers.
+    """
+    if not _SCAN.get().scan:
+        return [make_layer(i, str(i)) for i in range(num_layers)]
+    layer = make_layer(0, "layer")
+    nn.share_scope(parent, layer)
+    return layer
+
+
+def is_scanned(layers: Stack) -> bool:
+    return isinstance(layers, nn.Module)
+
+
+Step = Callable[[nn.Module, Any, Any, Any], tuple[Any, Any]]
+
+
+def run_stack(layers: Stack, num_layers: int, step: Step, carry: Any, per_layer: Any = None) -> tuple[Any, Any]:
+    """Runs `step` through the layers in order: `carry, out = step(layer, index, carry, x)`.
+
+    Unrolled, `index` is the Python int i and `x` is `per_layer[i]`; the outputs come back as a tuple. Scanned,
+    `index` is a traced int32 scalar, `x` the i-th slice of the stacked `per_layer` pytree (leading layer axis),
+    and the outputs come back stacked. Scanned layers draw their "dropout" keys from a key split per layer
+    (`split_rngs`), so their random draws differ from the unrolled layers' for the same key.
+
+    Args:
+        layers: from `make_stack`.
+        num_layers: how many layers (the scan's length).
+        step: one layer's work; arguments other than `carry` and `x` are closed over (static or constants).
+        carry: what flows from layer to layer (e.g. the hidden states [B, T, D]).
+        per_layer: each layer's own input (e.g. its `LayerCache`), or None.
+    """
+    if not is_scanned(layers):
+        outs = []
+        for i, layer in enumerate(layers):
+            carry, out = step(layer, i, carry, None if per_layer is None else per_layer[i])
+            outs.append(out)
+        return carry, tuple(outs)
+
+    def body(layer: nn.Module, carry: Any, xs: tuple[jax.Array, Any]) -> tuple[Any, Any]:
+        index, x = xs
+        return step(layer, index, carry, x)
+
+    if _SCAN.get().remat:
+        # Inside a scan, common-subexpression elimination cannot merge the recomputation with the forward pass.
+        body = nn.remat(body, prevent_cse=False)
+    scanned = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                      length=num_layers)
+    return scanned(layers, carry, (jnp.arange(num_layers, dtype=jnp.int32), per_layer))
+
+
+def map_stack(layers: Stack, num_layers: int, fn: Callable[[nn.Module], Any]) -> Any:
+    """`fn(layer)` for every layer: a tuple (unrolled) or one stacked pytree (scanned)."""
+    return run_stack(layers, num_layers, lambda layer, index, carry, x: (carry, fn(layer)), None)[1]
+
+
+def run_layers(layers: Stack, num_layers: int, hidden: jax.Array, self_mask: jax.Array,
+               encoder_hidden_states: jax.Array | None, cross_mask: jax.Array | None, cache: DecoderCache | None,
+               deterministic: bool, pass_layer_index: bool = False
+               ) -> tuple[jax.Array, tuple[LayerCache, ...] | LayerCache | None]:
     """Runs a decoder's layers in order, each on its own slice of the cache; hidden [B, T, D].
 
+    Args:
+        pass_layer_index: call each layer with `layer_index=` its index (an int, or traced when scanned).
+
     Returns:
-        (hidden [B, T, D], the layers' new caches, or None without a cache).
+        (hidden [B, T, D], the layers' new caches (stacked when scanned), or None without a cache).
     """
     index = cache.index if cache is not None else 0
-    new_layers = []
-    for i, layer in enumerate(layers):
-        layer_cache = cache.layers[i] if cache is not None else None
-        hidden, new_layer_cache = layer(hidden, self_mask, encoder_hidden_states, cross_mask, layer_cache, index,
-                                        deterministic)
-        new_layers.append(new_layer_cache)
-    return hidden, (tuple(new_layers) if cache is not None else None)
+
+    def step(layer: nn.Module, i: Any, hidden: jax.Array, layer_cache: LayerCache | None):
+        extra = {"layer_index": i} if pass_layer_index else {}
+        return layer(hidden, self_mask, encoder_hidden_states, cross_mask, layer_cache, index, deterministic, **extra)
+
+    hidden, new_layers = run_stack(layers, num_layers, step, hidden, cache.layers if cache is not None else None)
+    return hidden, (new_layers if cache is not None else None)

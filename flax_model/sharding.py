@@ -10,7 +10,9 @@ wins) become `PartitionSpec`s here:
   dimension is replicated (e.g. a vocabulary of 50265 over 8 devices), and the other dimensions keep their
   split;
 * axes of size 1, and axes the mesh does not have, are left out;
-* a leaf that no rule matches is replicated.
+* a leaf that no rule matches is replicated;
+* a stacked leaf of scanned layers (`convert.stacking`: a leading layer axis) is split as its layer 0 would be,
+  the layer axis not split.
 
 `load_sharded` places every leaf with `jax.make_array_from_callback`: the callback gets the index (one slice per
 dimension, in the Flax layout) of the box a local device holds, maps it through the key table's layout
@@ -21,6 +23,9 @@ devices hold plus one leaf's boxes in flight.
 
 In a multi-process run (`jax.distributed.initialize`) every process calls the same functions with the same
 arguments, as JAX's multi-controller model asks.
+
+The commands' `--mesh data=2,fsdp=4` is `mesh_from_flag`; saving a sharded model gathers it leaf by leaf
+(`gathered_leaves`), every process contributing its shards and process 0 writing.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import dataclasses
 import functools
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +46,11 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from convert.checkpoint import FLAX_FIRST, Checkpoint
 from convert.composed import PROJECTION_KEYMAP, SpeechEncoderDecoderConfig
 from convert.configs import HFConfig
+from convert.errors import bad_argument
 from convert.keymap import Entry, Plan, T
-from convert.params import ShapesOf, plan_checkpoint
+from convert.params import ShapesOf, keymap_for, plan_checkpoint
 from convert.registry import spec_for
+from convert.stacking import Stacks, layer_path, layer_stacks
 from convert.spec import (
     MESH_AXES,
     DimAxes,
@@ -125,6 +132,15 @@ def partition_spec(path: str, shape: tuple[int, ...], rules: tuple[PartitionRule
     return PartitionSpec(*dims)
 
 
+def leaf_partition_spec(path: str, shape: tuple[int, ...], rules: tuple[PartitionRule, ...],
+                        sizes: Mapping[str, int], stacks: Stacks) -> PartitionSpec:
+    """`partition_spec`, also for the stacked leaves of `stacks` (the per-layer rule, the layer axis unsplit)."""
+    first = layer_path(path, stacks)
+    if first is not None and len(shape) >= 1:
+        return PartitionSpec(None, *partition_spec(first, tuple(shape[1:]), rules, sizes))
+    return partition_spec(path, shape, rules, sizes)
+
+
 def param_shardings(config: HFConfig, shapes: Mapping[str, tuple[int, ...]], mesh: Mesh,
                     rules: tuple[PartitionRule, ...] | None = None) -> dict[str, NamedSharding]:
     """`/`-joined Flax path -> `NamedSharding` of every leaf, from the config's rules or `rules`."""
@@ -134,7 +150,8 @@ def param_shardings(config: HFConfig, shapes: Mapping[str, tuple[int, ...]], mes
         rules = partition_rules(config)
     else:
         check_partition_rules(tuple(rules), "rules")
-    return {path: NamedSharding(mesh, partition_spec(path, tuple(shape), rules, sizes))
+    stacks = layer_stacks(config)
+    return {path: NamedSharding(mesh, leaf_partition_spec(path, tuple(shape), rules, sizes, stacks))
             for path, shape in shapes.items()}
 
 
@@ -193,8 +210,9 @@ def load_sharded(
     else:
         check_partition_rules(tuple(rules), "rules")
     flat = {}
+    stacks = layer_stacks(config)
     for entry in plan.entries:
-        sharding = NamedSharding(mesh, partition_spec(entry.target, entry.target_shape, rules, sizes))
+        sharding = NamedSharding(mesh, leaf_partition_spec(entry.target, entry.target_shape, rules, sizes, stacks))
         flat[entry.target] = _place(checkpoint, entry, sharding, dtype)
     return ShardedLoad(config, traverse_util.unflatten_dict(flat, sep="/"), plan, checkpoint.bytes_read)
 
@@ -321,3 +339,104 @@ def on_mesh(model: Any, mesh: Mesh) -> Any:
     if jax.process_count() > 1:
         model._compiled = ReplicatedResults(mesh)
     return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The commands' --mesh
+
+
+def parse_mesh(text: str, param: str = "mesh") -> dict[str, int]:
+    """`"data=2,fsdp=4"` -> `{"data": 2, "fsdp": 4}` (axes among data, fsdp, model, each once, sizes >= 1).
+
+    Raises:
+        UsageError: `mesh=<text>: <what is wrong>` (a command prints it as `--mesh <text>: ...`, exit 2).
+    """
+    sizes: dict[str, int] = {}
+    for item in str(text).split(","):
+        name, sep, size = item.strip().partition("=")
+        name, size = name.strip(), size.strip()
+        if not sep or not name or not size:
+            raise bad_argument(param, text, f"{item.strip()!r} is not AXIS=SIZE (e.g. data=2,fsdp=4)")
+        if name not in MESH_AXES:
+            raise bad_argument(param, text, f"axis {name!r} is not one of {', '.join(MESH_AXES)}")
+        if name in sizes:
+            raise bad_argument(param, text, f"axis {name!r} is given twice")
+        if not size.isdigit() or int(size) < 1:
+            raise bad_argument(param, text, f"the size of {name!r} must be a positive integer, not {size!r}")
+        sizes[name] = int(size)
+    return sizes
+
+
+def mesh_from_flag(text: str, param: str = "mesh", devices: list[Any] | None = None) -> Mesh:
+    """The mesh a command's `--mesh data=2,fsdp=4` asks for, over every device JAX sees (all processes'),
+    laid out by `jax.make_mesh` (which knows the accelerators' topology), with Auto axes.
+
+    Raises:
+        UsageError: a malformed value, or sizes whose product is not the number of devices.
+    """
+    sizes = parse_mesh(text, param)
+    devices = list(jax.devices() if devices is None else devices)
+    if math.prod(sizes.values()) != len(devices):
+        raise bad_argument(param, text, f"the axis sizes multiply to {math.prod(sizes.values())}, but there are "
+                           f"{len(devices)} devices (their product must equal the device count)")
+    shape, names = tuple(sizes.values()), tuple(sizes)
+    axis_types = (AxisType.Auto,) * len(names)
+    if devices == list(jax.devices()):
+        return jax.make_mesh(shape, names, axis_types=axis_types)
+    return Mesh(np.array(devices).reshape(shape), names, axis_types=axis_types)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training and saving
+
+
+def gathered_in_training(config: HFConfig, shardings: Mapping[str, NamedSharding]) -> frozenset[str]:
+    """The split leaves a training step must gather whole where they are used: weight-norm convolution kernels
+    (HF's positional conv embedding, a grouped convolution).
+
+    XLA's SPMD partitioner (jax 0.10) aborts the process compiling the gradient of a grouped convolution whose
+    kernel is split (`convolution_handler.cc`: "new_input_batch_size % new_output_batch_size == 0"); forward
+    passes partition it fine. Gathering at use is what FSDP does with every weight anyway: the leaf stays split
+    in memory and in the optimiser state, and its gradient is split again on the way out.
+
+    Args:
+        config: the model's config (its key table says which leaves are weight-norm kernels).
+        shardings: `/`-joined path -> the leaf's sharding.
+    """
+    keymap = keymap_for(config)
+    out = set()
+    for path, sharding in shardings.items():
+        mapped = keymap.to_torch(path)
+        if mapped is not None and mapped[1] is T.WEIGHT_NORM and not sharding.is_fully_replicated:
+            out.add(path)
+    return frozenset(out)
+
+
+def gathered(leaf: Any) -> np.ndarray:
+    """The whole value of one leaf as a host array. A leaf split over several processes' devices is
+    all-gathered (a collective: every process must call this for the same leaf at the same point)."""
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+    return np.asarray(leaf)
+
+
+def gathered_leaves(flat: Mapping[str, Any], order: Iterable[str]) -> Iterator[tuple[str, np.ndarray]]:
+    """(path, whole host array) for the leaves of `flat` in `order`, one at a time: a sharded model is saved
+    without a whole-model host copy. Every process must iterate to the end (each leaf is a collective)."""
+    for path in order:
+        yield path, gathered(flat[path])
+
+
+def is_writer() -> bool:
+    """Whether this process writes shared outputs (process 0; always true in a single-process run)."""
+    return jax.process_index() == 0
+
+
+def sync_processes(name: str) -> None:
+    """Waits until every process reaches this point (a no-op in a single-process run)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

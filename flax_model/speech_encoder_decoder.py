@@ -1,7 +1,8 @@
 """The composed speech encoder-decoder in Flax: encoder -> optional projection -> decoder with cross-attention.
 
 `SpeechEncoderDecoderModule` is the linen module (param tree `encoder/...`, `decoder/...`,
-`enc_to_dec_proj/...`, as HF's `FlaxSpeechEncoderDecoderModule`). `FlaxSpeechEncoderDecoderModel` is the
+`enc_to_dec_proj/...`, as HF's `FlaxSpeechEncoderDecoderModule`; with `scan_layers` the encoder's and decoder's
+layer stacks run in one `nn.scan` each, their params stacked, see `convert.stacking`). `FlaxSpeechEncoderDecoderModel` is the
 class users load: it holds a config and params and offers `from_pretrained`, `save_pretrained`,
 `__call__`, `encode`, `decode`, `init_cache` and `generate`, each compiled once per input shape.
 """
@@ -9,6 +10,8 @@ class users load: it holds a config and params and offers `from_pretrained`, `sa
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,22 +21,35 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from convert.checkpoint import FLAX_FIRST
+from convert import stacking
+from convert.checkpoint import FLAX_FIRST, Checkpoint
 from convert.composed import SpeechEncoderDecoderConfig
 from convert.configs import HFConfig
 from convert.errors import UnsupportedConfig
 from convert.generation_settings import GenerationConfig
 from convert.hub import resolve_source
-from convert.params import load_params, save_params
+from convert.params import load_params, save_flax_msgpack, save_params
 from convert.registry import spec_for
 from convert.writing import atomic_directory, parse_size
 from flax_model.cache import DecoderCache
 from flax_model.generation import generate as _generate
-from flax_model.layers import frame_mask
+from flax_model.layers import frame_mask, layer_scan
 from flax_model.registry import arch_module, module_for
-from flax_model.sharding import generate_on_mesh, load_sharded, on_mesh
+from flax_model.sharding import generate_on_mesh, load_sharded, on_mesh, param_shardings
 from flax_model.training import LossSums, layer_pattern, remat_layers, shift_tokens_right
 from flax_model.training import loss_sums as label_loss_sums
+
+
+def _under_scan_setting(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Runs a method of `SpeechEncoderDecoderModule` with its encoder's and decoder's layer stacks built as
+    `scan_layers` says (`flax_model.layers.layer_scan`)."""
+
+    @functools.wraps(method)
+    def run(self: SpeechEncoderDecoderModule, *args: Any, **kwargs: Any) -> Any:
+        with layer_scan(self.scan_layers):
+            return method(self, *args, **kwargs)
+
+    return run
 
 
 class SpeechEncoderDecoderModule(nn.Module):
@@ -43,6 +59,8 @@ class SpeechEncoderDecoderModule(nn.Module):
     dtype: Any = jnp.float32
     # Rematerialise every encoder and decoder layer in `loss_sums` (training: memory for compute).
     remat: bool = False
+    # Run each layer stack in one `nn.scan` (params stacked with a leading layer axis: `convert.stacking`).
+    scan_layers: bool = False
 
     def setup(self) -> None:
         cfg = self.config
@@ -55,6 +73,7 @@ class SpeechEncoderDecoderModule(nn.Module):
                 kernel_init=jax.nn.initializers.normal(cfg.decoder.init_scale),
             )
 
+    @_under_scan_setting
     def encode(
         self,
         inputs: jax.Array,  # [B, N] raw audio
@@ -82,6 +101,7 @@ class SpeechEncoderDecoderModule(nn.Module):
             hidden = self.enc_to_dec_proj(hidden)
         return hidden, mask
 
+    @_under_scan_setting
     def decode(
         self,
         decoder_input_ids: jax.Array,  # [B, T]
@@ -101,12 +121,15 @@ class SpeechEncoderDecoderModule(nn.Module):
             deterministic=deterministic,
         )
 
+    @_under_scan_setting
     def init_cache(
         self, batch_size: int, max_length: int, encoder_hidden_states: jax.Array, encoder_attention_mask: jax.Array
     ) -> DecoderCache:
-        """An empty self-attention cache plus the cross-attention keys/values, projected once."""
+        """An empty self-attention cache plus the cross-attention keys/values, projected once (stacked over the
+        layers when `scan_layers`)."""
         return self.decoder.init_cache(batch_size, max_length, encoder_hidden_states, encoder_attention_mask)
 
+    @_under_scan_setting
     def __call__(
         self,
         inputs: jax.Array,
@@ -143,6 +166,9 @@ class SpeechEncoderDecoderModule(nn.Module):
                            deterministic, freeze_feature_encoder, mask_time_indices, mask_feature_indices)
         if not self.remat:
             return label_loss_sums(run(), labels)
+        if self.scan_layers:  # `nn.remat` inside each scan
+            with layer_scan(True, remat=True):
+                return label_loss_sums(run(), labels)
         with remat_layers(layer_pattern(layer_stacks(cfg))):
             return label_loss_sums(run(), labels)
 
@@ -193,6 +219,54 @@ def param_shapes(config: HFConfig) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(init_tree(config), sep="/").items()}
 
 
+def stacked_param_shapes(config: HFConfig) -> dict[str, tuple[int, ...]]:
+    """`param_shapes` in the stacked layout of scanned layers (`convert.stacking`)."""
+    return stacking.stacked_shapes(param_shapes(config), stacking.layer_stacks(config))
+
+
+def stack_params(config: HFConfig, params: dict) -> dict:
+    """A nested param tree in HF's per-layer layout -> the stacked layout of scanned layers (bit-exact)."""
+    flat = traverse_util.flatten_dict(dict(params), sep="/")
+    stack = jnp.stack if any(isinstance(v, jax.Array) for v in flat.values()) else np.stack
+    return traverse_util.unflatten_dict(stacking.stack_params(flat, stacking.layer_stacks(config), stack), sep="/")
+
+
+def unstack_params(config: HFConfig, params: dict) -> dict:
+    """A nested param tree in the stacked layout -> HF's per-layer layout (bit-exact; numpy leaves are views)."""
+    flat = traverse_util.flatten_dict(dict(params), sep="/")
+    return traverse_util.unflatten_dict(stacking.unstack_params(flat, stacking.layer_stacks(config)), sep="/")
+
+
+def _params_in_layout(config: HFConfig, params: dict, stacked: bool) -> dict:
+    """`params` (either layout) in the stacked layout or HF's per-layer one."""
+    paths = traverse_util.flatten_dict(dict(params), sep="/")
+    if stacking.is_stacked(paths, stacking.layer_stacks(config)) == stacked:
+        return params
+    return stack_params(config, params) if stacked else unstack_params(config, params)
+
+
+def relayout_on_mesh(config: HFConfig, params: dict, mesh: Any, stacked: bool) -> dict:
+    """Params placed on a mesh, converted to the stacked or per-layer layout on the mesh itself (each new leaf
+    placed as `flax_model.sharding.param_shardings` says; no host copy)."""
+    shapes = stacked_param_shapes(config) if stacked else param_shapes(config)
+    shardings = traverse_util.unflatten_dict(param_shardings(config, shapes, mesh), sep="/")
+    return jax.jit(lambda tree: _params_in_layout(config, tree, stacked), out_shardings=shardings)(params)
+
+
+def _checkpoint_shapes(directory: Path) -> Callable[[HFConfig], dict[str, tuple[int, ...]]]:
+    """`param_shapes` for loading `directory`: stacked when its preferred weight file is a Flax msgpack written
+    in the stacked layout (`save_pretrained(stacked=True)`)."""
+    checkpoint = Checkpoint(directory, prefer=FLAX_FIRST)
+
+    def shapes_of(config: HFConfig) -> dict[str, tuple[int, ...]]:
+        if (checkpoint.format == "flax" and isinstance(config, SpeechEncoderDecoderConfig)
+                and stacking.is_stacked(checkpoint.keys(), stacking.layer_stacks(config))):
+            return stacked_param_shapes(config)
+        return param_shapes(config)
+
+    return shapes_of
+
+
 def _check_tree(flat: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]]) -> None:
     """Refuses a parameter tree that is not shaped like the model's, naming the first few differences."""
     problems = [f"{k}: not a parameter of this model" for k in sorted(set(flat) - set(expected))]
@@ -222,17 +296,23 @@ class FlaxSpeechEncoderDecoderModel:
 
     Args:
         config: the composed config.
-        params: nested dict in HF's Flax layout (`encoder`, `decoder`, `enc_to_dec_proj`).
+        params: nested dict in HF's Flax layout (`encoder`, `decoder`, `enc_to_dec_proj`), or in the stacked layout
+            of scanned layers; converted to the layout `scan_layers` asks for.
         dtype: the computation dtype (params are kept as given).
+        scan_layers: run the encoder's and the decoder's layers in one `nn.scan` each (compiles one layer per
+            stack instead of every layer); `params` then hold each stack's leaves stacked with a leading layer
+            axis (`encoder/encoder/layers/attention/q_proj/kernel` [layers, D, D]), not `.../layers/3/...`.
     """
 
     mesh: Any = None  # the jax.sharding.Mesh the params are placed on (from_pretrained(mesh=...))
 
-    def __init__(self, config: SpeechEncoderDecoderConfig, params: dict, dtype: Any = jnp.float32):
+    def __init__(self, config: SpeechEncoderDecoderConfig, params: dict, dtype: Any = jnp.float32,
+                 scan_layers: bool = False):
         self.config = config
-        self.params = params
+        self.params = _params_in_layout(config, params, scan_layers)
         self.dtype = dtype
-        self.module = SpeechEncoderDecoderModule(config, dtype=dtype)
+        self.scan_layers = scan_layers
+        self.module = SpeechEncoderDecoderModule(config, dtype=dtype, scan_layers=scan_layers)
         self._compiled: dict[str, Any] = {}
         # What `generate` uses by default (from_pretrained reads it); None: what the config implies.
         self.generation_config: GenerationConfig | None = None
@@ -241,7 +321,8 @@ class FlaxSpeechEncoderDecoderModel:
 
     @classmethod
     def from_pretrained(
-        cls, path_or_repo: str | Path, revision: str | None = None, dtype: Any = jnp.float32, mesh: Any = None
+        cls, path_or_repo: str | Path, revision: str | None = None, dtype: Any = jnp.float32, mesh: Any = None,
+        scan_layers: bool = False,
     ) -> FlaxSpeechEncoderDecoderModel:
         """Loads a composed checkpoint from a directory or a Hub repo id (`flax_model.msgpack` or safetensors).
 
@@ -251,28 +332,36 @@ class FlaxSpeechEncoderDecoderModel:
             dtype: the computation dtype.
             mesh: a `jax.sharding.Mesh` (axes among `data`, `fsdp`, `model`) to place every parameter on as
                 a sharded `jax.Array`, each process reading only its devices' shards (`flax_model.sharding`).
+            scan_layers: scanned layers (see the class); the files may be in either layout (a stacked
+                `flax_model.msgpack` from `save_pretrained(stacked=True)`, or HF's per-layer one).
         """
         directory = resolve_source(str(path_or_repo), revision, what="model").path
+        shapes_of = _checkpoint_shapes(directory)
         if mesh is not None:
-            loaded = load_sharded(directory, mesh, param_shapes, prefer=FLAX_FIRST)
+            loaded = load_sharded(directory, mesh, shapes_of, prefer=FLAX_FIRST)
         else:
-            loaded = load_params(directory, param_shapes, prefer=FLAX_FIRST)
+            loaded = load_params(directory, shapes_of, prefer=FLAX_FIRST)
         if not isinstance(loaded.config, SpeechEncoderDecoderConfig):
             raise UnsupportedConfig(f"{directory}/config.json: not a composed speech-encoder-decoder model")
         generation = GenerationConfig.from_directory(directory)  # generation_config.json, else config.json
         if mesh is not None:
-            model = on_mesh(cls(loaded.config, loaded.params, dtype=dtype), mesh)
+            params = loaded.params
+            if stacking.is_stacked(traverse_util.flatten_dict(params, sep="/"),
+                                   stacking.layer_stacks(loaded.config)) != scan_layers:
+                params = relayout_on_mesh(loaded.config, params, mesh, scan_layers)
+            model = on_mesh(cls(loaded.config, params, dtype=dtype, scan_layers=scan_layers), mesh)
         else:
-            config, params = loaded.config, traverse_util.flatten_dict(loaded.params, sep="/")
+            config = loaded.config
+            params = traverse_util.flatten_dict(_params_in_layout(config, loaded.params, scan_layers), sep="/")
             del loaded  # `params` now holds the only reference to each numpy leaf: it goes once copied to JAX
             for path in params:
                 params[path] = jnp.asarray(params[path])
-            model = cls(config, traverse_util.unflatten_dict(params, sep="/"), dtype=dtype)
+            model = cls(config, traverse_util.unflatten_dict(params, sep="/"), dtype=dtype, scan_layers=scan_layers)
         model.generation_config = generation
         return model
 
     def save_pretrained(self, directory: str | Path, max_shard_size: int | str | None = None,
-                        params: dict | None = None) -> list[Path]:
+                        params: dict | None = None, stacked: bool = False) -> list[Path]:
         """Writes config.json, flax_model.msgpack and model.safetensors (HF layouts, transformers' names),
         atomically.
 
@@ -280,7 +369,9 @@ class FlaxSpeechEncoderDecoderModel:
             directory: the directory to write (replaced if it exists).
             max_shard_size: e.g. "2GB": shard both weight files above this size.
             params: any tree shaped like the model's params (trained params, or gradients to compare with the
-                reference's); `self.params` by default.
+                reference's), in either layout; `self.params` by default.
+            stacked: write `flax_model.msgpack` in the stacked layout of scanned layers (which
+                `from_pretrained` reads back; transformers cannot). `model.safetensors` is always per layer.
 
         Returns:
             The files written.
@@ -289,10 +380,17 @@ class FlaxSpeechEncoderDecoderModel:
             UnsupportedConfig: `params` lacks a leaf of the model, has one it does not, or a wrong shape.
         """
         tree = self.params if params is None else params
+        tree = _params_in_layout(self.config, tree, stacked=False)
         flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(dict(tree), sep="/").items()}
         _check_tree(flat, param_shapes(self.config))
+        shard_size = parse_size(max_shard_size)
         with atomic_directory(directory, overwrite=True, param="directory") as tmp:
-            files = save_params(tmp, self.config, flat, max_shard_size=parse_size(max_shard_size))
+            if not stacked:
+                files = save_params(tmp, self.config, flat, max_shard_size=shard_size)
+            else:
+                files = save_params(tmp, self.config, flat, max_shard_size=shard_size, formats=("safetensors",))
+                files += save_flax_msgpack(tmp, stacking.stack_params(flat, stacking.layer_stacks(self.config)),
+                                              shard_size)
             if self.generation_config is not None:
                 files.append(self.generation_config.write(tmp))
         return [Path(directory) / f.name for f in files]

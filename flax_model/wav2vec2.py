@@ -27,7 +27,7 @@ from flax import linen as nn
 
 from convert.archs.wav2vec2 import Wav2Vec2FamilyConfig
 from convert.errors import UnsupportedConfig
-from flax_model.layers import ACTIVATIONS, frame_mask, layer_drop
+from flax_model.layers import ACTIVATIONS, frame_mask, is_scanned, layer_drop, make_stack, run_stack
 
 # HF's PyTorch defaults: nn.GroupNorm / nn.LayerNorm in the conv feature encoder and the adapter do not
 # take config.layer_norm_eps.
@@ -251,7 +251,11 @@ class EncoderLayer(nn.Module):
 
 
 class EncoderLayers(nn.Module):
-    """The layer stack, with LayerDrop in training: a dropped layer passes its input through."""
+    """The layer stack, with LayerDrop in training: a dropped layer passes its input through.
+
+    Unrolled, the LayerDrop draws come from this module's "dropout" stream; scanned
+    (`flax_model.layers.layer_scan`), from each layer's own (the key split per layer).
+    """
 
     config: Wav2Vec2FamilyConfig
     dtype: Any = jnp.float32
@@ -260,10 +264,15 @@ class EncoderLayers(nn.Module):
 
     @nn.compact
     def __call__(self, hidden: jax.Array, bias: jax.Array | None, deterministic: bool = True) -> jax.Array:
-        for i in range(self.config.num_hidden_layers):
-            out = self.LAYER(self.config, self.dtype, name=str(i))(hidden, bias, deterministic)
-            hidden = jnp.where(layer_drop(self, self.config.layerdrop, deterministic), hidden, out)
-        return hidden
+        c = self.config
+        layers = make_stack(self, lambda i, name: self.LAYER(c, self.dtype, name=name), c.num_hidden_layers)
+        scanned = is_scanned(layers)
+
+        def step(layer: nn.Module, i: Any, hidden: jax.Array, _: None) -> tuple[jax.Array, None]:
+            out = layer(hidden, bias, deterministic)
+            return jnp.where(layer_drop(layer if scanned else self, c.layerdrop, deterministic), hidden, out), None
+
+        return run_stack(layers, c.num_hidden_layers, step, hidden)[0]
 
 
 class Encoder(nn.Module):

@@ -22,7 +22,7 @@ import numpy as np
 from flax import linen as nn
 
 from convert.archs.wavlm import WavLMConfig
-from flax_model.layers import layer_drop
+from flax_model.layers import is_scanned, layer_drop, make_stack, run_stack
 from flax_model.wav2vec2 import (
     Attention,
     Encoder,
@@ -110,10 +110,19 @@ class WavLMEncoderLayers(nn.Module):
     @nn.compact
     def __call__(self, hidden: jax.Array, bias: jax.Array | None, position_bias: jax.Array,
                  deterministic: bool = True) -> jax.Array:
-        for i in range(self.config.num_hidden_layers):
-            out = WavLMEncoderLayer(self.config, self.dtype, name=str(i))(hidden, bias, position_bias, deterministic)
-            hidden = out if i == 0 else jnp.where(layer_drop(self, self.config.layerdrop, deterministic), hidden, out)
-        return hidden
+        c = self.config
+        layers = make_stack(self, lambda i, name: WavLMEncoderLayer(c, self.dtype, name=name), c.num_hidden_layers)
+        scanned = is_scanned(layers)
+
+        def step(layer: nn.Module, i: Any, hidden: jax.Array, _: None) -> tuple[jax.Array, None]:
+            out = layer(hidden, bias, position_bias, deterministic)
+            if not scanned:  # unrolled: layer 0 draws nothing (this module's stream, as before scanning existed)
+                return (out if i == 0 else jnp.where(layer_drop(self, c.layerdrop, deterministic), hidden, out)), None
+            # Scanned: every layer draws from its own key; layer 0's draw is ignored.
+            return jnp.where(layer_drop(layer, c.layerdrop, deterministic) & (i > 0), hidden, out), None
+
+        # The position bias is computed once by the encoder and shared: the scan closes over it.
+        return run_stack(layers, c.num_hidden_layers, step, hidden)[0]
 
 
 class WavLMEncoder(Encoder):
