@@ -14,6 +14,12 @@ Semantics are transformers' (`SpeechEncoderDecoderModel.forward(labels=...)` and
 
 Everything here is a pure function of explicit state: `loss(params, batch, rng)`, `jax.grad`, an optax chain,
 and a `TrainState` pytree. Randomness comes from keys split per step (`step_key`), never from Python.
+
+On a mesh (params placed as sharded `jax.Array`s by `from_pretrained(..., mesh=...)`) the same step runs sharded:
+the optimiser state follows its parameters' shardings (`state_shardings`), the batch is split over `data`
+(`flax_model.sharding.shard_batch`), and the compiled functions say what their results' shardings are
+(`step_functions`); XLA's sharding propagation does the rest (the gradient's sum over `data`, the all-gathers of
+`fsdp`-split weights). Dropout draws the same bits on any mesh (JAX's partitionable threefry, the default).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import contextlib
 import contextvars
 import dataclasses
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -32,6 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import traverse_util
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from flax_model.sharding import gathered_in_training, shard_batch
 
 IGNORE_INDEX = -100
 # The conv feature encoder's module name in every registered speech encoder (HF's Flax and PyTorch wav2vec2
@@ -223,7 +232,48 @@ class TrainState:
 
 
 def init_state(params: Any, optimizer: optax.GradientTransformation) -> TrainState:
-    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+    """Step 0 of a run over `params`. Params on a mesh (sharded `jax.Array`s) give a state on that mesh: each
+    optimiser-state leaf is created sharded like its parameter (`state_shardings`), never whole on one device."""
+    shardings = state_shardings(params, optimizer)
+    if shardings is None:
+        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+    opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
+    return TrainState(jax.device_put(jnp.zeros((), jnp.int32), shardings.step), params, opt_state)
+
+
+def params_mesh(params: Any) -> Mesh | None:
+    """The mesh the params are placed on (their leaves' `NamedSharding`s), or None for params on one device."""
+    leaves = jax.tree.leaves(params)
+    if not leaves or not all(isinstance(getattr(x, "sharding", None), NamedSharding) for x in leaves):
+        return None
+    return leaves[0].sharding.mesh
+
+
+def state_shardings(params: Any, optimizer: optax.GradientTransformation) -> TrainState | None:
+    """The `NamedSharding` of every leaf of the train state over `params` (None when they are not on a mesh).
+
+    A leaf of the optimiser state that is shaped like a parameter (Adam's moments) follows that parameter's
+    sharding: optax keeps the params' dict layout below its own nodes, so the leaf's trailing dict keys are the
+    parameter's path. Everything else (the step, optax's counts) is replicated.
+    """
+    mesh = params_mesh(params)
+    if mesh is None:
+        return None
+    flat = traverse_util.flatten_dict(dict(params), sep="/")
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def follow(path: tuple, leaf: Any) -> NamedSharding:
+        keys: list[str] = []
+        for key in reversed(path):
+            if not isinstance(key, jax.tree_util.DictKey):
+                break
+            keys.append(str(key.key))
+        param = flat.get("/".join(reversed(keys)))
+        return param.sharding if param is not None and param.shape == leaf.shape else replicated
+
+    abstract = jax.eval_shape(optimizer.init, params)
+    return TrainState(replicated, jax.tree.map(lambda x: x.sharding, params),
+                      jax.tree_util.tree_map_with_path(follow, abstract))
 
 
 def step_key(seed: int, step: int, micro_batch: int = 0) -> jax.Array:
@@ -256,18 +306,26 @@ def to_numpy(tree: Any) -> Any:
     return jax.tree.map(np.asarray, tree)
 
 
-def loss_grad_function(module: nn.Module, *, deterministic: bool, freeze_feature_encoder: bool = False
-                       ) -> Callable[..., tuple[LossSums, Any]]:
+def loss_grad_function(module: nn.Module, *, deterministic: bool, freeze_feature_encoder: bool = False,
+                       gathered: Mapping[str, NamedSharding] | None = None) -> Callable[..., tuple[LossSums, Any]]:
     """(params, batch, rng, label_smoothing) -> (LossSums, gradients of `LossSums.objective`), to jit.
 
     `module` is a `SpeechEncoderDecoderModule` (its `dtype` the compute dtype, `remat` on request); `batch` holds
     "inputs" [B, N], "attention_mask" [B, N] | None, "labels" [B, T] and optionally "mask_time_indices" [B, S]
     and "mask_feature_indices" [B, C]. The gradients are of the summed objective: divide by the step's total
     tokens (`apply_function` does) for the gradient of the mean loss.
+
+    `gathered` (on a mesh): `/`-joined paths of split leaves to use whole, each with the (replicated) sharding to
+    gather it to (`flax_model.sharding.gathered_in_training`).
     """
 
     def run(params: Any, batch: Mapping[str, Any], rng: jax.Array | None, label_smoothing: jax.Array):
         def objective(p: Any) -> tuple[jax.Array, LossSums]:
+            if gathered:
+                flat = traverse_util.flatten_dict(dict(p), sep="/")
+                for path, sharding in gathered.items():
+                    flat[path] = jax.lax.with_sharding_constraint(flat[path], sharding)
+                p = traverse_util.unflatten_dict(flat, sep="/")
             sums = module.apply(
                 {"params": p}, batch["inputs"], batch.get("attention_mask"), batch["labels"], deterministic,
                 freeze_feature_encoder, batch.get("mask_time_indices"), batch.get("mask_feature_indices"),
@@ -278,3 +336,143 @@ def loss_grad_function(module: nn.Module, *, deterministic: bool, freeze_feature
         return sums, grads
 
     return run
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The step
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFunctions:
+    """The compiled pieces of an optimiser step (`step_functions`), run by `train_step`.
+
+    Attributes:
+        grad: (params, batch, rng, label_smoothing) -> (LossSums, gradients of the summed objective).
+        add: (summed gradients, gradients) -> their sum (the first argument is donated).
+        apply: (state, summed gradients, total tokens) -> the next state (the state is donated).
+        mesh: the mesh the state lives on; None on one device.
+    """
+
+    grad: Callable[..., tuple[LossSums, Any]]
+    add: Callable[[Any, Any], Any]
+    apply: Callable[[TrainState, Any, jax.Array], TrainState]
+    mesh: Mesh | None = None
+
+
+def compiled_grad(module: nn.Module, *, deterministic: bool, freeze_feature_encoder: bool = False,
+                  shardings: TrainState | None = None) -> Callable[..., tuple[LossSums, Any]]:
+    """`loss_grad_function` compiled; on a mesh (`shardings`) the gradients come out sharded like the params and
+    the loss sums replicated (every process can read them)."""
+    if shardings is None:
+        return jax.jit(loss_grad_function(module, deterministic=deterministic,
+                                          freeze_feature_encoder=freeze_feature_encoder))
+    replicated = NamedSharding(shardings.step.mesh, PartitionSpec())
+    params = traverse_util.flatten_dict(dict(shardings.params), sep="/")
+    gathered = {path: replicated for path in sorted(gathered_in_training(module.config, params))}
+    grad = loss_grad_function(module, deterministic=deterministic, freeze_feature_encoder=freeze_feature_encoder,
+                              gathered=gathered)
+    return jax.jit(grad, out_shardings=(replicated, shardings.params))
+
+
+def compiled_add(shardings: TrainState | None = None) -> Callable[[Any, Any], Any]:
+    """The sum of two gradient trees, compiled (the first argument donated), sharded like the params."""
+    if shardings is None:
+        return jax.jit(add_grads, donate_argnums=(0,))
+    return jax.jit(add_grads, out_shardings=shardings.params, donate_argnums=(0,))
+
+
+def compiled_apply(optimizer: optax.GradientTransformation, shardings: TrainState | None = None
+                   ) -> Callable[[TrainState, Any, jax.Array], TrainState]:
+    """`apply_function` compiled (the state donated); on a mesh the next state is sharded like this one."""
+    if shardings is None:
+        return jax.jit(apply_function(optimizer), donate_argnums=(0,))
+    return jax.jit(apply_function(optimizer), out_shardings=shardings, donate_argnums=(0,))
+
+
+def step_functions(module: nn.Module, optimizer: optax.GradientTransformation, *, deterministic: bool,
+                   freeze_feature_encoder: bool = False, shardings: TrainState | None = None) -> StepFunctions:
+    """Compiles the step's pieces (`compiled_grad`, `compiled_add`, `compiled_apply`).
+
+    Args:
+        module: a `SpeechEncoderDecoderModule`.
+        optimizer: from `make_optimizer`.
+        deterministic: no dropout, LayerDrop (train mode off).
+        freeze_feature_encoder: stop gradients at the conv feature encoder's output.
+        shardings: `state_shardings(params, optimizer)` for a state on a mesh; None: one device.
+    """
+    return StepFunctions(
+        compiled_grad(module, deterministic=deterministic, freeze_feature_encoder=freeze_feature_encoder,
+                      shardings=shardings),
+        compiled_add(shardings), compiled_apply(optimizer, shardings),
+        None if shardings is None else shardings.step.mesh)
+
+
+def place_batch(mesh: Mesh | None, batch: Mapping[str, Any]) -> dict[str, Any]:
+    """A micro-batch's host arrays on the mesh, rows split over `data` (None entries dropped); unchanged
+    without a mesh. The rows must be a multiple of the data axis size (`pad_batch`)."""
+    if mesh is None:
+        return {k: v for k, v in batch.items() if v is not None}
+    return {k: shard_batch(mesh, v) for k, v in batch.items() if v is not None}
+
+
+def pad_batch(batch: Mapping[str, Any], multiple: int) -> dict[str, Any]:
+    """A micro-batch with rows appended up to a multiple of `multiple` (the data axis size) that add nothing to
+    the loss or the gradients: copies of the last utterance whose labels are all `IGNORE_INDEX` and whose
+    SpecAugment masks are off. (Dropout draws for a batch of another shape differ: a padded batch trains like
+    the unpadded one in deterministic mode only.)"""
+    rows = len(batch["labels"])
+    padded = -(-rows // multiple) * multiple
+    if padded == rows:
+        return dict(batch)
+    out: dict[str, Any] = {}
+    for name, value in batch.items():
+        if value is None:
+            out[name] = None
+            continue
+        value = np.asarray(value)
+        if name == "labels":
+            fill = np.full((padded - rows, *value.shape[1:]), IGNORE_INDEX, value.dtype)
+        elif name.startswith("mask_"):
+            fill = np.zeros((padded - rows, *value.shape[1:]), value.dtype)
+        else:
+            fill = np.repeat(value[-1:], padded - rows, axis=0)
+        out[name] = np.concatenate([value, fill])
+    return out
+
+
+def _replicated_key(mesh: Mesh | None, key: jax.Array | None) -> jax.Array | None:
+    # On a mesh every process passes the same key; placed replicated, it is a global array like the others.
+    if mesh is None or key is None:
+        return key
+    return jax.device_put(key, NamedSharding(mesh, PartitionSpec()))
+
+
+def train_step(fns: StepFunctions, state: TrainState, micro_batches: Iterable[tuple[Mapping[str, Any], Any]],
+               label_smoothing: float = 0.0) -> tuple[TrainState, float, int]:
+    """One optimiser step over its micro-batches (gradient accumulation).
+
+    Args:
+        fns: from `step_functions`.
+        state: the state before the step (donated: do not use it afterwards).
+        micro_batches: (batch of host arrays as `loss_grad_function` takes them, dropout key or None), read one
+            at a time. On a mesh each is padded to a multiple of the data axis (`pad_batch`) and split over it;
+            in a multi-process run every process passes the whole micro-batch.
+        label_smoothing: transformers' `label_smoothing_factor`.
+
+    Returns:
+        (the next state, the step's summed objective, its real label tokens): the mean loss is their ratio.
+    """
+    grads, objective, tokens = None, 0.0, 0
+    smoothing = np.float32(label_smoothing)
+    for batch, key in micro_batches:
+        if fns.mesh is not None:
+            batch = pad_batch(batch, dict(fns.mesh.shape).get("data", 1))
+        sums, micro_grads = fns.grad(state.params, place_batch(fns.mesh, batch), _replicated_key(fns.mesh, key),
+                                     smoothing)
+        grads = micro_grads if grads is None else fns.add(grads, micro_grads)
+        sums = jax.tree.map(np.asarray, sums)  # replicated on a mesh: every process reads it whole
+        objective += float(sums.objective(label_smoothing))
+        tokens += int(sums.tokens)
+    if grads is None:
+        raise ValueError("train_step: no micro-batches")
+    return fns.apply(state, grads, np.int32(tokens)), objective, tokens
