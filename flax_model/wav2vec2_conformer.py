@@ -29,7 +29,7 @@ from flax import linen as nn
 
 from convert.archs.wav2vec2_conformer import Wav2Vec2ConformerConfig
 from flax_model.hubert import BatchNorm
-from flax_model.layers import ACTIVATIONS, layer_drop
+from flax_model.layers import ACTIVATIONS, is_scanned, layer_drop, make_stack, run_stack
 from flax_model.wav2vec2 import FeedForward, Wav2Vec2Module, layer_norm, module_shapes
 
 # transformers builds the blocks' layer norms with nn.LayerNorm's default eps, not config.layer_norm_eps.
@@ -50,9 +50,14 @@ def relative_position_table(length: int, width: int) -> np.ndarray:
     return table
 
 
-def skew_indices(length: int) -> np.ndarray:
-    """[T, S] column of the relative table for query i and key j: distance i - j sits at row length - 1 - (i - j)."""
-    return (length - 1) - np.arange(length)[:, None] + np.arange(length)[None, :]
+def skew(by_distance: jax.Array) -> jax.Array:
+    """[..., T, 2T - 1] scores per row of the relative table -> [..., T, S] per key: query i and key j take
+    column T - 1 - i + j (the row of distance i - j). Row i is shifted left by T - 1 - i: appending T zero
+    columns and refolding the rows T - 1 columns longer moves each row one column further than the one above."""
+    *lead, t, width = by_distance.shape
+    padded = jnp.pad(by_distance, [(0, 0)] * len(lead) + [(0, 0), (0, t)])  # [..., T, 3T - 1]
+    flat = padded.reshape(*lead, t * (width + t))[..., t - 1:t - 1 + t * (width + t - 1)]
+    return flat.reshape(*lead, t, width + t - 1)[..., :t]
 
 
 def rotate(hidden: jax.Array, inv_freq: jax.Array, num_heads: int) -> jax.Array:
@@ -93,8 +98,7 @@ class SelfAttention(nn.Module):
             w = self.param("pos_bias_v", nn.initializers.xavier_uniform(), (n, h)).astype(self.dtype)
             p = dense("linear_pos", use_bias=False)(positions.astype(self.dtype)).reshape(-1, n, h)  # [P, N, H]
             by_distance = jnp.einsum("BTNH,PNH->BNTP", q + w, p)
-            index = jnp.asarray(skew_indices(t))[None, None]  # [1, 1, T, S]
-            relative = jnp.take_along_axis(by_distance, jnp.broadcast_to(index, (b, n, t, t)), axis=-1)
+            relative = skew(by_distance)  # [B, N, T, S]
             scores = jnp.einsum("BTNH,BSNH->BNTS", q + u, k) * scale + relative * scale
         else:
             scores = jnp.einsum("BTNH,BSNH->BNTS", q, k) * scale
@@ -160,10 +164,15 @@ class ConformerLayers(nn.Module):
     @nn.compact
     def __call__(self, hidden: jax.Array, bias: jax.Array | None, positions: jax.Array | None,
                  deterministic: bool = True) -> jax.Array:
-        for i in range(self.config.num_hidden_layers):
-            out = ConformerBlock(self.config, self.dtype, name=str(i))(hidden, bias, positions, deterministic)
-            hidden = jnp.where(layer_drop(self, self.config.layerdrop, deterministic), hidden, out)
-        return hidden
+        c = self.config
+        layers = make_stack(self, lambda i, name: ConformerBlock(c, self.dtype, name=name), c.num_hidden_layers)
+        scanned = is_scanned(layers)  # scanned (`flax_model.layers.layer_scan`): each block draws from its own key
+
+        def step(layer: nn.Module, i: Any, hidden: jax.Array, _: None) -> tuple[jax.Array, None]:
+            out = layer(hidden, bias, positions, deterministic)
+            return jnp.where(layer_drop(layer if scanned else self, c.layerdrop, deterministic), hidden, out), None
+
+        return run_stack(layers, c.num_hidden_layers, step, hidden)[0]
 
 
 class UnusedWeightNormConv(nn.Module):
