@@ -30,12 +30,20 @@ from convert.generation_settings import GenerationConfig
 from convert.hub import resolve_source
 from convert.params import load_params, save_flax_msgpack, save_params
 from convert.registry import spec_for
-from convert.writing import atomic_directory, parse_size
+from convert.writing import TensorSpec, atomic_directory, parse_size
 from flax_model.cache import DecoderCache
 from flax_model.generation import generate as _generate
 from flax_model.layers import frame_mask, layer_scan
 from flax_model.registry import arch_module, module_for
-from flax_model.sharding import generate_on_mesh, load_sharded, on_mesh, param_shardings
+from flax_model.sharding import (
+    gathered_leaves,
+    generate_on_mesh,
+    is_writer,
+    load_sharded,
+    on_mesh,
+    param_shardings,
+    sync_processes,
+)
 from flax_model.training import LossSums, layer_pattern, remat_layers, shift_tokens_right
 from flax_model.training import loss_sums as label_loss_sums
 
@@ -381,18 +389,30 @@ class FlaxSpeechEncoderDecoderModel:
         """
         tree = self.params if params is None else params
         tree = _params_in_layout(self.config, tree, stacked=False)
-        flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(dict(tree), sep="/").items()}
+        flat = traverse_util.flatten_dict(dict(tree), sep="/")
         _check_tree(flat, param_shapes(self.config))
         shard_size = parse_size(max_shard_size)
+        # Leaf by leaf, each gathered whole only when written (sharded params: every process contributes its
+        # shards, process 0 writes; no whole-model host copy unless `stacked`).
+        order = sorted(flat)
+        specs = [TensorSpec(k, np.dtype(flat[k].dtype), tuple(np.shape(flat[k]))) for k in order]
+        if not is_writer():
+            for _ in gathered_leaves(flat, order):
+                pass
+            sync_processes("save_pretrained")
+            return []
         with atomic_directory(directory, overwrite=True, param="directory") as tmp:
             if not stacked:
-                files = save_params(tmp, self.config, flat, max_shard_size=shard_size)
+                files = save_params(tmp, self.config, lambda: gathered_leaves(flat, order), specs=specs,
+                                    max_shard_size=shard_size)
             else:
+                flat = dict(gathered_leaves(flat, order))
                 files = save_params(tmp, self.config, flat, max_shard_size=shard_size, formats=("safetensors",))
                 files += save_flax_msgpack(tmp, stacking.stack_params(flat, stacking.layer_stacks(self.config)),
                                               shard_size)
             if self.generation_config is not None:
                 files.append(self.generation_config.write(tmp))
+        sync_processes("save_pretrained")
         return [Path(directory) / f.name for f in files]
 
     # -- running ---------------------------------------------------------------------------------------
