@@ -124,7 +124,7 @@ class _Run:
     """Everything one fine-tuning run holds: the model, the data, the compiled step, the checkpoints."""
 
     def __init__(self, model_dir: Path, train: str | Path, eval_manifest: str | Path, settings: FinetuneSettings,
-                 checkpoint_dir: Path):
+                 checkpoint_dir: Path, mesh: Any = None):
         import jax.numpy as jnp
 
         from convert.audio import feature_extractor_config
@@ -136,7 +136,8 @@ class _Run:
         self.model_dir = model_dir
         self.train = read_manifest(train)
         self.eval = read_manifest(eval_manifest)
-        self.model = FlaxSpeechEncoderDecoderModel.from_pretrained(model_dir)
+        self.model = FlaxSpeechEncoderDecoderModel.from_pretrained(model_dir, mesh=mesh)
+        self.mesh = self.model.mesh  # None on one device
         self.config = config = self.model.config
         self.features = feature_extractor_config(model_dir, config.encoder)
         self.tokenizer = LabelTokenizer(model_dir, config.decoder_start_token_id, config.eos_token_id,
@@ -173,16 +174,17 @@ class _Run:
                                    "positions")
 
     def _build_step(self) -> None:
-        import jax
-
         from flax_model.speech_encoder_decoder import SpeechEncoderDecoderModule
         from flax_model.training import (
             OptimizerSettings,
-            apply_function,
+            StepFunctions,
+            compiled_add,
+            compiled_apply,
+            compiled_grad,
             frozen_predicate,
             leaf_labels,
-            loss_grad_function,
             make_optimizer,
+            state_shardings,
         )
         from torch_reference.speech_encoder_decoder import non_trainable_paths
 
@@ -193,22 +195,27 @@ class _Run:
         non_trainable = non_trainable_paths(self.config)
         frozen = frozen_predicate(s.freeze_feature_encoder, non_trainable)
         self.optimizer = make_optimizer(self.optimizer_settings, leaf_labels(self.model.params, frozen))
-        # Compiled functions are shared by runs of the same model and settings in one process (a resumed run,
-        # the tests): jax.jit caches per function object.
-        key = (self.config, s.dtype, s.remat, s.dropout, s.freeze_feature_encoder)
+        # On a mesh: where every leaf of the train state lives (the optimiser state follows its parameters).
+        shardings = state_shardings(self.model.params, self.optimizer)
+        # Compiled functions are shared by runs of the same model, settings and mesh in one process (a resumed
+        # run, the tests): jax.jit caches per function object.
+        key = (self.config, s.dtype, s.remat, s.dropout, s.freeze_feature_encoder, self.mesh)
         if ("grad", key) not in _COMPILED:
             module = SpeechEncoderDecoderModule(self.config, dtype=self.compute_dtype, remat=s.remat)
-            _COMPILED["grad", key] = jax.jit(loss_grad_function(module, deterministic=not s.dropout,
-                                                                freeze_feature_encoder=s.freeze_feature_encoder))
+            _COMPILED["grad", key] = compiled_grad(module, deterministic=not s.dropout,
+                                                   freeze_feature_encoder=s.freeze_feature_encoder,
+                                                   shardings=shardings)
         if ("apply", key, self.optimizer_settings, non_trainable) not in _COMPILED:
-            _COMPILED["apply", key, self.optimizer_settings, non_trainable] = jax.jit(
-                apply_function(self.optimizer), donate_argnums=(0,))
-        if "add" not in _COMPILED:
-            _COMPILED["add"] = jax.jit(lambda a, b: jax.tree.map(lambda x, y: x + y, a, b), donate_argnums=(0,))
-        self.grad_fn = _COMPILED["grad", key]
-        self.apply_fn = _COMPILED["apply", key, self.optimizer_settings, non_trainable]
-        self.add_fn = _COMPILED["add"]
-        self.model._compiled = _COMPILED.setdefault(("generate", self.config), {})
+            _COMPILED["apply", key, self.optimizer_settings, non_trainable] = compiled_apply(self.optimizer,
+                                                                                             shardings)
+        if ("add", self.mesh) not in _COMPILED:
+            _COMPILED["add", self.mesh] = compiled_add(shardings)
+        self.step_fns = StepFunctions(_COMPILED["grad", key], _COMPILED["add", self.mesh],
+                                      _COMPILED["apply", key, self.optimizer_settings, non_trainable], self.mesh)
+        # One compiled search per shape for the whole run (on a mesh: the model's own cache, which in a
+        # multi-process run returns replicated results).
+        self.model._compiled = _COMPILED.setdefault(("generate", self.config, self.mesh),
+                                                    {} if self.mesh is None else self.model._compiled)
         self.schedule = self.optimizer_settings.schedule()
 
     # -- data order ------------------------------------------------------------------------------------
@@ -225,17 +232,16 @@ class _Run:
         return self._epoch_cache[epoch][position]
 
     def arrays(self, step: int, micro: int) -> tuple[dict[str, Any], float]:
-        """The device batch of one micro-batch, with its SpecAugment masks; and its seconds of audio."""
-        import jax.numpy as jnp
-
+        """The host arrays of one micro-batch, with its SpecAugment masks; and its seconds of audio. (The step
+        places them: on one device, or split over a mesh's `data` axis.)"""
         from convert.spec_augment import spec_augment_masks
         from convert.training_data import make_batch
 
         batch = self.micro_batch(step * self.settings.grad_accum + micro)
         data = make_batch(batch, self.train, self.train_labels, self.audio, self.features, self.label_length)
-        out = {"inputs": jnp.asarray(data["inputs"]), "labels": jnp.asarray(data["labels"])}
+        out = {"inputs": data["inputs"], "labels": data["labels"]}
         if data["attention_mask"] is not None:
-            out["attention_mask"] = jnp.asarray(data["attention_mask"])
+            out["attention_mask"] = data["attention_mask"]
         if self.settings.spec_augment and self.settings.dropout:
             frames = int(self.config.encoder.output_lengths(batch.padded_length, add_adapter=False))
             seed = int(np.random.SeedSequence([self.settings.seed, step, micro]).generate_state(1)[0])
@@ -243,30 +249,27 @@ class _Run:
                 self.config.encoder, data["attention_mask"], frames, np.random.RandomState(seed),
                 batch_size=batch.batch_size)
             if time_mask is not None:
-                out["mask_time_indices"] = jnp.asarray(time_mask)
+                out["mask_time_indices"] = time_mask
             if feature_mask is not None:
-                out["mask_feature_indices"] = jnp.asarray(feature_mask)
+                out["mask_feature_indices"] = feature_mask
         return out, data["seconds"]
 
     # -- one step --------------------------------------------------------------------------------------
 
     def step(self, state: Any, step: int) -> tuple[Any, float, float]:
         """One optimiser step (all its micro-batches); returns (state, mean loss, seconds of audio)."""
-        import jax.numpy as jnp
+        from flax_model.training import step_key, train_step
 
-        from flax_model.training import step_key
+        seconds = 0.0
 
-        grads, objective, tokens, seconds = None, 0.0, 0, 0.0
-        smoothing = jnp.float32(self.settings.label_smoothing)
-        for micro in range(self.settings.grad_accum):
-            batch, batch_seconds = self.arrays(step, micro)
-            key = step_key(self.settings.seed, step, micro) if self.settings.dropout else None
-            sums, micro_grads = self.grad_fn(state.params, batch, key, smoothing)
-            grads = micro_grads if grads is None else self.add_fn(grads, micro_grads)
-            objective += float(sums.objective(self.settings.label_smoothing))
-            tokens += int(sums.tokens)
-            seconds += batch_seconds
-        state = self.apply_fn(state, grads, jnp.int32(tokens))
+        def micro_batches():
+            nonlocal seconds
+            for micro in range(self.settings.grad_accum):
+                batch, batch_seconds = self.arrays(step, micro)
+                seconds += batch_seconds
+                yield batch, step_key(self.settings.seed, step, micro) if self.settings.dropout else None
+
+        state, objective, tokens = train_step(self.step_fns, state, micro_batches(), self.settings.label_smoothing)
         return state, objective / max(tokens, 1), seconds
 
     # -- evaluation ------------------------------------------------------------------------------------
@@ -282,6 +285,7 @@ class _Run:
         s = self.settings
         model = FlaxSpeechEncoderDecoderModel(self.config, params)
         model._compiled = self.model._compiled  # one compiled search per shape for the whole run
+        model.mesh = self.mesh  # on a mesh the batch is split over `data`
         max_new = s.max_new_tokens or min(self.config.decoder.max_positions - 1, 2 * self.label_length)
         hypotheses = [""] * len(self.eval)
         started = time.perf_counter()
@@ -300,26 +304,42 @@ class _Run:
     # -- checkpoints -----------------------------------------------------------------------------------
 
     def save(self, manager: Any, state: Any, meta: dict[str, Any]) -> None:
-        import orbax.checkpoint as ocp
-
-        step = int(state.step)
-        if manager.latest_step() == step:
-            return
-        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
-        manager.wait_until_finished()
+        save_checkpoint(manager, state, meta)
 
     def restore(self, manager: Any, state: Any) -> tuple[Any, dict[str, Any]]:
-        import jax
-        import orbax.checkpoint as ocp
+        return restore_checkpoint(manager, state, self.checkpoint_dir)
 
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-        try:
-            restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-        except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
-            raise ConvertError(f"{self.checkpoint_dir}: the checkpoint at step {manager.latest_step()} does not fit "
-                               f"this model and these settings ({str(e).splitlines()[0][:200]})") from None
-        return restored.state, dict(restored.meta)
+
+def save_checkpoint(manager: Any, state: Any, meta: dict[str, Any]) -> None:
+    """Saves the train state and the run's history at `state.step` (unless that step is saved already) and waits
+    for it. A sharded state is saved as it lies: each process writes the shards its devices hold."""
+    import orbax.checkpoint as ocp
+
+    step = int(state.step)
+    if manager.latest_step() == step:
+        return
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    manager.wait_until_finished()
+
+
+def restore_checkpoint(manager: Any, state: Any, where: Path) -> tuple[Any, dict[str, Any]]:
+    """The latest checkpoint's (state, history), restored with the shapes, dtypes and shardings of `state` (a
+    state on a mesh comes back on that mesh, each process reading its devices' shards).
+
+    Raises:
+        ConvertError: the checkpoint does not fit `state` (another model or other settings).
+    """
+    import jax
+    import orbax.checkpoint as ocp
+
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    try:
+        restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+        raise ConvertError(f"{where}: the checkpoint at step {manager.latest_step()} does not fit "
+                           f"this model and these settings ({str(e).splitlines()[0][:200]})") from None
+    return restored.state, dict(restored.meta)
 
 
 def checkpoint_manager(directory: Path) -> Any:
@@ -351,6 +371,7 @@ def finetune(
     command: str | None = None,
     stop: threading.Event | None = None,
     after_step: Callable[[int], None] | None = None,
+    mesh: Any = None,
 ) -> FinetuneResult:
     """Fine-tunes a composed model directory and writes the result to `output`.
 
@@ -368,6 +389,11 @@ def finetune(
         command: the command line, for the model card.
         stop: when set (Ctrl-C), the run saves a checkpoint after the current step and returns `interrupted`.
         after_step: called with the step number after each step (tests).
+        mesh: train sharded: a `jax.sharding.Mesh` (axes among data, fsdp, model) or its text, e.g.
+            "data=2,fsdp=4" (over every device; the product of the sizes is the device count). Parameters and
+            optimiser state are split as the architectures' partition rules say, each micro-batch's rows over
+            `data` (`flax_model.training.train_step`); checkpoints hold the sharded state (each process writes
+            its shards) and the export gathers it leaf by leaf.
 
     Returns:
         The output directory and the run's report; when interrupted, `interrupted=True`, nothing is written to
@@ -383,6 +409,10 @@ def finetune(
 
     log = log or sys.stdout
     settings.check()
+    if isinstance(mesh, str):
+        from flax_model.sharding import mesh_from_flag
+
+        mesh = mesh_from_flag(mesh)
     output = Path(output)
     check_output_location(output, overwrite=overwrite, sources=(("model", model),), param="output")
     model_dir = Path(model)
@@ -394,7 +424,7 @@ def finetune(
     if not resume and manager.latest_step() is not None:
         raise UsageError(f"{checkpoint_dir}: holds checkpoints of an earlier run (up to step "
                          f"{manager.latest_step()}); pass resume=True to continue it, or remove the directory")
-    run = _Run(model_dir, train, eval, settings, checkpoint_dir)
+    run = _Run(model_dir, train, eval, settings, checkpoint_dir, mesh)
     state = init_state(run.model.params, run.optimizer)
     history: dict[str, Any] = {"loss": [], "eval": [], "audio_seconds": 0.0, "train_seconds": 0.0}
     if resume and manager.latest_step() is not None:
@@ -457,9 +487,8 @@ def finetune(
     print(f"step {run.total_steps}: WER {final['wer']:.3f}, CER {final['cer']:.3f}", file=log, flush=True)
     report = _report(run, history, model_dir, train, eval, command, time.perf_counter() - started)
 
-    params = jax.tree.map(np.asarray, state.params)
     with atomic_directory(output, overwrite=overwrite, sources=(("model", model_dir),), param="output") as tmp:
-        _write_output(tmp, run, params, history, report)
+        _write_output(tmp, run, state.params, history, report)
         if verify:
             from convert.verify import verify_directory
 
@@ -485,6 +514,7 @@ def _report(run: _Run, history: dict[str, Any], model_dir: Path, train: Any, eva
         "train_audio_hours": round(sum(run.train_lengths) / run.features.sampling_rate / 3600, 4),
         "eval_examples": len(run.eval),
         "settings": dataclasses.asdict(s),
+        "mesh": None if run.mesh is None else {str(k): int(v) for k, v in run.mesh.shape.items()},
         "steps": run.total_steps,
         "optimizer": dataclasses.asdict(run.optimizer_settings),
         "padded_audio_lengths": list(run.boundaries),
@@ -504,9 +534,14 @@ def _write_output(tmp: Path, run: _Run, params: Any, history: dict[str, Any], re
     from flax import traverse_util
 
     from convert.params import save_params
+    from convert.writing import TensorSpec
+    from flax_model.sharding import gathered_leaves
 
+    # Leaf by leaf: a sharded state is gathered one leaf at a time, never whole on the host.
     flat = traverse_util.flatten_dict(params, sep="/")
-    save_params(tmp, run.config, flat)
+    order = sorted(flat)
+    specs = [TensorSpec(k, np.dtype(flat[k].dtype), tuple(flat[k].shape)) for k in order]
+    save_params(tmp, run.config, lambda: gathered_leaves(flat, order), specs=specs)
     for name in COPIED_FILES:
         if (run.model_dir / name).is_file():
             shutil.copyfile(run.model_dir / name, tmp / name)
@@ -646,6 +681,10 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--num-beams", type=int, default=d.num_beams, metavar="N", help="beam width for evaluation")
     p.add_argument("--max-new-tokens", type=int, metavar="N", help="most tokens generated in evaluation")
     p.add_argument("--seed", type=int, default=d.seed, help="data order, dropout and SpecAugment")
+    p.add_argument("--mesh", metavar="AXIS=N,...",
+                   help="train sharded over every device, e.g. data=2,fsdp=4 (axes data, fsdp, model; the product "
+                   "of the sizes is the device count): params and optimiser state split over fsdp/model, batches "
+                   "over data")
     p.add_argument("--checkpoint-dir", metavar="DIR", help="where checkpoints go (default: OUTPUT.checkpoints)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if this toolkit wrote it")
@@ -668,7 +707,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     def work() -> int:
         result = finetune(args.model, args.train, args.eval, args.output, settings,
                           checkpoint_dir=args.checkpoint_dir, resume=args.resume, overwrite=args.overwrite,
-                          verify=args.verify, progress=args.progress, command=command, stop=stop)
+                          verify=args.verify, progress=args.progress, command=command, stop=stop,
+                          mesh=args.mesh)
         if result.interrupted:
             sys.stderr.write(f"interrupted: checkpoint saved at step {result.report['interrupted_at_step']} in "
                              f"{result.report['checkpoint_dir']} (continue with --resume)\n")

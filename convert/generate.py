@@ -80,6 +80,9 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--tokens-per-second", type=float, default=DEFAULT_TOKENS_PER_SECOND, metavar="X",
                    help="speech rate assumed to bound the audio max_new_tokens can describe")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of sampling (--do-sample)")
+    p.add_argument("--mesh", metavar="AXIS=N,...",
+                   help="run sharded over every device, e.g. data=2,fsdp=4 (axes data, fsdp, model; the product of "
+                   "the sizes is the device count): params split over fsdp/model, each batch's rows over data")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     g = p.add_argument_group("generation (each flag overrides the model's generation_config.json)")
     g.add_argument("--generation-config", metavar="FILE",
@@ -122,6 +125,15 @@ def read_generation_config(path: str | None) -> Any:
 
 
 def run(args: Any, out: TextIO, log: TextIO) -> TranscriptionReport:
+    mesh = None
+    if args.mesh is not None:
+        from flax_model.sharding import mesh_from_flag
+
+        if args.framework != "flax":
+            raise bad_argument("mesh", args.mesh, f"needs framework=flax (the {args.framework} reference runs on "
+                               "one device)")
+
+        mesh = mesh_from_flag(args.mesh)  # a bad value is refused before any work
     if not args.audio and not args.manifests:
         raise UsageError("audio=[]: no audio given (pass --audio files or directories, or --manifest)", param="audio")
     output = Path(args.output) if args.output else None
@@ -145,7 +157,7 @@ def run(args: Any, out: TextIO, log: TextIO) -> TranscriptionReport:
                             revision=args.revision, batch_size=args.batch_size, buckets=args.buckets,
                             chunk_seconds=args.chunk_seconds, chunk_overlap_seconds=args.chunk_overlap_seconds,
                             tokens_per_second=args.tokens_per_second, seed=args.seed, progress=args.progress,
-                            on_result=write, generation_config=generation_config, **options)
+                            on_result=write, generation_config=generation_config, mesh=mesh, **options)
     finally:
         if handle is not None:
             handle.close()

@@ -259,17 +259,25 @@ def make_runner(model: Any, generation_config: Any = None, seed: int = 0, **gene
     return Runner("torch", model.config, settings, run_torch, dict)
 
 
-def load_model(model: str | Path, framework: str = "flax", revision: str | None = None) -> tuple[Any, Path]:
-    """A composed model (directory or Hub repo id) in one framework, and its directory."""
+def load_model(model: str | Path, framework: str = "flax", revision: str | None = None,
+               mesh: Any = None) -> tuple[Any, Path]:
+    """A composed model (directory or Hub repo id) in one framework, and its directory. `mesh` (Flax only): a
+    `jax.sharding.Mesh` or its text ("data=2,fsdp=4") to load the params sharded on and split batches over."""
     from convert.hub import resolve_source
 
     if framework not in FRAMEWORKS:
         raise bad_argument("framework", framework, f"is not one of {', '.join(FRAMEWORKS)}")
+    if mesh is not None and framework != "flax":
+        raise bad_argument("mesh", mesh, f"needs framework=flax (the {framework} reference runs on one device)")
+    if isinstance(mesh, str):
+        from flax_model.sharding import mesh_from_flag
+
+        mesh = mesh_from_flag(mesh)
     directory = resolve_source(str(model), revision, what="model").path
     if framework == "flax":
         from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel
 
-        return FlaxSpeechEncoderDecoderModel.from_pretrained(directory), directory
+        return FlaxSpeechEncoderDecoderModel.from_pretrained(directory, mesh=mesh), directory
     from torch_reference.speech_encoder_decoder import SpeechEncoderDecoderModel
 
     return SpeechEncoderDecoderModel.from_pretrained(directory), directory
@@ -321,6 +329,7 @@ def transcribe(
     generation_config: Any = None,
     model_dir: str | Path | None = None,
     feature_extractor: FeatureExtractorConfig | None = None,
+    mesh: Any = None,
     **generation: Any,
 ) -> TranscriptionReport:
     """Transcribes audio files, directories and manifests with a composed model.
@@ -344,6 +353,8 @@ def transcribe(
         model_dir: for a loaded model, the directory holding its `tokenizer.json` and
             `preprocessor_config.json` (None: no text, HF's feature-extractor defaults).
         feature_extractor: how audio is normalised, over what the model's directory says.
+        mesh: for a path or repo id (Flax): a `jax.sharding.Mesh` or its text ("data=2,fsdp=4") to load the
+            params sharded on; each batch's rows are split over `data` (`load_model`).
         generation: generation settings by transformers' names (num_beams, max_new_tokens, ...).
 
     Returns:
@@ -367,7 +378,7 @@ def transcribe(
 
     directory = None if model_dir is None else Path(model_dir)
     if isinstance(model, str | Path):
-        model, directory = load_model(model, framework, revision)
+        model, directory = load_model(model, framework, revision, mesh)
     runner = make_runner(model, generation_config, seed, **generation)
     tokenizer = load_tokenizer(directory)
     features = feature_extractor or (feature_extractor_config(directory, runner.config.encoder) if directory

@@ -50,7 +50,6 @@ from convert.errors import bad_argument
 from convert.keymap import Entry, Plan, T
 from convert.params import ShapesOf, keymap_for, plan_checkpoint
 from convert.registry import spec_for
-from convert.stacking import Stacks, layer_path, layer_stacks
 from convert.spec import (
     MESH_AXES,
     DimAxes,
@@ -60,6 +59,7 @@ from convert.spec import (
     default_partition_rules,
     prefixed_rules,
 )
+from convert.stacking import Stacks, layer_path, layer_stacks
 
 # ----------------------------------------------------------------------------------------------------------
 # Rules -> PartitionSpecs

@@ -1,0 +1,218 @@
+"""Training on a device mesh: the sharded step equals the single-device one, sharded checkpoints resume exactly,
+`save_pretrained` from sharded params writes the single-device files, and the commands' `--mesh` is checked.
+
+Runs on the 8 simulated CPU devices that `conftest.py` asks XLA for, on a mesh of data 2 x fsdp 4 (the batch
+split in two, every large leaf in four). The single-device figures come from the same functions without a mesh.
+
+What "equal" means here. A sharded gradient sums its terms in another order than a single device does, so
+float32 results differ by rounding; the bounds are relative to the values' size: the loss within 1e-6 of its
+value, each gradient tensor within 1e-6 of its norm (tensors whose gradient is zero analytically, the attention
+key biases, hold rounding noise in both runs: both stay below 1e-6 of the whole gradient's norm). AdamW divides
+each entry's update by that entry's own gradient size, so an entry whose gradient is rounding noise moves by up
+to the learning rate in a random direction in either run: the updated parameters are therefore checked by giving
+the sharded and the single-device optimiser update the same state and gradients (within 1e-6 of each leaf's
+largest value), and the whole step end to end by the losses of the following steps.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from flax_model.sharding import gathered_in_training
+from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel, SpeechEncoderDecoderModule
+from flax_model.training import (
+    OptimizerSettings,
+    frozen_predicate,
+    init_state,
+    leaf_labels,
+    make_optimizer,
+    state_shardings,
+    step_functions,
+    step_key,
+    train_step,
+)
+from torch_reference.speech_encoder_decoder import non_trainable_paths
+
+# wav2vec2 (group norm: a weight-norm positional conv, whose split kernel the step gathers) + BART.
+PAIR = ("w2v_group", "bart_causal")
+MESH_SHAPE, MESH_AXES = (2, 4), ("data", "fsdp")
+STEPS, MICRO_BATCHES, ROWS = 3, 2, 4
+RELATIVE = 1e-6
+# Below this fraction of the whole gradient's norm a tensor's gradient is zero analytically (softmax ignores a
+# shift shared by every key: the key biases), as parity_tests/test_training.py.
+ZERO_GRADIENT = 1e-6
+
+
+def _mesh() -> Mesh:
+    assert len(jax.devices()) >= math.prod(MESH_SHAPE), f"{len(jax.devices())} devices: conftest.py sets XLA_FLAGS"
+    return jax.make_mesh(MESH_SHAPE, MESH_AXES)
+
+
+def _flat(tree) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(dict(tree), sep="/").items()}
+
+
+def _micro_batch(config, step: int, micro: int) -> dict[str, np.ndarray]:
+    """ROWS utterances of different lengths, labels padded with -100, a SpecAugment time mask."""
+    rng = np.random.default_rng([step, micro])
+    inputs = rng.standard_normal((ROWS, 1600)).astype(np.float32)
+    mask = np.ones(inputs.shape, np.int32)
+    for row, n in ((1, 1000), (3, 1300)):
+        inputs[row, n:], mask[row, n:] = 0.0, 0
+    labels = rng.integers(0, config.decoder.vocab_size, (ROWS, 7)).astype(np.int32)
+    labels[1, 4:] = labels[3, 5:] = -100
+    frames = int(config.encoder.output_lengths(inputs.shape[1], add_adapter=False))
+    time_mask = np.zeros((ROWS, frames), bool)
+    time_mask[:, 2 + micro:5 + micro] = True
+    return {"inputs": inputs, "attention_mask": mask, "labels": labels, "mask_time_indices": time_mask}
+
+
+def _micro_batches(config, step: int):
+    return [(_micro_batch(config, step, micro), step_key(0, step, micro)) for micro in range(MICRO_BATCHES)]
+
+
+class _Run:
+    """One training setup (dropout and LayerDrop on, a frozen feature encoder, weight decay, clipping) on one
+    device or on the mesh."""
+
+    def __init__(self, directory, mesh: Mesh | None):
+        self.model = FlaxSpeechEncoderDecoderModel.from_pretrained(directory, mesh=mesh)
+        config = self.model.config
+        self.config = config
+        frozen = frozen_predicate(True, non_trainable_paths(config))
+        settings = OptimizerSettings(learning_rate=3e-3, total_steps=STEPS, warmup_steps=1, weight_decay=0.1,
+                                     max_grad_norm=1.0)
+        self.optimizer = make_optimizer(settings, leaf_labels(self.model.params, frozen))
+        self.shardings = state_shardings(self.model.params, self.optimizer)
+        self.fns = step_functions(SpeechEncoderDecoderModule(config), self.optimizer, deterministic=False,
+                                  freeze_feature_encoder=True, shardings=self.shardings)
+
+    def initial_state(self):
+        return init_state(self.model.params, self.optimizer)
+
+
+@pytest.fixture(scope="module")
+def runs(composed_dir):
+    """Both setups, the first micro-batch's gradients of each, and STEPS steps of each (losses, states)."""
+    directory = composed_dir(*PAIR)
+    out = {}
+    for name, mesh in (("single", None), ("sharded", _mesh())):
+        run = _Run(directory, mesh)
+        batch, key = _micro_batches(run.config, 0)[0]
+        if mesh is None:
+            sums, grads = run.fns.grad(run.model.params, batch, key, np.float32(0.0))
+        else:
+            from flax_model.training import place_batch
+
+            sums, grads = run.fns.grad(run.model.params, place_batch(run.fns.mesh, batch),
+                                       jax.device_put(key, NamedSharding(run.fns.mesh, PartitionSpec())),
+                                       np.float32(0.0))
+        state, losses, states = run.initial_state(), [], []
+        for step in range(STEPS):
+            state, objective, tokens = train_step(run.fns, state, _micro_batches(run.config, step))
+            losses.append(objective / tokens)
+            states.append(jax.tree.map(np.array, state))
+        out[name] = {"run": run, "objective": float(sums.objective(0.0)), "grads": _flat(grads),
+                     "grad_shardings": {k: v.sharding for k, v in traverse_util.flatten_dict(grads, sep="/").items()},
+                     "losses": losses, "states": states, "state": state}
+    return out
+
+
+def test_sharded_loss_and_gradients_equal_single_device(runs):
+    single, sharded = runs["single"], runs["sharded"]
+    rel = abs(sharded["objective"] - single["objective"]) / abs(single["objective"])
+    assert rel <= RELATIVE, f"summed loss {sharded['objective']:.7f} vs {single['objective']:.7f}: relative {rel:.2e}"
+    want, got = single["grads"], sharded["grads"]
+    assert want.keys() == got.keys()
+    total = math.sqrt(sum(float(np.sum(np.square(g.astype(np.float64)))) for g in want.values()))
+    worst, worst_key, zeros = 0.0, None, 0
+    for key, g in want.items():
+        norm = float(np.linalg.norm(g))
+        if "feature_extractor" in key.split("/"):  # frozen: the gradient stops at its output
+            assert not got[key].any() and not g.any(), f"{key}: a frozen leaf has a gradient"
+            continue
+        if norm < ZERO_GRADIENT * total:
+            zeros += 1
+            assert float(np.linalg.norm(got[key])) < ZERO_GRADIENT * total, f"{key}: {np.linalg.norm(got[key]):.1e}"
+            continue
+        diff = float(np.linalg.norm(got[key] - g)) / norm
+        if diff > worst:
+            worst, worst_key = diff, key
+    assert worst <= RELATIVE, f"{worst_key}: |Δgrad| / |grad| = {worst:.2e}"
+    assert zeros < len(want) // 4, f"{zeros} of {len(want)} gradients are zero"
+    # The gradients come out split like their parameters (split leaves are many).
+    params = traverse_util.flatten_dict(sharded["run"].shardings.params, sep="/")
+    split = [k for k, s in sharded["grad_shardings"].items() if not s.is_fully_replicated]
+    assert len(split) > len(params) // 3, f"only {len(split)} of {len(params)} gradients are split"
+    for key, sharding in sharded["grad_shardings"].items():
+        assert sharding.is_equivalent_to(params[key], want[key].ndim), f"{key}: {sharding.spec} != {params[key].spec}"
+
+
+def test_the_positional_conv_kernel_is_gathered_inside_the_step(runs):
+    run = runs["sharded"]["run"]
+    params = traverse_util.flatten_dict(run.shardings.params, sep="/")
+    gathered = gathered_in_training(run.config, params)
+    assert gathered and all("pos_conv_embed" in p for p in gathered), sorted(gathered)
+    assert all(not params[p].is_fully_replicated for p in gathered), "gathered leaves should be stored split"
+
+
+def test_sharded_steps_give_the_single_device_losses(runs):
+    """Gradient accumulation over 2 micro-batches, dropout and LayerDrop keys per micro-batch: the losses of the
+    3 steps (each after the previous steps' updates) agree."""
+    want, got = runs["single"]["losses"], runs["sharded"]["losses"]
+    assert len(set(want)) == STEPS, f"losses {want}: a weak check"
+    worst = max(abs(g - w) / abs(w) for g, w in zip(got, want))
+    assert worst <= RELATIVE, f"losses {got} vs {want}: relative {worst:.2e}"
+
+
+def test_sharded_update_equals_single_device_update(runs):
+    """The optimiser update (clipping's global norm, AdamW, weight decay, frozen leaves) sharded and on one
+    device, from the same state and gradients: every updated parameter within 1e-6 of its leaf's largest value,
+    and the optimiser state placed like its parameters."""
+    single, sharded = runs["single"]["run"], runs["sharded"]["run"]
+    state = runs["single"]["states"][0]
+    grads = traverse_util.unflatten_dict(runs["single"]["grads"], sep="/")
+    tokens = np.int32(9)
+    want = single.fns.apply(jax.tree.map(np.array, state), grads, tokens)
+    placed = jax.device_put(state, sharded.shardings)
+    got = sharded.fns.apply(placed, jax.device_put(grads, sharded.shardings.params), tokens)
+    assert int(got.step) == int(want.step) == 2
+    want_params, got_params = _flat(want.params), _flat(got.params)
+    before = _flat(state.params)
+    worst, worst_key = 0.0, None
+    for key, w in want_params.items():
+        scale = max(float(np.abs(w).max()), 1e-30)
+        err = float(np.abs(got_params[key] - w).max()) / scale
+        if err > worst:
+            worst, worst_key = err, key
+    assert worst <= RELATIVE, f"{worst_key}: max|Δparam| / max|param| = {worst:.2e}"
+    moved = sum(not np.array_equal(want_params[k], before[k]) for k in before)
+    assert moved > len(before) // 2, f"only {moved} of {len(before)} leaves moved"
+    for key in (k for k in before if "feature_extractor" in k):
+        assert np.array_equal(got_params[key], before[key]), f"{key}: a frozen leaf moved"
+    # Adam's moments follow their parameters' shardings; the counts are replicated.
+    params = traverse_util.flatten_dict(sharded.shardings.params, sep="/")
+    followed = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(got.opt_state):
+        param_path = "/".join(str(k.key) for k in _trailing_dict_keys(path))
+        if param_path in params:
+            assert leaf.sharding.is_equivalent_to(params[param_path], leaf.ndim), param_path
+            followed += 1
+        else:
+            assert leaf.sharding.is_fully_replicated, f"{jax.tree_util.keystr(path)}: {leaf.sharding.spec}"
+    assert followed >= len(params), f"only {followed} optimiser-state leaves follow a parameter"
+
+
+def _trailing_dict_keys(path) -> list:
+    keys = []
+    for key in reversed(path):
+        if not isinstance(key, jax.tree_util.DictKey):
+            break
+        keys.append(key)
+    return keys[::-1]
