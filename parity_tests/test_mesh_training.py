@@ -24,7 +24,9 @@ import pytest
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from flax_model.sharding import gathered_in_training
+from convert import cli, finetune, generate
+from convert.errors import UsageError
+from flax_model.sharding import gathered_in_training, mesh_from_flag, parse_mesh
 from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel, SpeechEncoderDecoderModule
 from flax_model.training import (
     OptimizerSettings,
@@ -216,3 +218,95 @@ def _trailing_dict_keys(path) -> list:
             break
         keys.append(key)
     return keys[::-1]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints and saving
+
+
+def test_a_sharded_checkpoint_restores_on_the_mesh_and_resumes_exactly(runs, tmp_path):
+    """orbax saves the sharded state as it lies (`convert.finetune.save_checkpoint`); restored into a template
+    on the mesh it comes back with the same shardings and bits, and one more step from it gives exactly the
+    uninterrupted run's parameters and optimiser state."""
+    run, states = runs["sharded"]["run"], runs["sharded"]["states"]
+    after_one = jax.device_put(states[0], run.shardings)
+    manager = finetune.checkpoint_manager(tmp_path / "checkpoints")
+    finetune.save_checkpoint(manager, after_one, {"loss": [[1, runs["sharded"]["losses"][0]]]})
+    template = jax.device_put(jax.tree.map(np.zeros_like, states[0]), run.shardings)
+    restored, meta = finetune.restore_checkpoint(finetune.checkpoint_manager(tmp_path / "checkpoints"), template,
+                                                 tmp_path / "checkpoints")
+    assert meta == {"loss": [[1, runs["sharded"]["losses"][0]]]}, meta
+    for (path, got), want, sharding in zip(jax.tree_util.tree_leaves_with_path(restored), jax.tree.leaves(states[0]),
+                                           jax.tree.leaves(run.shardings)):
+        assert got.sharding.is_equivalent_to(sharding, got.ndim), f"{jax.tree_util.keystr(path)}: {got.sharding}"
+        assert np.array_equal(np.asarray(got), want), jax.tree_util.keystr(path)
+    resumed, _, _ = train_step(run.fns, restored, _micro_batches(run.config, 1))
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(resumed), jax.tree.leaves(states[1])):
+        assert np.array_equal(np.asarray(got), want), f"{jax.tree_util.keystr(path)} differs from the uninterrupted run"
+
+
+def _file_bytes(directory) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def test_save_pretrained_from_sharded_params_writes_the_single_device_files(composed_dir, runs, tmp_path):
+    """Loaded on the mesh and saved: the files of the single-device save, byte for byte (both weight formats); and
+    so for the trained sharded params against their host copy."""
+    directory = composed_dir(*PAIR)
+    single = FlaxSpeechEncoderDecoderModel.from_pretrained(directory)
+    sharded = FlaxSpeechEncoderDecoderModel.from_pretrained(directory, mesh=_mesh())
+    trained = runs["sharded"]["state"].params
+    host = jax.tree.map(np.array, trained)
+    for name, want, got in (("loaded", single.save_pretrained(tmp_path / "single"),
+                             sharded.save_pretrained(tmp_path / "sharded")),
+                            ("trained", single.save_pretrained(tmp_path / "trained_host", params=host),
+                             sharded.save_pretrained(tmp_path / "trained_sharded", params=trained))):
+        assert [p.name for p in got] == [p.name for p in want], (got, want)
+        assert {"flax_model.msgpack", "model.safetensors"} <= {p.name for p in got}
+        a, b = _file_bytes(want[0].parent), _file_bytes(got[0].parent)
+        assert a.keys() == b.keys() and all(a[k] == b[k] for k in a), (
+            f"{name}: files differ: {[k for k in a if a.get(k) != b.get(k)]}")
+    assert _file_bytes(tmp_path / "trained_sharded") != _file_bytes(tmp_path / "sharded"), "training changed nothing"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --mesh
+
+
+@pytest.mark.parametrize("text, message", [
+    ("data2", "'data2' is not AXIS=SIZE"),
+    ("data=2,,fsdp=4", "'' is not AXIS=SIZE"),
+    ("dta=2,fsdp=4", "axis 'dta' is not one of data, fsdp, model"),
+    ("data=2,data=4", "axis 'data' is given twice"),
+    ("data=0,fsdp=8", "the size of 'data' must be a positive integer, not '0'"),
+    ("data=two", "the size of 'data' must be a positive integer, not 'two'"),
+])
+def test_a_malformed_mesh_is_refused_in_one_line(text, message):
+    with pytest.raises(UsageError) as info:
+        parse_mesh(text)
+    got = str(info.value)
+    assert got == f"mesh={text}: {message}" or got.startswith(f"mesh={text}: {message}"), got
+    assert info.value.param == "mesh" and "\n" not in got
+
+
+def test_a_mesh_is_built_over_every_device_and_its_product_must_match():
+    mesh = mesh_from_flag("data=2,fsdp=4")
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4} and mesh.devices.size == len(jax.devices()) == 8
+    with pytest.raises(UsageError, match=r"^mesh=data=3,fsdp=2: the axis sizes multiply to 6, but there are 8 "
+                                         r"devices"):
+        mesh_from_flag("data=3,fsdp=2")
+
+
+@pytest.mark.parametrize("command", ["generate", "finetune"])
+def test_the_commands_refuse_a_bad_mesh_with_a_usage_error(command, composed_dir, tmp_path, capsys):
+    directory = str(composed_dir(*PAIR))
+    if command == "generate":
+        code = generate.main(["--model", directory, "--audio", str(tmp_path), "--mesh", "data=3"])
+    else:
+        code = finetune.main(["--model", directory, "--train", "t.jsonl", "--eval", "e.jsonl", "--output",
+                              str(tmp_path / "out"), "--mesh", "data=3"])
+    err = capsys.readouterr().err.strip()
+    assert code == cli.EXIT_USAGE, (code, err)
+    assert err.startswith("error: --mesh data=3: the axis sizes multiply to 3, but there are 8 devices"), err
+    assert len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
