@@ -22,6 +22,9 @@ when the figure was taken: on a 2-core machine, figures taken above 2 are distur
               noise of the same lengths (`audio` says which). Flax runs twice (`flax_cold_*`: compiling; then
               compiled), the reference once, on the same batches; audio-seconds per second for each, the ratio
               (warm Flax / reference), the compilations, and whether the tokens agree.
+    mesh      one device against 8 simulated CPU devices (data 2 x fsdp 4), wav2vec2-base + BART-base: greedy
+              generation tokens/s (batch 8) and the sharded train step's audio-seconds/s (`bench_mesh`; not run
+              by default). Simulated devices share the same cores: the figures show sharding's overhead.
 Fields of forward / generate / decode: bench, model, batch, flax_s, torch_s, ratio (torch_s / flax_s: > 1 means Flax is faster), compile_s
 (Flax's first call minus a compiled call: tracing and XLA compilation), tokens_per_s and torch_tokens_per_s
 (generate and decode), same_tokens (whether both produced the same greedy tokens).
@@ -271,6 +274,113 @@ def bench_transcribe(args) -> None:
           "load": os.getloadavg()[0]})
 
 
+# ----------------------------------------------------------------------------------------------------------
+# mesh: one device against 8 simulated CPU devices
+
+MESH_DEVICES, MESH_SHAPE, MESH_AXES = 8, (2, 4), ("data", "fsdp")
+
+
+def bench_mesh(args) -> None:
+    """wav2vec2-base + BART-base on one device and on a mesh of 8 simulated CPU devices (data 2 x fsdp 4, params
+    placed by the partition rules): greedy generation tokens/s (batch 8, 64 new tokens from 10 s of audio) and
+    the sharded fine-tuning step (`flax_model.training.train_step`: batch 8 of 4 s, 32 label tokens, dropout on)
+    in audio-seconds per second. Simulated devices share the machine's cores: the figures show the cost of
+    sharding (collectives, partitioned programs), not a speed-up.
+
+    XLA reads the device count once, before JAX starts: when this process has fewer devices, the bench runs in
+    a child process with `--xla_force_host_platform_device_count=8`.
+    """
+    import subprocess
+
+    if len(jax.devices()) < MESH_DEVICES:
+        flags = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={MESH_DEVICES}"
+        command = [sys.executable, str(Path(__file__).resolve()), "--benches", "mesh", "--runs", str(args.runs),
+                   *(["--quick"] if args.quick else [])]
+        subprocess.run(command, env={**os.environ, "XLA_FLAGS": flags.strip()}, check=True)
+        return
+    from flax import traverse_util
+
+    from flax_model.sharding import on_mesh, param_shardings
+    from flax_model.speech_encoder_decoder import param_shapes
+    from flax_model.training import (
+        OptimizerSettings,
+        init_state,
+        leaf_labels,
+        make_optimizer,
+        state_shardings,
+        step_functions,
+        step_key,
+        train_step,
+    )
+
+    config = composed_config(bart_base(args.quick), args.quick)
+    module = SpeechEncoderDecoderModule(config)
+    init_inputs, init_ids = jnp.zeros((1, 16000), jnp.float32), jnp.zeros((1, 1), jnp.int32)
+    params = jax.jit(lambda key: module.init(key, init_inputs, None, init_ids))(jax.random.PRNGKey(0))["params"]
+    mesh = jax.make_mesh(MESH_SHAPE, MESH_AXES)
+    shardings = param_shardings(config, param_shapes(config), mesh)
+    flat = traverse_util.flatten_dict(params, sep="/")
+
+    def model_on(devices: int) -> FlaxSpeechEncoderDecoderModel:
+        if devices == 1:
+            return FlaxSpeechEncoderDecoderModel(config, jax.tree.map(jnp.copy, params))
+        placed = {k: jax.device_put(v, shardings[k]) for k, v in flat.items()}
+        return on_mesh(FlaxSpeechEncoderDecoderModel(config, traverse_util.unflatten_dict(placed, sep="/")), mesh)
+
+    batch, new_tokens = 8, args.new_tokens
+    audio, mask = batch_inputs(batch, args.audio_seconds)
+    tokens = {}
+    for devices in (1, MESH_DEVICES):
+        model = model_on(devices)
+
+        def run(model=model):
+            return model.generate(audio, mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+
+        start = time.perf_counter()
+        tokens[devices] = run().sequences
+        first = time.perf_counter() - start
+        times = []
+        for _ in range(args.runs):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        seconds = statistics.median(times)
+        emit({"bench": "mesh_generate", "model": "wav2vec2-base+bart-base", "devices": devices,
+              "mesh": "one device" if devices == 1 else dict(mesh.shape), "batch": batch,
+              "audio_seconds": args.audio_seconds, "new_tokens": new_tokens, "seconds": round(seconds, 3),
+              "tokens_per_s": round(batch * new_tokens / seconds, 1), "compile_s": round(first - seconds, 1),
+              "same_tokens": bool(np.array_equal(tokens[devices], tokens[1])), "load": os.getloadavg()[0]})
+        del model
+
+    train_seconds = 1.0 if args.quick else 4.0
+    label_tokens = 8 if args.quick else 32
+    rng = np.random.default_rng(0)
+    inputs, input_mask = batch_inputs(batch, train_seconds)
+    labels = rng.integers(0, config.decoder.vocab_size, (batch, label_tokens)).astype(np.int32)
+    micro = {"inputs": inputs, "attention_mask": input_mask, "labels": labels}
+    for devices in (1, MESH_DEVICES):
+        model = model_on(devices)
+        optimizer = make_optimizer(OptimizerSettings(total_steps=100), leaf_labels(model.params, lambda _: False))
+        fns = step_functions(module, optimizer, deterministic=False,
+                             shardings=state_shardings(model.params, optimizer))
+        state = init_state(model.params, optimizer)
+        times, losses = [], []
+        for step in range(args.runs + 1):
+            start = time.perf_counter()
+            state, objective, count = train_step(fns, state, [(micro, step_key(0, step))])
+            jax.block_until_ready(state.params)
+            times.append(time.perf_counter() - start)
+            losses.append(objective / count)
+        seconds = statistics.median(times[1:])
+        emit({"bench": "mesh_train_step", "model": "wav2vec2-base+bart-base", "devices": devices,
+              "mesh": "one device" if devices == 1 else dict(mesh.shape), "batch": batch,
+              "audio_seconds": train_seconds, "label_tokens": label_tokens, "step_s": round(seconds, 3),
+              "audio_seconds_per_s": round(batch * train_seconds / seconds, 2),
+              "compile_s": round(times[0] - seconds, 1), "losses": [round(x, 5) for x in losses],
+              "load": os.getloadavg()[0]})
+        del model, state, fns
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
@@ -280,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="bart,gpt2", help="comma-separated: bart, gpt2")
     parser.add_argument("--batches", default="1,4", help="comma-separated batch sizes")
     parser.add_argument("--benches", default="forward,generate,transcribe",
-                        help="comma-separated: forward, generate, transcribe")
+                        help="comma-separated: forward, generate, transcribe, mesh (1 vs 8 simulated devices)")
     args = parser.parse_args(argv)
     args.runs = args.runs or (1 if args.quick else 5)
     args.audio_seconds = 1.0 if args.quick else 10.0
@@ -291,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
           "torch": torch.__version__, "device": str(jax.devices()[0]), "quick": args.quick,
           "load": os.getloadavg()[0]})
     builders = {"bart": ("wav2vec2-base+bart-base", bart_base), "gpt2": ("wav2vec2-base+gpt2", gpt2_124m)}
+    if "mesh" in args.benches.split(","):
+        bench_mesh(args)
     if "transcribe" in args.benches:
         bench_transcribe(args)
     for key in args.models.split(","):
