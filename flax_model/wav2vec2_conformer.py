@@ -156,7 +156,9 @@ class ConformerBlock(nn.Module):
 
 
 class ConformerLayers(nn.Module):
-    """The block stack, with LayerDrop in training: a dropped block passes its input through."""
+    """The block stack (unrolled, or scanned within `flax_model.layers.layer_scan`), with LayerDrop in training:
+    a dropped block passes its input through. Unrolled, the LayerDrop draws come from this module's "dropout"
+    stream; scanned, from each block's own (the key split per layer)."""
 
     config: Wav2Vec2ConformerConfig
     dtype: Any = jnp.float32
@@ -166,12 +168,13 @@ class ConformerLayers(nn.Module):
                  deterministic: bool = True) -> jax.Array:
         c = self.config
         layers = make_stack(self, lambda i, name: ConformerBlock(c, self.dtype, name=name), c.num_hidden_layers)
-        scanned = is_scanned(layers)  # scanned (`flax_model.layers.layer_scan`): each block draws from its own key
+        scanned = is_scanned(layers)
 
         def step(layer: nn.Module, i: Any, hidden: jax.Array, _: None) -> tuple[jax.Array, None]:
             out = layer(hidden, bias, positions, deterministic)
             return jnp.where(layer_drop(layer if scanned else self, c.layerdrop, deterministic), hidden, out), None
 
+        # The position embedding is computed once by the encoder and shared: the scan closes over it.
         return run_stack(layers, c.num_hidden_layers, step, hidden)[0]
 
 
