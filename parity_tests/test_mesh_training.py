@@ -16,6 +16,7 @@ largest value), and the whole step end to end by the losses of the following ste
 
 from __future__ import annotations
 
+import json
 import math
 
 import jax
@@ -310,3 +311,57 @@ def test_the_commands_refuse_a_bad_mesh_with_a_usage_error(command, composed_dir
     assert err.startswith("error: --mesh data=3: the axis sizes multiply to 3, but there are 8 devices"), err
     assert len(err.splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# convert.finetune --mesh
+
+
+@pytest.fixture(scope="module")
+def finetune_data(tmp_path_factory) -> dict:
+    """The built-in wav2vec2 + BART composed (it has a tokenizer.json) and four training / two held-out tones."""
+    import io
+
+    import soundfile
+
+    from convert.compose import compose
+
+    root = tmp_path_factory.mktemp("finetune_mesh")
+    compose("wav2vec2", "bart", root / "base", verify=False, progress=False, log=io.StringIO())
+    rng = np.random.default_rng(0)
+    (root / "wav").mkdir()
+    for name, texts in (("train", ("one two", "three", "four five", "six")), ("eval", ("seven", "eight nine"))):
+        with (root / f"{name}.jsonl").open("w") as f:
+            for i, text in enumerate(texts):
+                t = np.arange(int(16000 * (0.3 + 0.05 * len(text.split())))) / 16000
+                wave = 0.3 * np.sin(2 * np.pi * (200 + 40 * i) * t) + 0.01 * rng.standard_normal(t.shape)
+                soundfile.write(root / "wav" / f"{name}{i}.wav", wave.astype(np.float32), 16000)
+                f.write(json.dumps({"audio": f"wav/{name}{i}.wav", "text": text}) + "\n")
+    return {"root": root, "model": root / "base", "train": root / "train.jsonl", "eval": root / "eval.jsonl"}
+
+
+def test_finetune_on_a_mesh_exports_the_state_of_its_sharded_checkpoint(finetune_data, capsys):
+    """`python -m convert.finetune --mesh data=2,fsdp=4`: the run loads, trains and checkpoints sharded, and
+    exports what the last checkpoint holds (its params restored whole, bit for bit)."""
+    import orbax.checkpoint as ocp
+
+    out = finetune_data["root"] / "sharded"
+    argv = ["--model", str(finetune_data["model"]), "--train", str(finetune_data["train"]), "--eval",
+            str(finetune_data["eval"]), "--output", str(out), "--max-steps", "2", "--batch-size", "2",
+            "--num-buckets", "1", "--eval-batch-size", "2", "--max-new-tokens", "4", "--learning-rate", "1e-3",
+            "--mesh", "data=2,fsdp=4", "--no-verify", "--no-progress"]
+    assert finetune.main(argv) == cli.EXIT_OK, capsys.readouterr().err
+    report = json.loads((out / "training_report.json").read_text())
+    assert report["mesh"] == {"data": 2, "fsdp": 4} and report["steps"] == 2, report.get("mesh")
+    assert all(math.isfinite(e["wer"]) for e in report["eval"]) and math.isfinite(report["final_loss"]), report
+    manager = finetune.checkpoint_manager(out.with_name("sharded.checkpoints"))
+    assert manager.latest_step() == 2
+    restored = manager.restore(2, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    saved = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(restored.state["params"], sep="/").items()}
+    exported = _flat(FlaxSpeechEncoderDecoderModel.from_pretrained(out).params)
+    base = _flat(FlaxSpeechEncoderDecoderModel.from_pretrained(finetune_data["model"]).params)
+    assert saved.keys() == exported.keys()
+    differ = [k for k in saved if not np.array_equal(saved[k], exported[k])]
+    assert not differ, f"{len(differ)} exported tensors differ from the checkpoint, e.g. {differ[:3]}"
+    moved = sum(not np.array_equal(exported[k], base[k]) for k in base)
+    assert moved > len(base) // 2, f"only {moved} of {len(base)} tensors changed"
