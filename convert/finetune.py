@@ -403,6 +403,7 @@ def finetune(
         ConvertError / UsageError: one line naming the file, field or option that is wrong.
     """
     import jax
+    from flax import traverse_util
 
     from convert.writing import atomic_directory, check_output_location
     from flax_model.training import init_state
@@ -487,6 +488,14 @@ def finetune(
     print(f"step {run.total_steps}: WER {final['wer']:.3f}, CER {final['cer']:.3f}", file=log, flush=True)
     report = _report(run, history, model_dir, train, eval, command, time.perf_counter() - started)
 
+    from flax_model.sharding import gathered_leaves, is_writer, sync_processes
+
+    if not is_writer():  # a multi-process run: contribute each leaf's shards to process 0's export, then wait
+        flat = traverse_util.flatten_dict(state.params, sep="/")
+        for _ in gathered_leaves(flat, sorted(flat)):
+            pass
+        sync_processes("finetune export")
+        return FinetuneResult(output, report)
     with atomic_directory(output, overwrite=overwrite, sources=(("model", model_dir),), param="output") as tmp:
         _write_output(tmp, run, state.params, history, report)
         if verify:
@@ -497,6 +506,7 @@ def finetune(
             if not report["verification"].get("passed", False):
                 raise ConvertError(f"verification failed: Flax and the PyTorch reference disagree on the fine-tuned "
                                    f"model; nothing was written to {output}")
+    sync_processes("finetune export")
     print(f"wrote {output}: WER {history['eval'][0]['wer']:.3f} -> {final['wer']:.3f} on {len(run.eval)} held-out "
           f"utterances, {run.total_steps} steps in {report['wall_seconds']:.0f} s", file=log, flush=True)
     return FinetuneResult(output, report)

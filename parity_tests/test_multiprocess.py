@@ -1,6 +1,7 @@
 """Two processes under JAX's multi-controller runtime (`jax.distributed.initialize`, a localhost coordinator,
-gloo collectives on CPU), 4 simulated CPU devices each: each process reads only the boxes its devices hold, and
-together they generate the tokens of the single-process run.
+gloo collectives on CPU), 4 simulated CPU devices each: each process reads only the boxes its devices hold,
+together they generate the tokens of the single-process run, take one sharded training step with its loss, and
+save the trained model (every process contributing its shards, process 0 writing).
 
 The test starts this file twice as a script (`python parity_tests/test_multiprocess.py --process-id I ...`);
 each run writes what it measured to a JSON file that the test then checks against the single-process model.
@@ -25,6 +26,19 @@ PROCESSES, DEVICES_PER_PROCESS = 2, 4
 PAIR, EOS, MAX_NEW_TOKENS = ("w2v_stable_wide", "gpt2_xattn_untied"), 33, 12
 
 
+def labels() -> np.ndarray:
+    """Labels for `batch()` (4 rows: the mesh's data axis is 2), padded with -100."""
+    ids = np.random.default_rng(1).integers(3, 40, (4, 6)).astype(np.int32)
+    ids[1, 4:] = -100
+    return ids
+
+
+def train_batch() -> dict[str, np.ndarray]:
+    inputs, mask = batch()
+    return {"inputs": np.concatenate([inputs, inputs[:1]]), "attention_mask": np.concatenate([mask, mask[:1]]),
+            "labels": labels()}
+
+
 def batch() -> tuple[np.ndarray, np.ndarray]:
     """Three seeded utterances of different lengths (the data axis has 2 devices: one padding row)."""
     rng = np.random.default_rng(0)
@@ -39,7 +53,7 @@ def batch() -> tuple[np.ndarray, np.ndarray]:
 # The worker (one per process)
 
 
-def worker(process_id: int, port: int, model_dir: Path, out: Path) -> None:
+def worker(process_id: int, port: int, model_dir: Path, out: Path, saved: Path) -> None:
     import jax
     from flax import traverse_util
     from jax.sharding import Mesh
@@ -80,6 +94,36 @@ def worker(process_id: int, port: int, model_dir: Path, out: Path) -> None:
     generated = model.generate(inputs, mask, max_new_tokens=MAX_NEW_TOKENS, eos_token_id=EOS)
     result["sequences"] = generated.sequences.tolist()
     result["sequences_scores"] = np.asarray(generated.sequences_scores).tolist()
+
+    # One sharded optimiser step (deterministic; params and Adam's moments split, the batch over data), then a
+    # save: each leaf gathered across the processes, process 0 writing; every process then checks the shards
+    # its devices hold against the written file.
+    from convert.checkpoint import FLAX_FIRST, Checkpoint
+    from flax_model.speech_encoder_decoder import SpeechEncoderDecoderModule
+    from flax_model.training import (
+        OptimizerSettings,
+        init_state,
+        leaf_labels,
+        make_optimizer,
+        state_shardings,
+        step_functions,
+        train_step,
+    )
+
+    optimizer = make_optimizer(OptimizerSettings(learning_rate=1e-3, total_steps=2),
+                               leaf_labels(model.params, lambda _: False))
+    fns = step_functions(SpeechEncoderDecoderModule(model.config), optimizer, deterministic=True,
+                         shardings=state_shardings(model.params, optimizer))
+    state, objective, tokens = train_step(fns, init_state(model.params, optimizer), [(train_batch(), None)])
+    result["train_loss"], result["train_tokens"] = objective / tokens, tokens
+    files = FlaxSpeechEncoderDecoderModel(model.config, state.params).save_pretrained(saved)
+    result["files"] = sorted(f.name for f in files)
+    written = Checkpoint(saved, prefer=FLAX_FIRST)
+    trained = traverse_util.flatten_dict(state.params, sep="/")
+    result["wrong_saved_shards"] = [path for path, leaf in trained.items() for shard in leaf.addressable_shards
+                                    if not np.array_equal(np.asarray(shard.data),
+                                                          written.get_slice(path, shard.index))]
+    result["saved_leaves"] = len(trained)
     out.write_text(json.dumps(result))
 
 
@@ -93,16 +137,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_read_their_shards_and_generate_the_single_process_tokens(composed_dir, tmp_path):
+def test_two_processes_read_their_shards_generate_train_and_save_like_one(composed_dir, tmp_path):
+    import jax
+
     from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel
 
     directory = composed_dir(*PAIR)
     port = _free_port()
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}",
+    # The tiny model compiles far longer than it runs: XLA's CPU backend optimisations off, as conftest.py does.
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS} "
+                                      "--xla_backend_optimization_level=0",
            "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
     outs = [tmp_path / f"process{i}.json" for i in range(PROCESSES)]
+    saved = tmp_path / "trained"
     procs = [subprocess.Popen([sys.executable, __file__, "--process-id", str(i), "--port", str(port),
-                               "--model", str(directory), "--out", str(outs[i])],
+                               "--model", str(directory), "--out", str(outs[i]), "--saved", str(saved)],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(PROCESSES)]
     logs = []
@@ -120,6 +169,8 @@ def test_two_processes_read_their_shards_and_generate_the_single_process_tokens(
     single = FlaxSpeechEncoderDecoderModel.from_pretrained(directory)
     inputs, mask = batch()
     want = single.generate(inputs, mask, max_new_tokens=MAX_NEW_TOKENS, eos_token_id=EOS)
+    train = train_batch()
+    want_loss = float(single.loss(train["inputs"], train["attention_mask"], train["labels"]))
     assert len({tuple(r) for r in want.sequences.tolist()}) == 3, f"rows alike: a weak check\n{want.sequences}"
 
     for i, r in enumerate(results):
@@ -136,6 +187,18 @@ def test_two_processes_read_their_shards_and_generate_the_single_process_tokens(
         assert np.array_equal(got, want.sequences), f"process {i}:\n{got}\n!=\n{want.sequences}"
         err = float(np.abs(np.asarray(r["sequences_scores"]) - want.sequences_scores).max())
         assert err <= 1e-5, f"process {i}: sequence scores max|diff|={err:.2e}"
+        # The sharded step's loss is the single-process model's (float32 sums in another order: relative 1e-6).
+        rel = abs(r["train_loss"] - want_loss) / want_loss
+        assert rel <= 1e-6, f"process {i}: train loss {r['train_loss']:.7f} vs {want_loss:.7f}: relative {rel:.2e}"
+        assert not r["wrong_saved_shards"], f"process {i}: saved values differ: {r['wrong_saved_shards'][:5]}"
+        assert r["saved_leaves"] > 10, r["saved_leaves"]
+    # Process 0 wrote (and names) the files; the other contributed its shards.
+    assert {"flax_model.msgpack", "model.safetensors", "config.json"} <= set(results[0]["files"]), results[0]
+    assert results[1]["files"] == [], results[1]["files"]
+    trained = FlaxSpeechEncoderDecoderModel.from_pretrained(saved)
+    moved = sum(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
+                zip(jax.tree.leaves(trained.params), jax.tree.leaves(single.params)))
+    assert moved > len(jax.tree.leaves(single.params)) // 2, f"only {moved} leaves moved in the saved model"
 
 
 if __name__ == "__main__":
@@ -144,6 +207,7 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--saved", type=Path, required=True)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    worker(args.process_id, args.port, args.model, args.out)
+    worker(args.process_id, args.port, args.model, args.out, args.saved)
