@@ -298,6 +298,20 @@ def test_a_mesh_is_built_over_every_device_and_its_product_must_match():
         mesh_from_flag("data=3,fsdp=2")
 
 
+def test_generate_loads_the_model_sharded_on_the_mesh_it_is_given(composed_dir):
+    """`convert.generate --mesh` loads through `convert.transcribe.load_model(..., mesh=...)`: params split by
+    the partition rules over the mesh, batches then split over `data` by `generate` (test_mesh.py)."""
+    from convert.transcribe import load_model
+
+    model, _ = load_model(composed_dir(*PAIR), "flax", mesh="data=2,fsdp=4")
+    assert model.mesh is not None and dict(model.mesh.shape) == {"data": 2, "fsdp": 4}
+    leaves = jax.tree.leaves(model.params)
+    split = sum(not leaf.sharding.is_fully_replicated for leaf in leaves)
+    assert split > len(leaves) // 3, f"only {split} of {len(leaves)} leaves are split"
+    with pytest.raises(UsageError, match=r"^mesh=data=2,fsdp=4: needs framework=flax"):
+        load_model(composed_dir(*PAIR), "torch", mesh="data=2,fsdp=4")
+
+
 @pytest.mark.parametrize("command", ["generate", "finetune"])
 def test_the_commands_refuse_a_bad_mesh_with_a_usage_error(command, composed_dir, tmp_path, capsys):
     directory = str(composed_dir(*PAIR))
