@@ -909,6 +909,18 @@ class Checkpoint:
         array = source.read(key)
         return array if dtype is None or array.dtype == np.dtype(dtype) else array.astype(dtype)
 
+    def byte_range(self, key: str) -> tuple[Path, int, int] | None:
+        """(file, offset, nbytes) of a tensor stored as one run of bytes in its file, C-ordered in its dtype
+        (for a memory map of it); None when it is not (a chunked msgpack array, a pickled checkpoint)."""
+        source = self._where[key]
+        if isinstance(source, _SafetensorsFile):
+            begin, end = source._offsets[key]
+            return source.path, source.data_start + begin, end - begin
+        leaf = getattr(source, "_leaves", {}).get(key)
+        if isinstance(leaf, _ArrayRef) and len(leaf.chunks) == 1:
+            return source.path, *leaf.chunks[0]
+        return None
+
     def get_slice(self, key: str, index: Index, dtype: np.dtype | None = None) -> np.ndarray:
         """Reads one box of a tensor, `tensor[index]`, reading only its bytes.
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from convert.checkpoint import Checkpoint
+from convert.checkpoint import Checkpoint, numpy_to_torch
 from convert.composed import SpeechEncoderDecoderConfig, composed_keymap
 from convert.errors import CheckpointError
 
@@ -33,29 +33,62 @@ def compare_weight_files(directory: str | Path) -> dict[str, Any]:
         "differences": [{"tensor", "max_abs_diff" (None when incomparable), "why"}]} (bit-exact means no
         mismatches and nothing missing).
     """
+    return _compare(*_weight_files(directory))
+
+
+def _weight_files(directory: str | Path) -> tuple[Checkpoint, Checkpoint, Any]:
+    """Both weight files of a composed directory (refused unless both are there) and its key table."""
     directory = Path(directory)
     flax = Checkpoint(directory, prefer=FLAX_FILES)
     torch_side = Checkpoint(directory, prefer=TORCH_FILES)
     if flax.format != "flax" or torch_side.format != "safetensors":
         raise CheckpointError(f"{directory}: needs both flax_model.msgpack and model.safetensors to compare them")
     config = SpeechEncoderDecoderConfig.from_hf_dict(flax.config, str(directory / "config.json"))
-    keymap = composed_keymap(config)
-    mismatched, missing, differences = [], [], []
-    max_diff = 0.0
-    seen = set()
-    for path in flax.keys():
-        found = keymap.to_torch(path)
-        if found is None or found[0] not in torch_side:
-            missing.append(path)
-            differences.append({"tensor": path, "max_abs_diff": None, "why": "only in flax_model.msgpack"})
-            continue
-        key, transform = found
-        seen.add(key)
-        a = transform.to_torch(flax.get(path), contiguous=False)
-        b = torch_side.get(key)
+    return flax, torch_side, composed_keymap(config)
+
+
+class _FileMaps:
+    """Copy-on-write memory maps of weight files: a tensor is a view of the page cache (the file was just
+    written or read), neither copied nor given new memory; writing to it would not change the file."""
+
+    def __init__(self) -> None:
+        self._maps: dict[Path, Any] = {}
+
+    def view(self, checkpoint: Checkpoint, key: str) -> np.ndarray:
+        """The tensor `key` of `checkpoint` (a view where it is stored in one run, else read)."""
+        import mmap
+
+        where, info = checkpoint.byte_range(key), checkpoint.info(key)
+        if where is None or where[2] == 0:
+            return checkpoint.get(key)
+        path, offset, nbytes = where
+        if path not in self._maps:
+            with open(path, "rb") as f:
+                self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        return np.frombuffer(self._maps[path], info.dtype, nbytes // info.dtype.itemsize, offset).reshape(info.shape)
+
+
+class _WeightComparison:
+    """The tensor-by-tensor comparison of the two weight files, fed one pair at a time (`compare_weight_files`
+    reads both files for it; the verification feeds it while it loads the reference)."""
+
+    def __init__(self) -> None:
+        self.mismatched: list[str] = []
+        self.missing: list[str] = []
+        self.differences: list[dict[str, Any]] = []
+        self.max_diff = 0.0
+        self.seen: set[str] = set()
+
+    def only_in(self, name: str, file: str) -> None:
+        self.missing.append(name)
+        self.differences.append({"tensor": name, "max_abs_diff": None, "why": f"only in {file}"})
+
+    def compare(self, key: str, a: np.ndarray, b: np.ndarray) -> None:
+        """`a`: the msgpack tensor in the PyTorch layout (a view is fine), `b`: the safetensors tensor."""
+        self.seen.add(key)
         if a.shape == b.shape and a.dtype == b.dtype and _same_bits(a, b):
-            continue
-        mismatched.append(key)
+            return
+        self.mismatched.append(key)
         if a.shape != b.shape:
             why, diff = f"shape {list(a.shape)} in Flax, {list(b.shape)} in safetensors", float("inf")
         else:
@@ -67,22 +100,36 @@ def compare_weight_files(directory: str | Path) -> dict[str, Any]:
                 why += f" (dtype {a.dtype} in Flax, {b.dtype} in safetensors)"
             if np.isnan(d).any():
                 why += " (NaN in one file)"
-        max_diff = max(max_diff, diff) if not np.isnan(diff) else max_diff
-        differences.append({"tensor": key, "max_abs_diff": diff, "why": why})
-    for k in torch_side.keys():
-        if k not in seen:
-            missing.append(k)
-            differences.append({"tensor": k, "max_abs_diff": None, "why": "only in model.safetensors"})
-    return {"tensors": len(seen), "max_abs_diff": max_diff, "mismatched": mismatched, "missing": missing,
-            "differences": differences}
+        self.max_diff = max(self.max_diff, diff) if not np.isnan(diff) else self.max_diff
+        self.differences.append({"tensor": key, "max_abs_diff": diff, "why": why})
+
+    def result(self) -> dict[str, Any]:
+        return {"tensors": len(self.seen), "max_abs_diff": self.max_diff, "mismatched": self.mismatched,
+                "missing": self.missing, "differences": self.differences}
+
+
+_TILE = 256  # a transposed comparison goes tile by tile: 2 x 256 x 256 elements stay in cache
+_ROWS_BLOCK = 1 << 20  # elements compared at a time otherwise: a bounded temporary
 
 
 def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
-    """Bit-for-bit equality (NaN payloads and signed zeros included) without copying either array."""
+    """Bit-for-bit equality (NaN payloads and signed zeros included) without copying either array.
+
+    `a` may be a strided view (a Flax kernel in the PyTorch layout): a transposed matrix is compared in
+    square tiles, whose strided reads stay in cache (element by element, it is over 10x slower).
+    """
     bits = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}.get(a.dtype.itemsize)
     if bits is None:
         return a.tobytes() == b.tobytes()
-    return bool(np.array_equal(a.view(bits), b.view(bits)))
+    a, b = a.view(bits), b.view(bits)
+    if a.ndim == 2 and not a.flags.c_contiguous:
+        rows, cols = a.shape
+        return all(np.array_equal(a[i:i + _TILE, j:j + _TILE], b[i:i + _TILE, j:j + _TILE])
+                   for i in range(0, rows, _TILE) for j in range(0, cols, _TILE))
+    if a.ndim == 0 or a.size <= _ROWS_BLOCK:
+        return bool(np.array_equal(a, b))
+    rows = max(1, _ROWS_BLOCK // (a.size // a.shape[0]))
+    return all(np.array_equal(a[i:i + rows], b[i:i + rows]) for i in range(0, a.shape[0], rows))
 
 
 def seeded_inputs(config: SpeechEncoderDecoderConfig, seed: int = 0, seconds: float = 1.0,
@@ -213,37 +260,66 @@ def float64_logits(torch_model: Any, batch: dict[str, np.ndarray]) -> np.ndarray
 
     Each module's own weights are converted to float64 only while that module runs (forward hooks); their
     float32 storage is put back after, so the peak is the float32 model plus one module's weights in float64,
-    not a float64 copy of the whole model. Should a weight be used outside its
-    module's call (a dtype error), the whole model is converted instead, and left in float64.
+    not a float64 copy of the whole model. The float64 copies go into one buffer sized for the largest module,
+    used as a stack (modules nest): new memory is touched once, not once per module (on a VM, first touches of
+    memory cost more than the copies). Should a weight be used outside its module's call (a dtype error), the
+    whole model is converted instead, and left in float64.
     """
     import torch
 
+    owned = {module: _tensors(module, recurse=False) for module in torch_model.modules()}
+    owned = {module: tensors for module, tensors in owned.items() if tensors}
+    largest = max((sum(t.numel() for t in tensors) for tensors in owned.values()), default=0)
+    arena = torch.empty(largest, dtype=torch.float64)
+    top = [0]  # the stack's top in `arena`
     kept: dict[int, Any] = {}  # the float32 storage of each tensor while its module runs in float64
+    running: dict[Any, list[int]] = {}  # module -> [calls under way, stack top before its first]
 
     def to_float64(module: Any, args: Any) -> None:
-        for t in _tensors(module, recurse=False):
-            if id(t) not in kept:  # a module called again inside itself keeps its first conversion
-                kept[id(t)] = t.data
+        if module in running:  # called again inside itself: keeps its first conversion
+            running[module][0] += 1
+            return
+        running[module] = [1, top[0]]
+        for t in owned[module]:
+            if id(t) in kept:  # shared with a module under way: already converted
+                continue
+            kept[id(t)] = t.data
+            n = t.numel()
+            if top[0] + n <= largest:
+                t.data = arena[top[0]:top[0] + n].view(t.shape).copy_(t.data)
+                top[0] += n
+            else:
                 t.data = t.data.to(torch.float64)
 
     def back(module: Any, args: Any, out: Any) -> None:
-        for t in _tensors(module, recurse=False):
+        state = running.get(module)
+        if state is None:
+            return
+        state[0] -= 1
+        if state[0]:
+            return
+        del running[module]
+        for t in owned[module]:
             if id(t) in kept:
                 t.data = kept.pop(id(t))  # the original float32 storage: nothing new is allocated
+        top[0] = state[1]
 
     handles = []
-    for module in torch_model.modules():
-        if _tensors(module, recurse=False):
-            handles.append(module.register_forward_pre_hook(to_float64))
-            handles.append(module.register_forward_hook(back))
+    for module in owned:
+        handles.append(module.register_forward_pre_hook(to_float64))
+        handles.append(module.register_forward_hook(back))
     try:
         return torch_logits(torch_model, batch, dtype=torch.float64)
     except RuntimeError:  # a weight used outside its module's call: the plain way, memory permitting
         for handle in handles:
             handle.remove()
         handles = []
-        for module in torch_model.modules():
-            back(module, None, None)
+        for module in owned:
+            for t in owned[module]:
+                if id(t) in kept:
+                    t.data = kept.pop(id(t))
+        running.clear()
+        del arena
         torch_model.double()
         return torch_logits(torch_model, batch, dtype=torch.float64)
     finally:
@@ -331,8 +407,10 @@ def verify_directory(directory: str | Path, factor: float = DEFAULT_FACTOR, seed
                      seconds: float = VERIFY_SECONDS) -> dict[str, Any]:
     """Both weight files agree bit for bit, and Flax's logits pass `judge_logits` on a short seeded input.
 
-    The models are loaded one after the other, never side by side (Flax, then the reference, which is then
-    run again in float64): the check needs the memory of one model, not two.
+    The models are loaded one after the other, never side by side: the reference first (from
+    `model.safetensors`), run in float32 and float64, then the Flax model (from `flax_model.msgpack`). Two
+    background threads share the work with them: one compiles the Flax forward from the shapes alone (no
+    weight is needed for that), the other compares the weight files through memory maps of the page cache.
 
     Returns:
         `judge_logits`'s figures plus "seed", "weight_files_identical", "differing_tensors" (up to 20) and
@@ -340,18 +418,24 @@ def verify_directory(directory: str | Path, factor: float = DEFAULT_FACTOR, seed
     """
     import gc
 
-    files = compare_weight_files(directory)
-    flax_model = load_flax(directory)
-    batch = seeded_inputs(flax_model.config, seed, seconds=seconds)
-    flax32 = flax_logits(flax_model, batch)
-    del flax_model
-    gc.collect()
-    release_free_memory()
-    torch_model = load_torch(directory)
-    ref32, ref64 = reference_logits(torch_model, batch)
+    directory = Path(directory)
+    flax_file, torch_file, keymap = _weight_files(directory)  # refuses a directory without both, first
+    config = SpeechEncoderDecoderConfig.from_hf_dict(torch_file.config, str(directory / "config.json"))
+    batch = seeded_inputs(config, seed, seconds=seconds)
+    compiled = _Background(compile_forward, config, batch)
+    comparing = _Background(_compare, flax_file, torch_file, keymap)
+    with _torch_threads(1):  # 24 frames: one thread is as fast, and the other core has the background work
+        torch_model = load_torch_mapped(directory)
+        ref32, ref64 = reference_logits(torch_model, batch)
     del torch_model
     gc.collect()
     release_free_memory()
+    flax_model = load_flax(directory, prefer=FLAX_FILES)  # numpy leaves: the compiled call takes them uncopied
+    flax32 = forward_logits(compiled.result(), flax_model, batch)
+    del flax_model
+    gc.collect()
+    release_free_memory()
+    files = comparing.result()
     judgement = judge_logits(flax32, ref32, ref64, factor)
     identical = not files["mismatched"] and not files["missing"]
     return {
@@ -361,3 +445,153 @@ def verify_directory(directory: str | Path, factor: float = DEFAULT_FACTOR, seed
         "differing_tensors": (files["mismatched"] + files["missing"])[:20],
         "passed": identical and judgement["passed"],
     }
+
+
+def load_torch_mapped(directory: str | Path) -> Any:
+    """The PyTorch reference in float32 from `model.safetensors`, its tensors views of the file's pages.
+
+    The model is built on the meta device and handed the tensors (no random initialisation to overwrite, no
+    copy of a float32 file, no new memory), with the checks of an ordinary load: every tensor of the model
+    given, none unknown, each of its shape. A model that keeps a tensor no file holds (none today) is loaded
+    the ordinary way.
+
+    Raises:
+        CheckpointError: `model.safetensors` lacks a tensor of the model, has an unknown one, or a wrong shape.
+    """
+    import torch
+
+    from convert.composed import composed_tied_keys
+    from torch_reference.speech_encoder_decoder import SpeechEncoderDecoderModel
+
+    checkpoint = Checkpoint(directory, prefer=TORCH_FILES)
+    if checkpoint.format != "safetensors":
+        return load_torch(directory, prefer=TORCH_FILES)
+    config = SpeechEncoderDecoderConfig.from_hf_dict(checkpoint.config, str(Path(directory) / "config.json"))
+    with torch.device("meta"):
+        model = SpeechEncoderDecoderModel(config)
+    expected, tied = model.state_dict(), composed_tied_keys(config)
+    state, problems, maps = {}, [], _FileMaps()
+    for key in checkpoint.keys():
+        info = checkpoint.info(key)
+        if key not in expected or key in tied:
+            problems.append(f"unexpected {key}")
+        elif tuple(info.shape) != tuple(expected[key].shape):
+            problems.append(f"{key}: shape {list(info.shape)} does not match the config (expected "
+                            f"{list(expected[key].shape)})")
+        else:
+            state[key] = numpy_to_torch(maps.view(checkpoint, key)).to(expected[key].dtype)
+    missing = [k for k in expected if k not in state and k not in tied]
+    if missing:
+        problems.append(f"missing {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else ""))
+    if problems:
+        raise CheckpointError(f"{checkpoint.directory}: does not fit the model: " + "; ".join(problems))
+    for key, source in tied.items():
+        state[key] = state[source]
+    model.load_state_dict(state, strict=True, assign=True)
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):  # a buffer no file holds
+        return load_torch(directory, prefer=TORCH_FILES)
+    return model.eval()
+
+
+def _compare(flax: Checkpoint, torch_side: Checkpoint, keymap: Any) -> dict[str, Any]:
+    """`compare_weight_files` on checkpoints already opened."""
+    comparison, maps = _WeightComparison(), _FileMaps()
+    for path in flax.keys():
+        found = keymap.to_torch(path)
+        if found is None or found[0] not in torch_side:
+            comparison.only_in(path, "flax_model.msgpack")
+            continue
+        key, transform = found
+        comparison.compare(key, transform.to_torch(maps.view(flax, path), contiguous=False),
+                           maps.view(torch_side, key))
+    for k in torch_side.keys():
+        if k not in comparison.seen:
+            comparison.only_in(k, "model.safetensors")
+    return comparison.result()
+
+
+class _Background:
+    """`fn(*args)` in a daemon thread; `result()` waits for it and returns its value or raises its error."""
+
+    def __init__(self, fn: Any, *args: Any):
+        import threading
+
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn, args), name=f"verify-{fn.__name__}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Any, args: tuple[Any, ...]) -> None:
+        try:
+            self._value = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - raised again in the thread that asks for the result
+            self._error = e
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+# One forward on 24 frames: XLA's optimisation passes cost more than they save (compilation 3.2 -> 2.3 s of CPU
+# for wav2vec2-large + BART-large); the computation is the same, only its fusion and code generation differ.
+COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def compile_forward(config: SpeechEncoderDecoderConfig, batch: dict[str, np.ndarray]) -> Any:
+    """The composed Flax forward (teacher forcing, logits) compiled for `batch`'s shapes and float32 parameters,
+    from the config alone: nothing needs to be loaded first."""
+    import jax
+    import jax.numpy as jnp
+    from flax import traverse_util
+
+    from flax_model.speech_encoder_decoder import SpeechEncoderDecoderModule, param_shapes
+
+    module = SpeechEncoderDecoderModule(config)
+    params = traverse_util.unflatten_dict(
+        {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in param_shapes(config).items()}, sep="/")
+    args = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in _forward_args(batch)]
+
+    def forward(params: Any, inputs: Any, mask: Any, ids: Any) -> Any:
+        return module.apply({"params": params}, inputs, mask, ids)
+
+    return jax.jit(forward).lower(params, *args).compile(compiler_options=COMPILER_OPTIONS)
+
+
+def forward_logits(compiled: Any, flax_model: Any, batch: dict[str, np.ndarray]) -> np.ndarray:
+    """`flax_model`'s logits for `batch` through `compile_forward`'s executable (through the model's own jitted
+    call when its parameters are not the float32 tree the executable was compiled for)."""
+    import jax
+
+    if all(leaf.dtype == np.float32 for leaf in jax.tree_util.tree_leaves(flax_model.params)):
+        try:
+            return np.asarray(compiled(flax_model.params, *_forward_args(batch)))
+        except (TypeError, ValueError):  # a tree or a shape the compilation did not see
+            pass
+    return flax_logits(flax_model, batch)
+
+
+def _forward_args(batch: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The composed module's positional inputs, in the dtypes the Flax model feeds it."""
+    return [batch["inputs"].astype(np.float32), batch["attention_mask"].astype(np.int32),
+            batch["decoder_input_ids"].astype(np.int32)]
+
+
+class _torch_threads:
+    """Runs a block with PyTorch's intra-op thread count set to `n` (restored after)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __enter__(self) -> None:
+        import torch
+
+        self.before = torch.get_num_threads()
+        torch.set_num_threads(min(self.n, self.before))
+
+    def __exit__(self, *exc: object) -> None:
+        import torch
+
+        torch.set_num_threads(self.before)
