@@ -1,0 +1,324 @@
+"""Scanned layers (`scan_layers=True`: one `nn.scan` per layer stack, params stacked with a leading layer axis)
+against the unrolled per-layer model: outputs, gradients, the layout conversion, files, caches and generation.
+
+Every registered architecture takes part: each encoder's first pair case is composed with a decoder, the
+decoders taken in turn (derived from the registry), plus mBART (pre-norm BART). The forward and gradient are
+compared after jit, at the XLA CPU optimisation level the suite runs at (conftest: level 0), where the scanned
+and unrolled programs compute bit-identical results; at XLA's default level the LLVM backend generates slightly
+different code for the loop body (a few float32 ulps on the logits, see README "Scanned layers").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from convert import stacking
+from convert.checkpoint import Checkpoint
+from convert.errors import UnsupportedConfig
+from convert.registry import specs
+from convert.verify import seeded_inputs
+from flax_model.cache import reorder_cache
+from flax_model.layers import layer_scan
+from flax_model.sharding import param_shardings, partition_spec, partition_rules
+from flax_model.speech_encoder_decoder import (
+    FlaxSpeechEncoderDecoderModel,
+    SpeechEncoderDecoderModule,
+    param_shapes,
+    stack_params,
+    stacked_param_shapes,
+    unstack_params,
+)
+
+TOLERANCE = 1e-6
+
+
+def first_pair_case(spec) -> str:
+    fixtures = importlib.import_module(spec.fixtures)
+    return getattr(fixtures, "PAIR_CASES", tuple(fixtures.CASES))[0]
+
+
+def scan_pairs() -> list[tuple[str, str]]:
+    """Every encoder with a decoder, the decoders (and mBART, pre-norm BART) taken in turn until every one has
+    been used."""
+    encoders = [first_pair_case(s) for s in specs("encoder")]
+    decoders = [first_pair_case(s) for s in specs("decoder")] + ["mbart"]
+    count = max(len(encoders), len(decoders))
+    return list(zip(itertools.islice(itertools.cycle(encoders), count),
+                    itertools.islice(itertools.cycle(decoders), count)))
+
+
+PAIRS = scan_pairs()
+MAIN = PAIRS[0]
+
+
+def flat(tree) -> dict:
+    return traverse_util.flatten_dict(dict(tree), sep="/")
+
+
+def load(directory, **kwargs) -> FlaxSpeechEncoderDecoderModel:
+    return FlaxSpeechEncoderDecoderModel.from_pretrained(directory, **kwargs)
+
+
+def exercised_config(config):
+    """GPT-2's scores scaled by the inverse layer index: the scanned block gets its index traced."""
+    if hasattr(config.decoder, "scale_attn_by_inverse_layer_idx"):
+        return dataclasses.replace(config, decoder=config.decoder.replace(scale_attn_by_inverse_layer_idx=True))
+    return config
+
+
+def logits_and_gradient(module: SpeechEncoderDecoderModule, params, batch, remat: bool = False):
+    """(logits [B, T, V], gradient of the summed log-likelihood of the next tokens), one compilation.
+    `remat`: scanned layers rematerialised (`nn.remat` inside the scan)."""
+
+    def objective(params):
+        with layer_scan(module.scan_layers, remat=remat):
+            logits = module.apply({"params": params}, batch["inputs"], batch["attention_mask"],
+                                  batch["decoder_input_ids"])
+        log_probs = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+        picked = jnp.take_along_axis(log_probs, batch["decoder_input_ids"][:, 1:, None], axis=-1)
+        return jnp.sum(picked), logits
+
+    (_, logits), grads = jax.jit(jax.value_and_grad(objective, has_aux=True))(params)
+    return np.asarray(logits), {k: np.asarray(v) for k, v in flat(grads).items()}
+
+
+def test_every_registered_architecture_is_scanned():
+    used = {c for pair in PAIRS for c in pair}
+    assert {first_pair_case(s) for s in specs()} <= used
+
+
+@pytest.mark.parametrize(("encoder", "decoder"), PAIRS, ids=[f"{e}+{d}" for e, d in PAIRS])
+def test_scanned_layers_equal_unrolled_outputs_and_gradients(encoder, decoder, composed_dir):
+    model = load(composed_dir(encoder, decoder))
+    config = exercised_config(model.config)
+    batch = {k: jnp.asarray(v) for k, v in seeded_inputs(config, seed=1, seconds=0.1).items()}
+    per_layer = model.params
+    stacked = stack_params(config, per_layer)
+
+    # The scanned module's own param tree is the stacked layout `convert.stacking` converts to.
+    scanned = SpeechEncoderDecoderModule(config, scan_layers=True)
+    traced = jax.eval_shape(lambda: scanned.init(jax.random.PRNGKey(0), batch["inputs"], None,
+                                                 batch["decoder_input_ids"][:, :1]))["params"]
+    assert {k: tuple(v.shape) for k, v in flat(traced).items()} == stacked_param_shapes(config)
+
+    logits, grads = logits_and_gradient(SpeechEncoderDecoderModule(config), per_layer, batch)
+    scan_logits, scan_grads = logits_and_gradient(scanned, stacked, batch)
+    err = float(np.max(np.abs(scan_logits - logits)))
+    assert err <= TOLERANCE, f"{encoder}+{decoder}: logits max|diff|={err:.2e}"
+
+    scan_grads = flat(unstack_params(config, traverse_util.unflatten_dict(scan_grads, sep="/")))
+    assert scan_grads.keys() == grads.keys()
+    rel, where = gradient_difference(grads, scan_grads)
+    assert rel <= TOLERANCE, f"{encoder}+{decoder}: gradient max|diff| / max|gradient| = {rel:.2e} (at {where})"
+
+
+def gradient_difference(expected: dict, got: dict) -> tuple[float, str]:
+    """max |got - expected| over every leaf, relative to the largest gradient of the model; and where.
+
+    Relative to the model's largest gradient rather than each leaf's own: some leaves' exact gradient is 0
+    (attention key biases cancel in the softmax), and their computed values are rounding noise in any order."""
+    scale = max(float(np.max(np.abs(g))) for g in expected.values())
+    assert scale > 0.0
+    diffs = {k: float(np.max(np.abs(np.asarray(got[k]) - np.asarray(g)))) for k, g in expected.items()}
+    where = max(diffs, key=diffs.get)
+    return diffs[where] / scale, where
+
+
+def test_stacked_and_per_layer_layouts_convert_bit_exactly(composed_dir):
+    directory = composed_dir(*MAIN)
+    model = load(directory)
+    stacks = stacking.layer_stacks(model.config)
+    per_layer = {k: np.asarray(v) for k, v in flat(model.params).items()}
+    stacked = stacking.stack_params(per_layer, stacks)
+    assert stacking.is_stacked(stacked, stacks) and not stacking.is_stacked(per_layer, stacks)
+    assert {k: v.shape for k, v in stacked.items()} == stacked_param_shapes(model.config)
+    # Layer i of a stacked leaf is the file's tensor of layer i.
+    stored = Checkpoint(directory, prefer=("flax_model.msgpack",))
+    for prefix, count in stacks.items():
+        some = next(k for k in stacked if k.startswith(prefix))
+        for i in range(count):
+            expected = stored.get(f"{prefix}{i}/{some[len(prefix):]}")
+            assert stacked[some][i].tobytes() == expected.tobytes(), f"{some} layer {i}"
+    back = stacking.unstack_params(stacked, stacks)
+    assert back.keys() == per_layer.keys()
+    assert all(back[k].dtype == v.dtype and back[k].tobytes() == v.tobytes() for k, v in per_layer.items())
+    again = stacking.stack_params(back, stacks)
+    assert all(again[k].tobytes() == v.tobytes() for k, v in stacked.items())
+
+
+def test_stacking_refuses_a_stack_with_a_missing_layer(composed_dir):
+    model = load(composed_dir(*MAIN))
+    stacks = stacking.layer_stacks(model.config)
+    per_layer = {k: np.asarray(v) for k, v in flat(model.params).items()}
+    prefix = next(iter(stacks))
+    missing = next(k for k in per_layer if k.startswith(prefix + "1/"))
+    del per_layer[missing]
+    with pytest.raises(UnsupportedConfig, match="is held by layers"):
+        stacking.stack_params(per_layer, stacks)
+
+
+def test_save_and_load_round_trip_in_both_layouts_is_bit_exact(composed_dir, tmp_path):
+    directory = composed_dir(*MAIN)
+    unrolled = load(directory)
+    model = load(directory, scan_layers=True)
+    model.save_pretrained(tmp_path / "per_layer")
+    model.save_pretrained(tmp_path / "stacked", stacked=True)
+    stacks = stacking.layer_stacks(model.config)
+
+    per_layer_file = Checkpoint(tmp_path / "per_layer", prefer=("flax_model.msgpack",))
+    stacked_file = Checkpoint(tmp_path / "stacked", prefer=("flax_model.msgpack",))
+    assert set(per_layer_file.keys()) == set(param_shapes(model.config))
+    assert set(stacked_file.keys()) == set(stacked_param_shapes(model.config))
+    assert stacking.is_stacked(stacked_file.keys(), stacks)
+    # safetensors is per layer with transformers' names whichever layout the msgpack has.
+    a, b = (tmp_path / d / "model.safetensors" for d in ("per_layer", "stacked"))
+    assert a.read_bytes() == b.read_bytes()
+
+    def same(x, y) -> bool:
+        fx, fy = flat(x), flat(y)
+        return fx.keys() == fy.keys() and all(
+            np.asarray(fx[k]).dtype == np.asarray(fy[k]).dtype and np.asarray(fx[k]).tobytes() == np.asarray(
+                fy[k]).tobytes() for k in fx)
+
+    for source in ("per_layer", "stacked"):
+        assert same(load(tmp_path / source, scan_layers=True).params, model.params), source
+        assert same(load(tmp_path / source).params, unrolled.params), source
+    assert same(unstack_params(model.config, model.params), unrolled.params)
+
+
+def test_cached_decoding_and_generation_equal_unrolled(composed_dir):
+    directory = composed_dir(*MAIN)
+    unrolled, scanned = load(directory), load(directory, scan_layers=True)
+    batch = seeded_inputs(unrolled.config, seed=2, seconds=0.1)
+    layers = unrolled.config.decoder.num_layers
+
+    # The cache: one stacked LayerCache, each array the per-layer caches stacked.
+    encoded = unrolled.encode(batch["inputs"], batch["attention_mask"])
+    cache = unrolled.init_cache(2, 6, encoded)
+    stacked = scanned.init_cache(2, 6, scanned.encode(batch["inputs"], batch["attention_mask"]))
+    assert stacked.stacked and not cache.stacked and stacked.max_length == cache.max_length == 6
+    for name in ("self_keys", "cross_keys", "cross_values"):
+        expected = np.stack([np.asarray(getattr(c, name)) for c in cache.layers])
+        got = np.asarray(getattr(stacked.layers, name))
+        assert got.shape[0] == layers
+        err = float(np.max(np.abs(got - expected)))
+        assert err <= TOLERANCE, f"{name}: max|diff|={err:.2e}"
+
+    # Beam search's reorder gathers along the batch axis (the second of a stacked array).
+    rows = jnp.asarray([1, 0, 1])
+    moved, moved_stacked = reorder_cache(cache, rows), reorder_cache(stacked, rows)
+    for i, layer in enumerate(cache.layers):
+        assert np.array_equal(np.asarray(moved_stacked.layers.cross_keys[i]), np.asarray(moved.layers[i].cross_keys))
+        assert np.array_equal(np.asarray(moved_stacked.layers.cross_keys[i]),
+                              np.asarray(stacked.layers.cross_keys[i])[np.asarray(rows)])
+    kept = reorder_cache(stacked, jnp.asarray([1, 0]), cross=False)
+    assert kept.layers.cross_keys is stacked.layers.cross_keys
+
+    # Cached decoding, token by token.
+    ids = batch["decoder_input_ids"][:, :4]
+    for step in range(ids.shape[1]):
+        logits, cache = unrolled.decode(ids[:, step:step + 1], None, cache=cache)
+        scan_logits, stacked = scanned.decode(ids[:, step:step + 1], None, cache=stacked)
+        err = float(np.max(np.abs(np.asarray(scan_logits) - np.asarray(logits))))
+        assert err <= TOLERANCE, f"step {step}: max|diff|={err:.2e}"
+    assert int(stacked.index) == ids.shape[1]
+
+    for settings in ({"num_beams": 1}, {"num_beams": 3}):
+        expected = unrolled.generate(batch["inputs"], batch["attention_mask"], max_new_tokens=6, **settings)
+        got = scanned.generate(batch["inputs"], batch["attention_mask"], max_new_tokens=6, **settings)
+        assert got.sequences.tolist() == expected.sequences.tolist(), settings
+        err = float(np.max(np.abs(got.sequences_scores - expected.sequences_scores)))
+        assert err <= TOLERANCE, f"{settings}: sequence scores max|diff|={err:.2e}"
+
+
+def test_train_mode_follows_its_key_and_layer_drop_matches_unrolled(composed_dir):
+    """Scanned layers draw their dropout and LayerDrop keys from a key split per layer (`nn.scan`'s
+    `split_rngs`); unrolled layers fold their module path into the key. The draws cannot coincide, so the
+    scanned path is checked to follow its key, and to equal the unrolled one where the draws do not matter."""
+    directory = composed_dir(*MAIN)
+    unrolled, scanned = load(directory), load(directory, scan_layers=True)
+    batch = seeded_inputs(unrolled.config, seed=3, seconds=0.1)
+    labels = batch["decoder_input_ids"][:, 1:]
+    args = (batch["inputs"], batch["attention_mask"], labels)
+    key, other = jax.random.PRNGKey(7), jax.random.PRNGKey(8)
+    first, again, changed = (float(scanned.loss(*args, dropout_rng=k)) for k in (key, key, other))
+    deterministic = float(scanned.loss(*args))
+    assert first == again, f"same key: {first} vs {again}"
+    assert first != changed and first != deterministic, f"{first}, {changed}, {deterministic}"
+
+    # LayerDrop 1.0 and no dropout: every encoder and decoder layer is skipped, whatever the draws.
+    config = unrolled.config
+    quiet = {"hidden_dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0, "feat_proj_dropout": 0.0}
+    encoder = config.encoder.replace(layerdrop=1.0, **{k: v for k, v in quiet.items() if hasattr(config.encoder, k)})
+    decoder = config.decoder.replace(decoder_layerdrop=1.0, dropout=0.0, attention_dropout=0.0,
+                                     activation_dropout=0.0)
+    dropping = dataclasses.replace(config, encoder=encoder, decoder=decoder)
+    losses = [float(FlaxSpeechEncoderDecoderModel(dropping, m.params, scan_layers=m.scan_layers).loss(
+        *args, dropout_rng=key)) for m in (unrolled, scanned)]
+    assert losses[0] == losses[1], f"unrolled {losses[0]} vs scanned {losses[1]}"
+    assert losses[0] != float(unrolled.loss(*args)), "LayerDrop 1.0 changed nothing"
+
+
+def test_rematerialised_scanned_layers_give_the_same_gradient(composed_dir):
+    """`remat=True` with scanned layers puts `nn.remat` inside each scan, and the gradient does not change."""
+    model = load(composed_dir(*MAIN), scan_layers=True)
+    batch = seeded_inputs(model.config, seed=4, seconds=0.1)
+    labels = jnp.asarray(batch["decoder_input_ids"][:, 1:])
+
+    def scans_with_remat(remat: bool) -> list[bool]:
+        module = SpeechEncoderDecoderModule(model.config, remat=remat, scan_layers=True)
+        loss = lambda params: module.apply({"params": params}, batch["inputs"], batch["attention_mask"], labels,  # noqa: E731
+                                           method=SpeechEncoderDecoderModule.loss_sums).nll
+        jaxpr = jax.make_jaxpr(loss)(model.params)
+        found = []
+
+        def visit(eqns) -> None:
+            for eqn in eqns:
+                if eqn.primitive.name == "scan":
+                    body = eqn.params["jaxpr"].jaxpr
+                    found.append(any(e.primitive.name in ("checkpoint", "remat", "remat2") for e in body.eqns))
+                for sub in jax.core.jaxprs_in_params(eqn.params):
+                    visit(sub.eqns)
+
+        visit(jaxpr.jaxpr.eqns)
+        return found
+
+    with_remat, without = scans_with_remat(True), scans_with_remat(False)
+    assert len(with_remat) >= 2 and all(with_remat), with_remat
+    assert not any(without), without
+
+    # Rematerialised or not, the same gradient (the recomputation replays the same operations; XLA may fuse the
+    # rematerialised program differently, hence a relative tolerance rather than bit equality).
+    inputs = {k: jnp.asarray(v) for k, v in batch.items()}
+    _, plain = logits_and_gradient(SpeechEncoderDecoderModule(model.config, scan_layers=True), model.params, inputs)
+    _, remat = logits_and_gradient(SpeechEncoderDecoderModule(model.config, scan_layers=True), model.params, inputs,
+                                   remat=True)
+    rel, where = gradient_difference(plain, remat)
+    assert rel <= TOLERANCE, f"gradient max|diff| / max|gradient| = {rel:.2e} (at {where})"
+
+
+def test_stacked_leaves_are_partitioned_like_their_layers(composed_dir):
+    model = load(composed_dir(*MAIN))
+    config = model.config
+    mesh = jax.make_mesh((2, 4), ("data", "fsdp"))
+    stacks = stacking.layer_stacks(config)
+    shardings = param_shardings(config, stacked_param_shapes(config), mesh)
+    rules, sizes = partition_rules(config), dict(mesh.shape)
+    per_layer = param_shapes(config)
+    split = 0
+    for path, sharding in shardings.items():
+        first = stacking.layer_path(path, stacks)
+        if first is None:
+            continue
+        expected = partition_spec(first, per_layer[first], rules, sizes)
+        assert tuple(sharding.spec) == (None, *expected), path
+        split += any(axis is not None for axis in expected)
+    assert split > 0, "no stacked leaf is split over fsdp"
