@@ -25,6 +25,11 @@ when the figure was taken: on a 2-core machine, figures taken above 2 are distur
     mesh      one device against 8 simulated CPU devices (data 2 x fsdp 4), wav2vec2-base + BART-base: greedy
               generation tokens/s (batch 8) and the sharded train step's audio-seconds/s (`bench_mesh`; not run
               by default). Simulated devices share the same cores: the figures show sharding's overhead.
+    compile   compilation time (tracing, lowering and XLA compilation; nothing runs, params are abstract) of
+              the encoder (`encode`, 10 s of audio) and of the decoder (the teacher-forced `decode` of 32 tokens,
+              and greedy `generate`'s search: prefill and 64-step loop), unrolled against scanned layers
+              (`scan_layers=True`), for wav2vec2-base / wav2vec2-large-lv60 and BART-base / BART-large
+              (`bench_compile`; not run by default).
 Fields of forward / generate / decode: bench, model, batch, flax_s, torch_s, ratio (torch_s / flax_s: > 1 means Flax is faster), compile_s
 (Flax's first call minus a compiled call: tracing and XLA compilation), tokens_per_s and torch_tokens_per_s
 (generate and decode), same_tokens (whether both produced the same greedy tokens).
@@ -37,6 +42,7 @@ first as a {"threads": ...} line.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -381,6 +387,78 @@ def bench_mesh(args) -> None:
         del model, state, fns
 
 
+def wav2vec2_large_lv60() -> Wav2Vec2Config:
+    """wav2vec2-large-lv60's architecture: 24 stable-layer-norm layers, 1024 wide, layer-norm conv encoder."""
+    return Wav2Vec2Config(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                          do_stable_layer_norm=True, feat_extract_norm="layer", conv_bias=True)
+
+
+def bart_large() -> BartConfig:
+    return BartConfig(d_model=1024, decoder_layers=12, decoder_attention_heads=16, decoder_ffn_dim=4096,
+                      vocab_size=50265, max_position_embeddings=1024, is_decoder=True, add_cross_attention=True)
+
+
+def compile_seconds(fn: Callable[..., Any], *args: Any) -> float:
+    """Tracing, lowering and XLA compilation of `jax.jit(fn)` for these (abstract) arguments."""
+    start = time.perf_counter()
+    jax.jit(fn).lower(*args).compile()
+    return time.perf_counter() - start
+
+
+def bench_compile(args) -> None:
+    """Compile time of the encoder and the decoder, unrolled against scanned layers, at base and large sizes.
+
+    Each figure compiles a fresh function (jax's in-memory cache never serves it); the params are
+    `jax.ShapeDtypeStruct`s, so nothing is allocated and large models cost no memory. `--quick` keeps 2 encoder
+    and 2 decoder layers (the figures then show little difference)."""
+    from convert.generation_settings import resolve_settings
+    from flax_model.generation import search_function
+    from flax import traverse_util
+
+    from flax_model.speech_encoder_decoder import param_shapes, stacked_param_shapes
+
+    sizes = {"base": (wav2vec2_base(args.quick), bart_base(args.quick))}
+    if not args.quick:
+        sizes["large"] = (wav2vec2_large_lv60(), bart_large())
+    audio = jax.ShapeDtypeStruct((1, int(args.audio_seconds * SAMPLE_RATE)), jnp.float32)
+    audio_mask = jax.ShapeDtypeStruct(audio.shape, jnp.int32)
+    ids = jax.ShapeDtypeStruct((1, args.decoder_tokens), jnp.int32)
+    for size, (encoder, decoder) in sizes.items():
+        config = dataclasses.replace(composed_config(decoder, args.quick), encoder=encoder)
+        abstract = {scan: traverse_util.unflatten_dict(
+            {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in shapes(config).items()}, sep="/")
+            for scan, shapes in ((False, param_shapes), (True, stacked_param_shapes))}
+        frames = int(encoder.output_lengths(audio.shape[1]))
+        hidden = jax.ShapeDtypeStruct((1, frames, decoder.hidden_size), jnp.float32)
+        frame_mask = jax.ShapeDtypeStruct((1, frames), jnp.bool_)
+        settings = resolve_settings(config, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
+        traced = {name: jnp.asarray(value, jnp.int32 if name == "min_new_tokens" else jnp.float32)
+                  for name, value in settings.traced.items()}
+        figures: dict[str, dict[bool, float]] = {}
+        for scan in (False, True):
+            module = SpeechEncoderDecoderModule(config, scan_layers=scan)
+            params = abstract[scan]
+
+            def encode(params, inputs, mask, module=module):
+                return module.apply({"params": params}, inputs, mask, method=SpeechEncoderDecoderModule.encode)
+
+            def decode(params, ids, hidden, mask, module=module):
+                return module.apply({"params": params}, ids, hidden, mask, method=SpeechEncoderDecoderModule.decode)
+
+            figures.setdefault("encoder", {})[scan] = compile_seconds(encode, params, audio, audio_mask)
+            figures.setdefault("decoder", {})[scan] = compile_seconds(decode, params, ids, hidden, frame_mask)
+            figures.setdefault("generate", {})[scan] = compile_seconds(
+                search_function(module, settings), params, hidden, frame_mask, traced, jax.random.PRNGKey(0))
+        layers = {"encoder": encoder.num_hidden_layers, "decoder": decoder.decoder_layers,
+                  "generate": decoder.decoder_layers}
+        for part, seconds in figures.items():
+            emit({"bench": "compile", "part": part, "size": size,
+                  "model": f"wav2vec2-{'base' if size == 'base' else 'large-lv60'}" if part == "encoder"
+                  else f"bart-{size}", "layers": layers[part], "unrolled_s": round(seconds[False], 2),
+                  "scanned_s": round(seconds[True], 2), "ratio": round(seconds[False] / seconds[True], 2),
+                  "load": os.getloadavg()[0]})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
@@ -390,7 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="bart,gpt2", help="comma-separated: bart, gpt2")
     parser.add_argument("--batches", default="1,4", help="comma-separated batch sizes")
     parser.add_argument("--benches", default="forward,generate,transcribe",
-                        help="comma-separated: forward, generate, transcribe, mesh (1 vs 8 simulated devices)")
+                        help="comma-separated: forward, generate, transcribe, mesh (1 vs 8 simulated devices), "
+                             "compile (unrolled vs scanned layers)")
     args = parser.parse_args(argv)
     args.runs = args.runs or (1 if args.quick else 5)
     args.audio_seconds = 1.0 if args.quick else 10.0
@@ -403,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
     builders = {"bart": ("wav2vec2-base+bart-base", bart_base), "gpt2": ("wav2vec2-base+gpt2", gpt2_124m)}
     if "mesh" in args.benches.split(","):
         bench_mesh(args)
+    if "compile" in args.benches.split(","):
+        bench_compile(args)
     if "transcribe" in args.benches:
         bench_transcribe(args)
     for key in args.models.split(","):
