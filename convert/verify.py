@@ -67,6 +67,18 @@ class _FileMaps:
                 self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         return np.frombuffer(self._maps[path], info.dtype, nbytes // info.dtype.itemsize, offset).reshape(info.shape)
 
+    def release(self, checkpoint: Checkpoint, key: str) -> None:
+        """Unmaps the pages of tensor `key` from this process (they stay in the page cache): a comparison that
+        walks the whole file then holds one tensor's pages at a time, not the file's."""
+        import mmap
+
+        where = checkpoint.byte_range(key)
+        if where is None or where[0] not in self._maps or where[2] == 0:
+            return
+        path, offset, nbytes = where
+        start = offset // mmap.PAGESIZE * mmap.PAGESIZE
+        self._maps[path].madvise(mmap.MADV_DONTNEED, start, offset + nbytes - start)
+
 
 class _WeightComparison:
     """The tensor-by-tensor comparison of the two weight files, fed one pair at a time (`compare_weight_files`
@@ -504,6 +516,8 @@ def _compare(flax: Checkpoint, torch_side: Checkpoint, keymap: Any) -> dict[str,
         key, transform = found
         comparison.compare(key, transform.to_torch(maps.view(flax, path), contiguous=False),
                            maps.view(torch_side, key))
+        maps.release(flax, path)
+        maps.release(torch_side, key)
     for k in torch_side.keys():
         if k not in comparison.seen:
             comparison.only_in(k, "model.safetensors")
