@@ -322,3 +322,20 @@ def test_stacked_leaves_are_partitioned_like_their_layers(composed_dir):
         assert tuple(sharding.spec) == (None, *expected), path
         split += any(axis is not None for axis in expected)
     assert split > 0, "no stacked leaf is split over fsdp"
+
+
+def test_scanned_model_loads_onto_a_mesh_with_stacked_leaves_placed_by_the_rules(composed_dir, tmp_path):
+    directory = composed_dir(*MAIN)
+    mesh = jax.make_mesh((2, 4), ("data", "fsdp"))
+    expected = flat(load(directory, scan_layers=True).params)
+    load(directory, scan_layers=True).save_pretrained(tmp_path / "stacked", stacked=True)
+    for source in (directory, tmp_path / "stacked"):  # per-layer files (stacked on the mesh), stacked files
+        sharded = load(source, mesh=mesh, scan_layers=True)
+        placed = flat(sharded.params)
+        shardings = param_shardings(sharded.config, {k: v.shape for k, v in placed.items()}, mesh)
+        assert placed.keys() == expected.keys()
+        for path, value in placed.items():
+            assert np.asarray(value).tobytes() == np.asarray(expected[path]).tobytes(), path
+            assert value.sharding.is_equivalent_to(shardings[path], value.ndim), path
+        assert any(len(placed[k].sharding.spec) > 1 and placed[k].sharding.spec[1] == "fsdp" for k in placed
+                   if stacking.layer_path(k, stacking.layer_stacks(sharded.config))), "no stacked leaf split"
