@@ -157,6 +157,33 @@ def test_sharded_loss_and_gradients_equal_single_device(runs):
         assert sharding.is_equivalent_to(params[key], want[key].ndim), f"{key}: {sharding.spec} != {params[key].spec}"
 
 
+def test_a_batch_is_padded_to_the_data_axis_with_rows_that_count_for_nothing():
+    from flax_model.training import IGNORE_INDEX, pad_batch
+
+    batch = _micro_batch(_Config(), 0, 0)
+    batch = {k: v[:3] for k, v in batch.items()}
+    padded = pad_batch(batch, 2)
+    assert {k: v.shape[0] for k, v in padded.items()} == dict.fromkeys(batch, 4)
+    for name, value in batch.items():
+        assert np.array_equal(padded[name][:3], value), name
+    assert (padded["labels"][3] == IGNORE_INDEX).all() and not padded["mask_time_indices"][3].any()
+    assert np.array_equal(padded["inputs"][3], batch["inputs"][2])
+    assert np.array_equal(padded["attention_mask"][3], batch["attention_mask"][2])
+    assert pad_batch(padded, 2).keys() == padded.keys() and pad_batch(padded, 4)["labels"].shape[0] == 4
+
+
+class _Config:
+    """What `_micro_batch` reads of a config, for tests that compile nothing."""
+
+    class encoder:
+        @staticmethod
+        def output_lengths(n, add_adapter=False):
+            return n // 320
+
+    class decoder:
+        vocab_size = 50
+
+
 def test_the_positional_conv_kernel_is_gathered_inside_the_step(runs):
     run = runs["sharded"]["run"]
     params = traverse_util.flatten_dict(run.shardings.params, sep="/")

@@ -59,6 +59,9 @@ def worker(process_id: int, port: int, model_dir: Path, out: Path, saved: Path) 
     from jax.sharding import Mesh
 
     jax.distributed.initialize(f"localhost:{port}", num_processes=PROCESSES, process_id=process_id)
+    import time
+
+    seconds, started = {}, time.perf_counter()  # per phase, reported when the test fails
     from convert.params import load_params
     from flax_model.sharding import load_sharded
     from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel, param_shapes
@@ -91,7 +94,9 @@ def worker(process_id: int, port: int, model_dir: Path, out: Path, saved: Path) 
     }
     # Greedy search only: beam search on the same mesh is checked in one process (test_mesh.py); what this test
     # adds is the runtime between processes, and every compiled search costs ~10 s here.
+    seconds["load"], started = time.perf_counter() - started, time.perf_counter()
     generated = model.generate(inputs, mask, max_new_tokens=MAX_NEW_TOKENS, eos_token_id=EOS)
+    seconds["generate"], started = time.perf_counter() - started, time.perf_counter()
     result["sequences"] = generated.sequences.tolist()
     result["sequences_scores"] = np.asarray(generated.sequences_scores).tolist()
 
@@ -116,7 +121,9 @@ def worker(process_id: int, port: int, model_dir: Path, out: Path, saved: Path) 
                          shardings=state_shardings(model.params, optimizer))
     state, objective, tokens = train_step(fns, init_state(model.params, optimizer), [(train_batch(), None)])
     result["train_loss"], result["train_tokens"] = objective / tokens, tokens
+    seconds["train_step"], started = time.perf_counter() - started, time.perf_counter()
     files = FlaxSpeechEncoderDecoderModel(model.config, state.params).save_pretrained(saved)
+    seconds["save"] = time.perf_counter() - started
     result["files"] = sorted(f.name for f in files)
     written = Checkpoint(saved, prefer=FLAX_FIRST)
     trained = traverse_util.flatten_dict(state.params, sep="/")
@@ -124,6 +131,7 @@ def worker(process_id: int, port: int, model_dir: Path, out: Path, saved: Path) 
                                     if not np.array_equal(np.asarray(shard.data),
                                                           written.get_slice(path, shard.index))]
     result["saved_leaves"] = len(trained)
+    result["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     out.write_text(json.dumps(result))
 
 
@@ -174,6 +182,7 @@ def test_two_processes_read_their_shards_generate_train_and_save_like_one(compos
     assert len({tuple(r) for r in want.sequences.tolist()}) == 3, f"rows alike: a weak check\n{want.sequences}"
 
     for i, r in enumerate(results):
+        print(f"process {i}: seconds per phase {r['seconds']}")
         assert (r["process_index"], r["process_count"], r["local_devices"], r["devices"]) == (i, 2, 4, 8), r
         assert not r["wrong_shards"], f"process {i}: shards differ from the single-process load: {r['wrong_shards']}"
         # Exactly the boxes its devices hold (each once), and no more than half of the model plus what every
