@@ -1,9 +1,9 @@
 """Synthesises a small spoken-digits dataset with espeak-ng, with voices held out for evaluation.
 
     apt-get install -y espeak-ng        # Debian / Ubuntu: the speech synthesiser this script runs
-    python scripts/make_spoken_dataset.py OUTDIR [--train 1500] [--eval 150] [--seed 0]
+    python scripts/make_spoken_dataset.py OUTDIR [--train 1500] [--eval 150] [--digits 2-5] [--seed 0]
 
-Each utterance is a string of 2 to 5 digits read as words ("three one four"), spoken by an espeak-ng voice (an
+Each utterance is a string of 2 to 5 digits (`--digits MIN-MAX`; `1-1` gives isolated digits) read as words ("three one four"), spoken by an espeak-ng voice (an
 accent plus a voice variant), at a random speaking rate (words per minute) and pitch, resampled to 16 kHz mono
 WAV. Training and evaluation use different voices, so the held-out WER measures how well a model generalises to
 speakers it never heard. OUTDIR gets `wav/`, `train.jsonl` and `eval.jsonl` (manifest lines
@@ -49,11 +49,22 @@ def synthesise(text: str, voice: str, rate: int, pitch: int, path: Path, workdir
     return len(samples) / SAMPLE_RATE
 
 
+def digit_range(text: str) -> tuple[int, int]:
+    low, _, high = text.partition("-")
+    try:
+        low_n, high_n = int(low), int(high or low)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN-MAX (e.g. 2-5), got {text!r}") from None
+    if not 1 <= low_n <= high_n:
+        raise argparse.ArgumentTypeError(f"expected 1 <= MIN <= MAX, got {text!r}")
+    return low_n, high_n
+
+
 def make_split(name: str, count: int, voices: tuple[tuple[str, str], ...], outdir: Path,
-               rng: np.random.Generator, workdir: Path) -> list[dict]:
+               rng: np.random.Generator, workdir: Path, digits_range: tuple[int, int]) -> list[dict]:
     lines = []
     for i in range(count):
-        digits = rng.integers(0, 10, rng.integers(2, 6))
+        digits = rng.integers(0, 10, rng.integers(digits_range[0], digits_range[1] + 1))
         text = " ".join(DIGITS[d] for d in digits)
         accent, variant = voices[i % len(voices)]
         rate, pitch = int(rng.integers(*RATES)), int(rng.integers(*PITCHES))
@@ -72,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("outdir", type=Path)
     parser.add_argument("--train", type=int, default=1500, help="training utterances")
     parser.add_argument("--eval", type=int, default=150, help="held-out utterances (held-out voices)")
+    parser.add_argument("--digits", type=digit_range, default=(2, 5), metavar="MIN-MAX",
+                        help="digits per utterance (default: 2-5)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if shutil.which("espeak-ng") is None:
@@ -80,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     (args.outdir / "wav").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
-        train = make_split("train", args.train, TRAIN_VOICES, args.outdir, rng, Path(tmp))
-        held_out = make_split("eval", args.eval, EVAL_VOICES, args.outdir, rng, Path(tmp))
+        train = make_split("train", args.train, TRAIN_VOICES, args.outdir, rng, Path(tmp), args.digits)
+        held_out = make_split("eval", args.eval, EVAL_VOICES, args.outdir, rng, Path(tmp), args.digits)
     (args.outdir / "voices.json").write_text(json.dumps(
         {"train": ["+".join(v) for v in TRAIN_VOICES], "eval": ["+".join(v) for v in EVAL_VOICES]}, indent=2))
     for name, lines in (("train", train), ("eval", held_out)):
