@@ -267,12 +267,32 @@ def pad_rows(array: np.ndarray, multiple: int) -> np.ndarray:
     return array if padded == rows else array[np.minimum(np.arange(padded), rows - 1)]
 
 
-def shard_batch(mesh: Mesh, array: Any) -> jax.Array:
+def shard_batch(mesh: Mesh, array: Any, sharding: NamedSharding | None = None) -> jax.Array:
     """A global array of the host array `array` (the whole batch, the same on every process), its rows split
-    over the `data` axis; each process places only its rows. The row count must be a multiple of the data
-    axis size (see `pad_rows`)."""
+    over the `data` axis (or as `sharding` says); each process places only its rows. The row count must be a
+    multiple of the data axis size (see `pad_rows`)."""
     array = np.asarray(array)
-    return jax.make_array_from_callback(array.shape, batch_sharding(mesh), lambda index: array[index])
+    sharding = batch_sharding(mesh) if sharding is None else sharding
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+# Training splits the batch over every data-parallel axis, MaxText's convention: `fsdp` is data parallelism whose
+# weights (and optimiser state) are split too, gathered where a layer uses them; rows only over `data` would
+# make the devices of one fsdp group all compute the same rows.
+TRAIN_BATCH_AXES = ("data", "fsdp")
+
+
+def train_batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Rows over `data` x `fsdp` (the axes the mesh has with size > 1; replicated when none)."""
+    sizes = mesh_sizes(mesh)
+    axes = tuple(a for a in TRAIN_BATCH_AXES if sizes.get(a, 1) > 1)
+    return NamedSharding(mesh, PartitionSpec(axes) if axes else PartitionSpec())
+
+
+def train_batch_rows(mesh: Mesh) -> int:
+    """How many parts a training batch's rows are split into (its row count must be a multiple)."""
+    sizes = mesh_sizes(mesh)
+    return math.prod(sizes.get(a, 1) for a in TRAIN_BATCH_AXES)
 
 
 def generate_on_mesh(model: Any, generate: Callable[..., Any], inputs: Any, attention_mask: Any = None,

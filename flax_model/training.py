@@ -16,8 +16,9 @@ Everything here is a pure function of explicit state: `loss(params, batch, rng)`
 and a `TrainState` pytree. Randomness comes from keys split per step (`step_key`), never from Python.
 
 On a mesh (params placed as sharded `jax.Array`s by `from_pretrained(..., mesh=...)`) the same step runs sharded:
-the optimiser state follows its parameters' shardings (`state_shardings`), the batch is split over `data`
-(`flax_model.sharding.shard_batch`), and the compiled functions say what their results' shardings are
+the optimiser state follows its parameters' shardings (`state_shardings`), the batch's rows are split over `data`
+and `fsdp` (MaxText's convention: fsdp is data parallelism with split weights; `place_batch`), and the compiled
+functions say what their results' shardings are
 (`step_functions`); XLA's sharding propagation does the rest (the gradient's sum over `data`, the all-gathers of
 `fsdp`-split weights). Dropout draws the same bits on any mesh (JAX's partitionable threefry, the default).
 """
@@ -40,7 +41,7 @@ import optax
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from flax_model.sharding import gathered_in_training, shard_batch
+from flax_model.sharding import gathered_in_training, shard_batch, train_batch_rows, train_batch_sharding
 
 IGNORE_INDEX = -100
 # The conv feature encoder's module name in every registered speech encoder (HF's Flax and PyTorch wav2vec2
@@ -408,15 +409,17 @@ def step_functions(module: nn.Module, optimizer: optax.GradientTransformation, *
 
 
 def place_batch(mesh: Mesh | None, batch: Mapping[str, Any]) -> dict[str, Any]:
-    """A micro-batch's host arrays on the mesh, rows split over `data` (None entries dropped); unchanged
-    without a mesh. The rows must be a multiple of the data axis size (`pad_batch`)."""
+    """A micro-batch's host arrays on the mesh, rows split over `data` x `fsdp`
+    (`flax_model.sharding.train_batch_sharding`; None entries dropped); unchanged without a mesh. The rows must
+    be a multiple of `train_batch_rows(mesh)` (`pad_batch`)."""
     if mesh is None:
         return {k: v for k, v in batch.items() if v is not None}
-    return {k: shard_batch(mesh, v) for k, v in batch.items() if v is not None}
+    sharding = train_batch_sharding(mesh)
+    return {k: shard_batch(mesh, v, sharding) for k, v in batch.items() if v is not None}
 
 
 def pad_batch(batch: Mapping[str, Any], multiple: int) -> dict[str, Any]:
-    """A micro-batch with rows appended up to a multiple of `multiple` (the data axis size) that add nothing to
+    """A micro-batch with rows appended up to a multiple of `multiple` (the batch's parts) that add nothing to
     the loss or the gradients: copies of the last utterance whose labels are all `IGNORE_INDEX` and whose
     SpecAugment masks are off. (Dropout draws for a batch of another shape differ: a padded batch trains like
     the unpadded one in deterministic mode only.)"""
@@ -455,8 +458,8 @@ def train_step(fns: StepFunctions, state: TrainState, micro_batches: Iterable[tu
         fns: from `step_functions`.
         state: the state before the step (donated: do not use it afterwards).
         micro_batches: (batch of host arrays as `loss_grad_function` takes them, dropout key or None), read one
-            at a time. On a mesh each is padded to a multiple of the data axis (`pad_batch`) and split over it;
-            in a multi-process run every process passes the whole micro-batch.
+            at a time. On a mesh each is padded to a multiple of data x fsdp (`pad_batch`) and its rows split
+            over both axes; in a multi-process run every process passes the whole micro-batch.
         label_smoothing: transformers' `label_smoothing_factor`.
 
     Returns:
@@ -466,7 +469,7 @@ def train_step(fns: StepFunctions, state: TrainState, micro_batches: Iterable[tu
     smoothing = np.float32(label_smoothing)
     for batch, key in micro_batches:
         if fns.mesh is not None:
-            batch = pad_batch(batch, dict(fns.mesh.shape).get("data", 1))
+            batch = pad_batch(batch, train_batch_rows(fns.mesh))
         sums, micro_grads = fns.grad(state.params, place_batch(fns.mesh, batch), _replicated_key(fns.mesh, key),
                                      smoothing)
         grads = micro_grads if grads is None else fns.add(grads, micro_grads)
