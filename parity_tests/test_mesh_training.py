@@ -1,8 +1,9 @@
 """Training on a device mesh: the sharded step equals the single-device one, sharded checkpoints resume exactly,
 `save_pretrained` from sharded params writes the single-device files, and the commands' `--mesh` is checked.
 
-Runs on the 8 simulated CPU devices that `conftest.py` asks XLA for, on a mesh of data 2 x fsdp 4 (the batch
-split in two, every large leaf in four). The single-device figures come from the same functions without a mesh.
+Runs on the 8 simulated CPU devices that `conftest.py` asks XLA for, on a mesh of data 2 x fsdp 4 (the rows
+of each batch split over all 8, every large leaf in four). The single-device figures come from the same functions
+without a mesh.
 
 What "equal" means here. A sharded gradient sums its terms in another order than a single device does, so
 float32 results differ by rounding; the bounds are relative to the values' size: the loss within 1e-6 of its
