@@ -208,9 +208,9 @@ class _Run:
         if ("apply", key, self.optimizer_settings, non_trainable) not in _COMPILED:
             _COMPILED["apply", key, self.optimizer_settings, non_trainable] = compiled_apply(self.optimizer,
                                                                                              shardings)
-        if ("add", self.mesh) not in _COMPILED:
-            _COMPILED["add", self.mesh] = compiled_add(shardings)
-        self.step_fns = StepFunctions(_COMPILED["grad", key], _COMPILED["add", self.mesh],
+        if ("add", self.config, self.mesh) not in _COMPILED:  # on a mesh its outputs are placed like the params
+            _COMPILED["add", self.config, self.mesh] = compiled_add(shardings)
+        self.step_fns = StepFunctions(_COMPILED["grad", key], _COMPILED["add", self.config, self.mesh],
                                       _COMPILED["apply", key, self.optimizer_settings, non_trainable], self.mesh)
         # One compiled search per shape for the whole run (on a mesh: the model's own cache, which in a
         # multi-process run returns replicated results).
