@@ -210,14 +210,24 @@ def test_layerdrop_one_skips_every_block_in_both(fixture_dir):
     assert err <= TOLERANCE, f"LayerDrop 1.0: max|diff|={err:.2e}"
 
 
-def test_conv_module_dropout_follows_the_key(fixture_dir):
-    """`conformer_conv_dropout` is wired: with only it on, the same key gives the same output, another key another."""
+def test_conv_module_dropout_follows_the_key_and_a_frozen_feature_encoder_gets_no_gradient(fixture_dir):
+    """`conformer_conv_dropout` is wired: with only it on, the same key gives the same output, another key another;
+    with `freeze_feature_encoder` the conv feature encoder's gradient is exactly zero, the projection's is not."""
     loaded = load_params(fixture_dir("conformer_rotary"), param_shapes)
     config = loaded.config.replace(layerdrop=0.0, **{**NO_DROPOUT, "conformer_conv_dropout": 0.3})
     module = Wav2Vec2ConformerModule(config)
     values, mask = _batch()
-    run = jax.jit(lambda key: module.apply({"params": loaded.params}, values, mask, deterministic=False,
-                                           rngs={"dropout": key}))
-    first, again, other = (np.asarray(run(jax.random.key(k))) for k in (1, 1, 2))
+
+    def loss(params, key):
+        out = module.apply({"params": params}, values, mask, deterministic=False, freeze_feature_encoder=True,
+                           rngs={"dropout": key})
+        return jnp.sum(out ** 2), out
+
+    run = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    ((_, first), grads), ((_, again), _), ((_, other), _) = (run(loaded.params, jax.random.key(k)) for k in (1, 1, 2))
     assert np.array_equal(first, again), "the same key gave another output"
     assert _max_diff(first, other) > 1e-3, "another key gave the same output"
+    flat = traverse_util.flatten_dict(grads, sep="/")
+    frozen = [k for k in flat if k.startswith("feature_extractor/")]
+    assert frozen and not any(np.any(np.asarray(flat[k])) for k in frozen), "the frozen feature encoder has a gradient"
+    assert np.any(np.asarray(flat["feature_projection/projection/kernel"])), "the projection has no gradient"
