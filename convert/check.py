@@ -82,15 +82,20 @@ def check(
         directory = resolve_source(str(model), revision, what="model").path
     except ConvertError as e:
         raise with_param(e, "model", model) from None
-    _composed_config(directory)
+    config = _composed_config(directory)
     checks = [_files_check(directory, weights)]
     if not checks[0]["passed"]:
         return _result(model, directory, checks)
-    if weights == "both":
-        checks.append(_same_weights_check(directory))
+    from convert.verify import InBackground, open_weight_files
+
+    # The weight files are compared in a background thread (memory maps, no copies) while the models run.
+    comparing = InBackground(_same_weights_check, *open_weight_files(directory)) if weights == "both" else None
     prefer = {"both": (FLAX_FILES, TORCH_FILES), "flax": (FLAX_FILES, FLAX_FILES),
               "safetensors": (TORCH_FILES, TORCH_FILES)}[weights]
-    checks.extend(_model_checks(directory, prefer, factor, audio, max_new_tokens, seed))
+    model_checks = _model_checks(directory, config, prefer, factor, audio, max_new_tokens, seed)
+    if comparing is not None:
+        checks.append(comparing.result())
+    checks.extend(model_checks)
     return _result(model, directory, checks)
 
 
@@ -121,10 +126,10 @@ def _files_check(directory: Path, weights: str) -> dict[str, Any]:
             "found": found}
 
 
-def _same_weights_check(directory: Path) -> dict[str, Any]:
-    from convert.verify import compare_weight_files
+def _same_weights_check(flax: Any, torch_side: Any, keymap: Any) -> dict[str, Any]:
+    from convert.verify import compare_checkpoints
 
-    files = compare_weight_files(directory)
+    files = compare_checkpoints(flax, torch_side, keymap)
     bad = files["differences"]
     return {
         "name": "flax_model.msgpack == model.safetensors",
@@ -137,21 +142,36 @@ def _same_weights_check(directory: Path) -> dict[str, Any]:
     }
 
 
-def _model_checks(directory: Path, prefer: tuple[tuple[str, ...], tuple[str, ...]], factor: float,
+def _model_checks(directory: Path, config: Any, prefer: tuple[tuple[str, ...], tuple[str, ...]], factor: float,
                   audio: Sequence[str | Path], max_new_tokens: int, seed: int) -> list[dict[str, Any]]:
-    """Logits judged against float64, and greedy tokens; Flax first, then the reference (one model at a time)."""
-    from convert.verify import judge_logits, load_flax, load_torch, reference_logits, release_free_memory
+    """Logits judged against float64, and greedy tokens; Flax first, then the reference (one model at a time).
 
+    The Flax forward is compiled from the shapes alone in a background thread while the model loads."""
+    from convert.verify import (
+        compiling_forward,
+        forward_logits,
+        judge_logits,
+        load_flax,
+        load_torch,
+        load_torch_mapped,
+        reference_logits,
+        release_free_memory,
+        torch_threads,
+    )
+
+    batch = _inputs(directory, config, audio, seed)
+    compiled = compiling_forward(config, batch)
     flax_model = load_flax(directory, prefer=prefer[0])
-    batch = _inputs(directory, flax_model.config, audio, seed)
-    flax32 = np.asarray(flax_model(**batch).logits)
+    flax32 = forward_logits(compiled.result(), flax_model, batch)
     flax_tokens = _generate(flax_model.generate, batch["inputs"], batch.get("attention_mask"), max_new_tokens)
     del flax_model
     gc.collect()
     release_free_memory()
-    torch_model = load_torch(directory, prefer=prefer[1])
-    torch_tokens = _generate(torch_model.generate, *_torch(batch), max_new_tokens)
-    ref32, ref64 = reference_logits(torch_model, batch)
+    with torch_threads(1):  # a batch of a few utterances: one thread is as fast, and less hurt by a busy machine
+        mapped = prefer[1] == TORCH_FILES  # the safetensors pages themselves, uncopied
+        torch_model = load_torch_mapped(directory) if mapped else load_torch(directory, prefer=prefer[1])
+        torch_tokens = _generate(torch_model.generate, *_torch(batch), max_new_tokens)
+        ref32, ref64 = reference_logits(torch_model, batch)
     del torch_model
     judgement = judge_logits(flax32, ref32, ref64, factor)
     same = flax_tokens.shape == torch_tokens.shape and bool(np.array_equal(flax_tokens, torch_tokens))

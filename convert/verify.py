@@ -12,6 +12,7 @@ activation, a mask off by one) moves logits by orders of magnitude more than rou
 
 from __future__ import annotations
 
+import mmap
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +34,10 @@ def compare_weight_files(directory: str | Path) -> dict[str, Any]:
         "differences": [{"tensor", "max_abs_diff" (None when incomparable), "why"}]} (bit-exact means no
         mismatches and nothing missing).
     """
-    return _compare(*_weight_files(directory))
+    return compare_checkpoints(*open_weight_files(directory))
 
 
-def _weight_files(directory: str | Path) -> tuple[Checkpoint, Checkpoint, Any]:
+def open_weight_files(directory: str | Path) -> tuple[Checkpoint, Checkpoint, Any]:
     """Both weight files of a composed directory (refused unless both are there) and its key table."""
     directory = Path(directory)
     flax = Checkpoint(directory, prefer=FLAX_FILES)
@@ -56,8 +57,6 @@ class _FileMaps:
 
     def view(self, checkpoint: Checkpoint, key: str) -> np.ndarray:
         """The tensor `key` of `checkpoint` (a view where it is stored in one run, else read)."""
-        import mmap
-
         where, info = checkpoint.byte_range(key), checkpoint.info(key)
         if where is None or where[2] == 0:
             return checkpoint.get(key)
@@ -70,8 +69,6 @@ class _FileMaps:
     def release(self, checkpoint: Checkpoint, key: str) -> None:
         """Unmaps the pages of tensor `key` from this process (they stay in the page cache): a comparison that
         walks the whole file then holds one tensor's pages at a time, not the file's."""
-        import mmap
-
         where = checkpoint.byte_range(key)
         if where is None or where[0] not in self._maps or where[2] == 0:
             return
@@ -431,12 +428,12 @@ def verify_directory(directory: str | Path, factor: float = DEFAULT_FACTOR, seed
     import gc
 
     directory = Path(directory)
-    flax_file, torch_file, keymap = _weight_files(directory)  # refuses a directory without both, first
+    flax_file, torch_file, keymap = open_weight_files(directory)  # refuses a directory without both, first
     config = SpeechEncoderDecoderConfig.from_hf_dict(torch_file.config, str(directory / "config.json"))
     batch = seeded_inputs(config, seed, seconds=seconds)
-    compiled = _Background(compile_forward, config, batch)
-    comparing = _Background(_compare, flax_file, torch_file, keymap)
-    with _torch_threads(1):  # 24 frames: one thread is as fast, and the other core has the background work
+    compiled = compiling_forward(config, batch)
+    comparing = InBackground(compare_checkpoints, flax_file, torch_file, keymap)
+    with torch_threads(1):  # 24 frames: one thread is as fast, and the other core has the background work
         torch_model = load_torch_mapped(directory)
         ref32, ref64 = reference_logits(torch_model, batch)
     del torch_model
@@ -505,7 +502,7 @@ def load_torch_mapped(directory: str | Path) -> Any:
     return model.eval()
 
 
-def _compare(flax: Checkpoint, torch_side: Checkpoint, keymap: Any) -> dict[str, Any]:
+def compare_checkpoints(flax: Checkpoint, torch_side: Checkpoint, keymap: Any) -> dict[str, Any]:
     """`compare_weight_files` on checkpoints already opened."""
     comparison, maps = _WeightComparison(), _FileMaps()
     for path in flax.keys():
@@ -524,7 +521,7 @@ def _compare(flax: Checkpoint, torch_side: Checkpoint, keymap: Any) -> dict[str,
     return comparison.result()
 
 
-class _Background:
+class InBackground:
     """`fn(*args)` in a daemon thread; `result()` waits for it and returns its value or raises its error."""
 
     def __init__(self, fn: Any, *args: Any):
@@ -554,6 +551,15 @@ class _Background:
 COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
+def compiling_forward(config: SpeechEncoderDecoderConfig, batch: dict[str, np.ndarray]) -> InBackground:
+    """`compile_forward` started in a background thread (`.result()` waits for the executable). JAX, Flax and
+    the model code are imported first, in this thread: two threads importing jax at once can each find it
+    half-initialised."""
+    import flax_model.speech_encoder_decoder  # noqa: F401 - imports jax and flax
+
+    return InBackground(compile_forward, config, batch)
+
+
 def compile_forward(config: SpeechEncoderDecoderConfig, batch: dict[str, np.ndarray]) -> Any:
     """The composed Flax forward (teacher forcing, logits) compiled for `batch`'s shapes and float32 parameters,
     from the config alone: nothing needs to be loaded first."""
@@ -566,7 +572,7 @@ def compile_forward(config: SpeechEncoderDecoderConfig, batch: dict[str, np.ndar
     module = SpeechEncoderDecoderModule(config)
     params = traverse_util.unflatten_dict(
         {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in param_shapes(config).items()}, sep="/")
-    args = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in _forward_args(batch)]
+    args = [None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype) for a in _forward_args(batch)]
 
     def forward(params: Any, inputs: Any, mask: Any, ids: Any) -> Any:
         return module.apply({"params": params}, inputs, mask, ids)
@@ -587,13 +593,14 @@ def forward_logits(compiled: Any, flax_model: Any, batch: dict[str, np.ndarray])
     return flax_logits(flax_model, batch)
 
 
-def _forward_args(batch: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """The composed module's positional inputs, in the dtypes the Flax model feeds it."""
-    return [batch["inputs"].astype(np.float32), batch["attention_mask"].astype(np.int32),
+def _forward_args(batch: dict[str, np.ndarray]) -> list[np.ndarray | None]:
+    """The composed module's positional inputs, in the dtypes the Flax model feeds it (no mask: None)."""
+    mask = batch.get("attention_mask")
+    return [batch["inputs"].astype(np.float32), None if mask is None else mask.astype(np.int32),
             batch["decoder_input_ids"].astype(np.int32)]
 
 
-class _torch_threads:
+class torch_threads:
     """Runs a block with PyTorch's intra-op thread count set to `n` (restored after)."""
 
     def __init__(self, n: int):
