@@ -10,6 +10,7 @@ weights on request, per-layer rematerialisation on request, dropout / LayerDrop 
 per step from the seed (so a resumed run draws what an uninterrupted one would). Evaluation generates with the
 toolkit's generation and scores WER / CER with jiwer. Checkpoints (orbax) go to `OUT.checkpoints/` (or
 `--checkpoint-dir`); `--resume` continues from the latest. Ctrl-C saves a checkpoint, then exits 130.
+`--mesh data=2,fsdp=4` trains sharded over every device (`flax_model.training.train_step` on a mesh).
 
 At the end OUT holds the fine-tuned model: config.json, flax_model.msgpack and model.safetensors, the generation
 config, the tokenizer and preprocessor files of DIR, a model card recording the run (README.md),

@@ -2,7 +2,8 @@
 length, one JSON line per file.
 
     python -m convert.generate --model DIR --audio FILE|DIR [...] [--manifest FILE.jsonl ...] [--output OUT.jsonl]
-        [--batch-size 8] [--buckets 4] [--chunk-seconds S] [generation flags: --num-beams N --max-new-tokens N ...]
+        [--batch-size 8] [--buckets 4] [--chunk-seconds S] [--mesh data=2,fsdp=4]
+        [generation flags: --num-beams N --max-new-tokens N ...]
 
 DIR is a composed checkpoint directory (from `convert.compose`) or a Hub repo id. Generation follows the model's
 `generation_config.json` (what transformers' `generate` would do); every generation flag overrides one setting of
