@@ -16,6 +16,7 @@ import mmap
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from convert.checkpoint import Checkpoint, numpy_to_torch
@@ -172,10 +173,20 @@ def load_flax(directory: str | Path, prefer: tuple[str, ...] | None = None) -> A
     if prefer is None:
         model = FlaxSpeechEncoderDecoderModel.from_pretrained(directory)
     else:
-        from convert.params import load_params
+        from convert.checkpoint import new_array
+        from convert.params import plan_checkpoint
 
-        loaded = load_params(directory, param_shapes, prefer=prefer)
-        model = FlaxSpeechEncoderDecoderModel(loaded.config, loaded.params)
+        # Each leaf is read from a memory map of the file straight into its float32 array: one pass, no
+        # intermediate array in the stored dtype (new memory costs more than copying on a VM).
+        checkpoint, maps, flat = Checkpoint(directory, prefer=prefer), _FileMaps(), {}
+        config, plan = plan_checkpoint(checkpoint, param_shapes)
+        for entry in plan.entries:
+            stored = entry.transform.to_flax(maps.view(checkpoint, entry.source), contiguous=False)
+            float_leaf = np.issubdtype(stored.dtype, np.floating) or stored.dtype == ml_dtypes.bfloat16
+            flat[entry.target] = new_array(stored.shape, np.float32 if float_leaf else stored.dtype)
+            np.copyto(flat[entry.target], stored, casting="unsafe")
+            maps.release(checkpoint, entry.source)
+        model = FlaxSpeechEncoderDecoderModel(config, traverse_util.unflatten_dict(flat, sep="/"))
     params, model.params = traverse_util.flatten_dict(model.params, sep="/"), None
     converted = 0
     for path in params:  # leaf by leaf, so that a bfloat16 model is not held next to its float32 copy
@@ -260,8 +271,14 @@ def torch_logits(torch_model: Any, batch: dict[str, np.ndarray], dtype: Any = No
 
 
 def reference_logits(torch_model: Any, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """(float32 logits, float64 logits) of the reference (see `float64_logits`)."""
-    return torch_logits(torch_model, batch), float64_logits(torch_model, batch)
+    """(float32 logits, float64 logits) of the reference (see `float64_logits`). A model holding weights in a
+    narrower dtype (`load_torch_mapped(..., keep_dtype=True)`) runs in float32 the same way, each module's
+    weights upcast (exactly) while it runs."""
+    import torch
+
+    if all(t.dtype == torch.float32 for t in _tensors(torch_model)):
+        return torch_logits(torch_model, batch), float64_logits(torch_model, batch)
+    return _converted_logits(torch_model, batch, torch.float32), float64_logits(torch_model, batch)
 
 
 def float64_logits(torch_model: Any, batch: dict[str, np.ndarray]) -> np.ndarray:
@@ -276,15 +293,24 @@ def float64_logits(torch_model: Any, batch: dict[str, np.ndarray]) -> np.ndarray
     """
     import torch
 
-    owned = {module: _tensors(module, recurse=False) for module in torch_model.modules()}
+    return _converted_logits(torch_model, batch, torch.float64)
+
+
+def _converted_logits(torch_model: Any, batch: dict[str, np.ndarray], dtype: Any) -> np.ndarray:
+    """The reference's logits with every module's own floating-point weights in `dtype` while it runs (see
+    `float64_logits`); the audio is fed in `dtype` too."""
+    import torch
+
+    owned = {module: [t for t in _tensors(module, recurse=False) if t.dtype != dtype]
+             for module in torch_model.modules()}
     owned = {module: tensors for module, tensors in owned.items() if tensors}
     largest = max((sum(t.numel() for t in tensors) for tensors in owned.values()), default=0)
-    arena = torch.empty(largest, dtype=torch.float64)
+    arena = torch.empty(largest, dtype=dtype)
     top = [0]  # the stack's top in `arena`
-    kept: dict[int, Any] = {}  # the float32 storage of each tensor while its module runs in float64
+    kept: dict[int, Any] = {}  # the original storage of each tensor while its module runs in `dtype`
     running: dict[Any, list[int]] = {}  # module -> [calls under way, stack top before its first]
 
-    def to_float64(module: Any, args: Any) -> None:
+    def convert(module: Any, args: Any) -> None:
         if module in running:  # called again inside itself: keeps its first conversion
             running[module][0] += 1
             return
@@ -298,7 +324,7 @@ def float64_logits(torch_model: Any, batch: dict[str, np.ndarray]) -> np.ndarray
                 t.data = arena[top[0]:top[0] + n].view(t.shape).copy_(t.data)
                 top[0] += n
             else:
-                t.data = t.data.to(torch.float64)
+                t.data = t.data.to(dtype)
 
     def back(module: Any, args: Any, out: Any) -> None:
         state = running.get(module)
@@ -310,15 +336,15 @@ def float64_logits(torch_model: Any, batch: dict[str, np.ndarray]) -> np.ndarray
         del running[module]
         for t in owned[module]:
             if id(t) in kept:
-                t.data = kept.pop(id(t))  # the original float32 storage: nothing new is allocated
+                t.data = kept.pop(id(t))  # the original storage: nothing new is allocated
         top[0] = state[1]
 
     handles = []
     for module in owned:
-        handles.append(module.register_forward_pre_hook(to_float64))
+        handles.append(module.register_forward_pre_hook(convert))
         handles.append(module.register_forward_hook(back))
     try:
-        return torch_logits(torch_model, batch, dtype=torch.float64)
+        return torch_logits(torch_model, batch, dtype=dtype)
     except RuntimeError:  # a weight used outside its module's call: the plain way, memory permitting
         for handle in handles:
             handle.remove()
@@ -329,8 +355,8 @@ def float64_logits(torch_model: Any, batch: dict[str, np.ndarray]) -> np.ndarray
                     t.data = kept.pop(id(t))
         running.clear()
         del arena
-        torch_model.double()
-        return torch_logits(torch_model, batch, dtype=torch.float64)
+        torch_model.to(dtype)
+        return torch_logits(torch_model, batch, dtype=dtype)
     finally:
         for handle in handles:
             handle.remove()
@@ -434,7 +460,7 @@ def verify_directory(directory: str | Path, factor: float = DEFAULT_FACTOR, seed
     compiled = compiling_forward(config, batch)
     comparing = InBackground(compare_checkpoints, flax_file, torch_file, keymap)
     with torch_threads(1):  # 24 frames: one thread is as fast, and the other core has the background work
-        torch_model = load_torch_mapped(directory)
+        torch_model = load_torch_mapped(directory, keep_dtype=True)
         ref32, ref64 = reference_logits(torch_model, batch)
     del torch_model
     gc.collect()
@@ -456,8 +482,9 @@ def verify_directory(directory: str | Path, factor: float = DEFAULT_FACTOR, seed
     }
 
 
-def load_torch_mapped(directory: str | Path) -> Any:
-    """The PyTorch reference in float32 from `model.safetensors`, its tensors views of the file's pages.
+def load_torch_mapped(directory: str | Path, keep_dtype: bool = False) -> Any:
+    """The PyTorch reference in float32 from `model.safetensors`, its tensors views of the file's pages
+    (`keep_dtype`: a bfloat16 or float16 file's weights stay in that dtype, uncopied, for `reference_logits`).
 
     The model is built on the meta device and handed the tensors (no random initialisation to overwrite, no
     copy of a float32 file, no new memory), with the checks of an ordinary load: every tensor of the model
@@ -488,7 +515,9 @@ def load_torch_mapped(directory: str | Path) -> Any:
             problems.append(f"{key}: shape {list(info.shape)} does not match the config (expected "
                             f"{list(expected[key].shape)})")
         else:
-            state[key] = numpy_to_torch(maps.view(checkpoint, key)).to(expected[key].dtype)
+            tensor = numpy_to_torch(maps.view(checkpoint, key))
+            keep = keep_dtype and tensor.is_floating_point() and expected[key].is_floating_point()
+            state[key] = tensor if keep else tensor.to(expected[key].dtype)
     missing = [k for k in expected if k not in state and k not in tied]
     if missing:
         problems.append(f"missing {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else ""))
