@@ -119,7 +119,13 @@ class ScanSettings:
     remat: bool = False
 
 
-_SCAN = contextvars.ContextVar("layer_scan", default=ScanSettings())
+UNROLLED = ScanSettings()
+_SCAN: contextvars.ContextVar[ScanSettings | None] = contextvars.ContextVar("layer_scan", default=None)
+
+
+def scan_settings() -> ScanSettings:
+    """The settings of the current context (`layer_scan`); unrolled outside any."""
+    return _SCAN.get() or UNROLLED
 
 
 @contextlib.contextmanager
@@ -133,7 +139,7 @@ def layer_scan(scan: bool = True, remat: bool | None = None) -> Iterator[None]:
         scan: scan the stacks.
         remat: rematerialise each scanned layer; None keeps the enclosing context's choice.
     """
-    token = _SCAN.set(ScanSettings(scan, _SCAN.get().remat if remat is None else remat))
+    token = _SCAN.set(ScanSettings(scan, scan_settings().remat if remat is None else remat))
     try:
         yield
     finally:
@@ -157,7 +163,7 @@ def make_stack(parent: nn.Module, make_layer: Callable[[int, str], nn.Module], n
             from there).
         num_layers: how many layers.
     """
-    if not _SCAN.get().scan:
+    if not scan_settings().scan:
         return [make_layer(i, str(i)) for i in range(num_layers)]
     layer = make_layer(0, "layer")
     nn.share_scope(parent, layer)
@@ -197,7 +203,7 @@ def run_stack(layers: Stack, num_layers: int, step: Step, carry: Any, per_layer:
         index, x = xs
         return step(layer, index, carry, x)
 
-    if _SCAN.get().remat:
+    if scan_settings().remat:
         # Inside a scan, common-subexpression elimination cannot merge the recomputation with the forward pass.
         body = nn.remat(body, prevent_cse=False)
     scanned = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},

@@ -27,7 +27,7 @@ from convert.registry import specs
 from convert.verify import seeded_inputs
 from flax_model.cache import reorder_cache
 from flax_model.layers import layer_scan
-from flax_model.sharding import param_shardings, partition_spec, partition_rules
+from flax_model.sharding import param_shardings, partition_rules, partition_spec
 from flax_model.speech_encoder_decoder import (
     FlaxSpeechEncoderDecoderModel,
     SpeechEncoderDecoderModule,
@@ -284,7 +284,7 @@ def test_training_loss_rematerialises_each_scanned_layer(composed_dir):
 
     def scans_with_remat(remat: bool) -> list[bool]:
         module = SpeechEncoderDecoderModule(model.config, remat=remat, scan_layers=True)
-        loss = lambda params: module.apply({"params": params}, batch["inputs"], batch["attention_mask"], labels,  # noqa: E731
+        loss = lambda params: module.apply({"params": params}, batch["inputs"], batch["attention_mask"], labels,
                                            method=SpeechEncoderDecoderModule.loss_sums).nll
         jaxpr = jax.make_jaxpr(loss)(model.params)
         found = []

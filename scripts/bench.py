@@ -411,10 +411,10 @@ def bench_compile(args) -> None:
     Each figure compiles a fresh function (jax's in-memory cache never serves it); the params are
     `jax.ShapeDtypeStruct`s, so nothing is allocated and large models cost no memory. `--quick` keeps 2 encoder
     and 2 decoder layers (the figures then show little difference)."""
-    from convert.generation_settings import resolve_settings
-    from flax_model.generation import search_function
     from flax import traverse_util
 
+    from convert.generation_settings import resolve_settings
+    from flax_model.generation import search_function
     from flax_model.speech_encoder_decoder import param_shapes, stacked_param_shapes
 
     sizes = {"base": (wav2vec2_base(args.quick), bart_base(args.quick))}
