@@ -89,3 +89,26 @@ def test_verification_names_a_tensor_the_weight_files_disagree_on(composed_dir, 
     result = verify.verify_directory(bad)
     assert not result["passed"] and not result["weight_files_identical"], result
     assert result["differing_tensors"] == [key], result["differing_tensors"]
+
+
+def test_bfloat16_files_give_the_same_reference_and_flax_weights_uncopied(composed_dir):
+    """A bfloat16 file: the reference keeps its weights mapped in bfloat16 and upcasts them module by module;
+    its float32 and float64 logits equal those of the ordinary float32 load exactly (the upcast is exact)."""
+    directory = composed_dir(*PAIR, dtype="bfloat16")
+    mapped, plain = verify.load_torch_mapped(directory, keep_dtype=True), verify.load_torch(directory)
+    assert {t.dtype for t in mapped.parameters()} == {torch.bfloat16}
+    batch = verify.seeded_inputs(plain.config, seed=2)
+    for name, a, b in zip(("float32", "float64"), verify.reference_logits(mapped, batch),
+                          verify.reference_logits(plain, batch)):
+        diff = float(np.max(np.abs(a - b)))
+        assert a.dtype == b.dtype and diff == 0.0, f"{name}: max|diff|={diff:.2e}"
+    assert {t.dtype for t in mapped.parameters()} == {torch.bfloat16}, "the weights were not put back"
+    # Flax: read from the memory map straight into float32, the same bits as the ordinary load's cast.
+    from flax import traverse_util
+
+    read = traverse_util.flatten_dict(verify.load_flax(directory, prefer=verify.FLAX_FILES).params, sep="/")
+    ordinary = traverse_util.flatten_dict(verify.load_flax(directory).params, sep="/")
+    assert read.keys() == ordinary.keys()
+    differ = [k for k in read if read[k].dtype != np.float32 or not np.array_equal(
+        np.asarray(read[k]).view(np.uint32), np.asarray(ordinary[k]).view(np.uint32))]
+    assert not differ, differ[:5]
