@@ -28,8 +28,8 @@ when the figure was taken: on a 2-core machine, figures taken above 2 are distur
     compile   compilation time (tracing, lowering and XLA compilation; nothing runs, params are abstract) of
               the encoder (`encode`, 10 s of audio) and of the decoder (the teacher-forced `decode` of 32 tokens,
               and greedy `generate`'s search: prefill and 64-step loop), unrolled against scanned layers
-              (`scan_layers=True`), for wav2vec2-base / wav2vec2-large-lv60 and BART-base / BART-large
-              (`bench_compile`; not run by default).
+              (`scan_layers=True`), for wav2vec2-base / wav2vec2-large-lv60 and BART-base / BART-large; the
+              median of `--runs` rounds after a warm-up round (`bench_compile`; not run by default).
 Fields of forward / generate / decode: bench, model, batch, flax_s, torch_s, ratio (torch_s / flax_s: > 1 means Flax is faster), compile_s
 (Flax's first call minus a compiled call: tracing and XLA compilation), tokens_per_s and torch_tokens_per_s
 (generate and decode), same_tokens (whether both produced the same greedy tokens).
@@ -409,8 +409,10 @@ def bench_compile(args) -> None:
     """Compile time of the encoder and the decoder, unrolled against scanned layers, at base and large sizes.
 
     Each figure compiles a fresh function (jax's in-memory cache never serves it); the params are
-    `jax.ShapeDtypeStruct`s, so nothing is allocated and large models cost no memory. `--quick` keeps 2 encoder
-    and 2 decoder layers (the figures then show little difference)."""
+    `jax.ShapeDtypeStruct`s, so nothing is allocated and large models cost no memory. A first round, not timed,
+    warms JAX's tracing caches (the first compilation of a process also pays one-off costs); then `--runs` rounds
+    alternate unrolled and scanned, and each figure is the median. `--quick` keeps 2 encoder and 2 decoder
+    layers (the figures then show little difference)."""
     from flax import traverse_util
 
     from convert.generation_settings import resolve_settings
@@ -434,8 +436,8 @@ def bench_compile(args) -> None:
         settings = resolve_settings(config, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
         traced = {name: jnp.asarray(value, jnp.int32 if name == "min_new_tokens" else jnp.float32)
                   for name, value in settings.traced.items()}
-        figures: dict[str, dict[bool, float]] = {}
-        for scan in (False, True):
+        figures: dict[str, dict[bool, list[float]]] = {}
+        for scan in [False, True] * (args.runs + 1):
             module = SpeechEncoderDecoderModule(config, scan_layers=scan)
             params = abstract[scan]
 
@@ -445,18 +447,21 @@ def bench_compile(args) -> None:
             def decode(params, ids, hidden, mask, module=module):
                 return module.apply({"params": params}, ids, hidden, mask, method=SpeechEncoderDecoderModule.decode)
 
-            figures.setdefault("encoder", {})[scan] = compile_seconds(encode, params, audio, audio_mask)
-            figures.setdefault("decoder", {})[scan] = compile_seconds(decode, params, ids, hidden, frame_mask)
-            figures.setdefault("generate", {})[scan] = compile_seconds(
-                search_function(module, settings), params, hidden, frame_mask, traced, jax.random.PRNGKey(0))
+            for part, seconds in (
+                    ("encoder", compile_seconds(encode, params, audio, audio_mask)),
+                    ("decoder", compile_seconds(decode, params, ids, hidden, frame_mask)),
+                    ("generate", compile_seconds(search_function(module, settings), params, hidden, frame_mask,
+                                                 traced, jax.random.PRNGKey(0)))):
+                figures.setdefault(part, {}).setdefault(scan, []).append(seconds)
         layers = {"encoder": encoder.num_hidden_layers, "decoder": decoder.decoder_layers,
                   "generate": decoder.decoder_layers}
-        for part, seconds in figures.items():
+        for part, rounds in figures.items():
+            seconds = {scan: statistics.median(times[1:]) for scan, times in rounds.items()}  # round 0: warm-up
             emit({"bench": "compile", "part": part, "size": size,
                   "model": f"wav2vec2-{'base' if size == 'base' else 'large-lv60'}" if part == "encoder"
                   else f"bart-{size}", "layers": layers[part], "unrolled_s": round(seconds[False], 2),
                   "scanned_s": round(seconds[True], 2), "ratio": round(seconds[False] / seconds[True], 2),
-                  "load": os.getloadavg()[0]})
+                  "runs": args.runs, "load": os.getloadavg()[0]})
 
 
 def main(argv: list[str] | None = None) -> int:
