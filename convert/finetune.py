@@ -60,6 +60,8 @@ class FinetuneSettings:
         dtype: the compute dtype ("float32", or "bfloat16" over float32 master weights).
         remat: rematerialise every transformer layer (less memory, more compute).
         freeze_feature_encoder: no gradient and no update for the conv feature encoder.
+        freeze_encoder: no update for any speech-encoder weight (train the decoder, its cross-attention and the
+            projection on fixed encoder outputs; e.g. a first stage that teaches a new decoder to listen).
         spec_augment: draw SpecAugment masks with the encoder config's probabilities (transformers does so in
             training whenever `mask_time_prob` / `mask_feature_prob` > 0).
         dropout: train mode (dropout, LayerDrop); False trains deterministically.
@@ -82,6 +84,7 @@ class FinetuneSettings:
     dtype: str = "float32"
     remat: bool = False
     freeze_feature_encoder: bool = False
+    freeze_encoder: bool = False
     spec_augment: bool = True
     dropout: bool = True
     num_buckets: int = 4
@@ -194,25 +197,25 @@ class _Run:
             learning_rate=s.learning_rate, total_steps=self.total_steps, warmup_steps=s.warmup_steps,
             weight_decay=s.weight_decay, max_grad_norm=s.max_grad_norm)
         non_trainable = non_trainable_paths(self.config)
-        frozen = frozen_predicate(s.freeze_feature_encoder, non_trainable)
+        frozen = frozen_predicate(s.freeze_feature_encoder, non_trainable, s.freeze_encoder)
         self.optimizer = make_optimizer(self.optimizer_settings, leaf_labels(self.model.params, frozen))
         # On a mesh: where every leaf of the train state lives (the optimiser state follows its parameters).
         shardings = state_shardings(self.model.params, self.optimizer)
         # Compiled functions are shared by runs of the same model, settings and mesh in one process (a resumed
         # run, the tests): jax.jit caches per function object.
         key = (self.config, s.dtype, s.remat, s.dropout, s.freeze_feature_encoder, self.mesh)
+        frozen_key = (non_trainable, s.freeze_encoder)
         if ("grad", key) not in _COMPILED:
             module = SpeechEncoderDecoderModule(self.config, dtype=self.compute_dtype, remat=s.remat)
             _COMPILED["grad", key] = compiled_grad(module, deterministic=not s.dropout,
                                                    freeze_feature_encoder=s.freeze_feature_encoder,
                                                    shardings=shardings)
-        if ("apply", key, self.optimizer_settings, non_trainable) not in _COMPILED:
-            _COMPILED["apply", key, self.optimizer_settings, non_trainable] = compiled_apply(self.optimizer,
-                                                                                             shardings)
+        if ("apply", key, self.optimizer_settings, frozen_key) not in _COMPILED:
+            _COMPILED["apply", key, self.optimizer_settings, frozen_key] = compiled_apply(self.optimizer, shardings)
         if ("add", self.config, self.mesh) not in _COMPILED:  # on a mesh its outputs are placed like the params
             _COMPILED["add", self.config, self.mesh] = compiled_add(shardings)
         self.step_fns = StepFunctions(_COMPILED["grad", key], _COMPILED["add", self.config, self.mesh],
-                                      _COMPILED["apply", key, self.optimizer_settings, non_trainable], self.mesh)
+                                      _COMPILED["apply", key, self.optimizer_settings, frozen_key], self.mesh)
         # One compiled search per shape for the whole run (on a mesh: the model's own cache, which in a
         # multi-process run returns replicated results).
         self.model._compiled = _COMPILED.setdefault(("generate", self.config, self.mesh),
@@ -625,6 +628,7 @@ def render_card(model_dir: Path, report: dict[str, Any]) -> str:
             ("train mode", ("dropout and LayerDrop" if s["dropout"] else "deterministic")
              + (", SpecAugment" if s["spec_augment"] and s["dropout"] else "")
              + (", frozen feature encoder" if s["freeze_feature_encoder"] else "")
+             + (", frozen encoder" if s.get("freeze_encoder") else "")
              + (", rematerialised layers" if s["remat"] else "")),
             ("loss", f"{report['first_loss']:.3f} -> {report['final_loss']:.3f}"),
             ("held-out WER", f"{100 * first['wer']:.1f}% -> {100 * last['wer']:.1f}%"),
@@ -678,6 +682,8 @@ def build_parser() -> cli.ArgumentParser:
                    help="compute dtype; bfloat16 keeps float32 master weights")
     p.add_argument("--remat", action="store_true", help="rematerialise each layer (less memory, ~30%% more time)")
     p.add_argument("--freeze-feature-encoder", action="store_true", help="do not train the conv feature encoder")
+    p.add_argument("--freeze-encoder", action="store_true",
+                   help="do not train the speech encoder at all (the decoder, cross-attention and projection train)")
     p.add_argument("--no-spec-augment", dest="spec_augment", action="store_false",
                    help="no SpecAugment masks (by default drawn with the encoder config's probabilities)")
     p.add_argument("--no-dropout", dest="dropout", action="store_false",

@@ -150,14 +150,17 @@ def leaf_labels(params: Mapping[str, Any], frozen: Callable[[str], bool]) -> dic
     return traverse_util.unflatten_dict({k: "frozen" if frozen(k) else "train" for k in flat}, sep="/")
 
 
-def frozen_predicate(freeze_feature_encoder: bool, non_trainable: frozenset[str] = frozenset()
-                     ) -> Callable[[str], bool]:
-    """Path -> frozen: the conv feature encoder's leaves when it is frozen, and the `non_trainable` paths
-    (leaves the PyTorch reference keeps as buffers, which transformers never trains)."""
+def frozen_predicate(freeze_feature_encoder: bool, non_trainable: frozenset[str] = frozenset(),
+                     freeze_encoder: bool = False) -> Callable[[str], bool]:
+    """Path -> frozen: the conv feature encoder's leaves when it is frozen, every speech-encoder leaf under
+    `freeze_encoder` (the decoder, its cross-attention and `enc_to_dec_proj` train), and the `non_trainable`
+    paths (leaves the PyTorch reference keeps as buffers, which transformers never trains)."""
 
     def frozen(path: str) -> bool:
         parts = path.split("/")
-        return path in non_trainable or (freeze_feature_encoder and parts[0] == "encoder" and FEATURE_ENCODER in parts)
+        if path in non_trainable or (freeze_encoder and parts[0] == "encoder"):
+            return True
+        return freeze_feature_encoder and parts[0] == "encoder" and FEATURE_ENCODER in parts
 
     return frozen
 

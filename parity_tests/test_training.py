@@ -226,6 +226,24 @@ def test_a_frozen_feature_encoder_gets_exactly_zero_update(composed_dir):
     assert len(moved) >= len(before) - len(feature) - 8, f"only {len(moved)} of {len(before) - len(feature)} moved"
 
 
+def test_a_frozen_encoder_gets_exactly_zero_update_and_everything_else_moves(composed_dir):
+    """`freeze_encoder` (convert.finetune --freeze-encoder): one AdamW step with weight decay on a gradient of ones
+    leaves every speech-encoder leaf bit-identical and moves every decoder leaf (and the projection)."""
+    model, _, _ = _models(composed_dir(*PAIRS[0]))
+    optimizer = make_optimizer(OptimizerSettings(learning_rate=1e-2, total_steps=2, weight_decay=0.1),
+                               leaf_labels(model.params, frozen_predicate(False, frozenset(), freeze_encoder=True)))
+    state = init_state(model.params, optimizer)
+    ones = jax.tree.map(jnp.ones_like, model.params)
+    after = traverse_util.flatten_dict(jax.jit(apply_function(optimizer))(state, ones, jnp.float32(1.0)).params,
+                                       sep="/")
+    before = traverse_util.flatten_dict(model.params, sep="/")
+    encoder = [k for k in before if k.startswith("encoder/")]
+    assert encoder and len(encoder) < len(before)
+    moved = {k for k in before if not np.array_equal(np.asarray(before[k]), np.asarray(after[k]))}
+    assert not moved & set(encoder), f"encoder leaves moved: {sorted(moved & set(encoder))[:3]}"
+    assert moved == set(before) - set(encoder), f"did not move: {sorted(set(before) - set(encoder) - moved)[:3]}"
+
+
 def test_a_few_steps_reduce_the_loss_on_a_tiny_batch(composed_dir):
     _, losses, _ = _frozen_run(composed_dir(*PAIRS[0]))
     assert losses[-1] < 0.7 * losses[0], f"losses {[round(x, 3) for x in losses]}"
