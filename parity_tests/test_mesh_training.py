@@ -101,6 +101,17 @@ class _Run:
         return init_state(self.model.params, self.optimizer)
 
 
+def test_sharded_training_equals_one_device_and_resumes_from_its_checkpoint(runs, composed_dir, tmp_path):
+    """One test over one pair of runs: the runs' compilations are most of this module's time, and a module
+    fixture used by several tests is built again by every pytest-xdist worker that runs one of them."""
+    _check_loss_and_gradients(runs)
+    _check_the_positional_conv_is_gathered(runs)
+    _check_step_losses(runs)
+    _check_update(runs)
+    _check_checkpoint_resumes_exactly(runs, tmp_path / "checkpoint")
+    _check_save_pretrained(composed_dir, runs, tmp_path / "saved")
+
+
 @pytest.fixture(scope="module")
 def runs(composed_dir):
     """Both setups, the first micro-batch's gradients of each, and STEPS steps of each (losses, states)."""
@@ -128,7 +139,7 @@ def runs(composed_dir):
     return out
 
 
-def test_sharded_loss_and_gradients_equal_single_device(runs):
+def _check_loss_and_gradients(runs) -> None:
     single, sharded = runs["single"], runs["sharded"]
     rel = abs(sharded["objective"] - single["objective"]) / abs(single["objective"])
     assert rel <= RELATIVE, f"summed loss {sharded['objective']:.7f} vs {single['objective']:.7f}: relative {rel:.2e}"
@@ -185,7 +196,7 @@ class _Config:
         vocab_size = 50
 
 
-def test_the_positional_conv_kernel_is_gathered_inside_the_step(runs):
+def _check_the_positional_conv_is_gathered(runs) -> None:
     run = runs["sharded"]["run"]
     params = traverse_util.flatten_dict(run.shardings.params, sep="/")
     gathered = gathered_in_training(run.config, params)
@@ -193,7 +204,7 @@ def test_the_positional_conv_kernel_is_gathered_inside_the_step(runs):
     assert all(not params[p].is_fully_replicated for p in gathered), "gathered leaves should be stored split"
 
 
-def test_sharded_steps_give_the_single_device_losses(runs):
+def _check_step_losses(runs) -> None:
     """Gradient accumulation over 2 micro-batches, dropout and LayerDrop keys per micro-batch: the losses of the
     3 steps (each after the previous steps' updates) agree."""
     want, got = runs["single"]["losses"], runs["sharded"]["losses"]
@@ -202,7 +213,7 @@ def test_sharded_steps_give_the_single_device_losses(runs):
     assert worst <= RELATIVE, f"losses {got} vs {want}: relative {worst:.2e}"
 
 
-def test_sharded_update_equals_single_device_update(runs):
+def _check_update(runs) -> None:
     """The optimiser update (clipping's global norm, AdamW, weight decay, frozen leaves) sharded and on one
     device, from the same state and gradients: every updated parameter within 1e-6 of its leaf's largest value,
     and the optimiser state placed like its parameters."""
@@ -253,7 +264,7 @@ def _trailing_dict_keys(path) -> list:
 # Checkpoints and saving
 
 
-def test_a_sharded_checkpoint_restores_on_the_mesh_and_resumes_exactly(runs, tmp_path):
+def _check_checkpoint_resumes_exactly(runs, tmp_path) -> None:
     """orbax saves the sharded state as it lies (`convert.finetune.save_checkpoint`); restored into a template
     on the mesh it comes back with the same shardings and bits, and one more step from it gives exactly the
     uninterrupted run's parameters and optimiser state."""
@@ -278,7 +289,7 @@ def _file_bytes(directory) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
 
 
-def test_save_pretrained_from_sharded_params_writes_the_single_device_files(composed_dir, runs, tmp_path):
+def _check_save_pretrained(composed_dir, runs, tmp_path) -> None:
     """Loaded on the mesh and saved: the files of the single-device save, byte for byte (both weight formats); and
     so for the trained sharded params against their host copy."""
     directory = composed_dir(*PAIR)
