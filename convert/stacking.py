@@ -63,27 +63,38 @@ def layer_path(path: str, stacks: Stacks, layer: int = 0) -> str | None:
     return None
 
 
-def stack_params(flat: Mapping[str, Any], stacks: Stacks, stack: Callable[[list[Any]], Any] = np.stack
-                 ) -> dict[str, Any]:
+def stack_params(flat: Mapping[str, Any], stacks: Stacks, stack: Callable[[list[Any]], Any] = np.stack,
+                 consume: bool = False) -> dict[str, Any]:
     """Per-layer flat tree -> stacked flat tree (leaves outside the stacks are kept as they are).
+
+    Args:
+        flat: `/`-joined path -> array.
+        stacks: from `layer_stacks`.
+        stack: joins the layers' arrays along a new leading axis.
+        consume: empty `flat` (a dict) as the stacked leaves are made, so that each layer's arrays can be freed
+            once stacked: a load then holds the model once plus one stacked leaf, not twice.
 
     Raises:
         UnsupportedConfig: a stack whose layers do not all have the same leaves, or not `stacks[prefix]` of them.
     """
     out: dict[str, Any] = {}
     grouped: dict[str, dict[int, Any]] = {}
-    for path, value in flat.items():
+    for path in list(flat):
+        value = flat.pop(path) if consume else flat[path]  # type: ignore[attr-defined]
         split = _split(path, stacks)
         if split is None:
             out[path] = value
         else:
             prefix, i, rest = split
             grouped.setdefault(prefix + rest, {})[i] = value
-    for path, layers in grouped.items():
+        del value
+    for path in list(grouped):
+        layers = grouped.pop(path)
         prefix = next(p for p in stacks if path.startswith(p))
         if sorted(layers) != list(range(stacks[prefix])):
             raise UnsupportedConfig(f"params: {path} is held by layers {sorted(layers)}, expected 0..{stacks[prefix] - 1}")
         out[path] = stack([layers[i] for i in range(stacks[prefix])])
+        del layers
     return out
 
 

@@ -359,9 +359,13 @@ class FlaxSpeechEncoderDecoderModel:
                 params = relayout_on_mesh(loaded.config, params, mesh, scan_layers)
             model = on_mesh(cls(loaded.config, params, dtype=dtype, scan_layers=scan_layers), mesh)
         else:
-            config = loaded.config
-            params = traverse_util.flatten_dict(_params_in_layout(config, loaded.params, scan_layers), sep="/")
+            config, params = loaded.config, traverse_util.flatten_dict(loaded.params, sep="/")
             del loaded  # `params` now holds the only reference to each numpy leaf: it goes once copied to JAX
+            stacks = stacking.layer_stacks(config)
+            if stacking.is_stacked(params, stacks) != scan_layers:
+                # Layers are stacked leaf by leaf, each layer's arrays freed once stacked (unstacking makes views).
+                params = (stacking.stack_params(params, stacks, consume=True) if scan_layers
+                          else stacking.unstack_params(params, stacks))
             for path in params:
                 params[path] = jnp.asarray(params[path])
             model = cls(config, traverse_util.unflatten_dict(params, sep="/"), dtype=dtype, scan_layers=scan_layers)
