@@ -1,7 +1,8 @@
 """Two processes under JAX's multi-controller runtime (`jax.distributed.initialize`, a localhost coordinator,
 gloo collectives on CPU), 4 simulated CPU devices each: each process reads only the boxes its devices hold,
-together they generate the tokens of the single-process run, take one sharded training step with its loss, and
-save the trained model (every process contributing its shards, process 0 writing).
+together they generate the tokens of the single-process run and take one sharded training step with its loss; the
+sharded train state goes through an orbax checkpoint (each process writing its own shards) and the trained model
+is saved (every process contributing its shards, process 0 writing).
 
 The test starts this file twice as a script (`python parity_tests/test_multiprocess.py --process-id I ...`);
 each run writes what it measured to a JSON file that the test then checks against the single-process model.
@@ -122,6 +123,23 @@ def worker(process_id: int, port: int, model_dir: Path, out: Path, saved: Path) 
     state, objective, tokens = train_step(fns, init_state(model.params, optimizer), [(train_batch(), None)])
     result["train_loss"], result["train_tokens"] = objective / tokens, tokens
     seconds["train_step"], started = time.perf_counter() - started, time.perf_counter()
+
+    # The sharded state through an orbax checkpoint (`convert.finetune`'s functions): every process writes its
+    # devices' shards and reads them back.
+    from convert.finetune import checkpoint_manager, restore_checkpoint, save_checkpoint
+
+    checkpoints = saved.with_name("checkpoints")
+    save_checkpoint(checkpoint_manager(checkpoints), state, {"loss": result["train_loss"]})
+    restored, meta = restore_checkpoint(checkpoint_manager(checkpoints), state, checkpoints)
+    result["checkpoint_meta"] = meta
+    result["checkpoint_differs"] = [
+        jax.tree_util.keystr(path) for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(restored),
+                                                           jax.tree.leaves(state))
+        if a.sharding != b.sharding or any(not np.array_equal(np.asarray(x.data), np.asarray(y.data))
+                                           for x, y in zip(a.addressable_shards, b.addressable_shards))]
+    result["checkpoint_files"] = sorted(str(p.relative_to(checkpoints)) for p in checkpoints.rglob("*")
+                                        if "process" in p.name)
+    seconds["checkpoint"], started = time.perf_counter() - started, time.perf_counter()
     files = FlaxSpeechEncoderDecoderModel(model.config, state.params).save_pretrained(saved)
     seconds["save"] = time.perf_counter() - started
     result["files"] = sorted(f.name for f in files)
@@ -200,6 +218,11 @@ def test_two_processes_read_their_shards_generate_train_and_save_like_one(compos
         rel = abs(r["train_loss"] - want_loss) / want_loss
         assert rel <= 1e-6, f"process {i}: train loss {r['train_loss']:.7f} vs {want_loss:.7f}: relative {rel:.2e}"
         assert not r["wrong_saved_shards"], f"process {i}: saved values differ: {r['wrong_saved_shards'][:5]}"
+        assert r["checkpoint_meta"] == {"loss": r["train_loss"]}, r["checkpoint_meta"]
+        assert not r["checkpoint_differs"], f"process {i}: restored leaves differ: {r['checkpoint_differs'][:5]}"
+        # orbax's OCDBT store: one per process, each writing the shards its devices hold.
+        stores = {Path(f).name for f in r["checkpoint_files"] if "ocdbt" in f}
+        assert stores == {f"ocdbt.process_{p}" for p in range(PROCESSES)}, r["checkpoint_files"]
         assert r["saved_leaves"] > 10, r["saved_leaves"]
     # Process 0 wrote (and names) the files; the other contributed its shards.
     assert {"flax_model.msgpack", "model.safetensors", "config.json"} <= set(results[0]["files"]), results[0]
