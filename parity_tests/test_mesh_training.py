@@ -36,6 +36,7 @@ from flax_model.training import (
     init_state,
     leaf_labels,
     make_optimizer,
+    place_batch,
     state_shardings,
     step_functions,
     step_key,
@@ -123,8 +124,6 @@ def runs(composed_dir):
         if mesh is None:
             sums, grads = run.fns.grad(run.model.params, batch, key, np.float32(0.0))
         else:
-            from flax_model.training import place_batch
-
             sums, grads = run.fns.grad(run.model.params, place_batch(run.fns.mesh, batch),
                                        jax.device_put(key, NamedSharding(run.fns.mesh, PartitionSpec())),
                                        np.float32(0.0))
@@ -169,7 +168,7 @@ def _check_loss_and_gradients(runs) -> None:
         assert sharding.is_equivalent_to(params[key], want[key].ndim), f"{key}: {sharding.spec} != {params[key].spec}"
 
 
-def test_a_batch_is_padded_to_the_data_axis_with_rows_that_count_for_nothing():
+def test_a_batch_is_padded_to_the_batch_axes_with_rows_that_count_for_nothing():
     from flax_model.training import IGNORE_INDEX, pad_batch
 
     batch = _micro_batch(_Config(), 0, 0)
