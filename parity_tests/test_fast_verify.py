@@ -112,3 +112,21 @@ def test_bfloat16_files_give_the_same_reference_and_flax_weights_uncopied(compos
     differ = [k for k in read if read[k].dtype != np.float32 or not np.array_equal(
         np.asarray(read[k]).view(np.uint32), np.asarray(ordinary[k]).view(np.uint32))]
     assert not differ, differ[:5]
+
+
+def test_reference_on_mapped_pages_takes_a_tied_copy_kept_in_the_file(composed_dir, tmp_path):
+    """Some writers keep the tied LM head in the file: ignored, as the ordinary load does (the tie gives it)."""
+    from convert.composed import composed_tied_keys
+
+    kept = tmp_path / "kept"
+    shutil.copytree(composed_dir(*PAIR), kept)
+    tensors = load_file(kept / "model.safetensors")
+    plain = verify.load_torch(kept)
+    tied = composed_tied_keys(plain.config)
+    assert tied, "the pair should have a tied LM head"
+    for key, source in tied.items():
+        tensors[key] = tensors[source].copy()
+    save_file(tensors, kept / "model.safetensors", metadata={"format": "pt"})
+    mapped = verify.load_torch_mapped(kept)
+    for key, source in tied.items():
+        assert torch.equal(mapped.state_dict()[key], plain.state_dict()[source]), key
