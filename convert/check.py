@@ -86,6 +86,8 @@ def check(
     checks = [_files_check(directory, weights)]
     if not checks[0]["passed"]:
         return _result(model, directory, checks)
+    import torch  # noqa: F401 - before the comparison's thread, which uses it: two threads importing it race
+
     from convert.verify import InBackground, open_weight_files
 
     # The weight files are compared in a background thread (memory maps, no copies) while the models run.

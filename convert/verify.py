@@ -88,6 +88,7 @@ class _WeightComparison:
         self.differences: list[dict[str, Any]] = []
         self.max_diff = 0.0
         self.seen: set[str] = set()
+        self.scratch = _Scratch()
 
     def only_in(self, name: str, file: str) -> None:
         self.missing.append(name)
@@ -96,7 +97,7 @@ class _WeightComparison:
     def compare(self, key: str, a: np.ndarray, b: np.ndarray) -> None:
         """`a`: the msgpack tensor in the PyTorch layout (a view is fine), `b`: the safetensors tensor."""
         self.seen.add(key)
-        if a.shape == b.shape and a.dtype == b.dtype and _same_bits(a, b):
+        if a.shape == b.shape and a.dtype == b.dtype and _same_bits(a, b, self.scratch):
             return
         self.mismatched.append(key)
         if a.shape != b.shape:
@@ -120,18 +121,46 @@ class _WeightComparison:
 
 _TILE = 256  # a transposed comparison goes tile by tile: 2 x 256 x 256 elements stay in cache
 _ROWS_BLOCK = 1 << 20  # elements compared at a time otherwise: a bounded temporary
+_SIGNED = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}  # bit patterns as integers PyTorch can copy
 
 
-def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+class _Scratch:
+    """One buffer reused for every transposed tensor of a comparison: PyTorch's blocked transposing copy into
+    it, then an in-order comparison, is twice as fast as comparing tile by tile (and the buffer's memory is
+    touched once). Made only where PyTorch is already imported (importing it from a second thread races)."""
+
+    def __init__(self) -> None:
+        import sys
+
+        self._torch = sys.modules.get("torch")
+        self._buffer = np.empty(0, np.int64)
+
+    def in_order(self, a: np.ndarray) -> np.ndarray | None:
+        """A C-ordered copy of the strided integer array `a`, in the reused buffer (None without PyTorch)."""
+        if self._torch is None:
+            return None
+        if self._buffer.nbytes < a.nbytes:
+            self._buffer = np.empty(-(-a.nbytes // 8), np.int64)
+        out = self._buffer.view(np.uint8)[:a.nbytes].view(a.dtype).reshape(a.shape)
+        self._torch.from_numpy(out).copy_(self._torch.from_numpy(a))
+        return out
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray, scratch: _Scratch | None = None) -> bool:
     """Bit-for-bit equality (NaN payloads and signed zeros included) without copying either array.
 
-    `a` may be a strided view (a Flax kernel in the PyTorch layout): a transposed matrix is compared in
-    square tiles, whose strided reads stay in cache (element by element, it is over 10x slower).
+    `a` may be a strided view (a Flax kernel in the PyTorch layout): it is copied in order into `scratch`'s
+    buffer when one is given, else a transposed matrix is compared in square tiles, whose strided reads stay in
+    cache (element by element, it is over 10x slower).
     """
-    bits = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}.get(a.dtype.itemsize)
+    bits = _SIGNED.get(a.dtype.itemsize)
     if bits is None:
         return a.tobytes() == b.tobytes()
     a, b = a.view(bits), b.view(bits)
+    if not a.flags.c_contiguous and scratch is not None and a.size > _TILE:
+        ordered = scratch.in_order(a)
+        if ordered is not None:
+            a = ordered
     if a.ndim == 2 and not a.flags.c_contiguous:
         rows, cols = a.shape
         return all(np.array_equal(a[i:i + _TILE, j:j + _TILE], b[i:i + _TILE, j:j + _TILE])
@@ -452,6 +481,8 @@ def verify_directory(directory: str | Path, factor: float = DEFAULT_FACTOR, seed
         "passed" (both checks).
     """
     import gc
+
+    import torch  # noqa: F401 - here, before the threads: two threads importing one module can race
 
     directory = Path(directory)
     flax_file, torch_file, keymap = open_weight_files(directory)  # refuses a directory without both, first

@@ -32,12 +32,19 @@ def test_tiled_bit_comparison_finds_one_flipped_bit_in_a_transposed_kernel():
         assert not verify._same_bits(k.T, w), (a, b)
         w[150, 512] = a
         assert verify._same_bits(k.T, w), (a, b)
+    # Through PyTorch's transposing copy into a reused buffer (how the verification compares): the same answers.
+    scratch = verify._Scratch()
+    assert verify._same_bits(kernel.T, weight, scratch) and not verify._same_bits(kernel.T, flipped, scratch)
+    k, w = kernel.copy(), weight.copy()
+    k[512, 150], w[150, 512] = 0.0, -0.0
+    assert not verify._same_bits(k.T, w, scratch)
     # A 3-D transposed view (conv kernels) larger than one block of rows.
     conv = rng.standard_normal((3, 512, 1024)).astype(np.float32)  # Flax [K, in, out]
     torch_conv = np.ascontiguousarray(conv.transpose(2, 1, 0))
     assert verify._same_bits(conv.transpose(2, 1, 0), torch_conv)
     torch_conv.view(np.uint32)[1023, 511, 2] ^= 1 << 31
     assert not verify._same_bits(conv.transpose(2, 1, 0), torch_conv)
+    assert not verify._same_bits(conv.transpose(2, 1, 0), torch_conv, scratch)
 
 
 def test_reference_on_mapped_pages_equals_the_ordinary_load(composed_dir):
