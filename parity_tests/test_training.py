@@ -74,14 +74,16 @@ def _batch(config, seed: int = 0) -> dict[str, np.ndarray]:
 
 @functools.cache
 def _models(directory):
-    """The pair's Flax model, reference, and one compiled (params, batch, smoothing, masks) -> (loss, grads)."""
+    """The pair's Flax model, reference, and (params, batch, smoothing, masks) -> (loss, grads), run op by op: the
+    tiny models' operations compile once per worker and serve every pair, where a jit per pair compiles each
+    gradient whole (the compiled loss and step are what test_finetune, test_mesh_training and the rest run)."""
     flax_model = FlaxSpeechEncoderDecoderModel.from_pretrained(directory)
 
-    @jax.jit
     def value_and_grad(params, batch, smoothing, masks):
-        return jax.value_and_grad(lambda p: flax_model.loss(
-            batch["inputs"], batch["attention_mask"], batch["labels"], params=p, label_smoothing=smoothing,
-            **masks))(params)
+        with jax.disable_jit():
+            return jax.value_and_grad(lambda p: flax_model.loss(
+                batch["inputs"], batch["attention_mask"], batch["labels"], params=p, label_smoothing=smoothing,
+                **masks))(params)
 
     return flax_model, SpeechEncoderDecoderModel.from_pretrained(directory), value_and_grad
 
