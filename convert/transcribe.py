@@ -260,15 +260,19 @@ def make_runner(model: Any, generation_config: Any = None, seed: int = 0, **gene
 
 
 def load_model(model: str | Path, framework: str = "flax", revision: str | None = None,
-               mesh: Any = None) -> tuple[Any, Path]:
+               mesh: Any = None, scan_layers: bool = False) -> tuple[Any, Path]:
     """A composed model (directory or Hub repo id) in one framework, and its directory. `mesh` (Flax only): a
-    `jax.sharding.Mesh` or its text ("data=2,fsdp=4") to load the params sharded on and split batches over."""
+    `jax.sharding.Mesh` or its text ("data=2,fsdp=4") to load the params sharded on and split batches over.
+    `scan_layers` (Flax only): run the identical layers with `nn.scan` (compiles faster, same tokens)."""
     from convert.hub import resolve_source
 
     if framework not in FRAMEWORKS:
         raise bad_argument("framework", framework, f"is not one of {', '.join(FRAMEWORKS)}")
     if mesh is not None and framework != "flax":
         raise bad_argument("mesh", mesh, f"needs framework=flax (the {framework} reference runs on one device)")
+    if scan_layers and framework != "flax":
+        raise bad_argument("scan_layers", scan_layers, f"needs framework=flax (the {framework} reference runs "
+                           "its layers one by one)")
     if isinstance(mesh, str):
         from flax_model.sharding import mesh_from_flag
 
@@ -277,7 +281,7 @@ def load_model(model: str | Path, framework: str = "flax", revision: str | None 
     if framework == "flax":
         from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel
 
-        return FlaxSpeechEncoderDecoderModel.from_pretrained(directory, mesh=mesh), directory
+        return FlaxSpeechEncoderDecoderModel.from_pretrained(directory, mesh=mesh, scan_layers=scan_layers), directory
     from torch_reference.speech_encoder_decoder import SpeechEncoderDecoderModel
 
     return SpeechEncoderDecoderModel.from_pretrained(directory), directory
@@ -330,6 +334,7 @@ def transcribe(
     model_dir: str | Path | None = None,
     feature_extractor: FeatureExtractorConfig | None = None,
     mesh: Any = None,
+    scan_layers: bool = False,
     **generation: Any,
 ) -> TranscriptionReport:
     """Transcribes audio files, directories and manifests with a composed model.
@@ -355,6 +360,7 @@ def transcribe(
         feature_extractor: how audio is normalised, over what the model's directory says.
         mesh: for a path or repo id (Flax): a `jax.sharding.Mesh` or its text ("data=2,fsdp=4") to load the
             params sharded on; each batch's rows are split over `data` (`load_model`).
+        scan_layers: for a path or repo id (Flax): run the identical layers with `nn.scan` (`load_model`).
         generation: generation settings by transformers' names (num_beams, max_new_tokens, ...).
 
     Returns:
@@ -378,7 +384,7 @@ def transcribe(
 
     directory = None if model_dir is None else Path(model_dir)
     if isinstance(model, str | Path):
-        model, directory = load_model(model, framework, revision, mesh)
+        model, directory = load_model(model, framework, revision, mesh, scan_layers)
     runner = make_runner(model, generation_config, seed, **generation)
     tokenizer = load_tokenizer(directory)
     features = feature_extractor or (feature_extractor_config(directory, runner.config.encoder) if directory

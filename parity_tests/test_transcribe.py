@@ -79,6 +79,11 @@ def test_command_writes_one_json_line_per_file_with_the_references_tokens(builti
     text = Tokenizer.from_file(str(builtin_model / "tokenizer.json")).decode(expected, skip_special_tokens=True)
     assert record["text"] == text
 
+    # --scan-layers (nn.scan over the identical layers): the same tokens.
+    assert main(["--model", str(builtin_model), "--audio", str(wav), "--max-new-tokens", "12", "--scan-layers",
+                 "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == expected
+
     # --output refuses to replace a file unless asked; beam search through the reference, to stdout.
     assert main(["--model", str(builtin_model), "--audio", str(wav), "--output", str(out)]) == 2
     assert capsys.readouterr().err.startswith(f"error: --output {out}: exists (pass --overwrite to replace it)")
@@ -211,6 +216,7 @@ def test_manifest_problems_name_the_line(tmp_path):
     (["--audio", "{tmp}/a.wav", "--bad-words-ids", "[[1"], 2, "--bad-words-ids [[1: is not JSON"),
     (["--audio", "{tmp}/a.wav", "--top-p", "2"], 2, "--top-p 2.0: must be a number in [0, 1]"),
     (["--audio", "{tmp}/a.wav", "--batch-size", "0"], 2, "--batch-size 0: must be at least 1"),
+    (["--audio", "{tmp}/a.wav", "--scan-layers", "--framework", "torch"], 2, "--scan-layers: needs framework=flax"),
     (["--audio", "{tmp}/a.wav", "--generation-config", "{tmp}/g.json"], 1,
      "{tmp}/g.json: typical_p=0.5: is not implemented by this toolkit"),
 ])
@@ -231,5 +237,6 @@ def test_help_documents_every_option():
     for flag in ("--model", "--audio", "--manifest", "--output", "--batch-size", "--buckets", "--chunk-seconds",
                  "--num-beams", "--max-new-tokens", "--do-sample", "--temperature", "--top-k", "--top-p",
                  "--no-repeat-ngram-size", "--repetition-penalty", "--forced-bos-token-id", "--forced-eos-token-id",
-                 "--eos-token-id", "--suppress-tokens", "--bad-words-ids", "--generation-config", "--framework"):
+                 "--eos-token-id", "--suppress-tokens", "--bad-words-ids", "--generation-config", "--framework",
+                 "--scan-layers", "--mesh"):
         assert flag in out, flag
