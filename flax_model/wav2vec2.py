@@ -77,6 +77,17 @@ def spec_augment(config: Wav2Vec2FamilyConfig, hidden: jax.Array, masked_spec_em
     return hidden
 
 
+def masked_frames(hidden: jax.Array, frame_mask: jax.Array | None, dtype: Any
+                  ) -> tuple[jax.Array, jax.Array | None]:
+    """The encoder's input with padded frames zeroed (so that a positional conv does not carry them into real ones)
+    and the self-attention's additive bias [B, 1, 1, S] (0 or the dtype's min); unchanged and None without a mask.
+    `frame_mask` [B, S] bool, True for real frames."""
+    if frame_mask is None:
+        return hidden, None
+    bias = jnp.where(frame_mask, 0.0, jnp.finfo(dtype).min).astype(dtype)[:, None, None, :]
+    return jnp.where(frame_mask[:, :, None], hidden, 0.0), bias
+
+
 def layer_norm(epsilon: float, dtype: Any, name: str, use_scale: bool = True) -> nn.LayerNorm:
     # Two-pass variance, as torch computes it (the fast E[x^2] - E[x]^2 form loses digits).
     return nn.LayerNorm(epsilon=epsilon, dtype=dtype, use_fast_variance=False, use_scale=use_scale,
@@ -289,11 +300,7 @@ class Encoder(nn.Module):
     def __call__(self, hidden: jax.Array, frame_mask: jax.Array | None, deterministic: bool = True) -> jax.Array:
         """`hidden` [B, S, D]; `frame_mask` [B, S] bool (True for real frames) or None."""
         c = self.config
-        bias = None
-        if frame_mask is not None:
-            # Padded frames are zeroed so that the positional conv does not carry them into real ones.
-            hidden = jnp.where(frame_mask[:, :, None], hidden, 0.0)
-            bias = jnp.where(frame_mask, 0.0, jnp.finfo(self.dtype).min).astype(self.dtype)[:, None, None, :]
+        hidden, bias = masked_frames(hidden, frame_mask, self.dtype)
         hidden = hidden + self.POSITIONAL(c, self.dtype, name="pos_conv_embed")(hidden, deterministic)
         norm = layer_norm(c.layer_norm_eps, self.dtype, "layer_norm")
         if not c.do_stable_layer_norm:

@@ -30,7 +30,7 @@ from flax import linen as nn
 from convert.archs.wav2vec2_conformer import Wav2Vec2ConformerConfig
 from flax_model.hubert import BatchNorm
 from flax_model.layers import ACTIVATIONS, is_scanned, layer_drop, make_stack, run_stack
-from flax_model.wav2vec2 import FeedForward, Wav2Vec2Module, layer_norm, module_shapes
+from flax_model.wav2vec2 import FeedForward, Wav2Vec2Module, layer_norm, masked_frames, module_shapes
 
 # transformers builds the blocks' layer norms with nn.LayerNorm's default eps, not config.layer_norm_eps.
 _BLOCK_NORM_EPS = 1e-5
@@ -225,10 +225,7 @@ class ConformerEncoder(nn.Module):
         """`hidden` [B, S, D]; `frame_mask` [B, S] bool (True for real frames) or None."""
         c = self.config
         UnusedPositionalConv(c, name="pos_conv_embed")()
-        bias = None
-        if frame_mask is not None:
-            hidden = jnp.where(frame_mask[:, :, None], hidden, 0.0)
-            bias = jnp.where(frame_mask, 0.0, jnp.finfo(self.dtype).min).astype(self.dtype)[:, None, None, :]
+        hidden, bias = masked_frames(hidden, frame_mask, self.dtype)
         hidden = nn.Dropout(c.hidden_dropout)(hidden, deterministic=deterministic)
         positions = None
         if c.position_embeddings_type == "rotary":
