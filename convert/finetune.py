@@ -56,6 +56,7 @@ class FinetuneSettings:
         batch_size: utterances per micro-batch.
         grad_accum: micro-batches per optimiser step.
         learning_rate, warmup_steps, weight_decay, max_grad_norm: AdamW and its schedule.
+        encoder_learning_rate: the speech encoder's peak rate, when it should differ (None: `learning_rate`).
         label_smoothing: `label_smoothing_factor`.
         dtype: the compute dtype ("float32", or "bfloat16" over float32 master weights).
         remat: rematerialise every transformer layer (less memory, more compute).
@@ -77,6 +78,7 @@ class FinetuneSettings:
     batch_size: int = 8
     grad_accum: int = 1
     learning_rate: float = 5e-5
+    encoder_learning_rate: float | None = None
     warmup_steps: int = 0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -105,6 +107,8 @@ class FinetuneSettings:
         for name in ("warmup_steps", "eval_every", "save_every"):
             cli.require_int(name, getattr(self, name), low=0)
         cli.require_float("learning_rate", self.learning_rate, low=0.0, low_inclusive=False)
+        if self.encoder_learning_rate is not None:
+            cli.require_float("encoder_learning_rate", self.encoder_learning_rate, low=0.0, low_inclusive=False)
         cli.require_float("weight_decay", self.weight_decay, low=0.0)
         cli.require_float("max_grad_norm", self.max_grad_norm, low=0.0)
         cli.require_float("label_smoothing", self.label_smoothing, low=0.0, high=1.0)
@@ -195,7 +199,7 @@ class _Run:
         s = self.settings
         self.optimizer_settings = OptimizerSettings(
             learning_rate=s.learning_rate, total_steps=self.total_steps, warmup_steps=s.warmup_steps,
-            weight_decay=s.weight_decay, max_grad_norm=s.max_grad_norm)
+            weight_decay=s.weight_decay, max_grad_norm=s.max_grad_norm, encoder_learning_rate=s.encoder_learning_rate)
         non_trainable = non_trainable_paths(self.config)
         frozen = frozen_predicate(s.freeze_feature_encoder, non_trainable, s.freeze_encoder)
         self.optimizer = make_optimizer(self.optimizer_settings, leaf_labels(self.model.params, frozen))
@@ -621,7 +625,9 @@ def render_card(model_dir: Path, report: dict[str, Any]) -> str:
                                f"{report['train_audio_hours'] * 60:.1f} min")),
             ("held-out data", f"`{report['eval_manifest']}`: {report['eval_examples']} utterances"),
             ("steps", f"{report['steps']} (batch {s['batch_size']} x {s['grad_accum']} accumulated)"),
-            ("optimiser", (f"AdamW, peak lr {s['learning_rate']:g}, warmup {s['warmup_steps']}, linear decay, "
+            ("optimiser", (f"AdamW, peak lr {s['learning_rate']:g}"
+                           + (f" (encoder {s['encoder_learning_rate']:g})" if s.get("encoder_learning_rate") else "")
+                           + f", warmup {s['warmup_steps']}, linear decay, "
                            f"weight decay {s['weight_decay']:g}, clip {s['max_grad_norm']:g}")),
             ("label smoothing", f"{s['label_smoothing']:g}"),
             ("compute dtype", s["dtype"] + (" (float32 master weights)" if s["dtype"] != "float32" else "")),
@@ -674,6 +680,8 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--grad-accum", type=int, default=d.grad_accum, metavar="N",
                    help="micro-batches accumulated per optimiser step")
     p.add_argument("--learning-rate", type=float, default=d.learning_rate, metavar="LR", help="peak learning rate")
+    p.add_argument("--encoder-learning-rate", type=float, metavar="LR",
+                   help="the speech encoder's peak learning rate (default: --learning-rate)")
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, metavar="N", help="linear warmup steps")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
     p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="global-norm clipping (0: none)")

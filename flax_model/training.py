@@ -185,6 +185,9 @@ class OptimizerSettings:
         weight_decay: AdamW's decoupled weight decay (kernels and embeddings only).
         max_grad_norm: clip the global gradient norm to this; None or 0 disables clipping.
         b1, b2, eps: Adam's moments and epsilon.
+        encoder_learning_rate: the speech encoder's peak rate (same warmup and decay) when it differs from
+            `learning_rate`, e.g. a random decoder over a pretrained encoder, or a from-scratch encoder whose
+            fast updates would wash out what the decoder is learning to read; None: `learning_rate`.
     """
 
     learning_rate: float = 5e-5
@@ -195,6 +198,7 @@ class OptimizerSettings:
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
+    encoder_learning_rate: float | None = None
 
     def schedule(self) -> optax.Schedule:
         warmup = max(0, min(self.warmup_steps, self.total_steps))
@@ -212,11 +216,18 @@ def make_optimizer(settings: OptimizerSettings, labels: Any) -> optax.GradientTr
     """
     decay_mask = lambda params: jax.tree_util.tree_map_with_path(
         lambda path, _: decays("/".join(str(getattr(k, "key", k)) for k in path)), params)
-    train = optax.chain(
+    parts = [
         optax.clip_by_global_norm(settings.max_grad_norm) if settings.max_grad_norm else optax.identity(),
         optax.adamw(settings.schedule(), b1=settings.b1, b2=settings.b2, eps=settings.eps,
                     weight_decay=settings.weight_decay, mask=decay_mask),
-    )
+    ]
+    if settings.encoder_learning_rate is not None and settings.encoder_learning_rate != settings.learning_rate:
+        # AdamW's update (decay included) is proportional to the rate: scaling the encoder's updates by the
+        # ratio of the rates is AdamW at the encoder's rate, under the same warmup and decay.
+        in_encoder = lambda params: jax.tree_util.tree_map_with_path(
+            lambda path, _: str(getattr(path[0], "key", path[0])) == "encoder", params)
+        parts.append(optax.masked(optax.scale(settings.encoder_learning_rate / settings.learning_rate), in_encoder))
+    train = optax.chain(*parts)
     return optax.multi_transform({"train": train, "frozen": optax.set_to_zero()}, labels)
 
 

@@ -118,11 +118,12 @@ def test_a_bad_manifest_line_is_a_one_line_error(data, tmp_path, capsys):
     assert err[0].startswith(f"error: {bad}:1: audio ") and "no such file" in err[0], err
 
 
-def test_a_bad_setting_is_a_usage_error_naming_the_flag(data, tmp_path, capsys):
+@pytest.mark.parametrize("flag, value", [("--label-smoothing", "1.5"), ("--encoder-learning-rate", "0")])
+def test_a_bad_setting_is_a_usage_error_naming_the_flag(data, tmp_path, capsys, flag, value):
     code = finetune.main(["--model", str(data["model"]), "--train", str(data["train"]), "--eval", str(data["eval"]),
-                          "--output", str(tmp_path / "out"), "--label-smoothing", "1.5"])
+                          "--output", str(tmp_path / "out"), flag, value])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == cli.EXIT_USAGE and len(err) == 1 and "--label-smoothing" in err[0], err
+    assert code == cli.EXIT_USAGE and len(err) == 1 and flag in err[0], err
 
 
 def test_labels_drop_the_start_token_and_end_with_eos(data):

@@ -246,6 +246,29 @@ def test_a_frozen_encoder_gets_exactly_zero_update_and_everything_else_moves(com
     assert moved == set(before) - set(encoder), f"did not move: {sorted(set(before) - set(encoder) - moved)[:3]}"
 
 
+def test_an_encoder_learning_rate_is_adamw_at_that_rate_on_the_encoder_only(composed_dir):
+    """`encoder_learning_rate` (convert.finetune --encoder-learning-rate): one AdamW step on a constant gradient,
+    checked against Adam's first step written out (after global-norm clipping, bias-corrected moments make each
+    update lr * (g / (|g| + eps) + weight_decay * p)), with 1e-3 on the speech encoder and 1e-2 elsewhere."""
+    model, _, _ = _models(composed_dir(*PAIRS[0]))
+    settings = OptimizerSettings(learning_rate=1e-2, encoder_learning_rate=1e-3, total_steps=2, weight_decay=0.1)
+    optimizer = make_optimizer(settings, leaf_labels(model.params, lambda _: False))
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), model.params)
+    after = jax.jit(apply_function(optimizer))(init_state(model.params, optimizer), grads, jnp.float32(1.0))
+    before = traverse_util.flatten_dict(model.params, sep="/")
+    after = traverse_util.flatten_dict(after.params, sep="/")
+    size = sum(np.size(v) for v in before.values())
+    g = 0.5 * min(1.0, 1.0 / (0.5 * np.sqrt(size)))  # clipped to global norm 1
+    worst = 0.0
+    for key, p in before.items():
+        p = np.asarray(p, np.float64)
+        rate = 1e-3 if key.startswith("encoder/") else 1e-2
+        decay = 0.0 if key.rsplit("/", 1)[-1] in ("bias", "scale") else 0.1
+        expected = p - rate * (g / (g + 1e-8) + decay * p)
+        worst = max(worst, float(np.max(np.abs(np.asarray(after[key]) - expected), initial=0.0)))
+    assert worst <= 1e-6, f"largest difference from AdamW at the per-part rates: {worst:.3g}"
+
+
 def test_a_few_steps_reduce_the_loss_on_a_tiny_batch(composed_dir):
     _, losses, _ = _frozen_run(composed_dir(*PAIRS[0]))
     assert losses[-1] < 0.7 * losses[0], f"losses {[round(x, 3) for x in losses]}"

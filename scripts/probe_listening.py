@@ -2,6 +2,7 @@
 same labels under other utterances' audio (rolled by one): a model that uses the audio separates the two.
 
     python scripts/probe_listening.py MODEL MANIFEST_DIR [--train all|decoder|SUBSTRING] [--lr 1e-3]
+        [--encoder-lr LR]
         [--steps 61] [--batch 32]
 
 MANIFEST_DIR holds `train.jsonl` (as `scripts/make_spoken_dataset.py` writes). `--train decoder` freezes every
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("data", type=Path)
     parser.add_argument("--train", default="all")
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--encoder-lr", type=float, default=None, help="the speech encoder's rate (default: --lr)")
     parser.add_argument("--steps", type=int, default=61)
     parser.add_argument("--batch", type=int, default=32)
     args = parser.parse_args(argv)
@@ -54,13 +56,16 @@ def main(argv: list[str] | None = None) -> int:
 
     flat = traverse_util.flatten_dict(model.params, sep="/")
 
-    def frozen(path: str) -> bool:
-        if args.train == "all":
-            return False
-        return path.startswith("encoder/") if args.train == "decoder" else args.train in path
+    def group(path: str) -> str:
+        if args.train == "decoder" and path.startswith("encoder/") or args.train not in ("all", "decoder") \
+                and args.train in path:
+            return "frozen"
+        return "encoder" if path.startswith("encoder/") else "train"
 
-    labels_tree = traverse_util.unflatten_dict({k: "frozen" if frozen(k) else "train" for k in flat}, sep="/")
-    optimizer = optax.multi_transform({"train": optax.adam(args.lr), "frozen": optax.set_to_zero()}, labels_tree)
+    labels_tree = traverse_util.unflatten_dict({k: group(k) for k in flat}, sep="/")
+    encoder_lr = args.lr if args.encoder_lr is None else args.encoder_lr
+    optimizer = optax.multi_transform({"train": optax.adam(args.lr), "encoder": optax.adam(encoder_lr),
+                                       "frozen": optax.set_to_zero()}, labels_tree)
 
     def loss(params, audio, audio_mask):
         return model.loss(audio, audio_mask, labels, params=params)
@@ -77,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(args.steps):
         params, state, value = step(params, state)
         if i % 10 == 0:
-            print(json.dumps({"train": args.train, "lr": args.lr, "step": i, "loss": round(float(value), 4),
+            print(json.dumps({"train": args.train, "lr": args.lr, "encoder_lr": encoder_lr, "step": i, "loss": round(float(value), 4),
                               "loss_other_audio": round(float(mismatched(params)), 4),
                               "seconds": round(time.time() - start, 1)}), flush=True)
     return 0
