@@ -148,8 +148,7 @@ class _Run:
         self.mesh = self.model.mesh  # None on one device
         self.config = config = self.model.config
         self.features = feature_extractor_config(model_dir, config.encoder)
-        self.tokenizer = LabelTokenizer(model_dir, config.decoder_start_token_id, config.eos_token_id,
-                                        config.decoder.vocab_size)
+        self.tokenizer = LabelTokenizer.for_model(model_dir, self.model)
         self.audio = AudioCache(self.features.sampling_rate)
         self.train_labels = [self.tokenizer.encode(e.text, e.where) for e in self.train]
         self.train_lengths = sample_lengths(self.train, self.features.sampling_rate)
@@ -292,6 +291,7 @@ class _Run:
 
         s = self.settings
         model = FlaxSpeechEncoderDecoderModel(self.config, params)
+        model.generation_config = self.model.generation_config  # as the exported directory will generate
         model._compiled = self.model._compiled  # one compiled search per shape for the whole run
         model.mesh = self.mesh  # on a mesh the batch is split over `data`
         max_new = s.max_new_tokens or min(self.config.decoder.max_positions - 1, 2 * self.label_length)

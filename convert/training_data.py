@@ -83,10 +83,14 @@ class LabelTokenizer:
         decoder_start_token_id: dropped when the tokenizer puts it first.
         eos_token_id: appended when the tokenizer does not end with it.
         vocab_size: the decoder's vocabulary; ids beyond it are refused.
+        forced_bos_token_id: the token generation forces first (the generation config's `forced_bos_token_id`):
+            put first when the tokenizer does not put it there, so that the model learns what it will be made to
+            generate. BART's tokenizer adds `<s>` itself; a tokenizer without that post-processor does not, and
+            a model trained without it then sees, after the forced `<s>`, a context it never saw in training.
     """
 
     def __init__(self, directory: str | Path, decoder_start_token_id: int | None, eos_token_id: int | None,
-                 vocab_size: int):
+                 vocab_size: int, forced_bos_token_id: int | None = None):
         from tokenizers import Tokenizer
 
         path = Path(directory) / TOKENIZER_FILE
@@ -99,6 +103,17 @@ class LabelTokenizer:
             raise DataError(f"{path}: not a tokenizers file ({str(e).splitlines()[0]})") from None
         self.path = path
         self.start, self.eos, self.vocab_size = decoder_start_token_id, eos_token_id, vocab_size
+        self.bos = forced_bos_token_id
+
+    @classmethod
+    def for_model(cls, directory: str | Path, model: Any) -> LabelTokenizer:
+        """The labels `model` (a composed Flax model) trains on: its start, end and vocabulary, and the token its
+        generation config forces first."""
+        from convert.generation_settings import model_generation_config
+
+        config = model.config
+        return cls(directory, config.decoder_start_token_id, config.eos_token_id, config.decoder.vocab_size,
+                   model_generation_config(model).forced_bos_token_id)
 
     def encode(self, text: str, where: str = "text") -> list[int]:
         ids = list(self.tokenizer.encode(text).ids)
@@ -106,7 +121,10 @@ class LabelTokenizer:
             ids = ids[1:]
         if self.eos is not None and (not ids or ids[-1] != self.eos):
             ids.append(self.eos)
-        if len(ids) <= (self.eos is not None):
+        added = (self.eos is not None) + (self.bos is not None)
+        if self.bos is not None and (not ids or ids[0] != self.bos):
+            ids.insert(0, self.bos)
+        if len(ids) <= added:
             raise DataError(f"{where}: the transcript {text!r} gives no tokens")
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:

@@ -133,3 +133,19 @@ def test_labels_drop_the_start_token_and_end_with_eos(data):
     assert ids == [*raw, 2] and tokenizer.decode(ids) == "one two"
     starting = LabelTokenizer(data["model"], decoder_start_token_id=raw[0], eos_token_id=2, vocab_size=320)
     assert starting.encode("one two") == [*raw[1:], 2]
+
+
+def test_labels_start_with_the_token_generation_forces_first(data):
+    """The built-in BART's generation forces <s> after the start token; its tokenizer does not add <s>. Trained
+    without it, a model meets a context at generation that it never saw (every hypothesis came out empty)."""
+    from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel
+
+    model = FlaxSpeechEncoderDecoderModel.from_pretrained(data["model"])
+    forced = json.loads((data["model"] / "generation_config.json").read_text())["forced_bos_token_id"]
+    tokenizer = LabelTokenizer.for_model(data["model"], model)
+    raw = tokenizer.tokenizer.encode("one two").ids
+    assert raw[0] != forced
+    assert tokenizer.encode("one two") == [forced, *raw, model.config.eos_token_id]
+    assert tokenizer.decode(tokenizer.encode("one two")) == "one two"
+    plain = LabelTokenizer(data["model"], model.config.decoder_start_token_id, model.config.eos_token_id, 320)
+    assert plain.encode("one two") == [*raw, model.config.eos_token_id]

@@ -42,9 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     model = FlaxSpeechEncoderDecoderModel.from_pretrained(args.model)
-    config = model.config
-    tokenizer = LabelTokenizer(args.model, config.decoder_start_token_id, config.decoder.eos_token_id,
-                               config.decoder.vocab_size)
+    tokenizer = LabelTokenizer.for_model(args.model, model)
     rows = [json.loads(line) for line in (args.data / "train.jsonl").open()][:args.batch]
     waves = [zero_mean_unit_var(load_audio(args.data / r["audio"], 16000)) for r in rows]
     ids = [tokenizer.encode(r["text"]) for r in rows]
