@@ -48,6 +48,8 @@ ENCODER = {
 }
 DECODER = {
     "vocab_size": len(SPECIALS) + len(DIGITS), "max_position_embeddings": 32, "d_model": 144, "decoder_layers": 2,
+    # transformers sizes a causal BART's KV cache by num_hidden_layers (= encoder_layers): keep it = decoder_layers.
+    "encoder_layers": 2, "num_hidden_layers": 2,
     "decoder_attention_heads": 4, "decoder_ffn_dim": 384, "dropout": 0.05, "attention_dropout": 0.0,
     "activation_dropout": 0.0, "init_std": INIT_STD, "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2,
     "decoder_start_token_id": 2, "forced_eos_token_id": 2,
