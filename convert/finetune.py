@@ -35,7 +35,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from convert.errors import ConvertError, UsageError
+from convert.errors import ConvertError, UsageError, bad_argument
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
@@ -426,7 +426,7 @@ def finetune(
     check_output_location(output, overwrite=overwrite, sources=(("model", model),), param="output")
     model_dir = Path(model)
     if not (model_dir / "config.json").is_file():
-        raise UsageError(f"model={model}: not a composed model directory (no config.json)")
+        raise bad_argument("model", model, "not a composed model directory (no config.json)")
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else output.with_name(output.name + ".checkpoints")
     started = time.perf_counter()
     manager = checkpoint_manager(checkpoint_dir)

@@ -126,6 +126,16 @@ def test_a_bad_setting_is_a_usage_error_naming_the_flag(data, tmp_path, capsys, 
     assert code == cli.EXIT_USAGE and len(err) == 1 and flag in err[0], err
 
 
+def test_a_model_directory_without_config_is_a_usage_error_naming_the_flag(data, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code = finetune.main(["--model", str(empty), "--train", str(data["train"]), "--eval", str(data["eval"]),
+                          "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    expected = f"error: --model {empty}: not a composed model directory (no config.json)"
+    assert code == cli.EXIT_USAGE and err == [expected], err
+
+
 def test_labels_drop_the_start_token_and_end_with_eos(data):
     tokenizer = LabelTokenizer(data["model"], decoder_start_token_id=2, eos_token_id=2, vocab_size=320)
     ids = tokenizer.encode("one two")
