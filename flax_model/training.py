@@ -157,17 +157,27 @@ def frozen_predicate(freeze_feature_encoder: bool, non_trainable: frozenset[str]
     paths (leaves the PyTorch reference keeps as buffers, which transformers never trains)."""
 
     def frozen(path: str) -> bool:
-        parts = path.split("/")
-        if path in non_trainable or (freeze_encoder and parts[0] == "encoder"):
+        if path in non_trainable or (freeze_encoder and in_speech_encoder(path)):
             return True
-        return freeze_feature_encoder and parts[0] == "encoder" and FEATURE_ENCODER in parts
+        return freeze_feature_encoder and in_speech_encoder(path) and FEATURE_ENCODER in path.split("/")
 
     return frozen
+
+
+def in_speech_encoder(path: str) -> bool:
+    """The leaf at this `/`-joined path belongs to the speech encoder (not the projection or the decoder)."""
+    return path.split("/", 1)[0] == "encoder"
 
 
 def decays(path: str) -> bool:
     """Weight decay applies to kernels and embeddings, not to biases or normalisation scales."""
     return path.rsplit("/", 1)[-1] not in ("bias", "scale")
+
+
+def path_mask(predicate: Callable[[str], bool]) -> Callable[[Any], Any]:
+    """An optax mask function: a tree of `predicate(path)` over the `/`-joined paths of the tree it is given."""
+    return lambda tree: jax.tree_util.tree_map_with_path(
+        lambda path, _: predicate("/".join(str(getattr(k, "key", k)) for k in path)), tree)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -214,19 +224,16 @@ def make_optimizer(settings: OptimizerSettings, labels: Any) -> optax.GradientTr
         settings: the hyper-parameters.
         labels: `leaf_labels(params, ...)`, a tree of "train" / "frozen".
     """
-    decay_mask = lambda params: jax.tree_util.tree_map_with_path(
-        lambda path, _: decays("/".join(str(getattr(k, "key", k)) for k in path)), params)
     parts = [
         optax.clip_by_global_norm(settings.max_grad_norm) if settings.max_grad_norm else optax.identity(),
         optax.adamw(settings.schedule(), b1=settings.b1, b2=settings.b2, eps=settings.eps,
-                    weight_decay=settings.weight_decay, mask=decay_mask),
+                    weight_decay=settings.weight_decay, mask=path_mask(decays)),
     ]
     if settings.encoder_learning_rate is not None and settings.encoder_learning_rate != settings.learning_rate:
         # AdamW's update (decay included) is proportional to the rate: scaling the encoder's updates by the
         # ratio of the rates is AdamW at the encoder's rate, under the same warmup and decay.
-        in_encoder = lambda params: jax.tree_util.tree_map_with_path(
-            lambda path, _: str(getattr(path[0], "key", path[0])) == "encoder", params)
-        parts.append(optax.masked(optax.scale(settings.encoder_learning_rate / settings.learning_rate), in_encoder))
+        ratio = settings.encoder_learning_rate / settings.learning_rate
+        parts.append(optax.masked(optax.scale(ratio), path_mask(in_speech_encoder)))
     train = optax.chain(*parts)
     return optax.multi_transform({"train": train, "frozen": optax.set_to_zero()}, labels)
 

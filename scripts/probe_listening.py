@@ -2,8 +2,7 @@
 same labels under other utterances' audio (rolled by one): a model that uses the audio separates the two.
 
     python scripts/probe_listening.py MODEL MANIFEST_DIR [--train all|decoder|SUBSTRING] [--lr 1e-3]
-        [--encoder-lr LR]
-        [--steps 61] [--batch 32]
+        [--encoder-lr LR] [--steps 61] [--batch 32]
 
 MANIFEST_DIR holds `train.jsonl` (as `scripts/make_spoken_dataset.py` writes). `--train decoder` freezes every
 speech-encoder weight; a SUBSTRING freezes the leaves whose path contains it (e.g. `feature_extractor`). Plain
@@ -28,6 +27,7 @@ from flax import traverse_util
 
 from convert.training_data import LabelTokenizer, load_audio, zero_mean_unit_var
 from flax_model import FlaxSpeechEncoderDecoderModel
+from flax_model.training import in_speech_encoder
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,10 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     flat = traverse_util.flatten_dict(model.params, sep="/")
 
     def group(path: str) -> str:
-        if args.train == "decoder" and path.startswith("encoder/") or args.train not in ("all", "decoder") \
-                and args.train in path:
+        encoder = in_speech_encoder(path)
+        if args.train == "decoder" and encoder or args.train not in ("all", "decoder") and args.train in path:
             return "frozen"
-        return "encoder" if path.startswith("encoder/") else "train"
+        return "encoder" if encoder else "train"
 
     labels_tree = traverse_util.unflatten_dict({k: group(k) for k in flat}, sep="/")
     encoder_lr = args.lr if args.encoder_lr is None else args.encoder_lr
@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(args.steps):
         params, state, value = step(params, state)
         if i % 10 == 0:
-            print(json.dumps({"train": args.train, "lr": args.lr, "encoder_lr": encoder_lr, "step": i, "loss": round(float(value), 4),
+            print(json.dumps({"train": args.train, "lr": args.lr, "encoder_lr": encoder_lr, "step": i,
+                              "loss": round(float(value), 4),
                               "loss_other_audio": round(float(mismatched(params)), 4),
                               "seconds": round(time.time() - start, 1)}), flush=True)
     return 0
