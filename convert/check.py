@@ -29,7 +29,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from convert.errors import ConvertError, bad_argument, with_param
+from convert.base.errors import ConvertError, bad_argument, with_param
 
 FORMATS = ("both", "flax", "safetensors")
 FLAX_FILES = ("flax_model.msgpack", "flax_model.msgpack.index.json")
@@ -74,7 +74,7 @@ def check(
     seed = cli.require_int("seed", seed, 0, MAX_SEED)
     if isinstance(audio, (str, Path)):
         audio = [audio]
-    from convert.hub import resolve_source
+    from convert.base.hub import resolve_source
 
     if revision is not None and Path(str(model)).expanduser().is_dir():
         raise bad_argument("revision", revision, f"applies to a Hub repo id, but {model} is a local directory")
@@ -103,8 +103,8 @@ def check(
 
 def _composed_config(directory: Path) -> Any:
     """The directory's composed config: anything else (a source checkpoint, a broken config) is refused here."""
-    from convert.composed import SpeechEncoderDecoderConfig
-    from convert.configs import read_json
+    from convert.base.composed import SpeechEncoderDecoderConfig
+    from convert.base.configs import read_json
 
     path = directory / "config.json"
     return SpeechEncoderDecoderConfig.from_hf_dict(read_json(path), str(path))
@@ -187,7 +187,7 @@ def _model_checks(directory: Path, config: Any, prefer: tuple[tuple[str, ...], t
 
 
 def _generate(generate: Any, inputs: Any, mask: Any, max_new_tokens: int) -> np.ndarray:
-    from convert.generation_settings import GenerationConfigError
+    from convert.base.generation_settings import GenerationConfigError
 
     try:
         # Greedy whatever the generation config asks for (sampling, beams): the comparison is deterministic.
@@ -203,7 +203,7 @@ def _inputs(directory: Path, config: Any, audio: Sequence[str | Path], seed: int
     batch = seeded_inputs(config, seed, seconds=VERIFY_SECONDS)
     if not audio:
         return batch
-    from convert.audio import AudioError, feature_extractor_config, load_audio, prepare_batch
+    from convert.base.audio import AudioError, feature_extractor_config, load_audio, prepare_batch
 
     extractor = feature_extractor_config(directory, config.encoder)
     waveforms = [load_audio(p, extractor.sampling_rate) for p in audio]

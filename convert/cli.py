@@ -20,7 +20,7 @@ How a command module uses it:
 
 Exit codes (`EXIT_*`): 0 success; 1 an error (a bad checkpoint, a failed check or verification, a full disk);
 2 a usage error (an unknown or malformed flag, a value out of range, an output location the toolkit refuses:
-argparse's errors and `convert.errors.UsageError`); 130 an interrupt (Ctrl-C, SIGTERM, SIGHUP).
+argparse's errors and `convert.base.errors.UsageError`); 130 an interrupt (Ctrl-C, SIGTERM, SIGHUP).
 
 Messages: every error is one line on stderr, `error: <message>` (`ERROR_PREFIX`); an interrupt prints
 `interrupted: <what was left>`. The library raises `ConvertError`s that speak its own language
@@ -34,7 +34,7 @@ resort, an internal error with its type), so that no traceback ever reaches a us
 Interrupts: `install_interrupt_guard()` (called by importing this module as the first import of a command run
 with `python -m`, and again by `run`) routes SIGINT, SIGTERM and SIGHUP through `signal.set_wakeup_fd` to a
 watcher thread. The main thread is never interrupted; the watcher removes the temporary outputs that
-`convert.writing.atomic_directory` registered (and the parent directories it created), prints one line and
+`convert.base.writing.atomic_directory` registered (and the parent directories it created), prints one line and
 ends the process with `os._exit(130)`. That works whenever the signal comes: during imports, inside a long
 native call such as an XLA compilation (which a KeyboardInterrupt would wait for), and without running the
 interpreter's teardown under threads still inside native code (which has crashed with exit 139). A command
@@ -159,7 +159,7 @@ def run_command(body: Callable[[], int | None], parser: argparse.ArgumentParser 
         body: the work; returns an exit code (None means 0).
         parser: the command's parser (or an explicit name mapping), to render messages with its flags.
     """
-    from convert.errors import ConvertError, UsageError
+    from convert.base.errors import ConvertError, UsageError
 
     try:
         code = body()
@@ -321,7 +321,7 @@ def _watch(read_fd: int) -> None:
 
 
 def _abandon_outputs() -> list[Any]:
-    writing = sys.modules.get("convert.writing")  # never imported: no output was started
+    writing = sys.modules.get("convert.base.writing")  # never imported: no output was started
     if writing is None:
         return []
     try:
@@ -383,7 +383,7 @@ class ArgumentParser(argparse.ArgumentParser):
 def require_int(param: str, value: Any, low: int | None = None, high: int | None = None,
                 allow_none: bool = False) -> int | None:
     """`value` if it is an integer in [low, high] (bounds optional); else a UsageError naming `param`."""
-    from convert.errors import bad_argument
+    from convert.base.errors import bad_argument
 
     if value is None and allow_none:
         return None
@@ -400,7 +400,7 @@ def require_int(param: str, value: Any, low: int | None = None, high: int | None
 def require_float(param: str, value: Any, low: float | None = None, high: float | None = None,
                   allow_none: bool = False, low_inclusive: bool = True) -> float | None:
     """`value` as a float if it is a finite number in the range (`low` exclusive unless `low_inclusive`)."""
-    from convert.errors import bad_argument
+    from convert.base.errors import bad_argument
 
     if value is None and allow_none:
         return None
@@ -417,7 +417,7 @@ def require_float(param: str, value: Any, low: float | None = None, high: float 
 
 def require_choice(param: str, value: Any, choices: Sequence[Any]) -> Any:
     """`value` if it is one of `choices`; else a UsageError listing them."""
-    from convert.errors import bad_argument
+    from convert.base.errors import bad_argument
 
     if value not in choices:
         raise bad_argument(param, value, f"is not one of {', '.join(map(str, choices))}")

@@ -26,17 +26,17 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from convert.checkpoint import Checkpoint
-from convert.composed import COMPOSE_REPORT, SpeechEncoderDecoderConfig
-from convert.configs import HFConfig, read_json
-from convert.errors import ConvertError, KeyMapError, UnsupportedConfig, UsageError, bad_argument, with_param
-from convert.generation_settings import composed_generation_config, decoder_generation_config
-from convert.hub import resolve_source
-from convert.keymap import Entry, Plan
-from convert.params import plan_source, save_params, subtree
-from convert.registry import model_types, spec_for
-from convert.spec import ArchSpec
-from convert.writing import TensorSpec, atomic_directory, check_output_location, parse_size
+from convert.base.checkpoint import Checkpoint
+from convert.base.composed import COMPOSE_REPORT, SpeechEncoderDecoderConfig
+from convert.base.configs import HFConfig, read_json
+from convert.base.errors import ConvertError, KeyMapError, UnsupportedConfig, UsageError, bad_argument, with_param
+from convert.base.generation_settings import composed_generation_config, decoder_generation_config
+from convert.base.hub import resolve_source
+from convert.base.keymap import Entry, Plan
+from convert.base.params import plan_source, save_params, subtree
+from convert.base.registry import model_types, spec_for
+from convert.base.spec import ArchSpec
+from convert.base.writing import TensorSpec, atomic_directory, check_output_location, parse_size
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 BUILTIN_SOURCES = ("the toolkit's built-in sources", BUILTIN_DIR)
@@ -647,7 +647,7 @@ def _run(args: Any, argv: Sequence[str] | None) -> int:
     if (args.private or args.commit_message is not None) and not args.push_to_hub:
         raise UsageError(f"{'private=True' if args.private else 'commit_message'}: applies only with push_to_hub")
     if args.push_to_hub:
-        from convert.hub import validate_repo_id
+        from convert.base.hub import validate_repo_id
 
         try:
             validate_repo_id(args.push_to_hub)

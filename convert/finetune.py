@@ -35,7 +35,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from convert.errors import ConvertError, UsageError, bad_argument
+from convert.base.errors import ConvertError, UsageError, bad_argument
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
@@ -135,8 +135,8 @@ class _Run:
                  checkpoint_dir: Path, mesh: Any = None):
         import jax.numpy as jnp
 
-        from convert.audio import feature_extractor_config
-        from convert.batching import bucket_boundaries, length_batches
+        from convert.base.audio import feature_extractor_config
+        from convert.base.batching import bucket_boundaries, length_batches
         from convert.training_data import AudioCache, LabelTokenizer, read_manifest, sample_lengths
         from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel
 
@@ -185,6 +185,7 @@ class _Run:
         from flax_model.training import (
             OptimizerSettings,
             StepFunctions,
+            buffer_paths,
             compiled_add,
             compiled_apply,
             compiled_grad,
@@ -193,13 +194,12 @@ class _Run:
             make_optimizer,
             state_shardings,
         )
-        from torch_reference.speech_encoder_decoder import non_trainable_paths
 
         s = self.settings
         self.optimizer_settings = OptimizerSettings(
             learning_rate=s.learning_rate, total_steps=self.total_steps, warmup_steps=s.warmup_steps,
             weight_decay=s.weight_decay, max_grad_norm=s.max_grad_norm, encoder_learning_rate=s.encoder_learning_rate)
-        non_trainable = non_trainable_paths(self.config)
+        non_trainable = buffer_paths(self.config, self.model.params)
         frozen = frozen_predicate(s.freeze_feature_encoder, non_trainable, s.freeze_encoder)
         self.optimizer = make_optimizer(self.optimizer_settings, leaf_labels(self.model.params, frozen))
         # On a mesh: where every leaf of the train state lives (the optimiser state follows its parameters).
@@ -229,7 +229,7 @@ class _Run:
 
     def micro_batch(self, index: int) -> Any:
         """The `index`-th micro-batch of the run: epoch e's order is a pure function of (seed, e)."""
-        from convert.batching import length_batches
+        from convert.base.batching import length_batches
 
         epoch, position = divmod(index, self.batches_per_epoch)
         if epoch not in self._epoch_cache:
@@ -241,7 +241,7 @@ class _Run:
     def arrays(self, step: int, micro: int) -> tuple[dict[str, Any], float]:
         """The host arrays of one micro-batch, with its SpecAugment masks; and its seconds of audio. (The step
         places them: on one device, or split over a mesh's `data` axis.)"""
-        from convert.spec_augment import spec_augment_masks
+        from convert.base.spec_augment import spec_augment_masks
         from convert.training_data import make_batch
 
         batch = self.micro_batch(step * self.settings.grad_accum + micro)
@@ -285,7 +285,7 @@ class _Run:
         """WER and CER (jiwer) of generated transcripts on the eval set, with the toolkit's generation."""
         import jiwer
 
-        from convert.batching import length_batches
+        from convert.base.batching import length_batches
         from convert.training_data import make_batch
         from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel
 
@@ -413,7 +413,7 @@ def finetune(
     import jax
     from flax import traverse_util
 
-    from convert.writing import atomic_directory, check_output_location
+    from convert.base.writing import atomic_directory, check_output_location
     from flax_model.training import init_state
 
     log = log or sys.stdout
@@ -551,8 +551,8 @@ def _report(run: _Run, history: dict[str, Any], model_dir: Path, train: Any, eva
 def _write_output(tmp: Path, run: _Run, params: Any, history: dict[str, Any], report: dict[str, Any]) -> None:
     from flax import traverse_util
 
-    from convert.params import save_params
-    from convert.writing import TensorSpec
+    from convert.base.params import save_params
+    from convert.base.writing import TensorSpec
     from flax_model.sharding import gathered_leaves
 
     # Leaf by leaf: a sharded state is gathered one leaf at a time, never whole on the host.

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from convert.errors import UsageError, bad_argument
+from convert.base.errors import UsageError, bad_argument
 from convert.transcribe import DEFAULT_TOKENS_PER_SECOND, FRAMEWORKS, Transcription, TranscriptionReport, transcribe
 
 # Generation flags: transformers' setting names (the flag is the name with dashes); None leaves the model's value.
@@ -121,7 +121,7 @@ def generation_options(args: Any) -> dict[str, Any]:
 def read_generation_config(path: str | None) -> Any:
     if path is None:
         return None
-    from convert.generation_settings import GenerationConfig, read_json_object
+    from convert.base.generation_settings import GenerationConfig, read_json_object
 
     if not Path(path).is_file():
         raise bad_argument("generation_config", path, "no such file")

@@ -26,8 +26,8 @@ from typing import Any
 
 import yaml
 
-from convert.errors import ConvertError
-from convert.hub import HUB_URL, LIBRARY_NAME, ResolvedSource
+from convert.base.errors import ConvertError
+from convert.base.hub import HUB_URL, LIBRARY_NAME, ResolvedSource
 
 PIPELINE_TAG = "automatic-speech-recognition"
 BASE_TAGS = ("speech-encoder-decoder", "automatic-speech-recognition", "jax", "flax")

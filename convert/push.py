@@ -22,11 +22,11 @@ from typing import TextIO
 from huggingface_hub import CommitOperationAdd, get_token
 from huggingface_hub import errors as hf_errors
 
-from convert import checkpoint as ckpt
-from convert import hub
-from convert.composed import COMPOSE_REPORT, COMPOSED_MODEL_TYPE
-from convert.errors import CheckpointError, ConvertError, HubError, UsageError, bad_argument, with_param
-from convert.hub import HUB_URL, LOGIN_HINT
+from convert.base import checkpoint as ckpt
+from convert.base import hub
+from convert.base.composed import COMPOSE_REPORT, COMPOSED_MODEL_TYPE
+from convert.base.errors import CheckpointError, ConvertError, HubError, UsageError, bad_argument, with_param
+from convert.base.hub import HUB_URL, LOGIN_HINT
 from convert.model_card import card_sources
 
 DEFAULT_COMMIT_MESSAGE = "Upload composed speech encoder-decoder"

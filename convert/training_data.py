@@ -4,9 +4,9 @@ A manifest line is `{"audio": PATH, "text": TRANSCRIPT}`; a relative PATH is rel
 Text becomes labels through the decoder's `tokenizer.json` (the `tokenizers` package), as transformers' speech
 recognition examples make them: the tokenizer's ids with its special tokens, the decoder start token dropped when
 the tokenizer puts it first (the model adds it when it shifts the labels), and the end-of-sequence token appended
-when the tokenizer does not add one (so that generation learns to stop). Audio is read with `convert.audio`
+when the tokenizer does not add one (so that generation learns to stop). Audio is read with `convert.base.audio`
 (resampled to the model's rate) and normalised as the feature extractor does; batches group utterances of
-similar length (`convert.batching`) and pad audio and labels to a few bucket lengths, so that a compiled train
+similar length (`convert.base.batching`) and pad audio and labels to a few bucket lengths, so that a compiled train
 step sees a few shapes. Padded label positions hold -100.
 """
 
@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from convert.audio import FeatureExtractorConfig, audio_seconds, load_audio, zero_mean_unit_var
-from convert.batching import Batch
-from convert.errors import ConvertError
+from convert.base.audio import FeatureExtractorConfig, audio_seconds, load_audio, zero_mean_unit_var
+from convert.base.batching import Batch
+from convert.base.errors import ConvertError
 
 IGNORE_INDEX = -100
 TOKENIZER_FILE = "tokenizer.json"
@@ -109,7 +109,7 @@ class LabelTokenizer:
     def for_model(cls, directory: str | Path, model: Any) -> LabelTokenizer:
         """The labels `model` (a composed Flax model) trains on: its start, end and vocabulary, and the token its
         generation config forces first."""
-        from convert.generation_settings import model_generation_config
+        from convert.base.generation_settings import model_generation_config
 
         config = model.config
         return cls(directory, config.decoder_start_token_id, config.eos_token_id, config.decoder.vocab_size,

@@ -5,7 +5,7 @@ What `python -m convert.generate` runs (see there for the command line). The ste
 
 * Inputs: audio files, directories (every audio file below them, sorted), and JSON-lines manifests
   (`{"audio": PATH, "text": REFERENCE}`, `text` optional, a relative PATH relative to the manifest). Headers are
-  read first (`convert.audio.audio_seconds`), so that a missing or unreadable file, or audio too long for the
+  read first (`convert.base.audio.audio_seconds`), so that a missing or unreadable file, or audio too long for the
   model, is refused before any model work.
 * Length: the decoder writes at most `max_new_tokens` tokens per utterance (the model's generation config, or
   the caller's). At `tokens_per_second` tokens per second of speech (4 by default: a fast speaker's 3 words a
@@ -14,10 +14,10 @@ What `python -m convert.generate` runs (see there for the command line). The ste
   `chunk_seconds` asks for chunks: windows of `chunk_seconds` overlapping by `chunk_overlap_seconds`, each
   transcribed as an utterance of its own; the chunks' tokens are joined where their overlaps agree best
   (`merge_overlapping`).
-* Batches: utterances (or chunks) are grouped by length (`convert.batching`) into at most `buckets` padded
+* Batches: utterances (or chunks) are grouped by length (`convert.base.batching`) into at most `buckets` padded
   lengths and batches of exactly `batch_size` rows (a partial batch is filled with copies of its first
   utterance, whose results are dropped), so that the Flax encoder compiles once per bucket and the search once
-  per bucket and setting. Audio is read (`convert.audio.load_audio`: any format libsndfile reads, resampled
+  per bucket and setting. Audio is read (`convert.base.audio.load_audio`: any format libsndfile reads, resampled
   with soxr, channels averaged) one batch at a time and normalised as the model's feature extractor does.
   Encoders without an attention mask (HF's convention for group-norm feature encoders) hear the padding: their
   transcripts depend on the bucket length, as in transformers' batched pipelines.
@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from convert.audio import (
+from convert.base.audio import (
     AudioError,
     FeatureExtractorConfig,
     audio_seconds,
@@ -47,9 +47,9 @@ from convert.audio import (
     load_audio,
     prepare_batch,
 )
-from convert.batching import bucket_boundaries, length_batches
-from convert.errors import CheckpointError, ConvertError, UsageError, bad_argument
-from convert.generation_settings import GenerationSettings, model_generation_config, resolve_settings
+from convert.base.batching import bucket_boundaries, length_batches
+from convert.base.errors import CheckpointError, ConvertError, UsageError, bad_argument
+from convert.base.generation_settings import GenerationSettings, model_generation_config, resolve_settings
 
 TOKENIZER_FILE = "tokenizer.json"
 FRAMEWORKS = ("flax", "torch")
@@ -264,7 +264,7 @@ def load_model(model: str | Path, framework: str = "flax", revision: str | None 
     """A composed model (directory or Hub repo id) in one framework, and its directory. `mesh` (Flax only): a
     `jax.sharding.Mesh` or its text ("data=2,fsdp=4") to load the params sharded on and split batches over.
     `scan_layers` (Flax only): run the identical layers with `nn.scan` (compiles faster, same tokens)."""
-    from convert.hub import resolve_source
+    from convert.base.hub import resolve_source
 
     if framework not in FRAMEWORKS:
         raise bad_argument("framework", framework, f"is not one of {', '.join(FRAMEWORKS)}")

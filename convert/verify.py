@@ -19,9 +19,9 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from convert.checkpoint import Checkpoint, numpy_to_torch
-from convert.composed import SpeechEncoderDecoderConfig, composed_keymap
-from convert.errors import CheckpointError
+from convert.base.checkpoint import Checkpoint, numpy_to_torch
+from convert.base.composed import SpeechEncoderDecoderConfig, composed_keymap
+from convert.base.errors import CheckpointError
 
 FLAX_FILES = ("flax_model.msgpack", "flax_model.msgpack.index.json")
 TORCH_FILES = ("model.safetensors", "model.safetensors.index.json")
@@ -202,8 +202,8 @@ def load_flax(directory: str | Path, prefer: tuple[str, ...] | None = None) -> A
     if prefer is None:
         model = FlaxSpeechEncoderDecoderModel.from_pretrained(directory)
     else:
-        from convert.checkpoint import new_array
-        from convert.params import plan_checkpoint
+        from convert.base.checkpoint import new_array
+        from convert.base.params import plan_checkpoint
 
         # Each leaf is read from a memory map of the file straight into its float32 array: one pass, no
         # intermediate array in the stored dtype (new memory costs more than copying on a VM).
@@ -237,9 +237,9 @@ def load_torch(directory: str | Path, prefer: tuple[str, ...] | None = None) -> 
     if prefer is None or Checkpoint(directory, prefer=prefer).format != "flax":
         return torch_from_pretrained(directory)[0].float().eval()  # reads safetensors first, as `prefer` asks
     # Flax weights chosen explicitly: through the key table, as torch_reference does for Flax-only directories.
-    from convert.checkpoint import numpy_to_torch
-    from convert.composed import composed_tied_keys
-    from convert.params import load_params, params_to_torch_state, read_config
+    from convert.base.checkpoint import numpy_to_torch
+    from convert.base.composed import composed_tied_keys
+    from convert.base.params import load_params, params_to_torch_state, read_config
 
     config = read_config(Checkpoint(directory, prefer=prefer))
     model = SpeechEncoderDecoderModel(config).eval()
@@ -253,7 +253,7 @@ def load_torch(directory: str | Path, prefer: tuple[str, ...] | None = None) -> 
 
 
 def _reference_flax_shapes(model: Any) -> Any:
-    from convert.composed import composed_keymap, composed_tied_keys
+    from convert.base.composed import composed_keymap, composed_tied_keys
 
     def shapes_of(config: Any) -> dict[str, tuple[int, ...]]:
         keymap, tied = composed_keymap(config), composed_tied_keys(config)
@@ -527,7 +527,7 @@ def load_torch_mapped(directory: str | Path, keep_dtype: bool = False) -> Any:
     """
     import torch
 
-    from convert.composed import composed_tied_keys
+    from convert.base.composed import composed_tied_keys
     from torch_reference.speech_encoder_decoder import SpeechEncoderDecoderModel
 
     checkpoint = Checkpoint(directory, prefer=TORCH_FILES)

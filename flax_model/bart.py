@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from convert.archs.bart import BartConfig
+from convert.base.archs.bart import BartConfig
 from flax_model.cache import DecoderCache, LayerCache
 from flax_model.layers import (
     ACTIVATIONS,
@@ -286,7 +286,7 @@ class BartForCausalLMModule(nn.Module):
     """BART / mBART decoder with cross-attention and an LM head (HF `FlaxBartForCausalLMModule` params).
 
     Attributes:
-        config: the decoder config (`lm_head_bias` set by `convert.archs.bart.adapt_config`).
+        config: the decoder config (`lm_head_bias` set by `convert.base.archs.bart.adapt_config`).
         dtype: the computation dtype (params stay float32).
     """
 

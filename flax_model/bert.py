@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from convert.archs.bert import BertConfig, BertLikeConfig
+from convert.base.archs.bert import BertConfig, BertLikeConfig
 from flax_model.cache import DecoderCache, LayerCache
 from flax_model.layers import (
     ACTIVATIONS,

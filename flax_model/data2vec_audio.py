@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from convert.archs.data2vec_audio import Data2VecAudioConfig
+from convert.base.archs.data2vec_audio import Data2VecAudioConfig
 from flax_model.layers import ACTIVATIONS
 from flax_model.wav2vec2 import Encoder, Wav2Vec2Module, layer_norm, module_shapes
 

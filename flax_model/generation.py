@@ -4,7 +4,7 @@
 Semantics are those of `torch_reference.generation` (its module docstring states them in full), which computes
 the same thing plainly in eager PyTorch; both follow transformers 5's `generate`:
 
-* Settings come from `convert.generation_settings.resolve_settings`: the model's generation config
+* Settings come from `convert.base.generation_settings.resolve_settings`: the model's generation config
   (`generation_config.json`, else `config.json`), a GenerationConfig-like object, keyword arguments.
 * The encoder runs once (the model's own jitted `encode`, compiled once per input shape whatever the settings);
   `init_cache` projects the cross-attention keys/values once (the prefill); every step feeds the last token
@@ -22,7 +22,7 @@ the same thing plainly in eager PyTorch; both follow transformers 5's `generate`
   step; running beams are the best candidates that did not end; finished hypotheses merge with the K best kept.
 
 Deliberate differences from transformers 5 (also in the README's Generation section): the settings refuse what
-transformers would silently ignore (`convert.generation_settings`); greedy search and sampling return a score (the
+transformers would silently ignore (`convert.base.generation_settings`); greedy search and sampling return a score (the
 mean log-probability of the generated tokens); sampling draws from JAX's generator, not PyTorch's.
 
 Compilation: the encoder once per input shape, and one `jax.jit` search (prefill and loop) per static setting
@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convert.generation_settings import (
+from convert.base.generation_settings import (
     GenerationConfigError,
     GenerationSettings,
     model_generation_config,

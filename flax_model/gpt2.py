@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from convert.archs.gpt2 import GPT2Config
+from convert.base.archs.gpt2 import GPT2Config
 from flax_model.cache import DecoderCache, LayerCache
 from flax_model.layers import (
     ACTIVATIONS,

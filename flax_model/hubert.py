@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from convert.archs.hubert import HubertConfig
+from convert.base.archs.hubert import HubertConfig
 from flax_model.layers import ACTIVATIONS
 from flax_model.wav2vec2 import Encoder, Wav2Vec2Module, WeightNormConv, module_shapes
 
@@ -28,7 +28,7 @@ _BATCH_NORM_EPS = 1e-5
 
 class BatchNorm(nn.Module):
     """torch's BatchNorm1d over the channels of [B, S, D], its running statistics kept as parameters (HF's key
-    names; the step counter is left out, see `convert.archs.hubert`)."""
+    names; the step counter is left out, see `convert.base.archs.hubert`)."""
 
     features: int
     dtype: Any = jnp.float32

@@ -154,7 +154,7 @@ def make_stack(parent: nn.Module, make_layer: Callable[[int, str], nn.Module], n
 
     Unrolled: `[make_layer(i, str(i)) for i]`, layer i's params at `<parent>/<i>/...` (HF's Flax layout).
     Scanned (inside `layer_scan`): one `make_layer(0, "layer")` whose scope is `parent`'s own, so that its
-    stacked params sit at `<parent>/...` with a leading layer axis (`convert.stacking` converts between the two).
+    stacked params sit at `<parent>/...` with a leading layer axis (`convert.base.stacking` converts between the two).
 
     Args:
         parent: the module the stack's params live under.

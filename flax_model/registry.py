@@ -1,6 +1,6 @@
 """Finds the Flax code of a registered architecture (`ArchSpec.flax_class`).
 
-The specs live in the base layer (`convert.registry`) and name their Flax module by import path; resolving
+The specs live in the base layer (`convert.base.registry`) and name their Flax module by import path; resolving
 that name here keeps the import edge inside the models layer.
 """
 
@@ -10,8 +10,8 @@ import importlib
 from types import ModuleType
 from typing import Any
 
-from convert.registry import spec_for
-from convert.spec import ArchSpec
+from convert.base.registry import spec_for
+from convert.base.spec import ArchSpec
 
 
 def arch_module(spec: ArchSpec) -> ModuleType:

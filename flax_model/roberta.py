@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from convert.archs.roberta import RobertaConfig
+from convert.base.archs.roberta import RobertaConfig
 from flax_model.bert import BertModule, abstract_params, dense, layer_norm, vocabulary_logits
 from flax_model.cache import DecoderCache
 from flax_model.layers import ACTIVATIONS

@@ -3,7 +3,7 @@ loading that reads only each process's shards, and generation with the batch spl
 
 The mesh axes are MaxText's: `data` (the batch is split over it), `fsdp` (every large parameter is split over
 it) and, optionally, `model` (tensor parallelism). A mesh may have any subset of them; a missing axis counts as
-size 1. The rules (`convert.spec`: a regex over the `/`-joined Flax path -> mesh axes per dimension, first match
+size 1. The rules (`convert.base.spec`: a regex over the `/`-joined Flax path -> mesh axes per dimension, first match
 wins) become `PartitionSpec`s here:
 
 * a dimension is split over its axes only when the product of their sizes divides it; otherwise that
@@ -11,7 +11,7 @@ wins) become `PartitionSpec`s here:
   split;
 * axes of size 1, and axes the mesh does not have, are left out;
 * a leaf that no rule matches is replicated;
-* a stacked leaf of scanned layers (`convert.stacking`: a leading layer axis) is split as its layer 0 would be,
+* a stacked leaf of scanned layers (`convert.base.stacking`: a leading layer axis) is split as its layer 0 would be,
   the layer axis not split.
 
 `load_sharded` places every leaf with `jax.make_array_from_callback`: the callback gets the index (one slice per
@@ -43,14 +43,14 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from convert.checkpoint import FLAX_FIRST, Checkpoint
-from convert.composed import PROJECTION_KEYMAP, SpeechEncoderDecoderConfig
-from convert.configs import HFConfig
-from convert.errors import bad_argument
-from convert.keymap import Entry, Plan, T
-from convert.params import ShapesOf, keymap_for, plan_checkpoint
-from convert.registry import spec_for
-from convert.spec import (
+from convert.base.checkpoint import FLAX_FIRST, Checkpoint
+from convert.base.composed import PROJECTION_KEYMAP, SpeechEncoderDecoderConfig
+from convert.base.configs import HFConfig
+from convert.base.errors import bad_argument
+from convert.base.keymap import Entry, Plan, T
+from convert.base.params import ShapesOf, keymap_for, plan_checkpoint
+from convert.base.registry import spec_for
+from convert.base.spec import (
     MESH_AXES,
     DimAxes,
     PartitionRule,
@@ -59,7 +59,7 @@ from convert.spec import (
     default_partition_rules,
     prefixed_rules,
 )
-from convert.stacking import Stacks, layer_path, layer_stacks
+from convert.base.stacking import Stacks, layer_path, layer_stacks
 
 # ----------------------------------------------------------------------------------------------------------
 # Rules -> PartitionSpecs
@@ -194,11 +194,11 @@ def load_sharded(
         shapes_of: the Flax leaves (path -> shape) of a config's model
             (`flax_model.speech_encoder_decoder.param_shapes`).
         dtype: cast floating-point leaves to this dtype while reading; None keeps the stored dtypes.
-        rules: partition rules to use instead of the architectures' (`convert.spec.PartitionRule`).
+        rules: partition rules to use instead of the architectures' (`convert.base.spec.PartitionRule`).
         prefer: weight files in order of preference.
 
     Raises:
-        CheckpointError / KeyMapError / UnsupportedConfig: as `convert.params.load_params`.
+        CheckpointError / KeyMapError / UnsupportedConfig: as `convert.base.params.load_params`.
         ShardingError: an unknown mesh axis or a bad rule.
     """
     mesh = auto_mesh(mesh)

@@ -2,7 +2,7 @@
 
 `SpeechEncoderDecoderModule` is the linen module (param tree `encoder/...`, `decoder/...`,
 `enc_to_dec_proj/...`, as HF's `FlaxSpeechEncoderDecoderModule`; with `scan_layers` the encoder's and decoder's
-layer stacks run in one `nn.scan` each, their params stacked, see `convert.stacking`). `FlaxSpeechEncoderDecoderModel` is the
+layer stacks run in one `nn.scan` each, their params stacked, see `convert.base.stacking`). `FlaxSpeechEncoderDecoderModel` is the
 class users load: it holds a config and params and offers `from_pretrained`, `save_pretrained`,
 `__call__`, `encode`, `decode`, `init_cache` and `generate`, each compiled once per input shape.
 """
@@ -21,16 +21,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from convert import stacking
-from convert.checkpoint import FLAX_FIRST, Checkpoint
-from convert.composed import SpeechEncoderDecoderConfig
-from convert.configs import HFConfig
-from convert.errors import UnsupportedConfig
-from convert.generation_settings import GenerationConfig
-from convert.hub import resolve_source
-from convert.params import load_params, save_flax_msgpack, save_params
-from convert.registry import spec_for
-from convert.writing import TensorSpec, atomic_directory, parse_size
+from convert.base import stacking
+from convert.base.checkpoint import FLAX_FIRST, Checkpoint
+from convert.base.composed import SpeechEncoderDecoderConfig
+from convert.base.configs import HFConfig
+from convert.base.errors import UnsupportedConfig
+from convert.base.generation_settings import GenerationConfig
+from convert.base.hub import resolve_source
+from convert.base.params import load_params, save_flax_msgpack, save_params
+from convert.base.registry import spec_for
+from convert.base.writing import TensorSpec, atomic_directory, parse_size
 from flax_model.cache import DecoderCache
 from flax_model.generation import generate as _generate
 from flax_model.layers import frame_mask, layer_scan
@@ -67,7 +67,7 @@ class SpeechEncoderDecoderModule(nn.Module):
     dtype: Any = jnp.float32
     # Rematerialise every encoder and decoder layer in `loss_sums` (training: memory for compute).
     remat: bool = False
-    # Run each layer stack in one `nn.scan` (params stacked with a leading layer axis: `convert.stacking`).
+    # Run each layer stack in one `nn.scan` (params stacked with a leading layer axis: `convert.base.stacking`).
     scan_layers: bool = False
 
     def setup(self) -> None:
@@ -94,7 +94,7 @@ class SpeechEncoderDecoderModule(nn.Module):
         """Returns the encoder output in the decoder's width [B, S, D] and its padding mask [B, S] (bool).
 
         `deterministic=False` applies dropout and LayerDrop (a "dropout" rng is needed); the SpecAugment masks
-        (see `convert.spec_augment`) are applied when given; `freeze_feature_encoder` stops gradients at the
+        (see `convert.base.spec_augment`) are applied when given; `freeze_feature_encoder` stops gradients at the
         conv feature encoder's output.
         """
         masks = {name: value for name, value in (("mask_time_indices", mask_time_indices),
@@ -228,7 +228,7 @@ def param_shapes(config: HFConfig) -> dict[str, tuple[int, ...]]:
 
 
 def stacked_param_shapes(config: HFConfig) -> dict[str, tuple[int, ...]]:
-    """`param_shapes` in the stacked layout of scanned layers (`convert.stacking`)."""
+    """`param_shapes` in the stacked layout of scanned layers (`convert.base.stacking`)."""
     return stacking.stacked_shapes(param_shapes(config), stacking.layer_stacks(config))
 
 

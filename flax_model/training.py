@@ -41,6 +41,7 @@ import optax
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from convert.base.composed import non_trainable_paths
 from flax_model.sharding import gathered_in_training, shard_batch, train_batch_rows, train_batch_sharding
 
 IGNORE_INDEX = -100
@@ -148,6 +149,12 @@ def leaf_labels(params: Mapping[str, Any], frozen: Callable[[str], bool]) -> dic
     """"train" or "frozen" for every leaf (a tree shaped like `params`), by its `/`-joined path."""
     flat = traverse_util.flatten_dict(dict(params), sep="/")
     return traverse_util.unflatten_dict({k: "frozen" if frozen(k) else "train" for k in flat}, sep="/")
+
+
+def buffer_paths(config: Any, params: Mapping[str, Any]) -> frozenset[str]:
+    """The Flax paths of `params` that transformers keeps as buffers (a logits bias, BatchNorm running
+    statistics): loaded and saved like weights, never trained (`convert.base.composed.non_trainable_paths`)."""
+    return non_trainable_paths(config, traverse_util.flatten_dict(dict(params), sep="/"))
 
 
 def frozen_predicate(freeze_feature_encoder: bool, non_trainable: frozenset[str] = frozenset(),

@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from convert.archs.wav2vec2 import Wav2Vec2FamilyConfig
-from convert.errors import UnsupportedConfig
+from convert.base.archs.wav2vec2 import Wav2Vec2FamilyConfig
+from convert.base.errors import UnsupportedConfig
 from flax_model.layers import ACTIVATIONS, frame_mask, is_scanned, layer_drop, make_stack, run_stack
 
 # HF's PyTorch defaults: nn.GroupNorm / nn.LayerNorm in the conv feature encoder and the adapter do not
@@ -388,7 +388,7 @@ class Wav2Vec2Module(nn.Module):
             deterministic: False applies dropout and LayerDrop (needs a "dropout" rng).
             freeze_feature_encoder: stop gradients at the conv feature encoder's output.
             mask_time_indices: [B, S] bool, SpecAugment's masked frames (S: frames of the conv feature
-                encoder), or None. Applied whenever given, as transformers does (see `convert.spec_augment`).
+                encoder), or None. Applied whenever given, as transformers does (see `convert.base.spec_augment`).
             mask_feature_indices: [B, C] bool, SpecAugment's masked channels (C: `hidden_size`), or None.
 
         Returns:

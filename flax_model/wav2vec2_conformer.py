@@ -2,7 +2,7 @@
 
 HF never ported the conformer to Flax; the parameter tree follows DESIGN.md's canonical names (the PyTorch keys of
 `Wav2Vec2ConformerModel` with `.` -> `/`; conv kernels [K, in/groups, out] as wav2vec2's; see
-`convert.archs.wav2vec2_conformer`). The feature encoder, feature projection, SpecAugment and adapter are
+`convert.base.archs.wav2vec2_conformer`). The feature encoder, feature projection, SpecAugment and adapter are
 `flax_model.wav2vec2`'s; the BatchNorm is HuBERT's (`flax_model.hubert.BatchNorm`). The encoder carries wav2vec2's
 weight-normalised positional conv without calling it, as transformers does.
 
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from convert.archs.wav2vec2_conformer import Wav2Vec2ConformerConfig
+from convert.base.archs.wav2vec2_conformer import Wav2Vec2ConformerConfig
 from flax_model.hubert import BatchNorm
 from flax_model.layers import ACTIVATIONS, is_scanned, layer_drop, make_stack, run_stack
 from flax_model.wav2vec2 import FeedForward, Wav2Vec2Module, layer_norm, masked_frames, module_shapes

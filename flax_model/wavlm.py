@@ -2,7 +2,7 @@
 
 HF never ported WavLM to Flax; the parameter tree follows DESIGN.md's canonical names (the PyTorch keys of
 `WavLMModel` with `.` -> `/`), except that layer 0's relative-position embedding sits beside the stack, at
-`encoder/rel_attn_embed/embedding` (see `convert.archs.wavlm`): the encoder computes the bias once and every
+`encoder/rel_attn_embed/embedding` (see `convert.base.archs.wavlm`): the encoder computes the bias once and every
 layer gates it.
 
 Numerics follow transformers' `WavLMModel`: the bias of relative position j - i comes from a bucket (exact
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from convert.archs.wavlm import WavLMConfig
+from convert.base.archs.wavlm import WavLMConfig
 from flax_model.layers import is_scanned, layer_drop, make_stack, run_stack
 from flax_model.wav2vec2 import (
     Attention,

@@ -14,14 +14,15 @@ import pytest
 import torch
 from flax import traverse_util
 
-from convert.checkpoint import numpy_to_torch
-from convert.keymap import plan_flax_to_torch, plan_torch_to_flax
-from convert.params import load_params
-from convert.registry import SPECS, spec_for
+from convert.base.checkpoint import numpy_to_torch
+from convert.base.keymap import plan_flax_to_torch, plan_torch_to_flax
+from convert.base.params import load_params
+from convert.base.registry import SPECS, spec_for
 from flax_model.registry import module_for
 from flax_model.speech_encoder_decoder import param_shapes
 from scripts.make_fixtures import cases_by_arch
 from torch_reference.registry import from_pretrained as reference_from_pretrained
+from torch_reference.registry import model_for
 
 TOLERANCE = 1e-5
 CASES = [(spec.name, case) for spec in SPECS for case in cases_by_arch()[spec.name]]
@@ -108,3 +109,17 @@ def test_keymap_roundtrip_is_bit_exact(arch, case, fixture_dir):
     restored = {e.target: numpy_to_torch(e.transform.to_torch(np.asarray(traverse_util.flatten_dict(
         nested, sep="/")[e.source]))) for e in to_torch.entries}
     assert not model.load_state_dict(restored, strict=False).unexpected_keys
+
+
+@pytest.mark.parametrize(("arch", "case"), CASES, ids=IDS)
+def test_spec_buffers_are_the_references_buffers(arch, case, fixture_dir):
+    """`ArchSpec.buffers` (which training leaves alone) names exactly what the reference registers as a persistent
+    buffer, as transformers does."""
+    config = load_params(fixture_dir(case), param_shapes).config
+    spec = spec_for(config)
+    with torch.device("meta"):
+        model = model_for(config)
+    persistent = set(model.state_dict())
+    buffers = {name for name, _ in model.named_buffers() if name in persistent}
+    declared = {key for key in persistent if spec.is_buffer(key)}
+    assert declared == buffers, f"declared {sorted(declared)}, registered {sorted(buffers)}"

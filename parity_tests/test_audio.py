@@ -16,8 +16,8 @@ import soundfile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from convert import audio as audio_io
-from convert.errors import ConvertError
+from convert.base import audio as audio_io
+from convert.base.errors import ConvertError
 
 FUZZ_EXAMPLES = 100  # per seed file; three seed files
 # Lossy codecs may pad the stream to whole frames: an MP3 frame is 1152 samples, a Vorbis block at most 2048.
@@ -231,7 +231,7 @@ def test_batch_is_normalised_like_the_feature_extractor():
 
 
 def test_feature_extractor_config_is_read_or_defaulted(tmp_path):
-    from convert.archs.wav2vec2 import Wav2Vec2Config
+    from convert.base.archs.wav2vec2 import Wav2Vec2Config
 
     group = audio_io.feature_extractor_config(tmp_path, Wav2Vec2Config(feat_extract_norm="group"))
     layer = audio_io.feature_extractor_config(tmp_path, Wav2Vec2Config(feat_extract_norm="layer"))

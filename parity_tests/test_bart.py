@@ -12,11 +12,11 @@ import pytest
 import torch
 from flax import traverse_util
 
-from convert.archs import bart as bart_keymap
-from convert.archs.bart import BartConfig
-from convert.checkpoint import Checkpoint, numpy_to_torch
-from convert.errors import CheckpointError, KeyMapError, UnsupportedConfig
-from convert.keymap import Plan, check_missing, plan_flax_to_torch, plan_torch_to_flax
+from convert.base.archs import bart as bart_keymap
+from convert.base.archs.bart import BartConfig
+from convert.base.checkpoint import Checkpoint, numpy_to_torch
+from convert.base.errors import CheckpointError, KeyMapError, UnsupportedConfig
+from convert.base.keymap import Plan, check_missing, plan_flax_to_torch, plan_torch_to_flax
 from flax_model.bart import BartForCausalLMModule, init_shapes
 from scripts.fixture_io import save_hf_checkpoint
 from scripts.fixtures_bart import hf_config

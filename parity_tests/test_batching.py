@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from convert.batching import bucket_boundaries, bucket_of, length_batches
+from convert.base.batching import bucket_boundaries, bucket_of, length_batches
 
 
 def test_boundaries_are_few_sorted_multiples_covering_the_range():

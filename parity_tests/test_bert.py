@@ -22,11 +22,11 @@ import pytest
 import torch
 from flax import traverse_util
 
-from convert.archs import bert as bert_spec
-from convert.checkpoint import Checkpoint
-from convert.errors import ConvertError, UnsupportedConfig
-from convert.params import load_params
-from convert.registry import spec_for
+from convert.base.archs import bert as bert_spec
+from convert.base.checkpoint import Checkpoint
+from convert.base.errors import ConvertError, UnsupportedConfig
+from convert.base.params import load_params
+from convert.base.registry import spec_for
 from flax_model.registry import module_for
 from flax_model.speech_encoder_decoder import param_shapes
 from scripts import fixtures_bert

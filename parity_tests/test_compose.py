@@ -16,12 +16,12 @@ import torch
 from flax import traverse_util
 from safetensors import safe_open
 
-from convert.checkpoint import Checkpoint
+from convert.base.checkpoint import Checkpoint
 from convert.compose import compose
-from convert.composed import SpeechEncoderDecoderConfig
-from convert.errors import ConvertError, KeyMapError, UnsupportedConfig
-from convert.keymap import SourceRules
-from convert.registry import spec_for
+from convert.base.composed import SpeechEncoderDecoderConfig
+from convert.base.errors import ConvertError, KeyMapError, UnsupportedConfig
+from convert.base.keymap import SourceRules
+from convert.base.registry import spec_for
 from convert.verify import compare_weight_files, load_both, logits_difference, seeded_inputs
 from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel
 from torch_reference.speech_encoder_decoder import SpeechEncoderDecoderModel
@@ -458,7 +458,7 @@ def test_report_card_and_summary_say_when_transformers_cannot_load_the_output(co
 
 
 def _pairs_over_every_architecture() -> list[tuple[str, str]]:
-    from convert.registry import SPECS
+    from convert.base.registry import SPECS
     from scripts.make_fixtures import cases_by_arch
 
     first = {spec.name: next(iter(cases_by_arch()[spec.name])) for spec in SPECS}

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from convert.archs.wav2vec2 import Wav2Vec2Config
-from convert.registry import config_from_hf_dict
-from convert.errors import UnsupportedConfig
+from convert.base.archs.wav2vec2 import Wav2Vec2Config
+from convert.base.registry import config_from_hf_dict
+from convert.base.errors import UnsupportedConfig
 from scripts.fixtures_wav2vec2 import GROUP, STABLE, hf_config
 
 # ----------------------------------------------------------------------------------------------------------

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from convert.archs import data2vec_audio
-from convert.archs.data2vec_audio import Data2VecAudioConfig
-from convert.checkpoint import Checkpoint
-from convert.errors import UnsupportedConfig
+from convert.base.archs import data2vec_audio
+from convert.base.archs.data2vec_audio import Data2VecAudioConfig
+from convert.base.checkpoint import Checkpoint
+from convert.base.errors import UnsupportedConfig
 from scripts.fixtures_data2vec_audio import TINY, hf_config
 from torch_reference.data2vec_audio import Data2VecAudioModel
 from torch_reference.registry import from_pretrained as reference_from_pretrained

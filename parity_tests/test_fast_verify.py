@@ -12,7 +12,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from convert import verify
-from convert.errors import CheckpointError
+from convert.base.errors import CheckpointError
 
 PAIR = ("w2v_group_adapter", "bart_cg")  # a tied LM head, an adapter, a weight-normed positional conv
 
@@ -123,7 +123,7 @@ def test_bfloat16_files_give_the_same_reference_and_flax_weights_uncopied(compos
 
 def test_reference_on_mapped_pages_takes_a_tied_copy_kept_in_the_file(composed_dir, tmp_path):
     """Some writers keep the tied LM head in the file: ignored, as the ordinary load does (the tie gives it)."""
-    from convert.composed import composed_tied_keys
+    from convert.base.composed import composed_tied_keys
 
     kept = tmp_path / "kept"
     shutil.copytree(composed_dir(*PAIR), kept)

@@ -59,9 +59,9 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 
-from convert import checkpoint
-from convert.checkpoint import SAFETENSORS_DTYPES, Checkpoint, torch_to_numpy
-from convert.errors import CheckpointError
+from convert.base.checkpoint import tensors as checkpoint_tensors
+from convert.base.checkpoint import SAFETENSORS_DTYPES, Checkpoint, torch_to_numpy
+from convert.base.errors import CheckpointError
 
 EXAMPLES_SAFETENSORS_MUTATED = 300
 EXAMPLES_SAFETENSORS_CRAFTED = 300
@@ -128,13 +128,13 @@ def _event(name: str) -> None:
 def _recorded_new_array() -> Iterator[list[int]]:
     """Every size `new_array` is asked for, in bytes."""
     requests: list[int] = []
-    real = checkpoint.new_array
+    real = checkpoint_tensors.new_array
 
     def recording(shape, dtype):
         requests.append(math.prod(shape) * np.dtype(dtype).itemsize)
         return real(shape, dtype)
 
-    with mock.patch.object(checkpoint, "new_array", recording):
+    with mock.patch.object(checkpoint_tensors, "new_array", recording):
         yield requests
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from convert.generation_settings import GenerationArgumentError, GenerationConfig, GenerationConfigError
+from convert.base.generation_settings import GenerationArgumentError, GenerationConfig, GenerationConfigError
 from flax_model import generation as flax_generation
 from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel
 from torch_reference.speech_encoder_decoder import SpeechEncoderDecoderModel
@@ -374,7 +374,7 @@ def test_a_generation_config_file_with_an_unimplemented_setting_is_refused(model
 
 def test_compose_refuses_a_decoder_generation_setting_it_does_not_implement(fixture_dir, tmp_path):
     from convert.compose import compose
-    from convert.errors import ConvertError
+    from convert.base.errors import ConvertError
 
     decoder = tmp_path / "decoder"
     shutil.copytree(fixture_dir("bart_untied"), decoder)

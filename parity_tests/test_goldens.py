@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from convert.composed import SpeechEncoderDecoderConfig, composed_keymap
-from convert.params import load_params
+from convert.base.composed import SpeechEncoderDecoderConfig, composed_keymap
+from convert.base.params import load_params
 from flax_model import generation as flax_generation
 from flax_model import layers as flax_layers
 from flax_model import registry as flax_registry

@@ -14,10 +14,10 @@ import pytest
 import torch
 from flax import traverse_util
 
-from convert.archs import gpt2 as gpt2_keymap
-from convert.archs.gpt2 import GPT2Config
-from convert.checkpoint import Checkpoint
-from convert.keymap import check_missing, plan_flax_to_torch, plan_torch_to_flax
+from convert.base.archs import gpt2 as gpt2_keymap
+from convert.base.archs.gpt2 import GPT2Config
+from convert.base.checkpoint import Checkpoint
+from convert.base.keymap import check_missing, plan_flax_to_torch, plan_torch_to_flax
 from flax_model import gpt2 as flax_gpt2
 from torch_reference import gpt2 as torch_gpt2
 from torch_reference.registry import from_pretrained as reference_from_pretrained

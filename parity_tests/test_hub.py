@@ -18,8 +18,9 @@ import yaml
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ResolvedRevision, constants, scan_cache_dir
 from huggingface_hub import errors as hf_errors
 
-from convert import hub, push
-from convert.errors import CheckpointError, HubError
+from convert.base import hub
+from convert import push
+from convert.base.errors import CheckpointError, HubError
 from convert.model_card import CardInfo, CardSource, card_sources, parse_model_card, read_license, render_model_card
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from convert.archs import hubert
-from convert.archs.hubert import HubertConfig
-from convert.checkpoint import Checkpoint
-from convert.errors import UnsupportedConfig
+from convert.base.archs import hubert
+from convert.base.archs.hubert import HubertConfig
+from convert.base.checkpoint import Checkpoint
+from convert.base.errors import UnsupportedConfig
 from flax_model.hubert import init_shapes
 from flax_model.speech_encoder_decoder import param_shapes
 from scripts.fixtures_hubert import TINY_GROUP, hf_config

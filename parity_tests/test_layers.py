@@ -13,22 +13,19 @@ from pathlib import Path
 
 import pytest
 
-from convert.registry import SPECS
+from convert.base.registry import SPECS
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("convert", "flax_model", "torch_reference", "scripts")
 
-# `convert` holds the base (configs, checkpoint I/O, key tables, specs, registry, Hub resolution) and the
-# application on top of the models. A convert module is base unless it is named here.
-APPLICATION = {
-    "convert.compose", "convert.verify", "convert.check", "convert.generate", "convert.push", "convert.model_card",
-    "convert.cli", "convert.finetune", "convert.transcribe", "convert.training_data", "convert.sharding_cli",
-}
+# The layer of a module is its folder: `convert/base/` (configs, checkpoint I/O, key tables, specs, registry, Hub
+# resolution), `flax_model/` and `torch_reference/` (the models), `convert/` outside `base/` (the application:
+# compose, the CLIs, Hub upload), `scripts/`. No list to keep: a new file is placed by where it is saved.
 BASE, MODELS, APP, SCRIPTS = 0, 1, 2, 3
 LAYER_NAMES = {BASE: "base", MODELS: "models", APP: "application", SCRIPTS: "scripts"}
 
 # Files shared by every architecture must not name one; these are an architecture's own (and the registration).
-ARCH_FILES = {"convert.registry"} | {f"convert.archs.{s.name}" for s in SPECS} | {s.flax_class.split(":")[0] for s in SPECS} | {
+ARCH_FILES = {"convert.base.registry"} | {f"convert.base.archs.{s.name}" for s in SPECS} | {s.flax_class.split(":")[0] for s in SPECS} | {
     s.torch_class.split(":")[0] for s in SPECS}
 
 
@@ -51,7 +48,11 @@ def layer_of(module: str) -> int:
         return SCRIPTS
     if top in ("flax_model", "torch_reference"):
         return MODELS
-    return APP if module in APPLICATION else BASE
+    if module == "convert.base" or module.startswith("convert.base."):
+        return BASE
+    if top == "convert":
+        return APP
+    raise AssertionError(f"{module}: not in a folder of a known layer")
 
 
 def _resolve(name: str) -> str | None:
@@ -159,7 +160,7 @@ def _docstrings(tree: ast.AST) -> set[int]:
 
 
 @pytest.mark.parametrize("module", sorted(m for m in MODULES if layer_of(m) in (BASE, MODELS, APP)
-                                          and m not in ARCH_FILES and not m.startswith("convert.archs")))
+                                          and m not in ARCH_FILES and not m.startswith("convert.base.archs")))
 def test_shared_code_names_no_architecture(module):
     """Shared code talks to the encoder and decoder protocols; only spec, model and fixture files name one."""
     tree = ast.parse(MODULES[module].read_text())

@@ -24,11 +24,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from convert.checkpoint import FLAX_FIRST, FLAX_MSGPACK, SAFETENSORS, Checkpoint
-from convert.keymap import KeyMap, Rule, T
-from convert.params import load_params, read_config
-from convert.registry import SPECS
-from convert.spec import ShardingError, check_partition_rules, default_partition_rules
+from convert.base.checkpoint import FLAX_FIRST, FLAX_MSGPACK, SAFETENSORS, Checkpoint
+from convert.base.keymap import KeyMap, Rule, T
+from convert.base.params import load_params, read_config
+from convert.base.registry import SPECS
+from convert.base.spec import ShardingError, check_partition_rules, default_partition_rules
 from flax_model.sharding import auto_mesh, load_sharded, partition_rules, partition_spec
 from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel, param_shapes
 from scripts.make_fixtures import cases_by_arch

@@ -27,11 +27,12 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from convert import cli, finetune, generate
-from convert.errors import UsageError
+from convert.base.errors import UsageError
 from flax_model.sharding import gathered_in_training, mesh_from_flag, parse_mesh
 from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel, SpeechEncoderDecoderModule
 from flax_model.training import (
     OptimizerSettings,
+    buffer_paths,
     frozen_predicate,
     init_state,
     leaf_labels,
@@ -42,7 +43,6 @@ from flax_model.training import (
     step_key,
     train_step,
 )
-from torch_reference.speech_encoder_decoder import non_trainable_paths
 
 # wav2vec2 (group norm: a weight-norm positional conv, whose split kernel the step gathers) + BART.
 PAIR = ("w2v_group", "bart_causal")
@@ -90,7 +90,7 @@ class _Run:
         self.model = FlaxSpeechEncoderDecoderModel.from_pretrained(directory, mesh=mesh)
         config = self.model.config
         self.config = config
-        frozen = frozen_predicate(True, non_trainable_paths(config))
+        frozen = frozen_predicate(True, buffer_paths(config, self.model.params))
         settings = OptimizerSettings(learning_rate=3e-3, total_steps=STEPS, warmup_steps=1, weight_decay=0.1,
                                      max_grad_norm=1.0)
         self.optimizer = make_optimizer(settings, leaf_labels(self.model.params, frozen))

@@ -63,7 +63,7 @@ def worker(process_id: int, port: int, model_dir: Path, out: Path, saved: Path) 
     import time
 
     seconds, started = {}, time.perf_counter()  # per phase, reported when the test fails
-    from convert.params import load_params
+    from convert.base.params import load_params
     from flax_model.sharding import load_sharded
     from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel, param_shapes
 
@@ -104,7 +104,7 @@ def worker(process_id: int, port: int, model_dir: Path, out: Path, saved: Path) 
     # One sharded optimiser step (deterministic; params and Adam's moments split, the batch over data), then a
     # save: each leaf gathered across the processes, process 0 writing; every process then checks the shards
     # its devices hold against the written file.
-    from convert.checkpoint import FLAX_FIRST, Checkpoint
+    from convert.base.checkpoint import FLAX_FIRST, Checkpoint
     from flax_model.speech_encoder_decoder import SpeechEncoderDecoderModule
     from flax_model.training import (
         OptimizerSettings,

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from convert.checkpoint import Checkpoint
-from convert.composed import composed_keymap
-from convert.registry import spec_for, specs
+from convert.base.checkpoint import Checkpoint
+from convert.base.composed import composed_keymap
+from convert.base.registry import spec_for, specs
 from convert.verify import seeded_inputs
 from flax_model.speech_encoder_decoder import SpeechEncoderDecoderModule
 from torch_reference.speech_encoder_decoder import from_pretrained as torch_from_pretrained

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from convert.generation_settings import GenerationConfig, GenerationSettings, resolve_settings
+from convert.base.generation_settings import GenerationConfig, GenerationSettings, resolve_settings
 from flax_model.generation import process_scores as flax_process
 from torch_reference.generation import process_scores as torch_process
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 from flax import traverse_util
 
-from convert.archs import roberta as roberta_spec
-from convert.errors import ConvertError, UnsupportedConfig
-from convert.params import load_params
+from convert.base.archs import roberta as roberta_spec
+from convert.base.errors import ConvertError, UnsupportedConfig
+from convert.base.params import load_params
 from flax_model import roberta as flax_roberta
 from flax_model.registry import module_for
 from flax_model.speech_encoder_decoder import param_shapes
@@ -155,6 +155,6 @@ def test_unsupported_roberta_config_is_refused(change, message):
 
 
 def test_roberta_config_is_not_taken_for_bert():
-    from convert.registry import spec_for
+    from convert.base.registry import spec_for
 
     assert spec_for(roberta_spec.RobertaConfig()).name == "roberta"

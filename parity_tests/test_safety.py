@@ -228,9 +228,9 @@ def compose_case(args: str, code: int, culprit: str, *, output: str = "{ws}/out"
 
 
 def _tiny_disk(monkeypatch: pytest.MonkeyPatch) -> None:
-    import convert.writing
+    import convert.base.writing
 
-    monkeypatch.setattr(convert.writing.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 4096,
+    monkeypatch.setattr(convert.base.writing.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 4096,
                                                                                                   4096))
 
 
@@ -503,7 +503,7 @@ def test_the_catalogue_covers_every_command_with_at_least_60_cases():
 
 
 def test_compose_api_names_its_parameters_not_flags(ws, monkeypatch):
-    from convert.errors import UsageError
+    from convert.base.errors import UsageError
 
     monkeypatch.chdir(ws / "cwd")
     with pytest.raises(UsageError, match=r"^seed=-1: must be from 0 to 4294967295$"):
@@ -527,7 +527,7 @@ def test_overwrite_replaces_only_what_the_toolkit_wrote(ws, tmp_path):
 
 @pytest.mark.parametrize("framework", ["flax", "torch"])
 def test_save_pretrained_follows_the_output_rules(framework, ws, tmp_path, monkeypatch):
-    from convert.errors import UsageError
+    from convert.base.errors import UsageError
 
     if framework == "flax":
         from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel as Model

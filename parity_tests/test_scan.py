@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from convert import stacking
-from convert.checkpoint import Checkpoint
-from convert.errors import UnsupportedConfig
-from convert.registry import specs
+from convert.base import stacking
+from convert.base.checkpoint import Checkpoint
+from convert.base.errors import UnsupportedConfig
+from convert.base.registry import specs
 from convert.verify import seeded_inputs
 from flax_model.cache import reorder_cache
 from flax_model.layers import layer_scan
@@ -103,7 +103,7 @@ def test_scanned_layers_equal_unrolled_outputs_and_gradients(encoder, decoder, c
     per_layer = model.params
     stacked = stack_params(config, per_layer)
 
-    # The scanned module's own param tree is the stacked layout `convert.stacking` converts to.
+    # The scanned module's own param tree is the stacked layout `convert.base.stacking` converts to.
     scanned = SpeechEncoderDecoderModule(config, scan_layers=True)
     traced = jax.eval_shape(lambda: scanned.init(jax.random.PRNGKey(0), batch["inputs"], None,
                                                  batch["decoder_input_ids"][:, :1]))["params"]

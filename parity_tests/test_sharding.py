@@ -15,12 +15,12 @@ from flax import serialization, traverse_util
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from convert import writing
-from convert.checkpoint import Checkpoint
+from convert.base import writing
+from convert.base.checkpoint import Checkpoint
 from convert.compose import compose, main
-from convert.errors import ConvertError
+from convert.base.errors import ConvertError
 from convert.verify import compare_weight_files, seeded_inputs
-from convert.writing import MsgpackWriter, SafetensorsWriter, TensorSpec, parse_size
+from convert.base.writing import MsgpackWriter, SafetensorsWriter, TensorSpec, parse_size
 from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel
 from torch_reference.speech_encoder_decoder import from_pretrained as torch_from_pretrained
 

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from convert.errors import UnsupportedConfig
-from convert.params import load_params
-from convert.registry import config_from_hf_dict
-from convert.spec_augment import compute_mask_indices, spec_augment_masks
+from convert.base.errors import UnsupportedConfig
+from convert.base.params import load_params
+from convert.base.registry import config_from_hf_dict
+from convert.base.spec_augment import compute_mask_indices, spec_augment_masks
 from flax_model.registry import module_for
 from flax_model.speech_encoder_decoder import param_shapes
 from torch_reference.registry import from_pretrained as reference_from_pretrained

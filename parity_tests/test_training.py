@@ -18,7 +18,7 @@ import pytest
 import torch
 from flax import traverse_util
 
-from convert.registry import specs
+from convert.base.registry import specs
 from convert.verify import compare_weight_files
 from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel, SpeechEncoderDecoderModule
 from flax_model.training import (
@@ -184,7 +184,7 @@ def test_saved_gradients_have_transformers_names_in_both_formats(composed_dir, t
 
 
 def test_save_pretrained_refuses_a_tree_of_another_shape(composed_dir, tmp_path):
-    from convert.errors import ConvertError
+    from convert.base.errors import ConvertError
 
     flax_model, _, _ = _models(composed_dir(*PAIRS[0]))
     flat = traverse_util.flatten_dict(flax_model.params, sep="/")

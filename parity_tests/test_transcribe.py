@@ -14,7 +14,7 @@ import pytest
 import soundfile
 import torch
 
-from convert.audio import zero_mean_unit_var
+from convert.base.audio import zero_mean_unit_var
 from convert.generate import main
 from convert.transcribe import chunk_bounds, merge_overlapping, read_manifest, transcribe
 from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel

@@ -17,12 +17,12 @@ import pytest
 import torch
 from flax import serialization, traverse_util
 
-from convert.archs import wav2vec2 as keymaps
-from convert.archs.wav2vec2 import Wav2Vec2Config
-from convert.checkpoint import Checkpoint
-from convert.errors import CheckpointError, KeyMapError, UnsupportedConfig
-from convert.keymap import plan_flax_to_torch, plan_torch_to_flax
-from convert.params import load_params
+from convert.base.archs import wav2vec2 as keymaps
+from convert.base.archs.wav2vec2 import Wav2Vec2Config
+from convert.base.checkpoint import Checkpoint
+from convert.base.errors import CheckpointError, KeyMapError, UnsupportedConfig
+from convert.base.keymap import plan_flax_to_torch, plan_torch_to_flax
+from convert.base.params import load_params
 from flax_model.registry import module_for
 from flax_model.speech_encoder_decoder import param_shapes
 from flax_model.wav2vec2 import Wav2Vec2Module, init_shapes

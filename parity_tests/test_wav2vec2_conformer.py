@@ -11,11 +11,11 @@ import pytest
 import torch
 from flax import traverse_util
 
-from convert.archs import wav2vec2_conformer as arch
-from convert.archs.wav2vec2_conformer import Wav2Vec2ConformerConfig
-from convert.checkpoint import Checkpoint
-from convert.errors import UnsupportedConfig
-from convert.params import load_params
+from convert.base.archs import wav2vec2_conformer as arch
+from convert.base.archs.wav2vec2_conformer import Wav2Vec2ConformerConfig
+from convert.base.checkpoint import Checkpoint
+from convert.base.errors import UnsupportedConfig
+from convert.base.params import load_params
 from flax_model.speech_encoder_decoder import param_shapes
 from flax_model.wav2vec2_conformer import Wav2Vec2ConformerModule, skew
 from scripts.fixtures_wav2vec2_conformer import RELATIVE, hf_config

@@ -12,10 +12,10 @@ import pytest
 import torch
 from flax import traverse_util
 
-from convert.archs import wavlm
-from convert.archs.wavlm import WavLMConfig
-from convert.composed import SpeechEncoderDecoderConfig
-from convert.errors import UnsupportedConfig
+from convert.base.archs import wavlm
+from convert.base.archs.wavlm import WavLMConfig
+from convert.base.composed import SpeechEncoderDecoderConfig
+from convert.base.errors import UnsupportedConfig
 from flax_model.speech_encoder_decoder import init_shapes
 from flax_model.wavlm import relative_position_buckets as flax_buckets
 from scripts.fixtures_wavlm import TINY_GROUP, hf_config

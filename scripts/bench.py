@@ -60,12 +60,12 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from convert.archs.bart import BartConfig
-from convert.archs.gpt2 import GPT2Config
-from convert.archs.wav2vec2 import Wav2Vec2Config
-from convert.checkpoint import numpy_to_torch
-from convert.composed import SpeechEncoderDecoderConfig, composed_tied_keys
-from convert.params import params_to_torch_state
+from convert.base.archs.bart import BartConfig
+from convert.base.archs.gpt2 import GPT2Config
+from convert.base.archs.wav2vec2 import Wav2Vec2Config
+from convert.base.checkpoint import numpy_to_torch
+from convert.base.composed import SpeechEncoderDecoderConfig, composed_tied_keys
+from convert.base.params import params_to_torch_state
 from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel, SpeechEncoderDecoderModule
 from torch_reference.speech_encoder_decoder import SpeechEncoderDecoderModel
 
@@ -415,7 +415,7 @@ def bench_compile(args) -> None:
     layers (the figures then show little difference)."""
     from flax import traverse_util
 
-    from convert.generation_settings import resolve_settings
+    from convert.base.generation_settings import resolve_settings
     from flax_model.generation import search_function
     from flax_model.speech_encoder_decoder import param_shapes, stacked_param_shapes
 

@@ -132,7 +132,7 @@ def _fill(key: str, shape: tuple[int, ...], noise: Any, shift: float) -> Any:
 
 
 def _wav2vec2(fields: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    from convert.archs.wav2vec2 import Wav2Vec2Config
+    from convert.base.archs.wav2vec2 import Wav2Vec2Config
     from scripts.fixtures_wav2vec2 import hf_config
     from torch_reference.wav2vec2 import Wav2Vec2Model
 
@@ -145,7 +145,7 @@ def _bart(fields: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     drops) included, the tied copies of `model.shared.weight` left out."""
     import torch
 
-    from convert.archs.bart import BartConfig
+    from convert.base.archs.bart import BartConfig
     from scripts.fixtures_bart import hf_config
     from torch_reference.bart import BartForCausalLM
 
@@ -180,7 +180,7 @@ def _bart_text_encoder_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ..
 
 
 def _gpt2(fields: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    from convert.archs.gpt2 import GPT2Config
+    from convert.base.archs.gpt2 import GPT2Config
     from scripts.fixtures_gpt2 import hf_config
     from torch_reference.gpt2 import GPT2LMHeadModel
 
@@ -205,7 +205,7 @@ def _child_main(argv: list[str]) -> int:
         import numpy  # noqa: F401
 
         import convert.compose
-        import convert.params  # noqa: F401
+        import convert.base.params  # noqa: F401
 
         if kind == "imports+torch":
             import torch  # noqa: F401

@@ -73,7 +73,7 @@ def child(kind: str, model: Path, process_id: int, processes: int, port: int, pr
     from flax import traverse_util
     from jax.sharding import Mesh
 
-    from convert.checkpoint import FLAX_FIRST, SAFETENSORS
+    from convert.base.checkpoint import FLAX_FIRST, SAFETENSORS
     from flax_model.sharding import load_sharded
     from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel, param_shapes
 
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--cache-dir is required")
     args.cache_dir.mkdir(parents=True, exist_ok=True)
     model = build_model(args.cache_dir, args.quick)
-    from convert.checkpoint import Checkpoint
+    from convert.base.checkpoint import Checkpoint
 
     size = Checkpoint(model).total_bytes
     rows = []

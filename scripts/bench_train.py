@@ -36,6 +36,7 @@ import torch
 from flax_model.speech_encoder_decoder import SpeechEncoderDecoderModule
 from flax_model.training import (
     OptimizerSettings,
+    buffer_paths,
     apply_function,
     frozen_predicate,
     init_state,
@@ -45,7 +46,6 @@ from flax_model.training import (
     step_key,
 )
 from scripts.bench import bart_base, batch_inputs, build_models, composed_config, emit
-from torch_reference.speech_encoder_decoder import non_trainable_paths
 
 
 def load() -> float:
@@ -67,7 +67,7 @@ def flax_step(model, batch: dict, freeze: bool, remat: bool, dtype) -> tuple:
     """(compiled grad function, compiled apply, state): the step `convert.finetune` runs."""
     settings = OptimizerSettings(learning_rate=1e-4, total_steps=1000, warmup_steps=10, weight_decay=0.01)
     optimizer = make_optimizer(settings, leaf_labels(model.params, frozen_predicate(
-        freeze, non_trainable_paths(model.config))))
+        freeze, buffer_paths(model.config, model.params))))
     module = SpeechEncoderDecoderModule(model.config, dtype=dtype, remat=remat)
     grad_fn = jax.jit(loss_grad_function(module, deterministic=False, freeze_feature_encoder=freeze))
     apply = jax.jit(apply_function(optimizer), donate_argnums=(0,))

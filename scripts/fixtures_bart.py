@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from convert.archs.bart import BartConfig
+from convert.base.archs.bart import BartConfig
 from scripts.fixture_io import save_hf_checkpoint
 from torch_reference.bart import BartForCausalLM
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from convert.archs.bert import BertConfig
+from convert.base.archs.bert import BertConfig
 from scripts.fixture_io import save_hf_checkpoint
 from torch_reference.bert import BertLMHeadModel
 

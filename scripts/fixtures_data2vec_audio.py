@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from convert.archs.data2vec_audio import Data2VecAudioConfig
+from convert.base.archs.data2vec_audio import Data2VecAudioConfig
 from scripts.fixtures_wav2vec2 import GROUP, family_case, task_case
 from torch_reference.data2vec_audio import Data2VecAudioModel
 

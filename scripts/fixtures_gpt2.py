@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from convert.archs.gpt2 import GPT2Config
+from convert.base.archs.gpt2 import GPT2Config
 from scripts.fixture_io import save_hf_checkpoint
 from torch_reference.gpt2 import Conv1D, GPT2LMHeadModel
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from convert.archs.hubert import HubertConfig
+from convert.base.archs.hubert import HubertConfig
 from scripts.fixture_io import save_hf_checkpoint
 from scripts.fixtures_wav2vec2 import (
     GROUP,

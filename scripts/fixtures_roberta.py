@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from convert.archs.roberta import RobertaConfig
+from convert.base.archs.roberta import RobertaConfig
 from scripts.fixture_io import save_hf_checkpoint
 from scripts.fixtures_bert import extra_tensors, position_ids_buffer, randomise_
 from torch_reference.roberta import RobertaForCausalLM

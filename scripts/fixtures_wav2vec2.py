@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from convert.archs.wav2vec2 import Wav2Vec2Config
+from convert.base.archs.wav2vec2 import Wav2Vec2Config
 from scripts.fixture_io import save_hf_checkpoint
 from torch_reference.wav2vec2 import Wav2Vec2Model
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from convert.archs.wav2vec2_conformer import Wav2Vec2ConformerConfig
+from convert.base.archs.wav2vec2_conformer import Wav2Vec2ConformerConfig
 from scripts.fixture_io import save_hf_checkpoint
 from scripts.fixtures_wav2vec2 import build_family_model
 from torch_reference.wav2vec2_conformer import Wav2Vec2ConformerModel

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from convert.archs.wavlm import WavLMConfig
+from convert.base.archs.wavlm import WavLMConfig
 from scripts.fixtures_wav2vec2 import GROUP, STABLE, WEIGHT_NORM_OLD_NAMES, family_case, task_case
 from torch_reference.wavlm import WavLMModel
 

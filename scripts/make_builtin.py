@@ -21,7 +21,7 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
 
-from convert.archs.wav2vec2 import Wav2Vec2Config  # noqa: E402
+from convert.base.archs.wav2vec2 import Wav2Vec2Config  # noqa: E402
 from scripts import fixtures_bart, fixtures_gpt2, fixtures_wav2vec2  # noqa: E402
 from scripts.fixture_io import save_hf_checkpoint  # noqa: E402
 

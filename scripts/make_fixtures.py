@@ -18,7 +18,7 @@ if __package__ in (None, ""):
 
 import importlib  # noqa: E402
 
-from convert.registry import SPECS  # noqa: E402
+from convert.base.registry import SPECS  # noqa: E402
 
 
 def cases_by_arch() -> dict[str, dict[str, Callable[[Path], object]]]:

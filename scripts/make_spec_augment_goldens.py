@@ -1,6 +1,6 @@
 """SpecAugment masks drawn by transformers itself, for `parity_tests/test_spec_augment.py`.
 
-`convert.spec_augment` re-implements transformers' `_compute_mask_indices` and the order in which its encoders
+`convert.base.spec_augment` re-implements transformers' `_compute_mask_indices` and the order in which its encoders
 draw the time and channel masks. These goldens are what transformers computes from the same seeds:
 
 * `compute` cases call `transformers.models.wav2vec2.modeling_wav2vec2._compute_mask_indices` directly after

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convert.archs.bart import BartConfig
+from convert.base.archs.bart import BartConfig
 from torch_reference.layers import (
     ACTIVATIONS,
     DecoderCache,

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convert.archs.bert import BertConfig, BertLikeConfig
+from convert.base.archs.bert import BertConfig, BertLikeConfig
 from torch_reference.layers import (
     ACTIVATIONS,
     DecoderCache,

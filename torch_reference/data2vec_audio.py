@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from convert.archs.data2vec_audio import Data2VecAudioConfig
+from convert.base.archs.data2vec_audio import Data2VecAudioConfig
 from torch_reference.layers import ACTIVATIONS
 from torch_reference.wav2vec2 import Encoder, Wav2Vec2Model, same_pad_trim
 

@@ -5,7 +5,7 @@ beam search and beam sampling, with transformers 5's logits processors in transf
 identical token sequences for the deterministic modes and scores within 1e-4. Both follow transformers 5's
 `generate` for an encoder-decoder model whose decoder prompt is the start token alone:
 
-* Settings: `convert.generation_settings.resolve_settings` (the model's generation config, a GenerationConfig-like
+* Settings: `convert.base.generation_settings.resolve_settings` (the model's generation config, a GenerationConfig-like
   object, keyword arguments). `max_new_tokens` = max_length - 1.
 * The encoder runs once; `init_cache` projects the cross-attention keys/values once; every step feeds the last
   token through the decoder with the cache (the start token sits at position 0).
@@ -33,7 +33,7 @@ identical token sequences for the deterministic modes and scores within 1e-4. Bo
   The result is each utterance's R best finished hypotheses (rows b * R + r), padded with transformers'
   `pad_token_id or eos_token_id[0]` to the longest.
 * Deliberate differences from transformers 5 (README, "Generation"): settings that transformers would silently
-  ignore are refused (`convert.generation_settings`); greedy search and sampling return a score too.
+  ignore are refused (`convert.base.generation_settings`); greedy search and sampling return a score too.
 * Scores: `sequences_scores` is, for beam search, each returned hypothesis' length-normalised score; for greedy
   search and sampling (where transformers returns none) the mean log-probability of the generated tokens under
   the softmax of the processed scores (eos included, padding not). With `output_scores`, `scores` holds each
@@ -49,7 +49,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from convert.generation_settings import GenerationSettings, model_generation_config, resolve_settings
+from convert.base.generation_settings import GenerationSettings, model_generation_config, resolve_settings
 from torch_reference.layers import DecoderCache, LayerCache
 
 # The score of the beams that are not live at the first step, and the penalty transformers adds to scores that

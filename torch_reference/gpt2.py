@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convert.archs.gpt2 import GPT2Config
+from convert.base.archs.gpt2 import GPT2Config
 from torch_reference.layers import (
     ACTIVATIONS,
     DecoderCache,

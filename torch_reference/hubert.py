@@ -12,14 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convert.archs.hubert import HubertConfig
+from convert.base.archs.hubert import HubertConfig
 from torch_reference.layers import ACTIVATIONS
 from torch_reference.wav2vec2 import Encoder, PositionalConvEmbedding, Wav2Vec2Model, same_pad_trim
 
 
 class BatchNorm(nn.Module):
     """torch's BatchNorm1d as transformers configures it (momentum 0.1, eps 1e-5), without the step counter
-    `num_batches_tracked`, which only momentum=None would read (see convert.archs.hubert)."""
+    `num_batches_tracked`, which only momentum=None would read (see convert.base.archs.hubert)."""
 
     def __init__(self, features: int):
         super().__init__()

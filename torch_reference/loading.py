@@ -8,9 +8,9 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from convert.checkpoint import Checkpoint, numpy_to_torch
-from convert.errors import CheckpointError
-from convert.keymap import SourceRules
+from convert.base.checkpoint import Checkpoint, numpy_to_torch
+from convert.base.errors import CheckpointError
+from convert.base.keymap import SourceRules
 
 
 @dataclasses.dataclass

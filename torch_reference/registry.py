@@ -1,6 +1,6 @@
 """Finds the reference code of a registered architecture (`ArchSpec.torch_class`).
 
-The specs live in the base layer (`convert.registry`) and name their reference module by import path;
+The specs live in the base layer (`convert.base.registry`) and name their reference module by import path;
 resolving that name here keeps the import edge inside the models layer.
 """
 
@@ -11,9 +11,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from convert.checkpoint import CONFIG, Checkpoint
-from convert.registry import spec_for
-from convert.spec import ArchSpec
+from convert.base.checkpoint import CONFIG, Checkpoint
+from convert.base.registry import spec_for
+from convert.base.spec import ArchSpec
 from torch_reference.loading import LoadReport, load_checkpoint_into
 
 

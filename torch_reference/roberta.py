@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convert.archs.roberta import RobertaConfig
+from convert.base.archs.roberta import RobertaConfig
 from torch_reference.bert import BertModel, VocabularyProjection
 from torch_reference.layers import DecoderCache
 

@@ -10,12 +10,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from convert.checkpoint import Checkpoint, numpy_to_torch
-from convert.composed import SpeechEncoderDecoderConfig, composed_keymap, composed_tied_keys
-from convert.errors import UnsupportedConfig
-from convert.generation_settings import GenerationConfig
-from convert.params import load_params, params_to_torch_state, save_params
-from convert.writing import atomic_directory
+from convert.base.checkpoint import Checkpoint, numpy_to_torch
+from convert.base.composed import SpeechEncoderDecoderConfig, composed_keymap, composed_tied_keys
+from convert.base.errors import UnsupportedConfig
+from convert.base.generation_settings import GenerationConfig
+from convert.base.params import load_params, params_to_torch_state, save_params
+from convert.base.writing import atomic_directory
 from torch_reference.generation import generate as _generate
 from torch_reference.layers import frame_mask
 from torch_reference.loading import LoadReport, load_checkpoint_into

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from convert.composed import composed_keymap, composed_tied_keys
+from convert.base.composed import composed_keymap, composed_tied_keys
 
 IGNORE_INDEX = -100
 # HF's name of the conv feature encoder in every speech encoder of the wav2vec2 family (`freeze_feature_encoder`).

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from convert.archs.wav2vec2 import Wav2Vec2FamilyConfig
-from convert.errors import UnsupportedConfig
+from convert.base.archs.wav2vec2 import Wav2Vec2FamilyConfig
+from convert.base.errors import UnsupportedConfig
 from torch_reference.layers import ACTIVATIONS, frame_mask, layer_drop
 
 # HF's defaults: nn.GroupNorm / nn.LayerNorm in the conv feature encoder and the adapter do not take

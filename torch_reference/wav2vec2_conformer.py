@@ -1,7 +1,7 @@
 """Plain-PyTorch wav2vec2-conformer encoder whose `state_dict` keys equal Hugging Face's `Wav2Vec2ConformerModel`.
 
 wav2vec2's feature encoder, feature projection, SpecAugment and adapter (`torch_reference.wav2vec2`) around a stack
-of conformer blocks (see `convert.archs.wav2vec2_conformer`). The encoder holds wav2vec2's weight-normalised
+of conformer blocks (see `convert.base.archs.wav2vec2_conformer`). The encoder holds wav2vec2's weight-normalised
 positional conv, as transformers' does, and never calls it. The BatchNorm of each block's convolution module is
 HuBERT's (`torch_reference.hubert.BatchNorm`: running statistics in eval mode, the batch's in `.train()`, which also
 move the running ones; no step counter).
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convert.archs.wav2vec2_conformer import Wav2Vec2ConformerConfig
+from convert.base.archs.wav2vec2_conformer import Wav2Vec2ConformerConfig
 from torch_reference.hubert import BatchNorm
 from torch_reference.layers import ACTIVATIONS, layer_drop
 from torch_reference.wav2vec2 import FeedForward, PositionalConvEmbedding, Wav2Vec2Model

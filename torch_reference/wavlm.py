@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from convert.archs.wavlm import WavLMConfig
+from convert.base.archs.wavlm import WavLMConfig
 from torch_reference.layers import layer_drop
 from torch_reference.wav2vec2 import Attention, Encoder, EncoderLayer, Wav2Vec2Model
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from convert.archs.wav2vec2 import (
+from convert.base.archs.wav2vec2 import (
     ADAPTER_POSITIVE,
     ADAPTER_ROWS,
     FEATURE_ROWS,
@@ -23,8 +23,8 @@ from convert.archs.wav2vec2 import (
     family_source_rules,
     task_head_drops,
 )
-from convert.keymap import KeyMap, SourceRules
-from convert.spec import ArchSpec
+from convert.base.keymap import KeyMap, SourceRules
+from convert.base.spec import ArchSpec
 
 
 @dataclasses.dataclass(frozen=True)

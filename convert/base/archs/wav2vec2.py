@@ -14,9 +14,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-from convert.configs import HFConfig
-from convert.keymap import KeyMap, Rule, SourceRules, T
-from convert.spec import ArchSpec
+from convert.base.configs import HFConfig
+from convert.base.keymap import KeyMap, Rule, SourceRules, T
+from convert.base.spec import ArchSpec
 
 # ----------------------------------------------------------------------------------------------------------
 # Config

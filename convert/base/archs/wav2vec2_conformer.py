@@ -13,7 +13,7 @@ carried like a weight and used as stored. Buffers (BatchNorm running statistics,
 
 Task checkpoints (`Wav2Vec2ConformerForCTC`, `...ForPreTraining`, `...ForSequenceClassification`,
 `...ForAudioFrameClassification`, `...ForXVector`) keep the encoder under `wav2vec2_conformer.`; their heads are
-dropped with the reason, as are the BatchNorm step counters (`num_batches_tracked`, see `convert.archs.hubert`).
+dropped with the reason, as are the BatchNorm step counters (`num_batches_tracked`, see `convert.base.archs.hubert`).
 HF never ported the conformer to Flax: the Flax paths follow DESIGN.md's canonical names.
 """
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from convert.archs.wav2vec2 import (
+from convert.base.archs.wav2vec2 import (
     ADAPTER_POSITIVE,
     ADAPTER_ROWS,
     FEATURE_ROWS,
@@ -36,8 +36,8 @@ from convert.archs.wav2vec2 import (
     task_head_drops,
     weight_norm_renames,
 )
-from convert.keymap import KeyMap, Rule, SourceRules, T
-from convert.spec import ArchSpec
+from convert.base.keymap import KeyMap, Rule, SourceRules, T
+from convert.base.spec import ArchSpec
 
 POSITION_EMBEDDINGS = ("relative", "rotary", None)
 
@@ -167,6 +167,7 @@ SPEC = ArchSpec(
     torch_class="torch_reference.wav2vec2_conformer:Wav2Vec2ConformerModel",
     fixtures="scripts.fixtures_wav2vec2_conformer",
     layer_stack=("num_hidden_layers", "encoder/layers/"),
+    buffers=(r".*\.batch_norm\.running_(mean|var)", r"encoder\.embed_positions\.inv_freq"),
     hf_classes=("Wav2Vec2ConformerModel", "Wav2Vec2ConformerForCTC", "Wav2Vec2ConformerForPreTraining",
                 "Wav2Vec2ConformerForSequenceClassification", "Wav2Vec2ConformerForAudioFrameClassification",
                 "Wav2Vec2ConformerForXVector"),

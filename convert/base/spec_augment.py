@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from convert.errors import UnsupportedConfig
+from convert.base.errors import UnsupportedConfig
 
 
 def compute_mask_indices(shape: tuple[int, int], mask_prob: float, mask_length: int, rng: np.random.RandomState,

@@ -20,7 +20,7 @@ needs fine-tuning as its cross-attention does. Loading a `BertModel` directory o
 refused as missing the head.
 
 Cross-attention (`crossattention`) is created by the composer when the source has none, as for GPT-2.
-Reused by `convert.archs.roberta` (transformers' RoBERTa is BERT "Copied from" with other positions and head).
+Reused by `convert.base.archs.roberta` (transformers' RoBERTa is BERT "Copied from" with other positions and head).
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from convert.configs import HFConfig
-from convert.keymap import KeyMap, Rule, SourceRules, T
-from convert.spec import ArchSpec
+from convert.base.configs import HFConfig
+from convert.base.keymap import KeyMap, Rule, SourceRules, T
+from convert.base.spec import ArchSpec
 
 # ----------------------------------------------------------------------------------------------------------
 # Config

@@ -13,9 +13,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from convert.configs import HFConfig
-from convert.keymap import KeyMap, Rule, SourceRules, T
-from convert.spec import ArchSpec
+from convert.base.configs import HFConfig
+from convert.base.keymap import KeyMap, Rule, SourceRules, T
+from convert.base.spec import ArchSpec
 
 # ----------------------------------------------------------------------------------------------------------
 # Config
@@ -218,6 +218,7 @@ SPEC = ArchSpec(
     torch_class="torch_reference.bart:BartForCausalLM",
     fixtures="scripts.fixtures_bart",
     layer_stack=("decoder_layers", "model/decoder/layers/"),
+    buffers=("final_logits_bias",),
     hf_classes=("BartForCausalLM", "BartForConditionalGeneration", "BartModel", "MBartForCausalLM",
                 "MBartForConditionalGeneration", "MBartModel"),
 )

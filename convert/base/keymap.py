@@ -18,7 +18,7 @@ from functools import cached_property
 
 import numpy as np
 
-from convert.errors import KeyMapError
+from convert.base.errors import KeyMapError
 
 Shape = tuple[int, ...]
 
@@ -36,7 +36,7 @@ class T(enum.Enum):
 
     def to_flax(self, a: np.ndarray, contiguous: bool = True) -> np.ndarray:
         """`a` in the Flax layout; `contiguous=False` returns a strided view instead of a copy (the writers
-        in convert.writing copy views out block by block, faster than one strided copy and without a
+        in convert.base.writing copy views out block by block, faster than one strided copy and without a
         second full-size array)."""
         if self is T.LINEAR:
             return np.ascontiguousarray(a.T) if contiguous else a.T

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
-from convert.checkpoint import CONFIG, FLAX_MSGPACK, WEIGHT_FILES, Checkpoint
-from convert.composed import (  # noqa: F401 - composed_keymap, tied_keys_for: part of this module's API
+from convert.base.checkpoint import CONFIG, FLAX_MSGPACK, WEIGHT_FILES, Checkpoint
+from convert.base.composed import (  # noqa: F401 - composed_keymap, tied_keys_for: part of this module's API
     SpeechEncoderDecoderConfig,
     composed_keymap,
     composed_tied_keys,
@@ -27,12 +27,12 @@ from convert.composed import (  # noqa: F401 - composed_keymap, tied_keys_for: p
     read_any_config,
     tied_keys_for,
 )
-from convert.configs import HFConfig
-from convert.errors import KeyMapError
-from convert.keymap import Entry, Plan, SourceRules, T, check_missing, plan_flax_to_torch, plan_torch_to_flax
-from convert.registry import spec_for
-from convert.spec import ArchSpec
-from convert.writing import ShardedWriter, TensorSpec, WriteLanes
+from convert.base.configs import HFConfig
+from convert.base.errors import KeyMapError
+from convert.base.keymap import Entry, Plan, SourceRules, T, check_missing, plan_flax_to_torch, plan_torch_to_flax
+from convert.base.registry import spec_for
+from convert.base.spec import ArchSpec
+from convert.base.writing import ShardedWriter, TensorSpec, WriteLanes
 
 Shapes = dict[str, tuple[int, ...]]
 # The Flax leaves a config's model has: `/`-joined path -> shape. The models layer provides it
@@ -225,7 +225,7 @@ def save_params(
 def save_flax_msgpack(directory: str | Path, leaves: Mapping[str, np.ndarray],
                       max_shard_size: int | None = None) -> list[Path]:
     """Writes the Flax msgpack of `leaves` (`/`-joined path -> array) as they are, without the key table: for
-    trees outside HF's layout, such as the stacked layers of a scanned model (`convert.stacking`).
+    trees outside HF's layout, such as the stacked layers of a scanned model (`convert.base.stacking`).
 
     Returns:
         The files written.

@@ -4,13 +4,13 @@ decoder, and the composed key table (the two parts' tables one level down, plus 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar, Self
 
-from convert.configs import DecoderConfig, EncoderConfig, HFConfig
-from convert.errors import UnsupportedConfig
-from convert.keymap import KeyMap, Rule, T
-from convert.registry import config_from_hf_dict, spec_for
+from convert.base.configs import DecoderConfig, EncoderConfig, HFConfig
+from convert.base.errors import UnsupportedConfig
+from convert.base.keymap import KeyMap, Rule, T
+from convert.base.registry import config_from_hf_dict, spec_for
 
 COMPOSED_MODEL_TYPE = "speech-encoder-decoder"
 # Files of a composed directory besides config.json and the weights.
@@ -118,6 +118,23 @@ def composed_tied_keys(config: SpeechEncoderDecoderConfig) -> dict[str, str]:
     """Tied PyTorch keys of the composed model: the decoder's, one level down (`decoder.`)."""
     tied = spec_for(config.decoder, role="decoder").tied_keys(config.decoder)
     return {f"decoder.{k}": f"decoder.{v}" for k, v in tied.items()}
+
+
+def non_trainable_paths(config: SpeechEncoderDecoderConfig, flax_paths: Iterable[str]) -> frozenset[str]:
+    """The Flax paths among `flax_paths` that transformers keeps as buffers (`ArchSpec.buffers`: a logits bias,
+    BatchNorm running statistics), which training leaves unchanged."""
+    keymap = composed_keymap(config)
+    parts = {"encoder.": spec_for(config.encoder, role="encoder"), "decoder.": spec_for(config.decoder, role="decoder")}
+    found = set()
+    for path in flax_paths:
+        mapped = keymap.to_torch(path)
+        if mapped is None:
+            continue
+        key = mapped[0]
+        for prefix, spec in parts.items():
+            if key.startswith(prefix) and spec.is_buffer(key[len(prefix):]):
+                found.add(path)
+    return frozenset(found)
 
 
 def keymap_for(config: HFConfig) -> KeyMap:

@@ -20,7 +20,7 @@ import numpy as np
 import soundfile
 import soxr
 
-from convert.errors import ConvertError
+from convert.base.errors import ConvertError
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
 DEFAULT_SAMPLE_RATE = 16000

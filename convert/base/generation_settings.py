@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self
 
-from convert.errors import UnsupportedConfig, UsageError
+from convert.base.errors import UnsupportedConfig, UsageError
 
 GENERATION_CONFIG_FILE = "generation_config.json"
 CONFIG_FILE = "config.json"

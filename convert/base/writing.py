@@ -26,8 +26,8 @@ from typing import BinaryIO
 
 import numpy as np
 
-from convert.checkpoint import DTYPE_TO_SAFETENSORS
-from convert.errors import ConvertError, UsageError
+from convert.base.checkpoint import DTYPE_TO_SAFETENSORS
+from convert.base.errors import ConvertError, UsageError
 
 _MSGPACK_NDARRAY = 1  # flax.serialization's ext type code for arrays
 _MSGPACK_MAX_LEAF = 2**30  # flax chunks leaves bigger than this
@@ -532,7 +532,7 @@ def check_output_location(target: str | Path, *, overwrite: bool = False, source
     Returns:
         The target with symbolic links in its parents resolved.
     """
-    from convert.errors import OutputError, UsageError
+    from convert.base.errors import OutputError, UsageError
 
     target = Path(target).expanduser()
     label = f"{param}={target}"
@@ -587,7 +587,7 @@ def check_output_location(target: str | Path, *, overwrite: bool = False, source
 
 def _hub_cache() -> Path | None:
     try:
-        from convert.hub import hub_cache_dir
+        from convert.base.hub import hub_cache_dir
 
         return hub_cache_dir()
     except Exception:  # noqa: BLE001 - without huggingface_hub there is no cache to protect
@@ -664,7 +664,7 @@ def atomic_directory(target: str | Path, overwrite: bool = False, *, sources: Se
     temporary directory and the parent directories this run created, leaving `target` as it was; an OSError
     of the output location (a full disk, a file size limit, permissions) becomes a one-line OutputError.
     """
-    from convert.errors import OutputError
+    from convert.base.errors import OutputError
 
     target = Path(target).expanduser()
     check_output_location(target, overwrite=overwrite, sources=sources, param=param, needed_bytes=needed_bytes)

@@ -2,14 +2,14 @@
 `FlaxRobertaForCausalLMModule`), spec.
 
 transformers' RoBERTa is BERT (its modules are "Copied from" BERT) with two differences, which is all this file
-adds to `convert.archs.bert`:
+adds to `convert.base.archs.bert`:
 
 * Positions come from the token ids (fairseq's `make_positions`): a pad token (`input_ids == pad_token_id`) sits
   at position `pad_token_id`, every other token at `pad_token_id + 1 +` the number of non-pad tokens before it in
   the call, plus the number of cached positions in incremental decoding. So `max_position_embeddings` rows serve
   `max_position_embeddings - pad_token_id - 1` decoder positions.
 * The LM head is `lm_head.{dense, layer_norm, decoder, bias}` with an exact GELU whatever `hidden_act` says.
-  Tied and untied heads behave as BERT's (see `convert.archs.bert`).
+  Tied and untied heads behave as BERT's (see `convert.base.archs.bert`).
 
 Sources: `RobertaForCausalLM`, `RobertaForMaskedLM` and `RobertaModel` (no prefix, no head: the composer
 starts the head as transformers would).
@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from convert.archs.bert import (
+from convert.base.archs.bert import (
     LINEAR,
     NORM,
     BertLikeConfig,
@@ -31,8 +31,8 @@ from convert.archs.bert import (
     head_rules,
     rows,
 )
-from convert.keymap import KeyMap, Rule, SourceRules
-from convert.spec import ArchSpec
+from convert.base.keymap import KeyMap, Rule, SourceRules
+from convert.base.spec import ArchSpec
 
 # ----------------------------------------------------------------------------------------------------------
 # Config

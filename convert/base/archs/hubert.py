@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from convert.archs.wav2vec2 import (
+from convert.base.archs.wav2vec2 import (
     FEATURE_ROWS,
     LAYER_ROWS,
     WEIGHT_NORM_POS_CONV_ROWS,
@@ -24,8 +24,8 @@ from convert.archs.wav2vec2 import (
     task_head_drops,
     weight_norm_renames,
 )
-from convert.keymap import KeyMap, Rule, SourceRules, T
-from convert.spec import ArchSpec
+from convert.base.keymap import KeyMap, Rule, SourceRules, T
+from convert.base.spec import ArchSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,5 +98,6 @@ SPEC = ArchSpec(
     torch_class="torch_reference.hubert:HubertModel",
     fixtures="scripts.fixtures_hubert",
     layer_stack=("num_hidden_layers", "encoder/layers/"),
+    buffers=(r".*\.batch_norm\.running_(mean|var)",),
     hf_classes=("HubertModel", "HubertForCTC", "HubertForSequenceClassification"),
 )

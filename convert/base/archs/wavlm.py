@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from convert.archs.wav2vec2 import (
+from convert.base.archs.wav2vec2 import (
     ADAPTER_POSITIVE,
     ADAPTER_ROWS,
     FEATURE_ROWS,
@@ -32,8 +32,8 @@ from convert.archs.wav2vec2 import (
     task_head_drops,
     weight_norm_renames,
 )
-from convert.keymap import KeyMap, Rule, SourceRules, T
-from convert.spec import ArchSpec
+from convert.base.keymap import KeyMap, Rule, SourceRules, T
+from convert.base.spec import ArchSpec
 
 
 @dataclasses.dataclass(frozen=True)

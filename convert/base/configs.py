@@ -1,6 +1,6 @@
 """The base of every config read from a Hugging Face `config.json`, and the protocols the composed model needs.
 
-An architecture's config (in `convert/archs/<name>.py`) is a frozen dataclass deriving from `HFConfig`: it
+An architecture's config (in `convert/base/archs/<name>.py`) is a frozen dataclass deriving from `HFConfig`: it
 models the fields that change the computation, checks their types and ranges, refuses settings it does not
 implement, and keeps every other field of the source dict verbatim, so that `to_hf_dict(from_hf_dict(d)) == d`.
 
@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, Self, runtime_checkable
 
-from convert.errors import CheckpointError, UnsupportedConfig
+from convert.base.errors import CheckpointError, UnsupportedConfig
 
 # Activation names we implement, in both flax_model and torch_reference.
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "quick_gelu", "relu", "silu", "swish", "tanh")

@@ -1,6 +1,6 @@
 """The supported architectures: one registration line each. Everything else is derived from `SPECS`.
 
-To add an architecture, write its spec module under `convert/archs/` and add its `SPEC` here (see DESIGN.md,
+To add an architecture, write its spec module under `convert/base/archs/` and add its `SPEC` here (see DESIGN.md,
 "Adding an architecture").
 """
 
@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from convert.archs import bart, bert, data2vec_audio, gpt2, hubert, roberta, wav2vec2, wav2vec2_conformer, wavlm
-from convert.configs import HFConfig
-from convert.errors import UnsupportedConfig
-from convert.spec import ArchSpec, Role
+from convert.base.archs import bart, bert, data2vec_audio, gpt2, hubert, roberta, wav2vec2, wav2vec2_conformer, wavlm
+from convert.base.configs import HFConfig
+from convert.base.errors import UnsupportedConfig
+from convert.base.spec import ArchSpec, Role
 
 SPECS: tuple[ArchSpec, ...] = (
     wav2vec2.SPEC,

@@ -22,8 +22,8 @@ import httpx2
 from huggingface_hub import HfApi, constants, snapshot_download, try_to_load_from_cache
 from huggingface_hub import errors as hf_errors
 
-from convert import checkpoint as ckpt
-from convert.errors import HubError
+from convert.base import checkpoint as ckpt
+from convert.base.errors import HubError
 
 HUB_URL = "https://huggingface.co"
 LIBRARY_NAME = "speech-encdec-flax"

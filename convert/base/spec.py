@@ -1,10 +1,10 @@
-"""`ArchSpec`: everything the toolkit knows about one architecture, declared once in `convert/archs/<name>.py`.
+"""`ArchSpec`: everything the toolkit knows about one architecture, declared once in `convert/base/archs/<name>.py`.
 
 A spec holds the base-layer pieces themselves (config class, key table, source rules, tie and init rules) and
 names the pieces that live in higher layers by import path: the Flax module (`flax_model.<name>`), the PyTorch
 reference module (`torch_reference.<name>`) and the fixture builder (`scripts.fixtures_<name>`). Each of those
 layers resolves its own names (`flax_model.registry`, `torch_reference.registry`), so the base never imports a
-layer above it. `convert.registry` lists the specs; everything else (supported model types, built-in names,
+layer above it. `convert.base.registry` lists the specs; everything else (supported model types, built-in names,
 test parametrisation) is derived from that list.
 """
 
@@ -15,9 +15,9 @@ import re
 from collections.abc import Callable
 from typing import Any, Literal, TypeAlias
 
-from convert.configs import HFConfig
-from convert.errors import ConvertError
-from convert.keymap import KeyMap, SourceRules, T
+from convert.base.configs import HFConfig
+from convert.base.errors import ConvertError
+from convert.base.keymap import KeyMap, SourceRules, T
 
 Role = Literal["encoder", "decoder"]
 
@@ -114,7 +114,7 @@ class ArchSpec:
     """One architecture.
 
     Attributes:
-        name: the file stem shared by `convert/archs/`, `flax_model/`, `torch_reference/` and
+        name: the file stem shared by `convert/base/archs/`, `flax_model/`, `torch_reference/` and
             `scripts/fixtures_<name>.py`.
         role: "encoder" (speech) or "decoder" (text).
         config_class: reads the architecture's `config.json`; its `MODEL_TYPES` are the model types served.
@@ -135,6 +135,9 @@ class ArchSpec:
         partition_rules: (Flax path regex, mesh axes per dimension) rules that take precedence over the
             defaults derived from the key table (`DEFAULT_AXES`); most architectures need none. See
             `partitioning`.
+        buffers: regexes (whole-key matches) of the canonical PyTorch keys that transformers keeps as buffers,
+            not parameters (a logits bias, BatchNorm running statistics, a rotary `inv_freq`): stored and
+            loaded like weights, never trained (`convert.base.composed.non_trainable_paths`).
     """
 
     name: str
@@ -152,6 +155,7 @@ class ArchSpec:
     initializable: tuple[str, ...] = ()
     hf_classes: tuple[str, ...] = ()
     partition_rules: tuple[PartitionRule, ...] = ()
+    buffers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_partition_rules(self.partition_rules, f"{self.name}: partition_rules")
@@ -160,6 +164,10 @@ class ArchSpec:
             value = getattr(self, attr)
             if not value.startswith(package):
                 raise ValueError(f"{self.name}: {attr}={value!r} must name a module under {package[:-1]}")
+
+    def is_buffer(self, torch_key: str) -> bool:
+        """Whether a canonical PyTorch key of this architecture is a buffer (see `buffers`)."""
+        return any(re.fullmatch(pattern, torch_key) for pattern in self.buffers)
 
     @property
     def model_types(self) -> tuple[str, ...]:

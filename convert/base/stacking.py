@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from convert.composed import SpeechEncoderDecoderConfig
-from convert.configs import HFConfig
-from convert.errors import UnsupportedConfig
-from convert.registry import spec_for
+from convert.base.composed import SpeechEncoderDecoderConfig
+from convert.base.configs import HFConfig
+from convert.base.errors import UnsupportedConfig
+from convert.base.registry import spec_for
 
 # Stack prefix -> number of layers.
 Stacks = dict[str, int]

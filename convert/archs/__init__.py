@@ -1,1 +1,0 @@
-"""One module per architecture: its config class, key table, source rules and `SPEC` (see convert.spec)."""

@@ -1,0 +1,1 @@
+"""One module per architecture: its config class, key table, source rules and `SPEC` (see convert.base.spec)."""
