@@ -4,6 +4,8 @@ is walked once, skipping over array data and recording where each array's bytes 
 from __future__ import annotations
 
 import dataclasses
+import io
+import struct
 import math
 from pathlib import Path
 from typing import Any
