@@ -1,5 +1,9 @@
 """The safetensors reader: an 8-byte header length, a JSON header, raw little-endian data; each tensor read with
-one `readinto` when asked for (or cast in chunks on the way in), so a file is never loaded whole."""
+one `readinto` when asked for (or cast in chunks on the way in), so a file is never loaded whole.
+
+The header is held to what the safetensors library checks: each tensor's byte length is its dtype's size times its
+shape, and the tensors, in offset order, tile the data exactly (no shared, overlapping or skipped bytes, nothing
+after the last one). A file the library refuses is refused here too (`parity_tests/test_fuzz_readers.py`)."""
 
 from __future__ import annotations
 
@@ -72,6 +76,26 @@ class SafetensorsFile:
                                       f"data, the file holds {data_size})")
             self.entries[key] = info
             self._offsets[key] = (begin, end)
+        self._check_layout(data_size)
+
+    def _check_layout(self, data_size: int) -> None:
+        """The tensors tile the data exactly, as the safetensors library requires: in offset order each begins
+        where the one before ends (the first at 0), and the last ends where the file does. Otherwise two tensors
+        could share bytes, a shifted header could read its neighbour's bytes, or bytes could hide after the end."""
+        position, previous = 0, None
+        for key, (begin, end) in sorted(self._offsets.items(), key=lambda item: item[1]):
+            if begin < position:
+                raise self._corrupt(f"{brief(key)} (bytes {begin}..{end} of the data) overlaps {brief(previous)}, "
+                                    f"which ends at byte {position}")
+            if begin > position:
+                after = f"after {brief(previous)}, which ends at byte {position}" if previous is not None else \
+                    "at the start of the data"
+                raise self._corrupt(f"{begin - position} byte(s) belong to no tensor {after} ({brief(key)} begins "
+                                    f"at byte {begin})")
+            position, previous = end, key
+        if position != data_size:
+            raise self._corrupt(f"{data_size - position} trailing byte(s) after the last tensor (the tensors cover "
+                                f"{position} of the {data_size} bytes of data)")
 
     def _corrupt(self, why: str) -> CheckpointError:
         return CheckpointError(f"{self.path}: corrupt safetensors file ({why})")
