@@ -29,7 +29,9 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from convert.base.checkpoint import Checkpoint
 from convert.base.errors import ConvertError, bad_argument, with_param
+from convert.base.params import check_layer_counts
 
 FORMATS = ("both", "flax", "safetensors")
 FLAX_FILES = ("flax_model.msgpack", "flax_model.msgpack.index.json")
@@ -86,6 +88,8 @@ def check(
     checks = [_files_check(directory, weights)]
     if not checks[0]["passed"]:
         return _result(model, directory, checks)
+    for name in checks[0]["found"]:  # before the background compilation traces the config's shapes
+        check_layer_counts(Checkpoint(directory, prefer=(name,)), config)
     import torch  # noqa: F401 - before the comparison's thread, which uses it: two threads importing it race
 
     from convert.verify import InBackground, open_weight_files

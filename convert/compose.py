@@ -33,7 +33,7 @@ from convert.base.errors import ConvertError, KeyMapError, UnsupportedConfig, Us
 from convert.base.generation_settings import composed_generation_config, decoder_generation_config
 from convert.base.hub import resolve_source
 from convert.base.keymap import Entry, Plan
-from convert.base.params import plan_source, save_params, subtree
+from convert.base.params import check_layer_counts, plan_source, save_params, subtree
 from convert.base.registry import model_types, spec_for
 from convert.base.spec import ArchSpec
 from convert.base.writing import TensorSpec, atomic_directory, check_output_location, parse_size
@@ -121,6 +121,7 @@ def open_source(spec: str, role: str, revision: str | None = None) -> Source:
         arch = spec_for(checkpoint.config, where, role=role)
         config = arch.config(checkpoint.config, where)
         config = arch.adapt_config(config, checkpoint)
+        check_layer_counts(checkpoint, config)  # before any shape is traced for the config's counts
     except UsageError:
         raise
     except ConvertError as e:

@@ -14,7 +14,7 @@ from convert.base.checkpoint import Checkpoint, numpy_to_torch
 from convert.base.composed import SpeechEncoderDecoderConfig, composed_keymap, composed_tied_keys
 from convert.base.errors import UnsupportedConfig
 from convert.base.generation_settings import GenerationConfig
-from convert.base.params import load_params, params_to_torch_state, save_params
+from convert.base.params import check_layer_counts, load_params, params_to_torch_state, plan_checkpoint, save_params
 from convert.base.writing import atomic_directory
 from torch_reference.generation import generate as _generate
 from torch_reference.layers import frame_mask
@@ -187,6 +187,12 @@ def from_pretrained(directory: str | Path) -> tuple[SpeechEncoderDecoderModel, L
     if checkpoint.config.get("model_type") != "speech-encoder-decoder":
         raise UnsupportedConfig(f"{checkpoint.directory / 'config.json'}: not a composed speech-encoder-decoder model")
     config = SpeechEncoderDecoderConfig.from_hf_dict(checkpoint.config, str(checkpoint.directory / "config.json"))
+    # The config's layer counts and sizes are checked against the weights' names and shapes on a model built on
+    # the meta device (nothing allocated): a config that asks for more than the weights hold is refused before
+    # a model of its size is made.
+    check_layer_counts(checkpoint, config)
+    with torch.device("meta"):
+        plan_checkpoint(checkpoint, _flax_shapes_of(SpeechEncoderDecoderModel(config)))
     model = SpeechEncoderDecoderModel(config).eval()
     model.generation_config = GenerationConfig.from_directory(directory)  # generation_config.json, else config.json
     if checkpoint.format == "flax":

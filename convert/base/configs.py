@@ -22,6 +22,9 @@ from typing import Any, ClassVar, Protocol, Self, runtime_checkable
 
 from convert.base.errors import CheckpointError, UnsupportedConfig
 
+# The largest size or count a config may give (int32, the models' integer type).
+MAX_SIZE = 2**31 - 1
+
 # Activation names we implement, in both flax_model and torch_reference.
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "quick_gelu", "relu", "silu", "swish", "tanh")
 
@@ -97,8 +100,12 @@ class HFConfig:
         field_to_hf = {v: k for k, v in self.ALIASES.items()}
         for name in self.POSITIVE:
             value = getattr(self, name)
-            if value is not None and (value < 1 if not isinstance(value, tuple) else any(v < 1 for v in value)):
+            values = value if isinstance(value, tuple) else (value,)
+            if value is not None and any(v < 1 for v in values):
                 self._refuse(where, field_to_hf.get(name, name), value, "must be at least 1")
+            if value is not None and any(v > MAX_SIZE for v in values):
+                # Sizes and token ids are int32 in the models (JAX's default integer): a larger one cannot be built.
+                self._refuse(where, field_to_hf.get(name, name), value, f"must be at most {MAX_SIZE} (2**31 - 1)")
         for name in self.PROBABILITIES:
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 1.0:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import cached_property
 
 import numpy as np
@@ -223,8 +223,10 @@ def plan_torch_to_flax(
     expected: Mapping[str, Shape] | None = None,
     source_rules: SourceRules = SourceRules(),
     where: str = "checkpoint",
+    hint: Callable[[Shape, Shape], str] | None = None,
 ) -> Plan:
-    """Maps every source key to a Flax path, checking each shape against `expected` when given.
+    """Maps every source key to a Flax path, checking each shape against `expected` when given; `hint(expected,
+    found)` adds to a wrong shape's message (e.g. the config fields behind the dimensions that differ).
 
     Raises:
         KeyMapError: listing every unmapped key, wrong shape and unexpected target at once.
@@ -232,7 +234,7 @@ def plan_torch_to_flax(
     canonical, dropped = source_rules.canonicalize(source_shapes)
     return _plan(
         {name: (src, tuple(source_shapes[src])) for name, src in canonical.items()},
-        dropped, keymap.to_flax, lambda t, s: t.flax_shape(s), expected, where, "torch",
+        dropped, keymap.to_flax, lambda t, s: t.flax_shape(s), expected, where, "torch", hint,
     )
 
 
@@ -247,7 +249,7 @@ def plan_flax_to_torch(
     return _plan(items, [], keymap.to_torch, lambda t, s: t.torch_shape(s), expected, where, "flax")
 
 
-def _plan(items, dropped, lookup, convert_shape, expected, where, source_side) -> Plan:
+def _plan(items, dropped, lookup, convert_shape, expected, where, source_side, hint=None) -> Plan:
     entries: list[Entry] = []
     problems: list[str] = []
     unmapped: list[str] = []
@@ -268,7 +270,8 @@ def _plan(items, dropped, lookup, convert_shape, expected, where, source_side) -
                 continue
             if tuple(expected[target]) != target_shape:
                 problems.append(f"{src}: shape {list(shape)} does not match the config (expected "
-                                f"{list(expected[target])} for {target})")
+                                f"{list(expected[target])} for {target})"
+                                + (hint(tuple(expected[target]), target_shape) if hint else ""))
                 continue
         entries.append(Entry(src, target, transform, shape, target_shape))
     if unmapped:

@@ -28,10 +28,11 @@ from convert.base.composed import (  # noqa: F401 - composed_keymap, tied_keys_f
     tied_keys_for,
 )
 from convert.base.configs import HFConfig
-from convert.base.errors import KeyMapError
+from convert.base.errors import KeyMapError, UnsupportedConfig
 from convert.base.keymap import Entry, Plan, SourceRules, T, check_missing, plan_flax_to_torch, plan_torch_to_flax
 from convert.base.registry import spec_for
 from convert.base.spec import ArchSpec
+from convert.base.stacking import layer_stacks
 from convert.base.writing import ShardedWriter, TensorSpec, WriteLanes
 
 Shapes = dict[str, tuple[int, ...]]
@@ -65,9 +66,11 @@ def plan_source(
     where = str(checkpoint.directory)
     if checkpoint.format == "flax":
         canonical, dropped = arch.flax_source_rules(config).canonicalize(checkpoint.keys())
-        return _identity_plan(checkpoint, {flax_prefix + k: v for k, v in canonical.items()}, dropped, expected)
+        return _identity_plan(checkpoint, {flax_prefix + k: v for k, v in canonical.items()}, dropped, expected,
+                              config)
     km = arch.keymap.prefixed("", flax_prefix) if flax_prefix else arch.keymap
-    return plan_torch_to_flax(km, checkpoint.shapes(), expected, arch.source_rules(config), where)
+    return plan_torch_to_flax(km, checkpoint.shapes(), expected, arch.source_rules(config), where,
+                              hint=functools.partial(size_fields, config))
 
 
 def read_entry(checkpoint: Checkpoint, entry: Entry) -> np.ndarray:
@@ -118,29 +121,107 @@ def plan_checkpoint(checkpoint: Checkpoint, shapes_of: ShapesOf) -> tuple[HFConf
     """
     config = read_config(checkpoint)
     if isinstance(config, SpeechEncoderDecoderConfig):
+        check_layer_counts(checkpoint, config)
         expected = shapes_of(config)
         if checkpoint.format == "flax":
-            plan = _identity_plan(checkpoint, {k: k for k in checkpoint.keys()}, [], expected)
+            plan = _identity_plan(checkpoint, {k: k for k in checkpoint.keys()}, [], expected, config)
         else:
             plan = plan_torch_to_flax(composed_keymap(config), checkpoint.shapes(), expected,
-                                      _tied_drops(composed_tied_keys(config)), str(checkpoint.directory))
+                                      _tied_drops(composed_tied_keys(config)), str(checkpoint.directory),
+                                      hint=functools.partial(size_fields, config))
     else:
         arch = spec_for(config)
         config = arch.adapt_config(config, checkpoint)
+        check_layer_counts(checkpoint, config)
         expected = shapes_of(config)
         plan = plan_source(checkpoint, arch, config, expected)
     check_missing(plan, where=str(checkpoint.directory))
     return config, plan
 
 
-def _identity_plan(checkpoint: Checkpoint, canonical: Mapping[str, str], dropped, expected: Shapes) -> Plan:
+def _flax_paths(checkpoint: Checkpoint, config: HFConfig) -> dict[str, str]:
+    """Checkpoint key -> the Flax path it fills (keys that fill none are left out); names only, nothing read."""
+    keys = checkpoint.keys()
+    if isinstance(config, SpeechEncoderDecoderConfig):
+        if checkpoint.format == "flax":
+            return {k: k for k in keys}
+        keymap = composed_keymap(config)
+        found = {k: keymap.to_flax(k) for k in keys}
+        return {k: v[0] for k, v in found.items() if v is not None}
+    arch = spec_for(config)
+    if checkpoint.format == "flax":
+        canonical, _ = arch.flax_source_rules(config).canonicalize(keys)
+        return {src: path for path, src in canonical.items()}
+    canonical, _ = arch.source_rules(config).canonicalize(keys)
+    found = {src: arch.keymap.to_flax(name) for name, src in canonical.items()}
+    return {k: v[0] for k, v in found.items() if v is not None}
+
+
+def check_layer_counts(checkpoint: Checkpoint, config: HFConfig) -> None:
+    """Refuses a config whose layer counts differ from the layers the checkpoint's tensors hold, from names and
+    shapes alone: a model is never traced or built for a count the weights cannot fill (a `decoder_layers` of
+    10**9 over a 2-layer checkpoint would otherwise be planned layer by layer until memory runs out).
+
+    Raises:
+        UnsupportedConfig: `DIR/config.json: <field>=<count>: the checkpoint holds <n> layer(s) of that stack`.
+    """
+    paths = _flax_paths(checkpoint, config)
+    for prefix, count in layer_stacks(config).items():
+        layers: set[int] = set()
+        stacked = None  # the leading axis of a leaf in the stacked layout (`save_pretrained(stacked=True)`)
+        for key, path in paths.items():
+            rest = path[len(prefix):] if path.startswith(prefix) else None
+            if not rest:
+                continue
+            index = re.match(r"(\d+)/", rest)
+            if index:
+                layers.add(int(index.group(1)))
+            else:
+                shape = checkpoint.info(key).shape
+                stacked = shape[0] if shape else 0
+        found = stacked if stacked is not None else (max(layers) + 1 if layers else 0)
+        if found != count:
+            part = next((p for p in ("encoder", "decoder") if prefix.startswith(p + "/")), None) \
+                if isinstance(config, SpeechEncoderDecoderConfig) else None
+            sub = config if part is None else getattr(config, part)
+            field = (spec_for(sub) if part is None else spec_for(sub, role=part)).layer_stack[0]
+            name = {v: k for k, v in type(sub).ALIASES.items()}.get(field, field)
+            files = ", ".join(p.name for p in checkpoint.weight_files)
+            held = f"{found} layer(s) of that stack ({prefix}0 to {found - 1})" if found else \
+                f"no layer of that stack ({prefix}N)"
+            raise UnsupportedConfig(f"{checkpoint.directory / CONFIG}: {'' if part is None else part + '.'}{name}="
+                                    f"{count} does not match the weights: {files} hold {held}")
+
+
+def size_fields(config: HFConfig, expected: tuple[int, ...], found: tuple[int, ...]) -> str:
+    """The config fields that set the dimensions in which a tensor's shape differs from the one the config
+    asks for, as a hint for a shape mismatch (` (config: vocab_size=1000000000)`); empty when none is found."""
+    if len(expected) != len(found):
+        return ""
+    values = {e for e, f in zip(expected, found) if e != f}
+    fields = []
+    parts = ({"encoder.": config.encoder, "decoder.": config.decoder}
+             if isinstance(config, SpeechEncoderDecoderConfig) else {"": config})
+    for part, sub in parts.items():
+        hf = {v: k for k, v in type(sub).ALIASES.items()}
+        for f in dataclasses.fields(sub):
+            value = getattr(sub, f.name)
+            if type(value) is int and value in values:
+                fields.append(f"{part}{hf.get(f.name, f.name)}={value}")
+    return f" (config: {', '.join(fields)})" if fields else ""
+
+
+def _identity_plan(checkpoint: Checkpoint, canonical: Mapping[str, str], dropped, expected: Shapes,
+                   config: HFConfig | None = None) -> Plan:
     problems, entries = [], []
     for name, src in canonical.items():
         shape = checkpoint.info(src).shape
         if name not in expected:
             problems.append(f"{src}: not a parameter of this config's model")
         elif tuple(expected[name]) != tuple(shape):
-            problems.append(f"{src}: shape {list(shape)} does not match the config (expected {list(expected[name])})")
+            hint = "" if config is None else size_fields(config, tuple(expected[name]), tuple(shape))
+            problems.append(f"{src}: shape {list(shape)} does not match the config (expected {list(expected[name])})"
+                            + hint)
         else:
             entries.append(Entry(src, name, T.IDENTITY, shape, shape))
     if problems:
