@@ -38,6 +38,8 @@ import numpy as np
 from convert.base.errors import ConvertError, UsageError, bad_argument
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
+LORA_EXPORTS = ("merged", "adapter")
+ADAPTER_DIR = "adapter"  # where --lora-export adapter puts the PEFT adapter, inside the output
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                 "added_tokens.json", "sentencepiece.bpe.model", "preprocessor_config.json", "generation_config.json")
 REPORT_FILE = "training_report.json"
@@ -71,6 +73,15 @@ class FinetuneSettings:
         save_every: checkpoint every N steps (0: only at the end or on interrupt).
         eval_batch_size, num_beams, max_new_tokens: generation during evaluation.
         seed: data order, dropout keys and SpecAugment masks.
+        train_only: names of the parameter groups that train (`convert.base.composed.train_groups`: `encoder`,
+            `decoder`, `projector`, a decoder's `cross-attention`, ...); every other weight is frozen (no gradient,
+            no optimiser state). None: everything trains (unless LoRA is on: then only the LoRA factors train).
+        lora_rank: LoRA's r on the `lora_targets` layers of the `lora_parts`; None: no LoRA.
+        lora_alpha: LoRA's alpha (the update is scaled by alpha / r); None: r (a scale of 1).
+        lora_dropout: dropout on the adapted layers' inputs (train mode).
+        lora_targets, lora_parts: which linear layers are adapted (module names; "decoder" and/or "encoder").
+        lora_export: "merged" (the LoRA update folded into the weights: a plain model) or "adapter" (the base
+            weights, and the factors as a PEFT adapter in `adapter/`).
     """
 
     epochs: float = 3.0
@@ -96,6 +107,24 @@ class FinetuneSettings:
     num_beams: int = 1
     max_new_tokens: int | None = None
     seed: int = 0
+    train_only: tuple[str, ...] | None = None
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    lora_parts: tuple[str, ...] = ("decoder",)
+    lora_export: str = "merged"
+
+    @property
+    def lora(self) -> Any:
+        """The run's `convert.base.lora.LoraSettings`, or None without LoRA."""
+        from convert.base.lora import LoraSettings
+
+        if self.lora_rank is None:
+            return None
+        alpha = float(self.lora_rank if self.lora_alpha is None else self.lora_alpha)
+        return LoraSettings(self.lora_rank, alpha, self.lora_dropout, tuple(self.lora_targets),
+                            tuple(self.lora_parts))
 
     def check(self) -> None:
         """Raises UsageError (API names) for values out of range."""
@@ -115,6 +144,12 @@ class FinetuneSettings:
         cli.require_choice("dtype", self.dtype, COMPUTE_DTYPES)
         if self.max_new_tokens is not None:
             cli.require_int("max_new_tokens", self.max_new_tokens, low=1)
+        cli.require_choice("lora_export", self.lora_export, LORA_EXPORTS)
+        if self.lora_rank is None:
+            if self.lora_alpha is not None or self.lora_dropout:
+                raise UsageError("lora_alpha / lora_dropout: set lora_rank to use LoRA", param="lora_rank")
+        else:
+            self.lora.check()
 
 
 @dataclasses.dataclass
@@ -147,6 +182,10 @@ class _Run:
         self.model = FlaxSpeechEncoderDecoderModel.from_pretrained(model_dir, mesh=mesh)
         self.mesh = self.model.mesh  # None on one device
         self.config = config = self.model.config
+        self.lora = s.lora
+        self.lora_layers: tuple = ()
+        if self.lora is not None:
+            self._add_lora()
         self.features = feature_extractor_config(model_dir, config.encoder)
         self.tokenizer = LabelTokenizer.for_model(model_dir, self.model)
         self.audio = AudioCache(self.features.sampling_rate)
@@ -167,6 +206,50 @@ class _Run:
         self._epoch_cache: dict[int, list] = {}
         self._build_step()
 
+    def _add_lora(self) -> None:
+        """The LoRA factors, drawn as PEFT draws them (seeded by --seed and the path), added to the params."""
+        import jax
+        from flax import traverse_util
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        from convert.base.composed import composed_keymap, stores_in_out
+        from convert.base.lora import find_lora_layers, init_lora
+        from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel, param_shapes
+
+        shapes = param_shapes(self.config)
+        self.lora_layers = find_lora_layers(composed_keymap(self.config), shapes, self.lora,
+                                            stores_in_out(self.config))
+        flat = traverse_util.flatten_dict(self.model.params, sep="/")
+        place = (jax.numpy.asarray if self.mesh is None
+                 else lambda a: jax.device_put(a, NamedSharding(self.mesh, PartitionSpec())))
+        flat.update({k: place(v) for k, v in init_lora(self.lora_layers, self.lora.rank, self.settings.seed).items()})
+        generation = self.model.generation_config
+        self.model = FlaxSpeechEncoderDecoderModel(self.config, traverse_util.unflatten_dict(flat, sep="/"),
+                                                   lora=self.lora)
+        self.model.generation_config, self.model.mesh = generation, self.mesh
+
+    def frozen(self) -> Any:
+        """Path -> frozen, from the freezing flags, the buffers, --train-only and LoRA (a LoRA run trains only the
+        factors unless --train-only names groups too)."""
+        from convert.base.composed import group_predicate, train_groups
+        from convert.base.lora import is_lora_leaf
+        from flax_model.training import buffer_paths, frozen_predicate
+
+        s = self.settings
+        non_trainable = buffer_paths(self.config, self.model.params)
+        base = frozen_predicate(s.freeze_feature_encoder, non_trainable, s.freeze_encoder)
+        chosen = None if s.train_only is None else group_predicate(train_groups(self.config), s.train_only)
+        lora = self.lora is not None
+
+        def frozen(path: str) -> bool:
+            if is_lora_leaf(path):
+                return False
+            if base(path):
+                return True
+            return not chosen(path) if chosen is not None else lora
+
+        return frozen
+
     def _check_lengths(self) -> None:
         needed = self.config.encoder.min_input_length
         for examples, lengths in ((self.train, self.train_lengths), (self.eval, self.eval_lengths)):
@@ -185,13 +268,12 @@ class _Run:
         from flax_model.training import (
             OptimizerSettings,
             StepFunctions,
-            buffer_paths,
             compiled_add,
             compiled_apply,
             compiled_grad,
-            frozen_predicate,
             leaf_labels,
             make_optimizer,
+            split_trainable,
             state_shardings,
         )
 
@@ -199,29 +281,32 @@ class _Run:
         self.optimizer_settings = OptimizerSettings(
             learning_rate=s.learning_rate, total_steps=self.total_steps, warmup_steps=s.warmup_steps,
             weight_decay=s.weight_decay, max_grad_norm=s.max_grad_norm, encoder_learning_rate=s.encoder_learning_rate)
-        non_trainable = buffer_paths(self.config, self.model.params)
-        frozen = frozen_predicate(s.freeze_feature_encoder, non_trainable, s.freeze_encoder)
-        self.optimizer = make_optimizer(self.optimizer_settings, leaf_labels(self.model.params, frozen))
+        # Frozen leaves get no gradient and no optimiser state: the optimiser is made for the trainable ones.
+        self.frozen_fn = frozen = self.frozen()
+        trainable = split_trainable(self.model.params, frozen)[0]
+        if not trainable:
+            raise bad_argument("train_only", ",".join(s.train_only or ()), "selects no parameter of this model")
+        self.optimizer = make_optimizer(self.optimizer_settings, leaf_labels(trainable, lambda path: False))
         # On a mesh: where every leaf of the train state lives (the optimiser state follows its parameters).
-        shardings = state_shardings(self.model.params, self.optimizer)
+        shardings = state_shardings(self.model.params, self.optimizer, frozen)
         # Compiled functions are shared by runs of the same model, settings and mesh in one process (a resumed
         # run, the tests): jax.jit caches per function object.
-        key = (self.config, s.dtype, s.remat, s.dropout, s.freeze_feature_encoder, self.mesh)
-        frozen_key = (non_trainable, s.freeze_encoder)
+        frozen_key = (s.freeze_feature_encoder, s.freeze_encoder, s.train_only, self.lora, self.lora_layers)
+        key = (self.config, s.dtype, s.remat, s.dropout, self.mesh, frozen_key)
         if ("grad", key) not in _COMPILED:
-            module = SpeechEncoderDecoderModule(self.config, dtype=self.compute_dtype, remat=s.remat)
+            module = SpeechEncoderDecoderModule(self.config, dtype=self.compute_dtype, remat=s.remat, lora=self.lora)
             _COMPILED["grad", key] = compiled_grad(module, deterministic=not s.dropout,
                                                    freeze_feature_encoder=s.freeze_feature_encoder,
-                                                   shardings=shardings)
-        if ("apply", key, self.optimizer_settings, frozen_key) not in _COMPILED:
-            _COMPILED["apply", key, self.optimizer_settings, frozen_key] = compiled_apply(self.optimizer, shardings)
-        if ("add", self.config, self.mesh) not in _COMPILED:  # on a mesh its outputs are placed like the params
-            _COMPILED["add", self.config, self.mesh] = compiled_add(shardings)
-        self.step_fns = StepFunctions(_COMPILED["grad", key], _COMPILED["add", self.config, self.mesh],
-                                      _COMPILED["apply", key, self.optimizer_settings, frozen_key], self.mesh)
+                                                   shardings=shardings, frozen=frozen)
+        if ("apply", key, self.optimizer_settings) not in _COMPILED:
+            _COMPILED["apply", key, self.optimizer_settings] = compiled_apply(self.optimizer, shardings, frozen)
+        if ("add", key) not in _COMPILED:  # on a mesh its outputs are placed like the params
+            _COMPILED["add", key] = compiled_add(shardings, frozen)
+        self.step_fns = StepFunctions(_COMPILED["grad", key], _COMPILED["add", key],
+                                      _COMPILED["apply", key, self.optimizer_settings], self.mesh)
         # One compiled search per shape for the whole run (on a mesh: the model's own cache, which in a
         # multi-process run returns replicated results).
-        self.model._compiled = _COMPILED.setdefault(("generate", self.config, self.mesh),
+        self.model._compiled = _COMPILED.setdefault(("generate", self.config, self.mesh, self.lora),
                                                     {} if self.mesh is None else self.model._compiled)
         self.schedule = self.optimizer_settings.schedule()
 
@@ -290,7 +375,7 @@ class _Run:
         from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel
 
         s = self.settings
-        model = FlaxSpeechEncoderDecoderModel(self.config, params)
+        model = FlaxSpeechEncoderDecoderModel(self.config, params, lora=self.lora)
         model.generation_config = self.model.generation_config  # as the exported directory will generate
         model._compiled = self.model._compiled  # one compiled search per shape for the whole run
         model.mesh = self.mesh  # on a mesh the batch is split over `data`
@@ -411,7 +496,6 @@ def finetune(
         ConvertError / UsageError: one line naming the file, field or option that is wrong.
     """
     import jax
-    from flax import traverse_util
 
     from convert.base.writing import atomic_directory, check_output_location
     from flax_model.training import init_state
@@ -434,7 +518,10 @@ def finetune(
         raise UsageError(f"{checkpoint_dir}: holds checkpoints of an earlier run (up to step "
                          f"{manager.latest_step()}); pass resume=True to continue it, or remove the directory")
     run = _Run(model_dir, train, eval, settings, checkpoint_dir, mesh)
-    state = init_state(run.model.params, run.optimizer)
+    state = init_state(run.model.params, run.optimizer, run.frozen_fn)
+    memory = training_memory(state, run.frozen_fn)
+    print(f"training {memory['trainable_parameters']:,} of {memory['parameters']:,} parameters "
+          f"({memory['optimizer_state_bytes'] / 2**20:.1f} MiB of optimiser state)", file=log, flush=True)
     history: dict[str, Any] = {"loss": [], "eval": [], "audio_seconds": 0.0, "train_seconds": 0.0}
     if resume and manager.latest_step() is not None:
         state, history = run.restore(manager, state)
@@ -495,17 +582,19 @@ def finetune(
     final = history["eval"][-1]
     print(f"step {run.total_steps}: WER {final['wer']:.3f}, CER {final['cer']:.3f}", file=log, flush=True)
     report = _report(run, history, model_dir, train, eval, command, time.perf_counter() - started)
+    report["memory"] = {**memory, "peak_rss_bytes": peak_rss_bytes()}
 
     from flax_model.sharding import gathered_leaves, is_writer, sync_processes
 
+    leaves, factors = export_leaves(run, state.params)
     if not is_writer():  # a multi-process run: contribute each leaf's shards to process 0's export, then wait
-        flat = traverse_util.flatten_dict(state.params, sep="/")
-        for _ in gathered_leaves(flat, sorted(flat)):
-            pass
+        for tree in (factors, leaves):  # the writer's order
+            for _ in gathered_leaves(tree, sorted(tree)):
+                pass
         sync_processes("finetune export")
         return FinetuneResult(output, report)
     with atomic_directory(output, overwrite=overwrite, sources=(("model", model_dir),), param="output") as tmp:
-        _write_output(tmp, run, state.params, history, report)
+        _write_output(tmp, run, leaves, factors, history, report)
         if verify:
             from convert.verify import verify_directory
 
@@ -545,18 +634,61 @@ def _report(run: _Run, history: dict[str, Any], model_dir: Path, train: Any, eva
         "train_seconds": round(history["train_seconds"], 1),
         "wall_seconds": round(wall, 1),
         "command": command,
+        "train_only": list(s.train_only) if s.train_only else None,
+        "lora": None if run.lora is None else {**dataclasses.asdict(run.lora), "layers": len(run.lora_layers),
+                                               "export": s.lora_export},
     }
 
 
-def _write_output(tmp: Path, run: _Run, params: Any, history: dict[str, Any], report: dict[str, Any]) -> None:
+def training_memory(state: Any, frozen: Callable[[str], bool]) -> dict[str, int]:
+    """Parameter counts and the bytes training holds besides the model: the gradients (of the trainable leaves
+    only) and the optimiser state (AdamW's two moments of each trainable leaf)."""
+    import jax
     from flax import traverse_util
 
+    flat = traverse_util.flatten_dict(state.params, sep="/")
+    trainable = [v for k, v in flat.items() if not frozen(k)]
+    return {
+        "parameters": int(sum(v.size for v in flat.values())),
+        "trainable_parameters": int(sum(v.size for v in trainable)),
+        "parameter_bytes": int(sum(v.nbytes for v in flat.values())),
+        "gradient_bytes": int(sum(v.nbytes for v in trainable)),
+        "optimizer_state_bytes": int(sum(x.nbytes for x in jax.tree.leaves(state.opt_state))),
+    }
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident memory so far (Linux reports kilobytes)."""
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def export_leaves(run: _Run, params: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the model's leaves to write, the LoRA factors to write as a PEFT adapter) by `/`-joined Flax path. Without
+    LoRA: the params and nothing; with `lora_export="merged"` the adapted kernels plus the LoRA update and
+    nothing; with `"adapter"` the base leaves as they are and the factors."""
+    from flax import traverse_util
+
+    from convert.base.lora import merge_lora, split_lora
+
+    flat = traverse_util.flatten_dict(params, sep="/")
+    if run.lora is None:
+        return flat, {}
+    if run.settings.lora_export == "merged":
+        return merge_lora(flat, run.lora_layers, run.lora.scaling), {}
+    return split_lora(flat)
+
+
+def _write_output(tmp: Path, run: _Run, flat: dict[str, Any], factors: dict[str, Any], history: dict[str, Any],
+                  report: dict[str, Any]) -> None:
     from convert.base.params import save_params
     from convert.base.writing import TensorSpec
     from flax_model.sharding import gathered_leaves
 
+    if factors:
+        _write_adapter(tmp / ADAPTER_DIR, run, dict(gathered_leaves(factors, sorted(factors))))
     # Leaf by leaf: a sharded state is gathered one leaf at a time, never whole on the host.
-    flat = traverse_util.flatten_dict(params, sep="/")
     order = sorted(flat)
     specs = [TensorSpec(k, np.dtype(flat[k].dtype), tuple(flat[k].shape)) for k in order]
     save_params(tmp, run.config, lambda: gathered_leaves(flat, order), specs=specs)
@@ -576,6 +708,17 @@ def _write_output(tmp: Path, run: _Run, params: Any, history: dict[str, Any], re
     plot_loss_curve(history, tmp / CURVE_FILE)
     (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     (tmp / "README.md").write_text(render_card(run.model_dir, report))
+
+
+def _write_adapter(directory: Path, run: _Run, factors: dict[str, np.ndarray]) -> None:
+    """The LoRA factors as a PEFT adapter of the composed model (`SpeechEncoderDecoderModel`'s module names)."""
+    from convert.base.composed import composed_keymap, stores_in_out
+    from convert.base.lora import linear_modules, write_peft_adapter
+    from flax_model.speech_encoder_decoder import param_shapes
+
+    directory.mkdir()
+    candidates = linear_modules(composed_keymap(run.config), param_shapes(run.config), stores_in_out(run.config))
+    write_peft_adapter(directory, run.lora, run.lora_layers, factors, candidates)
 
 
 def plot_loss_curve(history: dict[str, Any], path: Path) -> None:
@@ -710,6 +853,23 @@ def build_parser() -> cli.ArgumentParser:
                    help="train sharded over every device, e.g. data=2,fsdp=4 (axes data, fsdp, model; the product "
                    "of the sizes is the device count): params and optimiser state split over fsdp/model, batches "
                    "over data")
+    names = lambda text: tuple(n.strip() for n in text.split(",") if n.strip())  # noqa: E731
+    p.add_argument("--train-only", type=names, metavar="GROUP[,GROUP]",
+                   help="train only these parameter groups (encoder, decoder, projector, cross-attention, ...; "
+                   "an unknown name lists the model's groups); the rest is frozen, with no gradient or optimiser "
+                   "state. Default: everything (with LoRA: only the LoRA factors)")
+    p.add_argument("--lora-rank", type=int, metavar="R", help="LoRA on the --lora-targets layers with rank R")
+    p.add_argument("--lora-alpha", type=float, metavar="A", help="LoRA alpha; the update is scaled by A/R "
+                   "(default: R)")
+    p.add_argument("--lora-dropout", type=float, default=d.lora_dropout, help="dropout on the LoRA input")
+    p.add_argument("--lora-targets", type=names, default=",".join(d.lora_targets), metavar="NAME[,NAME]",
+                   help="module names of the linear layers LoRA adapts (the last part of their PyTorch names, e.g. "
+                   "q_proj,v_proj or c_attn; an unknown name lists them) (default: %(default)s)")
+    p.add_argument("--lora-parts", type=names, default=",".join(d.lora_parts), metavar="PART[,PART]",
+                   help="where LoRA applies: decoder, encoder or both (default: %(default)s)")
+    p.add_argument("--lora-export", choices=LORA_EXPORTS, default=d.lora_export,
+                   help="merged: the LoRA update folded into the weights (a plain model); adapter: the base "
+                   "weights plus a PEFT adapter in OUTPUT/adapter")
     p.add_argument("--checkpoint-dir", metavar="DIR", help="where checkpoints go (default: OUTPUT.checkpoints)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if this toolkit wrote it")

@@ -28,12 +28,14 @@ from convert.base.configs import HFConfig
 from convert.base.errors import UnsupportedConfig
 from convert.base.generation_settings import GenerationConfig
 from convert.base.hub import resolve_source
+from convert.base.lora import LoraSettings
 from convert.base.params import load_params, save_flax_msgpack, save_params
 from convert.base.registry import spec_for
 from convert.base.writing import TensorSpec, atomic_directory, parse_size
 from flax_model.cache import DecoderCache
 from flax_model.generation import generate as _generate
 from flax_model.layers import frame_mask, layer_scan
+from flax_model.lora import lora_updates
 from flax_model.registry import arch_module, module_for
 from flax_model.sharding import (
     gathered_leaves,
@@ -50,11 +52,12 @@ from flax_model.training import loss_sums as label_loss_sums
 
 def _under_scan_setting(method: Callable[..., Any]) -> Callable[..., Any]:
     """Runs a method of `SpeechEncoderDecoderModule` with its encoder's and decoder's layer stacks built as
-    `scan_layers` says (`flax_model.layers.layer_scan`)."""
+    `scan_layers` says (`flax_model.layers.layer_scan`), and the LoRA updates of its adapted layers when it has
+    `lora` settings (`flax_model.lora`)."""
 
     @functools.wraps(method)
     def run(self: SpeechEncoderDecoderModule, *args: Any, **kwargs: Any) -> Any:
-        with layer_scan(self.scan_layers):
+        with layer_scan(self.scan_layers), lora_updates(self.lora):
             return method(self, *args, **kwargs)
 
     return run
@@ -69,6 +72,8 @@ class SpeechEncoderDecoderModule(nn.Module):
     remat: bool = False
     # Run each layer stack in one `nn.scan` (params stacked with a leading layer axis: `convert.base.stacking`).
     scan_layers: bool = False
+    # LoRA: the params hold `lora_A` / `lora_B` beside the adapted kernels (`convert.base.lora`); None: no LoRA.
+    lora: LoraSettings | None = None
 
     def setup(self) -> None:
         cfg = self.config
@@ -310,17 +315,20 @@ class FlaxSpeechEncoderDecoderModel:
         scan_layers: run the encoder's and the decoder's layers in one `nn.scan` each (compiles one layer per
             stack instead of every layer); `params` then hold each stack's leaves stacked with a leading layer
             axis (`encoder/encoder/layers/attention/q_proj/kernel` [layers, D, D]), not `.../layers/3/...`.
+        lora: LoRA settings when `params` hold LoRA factors beside the adapted kernels (`convert.base.lora`);
+            `save_pretrained` then needs them merged (`merge_lora`) or split off first.
     """
 
     mesh: Any = None  # the jax.sharding.Mesh the params are placed on (from_pretrained(mesh=...))
 
     def __init__(self, config: SpeechEncoderDecoderConfig, params: dict, dtype: Any = jnp.float32,
-                 scan_layers: bool = False):
+                 scan_layers: bool = False, lora: LoraSettings | None = None):
         self.config = config
         self.params = _params_in_layout(config, params, scan_layers)
         self.dtype = dtype
         self.scan_layers = scan_layers
-        self.module = SpeechEncoderDecoderModule(config, dtype=dtype, scan_layers=scan_layers)
+        self.lora = lora
+        self.module = SpeechEncoderDecoderModule(config, dtype=dtype, scan_layers=scan_layers, lora=lora)
         self._compiled: dict[str, Any] = {}
         # What `generate` uses by default (from_pretrained reads it); None: what the config implies.
         self.generation_config: GenerationConfig | None = None

@@ -171,6 +171,26 @@ def frozen_predicate(freeze_feature_encoder: bool, non_trainable: frozenset[str]
     return frozen
 
 
+def split_trainable(params: Mapping[str, Any], frozen: Callable[[str], bool]) -> tuple[dict, dict]:
+    """(the trainable leaves, the frozen ones) of a param tree, each a nested dict holding only its own leaves.
+
+    Training with a `frozen` predicate differentiates and optimises the first tree only: no gradient is computed
+    and no optimiser state is kept for a frozen leaf (what makes training a projector or LoRA factors on a large
+    frozen model fit in memory)."""
+    flat = traverse_util.flatten_dict(dict(params), sep="/")
+    trainable = {k: v for k, v in flat.items() if not frozen(k)}
+    rest = {k: v for k, v in flat.items() if frozen(k)}
+    return (traverse_util.unflatten_dict(trainable, sep="/") if trainable else {},
+            traverse_util.unflatten_dict(rest, sep="/") if rest else {})
+
+
+def join_params(trainable: Mapping[str, Any], frozen: Mapping[str, Any]) -> dict:
+    """The whole param tree from `split_trainable`'s two halves."""
+    flat = traverse_util.flatten_dict(dict(frozen), sep="/")
+    flat.update(traverse_util.flatten_dict(dict(trainable), sep="/"))
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+
 def in_speech_encoder(path: str) -> bool:
     """The leaf at this `/`-joined path belongs to the speech encoder (not the projection or the decoder)."""
     return path.split("/", 1)[0] == "encoder"
@@ -260,13 +280,16 @@ class TrainState:
     opt_state: Any
 
 
-def init_state(params: Any, optimizer: optax.GradientTransformation) -> TrainState:
+def init_state(params: Any, optimizer: optax.GradientTransformation,
+               frozen: Callable[[str], bool] | None = None) -> TrainState:
     """Step 0 of a run over `params`. Params on a mesh (sharded `jax.Array`s) give a state on that mesh: each
-    optimiser-state leaf is created sharded like its parameter (`state_shardings`), never whole on one device."""
-    shardings = state_shardings(params, optimizer)
+    optimiser-state leaf is created sharded like its parameter (`state_shardings`), never whole on one device.
+    With `frozen`, the optimiser (made for the trainable leaves only) keeps state for those alone."""
+    optimised = params if frozen is None else split_trainable(params, frozen)[0]
+    shardings = state_shardings(params, optimizer, frozen)
     if shardings is None:
-        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
-    opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
+        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(optimised))
+    opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(optimised)
     return TrainState(jax.device_put(jnp.zeros((), jnp.int32), shardings.step), params, opt_state)
 
 
@@ -278,7 +301,8 @@ def params_mesh(params: Any) -> Mesh | None:
     return leaves[0].sharding.mesh
 
 
-def state_shardings(params: Any, optimizer: optax.GradientTransformation) -> TrainState | None:
+def state_shardings(params: Any, optimizer: optax.GradientTransformation,
+                    frozen: Callable[[str], bool] | None = None) -> TrainState | None:
     """The `NamedSharding` of every leaf of the train state over `params` (None when they are not on a mesh).
 
     A leaf of the optimiser state that is shaped like a parameter (Adam's moments) follows that parameter's
@@ -300,7 +324,7 @@ def state_shardings(params: Any, optimizer: optax.GradientTransformation) -> Tra
         param = flat.get("/".join(reversed(keys)))
         return param.sharding if param is not None and param.shape == leaf.shape else replicated
 
-    abstract = jax.eval_shape(optimizer.init, params)
+    abstract = jax.eval_shape(optimizer.init, params if frozen is None else split_trainable(params, frozen)[0])
     return TrainState(replicated, jax.tree.map(lambda x: x.sharding, params),
                       jax.tree_util.tree_map_with_path(follow, abstract))
 
@@ -315,14 +339,21 @@ def add_grads(total: Any, grads: Any) -> Any:
     return grads if total is None else jax.tree.map(jnp.add, total, grads)
 
 
-def apply_function(optimizer: optax.GradientTransformation) -> Callable[[TrainState, Any, jax.Array], TrainState]:
-    """(state, summed gradients of `LossSums.objective`, total tokens) -> the next state (to jit)."""
+def apply_function(optimizer: optax.GradientTransformation, frozen: Callable[[str], bool] | None = None
+                   ) -> Callable[[TrainState, Any, jax.Array], TrainState]:
+    """(state, summed gradients of `LossSums.objective`, total tokens) -> the next state (to jit). With `frozen`
+    the gradients and the optimiser are those of the trainable leaves (`split_trainable`); frozen leaves pass
+    through unchanged."""
 
     def apply(state: TrainState, grads: Any, tokens: jax.Array) -> TrainState:
         scale = 1.0 / jnp.maximum(tokens, 1).astype(jnp.float32)
         grads = jax.tree.map(lambda g: g * scale, grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
+        if frozen is None:
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
+        trainable, rest = split_trainable(state.params, frozen)
+        updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
+        return TrainState(state.step + 1, join_params(optax.apply_updates(trainable, updates), rest), opt_state)
 
     return apply
 
@@ -336,7 +367,8 @@ def to_numpy(tree: Any) -> Any:
 
 
 def loss_grad_function(module: nn.Module, *, deterministic: bool, freeze_feature_encoder: bool = False,
-                       gathered: Mapping[str, NamedSharding] | None = None) -> Callable[..., tuple[LossSums, Any]]:
+                       gathered: Mapping[str, NamedSharding] | None = None,
+                       frozen: Callable[[str], bool] | None = None) -> Callable[..., tuple[LossSums, Any]]:
     """(params, batch, rng, label_smoothing) -> (LossSums, gradients of `LossSums.objective`), to jit.
 
     `module` is a `SpeechEncoderDecoderModule` (its `dtype` the compute dtype, `remat` on request); `batch` holds
@@ -346,6 +378,9 @@ def loss_grad_function(module: nn.Module, *, deterministic: bool, freeze_feature
 
     `gathered` (on a mesh): `/`-joined paths of split leaves to use whole, each with the (replicated) sharding to
     gather it to (`flax_model.sharding.gathered_in_training`).
+
+    `frozen`: the gradients are those of the trainable leaves alone (`split_trainable`'s first tree); nothing is
+    computed for the frozen ones.
     """
 
     def run(params: Any, batch: Mapping[str, Any], rng: jax.Array | None, label_smoothing: jax.Array):
@@ -361,7 +396,11 @@ def loss_grad_function(module: nn.Module, *, deterministic: bool, freeze_feature
                 method="loss_sums", rngs=None if deterministic else {"dropout": rng})
             return sums.objective(label_smoothing), sums
 
-        (_, sums), grads = jax.value_and_grad(objective, has_aux=True)(params)
+        if frozen is None:
+            (_, sums), grads = jax.value_and_grad(objective, has_aux=True)(params)
+            return sums, grads
+        trainable, rest = split_trainable(params, frozen)
+        (_, sums), grads = jax.value_and_grad(lambda t: objective(join_params(t, rest)), has_aux=True)(trainable)
         return sums, grads
 
     return run
@@ -388,38 +427,46 @@ class StepFunctions:
     mesh: Mesh | None = None
 
 
+def _grad_shardings(shardings: TrainState, frozen: Callable[[str], bool] | None) -> Any:
+    # The gradients are placed like the parameters they belong to (the trainable ones only, with `frozen`).
+    return shardings.params if frozen is None else split_trainable(shardings.params, frozen)[0]
+
+
 def compiled_grad(module: nn.Module, *, deterministic: bool, freeze_feature_encoder: bool = False,
-                  shardings: TrainState | None = None) -> Callable[..., tuple[LossSums, Any]]:
+                  shardings: TrainState | None = None, frozen: Callable[[str], bool] | None = None
+                  ) -> Callable[..., tuple[LossSums, Any]]:
     """`loss_grad_function` compiled; on a mesh (`shardings`) the gradients come out sharded like the params and
     the loss sums replicated (every process can read them)."""
     if shardings is None:
         return jax.jit(loss_grad_function(module, deterministic=deterministic,
-                                          freeze_feature_encoder=freeze_feature_encoder))
+                                          freeze_feature_encoder=freeze_feature_encoder, frozen=frozen))
     replicated = NamedSharding(shardings.step.mesh, PartitionSpec())
     params = traverse_util.flatten_dict(dict(shardings.params), sep="/")
     gathered = {path: replicated for path in sorted(gathered_in_training(module.config, params))}
     grad = loss_grad_function(module, deterministic=deterministic, freeze_feature_encoder=freeze_feature_encoder,
-                              gathered=gathered)
-    return jax.jit(grad, out_shardings=(replicated, shardings.params))
+                              gathered=gathered, frozen=frozen)
+    return jax.jit(grad, out_shardings=(replicated, _grad_shardings(shardings, frozen)))
 
 
-def compiled_add(shardings: TrainState | None = None) -> Callable[[Any, Any], Any]:
+def compiled_add(shardings: TrainState | None = None, frozen: Callable[[str], bool] | None = None
+                 ) -> Callable[[Any, Any], Any]:
     """The sum of two gradient trees, compiled (the first argument donated), sharded like the params."""
     if shardings is None:
         return jax.jit(add_grads, donate_argnums=(0,))
-    return jax.jit(add_grads, out_shardings=shardings.params, donate_argnums=(0,))
+    return jax.jit(add_grads, out_shardings=_grad_shardings(shardings, frozen), donate_argnums=(0,))
 
 
-def compiled_apply(optimizer: optax.GradientTransformation, shardings: TrainState | None = None
-                   ) -> Callable[[TrainState, Any, jax.Array], TrainState]:
+def compiled_apply(optimizer: optax.GradientTransformation, shardings: TrainState | None = None,
+                   frozen: Callable[[str], bool] | None = None) -> Callable[[TrainState, Any, jax.Array], TrainState]:
     """`apply_function` compiled (the state donated); on a mesh the next state is sharded like this one."""
     if shardings is None:
-        return jax.jit(apply_function(optimizer), donate_argnums=(0,))
-    return jax.jit(apply_function(optimizer), out_shardings=shardings, donate_argnums=(0,))
+        return jax.jit(apply_function(optimizer, frozen), donate_argnums=(0,))
+    return jax.jit(apply_function(optimizer, frozen), out_shardings=shardings, donate_argnums=(0,))
 
 
 def step_functions(module: nn.Module, optimizer: optax.GradientTransformation, *, deterministic: bool,
-                   freeze_feature_encoder: bool = False, shardings: TrainState | None = None) -> StepFunctions:
+                   freeze_feature_encoder: bool = False, shardings: TrainState | None = None,
+                   frozen: Callable[[str], bool] | None = None) -> StepFunctions:
     """Compiles the step's pieces (`compiled_grad`, `compiled_add`, `compiled_apply`).
 
     Args:
@@ -427,12 +474,14 @@ def step_functions(module: nn.Module, optimizer: optax.GradientTransformation, *
         optimizer: from `make_optimizer`.
         deterministic: no dropout, LayerDrop (train mode off).
         freeze_feature_encoder: stop gradients at the conv feature encoder's output.
-        shardings: `state_shardings(params, optimizer)` for a state on a mesh; None: one device.
+        shardings: `state_shardings(params, optimizer, frozen)` for a state on a mesh; None: one device.
+        frozen: path -> frozen: gradients, optimiser state and updates for the other leaves only (the optimiser
+            made over `split_trainable(params, frozen)[0]`, the state by `init_state(params, optimizer, frozen)`).
     """
     return StepFunctions(
         compiled_grad(module, deterministic=deterministic, freeze_feature_encoder=freeze_feature_encoder,
-                      shardings=shardings),
-        compiled_add(shardings), compiled_apply(optimizer, shardings),
+                      shardings=shardings, frozen=frozen),
+        compiled_add(shardings, frozen), compiled_apply(optimizer, shardings, frozen),
         None if shardings is None else shardings.step.mesh)
 
 

@@ -4,6 +4,7 @@ decoder, and the composed key table (the two parts' tables one level down, plus 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar, Self
 
@@ -135,6 +136,54 @@ def non_trainable_paths(config: SpeechEncoderDecoderConfig, flax_paths: Iterable
             if key.startswith(prefix) and spec.is_buffer(key[len(prefix):]):
                 found.add(path)
     return frozenset(found)
+
+
+# The composed model's named groups of parameters (`convert.finetune --train-only`), besides each part's own
+# (`ArchSpec.groups`, one level down).
+COMPOSED_GROUPS: dict[str, tuple[str, ...]] = {
+    "encoder": (r"encoder/.*",),
+    "decoder": (r"decoder/.*",),
+    "projector": (r"enc_to_dec_proj/.*",),
+}
+
+
+def train_groups(config: SpeechEncoderDecoderConfig) -> dict[str, tuple[str, ...]]:
+    """Group name -> regexes of the composed model's Flax paths (whole-path matches): `encoder`, `decoder`,
+    `projector` (`enc_to_dec_proj`, which exists only when the widths differ) and the parts' own groups (a
+    decoder's `cross-attention`)."""
+    groups = dict(COMPOSED_GROUPS)
+    for part in ("encoder", "decoder"):
+        for name, regexes in spec_for(getattr(config, part), role=part).groups:
+            groups[name] = groups.get(name, ()) + tuple(f"{part}/{regex}" for regex in regexes)
+    return groups
+
+
+def group_predicate(groups: Mapping[str, tuple[str, ...]], names: Iterable[str], param: str = "train_only"):
+    """Path -> whether the `/`-joined Flax path belongs to one of the named groups.
+
+    Raises:
+        UsageError: a name that is not a group (the message lists the groups there are).
+    """
+    from convert.base.errors import bad_argument
+
+    names = tuple(names)
+    unknown = [n for n in names if n not in groups]
+    if unknown or not names:
+        raise bad_argument(param, ",".join(names), f"{', '.join(unknown) or 'no group'}: not a group of this model "
+                           f"(groups: {', '.join(sorted(groups))})")
+    patterns = [re.compile(regex) for n in names for regex in groups[n]]
+    return lambda path: any(p.fullmatch(path) for p in patterns)
+
+
+def stores_in_out(config: SpeechEncoderDecoderConfig):
+    """PyTorch key -> whether that linear weight of the composed model is stored (in, out) (`ArchSpec.fan_in_fan_out`,
+    one level down)."""
+    parts = {f"{part}.": spec_for(getattr(config, part), role=part) for part in ("encoder", "decoder")}
+
+    def stored_in_out(key: str) -> bool:
+        return any(key.startswith(prefix) and spec.stores_in_out(key[len(prefix):]) for prefix, spec in parts.items())
+
+    return stored_in_out
 
 
 def keymap_for(config: HFConfig) -> KeyMap:

@@ -138,6 +138,12 @@ class ArchSpec:
         buffers: regexes (whole-key matches) of the canonical PyTorch keys that transformers keeps as buffers,
             not parameters (a logits bias, BatchNorm running statistics, a rotary `inv_freq`): stored and
             loaded like weights, never trained (`convert.base.composed.non_trainable_paths`).
+        groups: (name, regexes of the architecture's Flax paths, whole-path matches) of the named parts one may
+            train alone (`convert.finetune --train-only`), e.g. a decoder's ("cross-attention", ...); the composed
+            model adds `encoder`, `decoder` and its projection (`convert.base.composed.train_groups`).
+        fan_in_fan_out: regexes (whole-key matches) of the canonical PyTorch weights of linear layers stored
+            (in, out) rather than nn.Linear's (out, in) (GPT-2's Conv1D; PEFT's `fan_in_fan_out`); their Flax
+            kernels are (out, in). LoRA needs it to merge its update (`convert.base.lora`).
     """
 
     name: str
@@ -156,6 +162,8 @@ class ArchSpec:
     hf_classes: tuple[str, ...] = ()
     partition_rules: tuple[PartitionRule, ...] = ()
     buffers: tuple[str, ...] = ()
+    groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    fan_in_fan_out: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_partition_rules(self.partition_rules, f"{self.name}: partition_rules")
@@ -164,6 +172,11 @@ class ArchSpec:
             value = getattr(self, attr)
             if not value.startswith(package):
                 raise ValueError(f"{self.name}: {attr}={value!r} must name a module under {package[:-1]}")
+
+    def stores_in_out(self, torch_key: str) -> bool:
+        """Whether a canonical PyTorch linear weight of this architecture is stored (in, out) (see
+        `fan_in_fan_out`)."""
+        return any(re.fullmatch(pattern, torch_key) for pattern in self.fan_in_fan_out)
 
     def is_buffer(self, torch_key: str) -> bool:
         """Whether a canonical PyTorch key of this architecture is a buffer (see `buffers`)."""

@@ -219,6 +219,7 @@ SPEC = ArchSpec(
     fixtures="scripts.fixtures_bart",
     layer_stack=("decoder_layers", "model/decoder/layers/"),
     buffers=("final_logits_bias",),
+    groups=(("cross-attention", (r"model/decoder/layers/\d+/(encoder_attn|encoder_attn_layer_norm)/.*",)),),
     hf_classes=("BartForCausalLM", "BartForConditionalGeneration", "BartModel", "MBartForCausalLM",
                 "MBartForConditionalGeneration", "MBartModel"),
 )

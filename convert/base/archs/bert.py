@@ -254,6 +254,7 @@ SPEC = ArchSpec(
     flax_source_rules=flax_source_rules,
     tied_keys=tied_keys,
     initializable=INITIALIZABLE,
+    groups=(("cross-attention", (r"bert/encoder/layer/\d+/crossattention/.*",)),),
     flax_class="flax_model.bert:BertForCausalLMModule",
     torch_class="torch_reference.bert:BertLMHeadModel",
     fixtures="scripts.fixtures_bert",

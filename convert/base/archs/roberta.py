@@ -115,6 +115,7 @@ SPEC = ArchSpec(
     flax_source_rules=flax_source_rules,
     tied_keys=tied_keys,
     initializable=INITIALIZABLE,
+    groups=(("cross-attention", (r"roberta/encoder/layer/\d+/crossattention/.*",)),),
     flax_class="flax_model.roberta:RobertaForCausalLMModule",
     torch_class="torch_reference.roberta:RobertaForCausalLM",
     fixtures="scripts.fixtures_roberta",

@@ -1,0 +1,60 @@
+"""LoRA in Flax: the low-rank update of every adapted linear layer, added to the layer's output.
+
+The factors live in the param tree beside the adapted kernel (`<module>/lora_A` [r, in], `<module>/lora_B`
+[out, r]; `convert.base.lora` finds the layers and draws them). The architectures' modules never read them:
+inside `lora_updates(settings)`, a Flax method interceptor adds s · B A dropout(x) to the output of every module
+call whose params hold both factors, so LoRA works with every architecture's linear layers (`nn.Dense`, GPT-2's
+Conv1D) without a line in their files. Dropout on the adapted layer's input (PEFT's `lora_dropout`) draws from
+the "dropout" PRNG stream, i.e. in train mode only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from convert.base.lora import LoraSettings
+
+_ACTIVE: contextvars.ContextVar[LoraSettings | None] = contextvars.ContextVar("lora_active", default=None)
+
+
+def lora_update(x: jax.Array, a: jax.Array, b: jax.Array, scaling: float) -> jax.Array:
+    """s · B A x for inputs x [..., in], A [r, in], B [out, r] -> [..., out]."""
+    inner = jnp.einsum("...I,RI->...R", x, a.astype(x.dtype))  # [..., r]
+    return jnp.einsum("...R,OR->...O", inner, b.astype(x.dtype)) * jnp.asarray(scaling, x.dtype)
+
+
+@contextlib.contextmanager
+def lora_updates(settings: LoraSettings | None) -> Iterator[None]:
+    """Within this context every module call whose params hold `lora_A` and `lora_B` returns its output plus the
+    LoRA update of its first argument. Nested uses add the update once."""
+    if settings is None or _ACTIVE.get() is not None:
+        yield
+        return
+
+    def intercept(next_fun: Callable[..., Any], args: tuple, kwargs: dict, context: Any) -> Any:
+        out = next_fun(*args, **kwargs)
+        module = context.module
+        if (context.method_name != "__call__" or not module.has_variable("params", "lora_A")
+                or not module.has_variable("params", "lora_B")):
+            return out
+        x = args[0]
+        if settings.dropout > 0.0 and module.has_rng("dropout"):
+            keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - settings.dropout, x.shape)
+            x = jnp.where(keep, x / (1.0 - settings.dropout), jnp.zeros_like(x))
+        update = lora_update(x, module.get_variable("params", "lora_A"), module.get_variable("params", "lora_B"),
+                             settings.scaling)
+        return out + update.astype(out.dtype)
+
+    token = _ACTIVE.set(settings)
+    try:
+        with nn.intercept_methods(intercept):
+            yield
+    finally:
+        _ACTIVE.reset(token)
