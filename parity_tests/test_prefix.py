@@ -1,0 +1,129 @@
+"""The prefix composition's base pieces: the prompt template and its tokenisation, the config's round trip, and
+the directory layout (each part in its own format, the projector beside them) read back bit for bit."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from convert.base.errors import CheckpointError, UnsupportedConfig, UsageError
+from convert.base.prefix import (
+    PROJECTOR_FILE,
+    SpeechPrefixConfig,
+    load_prefix_params,
+    prefix_keymap,
+    projector_shapes,
+    read_prefix_config,
+    save_prefix_params,
+    split_prompt,
+    tokenize_prompt,
+)
+from flax_model.speech_encoder_decoder import init_tree
+
+BUILTIN = Path(__file__).resolve().parents[1] / "convert" / "builtin"
+
+
+def test_the_prompt_template_holds_audio_once():
+    assert split_prompt("Transcribe: {audio}") == ("Transcribe: ", "")
+    assert split_prompt("{audio} in {{braces}}?") == ("", " in {braces}?")
+    for bad, why in (("no audio", "exactly once (found 0)"), ("{audio}{audio}", "exactly once (found 2)"),
+                     ("{audio} {lang}", "a field other than {audio}")):
+        with pytest.raises(UsageError, match=r"^prompt=.*" + why.replace("(", r"\(").replace(")", r"\)")):
+            split_prompt(bad)
+
+
+def test_the_prompt_is_tokenised_piece_by_piece_with_bos_only_when_the_tokenizer_adds_it():
+    vocab = {"<s>": 0, "a": 1, "say": 2, "it": 3, "now": 4}
+
+    def encoder(adds_bos):
+        def encode(text, specials):
+            ids = [vocab[w] for w in text.split()]
+            return [0, *ids] if specials and adds_bos else ids
+        return encode
+
+    assert tokenize_prompt("say {audio} now", encoder(True), 0) == ([0, 2], [4])
+    assert tokenize_prompt("say {audio} now", encoder(False), 0) == ([2], [4])
+    assert tokenize_prompt("{audio}", encoder(True), 0) == ([0], [])
+    assert tokenize_prompt("{audio}", encoder(True), None) == ([], [])
+
+
+def _config(projector_type="mlp", **fields):
+    encoder = json.loads((BUILTIN / "wav2vec2" / "config.json").read_text())
+    decoder = json.loads((BUILTIN / "gpt2" / "config.json").read_text())
+    d = {"model_type": "speech-prefix-lm", "projector_type": projector_type, "stack_frames": 3,
+         "prompt": "Say: {audio}", "prompt_ids_before": [5, 6], "prompt_ids_after": [], "eos_token_id": 0,
+         "pad_token_id": 0, "encoder": encoder, "decoder": decoder, **fields}
+    return SpeechPrefixConfig.from_hf_dict(d)
+
+
+def test_the_config_round_trips_and_refuses_what_it_does_not_implement():
+    config = _config()
+    again = SpeechPrefixConfig.from_hf_dict(json.loads(json.dumps(config.to_hf_dict())))
+    assert again == config and again.to_hf_dict() == config.to_hf_dict()
+    assert config.projector_input_size == 3 * config.encoder.encoder_output_size
+    assert config.projector_inner_size == config.decoder.hidden_size
+    assert int(config.audio_lengths(np.int32(11))) == 3
+    linear = _config("linear")
+    assert projector_shapes(linear) == {"projector/linear_1/kernel": (3 * 48, 32), "projector/linear_1/bias": (32,)}
+    assert prefix_keymap(linear).to_torch("projector/linear_1/kernel")[0] == "projector.linear_1.weight"
+    for field, value, why in (("projector_type", "conv", "is not one of linear, mlp"),
+                              ("stack_frames", 0, "must be at least 1"),
+                              ("projector_activation", "tanh", "is not one of gelu, relu"),
+                              ("prompt", "no audio here", "exactly once")):
+        with pytest.raises(UnsupportedConfig, match=f"^config.json: .*{field}.*{why}"):
+            _config(**{field: value})
+
+
+def test_the_directory_holds_each_part_in_its_own_format_and_reads_back_bit_for_bit(tmp_path):
+    config = _config("mlp")
+    rng = np.random.default_rng(0)
+    leaves = {}
+    for part in ("encoder", "decoder"):
+        tree = init_tree(getattr(config, part))
+        from flax import traverse_util
+
+        for path, leaf in traverse_util.flatten_dict(tree, sep="/").items():
+            leaves[f"{part}/{path}"] = rng.standard_normal(leaf.shape).astype(np.float32)
+    for path, shape in projector_shapes(config).items():
+        leaves[path] = rng.standard_normal(shape).astype(np.float32)
+    save_prefix_params(tmp_path, config, leaves)
+    for part in ("encoder", "decoder"):
+        own = json.loads((tmp_path / part / "config.json").read_text())
+        assert own == getattr(config, part).to_hf_dict(), part
+        assert {"model.safetensors", "flax_model.msgpack"} <= {p.name for p in (tmp_path / part).iterdir()}
+    from convert.base.checkpoint.safetensors_reader import SafetensorsFile
+
+    names = set(SafetensorsFile(tmp_path / PROJECTOR_FILE).entries)
+    expected = {f"projector.linear_{i}.{p}" for i in (1, 2) for p in ("weight", "bias")}
+    assert names == expected
+    assert {prefix_keymap(config).to_torch(p)[0] for p in leaves if p.startswith("projector/")} == expected
+
+    def shapes_of(part_config):
+        from flax import traverse_util
+
+        return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(init_tree(part_config), sep="/").items()}
+
+    for prefer in (("flax_model.msgpack",), ("model.safetensors",)):
+        read_config, read = load_prefix_params(tmp_path, shapes_of, prefer=prefer)
+        assert read_config == config
+        assert read.keys() == leaves.keys()
+        differ = [k for k in leaves if not np.array_equal(read[k], leaves[k])]
+        assert not differ, differ[:3]
+
+    # A part whose config.json was changed by hand no longer matches the model's: refused, naming the field.
+    bad = tmp_path / "bad"
+    shutil.copytree(tmp_path, bad, ignore=shutil.ignore_patterns("bad"))
+    own = json.loads((bad / "decoder" / "config.json").read_text())
+    own["n_layer"] = 3
+    (bad / "decoder" / "config.json").write_text(json.dumps(own))
+    with pytest.raises(CheckpointError, match=r"decoder/config.json: differs from config.json's 'decoder' "
+                                              r"\(fields: n_layer\)"):
+        read_prefix_config(bad)
+    (bad / "decoder" / "config.json").write_text(json.dumps(config.decoder.to_hf_dict()))
+    (bad / PROJECTOR_FILE).unlink()
+    with pytest.raises(CheckpointError, match=f"{PROJECTOR_FILE}: no such file"):
+        load_prefix_params(bad, shapes_of)
