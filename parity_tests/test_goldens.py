@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import io
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch
 
 from convert.base.composed import SpeechEncoderDecoderConfig, composed_keymap
 from convert.base.params import load_params
+from convert.extract import extract
 from flax_model import generation as flax_generation
 from flax_model import layers as flax_layers
 from flax_model import registry as flax_registry
@@ -115,8 +117,13 @@ def load_both(directory: Path) -> tuple[Any, Callable, dict, Any]:
 @pytest.mark.parametrize("name", cases("encoder"))
 def test_encoder_output_and_frames_match_transformers(name, fixture_dir):
     directory = checked_fixtures(name, fixture_dir)[name]
+    compare_encoder(name, directory, CASES[name]["settings"], golden(name))
+
+
+def compare_encoder(name: str, directory: Path, settings: dict[str, Any], want: dict[str, np.ndarray]) -> None:
+    """Our frame arithmetic and both encoders on `directory` against transformers' recorded arrays."""
     config, apply, params, reference = load_both(directory)
-    batch, want = inputs(CASES[name]["settings"]["inputs"]), golden(name)
+    batch = inputs(settings["inputs"])
     values, mask = batch["input_values"], batch["attention_mask"]
 
     # Frame arithmetic first: a wrong length shows here before it shows as a shape mismatch below.
@@ -144,15 +151,38 @@ def test_encoder_output_and_frames_match_transformers(name, fixture_dir):
 @pytest.mark.parametrize("name", cases("decoder"))
 def test_decoder_logits_match_transformers(name, fixture_dir):
     directory = checked_fixtures(name, fixture_dir)[name]
+    compare_decoder(name, directory, CASES[name]["settings"], golden(name))
+
+
+def compare_decoder(name: str, directory: Path, settings: dict[str, Any], want: dict[str, np.ndarray]) -> None:
+    """Both decoders on `directory` against transformers' recorded logits."""
     _, apply, params, reference = load_both(directory)
-    settings = CASES[name]["settings"]
     batch = {k: v for k, v in inputs(settings["inputs"]).items() if k in settings["inputs_used"]}
     flax_logits, _ = apply({"params": params}, **batch)
     with torch.no_grad():
         torch_logits, _ = reference(**{k: torch.from_numpy(v) for k, v in batch.items()})
     for who, logits in (("Flax", flax_logits), ("reference", torch_logits.numpy())):
-        err = max_diff(logits, golden(name)["logits"])
+        err = max_diff(logits, want["logits"])
         assert err <= TOL, f"{name}: {who} logits vs transformers: max|diff|={err:.2e}"
+
+
+@pytest.mark.parametrize("name", cases("extracted"))
+def test_extracted_parts_load_in_transformers_and_match_it(name, fixture_dir, composed_dir, tmp_path):
+    """`convert.extract` writes each part of a composed model so that transformers' class of the part loads every
+    weight (only the BatchNorm step counters our files never hold are missing), and computes on the decoder what our
+    models compute on it."""
+    directory = checked_composition(name, fixture_dir, composed_dir)
+    for part, recorded in CASES[name]["parts"].items():
+        out = extract(directory, part, tmp_path / part, log=io.StringIO()).output
+        assert tensors_digest(out / "model.safetensors") == recorded["extracted_tensors_sha256"], (
+            f"{name}: the extracted {part} holds other weights than when the goldens were made: {REMAKE}")
+        info = recorded["loading_info"]
+        missing = [k for k in info["missing_keys"] if not k.endswith(".num_batches_tracked")]
+        assert not (missing or info["unexpected_keys"] or info["mismatched_keys"] or info["error_msgs"]), (
+            f"{name}: transformers' {recorded['transformers_class']} did not load the extracted {part} whole: {info}")
+        if part == "decoder":
+            want = {k.removeprefix("decoder/"): v for k, v in golden(name).items() if k.startswith("decoder/")}
+            compare_decoder(f"{name} decoder", out, recorded["settings"], want)
 
 
 # ----------------------------------------------------------------------------------------------------------

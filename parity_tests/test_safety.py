@@ -406,6 +406,30 @@ CATALOGUE: dict[str, Case] = {
                                     env=(("HF_TOKEN", "hf_NotARealToken0123456789"),)),
     "push/missing-repo-id": Case("push", ("{ws}/model",), 2, "OWNER/NAME"),
     "push/unknown-flag": Case("push", ("{ws}/model", "me/model", "--privat"), 2, "--privat"),
+    # --- extract ------------------------------------------------------------------------------------------------
+    "extract/part-unknown": Case("extract", ("{ws}/model", "--part", "lm", "--output", "{ws}/out"), 2, "--part"),
+    "extract/part-missing": Case("extract", ("{ws}/model", "--output", "{ws}/out"), 2, "--part"),
+    "extract/directory-missing": Case("extract", ("{ws}/nope", "--part", "decoder", "--output", "{ws}/out"), 1,
+                                      "{ws}/nope"),
+    "extract/not-composed": Case("extract", ("{ws}/dec", "--part", "decoder", "--output", "{ws}/out"), 1,
+                                 "{ws}/dec/config.json"),
+    "extract/no-weights": Case("extract", ("{ws}/v/model_no_weights", "--part", "decoder", "--output", "{ws}/out"),
+                               1, "no weight", variants=("model_no_weights",)),
+    "extract/truncated-weights": Case("extract", ("{ws}/v/model_truncated", "--part", "encoder", "--output",
+                                                  "{ws}/out"), 1, "model_truncated/model.safetensors",
+                                      variants=("model_truncated",)),
+    "extract/output-is-the-model": Case("extract", ("{ws}/model", "--part", "decoder", "--output", "{ws}/model",
+                                                    "--overwrite"), 2, "--output {ws}/model"),
+    "extract/output-inside-the-model": Case("extract", ("{ws}/model", "--part", "decoder", "--output",
+                                                        "{ws}/model/llm"), 2, "--output {ws}/model/llm"),
+    "extract/output-user-directory": Case("extract", ("{ws}/model", "--part", "decoder", "--output", "{ws}/user",
+                                                      "--overwrite"), 2, "was not written by this toolkit"),
+    "extract/output-symlink": Case("extract", ("{ws}/model", "--part", "decoder", "--output", "{ws}/link_to_user"),
+                                   2, "symbolic link"),
+    "extract/output-is-cwd": Case("extract", ("{ws}/model", "--part", "encoder", "--output", "{ws}/cwd"), 2,
+                                  "current directory"),
+    "extract/shard-size-garbled": Case("extract", ("{ws}/model", "--part", "decoder", "--output", "{ws}/out",
+                                                   "--max-shard-size", "lots"), 2, "--max-shard-size"),
 }
 
 
@@ -494,7 +518,7 @@ def test_bad_input_is_one_line_and_changes_nothing(name, ws, capsys, monkeypatch
 
 def test_the_catalogue_covers_every_command_with_at_least_60_cases():
     per_command = {c: sum(case.command == c for case in CATALOGUE.values())
-                   for c in ("compose", "generate", "check", "push")}
+                   for c in ("compose", "generate", "check", "push", "extract")}
     assert len(CATALOGUE) >= 60 and min(per_command.values()) >= 8, per_command
 
 
@@ -570,6 +594,7 @@ def _python_m(command: str, *args: str, cwd: Path = REPO, **kw) -> subprocess.Co
     ("generate", ["--model", "/nonexistent", "--audio", "a.wav"], 1),
     ("check", ["/nonexistent", "--factor", "0"], 2),
     ("push", ["/nonexistent", "me/x", "--dry-run"], 1),
+    ("extract", ["/nonexistent", "--part", "decoder", "--output", "x"], 1),
 ])
 def test_entry_points_exit_with_the_convention_and_one_line(command, args, code, tmp_path):
     result = _python_m(command, *args, cwd=tmp_path)
@@ -579,7 +604,7 @@ def test_entry_points_exit_with_the_convention_and_one_line(command, args, code,
 
 
 def test_help_shows_every_default(capsys):
-    for command in ("compose", "generate", "check", "push"):
+    for command in ("compose", "generate", "check", "push", "extract"):
         module = importlib.import_module(f"convert.{command}")
         parser = module.build_parser()
         text = parser.format_help()

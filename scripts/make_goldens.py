@@ -33,6 +33,10 @@ Adding cases (rows of the tables below, nothing else):
       `scripts.make_fixtures.CASES` whose architecture has a row is then covered, except those in
       SKIPPED_FIXTURES.
     * a new composed pair: a row in PAIRS.
+    * a pair whose parts `convert.extract` writes: a row in EXTRACTED. Each part is loaded by the transformers class
+      its extracted config names and recorded as a fixture of that class (its ARCHITECTURES row); the test extracts
+      the same parts and compares our models on them.
+    * rotary settings: a row in ROPE_ROWS (transformers' inverse frequencies for a config's RoPE fields).
     * a new generation setting (forced BOS/EOS, no_repeat_ngram_size, repetition_penalty, several eos ids,
       ...): a row in GENERATION; list its name in the `generate` field of the pairs it should run on. The row's
       settings (over GENERATION_BASE and the pair's ids, which a row may replace; a row of MODEL_DEFAULTS_ROWS
@@ -45,6 +49,7 @@ Adding cases (rows of the tables below, nothing else):
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import hashlib
 import inspect
@@ -308,6 +313,68 @@ PAIRS: tuple[Pair, ...] = (
          "BatchNorm step counters reported missing) x BART"),
 )
 
+
+@dataclasses.dataclass(frozen=True)
+class Extracted:
+    """A fixture pair composed as in `Pair`, whose decoder and encoder `convert.extract` writes as checkpoints of
+    their own; each is loaded by the transformers class its config names (`ARCHITECTURES`), and the decoder's
+    logits are recorded as a single-architecture fixture of that class would be."""
+
+    encoder: str
+    decoder: str
+    why: str
+
+    @property
+    def name(self) -> str:
+        return f"extracted:{self.encoder}+{self.decoder}"
+
+
+# Pairs of PAIRS (their compositions are shared with those tests), so that every encoder and decoder family is
+# extracted once.
+EXTRACTED: tuple[Extracted, ...] = (
+    Extracted("w2v_stable_wide", "gpt2_untied", "wav2vec2, its enc_to_dec_proj left out; GPT-2 with the "
+              "cross-attention compose created"),
+    Extracted("hubert_group", "gpt2_lm", "HuBERT; GPT-2 with a tied head"),
+    Extracted("wavlm_stable", "bart_causal", "WavLM; BART"),
+    Extracted("d2v_audio_odd_kernel", "mbart", "data2vec-audio; mBART (MBartForCausalLM)"),
+    Extracted("conformer_rotary", "bart_causal", "wav2vec2-conformer (BatchNorm step counters missing); BART"),
+    Extracted("w2v_stable", "bert_xattn_untied", "BERT with its own cross-attention and an untied head"),
+    Extracted("w2v_group", "roberta_mlm_bin", "RoBERTa from a masked-LM file, cross-attention created"),
+)
+EXTRACTED_PARTS = ("decoder", "encoder")
+
+# Rotary settings as config.json files hold them (transformers 5's `rope_parameters`, or the older `rope_scaling`
+# with a top-level `rope_theta`), each with a head size and a context length: transformers' inverse frequencies and
+# cos/sin factor for each are recorded under the row's name (`convert.base.rope` is compared with them).
+ROPE_ROWS: dict[str, dict[str, Any]] = {
+    "default_llama2": {"head_dim": 128, "max_position_embeddings": 4096, "rope_theta": 10000.0},
+    "default_params": {"head_dim": 64, "max_position_embeddings": 32768,
+                       "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}},
+    "llama3_1": {"head_dim": 128, "max_position_embeddings": 131072, "rope_theta": 500000.0,
+                 "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}},
+    "llama3_2_params": {"head_dim": 64, "max_position_embeddings": 131072,
+                        "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                                            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                            "original_max_position_embeddings": 8192}},
+    "linear_old_type_key": {"head_dim": 32, "max_position_embeddings": 8192,
+                            "rope_scaling": {"type": "linear", "factor": 4.0}},
+    "yarn_qwen2_5": {"head_dim": 128, "max_position_embeddings": 131072, "rope_theta": 1000000.0,
+                     "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}},
+    "yarn_every_field": {"head_dim": 64, "max_position_embeddings": 16384,
+                         "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 16.0,
+                                             "original_max_position_embeddings": 1024, "beta_fast": 24.0,
+                                             "beta_slow": 2.0, "mscale": 1.0, "mscale_all_dim": 0.5,
+                                             "truncate": False}},
+    "yarn_no_factor": {"head_dim": 16, "max_position_embeddings": 4096,
+                       "rope_parameters": {"rope_type": "yarn", "factor": None,
+                                           "original_max_position_embeddings": 1024}},
+    "yarn_attention_factor": {"head_dim": 16, "max_position_embeddings": 4096,
+                              "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "attention_factor": 0.8,
+                                                  "original_max_position_embeddings": 1024}},
+}
+ROPE_CASE = "rope"
+
 # What every generate call sets, so that nothing comes from a generation_config.json or from the decoder's
 # config: None unsets a setting (transformers' `generate(forced_bos_token_id=None)`), so BART's
 # forced_bos_token_id / forced_eos_token_id in config.json do not apply.
@@ -403,8 +470,9 @@ def versions() -> dict[str, str]:
     return {"transformers": transformers.__version__, "torch": torch.__version__, "numpy": np.__version__}
 
 
-def fixture_case(name: str, directory: Path, inputs: dict[str, dict[str, np.ndarray]]) -> tuple[dict, dict]:
-    """(manifest entry, arrays) of one single-architecture fixture."""
+def fixture_case(name: str, directory: Path, inputs: dict[str, dict[str, np.ndarray]],
+                 may_miss: str | None = None) -> tuple[dict, dict]:
+    """(manifest entry, arrays) of one single-architecture fixture; keys ending with `may_miss` may be missing."""
     import torch
     import transformers
 
@@ -412,9 +480,12 @@ def fixture_case(name: str, directory: Path, inputs: dict[str, dict[str, np.ndar
     architecture = config["architectures"][0]
     row = ARCHITECTURES[architecture]
     cls = getattr(transformers, row.transformers_class)
-    model, info = cls.from_pretrained(directory, output_loading_info=True, attn_implementation=ATTN_IMPLEMENTATION)
+    # float32 whatever the checkpoint stores (a bfloat16 source is compared as its float32 values).
+    model, info = cls.from_pretrained(directory, output_loading_info=True, attn_implementation=ATTN_IMPLEMENTATION,
+                                      dtype=torch.float32)
     info = loading_info(info)
-    if info["missing_keys"] or info["mismatched_keys"] or info["error_msgs"]:
+    missing = [k for k in info["missing_keys"] if may_miss is None or not k.endswith(may_miss)]
+    if missing or info["mismatched_keys"] or info["error_msgs"]:
         raise RuntimeError(f"{name}: transformers' {row.transformers_class} did not load every weight: {info}")
     with torch.no_grad():
         arrays, used = row.record(model.eval(), inputs[row.inputs])
@@ -437,17 +508,33 @@ def generated_lengths(sequences: np.ndarray, eos: int | Sequence[int]) -> list[i
     return [next((i + 1 for i, t in enumerate(row) if t in eos), len(row)) for row in sequences[:, 1:].tolist()]
 
 
+COMPOSE_SETTINGS = {"seed": 0, "dtype": "float32"}
+
+
+def compose_row(row: Pair | Extracted, fixture_dirs: Mapping[str, Path], out: Path, kind: str) -> dict[str, Any]:
+    """Composes a row's fixtures into `out` (COMPOSE_SETTINGS) and returns what every composed case's manifest
+    entry starts with: its kind, fixtures, names and the digest of the composed tensors."""
+    from convert.compose import compose
+
+    compose(str(fixture_dirs[row.encoder]), str(fixture_dirs[row.decoder]), out, verify=False, progress=False,
+            log=io.StringIO(), **COMPOSE_SETTINGS)
+    return {
+        "kind": kind,
+        "fixtures": {n: fixture_hashes(fixture_dirs[n]) for n in (row.encoder, row.decoder)},
+        "encoder": row.encoder,
+        "decoder": row.decoder,
+        "why": row.why,
+        "composed_tensors_sha256": tensors_digest(out / "model.safetensors"),
+    }
+
+
 def pair_case(pair: Pair, fixture_dirs: Mapping[str, Path], out: Path,
               inputs: dict[str, dict[str, np.ndarray]]) -> tuple[dict, dict]:
     """(manifest entry, arrays) of one composed pair."""
     import torch
     import transformers
 
-    from convert.compose import compose
-
-    compose_settings = {"seed": 0, "dtype": "float32"}
-    compose(str(fixture_dirs[pair.encoder]), str(fixture_dirs[pair.decoder]), out, verify=False, progress=False,
-            log=io.StringIO(), **compose_settings)
+    composed_entry = compose_row(pair, fixture_dirs, out, "composed")
     # ignore_mismatched_sizes: report a mismatch in the loading info instead of raising.
     model, info = transformers.SpeechEncoderDecoderModel.from_pretrained(
         out, output_loading_info=True, ignore_mismatched_sizes=True, attn_implementation=ATTN_IMPLEMENTATION)
@@ -457,14 +544,9 @@ def pair_case(pair: Pair, fixture_dirs: Mapping[str, Path], out: Path,
     info = loading_info(info)
     config = json.loads((out / "config.json").read_text())
     entry: dict[str, Any] = {
-        "kind": "composed",
-        "fixtures": {n: fixture_hashes(fixture_dirs[n]) for n in (pair.encoder, pair.decoder)},
-        "encoder": pair.encoder,
-        "decoder": pair.decoder,
-        "why": pair.why,
-        "composed_tensors_sha256": tensors_digest(out / "model.safetensors"),
+        **composed_entry,
         "transformers_class": "SpeechEncoderDecoderModel",
-        "settings": {"inputs": "speech", "attn_implementation": ATTN_IMPLEMENTATION, "compose": compose_settings,
+        "settings": {"inputs": "speech", "attn_implementation": ATTN_IMPLEMENTATION, "compose": COMPOSE_SETTINGS,
                      "use_cache": False, "contiguous_encoder_output": pair.contiguous_encoder_output},
         "loading_info": info,
         "generation": {},
@@ -517,6 +599,44 @@ def pair_case(pair: Pair, fixture_dirs: Mapping[str, Path], out: Path,
                 "distinct_tokens": [len(set(row[:n])) for row, n in zip(sequences[:, 1:].tolist(), lengths)],
             }
             print(f"  {setting}: lengths {lengths}, eos {entry['generation'][setting]['ended_with_eos']}")
+    return entry, arrays
+
+
+def extracted_case(row: Extracted, fixture_dirs: Mapping[str, Path], out: Path,
+                   inputs: dict[str, dict[str, np.ndarray]]) -> tuple[dict, dict]:
+    """(manifest entry, arrays) of the parts of one composed pair, written by `convert.extract`."""
+    from convert.extract import extract
+
+    composed = out / "composed"
+    entry: dict[str, Any] = {**compose_row(row, fixture_dirs, composed, "extracted"),
+                             "settings": {"compose": COMPOSE_SETTINGS}, "parts": {}}
+    arrays: dict[str, np.ndarray] = {}
+    for part in EXTRACTED_PARTS:
+        directory = extract(composed, part, out / part, log=io.StringIO()).output
+        # Our files hold no BatchNorm step counters (see BATCH_NORM_COUNTER): transformers reports them missing.
+        part_entry, part_arrays = fixture_case(f"{row.name} {part}", directory, inputs, may_miss=BATCH_NORM_COUNTER)
+        del part_entry["fixtures"]
+        part_entry["extracted_tensors_sha256"] = tensors_digest(directory / "model.safetensors")
+        entry["parts"][part] = part_entry
+        if part == "decoder":  # the encoders' numbers are those of their fixtures' goldens; the loading is the point
+            arrays.update({f"{part}/{k}": v for k, v in part_arrays.items()})
+    return entry, arrays
+
+
+def rope_case() -> tuple[dict, dict]:
+    """transformers' RoPE initialisation (its LlamaRotaryEmbedding, which every family of this toolkit shares) for
+    each row of ROPE_ROWS."""
+    import transformers
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    entry: dict[str, Any] = {"kind": "rope", "rows": {}}
+    arrays = {}
+    for label, row in ROPE_ROWS.items():
+        fields = copy.deepcopy({k: v for k, v in row.items() if k != "head_dim"})  # transformers fills dicts in
+        config = transformers.LlamaConfig(hidden_size=4 * row["head_dim"], num_attention_heads=4, **fields)
+        rotary = LlamaRotaryEmbedding(config)
+        arrays[f"{label}.inv_freq"] = rotary.inv_freq.numpy()
+        entry["rows"][label] = {"config": row, "attention_scaling": float(rotary.attention_scaling)}
     return entry, arrays
 
 
@@ -593,14 +713,20 @@ def make_goldens(out: Path, only: set[str] | None = None) -> dict:
             print(f"{name}: {ARCHITECTURES[architecture].transformers_class}")
             entry, arrays = fixture_case(name, directory, inputs)
             cases[name] = _finish(entry, arrays, name, out)
-        for pair in PAIRS:
-            if only and pair.name not in only:
+        composed_rows = [(row, pair_case, "SpeechEncoderDecoderModel") for row in PAIRS] + [
+            (row, extracted_case, "convert.extract, then each part's own transformers class") for row in EXTRACTED]
+        for row, make_case, what in composed_rows:
+            if only and row.name not in only:
                 continue
-            print(f"{pair.name}: SpeechEncoderDecoderModel")
-            for name in (pair.encoder, pair.decoder):
+            print(f"{row.name}: {what}")
+            for name in (row.encoder, row.decoder):
                 fixture(name)
-            entry, arrays = pair_case(pair, dirs, root / "composed" / pair.name, inputs)
-            cases[pair.name] = _finish(entry, arrays, pair.name, out)
+            entry, arrays = make_case(row, dirs, root / "composed" / row.name, inputs)
+            cases[row.name] = _finish(entry, arrays, row.name.replace(":", "_"), out)
+        if not only or ROPE_CASE in only:
+            print(f"{ROPE_CASE}: LlamaRotaryEmbedding")
+            entry, arrays = rope_case()
+            cases[ROPE_CASE] = _finish(entry, arrays, ROPE_CASE, out)
     manifest = {
         "format": FORMAT,
         "made_by": "scripts/make_goldens.py",
@@ -629,7 +755,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", metavar="NAME", help="regenerate only these cases (fixture or pair names)")
     parser.add_argument("--out", type=Path, default=GOLDENS_DIR, help="where the goldens go (default: %(default)s)")
     args = parser.parse_args(argv)
-    known = set(fixture_names()) | {p.name for p in PAIRS}
+    known = set(fixture_names()) | {p.name for p in PAIRS} | {r.name for r in EXTRACTED} | {ROPE_CASE}
     unknown = sorted(set(args.only or ()) - known)
     if unknown:
         parser.error(f"unknown case(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")

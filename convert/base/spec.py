@@ -144,6 +144,10 @@ class ArchSpec:
         fan_in_fan_out: regexes (whole-key matches) of the canonical PyTorch weights of linear layers stored
             (in, out) rather than nn.Linear's (out, in) (GPT-2's Conv1D; PEFT's `fan_in_fan_out`); their Flax
             kernels are (out, in). LoRA needs it to merge its update (`convert.base.lora`).
+        hf_cross_attention: for a decoder, whether transformers' class of the family has cross-attention (GPT-2's
+            `add_cross_attention`, BART's `encoder_attn`). Without it, transformers' `SpeechEncoderDecoderModel`
+            cannot run the composed model, and `convert.extract` leaves the cross-attention (the `initializable`
+            paths) out of the decoder it writes, with the config's `as_causal_lm()`.
     """
 
     name: str
@@ -164,6 +168,7 @@ class ArchSpec:
     buffers: tuple[str, ...] = ()
     groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
     fan_in_fan_out: tuple[str, ...] = ()
+    hf_cross_attention: bool = True
 
     def __post_init__(self) -> None:
         check_partition_rules(self.partition_rules, f"{self.name}: partition_rules")
