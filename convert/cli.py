@@ -398,8 +398,8 @@ def require_int(param: str, value: Any, low: int | None = None, high: int | None
 
 
 def require_float(param: str, value: Any, low: float | None = None, high: float | None = None,
-                  allow_none: bool = False, low_inclusive: bool = True) -> float | None:
-    """`value` as a float if it is a finite number in the range (`low` exclusive unless `low_inclusive`)."""
+                  allow_none: bool = False, low_inclusive: bool = True, high_inclusive: bool = True) -> float | None:
+    """`value` as a float if it is a finite number in the range (each bound inclusive unless said otherwise)."""
     from convert.base.errors import bad_argument
 
     if value is None and allow_none:
@@ -410,8 +410,9 @@ def require_float(param: str, value: Any, low: float | None = None, high: float 
     if not math.isfinite(number):
         raise bad_argument(param, value, "must be a finite number")
     too_low = low is not None and (number < low if low_inclusive else number <= low)
-    if too_low or high is not None and number > high:
-        raise bad_argument(param, value, f"must be {_range_text(low, high, low_inclusive)}")
+    too_high = high is not None and (number > high if high_inclusive else number >= high)
+    if too_low or too_high:
+        raise bad_argument(param, value, f"must be {_range_text(low, high, low_inclusive, high_inclusive)}")
     return number
 
 
@@ -424,12 +425,13 @@ def require_choice(param: str, value: Any, choices: Sequence[Any]) -> Any:
     return value
 
 
-def _range_text(low: float | None, high: float | None, low_inclusive: bool = True) -> str:
-    if low is not None and high is not None:
-        return f"from {low} to {high}" if low_inclusive else f"above {low} and at most {high}"
-    if low is not None:
-        return f"at least {low}" if low_inclusive else f"above {low}"
-    return f"at most {high}"
+def _range_text(low: float | None, high: float | None, low_inclusive: bool = True, high_inclusive: bool = True
+                ) -> str:
+    lower = None if low is None else f"at least {low}" if low_inclusive else f"above {low}"
+    upper = None if high is None else f"at most {high}" if high_inclusive else f"below {high}"
+    if lower and upper:
+        return f"from {low} to {high}" if low_inclusive and high_inclusive else f"{lower} and {upper}"
+    return lower or upper or ""
 
 
 def show_progress(requested: bool = True) -> bool:

@@ -15,6 +15,7 @@ from convert import cli  # first: run as `python -m`, a Ctrl-C during the import
 
 import dataclasses
 import json
+import math
 import re
 import shutil
 import sys
@@ -35,6 +36,7 @@ from convert.base.hub import resolve_source
 from convert.base.keymap import Entry, Plan
 from convert.base.params import check_layer_counts, plan_source, save_params, subtree
 from convert.base.registry import model_types, spec_for
+from convert.base.resources import human_bytes, memory_budget, parse_memory, refuse_if_too_large
 from convert.base.spec import ArchSpec
 from convert.base.writing import TensorSpec, atomic_directory, check_output_location, parse_size
 
@@ -232,6 +234,20 @@ def plan_layout(config: SpeechEncoderDecoderConfig, encoder: Source, decoder: So
     return Layout(specs, sources, initialised, plans)
 
 
+def memory_needed(specs: Sequence[TensorSpec], verify: bool) -> tuple[int, str]:
+    """At least what a compose holds at once, and what for. Composing streams one tensor at a time (read, cast,
+    written to both files: about twice the largest); the verification loads the Flax model in float32, maps the
+    reference's weights from the written file, and converts one module at a time to float64."""
+    largest = max((math.prod(s.shape) for s in specs), default=0)
+    elements = sum(math.prod(s.shape) for s in specs)
+    streaming = 2 * largest * max((s.dtype.itemsize for s in specs), default=4)
+    if not verify:
+        return streaming, "to stream into the two weight files"
+    written = sum(s.nbytes for s in specs)
+    return max(streaming, 4 * elements + written + 2 * 8 * largest), ("to verify (the Flax model in float32, the "
+                                                                        "reference mapped from the written file)")
+
+
 def _brief_problems(message: str, limit: int = 3) -> str:
     """A key-table error lists every problem, separated by "; ": keep the first few and count the rest."""
     parts = message.split("; ")
@@ -286,6 +302,7 @@ def compose(
     progress: bool = True,
     log: TextIO | None = None,
     command: str | None = None,
+    max_memory: str | int | None = None,
 ) -> ComposeResult:
     """Composes `encoder` and `decoder` into a speech encoder-decoder checkpoint written to `output`.
 
@@ -306,6 +323,8 @@ def compose(
         progress: show progress bars (on stderr, when it is a terminal).
         log: where the summary goes (stdout by default).
         command: the command line, recorded in the model card.
+        max_memory: the memory the run may use ("64GB", or bytes) instead of what the machine has; a compose
+            estimated to need more is refused before anything is written (`memory_needed`).
 
     Returns:
         The output directory and the report (also written to `output/compose_report.json`).
@@ -330,6 +349,7 @@ def compose(
             raise bad_argument(name, repr(value), "is not a revision (a branch, tag or commit)")
     out_dtype = _dtype(dtype)
     shard_bytes = parse_size(max_shard_size)
+    max_memory = parse_memory(max_memory)
     if not isinstance(output, (str, Path)) or not str(output).strip():
         raise bad_argument("output", repr(output), "is not a directory path")
     output = Path(output)
@@ -351,6 +371,11 @@ def compose(
     layout = plan_layout(config, enc, dec, out_dtype)
     std = float(config.decoder.init_scale)
     total = sum(s.nbytes for s in layout.specs)
+    needed, what = memory_needed(layout.specs, verify)
+    budget = memory_budget(max_memory)
+    refuse_if_too_large(needed, f"the composed model ({sum(math.prod(s.shape) for s in layout.specs) / 1e6:,.1f}M "
+                        f"parameters, {human_bytes(total)} in {dtype}) {what}", budget,
+                        "pass verify=False to compose without it" if verify else "")
 
     def leaves():
         from tqdm import tqdm
@@ -625,6 +650,9 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--decoder-start-token-id", type=int, metavar="ID", help="override the decoder's start token id")
     p.add_argument("--pad-token-id", type=int, metavar="ID", help="override the pad token id")
     p.add_argument("--eos-token-id", type=int, metavar="ID", help="override the end-of-sequence token id")
+    p.add_argument("--max-memory", metavar="SIZE",
+                   help="memory the run may use, e.g. 64GB (default: what the machine has); a compose estimated to "
+                   "need more is refused before anything is written")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bars (they are drawn only when stderr is a terminal)")
     hub = p.add_argument_group("Hub")
@@ -661,7 +689,7 @@ def _run(args: Any, argv: Sequence[str] | None) -> int:
         seed=args.seed, dtype=args.dtype, overwrite=args.overwrite, verify=args.verify,
         verify_factor=args.verify_factor, max_shard_size=args.max_shard_size,
         decoder_start_token_id=args.decoder_start_token_id, pad_token_id=args.pad_token_id,
-        eos_token_id=args.eos_token_id, progress=args.progress, command=command,
+        eos_token_id=args.eos_token_id, progress=args.progress, command=command, max_memory=args.max_memory,
     )
     if args.push_to_hub:
         from convert.push import push_to_hub

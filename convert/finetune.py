@@ -35,7 +35,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from convert.base.errors import ConvertError, UsageError, bad_argument
+from convert.base.errors import CheckpointError, ConvertError, OutputError, UsageError, bad_argument
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 LORA_EXPORTS = ("merged", "adapter")
@@ -82,6 +82,8 @@ class FinetuneSettings:
         lora_targets, lora_parts: which linear layers are adapted (module names; "decoder" and/or "encoder").
         lora_export: "merged" (the LoRA update folded into the weights: a plain model) or "adapter" (the base
             weights, and the factors as a PEFT adapter in `adapter/`).
+        allow_unk: train on transcripts with words the tokenizer maps to its unknown token (counted in the
+            report); by default such a transcript is refused, naming its manifest line and the words.
     """
 
     epochs: float = 3.0
@@ -114,6 +116,7 @@ class FinetuneSettings:
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     lora_parts: tuple[str, ...] = ("decoder",)
     lora_export: str = "merged"
+    allow_unk: bool = False
 
     @property
     def lora(self) -> Any:
@@ -140,7 +143,7 @@ class FinetuneSettings:
             cli.require_float("encoder_learning_rate", self.encoder_learning_rate, low=0.0, low_inclusive=False)
         cli.require_float("weight_decay", self.weight_decay, low=0.0)
         cli.require_float("max_grad_norm", self.max_grad_norm, low=0.0)
-        cli.require_float("label_smoothing", self.label_smoothing, low=0.0, high=1.0)
+        cli.require_float("label_smoothing", self.label_smoothing, low=0.0, high=1.0, high_inclusive=False)
         cli.require_choice("dtype", self.dtype, COMPUTE_DTYPES)
         if self.max_new_tokens is not None:
             cli.require_int("max_new_tokens", self.max_new_tokens, low=1)
@@ -167,7 +170,7 @@ class _Run:
     """Everything one fine-tuning run holds: the model, the data, the compiled step, the checkpoints."""
 
     def __init__(self, model_dir: Path, train: str | Path, eval_manifest: str | Path, settings: FinetuneSettings,
-                 checkpoint_dir: Path, mesh: Any = None):
+                 checkpoint_dir: Path, mesh: Any = None, max_memory: int | None = None):
         import jax.numpy as jnp
 
         from convert.base.audio import feature_extractor_config
@@ -177,6 +180,7 @@ class _Run:
 
         self.settings = s = settings
         self.model_dir = model_dir
+        self.train_source = train
         self.train = read_manifest(train)
         self.eval = read_manifest(eval_manifest)
         self.model = FlaxSpeechEncoderDecoderModel.from_pretrained(model_dir, mesh=mesh)
@@ -187,7 +191,7 @@ class _Run:
         if self.lora is not None:
             self._add_lora()
         self.features = feature_extractor_config(model_dir, config.encoder)
-        self.tokenizer = LabelTokenizer.for_model(model_dir, self.model)
+        self.tokenizer = LabelTokenizer.for_model(model_dir, self.model, allow_unk=s.allow_unk)
         self.audio = AudioCache(self.features.sampling_rate)
         self.train_labels = [self.tokenizer.encode(e.text, e.where) for e in self.train]
         self.train_lengths = sample_lengths(self.train, self.features.sampling_rate)
@@ -204,6 +208,7 @@ class _Run:
         self.compute_dtype = jnp.bfloat16 if s.dtype == "bfloat16" else jnp.float32
         self.checkpoint_dir = checkpoint_dir
         self._epoch_cache: dict[int, list] = {}
+        self._check_memory(max_memory)
         self._build_step()
 
     def _add_lora(self) -> None:
@@ -263,6 +268,67 @@ class _Run:
                 raise ConvertError(f"{example.where}: {len(ids)} label tokens exceed the decoder's {positions} "
                                    "positions")
 
+    def _check_memory(self, max_memory: int | None) -> None:
+        """Refuses a run whose training step (the longest bucket's micro-batch) or evaluation batch cannot fit in
+        memory, or whose audio, held decoded for the whole run, cannot: before anything is compiled. Names the
+        batch size when one utterance per batch would fit, else the longest utterance's manifest line."""
+        import jax
+        import jax.numpy as jnp
+
+        from convert.base.generation_settings import model_generation_config, resolve_settings
+        from convert.base.resources import memory_budget, refuse_if_too_large
+        from flax_model.memory import device_memory, generation_estimate, training_estimate
+        from flax_model.speech_encoder_decoder import SpeechEncoderDecoderModule
+
+        s, rate = self.settings, self.features.sampling_rate
+        device = device_memory()
+        budget = memory_budget(max_memory, device * (1 if self.mesh is None else self.mesh.size) if device else None)
+        audio = 4 * (sum(self.train_lengths) + sum(self.eval_lengths))
+        if audio > budget.bytes:
+            refuse_if_too_large(audio, f"train={self.train_source}: {sum(self.train_lengths) / rate / 3600:.1f} h of "
+                                f"training audio and {sum(self.eval_lengths) / rate / 3600:.1f} h of held-out audio, "
+                                "held decoded for the whole run,", budget, "train on a smaller manifest",
+                                param="train")
+        module = SpeechEncoderDecoderModule(self.config, dtype=self.compute_dtype, remat=s.remat, lora=self.lora)
+        frozen = self.frozen()
+        samples = self.boundaries[-1]
+        masked = self.features.return_attention_mask
+
+        def training(rows: int) -> Any:
+            batch = {"inputs": jax.ShapeDtypeStruct((rows, samples), jnp.float32),
+                     "attention_mask": jax.ShapeDtypeStruct((rows, samples), jnp.int32) if masked else None,
+                     "labels": jax.ShapeDtypeStruct((rows, self.label_length), jnp.int32)}
+            estimate = training_estimate(module, self.model.params, batch, not s.dropout, s.freeze_feature_encoder,
+                                         s.grad_accum > 1, budget.bytes - audio, frozen)
+            return dataclasses.replace(estimate, bytes=estimate.bytes + audio)
+
+        max_new = s.max_new_tokens or min(self.config.decoder.max_positions - 1, 2 * self.label_length)
+        settings = resolve_settings(self.config, model_generation_config(self.model), None, num_beams=s.num_beams,
+                                    max_new_tokens=max_new)
+
+        def evaluation(rows: int) -> Any:
+            estimate = generation_estimate(self.model.module, self.model.params, rows, samples, settings, masked,
+                                           budget.bytes - audio)
+            return dataclasses.replace(estimate, bytes=estimate.bytes + audio)
+
+        for name, rows, estimate_of in (("batch_size", s.batch_size, training),
+                                        ("eval_batch_size", s.eval_batch_size, evaluation)):
+            estimate = estimate_of(rows)
+            if estimate.bytes <= budget.bytes:
+                continue
+            what = "training step" if name == "batch_size" else "evaluation batch"
+            alone = estimate_of(1) if rows > 1 else estimate
+            if alone.bytes <= budget.bytes:
+                refuse_if_too_large(estimate.bytes, f"{name}={rows}: a {what} of {rows} utterances padded to "
+                                    f"{samples / rate:.1f} s (its largest array: {estimate.largest})", budget,
+                                    f"lower {name}=...", param=name)
+            lengths = self.train_lengths + self.eval_lengths
+            longest = max(range(len(lengths)), key=lengths.__getitem__)
+            example = (self.train + self.eval)[longest]
+            refuse_if_too_large(alone.bytes, f"{example.where}: {example.audio} holds {lengths[longest] / rate:.1f} s "
+                                f"of audio; a {what} on it (its largest array: {alone.largest})", budget,
+                                "split or leave out long utterances")
+
     def _build_step(self) -> None:
         from flax_model.speech_encoder_decoder import SpeechEncoderDecoderModule
         from flax_model.training import (
@@ -303,7 +369,8 @@ class _Run:
         if ("add", key) not in _COMPILED:  # on a mesh its outputs are placed like the params
             _COMPILED["add", key] = compiled_add(shardings, frozen)
         self.step_fns = StepFunctions(_COMPILED["grad", key], _COMPILED["add", key],
-                                      _COMPILED["apply", key, self.optimizer_settings], self.mesh)
+                                      _COMPILED["apply", key, self.optimizer_settings], self.mesh,
+                                      self.config.decoder.vocab_size)
         # One compiled search per shape for the whole run (on a mesh: the model's own cache, which in a
         # multi-process run returns replicated results).
         self.model._compiled = _COMPILED.setdefault(("generate", self.config, self.mesh, self.lora),
@@ -400,46 +467,147 @@ class _Run:
         save_checkpoint(manager, state, meta)
 
     def restore(self, manager: Any, state: Any) -> tuple[Any, dict[str, Any]]:
-        return restore_checkpoint(manager, state, self.checkpoint_dir)
+        return restore_checkpoint(manager, state, self.checkpoint_dir, verify=False)  # `finetune` verified it
 
 
 def save_checkpoint(manager: Any, state: Any, meta: dict[str, Any]) -> None:
-    """Saves the train state and the run's history at `state.step` (unless that step is saved already) and waits
-    for it. A sharded state is saved as it lies: each process writes the shards its devices hold."""
+    """Saves the train state and the run's history at `state.step` (unless that step is saved already), waits for
+    it, and records the sha256 of every file it wrote (`convert.base.integrity`), checked when it is restored. A
+    sharded state is saved as it lies: each process writes the shards its devices hold.
+
+    Raises:
+        OutputError: the checkpoint could not be written (a full disk, a write error): one line naming the step's
+            directory and why; what orbax had started is removed, and the message says which earlier checkpoint
+            is kept. Orbax's own logging of the failure is kept off stderr.
+    """
     import orbax.checkpoint as ocp
+
+    from convert.base.integrity import write_manifest
+    from flax_model.sharding import is_writer, sync_processes
 
     step = int(state.step)
     if manager.latest_step() == step:
         return
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
-    manager.wait_until_finished()
+    directory = Path(manager.directory)
+    try:
+        with quiet_orbax():
+            manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                       meta=ocp.args.JsonSave(meta)))
+            manager.wait_until_finished()
+        sync_processes("checkpoint saved")
+        if is_writer():
+            write_manifest(directory / str(step))
+        sync_processes("checkpoint manifest written")
+    except KeyboardInterrupt:
+        _remove_partial_step(directory, step)
+        raise
+    except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise ValueError, OSError, RuntimeError...
+        _remove_partial_step(directory, step)
+        raise OutputError(f"{directory / str(step)}: the checkpoint of step {step} could not be written "
+                          f"({_write_failure(e)}); what was written of it was removed; "
+                          f"{_kept_checkpoint(directory, step)}") from None
 
 
-def restore_checkpoint(manager: Any, state: Any, where: Path) -> tuple[Any, dict[str, Any]]:
+def restore_checkpoint(manager: Any, state: Any, where: Path, verify: bool = True) -> tuple[Any, dict[str, Any]]:
     """The latest checkpoint's (state, history), restored with the shapes, dtypes and shardings of `state` (a
-    state on a mesh comes back on that mesh, each process reading its devices' shards).
+    state on a mesh comes back on that mesh, each process reading its devices' shards). Its files are checked
+    against the sha256 recorded when it was saved first (`verify=False`: already checked).
 
     Raises:
-        ConvertError: the checkpoint does not fit `state` (another model or other settings).
+        CheckpointError: the checkpoint's files differ from what was saved (naming the step directory and the
+            file), or the checkpoint does not fit `state` (another model or other settings).
     """
     import jax
     import orbax.checkpoint as ocp
 
+    step = manager.latest_step()
+    if verify:
+        verify_checkpoint(where, step)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     try:
-        restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        with quiet_orbax():
+            restored = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
-        raise ConvertError(f"{where}: the checkpoint at step {manager.latest_step()} does not fit "
-                           f"this model and these settings ({str(e).splitlines()[0][:200]})") from None
+        raise CheckpointError(f"{where}: the checkpoint at step {step} does not fit this model and these settings "
+                              f"({str(e).splitlines()[0][:200]})") from None
     return restored.state, dict(restored.meta)
 
 
+def verify_checkpoint(directory: Path, step: int) -> None:
+    """Refuses the checkpoint of `step` in `directory` unless its files are those saved (sha256 manifest); the
+    message names the step directory and says which earlier checkpoint could be resumed from instead."""
+    from convert.base.integrity import check_manifest
+
+    try:
+        check_manifest(Path(directory) / str(step))
+    except CheckpointError as e:
+        earlier = sorted(int(p.name) for p in Path(directory).iterdir() if p.name.isdigit() and int(p.name) < step)
+        advice = (f"move {Path(directory) / str(step)} away to resume from step {earlier[-1]}, the checkpoint before"
+                  if earlier else "no earlier checkpoint is there: start again without resume")
+        raise CheckpointError(f"{e}; nothing was resumed ({advice})") from None
+
+
 def checkpoint_manager(directory: Path) -> Any:
-    """An orbax manager of the run's checkpoints (the two latest kept)."""
+    """An orbax manager of the run's checkpoints (the two latest kept). The directory is made by the first save,
+    not before: a run refused or failing before it saves leaves nothing behind."""
     import orbax.checkpoint as ocp
 
-    return ocp.CheckpointManager(directory.resolve(), options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+    with quiet_orbax():
+        return ocp.CheckpointManager(directory.resolve(),
+                                     options=ocp.CheckpointManagerOptions(max_to_keep=2, create=False))
+
+
+class quiet_orbax:  # noqa: N801 - a context manager, named as one reads it
+    """Keeps orbax's logging (absl: warnings about slow saves, a traceback per failed thread) off stderr while it
+    works: the toolkit reports a failure itself, in one line."""
+
+    def __enter__(self) -> None:
+        import logging
+
+        self._logger = logging.getLogger("absl")
+        self._level = self._logger.level
+        self._logger.setLevel(logging.CRITICAL + 1)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._logger.setLevel(self._level)
+
+
+def _write_failure(error: BaseException) -> str:
+    """Why a checkpoint write failed, in a few words: the OS's reason when orbax or tensorstore gives one."""
+    import re
+
+    if isinstance(error, OSError):
+        return cli.describe_os_error(error).split(": ", 1)[-1]
+    text = " ".join(str(error).split())
+    reason = re.search(r"Failed [^:]*: \"[^\"]*\": (.*?)(?: \[os_error_code='(\d+)'\])?$", text)
+    if reason:
+        code = int(reason.group(2)) if reason.group(2) else None
+        full = " (the disk is full)" if code in (28, 122) else ""
+        return reason.group(1)[-160:] + full
+    return f"{type(error).__name__}: {text[:160]}"
+
+
+def _remove_partial_step(directory: Path, step: int) -> None:
+    """Removes what a failed or interrupted save of `step` left: orbax's temporary directory, and a step
+    directory without the manifest that marks it complete. Nothing else is touched."""
+    from convert.base.integrity import MANIFEST
+
+    for path in directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+        shutil.rmtree(path, ignore_errors=True)
+    final = directory / str(step)
+    if final.is_dir() and not (final / MANIFEST).is_file():
+        shutil.rmtree(final, ignore_errors=True)
+
+
+def _kept_checkpoint(directory: Path, failed: int) -> str:
+    from convert.base.integrity import MANIFEST
+
+    steps = sorted(int(p.name) for p in directory.iterdir()
+                   if p.name.isdigit() and int(p.name) != failed and (p / MANIFEST).is_file())
+    if steps:
+        return f"the last good checkpoint, step {steps[-1]}, is kept in {directory} (continue with resume=True)"
+    return "there is no earlier checkpoint"
 
 
 def _trim(ids: list[int], eos: int | None) -> list[int]:
@@ -465,6 +633,7 @@ def finetune(
     stop: threading.Event | None = None,
     after_step: Callable[[int], None] | None = None,
     mesh: Any = None,
+    max_memory: str | int | None = None,
 ) -> FinetuneResult:
     """Fine-tunes a composed model directory and writes the result to `output`.
 
@@ -487,6 +656,9 @@ def finetune(
             optimiser state are split as the architectures' partition rules say, each micro-batch's rows over
             `data` (`flax_model.training.train_step`); checkpoints hold the sharded state (each process writes
             its shards) and the export gathers it leaf by leaf.
+        max_memory: the memory the run may use ("64GB", or bytes) instead of what the machine has: a training step,
+            evaluation batch or data set estimated to need more (`flax_model.memory`) is refused before anything is
+            compiled.
 
     Returns:
         The output directory and the run's report; when interrupted, `interrupted=True`, nothing is written to
@@ -500,8 +672,11 @@ def finetune(
     from convert.base.writing import atomic_directory, check_output_location
     from flax_model.training import init_state
 
+    from convert.base.resources import parse_memory
+
     log = log or sys.stdout
     settings.check()
+    max_memory = parse_memory(max_memory)
     if isinstance(mesh, str):
         from flax_model.sharding import mesh_from_flag
 
@@ -517,7 +692,9 @@ def finetune(
     if not resume and manager.latest_step() is not None:
         raise UsageError(f"{checkpoint_dir}: holds checkpoints of an earlier run (up to step "
                          f"{manager.latest_step()}); pass resume=True to continue it, or remove the directory")
-    run = _Run(model_dir, train, eval, settings, checkpoint_dir, mesh)
+    if resume and manager.latest_step() is not None:
+        verify_checkpoint(checkpoint_dir, manager.latest_step())  # before the model and the data are read
+    run = _Run(model_dir, train, eval, settings, checkpoint_dir, mesh, max_memory)
     state = init_state(run.model.params, run.optimizer, run.frozen_fn)
     memory = training_memory(state, run.frozen_fn)
     print(f"training {memory['trainable_parameters']:,} of {memory['parameters']:,} parameters "
@@ -626,6 +803,7 @@ def _report(run: _Run, history: dict[str, Any], model_dir: Path, train: Any, eva
         "optimizer": dataclasses.asdict(run.optimizer_settings),
         "padded_audio_lengths": list(run.boundaries),
         "label_length": run.label_length,
+        "unknown_words": _unknown_words(run.tokenizer.unknown),
         "first_loss": losses[0] if losses else None,
         "final_loss": float(np.mean(losses[-10:])) if losses else None,
         "eval": [{k: v for k, v in e.items() if k != "examples"} for e in history["eval"]],
@@ -638,6 +816,14 @@ def _report(run: _Run, history: dict[str, Any], model_dir: Path, train: Any, eva
         "lora": None if run.lora is None else {**dataclasses.asdict(run.lora), "layers": len(run.lora_layers),
                                                "export": s.lora_export},
     }
+
+
+def _unknown_words(unknown: dict[str, Any]) -> dict[str, Any]:
+    """How many training transcripts held words the tokenizer does not know (trained as its unknown token with
+    allow_unk=True), and the most frequent such words."""
+    words = sorted(unknown["words"].items(), key=lambda item: (-item[1], item[0]))
+    return {"utterances": unknown["utterances"], "tokens": unknown["tokens"], "distinct_words": len(words),
+            "most_frequent": [{"word": w, "utterances": n} for w, n in words[:20]]}
 
 
 def training_memory(state: Any, frozen: Callable[[str], bool]) -> dict[str, int]:
@@ -849,6 +1035,9 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--num-beams", type=int, default=d.num_beams, metavar="N", help="beam width for evaluation")
     p.add_argument("--max-new-tokens", type=int, metavar="N", help="most tokens generated in evaluation")
     p.add_argument("--seed", type=int, default=d.seed, help="data order, dropout and SpecAugment")
+    p.add_argument("--allow-unk", action="store_true",
+                   help="train on transcripts with words the tokenizer maps to its unknown token (counted in "
+                   "training_report.json); by default they are refused, naming the manifest line and the words")
     p.add_argument("--mesh", metavar="AXIS=N,...",
                    help="train sharded over every device, e.g. data=2,fsdp=4 (axes data, fsdp, model; the product "
                    "of the sizes is the device count): params and optimiser state split over fsdp/model, batches "
@@ -870,6 +1059,9 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--lora-export", choices=LORA_EXPORTS, default=d.lora_export,
                    help="merged: the LoRA update folded into the weights (a plain model); adapter: the base "
                    "weights plus a PEFT adapter in OUTPUT/adapter")
+    p.add_argument("--max-memory", metavar="SIZE",
+                   help="memory the run may use, e.g. 64GB (default: what the machine has); a step, evaluation batch "
+                   "or data set estimated to need more is refused before any work")
     p.add_argument("--checkpoint-dir", metavar="DIR", help="where checkpoints go (default: OUTPUT.checkpoints)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if this toolkit wrote it")
@@ -893,7 +1085,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = finetune(args.model, args.train, args.eval, args.output, settings,
                           checkpoint_dir=args.checkpoint_dir, resume=args.resume, overwrite=args.overwrite,
                           verify=args.verify, progress=args.progress, command=command, stop=stop,
-                          mesh=args.mesh)
+                          mesh=args.mesh, max_memory=args.max_memory)
         if result.interrupted:
             sys.stderr.write(f"interrupted: checkpoint saved at step {result.report['interrupted_at_step']} in "
                              f"{result.report['checkpoint_dir']} (continue with --resume)\n")

@@ -87,6 +87,9 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--scan-layers", action="store_true",
                    help="run the identical encoder and decoder layers with nn.scan (Flax): compiles faster, same "
                    "tokens")
+    p.add_argument("--max-memory", metavar="SIZE",
+                   help="memory the run may use, e.g. 64GB (default: what the machine has); a batch estimated to need "
+                   "more is refused before any work")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     g = p.add_argument_group("generation (each flag overrides the model's generation_config.json)")
     g.add_argument("--generation-config", metavar="FILE",
@@ -162,7 +165,7 @@ def run(args: Any, out: TextIO, log: TextIO) -> TranscriptionReport:
                             chunk_seconds=args.chunk_seconds, chunk_overlap_seconds=args.chunk_overlap_seconds,
                             tokens_per_second=args.tokens_per_second, seed=args.seed, progress=args.progress,
                             on_result=write, generation_config=generation_config, mesh=mesh,
-                            scan_layers=args.scan_layers, **options)
+                            scan_layers=args.scan_layers, max_memory=args.max_memory, **options)
     finally:
         if handle is not None:
             handle.close()

@@ -52,7 +52,11 @@ def read_manifest(path: str | Path) -> list[Example]:
     if not path.is_file():
         raise DataError(f"{path}: no such manifest file")
     examples = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
@@ -60,6 +64,8 @@ def read_manifest(path: str | Path) -> list[Example]:
             item = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: not a JSON object ({e.msg})") from None
+        except RecursionError:
+            raise DataError(f"{where}: not a JSON object (nested too deeply)") from None
         if not isinstance(item, dict):
             raise DataError(f"{where}: not a JSON object")
         for field in ("audio", "text"):
@@ -90,7 +96,7 @@ class LabelTokenizer:
     """
 
     def __init__(self, directory: str | Path, decoder_start_token_id: int | None, eos_token_id: int | None,
-                 vocab_size: int, forced_bos_token_id: int | None = None):
+                 vocab_size: int, forced_bos_token_id: int | None = None, allow_unk: bool = False):
         from tokenizers import Tokenizer
 
         path = Path(directory) / TOKENIZER_FILE
@@ -104,19 +110,42 @@ class LabelTokenizer:
         self.path = path
         self.start, self.eos, self.vocab_size = decoder_start_token_id, eos_token_id, vocab_size
         self.bos = forced_bos_token_id
+        self.unk = unknown_token_id(self.tokenizer)
+        self.allow_unk = allow_unk
+        # Transcripts that held words the tokenizer maps to its unknown token (accepted with allow_unk=True).
+        self.unknown: dict[str, Any] = {"utterances": 0, "tokens": 0, "words": {}}
 
     @classmethod
-    def for_model(cls, directory: str | Path, model: Any) -> LabelTokenizer:
+    def for_model(cls, directory: str | Path, model: Any, allow_unk: bool = False) -> LabelTokenizer:
         """The labels `model` (a composed Flax model) trains on: its start, end and vocabulary, and the token its
         generation config forces first."""
         from convert.base.generation_settings import model_generation_config
 
         config = model.config
         return cls(directory, config.decoder_start_token_id, config.eos_token_id, config.decoder.vocab_size,
-                   model_generation_config(model).forced_bos_token_id)
+                   model_generation_config(model).forced_bos_token_id, allow_unk)
 
     def encode(self, text: str, where: str = "text") -> list[int]:
-        ids = list(self.tokenizer.encode(text).ids)
+        """The label ids of a transcript.
+
+        Raises:
+            DataError: `where: ...` for a transcript with words the tokenizer maps to its unknown token (unless
+                `allow_unk`, which counts them in `.unknown`), one that gives no token, or ids beyond the vocabulary.
+        """
+        encoding = self.tokenizer.encode(text)
+        ids = list(encoding.ids)
+        if self.unk is not None and self.unk in ids:
+            words = _words_at(text, [o for i, o in zip(ids, encoding.offsets) if i == self.unk])
+            if not self.allow_unk:
+                unknown = self.tokenizer.id_to_token(self.unk)
+                raise DataError(f"{where}: the transcript {text!r} has {len(words)} word(s) the tokenizer does not "
+                                f"know: {', '.join(map(repr, words[:5]))}{' ...' if len(words) > 5 else ''} (they would "
+                                f"train as {unknown}; fix the transcript, or pass allow_unk=True to train on them "
+                                "anyway)")
+            self.unknown["utterances"] += 1
+            self.unknown["tokens"] += ids.count(self.unk)
+            for word in words:
+                self.unknown["words"][word] = self.unknown["words"].get(word, 0) + 1
         if ids and self.start is not None and ids[0] == self.start:
             ids = ids[1:]
         if self.eos is not None and (not ids or ids[-1] != self.eos):
@@ -134,6 +163,31 @@ class LabelTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def unknown_token_id(tokenizer: Any) -> int | None:
+    """The id a `tokenizers.Tokenizer` gives text it cannot encode (its model's `unk_token`, or a Unigram model's
+    `unk_id`), or None when it has none (byte-level BPE encodes any text)."""
+    model = json.loads(tokenizer.to_str()).get("model") or {}
+    if isinstance(model.get("unk_id"), int):
+        return model["unk_id"]
+    token = model.get("unk_token")
+    return tokenizer.token_to_id(token) if isinstance(token, str) else None
+
+
+def _words_at(text: str, spans: Sequence[tuple[int, int]]) -> list[str]:
+    """The whitespace-separated words of `text` that hold the character spans (distinct, in order)."""
+    words: list[str] = []
+    for start, end in spans:
+        start, end = max(0, min(start, len(text))), max(0, min(max(end, start), len(text)))
+        while start > 0 and not text[start - 1].isspace():
+            start -= 1
+        while end < len(text) and not text[end].isspace():
+            end += 1
+        word = text[start:end].strip() or repr(text[start:end])
+        if word not in words:
+            words.append(word)
+    return words
 
 
 def sample_lengths(examples: Sequence[Example], sampling_rate: int) -> list[int]:

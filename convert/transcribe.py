@@ -188,6 +188,8 @@ def read_manifest(path: str | Path) -> list[Utterance]:
             item = json.loads(line)
         except json.JSONDecodeError as e:
             raise TranscriptionError(f"{where}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise TranscriptionError(f"{where}: not valid JSON (nested too deeply)") from None
         if not isinstance(item, Mapping) or not isinstance(item.get("audio"), str) or not item["audio"]:
             raise TranscriptionError(f'{where}: expected an object with an "audio" path (and an optional "text")')
         text = item.get("text")
@@ -335,6 +337,7 @@ def transcribe(
     feature_extractor: FeatureExtractorConfig | None = None,
     mesh: Any = None,
     scan_layers: bool = False,
+    max_memory: str | int | None = None,
     **generation: Any,
 ) -> TranscriptionReport:
     """Transcribes audio files, directories and manifests with a composed model.
@@ -361,6 +364,8 @@ def transcribe(
         mesh: for a path or repo id (Flax): a `jax.sharding.Mesh` or its text ("data=2,fsdp=4") to load the
             params sharded on; each batch's rows are split over `data` (`load_model`).
         scan_layers: for a path or repo id (Flax): run the identical layers with `nn.scan` (`load_model`).
+        max_memory: the memory the run may use ("64GB", or bytes) instead of what the machine has: a batch whose
+            estimate (`flax_model.memory`) exceeds it is refused before anything is compiled.
         generation: generation settings by transformers' names (num_beams, max_new_tokens, ...).
 
     Returns:
@@ -375,6 +380,9 @@ def transcribe(
     cli.require_int("buckets", buckets, 1)
     cli.require_float("tokens_per_second", tokens_per_second, 0.0, low_inclusive=False)
     cli.require_int("seed", seed, 0, 2**32 - 1)
+    from convert.base.resources import parse_memory
+
+    max_memory = parse_memory(max_memory)
     if chunk_seconds is not None:
         cli.require_float("chunk_seconds", chunk_seconds, 0.0, low_inclusive=False)
         cli.require_float("chunk_overlap_seconds", chunk_overlap_seconds, 0.0, chunk_seconds / 2)
@@ -424,6 +432,8 @@ def transcribe(
     multiple = max(1, rate // 10) if features.return_attention_mask else 1
     boundaries = bucket_boundaries(min(lengths), max(lengths), count=buckets, multiple=multiple)
     batches = length_batches(lengths, batch_size, boundaries)
+    if hasattr(model, "module"):  # Flax: the longest bucket's batch must fit before anything is compiled or read
+        _check_memory(model, runner, items, utterances, lengths, batches, features, rate, max_memory)
     chunks_of = [0] * len(utterances)
     for item in items:
         chunks_of[item.utterance] += 1
@@ -473,6 +483,32 @@ def transcribe(
                                audio_seconds_per_second=total / wall if wall > 0 else math.inf,
                                compilations=compilations, shapes=sorted(shapes), wer=wer, cer=cer,
                                references=references)
+
+
+def _check_memory(model: Any, runner: Runner, items: Sequence[_Item], utterances: Sequence[Utterance],
+                  lengths: Sequence[int], batches: Sequence[Any], features: FeatureExtractorConfig, rate: int,
+                  max_memory: int | None) -> None:
+    """Refuses a transcription whose largest batch cannot fit in memory (`flax_model.memory`), naming the batch
+    size when one utterance per batch would fit, else the longest file."""
+    from convert.base.resources import memory_budget, refuse_if_too_large
+    from flax_model.memory import device_memory, generation_estimate
+
+    device = device_memory()
+    budget = memory_budget(max_memory, device * (1 if model.mesh is None else model.mesh.size) if device else None)
+    longest = max(batches, key=lambda b: b.padded_length)
+    rows, samples, masked = longest.batch_size, longest.padded_length, features.return_attention_mask
+    estimate = generation_estimate(model.module, model.params, rows, samples, runner.settings, masked, budget.bytes)
+    if estimate.bytes <= budget.bytes:
+        return
+    alone = generation_estimate(model.module, model.params, 1, samples, runner.settings, masked, budget.bytes)
+    if rows > 1 and alone.bytes <= budget.bytes:
+        refuse_if_too_large(estimate.bytes, f"batch_size={rows}: a batch of {rows} utterances padded to "
+                            f"{samples / rate:.1f} s (its largest array: {estimate.largest})", budget,
+                            "lower batch_size", param="batch_size")
+    index = max(range(len(items)), key=lambda i: lengths[i])
+    refuse_if_too_large(alone.bytes, f"{utterances[items[index].utterance].where}: {lengths[index] / rate:.1f} s of "
+                        f"audio in one pass (its largest array: {alone.largest})", budget,
+                        "transcribe it in shorter chunks with chunk_seconds")
 
 
 def _capacity(runner: Runner, tokens_per_second: float) -> str:

@@ -25,9 +25,10 @@ from convert.base import stacking
 from convert.base.checkpoint import FLAX_FIRST, Checkpoint
 from convert.base.composed import SpeechEncoderDecoderConfig
 from convert.base.configs import HFConfig
-from convert.base.errors import UnsupportedConfig
+from convert.base.errors import UnsupportedConfig, UsageError
 from convert.base.generation_settings import GenerationConfig
 from convert.base.hub import resolve_source
+from convert.base.labels import check_label_smoothing, check_labels
 from convert.base.lora import LoraSettings
 from convert.base.params import load_params, save_flax_msgpack, save_params
 from convert.base.registry import spec_for
@@ -516,9 +517,9 @@ class FlaxSpeechEncoderDecoderModel:
         Args:
             inputs: [B, N] float waveforms.
             attention_mask: [B, N], 1 for real samples; None when nothing is padded.
-            labels: [B, T] token ids, -100 for padding.
+            labels: [B, T] integer token ids within the vocabulary, -100 for padding (at least one token).
             params: differentiate with respect to these; `self.params` by default.
-            label_smoothing: transformers' `label_smoothing_factor`.
+            label_smoothing: transformers' `label_smoothing_factor`, in [0, 1).
             dropout_rng: a PRNG key turns on train mode (dropout, LayerDrop); None is deterministic.
             freeze_feature_encoder: no gradient reaches the conv feature encoder.
             mask_time_indices: [B, S] bool SpecAugment time mask over the feature encoder's frames.
@@ -527,8 +528,19 @@ class FlaxSpeechEncoderDecoderModel:
 
         Returns:
             The scalar loss (float32).
+
+        Raises:
+            UsageError: labels that are not integers, ids outside the vocabulary other than -100, labels without a
+                token, or a smoothing factor outside [0, 1); one line naming the first bad id and its position.
         """
         params = self.params if params is None else params
+        label_smoothing = check_label_smoothing(label_smoothing)
+        if isinstance(labels, jax.core.Tracer):  # inside a caller's jit: only what the type says can be checked
+            if not jnp.issubdtype(labels.dtype, jnp.integer):
+                raise UsageError(f"labels: dtype {labels.dtype}, expected integer token ids (-100 for padding)",
+                                 param="labels")
+        else:
+            check_labels(labels, self.config.decoder.vocab_size, np.shape(inputs)[0])
         deterministic = dropout_rng is None
         key = ("loss", deterministic, bool(freeze_feature_encoder))
         if key not in self._compiled:

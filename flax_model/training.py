@@ -42,6 +42,7 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from convert.base.composed import non_trainable_paths
+from convert.base.labels import check_label_smoothing, check_labels
 from flax_model.sharding import gathered_in_training, shard_batch, train_batch_rows, train_batch_sharding
 
 IGNORE_INDEX = -100
@@ -419,12 +420,15 @@ class StepFunctions:
         add: (summed gradients, gradients) -> their sum (the first argument is donated).
         apply: (state, summed gradients, total tokens) -> the next state (the state is donated).
         mesh: the mesh the state lives on; None on one device.
+        vocab_size: the decoder's vocabulary: `train_step` refuses label ids outside it (None: not checked
+            against it).
     """
 
     grad: Callable[..., tuple[LossSums, Any]]
     add: Callable[[Any, Any], Any]
     apply: Callable[[TrainState, Any, jax.Array], TrainState]
     mesh: Mesh | None = None
+    vocab_size: int | None = None
 
 
 def _grad_shardings(shardings: TrainState, frozen: Callable[[str], bool] | None) -> Any:
@@ -482,7 +486,7 @@ def step_functions(module: nn.Module, optimizer: optax.GradientTransformation, *
         compiled_grad(module, deterministic=deterministic, freeze_feature_encoder=freeze_feature_encoder,
                       shardings=shardings, frozen=frozen),
         compiled_add(shardings, frozen), compiled_apply(optimizer, shardings, frozen),
-        None if shardings is None else shardings.step.mesh)
+        None if shardings is None else shardings.step.mesh, module.config.decoder.vocab_size)
 
 
 def place_batch(mesh: Mesh | None, batch: Mapping[str, Any]) -> dict[str, Any]:
@@ -537,14 +541,19 @@ def train_step(fns: StepFunctions, state: TrainState, micro_batches: Iterable[tu
         micro_batches: (batch of host arrays as `loss_grad_function` takes them, dropout key or None), read one
             at a time. On a mesh each is padded to a multiple of data x fsdp (`pad_batch`) and its rows split
             over both axes; in a multi-process run every process passes the whole micro-batch.
-        label_smoothing: transformers' `label_smoothing_factor`.
+        label_smoothing: transformers' `label_smoothing_factor`, in [0, 1).
 
     Returns:
         (the next state, the step's summed objective, its real label tokens): the mean loss is their ratio.
+
+    Raises:
+        UsageError: labels that are not integer ids within the vocabulary or -100, a smoothing outside [0, 1).
     """
     grads, objective, tokens = None, 0.0, 0
-    smoothing = np.float32(label_smoothing)
+    smoothing = np.float32(check_label_smoothing(label_smoothing))
     for batch, key in micro_batches:
+        if not isinstance(batch["labels"], jax.core.Tracer):  # host arrays: ids checked before they are gathered
+            check_labels(batch["labels"], fns.vocab_size or np.iinfo(np.int32).max, need_tokens=False)
         if fns.mesh is not None:
             batch = pad_batch(batch, train_batch_rows(fns.mesh))
         sums, micro_grads = fns.grad(state.params, place_batch(fns.mesh, batch), _replicated_key(fns.mesh, key),

@@ -12,8 +12,9 @@ from torch import nn
 
 from convert.base.checkpoint import Checkpoint, numpy_to_torch
 from convert.base.composed import SpeechEncoderDecoderConfig, composed_keymap, composed_tied_keys
-from convert.base.errors import UnsupportedConfig
+from convert.base.errors import UnsupportedConfig, UsageError
 from convert.base.generation_settings import GenerationConfig
+from convert.base.labels import check_label_smoothing, check_labels
 from convert.base.params import check_layer_counts, load_params, params_to_torch_state, plan_checkpoint, save_params
 from convert.base.writing import atomic_directory
 from torch_reference.generation import generate as _generate
@@ -101,8 +102,13 @@ class SpeechEncoderDecoderModel(nn.Module):
     ) -> torch.Tensor:
         """transformers' training loss: the decoder reads `labels` shifted right (start token first, -100 as
         pad), mean cross-entropy over the labels that are not -100 (`LabelSmoother` when `label_smoothing`).
-        Dropout and LayerDrop apply in `.train()` mode."""
+        Dropout and LayerDrop apply in `.train()` mode. Labels must be integer ids within the vocabulary or -100
+        (at least one token), `label_smoothing` in [0, 1); anything else is a one-line `UsageError`."""
         cfg = self.config
+        label_smoothing = check_label_smoothing(label_smoothing)
+        if not isinstance(labels, torch.Tensor):
+            raise UsageError(f"labels: a {type(labels).__name__}, expected a torch.Tensor of token ids", param="labels")
+        check_labels(labels.detach().cpu().numpy(), cfg.decoder.vocab_size, inputs.shape[0])
         if cfg.decoder_start_token_id is None or cfg.pad_token_id is None:
             raise ValueError("the loss needs decoder_start_token_id and pad_token_id in the config")
         decoder_input_ids = shift_tokens_right(labels, cfg.pad_token_id, cfg.decoder_start_token_id)
