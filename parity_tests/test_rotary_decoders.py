@@ -15,7 +15,6 @@ from convert.base.archs.llama import FULL_ATTENTION, SLIDING_ATTENTION, LlamaCon
 from convert.base.archs.mistral import MistralConfig
 from convert.base.archs.qwen2 import Qwen2Config
 from convert.base.errors import UnsupportedConfig
-from convert.base.rope import RopeSettings, inverse_frequencies, rope_settings
 from scripts import fixtures_gemma2, fixtures_llama, fixtures_mistral, fixtures_qwen2
 
 GOLDENS = Path(__file__).parent / "goldens"
@@ -60,11 +59,10 @@ def test_rotary_settings_take_part_in_equality_and_cannot_be_changed(written):
 def test_each_family_reads_what_transformers_reads(written):
     llama = typed(written["llama_lm"])
     assert (llama.num_kv_heads, llama.head_size, llama.bias_qkv, llama.layer_windows) == (2, 8, False, (None, None))
-    assert llama.rope.rope_type == "llama3" and llama.rope.original_max_position_embeddings == 64
 
     biased = typed(written["llama_tied_bf16"])
     assert biased.bias_qkv and biased.bias_o and biased.bias_mlp and biased.eos_token_id == 2
-    assert biased.eos_token_ids == (2, 94) and biased.rope.theta == 500000.0
+    assert biased.eos_token_ids == (2, 94)
 
     qwen2 = typed(written["qwen2_lm"])
     assert qwen2.bias_qkv and not qwen2.bias_o and not qwen2.bias_mlp
@@ -72,7 +70,7 @@ def test_each_family_reads_what_transformers_reads(written):
     assert qwen2.replace(use_sliding_window=False).layer_windows == (None, None)
 
     mistral = typed(written["mistral_lm"])
-    assert mistral.layer_windows == (4, 4) and mistral.head_size == 8 and mistral.rope.theta == 1e6
+    assert mistral.layer_windows == (4, 4) and mistral.head_size == 8
     assert mistral.replace(sliding_window=None).layer_windows == (None, None)
 
     gemma2 = typed(written["gemma2_lm"])
@@ -87,10 +85,10 @@ def test_each_family_reads_what_transformers_reads(written):
 def test_inverse_frequencies_match_transformers(label):
     """Every RoPE type, in both spellings of config.json, against transformers' LlamaRotaryEmbedding."""
     row = ROPE["rows"][label]
-    config = row["config"]
-    settings = rope_settings(config.get("rope_parameters"), config.get("rope_scaling"), config.get("rope_theta"),
-                             None, config["max_position_embeddings"], "config.json")
-    inv_freq, scaling = inverse_frequencies(settings, config["head_dim"])
+    fields = {k: v for k, v in row["config"].items() if k != "head_dim"}
+    config = LlamaConfig.from_hf_dict({"model_type": "llama", "hidden_size": 4 * row["config"]["head_dim"],
+                                       "num_attention_heads": 4, **fields})
+    inv_freq, scaling = config.rotary_frequencies()
     with np.load(GOLDENS / ROPE["file"]) as f:
         want = f[f"{label}.inv_freq"]
     assert inv_freq.dtype == np.float32 and inv_freq.shape == want.shape
@@ -102,7 +100,7 @@ def test_inverse_frequencies_match_transformers(label):
 def test_fixture_ropes_hit_what_they_were_built_for(written):
     """llama_lm's llama3 settings keep one frequency, blend one and divide two; qwen2_lm's YaRN scales cos/sin."""
     llama = typed(written["llama_lm"])
-    plain, _ = inverse_frequencies(RopeSettings(theta=llama.rope.theta), llama.head_size)
+    plain, _ = llama.replace(rope_scaling=None).rotary_frequencies()
     scaled, _ = llama.rotary_frequencies()
     ratio = plain / scaled
     assert ratio[0] == 1 and 1 < ratio[1] < 8 and np.all(ratio[2:] == 8), ratio

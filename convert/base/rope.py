@@ -33,36 +33,6 @@ _FIELDS = {
 _REQUIRED = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor")}
 
 
-class FrozenDict(dict):
-    """A JSON object kept in a frozen config: equal as a dict, hashable, and refusing changes (configs are hashed
-    as static arguments of compiled functions, so a rotary setting must take part in their equality)."""
-
-    def __hash__(self) -> int:  # type: ignore[override]
-        return hash(tuple(sorted((k, _hashable(v)) for k, v in self.items())))
-
-    def _refuse(self, *args: Any, **kwargs: Any) -> None:
-        raise TypeError("a config's JSON object cannot be changed; use config.replace(...)")
-
-    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _refuse  # type: ignore[assignment]
-
-
-def _hashable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
-    if isinstance(value, (list, tuple)):
-        return tuple(_hashable(v) for v in value)
-    return value
-
-
-def frozen(value: Any) -> Any:
-    """`value` with every JSON object in it a `FrozenDict` (lists as tuples)."""
-    if isinstance(value, Mapping):
-        return FrozenDict({k: frozen(v) for k, v in value.items()})
-    if isinstance(value, (list, tuple)):
-        return tuple(frozen(v) for v in value)
-    return value
-
-
 @dataclasses.dataclass(frozen=True)
 class RopeSettings:
     """What the inverse frequencies depend on, resolved as transformers resolves it (defaults filled in)."""

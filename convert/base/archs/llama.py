@@ -15,16 +15,47 @@ Composed, a decoder gets cross-attention in every layer, which no transformers c
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import numpy as np
 
 from convert.base.configs import HFConfig
 from convert.base.keymap import KeyMap, Rule, SourceRules, T
-from convert.base.rope import RopeSettings, frozen, inverse_frequencies, rope_settings
+from convert.base.rope import RopeSettings, inverse_frequencies, rope_settings
 
 # ----------------------------------------------------------------------------------------------------------
 # Config
+
+class FrozenDict(dict):
+    """A JSON object kept in a frozen config: equal as a dict, hashable, and refusing changes (configs are hashed
+    as static arguments of compiled functions, so a rotary setting must take part in their equality)."""
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(tuple(sorted((k, _hashable(v)) for k, v in self.items())))
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("a config's JSON object cannot be changed; use config.replace(...)")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _refuse  # type: ignore[assignment]
+
+
+def _hashable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_hashable(v) for v in value)
+    return value
+
+
+def frozen(value: Any) -> Any:
+    """`value` with every JSON object in it a `FrozenDict` (lists as tuples)."""
+    if isinstance(value, Mapping):
+        return FrozenDict({k: frozen(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return tuple(frozen(v) for v in value)
+    return value
+
 
 FULL_ATTENTION, SLIDING_ATTENTION = "full_attention", "sliding_attention"
 
