@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
-from convert.base.configs import DecoderConfig, EncoderConfig, HFConfig
+from convert.base.configs import HFConfig
 from convert.base.errors import CheckpointError, ConvertError, UnsupportedConfig, bad_argument
 from convert.base.keymap import KeyMap, Rule, T
 from convert.base.registry import config_from_hf_dict, spec_for
@@ -164,14 +164,6 @@ class SpeechPrefixConfig(HFConfig):
                    eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id, padding_side=PADDING_SIDE,
                    encoder=self.encoder.to_hf_dict(), decoder=self.decoder.to_hf_dict())
         return out
-
-    @property
-    def encoder_config(self) -> EncoderConfig:
-        return self.encoder
-
-    @property
-    def decoder_config(self) -> DecoderConfig:
-        return self.decoder
 
     @property
     def projector_input_size(self) -> int:
