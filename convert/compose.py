@@ -335,19 +335,10 @@ def compose(
     """
     log = log or sys.stdout
     started = time.perf_counter()
-    cli.require_choice("dtype", dtype, list(DTYPES))
-    seed = cli.require_int("seed", seed, 0, MAX_SEED)
-    verify_factor = cli.require_float("verify_factor", verify_factor, 0.0, None, low_inclusive=False)
-    for name, value in (("decoder_start_token_id", decoder_start_token_id), ("pad_token_id", pad_token_id),
-                        ("eos_token_id", eos_token_id)):
-        cli.require_int(name, value, 0, None, allow_none=True)
-    for name, value in (("overwrite", overwrite), ("verify", verify), ("progress", progress)):
-        if not isinstance(value, bool):
-            raise bad_argument(name, value, "is not True or False")
-    for name, value in (("encoder_revision", encoder_revision), ("decoder_revision", decoder_revision)):
-        if value is not None and (not isinstance(value, str) or not value.strip()):
-            raise bad_argument(name, repr(value), "is not a revision (a branch, tag or commit)")
-    out_dtype = _dtype(dtype)
+    out_dtype, seed, verify_factor = check_arguments(
+        seed, dtype, verify_factor, decoder_start_token_id=decoder_start_token_id, pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id, overwrite=overwrite, verify=verify, progress=progress,
+        encoder_revision=encoder_revision, decoder_revision=decoder_revision)
     shard_bytes = parse_size(max_shard_size)
     max_memory = parse_memory(max_memory)
     if not isinstance(output, (str, Path)) or not str(output).strip():
@@ -376,26 +367,8 @@ def compose(
     refuse_if_too_large(needed, f"the composed model ({sum(math.prod(s.shape) for s in layout.specs) / 1e6:,.1f}M "
                         f"parameters, {human_bytes(total)} in {dtype}) {what}", budget,
                         "pass verify=False to compose without it" if verify else "")
-
-    def leaves():
-        from tqdm import tqdm
-
-        scratch: list[np.ndarray] = []  # one reusable buffer for the finiteness check
-
-        with tqdm(total=total, unit="B", unit_scale=True, desc="composing", disable=not cli.show_progress(progress),
-                  file=sys.stderr, leave=False) as bar:
-            for spec in layout.specs:
-                if spec.name in layout.sources:
-                    src, entry = layout.sources[spec.name]
-                    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, by tensor
-                        array = src.checkpoint.get(entry.source, spec.dtype)  # cast on the way in, if at all
-                    _check_finite(array, src, entry.source, dtype, scratch)
-                    # A strided view: the writers tile transposes out; the PyTorch file gets `array` as is.
-                    array = entry.transform.to_flax(array, contiguous=False)
-                else:
-                    array = init_leaf(spec.name, spec.shape, std, seed, spec.dtype)
-                yield spec.name, array
-                bar.update(spec.nbytes)
+    leaves = lambda: stream_leaves(layout.specs, layout.sources, dtype, progress,  # noqa: E731
+                                   lambda spec: init_leaf(spec.name, spec.shape, std, seed, spec.dtype))
 
     with atomic_directory(output, overwrite=overwrite, sources=sources, needed_bytes=2 * total) as tmp:
         save_params(tmp, config, leaves, layout.specs, max_shard_size=shard_bytes)
@@ -422,6 +395,55 @@ def compose(
 
 
 MAX_SEED = 2**32 - 1
+
+
+def check_arguments(seed: Any, dtype: Any, verify_factor: Any, **flags: Any) -> tuple[np.dtype, int, float]:
+    """Refuses, before anything is read, an argument of `compose` that is wrong by itself: the seed, dtype and
+    verification factor (returned checked, the dtype as numpy's), and the keyword `flags`: booleans
+    (`overwrite`, `verify`, `progress`), token ids (`..._token_id`, None or >= 0) and revisions (`..._revision`,
+    None or a non-empty string).
+
+    Raises:
+        UsageError: naming the argument.
+    """
+    cli.require_choice("dtype", dtype, list(DTYPES))
+    seed = cli.require_int("seed", seed, 0, MAX_SEED)
+    verify_factor = cli.require_float("verify_factor", verify_factor, 0.0, None, low_inclusive=False)
+    for name, value in flags.items():
+        if name.endswith("_token_id"):
+            cli.require_int(name, value, 0, None, allow_none=True)
+        elif name.endswith("_revision"):
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise bad_argument(name, repr(value), "is not a revision (a branch, tag or commit)")
+        elif not isinstance(value, bool):
+            raise bad_argument(name, value, "is not True or False")
+    return _dtype(dtype), seed, verify_factor
+
+
+def stream_leaves(specs: Sequence[TensorSpec], sources: dict[str, tuple[Source, Entry]], dtype_name: str,
+                  progress: bool, initialise: Any = None):
+    """(path, array) of every leaf of `specs` in order, one at a time: a source tensor, cast to the leaf's dtype on
+    the way in and checked finite (its transform applied as a strided view: the writers tile transposes out), or
+    `initialise(spec)` for a leaf no source has. A progress bar on a terminal."""
+    from tqdm import tqdm
+
+    scratch: list[np.ndarray] = []  # one reusable buffer for the finiteness check
+    total = sum(s.nbytes for s in specs)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="composing", disable=not cli.show_progress(progress),
+              file=sys.stderr, leave=False) as bar:
+        for spec in specs:
+            if spec.name in sources:
+                src, entry = sources[spec.name]
+                with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, by tensor
+                    array = src.checkpoint.get(entry.source, spec.dtype)  # cast on the way in, if at all
+                _check_finite(array, src, entry.source, dtype_name, scratch)
+                array = entry.transform.to_flax(array, contiguous=False)
+            else:
+                array = initialise(spec)
+            yield spec.name, array
+            bar.update(spec.nbytes)
+
+
 _FINITE_CHUNK = 1 << 22  # elements checked at a time: no full-size boolean array next to a large tensor
 
 

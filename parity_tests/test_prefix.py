@@ -127,3 +127,38 @@ def test_the_directory_holds_each_part_in_its_own_format_and_reads_back_bit_for_
     (bad / PROJECTOR_FILE).unlink()
     with pytest.raises(CheckpointError, match=f"{PROJECTOR_FILE}: no such file"):
         load_prefix_params(bad, shapes_of)
+
+
+def test_compose_prefix_copies_each_part_bit_for_bit_and_initialises_only_the_projector(tmp_path):
+    import io
+
+    from convert.base.checkpoint import Checkpoint
+    from convert.compose_prefix import compose_prefix
+
+    out = tmp_path / "prefix"
+    result = compose_prefix("wav2vec2", "gpt2", out, projector="mlp", stack_frames=2, prompt="Transcribe: {audio}",
+                            verify=False, progress=False, log=io.StringIO())
+    config = read_prefix_config(out)
+    assert (config.projector_type, config.stack_frames, config.prompt) == ("mlp", 2, "Transcribe: {audio}")
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(BUILTIN / "gpt2" / "tokenizer.json"))
+    assert list(config.prompt_ids_before) == tokenizer.encode("Transcribe: ", add_special_tokens=False).ids
+    assert config.prompt_ids_after == () and config.eos_token_id == config.decoder.eos_token_id
+    for part, builtin in (("encoder", "wav2vec2"), ("decoder", "gpt2")):
+        source, written = Checkpoint(BUILTIN / builtin), Checkpoint(out / part, prefer=("model.safetensors",))
+        assert set(written.keys()) <= set(source.keys())
+        differ = [k for k in written.keys() if not np.array_equal(written.get(k), source.get(k))]
+        assert not differ, (part, differ[:3])
+    assert (out / "decoder" / "tokenizer.json").is_file() and (out / "encoder" / "preprocessor_config.json").is_file()
+    assert result.report["initialised"] == sorted(projector_shapes(config))
+    assert (out / "compose_report.json").is_file() and "prefix composition" in (out / "README.md").read_text()
+
+
+def test_compose_prefix_refuses_a_decoder_that_is_not_a_language_model_on_its_own(tmp_path):
+    from convert.compose_prefix import compose_prefix
+
+    with pytest.raises(UnsupportedConfig, match=r"^decoder=bart: bart is not a decoder-only language model; the "
+                                                r"prefix mode takes one of: gpt2"):
+        compose_prefix("wav2vec2", "bart", tmp_path / "out", verify=False, progress=False)
+    assert not (tmp_path / "out").exists()

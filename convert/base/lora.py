@@ -253,19 +253,13 @@ def write_peft_adapter(directory: str | Path, settings: LoraSettings, layers: It
     Returns:
         The files written.
     """
-    from convert.base.writing import SafetensorsWriter, TensorSpec
+    from convert.base.writing import write_safetensors
 
     directory = Path(directory)
     layers = list(layers)
-    tensors = {}
-    for layer in layers:
-        for leaf, path in (("lora_A", layer.a_path), ("lora_B", layer.b_path)):
-            tensors[peft_key(layer, leaf, strip)] = np.ascontiguousarray(np.asarray(leaves[path]))
-    specs = [TensorSpec(k, v.dtype, v.shape) for k, v in sorted(tensors.items())]
-    writer = SafetensorsWriter(directory / ADAPTER_WEIGHTS, specs, metadata={"format": "pt"})
-    for spec in specs:
-        writer.write(spec.name, tensors[spec.name])
-    writer.close()
+    tensors = {peft_key(layer, leaf, strip): np.asarray(leaves[path])
+               for layer in layers for leaf, path in (("lora_A", layer.a_path), ("lora_B", layer.b_path))}
+    write_safetensors(directory / ADAPTER_WEIGHTS, tensors)
     config = adapter_config(settings, layers, candidates, strip=strip, base_model=base_model, task_type=task_type)
     (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return [directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS]

@@ -291,10 +291,7 @@ def save_prefix_params(directory: str | Path, config: SpeechPrefixConfig, leaves
     Returns:
         The files written.
     """
-    import numpy as np
-
     from convert.base.params import save_params
-    from convert.base.writing import SafetensorsWriter, TensorSpec
 
     directory = Path(directory)
     (directory / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
@@ -303,19 +300,23 @@ def save_prefix_params(directory: str | Path, config: SpeechPrefixConfig, leaves
     for part, part_dir in part_directories(directory).items():
         part_dir.mkdir(exist_ok=True)
         files += save_params(part_dir, getattr(config, part), parts[part], formats=formats)
+    return [*files, write_projector(directory, config, parts["projector"])]
+
+
+def write_projector(directory: str | Path, config: SpeechPrefixConfig, leaves: Mapping[str, Any]) -> Path:
+    """Writes `projector.safetensors` (PyTorch names and layouts) from the projector's Flax leaves."""
+    import numpy as np
+
+    from convert.base.writing import write_safetensors
+
     keymap = projector_keymap(config)
     tensors = {}
-    for path, value in parts["projector"].items():
+    for path, value in leaves.items():
         mapped = keymap.to_torch(path)
         if mapped is None:
             raise KeyError(f"{path}: not a projector leaf")
-        tensors[mapped[0]] = np.ascontiguousarray(mapped[1].to_torch(np.asarray(value)))
-    specs = [TensorSpec(k, v.dtype, v.shape) for k, v in sorted(tensors.items())]
-    writer = SafetensorsWriter(directory / PROJECTOR_FILE, specs, metadata={"format": "pt"})
-    for spec in specs:
-        writer.write(spec.name, tensors[spec.name])
-    writer.close()
-    return [*files, directory / PROJECTOR_FILE]
+        tensors[mapped[0]] = mapped[1].to_torch(np.asarray(value))
+    return write_safetensors(Path(directory) / PROJECTOR_FILE, tensors)
 
 
 def load_prefix_params(directory: str | Path, shapes_of: Callable[[HFConfig], dict[str, tuple[int, ...]]],

@@ -148,6 +148,8 @@ class ArchSpec:
             `add_cross_attention`, BART's `encoder_attn`). Without it, transformers' `SpeechEncoderDecoderModel`
             cannot run the composed model, and `convert.extract` leaves the cross-attention (the `initializable`
             paths) out of the decoder it writes, with the config's `as_causal_lm()`.
+        causal_lm: a decoder that is a language model on its own (GPT-2, Llama, ...; not BART's or BERT's
+            decoders): the prefix composition (`convert.compose --mode prefix`) accepts it.
     """
 
     name: str
@@ -169,6 +171,7 @@ class ArchSpec:
     groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
     fan_in_fan_out: tuple[str, ...] = ()
     hf_cross_attention: bool = True
+    causal_lm: bool = False
 
     def __post_init__(self) -> None:
         check_partition_rules(self.partition_rules, f"{self.name}: partition_rules")

@@ -19,7 +19,7 @@ import shutil
 import signal
 import struct
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -140,6 +140,19 @@ class SafetensorsWriter:
         self._file.close()
         if self._next != len(self._specs):
             raise ConvertError(f"{self.path}: {len(self._specs) - self._next} tensor(s) were never written")
+
+
+def write_safetensors(path: str | Path, tensors: Mapping[str, np.ndarray],
+                      metadata: dict[str, str] | None = None) -> Path:
+    """Writes a small set of in-memory tensors (name -> array) as one safetensors file (PyTorch's `{"format":
+    "pt"}` metadata by default)."""
+    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    specs = [TensorSpec(k, v.dtype, v.shape) for k, v in sorted(arrays.items())]
+    writer = SafetensorsWriter(path, specs, metadata={"format": "pt"} if metadata is None else metadata)
+    for spec in specs:
+        writer.write(spec.name, arrays[spec.name])
+    writer.close()
+    return Path(path)
 
 
 def _safetensors_dtype(spec: TensorSpec, path: Path) -> str:

@@ -176,6 +176,7 @@ SPEC = ArchSpec(
     tied_keys=tied_keys,
     initializable=INITIALIZABLE,
     groups=(("cross-attention", (r"transformer/h/\d+/(crossattention|ln_cross_attn)/.*",)),),
+    causal_lm=True,
     fan_in_fan_out=(r"transformer\.h\.\d+\.(attn|crossattention|mlp)\.\w+\.weight",),  # Conv1D: [in, out]
     flax_class="flax_model.gpt2:GPT2LMHeadModule",
     torch_class="torch_reference.gpt2:GPT2LMHeadModel",
