@@ -174,6 +174,32 @@ def record_causal_lm(model: Any, inputs: Mapping[str, np.ndarray]) -> tuple[dict
     return {"logits": model(**t, use_cache=False).logits.numpy()}, used
 
 
+# A text LM's cached decoding and greedy generation: the prompt's first PREFILL tokens at once, then one at a time;
+# greedy search from the first PROMPT tokens of each row (unpadded) for GREEDY_TOKENS tokens, no eos.
+PREFILL, PROMPT, GREEDY_TOKENS = 5, 4, 12
+
+
+def record_text_lm(model: Any, inputs: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """A decoder-only LM on text alone: the logits of a padded batch without a cache, the same logits through
+    transformers' cache (PREFILL tokens, then one token per call), and greedy tokens (`generate` with its cache)."""
+    import torch
+
+    ids = torch.from_numpy(inputs["input_ids"]).long()
+    mask = torch.from_numpy(inputs["attention_mask"]).long()
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    out = model(input_ids=ids[:, :PREFILL], attention_mask=mask[:, :PREFILL], use_cache=True)
+    cached, cache = [out.logits], out.cache
+    for t in range(PREFILL, ids.shape[1]):
+        out = model(input_ids=ids[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=cache, use_cache=True)
+        cached.append(out.logits)
+        cache = out.cache
+    prompt = ids[:, :PROMPT]
+    greedy = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=GREEDY_TOKENS,
+                            min_new_tokens=0, do_sample=False, eos_token_id=None, pad_token_id=0, use_cache=True)
+    return {"logits": logits.numpy(), "cached_logits": torch.cat(cached, dim=1).numpy(),
+            "greedy": greedy.numpy()}, ["input_ids", "attention_mask"]
+
+
 def record_seq2seq_decoder(model: Any, inputs: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
     """A text encoder-decoder (BartForConditionalGeneration) run as a decoder: the given encoder output replaces
     its text encoder's, so the logits are those of its decoder and LM head (final_logits_bias included)."""
@@ -234,6 +260,13 @@ ARCHITECTURES: dict[str, Architecture] = {
     "Data2VecAudioForCTC": Architecture("Data2VecAudioModel", "encoder", record_speech_encoder, "audio"),
     "Wav2Vec2ConformerModel": Architecture("Wav2Vec2ConformerModel", "encoder", record_speech_encoder, "audio"),
     "Wav2Vec2ConformerForCTC": Architecture("Wav2Vec2ConformerModel", "encoder", record_speech_encoder, "audio"),
+    # Decoder-only LMs, on text alone (no cross-attention: what a composed decoder of these families computes
+    # without an encoder output). A LlamaModel file is read by LlamaForCausalLM (its tied head).
+    "LlamaForCausalLM": Architecture("LlamaForCausalLM", "decoder", record_text_lm, "text"),
+    "LlamaModel": Architecture("LlamaForCausalLM", "decoder", record_text_lm, "text"),
+    "Qwen2ForCausalLM": Architecture("Qwen2ForCausalLM", "decoder", record_text_lm, "text"),
+    "MistralForCausalLM": Architecture("MistralForCausalLM", "decoder", record_text_lm, "text"),
+    "Gemma2ForCausalLM": Architecture("Gemma2ForCausalLM", "decoder", record_text_lm, "text"),
 }
 
 # Fixtures of a covered architecture that get no golden of their own, and why.
