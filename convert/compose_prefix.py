@@ -11,6 +11,7 @@ atomically, after verification (the Flax model against the PyTorch reference on 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 import time
@@ -37,16 +38,20 @@ from convert.base.prefix import (
     tokenize_prompt,
     write_projector,
 )
+from convert.base.resources import human_bytes, memory_budget, parse_memory, refuse_if_too_large
 from convert.base.writing import TensorSpec, atomic_directory, check_output_location, parse_size
-from convert.compose import (
+from convert.sources import (
     BUILTIN_SOURCES,
     DECODER_EXTRA_FILES,
     DEFAULT_FACTOR,
     ENCODER_EXTRA_FILES,
     ComposeResult,
     Source,
+    VerificationFailed,
     check_arguments,
     init_leaf,
+    is_float,
+    local_path,
     open_source,
     stream_leaves,
 )
@@ -126,7 +131,7 @@ def _part_layout(src: Source, dtype: np.dtype) -> tuple[list[TensorSpec], dict[s
     entries = {e.target: e for e in plan.entries}
     for entry in plan.entries:
         info = src.checkpoint.info(entry.source)
-        if not (np.issubdtype(info.dtype, np.floating) or np.dtype(info.dtype).name == "bfloat16"):
+        if not is_float(info.dtype):
             raise KeyMapError(f"{src.role}={src.spec}: tensor {entry.source} is {np.dtype(info.dtype).name}, but "
                               f"{entry.target} is a floating-point weight", param=src.role)
     return [TensorSpec(path, dtype, tuple(expected[path])) for path in sorted(expected)], {"entries": entries,
@@ -156,6 +161,7 @@ def compose_prefix(
     progress: bool = True,
     log: TextIO | None = None,
     command: str | None = None,
+    max_memory: str | int | None = None,
 ) -> ComposeResult:
     """Composes `encoder`, a projector and the decoder-only LM `decoder` into `output` (see the module docstring).
 
@@ -169,6 +175,7 @@ def compose_prefix(
         projector_activation: the mlp's activation, "gelu" (Voxtral) or "relu" (SLAM-ASR).
         prompt: the template; `{audio}` marks where the audio embeddings go.
         pad_token_id, eos_token_id: override the decoder's ids.
+        max_memory: refuse before writing anything when the estimate exceeds it (default: the machine's memory).
         The others: as `convert.compose.compose`.
 
     Returns:
@@ -189,10 +196,13 @@ def compose_prefix(
     cli.require_int("projector_hidden_size", projector_hidden_size, 1, 2**31 - 1, allow_none=True)
     split_prompt(prompt)
     shard_bytes = parse_size(max_shard_size)
+    budget = memory_budget(parse_memory(max_memory))
     if not isinstance(output, (str, Path)) or not str(output).strip():
         raise bad_argument("output", repr(output), "is not a directory path")
     output = Path(output)
-    check_output_location(output, overwrite=overwrite, sources=[BUILTIN_SOURCES])
+    local = [(f"the {role} source", p) for role, p in (("encoder", local_path(encoder, "encoder")),
+                                                       ("decoder", local_path(decoder, "decoder"))) if p]
+    check_output_location(output, overwrite=overwrite, sources=[*local, BUILTIN_SOURCES])
     cli.set_interrupt_note(f"nothing was written to {output}")
     enc = open_source(encoder, "encoder", encoder_revision)
     dec = open_source(decoder, "decoder", decoder_revision)
@@ -209,6 +219,14 @@ def compose_prefix(
     projector_leaves = {path: init_leaf(path, shape, std, seed, out_dtype)
                         for path, shape in projector_shapes(config).items()}
     total = sum(s.nbytes for _, specs, _ in layouts.values() for s in specs)
+    elements = sum(math.prod(s.shape) for _, specs, _ in layouts.values() for s in specs)
+    largest = max(math.prod(s.shape) for _, specs, _ in layouts.values() for s in specs)
+    # Streaming holds about two copies of the largest tensor; the verification the reference in float32 and
+    # float64 (`convert.verify_prefix`), then the Flax model in float32.
+    needed = 16 * elements if verify else 2 * largest * max(out_dtype.itemsize, 4)
+    refuse_if_too_large(needed, f"the composed model ({elements / 1e6:,.1f}M parameters, {human_bytes(total)} in "
+                        f"{dtype}) {'to verify' if verify else 'to stream into the weight files'}", budget,
+                        "pass verify=False to compose without it" if verify else "")
 
     with atomic_directory(output, overwrite=overwrite, sources=sources, needed_bytes=2 * total) as tmp:
         (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
@@ -262,8 +280,6 @@ def compose_prefix(
         (tmp / COMPOSE_REPORT).write_text(json.dumps(report, indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(report))
         if verification is not None and not verification["passed"]:
-            from convert.compose import VerificationFailed
-
             raise VerificationFailed(f"verification failed: {verification['reason']}; nothing was written to "
                                      f"{output}")
     cli.set_interrupt_note(f"{output} was written completely")

@@ -182,6 +182,18 @@ class SpeechPrefixConfig(HFConfig):
         return len(self.prompt_ids_before) + len(self.prompt_ids_after)
 
 
+def prefix_generation_config(generation: Any, config: SpeechPrefixConfig) -> Any:
+    """The LM's generation config for the prefix model: its eos (else the config's), and a start token (the LM's
+    decoder start or bos, else the pad token) that only stands first in the returned sequences as a placeholder:
+    the first step reads the prefix's last column instead."""
+    changes = {}
+    if generation.decoder_start_token_id is None and generation.bos_token_id is None:
+        changes["decoder_start_token_id"] = config.pad_token_id
+    if generation.eos_token_id is None:
+        changes["eos_token_id"] = config.eos_token_id
+    return dataclasses.replace(generation, **changes) if changes else generation
+
+
 def projector_keymap(config: SpeechPrefixConfig) -> KeyMap:
     """The projector's PyTorch names (Voxtral's spelling, `projector.` in front) <-> Flax paths."""
     layers = ("linear_1",) if config.projector_type == "linear" else ("linear_1", "linear_2")
