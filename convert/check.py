@@ -260,10 +260,10 @@ def _inputs(directory: Path, config: Any, audio: Sequence[str | Path], seed: int
 
     extractor = feature_extractor_config(directory, config.encoder)
     waveforms = [load_audio(p, extractor.sampling_rate) for p in audio]
+    needed = extractor.min_samples(config.encoder)
     for path, w in zip(audio, waveforms):
-        if len(w) < config.encoder.min_input_length:
-            raise AudioError(f"{path}: {len(w)} samples is too short for the encoder (it needs at least "
-                             f"{config.encoder.min_input_length})")
+        if len(w) < needed:
+            raise AudioError(f"{path}: {len(w)} samples is too short for the encoder (it needs at least {needed})")
     inputs, mask = prepare_batch(waveforms, extractor)
     ids = np.repeat(batch["decoder_input_ids"][:1], len(audio), axis=0)
     out = {"inputs": inputs, "decoder_input_ids": ids}

@@ -186,6 +186,9 @@ class _Run:
         self.model = FlaxSpeechEncoderDecoderModel.from_pretrained(model_dir, mesh=mesh)
         self.mesh = self.model.mesh  # None on one device
         self.config = config = self.model.config
+        if s.freeze_feature_encoder and config.encoder.input_kind != "waveform":
+            raise bad_argument("freeze_feature_encoder", True, f"this encoder reads {config.encoder.input_kind}, "
+                               "not audio: it has no conv feature encoder to freeze")
         self.lora = s.lora
         self.lora_layers: tuple = ()
         if self.lora is not None:
@@ -256,7 +259,7 @@ class _Run:
         return frozen
 
     def _check_lengths(self) -> None:
-        needed = self.config.encoder.min_input_length
+        needed = self.features.min_samples(self.config.encoder)
         for examples, lengths in ((self.train, self.train_lengths), (self.eval, self.eval_lengths)):
             for example, n in zip(examples, lengths):
                 if n < needed:
@@ -402,7 +405,8 @@ class _Run:
         if data["attention_mask"] is not None:
             out["attention_mask"] = data["attention_mask"]
         if self.settings.spec_augment and self.settings.dropout:
-            frames = int(self.config.encoder.output_lengths(batch.padded_length, add_adapter=False))
+            # The encoder's frames before any adapter, from its input steps (samples, or feature frames).
+            frames = int(self.config.encoder.output_lengths(data["inputs"].shape[1], add_adapter=False))
             seed = int(np.random.SeedSequence([self.settings.seed, step, micro]).generate_state(1)[0])
             time_mask, feature_mask = spec_augment_masks(
                 self.config.encoder, data["attention_mask"], frames, np.random.RandomState(seed),

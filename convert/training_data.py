@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from convert.base.audio import FeatureExtractorConfig, audio_seconds, load_audio, zero_mean_unit_var
+from convert.base.audio import FeatureExtractorConfig, audio_seconds, load_audio, prepare_batch
 from convert.base.batching import Batch
 from convert.base.errors import ConvertError
 
@@ -218,28 +218,19 @@ def make_batch(batch: Batch, examples: Sequence[Example], labels: Sequence[Seque
     """The arrays of one batch: `batch.batch_size` rows (rows past the items are silence with no label tokens).
 
     Returns:
-        {"inputs" [B, N] float32, "attention_mask" [B, N] int32 or None (as the feature extractor passes one),
+        {"inputs" [B, N] float32 (or [B, S, F] feature frames, as the feature extractor makes them),
+        "attention_mask" [B, N] / [B, S] int32 or None (as the feature extractor passes one),
         "labels" [B, L] int32 (-100 padding), "seconds" (real audio in the batch), "indices"}.
     """
     n, b = batch.padded_length, batch.batch_size
-    inputs = np.full((b, n), features.padding_value, np.float32)
-    mask = np.zeros((b, n), np.int32)
-    mask[len(batch.indices):] = 1  # filler rows: silence, unmasked, no labels
     out_labels = np.full((b, label_length), IGNORE_INDEX, np.int32)
-    seconds = 0.0
+    waves, seconds = [], 0.0
     for row, index in enumerate(batch.indices):
-        wave = audio.get(examples[index].audio)[:n]
-        seconds += len(wave) / audio.sampling_rate
-        inputs[row, :len(wave)] = wave
-        mask[row, :len(wave)] = 1
+        waves.append(audio.get(examples[index].audio)[:n])
+        seconds += len(waves[-1]) / audio.sampling_rate
         ids = list(labels[index])[:label_length]
         out_labels[row, :len(ids)] = ids
-    if features.do_normalize:
-        for row in range(b):
-            real = int(mask[row].sum())
-            if features.return_attention_mask:
-                inputs[row, :real] = zero_mean_unit_var(inputs[row, :real])
-            else:
-                inputs[row] = zero_mean_unit_var(inputs[row])
-    return {"inputs": inputs, "attention_mask": mask if features.return_attention_mask else None,
-            "labels": out_labels, "seconds": seconds, "indices": batch.indices}
+    waves += [np.zeros(n, np.float32)] * (b - len(waves))  # filler rows: silence, unmasked, no labels
+    inputs, mask = prepare_batch(waves, features, n)
+    return {"inputs": inputs, "attention_mask": mask, "labels": out_labels, "seconds": seconds,
+            "indices": batch.indices}

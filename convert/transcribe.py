@@ -43,6 +43,7 @@ from convert.base.audio import (
     AudioError,
     FeatureExtractorConfig,
     audio_seconds,
+    default_feature_extractor,
     feature_extractor_config,
     load_audio,
     prepare_batch,
@@ -396,8 +397,7 @@ def transcribe(
     runner = make_runner(model, generation_config, seed, **generation)
     tokenizer = load_tokenizer(directory)
     features = feature_extractor or (feature_extractor_config(directory, runner.config.encoder) if directory
-                                     else FeatureExtractorConfig(
-                                         return_attention_mask=runner.config.encoder.returns_attention_mask))
+                                     else default_feature_extractor(runner.config.encoder))
     rate = features.sampling_rate
 
     # Headers first: every file's duration, and whether it fits.
@@ -419,7 +419,7 @@ def transcribe(
         else:
             bounds = chunk_bounds(samples, rate, chunk_seconds, chunk_overlap_seconds)
             items += [_Item(i, k, a, b, k == len(bounds) - 1) for k, (a, b) in enumerate(bounds)]
-    needed = runner.config.encoder.min_input_length
+    needed = features.min_samples(runner.config.encoder)
     for item in items:
         if item.stop - item.start < needed:
             u = utterances[item.utterance]
@@ -533,19 +533,13 @@ def chunk_bounds(samples: int, rate: int, chunk_seconds: float, overlap_seconds:
 
 def pad_batch(waveforms: Sequence[np.ndarray], features: FeatureExtractorConfig, length: int,
               rows: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """Normalised waveforms padded to `length` samples in `rows` rows (extra rows repeat the first).
+    """The encoder's inputs for waveforms padded to `length` samples in `rows` rows (extra rows repeat the first):
+    normalised waveforms or log-mel frames, as the feature extractor makes them (`prepare_batch`).
 
     With an attention mask each utterance is normalised over its own samples (the padding is masked); without
     one, each row is padded first and normalised whole, as transformers' feature extractor does."""
-    length = max(length, *(len(w) for w in waveforms))  # a header's estimate (MP3) may fall short
-    if features.return_attention_mask:
-        inputs, mask = prepare_batch(waveforms, features)
-        grow = length - inputs.shape[1]
-        inputs = np.pad(inputs, ((0, 0), (0, grow)), constant_values=features.padding_value)
-        mask = np.pad(mask, ((0, 0), (0, grow)))
-    else:
-        padded = [np.pad(w, (0, length - len(w)), constant_values=features.padding_value) for w in waveforms]
-        inputs, mask = prepare_batch(padded, features)
+    # A header's estimate (MP3) may fall short: prepare_batch pads to the longer of the two.
+    inputs, mask = prepare_batch(waveforms, features, length)
     extra = rows - inputs.shape[0]
     if extra > 0:
         inputs = np.concatenate([inputs, np.repeat(inputs[:1], extra, axis=0)])

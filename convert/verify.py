@@ -21,6 +21,7 @@ import numpy as np
 
 from convert.base.checkpoint import Checkpoint, numpy_to_torch
 from convert.base.composed import SpeechEncoderDecoderConfig, composed_keymap
+from convert.base.configs import encoder_input_shape
 from convert.base.errors import CheckpointError
 
 FLAX_FILES = ("flax_model.msgpack", "flax_model.msgpack.index.json")
@@ -173,11 +174,16 @@ def _same_bits(a: np.ndarray, b: np.ndarray, scratch: _Scratch | None = None) ->
 
 def seeded_inputs(config: SpeechEncoderDecoderConfig, seed: int = 0, seconds: float = 1.0,
                   decoder_length: int = 8) -> dict[str, np.ndarray]:
-    """A padded batch of 2 utterances (the second 60% as long) and decoder ids starting with the start token."""
+    """A padded batch of 2 utterances (the second 60% as long) and decoder ids starting with the start token.
+
+    The inputs are standard-normal samples [2, N], or feature frames [2, S, F] for an encoder that reads features
+    (`EncoderConfig.input_kind`), `seconds` long at the encoder's `inputs_per_second`."""
     rng = np.random.default_rng(seed)
-    n = max(int(16000 * seconds), 8 * config.encoder.min_input_length)
-    audio = rng.standard_normal((2, n)).astype(np.float32)
-    mask = np.ones((2, n), np.int32)
+    encoder = config.encoder
+    n = max(int(encoder.inputs_per_second * seconds), 8 * encoder.min_input_length)
+    shape = encoder_input_shape(encoder, 2, n)
+    audio = rng.standard_normal(shape).astype(np.float32)
+    mask = np.ones(shape[:2], np.int32)
     mask[1, int(n * 0.6):] = 0
     audio[1, int(n * 0.6):] = 0.0
     vocab = config.decoder.vocab_size

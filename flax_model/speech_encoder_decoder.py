@@ -24,7 +24,7 @@ from flax import traverse_util
 from convert.base import stacking
 from convert.base.checkpoint import FLAX_FIRST, Checkpoint
 from convert.base.composed import SpeechEncoderDecoderConfig
-from convert.base.configs import HFConfig
+from convert.base.configs import HFConfig, encoder_input_shape
 from convert.base.errors import UnsupportedConfig, UsageError
 from convert.base.generation_settings import GenerationConfig
 from convert.base.hub import resolve_source
@@ -90,11 +90,11 @@ class SpeechEncoderDecoderModule(nn.Module):
     @_under_scan_setting
     def encode(
         self,
-        inputs: jax.Array,  # [B, N] raw audio
-        attention_mask: jax.Array | None = None,  # [B, N]
+        inputs: jax.Array,  # [B, N] samples, or [B, S, F] feature frames (`EncoderConfig.input_kind`)
+        attention_mask: jax.Array | None = None,  # [B, N] / [B, S]
         deterministic: bool = True,
         freeze_feature_encoder: bool = False,
-        mask_time_indices: jax.Array | None = None,  # [B, S] bool, S the feature encoder's frames
+        mask_time_indices: jax.Array | None = None,  # [B, S] bool, S the encoder's frames before any adapter
         mask_feature_indices: jax.Array | None = None,  # [B, C] bool
     ) -> tuple[jax.Array, jax.Array]:
         """Returns the encoder output in the decoder's width [B, S, D] and its padding mask [B, S] (bool).
@@ -162,8 +162,8 @@ class SpeechEncoderDecoderModule(nn.Module):
 
     def loss_sums(
         self,
-        inputs: jax.Array,  # [B, N]
-        attention_mask: jax.Array | None,  # [B, N]
+        inputs: jax.Array,  # [B, N] or [B, S, F]
+        attention_mask: jax.Array | None,  # [B, N] / [B, S]
         labels: jax.Array,  # [B, T], -100 for padding
         deterministic: bool = True,
         freeze_feature_encoder: bool = False,
@@ -206,7 +206,7 @@ def init_shapes(config: SpeechEncoderDecoderConfig, trace_every_layer: bool = Fa
             part: getattr(config, part).replace(**{field: min(1, getattr(getattr(config, part), field))})
             for part, (field, _) in stacks})
     module = SpeechEncoderDecoderModule(traced)
-    inputs = jnp.zeros((1, config.encoder.min_input_length), jnp.float32)
+    inputs = jnp.zeros(encoder_input_shape(config.encoder, 1, config.encoder.min_input_length), jnp.float32)
     ids = jnp.zeros((1, 1), jnp.int32)
     params = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), inputs, None, ids))["params"]
     if trace_every_layer:
@@ -515,14 +515,14 @@ class FlaxSpeechEncoderDecoderModel:
         `LabelSmoother`'s smoothing when `label_smoothing` > 0.
 
         Args:
-            inputs: [B, N] float waveforms.
-            attention_mask: [B, N], 1 for real samples; None when nothing is padded.
+            inputs: [B, N] float waveforms, or [B, S, F] feature frames for an encoder that reads features.
+            attention_mask: [B, N] / [B, S], 1 for real samples (frames); None when nothing is padded.
             labels: [B, T] integer token ids within the vocabulary, -100 for padding (at least one token).
             params: differentiate with respect to these; `self.params` by default.
             label_smoothing: transformers' `label_smoothing_factor`, in [0, 1).
             dropout_rng: a PRNG key turns on train mode (dropout, LayerDrop); None is deterministic.
             freeze_feature_encoder: no gradient reaches the conv feature encoder.
-            mask_time_indices: [B, S] bool SpecAugment time mask over the feature encoder's frames.
+            mask_time_indices: [B, S] bool SpecAugment time mask over the encoder's frames (before any adapter).
             mask_feature_indices: [B, C] bool SpecAugment channel mask.
             decoder_attention_mask: [B, T]; transformers' training passes none (causal masking suffices).
 

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from convert.base.archs.wav2vec2 import Wav2Vec2FamilyConfig
+from convert.base.configs import encoder_input_shape
 from convert.base.errors import UnsupportedConfig
 from flax_model.layers import ACTIVATIONS, frame_mask, is_scanned, layer_drop, make_stack, run_stack
 
@@ -228,15 +229,21 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
+    """Dense, activation, dense, each followed by dropout; `activation` and `width` default to the config's
+    `hidden_act` and `hidden_size` (w2v-BERT's adapter and intermediate feed-forwards set their own)."""
+
     config: Wav2Vec2FamilyConfig
     dtype: Any = jnp.float32
+    activation: str | None = None
+    width: int | None = None
 
     @nn.compact
     def __call__(self, hidden: jax.Array, deterministic: bool = True) -> jax.Array:
         c = self.config
         hidden = nn.Dense(c.intermediate_size, dtype=self.dtype, name="intermediate_dense")(hidden)  # [B, T, F]
-        hidden = nn.Dropout(c.activation_dropout)(ACTIVATIONS[c.hidden_act](hidden), deterministic=deterministic)
-        hidden = nn.Dense(c.hidden_size, dtype=self.dtype, name="output_dense")(hidden)  # [B, T, D]
+        hidden = ACTIVATIONS[self.activation or c.hidden_act](hidden)
+        hidden = nn.Dropout(c.activation_dropout)(hidden, deterministic=deterministic)
+        hidden = nn.Dense(self.width or c.hidden_size, dtype=self.dtype, name="output_dense")(hidden)  # [B, T, D]
         return nn.Dropout(c.hidden_dropout)(hidden, deterministic=deterministic)
 
 
@@ -414,8 +421,8 @@ class Wav2Vec2Module(nn.Module):
 
 
 def module_shapes(module: nn.Module) -> dict[str, Any]:
-    """The abstract parameter tree of a family module (nested dicts of `jax.ShapeDtypeStruct`), no weights made."""
-    dummy = jax.ShapeDtypeStruct((1, module.config.min_input_length), jnp.float32)
+    """The abstract parameter tree of an encoder module (nested dicts of `jax.ShapeDtypeStruct`), no weights made."""
+    dummy = jax.ShapeDtypeStruct(encoder_input_shape(module.config, 1, module.config.min_input_length), jnp.float32)
     variables = jax.eval_shape(lambda x: module.init(jax.random.key(0), x), dummy)
     return dict(variables["params"])
 

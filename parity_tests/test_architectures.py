@@ -15,6 +15,7 @@ import torch
 from flax import traverse_util
 
 from convert.base.checkpoint import numpy_to_torch
+from convert.base.configs import seeded_encoder_inputs
 from convert.base.keymap import plan_flax_to_torch, plan_torch_to_flax
 from convert.base.params import load_params
 from convert.base.registry import SPECS, spec_for
@@ -30,16 +31,17 @@ IDS = [case for _, case in CASES]
 
 
 def _batch(config, role: str) -> dict[str, np.ndarray]:
-    """A padded batch of 2 for an encoder (audio, second row shorter) or a decoder (ids, padded rows)."""
+    """A padded batch of 2 for an encoder (audio or feature frames, second row shorter) or a decoder (ids, padded
+    rows)."""
     rng = np.random.default_rng(0)
     if role == "encoder":
-        lengths = (max(1200, 3 * config.min_input_length), max(800, 2 * config.min_input_length))
-        values = np.zeros((2, lengths[0]), np.float32)
-        mask = np.zeros((2, lengths[0]), np.int32)
-        for row, length in enumerate(lengths):
-            values[row, :length] = rng.standard_normal(length)
-            mask[row, :length] = 1
-        return {"input_values": values, "attention_mask": mask}
+        shortest = config.min_input_length
+        if config.input_kind == "waveform":
+            lengths, name = (max(1200, 3 * shortest), max(800, 2 * shortest)), "input_values"
+        else:  # the frames the waveform fixtures make of those samples: the same op shapes, compiled once
+            lengths, name = (59, 39), "input_features"
+        values, mask = seeded_encoder_inputs(config, lengths, rng)
+        return {name: values, "attention_mask": mask}
     length, frames = 8, 6
     mask = np.ones((2, length), np.int32)
     mask[1, 5:] = 0

@@ -62,6 +62,11 @@ def inputs(name: str) -> dict[str, np.ndarray]:
         return dict(f)
 
 
+def speech(batch: dict[str, np.ndarray]) -> np.ndarray:
+    """A speech input set's encoder input: log-mel frames (`input_features`) or samples (`input_values`)."""
+    return batch["input_features"] if "input_features" in batch else batch["input_values"]
+
+
 def max_diff(a: Any, b: Any) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     assert a.shape == b.shape, f"shape {a.shape} vs transformers' {b.shape}"
@@ -124,7 +129,7 @@ def compare_encoder(name: str, directory: Path, settings: dict[str, Any], want: 
     """Our frame arithmetic and both encoders on `directory` against transformers' recorded arrays."""
     config, apply, params, reference = load_both(directory)
     batch = inputs(settings["inputs"])
-    values, mask = batch["input_values"], batch["attention_mask"]
+    values, mask = speech(batch), batch["attention_mask"]
 
     # Frame arithmetic first: a wrong length shows here before it shows as a shape mismatch below.
     for add_adapter in (False, True):
@@ -132,7 +137,7 @@ def compare_encoder(name: str, directory: Path, settings: dict[str, Any], want: 
         expected = want[f"lengths_{'with' if add_adapter else 'without'}_adapter"]
         wrong = np.flatnonzero(got != expected)
         assert wrong.size == 0, (f"{name}: output_lengths(add_adapter={add_adapter}) differs from transformers' for "
-                                f"{wrong.size} lengths, e.g. {batch['lengths'][wrong[0]]} samples: "
+                                f"{wrong.size} lengths, e.g. {batch['lengths'][wrong[0]]} input steps: "
                                 f"{got[wrong[0]]} frames vs {expected[wrong[0]]}")
     frames = want["frame_mask"].shape[1]
     flax_mask = flax_layers.frame_mask(config, mask, frames)
@@ -249,7 +254,7 @@ def test_transformers_loads_composed_model_as_documented(name, fixture_dir, comp
 def test_composed_logits_match_transformers(name, composed):
     flax_model, reference = composed(name)
     batch, want = inputs(CASES[name]["settings"]["inputs"]), golden(name)
-    args = (batch["input_values"], batch["attention_mask"], batch["decoder_input_ids"], batch["decoder_attention_mask"])
+    args = (speech(batch), batch["attention_mask"], batch["decoder_input_ids"], batch["decoder_attention_mask"])
     flax_out = flax_model(*args)
     with torch.no_grad():
         torch_out = reference(*(torch.from_numpy(a) for a in args))
@@ -289,7 +294,7 @@ def test_generation_matches_transformers(name, setting, composed):
     per_step = f"{setting}.scores" in want
     if per_step:
         settings = {**settings, "output_scores": True}
-    values, mask = batch["input_values"], batch["attention_mask"]
+    values, mask = speech(batch), batch["attention_mask"]
     flax_out = flax_model.generate(values, mask, prng_key=jax.random.PRNGKey(0),
                                    **generate_options(flax_generation.generate, settings))
     torch_out = reference.generate(torch.from_numpy(values), torch.from_numpy(mask),
@@ -314,3 +319,28 @@ def test_generation_matches_transformers(name, setting, composed):
         for who, out in outputs:
             err = max_diff(sequences_scores(out), want[f"{setting}.sequences_scores"])
             assert err <= TOL_SCORE, f"{name} {setting}: {who} beam scores vs transformers: max|diff|={err:.2e}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Feature extraction
+
+
+@pytest.mark.parametrize("name", cases("feature_extractor"))
+def test_log_mel_features_match_transformers(name):
+    """`convert.base.fbank` (numpy) against transformers' SeamlessM4TFeatureExtractor on speech-like utterances:
+    features within 1e-4, identical masks, for each recorded run (the batch padded to its longest, utterances on
+    their own, a batch padded to a fixed number of frames)."""
+    from convert.base import fbank
+
+    settings = CASES[name]["settings"]
+    extractor = {"num_mel_bins": 80, "stride": 2, "padding_value": 0.0, **settings["extractor"]}
+    utterances, want = inputs(settings["inputs"]), golden(name)
+    waves = [(pcm[:n] / 2 ** 15).astype(np.float32) for pcm, n in zip(utterances["pcm16"], utterances["lengths"])]
+    for run, recorded in settings["runs"].items():
+        frames = recorded.get("max_length")
+        features, mask = fbank.batch_features(
+            [waves[i] for i in recorded["utterances"]], extractor["num_mel_bins"], extractor["stride"],
+            extractor["padding_value"], settings["sampling_rate"], None if frames is None else fbank.min_samples(frames))
+        np.testing.assert_array_equal(mask, want[f"{run}.attention_mask"], err_msg=f"{name} {run}: attention mask")
+        err = max_diff(features, want[f"{run}.input_features"])
+        assert err <= 1e-4, f"{name} {run}: features vs transformers: max|diff|={err:.2e}"

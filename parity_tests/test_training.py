@@ -18,6 +18,7 @@ import pytest
 import torch
 from flax import traverse_util
 
+from convert.base.configs import seeded_encoder_inputs
 from convert.base.registry import specs
 from convert.verify import compare_weight_files
 from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel, SpeechEncoderDecoderModule
@@ -59,14 +60,13 @@ def _adapter_case(arch: str, fixture_dir) -> str:
 
 
 def _batch(config, seed: int = 0) -> dict[str, np.ndarray]:
-    """Two utterances (the second shorter, padded) and labels padded with -100."""
+    """Two utterances (the second shorter, padded: samples, or feature frames) and labels padded with -100."""
     rng = np.random.default_rng(seed)
-    lengths = (max(1600, 4 * config.encoder.min_input_length), max(1000, 3 * config.encoder.min_input_length))
-    inputs = np.zeros((2, lengths[0]), np.float32)
-    mask = np.zeros((2, lengths[0]), np.int32)
-    for row, n in enumerate(lengths):
-        inputs[row, :n] = rng.standard_normal(n)
-        mask[row, :n] = 1
+    encoder = config.encoder
+    # Feature frames: as many as the waveform fixtures make of their samples (the same op shapes, compiled once).
+    lengths = ((max(1600, 4 * encoder.min_input_length), max(1000, 3 * encoder.min_input_length))
+               if encoder.input_kind == "waveform" else (79, 49))
+    inputs, mask = seeded_encoder_inputs(encoder, lengths, rng)
     labels = rng.integers(0, config.decoder.vocab_size, (2, 7))
     labels[1, 4:] = -100
     return {"inputs": inputs, "attention_mask": mask, "labels": labels.astype(np.int64)}

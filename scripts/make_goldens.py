@@ -32,11 +32,14 @@ Adding cases (rows of the tables below, nothing else):
       model gets a new recorder and a matching comparison in test_goldens.py). Every fixture of
       `scripts.make_fixtures.CASES` whose architecture has a row is then covered, except those in
       SKIPPED_FIXTURES.
-    * a new composed pair: a row in PAIRS.
+    * a new composed pair: a row in PAIRS (its `inputs` names the input set: raw audio, or log-mel features for an
+      encoder that reads features).
     * a pair whose parts `convert.extract` writes: a row in EXTRACTED. Each part is loaded by the transformers class
       its extracted config names and recorded as a fixture of that class (its ARCHITECTURES row); the test extracts
       the same parts and compares our models on them.
     * rotary settings: a row in ROPE_ROWS (transformers' inverse frequencies for a config's RoPE fields).
+    * a new feature-extractor setting: a row in FEATURE_EXTRACTORS (transformers' extractor on the speech-like
+      utterances of the `utterances` input set).
     * a new generation setting (forced BOS/EOS, no_repeat_ngram_size, repetition_penalty, several eos ids,
       ...): a row in GENERATION; list its name in the `generate` field of the pairs it should run on. The row's
       settings (over GENERATION_BASE and the pair's ids, which a row may replace; a row of MODEL_DEFAULTS_ROWS
@@ -127,12 +130,91 @@ def speech_inputs() -> dict[str, np.ndarray]:
             "decoder_attention_mask": decoder_mask}
 
 
+def speech_like(seconds: float, seed: int, rate: int = 16000) -> np.ndarray:
+    """Seeded audio with speech's structure (numpy only): 80 ms windows overlapping by half, each voiced (a buzzy
+    pulse train at a drifting pitch of 80-260 Hz shaped by three formants), fricative (noise shaped by two high
+    formants) or near-silent, at varying loudness. Log-mel features of white noise are flat; these have the
+    harmonics, formants, onsets and pauses a feature extractor meets in speech."""
+    rng = np.random.default_rng(seed)
+    n, window = int(seconds * rate), int(0.08 * rate)
+    out = np.zeros(n)
+    t = np.arange(window) / rate
+    freqs = np.fft.rfftfreq(window, 1 / rate)
+    pitch = 90 + 130 * rng.random()
+    for start in range(0, n - window + 1, window // 2):
+        kind = rng.choice(["voiced", "voiced", "voiced", "fricative", "pause"])
+        if kind == "voiced":
+            pitch = float(np.clip(pitch * np.exp(0.1 * rng.standard_normal()), 80, 260))
+            phase = 2 * np.pi * pitch * t + 2 * np.pi * rng.random()
+            source = 0.5 * np.sign(np.sin(phase)) + 0.5 * np.sin(phase)
+            formants, gain = (rng.uniform(300, 900), rng.uniform(900, 2400), rng.uniform(2400, 3500)), 0.3
+        elif kind == "fricative":
+            source, gain = rng.standard_normal(window), 0.05
+            formants = (rng.uniform(2500, 4000), rng.uniform(4000, 7000))
+        else:
+            source, formants, gain = rng.standard_normal(window), (), 0.002
+        envelope = 0.05 + sum(1.0 / (1.0 + ((freqs - f) / (0.08 * f + 50)) ** 2) for f in formants)
+        shaped = np.fft.irfft(np.fft.rfft(source) * envelope, n=window)
+        loudness = gain * (0.3 + 0.7 * rng.random())
+        out[start:start + window] += loudness * np.hanning(window) * shaped / np.abs(shaped).max()
+    # On 16-bit PCM's grid, as audio read from a file is.
+    return (np.round(out * 2 ** 15) / 2 ** 15).astype(np.float32)
+
+
+# Utterance lengths (seconds) of the feature-extractor goldens: an even and an odd number of 10 ms frames (62, 45),
+# the shortest audio that makes two frames (560 samples), and a second.
+UTTERANCE_SECONDS = (0.635, 0.465, 0.035, 1.02)
+
+
+def utterance_inputs() -> dict[str, np.ndarray]:
+    """Speech-like utterances (`speech_like`) as 16-bit sample values (x 2^15), right-padded with zeros into one
+    array, and their lengths."""
+    waves = [speech_like(s, seed) for seed, s in enumerate(UTTERANCE_SECONDS)]
+    pcm = np.zeros((len(waves), max(len(w) for w in waves)), np.int32)
+    for row, w in enumerate(waves):
+        pcm[row, :len(w)] = np.round(w * 2 ** 15)
+    return {"pcm16": pcm, "lengths": np.array([len(w) for w in waves], np.int32)}
+
+
+def _seamless_features(waves: Sequence[np.ndarray], **settings: Any) -> dict[str, np.ndarray]:
+    """transformers' SeamlessM4TFeatureExtractor (`settings` over its defaults) on a batch of waveforms."""
+    from transformers import SeamlessM4TFeatureExtractor
+
+    out = SeamlessM4TFeatureExtractor(**settings)(list(waves), sampling_rate=16000, return_tensors="np")
+    return {"input_features": out["input_features"], "attention_mask": out["attention_mask"].astype(np.int32)}
+
+
+def feature_inputs() -> dict[str, np.ndarray]:
+    """What transformers' extractor (facebook/w2v-bert-2.0's settings: padding value 1) makes of two speech-like
+    utterances, the second shorter; and a grid of frame counts for the adapter's length arithmetic."""
+    batch = _seamless_features([speech_like(0.47, 10), speech_like(0.33, 11)], padding_value=1.0)
+    lengths = np.unique(np.concatenate([np.arange(1, 40), np.random.default_rng(2).integers(40, 3000, 40)]))
+    return {**batch, "lengths": lengths.astype(np.int32)}
+
+
+def speech_feature_inputs() -> dict[str, np.ndarray]:
+    """`speech_inputs`' decoder ids with log-mel features (transformers' extractor, padding value 1) of two
+    speech-like utterances, the second shorter."""
+    batch = _seamless_features([speech_like(0.9, 12), speech_like(0.58, 13)], padding_value=1.0)
+    speech = speech_inputs()
+    return {**batch, "decoder_input_ids": speech["decoder_input_ids"],
+            "decoder_attention_mask": speech["decoder_attention_mask"]}
+
+
 INPUT_SETS: dict[str, Callable[[], dict[str, np.ndarray]]] = {
     "audio": audio_inputs,
     "text": text_inputs,
     "text_pad_ids": text_inputs_with_pad_ids,
     "speech": speech_inputs,
+    "features": feature_inputs,
+    "speech_features": speech_feature_inputs,
+    "utterances": utterance_inputs,
 }
+
+
+def main_input(batch: Mapping[str, np.ndarray]) -> str:
+    """The name of a speech input set's encoder input: `input_features` (log-mel frames) or `input_values`."""
+    return "input_features" if "input_features" in batch else "input_values"
 
 # ----------------------------------------------------------------------------------------------------------
 # Recorders: what transformers computes for one loaded model.
@@ -143,7 +225,8 @@ def record_speech_encoder(model: Any, inputs: Mapping[str, np.ndarray]) -> tuple
     of the length grid with and without the adapter."""
     import torch
 
-    values, mask = torch.from_numpy(inputs["input_values"]), torch.from_numpy(inputs["attention_mask"])
+    name = main_input(inputs)
+    values, mask = torch.from_numpy(inputs[name]), torch.from_numpy(inputs["attention_mask"])
     hidden = model(values, attention_mask=mask).last_hidden_state
     lengths = torch.from_numpy(inputs["lengths"]).long()
     lengths_of = model._get_feat_extract_output_lengths
@@ -158,7 +241,7 @@ def record_speech_encoder(model: Any, inputs: Mapping[str, np.ndarray]) -> tuple
         "frame_mask": model._get_feature_vector_attention_mask(hidden.shape[1], mask).numpy(),
         "lengths_without_adapter": output_lengths(False),
         "lengths_with_adapter": output_lengths(True),
-    }, ["input_values", "attention_mask", "lengths"]
+    }, [name, "attention_mask", "lengths"]
 
 
 def record_causal_lm(model: Any, inputs: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
@@ -267,6 +350,19 @@ ARCHITECTURES: dict[str, Architecture] = {
     "Qwen2ForCausalLM": Architecture("Qwen2ForCausalLM", "decoder", record_text_lm, "text"),
     "MistralForCausalLM": Architecture("MistralForCausalLM", "decoder", record_text_lm, "text"),
     "Gemma2ForCausalLM": Architecture("Gemma2ForCausalLM", "decoder", record_text_lm, "text"),
+    # w2v-BERT reads log-mel features: transformers' own extractor's output on speech-like audio.
+    "Wav2Vec2BertModel": Architecture("Wav2Vec2BertModel", "encoder", record_speech_encoder, "features"),
+    "Wav2Vec2BertForCTC": Architecture("Wav2Vec2BertModel", "encoder", record_speech_encoder, "features"),
+}
+
+# SeamlessM4TFeatureExtractor settings (over transformers' defaults) recorded on the `utterances` set: the batch of
+# every utterance padded to the longest; `alone`: utterances extracted on their own (an odd number of frames padded
+# to an even one); `max_length`: (frames, utterances) padded to a fixed number of frames (`padding="max_length"`).
+FEATURE_EXTRACTORS: dict[str, dict[str, Any]] = {
+    "fbank_default": {"settings": {}, "alone": (1,), "max_length": (61, (2, 1))},
+    "fbank_w2v_bert_2": {"settings": {"padding_value": 1.0}},
+    "fbank_stride3_40bins": {"settings": {"stride": 3, "num_mel_bins": 40, "feature_size": 40, "padding_value": -2.5},
+                             "alone": (0,), "max_length": (70, (1, 2))},
 }
 
 # Fixtures of a covered architecture that get no golden of their own, and why.
@@ -305,6 +401,7 @@ class Pair:
     generate: tuple[str, ...] = ()
     eos_token_id: int | None = None
     contiguous_encoder_output: bool = False
+    inputs: str = "speech"
 
     @property
     def name(self) -> str:
@@ -344,6 +441,12 @@ PAIRS: tuple[Pair, ...] = (
     Pair("d2v_audio_odd_kernel", "mbart", "data2vec-audio (positional conv stack) x mBART"),
     Pair("conformer_rotary", "bart_causal", "wav2vec2-conformer (rotary, its inv_freq written as a weight; the "
          "BatchNorm step counters reported missing) x BART"),
+    Pair("w2vbert", "bart_untied", "w2v-BERT (log-mel features, relative-key positions) x BART; greedy row 0 ends "
+         "with eos",
+         generate=("greedy", "beam4"), eos_token_id=77, inputs="speech_features"),
+    Pair("w2vbert_adapter", "gpt2_xattn_untied", "w2v-BERT with the intermediate feed-forward and a widening "
+         "adapter x GPT-2 whose cross-attention steers the tokens", generate=("greedy", "beam4"), eos_token_id=25,
+         inputs="speech_features"),
 )
 
 
@@ -579,7 +682,7 @@ def pair_case(pair: Pair, fixture_dirs: Mapping[str, Path], out: Path,
     entry: dict[str, Any] = {
         **composed_entry,
         "transformers_class": "SpeechEncoderDecoderModel",
-        "settings": {"inputs": "speech", "attn_implementation": ATTN_IMPLEMENTATION, "compose": COMPOSE_SETTINGS,
+        "settings": {"inputs": pair.inputs, "attn_implementation": ATTN_IMPLEMENTATION, "compose": COMPOSE_SETTINGS,
                      "use_cache": False, "contiguous_encoder_output": pair.contiguous_encoder_output},
         "loading_info": info,
         "generation": {},
@@ -591,15 +694,16 @@ def pair_case(pair: Pair, fixture_dirs: Mapping[str, Path], out: Path,
             not key.endswith(BATCH_NORM_COUNTER) for key in info["missing_keys"]):
         raise RuntimeError(f"{pair.name}: transformers did not load the composed model as written ({info}); "
                            "record only the loading info for it (logits=False, no generate)")
-    batch = {k: torch.from_numpy(v) for k, v in inputs["speech"].items()}
+    batch = {k: torch.from_numpy(v) for k, v in inputs[pair.inputs].items()}
+    speech = batch[main_input(batch)]
     with torch.no_grad():
         if pair.logits:
             # use_cache=False: see TRANSFORMERS_GENERATION.
-            arrays["logits"] = model(inputs=batch["input_values"], attention_mask=batch["attention_mask"],
+            arrays["logits"] = model(inputs=speech, attention_mask=batch["attention_mask"],
                                      decoder_input_ids=batch["decoder_input_ids"].long(),
                                      decoder_attention_mask=batch["decoder_attention_mask"],
                                      use_cache=False).logits.numpy()
-            hidden = model.encoder(batch["input_values"], attention_mask=batch["attention_mask"]).last_hidden_state
+            hidden = model.encoder(speech, attention_mask=batch["attention_mask"]).last_hidden_state
             arrays["encoder_frame_mask"] = model.encoder._get_feature_vector_attention_mask(
                 hidden.shape[1], batch["attention_mask"]).numpy()
         for setting in pair.generate:
@@ -610,7 +714,7 @@ def pair_case(pair: Pair, fixture_dirs: Mapping[str, Path], out: Path,
             # Keyword arguments over the model's generation config (the generation_config.json compose wrote), as
             # a user calls generate. Sampling draws from torch's global RNG: seeded, so the file is reproducible.
             torch.manual_seed(0)
-            result = model.generate(inputs=batch["input_values"], attention_mask=batch["attention_mask"],
+            result = model.generate(inputs=speech, attention_mask=batch["attention_mask"],
                                     **{**TRANSFORMERS_GENERATION, **ours})
             sequences = result.sequences.numpy().astype(np.int32)
             arrays[f"{setting}.sequences"] = sequences
@@ -670,6 +774,32 @@ def rope_case() -> tuple[dict, dict]:
         rotary = LlamaRotaryEmbedding(config)
         arrays[f"{label}.inv_freq"] = rotary.inv_freq.numpy()
         entry["rows"][label] = {"config": row, "attention_scaling": float(rotary.attention_scaling)}
+    return entry, arrays
+
+
+def feature_extractor_case(name: str, inputs: dict[str, dict[str, np.ndarray]]) -> tuple[dict, dict]:
+    """(manifest entry, arrays) of one FEATURE_EXTRACTORS row on the `utterances` set."""
+    import transformers
+
+    row = FEATURE_EXTRACTORS[name]
+    utterances = inputs["utterances"]
+    waves = [(pcm[:n] / 2 ** 15).astype(np.float32) for pcm, n in zip(utterances["pcm16"], utterances["lengths"])]
+    runs = {"batch": (waves, {})}
+    runs.update({f"alone{i}": ([waves[i]], {}) for i in row.get("alone", ())})
+    if "max_length" in row:
+        frames, which = row["max_length"]
+        runs["max_length"] = ([waves[i] for i in which], {"padding": "max_length", "max_length": frames})
+    arrays: dict[str, np.ndarray] = {}
+    for run, (batch, padding) in runs.items():
+        out = transformers.SeamlessM4TFeatureExtractor(**row["settings"])(batch, sampling_rate=16000,
+                                                                          return_tensors="np", **padding)
+        arrays[f"{run}.input_features"] = out["input_features"]
+        arrays[f"{run}.attention_mask"] = out["attention_mask"].astype(np.int32)
+    entry = {"kind": "feature_extractor", "fixtures": {}, "transformers_class": "SeamlessM4TFeatureExtractor",
+             "settings": {"inputs": "utterances", "extractor": row["settings"], "sampling_rate": 16000,
+                          "runs": {run: {"utterances": row.get("max_length", (0, ()))[1] if run == "max_length"
+                                         else [int(run[5:])] if run.startswith("alone") else list(range(len(waves))),
+                                         **padding} for run, (_, padding) in runs.items()}}}
     return entry, arrays
 
 
@@ -746,6 +876,12 @@ def make_goldens(out: Path, only: set[str] | None = None) -> dict:
             print(f"{name}: {ARCHITECTURES[architecture].transformers_class}")
             entry, arrays = fixture_case(name, directory, inputs)
             cases[name] = _finish(entry, arrays, name, out)
+        for name in FEATURE_EXTRACTORS:
+            if only and name not in only:
+                continue
+            print(f"{name}: SeamlessM4TFeatureExtractor")
+            entry, arrays = feature_extractor_case(name, inputs)
+            cases[name] = _finish(entry, arrays, name, out)
         composed_rows = [(row, pair_case, "SpeechEncoderDecoderModel") for row in PAIRS] + [
             (row, extracted_case, "convert.extract, then each part's own transformers class") for row in EXTRACTED]
         for row, make_case, what in composed_rows:
@@ -788,7 +924,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", metavar="NAME", help="regenerate only these cases (fixture or pair names)")
     parser.add_argument("--out", type=Path, default=GOLDENS_DIR, help="where the goldens go (default: %(default)s)")
     args = parser.parse_args(argv)
-    known = set(fixture_names()) | {p.name for p in PAIRS} | {r.name for r in EXTRACTED} | {ROPE_CASE}
+    known = (set(fixture_names()) | {p.name for p in PAIRS} | {r.name for r in EXTRACTED} | {ROPE_CASE}
+             | set(FEATURE_EXTRACTORS))
     unknown = sorted(set(args.only or ()) - known)
     if unknown:
         parser.error(f"unknown case(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")

@@ -182,13 +182,17 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, config: Wav2Vec2FamilyConfig):
+    """Dense, activation, dense, each followed by dropout; `activation` and `width` default to the config's
+    `hidden_act` and `hidden_size` (w2v-BERT's adapter and intermediate feed-forwards set their own)."""
+
+    def __init__(self, config: Wav2Vec2FamilyConfig, activation: str | None = None, width: int | None = None):
         super().__init__()
-        self.intermediate_dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        width = width or config.hidden_size
+        self.intermediate_dense = nn.Linear(width, config.intermediate_size)
         self.intermediate_dropout = nn.Dropout(config.activation_dropout)
-        self.output_dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.output_dense = nn.Linear(config.intermediate_size, width)
         self.output_dropout = nn.Dropout(config.hidden_dropout)
-        self.activation = ACTIVATIONS[config.hidden_act]
+        self.activation = ACTIVATIONS[activation or config.hidden_act]
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         hidden = self.intermediate_dropout(self.activation(self.intermediate_dense(hidden)))  # [B, T, F]

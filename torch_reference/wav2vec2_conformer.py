@@ -51,6 +51,14 @@ def rotate(hidden: torch.Tensor, inv_freq: torch.Tensor, num_heads: int) -> torc
     return (heads * angles.cos() + turned * angles.sin()).reshape(b, t, d)
 
 
+def skew(by_distance: torch.Tensor) -> torch.Tensor:
+    """[B, N, T, 2T - 1] scores per row of the relative table -> [B, N, T, T] per key (Transformer-XL's skew:
+    left-pad one column and refold, so that row i starts at distance i)."""
+    b, n, t, width = by_distance.shape
+    skewed = F.pad(by_distance, (1, 0)).view(b, n, width + 1, t)[:, :, 1:].reshape(b, n, t, width)
+    return skewed[..., :t]
+
+
 class RotaryPositions(nn.Module):
     """Holds transformers' `inv_freq` buffer (saved in checkpoints); the angles are computed per call."""
 
@@ -94,11 +102,8 @@ class SelfAttention(nn.Module):
         if self.kind == "relative":
             p = self.linear_pos(positions).view(-1, self.num_heads, self.head_size).permute(1, 2, 0)  # [N, H, P]
             by_distance = torch.matmul(q + self.pos_bias_v[None, :, None, :], p[None])  # [B, N, T, P]
-            # Transformer-XL's skew: left-pad one column and refold, so that row i starts at distance i.
-            n, width = by_distance.shape[1], by_distance.shape[3]
-            skewed = F.pad(by_distance, (1, 0)).view(b, n, width + 1, t)[:, :, 1:].reshape(b, n, t, width)
             scores = torch.matmul(q + self.pos_bias_u[None, :, None, :], k.transpose(2, 3)) * scale
-            scores = scores + skewed[..., :t] * scale
+            scores = scores + skew(by_distance) * scale
         else:
             scores = torch.matmul(q, k.transpose(2, 3)) * scale  # [B, N, T, S]
         if bias is not None:

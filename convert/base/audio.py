@@ -4,7 +4,9 @@
 AIFF, ...). Integer PCM is scaled as soundfile scales it, by 1 / 2 ** (bits - 1) (8-bit WAV is unsigned around
 128); float samples are kept as stored. Channels are averaged into one, as HF's ffmpeg-based pipelines downmix.
 `load_audio` resamples other rates to the model's with soxr at quality "HQ" (see `RESAMPLE_QUALITY`), and
-`prepare_batch` normalises and pads as HF's `Wav2Vec2FeatureExtractor` does. Every problem with a file (missing,
+`prepare_batch` turns waveforms into the encoder's inputs as the model's feature extractor does: HF's
+`Wav2Vec2FeatureExtractor` (normalised, padded waveforms) for encoders that read audio, `SeamlessM4TFeatureExtractor`
+(`convert.base.fbank`: stacked log-mel frames) for those that read features. Every problem with a file (missing,
 not audio, a corrupt header, no samples, NaN or infinite samples) is an `AudioError` of one line naming the file.
 """
 
@@ -20,6 +22,7 @@ import numpy as np
 import soundfile
 import soxr
 
+from convert.base import fbank
 from convert.base.errors import ConvertError
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
@@ -44,53 +47,129 @@ class AudioError(ConvertError):
     """An audio file that is missing, unreadable, empty, holds NaN or infinite samples, or is otherwise unusable."""
 
 
+# HF's feature extractors by `feature_extractor_type`, and the encoder input each makes.
+WAVEFORM, FBANK = "Wav2Vec2FeatureExtractor", "SeamlessM4TFeatureExtractor"
+EXTRACTORS = {WAVEFORM: "waveform", FBANK: "features"}
+
+
 @dataclasses.dataclass(frozen=True)
 class FeatureExtractorConfig:
-    """The fields of HF's `preprocessor_config.json` that change the waveform the encoder sees.
+    """The fields of HF's `preprocessor_config.json` that change what the encoder sees.
 
     Attributes:
         sampling_rate: the rate the model was trained at (Hz).
-        do_normalize: normalise each utterance to zero mean and unit variance.
+        do_normalize: normalise each utterance to zero mean and unit variance (waveforms; log-mel features are
+            always normalised per mel bin, as `SeamlessM4TFeatureExtractor` does by default).
         return_attention_mask: pass the padding mask to the model. When False (group-norm feature encoders, by
             HF's convention), HF normalises each padded row whole and the model gets no mask.
-        padding_value: what padding samples hold.
+        padding_value: what padding samples (or padded feature frames) hold.
+        extractor: HF's `feature_extractor_type`: `Wav2Vec2FeatureExtractor` (waveforms) or
+            `SeamlessM4TFeatureExtractor` (stacked log-mel frames, `convert.base.fbank`).
+        num_mel_bins: mel filters of the log-mel extractor.
+        stride: frames the log-mel extractor stacks into one input.
     """
 
     sampling_rate: int = DEFAULT_SAMPLE_RATE
     do_normalize: bool = True
     return_attention_mask: bool = True
     padding_value: float = 0.0
+    extractor: str = WAVEFORM
+    num_mel_bins: int = 80
+    stride: int = 2
+
+    @property
+    def makes(self) -> str:
+        """The encoder input this extractor makes: "waveform" or "features" (`EncoderConfig.input_kind`)."""
+        return EXTRACTORS[self.extractor]
+
+    def min_samples(self, encoder_config: Any) -> int:
+        """The fewest audio samples that give the encoder `min_input_length` input steps (one frame of output)."""
+        steps = encoder_config.min_input_length
+        if self.makes == "waveform":
+            return steps
+        # Stacked frame j is real when analysis frame stride * j + 1 is: at least two frames, and whole strides.
+        return fbank.min_samples(max(2, self.stride * steps))
+
+
+def default_feature_extractor(encoder_config: Any | None = None) -> FeatureExtractorConfig:
+    """HF's feature-extractor defaults for an encoder (a model without `preprocessor_config.json`): the extractor its
+    input kind needs, 16 kHz, normalised, and for waveforms the attention mask only for layer-norm feature encoders
+    (HF's convention, `EncoderConfig.returns_attention_mask`: group-norm feature encoders are run without one)."""
+    kind = getattr(encoder_config, "input_kind", "waveform")
+    return FeatureExtractorConfig(return_attention_mask=getattr(encoder_config, "returns_attention_mask", True),
+                                  extractor=WAVEFORM if kind == "waveform" else FBANK)
 
 
 def feature_extractor_config(directory: str | Path, encoder_config: Any | None = None) -> FeatureExtractorConfig:
     """Reads `preprocessor_config.json` from a model directory, or gives HF's feature-extractor defaults.
 
-    Without the file: 16 kHz, normalised, and the attention mask only for layer-norm feature encoders (HF's
-    convention, `EncoderConfig.returns_attention_mask`: group-norm feature encoders are run without one).
+    Without the file: `default_feature_extractor`. A file's `feature_extractor_type`, when present, must make the
+    encoder's kind of input (`EncoderConfig.input_kind`).
 
     Raises:
-        AudioError: a preprocessor config that is not valid JSON or asks for what is not implemented.
+        AudioError: a preprocessor config that is not valid JSON, asks for what is not implemented, or does not
+            fit the encoder.
     """
     path = Path(directory) / PREPROCESSOR_FILE
-    defaults = FeatureExtractorConfig(return_attention_mask=getattr(encoder_config, "returns_attention_mask", True))
-    if not path.is_file():
-        return defaults
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AudioError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, Mapping):
-        raise AudioError(f"{path}: expected a JSON object")
-    if data.get("feature_size", 1) != 1:
-        raise AudioError(f"{path}: feature_size={data['feature_size']} is not supported (raw waveforms have 1)")
+    kind = getattr(encoder_config, "input_kind", "waveform")
+    defaults = default_feature_extractor(encoder_config)
+    data: Mapping[str, Any] = {}
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise AudioError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(data, Mapping):
+            raise AudioError(f"{path}: expected a JSON object")
+    extractor = data.get("feature_extractor_type", defaults.extractor)
+    if extractor not in EXTRACTORS:
+        raise AudioError(f"{path}: feature_extractor_type={extractor!r} is not supported (supported: "
+                         f"{', '.join(EXTRACTORS)})")
+    if encoder_config is not None and EXTRACTORS[extractor] != kind:
+        raise AudioError(f"{path}: feature_extractor_type={extractor!r} makes {EXTRACTORS[extractor]} inputs, but the "
+                         f"encoder takes {kind}")
     if data.get("padding_side", "right") != "right":
         raise AudioError(f"{path}: padding_side={data['padding_side']!r} is not supported (only 'right')")
-    return FeatureExtractorConfig(
-        sampling_rate=int(data.get("sampling_rate", defaults.sampling_rate)),
-        do_normalize=bool(data.get("do_normalize", defaults.do_normalize)),
-        return_attention_mask=bool(data.get("return_attention_mask", defaults.return_attention_mask)),
-        padding_value=float(data.get("padding_value", defaults.padding_value)),
+    if extractor == WAVEFORM:
+        if data.get("feature_size", 1) != 1:
+            raise AudioError(f"{path}: feature_size={data['feature_size']} is not supported (raw waveforms have 1)")
+        return FeatureExtractorConfig(
+            sampling_rate=int(data.get("sampling_rate", defaults.sampling_rate)),
+            do_normalize=bool(data.get("do_normalize", defaults.do_normalize)),
+            return_attention_mask=bool(data.get("return_attention_mask", defaults.return_attention_mask)),
+            padding_value=float(data.get("padding_value", defaults.padding_value)),
+        )
+    return _fbank_config(path, data, encoder_config)
+
+
+def _fbank_config(path: Path, data: Mapping[str, Any], encoder_config: Any | None) -> FeatureExtractorConfig:
+    """The settings of a `SeamlessM4TFeatureExtractor`, each checked (transformers' defaults where absent)."""
+
+    def number(name: str, default: Any, low: float, kind: type = int) -> Any:
+        value = data.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+            raise AudioError(f"{path}: {name}={json.dumps(value)} is not {'an integer' if kind is int else 'a number'}")
+        if not np.isfinite(value) or value < low:
+            raise AudioError(f"{path}: {name}={value} must be at least {low:g}")
+        return kind(value)
+
+    # transformers pads 2-D features only when feature_size > 1 (it names the mel bins; nothing else reads it).
+    number("feature_size", 80, 2)
+    config = FeatureExtractorConfig(
+        sampling_rate=number("sampling_rate", DEFAULT_SAMPLE_RATE, MIN_SAMPLE_RATE),
+        return_attention_mask=bool(data.get("return_attention_mask", True)),
+        padding_value=number("padding_value", 0.0, -np.inf, float),
+        extractor=FBANK,
+        num_mel_bins=number("num_mel_bins", 80, 1),
+        # With stride 1, transformers' mask (every stride-th frame from the second) would keep no frame.
+        stride=number("stride", 2, 2),
     )
+    width = getattr(encoder_config, "input_feature_size", None)
+    if width is not None and config.num_mel_bins * config.stride != width:
+        raise AudioError(f"{path}: num_mel_bins={config.num_mel_bins} x stride={config.stride} makes "
+                         f"{config.num_mel_bins * config.stride} values per frame, but the encoder reads {width} "
+                         "(feature_projection_input_dim)")
+    return config
 
 
 def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
@@ -207,19 +286,30 @@ def zero_mean_unit_var(x: np.ndarray) -> np.ndarray:
     return ((x - x.mean()) / np.sqrt(x.var() + NORM_EPS)).astype(np.float32)
 
 
-def prepare_batch(waveforms: Sequence[np.ndarray],
-                  config: FeatureExtractorConfig) -> tuple[np.ndarray, np.ndarray | None]:
-    """Pads waveforms into a batch and normalises them as HF's `Wav2Vec2FeatureExtractor` does.
+def prepare_batch(waveforms: Sequence[np.ndarray], config: FeatureExtractorConfig,
+                  length: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The encoder's inputs for a batch of waveforms, as the model's feature extractor makes them.
 
-    With `return_attention_mask`, each utterance is normalised over its own samples and its padding holds
-    `padding_value`; without it, each padded row is normalised whole and no mask is returned.
+    Waveforms (`Wav2Vec2FeatureExtractor`): with `return_attention_mask`, each utterance is normalised over its own
+    samples and its padding holds `padding_value`; without it, each padded row is normalised whole and no mask is
+    returned. Log-mel features (`SeamlessM4TFeatureExtractor`): `convert.base.fbank.batch_features`.
+
+    Args:
+        waveforms: mono waveforms at `config.sampling_rate`.
+        config: the feature extractor's settings.
+        length: pad as if the longest waveform had this many samples (one shape per length bucket); None pads to
+            the longest.
 
     Returns:
-        (inputs [B, N] float32, attention_mask [B, N] int32 or None).
+        (inputs [B, N] or [B, S, F] float32, attention_mask [B, N] / [B, S] int32 or None).
     """
     if not waveforms:
         raise ValueError("no waveforms")
-    width = max(len(w) for w in waveforms)
+    if config.makes == "features":
+        inputs, mask = fbank.batch_features(waveforms, config.num_mel_bins, config.stride, config.padding_value,
+                                            config.sampling_rate, length)
+        return inputs, (mask if config.return_attention_mask else None)
+    width = max(length or 0, *(len(w) for w in waveforms))
     inputs = np.full((len(waveforms), width), config.padding_value, np.float32)
     mask = np.zeros((len(waveforms), width), np.int32)
     for i, w in enumerate(waveforms):

@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, Self, runtime_checkable
 
+import numpy as np
+
 from convert.base.errors import CheckpointError, UnsupportedConfig
 
 # The largest size or count a config may give (int32, the models' integer type).
@@ -176,21 +178,64 @@ def _describe(hint: Any) -> str:
 class EncoderConfig(Protocol):
     """A speech encoder's config, as the composed model, compose, generation and training use it.
 
+    The encoder's input is either a raw waveform, `[B, N]` samples (`input_kind` "waveform": the wav2vec2 family's
+    conv feature encoder), or feature frames, `[B, S, F]` (`input_kind` "features": w2v-BERT's stacked log-mel
+    frames, F = `input_feature_size`). Its attention mask `[B, N]` / `[B, S]` counts the same input steps, and
+    `output_lengths` and `min_input_length` are in those steps; the feature extractor (`convert.base.audio`) turns
+    audio into them.
+
     Attributes:
+        input_kind: "waveform" or "features".
+        input_feature_size: F, the values per input frame of a feature encoder (1 for a waveform).
+        inputs_per_second: input steps per second of 16 kHz audio (nominal; sizes seeded inputs only).
         encoder_output_size: the width D of the encoder's output (after any adapter).
-        min_input_length: the fewest input samples that make one output frame.
+        min_input_length: the fewest input steps (samples or frames) that make one output frame.
         init_scale: standard deviation of the encoder's weight initialiser.
         returns_attention_mask: whether HF's feature extractor passes a padding mask to this encoder by default
             (group-norm feature encoders are run without one: HF normalises padded rows whole instead).
     """
 
+    input_kind: str
+    input_feature_size: int
+    inputs_per_second: float
     encoder_output_size: int
     min_input_length: int
     init_scale: float
     returns_attention_mask: bool
 
     def output_lengths(self, lengths: Any, add_adapter: bool | None = None) -> Any:
-        """Output frames made of `lengths` input samples (int or integer array), including any adapter."""
+        """Output frames made of `lengths` input steps (int or integer array), including any adapter."""
+
+
+INPUT_KINDS = ("waveform", "features")
+
+
+def encoder_input_shape(config: EncoderConfig, batch: int, length: int) -> tuple[int, ...]:
+    """The shape of `batch` encoder inputs of `length` steps: [B, N] samples or [B, S, F] feature frames."""
+    if config.input_kind == "waveform":
+        return (batch, length)
+    return (batch, length, config.input_feature_size)
+
+
+def seeded_encoder_inputs(config: EncoderConfig, lengths: Any, rng: np.random.Generator
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """A right-padded batch of standard-normal encoder inputs (zeros where padded) and its attention mask.
+
+    Args:
+        config: the encoder config (its input kind decides the shape).
+        lengths: each row's length in input steps; the batch is as long as the longest.
+        rng: a `numpy.random.Generator`.
+
+    Returns:
+        (inputs [B, N] or [B, S, F] float32, attention_mask [B, N|S] int32).
+    """
+    shape = encoder_input_shape(config, len(lengths), max(lengths))
+    inputs = np.zeros(shape, np.float32)
+    mask = np.zeros(shape[:2], np.int32)
+    for row, length in enumerate(lengths):
+        inputs[row, :length] = rng.standard_normal((length, *shape[2:]))
+        mask[row, :length] = 1
+    return inputs, mask
 
 
 @runtime_checkable

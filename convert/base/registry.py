@@ -9,7 +9,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from convert.base.archs import bart, bert, data2vec_audio, gpt2, hubert, roberta, wav2vec2, wav2vec2_conformer, wavlm
+from convert.base.archs import (
+    bart,
+    bert,
+    data2vec_audio,
+    gpt2,
+    hubert,
+    roberta,
+    wav2vec2,
+    wav2vec2_bert,
+    wav2vec2_conformer,
+    wavlm,
+)
 from convert.base.configs import HFConfig
 from convert.base.errors import UnsupportedConfig
 from convert.base.spec import ArchSpec, Role
@@ -20,6 +31,7 @@ SPECS: tuple[ArchSpec, ...] = (
     wavlm.SPEC,
     data2vec_audio.SPEC,
     wav2vec2_conformer.SPEC,
+    wav2vec2_bert.SPEC,
     bart.SPEC,
     gpt2.SPEC,
     bert.SPEC,

@@ -44,6 +44,10 @@ class Wav2Vec2FamilyConfig(HFConfig):
     )
     # Whether transformers' model passes the frame mask to SpecAugment (per-utterance lengths); HuBERT does not.
     SPEC_AUGMENT_USES_LENGTHS: ClassVar[bool] = True
+    # The conv feature encoder reads raw 16 kHz samples (`convert.base.configs.EncoderConfig`).
+    input_kind: ClassVar[str] = "waveform"
+    input_feature_size: ClassVar[int] = 1
+    inputs_per_second: ClassVar[float] = 16000.0
 
     hidden_size: int = 768
     num_hidden_layers: int = 12
