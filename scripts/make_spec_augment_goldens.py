@@ -9,7 +9,8 @@ draw the time and channel masks. These goldens are what transformers computes fr
   forward in training mode on a padded batch after `np.random.seed(seed)`, with `masked_spec_embed` set to a
   sentinel, and read both masks off the hidden states the encoder's transformer receives: a masked frame holds
   the sentinel, a masked channel is 0 in every frame. That covers what each model passes to SpecAugment
-  (HuBERT passes no padding mask) and the order of the draws.
+  (HuBERT passes no padding mask; w2v-BERT masks its feature frames, whose attention mask is the frame mask) and
+  the order of the draws.
 
 Run it where transformers is installed (never a dependency of the package or its tests), e.g. the environment
 of `scripts/make_goldens.py`:
@@ -64,6 +65,11 @@ MODEL_CASES = (
                         "max_bucket_distance": 20}, 11, [1800, 1000]),
     ("data2vec_audio", "data2vec-audio",
      {**_TINY, **_SPEC, "num_conv_pos_embeddings": 2, "conv_pos_kernel_size": 5}, 12, [1500, 1500, 600]),
+    # Feature frames (lengths in frames, 160 values each): SpecAugment masks the frames themselves.
+    ("wav2vec2_bert_frames", "wav2vec2-bert",
+     {**{k: v for k, v in _TINY.items() if not k.startswith("conv_") and "conv_pos" not in k}, **_SPEC,
+      "conv_depthwise_kernel_size": 3, "left_max_position_embeddings": 4, "right_max_position_embeddings": 2},
+     13, [61, 40, 23]),
 )
 
 
@@ -95,10 +101,12 @@ def _model_case(name: str, model_type: str, fields: dict[str, Any], seed: int, l
         seen.setdefault("hidden", args[0].detach().clone())
 
     model.encoder.register_forward_pre_hook(capture)
-    values = torch.from_numpy(np.random.default_rng(seed).standard_normal((len(lengths), max(lengths)),
+    # Samples [B, N], or feature frames [B, S, F] for an encoder that reads features.
+    frame = (config.feature_projection_input_dim,) if hasattr(config, "feature_projection_input_dim") else ()
+    values = torch.from_numpy(np.random.default_rng(seed).standard_normal((len(lengths), max(lengths), *frame),
                                                                             dtype=np.float32))
     attention_mask = (torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]).long()
-    values = values * attention_mask
+    values = values * attention_mask.reshape(*attention_mask.shape, *(1,) * len(frame))
     np.random.seed(seed)
     torch.manual_seed(seed)
     model(values, attention_mask=attention_mask)
