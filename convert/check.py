@@ -171,11 +171,11 @@ def _check_memory(directory: Path, config: Any, batch: dict[str, np.ndarray], au
     module = SpeechEncoderDecoderModule(config)
     params = traverse_util.unflatten_dict(
         {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in param_shapes(config).items()}, sep="/")
-    rows, samples = batch["inputs"].shape
-    forward = forward_estimate(module, params, rows, samples, batch["decoder_input_ids"].shape[1], True, budget.bytes)
+    rows, steps = batch["inputs"].shape[:2]  # samples, or feature frames
+    forward = forward_estimate(module, params, rows, steps, batch["decoder_input_ids"].shape[1], True, budget.bytes)
     settings = resolve_settings(config, GenerationConfig.from_directory(directory), None, max_new_tokens=max_new_tokens,
                                 do_sample=False, num_beams=1, num_return_sequences=1)
-    greedy = generation_estimate(module, params, rows, samples, settings, "attention_mask" in batch, budget.bytes)
+    greedy = generation_estimate(module, params, rows, steps, settings, "attention_mask" in batch, budget.bytes)
     needed = max(forward, greedy, key=lambda e: e.bytes)
     if not audio:
         refuse_if_too_large(needed.bytes, f"model={directory}: the check's forward passes on {rows} seeded "
@@ -183,16 +183,10 @@ def _check_memory(directory: Path, config: Any, batch: dict[str, np.ndarray], au
         return
     from convert.base.audio import audio_seconds
 
-    longest = max(audio, key=lambda p: audio_seconds(Path(p)))
-    refuse_if_too_large(needed.bytes, f"{longest}: {samples / _sampling_rate(directory, config):.1f} s of audio "
-                        f"in the check's forward passes (the largest array: {needed.largest})", budget,
-                        "check with a shorter file")
-
-
-def _sampling_rate(directory: Path, config: Any) -> int:
-    from convert.base.audio import feature_extractor_config
-
-    return feature_extractor_config(directory, config.encoder).sampling_rate
+    seconds = {p: audio_seconds(Path(p)) for p in audio}
+    longest = max(audio, key=seconds.__getitem__)
+    refuse_if_too_large(needed.bytes, f"{longest}: {seconds[longest]:.1f} s of audio in the check's forward passes "
+                        f"(the largest array: {needed.largest})", budget, "check with a shorter file")
 
 
 def _model_checks(directory: Path, config: Any, prefer: tuple[tuple[str, ...], tuple[str, ...]], factor: float,

@@ -278,6 +278,7 @@ class _Run:
         import jax
         import jax.numpy as jnp
 
+        from convert.base.configs import encoder_input_shape
         from convert.base.generation_settings import model_generation_config, resolve_settings
         from convert.base.resources import memory_budget, refuse_if_too_large
         from flax_model.memory import device_memory, generation_estimate, training_estimate
@@ -295,11 +296,12 @@ class _Run:
         module = SpeechEncoderDecoderModule(self.config, dtype=self.compute_dtype, remat=s.remat, lora=self.lora)
         frozen = self.frozen()
         samples = self.boundaries[-1]
+        steps = self.features.input_length(samples)  # the encoder's input: samples, or feature frames
         masked = self.features.return_attention_mask
 
         def training(rows: int) -> Any:
-            batch = {"inputs": jax.ShapeDtypeStruct((rows, samples), jnp.float32),
-                     "attention_mask": jax.ShapeDtypeStruct((rows, samples), jnp.int32) if masked else None,
+            batch = {"inputs": jax.ShapeDtypeStruct(encoder_input_shape(self.config.encoder, rows, steps), jnp.float32),
+                     "attention_mask": jax.ShapeDtypeStruct((rows, steps), jnp.int32) if masked else None,
                      "labels": jax.ShapeDtypeStruct((rows, self.label_length), jnp.int32)}
             estimate = training_estimate(module, self.model.params, batch, not s.dropout, s.freeze_feature_encoder,
                                          s.grad_accum > 1, budget.bytes - audio, frozen)
@@ -310,7 +312,7 @@ class _Run:
                                     max_new_tokens=max_new)
 
         def evaluation(rows: int) -> Any:
-            estimate = generation_estimate(self.model.module, self.model.params, rows, samples, settings, masked,
+            estimate = generation_estimate(self.model.module, self.model.params, rows, steps, settings, masked,
                                            budget.bytes - audio)
             return dataclasses.replace(estimate, bytes=estimate.bytes + audio)
 

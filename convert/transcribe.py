@@ -497,10 +497,11 @@ def _check_memory(model: Any, runner: Runner, items: Sequence[_Item], utterances
     budget = memory_budget(max_memory, device * (1 if model.mesh is None else model.mesh.size) if device else None)
     longest = max(batches, key=lambda b: b.padded_length)
     rows, samples, masked = longest.batch_size, longest.padded_length, features.return_attention_mask
-    estimate = generation_estimate(model.module, model.params, rows, samples, runner.settings, masked, budget.bytes)
+    steps = features.input_length(samples)  # the encoder's input: samples, or feature frames
+    estimate = generation_estimate(model.module, model.params, rows, steps, runner.settings, masked, budget.bytes)
     if estimate.bytes <= budget.bytes:
         return
-    alone = generation_estimate(model.module, model.params, 1, samples, runner.settings, masked, budget.bytes)
+    alone = generation_estimate(model.module, model.params, 1, steps, runner.settings, masked, budget.bytes)
     if rows > 1 and alone.bytes <= budget.bytes:
         refuse_if_too_large(estimate.bytes, f"batch_size={rows}: a batch of {rows} utterances padded to "
                             f"{samples / rate:.1f} s (its largest array: {estimate.largest})", budget,

@@ -10,6 +10,9 @@ memory (`convert.base.resources`) before they compile or read anything large.
 Tracing a model takes about a second, so it is skipped when a quick bound shows the work fits easily: every
 array of these models is at most rows x W x max(N, 2 S^2, T S, T W L) elements (rows the batch times its beams,
 W the widest parameter dimension, N the samples, S the encoder frames, T the decoder positions, L the layers).
+
+`samples` below counts the encoder's input steps: audio samples, or feature frames for an encoder that reads
+features (`EncoderConfig.input_kind`; `FeatureExtractorConfig.input_length` converts a padded audio length).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from convert.base.configs import encoder_input_shape
 from convert.base.stacking import layer_stacks
 
 
@@ -76,6 +80,11 @@ def largest_array(fn: Callable[..., Any], *args: Any) -> tuple[int, str]:
     return best[0], best[1]
 
 
+def _input_bytes(config: Any, batch: int, samples: int) -> int:
+    """The bytes of a float32 input batch of `samples` steps (samples, or frames of `input_feature_size` values)."""
+    return 4 * math.prod(encoder_input_shape(config.encoder, batch, samples))
+
+
 def _bound(config: Any, params: Any, rows: int, samples: int, positions: int) -> int:
     """An upper bound of the largest array's bytes for these models (see the module docstring)."""
     width = max((max(x.shape) for x in jax.tree.leaves(params) if len(x.shape)), default=1)
@@ -91,12 +100,12 @@ def generation_estimate(module: Any, params: Any, batch: int, samples: int, sett
     is within `limit` bytes."""
     from flax_model.generation import search_function
 
-    held = tree_bytes(params) + batch * samples * 8
+    held = tree_bytes(params) + 2 * _input_bytes(module.config, batch, samples)
     rows = batch * max(settings.num_beams, 1) * max(settings.num_return_sequences, 1)
     if held + 3 * _bound(module.config, params, rows, samples, settings.max_new_tokens + 1) <= limit:
         return Estimate(held, "within the quick bound")
     spec = abstract(params)
-    inputs = jax.ShapeDtypeStruct((batch, samples), jnp.float32)
+    inputs = jax.ShapeDtypeStruct(encoder_input_shape(module.config.encoder, batch, samples), jnp.float32)
     mask = jax.ShapeDtypeStruct((batch, samples), jnp.int32) if masked else None
 
     def encode(p, x, m):
@@ -117,13 +126,14 @@ def forward_estimate(module: Any, params: Any, batch: int, samples: int, tokens:
                      limit: int) -> Estimate:
     """A teacher-forced forward pass on [batch, samples] with `tokens` decoder tokens; with
     `float64_reference`, also the PyTorch reference's float64 run of the same (twice the bytes per array)."""
-    held = tree_bytes(params) + batch * samples * 8
+    held = tree_bytes(params) + 2 * _input_bytes(module.config, batch, samples)
     factor = 4 if float64_reference else 2
     if held + factor * _bound(module.config, params, batch, samples, tokens) <= limit:
         return Estimate(held, "within the quick bound")
     largest, what = largest_array(
         lambda p, x, ids: module.apply({"params": p}, x, None, ids), abstract(params),
-        jax.ShapeDtypeStruct((batch, samples), jnp.float32), jax.ShapeDtypeStruct((batch, tokens), jnp.int32))
+        jax.ShapeDtypeStruct(encoder_input_shape(module.config.encoder, batch, samples), jnp.float32),
+        jax.ShapeDtypeStruct((batch, tokens), jnp.int32))
     if float64_reference:
         what += " (twice that in the float64 reference)"
     return Estimate(held + factor * largest, what)

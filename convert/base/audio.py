@@ -82,6 +82,10 @@ class FeatureExtractorConfig:
         """The encoder input this extractor makes: "waveform" or "features" (`EncoderConfig.input_kind`)."""
         return EXTRACTORS[self.extractor]
 
+    def input_length(self, samples: int) -> int:
+        """The encoder input steps of a batch padded to `samples` samples: the samples, or the stacked frames."""
+        return samples if self.makes == "waveform" else fbank.stacked_frames(samples, self.stride)
+
     def min_samples(self, encoder_config: Any) -> int:
         """The fewest audio samples that give the encoder `min_input_length` input steps (one frame of output)."""
         steps = encoder_config.min_input_length

@@ -37,6 +37,12 @@ def frames_of(samples: int) -> int:
     return 0 if samples < FRAME_LENGTH else 1 + (samples - FRAME_LENGTH) // HOP_LENGTH
 
 
+def stacked_frames(samples: int, stride: int) -> int:
+    """The stacked input frames of a batch padded to `samples` samples (even frames, cut to whole strides)."""
+    padded = -(-frames_of(samples) // PAD_TO_MULTIPLE) * PAD_TO_MULTIPLE
+    return padded // stride
+
+
 def min_samples(frames: int) -> int:
     """The fewest samples that make `frames` analysis frames."""
     return FRAME_LENGTH + HOP_LENGTH * (max(frames, 1) - 1)
@@ -101,7 +107,7 @@ def batch_features(waveforms: Sequence[np.ndarray], num_mel_bins: int, stride: i
     if length is not None:
         longest = max(longest, frames_of(length))
     padded = -(-longest // PAD_TO_MULTIPLE) * PAD_TO_MULTIPLE
-    kept = padded - padded % stride
+    kept = padded - padded % stride  # stacked_frames(length) * stride when `length` is the longest
     features = np.full((len(waveforms), padded, num_mel_bins), padding_value, np.float32)
     mask = np.zeros((len(waveforms), padded), np.int32)
     for row, f in enumerate(per_utterance):
