@@ -224,6 +224,11 @@ class RotaryDecoderConfig(HFConfig):
     def as_cross_attending_decoder(self) -> RotaryDecoderConfig:
         return self.replace(is_decoder=True, add_cross_attention=True)
 
+    def as_causal_lm(self) -> RotaryDecoderConfig:
+        """The same decoder without the cross-attention the composer gave it: what transformers' `...ForCausalLM`
+        of the family reads (`convert.extract`)."""
+        return self.replace(is_decoder=False, add_cross_attention=False)
+
     # -- refusals --------------------------------------------------------------------------------------------
 
     def validate(self, where: str) -> None:
