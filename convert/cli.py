@@ -34,7 +34,7 @@ resort, an internal error with its type), so that no traceback ever reaches a us
 Interrupts: `install_interrupt_guard()` (called by importing this module as the first import of a command run
 with `python -m`, and again by `run`) routes SIGINT, SIGTERM and SIGHUP through `signal.set_wakeup_fd` to a
 watcher thread. The main thread is never interrupted; the watcher removes the temporary outputs that
-`convert.base.writing.atomic_directory` registered (and the parent directories it created), prints one line and
+`convert.base.outputs.atomic_directory` registered (and the parent directories it created), prints one line and
 ends the process with `os._exit(130)`. That works whenever the signal comes: during imports, inside a long
 native call such as an XLA compilation (which a KeyboardInterrupt would wait for), and without running the
 interpreter's teardown under threads still inside native code (which has crashed with exit 139). A command
@@ -259,7 +259,7 @@ def defer_interrupts(on_interrupt: Callable[[], None] | None) -> None:
 def set_interrupt_note(note: str | None) -> None:
     """What the interrupt line says after `interrupted: ` (e.g. "nothing was uploaded"); None for nothing.
 
-    A temporary output that the interrupt removes is reported anyway ("nothing was written to DIR").
+    A temporary output that the interrupt removes is reported first ("nothing was written to DIR; NOTE").
     """
     global _note
     _note = note
@@ -321,21 +321,21 @@ def _watch(read_fd: int) -> None:
 
 
 def _abandon_outputs() -> list[Any]:
-    writing = sys.modules.get("convert.base.writing")  # never imported: no output was started
-    if writing is None:
+    outputs = sys.modules.get("convert.base.outputs")  # never imported: no output was started
+    if outputs is None:
         return []
     try:
-        return list(writing.abandon_outputs())
+        return list(outputs.abandon_outputs())
     except Exception:  # noqa: BLE001 - the interrupt must end the process whatever happens here
         return []
 
 
 def _report_interrupt(abandoned: Iterable[Any]) -> None:
     abandoned = list(abandoned)
-    if abandoned:
-        note = "nothing was written to " + ", ".join(str(p) for p in abandoned)
-    else:
-        note = _note
+    parts = [f"nothing was written to {', '.join(str(p) for p in abandoned)}"] if abandoned else []
+    if _note and _note not in parts:
+        parts.append(_note)  # what the command kept (a checkpoint) or could not know (an upload)
+    note = "; ".join(parts)
     line = INTERRUPT_PREFIX + (f": {note}" if note else "") + "\n"
     try:
         clear = "\r\x1b[2K" if os.isatty(2) else ""

@@ -33,7 +33,8 @@ from convert.base.keymap import Entry, Plan
 from convert.base.params import plan_source, save_params, subtree
 from convert.base.registry import model_types
 from convert.base.resources import human_bytes, memory_budget, parse_memory, refuse_if_too_large
-from convert.base.writing import TensorSpec, atomic_directory, check_output_location, parse_size
+from convert.base.outputs import atomic_directory, check_output_location
+from convert.base.writing import TensorSpec, parse_size
 from convert.sources import (  # noqa: F401 - re-exported: part of convert.compose's API
     BUILTIN_DIR,
     BUILTIN_SOURCES,

@@ -39,7 +39,8 @@ from convert.base.prefix import (
     write_projector,
 )
 from convert.base.resources import human_bytes, memory_budget, parse_memory, refuse_if_too_large
-from convert.base.writing import TensorSpec, atomic_directory, check_output_location, parse_size
+from convert.base.outputs import atomic_directory, check_output_location
+from convert.base.writing import TensorSpec, parse_size
 from convert.sources import (
     BUILTIN_SOURCES,
     DECODER_EXTRA_FILES,

@@ -34,14 +34,8 @@ from convert.base.errors import ConvertError, UnsupportedConfig, bad_argument
 from convert.base.keymap import T
 from convert.base.registry import spec_for
 from convert.base.spec import ArchSpec
-from convert.base.writing import (
-    TOOLKIT_MARKER,
-    ShardedWriter,
-    TensorSpec,
-    atomic_directory,
-    check_output_location,
-    parse_size,
-)
+from convert.base.outputs import TOOLKIT_MARKER, atomic_directory, check_output_location
+from convert.base.writing import ShardedWriter, TensorSpec, parse_size
 from convert.compose import DECODER_EXTRA_FILES, ENCODER_EXTRA_FILES
 
 PARTS = ("decoder", "encoder")

@@ -21,9 +21,12 @@ from __future__ import annotations  # noqa: I001 - convert.cli is imported first
 
 from convert import cli  # first: guards interrupts from here on (see convert.cli)
 
+import contextlib
 import dataclasses
 import json
 import math
+import os
+import re
 import shlex
 import shutil
 import sys
@@ -673,123 +676,245 @@ def finetune(
     Raises:
         ConvertError / UsageError: one line naming the file, field or option that is wrong.
     """
-    import jax
-
-    from convert.base.writing import atomic_directory, check_output_location
-    from flax_model.training import init_state
-
+    from convert.base.outputs import check_output_location, claimed, input_sources
     from convert.base.resources import parse_memory
+    from convert.training_data import read_manifest
 
     log = log or sys.stdout
     settings.check()
     max_memory = parse_memory(max_memory)
+    for name, value in (("resume", resume), ("overwrite", overwrite), ("verify", verify)):
+        if not isinstance(value, bool):
+            raise bad_argument(name, value, "is not True or False")
     if isinstance(mesh, str):
         from flax_model.sharding import mesh_from_flag
 
         mesh = mesh_from_flag(mesh)
     output = Path(output)
-    check_output_location(output, overwrite=overwrite, sources=(("model", model),), param="output")
     model_dir = Path(model)
+    check_output_location(output, overwrite=overwrite, sources=(("the model", model_dir),), param="output")
     if not (model_dir / "config.json").is_file():
         raise bad_argument("model", model, "not a composed model directory (no config.json)")
-    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else output.with_name(output.name + ".checkpoints")
+    given = checkpoint_dir is not None
+    checkpoint_dir = Path(checkpoint_dir) if given else output.with_name(output.name + ".checkpoints")
+    # What the run reads is never written, replaced or removed by it: the model, the manifests, their audio.
+    examples = read_manifest(train) + read_manifest(eval)
+    sources = [("the model", model_dir), *input_sources("a manifest being read", [train, eval]),
+               *input_sources("an audio file being read", sorted({e.audio for e in examples}))]
+    check_output_location(output, overwrite=overwrite, param="output",
+                          sources=[*sources, ("the checkpoint directory", checkpoint_dir)])
+    check_checkpoint_directory(checkpoint_dir, sources=[*sources, ("the output", output)], resume=resume,
+                               param="checkpoint_dir" if given else None)
+    from flax_model.sharding import is_writer
+
+    with contextlib.ExitStack() as claims:
+        if is_writer():  # one run at a time per output and per checkpoint directory (the others fail at once)
+            claims.enter_context(claimed(output, "output"))
+            claims.enter_context(claimed(checkpoint_dir, "checkpoint_dir" if given else None))
+        return _train_and_export(model_dir, train, eval, output, settings, checkpoint_dir, resume=resume,
+                                 overwrite=overwrite, verify=verify, progress=progress, log=log, command=command,
+                                 stop=stop, after_step=after_step, mesh=mesh, max_memory=max_memory,
+                                 sources=sources)
+
+
+# Orbax's temporary names for a checkpoint being written (`3.orbax-checkpoint-tmp-1712345678`).
+_ORBAX_TMP = re.compile(r".*\.orbax-checkpoint-tmp.*")
+
+
+def check_checkpoint_directory(directory: Path, *, sources: Sequence[tuple[str, Any]], resume: bool,
+                               param: str | None) -> None:
+    """Refuses, before any work, a checkpoint directory that could mix with or lose what is not a checkpoint.
+
+    Refused (UsageError): the current or home directory (or one containing either), a directory that is,
+    contains or lies inside what the run reads or its output (`sources`), something that is not a directory, a
+    directory holding anything but this toolkit's checkpoints (step directories), and, without `resume`, one
+    holding checkpoints of an earlier run. `param` names the option when the directory was given (None: the
+    default, named by its path alone).
+    """
+    from convert.base.outputs import check_work_directory
+
+    check_work_directory(directory, sources=sources, param=param)
+    if not directory.is_dir():
+        return
+    where = f"{param}={directory}" if param else str(directory)
+    entries = sorted(os.scandir(directory), key=lambda e: e.name)
+    foreign = [e.name for e in entries if not (e.is_dir(follow_symlinks=False) and e.name.isdigit())
+               and not _ORBAX_TMP.fullmatch(e.name)]
+    if foreign:
+        raise UsageError(f"{where}: holds {foreign[0]}, which is not a checkpoint of this toolkit; name a new or empty "
+                         "directory for the checkpoints", param=param)
+    steps = [int(e.name) for e in entries if e.name.isdigit()]
+    if steps and not resume:
+        raise UsageError(f"{where}: holds checkpoints of an earlier run (up to step {max(steps)}); pass resume=True "
+                         "to continue it, or remove the directory", param=param)
+
+
+def _train_and_export(model_dir: Path, train: str | Path, eval: str | Path, output: Path, settings: FinetuneSettings,
+                      checkpoint_dir: Path, *, resume: bool, overwrite: bool, verify: bool, progress: bool,
+                      log: TextIO, command: str | None, stop: threading.Event | None,
+                      after_step: Callable[[int], None] | None, mesh: Any, max_memory: int | None,
+                      sources: list) -> FinetuneResult:
+    """The run proper, once its inputs and outputs are checked (see `finetune`).
+
+    Interrupts (with `stop`, as the command passes it): before the first step ends, nothing is worth saving and a
+    signal ends the run at once; from then on, while training or saving a checkpoint, the first signal sets `stop`
+    (the run saves a checkpoint after the current step and returns `interrupted`) and a second ends it at once;
+    after the last checkpoint is saved (the final evaluation, the export, the verification), a signal ends the
+    run at once, the temporary output removed and the checkpoint kept.
+    """
+    import jax
+
+    from convert.base.outputs import atomic_directory, register_cleanup
+    from flax_model.training import init_state
+
     started = time.perf_counter()
-    manager = checkpoint_manager(checkpoint_dir)
-    if not resume and manager.latest_step() is not None:
-        raise UsageError(f"{checkpoint_dir}: holds checkpoints of an earlier run (up to step "
-                         f"{manager.latest_step()}); pass resume=True to continue it, or remove the directory")
-    if resume and manager.latest_step() is not None:
-        verify_checkpoint(checkpoint_dir, manager.latest_step())  # before the model and the data are read
-    run = _Run(model_dir, train, eval, settings, checkpoint_dir, mesh, max_memory)
-    state = init_state(run.model.params, run.optimizer, run.frozen_fn)
-    memory = training_memory(state, run.frozen_fn)
-    print(f"training {memory['trainable_parameters']:,} of {memory['parameters']:,} parameters "
-          f"({memory['optimizer_state_bytes'] / 2**20:.1f} MiB of optimiser state)", file=log, flush=True)
-    history: dict[str, Any] = {"loss": [], "eval": [], "audio_seconds": 0.0, "train_seconds": 0.0}
-    if resume and manager.latest_step() is not None:
-        state, history = run.restore(manager, state)
-        print(f"resumed from {checkpoint_dir} at step {int(state.step)}", file=log, flush=True)
-    else:
-        if resume:
-            print(f"no checkpoint in {checkpoint_dir}: starting from step 0", file=log, flush=True)
-        history["eval"].append({"step": 0, **run.evaluate(state.params)})
-        print(f"step 0: WER {history['eval'][-1]['wer']:.3f}, CER {history['eval'][-1]['cer']:.3f}", file=log, flush=True)
+    saved: list[int] = []  # steps saved by this run (or resumed from)
+    existed = checkpoint_dir.exists()
 
-    bar = None
-    if cli.show_progress(progress):
-        from tqdm import tqdm
+    def kept() -> str:
+        return (f"the checkpoint at step {saved[-1]} in {checkpoint_dir} is kept" if saved
+                else "no checkpoint was saved")
 
-        bar = tqdm(total=run.total_steps, initial=int(state.step), desc="fine-tuning", file=sys.stderr,
-                   dynamic_ncols=True)
-    interrupted = False
-    every = max(1, run.total_steps // 10)
+    def at_once(note: str) -> None:
+        """From here a signal ends the run at once, the interrupt line saying `note`."""
+        if stop is not None:
+            cli.defer_interrupts(None)
+        cli.set_interrupt_note(note)
+
+    def deferred() -> None:
+        """From here the first signal sets `stop` (the run saves, then stops); a second ends it at once."""
+        if stop is not None and not stop.is_set():
+            cli.defer_interrupts(stop.set)
+        cli.set_interrupt_note(f"stopped without saving (a second interrupt); {kept()}")
+
+    def remove_if_unused() -> None:
+        """The checkpoint directory goes when this run made it and saved nothing in it."""
+        if not existed and not saved:
+            with contextlib.suppress(OSError):
+                checkpoint_dir.rmdir()
+
     try:
-        while int(state.step) < run.total_steps:
+        at_once("nothing was trained or written")
+        manager = checkpoint_manager(checkpoint_dir)
+        if resume and manager.latest_step() is not None:
+            verify_checkpoint(checkpoint_dir, manager.latest_step())  # before the model and the data are read
+        run = _Run(model_dir, train, eval, settings, checkpoint_dir, mesh, max_memory)
+        state = init_state(run.model.params, run.optimizer, run.frozen_fn)
+        memory = training_memory(state, run.frozen_fn)
+        print(f"training {memory['trainable_parameters']:,} of {memory['parameters']:,} parameters "
+              f"({memory['optimizer_state_bytes'] / 2**20:.1f} MiB of optimiser state)", file=log, flush=True)
+        history: dict[str, Any] = {"loss": [], "eval": [], "audio_seconds": 0.0, "train_seconds": 0.0}
+        if resume and manager.latest_step() is not None:
+            state, history = run.restore(manager, state)
+            saved.append(int(state.step))
+            at_once(kept())
+            print(f"resumed from {checkpoint_dir} at step {int(state.step)}", file=log, flush=True)
+        else:
+            if resume:
+                print(f"no checkpoint in {checkpoint_dir}: starting from step 0", file=log, flush=True)
+            history["eval"].append({"step": 0, **run.evaluate(state.params)})
+            print(f"step 0: WER {history['eval'][-1]['wer']:.3f}, CER {history['eval'][-1]['cer']:.3f}", file=log,
+                  flush=True)
+
+        def save() -> None:
             step = int(state.step)
-            tick = time.perf_counter()
-            state, loss, seconds = run.step(state, step)
-            jax.block_until_ready(state.params)
-            elapsed = time.perf_counter() - tick
-            history["loss"].append([step + 1, loss])
-            history["audio_seconds"] += seconds
-            history["train_seconds"] += elapsed
-            lr = float(run.schedule(step))
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", audio_s_per_s=f"{seconds / elapsed:.1f}")
-                bar.update(1)
-            elif (step + 1) % every == 0:
-                print(f"step {step + 1}/{run.total_steps}: loss {loss:.4f}, lr {lr:.2e}, "
-                      f"{seconds / elapsed:.1f} audio-s/s", file=log, flush=True)
-            if settings.eval_every and (step + 1) % settings.eval_every == 0 and step + 1 < run.total_steps:
-                history["eval"].append({"step": step + 1, **run.evaluate(state.params)})
-                print(f"step {step + 1}: WER {history['eval'][-1]['wer']:.3f}, "
-                      f"CER {history['eval'][-1]['cer']:.3f}", file=log, flush=True)
-            if settings.save_every and (step + 1) % settings.save_every == 0:
+            if step in saved or step == 0:
+                return
+            # Killed by a second interrupt while saving: what the save had started goes with the process.
+            unregister = register_cleanup(lambda: (_remove_partial_step(checkpoint_dir, step), remove_if_unused()))
+            try:
                 run.save(manager, state, history)
-            if after_step is not None:
-                after_step(step + 1)
-            if stop is not None and stop.is_set():
-                raise KeyboardInterrupt
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        if bar is not None:
-            bar.close()
-    if interrupted:
-        run.save(manager, state, history)
-        report = {"interrupted_at_step": int(state.step), "checkpoint_dir": str(checkpoint_dir)}
-        return FinetuneResult(output, report, interrupted=True)
-    run.save(manager, state, history)
-    if not history["eval"] or history["eval"][-1]["step"] != run.total_steps:
-        history["eval"].append({"step": run.total_steps, **run.evaluate(state.params)})
-    final = history["eval"][-1]
-    print(f"step {run.total_steps}: WER {final['wer']:.3f}, CER {final['cer']:.3f}", file=log, flush=True)
-    report = _report(run, history, model_dir, train, eval, command, time.perf_counter() - started)
-    report["memory"] = {**memory, "peak_rss_bytes": peak_rss_bytes()}
+            finally:
+                unregister()
+            saved.append(step)
 
-    from flax_model.sharding import gathered_leaves, is_writer, sync_processes
+        bar = None
+        if cli.show_progress(progress):
+            from tqdm import tqdm
 
-    leaves, factors = export_leaves(run, state.params)
-    if not is_writer():  # a multi-process run: contribute each leaf's shards to process 0's export, then wait
-        for tree in (factors, leaves):  # the writer's order
-            for _ in gathered_leaves(tree, sorted(tree)):
-                pass
+            bar = tqdm(total=run.total_steps, initial=int(state.step), desc="fine-tuning", file=sys.stderr,
+                       dynamic_ncols=True)
+        interrupted = False
+        every = max(1, run.total_steps // 10)
+        try:
+            while int(state.step) < run.total_steps:
+                step = int(state.step)
+                tick = time.perf_counter()
+                state, loss, seconds = run.step(state, step)
+                jax.block_until_ready(state.params)
+                deferred()  # a step is done that no checkpoint holds yet
+                elapsed = time.perf_counter() - tick
+                history["loss"].append([step + 1, loss])
+                history["audio_seconds"] += seconds
+                history["train_seconds"] += elapsed
+                lr = float(run.schedule(step))
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", audio_s_per_s=f"{seconds / elapsed:.1f}")
+                    bar.update(1)
+                elif (step + 1) % every == 0:
+                    print(f"step {step + 1}/{run.total_steps}: loss {loss:.4f}, lr {lr:.2e}, "
+                          f"{seconds / elapsed:.1f} audio-s/s", file=log, flush=True)
+                if settings.eval_every and (step + 1) % settings.eval_every == 0 and step + 1 < run.total_steps:
+                    history["eval"].append({"step": step + 1, **run.evaluate(state.params)})
+                    print(f"step {step + 1}: WER {history['eval'][-1]['wer']:.3f}, "
+                          f"CER {history['eval'][-1]['cer']:.3f}", file=log, flush=True)
+                if settings.save_every and (step + 1) % settings.save_every == 0:
+                    save()
+                if after_step is not None:
+                    after_step(step + 1)
+                if stop is not None and stop.is_set():
+                    raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            if bar is not None:
+                bar.close()
+        save()  # the last step (also when interrupted: the first signal is deferred until this is done)
+        if interrupted or (stop is not None and stop.is_set()):
+            at_once(kept())
+            report = {"interrupted_at_step": int(state.step), "checkpoint_dir": str(checkpoint_dir),
+                      "checkpoint_step": saved[-1] if saved else None}
+            return FinetuneResult(output, report, interrupted=True)
+        at_once(f"{kept()} (run again with --resume to evaluate and export it)")
+        if not history["eval"] or history["eval"][-1]["step"] != run.total_steps:
+            history["eval"].append({"step": run.total_steps, **run.evaluate(state.params)})
+        final = history["eval"][-1]
+        print(f"step {run.total_steps}: WER {final['wer']:.3f}, CER {final['cer']:.3f}", file=log, flush=True)
+        report = _report(run, history, model_dir, train, eval, command, time.perf_counter() - started)
+        report["memory"] = {**memory, "peak_rss_bytes": peak_rss_bytes()}
+
+        from flax_model.sharding import gathered_leaves, is_writer, sync_processes
+
+        leaves, factors = export_leaves(run, state.params)
+        if not is_writer():  # a multi-process run: contribute each leaf's shards to process 0's export, then wait
+            for tree in (factors, leaves):  # the writer's order
+                for _ in gathered_leaves(tree, sorted(tree)):
+                    pass
+            sync_processes("finetune export")
+            return FinetuneResult(output, report)
+        with atomic_directory(output, overwrite=overwrite, sources=[*sources, ("the checkpoint directory",
+                                                                               checkpoint_dir)], param="output") as tmp:
+            _write_output(tmp, run, leaves, factors, history, report)
+            if verify:
+                from convert.verify import verify_directory
+
+                report["verification"] = verify_directory(tmp, seed=settings.seed)
+                (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+                if not report["verification"].get("passed", False):
+                    raise ConvertError(f"verification failed: Flax and the PyTorch reference disagree on the "
+                                       f"fine-tuned model; nothing was written to {output}; {kept()}")
+        cli.set_interrupt_note(f"{output} was written completely")
         sync_processes("finetune export")
+        print(f"wrote {output}: WER {history['eval'][0]['wer']:.3f} -> {final['wer']:.3f} on {len(run.eval)} "
+              f"held-out utterances, {run.total_steps} steps in {report['wall_seconds']:.0f} s", file=log,
+              flush=True)
         return FinetuneResult(output, report)
-    with atomic_directory(output, overwrite=overwrite, sources=(("model", model_dir),), param="output") as tmp:
-        _write_output(tmp, run, leaves, factors, history, report)
-        if verify:
-            from convert.verify import verify_directory
-
-            report["verification"] = verify_directory(tmp, seed=settings.seed)
-            (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-            if not report["verification"].get("passed", False):
-                raise ConvertError(f"verification failed: Flax and the PyTorch reference disagree on the fine-tuned "
-                                   f"model; nothing was written to {output}")
-    sync_processes("finetune export")
-    print(f"wrote {output}: WER {history['eval'][0]['wer']:.3f} -> {final['wer']:.3f} on {len(run.eval)} held-out "
-          f"utterances, {run.total_steps} steps in {report['wall_seconds']:.0f} s", file=log, flush=True)
-    return FinetuneResult(output, report)
+    except BaseException:
+        remove_if_unused()
+        raise
+    finally:
+        if stop is not None:
+            cli.defer_interrupts(None)
 
 
 def _report(run: _Run, history: dict[str, Any], model_dir: Path, train: Any, eval_manifest: Any,
@@ -1083,9 +1208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = {f.name for f in dataclasses.fields(FinetuneSettings)}
     settings = FinetuneSettings(**{k: v for k, v in vars(args).items() if k in names})
     command = shlex.join(["python", "-m", "convert.finetune", *(sys.argv[1:] if argv is None else argv)])
-    stop = threading.Event()
-    cli.defer_interrupts(stop.set)
-    cli.set_interrupt_note("stopped without saving (a second interrupt)")
+    stop = threading.Event()  # set by the first Ctrl-C while a step or a save is under way (see `finetune`)
 
     def work() -> int:
         result = finetune(args.model, args.train, args.eval, args.output, settings,
@@ -1093,8 +1216,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                           verify=args.verify, progress=args.progress, command=command, stop=stop,
                           mesh=args.mesh, max_memory=args.max_memory)
         if result.interrupted:
-            sys.stderr.write(f"interrupted: checkpoint saved at step {result.report['interrupted_at_step']} in "
-                             f"{result.report['checkpoint_dir']} (continue with --resume)\n")
+            step = result.report["checkpoint_step"]
+            sys.stderr.write(f"interrupted: checkpoint saved at step {step} in {result.report['checkpoint_dir']} "
+                             "(continue with --resume)\n" if step is not None
+                             else "interrupted: nothing was trained or written\n")
             return cli.EXIT_INTERRUPTED
         return cli.EXIT_OK
 

@@ -16,14 +16,25 @@ from __future__ import annotations  # noqa: I001 - convert.cli is imported first
 
 from convert import cli  # first: run as `python -m`, a Ctrl-C during the imports below exits 130 too
 
+import errno
+import io
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from convert.base.errors import UsageError, bad_argument
-from convert.transcribe import DEFAULT_TOKENS_PER_SECOND, FRAMEWORKS, Transcription, TranscriptionReport, transcribe
+from convert.base.errors import OutputError, UsageError, bad_argument
+from convert.base.outputs import atomic_file, check_output_file, input_sources
+from convert.transcribe import (
+    DEFAULT_TOKENS_PER_SECOND,
+    FRAMEWORKS,
+    Transcription,
+    TranscriptionReport,
+    collect_inputs,
+    transcribe,
+)
 
 # Generation flags: transformers' setting names (the flag is the name with dashes); None leaves the model's value.
 GENERATION_FLAGS: dict[str, tuple[Any, str]] = {
@@ -65,8 +76,10 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--manifest", nargs="+", default=[], metavar="FILE", dest="manifests",
                    help='JSON-lines manifests: {"audio": PATH, "text": optional reference} per line; a relative '
                    "PATH is relative to the manifest")
-    p.add_argument("--output", metavar="FILE", help="write the JSON lines here instead of stdout")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    p.add_argument("--output", metavar="FILE",
+                   help="write the JSON lines here instead of stdout (it appears complete, or not at all)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --output file (never one the run reads)")
     p.add_argument("--framework", choices=FRAMEWORKS, default="flax",
                    help="flax (jit-compiled) or torch (the eager PyTorch reference)")
     p.add_argument("--revision", metavar="REV", help="Hub revision of --model (branch, tag, commit)")
@@ -143,34 +156,57 @@ def run(args: Any, out: TextIO, log: TextIO) -> TranscriptionReport:
         mesh = mesh_from_flag(args.mesh)  # a bad value is refused before any work
     if not args.audio and not args.manifests:
         raise UsageError("audio=[]: no audio given (pass --audio files or directories, or --manifest)", param="audio")
-    output = Path(args.output) if args.output else None
-    if output is not None and output.exists() and not (args.overwrite and output.is_file()):
-        raise bad_argument("output", output, "exists (pass overwrite=True to replace it)" if output.is_file()
-                           else "is not a file")
+    if args.output is not None:
+        check_output_file(args.output, overwrite=args.overwrite)  # before anything is read
+    elif args.overwrite:
+        raise UsageError("overwrite=True: applies only with output", param="overwrite")
     options = generation_options(args)
     generation_config = read_generation_config(args.generation_config)
-    handle = None
 
-    def write(result: Transcription) -> None:
-        nonlocal handle
-        if output is not None and handle is None:
-            handle = output.open("w", encoding="utf-8")
-        target = handle or out
-        target.write(json.dumps(result.to_json(), ensure_ascii=False) + "\n")
-        target.flush()
+    def run_to(stream: TextIO) -> TranscriptionReport:
+        def write(result: Transcription) -> None:
+            try:
+                stream.write(json.dumps(result.to_json(), ensure_ascii=False) + "\n")
+                stream.flush()
+            except BrokenPipeError:
+                raise
+            except OSError as e:
+                if args.output is not None:
+                    raise  # atomic_file names --output
+                raise OutputError(f"{stream_name(stream)}: cannot be written ({e.strerror or type(e).__name__}"
+                                  f"{': the disk is full' if e.errno in (errno.ENOSPC, errno.EDQUOT) else ''})"
+                                  ) from None
 
-    try:
-        report = transcribe(args.model, args.audio, manifests=args.manifests, framework=args.framework,
-                            revision=args.revision, batch_size=args.batch_size, buckets=args.buckets,
-                            chunk_seconds=args.chunk_seconds, chunk_overlap_seconds=args.chunk_overlap_seconds,
-                            tokens_per_second=args.tokens_per_second, seed=args.seed, progress=args.progress,
-                            on_result=write, generation_config=generation_config, mesh=mesh,
-                            scan_layers=args.scan_layers, max_memory=args.max_memory, **options)
-    finally:
-        if handle is not None:
-            handle.close()
+        return transcribe(args.model, args.audio, manifests=args.manifests, framework=args.framework,
+                          revision=args.revision, batch_size=args.batch_size, buckets=args.buckets,
+                          chunk_seconds=args.chunk_seconds, chunk_overlap_seconds=args.chunk_overlap_seconds,
+                          tokens_per_second=args.tokens_per_second, seed=args.seed, progress=args.progress,
+                          on_result=write, generation_config=generation_config, mesh=mesh,
+                          scan_layers=args.scan_layers, max_memory=args.max_memory, **options)
+
+    if args.output is None:
+        report = run_to(out)
+    else:
+        # The output is never what the run reads: the model, an audio file, a manifest, the generation config.
+        utterances = collect_inputs(args.audio, args.manifests)
+        sources = [*input_sources("the model", [args.model]),
+                   *input_sources("an audio file being read", [u.audio for u in utterances]),
+                   *input_sources("a manifest being read", args.manifests),
+                   *input_sources("the generation config being read", [args.generation_config] * bool(
+                       args.generation_config))]
+        with atomic_file(args.output, args.overwrite, sources=sources) as tmp, \
+                tmp.open("w", encoding="utf-8") as handle:
+            report = run_to(handle)
     print(report.summary(), file=log)
     return report
+
+
+def stream_name(stream: TextIO) -> str:
+    """The file a stream writes to (what standard output was redirected to), for messages."""
+    try:
+        return os.readlink(f"/proc/self/fd/{stream.fileno()}")
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        return "standard output"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

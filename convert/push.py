@@ -14,6 +14,8 @@ from convert import cli  # first: run as `python -m`, a Ctrl-C during the import
 
 import dataclasses
 import json
+import os
+import stat
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -122,16 +124,52 @@ def upload_files(directory: str | Path) -> list[tuple[str, Path, int]]:
     """(path in the repo, local path, size in bytes) of every file a push sends, sorted by path in the repo.
 
     Files and folders whose name starts with "." are left out: `.git`, `.gitattributes` (the Hub keeps its
-    own), `.cache/huggingface` (a `snapshot_download(local_dir=...)` marker), editor and OS droppings.
+    own), `.cache/huggingface` (a `snapshot_download(local_dir=...)` marker), editor and OS droppings. A symbolic
+    link is sent as the file it points to only when that file lies inside the directory and is not hidden; the
+    local path returned is then that file's. Nothing outside the directory is ever read.
+
+    Raises:
+        CheckpointError: naming the entry: a symbolic link that points out of the directory, to a hidden file, to a
+            directory or to nothing, or an entry that is not a regular file (a pipe, a socket, a device).
     """
     directory = Path(directory)
+    root = Path(os.path.realpath(directory))
     out = []
-    for path in directory.rglob("*"):
-        rel = path.relative_to(directory)
-        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
-            continue
-        out.append((rel.as_posix(), path, path.stat().st_size))
+    for dirpath, dirnames, filenames in os.walk(directory):  # links to directories are listed, never entered
+        here = Path(dirpath)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in dirnames:
+            if (here / name).is_symlink():
+                raise CheckpointError(f"{here / name}: is a symbolic link to a directory ({os.readlink(here / name)});"
+                                      " push sends files only: copy what it should hold into the directory")
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            path = here / name
+            local = _upload_source(path, root)
+            out.append((path.relative_to(directory).as_posix(), local, local.stat().st_size))
     return sorted(out, key=lambda item: item[0])
+
+
+def _upload_source(path: Path, root: Path) -> Path:
+    """The regular file inside `root` that `path` is or links to; else a CheckpointError naming `path`."""
+    mode = os.lstat(path).st_mode
+    if stat.S_ISLNK(mode):
+        target = os.readlink(path)
+        real = Path(os.path.realpath(path))
+        if root not in real.parents:
+            raise CheckpointError(f"{path}: is a symbolic link to {target}, outside {root}; push never sends a file "
+                                  "from outside the directory (copy it in, or remove the link)")
+        if any(part.startswith(".") for part in real.relative_to(root).parts):
+            raise CheckpointError(f"{path}: is a symbolic link to the hidden file {real}, which push never sends")
+        if not real.exists():
+            raise CheckpointError(f"{path}: is a symbolic link to {target}, which does not exist")
+        if not real.is_file():
+            raise CheckpointError(f"{path}: is a symbolic link to {target}, which is not a regular file")
+        return real
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"{path}: is not a regular file (a pipe, a socket or a device); push sends files only")
+    return path
 
 
 def commit_operations(directory: str | Path) -> list[CommitOperationAdd]:
@@ -237,11 +275,11 @@ def push_to_hub(directory: str | Path, repo_id: str, *, private: bool = False, c
         if value is not None and (not isinstance(value, str) or not value.strip()):
             raise bad_argument(name, repr(value), "is empty" if isinstance(value, str) else "is not a string")
     try:
+        listing = upload_files(directory)  # first: a link out of the directory is refused before anything is read
         check_composed_directory(directory)
     except ConvertError as e:
         raise with_param(e, "directory", directory) from None
     cli.set_interrupt_note(f"nothing was uploaded to {repo_id}")
-    listing = upload_files(directory)
     files = tuple((rel, size) for rel, _, size in listing)
     message = commit_message or default_commit_message(directory)
     result = PushResult(repo_id=repo_id, revision=revision, files=files, commit_message=message,
@@ -268,6 +306,7 @@ def push_to_hub(directory: str | Path, repo_id: str, *, private: bool = False, c
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         if revision is not None and revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True)
+        print(format_plan(repo_id, files, message, private=private, revision=revision), file=out)
         print(f"Uploading {len(files)} files ({human_size(result.total_bytes)}) to {HUB_URL}/{repo_id} ...", file=out)
         info = api.create_commit(repo_id, operations=operations, commit_message=message, revision=revision,
                                  repo_type="model")
@@ -291,7 +330,8 @@ def push_to_hub(directory: str | Path, repo_id: str, *, private: bool = False, c
 DESCRIPTION = """\
 Upload a composed speech encoder-decoder directory (the output of `python -m convert.compose`) to a model
 repo on the Hugging Face Hub, in one commit. The repo is created when missing. Every file of the directory
-is sent, except hidden ones (names starting with ".").
+is sent, except hidden ones (names starting with "."), and listed before the upload. A symbolic link is
+sent as the file it points to only when that file lies inside the directory; a link out of it is refused.
 
 The directory must hold a config.json with model_type "speech-encoder-decoder" and its weights; other,
 empty or partial directories are refused."""

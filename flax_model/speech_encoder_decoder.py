@@ -30,9 +30,9 @@ from convert.base.generation_settings import GenerationConfig
 from convert.base.hub import resolve_source
 from convert.base.labels import check_label_smoothing, check_labels
 from convert.base.lora import LoraSettings
-from convert.base.params import load_params, save_flax_msgpack, save_params
+from convert.base.params import load_params, pretrained_directory, save_flax_msgpack, save_params
 from convert.base.registry import spec_for
-from convert.base.writing import TensorSpec, atomic_directory, parse_size
+from convert.base.writing import TensorSpec, parse_size
 from flax_model.cache import DecoderCache
 from flax_model.generation import generate as _generate
 from flax_model.layers import frame_mask, layer_scan
@@ -382,17 +382,20 @@ class FlaxSpeechEncoderDecoderModel:
         return model
 
     def save_pretrained(self, directory: str | Path, max_shard_size: int | str | None = None,
-                        params: dict | None = None, stacked: bool = False) -> list[Path]:
-        """Writes config.json, flax_model.msgpack and model.safetensors (HF layouts, transformers' names),
-        atomically.
+                        params: dict | None = None, stacked: bool = False, overwrite: bool = False) -> list[Path]:
+        """Writes config.json, flax_model.msgpack, model.safetensors (HF layouts, transformers' names) and
+        generation_config.json, atomically (`convert.base.params.pretrained_directory`).
 
         Args:
-            directory: the directory to write (replaced if it exists).
+            directory: a new (or empty) directory; an existing one only with `overwrite`.
             max_shard_size: e.g. "2GB": shard both weight files above this size.
             params: any tree shaped like the model's params (trained params, or gradients to compare with the
                 reference's), in either layout; `self.params` by default.
             stacked: write `flax_model.msgpack` in the stacked layout of scanned layers (which
                 `from_pretrained` reads back; transformers cannot). `model.safetensors` is always per layer.
+            overwrite: update an existing directory this toolkit wrote (e.g. the one the model came from): its
+                config, generation config and weight files are replaced, every other file (tokenizer,
+                preprocessor, model card, reports) is kept.
 
         Returns:
             The files written.
@@ -414,7 +417,7 @@ class FlaxSpeechEncoderDecoderModel:
                 pass
             sync_processes("save_pretrained")
             return []
-        with atomic_directory(directory, overwrite=True, param="directory") as tmp:
+        with pretrained_directory(directory, overwrite) as tmp:
             if not stacked:
                 files = save_params(tmp, self.config, lambda: gathered_leaves(flat, order), specs=specs,
                                     max_shard_size=shard_size)

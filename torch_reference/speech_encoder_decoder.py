@@ -15,8 +15,15 @@ from convert.base.composed import SpeechEncoderDecoderConfig, composed_keymap, c
 from convert.base.errors import UnsupportedConfig, UsageError
 from convert.base.generation_settings import GenerationConfig
 from convert.base.labels import check_label_smoothing, check_labels
-from convert.base.params import check_layer_counts, load_params, params_to_torch_state, plan_checkpoint, save_params
-from convert.base.writing import atomic_directory
+from convert.base.params import (
+    check_layer_counts,
+    load_params,
+    params_to_torch_state,
+    plan_checkpoint,
+    pretrained_directory,
+    save_params,
+    weight_formats,
+)
 from torch_reference.generation import generate as _generate
 from torch_reference.layers import frame_mask
 from torch_reference.loading import LoadReport, load_checkpoint_into
@@ -133,15 +140,19 @@ class SpeechEncoderDecoderModel(nn.Module):
         return model
 
     def save_pretrained(self, directory: str | Path, params: Mapping[str, Any] | None = None,
-                        formats: tuple[str, ...] = ("safetensors",)) -> list[Path]:
+                        formats: tuple[str, ...] = ("safetensors",), overwrite: bool = False) -> list[Path]:
         """Writes config.json and model.safetensors as HF's `save_pretrained` does (HF's keys, tied weights left
-        out), and flax_model.msgpack (HF's Flax layout) too when `formats` has "flax"; atomically.
+        out), and flax_model.msgpack (HF's Flax layout) too when `formats` has "flax"; the generation config;
+        atomically (`convert.base.params.pretrained_directory`).
 
         Args:
-            directory: the directory to write (replaced if it was written by this toolkit).
+            directory: a new (or empty) directory; an existing one only with `overwrite`.
             params: state-dict keys -> tensors written instead of the model's own (e.g. trained weights, or
                 each parameter's `.grad` to compare with the Flax gradients); keys left out keep the model's.
-            formats: "safetensors" and/or "flax".
+            formats: "safetensors" and/or "flax". Updating a directory also rewrites every format it holds, so
+                that no weight file of the old model stays beside the new one.
+            overwrite: update an existing directory this toolkit wrote (e.g. the one the model came from): its
+                config, generation config and weight files are replaced, every other file is kept.
 
         Returns:
             The files written.
@@ -160,7 +171,8 @@ class SpeechEncoderDecoderModel(nn.Module):
         for key, tensor in state.items():
             path, transform = keymap.to_flax(key)
             leaves[path] = transform.to_flax(tensor.contiguous().numpy())
-        with atomic_directory(directory, overwrite=True, param="directory") as tmp:
+        formats = tuple(dict.fromkeys([*formats, *weight_formats(directory)])) if overwrite is True else formats
+        with pretrained_directory(directory, overwrite) as tmp:
             files = save_params(tmp, self.config, leaves, formats=formats)
             if self.generation_config is not None:
                 files.append(self.generation_config.write(tmp))

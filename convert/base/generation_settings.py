@@ -50,15 +50,31 @@ class GenerationArgumentError(UsageError, ValueError):
     implemented; one line `name=value: why`, the parameter in `.param`."""
 
 
+# Where a setting came from when no file or argument set it: transformers' global defaults.
+DEFAULT = "the default"
+
+
 def setting_error(where: str | None, key: str, value: Any, why: str) -> UsageError | UnsupportedConfig:
-    """The error for setting `key`: about an argument (`where` None) or about a file/object named `where`."""
-    try:
-        shown = value if isinstance(value, str) else json.dumps(to_json_value(value))
-    except (TypeError, ValueError):
-        shown = repr(value)
+    """The error for setting `key`: about an argument (`where` None), a default (`DEFAULT`: no argument or file
+    set it), or a file/object named `where`."""
+    shown = _shown(value)
     if where is None:
         return GenerationArgumentError(f"{key}={shown}: {why}", param=key)
+    if where == DEFAULT:
+        return GenerationArgumentError(f"{key}={shown} ({DEFAULT}: no generation config or argument sets it): {why} "
+                                       f"(pass {key}=...)")
     return GenerationConfigError(f"{where}: {key}={shown}: {why}")
+
+
+def _where(origin: str | None) -> str:
+    return "as an argument" if origin is None else f"in {origin}"
+
+
+def _shown(value: Any) -> str:
+    try:
+        return value if isinstance(value, str) else json.dumps(to_json_value(value))
+    except (TypeError, ValueError):
+        return repr(value)
 
 
 # transformers' `GenerationConfig._get_default_generation_params()`: what an unset field means.
@@ -130,6 +146,8 @@ class GenerationConfig:
 
     Every field is None when unset: an unset field falls back to the next source (see the module docstring).
     `extra` keeps the accepted fields that change nothing here (metadata, cache options), for the round trip.
+    `origins` records where each set field was read (a file, an object's name; None: an argument of `generate`),
+    so that an error names the culprit.
     """
 
     max_length: int | None = None
@@ -158,6 +176,7 @@ class GenerationConfig:
     pad_token_id: int | None = None
     decoder_start_token_id: int | None = None
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)
+    origins: Mapping[str, str | None] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_hf_dict(cls, d: Mapping[str, Any], where: str = GENERATION_CONFIG_FILE) -> Self:
@@ -175,7 +194,18 @@ class GenerationConfig:
             else:
                 raise GenerationConfigError(f"{where}: {key} is not a generation setting transformers 5 knows "
                                             f"(custom entries are not supported)")
-        return cls(**values, extra=extra)
+        return cls(**values, extra=extra, origins=dict.fromkeys(values, where))
+
+    def origin(self, name: str) -> str | None:
+        """Where setting `name` was read (a file or an object's name), None for an argument, `DEFAULT` if unset."""
+        if getattr(self, name) is None:
+            return DEFAULT
+        return self.origins.get(name, "generation_config")
+
+    def attributed(self, where: str) -> GenerationConfig:
+        """This config with `where` recorded as the origin of every set field that has none."""
+        missing = {name: where for name in FIELDS if getattr(self, name) is not None and name not in self.origins}
+        return dataclasses.replace(self, origins={**self.origins, **missing}) if missing else self
 
     @classmethod
     def from_model_config(cls, d: Mapping[str, Any], where: str = CONFIG_FILE) -> Self:
@@ -203,7 +233,7 @@ class GenerationConfig:
         # transformers' backward compatibility for old BART configs.
         if d.get("force_bos_token_to_be_generated") is True and "forced_bos_token_id" not in values:
             values["forced_bos_token_id"] = values.get("bos_token_id")
-        return cls(**values)
+        return cls(**values, origins={k: where for k, v in values.items() if v is not None})
 
     @classmethod
     def from_object(cls, obj: Any, where: str = "generation_config") -> Self:
@@ -247,7 +277,9 @@ class GenerationConfig:
         """This config with its unset fields taken from `base`."""
         values = {name: getattr(self, name) if getattr(self, name) is not None else getattr(base, name)
                   for name in FIELDS}
-        return GenerationConfig(**values, extra={**base.extra, **self.extra})
+        origins = {name: (self if getattr(self, name) is not None else base).origins[name] for name in FIELDS
+                   if name in (self.origins if getattr(self, name) is not None else base.origins)}
+        return GenerationConfig(**values, extra={**base.extra, **self.extra}, origins=origins)
 
     def updated(self, where: str | None = None, **settings: Any) -> GenerationConfig:
         """This config with `settings` (keyword arguments of `generate`; None leaves a field as it is) applied."""
@@ -259,7 +291,7 @@ class GenerationConfig:
         if unknown:
             raise setting_error(where, unknown[0], settings[unknown[0]], "is not a generation setting")
         checked = {k: check_value(k, v, where) for k, v in settings.items() if k in FIELDS and v is not None}
-        return dataclasses.replace(self, **checked)
+        return dataclasses.replace(self, **checked, origins={**self.origins, **dict.fromkeys(checked, where)})
 
     def __repr__(self) -> str:
         return f"GenerationConfig({self.to_hf_dict()})"
@@ -271,7 +303,8 @@ class GenerationConfig:
         return path
 
 
-FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(GenerationConfig) if f.name != "extra")
+FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(GenerationConfig)
+                                if f.name not in ("extra", "origins"))
 
 _INTS_AT_LEAST = {"max_length": 1, "max_new_tokens": 1, "min_length": 0, "min_new_tokens": 0, "num_beams": 1,
                   "top_k": 0, "no_repeat_ngram_size": 0, "num_return_sequences": 1}
@@ -359,8 +392,18 @@ def to_json_value(value: Any) -> Any:
 
 
 def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file's top-level object; a key given twice is refused (JSON readers silently keep the last)."""
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in seen:
+                raise GenerationConfigError(f"{path}: {key} is set twice ({_shown(seen[key])} and {_shown(value)}); "
+                                            "keep one")
+            seen[key] = value
+        return seen
+
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=unique)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise GenerationConfigError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
@@ -495,13 +538,16 @@ def resolve_settings(model_config: Any, model_generation: GenerationConfig | Non
         kwargs: keyword arguments of `generate` (transformers' names); None unsets the model's value.
 
     Raises:
-        GenerationConfigError: a setting that is malformed, not implemented, or impossible for this model.
+        GenerationConfigError: a setting of a file or object that is malformed, not implemented, or impossible for
+            this model, naming the file (or object) and the setting.
+        GenerationArgumentError: the same for an argument (or a default no file sets), naming the argument.
     """
-    config = GenerationConfig() if generation_config is None else GenerationConfig.from_object(generation_config)
+    config = (GenerationConfig() if generation_config is None
+              else GenerationConfig.from_object(generation_config).attributed("generation_config"))
     config = config.updated(**kwargs)
     if model_generation is None:
-        model_generation = GenerationConfig.from_model_config(model_config.to_hf_dict())
-    config = config.merged_over(model_generation)
+        model_generation = GenerationConfig.from_model_config(model_config.to_hf_dict(), "the model's config")
+    config = config.merged_over(model_generation.attributed("the model's generation config"))
     # A keyword argument set to None unsets the model's value, as transformers' `generation_config.update` does
     # (e.g. forced_bos_token_id=None turns the processor off; num_beams=None means the global default).
     config = dataclasses.replace(config, **{k: None for k, v in kwargs.items() if v is None and k in FIELDS})
@@ -513,7 +559,18 @@ def resolve_settings(model_config: Any, model_generation: GenerationConfig | Non
     vocab = model_config.decoder.vocab_size
 
     def refuse(name: str, value: Any, why: str) -> UsageError | UnsupportedConfig:
-        return setting_error(None, name, value, why)
+        """The error about setting `name`, blaming where it was set (an argument, a file, or the default)."""
+        return setting_error(config.origin(name), name, value, why)
+
+    model_origins = set(model_generation.origins.values()) | {"the model's generation config"}
+
+    def rank(origin: str | None) -> int:
+        """The priority of where a setting came from: an argument, a config passed to generate, the model's."""
+        return 3 if origin is None else 1 if origin in model_origins else 2
+
+    def set_one(*names: str) -> str:
+        """The first of `names` that is set (the setting a derived value comes from), else the last."""
+        return next((n for n in names if getattr(config, n) is not None), names[-1])
 
     # Lengths: the start token is the whole decoder prompt.
     if config.max_new_tokens is not None:
@@ -527,7 +584,9 @@ def resolve_settings(model_config: Any, model_generation: GenerationConfig | Non
         max_new = max_length - 1
     positions = model_config.decoder.max_positions
     if max_new + 1 > positions:
-        raise refuse("max_new_tokens", max_new, f"needs {max_new + 1} decoder positions; the decoder has {positions}")
+        length = "max_length" if config.max_new_tokens is None and config.max_length is not None else "max_new_tokens"
+        shown = max_new + 1 if length == "max_length" else max_new
+        raise refuse(length, shown, f"needs {max_new + 1} decoder positions; the decoder has {positions}")
 
     start = config.decoder_start_token_id if config.decoder_start_token_id is not None else config.bos_token_id
     if start is None:
@@ -538,7 +597,8 @@ def resolve_settings(model_config: Any, model_generation: GenerationConfig | Non
     pad = config.pad_token_id if config.pad_token_id is not None else (eos_ids[0] if eos_ids else None)
     beam_fill = (pad or eos_ids[0]) if eos_ids else -1  # transformers' `pad_token_id or eos_token_id[0]`
 
-    for name, value in (("decoder_start_token_id", start), ("pad_token_id", pad),
+    for name, value in ((set_one("decoder_start_token_id", "bos_token_id"), start),
+                        (set_one("pad_token_id", "eos_token_id"), pad),
                         ("forced_bos_token_id", config.forced_bos_token_id)):
         if value is not None and value >= vocab:
             raise refuse(name, value, f"is not a token id of the decoder (vocab_size={vocab})")
@@ -566,8 +626,17 @@ def resolve_settings(model_config: Any, model_generation: GenerationConfig | Non
         for name, forced in (("forced_bos_token_id", () if config.forced_bos_token_id is None
                               else (config.forced_bos_token_id,)), ("forced_eos_token_id", forced_eos_ids)):
             if forced and set(forced) <= set(config.suppress_tokens):
+                shown = _shown(forced if len(forced) > 1 else forced[0])
+                why = "every token would be forbidden at the forcing step"
+                # The culprit is the setting of the higher priority (it came last: an argument over a file passed
+                # to generate over the model's own); the other is named with where it was set.
+                forced_from, suppress_from = config.origin(name), config.origin("suppress_tokens")
+                if rank(suppress_from) > rank(forced_from):
+                    raise refuse("suppress_tokens", config.suppress_tokens,
+                                 f"holds {name}={shown} (set {_where(forced_from)}): {why}")
+                elsewhere = f" (set {_where(suppress_from)})" if suppress_from != forced_from else ""
                 raise refuse(name, to_json_value(forced if len(forced) > 1 else forced[0]),
-                             "is also in suppress_tokens: every token would be forbidden at the forcing step")
+                             f"is also in suppress_tokens{elsewhere}: {why}")
 
     if eos_ids:
         if config.min_new_tokens is not None:
@@ -633,8 +702,12 @@ def composed_generation_config(decoder: GenerationConfig, model_config: Any,
     """
     eos = eos_token_id if eos_token_id is not None else (
         decoder.eos_token_id if decoder.eos_token_id is not None else model_config.eos_token_id)
+    composed = "the composed config"
+    origins = {**decoder.origins, "decoder_start_token_id": composed, "pad_token_id": composed}
+    if eos_token_id is not None or decoder.eos_token_id is None:
+        origins["eos_token_id"] = composed
     config = dataclasses.replace(
         decoder, decoder_start_token_id=model_config.decoder_start_token_id, pad_token_id=model_config.pad_token_id,
-        eos_token_id=eos, extra={"transformers_version": TRANSFORMERS_VERSION})
+        eos_token_id=eos, extra={"transformers_version": TRANSFORMERS_VERSION}, origins=origins)
     resolve_settings(model_config, config)  # refuses what the composed model cannot honour
     return config

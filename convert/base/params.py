@@ -7,6 +7,7 @@ model must have come from the caller (`shapes_of`): this module sits below the m
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -28,8 +29,9 @@ from convert.base.composed import (  # noqa: F401 - composed_keymap, tied_keys_f
     tied_keys_for,
 )
 from convert.base.configs import HFConfig
-from convert.base.errors import KeyMapError, UnsupportedConfig
+from convert.base.errors import KeyMapError, UnsupportedConfig, bad_argument
 from convert.base.keymap import Entry, Plan, SourceRules, T, check_missing, plan_flax_to_torch, plan_torch_to_flax
+from convert.base.outputs import atomic_directory
 from convert.base.registry import spec_for
 from convert.base.spec import ArchSpec
 from convert.base.stacking import layer_stacks
@@ -319,8 +321,49 @@ def save_flax_msgpack(directory: str | Path, leaves: Mapping[str, np.ndarray],
     return list(writer.files)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# save_pretrained's directory (both frameworks)
+
+# The files a model's save_pretrained owns: its config, generation config and weights in every format this toolkit
+# reads (single files, shards and shard indexes). Every other file of a directory it updates is kept.
+MODEL_FILES = re.compile(r"(generation_)?config\.json|(model|flax_model|pytorch_model)(-\d+-of-\d+)?"
+                         r"\.(safetensors|msgpack|bin)(\.index\.json)?")
+_FORMAT_OF = {"safetensors": "safetensors", "msgpack": "flax"}
+
+
+def is_model_file(name: str) -> bool:
+    """Whether `save_pretrained` owns a file of this name (it replaces or removes it when it updates a directory)."""
+    return MODEL_FILES.fullmatch(name) is not None
+
+
+def weight_formats(directory: str | Path) -> tuple[str, ...]:
+    """The formats ("flax", "safetensors") whose weight files `directory` holds (none when it does not exist)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return ()
+    found = {_FORMAT_OF.get(m.group(4)) for p in directory.iterdir() if (m := MODEL_FILES.fullmatch(p.name))}
+    return tuple(f for f in ("flax", "safetensors") if f in found)
+
+
+@contextlib.contextmanager
+def pretrained_directory(directory: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """The temporary directory a model's `save_pretrained` writes into, published atomically as `directory`.
+
+    A new or empty directory is created. An existing one needs `overwrite=True` and must have been written by this
+    toolkit (`convert.base.outputs.check_output_location`); then only the model's own files (`is_model_file`) are
+    replaced: the others (tokenizer, preprocessor, model card, reports, anything else) are carried over untouched,
+    and stale weight files of the old model are not. The directory is never the Hugging Face cache, the current or
+    the home directory.
+    """
+    if not isinstance(overwrite, bool):
+        raise bad_argument("overwrite", overwrite, "is not True or False")
+    with atomic_directory(directory, overwrite=overwrite, param="directory",
+                          keep=lambda name: not is_model_file(name)) as tmp:
+        yield tmp
+
+
 __all__ = [
     "FLAX_MSGPACK", "Loaded", "composed_keymap", "composed_tied_keys", "keymap_for", "load_params",
     "params_to_torch_state", "plan_checkpoint", "plan_source", "read_config", "read_entry", "save_flax_msgpack",
-    "save_params", "tied_keys_for",
+    "save_params", "tied_keys_for", "is_model_file", "pretrained_directory", "weight_formats",
 ]
