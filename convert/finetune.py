@@ -681,6 +681,7 @@ def finetune(
     from convert.training_data import read_manifest
 
     log = log or sys.stdout
+    cli.set_interrupt_note("nothing was trained or written")
     settings.check()
     max_memory = parse_memory(max_memory)
     for name, value in (("resume", resume), ("overwrite", overwrite), ("verify", verify)):

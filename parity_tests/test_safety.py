@@ -23,7 +23,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import wave
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -836,15 +835,21 @@ def _fill(text: str, root: Path) -> str:
     return text.replace("{ws}", str(root)).replace("{builtin}", str(BUILTIN_DIR))
 
 
-@pytest.mark.parametrize("name", list(CATALOGUE))
-def test_bad_input_is_one_line_and_changes_nothing(name, ws, capsys, monkeypatch):
-    case = CATALOGUE[name]
-    for variant in case.variants:
+def _prepare(ws: Path, variants: tuple[str, ...], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Makes the variants a case needs (before the workspace is measured); home, the Hub cache and offline mode
+    point into the workspace."""
+    for variant in variants:
         if not (ws / "v" / variant).exists():
             VARIANTS[variant](ws, ws / "v" / variant)
     monkeypatch.setenv("HOME", str(ws / "home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(ws / "hfcache" / "hub"))
+
+
+@pytest.mark.parametrize("name", list(CATALOGUE))
+def test_bad_input_is_one_line_and_changes_nothing(name, ws, capsys, monkeypatch):
+    case = CATALOGUE[name]
+    _prepare(ws, case.variants, monkeypatch)
     for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
@@ -1058,14 +1063,9 @@ def test_the_python_api_refuses_with_one_line_and_changes_nothing(name, ws, mode
     import convert.base.generation_settings
 
     case = API_CASES[name]
-    for variant in case.variants:
-        if not (ws / "v" / variant).exists():
-            VARIANTS[variant](ws, ws / "v" / variant)
     if "{ws}/ro/" in case.culprit and not _read_only(ws / "ro"):
         pytest.skip("no read-only location can be made here (root without mount)")
-    monkeypatch.setenv("HOME", str(ws / "home"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(ws / "hfcache" / "hub"))
+    _prepare(ws, case.variants, monkeypatch)
     monkeypatch.setattr("flax_model.training.init_state", _reached_training)
     monkeypatch.chdir(ws / "cwd")
     error = getattr(convert.base.errors, case.error, None) or getattr(convert.base.generation_settings, case.error)
@@ -1388,34 +1388,13 @@ PROMPT = 30  # seconds from the signal to the exit, at most, on a loaded machine
 
 def _interrupt(argv: list[str], cwd: Path, ready: Callable[[int], bool], sig: signal.Signals,
                delay: float = 0.0) -> tuple[int, str, float]:
-    """Starts `argv`, waits for `ready(pid)` (and `delay`), sends `sig`; returns (exit code, stderr, seconds to exit).
-    The process must still be running when the signal is sent: a signal it never saw would prove nothing."""
-    proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    deadline = time.monotonic() + 240
-    while not ready(proc.pid):
-        if proc.poll() is not None:
-            pytest.fail(f"the command ended before the moment came (exit {proc.returncode}): "
-                        f"{proc.communicate()[1][-2000:]}")
-        assert time.monotonic() < deadline, "the moment never came"
-        time.sleep(0.005)
-    time.sleep(delay)
-    assert proc.poll() is None, "the command ended before the signal"
-    proc.send_signal(sig)
-    sent = time.monotonic()
-    try:
-        _, err = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        pytest.fail("the command did not end after the signal")
-    return proc.returncode, err, time.monotonic() - sent
+    """Starts `argv`, waits for `ready(pid)` (and `delay`), sends `sig` while it still runs (test_interrupts'
+    helpers); returns (exit code, stderr, seconds from the signal to the exit)."""
+    from parity_tests.test_interrupts import _interrupt_when, _start
 
-
-def _loads_jax(pid: int) -> bool:
-    try:
-        return "libjax_common" in Path(f"/proc/{pid}/maps").read_text()
-    except OSError:
-        return False
+    proc = _start(argv, cwd)
+    _, err, seconds = _interrupt_when(proc, lambda: ready(proc.pid), delay=delay, sig=sig)
+    return proc.returncode, err, seconds
 
 
 @pytest.mark.parametrize("moment, sig", [("loading", signal.SIGINT), ("after-a-line", signal.SIGTERM)])
@@ -1448,8 +1427,10 @@ def _finetune_argv(ws: Path, out: Path, *extra: str) -> list[str]:
 def test_finetune_interrupted_before_its_first_step_leaves_nothing(ws, tmp_path):
     """Loading or compiling (nothing trained yet): the run ends at once and leaves no checkpoint directory."""
     out = tmp_path / "ft"
-    ready = lambda pid: _loads_jax(pid) and (tmp_path / "ft.checkpoints").exists()  # noqa: E731
-    code, err, seconds = _interrupt(_finetune_argv(ws, out), tmp_path, ready, signal.SIGINT, delay=0.3)
+    # JAX is loaded, then a moment: reading the model or compiling (the first step takes far longer to come).
+    from parity_tests.test_interrupts import _has_jax
+
+    code, err, seconds = _interrupt(_finetune_argv(ws, out), tmp_path, _has_jax, signal.SIGINT, delay=1.0)
     assert code == 130 and err == "interrupted: nothing was trained or written\n", (code, err)
     assert seconds <= PROMPT, f"{seconds:.1f} s from the signal to the exit"
     assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
@@ -1469,7 +1450,7 @@ def test_finetune_interrupted_while_exporting_keeps_its_last_checkpoint_and_writ
     settings = finetune.FinetuneSettings(max_steps=1, batch_size=1, num_buckets=1, eval_batch_size=1,
                                          max_new_tokens=2)
     run = finetune._Run(ws / "model", ws / "data" / "train.jsonl", ws / "data" / "eval.jsonl", settings, checkpoints)
-    state = init_state(run.model.params, run.optimizer)
+    state = init_state(run.model.params, run.optimizer, run.frozen_fn)
     history = {"loss": [[1, 5.0]], "eval": [{"step": 0, "wer": 1.0, "cer": 1.0, "examples": [], "seconds": 0.0}],
                "audio_seconds": 0.5, "train_seconds": 1.0}
     finetune.save_checkpoint(finetune.checkpoint_manager(checkpoints), state.replace(step=state.step + 1), history)

@@ -135,19 +135,8 @@ def check_output_location(target: str | Path, *, overwrite: bool = False, source
     Returns:
         The target with symbolic links in its parents resolved.
     """
-    target = Path(target).expanduser()
-
-    def refuse(why: str, kind: type = UsageError) -> None:
-        raise kind(f"{param}={target}: {why}", param=param)
-
-    if target.is_symlink():
-        refuse(f"is a symbolic link (to {os.readlink(target)}); name the directory itself")
-    resolved = Path(os.path.realpath(target))
-    for what, path in _protected_directories():
-        if resolved == path:
-            refuse(f"is {what}; name a new directory for the output")
-        if resolved in path.parents:
-            refuse(f"contains {what} ({path}); name a new directory for the output")
+    target, refuse, resolved = _unlinked(target, param, "directory")
+    _refuse_protected(resolved, refuse)
     _refuse_sources(resolved, sources, refuse)
     if target.exists() and not target.is_dir():
         refuse("exists and is not a directory")
@@ -183,14 +172,7 @@ def check_output_file(target: str | Path, *, overwrite: bool = False, sources: S
     Returns:
         The target with symbolic links in its parents resolved.
     """
-    target = Path(target).expanduser()
-
-    def refuse(why: str, kind: type = UsageError) -> None:
-        raise kind(f"{param}={target}: {why}", param=param)
-
-    if target.is_symlink():
-        refuse(f"is a symbolic link (to {os.readlink(target)}); name the file itself")
-    resolved = Path(os.path.realpath(target))
+    target, refuse, resolved = _unlinked(target, param, "file")
     if target.is_dir():
         refuse("is a directory; name a file")
     if target.exists() and not target.is_file():
@@ -214,16 +196,9 @@ def check_work_directory(target: str | Path, *, sources: Sources = (), param: st
         The directory with symbolic links resolved.
     """
     target = Path(target).expanduser()
-
-    def refuse(why: str, kind: type = UsageError) -> None:
-        raise kind(f"{_label(param, target)}: {why}", param=param)
-
+    refuse = _refuser(target, param)
     resolved = Path(os.path.realpath(target))
-    for what, path in _protected_directories():
-        if resolved == path:
-            refuse(f"is {what}; name a new directory")
-        if resolved in path.parents:
-            refuse(f"contains {what} ({path}); name a new directory")
+    _refuse_protected(resolved, refuse)
     _refuse_sources(resolved, sources, refuse)
     if os.path.lexists(target) and not target.is_dir():
         refuse("exists and is not a directory")
@@ -231,9 +206,31 @@ def check_work_directory(target: str | Path, *, sources: Sources = (), param: st
     return resolved
 
 
-def _protected_directories() -> list[tuple[str, Path]]:
-    return [("the current directory", Path(os.path.realpath(os.getcwd()))),
-            ("your home directory", Path(os.path.realpath(Path.home())))]
+def _unlinked(target: str | Path, param: str, kind: str) -> tuple[Path, Callable[..., None], Path]:
+    """(the output's path, its `refuse`, the path with links in its parents resolved); a symbolic link is refused
+    (replacing it would not replace what it points to)."""
+    target = Path(target).expanduser()
+    refuse = _refuser(target, param)
+    if target.is_symlink():
+        refuse(f"is a symbolic link (to {os.readlink(target)}); name the {kind} itself")
+    return target, refuse, Path(os.path.realpath(target))
+
+
+def _refuser(target: Path, param: str | None) -> Callable[..., None]:
+    """`refuse(why, kind=UsageError)`: raises the one-line error about `target` (named as `_label` says)."""
+    def refuse(why: str, kind: type = UsageError) -> None:
+        raise kind(f"{_label(param, target)}: {why}", param=param)
+    return refuse
+
+
+def _refuse_protected(resolved: Path, refuse: Callable[..., None]) -> None:
+    """Refuses the current or the home directory, or a directory that contains either."""
+    for what, path in (("the current directory", Path(os.path.realpath(os.getcwd()))),
+                       ("your home directory", Path(os.path.realpath(Path.home())))):
+        if resolved == path:
+            refuse(f"is {what}; name a new directory for the output")
+        if resolved in path.parents:
+            refuse(f"contains {what} ({path}); name a new directory for the output")
 
 
 def _refuse_sources(resolved: Path, sources: Sources, refuse: Callable[..., None], as_file: bool = False) -> None:
@@ -606,17 +603,8 @@ def atomic_directory(target: str | Path, overwrite: bool = False, *, sources: So
             _carry_over(target, tmp, keep)
         if not (tmp / TOOLKIT_MARKER).exists():
             (tmp / TOOLKIT_MARKER).write_text(json.dumps({"written_by": TOOLKIT_NAME}) + "\n")
-        if existing is None:
-            try:
-                _rename_new(tmp, target)
-            except FileExistsError:
-                raise OutputError(f"{param}={target}: appeared while this run wrote, and was left as it is",
-                                  param=param) from None
-            return
-        if _identity(target) != existing or not (target / TOOLKIT_MARKER).is_file():
-            raise OutputError(f"{param}={target}: was replaced or changed while this run wrote, and was left as it "
-                              "is", param=param)
-        _swap(tmp, target)  # `tmp` now holds the old directory, removed with the lock
+        # Replacing: `tmp` then holds the old directory, removed with the lock.
+        _publish(tmp, target, existing, param, lambda: (target / TOOLKIT_MARKER).is_file(), _swap)
 
     with _output(target, param, lambda tmp: tmp.mkdir(), commit, recheck) as tmp:
         yield tmp
@@ -646,21 +634,31 @@ def atomic_file(target: str | Path, overwrite: bool = False, *, sources: Sources
             os.fsync(fd)
         finally:
             os.close(fd)
-        existing = state["existing"]
-        if existing is None:
-            try:
-                _rename_new(tmp, target)
-            except FileExistsError:
-                raise OutputError(f"{param}={target}: appeared while this run wrote, and was left as it is",
-                                  param=param) from None
-            return
-        if _identity(target) != existing:
-            raise OutputError(f"{param}={target}: was replaced while this run wrote, and was left as it is",
-                              param=param)
-        os.replace(tmp, target)
+        _publish(tmp, target, state["existing"], param, lambda: True, os.replace)
 
     with _output(target, param, make, commit, recheck) as tmp:
         yield tmp
+
+
+def _publish(tmp: Path, target: Path, existing: tuple[int, int] | None, param: str,
+             still_ours: Callable[[], bool], replace: Callable[[Path, Path], None]) -> None:
+    """Puts `tmp` at `target`: exclusively when nothing was there when the run began (`existing` None), else with
+    `replace`, only while `target` is still the one checked then (same identity, `still_ours()`).
+
+    Raises:
+        OutputError: something else took the path meanwhile; it is left as it is.
+    """
+    if existing is None:
+        try:
+            _rename_new(tmp, target)
+        except FileExistsError:
+            raise OutputError(f"{param}={target}: appeared while this run wrote, and was left as it is",
+                              param=param) from None
+        return
+    if _identity(target) != existing or not still_ours():
+        raise OutputError(f"{param}={target}: was replaced or changed while this run wrote, and was left as it is",
+                          param=param)
+    replace(tmp, target)
 
 
 def _carry_over(old: Path, new: Path, keep: Callable[[str], bool]) -> None:
