@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+from convert.base.audio import feature_extractor_config
 from convert.base.composed import SpeechEncoderDecoderConfig, composed_keymap
 from convert.base.params import load_params
 from convert.extract import extract
@@ -248,6 +249,10 @@ def test_transformers_loads_composed_model_as_documented(name, fixture_dir, comp
     directory = checked_composition(name, fixture_dir, composed_dir)
     config = SpeechEncoderDecoderConfig.from_hf_dict(json.loads((directory / "config.json").read_text()))
     assert CASES[name]["loading_info"] == expected_loading_info(config), name
+    if config.encoder.input_kind == "features":  # transformers' processor makes this encoder's log-mel frames
+        settings = feature_extractor_config(directory, config.encoder)
+        recorded = CASES[name]["feature_extractor"]
+        assert (recorded["class"], recorded["padding_value"]) == (settings.extractor, settings.padding_value), name
 
 
 @pytest.mark.parametrize("name", cases("composed", needs="logits"))

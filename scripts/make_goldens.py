@@ -447,6 +447,12 @@ PAIRS: tuple[Pair, ...] = (
     Pair("w2vbert_adapter", "gpt2_xattn_untied", "w2v-BERT with the intermediate feed-forward and a widening "
          "adapter x GPT-2 whose cross-attention steers the tokens", generate=("greedy", "beam4"), eos_token_id=25,
          inputs="speech_features"),
+    # The other decoder families: transformers loads the composed w2v-BERT whole (its numbers are the pairs above).
+    Pair("w2vbert_adapter", "mbart", "w2v-BERT with the adapter x mBART", logits=False, inputs="speech_features"),
+    Pair("w2vbert", "bert_lm", "w2v-BERT x BERT, cross-attention initialised by compose", logits=False,
+         inputs="speech_features"),
+    Pair("w2vbert_adapter", "roberta_causal", "w2v-BERT with the adapter x RoBERTa, cross-attention initialised by "
+         "compose", logits=False, inputs="speech_features"),
 )
 
 
@@ -687,6 +693,11 @@ def pair_case(pair: Pair, fixture_dirs: Mapping[str, Path], out: Path,
         "loading_info": info,
         "generation": {},
     }
+    if (out / "preprocessor_config.json").is_file():
+        # What transformers' processor makes of the composed directory (the encoder's preprocessor_config.json).
+        extractor = transformers.AutoFeatureExtractor.from_pretrained(out)
+        entry["feature_extractor"] = {"class": type(extractor).__name__,
+                                      "padding_value": float(extractor.padding_value)}
     arrays: dict[str, np.ndarray] = {}
     if not pair.logits and not pair.generate:
         return entry, arrays
