@@ -3,13 +3,12 @@
 HF never ported the model to Flax; the parameter tree follows DESIGN.md's canonical names (the PyTorch keys of
 `Wav2Vec2BertModel` with `.` -> `/`; conv kernels [K, in/groups, out]; see `convert.base.archs.wav2vec2_bert`).
 The input is `SeamlessM4TFeatureExtractor`'s stacked log-mel frames [B, S, F], not audio: there is no conv feature
-encoder, and the frame mask is the attention mask itself. The position helpers (relative table, skew, rotation) are
-wav2vec2-conformer's, the feed-forward, SpecAugment and padded-frame masking the wav2vec2 family's.
+encoder, and the frame mask is the attention mask itself. The self-attention (with Shaw's relative keys), the
+relative table and the block stack are wav2vec2-conformer's (transformers copies them from there), the
+feed-forward, SpecAugment and padded-frame masking the wav2vec2 family's.
 
-Numerics follow transformers' `Wav2Vec2BertModel`. One computation is arranged differently: Shaw's relative-key
-scores are taken against each of the `left + right + 1` distance embeddings and then gathered per (query, key),
-where transformers gathers the embeddings into a [T, S, H] tensor first; the dot products are the same, and the
-gather keeps memory and time linear in T per query instead of T x H.
+Numerics follow transformers' `Wav2Vec2BertModel` (the relative-key scores arranged as
+`flax_model.wav2vec2_conformer.SelfAttention` says: the same dot products, linear in T per query).
 
 Train mode (`deterministic=False`, a "dropout" rng): dropout, LayerDrop of the conformer blocks and SpecAugment
 from explicit masks, as the other encoders. transformers also drops adapter layers at random in training (which
@@ -18,7 +17,7 @@ changes the output length); a compiled step needs static shapes, so the adapter 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -27,68 +26,16 @@ from flax import linen as nn
 
 from convert.base.archs.wav2vec2_bert import Wav2Vec2BertConfig
 from convert.base.errors import UnsupportedConfig
-from flax_model.layers import ACTIVATIONS, is_scanned, layer_drop, make_stack, run_stack
+from flax_model.layers import ACTIVATIONS
 from flax_model.wav2vec2 import FeedForward, layer_norm, masked_frames, module_shapes, spec_augment
-from flax_model.wav2vec2_conformer import relative_position_table, rotate, skew
+from flax_model.wav2vec2_conformer import ConformerLayers as ConformerStack
+from flax_model.wav2vec2_conformer import SelfAttention, relative_position_table
 
 
 def rotary_frequencies(config: Wav2Vec2BertConfig) -> np.ndarray:
     """transformers' `inv_freq` [H/2] float32 (a non-persistent buffer there: computed from the config)."""
     h = config.head_size
     return (1.0 / config.rotary_embedding_base ** (np.arange(0, h, 2).astype(np.float32) / h)).astype(np.float32)
-
-
-def relative_key_index(length: int, left: int, right: int) -> np.ndarray:
-    """[T, S] row of the distance embedding for query i and key j: j - i clamped to [-left, right], plus left."""
-    distance = np.arange(length)[None, :] - np.arange(length)[:, None]
-    return np.clip(distance, -left, right) + left
-
-
-class SelfAttention(nn.Module):
-    """Multi-head self-attention with Shaw's clamped relative keys, Transformer-XL relative positions, rotary
-    positions or none (`kind`); the adapter's attention (`width` = its output width) has none."""
-
-    config: Wav2Vec2BertConfig
-    width: int
-    kind: str | None
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, hidden: jax.Array, bias: jax.Array | None, positions: jax.Array | None = None,
-                 deterministic: bool = True) -> jax.Array:
-        """`hidden` [B, T, D]; `bias` [B, 1, 1, S] or None; `positions`: `inv_freq` [H/2] (rotary), the relative
-        table [2T - 1, D] (relative) or None."""
-        c = self.config
-        b, t, d = hidden.shape
-        n = c.num_attention_heads
-        h = d // n
-        dense = lambda name, use_bias=True: nn.Dense(d, use_bias=use_bias, dtype=self.dtype, name=name)
-        # Rotary: queries and keys are projected from the rotated input, values from the input itself.
-        rotated = rotate(hidden, positions, n) if self.kind == "rotary" else hidden
-        q = dense("linear_q")(rotated).reshape(b, t, n, h)  # [B, T, N, H]
-        k = dense("linear_k")(rotated).reshape(b, t, n, h)  # [B, S, N, H]
-        v = dense("linear_v")(hidden).reshape(b, t, n, h)  # [B, S, N, H]
-        scale = h ** -0.5
-        if self.kind == "relative":
-            u = self.param("pos_bias_u", nn.initializers.xavier_uniform(), (n, h)).astype(self.dtype)
-            w = self.param("pos_bias_v", nn.initializers.xavier_uniform(), (n, h)).astype(self.dtype)
-            p = dense("linear_pos", use_bias=False)(positions.astype(self.dtype)).reshape(-1, n, h)  # [P, N, H]
-            by_distance = jnp.einsum("BTNH,PNH->BNTP", q + w, p)
-            scores = jnp.einsum("BTNH,BSNH->BNTS", q + u, k) * scale + skew(by_distance) * scale
-        else:
-            scores = jnp.einsum("BTNH,BSNH->BNTS", q, k) * scale
-        if self.kind == "relative_key":
-            left, right = c.left_max_position_embeddings, c.right_max_position_embeddings
-            table = nn.Embed(left + right + 1, h, dtype=self.dtype, name="distance_embedding").embedding  # [P, H]
-            by_distance = jnp.einsum("BTNH,PH->BNTP", q, table.astype(self.dtype))
-            index = jnp.asarray(relative_key_index(t, left, right))[None, None]  # [1, 1, T, S]
-            scores = scores + jnp.take_along_axis(by_distance, index, axis=-1) * scale
-        if bias is not None:
-            scores = scores + bias
-        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype)
-        probs = nn.Dropout(c.attention_dropout)(probs, deterministic=deterministic)
-        out = jnp.einsum("BNTS,BSNH->BTNH", probs, v).reshape(b, t, d)
-        return dense("linear_out")(out)
 
 
 class ConvolutionModule(nn.Module):
@@ -129,7 +76,7 @@ class ConformerBlock(nn.Module):
         norm = lambda name: layer_norm(c.layer_norm_eps, self.dtype, name)
         ffn1 = FeedForward(c, self.dtype, name="ffn1")
         hidden = hidden + 0.5 * ffn1(norm("ffn1_layer_norm")(hidden), deterministic)
-        attention = SelfAttention(c, c.hidden_size, c.position_embeddings_type, self.dtype, name="self_attn")
+        attention = SelfAttention(c, self.dtype, name="self_attn")
         attended = attention(norm("self_attn_layer_norm")(hidden), bias, positions, deterministic)
         hidden = hidden + nn.Dropout(c.attention_dropout)(attended, deterministic=deterministic)
         hidden = hidden + ConvolutionModule(c, self.dtype, name="conv_module")(hidden, frame_mask, deterministic)
@@ -138,27 +85,10 @@ class ConformerBlock(nn.Module):
         return norm("final_layer_norm")(hidden)
 
 
-class ConformerLayers(nn.Module):
-    """The block stack (unrolled, or scanned within `flax_model.layers.layer_scan`), with LayerDrop in training:
-    a dropped block passes its input through. Unrolled, the LayerDrop draws come from this module's "dropout"
-    stream; scanned, from each block's own (the key split per layer)."""
+class ConformerLayers(ConformerStack):
+    """wav2vec2-conformer's block stack over w2v-BERT's blocks (which also take the frame mask)."""
 
-    config: Wav2Vec2BertConfig
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, hidden: jax.Array, bias: jax.Array | None, positions: jax.Array | None,
-                 frame_mask: jax.Array | None, deterministic: bool = True) -> jax.Array:
-        c = self.config
-        layers = make_stack(self, lambda i, name: ConformerBlock(c, self.dtype, name=name), c.num_hidden_layers)
-        scanned = is_scanned(layers)
-
-        def step(layer: nn.Module, i: Any, hidden: jax.Array, _: None) -> tuple[jax.Array, None]:
-            out = layer(hidden, bias, positions, frame_mask, deterministic)
-            return jnp.where(layer_drop(layer if scanned else self, c.layerdrop, deterministic), hidden, out), None
-
-        # The masks and positions are computed once by the encoder and shared: the scan closes over them.
-        return run_stack(layers, c.num_hidden_layers, step, hidden)[0]
+    BLOCK: ClassVar[type[nn.Module]] = ConformerBlock
 
 
 class ConformerEncoder(nn.Module):
@@ -178,7 +108,8 @@ class ConformerEncoder(nn.Module):
             positions = jnp.asarray(rotary_frequencies(c))
         elif c.position_embeddings_type == "relative":
             positions = jnp.asarray(relative_position_table(hidden.shape[1], c.hidden_size))
-        return ConformerLayers(c, self.dtype, name="layers")(hidden, bias, positions, frame_mask, deterministic)
+        return ConformerLayers(c, self.dtype, name="layers")(hidden, bias, positions, frame_mask,
+                                                              deterministic=deterministic)
 
 
 class AdapterLayer(nn.Module):
@@ -206,7 +137,7 @@ class AdapterLayer(nn.Module):
         bias = None
         if lengths is not None:
             bias = masked_frames(hidden, jnp.arange(hidden.shape[1])[None, :] < lengths[:, None], self.dtype)[1]
-        attended = SelfAttention(c, width, None, self.dtype, name="self_attn")(hidden, bias, None, deterministic)
+        attended = SelfAttention(c, self.dtype, kind=None, name="self_attn")(hidden, bias, None, deterministic)
         hidden = nn.Dropout(c.conformer_conv_dropout)(attended, deterministic=deterministic) + residual
         ffn = FeedForward(c, self.dtype, activation=c.adapter_act, width=width, name="ffn")
         return ffn(norm("ffn_layer_norm")(hidden), deterministic) + hidden

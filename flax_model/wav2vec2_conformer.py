@@ -72,28 +72,48 @@ def rotate(hidden: jax.Array, inv_freq: jax.Array, num_heads: int) -> jax.Array:
     return out.reshape(b, t, d)
 
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention with rotary, relative (Transformer-XL: pos_bias_u/v, linear_pos) or no positions."""
+def relative_key_index(length: int, left: int, right: int) -> np.ndarray:
+    """[T, S] row of the distance embedding for query i and key j: j - i clamped to [-left, right], plus left."""
+    distance = np.arange(length)[None, :] - np.arange(length)[:, None]
+    return np.clip(distance, -left, right) + left
 
-    config: Wav2Vec2ConformerConfig
+
+# `SelfAttention.kind` default: the config's `position_embeddings_type`.
+FROM_CONFIG = "from config"
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with rotary, relative (Transformer-XL: pos_bias_u/v, linear_pos) or no positions,
+    or (w2v-BERT's, whose attention transformers copies from this one) Shaw's `relative_key` distance embeddings
+    clamped to `left_max_position_embeddings` / `right_max_position_embeddings`.
+
+    Attributes:
+        kind: the position embedding, by default the config's `position_embeddings_type` (w2v-BERT's adapter
+            attends without one). The width is the input's: heads of `width // num_attention_heads`.
+    """
+
+    config: Any
     dtype: Any = jnp.float32
+    kind: str | None = FROM_CONFIG
 
     @nn.compact
-    def __call__(self, hidden: jax.Array, bias: jax.Array | None, positions: jax.Array | None,
+    def __call__(self, hidden: jax.Array, bias: jax.Array | None, positions: jax.Array | None = None,
                  deterministic: bool = True) -> jax.Array:
         """`hidden` [B, T, D]; `bias` [B, 1, 1, S] or None; `positions`: `inv_freq` [H/2] (rotary), the relative
         table [2T - 1, D] (relative) or None."""
         c = self.config
+        kind = c.position_embeddings_type if self.kind == FROM_CONFIG else self.kind
         b, t, d = hidden.shape
-        n, h = c.num_attention_heads, c.head_size
+        n = c.num_attention_heads
+        h = d // n
         dense = lambda name, use_bias=True: nn.Dense(d, use_bias=use_bias, dtype=self.dtype, name=name)
         # Rotary: queries and keys are projected from the rotated input, values from the input itself.
-        rotated = rotate(hidden, positions, n) if c.position_embeddings_type == "rotary" else hidden
+        rotated = rotate(hidden, positions, n) if kind == "rotary" else hidden
         q = dense("linear_q")(rotated).reshape(b, t, n, h)  # [B, T, N, H]
         k = dense("linear_k")(rotated).reshape(b, t, n, h)  # [B, S, N, H]
         v = dense("linear_v")(hidden).reshape(b, t, n, h)  # [B, S, N, H]
         scale = h ** -0.5
-        if c.position_embeddings_type == "relative":
+        if kind == "relative":
             u = self.param("pos_bias_u", nn.initializers.xavier_uniform(), (n, h)).astype(self.dtype)
             w = self.param("pos_bias_v", nn.initializers.xavier_uniform(), (n, h)).astype(self.dtype)
             p = dense("linear_pos", use_bias=False)(positions.astype(self.dtype)).reshape(-1, n, h)  # [P, N, H]
@@ -102,6 +122,14 @@ class SelfAttention(nn.Module):
             scores = jnp.einsum("BTNH,BSNH->BNTS", q + u, k) * scale + relative * scale
         else:
             scores = jnp.einsum("BTNH,BSNH->BNTS", q, k) * scale
+        if kind == "relative_key":
+            # Scores against each of the left + right + 1 distance embeddings, then gathered per (query, key):
+            # the dot products transformers takes against a gathered [T, S, H] table, in T x P x H instead.
+            left, right = c.left_max_position_embeddings, c.right_max_position_embeddings
+            table = nn.Embed(left + right + 1, h, dtype=self.dtype, name="distance_embedding").embedding  # [P, H]
+            by_distance = jnp.einsum("BTNH,PH->BNTP", q, table.astype(self.dtype))
+            index = jnp.asarray(relative_key_index(t, left, right))[None, None]  # [1, 1, T, S]
+            scores = scores + jnp.take_along_axis(by_distance, index, axis=-1) * scale
         if bias is not None:
             scores = scores + bias
         probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype)
@@ -158,23 +186,25 @@ class ConformerBlock(nn.Module):
 class ConformerLayers(nn.Module):
     """The block stack (unrolled, or scanned within `flax_model.layers.layer_scan`), with LayerDrop in training:
     a dropped block passes its input through. Unrolled, the LayerDrop draws come from this module's "dropout"
-    stream; scanned, from each block's own (the key split per layer)."""
+    stream; scanned, from each block's own (the key split per layer). `BLOCK` is the block (w2v-BERT swaps its
+    own in); every block takes the hidden states, then `shared` (the attention bias, the positions, ...)."""
 
-    config: Wav2Vec2ConformerConfig
+    config: Any
     dtype: Any = jnp.float32
 
+    BLOCK: ClassVar[type[nn.Module]] = ConformerBlock
+
     @nn.compact
-    def __call__(self, hidden: jax.Array, bias: jax.Array | None, positions: jax.Array | None,
-                 deterministic: bool = True) -> jax.Array:
+    def __call__(self, hidden: jax.Array, *shared: Any, deterministic: bool = True) -> jax.Array:
         c = self.config
-        layers = make_stack(self, lambda i, name: ConformerBlock(c, self.dtype, name=name), c.num_hidden_layers)
+        layers = make_stack(self, lambda i, name: self.BLOCK(c, self.dtype, name=name), c.num_hidden_layers)
         scanned = is_scanned(layers)
 
         def step(layer: nn.Module, i: Any, hidden: jax.Array, _: None) -> tuple[jax.Array, None]:
-            out = layer(hidden, bias, positions, deterministic)
+            out = layer(hidden, *shared, deterministic)
             return jnp.where(layer_drop(layer if scanned else self, c.layerdrop, deterministic), hidden, out), None
 
-        # The position embedding is computed once by the encoder and shared: the scan closes over it.
+        # The position embedding and masks are computed once by the encoder and shared: the scan closes over them.
         return run_stack(layers, c.num_hidden_layers, step, hidden)[0]
 
 
@@ -232,7 +262,7 @@ class ConformerEncoder(nn.Module):
             positions = RotaryPositions(c, name="embed_positions")()
         elif c.position_embeddings_type == "relative":
             positions = jnp.asarray(relative_position_table(hidden.shape[1], c.hidden_size))
-        hidden = ConformerLayers(c, self.dtype, name="layers")(hidden, bias, positions, deterministic)
+        hidden = ConformerLayers(c, self.dtype, name="layers")(hidden, bias, positions, deterministic=deterministic)
         return layer_norm(c.layer_norm_eps, self.dtype, "layer_norm")(hidden)
 
 

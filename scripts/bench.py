@@ -1,7 +1,7 @@
 """CPU benchmark of the composed model: Flax (jit) against the eager PyTorch reference, in one run.
 
     python scripts/bench.py [--quick] [--runs N] [--threads N] [--models bart,gpt2] [--batches 1,4]
-        [--benches forward,generate,transcribe]
+        [--benches forward,generate,transcribe,encoder,mesh,compile]
 
 Models are base-size and random, built here from configs (nothing is downloaded): wav2vec2-base (12 layers,
 768 wide, 7-layer conv feature encoder) with a BART-base decoder (6 layers, d_model 768, vocabulary 50265) and
@@ -25,6 +25,11 @@ when the figure was taken: on a 2-core machine, figures taken above 2 are distur
     mesh      one device against 8 simulated CPU devices (data 2 x fsdp 4), wav2vec2-base + BART-base: greedy
               generation tokens/s (batch 8) and the sharded train step's audio-seconds/s (`bench_mesh`; not run
               by default). Simulated devices share the same cores: the figures show sharding's overhead.
+    encoder   the w2v-BERT 2.0 encoder alone (`facebook/w2v-bert-2.0`'s architecture: 24 conformer blocks, 1024
+              wide, relative-key positions; 580 M parameters, random) on the log-mel frames of 10 s of audio
+              (500 frames of 160 values), Flax (jit) against the reference, at each batch size; `fbank_s` is
+              the numpy feature extraction of one 10 s utterance (`convert.base.fbank`). `--quick`: 2 blocks, 1 s.
+              Not run by default (it needs about 6 GB of memory).
     compile   compilation time (tracing, lowering and XLA compilation; nothing runs, params are abstract) of
               the encoder (`encode`, 10 s of audio) and of the decoder (the teacher-forced `decode` of 32 tokens,
               and greedy `generate`'s search: prefill and 64-step loop), unrolled against scanned layers
@@ -405,6 +410,62 @@ def compile_seconds(fn: Callable[..., Any], *args: Any) -> float:
     return time.perf_counter() - start
 
 
+def w2v_bert_2(quick: bool) -> Any:
+    """facebook/w2v-bert-2.0's architecture (transformers' Wav2Vec2BertConfig defaults are its); `quick` keeps 2
+    blocks."""
+    from convert.base.archs.wav2vec2_bert import Wav2Vec2BertConfig
+
+    return Wav2Vec2BertConfig(num_hidden_layers=2 if quick else 24)
+
+
+def bench_encoder(args) -> None:
+    """The w2v-BERT encoder's forward pass, Flax against the reference on the same random weights."""
+    from flax import traverse_util
+
+    from convert.base import fbank
+    from convert.base.archs.wav2vec2_bert import SPEC
+    from convert.base.keymap import plan_torch_to_flax
+    from flax_model import wav2vec2_bert as flax_w2v_bert
+    from torch_reference.wav2vec2_bert import Wav2Vec2BertModel
+
+    config = w2v_bert_2(args.quick)
+    torch.manual_seed(0)
+    reference = Wav2Vec2BertModel(config).eval()
+    state = {k: v.numpy() for k, v in reference.state_dict().items()}
+    expected = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(
+        flax_w2v_bert.init_shapes(config), sep="/").items()}
+    plan = plan_torch_to_flax(SPEC.keymap, {k: v.shape for k, v in state.items()}, expected)
+    params = traverse_util.unflatten_dict(
+        {e.target: jnp.asarray(e.transform.to_flax(state[e.source])) for e in plan.entries}, sep="/")
+    del state
+    forward = jax.jit(flax_w2v_bert.Wav2Vec2BertModule(config).apply)
+    wave = (0.1 * np.random.default_rng(0).standard_normal(int(args.audio_seconds * SAMPLE_RATE))).astype(np.float32)
+    start = time.perf_counter()
+    features, _ = fbank.batch_features([wave], 80, 2, 0.0, SAMPLE_RATE)
+    fbank_s = time.perf_counter() - start
+    frames = features.shape[1]
+    for batch in (int(b) for b in args.batches.split(",")):
+        x = np.random.default_rng(batch).standard_normal((batch, frames, config.input_feature_size)).astype(np.float32)
+        mask = np.ones((batch, frames), np.int32)
+        if batch > 1:  # the last utterance 80% as long, as batch_inputs pads
+            mask[-1, int(0.8 * frames):] = 0
+        fx, fm, tx, tm = jnp.asarray(x), jnp.asarray(mask), torch.from_numpy(x), torch.from_numpy(mask)
+
+        def run_flax():
+            return block(forward({"params": params}, fx, fm))
+
+        def run_torch():
+            with torch.no_grad():
+                return reference(tx, tm)
+
+        first, flax_s, torch_s = paired_seconds(run_flax, run_torch, args.runs)
+        diff = float(np.max(np.abs(np.asarray(run_flax()) - run_torch().numpy())))
+        emit({"bench": "encoder", "model": "w2v-bert-2.0" + ("-2layers" if args.quick else ""), "batch": batch,
+              "flax_s": flax_s, "torch_s": torch_s, "ratio": torch_s / flax_s, "compile_s": first - flax_s,
+              "audio_s": args.audio_seconds, "frames": frames, "max_abs_hidden_diff": diff, "fbank_s": fbank_s,
+              "load": os.getloadavg()[0]})
+
+
 def bench_compile(args) -> None:
     """Compile time of the encoder and the decoder, unrolled against scanned layers, at base and large sizes.
 
@@ -474,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", default="1,4", help="comma-separated batch sizes")
     parser.add_argument("--benches", default="forward,generate,transcribe",
                         help="comma-separated: forward, generate, transcribe, mesh (1 vs 8 simulated devices), "
-                             "compile (unrolled vs scanned layers)")
+                             "compile (unrolled vs scanned layers), encoder (w2v-BERT 2.0's encoder alone)")
     args = parser.parse_args(argv)
     args.runs = args.runs or (1 if args.quick else 5)
     args.audio_seconds = 1.0 if args.quick else 10.0
@@ -489,6 +550,8 @@ def main(argv: list[str] | None = None) -> int:
         bench_mesh(args)
     if "compile" in args.benches.split(","):
         bench_compile(args)
+    if "encoder" in args.benches.split(","):
+        bench_encoder(args)
     if "transcribe" in args.benches:
         bench_transcribe(args)
     for key in args.models.split(","):

@@ -1,9 +1,9 @@
 """Plain-PyTorch w2v-BERT 2.0 encoder whose `state_dict` keys equal Hugging Face's `Wav2Vec2BertModel`.
 
 Input: `SeamlessM4TFeatureExtractor`'s stacked log-mel frames [B, S, F] and their mask [B, S] (see
-`convert.base.archs.wav2vec2_bert` for the architecture). The conformer blocks share wav2vec2-conformer's position
-helpers (`torch_reference.wav2vec2_conformer`: the relative table, its skew, the rotation) and the family's
-feed-forward (`torch_reference.wav2vec2.FeedForward`).
+`convert.base.archs.wav2vec2_bert` for the architecture). The self-attention (with Shaw's relative keys) and the
+relative table are wav2vec2-conformer's (`torch_reference.wav2vec2_conformer`: transformers copies them from there),
+the feed-forward the family's (`torch_reference.wav2vec2.FeedForward`).
 
 `.train()` turns on dropout (hidden, attention, activation, feature projection, `conformer_conv_dropout`) and
 LayerDrop of the conformer blocks (`torch.rand` per block). transformers also drops adapter layers at random in
@@ -20,7 +20,7 @@ from convert.base.archs.wav2vec2_bert import Wav2Vec2BertConfig
 from convert.base.errors import UnsupportedConfig
 from torch_reference.layers import ACTIVATIONS, layer_drop
 from torch_reference.wav2vec2 import FeedForward, spec_augment
-from torch_reference.wav2vec2_conformer import relative_position_table, rotate, skew
+from torch_reference.wav2vec2_conformer import SelfAttention, relative_position_table
 
 
 def rotary_frequencies(config: Wav2Vec2BertConfig) -> torch.Tensor:
@@ -32,59 +32,6 @@ def rotary_frequencies(config: Wav2Vec2BertConfig) -> torch.Tensor:
 def padding_bias(frame_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[B, S] bool (True for real frames) -> the attention's additive bias [B, 1, 1, S] (0 or the dtype's min)."""
     return (~frame_mask).to(dtype)[:, None, None, :] * torch.finfo(dtype).min
-
-
-class SelfAttention(nn.Module):
-    """Multi-head self-attention with Shaw's clamped relative keys, Transformer-XL relative positions, rotary
-    positions or none; the adapter's attention (`width` = its output width) has none."""
-
-    def __init__(self, config: Wav2Vec2BertConfig, width: int, kind: str | None):
-        super().__init__()
-        self.kind = kind
-        self.num_heads = config.num_attention_heads
-        self.head_size = width // self.num_heads
-        self.linear_q = nn.Linear(width, width)
-        self.linear_k = nn.Linear(width, width)
-        self.linear_v = nn.Linear(width, width)
-        self.linear_out = nn.Linear(width, width)
-        self.dropout = nn.Dropout(config.attention_dropout)
-        if kind == "relative":
-            self.linear_pos = nn.Linear(width, width, bias=False)
-            self.pos_bias_u = nn.Parameter(torch.zeros(self.num_heads, self.head_size))
-            self.pos_bias_v = nn.Parameter(torch.zeros(self.num_heads, self.head_size))
-        elif kind == "relative_key":
-            self.left, self.right = config.left_max_position_embeddings, config.right_max_position_embeddings
-            self.distance_embedding = nn.Embedding(self.left + self.right + 1, self.head_size)
-
-    def forward(self, hidden: torch.Tensor, bias: torch.Tensor | None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
-        """`hidden` [B, T, D]; `bias` [B, 1, 1, S] or None; `positions`: `inv_freq` (rotary), the relative table
-        [2T - 1, D] (relative) or None."""
-        b, t, d = hidden.shape
-        heads = (b, t, self.num_heads, self.head_size)
-        # Rotary: queries and keys are projected from the rotated input, values from the input itself.
-        rotated = rotate(hidden, positions, self.num_heads) if self.kind == "rotary" else hidden
-        q = self.linear_q(rotated).view(heads).transpose(1, 2)  # [B, N, T, H]
-        k = self.linear_k(rotated).view(heads).transpose(1, 2)  # [B, N, S, H]
-        v = self.linear_v(hidden).view(heads).transpose(1, 2)  # [B, N, S, H]
-        scale = self.head_size ** -0.5
-        if self.kind == "relative":
-            p = self.linear_pos(positions).view(-1, self.num_heads, self.head_size).permute(1, 2, 0)  # [N, H, P]
-            by_distance = torch.matmul(q + self.pos_bias_v[None, :, None, :], p[None])  # [B, N, T, P]
-            scores = torch.matmul(q + self.pos_bias_u[None, :, None, :], k.transpose(2, 3)) * scale
-            scores = scores + skew(by_distance) * scale
-        else:
-            scores = torch.matmul(q, k.transpose(2, 3)) * scale  # [B, N, T, S]
-        if self.kind == "relative_key":
-            # Key j seen from query i at distance j - i, clamped to [-left, right].
-            distance = torch.arange(t)[None, :] - torch.arange(t)[:, None]  # [T, S]
-            embedded = self.distance_embedding(distance.clamp(-self.left, self.right) + self.left)  # [T, S, H]
-            scores = scores + torch.einsum("bhld,lrd->bhlr", q, embedded.to(q.dtype)) * scale
-        if bias is not None:
-            scores = scores + bias
-        probs = self.dropout(torch.softmax(scores, dim=-1))
-        out = torch.matmul(probs, v).transpose(1, 2).reshape(b, t, d)
-        return self.linear_out(out)
 
 
 class ConvolutionModule(nn.Module):
@@ -123,7 +70,7 @@ class ConformerBlock(nn.Module):
         self.ffn1 = FeedForward(config)
         self.self_attn_layer_norm = nn.LayerNorm(dim, eps=eps)
         self.self_attn_dropout = nn.Dropout(config.attention_dropout)
-        self.self_attn = SelfAttention(config, dim, config.position_embeddings_type)
+        self.self_attn = SelfAttention(config)
         self.conv_module = ConvolutionModule(config)
         self.ffn2_layer_norm = nn.LayerNorm(dim, eps=eps)
         self.ffn2 = FeedForward(config)

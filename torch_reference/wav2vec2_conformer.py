@@ -69,14 +69,27 @@ class RotaryPositions(nn.Module):
             torch.arange(0, dim, 2, dtype=torch.float32) / dim))
 
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention with rotary, relative (Transformer-XL: pos_bias_u/v, linear_pos) or no positions."""
+# `SelfAttention`'s default kind: the config's `position_embeddings_type`.
+FROM_CONFIG = "from config"
 
-    def __init__(self, config: Wav2Vec2ConformerConfig):
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with rotary, relative (Transformer-XL: pos_bias_u/v, linear_pos) or no positions,
+    or (w2v-BERT's, whose attention transformers copies from this one) Shaw's `relative_key` distance embeddings
+    clamped to `left_max_position_embeddings` / `right_max_position_embeddings`.
+
+    Args:
+        config: the encoder config.
+        width: the attention's width (default `hidden_size`; w2v-BERT's adapter attends at its output width).
+        kind: the position embedding (default: the config's `position_embeddings_type`).
+    """
+
+    def __init__(self, config: Wav2Vec2ConformerConfig, width: int | None = None, kind: str | None = FROM_CONFIG):
         super().__init__()
-        dim = config.hidden_size
-        self.kind = config.position_embeddings_type
-        self.num_heads, self.head_size = config.num_attention_heads, config.head_size
+        dim = width or config.hidden_size
+        self.kind = config.position_embeddings_type if kind == FROM_CONFIG else kind
+        self.num_heads = config.num_attention_heads
+        self.head_size = dim // self.num_heads
         self.linear_q = nn.Linear(dim, dim)
         self.linear_k = nn.Linear(dim, dim)
         self.linear_v = nn.Linear(dim, dim)
@@ -86,9 +99,12 @@ class SelfAttention(nn.Module):
             self.linear_pos = nn.Linear(dim, dim, bias=False)
             self.pos_bias_u = nn.Parameter(torch.zeros(self.num_heads, self.head_size))
             self.pos_bias_v = nn.Parameter(torch.zeros(self.num_heads, self.head_size))
+        elif self.kind == "relative_key":
+            self.left, self.right = config.left_max_position_embeddings, config.right_max_position_embeddings
+            self.distance_embedding = nn.Embedding(self.left + self.right + 1, self.head_size)
 
     def forward(self, hidden: torch.Tensor, bias: torch.Tensor | None,
-                positions: torch.Tensor | None) -> torch.Tensor:
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         """`hidden` [B, T, D]; `bias` [B, 1, 1, S] or None; `positions`: `inv_freq` (rotary), the relative table
         [2T - 1, D] (relative) or None."""
         b, t, d = hidden.shape
@@ -106,6 +122,11 @@ class SelfAttention(nn.Module):
             scores = scores + skew(by_distance) * scale
         else:
             scores = torch.matmul(q, k.transpose(2, 3)) * scale  # [B, N, T, S]
+        if self.kind == "relative_key":
+            # Key j seen from query i at distance j - i, clamped to [-left, right].
+            distance = torch.arange(t)[None, :] - torch.arange(t)[:, None]  # [T, S]
+            embedded = self.distance_embedding(distance.clamp(-self.left, self.right) + self.left)  # [T, S, H]
+            scores = scores + torch.einsum("bhld,lrd->bhlr", q, embedded.to(q.dtype)) * scale
         if bias is not None:
             scores = scores + bias
         probs = self.dropout(torch.softmax(scores, dim=-1))

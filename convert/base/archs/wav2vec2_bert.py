@@ -22,7 +22,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-from convert.base.archs.wav2vec2 import SPEC_EMBED_UNUSED, linear, norm, task_head_drops
+from convert.base.archs.wav2vec2 import family_source_rules, linear, norm, task_head_drops
+from convert.base.archs.wav2vec2_conformer import check_conformer_blocks
 from convert.base.configs import HFConfig
 from convert.base.keymap import KeyMap, Rule, SourceRules, T
 from convert.base.spec import ArchSpec
@@ -145,23 +146,12 @@ class Wav2Vec2BertConfig(HFConfig):
     def validate(self, where: str) -> None:
         self._check_activation(where, "hidden_act")
         self._check_activation(where, "adapter_act")
-        if self.position_embeddings_type not in POSITION_EMBEDDINGS:
-            self._refuse(where, "position_embeddings_type", self.position_embeddings_type,
-                         "is not supported (supported: relative_key, relative, rotary, null)")
         if self.hidden_size % self.num_attention_heads:
             self._refuse(where, "num_attention_heads", self.num_attention_heads, "does not divide hidden_size")
         for name in ("left_max_position_embeddings", "right_max_position_embeddings"):
             if getattr(self, name) < 0:
                 self._refuse(where, name, getattr(self, name), "must be at least 0")
-        if self.conv_depthwise_kernel_size % 2 == 0:
-            self._refuse(where, "conv_depthwise_kernel_size", self.conv_depthwise_kernel_size,
-                         "must be odd (transformers refuses even kernels)")
-        if self.position_embeddings_type == "rotary" and self.head_size % 2:
-            self._refuse(where, "num_attention_heads", self.num_attention_heads,
-                         f"gives an odd head size ({self.head_size}); rotary embeddings rotate pairs of channels")
-        if self.position_embeddings_type == "relative" and self.hidden_size % 2:
-            self._refuse(where, "hidden_size", self.hidden_size,
-                         "must be even with relative position embeddings (sine/cosine pairs)")
+        check_conformer_blocks(self, where, POSITION_EMBEDDINGS)
         if self.use_intermediate_ffn_before_adapter and not self.add_adapter:
             self._refuse(where, "use_intermediate_ffn_before_adapter", True, "needs add_adapter (as in transformers)")
         if not self.add_adapter and self.output_hidden_size not in (None, self.hidden_size):
@@ -247,15 +237,9 @@ KEYMAP = KeyMap("wav2vec2_bert", (
     *ADAPTER_ROWS,
 ))
 
-_PREFIX = "wav2vec2_bert"
-
-
 def source_rules(config: Wav2Vec2BertConfig) -> SourceRules:
     """Raw checkpoint names -> `Wav2Vec2BertModel` names; task heads dropped with why."""
-    drops = task_head_drops("Wav2Vec2Bert")
-    if not config.has_masked_spec_embed:
-        drops += ((rf"({_PREFIX}\.)?masked_spec_embed\Z", SPEC_EMBED_UNUSED),)
-    return SourceRules(renames=((rf"\A{_PREFIX}\.", ""),), drops=drops)
+    return family_source_rules(config, "wav2vec2_bert", task_head_drops("Wav2Vec2Bert"))
 
 
 SPEC = ArchSpec(

@@ -36,6 +36,7 @@ from convert.base.archs.wav2vec2 import (
     task_head_drops,
     weight_norm_renames,
 )
+from convert.base.configs import HFConfig
 from convert.base.keymap import KeyMap, Rule, SourceRules, T
 from convert.base.spec import ArchSpec
 
@@ -77,19 +78,26 @@ class Wav2Vec2ConformerConfig(Wav2Vec2FamilyConfig):
 
     def validate(self, where: str) -> None:
         super().validate(where)
-        if self.position_embeddings_type not in POSITION_EMBEDDINGS:
-            self._refuse(where, "position_embeddings_type", self.position_embeddings_type,
-                         "is not supported (supported: relative, rotary, null)")
-        if self.conv_depthwise_kernel_size % 2 == 0:
-            # transformers pads (K - 1) // 2 on each side, which keeps the length only for odd kernels.
-            self._refuse(where, "conv_depthwise_kernel_size", self.conv_depthwise_kernel_size,
-                         "must be odd (same padding)")
-        if self.position_embeddings_type == "rotary" and self.head_size % 2:
-            self._refuse(where, "num_attention_heads", self.num_attention_heads,
-                         f"gives an odd head size ({self.head_size}); rotary embeddings rotate pairs of channels")
-        if self.position_embeddings_type == "relative" and self.hidden_size % 2:
-            self._refuse(where, "hidden_size", self.hidden_size,
-                         "must be even with relative position embeddings (sine/cosine pairs)")
+        check_conformer_blocks(self, where, POSITION_EMBEDDINGS)
+
+
+def check_conformer_blocks(config: HFConfig, where: str, position_embeddings: tuple[str | None, ...]) -> None:
+    """Refuses what conformer blocks cannot compute (wav2vec2-conformer's and w2v-BERT's, whose blocks transformers
+    copies from it): another `position_embeddings_type`, an even depthwise kernel (transformers pads it for the
+    same length, which only odd kernels keep), an odd rotary head, an odd width with the sinusoid table."""
+    kind = config.position_embeddings_type
+    if kind not in position_embeddings:
+        names = ", ".join("null" if k is None else k for k in position_embeddings)
+        config._refuse(where, "position_embeddings_type", kind, f"is not supported (supported: {names})")
+    if config.conv_depthwise_kernel_size % 2 == 0:
+        config._refuse(where, "conv_depthwise_kernel_size", config.conv_depthwise_kernel_size,
+                       "must be odd (same padding)")
+    if kind == "rotary" and config.head_size % 2:
+        config._refuse(where, "num_attention_heads", config.num_attention_heads,
+                       f"gives an odd head size ({config.head_size}); rotary embeddings rotate pairs of channels")
+    if kind == "relative" and config.hidden_size % 2:
+        config._refuse(where, "hidden_size", config.hidden_size,
+                       "must be even with relative position embeddings (sine/cosine pairs)")
 
 
 # ----------------------------------------------------------------------------------------------------------
