@@ -443,10 +443,10 @@ PAIRS: tuple[Pair, ...] = (
          "BatchNorm step counters reported missing) x BART"),
     Pair("w2vbert", "bart_untied", "w2v-BERT (log-mel features, relative-key positions) x BART; greedy row 0 ends "
          "with eos",
-         generate=("greedy", "beam4"), eos_token_id=77, inputs="speech_features"),
-    Pair("w2vbert_adapter", "gpt2_xattn_untied", "w2v-BERT with the intermediate feed-forward and a widening "
-         "adapter x GPT-2 whose cross-attention steers the tokens", generate=("greedy", "beam4"), eos_token_id=25,
-         inputs="speech_features"),
+         generate=("greedy",), eos_token_id=77, inputs="speech_features"),
+    Pair("w2vbert_adapter", "gpt2_xattn_untied", "w2v-BERT with the intermediate feed-forward and the adapter x "
+         "GPT-2 whose cross-attention steers the tokens", generate=("greedy",),
+         eos_token_id=25, inputs="speech_features"),
     # The other decoder families: transformers loads the composed w2v-BERT whole (its numbers are the pairs above).
     Pair("w2vbert_adapter", "mbart", "w2v-BERT with the adapter x mBART", logits=False, inputs="speech_features"),
     Pair("w2vbert", "bert_lm", "w2v-BERT x BERT, cross-attention initialised by compose", logits=False,
