@@ -127,8 +127,11 @@ class Layout:
     plans: dict[str, Plan]  # role -> plan
 
 
-def plan_layout(config: SpeechEncoderDecoderConfig, encoder: Source, decoder: Source, dtype: np.dtype) -> Layout:
+def plan_layout(config: SpeechEncoderDecoderConfig, encoder: Source, decoder: Source, dtype: np.dtype,
+                ctc: Any = None) -> Layout:
     """Decides, from names and shapes only, which source tensor fills each leaf and which are initialised.
+
+    `ctc` (a `convert.ctc_head.CTCPlan`) adds the CTC head: the encoder's kept `lm_head` tensors, or a new head.
 
     Raises:
         KeyMapError: a source tensor that fits nowhere, a wrong shape, or a leaf that neither source has
@@ -157,6 +160,20 @@ def plan_layout(config: SpeechEncoderDecoderConfig, encoder: Source, decoder: So
                                   f"{np.dtype(info.dtype).name}, but {entry.target} is a floating-point weight",
                                   param=src.role)
             sources[entry.target] = (src, entry)
+    if ctc is not None and config.ctc is not None:
+        for entry in ctc.kept:
+            if tuple(expected[entry.target]) != tuple(entry.target_shape):
+                raise KeyMapError(f"encoder={encoder.spec}: tensor {entry.source} has shape {list(entry.source_shape)}, "
+                                  f"not the CTC head's {list(expected[entry.target])}", param="encoder")
+            sources[entry.target] = (encoder, entry)
+        kept = {e.source for e in ctc.kept}
+        plans["encoder"].dropped = [(k, why) for k, why in plans["encoder"].dropped if k not in kept]
+        plans["encoder"].entries = plans["encoder"].entries + ctc.kept
+        if not ctc.kept:
+            initialisable["ctc"] = [r"ctc_head/"]
+    if ctc is not None and ctc.drop_reason:
+        head = set(_ctc_keys(encoder))
+        plans["encoder"].dropped = [(k, ctc.drop_reason if k in head else why) for k, why in plans["encoder"].dropped]
     initialised, problems = [], []
     allowed = [re.compile(p) for group in initialisable.values() for p in group]
     for path in sorted(set(expected) - set(sources)):
@@ -201,6 +218,14 @@ def _brief_problems(message: str, limit: int = 3) -> str:
 
 
 
+def _ctc_keys(encoder: Source) -> tuple[str, ...]:
+    name = encoder.arch.ctc_head
+    if name is None:
+        return ()
+    sep = "/" if encoder.checkpoint.format == "flax" else "."
+    return tuple(f"{name}{sep}{leaf}" for leaf in (("kernel", "bias") if sep == "/" else ("weight", "bias")))
+
+
 
 
 def compose(
@@ -223,6 +248,8 @@ def compose(
     log: TextIO | None = None,
     command: str | None = None,
     max_memory: str | int | None = None,
+    ctc_head: str = "auto",
+    ctc_vocab: str | Path | None = None,
 ) -> ComposeResult:
     """Composes `encoder` and `decoder` into a speech encoder-decoder checkpoint written to `output`.
 
@@ -245,6 +272,10 @@ def compose(
         command: the command line, recorded in the model card.
         max_memory: the memory the run may use ("64GB", or bytes) instead of what the machine has; a compose
             estimated to need more is refused before anything is written (`memory_needed`).
+        ctc_head: the CTC head (hybrid CTC/attention; `convert.ctc_head`): "auto" keeps a `...ForCTC` encoder's
+            head when its vocabulary is found (or a new head over `ctc_vocab`), "decoder" creates one over the
+            decoder's vocabulary, "none" has none.
+        ctc_vocab: a CTC tokenizer's `vocab.json`: the kept head's vocabulary, or a new head's.
 
     Returns:
         The output directory and the report (also written to `output/compose_report.json`).
@@ -259,6 +290,10 @@ def compose(
         seed, dtype, verify_factor, decoder_start_token_id=decoder_start_token_id, pad_token_id=pad_token_id,
         eos_token_id=eos_token_id, overwrite=overwrite, verify=verify, progress=progress,
         encoder_revision=encoder_revision, decoder_revision=decoder_revision)
+    from convert.ctc_head import check_arguments as check_ctc_arguments
+    from convert.ctc_head import plan_ctc_head
+
+    check_ctc_arguments(ctc_head, ctc_vocab)
     shard_bytes = parse_size(max_shard_size)
     max_memory = parse_memory(max_memory)
     if not isinstance(output, (str, Path)) or not str(output).strip():
@@ -274,13 +309,17 @@ def compose(
     sources = [("the encoder source", enc.path), ("the decoder source", dec.path), BUILTIN_SOURCES]
     check_output_location(output, overwrite=overwrite, sources=sources)
     config = compose_config(enc, dec, decoder_start_token_id, pad_token_id, eos_token_id)
+    ctc = plan_ctc_head(enc, config, ctc_head, ctc_vocab)
+    config = dataclasses.replace(config, ctc=ctc.head)
     try:  # the decoder's generation settings travel (generation_config.json, else its config.json)
         generation = composed_generation_config(decoder_generation_config(dec.path, dec.checkpoint.config), config,
                                                 eos_token_id)
     except ConvertError as e:
         raise with_param(e, "decoder", decoder) from None
-    layout = plan_layout(config, enc, dec, out_dtype)
+    layout = plan_layout(config, enc, dec, out_dtype, ctc)
     std = float(config.decoder.init_scale)
+    # The CTC head is the encoder's (transformers initialises Wav2Vec2ForCTC.lm_head from the encoder's config).
+    std_of = lambda path: float(config.encoder.init_scale) if path.startswith("ctc_head/") else std
     total = sum(s.nbytes for s in layout.specs)
     needed, what = memory_needed(layout.specs, verify)
     budget = memory_budget(max_memory)
@@ -288,18 +327,24 @@ def compose(
                         f"parameters, {human_bytes(total)} in {dtype}) {what}", budget,
                         "pass verify=False to compose without it" if verify else "")
     leaves = lambda: stream_leaves(layout.specs, layout.sources, dtype, progress,  # noqa: E731
-                                   lambda spec: init_leaf(spec.name, spec.shape, std, seed, spec.dtype))
+                                   lambda spec: init_leaf(spec.name, spec.shape, std_of(spec.name), seed, spec.dtype))
 
     with atomic_directory(output, overwrite=overwrite, sources=sources, needed_bytes=2 * total) as tmp:
         save_params(tmp, config, leaves, layout.specs, max_shard_size=shard_bytes)
         generation.write(tmp)
         copied = _copy_extra_files(enc, dec, tmp)
+        if ctc.vocabulary is not None:
+            from convert.base.ctc import VOCAB_FILE
+
+            (tmp / VOCAB_FILE).write_text(json.dumps(ctc.vocabulary, indent=2, ensure_ascii=False) + "\n",
+                                          encoding="utf-8")
+            copied.append(VOCAB_FILE)
         verification = None
         if verify:
             from convert.verify import verify_directory
 
             verification = verify_directory(tmp, factor=verify_factor, seed=seed)
-        report = _report(config, enc, dec, layout, seed, std, dtype, verification, copied, command)
+        report = _report(config, enc, dec, layout, seed, std, dtype, verification, copied, command, ctc)
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
         _write_card(tmp, report)
         sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
@@ -367,7 +412,7 @@ def _source_report(src: Source, plan: Plan) -> dict[str, Any]:
     }
 
 
-def _report(config, enc, dec, layout, seed, std, dtype, verification, copied, command) -> dict[str, Any]:
+def _report(config, enc, dec, layout, seed, std, dtype, verification, copied, command, ctc=None) -> dict[str, Any]:
     count = lambda names: int(sum(np.prod(s.shape, dtype=np.int64) for s in layout.specs if s.name in names))  
     loaded = set(layout.sources)
     initialised = set(layout.initialised)
@@ -390,6 +435,9 @@ def _report(config, enc, dec, layout, seed, std, dtype, verification, copied, co
         "tensors": {"loaded": len(loaded), "initialised": len(initialised),
                     "dropped": sum(len(p.dropped) for p in layout.plans.values())},
         "copied_files": copied,
+        "ctc": {"head": None if config.ctc is None else config.ctc.to_dict(),
+                "note": None if ctc is None else ctc.note,
+                "init_std": float(config.encoder.init_scale) if config.ctc is not None else None},
         "verification": verification,
         "transformers": transformers_compatibility(config),
         "command": command,
@@ -406,7 +454,8 @@ def transformers_compatibility(config: SpeechEncoderDecoderConfig) -> dict[str, 
     toolkit projects from the encoder's real output width (`encoder_output_size`).
 
     Returns:
-        {"loads": bool, "reason": str | None}.
+        {"loads": bool, "reason": str | None, "ignored": what transformers loads without using: the CTC head's
+        tensors and the config's `ctc` section, which its SpeechEncoderDecoderModel has no place for}.
     """
     raw = config.encoder.to_hf_dict()
     hidden = raw.get("hidden_size")
@@ -429,7 +478,8 @@ def transformers_compatibility(config: SpeechEncoderDecoderConfig) -> dict[str, 
             reason = (f"transformers builds enc_to_dec_proj from the encoder config's hidden_size ({hidden}) "
                       f"while the encoder outputs {width} features (its adapter's output_hidden_size), so it "
                       f"refuses the projection's weights [{dec_width}, {width}]")
-    return {"loads": reason is None, "reason": reason}
+    ignored = [] if config.ctc is None else ["ctc_head.weight", "ctc_head.bias", "config.json: ctc"]
+    return {"loads": reason is None, "reason": reason, "ignored": ignored}
 
 
 def _write_card(directory: Path, report: dict[str, Any]) -> None:
@@ -454,6 +504,10 @@ def _summary(report: dict[str, Any], output: Path, log: TextIO) -> None:
               f"Flax vs reference {v['max_abs_logits_diff']:.2e}", file=log)
     else:
         print("  not verified: Flax was not compared with the PyTorch reference", file=log)
+    ctc = report.get("ctc") or {}
+    if ctc.get("head"):
+        print(f"  CTC head    {ctc['note']}; transformers' SpeechEncoderDecoderModel ignores it (it reports "
+              "ctc_head.weight and ctc_head.bias as unexpected)", file=log)
     t = report.get("transformers") or {}
     if t and not t["loads"]:
         print(f"  transformers cannot load this model: {t['reason']}; this toolkit's Flax model and PyTorch "
@@ -510,6 +564,12 @@ def build_parser() -> cli.ArgumentParser:
                    "need more is refused before anything is written")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bars (they are drawn only when stderr is a terminal)")
+    ctc = p.add_argument_group("CTC head (hybrid CTC/attention)")
+    ctc.add_argument("--ctc-head", choices=("auto", "decoder", "none"), default="auto",
+                     help="auto: keep a ...ForCTC encoder's CTC head (lm_head) when its vocab.json is found; "
+                     "decoder: a new head over the decoder's vocabulary (joint CTC/attention decoding); none")
+    ctc.add_argument("--ctc-vocab", metavar="FILE",
+                     help="a CTC tokenizer's vocab.json: the kept head's vocabulary, or a new head over it")
     hub = p.add_argument_group("Hub")
     hub.add_argument("--push-to-hub", metavar="OWNER/NAME", help="upload the output to this Hub repo")
     hub.add_argument("--private", action="store_true", help="create the Hub repo as private")
@@ -545,6 +605,7 @@ def _run(args: Any, argv: Sequence[str] | None) -> int:
         verify_factor=args.verify_factor, max_shard_size=args.max_shard_size,
         decoder_start_token_id=args.decoder_start_token_id, pad_token_id=args.pad_token_id,
         eos_token_id=args.eos_token_id, progress=args.progress, command=command, max_memory=args.max_memory,
+        ctc_head=args.ctc_head, ctc_vocab=args.ctc_vocab,
     )
     if args.push_to_hub:
         from convert.push import push_to_hub

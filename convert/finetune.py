@@ -44,7 +44,8 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 LORA_EXPORTS = ("merged", "adapter")
 ADAPTER_DIR = "adapter"  # where --lora-export adapter puts the PEFT adapter, inside the output
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-                "added_tokens.json", "sentencepiece.bpe.model", "preprocessor_config.json", "generation_config.json")
+                "added_tokens.json", "sentencepiece.bpe.model", "preprocessor_config.json", "generation_config.json",
+                "ctc_vocab.json")
 REPORT_FILE = "training_report.json"
 _COMPILED: dict[Any, Any] = {}
 LOG_FILE = "train_log.jsonl"
@@ -87,6 +88,9 @@ class FinetuneSettings:
             weights, and the factors as a PEFT adapter in `adapter/`).
         allow_unk: train on transcripts with words the tokenizer maps to its unknown token (counted in the
             report); by default such a transcript is refused, naming its manifest line and the words.
+        ctc_weight: lambda of the hybrid loss lambda CTC + (1 - lambda) cross-entropy (the model's CTC head; 0: the
+            cross-entropy alone, and the head is not trained).
+        eval_ctc_weight: evaluate with joint CTC/attention beam search of this lambda (None: attention only).
     """
 
     epochs: float = 3.0
@@ -112,6 +116,8 @@ class FinetuneSettings:
     num_beams: int = 1
     max_new_tokens: int | None = None
     seed: int = 0
+    ctc_weight: float = 0.0
+    eval_ctc_weight: float | None = None
     train_only: tuple[str, ...] | None = None
     lora_rank: int | None = None
     lora_alpha: float | None = None
@@ -156,6 +162,9 @@ class FinetuneSettings:
                 raise UsageError("lora_alpha / lora_dropout: set lora_rank to use LoRA", param="lora_rank")
         else:
             self.lora.check()
+        cli.require_float("ctc_weight", self.ctc_weight, low=0.0, high=1.0)
+        if self.eval_ctc_weight is not None:
+            cli.require_float("eval_ctc_weight", self.eval_ctc_weight, low=0.0, high=1.0)
 
 
 @dataclasses.dataclass
@@ -178,14 +187,14 @@ class _Run:
 
         from convert.base.audio import feature_extractor_config
         from convert.base.batching import bucket_boundaries, length_batches
-        from convert.training_data import AudioCache, LabelTokenizer, read_manifest, sample_lengths
+        from convert.training_data import AudioCache, LabelTokenizer, read_examples, sample_lengths
         from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel
 
         self.settings = s = settings
         self.model_dir = model_dir
         self.train_source = train
-        self.train = read_manifest(train)
-        self.eval = read_manifest(eval_manifest)
+        self.train = read_examples(train)
+        self.eval = read_examples(eval_manifest)
         self.model = FlaxSpeechEncoderDecoderModel.from_pretrained(model_dir, mesh=mesh)
         self.mesh = self.model.mesh  # None on one device
         self.config = config = self.model.config
@@ -203,11 +212,14 @@ class _Run:
         self.train_lengths = sample_lengths(self.train, self.features.sampling_rate)
         self.eval_lengths = sample_lengths(self.eval, self.features.sampling_rate)
         self._check_lengths()
+        self.ctc_labels = self._ctc_labels() if s.ctc_weight > 0 else None
         lengths = self.train_lengths + self.eval_lengths
         # Buckets in whole tenths of a second: a few shapes, each a whole number of encoder frames in practice.
         multiple = max(1, self.features.sampling_rate // 10)
         self.boundaries = bucket_boundaries(min(lengths), max(lengths), s.num_buckets, multiple)
         self.label_length = int(math.ceil(max(len(ids) for ids in self.train_labels) / 8) * 8)
+        self.ctc_length = 0 if self.ctc_labels is None else int(
+            math.ceil(max(1, *(len(ids) for ids in self.ctc_labels)) / 8) * 8)
         self.batches_per_epoch = len(length_batches(self.train_lengths, s.batch_size, self.boundaries))
         steps_per_epoch = max(1, self.batches_per_epoch // s.grad_accum)
         self.total_steps = s.max_steps or max(1, round(s.epochs * steps_per_epoch))
@@ -336,6 +348,33 @@ class _Run:
             refuse_if_too_large(alone.bytes, f"{example.where}: {example.audio} holds {lengths[longest] / rate:.1f} s "
                                 f"of audio; a {what} on it (its largest array: {alone.largest})", budget,
                                 "split or leave out long utterances")
+    def _ctc_labels(self) -> list[list[int]]:
+        """Each training utterance's CTC targets: its label tokens without the special ones (a head over the
+        decoder's vocabulary), or its transcript in the head's own vocabulary."""
+        from convert.base.ctc import CTCVocabulary, alignment_frames
+        from convert.training_data import DataError
+
+        head = self.config.ctc
+        if head is None:
+            raise UsageError("ctc_weight: the model has no CTC head (compose it with --ctc-head decoder, or keep a "
+                             "...ForCTC encoder's)", param="ctc_weight")
+        if head.shares_decoder_vocabulary:
+            special = self.config.special_token_ids | {self.tokenizer.bos} - {None}
+            labels = [[t for t in ids if t not in special] for ids in self.train_labels]
+        else:
+            vocabulary = CTCVocabulary.read(self.model_dir / head.vocabulary, head)
+            try:
+                labels = [vocabulary.encode(e.text, e.where) for e in self.train]
+            except ConvertError as e:
+                raise DataError(str(e)) from None
+        if not head.zero_infinity:
+            for example, ids, n in zip(self.train, labels, self.train_lengths):
+                frames = int(self.config.encoder.output_lengths(n))
+                if alignment_frames(ids) > frames:
+                    raise DataError(f"{example.where}: its {len(ids)} CTC labels need {alignment_frames(ids)} frames, "
+                                    f"the audio makes {frames} (the head's zero_infinity is off: the loss would be "
+                                    "infinite)")
+        return labels
 
     def _build_step(self) -> None:
         from flax_model.speech_encoder_decoder import SpeechEncoderDecoderModule
@@ -365,20 +404,22 @@ class _Run:
         shardings = state_shardings(self.model.params, self.optimizer, frozen)
         # Compiled functions are shared by runs of the same model, settings and mesh in one process (a resumed
         # run, the tests): jax.jit caches per function object.
+        with_ctc = s.ctc_weight > 0
         frozen_key = (s.freeze_feature_encoder, s.freeze_encoder, s.train_only, self.lora, self.lora_layers)
-        key = (self.config, s.dtype, s.remat, s.dropout, self.mesh, frozen_key)
+        key = (self.config, s.dtype, s.remat, s.dropout, self.mesh, frozen_key, with_ctc)
         if ("grad", key) not in _COMPILED:
             module = SpeechEncoderDecoderModule(self.config, dtype=self.compute_dtype, remat=s.remat, lora=self.lora)
             _COMPILED["grad", key] = compiled_grad(module, deterministic=not s.dropout,
                                                    freeze_feature_encoder=s.freeze_feature_encoder,
-                                                   shardings=shardings, frozen=frozen)
+                                                   shardings=shardings, frozen=frozen, with_ctc=with_ctc)
         if ("apply", key, self.optimizer_settings) not in _COMPILED:
             _COMPILED["apply", key, self.optimizer_settings] = compiled_apply(self.optimizer, shardings, frozen)
         if ("add", key) not in _COMPILED:  # on a mesh its outputs are placed like the params
             _COMPILED["add", key] = compiled_add(shardings, frozen)
         self.step_fns = StepFunctions(_COMPILED["grad", key], _COMPILED["add", key],
                                       _COMPILED["apply", key, self.optimizer_settings], self.mesh,
-                                      self.config.decoder.vocab_size)
+                                      self.config.decoder.vocab_size,
+                                      self.config.ctc.loss_reduction if with_ctc else None)
         # One compiled search per shape for the whole run (on a mesh: the model's own cache, which in a
         # multi-process run returns replicated results).
         self.model._compiled = _COMPILED.setdefault(("generate", self.config, self.mesh, self.lora),
@@ -402,11 +443,13 @@ class _Run:
         """The host arrays of one micro-batch, with its SpecAugment masks; and its seconds of audio. (The step
         places them: on one device, or split over a mesh's `data` axis.)"""
         from convert.base.spec_augment import spec_augment_masks
-        from convert.training_data import make_batch
+        from convert.training_data import make_batch, padded_labels
 
         batch = self.micro_batch(step * self.settings.grad_accum + micro)
         data = make_batch(batch, self.train, self.train_labels, self.audio, self.features, self.label_length)
         out = {"inputs": data["inputs"], "labels": data["labels"]}
+        if self.ctc_labels is not None:
+            out["ctc_labels"] = padded_labels(batch, self.ctc_labels, self.ctc_length)
         if data["attention_mask"] is not None:
             out["attention_mask"] = data["attention_mask"]
         if self.settings.spec_augment and self.settings.dropout:
@@ -437,7 +480,8 @@ class _Run:
                 seconds += batch_seconds
                 yield batch, step_key(self.settings.seed, step, micro) if self.settings.dropout else None
 
-        state, objective, tokens = train_step(self.step_fns, state, micro_batches(), self.settings.label_smoothing)
+        state, objective, tokens = train_step(self.step_fns, state, micro_batches(), self.settings.label_smoothing,
+                                              self.settings.ctc_weight)
         return state, objective / max(tokens, 1), seconds
 
     # -- evaluation ------------------------------------------------------------------------------------
@@ -460,8 +504,9 @@ class _Run:
         started = time.perf_counter()
         for batch in length_batches(self.eval_lengths, s.eval_batch_size, self.boundaries):
             data = make_batch(batch, self.eval, [[]] * len(self.eval), self.audio, self.features, 1)
+            joint = {} if s.eval_ctc_weight is None else {"ctc_weight": s.eval_ctc_weight}
             out = model.generate(data["inputs"], data["attention_mask"], num_beams=s.num_beams,
-                                 max_new_tokens=max_new)
+                                 max_new_tokens=max_new, **joint)
             for row, index in enumerate(batch.indices):
                 hypotheses[index] = self.tokenizer.decode(_trim(out.sequences[row].tolist(),
                                                                 self.config.eos_token_id))
@@ -648,7 +693,7 @@ def finetune(
 
     Args:
         model: a composed checkpoint directory (with the decoder's `tokenizer.json`).
-        train, eval: JSON-lines manifests.
+        train, eval: JSON-lines manifests, or `convert.datasets_source.DatasetSource`s (🤗 datasets splits).
         output: the directory to write (atomically, at the end).
         settings: the run's knobs.
         checkpoint_dir: where checkpoints go (default: `<output>.checkpoints` beside `output`).
@@ -1091,6 +1136,9 @@ def render_card(model_dir: Path, report: dict[str, Any]) -> str:
                            + f", warmup {s['warmup_steps']}, linear decay, "
                            f"weight decay {s['weight_decay']:g}, clip {s['max_grad_norm']:g}")),
             ("label smoothing", f"{s['label_smoothing']:g}"),
+            *([("hybrid CTC/attention", f"loss {s['ctc_weight']:g} CTC + {1 - s['ctc_weight']:g} cross-entropy"
+                + (f"; evaluated with joint decoding, CTC weight {s['eval_ctc_weight']:g}"
+                   if s.get("eval_ctc_weight") is not None else ""))] if s.get("ctc_weight") else []),
             ("compute dtype", s["dtype"] + (" (float32 master weights)" if s["dtype"] != "float32" else "")),
             ("train mode", ("dropout and LayerDrop" if s["dropout"] else "deterministic")
              + (", SpecAugment" if s["spec_augment"] and s["dropout"] else "")
@@ -1132,8 +1180,8 @@ def build_parser() -> cli.ArgumentParser:
         "--max-steps 2000 --learning-rate 3e-4 --warmup-steps 200",
     )
     p.add_argument("--model", required=True, metavar="DIR", help="composed model directory (with tokenizer.json)")
-    p.add_argument("--train", required=True, metavar="JSONL", help="training manifest")
-    p.add_argument("--eval", required=True, metavar="JSONL", help="held-out manifest (WER / CER)")
+    p.add_argument("--train", metavar="JSONL", help="training manifest (or --dataset)")
+    p.add_argument("--eval", metavar="JSONL", help="held-out manifest (WER / CER; or --dataset)")
     p.add_argument("--output", required=True, metavar="DIR", help="directory to write the fine-tuned model to")
     p.add_argument("--epochs", type=float, default=d.epochs, help="passes over the training set")
     p.add_argument("--max-steps", type=int, metavar="N", help="optimiser steps (overrides --epochs)")
@@ -1170,6 +1218,10 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--allow-unk", action="store_true",
                    help="train on transcripts with words the tokenizer maps to its unknown token (counted in "
                    "training_report.json); by default they are refused, naming the manifest line and the words")
+    p.add_argument("--ctc-weight", type=float, default=d.ctc_weight, metavar="X",
+                   help="hybrid CTC/attention: loss X CTC + (1 - X) cross-entropy (the model's CTC head; 0: off)")
+    p.add_argument("--eval-ctc-weight", type=float, metavar="X",
+                   help="evaluate with joint CTC/attention beam search of CTC weight X (default: attention only)")
     p.add_argument("--mesh", metavar="AXIS=N,...",
                    help="train sharded over every device, e.g. data=2,fsdp=4 (axes data, fsdp, model; the product "
                    "of the sizes is the device count): params and optimiser state split over fsdp/model, batches "
@@ -1194,6 +1246,17 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--max-memory", metavar="SIZE",
                    help="memory the run may use, e.g. 64GB (default: what the machine has); a step, evaluation batch "
                    "or data set estimated to need more is refused before any work")
+    data = p.add_argument_group("data from 🤗 datasets (instead of --train / --eval)")
+    data.add_argument("--dataset", metavar="NAME_OR_PATH",
+                      help="a Hub dataset id or a local dataset (save_to_disk directory, parquet / arrow file, "
+                      "audiofolder or parquet directory); audio decoded by the toolkit's reader")
+    data.add_argument("--dataset-config", metavar="C", help="the dataset's configuration")
+    data.add_argument("--train-split", default="train", metavar="S", help="the training split")
+    data.add_argument("--eval-split", default="validation", metavar="S", help="the held-out split")
+    data.add_argument("--audio-column", default="audio", metavar="COL", help="the column holding the audio")
+    data.add_argument("--text-column", default="text", metavar="COL", help="the column holding the transcript")
+    data.add_argument("--streaming", action="store_true",
+                      help="read the splits row by row instead of preparing them in the datasets cache")
     p.add_argument("--checkpoint-dir", metavar="DIR", help="where checkpoints go (default: OUTPUT.checkpoints)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if this toolkit wrote it")
@@ -1201,6 +1264,22 @@ def build_parser() -> cli.ArgumentParser:
                    help="skip comparing the output's Flax and PyTorch logits")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p
+
+
+def data_sources(args: Any) -> tuple[Any, Any]:
+    """The training and held-out data the flags name: two manifests, or two splits of one dataset."""
+    if args.dataset is None:
+        for name in ("train", "eval"):
+            if getattr(args, name) is None:
+                raise UsageError(f"{name}: a manifest is needed (--{name} FILE.jsonl), or --dataset", param=name)
+        return args.train, args.eval
+    if args.train is not None or args.eval is not None:
+        raise UsageError("dataset: replaces --train and --eval (pass one or the other)", param="dataset")
+    from convert.datasets_source import DatasetSource
+
+    split = lambda s: DatasetSource(args.dataset, args.dataset_config, s, args.audio_column, args.text_column,
+                                    args.streaming)
+    return split(args.train_split), split(args.eval_split)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1212,7 +1291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop = threading.Event()  # set by the first Ctrl-C while a step or a save is under way (see `finetune`)
 
     def work() -> int:
-        result = finetune(args.model, args.train, args.eval, args.output, settings,
+        train, eval_data = data_sources(args)
+        result = finetune(args.model, train, eval_data, args.output, settings,
                           checkpoint_dir=args.checkpoint_dir, resume=args.resume, overwrite=args.overwrite,
                           verify=args.verify, progress=args.progress, command=command, stop=stop,
                           mesh=args.mesh, max_memory=args.max_memory)

@@ -7,8 +7,8 @@ length, one JSON line per file.
 
 DIR is a composed checkpoint directory (from `convert.compose`) or a Hub repo id. Generation follows the model's
 `generation_config.json` (what transformers' `generate` would do); every generation flag overrides one setting of
-it. Each output line is `{"audio", "text", "token_ids", "score", "seconds"}` (plus `"reference"` from a manifest
-and `"chunks"`), in the order the batches finish; a summary (audio-seconds per second, compilations, WER and CER
+it. Each output line is `{"audio", "text", "token_ids", "score", "seconds"}` (plus `"reference"` from a manifest,
+`"chunks"`, and `"words"` with `--timestamps`), in the order the batches finish; a summary (audio-seconds per second, compilations, WER and CER
 when the manifest gives references) goes to stderr. The work is `convert.transcribe.transcribe`.
 """
 
@@ -115,6 +115,23 @@ def build_parser() -> cli.ArgumentParser:
     for name, text in LIST_FLAGS.items():
         g.add_argument("--" + name.replace("_", "-"), type=int, nargs="+", metavar="ID", help=text)
     g.add_argument("--bad-words-ids", metavar="JSON", help="token sequences never generated, e.g. '[[12], [7, 9]]'")
+    d = p.add_argument_group("data from 🤗 datasets")
+    d.add_argument("--dataset", metavar="NAME_OR_PATH",
+                   help="transcribe a split of a Hub or local dataset (save_to_disk directory, parquet / arrow file, "
+                   "audiofolder or parquet directory); its text column, when present, as references")
+    d.add_argument("--dataset-config", metavar="C", help="the dataset's configuration")
+    d.add_argument("--split", default="test", metavar="S", help="the split to transcribe")
+    d.add_argument("--audio-column", default="audio", metavar="COL", help="the column holding the audio")
+    d.add_argument("--text-column", default="text", metavar="COL", help="the column holding the references")
+    d.add_argument("--streaming", action="store_true", help="read the split row by row")
+    c = p.add_argument_group("CTC (a model with a CTC head)")
+    c.add_argument("--ctc-weight", type=float, metavar="X",
+                   help="one-pass joint CTC/attention beam search: each step scores (1 - X) attention + X CTC prefix "
+                   "score (0 to 1; the head must share the decoder's vocabulary)")
+    c.add_argument("--decoder", choices=("attention", "ctc"), default="attention",
+                   help="ctc: decode with the CTC head alone (best path; the decoder does not run)")
+    c.add_argument("--timestamps", action="store_true",
+                   help='add "words": [{"word", "start", "end"}] (seconds) from the CTC alignment')
     return p
 
 
@@ -154,12 +171,19 @@ def run(args: Any, out: TextIO, log: TextIO) -> TranscriptionReport:
                                "one device)")
 
         mesh = mesh_from_flag(args.mesh)  # a bad value is refused before any work
-    if not args.audio and not args.manifests:
-        raise UsageError("audio=[]: no audio given (pass --audio files or directories, or --manifest)", param="audio")
+    if not args.audio and not args.manifests and args.dataset is None:
+        raise UsageError("audio=[]: no audio given (pass --audio files or directories, --manifest, or --dataset)",
+                         param="audio")
     if args.output is not None:
         check_output_file(args.output, overwrite=args.overwrite)  # before anything is read
     elif args.overwrite:
         raise UsageError("overwrite=True: applies only with output", param="overwrite")
+    datasets = []
+    if args.dataset is not None:
+        from convert.datasets_source import DatasetSource
+
+        datasets.append(DatasetSource(args.dataset, args.dataset_config, args.split, args.audio_column,
+                                      args.text_column, args.streaming))
     options = generation_options(args)
     generation_config = read_generation_config(args.generation_config)
 
@@ -177,12 +201,14 @@ def run(args: Any, out: TextIO, log: TextIO) -> TranscriptionReport:
                                   f"{': the disk is full' if e.errno in (errno.ENOSPC, errno.EDQUOT) else ''})"
                                   ) from None
 
-        return transcribe(args.model, args.audio, manifests=args.manifests, framework=args.framework,
+        return transcribe(args.model, args.audio, manifests=args.manifests, datasets=datasets,
+                          framework=args.framework,
                           revision=args.revision, batch_size=args.batch_size, buckets=args.buckets,
                           chunk_seconds=args.chunk_seconds, chunk_overlap_seconds=args.chunk_overlap_seconds,
                           tokens_per_second=args.tokens_per_second, seed=args.seed, progress=args.progress,
                           on_result=write, generation_config=generation_config, mesh=mesh,
-                          scan_layers=args.scan_layers, max_memory=args.max_memory, **options)
+                          scan_layers=args.scan_layers, max_memory=args.max_memory,
+                          ctc_weight=args.ctc_weight, decoder=args.decoder, timestamps=args.timestamps, **options)
 
     if args.output is None:
         report = run_to(out)
@@ -192,6 +218,8 @@ def run(args: Any, out: TextIO, log: TextIO) -> TranscriptionReport:
         sources = [*input_sources("the model", [args.model]),
                    *input_sources("an audio file being read", [u.audio for u in utterances]),
                    *input_sources("a manifest being read", args.manifests),
+                   *input_sources("a dataset being read", [args.dataset] * bool(
+                       args.dataset and Path(args.dataset).exists())),
                    *input_sources("the generation config being read", [args.generation_config] * bool(
                        args.generation_config))]
         with atomic_file(args.output, args.overwrite, sources=sources) as tmp, \

@@ -103,6 +103,7 @@ class CardInfo:
         formats: the weight formats saved ("safetensors", "flax").
         transformers_problem: why transformers' `SpeechEncoderDecoderModel` cannot load the files, or None
             when it can.
+        ctc_head: what the CTC head is (hybrid CTC/attention), or None when the model has none.
     """
 
     encoder: CardSource
@@ -120,6 +121,7 @@ class CardInfo:
     repo_id: str | None = None
     formats: tuple[str, ...] = ("safetensors",)
     transformers_problem: str | None = None
+    ctc_head: str | None = None
 
 
 def card_info_from_report(report: Mapping[str, Any], *, repo_id: str | None = None,
@@ -188,6 +190,7 @@ def card_info_from_report(report: Mapping[str, Any], *, repo_id: str | None = No
         repo_id=repo_id,
         formats=formats or ("safetensors",),
         transformers_problem=transformers_problem,
+        ctc_head=(report.get("ctc") or {}).get("note") if (report.get("ctc") or {}).get("head") else None,
     )
 
 
@@ -290,6 +293,14 @@ def render_model_card(info: CardInfo) -> str:
         out.append("")
     formats = ", ".join(_FORMAT_LABELS.get(f, f) for f in info.formats)
     out.append(f"Weights saved as `{info.dtype}` ({formats}).\n")
+
+    if info.ctc_head:
+        out.append("## CTC head\n")
+        out.append(f"{info.ctc_head[0].upper()}{info.ctc_head[1:]}: `ctc_head.weight` / `ctc_head.bias` "
+                   "(Flax `ctc_head/kernel` / `bias`) over the encoder output, its settings in `config.json`'s "
+                   "`ctc` section, for hybrid CTC/attention training and decoding with this toolkit. transformers' "
+                   "`SpeechEncoderDecoderModel` has no CTC head: it loads the model without it (reporting the two "
+                   "tensors as unexpected) and ignores the `ctc` section.\n")
 
     out.append("## Parity\n")
     if info.parity:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from convert.base.audio import FeatureExtractorConfig, audio_seconds, load_audio, prepare_batch
+from convert.base.audio import AudioBytes, FeatureExtractorConfig, audio_seconds, load_audio, prepare_batch
 from convert.base.batching import Batch
 from convert.base.errors import ConvertError
 
@@ -34,11 +34,21 @@ class DataError(ConvertError):
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-    """One utterance of a manifest: its audio file, transcript, and where it was read (`file:line`)."""
+    """One utterance of a manifest or dataset: its audio file (or its bytes, from a dataset), transcript, and where
+    it was read (`file:line`, `dataset[split]:row`)."""
 
-    audio: Path
+    audio: Path | AudioBytes
     text: str
     where: str
+
+
+def read_examples(source: Any) -> list[Example]:
+    """A manifest's examples, or a `convert.datasets_source.DatasetSource`'s rows."""
+    from convert.datasets_source import DatasetSource, read_rows
+
+    if isinstance(source, DatasetSource):
+        return [Example(row.audio, row.text, row.where) for row in read_rows(source)]
+    return read_manifest(source)
 
 
 def read_manifest(path: str | Path) -> list[Example]:
@@ -200,9 +210,9 @@ class AudioCache:
 
     def __init__(self, sampling_rate: int):
         self.sampling_rate = sampling_rate
-        self._waves: dict[Path, np.ndarray] = {}
+        self._waves: dict[Path | AudioBytes, np.ndarray] = {}
 
-    def get(self, path: Path) -> np.ndarray:
+    def get(self, path: Path | AudioBytes) -> np.ndarray:
         if path not in self._waves:
             self._waves[path] = load_audio(path, self.sampling_rate)
         return self._waves[path]
@@ -211,6 +221,15 @@ class AudioCache:
 def label_length_buckets(max_tokens: int, multiple: int = 8) -> int:
     """The padded label length: the longest label rounded up to a multiple (few distinct shapes)."""
     return int(np.ceil(max_tokens / multiple) * multiple)
+
+
+def padded_labels(batch: Batch, labels: Sequence[Sequence[int]], length: int) -> np.ndarray:
+    """[B, length] int32: the batch's label rows padded with -100 (filler rows all -100)."""
+    out = np.full((batch.batch_size, length), IGNORE_INDEX, np.int32)
+    for row, index in enumerate(batch.indices):
+        ids = list(labels[index])[:length]
+        out[row, :len(ids)] = ids
+    return out
 
 
 def make_batch(batch: Batch, examples: Sequence[Example], labels: Sequence[Sequence[int]], audio: AudioCache,

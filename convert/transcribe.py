@@ -24,6 +24,12 @@ What `python -m convert.generate` runs (see there for the command line). The ste
 * Output: one `Transcription` per file (path, text, token ids, score, seconds of audio, reference), passed to
   `on_result` as each batch finishes; the report adds audio-seconds per second, the compilations, and WER / CER
   (jiwer, over the files that have a reference).
+* CTC (a model with a CTC head, `convert.base.ctc`): `ctc_weight` decodes with one-pass joint CTC/attention beam
+  search (`flax_model.generation.generate`); `decoder="ctc"` decodes with the CTC head alone (best path: each
+  frame's most likely label, repeats merged, blanks removed; no decoder run, no length limit but the frames);
+  `timestamps` adds each word's start and end in seconds, from the CTC alignment: the best path's frames with
+  `decoder="ctc"`, else the Viterbi alignment of the transcript's tokens to the CTC head's output (one more
+  encoder pass per batch).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from convert.base.audio import (
+    AudioBytes,
     AudioError,
     FeatureExtractorConfig,
     audio_seconds,
@@ -64,9 +71,10 @@ class TranscriptionError(ConvertError):
 
 @dataclasses.dataclass(frozen=True)
 class Utterance:
-    """One input file: where it came from (`FILE:LINE` for a manifest line) and its reference, if any."""
+    """One input file: where it came from (`FILE:LINE` for a manifest line, `DATASET[SPLIT]:ROW` for a dataset
+    row, whose audio may be bytes) and its reference, if any."""
 
-    audio: Path
+    audio: Path | AudioBytes
     reference: str | None = None
     where: str = ""
 
@@ -94,11 +102,14 @@ class Transcription:
     seconds: float
     reference: str | None = None
     chunks: int = 1
+    words: list[dict[str, Any]] | None = None  # with timestamps: [{"word", "start", "end"}] (seconds)
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         if self.reference is None:
             del out["reference"]
+        if self.words is None:
+            del out["words"]
         return out
 
 
@@ -144,8 +155,10 @@ class TranscriptionReport:
 # Inputs
 
 
-def collect_inputs(audio: Iterable[str | Path] = (), manifests: Iterable[str | Path] = ()) -> list[Utterance]:
-    """The utterances of audio files, directories (every audio file below, sorted) and JSON-lines manifests.
+def collect_inputs(audio: Iterable[str | Path] = (), manifests: Iterable[str | Path] = (),
+                   datasets: Iterable[Any] = ()) -> list[Utterance]:
+    """The utterances of audio files, directories (every audio file below, sorted), JSON-lines manifests and 🤗
+    datasets splits (`convert.datasets_source.DatasetSource`; the text column, when present, as references).
 
     Raises:
         TranscriptionError / AudioError: a missing path, a directory without audio, a bad manifest line.
@@ -164,6 +177,10 @@ def collect_inputs(audio: Iterable[str | Path] = (), manifests: Iterable[str | P
             out.append(Utterance(path, None, str(path)))
     for manifest in manifests:
         out += read_manifest(manifest)
+    for source in datasets:
+        from convert.datasets_source import read_rows
+
+        out += [Utterance(row.audio, row.text, row.where) for row in read_rows(source, require_text=False)]
     return out
 
 
@@ -212,22 +229,54 @@ def read_manifest(path: str | Path) -> list[Utterance]:
 
 @dataclasses.dataclass
 class Runner:
-    """What transcription needs of a model: its config, one batch's generation, compile counts."""
+    """What transcription needs of a model: its config, one batch's generation, compile counts.
+
+    `generate` returns each row's token ids and score; `align` (with timestamps) each row's CTC labels and their
+    frames, given the rows' token ids; `decoder` is "attention" (ids: the start token, the tokens, the eos) or
+    "ctc" (ids: the CTC labels)."""
 
     framework: str
     config: Any
     settings: GenerationSettings
-    generate: Callable[[np.ndarray, np.ndarray | None, int], tuple[np.ndarray, np.ndarray]]
+    generate: Callable[[np.ndarray, np.ndarray | None, int], tuple[Any, np.ndarray]]
     compilations: Callable[[], dict[str, int]]
+    decoder: str = "attention"
+    align: Callable[[np.ndarray, np.ndarray | None, list[list[int]], list[str | None]], list[Any]] | None = None
 
 
-def make_runner(model: Any, generation_config: Any = None, seed: int = 0, **generation: Any) -> Runner:
+DECODERS = ("attention", "ctc")
+
+
+def make_runner(model: Any, generation_config: Any = None, seed: int = 0, *, ctc_weight: float | None = None,
+                decoder: str = "attention", timestamps: bool = False, vocabulary: Any = None,
+                **generation: Any) -> Runner:
     """A runner for a loaded `FlaxSpeechEncoderDecoderModel` or reference `SpeechEncoderDecoderModel`; the
-    generation settings are resolved (and refused) here, before any audio is read."""
+    generation settings are resolved (and refused) here, before any audio is read. `ctc_weight`, `decoder="ctc"`
+    and `timestamps` need the Flax model and a CTC head; `vocabulary` is the head's own (`CTCVocabulary`), if any,
+    to align transcripts with."""
+    if decoder not in DECODERS:
+        raise bad_argument("decoder", decoder, f"is not one of {', '.join(DECODERS)}")
     settings = resolve_settings(model.config, model_generation_config(model), generation_config, **generation)
     if settings.num_return_sequences != 1:
         raise bad_argument("num_return_sequences", settings.num_return_sequences,
                            "transcription writes one transcript per file")
+    uses_ctc = ctc_weight is not None or decoder == "ctc" or timestamps
+    if uses_ctc:
+        name = "ctc_weight" if ctc_weight is not None else "decoder" if decoder == "ctc" else "timestamps"
+        value = ctc_weight if ctc_weight is not None else decoder if decoder == "ctc" else timestamps
+        if not hasattr(model, "module"):
+            raise bad_argument(name, value, "needs framework=flax (the reference decodes with attention only)")
+        if model.config.ctc is None:
+            raise bad_argument(name, value, "needs a model with a CTC head (compose it with --ctc-head decoder)")
+        if ctc_weight is not None and decoder == "ctc":
+            raise bad_argument("ctc_weight", ctc_weight, "applies to joint decoding (decoder=attention), not to CTC "
+                               "decoding alone")
+        if ctc_weight is not None:
+            from flax_model.generation import joint_setting
+
+            joint_setting(model.config, settings, ctc_weight)  # refused here, before any audio is read
+    if hasattr(model, "module") and decoder == "ctc":
+        return _ctc_runner(model, settings, timestamps)
     if hasattr(model, "module"):  # Flax
         import jax
 
@@ -243,13 +292,15 @@ def make_runner(model: Any, generation_config: Any = None, seed: int = 0, **gene
         key = jax.random.PRNGKey(seed)
 
         def run_flax(inputs, mask, batch_index):
+            joint = {} if ctc_weight is None else {"ctc_weight": ctc_weight}
             out = model.generate(inputs, mask, generation_config=generation_config,
-                                 prng_key=jax.random.fold_in(key, batch_index), **generation)
+                                 prng_key=jax.random.fold_in(key, batch_index), **joint, **generation)
             return out.sequences, out.sequences_scores
 
         return Runner("flax", model.config, settings, run_flax,
                       lambda: {"encoder": encoder_compilations() - encoder_start,
-                               "search": sum(flax_generation.TRACES.values()) - start})
+                               "search": sum(flax_generation.TRACES.values()) - start},
+                      align=_aligner(model, vocabulary) if timestamps else None)
     import torch
 
     generator = torch.Generator().manual_seed(seed)
@@ -260,6 +311,84 @@ def make_runner(model: Any, generation_config: Any = None, seed: int = 0, **gene
         return out.sequences.numpy(), out.sequences_scores.numpy()
 
     return Runner("torch", model.config, settings, run_torch, dict)
+
+
+def _ctc_runner(model: Any, settings: GenerationSettings, timestamps: bool) -> Runner:
+    """CTC decoding alone: the best path of the CTC head's output (no decoder). The score is the best path's mean
+    log-probability per frame."""
+    from convert.base.ctc import greedy_collapse
+
+    blank = model.config.ctc.blank_id
+    spans: dict[int, list[Any]] = {}
+
+    def run_ctc(inputs, mask, batch_index):
+        logits, frame_mask = model.ctc_logits(inputs, mask)
+        best, best_scores = _best_path(logits)
+        lengths = np.asarray(frame_mask).sum(axis=1)
+        rows, scores = [], []
+        spans.clear()
+        for row, length in enumerate(lengths):
+            labels, frames = greedy_collapse(best[row], int(length), blank)
+            rows.append(labels)
+            spans[row] = frames
+            scores.append(float(best_scores[row, :int(length)].mean()) if length else 0.0)
+        return rows, np.asarray(scores, np.float32)
+
+    def align(inputs, mask, ids, texts):  # the best path's own frames, from the batch just decoded
+        return [(labels, spans[row]) for row, labels in enumerate(ids)]
+
+    fn = lambda: int(getattr(model._compiled.get("ctc_only"), "_cache_size", lambda: 0)())
+    start = fn()
+    return Runner("flax", model.config, settings, run_ctc, lambda: {"encoder": fn() - start}, decoder="ctc",
+                  align=align if timestamps else None)
+
+
+def _best_path(logits: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Each frame's most likely label and its log-probability, [B, S] each (computed on the device)."""
+    from flax_model.ctc import best_path
+
+    labels, log_probs = best_path(logits)
+    return np.asarray(labels), np.asarray(log_probs)
+
+
+def _aligner(model: Any, vocabulary: Any) -> Callable[..., list[Any]]:
+    """Timestamps for attention or joint decoding: the transcript's CTC labels (its tokens without the special
+    ones; for a head with its own vocabulary, the text in its characters) aligned to the CTC head's output by
+    Viterbi; None for a row whose labels cannot be aligned (more labels than frames, a character the head lacks)."""
+    from convert.base.ctc import CTCError, forced_align
+    from flax_model.ctc import label_log_probs
+
+    config = model.config
+    special = config.special_token_ids
+
+    def align(inputs, mask, ids, texts):
+        rows = []
+        for row_ids, text in zip(ids, texts):
+            if config.ctc.shares_decoder_vocabulary:
+                rows.append([t for t in row_ids if t not in special])
+            else:
+                try:
+                    rows.append(None if text is None or vocabulary is None else vocabulary.encode(text))
+                except CTCError:
+                    rows.append(None)
+        logits, frame_mask = model.ctc_logits(inputs, mask)
+        width = max(8, -(-max(len(r or ()) for r in rows) // 8) * 8)  # a few shapes: multiples of 8
+        columns = np.full((len(rows), width + 1), config.ctc.blank_id, np.int32)
+        for r, labels in enumerate(rows):
+            columns[r, 1:1 + len(labels or ())] = labels or ()
+        picked = np.asarray(label_log_probs(logits, columns))  # [B, S, 1 + width]
+        lengths = np.asarray(frame_mask).sum(axis=1)
+        out = []
+        for r, labels in enumerate(rows):
+            if labels is None:
+                out.append(None)
+                continue
+            local = picked[r, :int(lengths[r]), :1 + len(labels)]
+            spans = forced_align(local, list(range(1, 1 + len(labels))), 0)
+            out.append(None if spans is None else (labels, spans))
+        return out
+
+    return align
 
 
 def load_model(model: str | Path, framework: str = "flax", revision: str | None = None,
@@ -323,6 +452,7 @@ def transcribe(
     audio: Sequence[str | Path] = (),
     *,
     manifests: Sequence[str | Path] = (),
+    datasets: Sequence[Any] = (),
     framework: str = "flax",
     revision: str | None = None,
     batch_size: int = 8,
@@ -339,6 +469,9 @@ def transcribe(
     mesh: Any = None,
     scan_layers: bool = False,
     max_memory: str | int | None = None,
+    ctc_weight: float | None = None,
+    decoder: str = "attention",
+    timestamps: bool = False,
     **generation: Any,
 ) -> TranscriptionReport:
     """Transcribes audio files, directories and manifests with a composed model.
@@ -347,6 +480,7 @@ def transcribe(
         model: a composed checkpoint directory or Hub repo id, or a loaded Flax / reference model.
         audio: audio files and directories (every audio file below a directory).
         manifests: JSON-lines manifests (`{"audio": PATH, "text": REFERENCE}`).
+        datasets: 🤗 datasets splits (`convert.datasets_source.DatasetSource`), their text column as references.
         framework: "flax" (jit-compiled) or "torch" (the eager reference); for a path or repo id.
         revision: the Hub revision, for a repo id.
         batch_size: rows per batch (every batch has exactly this many).
@@ -367,6 +501,9 @@ def transcribe(
         scan_layers: for a path or repo id (Flax): run the identical layers with `nn.scan` (`load_model`).
         max_memory: the memory the run may use ("64GB", or bytes) instead of what the machine has: a batch whose
             estimate (`flax_model.memory`) exceeds it is refused before anything is compiled.
+        ctc_weight: joint CTC/attention beam search with this lambda (a CTC head over the decoder's vocabulary).
+        decoder: "attention" (the decoder's search) or "ctc" (the CTC head alone, best path).
+        timestamps: each result gets `words`: [{"word", "start", "end"}] in seconds, from the CTC alignment.
         generation: generation settings by transformers' names (num_beams, max_new_tokens, ...).
 
     Returns:
@@ -387,22 +524,30 @@ def transcribe(
     if chunk_seconds is not None:
         cli.require_float("chunk_seconds", chunk_seconds, 0.0, low_inclusive=False)
         cli.require_float("chunk_overlap_seconds", chunk_overlap_seconds, 0.0, chunk_seconds / 2)
-    utterances = collect_inputs(audio, manifests)
+    if timestamps and chunk_seconds is not None:
+        raise bad_argument("timestamps", timestamps, "is not available with chunk_seconds (chunks are joined by "
+                           "their tokens, not their times)")
+    utterances = collect_inputs(audio, manifests, datasets)
     if not utterances:
         raise UsageError("audio=[]: no audio given (pass audio files, directories or manifests)", param="audio")
 
     directory = None if model_dir is None else Path(model_dir)
     if isinstance(model, str | Path):
         model, directory = load_model(model, framework, revision, mesh, scan_layers)
-    runner = make_runner(model, generation_config, seed, **generation)
+    vocabulary = load_ctc_vocabulary(directory, model.config)
+    runner = make_runner(model, generation_config, seed, ctc_weight=ctc_weight, decoder=decoder,
+                         timestamps=timestamps, vocabulary=vocabulary, **generation)
     tokenizer = load_tokenizer(directory)
+    decode_text = text_decoder(tokenizer, vocabulary if runner.decoder == "ctc" else None)
+    decode_labels = text_decoder(tokenizer, vocabulary)  # the CTC labels' text (timestamps)
     features = feature_extractor or (feature_extractor_config(directory, runner.config.encoder) if directory
                                      else default_feature_extractor(runner.config.encoder))
     rate = features.sampling_rate
 
     # Headers first: every file's duration, and whether it fits.
     seconds = [audio_seconds(u.audio) for u in utterances]
-    limit = runner.settings.max_new_tokens / tokens_per_second
+    # The decoder describes so much audio; CTC decoding alone is bounded by the frames only.
+    limit = runner.settings.max_new_tokens / tokens_per_second if runner.decoder == "attention" else math.inf
     if chunk_seconds is not None and chunk_seconds > limit:
         raise bad_argument("chunk_seconds", chunk_seconds, f"is longer than the {limit:.1f} s one pass can transcribe "
                            f"({_capacity(runner, tokens_per_second)})")
@@ -439,8 +584,14 @@ def transcribe(
         chunks_of[item.utterance] += 1
     pieces: dict[int, dict[int, tuple[list[int], float]]] = {}
     results: list[Transcription | None] = [None] * len(utterances)
-    eos = set(runner.settings.eos_token_ids)
-    start_token = runner.settings.decoder_start_token_id
+    eos = set(runner.settings.eos_token_ids) if runner.decoder == "attention" else set()
+    start_token = runner.settings.decoder_start_token_id if runner.decoder == "attention" else None
+    seconds_per_frame = None
+    if timestamps:
+        from convert.base.ctc import frame_seconds
+
+        seconds_per_frame = frame_seconds(runner.config.encoder, rate)
+    words_of: dict[int, list[dict[str, Any]] | None] = {}
     shapes: set[tuple[int, int]] = set()
 
     from tqdm import tqdm
@@ -460,16 +611,24 @@ def transcribe(
             inputs, mask = pad_batch(waveforms, features, batch.padded_length, batch.batch_size)
             shapes.add(inputs.shape)
             sequences, scores = runner.generate(inputs, mask, batch_index)
+            ids_of = [trim(np.asarray(sequences[row]).tolist(), eos) for row in range(len(batch.indices))]
+            if runner.align is not None:
+                alignments = runner.align(inputs, mask, ids_of, [decode_text(ids) for ids in ids_of])
+                for row, j in enumerate(batch.indices):
+                    words_of[items[j].utterance] = None if alignments[row] is None else word_timestamps(
+                        *alignments[row], decode_labels, seconds_per_frame)
             done_seconds = 0.0
             for row, j in enumerate(batch.indices):
                 item = items[j]
-                ids = trim(np.asarray(sequences[row]).tolist(), eos)
+                ids = ids_of[row]
                 pieces.setdefault(item.utterance, {})[item.chunk] = (ids, float(scores[row]))
                 if len(pieces[item.utterance]) == chunks_of[item.utterance]:
                     waveform_cache.pop(item.utterance, None)
                     u = utterances[item.utterance]
-                    result = assemble(u, seconds[item.utterance], pieces.pop(item.utterance), tokenizer, start_token,
-                                      eos)
+                    result = assemble(u, seconds[item.utterance], pieces.pop(item.utterance), decode_text,
+                                      start_token, eos)
+                    if timestamps:
+                        result.words = words_of.pop(item.utterance, None)
                     results[item.utterance] = result
                     done_seconds += result.seconds
                     if on_result is not None:
@@ -548,6 +707,36 @@ def pad_batch(waveforms: Sequence[np.ndarray], features: FeatureExtractorConfig,
     return inputs, mask
 
 
+def load_ctc_vocabulary(directory: Path | None, config: Any) -> Any:
+    """The CTC head's own vocabulary (`ctc_vocab.json`), or None (no head, or one over the decoder's vocabulary)."""
+    head = getattr(config, "ctc", None)
+    if head is None or head.shares_decoder_vocabulary or directory is None:
+        return None
+    from convert.base.ctc import CTCVocabulary
+
+    return CTCVocabulary.read(directory / head.vocabulary, head)
+
+
+def text_decoder(tokenizer: Any, vocabulary: Any) -> Callable[[list[int]], str | None]:
+    """ids -> text: with a CTC vocabulary's ids, its decoding; else the decoder's tokenizer without special tokens
+    (None without a tokenizer)."""
+    if vocabulary is not None:
+        return vocabulary.decode
+    if tokenizer is None:
+        return lambda ids: None
+    return lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+def word_timestamps(labels: list[int], spans: list[tuple[int, int]], decode: Callable[[list[int]], str | None],
+                    seconds_per_frame: float) -> list[dict[str, Any]] | None:
+    """`convert.base.ctc.word_timestamps`, or None without a tokenizer to spell the words."""
+    from convert.base.ctc import word_timestamps as words
+
+    if decode([]) is None:
+        return None
+    return words(labels, spans, decode, seconds_per_frame)
+
+
 def trim(ids: list[int], eos: set[int]) -> list[int]:
     """The start token and the generated tokens up to the first eos (kept); later padding goes."""
     for i in range(1, len(ids)):
@@ -556,24 +745,25 @@ def trim(ids: list[int], eos: set[int]) -> list[int]:
     return ids
 
 
-def assemble(u: Utterance, seconds: float, chunks: dict[int, tuple[list[int], float]], tokenizer: Any,
-             start_token: int, eos: set[int]) -> Transcription:
-    """One file's result from its chunk(s)."""
+def assemble(u: Utterance, seconds: float, chunks: dict[int, tuple[list[int], float]],
+             decode: Callable[[list[int]], str | None], start_token: int | None, eos: set[int]) -> Transcription:
+    """One file's result from its chunk(s). `start_token` None: the ids are CTC labels (no start or end token)."""
     if len(chunks) == 1:
         ids, score = chunks[0]
     else:
+        skip = 0 if start_token is None else 1
         bodies = []
         for k in sorted(chunks):
-            tokens = chunks[k][0][1:]
+            tokens = chunks[k][0][skip:]
             bodies.append(tokens[:-1] if tokens and tokens[-1] in eos else tokens)
         merged = bodies[0]
         for body in bodies[1:]:
             merged = merge_overlapping(merged, body)
         last = chunks[max(chunks)][0]
-        ids = [start_token, *merged] + ([last[-1]] if len(last) > 1 and last[-1] in eos else [])
+        ids = ([] if start_token is None else [start_token]) + merged + (
+            [last[-1]] if len(last) > 1 and last[-1] in eos else [])
         score = float(np.mean([s for _, s in chunks.values()]))
-    text = tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None else None
-    return Transcription(str(u.audio), text, ids, score, seconds, u.reference, len(chunks))
+    return Transcription(str(u.audio), decode(ids), ids, score, seconds, u.reference, len(chunks))
 
 
 def merge_overlapping(left: list[int], right: list[int]) -> list[int]:

@@ -51,6 +51,7 @@ from convert.base.generation_settings import (
     resolve_settings,
 )
 from flax_model.cache import DecoderCache, reorder_cache
+from flax_model.ctc import JointScorer, PrefixState, decoding_log_probs
 
 # How many times each search has been traced (a Python side effect that runs only while tracing).
 TRACES: collections.Counter[str] = collections.Counter()
@@ -89,6 +90,7 @@ def generate(
     *,
     prng_key: jax.Array | None = None,
     params: dict | None = None,
+    ctc_weight: float | None = None,
     **kwargs: Any,
 ) -> GenerateOutput:
     """Transcribes a batch of waveforms.
@@ -100,6 +102,10 @@ def generate(
         generation_config: a GenerationConfig-like object (ours, transformers', or a dict) over the model's own.
         prng_key: the key sampling draws from (`jax.random.PRNGKey(seed)`); required with do_sample=True.
         params: run with these params instead of `model.params`.
+        ctc_weight: lambda of one-pass joint CTC/attention beam search (`flax_model.ctc.JointScorer`; the model
+            needs a CTC head over the decoder's vocabulary): each step scores (1 - lambda) x the processed
+            attention log-probability + lambda x the CTC prefix score's increase. None: attention only. With
+            num_beams=1 it is a beam search of one beam.
         kwargs: generation settings by transformers' names (max_new_tokens, num_beams, do_sample, ...).
 
     Returns:
@@ -111,17 +117,25 @@ def generate(
     settings = resolve_settings(model.config, model_generation_config(model), generation_config, **kwargs)
     if settings.do_sample and prng_key is None:
         raise GenerationConfigError("generate: do_sample=True needs an explicit prng_key (jax.random.PRNGKey(seed))")
-    key = ("generate", settings.static)
+    joint = None if ctc_weight is None else joint_setting(model.config, settings, ctc_weight)
+    key = ("generate", settings.static, joint)
     if key not in model._compiled:
-        model._compiled[key] = jax.jit(search_function(model.module, settings))
+        model._compiled[key] = jax.jit(search_function(model.module, settings, joint))
     run = model._compiled[key]
     params = model.params if params is None else params
-    # The encoder is compiled apart (once per input shape, whatever the generation settings).
-    encoded = model.encode(inputs, attention_mask, params=params)
     traced = {name: jnp.asarray(value, jnp.int32 if name == "min_new_tokens" else jnp.float32)
               for name, value in settings.traced.items()}
     rng = jax.random.PRNGKey(0) if prng_key is None else prng_key
-    out = run(params, encoded.last_hidden_state, encoded.attention_mask, traced, rng)
+    if joint is None:
+        # The encoder is compiled apart (once per input shape, whatever the generation settings).
+        encoded = model.encode(inputs, attention_mask, params=params)
+        out = run(params, encoded.last_hidden_state, encoded.attention_mask, traced, rng)
+    else:
+        mask = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+        hidden, encoder_mask, ctc_logits = model._fn("encode_with_ctc")(params, jnp.asarray(inputs, jnp.float32),
+                                                                        mask)
+        traced["ctc_weight"] = jnp.float32(ctc_weight)
+        out = run(params, hidden, encoder_mask, traced, rng, ctc_logits)
     steps = int(out["steps"])
     width = 1 + int(jnp.max(out["lengths"]))
     scores = None if out.get("scores") is None else np.asarray(out["scores"])[:, :steps]
@@ -130,13 +144,56 @@ def generate(
                           beam_indices)
 
 
-def search_function(module: Any, settings: GenerationSettings) -> Callable:
-    """The function to jit: (params, encoder output [B, S, D], its mask [B, S], traced settings, PRNG key) -> a
-    dict of sequences [N, 1 + max_new_tokens], sequences_scores [N], lengths [N] (generated tokens), steps [],
-    and with `output_scores` scores [rows, max_new_tokens, V] (and beam_indices)."""
-    mode = settings.mode
+@dataclasses.dataclass(frozen=True)
+class JointSetting:
+    """What a compiled joint CTC/attention search depends on (lambda itself is traced)."""
 
-    def run(params, hidden, encoder_mask, traced, key):
+    blank: int
+    eos_ids: tuple[int, ...]
+    neutral_ids: tuple[int, ...]
+    pre_beam: int
+
+
+def joint_setting(config: Any, settings: GenerationSettings, ctc_weight: float) -> JointSetting:
+    """Checks that joint decoding applies and fixes its static part.
+
+    The CTC head must speak the decoder's vocabulary. Every token that is not a word (the decoder start, pad and
+    bos tokens, the forced first token) is CTC-neutral; the blank (the pad token) cannot be a label; eos scores
+    the whole transcript. Each hypothesis' CTC scores are computed for its P best continuations by attention
+    score (ESPnet's pre-beam; P = the candidates the search ranks, so that lambda = 0 is the attention-only
+    search exactly), or for every token when lambda = 1 (the attention scores then decide nothing).
+    """
+    head = config.ctc
+    if head is None:
+        raise GenerationConfigError("generate: ctc_weight needs a CTC head (compose the model with --ctc-head "
+                                    "decoder)")
+    if not head.shares_decoder_vocabulary:
+        raise GenerationConfigError("generate: ctc_weight: this model's CTC head has its own vocabulary "
+                                    f"({head.vocabulary}), so its scores cannot join the decoder's; decode it alone "
+                                    "(--decoder ctc) or compose with --ctc-head decoder")
+    if isinstance(ctc_weight, bool) or not isinstance(ctc_weight, (int, float)) or not 0.0 <= ctc_weight <= 1.0:
+        raise GenerationConfigError(f"generate: ctc_weight={ctc_weight!r} is not a number from 0 to 1")
+    if settings.do_sample:
+        raise GenerationConfigError("generate: ctc_weight: joint CTC/attention decoding is a beam search; it does "
+                                    "not sample (do_sample=False)")
+    eos = tuple(settings.eos_token_ids)
+    neutral = set(config.special_token_ids) | {settings.decoder_start_token_id}
+    if settings.forced_bos_token_id is not None:
+        neutral.add(settings.forced_bos_token_id)
+    neutral -= set(eos) | {head.blank_id}
+    vocab = config.decoder.vocab_size
+    pre_beam = vocab if ctc_weight == 1.0 else min(vocab, settings.beams_to_keep)
+    return JointSetting(head.blank_id, eos, tuple(sorted(neutral)), pre_beam)
+
+
+def search_function(module: Any, settings: GenerationSettings, joint: JointSetting | None = None) -> Callable:
+    """The function to jit: (params, encoder output [B, S, D], its mask [B, S], traced settings, PRNG key[, CTC
+    logits [B, S, V] for joint decoding]) -> a dict of sequences [N, 1 + max_new_tokens], sequences_scores [N],
+    lengths [N] (generated tokens), steps [], and with `output_scores` scores [rows, max_new_tokens, V] (and
+    beam_indices)."""
+    mode = settings.mode if joint is None else "joint"
+
+    def run(params, hidden, encoder_mask, traced, key, ctc_logits=None):
         TRACES[mode] += 1
         variables = {"params": params}
         if settings.num_beams == 1 and settings.num_return_sequences > 1:
@@ -149,6 +206,10 @@ def search_function(module: Any, settings: GenerationSettings) -> Callable:
             logits, cache = module.apply(variables, tokens, None, None, cache=cache, method="decode")
             return logits[:, -1].astype(jnp.float32), cache  # [N, V]
 
+        if joint is not None:
+            scorer = JointScorer(decoding_log_probs(ctc_logits, encoder_mask, joint.blank), traced["ctc_weight"],
+                                 settings.num_beams, joint.pre_beam, joint.blank, joint.eos_ids, joint.neutral_ids)
+            return beam_search(decode, cache, settings, traced, key, scorer)
         if settings.num_beams == 1:
             return greedy_or_sample(decode, cache, settings, traced, key)
         return beam_search(decode, cache, settings, traced, key)
@@ -331,10 +392,13 @@ class BeamState:
     done: jax.Array  # [B] bool: the utterance takes no more hypotheses
     step: jax.Array  # [] int32 tokens generated so far
     scores: jax.Array | None  # [B * K, max_new_tokens, V] processed log-probs of each step (output_scores)
+    ctc: PrefixState | None = None  # joint decoding: the running beams' CTC prefix states
 
 
 def beam_search(decode: DecodeFn, cache: DecoderCache, settings: GenerationSettings,
-                traced: dict[str, jax.Array], key: jax.Array) -> dict[str, jax.Array]:
+                traced: dict[str, jax.Array], key: jax.Array, joint: JointScorer | None = None) -> dict[str, jax.Array]:
+    """Beam search (and beam sampling); with `joint`, one-pass joint CTC/attention beam search: each step's scores
+    are `joint.score`'s, and the beams that go on carry their CTC prefix states."""
     k, max_new, keep = settings.num_beams, settings.max_new_tokens, settings.beams_to_keep
     batch = cache.encoder_mask.shape[0]
     length_penalty = traced["length_penalty"]
@@ -358,6 +422,7 @@ def beam_search(decode: DecodeFn, cache: DecoderCache, settings: GenerationSetti
         done=jnp.zeros((batch,), bool),
         step=jnp.zeros((), jnp.int32),
         scores=scores,
+        ctc=None if joint is None else joint.initial_state(),
     )
     eos = jnp.asarray(settings.eos_token_ids or (-1,), jnp.int32)
 
@@ -371,6 +436,8 @@ def beam_search(decode: DecodeFn, cache: DecoderCache, settings: GenerationSetti
         logits, cache = decode(tokens, s.cache)
         log_probs = process_scores(jax.nn.log_softmax(logits, axis=-1), flat_running, s.step, settings,
                                    traced)  # [B*K, V]
+        if joint is not None:
+            log_probs, extensions = joint.score(log_probs, s.ctc, s.step)
         vocab = log_probs.shape[-1]
         candidates = (log_probs.reshape(batch, k, vocab) + s.running_scores[:, :, None]).reshape(batch, k * vocab)
         if settings.do_sample:
@@ -431,6 +498,8 @@ def beam_search(decode: DecodeFn, cache: DecoderCache, settings: GenerationSetti
             done=done,
             step=generated,
             scores=step_scores,
+            ctc=None if joint is None else joint.select(extensions, s.ctc, rows.reshape(-1),
+                                                        jnp.take_along_axis(token, go_on, axis=1).reshape(-1)),
         )
 
     s = jax.lax.while_loop(not_done, step_fn, state)

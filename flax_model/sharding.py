@@ -44,7 +44,7 @@ from flax import traverse_util
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from convert.base.checkpoint import FLAX_FIRST, Checkpoint
-from convert.base.composed import PROJECTION_KEYMAP, SpeechEncoderDecoderConfig
+from convert.base.composed import CTC_HEAD_KEYMAP, PROJECTION_KEYMAP, SpeechEncoderDecoderConfig
 from convert.base.configs import HFConfig
 from convert.base.errors import bad_argument
 from convert.base.keymap import Entry, Plan, T
@@ -67,12 +67,12 @@ from convert.base.stacking import Stacks, layer_path, layer_stacks
 
 def partition_rules(config: HFConfig) -> tuple[PartitionRule, ...]:
     """The rules of a composed model (the encoder's under `encoder/`, the decoder's under `decoder/`, and
-    `enc_to_dec_proj`) or of a single architecture."""
+    `enc_to_dec_proj` and the CTC head) or of a single architecture."""
     if isinstance(config, SpeechEncoderDecoderConfig):
         encoder = spec_for(config.encoder, role="encoder").partitioning
         decoder = spec_for(config.decoder, role="decoder").partitioning
         return (prefixed_rules(encoder, "encoder/") + prefixed_rules(decoder, "decoder/")
-                + default_partition_rules(PROJECTION_KEYMAP))
+                + default_partition_rules(PROJECTION_KEYMAP) + default_partition_rules(CTC_HEAD_KEYMAP))
     return spec_for(config).partitioning
 
 

@@ -47,7 +47,8 @@ from flax_model.sharding import (
     param_shardings,
     sync_processes,
 )
-from flax_model.training import LossSums, layer_pattern, remat_layers, shift_tokens_right
+from flax_model.ctc import ctc_loss_terms, ctc_targets
+from flax_model.training import IGNORE_INDEX, LossSums, layer_pattern, remat_layers, shift_tokens_right
 from flax_model.training import loss_sums as label_loss_sums
 
 
@@ -86,6 +87,10 @@ class SpeechEncoderDecoderModule(nn.Module):
                 dtype=self.dtype,
                 kernel_init=jax.nn.initializers.normal(cfg.decoder.init_scale),
             )
+        if cfg.ctc is not None:  # Wav2Vec2ForCTC's dropout and lm_head, over the encoder output
+            self.ctc_dropout = nn.Dropout(cfg.ctc.dropout)
+            self.ctc_head = nn.Dense(cfg.ctc.vocab_size, dtype=self.dtype,
+                                     kernel_init=jax.nn.initializers.normal(cfg.encoder.init_scale))
 
     @_under_scan_setting
     def encode(
@@ -103,6 +108,22 @@ class SpeechEncoderDecoderModule(nn.Module):
         (see `convert.base.spec_augment`) are applied when given; `freeze_feature_encoder` stops gradients at the
         conv feature encoder's output.
         """
+        hidden, mask = self.encode_features(inputs, attention_mask, deterministic, freeze_feature_encoder,
+                                            mask_time_indices, mask_feature_indices)
+        return self.project(hidden), mask
+
+    @_under_scan_setting
+    def encode_features(
+        self,
+        inputs: jax.Array,  # [B, N]
+        attention_mask: jax.Array | None = None,  # [B, N]
+        deterministic: bool = True,
+        freeze_feature_encoder: bool = False,
+        mask_time_indices: jax.Array | None = None,
+        mask_feature_indices: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array]:
+        """The speech encoder's own output [B, S, E] (before `enc_to_dec_proj`: what the CTC head reads) and its
+        padding mask [B, S]; the arguments are `encode`'s."""
         masks = {name: value for name, value in (("mask_time_indices", mask_time_indices),
                                                  ("mask_feature_indices", mask_feature_indices)) if value is not None}
         hidden = self.encoder(inputs, attention_mask, deterministic=deterministic,
@@ -111,9 +132,32 @@ class SpeechEncoderDecoderModule(nn.Module):
             mask = jnp.ones(hidden.shape[:2], dtype=bool)
         else:
             mask = frame_mask(self.config.encoder, attention_mask, hidden.shape[1])
-        if self.config.has_projection:
-            hidden = self.enc_to_dec_proj(hidden)
         return hidden, mask
+
+    def project(self, hidden: jax.Array) -> jax.Array:
+        """The encoder output in the decoder's width (`enc_to_dec_proj` when the widths differ)."""
+        return self.enc_to_dec_proj(hidden) if self.config.has_projection else hidden
+
+    def ctc_logits(self, features: jax.Array, deterministic: bool = True) -> jax.Array:
+        """The CTC head's logits [B, S, V] over the encoder's own output [B, S, E] (`encode_features`); dropout
+        (`ctc.dropout`, transformers' `final_dropout`) in train mode."""
+        if self.config.ctc is None:
+            raise ValueError("this model has no CTC head (config.json has no 'ctc' section)")
+        return self.ctc_head(self.ctc_dropout(features, deterministic=deterministic))
+
+    @_under_scan_setting
+    def encode_with_ctc(self, inputs: jax.Array, attention_mask: jax.Array | None = None
+                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """What joint decoding needs: the encoder output in the decoder's width [B, S, D], its mask [B, S], and
+        the CTC head's logits [B, S, V] (float32)."""
+        features, mask = self.encode_features(inputs, attention_mask)
+        return self.project(features), mask, self.ctc_logits(features).astype(jnp.float32)
+
+    @_under_scan_setting
+    def ctc_only(self, inputs: jax.Array, attention_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """The CTC head's logits [B, S, V] (float32) and the frame mask [B, S]: CTC decoding without the decoder."""
+        features, mask = self.encode_features(inputs, attention_mask)
+        return self.ctc_logits(features).astype(jnp.float32), mask
 
     @_under_scan_setting
     def decode(
@@ -155,9 +199,12 @@ class SpeechEncoderDecoderModule(nn.Module):
         mask_time_indices: jax.Array | None = None,
         mask_feature_indices: jax.Array | None = None,
     ) -> jax.Array:
-        hidden, mask = self.encode(inputs, attention_mask, deterministic, freeze_feature_encoder, mask_time_indices,
-                                   mask_feature_indices)
-        logits, _ = self.decode(decoder_input_ids, hidden, mask, decoder_attention_mask, deterministic=deterministic)
+        features, mask = self.encode_features(inputs, attention_mask, deterministic, freeze_feature_encoder,
+                                              mask_time_indices, mask_feature_indices)
+        if self.config.ctc is not None and self.is_initializing():
+            self.ctc_logits(features)  # creates the head's params
+        logits, _ = self.decode(decoder_input_ids, self.project(features), mask, decoder_attention_mask,
+                                deterministic=deterministic)
         return logits
 
     def loss_sums(
@@ -170,21 +217,42 @@ class SpeechEncoderDecoderModule(nn.Module):
         mask_time_indices: jax.Array | None = None,
         mask_feature_indices: jax.Array | None = None,
         decoder_attention_mask: jax.Array | None = None,
+        ctc_labels: jax.Array | None = None,
+        with_ctc: bool = False,
     ) -> LossSums:
-        """Teacher-forced loss terms: the decoder reads `labels` shifted right (transformers' semantics)."""
+        """Teacher-forced loss terms: the decoder reads `labels` shifted right (transformers' semantics); with
+        `with_ctc` also the CTC head's loss terms (`flax_model.ctc.ctc_loss_terms`) against `ctc_labels` [B, U]
+        (-100 padding), by default the labels without the special tokens (a head over the decoder's vocabulary).
+        Rows whose labels are all -100 (batch filler) count for nothing in either loss."""
         cfg = self.config
         if cfg.decoder_start_token_id is None or cfg.pad_token_id is None:
             raise ValueError("the loss needs decoder_start_token_id and pad_token_id in the config")
         decoder_input_ids = shift_tokens_right(labels, cfg.pad_token_id, cfg.decoder_start_token_id)
-        run = lambda: self(inputs, attention_mask, decoder_input_ids, decoder_attention_mask,
-                           deterministic, freeze_feature_encoder, mask_time_indices, mask_feature_indices)
+
+        def run() -> LossSums:
+            features, mask = self.encode_features(inputs, attention_mask, deterministic, freeze_feature_encoder,
+                                                  mask_time_indices, mask_feature_indices)
+            logits, _ = self.decode(decoder_input_ids, self.project(features), mask, decoder_attention_mask,
+                                    deterministic=deterministic)
+            sums = label_loss_sums(logits, labels)
+            if not with_ctc:
+                return sums
+            targets = ctc_labels
+            if targets is None:
+                if not cfg.ctc.shares_decoder_vocabulary:
+                    raise ValueError("this CTC head has its own vocabulary: pass ctc_labels")
+                targets = ctc_targets(labels, sorted(cfg.special_token_ids))
+            rows = jnp.any(labels != IGNORE_INDEX, axis=1)
+            ctc, count = ctc_loss_terms(self.ctc_logits(features, deterministic), mask, targets, rows, cfg.ctc)
+            return sums.replace(ctc=ctc, ctc_count=count)
+
         if not self.remat:
-            return label_loss_sums(run(), labels)
+            return run()
         if self.scan_layers:  # `nn.remat` inside each scan
             with layer_scan(True, remat=True):
-                return label_loss_sums(run(), labels)
+                return run()
         with remat_layers(layer_pattern(layer_stacks(cfg))):
-            return label_loss_sums(run(), labels)
+            return run()
 
 
 def layer_stacks(config: SpeechEncoderDecoderConfig) -> list[str]:
@@ -510,12 +578,17 @@ class FlaxSpeechEncoderDecoderModel:
         mask_time_indices: Any = None,
         mask_feature_indices: Any = None,
         decoder_attention_mask: Any = None,
+        ctc_weight: float | None = None,
+        ctc_labels: Any = None,
     ) -> jax.Array:
         """The training loss, a pure function of `params` (so `jax.grad` applies), compiled once per shape.
 
         transformers' semantics: the decoder reads `labels` shifted right (`decoder_start_token_id` first, -100
         as `pad_token_id`); the loss is the mean cross-entropy over the label tokens that are not -100, with
-        `LabelSmoother`'s smoothing when `label_smoothing` > 0.
+        `LabelSmoother`'s smoothing when `label_smoothing` > 0. With `ctc_weight` (lambda; the model needs a CTC
+        head) it is lambda CTC + (1 - lambda) that, the CTC loss as transformers' `Wav2Vec2ForCTC` computes it
+        (`torch.nn.functional.ctc_loss` over the head's log-softmax, blank `ctc.blank_id`, reduction
+        `ctc.loss_reduction`, `ctc.zero_infinity`) over the utterances that have labels.
 
         Args:
             inputs: [B, N] float waveforms, or [B, S, F] feature frames for an encoder that reads features.
@@ -528,6 +601,9 @@ class FlaxSpeechEncoderDecoderModel:
             mask_time_indices: [B, S] bool SpecAugment time mask over the encoder's frames (before any adapter).
             mask_feature_indices: [B, C] bool SpecAugment channel mask.
             decoder_attention_mask: [B, T]; transformers' training passes none (causal masking suffices).
+            ctc_weight: lambda in [0, 1] of the hybrid CTC/attention loss; None: no CTC term.
+            ctc_labels: [B, U] the CTC targets (-100 padding); by default the labels without the special tokens
+                (a head over the decoder's vocabulary; a head with its own vocabulary needs them).
 
         Returns:
             The scalar loss (float32).
@@ -545,14 +621,18 @@ class FlaxSpeechEncoderDecoderModel:
         else:
             check_labels(labels, self.config.decoder.vocab_size, np.shape(inputs)[0])
         deterministic = dropout_rng is None
-        key = ("loss", deterministic, bool(freeze_feature_encoder))
+        with_ctc = ctc_weight is not None
+        if with_ctc and self.config.ctc is None:
+            raise UnsupportedConfig("ctc_weight: this model has no CTC head (compose it with --ctc-head)")
+        key = ("loss", deterministic, bool(freeze_feature_encoder), with_ctc)
         if key not in self._compiled:
-            def run(params, inputs, mask, labels, smoothing, rng, time_mask, feature_mask, decoder_mask):
+            def run(params, inputs, mask, labels, smoothing, rng, time_mask, feature_mask, decoder_mask, weight,
+                    targets):
                 sums = self.module.apply(
                     {"params": params}, inputs, mask, labels, deterministic, freeze_feature_encoder, time_mask,
-                    feature_mask, decoder_mask, method=SpeechEncoderDecoderModule.loss_sums,
+                    feature_mask, decoder_mask, targets, with_ctc, method=SpeechEncoderDecoderModule.loss_sums,
                     rngs=None if deterministic else {"dropout": rng})
-                return sums.mean(smoothing)
+                return sums.mean(smoothing, weight)
 
             self._compiled[key] = jax.jit(run)
         as_array = lambda x, dtype: None if x is None else jnp.asarray(x, dtype)
@@ -560,7 +640,17 @@ class FlaxSpeechEncoderDecoderModel:
             params, jnp.asarray(inputs, jnp.float32), as_array(attention_mask, jnp.int32),
             jnp.asarray(labels, jnp.int32), jnp.float32(label_smoothing), dropout_rng,
             as_array(mask_time_indices, bool), as_array(mask_feature_indices, bool),
-            as_array(decoder_attention_mask, jnp.int32))
+            as_array(decoder_attention_mask, jnp.int32), jnp.float32(0.0 if ctc_weight is None else ctc_weight),
+            as_array(ctc_labels, jnp.int32))
+
+    def ctc_logits(self, inputs: Any, attention_mask: Any = None, params: dict | None = None
+                   ) -> tuple[jax.Array, jax.Array]:
+        """The CTC head's logits [B, S, V] (float32) over the encoder output, and its frame mask [B, S] (bool)."""
+        if self.config.ctc is None:
+            raise UnsupportedConfig("this model has no CTC head (config.json has no 'ctc' section)")
+        params = self.params if params is None else params
+        mask = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+        return self._fn("ctc_only")(params, jnp.asarray(inputs, jnp.float32), mask)
 
     def generate(self, inputs: Any, attention_mask: Any = None, **kwargs: Any) -> Any:
         """Greedy or beam-search transcription; see `flax_model.generation.generate`. On a mesh the batch is

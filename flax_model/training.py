@@ -76,14 +76,37 @@ class LossSums:
     smooth: jax.Array
     tokens: jax.Array
     vocab_size: int = flax.struct.field(pytree_node=False, default=1)
+    # Hybrid CTC/attention (`flax_model.ctc.ctc_loss_terms`): the CTC loss summed over the utterances (each divided
+    # by its target length under the "mean" reduction) and what that sum is averaged over (utterances, or 1).
+    ctc: jax.Array | None = None
+    ctc_count: jax.Array | None = None
 
-    def objective(self, label_smoothing: float | jax.Array) -> jax.Array:
-        """The loss times the number of tokens: summed over micro-batches, then divided by the total tokens."""
-        return (1.0 - label_smoothing) * self.nll + label_smoothing * self.smooth / self.vocab_size
+    def objective(self, label_smoothing: float | jax.Array,
+                  ctc_scales: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+        """The loss times the number of tokens: summed over micro-batches, then divided by the total tokens.
 
-    def mean(self, label_smoothing: float | jax.Array) -> jax.Array:
-        """transformers' loss: `CrossEntropyLoss()` without smoothing, `LabelSmoother(e)` with."""
-        return self.objective(label_smoothing) / jnp.maximum(self.tokens, 1)
+        With `ctc_scales` = (1 - lambda, lambda x total tokens / total CTC count) over the whole step
+        (`ctc_scales`), it is (1 - lambda) x the cross-entropy objective + that scale x the CTC sum: divided by the
+        step's tokens, lambda CTC + (1 - lambda) cross-entropy.
+        """
+        attention = (1.0 - label_smoothing) * self.nll + label_smoothing * self.smooth / self.vocab_size
+        if ctc_scales is None:
+            return attention
+        return ctc_scales[0] * attention + ctc_scales[1] * self.ctc
+
+    def mean(self, label_smoothing: float | jax.Array, ctc_weight: float | jax.Array = 0.0) -> jax.Array:
+        """transformers' loss: `CrossEntropyLoss()` without smoothing, `LabelSmoother(e)` with; with CTC terms,
+        ctc_weight x CTC + (1 - ctc_weight) x that."""
+        attention = self.objective(label_smoothing) / jnp.maximum(self.tokens, 1)
+        if self.ctc is None:
+            return attention
+        return (1.0 - ctc_weight) * attention + ctc_weight * self.ctc / self.ctc_count
+
+
+def ctc_scales(ctc_weight: float, tokens: int, ctc_count: float) -> tuple[np.float32, np.float32]:
+    """`LossSums.objective`'s weights for a step whose micro-batches hold `tokens` label tokens and a CTC count
+    (`LossSums.ctc_count` summed, or 1 under the "sum" reduction) of `ctc_count`."""
+    return np.float32(1.0 - ctc_weight), np.float32(ctc_weight * max(tokens, 1) / max(ctc_count, 1e-9))
 
 
 def loss_sums(logits: jax.Array, labels: jax.Array) -> LossSums:
@@ -369,13 +392,15 @@ def to_numpy(tree: Any) -> Any:
 
 def loss_grad_function(module: nn.Module, *, deterministic: bool, freeze_feature_encoder: bool = False,
                        gathered: Mapping[str, NamedSharding] | None = None,
-                       frozen: Callable[[str], bool] | None = None) -> Callable[..., tuple[LossSums, Any]]:
-    """(params, batch, rng, label_smoothing) -> (LossSums, gradients of `LossSums.objective`), to jit.
+                       frozen: Callable[[str], bool] | None = None,
+                       with_ctc: bool = False) -> Callable[..., tuple[LossSums, Any]]:
+    """(params, batch, rng, label_smoothing[, ctc_scales]) -> (LossSums, gradients of `LossSums.objective`), to jit.
 
     `module` is a `SpeechEncoderDecoderModule` (its `dtype` the compute dtype, `remat` on request); `batch` holds
-    "inputs" [B, N], "attention_mask" [B, N] | None, "labels" [B, T] and optionally "mask_time_indices" [B, S]
-    and "mask_feature_indices" [B, C]. The gradients are of the summed objective: divide by the step's total
-    tokens (`apply_function` does) for the gradient of the mean loss.
+    "inputs" [B, N], "attention_mask" [B, N] | None, "labels" [B, T] and optionally "mask_time_indices" [B, S],
+    "mask_feature_indices" [B, C] and "ctc_labels" [B, U]. The gradients are of the summed objective: divide by
+    the step's total tokens (`apply_function` does) for the gradient of the mean loss. `with_ctc` adds the CTC
+    head's loss, weighted by `ctc_scales` (`ctc_scales()`, from the whole step's counts).
 
     `gathered` (on a mesh): `/`-joined paths of split leaves to use whole, each with the (replicated) sharding to
     gather it to (`flax_model.sharding.gathered_in_training`).
@@ -384,7 +409,8 @@ def loss_grad_function(module: nn.Module, *, deterministic: bool, freeze_feature
     computed for the frozen ones.
     """
 
-    def run(params: Any, batch: Mapping[str, Any], rng: jax.Array | None, label_smoothing: jax.Array):
+    def run(params: Any, batch: Mapping[str, Any], rng: jax.Array | None, label_smoothing: jax.Array,
+            ctc_scales: tuple[jax.Array, jax.Array] | None = None):
         def objective(p: Any) -> tuple[jax.Array, LossSums]:
             if gathered:
                 flat = traverse_util.flatten_dict(dict(p), sep="/")
@@ -394,8 +420,9 @@ def loss_grad_function(module: nn.Module, *, deterministic: bool, freeze_feature
             sums = module.apply(
                 {"params": p}, batch["inputs"], batch.get("attention_mask"), batch["labels"], deterministic,
                 freeze_feature_encoder, batch.get("mask_time_indices"), batch.get("mask_feature_indices"),
+                None, batch.get("ctc_labels"), with_ctc,
                 method="loss_sums", rngs=None if deterministic else {"dropout": rng})
-            return sums.objective(label_smoothing), sums
+            return sums.objective(label_smoothing, ctc_scales if with_ctc else None), sums
 
         if frozen is None:
             (_, sums), grads = jax.value_and_grad(objective, has_aux=True)(params)
@@ -422,6 +449,7 @@ class StepFunctions:
         mesh: the mesh the state lives on; None on one device.
         vocab_size: the decoder's vocabulary: `train_step` refuses label ids outside it (None: not checked
             against it).
+        ctc_reduction: the CTC head's reduction when `grad` adds the CTC loss (hybrid CTC/attention); else None.
     """
 
     grad: Callable[..., tuple[LossSums, Any]]
@@ -429,6 +457,7 @@ class StepFunctions:
     apply: Callable[[TrainState, Any, jax.Array], TrainState]
     mesh: Mesh | None = None
     vocab_size: int | None = None
+    ctc_reduction: str | None = None
 
 
 def _grad_shardings(shardings: TrainState, frozen: Callable[[str], bool] | None) -> Any:
@@ -437,18 +466,19 @@ def _grad_shardings(shardings: TrainState, frozen: Callable[[str], bool] | None)
 
 
 def compiled_grad(module: nn.Module, *, deterministic: bool, freeze_feature_encoder: bool = False,
-                  shardings: TrainState | None = None, frozen: Callable[[str], bool] | None = None
-                  ) -> Callable[..., tuple[LossSums, Any]]:
+                  shardings: TrainState | None = None, frozen: Callable[[str], bool] | None = None,
+                  with_ctc: bool = False) -> Callable[..., tuple[LossSums, Any]]:
     """`loss_grad_function` compiled; on a mesh (`shardings`) the gradients come out sharded like the params and
     the loss sums replicated (every process can read them)."""
     if shardings is None:
         return jax.jit(loss_grad_function(module, deterministic=deterministic,
-                                          freeze_feature_encoder=freeze_feature_encoder, frozen=frozen))
+                                          freeze_feature_encoder=freeze_feature_encoder, frozen=frozen,
+                                          with_ctc=with_ctc))
     replicated = NamedSharding(shardings.step.mesh, PartitionSpec())
     params = traverse_util.flatten_dict(dict(shardings.params), sep="/")
     gathered = {path: replicated for path in sorted(gathered_in_training(module.config, params))}
     grad = loss_grad_function(module, deterministic=deterministic, freeze_feature_encoder=freeze_feature_encoder,
-                              gathered=gathered, frozen=frozen)
+                              gathered=gathered, frozen=frozen, with_ctc=with_ctc)
     return jax.jit(grad, out_shardings=(replicated, _grad_shardings(shardings, frozen)))
 
 
@@ -470,7 +500,7 @@ def compiled_apply(optimizer: optax.GradientTransformation, shardings: TrainStat
 
 def step_functions(module: nn.Module, optimizer: optax.GradientTransformation, *, deterministic: bool,
                    freeze_feature_encoder: bool = False, shardings: TrainState | None = None,
-                   frozen: Callable[[str], bool] | None = None) -> StepFunctions:
+                   frozen: Callable[[str], bool] | None = None, with_ctc: bool = False) -> StepFunctions:
     """Compiles the step's pieces (`compiled_grad`, `compiled_add`, `compiled_apply`).
 
     Args:
@@ -481,12 +511,14 @@ def step_functions(module: nn.Module, optimizer: optax.GradientTransformation, *
         shardings: `state_shardings(params, optimizer, frozen)` for a state on a mesh; None: one device.
         frozen: path -> frozen: gradients, optimiser state and updates for the other leaves only (the optimiser
             made over `split_trainable(params, frozen)[0]`, the state by `init_state(params, optimizer, frozen)`).
+        with_ctc: add the CTC head's loss (hybrid CTC/attention; `train_step`'s `ctc_weight` weighs it).
     """
     return StepFunctions(
         compiled_grad(module, deterministic=deterministic, freeze_feature_encoder=freeze_feature_encoder,
-                      shardings=shardings, frozen=frozen),
+                      shardings=shardings, frozen=frozen, with_ctc=with_ctc),
         compiled_add(shardings, frozen), compiled_apply(optimizer, shardings, frozen),
-        None if shardings is None else shardings.step.mesh, module.config.decoder.vocab_size)
+        None if shardings is None else shardings.step.mesh, module.config.decoder.vocab_size,
+        module.config.ctc.loss_reduction if with_ctc else None)
 
 
 def place_batch(mesh: Mesh | None, batch: Mapping[str, Any]) -> dict[str, Any]:
@@ -532,16 +564,18 @@ def _replicated_key(mesh: Mesh | None, key: jax.Array | None) -> jax.Array | Non
 
 
 def train_step(fns: StepFunctions, state: TrainState, micro_batches: Iterable[tuple[Mapping[str, Any], Any]],
-               label_smoothing: float = 0.0) -> tuple[TrainState, float, int]:
+               label_smoothing: float = 0.0, ctc_weight: float = 0.0) -> tuple[TrainState, float, int]:
     """One optimiser step over its micro-batches (gradient accumulation).
 
     Args:
         fns: from `step_functions`.
         state: the state before the step (donated: do not use it afterwards).
         micro_batches: (batch of host arrays as `loss_grad_function` takes them, dropout key or None), read one
-            at a time. On a mesh each is padded to a multiple of data x fsdp (`pad_batch`) and its rows split
-            over both axes; in a multi-process run every process passes the whole micro-batch.
+            at a time (all first, with CTC: its weights need the step's counts). On a mesh each is padded to a
+            multiple of data x fsdp (`pad_batch`) and its rows split over both axes; in a multi-process run every
+            process passes the whole micro-batch.
         label_smoothing: transformers' `label_smoothing_factor`, in [0, 1).
+        ctc_weight: lambda of the hybrid loss lambda CTC + (1 - lambda) cross-entropy (`fns` built `with_ctc`).
 
     Returns:
         (the next state, the step's summed objective, its real label tokens): the mean loss is their ratio.
@@ -551,16 +585,24 @@ def train_step(fns: StepFunctions, state: TrainState, micro_batches: Iterable[tu
     """
     grads, objective, tokens = None, 0.0, 0
     smoothing = np.float32(check_label_smoothing(label_smoothing))
+    scales = None
+    if fns.ctc_reduction is not None:
+        micro_batches = list(micro_batches)
+        labels = [np.asarray(batch["labels"]) for batch, _ in micro_batches]
+        count = (sum(int(np.any(b != IGNORE_INDEX, axis=1).sum()) for b in labels)
+                 if fns.ctc_reduction == "mean" else 1)
+        scales = ctc_scales(ctc_weight, sum(int((b != IGNORE_INDEX).sum()) for b in labels), count)
     for batch, key in micro_batches:
         if not isinstance(batch["labels"], jax.core.Tracer):  # host arrays: ids checked before they are gathered
             check_labels(batch["labels"], fns.vocab_size or np.iinfo(np.int32).max, need_tokens=False)
         if fns.mesh is not None:
             batch = pad_batch(batch, train_batch_rows(fns.mesh))
+        extra = () if scales is None else (scales,)
         sums, micro_grads = fns.grad(state.params, place_batch(fns.mesh, batch), _replicated_key(fns.mesh, key),
-                                     smoothing)
+                                     smoothing, *extra)
         grads = micro_grads if grads is None else fns.add(grads, micro_grads)
         sums = jax.tree.map(np.asarray, sums)  # replicated on a mesh: every process reads it whole
-        objective += float(sums.objective(label_smoothing))
+        objective += float(sums.objective(label_smoothing, scales))
         tokens += int(sums.tokens)
     if grads is None:
         raise ValueError("train_step: no micro-batches")

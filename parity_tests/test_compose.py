@@ -453,7 +453,7 @@ def test_report_card_and_summary_say_when_transformers_cannot_load_the_output(co
     assert "transformers cannot load this model: transformers builds enc_to_dec_proj" in log.getvalue()
     # A pair transformers loads says nothing of the kind.
     fine = composed_dir("w2v_stable_wide", "gpt2_lm")
-    assert json.loads((fine / "compose_report.json").read_text())["transformers"] == {"loads": True, "reason": None}
+    assert json.loads((fine / "compose_report.json").read_text())["transformers"] == {"loads": True, "reason": None, "ignored": []}
     assert "from transformers import SpeechEncoderDecoderModel" in (fine / "README.md").read_text()
 
 

@@ -50,6 +50,9 @@ class SpeechEncoderDecoderModel(nn.Module):
         self.decoder = model_for(config.decoder, "decoder")
         if config.has_projection:
             self.enc_to_dec_proj = nn.Linear(config.encoder.encoder_output_size, config.decoder.hidden_size)
+        if config.ctc is not None:  # Wav2Vec2ForCTC's dropout and lm_head over the encoder output
+            self.ctc_dropout = nn.Dropout(config.ctc.dropout)
+            self.ctc_head = nn.Linear(config.encoder.encoder_output_size, config.ctc.vocab_size)
 
     def encode(
         self, inputs: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -60,6 +63,14 @@ class SpeechEncoderDecoderModel(nn.Module):
         The SpecAugment masks ([B, S] over the feature encoder's frames, [B, C] over channels) are applied when
         given; `.train()` turns on dropout and LayerDrop.
         """
+        hidden, mask = self.encode_features(inputs, attention_mask, mask_time_indices, mask_feature_indices)
+        return self.project(hidden), mask
+
+    def encode_features(
+        self, inputs: torch.Tensor, attention_mask: torch.Tensor | None = None,
+        mask_time_indices: torch.Tensor | None = None, mask_feature_indices: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The speech encoder's own output [B, S, E] (what the CTC head reads) and its padding mask [B, S]."""
         masks = {name: value for name, value in (("mask_time_indices", mask_time_indices),
                                                  ("mask_feature_indices", mask_feature_indices)) if value is not None}
         hidden = self.encoder(inputs, attention_mask, **masks)
@@ -67,9 +78,18 @@ class SpeechEncoderDecoderModel(nn.Module):
             mask = torch.ones(hidden.shape[:2], dtype=torch.bool)
         else:
             mask = frame_mask(self.config.encoder, attention_mask, hidden.shape[1])
-        if self.config.has_projection:
-            hidden = self.enc_to_dec_proj(hidden)
         return hidden, mask
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.enc_to_dec_proj(hidden) if self.config.has_projection else hidden
+
+    def ctc_logits(self, inputs: torch.Tensor, attention_mask: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The CTC head's logits [B, S, V] and the frame mask [B, S] (`.train()`: dropout before the head)."""
+        if self.config.ctc is None:
+            raise UnsupportedConfig("this model has no CTC head (config.json has no 'ctc' section)")
+        hidden, mask = self.encode_features(inputs, attention_mask)
+        return self.ctc_head(self.ctc_dropout(hidden)), mask
 
     def decode(self, decoder_input_ids, encoder_hidden_states, encoder_attention_mask,
                decoder_attention_mask=None, cache=None):
@@ -106,11 +126,16 @@ class SpeechEncoderDecoderModel(nn.Module):
         mask_time_indices: torch.Tensor | None = None,
         mask_feature_indices: torch.Tensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
+        ctc_weight: float | None = None,
+        ctc_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """transformers' training loss: the decoder reads `labels` shifted right (start token first, -100 as
         pad), mean cross-entropy over the labels that are not -100 (`LabelSmoother` when `label_smoothing`).
-        Dropout and LayerDrop apply in `.train()` mode. Labels must be integer ids within the vocabulary or -100
-        (at least one token), `label_smoothing` in [0, 1); anything else is a one-line `UsageError`."""
+        With `ctc_weight` lambda: lambda CTC + (1 - lambda) that, the CTC loss computed as transformers'
+        `Wav2Vec2ForCTC` does (`ctc_loss` below) over the utterances that have labels, against `ctc_labels`
+        (default: the labels without the special tokens). Dropout and LayerDrop apply in `.train()` mode. Labels
+        must be integer ids within the vocabulary or -100 (at least one token), `label_smoothing` in [0, 1);
+        anything else is a one-line `UsageError`."""
         cfg = self.config
         label_smoothing = check_label_smoothing(label_smoothing)
         if not isinstance(labels, torch.Tensor):
@@ -119,9 +144,21 @@ class SpeechEncoderDecoderModel(nn.Module):
         if cfg.decoder_start_token_id is None or cfg.pad_token_id is None:
             raise ValueError("the loss needs decoder_start_token_id and pad_token_id in the config")
         decoder_input_ids = shift_tokens_right(labels, cfg.pad_token_id, cfg.decoder_start_token_id)
-        out = self(inputs, attention_mask, decoder_input_ids, decoder_attention_mask, mask_time_indices,
-                   mask_feature_indices)
-        return label_loss(out.logits, labels, label_smoothing)
+        features, mask = self.encode_features(inputs, attention_mask, mask_time_indices, mask_feature_indices)
+        logits, _ = self.decode(decoder_input_ids, self.project(features), mask, decoder_attention_mask)
+        attention = label_loss(logits, labels, label_smoothing)
+        if ctc_weight is None:
+            return attention
+        if cfg.ctc is None:
+            raise UnsupportedConfig("ctc_weight: this model has no CTC head")
+        rows = (labels != -100).any(dim=1)
+        if ctc_labels is None:
+            special = torch.tensor(sorted(cfg.special_token_ids))
+            ctc_labels = [row[(row != -100) & ~torch.isin(row, special)] for row in labels[rows]]
+        else:
+            ctc_labels = [row[row != -100] for row in ctc_labels[rows]]
+        ctc = ctc_loss(self.ctc_head(self.ctc_dropout(features[rows])), mask[rows].sum(-1), ctc_labels, cfg.ctc)
+        return (1 - ctc_weight) * attention + ctc_weight * ctc
 
     def freeze_feature_encoder(self) -> list[str]:
         """The conv feature encoder's parameters stop requiring gradients (transformers' method of that name);
@@ -181,6 +218,21 @@ class SpeechEncoderDecoderModel(nn.Module):
     def generate(self, inputs, attention_mask=None, **kwargs):
         """Greedy or beam-search decoding; see `torch_reference.generation.generate`."""
         return _generate(self, inputs, attention_mask, **kwargs)
+
+
+def ctc_loss(logits: torch.Tensor, frames: torch.Tensor, targets: list[torch.Tensor], head: Any) -> torch.Tensor:
+    """transformers' `Wav2Vec2ForCTC` loss: log-softmax in float32, `torch.nn.functional.ctc_loss` over the
+    concatenated targets with the head's blank, reduction and `zero_infinity`.
+
+    Args:
+        logits: [B, S, V]; frames: [B] real frames of each utterance; targets: B label tensors; head: the
+            composed config's `ctc` section.
+    """
+    log_probs = nn.functional.log_softmax(logits, dim=-1, dtype=torch.float32).transpose(0, 1)
+    lengths = torch.tensor([len(t) for t in targets])
+    flat = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long)
+    return nn.functional.ctc_loss(log_probs, flat, frames, lengths, blank=head.blank_id,
+                                  reduction=head.loss_reduction, zero_infinity=head.zero_infinity)
 
 
 def non_trainable_paths(config: SpeechEncoderDecoderConfig) -> frozenset[str]:

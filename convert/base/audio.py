@@ -50,6 +50,30 @@ class AudioError(ConvertError):
 # HF's feature extractors by `feature_extractor_type`, and the encoder input each makes.
 WAVEFORM, FBANK = "Wav2Vec2FeatureExtractor", "SeamlessM4TFeatureExtractor"
 EXTRACTORS = {WAVEFORM: "waveform", FBANK: "features"}
+@dataclasses.dataclass(frozen=True, eq=False)
+class AudioBytes:
+    """An audio file's bytes held in memory (e.g. a 🤗 datasets row), read like a file: `name` stands for its path
+    in messages."""
+
+    data: bytes
+    name: str
+
+    def __str__(self) -> str:
+        return self.name
+
+
+AudioSource = str | Path | AudioBytes
+
+
+def _opened(source: AudioSource) -> tuple[Any, Path | AudioBytes]:
+    """What soundfile opens (a path, or the bytes as a file), and what messages name."""
+    if isinstance(source, AudioBytes):
+        import io
+
+        return io.BytesIO(source.data), source
+    path = Path(source)
+    _check_is_file(path)
+    return str(path), path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +200,7 @@ def _fbank_config(path: Path, data: Mapping[str, Any], encoder_config: Any | Non
     return config
 
 
-def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
+def read_audio(path: AudioSource) -> tuple[np.ndarray, int]:
     """Reads an audio file in any format libsndfile reads (WAV incl. float and WAVE_FORMAT_EXTENSIBLE, FLAC,
     OGG/Vorbis, MP3, AIFF, ...) and averages its channels.
 
@@ -186,14 +210,13 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
     Raises:
         AudioError: one line naming the file: missing, not audio, no samples, or NaN or infinite samples.
     """
-    path = Path(path)
-    _check_is_file(path)
-    if path.suffix.lower() == ".raw":  # soundfile would ask for the rate and encoding a headerless file lacks
+    opened, path = _opened(path)
+    if Path(str(path)).suffix.lower() == ".raw":  # soundfile would ask for the rate and encoding a headerless file lacks
         raise AudioError(f"{path}: headerless (RAW) audio has no sample rate or encoding to read; convert it to WAV "
                          f"or FLAC first")
     mono, at = [], 0
     try:
-        with soundfile.SoundFile(str(path)) as f:
+        with soundfile.SoundFile(opened) as f:
             rate, channels = f.samplerate, f.channels
             if rate < 1 or channels < 1:
                 raise AudioError(f"{path}: not a valid audio file ({channels} channels at {rate} Hz)")
@@ -214,7 +237,7 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
     return np.concatenate(mono), rate
 
 
-def load_audio(path: str | Path, sampling_rate: int = DEFAULT_SAMPLE_RATE) -> np.ndarray:
+def load_audio(path: AudioSource, sampling_rate: int = DEFAULT_SAMPLE_RATE) -> np.ndarray:
     """A mono waveform [N] float32 read from an audio file and resampled to `sampling_rate`.
 
     Resampling is soxr's at `RESAMPLE_QUALITY`; its output has round(N * sampling_rate / rate) samples and
@@ -239,7 +262,7 @@ def load_audio(path: str | Path, sampling_rate: int = DEFAULT_SAMPLE_RATE) -> np
     return resampled
 
 
-def audio_seconds(path: str | Path) -> float:
+def audio_seconds(path: AudioSource) -> float:
     """The duration an audio file's header states, without decoding it (for progress bars).
 
     For MP3 the length is libsndfile's estimate from the stream headers.
@@ -247,10 +270,9 @@ def audio_seconds(path: str | Path) -> float:
     Raises:
         AudioError: a missing file or one soundfile cannot open.
     """
-    path = Path(path)
-    _check_is_file(path)
+    opened, path = _opened(path)
     try:
-        info = soundfile.info(str(path))
+        info = soundfile.info(opened)
     except (soundfile.SoundFileError, RuntimeError, TypeError, ValueError, OSError) as e:
         raise AudioError(f"{path}: not an audio file soundfile can read ({_one_line(e)})") from None
     if info.samplerate < 1:

@@ -9,6 +9,10 @@ from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar, Self
 
 from convert.base.configs import DecoderConfig, EncoderConfig, HFConfig
+from convert.base.ctc import CONFIG_KEY as CTC_KEY
+from convert.base.ctc import FLAX_MODULE as CTC_FLAX
+from convert.base.ctc import TORCH_MODULE as CTC_TORCH
+from convert.base.ctc import CTCHeadConfig
 from convert.base.errors import UnsupportedConfig
 from convert.base.keymap import KeyMap, Rule, T
 from convert.base.registry import config_from_hf_dict, spec_for
@@ -33,6 +37,7 @@ class SpeechEncoderDecoderConfig(HFConfig):
     eos_token_id: int | None = None
     is_encoder_decoder: bool = True
     tie_word_embeddings: bool = False
+    ctc: CTCHeadConfig | None = None  # the CTC head over the encoder output (hybrid CTC/attention), if any
 
     @classmethod
     def from_hf_dict(cls, d: Mapping[str, Any], where: str = "config.json") -> Self:
@@ -60,6 +65,7 @@ class SpeechEncoderDecoderConfig(HFConfig):
             eos_token_id=d.get("eos_token_id"),
             is_encoder_decoder=d.get("is_encoder_decoder", True),
             tie_word_embeddings=d.get("tie_word_embeddings", False),
+            ctc=None if d.get(CTC_KEY) is None else CTCHeadConfig.from_dict(d[CTC_KEY], where),
         )
         config.validate(where)
         return config
@@ -70,6 +76,9 @@ class SpeechEncoderDecoderConfig(HFConfig):
             value = getattr(self, name)
             if value is not None and not 0 <= value < vocab:
                 self._refuse(where, name, value, f"is not a token id of the decoder (vocab_size={vocab})")
+        if self.ctc is not None and self.ctc.shares_decoder_vocabulary and self.ctc.vocab_size != vocab:
+            self._refuse(where, f"{CTC_KEY}.vocab_size", self.ctc.vocab_size,
+                         f"differs from the decoder's vocab_size={vocab}, whose vocabulary the CTC head speaks")
 
     def to_hf_dict(self) -> dict[str, Any]:
         out = dict(self.raw)
@@ -83,6 +92,9 @@ class SpeechEncoderDecoderConfig(HFConfig):
             is_encoder_decoder=self.is_encoder_decoder,
             tie_word_embeddings=self.tie_word_embeddings,
         )
+        out.pop(CTC_KEY, None)
+        if self.ctc is not None:
+            out[CTC_KEY] = self.ctc.to_dict()
         return out
 
     @property
@@ -92,6 +104,13 @@ class SpeechEncoderDecoderConfig(HFConfig):
             self.encoder.encoder_output_size != self.decoder.hidden_size
             and self.decoder.cross_attention_hidden_size is None
         )
+
+    @property
+    def special_token_ids(self) -> frozenset[int]:
+        """The ids that are not words (decoder start, pad, eos, the decoder's bos): CTC targets over the decoder's
+        vocabulary leave them out, and joint decoding scores them as CTC-neutral (eos: the end)."""
+        ids = (self.decoder_start_token_id, self.pad_token_id, self.eos_token_id, self.decoder.bos_token_id)
+        return frozenset(i for i in ids if i is not None)
 
     @property
     def encoder_config(self) -> EncoderConfig:
@@ -108,11 +127,20 @@ PROJECTION_KEYMAP = KeyMap("enc_to_dec_proj", (
 ))
 
 
+# The CTC head over the encoder output (not in transformers' SpeechEncoderDecoderModel; see convert.base.ctc).
+CTC_HEAD_KEYMAP = KeyMap(CTC_FLAX, (
+    Rule(f"{CTC_TORCH}.weight", f"{CTC_FLAX}/kernel", T.LINEAR),
+    Rule(f"{CTC_TORCH}.bias", f"{CTC_FLAX}/bias"),
+))
+
+
 def composed_keymap(config: SpeechEncoderDecoderConfig) -> KeyMap:
-    """The composed model's table: PyTorch `SpeechEncoderDecoderModel` keys <-> HF Flax paths."""
+    """The composed model's table: PyTorch `SpeechEncoderDecoderModel` keys <-> HF Flax paths (plus the CTC head
+    when the config has one)."""
     encoder = spec_for(config.encoder, role="encoder").keymap.prefixed("encoder.", "encoder/")
     decoder = spec_for(config.decoder, role="decoder").keymap.prefixed("decoder.", "decoder/")
-    return encoder + decoder + PROJECTION_KEYMAP
+    table = encoder + decoder + PROJECTION_KEYMAP
+    return table + CTC_HEAD_KEYMAP if config.ctc is not None else table
 
 
 def composed_tied_keys(config: SpeechEncoderDecoderConfig) -> dict[str, str]:

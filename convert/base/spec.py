@@ -150,6 +150,9 @@ class ArchSpec:
             paths) out of the decoder it writes, with the config's `as_causal_lm()`.
         causal_lm: a decoder that is a language model on its own (GPT-2, Llama, ...; not BART's or BERT's
             decoders): the prefix composition (`convert.compose --mode prefix`) accepts it.
+        ctc_head: an encoder's CTC head module as a task checkpoint stores it (`...ForCTC`'s `lm_head`: keys
+            `lm_head.weight`/`.bias`, Flax `lm_head/kernel`/`bias`), which compose keeps as the composed model's
+            CTC head (`convert.base.ctc`); None when the architecture has none.
     """
 
     name: str
@@ -172,6 +175,7 @@ class ArchSpec:
     fan_in_fan_out: tuple[str, ...] = ()
     hf_cross_attention: bool = True
     causal_lm: bool = False
+    ctc_head: str | None = None
 
     def __post_init__(self) -> None:
         check_partition_rules(self.partition_rules, f"{self.name}: partition_rules")

@@ -77,4 +77,5 @@ SPEC = ArchSpec(
     layer_stack=("num_hidden_layers", "encoder/layers/"),
     hf_classes=("Data2VecAudioModel", "Data2VecAudioForCTC", "Data2VecAudioForSequenceClassification",
                 "Data2VecAudioForAudioFrameClassification", "Data2VecAudioForXVector"),
+    ctc_head="lm_head",  # ...ForCTC's CTC head (transformers' name), kept by compose when asked
 )

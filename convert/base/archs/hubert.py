@@ -100,4 +100,5 @@ SPEC = ArchSpec(
     layer_stack=("num_hidden_layers", "encoder/layers/"),
     buffers=(r".*\.batch_norm\.running_(mean|var)",),
     hf_classes=("HubertModel", "HubertForCTC", "HubertForSequenceClassification"),
+    ctc_head="lm_head",  # ...ForCTC's CTC head (transformers' name), kept by compose when asked
 )

@@ -318,4 +318,5 @@ SPEC = ArchSpec(
     layer_stack=("num_hidden_layers", "encoder/layers/"),
     hf_classes=("Wav2Vec2Model", "Wav2Vec2ForCTC", "Wav2Vec2ForPreTraining", "Wav2Vec2ForSequenceClassification",
                 "Wav2Vec2ForAudioFrameClassification", "Wav2Vec2ForXVector"),
+    ctc_head="lm_head",  # ...ForCTC's CTC head (transformers' name), kept by compose when asked
 )

@@ -179,4 +179,5 @@ SPEC = ArchSpec(
     hf_classes=("Wav2Vec2ConformerModel", "Wav2Vec2ConformerForCTC", "Wav2Vec2ConformerForPreTraining",
                 "Wav2Vec2ConformerForSequenceClassification", "Wav2Vec2ConformerForAudioFrameClassification",
                 "Wav2Vec2ConformerForXVector"),
+    ctc_head="lm_head",  # ...ForCTC's CTC head (transformers' name), kept by compose when asked
 )

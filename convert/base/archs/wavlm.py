@@ -94,4 +94,5 @@ SPEC = ArchSpec(
     layer_stack=("num_hidden_layers", "encoder/layers/"),
     hf_classes=("WavLMModel", "WavLMForCTC", "WavLMForSequenceClassification", "WavLMForAudioFrameClassification",
                 "WavLMForXVector"),
+    ctc_head="lm_head",  # ...ForCTC's CTC head (transformers' name), kept by compose when asked
 )

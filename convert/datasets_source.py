@@ -1,0 +1,199 @@
+"""Speech data from 🤗 `datasets`: Hub datasets and local ones (parquet, arrow, audiofolder) as utterances for
+fine-tuning (`convert.finetune --dataset`) and transcription (`convert.generate --dataset`).
+
+Rows are read through the `datasets` library; their audio is not decoded by it: the audio column is read as the
+file's bytes or path (`Audio(decode=False)`) and decoded and resampled by `convert.base.audio`, as manifests' files
+are. A NAME_OR_PATH is, in order: a directory written by `save_to_disk` (arrow), a `.parquet` / `.arrow` file, a
+local directory (`load_dataset` finds its builder: audiofolder, parquet, ...), or a Hub dataset id (the Hub cache,
+`HF_HUB_OFFLINE` honoured). `streaming` reads the split row by row without preparing it in the datasets cache; the
+rows' audio is kept in memory (fine-tuning reads every utterance each epoch).
+
+datasets 4 and 5 ask for `torchcodec` (and FFmpeg) even to store an audio file's path or bytes unchanged, which a
+local audiofolder needs while it is prepared; this toolkit decodes audio itself, so while it reads a dataset without
+torchcodec installed, those values pass through as datasets stores them (`_audio_passthrough`), and anything that
+would need encoding (arrays) still fails as datasets makes it fail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from convert.base.audio import AudioBytes
+from convert.base.errors import ConvertError, bad_argument
+
+
+class DatasetError(ConvertError):
+    """A dataset, split, column or row that cannot be used."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSource:
+    """One split of a dataset, and where its audio and text are.
+
+    Attributes:
+        name: a Hub dataset id or a local path (see the module docstring).
+        config: the dataset's configuration (`load_dataset`'s second argument), if it has several.
+        split: the split to read.
+        audio_column: the column holding the audio (an `Audio` feature, a `{"bytes", "path"}` struct, or a path).
+        text_column: the column holding the transcript (None: no text, for transcription without references).
+        streaming: read row by row instead of preparing the dataset in the datasets cache.
+    """
+
+    name: str
+    config: str | None = None
+    split: str = "train"
+    audio_column: str = "audio"
+    text_column: str | None = "text"
+    streaming: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.name}" + (f" ({self.config})" if self.config else "") + f"[{self.split}]"
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One utterance: its audio (a local path or the bytes), its transcript, and where it was read."""
+
+    audio: Path | AudioBytes
+    text: str | None
+    where: str
+
+
+def read_rows(source: DatasetSource, require_text: bool = True) -> list[Row]:
+    """Every row of the split, its audio as a path or bytes (nothing is decoded). Without `require_text` a split
+    that lacks the text column gives rows without text (transcription without references).
+
+    Raises:
+        DatasetError: one line naming the dataset, split, column or row: a dataset or split that cannot be
+            loaded, a missing column, a row without audio or (with `require_text`) without a transcript.
+    """
+    if not isinstance(source.name, str) or not source.name.strip():
+        raise bad_argument("dataset", repr(source.name), "is not a dataset (a Hub id or a local path)")
+    with _audio_passthrough():
+        dataset = _load(source)
+        columns = list(dataset.column_names or ()) if getattr(dataset, "column_names", None) else None
+        text_column = source.text_column
+        if columns is not None and text_column is not None and text_column not in columns and not require_text:
+            text_column = None  # transcription without references
+        for column in (source.audio_column, text_column):
+            if column is not None and columns is not None and column not in columns:
+                flag = "audio_column" if column == source.audio_column else "text_column"
+                raise DatasetError(f"{source}: no column {column!r} (columns: {', '.join(columns)}; pass {flag}=...)")
+        dataset = _undecoded(dataset, source.audio_column)
+        rows = []
+        for index, item in enumerate(_iterate(dataset, source)):
+            where = f"{source}:{index}"
+            if source.audio_column not in item:
+                raise DatasetError(f"{where}: no column {source.audio_column!r} (columns: {', '.join(item)})")
+            text = None
+            if text_column is not None:
+                text = item.get(text_column)
+                if text is not None and not isinstance(text, str):
+                    raise DatasetError(f"{where}: {text_column!r} is {type(text).__name__}, not a string")
+                if require_text and (text is None or not text.strip()):
+                    raise DatasetError(f"{where}: {text_column!r} must be a non-empty string")
+            rows.append(Row(_audio_of(item[source.audio_column], where), text, where))
+    if not rows:
+        raise DatasetError(f"{source}: the split holds no rows")
+    return rows
+
+
+def _load(source: DatasetSource) -> Any:
+    """The split as a `datasets` Dataset or IterableDataset."""
+    import datasets
+
+    path = Path(source.name).expanduser()
+    kwargs: dict[str, Any] = {"split": source.split, "streaming": source.streaming}
+    try:
+        if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+            loaded = datasets.load_from_disk(str(path))
+            if isinstance(loaded, datasets.DatasetDict):
+                if source.split not in loaded:
+                    raise DatasetError(f"{source}: no split {source.split!r} (splits: {', '.join(loaded)})")
+                loaded = loaded[source.split]
+            return loaded.to_iterable_dataset() if source.streaming else loaded
+        if path.is_file() and path.suffix in (".parquet", ".arrow"):
+            builder = path.suffix[1:]
+            return datasets.load_dataset(builder, data_files={source.split: str(path)}, **kwargs)
+        return datasets.load_dataset(str(path) if path.exists() else source.name, source.config, **kwargs)
+    except DatasetError:
+        raise
+    except ValueError as e:
+        if "split" in str(e).lower() or "Unknown split" in str(e):
+            raise DatasetError(f"{source}: no split {source.split!r} ({_one_line(e)})") from None
+        raise DatasetError(f"{source}: cannot be loaded ({_one_line(e)})") from None
+    except (FileNotFoundError, OSError, ImportError, datasets.exceptions.DatasetNotFoundError) as e:
+        raise DatasetError(f"{source}: cannot be loaded ({_one_line(e)})") from None
+    except Exception as e:  # noqa: BLE001 - datasets raises many kinds (DatasetGenerationError, HTTP errors, ...)
+        raise DatasetError(f"{source}: cannot be loaded ({type(e).__name__}: {_one_line(e)})") from None
+
+
+def _undecoded(dataset: Any, column: str) -> Any:
+    """The dataset with its audio column read as bytes / path (`Audio(decode=False)`), when it is an Audio column."""
+    import datasets
+
+    features = getattr(dataset, "features", None) or {}
+    if isinstance(features.get(column), datasets.Audio):
+        return dataset.cast_column(column, datasets.Audio(decode=False))
+    return dataset
+
+
+def _iterate(dataset: Any, source: DatasetSource) -> Iterator[dict[str, Any]]:
+    try:
+        yield from dataset
+    except ConvertError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever the builder raises while reading rows
+        raise DatasetError(f"{source}: a row cannot be read ({type(e).__name__}: {_one_line(e)})") from None
+
+
+def _audio_of(value: Any, where: str) -> Path | AudioBytes:
+    """A row's audio as a local file or its bytes."""
+    if isinstance(value, str):
+        value = {"path": value, "bytes": None}
+    if not isinstance(value, dict):
+        raise DatasetError(f"{where}: the audio is {type(value).__name__}, not a file (bytes or a path)")
+    data, path = value.get("bytes"), value.get("path")
+    if data:
+        return AudioBytes(bytes(data), f"{where} ({path})" if path else where)
+    if path and Path(path).is_file():
+        return Path(path)
+    raise DatasetError(f"{where}: the audio has no bytes, and its path {path!r} is not a local file")
+
+
+@contextlib.contextmanager
+def _audio_passthrough() -> Iterator[None]:
+    """Without torchcodec, `datasets.Audio.encode_example` stores paths and bytes as datasets would (it refuses
+    to without torchcodec, though it does not use it for them); restored on leaving."""
+    import importlib.util
+
+    import datasets
+
+    if importlib.util.find_spec("torchcodec") is not None:
+        yield
+        return
+    original = datasets.Audio.encode_example
+
+    def encode_example(self: Any, value: Any) -> dict:
+        if isinstance(value, (str, Path)):
+            return {"bytes": None, "path": str(Path(value).absolute()) if isinstance(value, Path) else value}
+        if isinstance(value, (bytes, bytearray)):
+            return {"bytes": bytes(value), "path": None}
+        if isinstance(value, dict) and "array" not in value and (value.get("bytes") is not None
+                                                                  or value.get("path") is not None):
+            return {"bytes": value.get("bytes"), "path": value.get("path")}
+        return original(self, value)
+
+    datasets.Audio.encode_example = encode_example
+    try:
+        yield
+    finally:
+        datasets.Audio.encode_example = original
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())[:200] or type(error).__name__
