@@ -373,7 +373,7 @@ def _aligner(model: Any, vocabulary: Any) -> Callable[..., list[Any]]:
                     rows.append(None)
         logits, frame_mask = model.ctc_logits(inputs, mask)
         width = max(8, -(-max(len(r or ()) for r in rows) // 8) * 8)  # a few shapes: multiples of 8
-        columns = np.full((len(rows), width + 1), config.ctc.blank_id, np.int32)
+        columns = np.full((logits.shape[0], width + 1), config.ctc.blank_id, np.int32)  # filler rows: blanks
         for r, labels in enumerate(rows):
             columns[r, 1:1 + len(labels or ())] = labels or ()
         picked = np.asarray(label_log_probs(logits, columns))  # [B, S, 1 + width]
