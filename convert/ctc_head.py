@@ -18,10 +18,10 @@ puts it on the scale of the decoder's per-token cross-entropy), `zero_infinity` 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
+from convert.base.configs import read_json
 from convert.base.ctc import DECODER_VOCABULARY, VOCAB_FILE, CTCError, CTCHeadConfig, CTCVocabulary
 from convert.base.errors import UsageError, bad_argument
 from convert.base.keymap import Entry, T
@@ -139,13 +139,7 @@ def _entry(encoder: Any, key: str, target: str, transform: T) -> Entry:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CTCError(f"{path}: not valid JSON ({str(e).splitlines()[0][:120]})") from None
-    return data if isinstance(data, dict) else {}
+    return read_json(path) if path.is_file() else {}
 
 
 def _read_tokens(path: Path) -> dict[str, int]:

@@ -63,6 +63,27 @@ class Row:
     where: str
 
 
+def add_arguments(group: Any, splits: tuple[tuple[str, str, str], ...], what: str) -> None:
+    """The command-line flags of a dataset source: --dataset, --dataset-config, the split flags ((flag, default,
+    help) each), --audio-column, --text-column (`what` the text is) and --streaming."""
+    group.add_argument("--dataset", metavar="NAME_OR_PATH",
+                       help="a Hub dataset id or a local dataset (save_to_disk directory, parquet / arrow file, "
+                       "audiofolder or parquet directory); audio decoded by the toolkit's reader")
+    group.add_argument("--dataset-config", metavar="C", help="the dataset's configuration")
+    for flag, default, text in splits:
+        group.add_argument(flag, default=default, metavar="S", help=text)
+    group.add_argument("--audio-column", default="audio", metavar="COL", help="the column holding the audio")
+    group.add_argument("--text-column", default="text", metavar="COL", help=f"the column holding {what}")
+    group.add_argument("--streaming", action="store_true",
+                       help="read row by row instead of preparing the dataset in the datasets cache")
+
+
+def source_from_arguments(args: Any, split: str) -> DatasetSource:
+    """The `DatasetSource` the flags of `add_arguments` name, for one split."""
+    return DatasetSource(args.dataset, args.dataset_config, split, args.audio_column, args.text_column,
+                         args.streaming)
+
+
 def read_rows(source: DatasetSource, require_text: bool = True) -> list[Row]:
     """Every row of the split, its audio as a path or bytes (nothing is decoded). Without `require_text` a split
     that lacks the text column gives rows without text (transcription without references).

@@ -181,8 +181,9 @@ class FinetuneResult:
 class _Run:
     """Everything one fine-tuning run holds: the model, the data, the compiled step, the checkpoints."""
 
-    def __init__(self, model_dir: Path, train: str | Path, eval_manifest: str | Path, settings: FinetuneSettings,
-                 checkpoint_dir: Path, mesh: Any = None, max_memory: int | None = None):
+    def __init__(self, model_dir: Path, train: Any, eval_manifest: Any, settings: FinetuneSettings,
+                 checkpoint_dir: Path, mesh: Any = None, max_memory: int | None = None,
+                 data: tuple[list, list] | None = None):
         import jax.numpy as jnp
 
         from convert.base.audio import feature_extractor_config
@@ -193,8 +194,8 @@ class _Run:
         self.settings = s = settings
         self.model_dir = model_dir
         self.train_source = train
-        self.train = read_examples(train)
-        self.eval = read_examples(eval_manifest)
+        # `data`: the examples of `train` and `eval_manifest`, when the caller has read them already.
+        self.train, self.eval = data if data is not None else (read_examples(train), read_examples(eval_manifest))
         self.model = FlaxSpeechEncoderDecoderModel.from_pretrained(model_dir, mesh=mesh)
         self.mesh = self.model.mesh  # None on one device
         self.config = config = self.model.config
@@ -369,7 +370,7 @@ class _Run:
                 raise DataError(str(e)) from None
         if not head.zero_infinity:
             for example, ids, n in zip(self.train, labels, self.train_lengths):
-                frames = int(self.config.encoder.output_lengths(n))
+                frames = int(self.config.encoder.output_lengths(self.features.input_length(n)))
                 if alignment_frames(ids) > frames:
                     raise DataError(f"{example.where}: its {len(ids)} CTC labels need {alignment_frames(ids)} frames, "
                                     f"the audio makes {frames} (the head's zero_infinity is off: the loss would be "
@@ -723,7 +724,7 @@ def finetune(
     """
     from convert.base.outputs import check_output_location, claimed, input_sources
     from convert.base.resources import parse_memory
-    from convert.training_data import read_manifest
+    from convert.training_data import read_examples
 
     log = log or sys.stdout
     cli.set_interrupt_note("nothing was trained or written")
@@ -744,9 +745,15 @@ def finetune(
     given = checkpoint_dir is not None
     checkpoint_dir = Path(checkpoint_dir) if given else output.with_name(output.name + ".checkpoints")
     # What the run reads is never written, replaced or removed by it: the model, the manifests, their audio.
-    examples = read_manifest(train) + read_manifest(eval)
-    sources = [("the model", model_dir), *input_sources("a manifest being read", [train, eval]),
-               *input_sources("an audio file being read", sorted({e.audio for e in examples}))]
+    from convert.datasets_source import DatasetSource
+
+    data = (read_examples(train), read_examples(eval))  # manifests, or dataset splits (read once)
+    manifests = [m for m in (train, eval) if not isinstance(m, DatasetSource)]
+    local = [Path(d.name) for d in (train, eval) if isinstance(d, DatasetSource) and Path(d.name).exists()]
+    sources = [("the model", model_dir), *input_sources("a manifest being read", manifests),
+               *input_sources("a dataset being read", local),
+               *input_sources("an audio file being read",
+                              sorted({e.audio for e in data[0] + data[1] if isinstance(e.audio, Path)}))]
     check_output_location(output, overwrite=overwrite, param="output",
                           sources=[*sources, ("the checkpoint directory", checkpoint_dir)])
     check_checkpoint_directory(checkpoint_dir, sources=[*sources, ("the output", output)], resume=resume,
@@ -760,7 +767,7 @@ def finetune(
         return _train_and_export(model_dir, train, eval, output, settings, checkpoint_dir, resume=resume,
                                  overwrite=overwrite, verify=verify, progress=progress, log=log, command=command,
                                  stop=stop, after_step=after_step, mesh=mesh, max_memory=max_memory,
-                                 sources=sources)
+                                 sources=sources, data=data)
 
 
 # Orbax's temporary names for a checkpoint being written (`3.orbax-checkpoint-tmp-1712345678`).
@@ -799,7 +806,7 @@ def _train_and_export(model_dir: Path, train: str | Path, eval: str | Path, outp
                       checkpoint_dir: Path, *, resume: bool, overwrite: bool, verify: bool, progress: bool,
                       log: TextIO, command: str | None, stop: threading.Event | None,
                       after_step: Callable[[int], None] | None, mesh: Any, max_memory: int | None,
-                      sources: list) -> FinetuneResult:
+                      sources: list, data: tuple[list, list] | None = None) -> FinetuneResult:
     """The run proper, once its inputs and outputs are checked (see `finetune`).
 
     Interrupts (with `stop`, as the command passes it): before the first step ends, nothing is worth saving and a
@@ -844,7 +851,7 @@ def _train_and_export(model_dir: Path, train: str | Path, eval: str | Path, outp
         manager = checkpoint_manager(checkpoint_dir)
         if resume and manager.latest_step() is not None:
             verify_checkpoint(checkpoint_dir, manager.latest_step())  # before the model and the data are read
-        run = _Run(model_dir, train, eval, settings, checkpoint_dir, mesh, max_memory)
+        run = _Run(model_dir, train, eval, settings, checkpoint_dir, mesh, max_memory, data)
         state = init_state(run.model.params, run.optimizer, run.frozen_fn)
         memory = training_memory(state, run.frozen_fn)
         print(f"training {memory['trainable_parameters']:,} of {memory['parameters']:,} parameters "
@@ -1246,17 +1253,11 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--max-memory", metavar="SIZE",
                    help="memory the run may use, e.g. 64GB (default: what the machine has); a step, evaluation batch "
                    "or data set estimated to need more is refused before any work")
-    data = p.add_argument_group("data from 🤗 datasets (instead of --train / --eval)")
-    data.add_argument("--dataset", metavar="NAME_OR_PATH",
-                      help="a Hub dataset id or a local dataset (save_to_disk directory, parquet / arrow file, "
-                      "audiofolder or parquet directory); audio decoded by the toolkit's reader")
-    data.add_argument("--dataset-config", metavar="C", help="the dataset's configuration")
-    data.add_argument("--train-split", default="train", metavar="S", help="the training split")
-    data.add_argument("--eval-split", default="validation", metavar="S", help="the held-out split")
-    data.add_argument("--audio-column", default="audio", metavar="COL", help="the column holding the audio")
-    data.add_argument("--text-column", default="text", metavar="COL", help="the column holding the transcript")
-    data.add_argument("--streaming", action="store_true",
-                      help="read the splits row by row instead of preparing them in the datasets cache")
+    from convert.datasets_source import add_arguments
+
+    add_arguments(p.add_argument_group("data from 🤗 datasets (instead of --train / --eval)"),
+                  (("--train-split", "train", "the training split"), ("--eval-split", "validation", "the held-out split")),
+                  "the transcript")
     p.add_argument("--checkpoint-dir", metavar="DIR", help="where checkpoints go (default: OUTPUT.checkpoints)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if this toolkit wrote it")
@@ -1275,11 +1276,9 @@ def data_sources(args: Any) -> tuple[Any, Any]:
         return args.train, args.eval
     if args.train is not None or args.eval is not None:
         raise UsageError("dataset: replaces --train and --eval (pass one or the other)", param="dataset")
-    from convert.datasets_source import DatasetSource
+    from convert.datasets_source import source_from_arguments
 
-    split = lambda s: DatasetSource(args.dataset, args.dataset_config, s, args.audio_column, args.text_column,
-                                    args.streaming)
-    return split(args.train_split), split(args.eval_split)
+    return source_from_arguments(args, args.train_split), source_from_arguments(args, args.eval_split)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

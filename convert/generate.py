@@ -115,15 +115,10 @@ def build_parser() -> cli.ArgumentParser:
     for name, text in LIST_FLAGS.items():
         g.add_argument("--" + name.replace("_", "-"), type=int, nargs="+", metavar="ID", help=text)
     g.add_argument("--bad-words-ids", metavar="JSON", help="token sequences never generated, e.g. '[[12], [7, 9]]'")
-    d = p.add_argument_group("data from 🤗 datasets")
-    d.add_argument("--dataset", metavar="NAME_OR_PATH",
-                   help="transcribe a split of a Hub or local dataset (save_to_disk directory, parquet / arrow file, "
-                   "audiofolder or parquet directory); its text column, when present, as references")
-    d.add_argument("--dataset-config", metavar="C", help="the dataset's configuration")
-    d.add_argument("--split", default="test", metavar="S", help="the split to transcribe")
-    d.add_argument("--audio-column", default="audio", metavar="COL", help="the column holding the audio")
-    d.add_argument("--text-column", default="text", metavar="COL", help="the column holding the references")
-    d.add_argument("--streaming", action="store_true", help="read the split row by row")
+    from convert.datasets_source import add_arguments
+
+    add_arguments(p.add_argument_group("data from 🤗 datasets (a split, beside or instead of files)"),
+                  (("--split", "test", "the split to transcribe"),), "the references (used when present)")
     c = p.add_argument_group("CTC (a model with a CTC head)")
     c.add_argument("--ctc-weight", type=float, metavar="X",
                    help="one-pass joint CTC/attention beam search: each step scores (1 - X) attention + X CTC prefix "
@@ -180,10 +175,9 @@ def run(args: Any, out: TextIO, log: TextIO) -> TranscriptionReport:
         raise UsageError("overwrite=True: applies only with output", param="overwrite")
     datasets = []
     if args.dataset is not None:
-        from convert.datasets_source import DatasetSource
+        from convert.datasets_source import source_from_arguments
 
-        datasets.append(DatasetSource(args.dataset, args.dataset_config, args.split, args.audio_column,
-                                      args.text_column, args.streaming))
+        datasets.append(source_from_arguments(args, args.split))
     options = generation_options(args)
     generation_config = read_generation_config(args.generation_config)
 

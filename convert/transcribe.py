@@ -590,7 +590,8 @@ def transcribe(
     if timestamps:
         from convert.base.ctc import frame_seconds
 
-        seconds_per_frame = frame_seconds(runner.config.encoder, rate)
+        seconds_per_frame = frame_seconds(lambda n: runner.config.encoder.output_lengths(features.input_length(n)),
+                                          rate)
     words_of: dict[int, list[dict[str, Any]] | None] = {}
     shapes: set[tuple[int, int]] = set()
 

@@ -157,16 +157,9 @@ class CTCVocabulary:
 
     @classmethod
     def read(cls, path: str | Path, head: CTCHeadConfig) -> CTCVocabulary:
-        path = Path(path)
-        if not path.is_file():
-            raise CTCError(f"{path}: no such file (the CTC head's vocabulary)")
-        try:
-            tokens = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CTCError(f"{path}: not valid JSON ({str(e).splitlines()[0][:120]})") from None
-        if not isinstance(tokens, dict):
-            raise CTCError(f"{path}: expected a JSON object of token -> id")
-        return cls(tokens, head, str(path))
+        from convert.base.configs import read_json
+
+        return cls(read_json(path), head, str(path))
 
     def encode(self, text: str, where: str = "text") -> list[int]:
         if self.head.do_lower_case:
@@ -198,10 +191,11 @@ class CTCVocabulary:
 # Decoding on the host
 
 
-def frame_seconds(encoder_config: Any, sampling_rate: int) -> float:
-    """Seconds between two encoder output frames (the product of the conv and adapter strides, over the rate)."""
+def frame_seconds(frames_of: Callable[[int], int], sampling_rate: int) -> float:
+    """Seconds between two encoder output frames, from `frames_of` (audio samples -> output frames): the samples a
+    frame advances by (the product of the strides), over the rate."""
     long = 1 << 24
-    return round(long / int(encoder_config.output_lengths(long))) / sampling_rate
+    return round(long / int(frames_of(long))) / sampling_rate
 
 
 def alignment_frames(labels: Sequence[int]) -> int:
