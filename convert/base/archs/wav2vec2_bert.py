@@ -254,4 +254,5 @@ SPEC = ArchSpec(
     layer_stack=("num_hidden_layers", "encoder/layers/"),
     hf_classes=("Wav2Vec2BertModel", "Wav2Vec2BertForCTC", "Wav2Vec2BertForSequenceClassification",
                 "Wav2Vec2BertForAudioFrameClassification", "Wav2Vec2BertForXVector"),
+    ctc_head="lm_head",  # ...ForCTC's CTC head (transformers' name), kept by compose when asked
 )
