@@ -1,0 +1,259 @@
+"""Records what every decoder computes, so that a rewrite of the decoders can be held to the same numbers.
+
+    PYTHONPATH=$PWD python scripts/make_core_goldens.py [--output parity_tests/goldens/decoder_core.npz]
+
+For every decoder fixture case (every case of every registered decoder spec): the sha256 of the fixture's files
+(the fixture scripts draw their weights in the reference module's parameter order, so a change of that order
+shows here), and, once per distinct model (a case that loads to the config and params of an earlier case, e.g.
+the same decoder stored as `BartForConditionalGeneration`, only names that case), the logits of the Flax model and of the PyTorch reference on one padded batch, teacher-forced
+and, for causal decoders, decoded through the cache (a prefill of 4 tokens, then one token at a time). For a few
+composed pairs (whose decoders hold the cross-attention the composer created): the label loss of the decoder on
+the same batch and every decoder parameter's gradient (as `projections`), in both frameworks. Flax runs eagerly,
+as the test that reads this file does (`parity_tests/test_decoder_core.py`).
+
+The file was written with the decoders as they were before the decoder core (issue 19); the test proves that
+the code of today reproduces it. Rerun this script only when a decoder's numbers are meant to change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+# XLA's CPU backend at the tests' optimisation level (parity_tests/conftest.py), before JAX starts: another level
+# rounds some sums otherwise, and the test compares to the bit where it can.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from flax import traverse_util  # noqa: E402
+
+from convert.base.params import load_params  # noqa: E402
+from convert.base.registry import specs  # noqa: E402
+from flax_model.registry import module_for  # noqa: E402
+from flax_model.speech_encoder_decoder import param_shapes  # noqa: E402
+from scripts import make_fixtures  # noqa: E402
+from torch_reference.registry import from_pretrained as reference_from_pretrained  # noqa: E402
+
+OUTPUT = Path(__file__).resolve().parent.parent / "parity_tests" / "goldens" / "decoder_core.npz"
+BATCH, LENGTH, FRAMES, WIDTH = 2, 6, 5, 32
+PREFILL = 4  # tokens fed at once into the empty cache; the rest one at a time
+# (encoder case, decoder case): a composed pair whose loss gradients are recorded.
+PAIRS = (("w2v_group", "bart_causal"), ("w2v_group", "gpt2_lm"), ("w2v_group", "bert_lm"))
+
+
+def decoder_cases() -> list[str]:
+    return [case for spec in specs("decoder") for case in make_fixtures.cases_by_arch()[spec.name]]
+
+
+def text_inputs() -> dict[str, np.ndarray]:
+    """Token ids (below every fixture's vocabulary), a padded second row, encoder states with a padded first row."""
+    rng = np.random.default_rng(19)
+    mask = np.ones((BATCH, LENGTH), np.int32)
+    mask[1, 4:] = 0
+    encoder_mask = np.ones((BATCH, FRAMES), np.int32)
+    encoder_mask[0, 3:] = 0
+    return {
+        "input_ids": rng.integers(3, 96, (BATCH, LENGTH)).astype(np.int32),
+        "attention_mask": mask,
+        "encoder_hidden_states": rng.standard_normal((BATCH, FRAMES, WIDTH)).astype(np.float32),
+        "encoder_attention_mask": encoder_mask,
+    }
+
+
+def fixture_digest(directory: Path) -> str:
+    """One sha256 over every file of a fixture directory (names and bytes, in name order)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.iterdir() if p.is_file()):
+        digest.update(path.name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def params_digest(params) -> str:
+    """One sha256 over a Flax param tree's paths, shapes, dtypes and bytes."""
+    digest = hashlib.sha256()
+    for path, leaf in sorted(traverse_util.flatten_dict(params, sep="/").items()):
+        leaf = np.asarray(leaf)
+        digest.update(f"{path}|{leaf.dtype.str}|{leaf.shape}|".encode() + np.ascontiguousarray(leaf).tobytes())
+    return digest.hexdigest()
+
+
+def case_inputs(config, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    keys = ["input_ids", "attention_mask"]
+    if config.has_cross_attention:
+        keys += ["encoder_hidden_states", "encoder_attention_mask"]
+    return {k: inputs[k] for k in keys}
+
+
+def is_causal(config) -> bool:
+    """BERT and RoBERTa without `is_decoder` attend both ways (and have no cache); the other decoders are causal."""
+    return config.is_decoder or config.to_hf_dict()["model_type"] not in ("bert", "roberta")
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """PyTorch on one thread (as this script runs): its sums then add in one order, and repeat to the bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def cache_chunks() -> list[tuple[int, int]]:
+    """The (start, stop) token ranges fed through the cache: a prefill, then one token at a time."""
+    return [(0, PREFILL), *((t, t + 1) for t in range(PREFILL, LENGTH))]
+
+
+def flax_logits(config, params, batch) -> tuple[np.ndarray, np.ndarray | None]:
+    """(teacher-forced logits, cached logits or None) of the Flax model, run eagerly (not jitted as a whole)."""
+    module = module_for(config)
+    variables = {"params": params}
+    full, _ = module.apply(variables, **batch)
+    if not is_causal(config):
+        return np.asarray(full), None
+    cache = module.apply(variables, BATCH, LENGTH, batch.get("encoder_hidden_states"),
+                         batch.get("encoder_attention_mask"), method="init_cache")
+    steps = []
+    for start, stop in cache_chunks():
+        logits, cache = module.apply(variables, batch["input_ids"][:, start:stop], batch["attention_mask"],
+                                     cache=cache)
+        steps.append(np.asarray(logits))
+    return np.asarray(full), np.concatenate(steps, axis=1)
+
+
+def torch_logits(model, config, batch) -> tuple[np.ndarray, np.ndarray | None]:
+    """(teacher-forced logits, cached logits or None) of the reference."""
+    t = {k: torch.from_numpy(v) for k, v in batch.items()}
+    with torch.no_grad(), one_torch_thread():
+        full, _ = model(**t)
+        if not is_causal(config):
+            return full.numpy(), None
+        cache = model.init_cache(BATCH, LENGTH, t.get("encoder_hidden_states"), t.get("encoder_attention_mask"))
+        steps = []
+        for start, stop in cache_chunks():
+            logits, cache = model(t["input_ids"][:, start:stop].long(), t["attention_mask"], cache=cache)
+            steps.append(logits.numpy())
+    return full.numpy(), np.concatenate(steps, axis=1)
+
+
+def label_loss_flax(logits, ids, mask):
+    """Mean next-token cross-entropy over the real target tokens: logits [B, T, V], ids/mask [B, T]."""
+    import jax.numpy as jnp
+
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+    weight = mask[:, 1:].astype(jnp.float32)
+    return -jnp.sum(picked * weight) / jnp.sum(weight)
+
+
+def label_loss_torch(logits, ids, mask):
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    picked = torch.gather(logp, -1, ids[:, 1:, None].long())[..., 0]
+    weight = mask[:, 1:].float()
+    return -torch.sum(picked * weight) / torch.sum(weight)
+
+
+def projections(path: str, grad: np.ndarray) -> np.ndarray:
+    """[norm, 4 projections] of a gradient: its float64 norm and its dot products with 4 N(0, 1) directions drawn
+    from the path's CRC32, which stand for the whole array (any change of it moves them) in 5 numbers."""
+    import zlib
+
+    flat = np.asarray(grad, np.float64).ravel()
+    directions = np.random.default_rng(zlib.crc32(path.encode())).standard_normal((flat.size, 4))
+    return np.concatenate([[np.linalg.norm(flat)], flat @ directions])
+
+
+def pair_gradients(directory: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The label loss of a composed model's decoder on the text batch (its cross-attention over the batch's
+    encoder states), and every decoder parameter's gradient as `projections`, in both frameworks."""
+    from convert.base.registry import spec_for
+    from torch_reference.speech_encoder_decoder import from_pretrained as composed_from_pretrained
+
+    loaded = load_params(directory, param_shapes)
+    config = loaded.config.decoder
+    module = module_for(config)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    extra = {k: inputs[k] for k in ("encoder_hidden_states", "encoder_attention_mask")}
+
+    def loss(params):
+        logits, _ = module.apply({"params": params}, ids, mask, **extra)
+        return label_loss_flax(logits, ids, mask)
+
+    value, grads = jax.value_and_grad(loss)(loaded.params["decoder"])
+    out = {"flax/loss": np.asarray(value)}
+    out.update({f"flax/{k}": projections(k, v) for k, v in traverse_util.flatten_dict(grads, sep="/").items()})
+
+    model, _ = composed_from_pretrained(directory)
+    decoder = model.decoder
+    decoder.zero_grad()
+    t = {k: torch.from_numpy(v) for k, v in inputs.items()}
+    with one_torch_thread():
+        logits, _ = decoder(t["input_ids"].long(), t["attention_mask"], t["encoder_hidden_states"],
+                            t["encoder_attention_mask"])
+        ref = label_loss_torch(logits, t["input_ids"], t["attention_mask"])
+        ref.backward()
+    out["torch/loss"] = ref.detach().numpy()
+    spec = spec_for(config)
+    tied = spec.tied_keys(config)
+    for name, param in decoder.named_parameters():
+        if name not in tied:
+            path, transform = spec.keymap.to_flax(name)
+            out[f"torch/{path}"] = projections(path, transform.to_flax(param.grad.numpy()))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", type=Path, default=OUTPUT)
+    args = parser.parse_args(argv)
+    from convert.compose import compose
+
+    inputs = text_inputs()
+    arrays: dict[str, np.ndarray] = {f"inputs/{k}": v for k, v in inputs.items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        seen: dict[tuple, str] = {}  # (config, params digest) -> the first case that loads to them
+        for case in decoder_cases():
+            directory = make_fixtures.build(case, root)
+            arrays[f"{case}/fixture_sha256"] = np.asarray(fixture_digest(directory))
+            loaded = load_params(directory, param_shapes)
+            same = seen.setdefault((loaded.config, params_digest(loaded.params)), case)
+            if same != case:
+                # Another source layout of the same decoder (e.g. BartForConditionalGeneration): the same model.
+                arrays[f"{case}/same_as"] = np.asarray(same)
+                continue
+            model, _ = reference_from_pretrained(directory)
+            batch = case_inputs(loaded.config, inputs)
+            for who, (full, cached) in (("flax", flax_logits(loaded.config, loaded.params, batch)),
+                                        ("torch", torch_logits(model, loaded.config, batch))):
+                arrays[f"{case}/{who}/logits"] = full.astype(np.float32)
+                if cached is not None:
+                    arrays[f"{case}/{who}/cached_logits"] = cached.astype(np.float32)
+            print(case, "done", flush=True)
+        for encoder, decoder in PAIRS:
+            out = root / "composed" / f"{encoder}+{decoder}"
+            compose(str(make_fixtures.build(encoder, root)), str(make_fixtures.build(decoder, root)), out, seed=0,
+                    verify=False, progress=False, log=io.StringIO())
+            arrays.update({f"{encoder}+{decoder}/{k}": v for k, v in pair_gradients(out, inputs).items()})
+            print(encoder, decoder, "done", flush=True)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(args.output, **arrays)
+    print(f"{args.output}: {len(arrays)} arrays, {args.output.stat().st_size} bytes")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
