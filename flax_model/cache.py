@@ -14,35 +14,36 @@ class LayerCache:
     Self-attention keys/values are written at `DecoderCache.index`; cross-attention keys/values are
     projected from the encoder output once, at prefill, and only read afterwards.
 
-    The arrays are stored heads first, [B, N, L, H], the layout attention contracts in place. A decode step
-    on the [B, L, N, H] layout made XLA (CPU) transpose every layer's whole cache at every step, which was
-    most of a step's time with 10 s of audio. `key`, `value`, `cross_key` and `cross_value` are the
-    [B, L, N, H] views (the projections' own layout, as in `torch_reference`).
+    The arrays are stored heads first, [B, K, L, H] with K the key/value heads (fewer than the query heads N under
+    grouped-query attention), the layout attention contracts in place. A decode step on the [B, L, K, H] layout
+    made XLA (CPU) transpose every layer's whole cache at every step, which was most of a step's time with 10 s of
+    audio. `key`, `value`, `cross_key` and `cross_value` are the [B, L, K, H] views (the projections' own layout,
+    as in `torch_reference`). Without an encoder output the cross-attention arrays have S = 0.
     """
 
-    self_keys: jax.Array  # [B, N, L, H]
-    self_values: jax.Array  # [B, N, L, H]
-    cross_keys: jax.Array  # [B, N, S, H]
-    cross_values: jax.Array  # [B, N, S, H]
+    self_keys: jax.Array  # [B, K, L, H]
+    self_values: jax.Array  # [B, K, L, H]
+    cross_keys: jax.Array  # [B, K, S, H]
+    cross_values: jax.Array  # [B, K, S, H]
 
     @property
     def key(self) -> jax.Array:
-        """Self-attention keys, [B, L, N, H]."""
+        """Self-attention keys, [B, L, K, H]."""
         return self.self_keys.transpose(0, 2, 1, 3)
 
     @property
     def value(self) -> jax.Array:
-        """Self-attention values, [B, L, N, H]."""
+        """Self-attention values, [B, L, K, H]."""
         return self.self_values.transpose(0, 2, 1, 3)
 
     @property
     def cross_key(self) -> jax.Array:
-        """Cross-attention keys, [B, S, N, H]."""
+        """Cross-attention keys, [B, S, K, H]."""
         return self.cross_keys.transpose(0, 2, 1, 3)
 
     @property
     def cross_value(self) -> jax.Array:
-        """Cross-attention values, [B, S, N, H]."""
+        """Cross-attention values, [B, S, K, H]."""
         return self.cross_values.transpose(0, 2, 1, 3)
 
 
@@ -51,7 +52,7 @@ class DecoderCache:
     """All layers' caches, the number of positions written so far, and the encoder's padding mask.
 
     `layers` is a tuple of per-layer caches, or, for a model with scanned layers (`flax_model.layers.layer_scan`),
-    one `LayerCache` whose arrays have a leading layer axis ([layers, B, N, L, H]) that the scan runs over.
+    one `LayerCache` whose arrays have a leading layer axis ([layers, B, K, L, H]) that the scan runs over.
     """
 
     layers: tuple[LayerCache, ...] | LayerCache

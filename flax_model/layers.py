@@ -1,5 +1,5 @@
-"""Small pieces shared by the Flax architectures: activations, attention masks, decoder positions, and the
-layer stack (per-layer modules or one scanned layer) every architecture runs its identical layers through."""
+"""Small pieces shared by the Flax architectures: activations, frame masks, LayerDrop, and the layer stack
+(per-layer modules or one scanned layer) every architecture runs its identical layers through."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_model.cache import DecoderCache, LayerCache
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -55,49 +54,6 @@ def layer_drop(module: Any, rate: float, deterministic: bool) -> jax.Array | boo
     if deterministic or rate <= 0.0:
         return False
     return jax.random.uniform(module.make_rng("dropout"), ()) < rate
-
-
-def make_causal_mask(query_positions: jax.Array, key_length: int) -> jax.Array:
-    """[T] absolute query positions, key length L -> [T, L] bool, True where the key is not in the future."""
-    return jnp.arange(key_length)[None, :] <= query_positions[:, None]
-
-
-def make_attention_mask(causal: jax.Array | None, key_mask: jax.Array) -> jax.Array:
-    """Causal [T, S] | None and key padding [B, S] -> [B, 1, T|1, S] bool (True = attend)."""
-    mask = key_mask.astype(bool)[:, None, None, :]
-    return mask if causal is None else mask & causal[None, None]
-
-
-def decoder_positions(start: jax.Array | int, length: int) -> jax.Array:
-    """Absolute positions of `length` new tokens written from `start`: [T] int32."""
-    return start + jnp.arange(length, dtype=jnp.int32)
-
-
-def decoder_self_mask(attention_mask: jax.Array | None, positions: jax.Array, batch: int,
-                      key_length: int) -> jax.Array:
-    """Causal self-attention mask of T new tokens at `positions` [T] over L key slots -> [B, 1, T, L] bool.
-
-    `attention_mask` marks real decoder tokens: [B, T] without a cache, [B, L] (every cache slot) with one.
-    """
-    if attention_mask is None:
-        attention_mask = jnp.ones((batch, key_length), dtype=bool)
-    elif attention_mask.shape[1] != key_length:
-        raise ValueError(f"attention_mask has {attention_mask.shape[1]} positions, expected {key_length} "
-                         "(with a cache it covers every cache slot)")
-    return make_attention_mask(make_causal_mask(positions, key_length), attention_mask)
-
-
-def decoder_cross_mask(cache: DecoderCache | None, encoder_hidden_states: jax.Array | None,
-                       encoder_attention_mask: jax.Array | None) -> jax.Array | None:
-    """Cross-attention mask [B, 1, 1, S]: the cache's encoder mask, else the given one (all real by
-    default), else None when there is no encoder output to attend to."""
-    if cache is not None:
-        return make_attention_mask(None, cache.encoder_mask)
-    if encoder_hidden_states is None:
-        return None
-    if encoder_attention_mask is None:
-        encoder_attention_mask = jnp.ones(encoder_hidden_states.shape[:2], dtype=bool)
-    return make_attention_mask(None, encoder_attention_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -214,25 +170,3 @@ def run_stack(layers: Stack, num_layers: int, step: Step, carry: Any, per_layer:
 def map_stack(layers: Stack, num_layers: int, fn: Callable[[nn.Module], Any]) -> Any:
     """`fn(layer)` for every layer: a tuple (unrolled) or one stacked pytree (scanned)."""
     return run_stack(layers, num_layers, lambda layer, index, carry, x: (carry, fn(layer)), None)[1]
-
-
-def run_layers(layers: Stack, num_layers: int, hidden: jax.Array, self_mask: jax.Array,
-               encoder_hidden_states: jax.Array | None, cross_mask: jax.Array | None, cache: DecoderCache | None,
-               deterministic: bool, pass_layer_index: bool = False
-               ) -> tuple[jax.Array, tuple[LayerCache, ...] | LayerCache | None]:
-    """Runs a decoder's layers in order, each on its own slice of the cache; hidden [B, T, D].
-
-    Args:
-        pass_layer_index: call each layer with `layer_index=` its index (an int, or traced when scanned).
-
-    Returns:
-        (hidden [B, T, D], the layers' new caches (stacked when scanned), or None without a cache).
-    """
-    index = cache.index if cache is not None else 0
-
-    def step(layer: nn.Module, i: Any, hidden: jax.Array, layer_cache: LayerCache | None):
-        extra = {"layer_index": i} if pass_layer_index else {}
-        return layer(hidden, self_mask, encoder_hidden_states, cross_mask, layer_cache, index, deterministic, **extra)
-
-    hidden, new_layers = run_stack(layers, num_layers, step, hidden, cache.layers if cache is not None else None)
-    return hidden, (new_layers if cache is not None else None)

@@ -1,4 +1,4 @@
-"""Tiny seeded BERT checkpoints in Hugging Face format, built from `torch_reference.bert`.
+"""Tiny seeded BERT checkpoints in Hugging Face format, built from `torch_reference.decoder`.
 
 Cases:
     bert_lm             BertLMHeadModel (is_decoder), tied head, safetensors as transformers 5 writes them
@@ -27,7 +27,7 @@ from torch import nn
 
 from convert.base.archs.bert import BertConfig
 from scripts.fixture_io import save_hf_checkpoint
-from torch_reference.bert import BertLMHeadModel
+from torch_reference.decoder import CausalLM
 
 SEED = 20240613
 # Embeddings (and so a tied head) and the head's bias drawn wide, so that the logits' argmax moves along a
@@ -92,10 +92,10 @@ def randomise_(model: nn.Module, generator: torch.Generator) -> nn.Module:
     return model
 
 
-def build_model(config: dict[str, Any], seed: int = SEED) -> BertLMHeadModel:
+def build_model(config: dict[str, Any], seed: int = SEED) -> CausalLM:
     """The reference model of `config`, every parameter drawn from `seed`."""
     generator = torch.Generator().manual_seed(seed)
-    return randomise_(BertLMHeadModel(BertConfig.from_hf_dict(config)), generator).eval()
+    return randomise_(CausalLM(BertConfig.from_hf_dict(config)), generator).eval()
 
 
 def extra_tensors(shapes: Mapping[str, tuple[int, ...]], seed: int) -> dict[str, torch.Tensor]:

@@ -6,7 +6,7 @@ For every decoder fixture case (every case of every registered decoder spec): th
 (the fixture scripts draw their weights in the reference module's parameter order, so a change of that order
 shows here), and, once per distinct model (a case that loads to the config and params of an earlier case, e.g.
 the same decoder stored as `BartForConditionalGeneration`, only names that case), the logits of the Flax model and of the PyTorch reference on one padded batch, teacher-forced
-and, for causal decoders, decoded through the cache (a prefill of 4 tokens, then one token at a time). For a few
+and, for causal decoders, decoded through the cache (a prefill of 6 tokens, then one token at a time). For a few
 composed pairs (whose decoders hold the cross-attention the composer created): the label loss of the decoder on
 the same batch and every decoder parameter's gradient (as `projections`), in both frameworks. Flax runs eagerly,
 as the test that reads this file does (`parity_tests/test_decoder_core.py`).
@@ -47,10 +47,12 @@ from scripts import make_fixtures  # noqa: E402
 from torch_reference.registry import from_pretrained as reference_from_pretrained  # noqa: E402
 
 OUTPUT = Path(__file__).resolve().parent.parent / "parity_tests" / "goldens" / "decoder_core.npz"
-BATCH, LENGTH, FRAMES, WIDTH = 2, 6, 5, 32
-PREFILL = 4  # tokens fed at once into the empty cache; the rest one at a time
-# (encoder case, decoder case): a composed pair whose loss gradients are recorded.
-PAIRS = (("w2v_group", "bart_causal"), ("w2v_group", "gpt2_lm"), ("w2v_group", "bert_lm"))
+INPUTS = OUTPUT.parent / "inputs_text_pad_ids.npz"
+BATCH, LENGTH = 2, 8
+PREFILL = 6  # tokens fed at once into the empty cache; the rest one at a time
+# (encoder case, decoder case): composed pairs whose decoders hold cross-attention that the composer created, and
+# whose loss gradients are recorded.
+PAIRS = (("w2v_group", "gpt2_lm"), ("w2v_group", "bert_lm"))
 
 
 def decoder_cases() -> list[str]:
@@ -58,18 +60,11 @@ def decoder_cases() -> list[str]:
 
 
 def text_inputs() -> dict[str, np.ndarray]:
-    """Token ids (below every fixture's vocabulary), a padded second row, encoder states with a padded first row."""
-    rng = np.random.default_rng(19)
-    mask = np.ones((BATCH, LENGTH), np.int32)
-    mask[1, 4:] = 0
-    encoder_mask = np.ones((BATCH, FRAMES), np.int32)
-    encoder_mask[0, 3:] = 0
-    return {
-        "input_ids": rng.integers(3, 96, (BATCH, LENGTH)).astype(np.int32),
-        "attention_mask": mask,
-        "encoder_hidden_states": rng.standard_normal((BATCH, FRAMES, WIDTH)).astype(np.float32),
-        "encoder_attention_mask": encoder_mask,
-    }
+    """The decoder batch of the transformers goldens (`inputs_text_pad_ids.npz`: ids with pad ids inside both rows,
+    row 1 right-padded, encoder states with row 0 right-padded): the shapes the other decoder tests run, so that
+    the operations they compiled serve this one too."""
+    with np.load(INPUTS) as batch:
+        return {k: batch[k] for k in batch.files}
 
 
 def fixture_digest(directory: Path) -> str:

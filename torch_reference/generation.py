@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from convert.base.generation_settings import GenerationSettings, model_generation_config, resolve_settings
-from torch_reference.layers import DecoderCache, LayerCache
+from torch_reference.cache import DecoderCache, LayerCache
 
 # The score of the beams that are not live at the first step, and the penalty transformers adds to scores that
 # must not be picked (finished candidates among the running ones).

@@ -270,6 +270,11 @@ class DecoderConfig(Protocol):
     def as_cross_attending_decoder(self) -> DecoderConfig:
         """The same decoder configured with cross-attention (`is_decoder`, `add_cross_attention`)."""
 
+    def decoder_core(self) -> Any:
+        """What the decoder computes, as a `convert.base.decoder_core.DecoderCore`; the config class's `LAYOUT`
+        (a `convert.base.decoder_layout.DecoderLayout`) says where its parameters sit. The models of both
+        frameworks are built from these two alone."""
+
 
 def read_json(path: str | Path) -> dict[str, Any]:
     """Reads a JSON object, with a one-line error naming the file when it is missing or malformed."""

@@ -9,13 +9,18 @@ becomes the LM head's bias.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, ClassVar
 
 import numpy as np
 
 from convert.base.configs import HFConfig
-from convert.base.keymap import KeyMap, Rule, SourceRules, T
+from convert.base.decoder_core import DecoderCore
+from convert.base.decoder_layout import CROSS_ATTENTION_SLOTS, DecoderLayout, Kind, Slot
+from convert.base.keymap import SourceRules
 from convert.base.spec import ArchSpec
+
+LAYER_NORM_EPS = 1e-5  # HF's BART uses torch.nn.LayerNorm's default
 
 # ----------------------------------------------------------------------------------------------------------
 # Config
@@ -26,6 +31,7 @@ class BartConfig(HFConfig):
     """BART's decoder (HF `BartForCausalLM`); mBART is the same code with pre-norm and a final layer norm."""
 
     MODEL_TYPES: ClassVar[tuple[str, ...]] = ("bart", "mbart")
+    LAYOUT: ClassVar[DecoderLayout]  # where the decoder core's parameters sit (below)
     POSITIVE: ClassVar[tuple[str, ...]] = (
         "vocab_size", "max_position_embeddings", "d_model", "decoder_layers", "decoder_attention_heads",
         "decoder_ffn_dim", "cross_attention_hidden_size",
@@ -99,6 +105,21 @@ class BartConfig(HFConfig):
     def as_cross_attending_decoder(self) -> BartConfig:
         return self.replace(is_decoder=True, add_cross_attention=True)
 
+    def decoder_core(self) -> DecoderCore:
+        """BART: post-norm layers, learned positions from row 2, `layernorm_embedding`; mBART: pre-norm layers
+        and a final `layer_norm`. Every layer has cross-attention (used when an encoder output is given)."""
+        head_dim = self.d_model // self.decoder_attention_heads
+        return DecoderCore(
+            vocab_size=self.vocab_size, hidden_size=self.d_model, num_layers=self.decoder_layers,
+            num_heads=self.decoder_attention_heads, head_dim=head_dim, intermediate_size=self.decoder_ffn_dim,
+            padding_idx=self.pad_token_id, embed_scale=math.sqrt(self.d_model) if self.scale_embedding else None,
+            positions="learned", max_positions=self.max_position_embeddings, position_offset=self.position_offset,
+            embed_norm=True, norm="layer", norm_eps=LAYER_NORM_EPS, pre_norm=self.is_mbart, final_norm=self.is_mbart,
+            query_scale=head_dim**-0.5, cross_attention=True, activation=self.activation_function,
+            tie_word_embeddings=self.tie_word_embeddings, logits_bias=self.lm_head_bias,
+            embed_dropout=self.dropout, residual_dropout=self.dropout, attention_dropout=self.attention_dropout,
+            activation_dropout=self.activation_dropout, layerdrop=self.decoder_layerdrop, init_scale=self.init_std)
+
     def validate(self, where: str) -> None:
         self._check_activation(where, "activation_function")
         if self.model_type == "bart":
@@ -115,44 +136,35 @@ class BartConfig(HFConfig):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Key table
-
-_DECODER = ("model.decoder.", "model/decoder/")
-_LAYER = ("model.decoder.layers.{i}.", "model/decoder/layers/{i}/")
-
-# (PyTorch parameter, Flax parameter, transform) of each kind of module.
-_LINEAR = (("weight", "kernel", T.LINEAR), ("bias", "bias", T.IDENTITY))
-_NORM = (("weight", "scale", T.NORM), ("bias", "bias", T.IDENTITY))
-_EMBED = (("weight", "embedding", T.EMBED),)
+# Layout (HF `BartForCausalLM` <-> HF `FlaxBartForCausalLMModule`) and key table
 
 
-def _rows(prefix: tuple[str, str], module: str, params: tuple[tuple[str, str, T], ...]) -> tuple[Rule, ...]:
-    """Rules for one module; `module` is dotted (`self_attn.q_proj`), its Flax path `/`-joined."""
-    torch_prefix, flax_prefix = prefix
-    flax_module = module.replace(".", "/")
-    return tuple(Rule(f"{torch_prefix}{module}.{p}", f"{flax_prefix}{flax_module}/{f}", t) for p, f, t in params)
+def _attention(name: str, core: str) -> tuple[Slot, ...]:
+    """BART's attention modules, in the order its module registers them (keys, values, queries, output)."""
+    return tuple(Slot(f"{core}.{slot}", f"{name}.{proj}", f"{name}/{proj}", Kind.LINEAR)
+                 for slot, proj in (("k", "k_proj"), ("v", "v_proj"), ("q", "q_proj"), ("o", "out_proj")))
 
 
-_MODULES = (
-    (_DECODER, "embed_tokens", _EMBED),
-    (_DECODER, "embed_positions", _EMBED),  # [max_position_embeddings + 2, D]
-    (_DECODER, "layernorm_embedding", _NORM),
-    (_DECODER, "layer_norm", _NORM),  # mBART only
-    *((_LAYER, f"{attn}.{proj}", _LINEAR)
-      for attn in ("self_attn", "encoder_attn") for proj in ("q_proj", "k_proj", "v_proj", "out_proj")),
-    (_LAYER, "self_attn_layer_norm", _NORM),
-    (_LAYER, "encoder_attn_layer_norm", _NORM),
-    (_LAYER, "fc1", _LINEAR),
-    (_LAYER, "fc2", _LINEAR),
-    (_LAYER, "final_layer_norm", _NORM),
-)
-
-KEYMAP = KeyMap("bart", (
-    *(rule for prefix, module, params in _MODULES for rule in _rows(prefix, module, params)),
-    Rule("lm_head.weight", "lm_head/kernel", T.LINEAR),  # untied heads only
+LAYOUT = DecoderLayout("bart", top=(
+    Slot("embed_tokens", "model.decoder.embed_tokens", "model/decoder/embed_tokens", Kind.EMBED),
+    Slot("embed_positions", "model.decoder.embed_positions", "model/decoder/embed_positions", Kind.EMBED),
+    Slot("layers", "model.decoder.layers", "model/decoder/layers", Kind.STACK),
+    Slot("embed_norm", "model.decoder.layernorm_embedding", "model/decoder/layernorm_embedding", Kind.LAYER_NORM),
+    Slot("final_norm", "model.decoder.layer_norm", "model/decoder/layer_norm", Kind.LAYER_NORM),  # mBART only
+    Slot("head", "lm_head", "lm_head", Kind.HEAD),  # untied heads only (a tied one is the token embedding)
     # BartForConditionalGeneration's [1, V] buffer; kept as the LM head's bias when it is not all zeros.
-    Rule("final_logits_bias", "lm_head/bias", T.ROW),
+    Slot("logits_bias", "final_logits_bias", "lm_head/bias", Kind.ROW),
+), layer=(
+    *_attention("self_attn", "self_attn"),
+    Slot("self_attn_norm", "self_attn_layer_norm", "self_attn_layer_norm", Kind.LAYER_NORM),
+    *_attention("encoder_attn", "cross_attn"),
+    Slot("cross_attn_norm", "encoder_attn_layer_norm", "encoder_attn_layer_norm", Kind.LAYER_NORM),
+    Slot("mlp.up", "fc1", "fc1", Kind.LINEAR),
+    Slot("mlp.down", "fc2", "fc2", Kind.LINEAR),
+    Slot("mlp_norm", "final_layer_norm", "final_layer_norm", Kind.LAYER_NORM),
 ))
+BartConfig.LAYOUT = LAYOUT  # the config names its layout: the models build from `config` alone
+KEYMAP = LAYOUT.keymap()
 
 _EMBED_TOKENS = "model.decoder.embed_tokens.weight"
 _FINAL_LOGITS_BIAS = "final_logits_bias"
@@ -191,7 +203,7 @@ def flax_source_rules(config: BartConfig) -> SourceRules:
 
 def tied_keys(config: BartConfig) -> dict[str, str]:
     """{"lm_head.weight": the decoder embedding} when the LM head is tied, else {}."""
-    return {"lm_head.weight": _EMBED_TOKENS} if config.tie_word_embeddings else {}
+    return LAYOUT.tied_keys(config.decoder_core())
 
 
 def adapt_config(config: BartConfig, checkpoint: Any) -> BartConfig:
@@ -214,12 +226,12 @@ SPEC = ArchSpec(
     flax_source_rules=flax_source_rules,
     tied_keys=tied_keys,
     adapt_config=adapt_config,
-    flax_class="flax_model.bart:BartForCausalLMModule",
-    torch_class="torch_reference.bart:BartForCausalLM",
+    flax_class="flax_model.decoder:CausalLM",
+    torch_class="torch_reference.decoder:CausalLM",
     fixtures="scripts.fixtures_bart",
     layer_stack=("decoder_layers", "model/decoder/layers/"),
     buffers=("final_logits_bias",),
-    groups=(("cross-attention", (r"model/decoder/layers/\d+/(encoder_attn|encoder_attn_layer_norm)/.*",)),),
+    groups=(("cross-attention", LAYOUT.module_patterns(s for s in CROSS_ATTENTION_SLOTS if s in LAYOUT.slots)),),
     hf_classes=("BartForCausalLM", "BartForConditionalGeneration", "BartModel", "MBartForCausalLM",
                 "MBartForConditionalGeneration", "MBartModel"),
 )

@@ -29,7 +29,9 @@ import dataclasses
 from typing import ClassVar
 
 from convert.base.configs import HFConfig
-from convert.base.keymap import KeyMap, Rule, SourceRules, T
+from convert.base.decoder_core import DecoderCore
+from convert.base.decoder_layout import CROSS_ATTENTION_SLOTS, DecoderLayout, Kind, Slot
+from convert.base.keymap import SourceRules
 from convert.base.spec import ArchSpec
 
 # ----------------------------------------------------------------------------------------------------------
@@ -98,6 +100,31 @@ class BertLikeConfig(HFConfig):
     def as_cross_attending_decoder(self) -> BertLikeConfig:
         return self.replace(is_decoder=True, add_cross_attention=True)
 
+    @property
+    def position_padding_idx(self) -> int | None:
+        """The position row whose lookups pass no gradient (RoBERTa's padding position)."""
+        return None
+
+    @property
+    def head_activation(self) -> str:
+        """The prediction-head transform's activation."""
+        return self.hidden_act
+
+    def decoder_core(self) -> DecoderCore:
+        """Post-norm layers, word + token type 0 + learned position embeddings and their LayerNorm, a prediction
+        head (dense, activation, LayerNorm) before the vocabulary; causal only with `is_decoder`."""
+        return DecoderCore(
+            vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_layers=self.num_hidden_layers,
+            num_heads=self.num_attention_heads, head_dim=self.head_dim, intermediate_size=self.intermediate_size,
+            padding_idx=self.pad_token_id, token_types=self.type_vocab_size, positions="learned",
+            max_positions=self.max_positions, position_rows=self.max_position_embeddings,
+            position_padding_idx=self.position_padding_idx, embed_norm=True, norm="layer",
+            norm_eps=self.layer_norm_eps, pre_norm=False, causal=self.is_decoder, score_scale=self.head_dim**-0.5,
+            cross_attention=self.add_cross_attention, activation=self.hidden_act,
+            head_transform=self.head_activation, tie_word_embeddings=self.tie_word_embeddings, logits_bias=True,
+            embed_dropout=self.hidden_dropout_prob, residual_dropout=self.hidden_dropout_prob,
+            attention_dropout=self.attention_probs_dropout_prob, init_scale=self.initializer_range)
+
     def validate(self, where: str) -> None:
         self._check_activation(where, "hidden_act")
         if self.position_embedding_type != "absolute":
@@ -121,71 +148,65 @@ class BertConfig(BertLikeConfig):
     """HF's `BertConfig` for `BertLMHeadModel`: absolute positions, token type 0, post-norm layers."""
 
     MODEL_TYPES: ClassVar[tuple[str, ...]] = ("bert",)
+    LAYOUT: ClassVar[DecoderLayout]  # where the decoder core's parameters sit (below)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Key table
-
-# (PyTorch parameter, Flax parameter, transform) of each kind of module.
-LINEAR = (("weight", "kernel", T.LINEAR), ("bias", "bias", T.IDENTITY))
-NORM = (("weight", "scale", T.NORM), ("bias", "bias", T.IDENTITY))
-EMBED = (("weight", "embedding", T.EMBED),)
+# Layout (HF `BertLMHeadModel` <-> HF `FlaxBertForCausalLMModule`) and key table
 
 
-def rows(prefix: tuple[str, str], module: str, params: tuple[tuple[str, str, T], ...]) -> tuple[Rule, ...]:
-    """Rules for one module; `module` is dotted (`attention.self.query`), its Flax path `/`-joined."""
-    torch_prefix, flax_prefix = prefix
-    flax_module = module.replace(".", "/")
-    return tuple(Rule(f"{torch_prefix}{module}.{p}", f"{flax_prefix}{flax_module}/{f}", t) for p, f, t in params)
-
-
-def encoder_rules(model: str) -> tuple[Rule, ...]:
-    """Embeddings and layers of the base model held under `model` (`bert`, `roberta`)."""
-    embeddings = (f"{model}.embeddings.", f"{model}/embeddings/")
-    layer = (f"{model}.encoder.layer.{{i}}.", f"{model}/encoder/layer/{{i}}/")
-    modules = (
-        (embeddings, "word_embeddings", EMBED),  # [V, D]
-        (embeddings, "position_embeddings", EMBED),  # [max_position_embeddings, D]
-        (embeddings, "token_type_embeddings", EMBED),  # [type_vocab_size, D]; only type 0 is used
-        (embeddings, "LayerNorm", NORM),
-        *((layer, f"{block}.self.{proj}", LINEAR)
-          for block in ("attention", "crossattention") for proj in ("query", "key", "value")),
-        (layer, "attention.output.dense", LINEAR),
-        (layer, "attention.output.LayerNorm", NORM),
-        (layer, "crossattention.output.dense", LINEAR),  # add_cross_attention only
-        (layer, "crossattention.output.LayerNorm", NORM),
-        (layer, "intermediate.dense", LINEAR),
-        (layer, "output.dense", LINEAR),
-        (layer, "output.LayerNorm", NORM),
+def embedding_slots(model: str) -> tuple[Slot, ...]:
+    """The embeddings of the base model held under `model` (`bert`, `roberta`)."""
+    return (
+        Slot("embed_tokens", f"{model}.embeddings.word_embeddings", f"{model}/embeddings/word_embeddings",
+             Kind.EMBED),
+        Slot("embed_positions", f"{model}.embeddings.position_embeddings", f"{model}/embeddings/position_embeddings",
+             Kind.EMBED),  # [max_position_embeddings, D]
+        Slot("embed_token_types", f"{model}.embeddings.token_type_embeddings",
+             f"{model}/embeddings/token_type_embeddings", Kind.EMBED),  # [type_vocab_size, D]; only type 0 is used
+        Slot("embed_norm", f"{model}.embeddings.LayerNorm", f"{model}/embeddings/LayerNorm", Kind.LAYER_NORM),
+        Slot("layers", f"{model}.encoder.layer", f"{model}/encoder/layer", Kind.STACK),
     )
-    return tuple(rule for prefix, module, params in modules for rule in rows(prefix, module, params))
 
 
-def cross_attention_initializable(model: str) -> tuple[str, ...]:
-    """Flax paths of the cross-attention the composer creates for a source pretrained without it."""
-    layer = rf"{model}/encoder/layer/\d+/crossattention/"
-    return (rf"{layer}(self/(query|key|value)|output/dense)/(kernel|bias)\Z", rf"{layer}output/LayerNorm/(scale|bias)\Z")
+def _attention(module: str, core: str) -> tuple[Slot, ...]:
+    """Self- or cross-attention (`self`) and its residual output (`output`, post-norm)."""
+    return (
+        *(Slot(f"{core}.{slot}", f"{module}.self.{proj}", f"{module}/self/{proj}", Kind.LINEAR)
+          for slot, proj in (("q", "query"), ("k", "key"), ("v", "value"))),
+        Slot(f"{core}.o", f"{module}.output.dense", f"{module}/output/dense", Kind.LINEAR),
+        Slot(f"{core}_norm", f"{module}.output.LayerNorm", f"{module}/output/LayerNorm", Kind.LAYER_NORM),
+    )
 
 
-_HEAD = ("cls.predictions.", "cls/predictions/")
-KEYMAP = KeyMap("bert", (
-    *encoder_rules("bert"),
-    *rows(_HEAD, "transform.dense", LINEAR),
-    *rows(_HEAD, "transform.LayerNorm", NORM),
-    Rule("cls.predictions.bias", "cls/predictions/bias"),  # [V]: the logits' bias when tied
-    # Untied heads only: their own [V, D] weight and [V] bias (transformers 5 reads this bias, not the one above).
-    *rows(_HEAD, "decoder", LINEAR),
-))
-
-INITIALIZABLE: tuple[str, ...] = (
-    *cross_attention_initializable("bert"),
-    # A BertModel source has no prediction head; transformers would start it like this too (see the docstring).
-    r"cls/predictions/transform/(dense/(kernel|bias)|LayerNorm/(scale|bias))\Z",
-    r"cls/predictions/bias\Z",
+# A layer, shared with RoBERTa: self-attention, cross-attention (add_cross_attention only), feed-forward.
+LAYER_SLOTS = (
+    *_attention("attention", "self_attn"),
+    *_attention("crossattention", "cross_attn"),
+    Slot("mlp.up", "intermediate.dense", "intermediate/dense", Kind.LINEAR),
+    Slot("mlp.down", "output.dense", "output/dense", Kind.LINEAR),
+    Slot("mlp_norm", "output.LayerNorm", "output/LayerNorm", Kind.LAYER_NORM),
 )
 
+LAYOUT = DecoderLayout("bert", top=(
+    *embedding_slots("bert"),
+    # Untied heads only: their own [V, D] weight and [V] bias (transformers 5 reads this bias, not the one below).
+    Slot("head", "cls.predictions.decoder", "cls/predictions/decoder", Kind.HEAD_WITH_BIAS),
+    Slot("logits_bias", "cls.predictions.bias", "cls/predictions/bias", Kind.VECTOR),  # [V]: the bias when tied
+    Slot("head_transform", "cls.predictions.transform.dense", "cls/predictions/transform/dense", Kind.LINEAR),
+    Slot("head_transform_norm", "cls.predictions.transform.LayerNorm", "cls/predictions/transform/LayerNorm",
+         Kind.LAYER_NORM),
+), layer=LAYER_SLOTS, base_model="bert", head_module="cls")
+BertConfig.LAYOUT = LAYOUT  # the config names its layout: the models build from `config` alone
+KEYMAP = LAYOUT.keymap()
+
+# The cross-attention the composer creates for a source pretrained without it, and (a BertModel source has no
+# prediction head; transformers would start it like this too, see the docstring) the head's transform and bias.
+CROSS_ATTENTION = [s for s in CROSS_ATTENTION_SLOTS if s in LAYOUT.slots]
+INITIALIZABLE: tuple[str, ...] = LAYOUT.flax_patterns(
+    CROSS_ATTENTION + ["head_transform", "head_transform_norm", "logits_bias"])
+
 _WORD_EMBEDDINGS = "bert.embeddings.word_embeddings.weight"
-_BIAS = "cls.predictions.bias"
 
 # Source rules shared with RoBERTa (`model` is the base model's attribute name).
 POOLER_WHY = "the pooler feeds sentence-level heads only; a causal LM has none"
@@ -240,9 +261,7 @@ def flax_source_rules(config: BertConfig) -> SourceRules:
 
 def tied_keys(config: BertConfig) -> dict[str, str]:
     """The head's decoder weight and bias share the word embedding and `cls.predictions.bias` when tied."""
-    if not config.tie_word_embeddings:
-        return {}
-    return {"cls.predictions.decoder.weight": _WORD_EMBEDDINGS, "cls.predictions.decoder.bias": _BIAS}
+    return LAYOUT.tied_keys(config.decoder_core())
 
 
 SPEC = ArchSpec(
@@ -254,9 +273,9 @@ SPEC = ArchSpec(
     flax_source_rules=flax_source_rules,
     tied_keys=tied_keys,
     initializable=INITIALIZABLE,
-    groups=(("cross-attention", (r"bert/encoder/layer/\d+/crossattention/.*",)),),
-    flax_class="flax_model.bert:BertForCausalLMModule",
-    torch_class="torch_reference.bert:BertLMHeadModel",
+    groups=(("cross-attention", LAYOUT.module_patterns(CROSS_ATTENTION)),),
+    flax_class="flax_model.decoder:CausalLM",
+    torch_class="torch_reference.decoder:CausalLM",
     fixtures="scripts.fixtures_bert",
     layer_stack=("num_hidden_layers", "bert/encoder/layer/"),
     hf_classes=("BertLMHeadModel", "BertForMaskedLM", "BertForPreTraining", "BertModel"),

@@ -10,10 +10,13 @@ row is a transpose (`T.LINEAR`) just like a `nn.Linear` row. Source checkpoints 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import ClassVar
 
 from convert.base.configs import HFConfig
-from convert.base.keymap import KeyMap, Rule, SourceRules, T
+from convert.base.decoder_core import DecoderCore
+from convert.base.decoder_layout import CROSS_ATTENTION_SLOTS, DecoderLayout, Kind, Slot
+from convert.base.keymap import SourceRules
 from convert.base.spec import ArchSpec
 
 # ----------------------------------------------------------------------------------------------------------
@@ -25,6 +28,7 @@ class GPT2Config(HFConfig):
     """HF's `GPT2Config` (GPT2LMHeadModel), with cross-attention when composed."""
 
     MODEL_TYPES: ClassVar[tuple[str, ...]] = ("gpt2",)
+    LAYOUT: ClassVar[DecoderLayout]  # where the decoder core's parameters sit (below)
     POSITIVE: ClassVar[tuple[str, ...]] = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner",
                                            "cross_attention_hidden_size")
     PROBABILITIES: ClassVar[tuple[str, ...]] = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
@@ -85,6 +89,21 @@ class GPT2Config(HFConfig):
     def as_cross_attending_decoder(self) -> GPT2Config:
         return self.replace(is_decoder=True, add_cross_attention=True)
 
+    def decoder_core(self) -> DecoderCore:
+        """Pre-norm layers with fused query/key/value projections, learned positions, a final `ln_f`; scores divided
+        by sqrt(head_dim) (and the layer index + 1 with `scale_attn_by_inverse_layer_idx`)."""
+        head_dim = self.n_embd // self.n_head
+        return DecoderCore(
+            vocab_size=self.vocab_size, hidden_size=self.n_embd, num_layers=self.n_layer, num_heads=self.n_head,
+            head_dim=head_dim, intermediate_size=self.inner_size, positions="learned", max_positions=self.n_positions,
+            norm="layer", norm_eps=self.layer_norm_epsilon, pre_norm=True, final_norm=True,
+            score_divisor=math.sqrt(head_dim) if self.scale_attn_weights else None,
+            scale_by_inverse_layer=self.scale_attn_by_inverse_layer_idx,
+            upcast_attention=self.reorder_and_upcast_attn, cross_attention=self.add_cross_attention,
+            activation=self.activation_function, tie_word_embeddings=self.tie_word_embeddings,
+            embed_dropout=self.embd_pdrop, residual_dropout=self.resid_pdrop, attention_dropout=self.attn_pdrop,
+            init_scale=self.initializer_range)
+
     def validate(self, where: str) -> None:
         self._check_activation(where, "activation_function")
         if self.n_embd % self.n_head:
@@ -96,50 +115,32 @@ class GPT2Config(HFConfig):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Key table
+# Layout (HF `GPT2LMHeadModel` <-> HF `FlaxGPT2LMHeadModule`) and key table
 
-_MODEL = ("transformer.", "transformer/")
-_BLOCK = ("transformer.h.{i}.", "transformer/h/{i}/")
-
-# (PyTorch parameter, Flax parameter, transform) of each kind of module.
-_CONV1D = (("weight", "kernel", T.LINEAR), ("bias", "bias", T.IDENTITY))  # torch [in, out] <-> flax [out, in]
-_NORM = (("weight", "scale", T.NORM), ("bias", "bias", T.IDENTITY))
-_EMBED = (("weight", "embedding", T.EMBED),)
-
-
-def _rows(prefix: tuple[str, str], module: str, params: tuple[tuple[str, str, T], ...]) -> tuple[Rule, ...]:
-    """Rules for one module; `module` is dotted (`attn.c_attn`), its Flax path `/`-joined."""
-    torch_prefix, flax_prefix = prefix
-    flax_module = module.replace(".", "/")
-    return tuple(Rule(f"{torch_prefix}{module}.{p}", f"{flax_prefix}{flax_module}/{f}", t) for p, f, t in params)
-
-
-_MODULES = (
-    (_MODEL, "wte", _EMBED),  # [V, D]
-    (_MODEL, "wpe", _EMBED),  # [n_positions, D]
-    (_MODEL, "ln_f", _NORM),
-    (_BLOCK, "ln_1", _NORM),
-    (_BLOCK, "attn.c_attn", _CONV1D),  # [D, 3D]: queries, keys, values side by side
-    (_BLOCK, "attn.c_proj", _CONV1D),
-    (_BLOCK, "ln_cross_attn", _NORM),  # add_cross_attention only
-    (_BLOCK, "crossattention.q_attn", _CONV1D),  # [D, D]
-    (_BLOCK, "crossattention.c_attn", _CONV1D),  # [D, 2D]: keys, values of the encoder output
-    (_BLOCK, "crossattention.c_proj", _CONV1D),
-    (_BLOCK, "ln_2", _NORM),
-    (_BLOCK, "mlp.c_fc", _CONV1D),
-    (_BLOCK, "mlp.c_proj", _CONV1D),
-)
-
-KEYMAP = KeyMap("gpt2", (
-    *(rule for prefix, module, params in _MODULES for rule in _rows(prefix, module, params)),
-    Rule("lm_head.weight", "lm_head/kernel", T.LINEAR),  # a plain nn.Linear [V, D]; untied heads only
+LAYOUT = DecoderLayout("gpt2", top=(
+    Slot("embed_tokens", "transformer.wte", "transformer/wte", Kind.EMBED),  # [V, D]
+    Slot("embed_positions", "transformer.wpe", "transformer/wpe", Kind.EMBED),  # [n_positions, D]
+    Slot("layers", "transformer.h", "transformer/h", Kind.STACK),
+    Slot("final_norm", "transformer.ln_f", "transformer/ln_f", Kind.LAYER_NORM),
+    Slot("head", "lm_head", "lm_head", Kind.HEAD),  # a plain nn.Linear [V, D]; untied heads only
+), layer=(
+    Slot("self_attn_norm", "ln_1", "ln_1", Kind.LAYER_NORM),
+    Slot("self_attn.qkv", "attn.c_attn", "attn/c_attn", Kind.CONV1D),  # [D, 3D]: queries, keys, values side by side
+    Slot("self_attn.o", "attn.c_proj", "attn/c_proj", Kind.CONV1D),
+    Slot("cross_attn.kv", "crossattention.c_attn", "crossattention/c_attn", Kind.CONV1D),  # [D, 2D]: keys, values
+    Slot("cross_attn.q", "crossattention.q_attn", "crossattention/q_attn", Kind.CONV1D),
+    Slot("cross_attn.o", "crossattention.c_proj", "crossattention/c_proj", Kind.CONV1D),
+    Slot("cross_attn_norm", "ln_cross_attn", "ln_cross_attn", Kind.LAYER_NORM),  # add_cross_attention only
+    Slot("mlp_norm", "ln_2", "ln_2", Kind.LAYER_NORM),
+    Slot("mlp.up", "mlp.c_fc", "mlp/c_fc", Kind.CONV1D),
+    Slot("mlp.down", "mlp.c_proj", "mlp/c_proj", Kind.CONV1D),
 ))
+GPT2Config.LAYOUT = LAYOUT  # the config names its layout: the models build from `config` alone
+KEYMAP = LAYOUT.keymap()
 
+_CROSS_ATTENTION = [s for s in CROSS_ATTENTION_SLOTS if s in LAYOUT.slots]
 # Flax paths the composer may initialise: GPT-2 checkpoints are pretrained without cross-attention.
-INITIALIZABLE: tuple[str, ...] = (
-    r"transformer/h/\d+/crossattention/(q_attn|c_attn|c_proj)/(kernel|bias)\Z",
-    r"transformer/h/\d+/ln_cross_attn/(scale|bias)\Z",
-)
+INITIALIZABLE: tuple[str, ...] = LAYOUT.flax_patterns(_CROSS_ATTENTION)
 
 _WTE = "transformer.wte.weight"
 _MASK_BUFFERS = r"(transformer\.)?h\.\d+\.(attn|crossattention)\.(bias|masked_bias)\Z"
@@ -163,7 +164,7 @@ def flax_source_rules(config: GPT2Config) -> SourceRules:
 
 def tied_keys(config: GPT2Config) -> dict[str, str]:
     """{"lm_head.weight": the token embedding} when the LM head is tied, else {}."""
-    return {"lm_head.weight": _WTE} if config.tie_word_embeddings else {}
+    return LAYOUT.tied_keys(config.decoder_core())
 
 
 SPEC = ArchSpec(
@@ -175,11 +176,11 @@ SPEC = ArchSpec(
     flax_source_rules=flax_source_rules,
     tied_keys=tied_keys,
     initializable=INITIALIZABLE,
-    groups=(("cross-attention", (r"transformer/h/\d+/(crossattention|ln_cross_attn)/.*",)),),
+    groups=(("cross-attention", LAYOUT.module_patterns(_CROSS_ATTENTION)),),
     causal_lm=True,
-    fan_in_fan_out=(r"transformer\.h\.\d+\.(attn|crossattention|mlp)\.\w+\.weight",),  # Conv1D: [in, out]
-    flax_class="flax_model.gpt2:GPT2LMHeadModule",
-    torch_class="torch_reference.gpt2:GPT2LMHeadModel",
+    fan_in_fan_out=LAYOUT.in_out_weights(),  # Conv1D: [in, out]
+    flax_class="flax_model.decoder:CausalLM",
+    torch_class="torch_reference.decoder:CausalLM",
     fixtures="scripts.fixtures_gpt2",
     layer_stack=("n_layer", "transformer/h/"),
     hf_classes=("GPT2LMHeadModel", "GPT2Model"),

@@ -21,17 +21,16 @@ import dataclasses
 from typing import ClassVar
 
 from convert.base.archs.bert import (
-    LINEAR,
-    NORM,
+    CROSS_ATTENTION,
+    LAYER_SLOTS,
     BertLikeConfig,
     base_model_drops,
     base_model_renames,
-    cross_attention_initializable,
-    encoder_rules,
+    embedding_slots,
     head_rules,
-    rows,
 )
-from convert.base.keymap import KeyMap, Rule, SourceRules
+from convert.base.decoder_layout import DecoderLayout, Kind, Slot
+from convert.base.keymap import SourceRules
 from convert.base.spec import ArchSpec
 
 # ----------------------------------------------------------------------------------------------------------
@@ -43,11 +42,20 @@ class RobertaConfig(BertLikeConfig):
     """HF's `RobertaConfig` for `RobertaForCausalLM`: BERT's fields with RoBERTa's token ids."""
 
     MODEL_TYPES: ClassVar[tuple[str, ...]] = ("roberta",)
+    LAYOUT: ClassVar[DecoderLayout]  # where the decoder core's parameters sit (below)
 
     vocab_size: int = 50265
     pad_token_id: int | None = 1
     bos_token_id: int | None = 0
     eos_token_id: int | None = 2
+
+    @property
+    def position_padding_idx(self) -> int | None:
+        return self.pad_token_id
+
+    @property
+    def head_activation(self) -> str:
+        return "gelu"  # RoBERTa's head ignores hidden_act
 
     @property
     def max_positions(self) -> int:
@@ -64,22 +72,22 @@ class RobertaConfig(BertLikeConfig):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Key table
+# Layout (HF `RobertaForCausalLM` <-> HF `FlaxRobertaForCausalLMModule`) and key table
 
-_HEAD = ("lm_head.", "lm_head/")
-KEYMAP = KeyMap("roberta", (
-    *encoder_rules("roberta"),
-    *rows(_HEAD, "dense", LINEAR),
-    *rows(_HEAD, "layer_norm", NORM),
-    Rule("lm_head.bias", "lm_head/bias"),  # [V]: the logits' bias when tied
-    *rows(_HEAD, "decoder", LINEAR),  # untied heads only
-))
+LAYOUT = DecoderLayout("roberta", top=(
+    *embedding_slots("roberta"),
+    Slot("head", "lm_head.decoder", "lm_head/decoder", Kind.HEAD_WITH_BIAS),  # untied heads only
+    Slot("logits_bias", "lm_head.bias", "lm_head/bias", Kind.VECTOR),  # [V]: the logits' bias when tied
+    Slot("head_transform", "lm_head.dense", "lm_head/dense", Kind.LINEAR),
+    Slot("head_transform_norm", "lm_head.layer_norm", "lm_head/layer_norm", Kind.LAYER_NORM),
+), layer=LAYER_SLOTS, base_model="roberta", head_module="lm_head")
+RobertaConfig.LAYOUT = LAYOUT  # the config names its layout: the models build from `config` alone
+KEYMAP = LAYOUT.keymap()
 
-INITIALIZABLE: tuple[str, ...] = (
-    *cross_attention_initializable("roberta"),
-    # A RobertaModel source has no LM head; transformers would start it like this too.
-    r"lm_head/(dense/(kernel|bias)|layer_norm/(scale|bias)|bias)\Z",
-)
+INITIALIZABLE: tuple[str, ...] = LAYOUT.flax_patterns(
+    # The cross-attention, and (a RobertaModel source has no LM head; transformers would start it like this too)
+    # the head's transform and bias.
+    CROSS_ATTENTION + ["head_transform", "head_transform_norm", "logits_bias"])
 
 _WORD_EMBEDDINGS = "roberta.embeddings.word_embeddings.weight"
 
@@ -101,9 +109,7 @@ def flax_source_rules(config: RobertaConfig) -> SourceRules:
 
 def tied_keys(config: RobertaConfig) -> dict[str, str]:
     """The head's decoder weight and bias share the word embedding and `lm_head.bias` when tied."""
-    if not config.tie_word_embeddings:
-        return {}
-    return {"lm_head.decoder.weight": _WORD_EMBEDDINGS, "lm_head.decoder.bias": "lm_head.bias"}
+    return LAYOUT.tied_keys(config.decoder_core())
 
 
 SPEC = ArchSpec(
@@ -115,7 +121,7 @@ SPEC = ArchSpec(
     flax_source_rules=flax_source_rules,
     tied_keys=tied_keys,
     initializable=INITIALIZABLE,
-    groups=(("cross-attention", (r"roberta/encoder/layer/\d+/crossattention/.*",)),),
+    groups=(("cross-attention", LAYOUT.module_patterns(CROSS_ATTENTION)),),
     flax_class="flax_model.roberta:RobertaForCausalLMModule",
     torch_class="torch_reference.roberta:RobertaForCausalLM",
     fixtures="scripts.fixtures_roberta",
