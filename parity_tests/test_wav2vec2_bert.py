@@ -204,7 +204,7 @@ def test_composed_model_is_verified_and_carries_the_encoders_preprocessor_config
     report = json.loads((composed / "compose_report.json").read_text())
     assert report["verification"]["passed"], report["verification"]
     assert json.loads((composed / "preprocessor_config.json").read_text()) == PREPROCESSOR
-    assert report["transformers"] == {"loads": True, "reason": None}
+    assert report["transformers"] == {"loads": True, "reason": None, "ignored": []}
 
 
 def test_transcription_and_check_run_on_audio_files(composed, tmp_path, capsys):
