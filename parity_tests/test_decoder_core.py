@@ -222,8 +222,15 @@ def batch(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return rng.integers(0, V, (B, T)).astype(np.int32), mask
 
 
+@functools.cache
+def _compiled(config: Any, method: str = "__call__") -> Any:
+    # One compilation per model and call shape: far cheaper here than running the tiny models op by op.
+    module = FlaxCausalLM(config)
+    return jax.jit(lambda params, *args, **kwargs: module.apply({"params": params}, *args, method=method, **kwargs))
+
+
 def flax_logits(config: Any, params: dict, *args: Any, **kwargs: Any) -> np.ndarray:
-    return np.asarray(FlaxCausalLM(config).apply({"params": params}, *args, **kwargs)[0])
+    return np.asarray(_compiled(config)(params, *args, **kwargs)[0])
 
 
 def torch_logits(model: TorchCausalLM, *args: Any, **kwargs: Any) -> np.ndarray:
@@ -273,8 +280,9 @@ def test_grouped_query_cache_is_sized_by_key_value_heads_and_equals_the_full_for
     t_cache = model.init_cache(B, T)
     assert t_cache.layers[0].key.shape == (B, T, K, H)
     flax_steps, torch_steps = [], []
+    step = _compiled(config)
     for start, stop in ((0, 5), *((t, t + 1) for t in range(5, T))):
-        logits, cache = module.apply({"params": params}, ids[:, start:stop], mask, cache=cache)
+        logits, cache = step(params, ids[:, start:stop], mask, cache=cache)
         flax_steps.append(np.asarray(logits))
         with torch.no_grad():
             logits, t_cache = model(torch.from_numpy(ids[:, start:stop]), torch.from_numpy(mask), cache=t_cache)
@@ -291,12 +299,13 @@ def test_inputs_embeds_hidden_states_and_position_ids():
     config = TinySandwichConfig(GEMMA)  # the embedding scale applies to inputs_embeds too (Gemma)
     model, params, weights = models(config)
     ids, mask = batch(2)
-    module, variables = FlaxCausalLM(config), {"params": params}
     full = flax_logits(config, params, ids, mask)
-    embeds = module.apply(variables, ids, method="embed")
-    assert max_diff(flax_logits(config, params, None, mask, inputs_embeds=embeds), full) == 0.0
-    hidden, _ = module.apply(variables, ids, mask, method="hidden_states")
-    assert max_diff(module.apply(variables, hidden, method="logits"), full) == 0.0
+    embeds = _compiled(config, "embed")(params, ids)
+    err = max_diff(flax_logits(config, params, None, mask, inputs_embeds=embeds), full)
+    assert err <= TOL, f"inputs_embeds: max|diff|={err:.2e}"
+    hidden, _ = _compiled(config, "hidden_states")(params, ids, mask)
+    err = max_diff(_compiled(config, "logits")(params, hidden), full)
+    assert err <= TOL, f"hidden_states then logits: max|diff|={err:.2e}"
     with torch.no_grad():
         t_embeds = model.embed(torch.from_numpy(ids))
         assert max_diff(torch_logits(model, None, mask, inputs_embeds=t_embeds), torch_logits(model, ids, mask)) == 0
@@ -324,9 +333,8 @@ def test_cross_attention_added_to_a_decoder_only_family():
         err = max_diff(got, expected)
         assert err <= TOL, f"{who}: cross-attention vs numpy max|diff|={err:.2e}"
     alone = numpy_logits(config.core, weights, ids, mask)
-    module = FlaxCausalLM(config)
-    cache = module.apply({"params": params}, B, T, method="init_cache")
-    cached, _ = module.apply({"params": params}, ids, mask, cache=cache)
+    cache = FlaxCausalLM(config).apply({"params": params}, B, T, method="init_cache")
+    cached, _ = _compiled(config)(params, ids, mask, cache=cache)
     for who, got in (("flax", flax_logits(config, params, ids, mask)), ("torch", torch_logits(model, ids, mask)),
                      ("flax cached", np.asarray(cached))):
         err = max_diff(got, alone)
@@ -348,7 +356,8 @@ def test_scanned_layers_choose_their_window_by_their_traced_index():
             stacked[path] = value
     stacked = {k: np.stack([a for _, a in sorted(v)]) if isinstance(v, list) else v for k, v in stacked.items()}
     with layer_scan(True):
-        got = FlaxCausalLM(config).apply({"params": traverse_util.unflatten_dict(stacked, sep="/")}, ids, mask)[0]
+        got = jax.jit(FlaxCausalLM(config).apply)({"params": traverse_util.unflatten_dict(stacked, sep="/")}, ids,
+                                                  mask)[0]
     err = max_diff(got, numpy_logits(config.core, weights, ids, mask))
     assert err <= TOL, f"scanned vs numpy max|diff|={err:.2e}"
 
