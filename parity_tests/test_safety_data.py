@@ -637,12 +637,15 @@ def _sha256(path: Path) -> str:
 
 
 def _listing(root: Path) -> dict[str, tuple]:
-    """Every path under `root` (links not followed) with its kind, size and modification time."""
+    """Every path under `root` (links not followed) with its kind, and a file's size and modification time (a
+    directory's own time moves when a run's exclusive claim beside an output comes and goes, leaving nothing)."""
     out = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
             st = (Path(dirpath) / name).lstat()
-            out[str((Path(dirpath) / name).relative_to(root))] = (st.st_mode >> 12, st.st_size, st.st_mtime_ns)
+            is_dir = name in dirnames
+            out[str((Path(dirpath) / name).relative_to(root))] = (st.st_mode >> 12, None if is_dir else st.st_size,
+                                                                  None if is_dir else st.st_mtime_ns)
     return out
 
 
