@@ -31,7 +31,7 @@ import numpy as np
 
 from convert.base.checkpoint import Checkpoint
 from convert.base.errors import ConvertError, bad_argument, with_param
-from convert.base.params import check_layer_counts
+from convert.base.params import plan_checkpoint
 
 FORMATS = ("both", "flax", "safetensors")
 FLAX_FILES = ("flax_model.msgpack", "flax_model.msgpack.index.json")
@@ -94,8 +94,10 @@ def check(
     checks = [_files_check(directory, weights)]
     if not checks[0]["passed"]:
         return _result(model, directory, checks)
-    for name in checks[0]["found"]:  # before the background compilation traces the config's shapes
-        check_layer_counts(Checkpoint(directory, prefer=(name,)), config)
+    from flax_model.speech_encoder_decoder import param_shapes
+
+    for name in checks[0]["found"]:  # the config against the weights' names and shapes, before anything is built
+        plan_checkpoint(Checkpoint(directory, prefer=(name,)), param_shapes)
     import torch  # noqa: F401 - before the comparison's thread, which uses it: two threads importing it race
 
     from convert.verify import InBackground, open_weight_files
@@ -163,30 +165,33 @@ def _check_memory(directory: Path, config: Any, batch: dict[str, np.ndarray], au
     from flax import traverse_util
 
     from convert.base.generation_settings import GenerationConfig, resolve_settings
-    from convert.base.resources import memory_budget, refuse_if_too_large
-    from flax_model.memory import device_memory, forward_estimate, generation_estimate
+    from convert.base.resources import memory_budget, refuse_if_too_large, refuse_parameters_beyond
+    from flax_model.memory import device_memory, forward_estimate, generation_estimate, tree_bytes
     from flax_model.speech_encoder_decoder import SpeechEncoderDecoderModule, param_shapes
 
     budget = memory_budget(max_memory, device_memory())
     module = SpeechEncoderDecoderModule(config)
     params = traverse_util.unflatten_dict(
         {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in param_shapes(config).items()}, sep="/")
+    refuse_parameters_beyond(tree_bytes(params), budget, f"model={directory}")
     rows, steps = batch["inputs"].shape[:2]  # samples, or feature frames
-    forward = forward_estimate(module, params, rows, steps, batch["decoder_input_ids"].shape[1], True, budget.bytes)
+
+    def refuse(estimate: Any) -> None:
+        if not audio:
+            refuse_if_too_large(estimate.bytes, f"model={directory}: the check's forward passes on {rows} seeded "
+                                f"utterances (the largest array: {estimate.largest})", budget, param="model")
+            return
+        from convert.base.audio import audio_seconds
+
+        seconds = {p: audio_seconds(Path(p)) for p in audio}
+        longest = max(audio, key=seconds.__getitem__)
+        refuse_if_too_large(estimate.bytes, f"{longest}: {seconds[longest]:.1f} s of audio in the check's forward "
+                            f"passes (the largest array: {estimate.largest})", budget, "check with a shorter file")
+
+    refuse(forward_estimate(module, params, rows, steps, batch["decoder_input_ids"].shape[1], True, budget.bytes))
     settings = resolve_settings(config, GenerationConfig.from_directory(directory), None, max_new_tokens=max_new_tokens,
                                 do_sample=False, num_beams=1, num_return_sequences=1)
-    greedy = generation_estimate(module, params, rows, steps, settings, "attention_mask" in batch, budget.bytes)
-    needed = max(forward, greedy, key=lambda e: e.bytes)
-    if not audio:
-        refuse_if_too_large(needed.bytes, f"model={directory}: the check's forward passes on {rows} seeded "
-                            f"utterances (the largest array: {needed.largest})", budget, param="model")
-        return
-    from convert.base.audio import audio_seconds
-
-    seconds = {p: audio_seconds(Path(p)) for p in audio}
-    longest = max(audio, key=seconds.__getitem__)
-    refuse_if_too_large(needed.bytes, f"{longest}: {seconds[longest]:.1f} s of audio in the check's forward passes "
-                        f"(the largest array: {needed.largest})", budget, "check with a shorter file")
+    refuse(generation_estimate(module, params, rows, steps, settings, "attention_mask" in batch, budget.bytes))
 
 
 def _model_checks(directory: Path, config: Any, prefer: tuple[tuple[str, ...], tuple[str, ...]], factor: float,

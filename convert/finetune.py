@@ -288,29 +288,36 @@ class _Run:
                                    "positions")
 
     def _check_memory(self, max_memory: int | None) -> None:
-        """Refuses a run whose training step (the longest bucket's micro-batch) or evaluation batch cannot fit in
-        memory, or whose audio, held decoded for the whole run, cannot: before anything is compiled. Names the
-        batch size when one utterance per batch would fit, else the longest utterance's manifest line."""
+        """Refuses, before anything is compiled, a run that cannot fit in memory, naming what is to blame: the
+        model (its parameters; its train state: the gradients and AdamW's moments of the trainable leaves), the
+        training audio (held decoded for the whole run), or the training step / evaluation batch of the longest
+        bucket (`batch_size` when one utterance per batch would fit, else the longest utterance's manifest line)."""
         import jax
         import jax.numpy as jnp
 
         from convert.base.configs import encoder_input_shape
         from convert.base.generation_settings import model_generation_config, resolve_settings
-        from convert.base.resources import memory_budget, refuse_if_too_large
-        from flax_model.memory import device_memory, generation_estimate, training_estimate
+        from convert.base.resources import memory_budget, refuse_if_too_large, refuse_parameters_beyond
+        from flax_model.memory import (device_memory, generation_estimate, train_state_bytes, training_estimate,
+                                       tree_bytes)
         from flax_model.speech_encoder_decoder import SpeechEncoderDecoderModule
 
         s, rate = self.settings, self.features.sampling_rate
         device = device_memory()
         budget = memory_budget(max_memory, device * (1 if self.mesh is None else self.mesh.size) if device else None)
+        model = f"model={self.model_dir}"
+        params = tree_bytes(self.model.params)
+        refuse_parameters_beyond(params, budget, model)
         audio = 4 * (sum(self.train_lengths) + sum(self.eval_lengths))
-        if audio > budget.bytes:
-            refuse_if_too_large(audio, f"train={self.train_source}: {sum(self.train_lengths) / rate / 3600:.1f} h of "
-                                f"training audio and {sum(self.eval_lengths) / rate / 3600:.1f} h of held-out audio, "
-                                "held decoded for the whole run,", budget, "train on a smaller manifest",
-                                param="train")
-        module = SpeechEncoderDecoderModule(self.config, dtype=self.compute_dtype, remat=s.remat, lora=self.lora)
+        refuse_if_too_large(params + audio, f"train={self.train_source}: {sum(self.train_lengths) / rate / 3600:.2f} h "
+                            f"of training audio and {sum(self.eval_lengths) / rate / 3600:.2f} h of held-out audio, "
+                            "held decoded for the whole run,", budget, "train on a smaller manifest", param="train")
         frozen = self.frozen()
+        state = train_state_bytes(self.model.params, frozen, s.grad_accum > 1)
+        refuse_if_too_large(state + audio, f"{model}: its train state (the parameters, and the gradients and AdamW "
+                            "moments of the trainable ones) with the run's audio", budget,
+                            "freeze part of it (train_only=..., LoRA)", param="model")
+        module = SpeechEncoderDecoderModule(self.config, dtype=self.compute_dtype, remat=s.remat, lora=self.lora)
         samples = self.boundaries[-1]
         steps = self.features.input_length(samples)  # the encoder's input: samples, or feature frames
         masked = self.features.return_attention_mask
@@ -330,25 +337,25 @@ class _Run:
         def evaluation(rows: int) -> Any:
             estimate = generation_estimate(self.model.module, self.model.params, rows, steps, settings, masked,
                                            budget.bytes - audio)
-            return dataclasses.replace(estimate, bytes=estimate.bytes + audio)
+            return dataclasses.replace(estimate, bytes=estimate.bytes + state + audio)  # while training holds its state
 
+        lengths = self.train_lengths + self.eval_lengths
+        longest = max(range(len(lengths)), key=lengths.__getitem__)
+        example = (self.train + self.eval)[longest]
         for name, rows, estimate_of in (("batch_size", s.batch_size, training),
                                         ("eval_batch_size", s.eval_batch_size, evaluation)):
-            estimate = estimate_of(rows)
-            if estimate.bytes <= budget.bytes:
-                continue
-            what = "training step" if name == "batch_size" else "evaluation batch"
-            alone = estimate_of(1) if rows > 1 else estimate
-            if alone.bytes <= budget.bytes:
-                refuse_if_too_large(estimate.bytes, f"{name}={rows}: a {what} of {rows} utterances padded to "
+            # One utterance of the longest bucket first: if even that cannot fit, the audio is to blame.
+            what = "a training step" if name == "batch_size" else "an evaluation batch"
+            alone = estimate_of(1)
+            refuse_if_too_large(alone.bytes, f"{example.where}: {example.audio} holds {lengths[longest] / rate:.1f} s "
+                                f"of audio; {what} on it (its largest array: {alone.largest})", budget,
+                                "split or leave out long utterances")
+            if rows > 1:
+                estimate = estimate_of(rows)
+                refuse_if_too_large(estimate.bytes, f"{name}={rows}: {what} of {rows} utterances padded to "
                                     f"{samples / rate:.1f} s (its largest array: {estimate.largest})", budget,
                                     f"lower {name}=...", param=name)
-            lengths = self.train_lengths + self.eval_lengths
-            longest = max(range(len(lengths)), key=lengths.__getitem__)
-            example = (self.train + self.eval)[longest]
-            refuse_if_too_large(alone.bytes, f"{example.where}: {example.audio} holds {lengths[longest] / rate:.1f} s "
-                                f"of audio; a {what} on it (its largest array: {alone.largest})", budget,
-                                "split or leave out long utterances")
+
     def _ctc_labels(self) -> list[list[int]]:
         """Each training utterance's CTC targets: its label tokens without the special ones (a head over the
         decoder's vocabulary), or its transcript in the head's own vocabulary."""
@@ -554,9 +561,11 @@ def save_checkpoint(manager: Any, state: Any, meta: dict[str, Any]) -> None:
             write_manifest(directory / str(step))
         sync_processes("checkpoint manifest written")
     except KeyboardInterrupt:
+        _settle(manager)
         _remove_partial_step(directory, step)
         raise
     except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise ValueError, OSError, RuntimeError...
+        _settle(manager)
         _remove_partial_step(directory, step)
         raise OutputError(f"{directory / str(step)}: the checkpoint of step {step} could not be written "
                           f"({_write_failure(e)}); what was written of it was removed; "
@@ -629,18 +638,30 @@ class quiet_orbax:  # noqa: N801 - a context manager, named as one reads it
 
 
 def _write_failure(error: BaseException) -> str:
-    """Why a checkpoint write failed, in a few words: the OS's reason when orbax or tensorstore gives one."""
+    """Why a checkpoint write failed, in a few words: the OS's reason when orbax or tensorstore gives its code."""
+    import errno
+    import os
     import re
 
     if isinstance(error, OSError):
         return cli.describe_os_error(error).split(": ", 1)[-1]
     text = " ".join(str(error).split())
-    reason = re.search(r"Failed [^:]*: \"[^\"]*\": (.*?)(?: \[os_error_code='(\d+)'\])?$", text)
-    if reason:
-        code = int(reason.group(2)) if reason.group(2) else None
-        full = " (the disk is full)" if code in (28, 122) else ""
-        return reason.group(1)[-160:] + full
+    code = re.search(r"os_error_code='?(\d+)", text)
+    if code:
+        number = int(code.group(1))
+        full = " (the disk is full)" if number in (errno.ENOSPC, errno.EDQUOT) else ""
+        return os.strerror(number) + full
     return f"{type(error).__name__}: {text[:160]}"
+
+
+def _settle(manager: Any) -> None:
+    """Waits for orbax's background writers after a failed save, so that nothing writes once the partial step is
+    removed (their own failure was reported already)."""
+    try:
+        with quiet_orbax():
+            manager.wait_until_finished()
+    except Exception:  # noqa: BLE001, S110 - the save's failure is the one to report
+        pass
 
 
 def _remove_partial_step(directory: Path, step: int) -> None:
@@ -648,6 +669,8 @@ def _remove_partial_step(directory: Path, step: int) -> None:
     directory without the manifest that marks it complete. Nothing else is touched."""
     from convert.base.integrity import MANIFEST
 
+    if not directory.is_dir():
+        return
     for path in directory.glob(f"{step}.orbax-checkpoint-tmp*"):
         shutil.rmtree(path, ignore_errors=True)
     final = directory / str(step)
@@ -658,7 +681,7 @@ def _remove_partial_step(directory: Path, step: int) -> None:
 def _kept_checkpoint(directory: Path, failed: int) -> str:
     from convert.base.integrity import MANIFEST
 
-    steps = sorted(int(p.name) for p in directory.iterdir()
+    steps = sorted(int(p.name) for p in (directory.iterdir() if directory.is_dir() else ())
                    if p.name.isdigit() and int(p.name) != failed and (p / MANIFEST).is_file())
     if steps:
         return f"the last good checkpoint, step {steps[-1]}, is kept in {directory} (continue with resume=True)"

@@ -63,7 +63,9 @@ def read_manifest(path: str | Path) -> list[Example]:
         raise DataError(f"{path}: no such manifest file")
     examples = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # JSON lines end at "\n" only: str.splitlines would also split at characters a JSON string may hold
+        # (U+2028, form feed, ...), which json.dumps(ensure_ascii=False) writes as they are.
+        lines = path.read_text(encoding="utf-8").split("\n")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     for number, line in enumerate(lines, start=1):
@@ -148,10 +150,10 @@ class LabelTokenizer:
             words = _words_at(text, [o for i, o in zip(ids, encoding.offsets) if i == self.unk])
             if not self.allow_unk:
                 unknown = self.tokenizer.id_to_token(self.unk)
+                more = " ..." if len(words) > 5 else ""
                 raise DataError(f"{where}: the transcript {text!r} has {len(words)} word(s) the tokenizer does not "
-                                f"know: {', '.join(map(repr, words[:5]))}{' ...' if len(words) > 5 else ''} (they would "
-                                f"train as {unknown}; fix the transcript, or pass allow_unk=True to train on them "
-                                "anyway)")
+                                f"know: {', '.join(map(repr, words[:5]))}{more} (they would train as {unknown}; fix "
+                                "the transcript, or pass allow_unk=True to train on them anyway)")
             self.unknown["utterances"] += 1
             self.unknown["tokens"] += ids.count(self.unk)
             for word in words:

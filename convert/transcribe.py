@@ -194,7 +194,7 @@ def read_manifest(path: str | Path) -> list[Utterance]:
     if not path.is_file():
         raise TranscriptionError(f"{path}: no such manifest file")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8").split("\n")  # JSON lines end at "\n" only (see training_data)
     except UnicodeDecodeError as e:
         raise TranscriptionError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     out = []
@@ -650,26 +650,27 @@ def _check_memory(model: Any, runner: Runner, items: Sequence[_Item], utterances
                   max_memory: int | None) -> None:
     """Refuses a transcription whose largest batch cannot fit in memory (`flax_model.memory`), naming the batch
     size when one utterance per batch would fit, else the longest file."""
-    from convert.base.resources import memory_budget, refuse_if_too_large
-    from flax_model.memory import device_memory, generation_estimate
+    from convert.base.resources import memory_budget, refuse_if_too_large, refuse_parameters_beyond
+    from flax_model.memory import device_memory, generation_estimate, tree_bytes
 
     device = device_memory()
     budget = memory_budget(max_memory, device * (1 if model.mesh is None else model.mesh.size) if device else None)
+    refuse_parameters_beyond(tree_bytes(model.params), budget)
     longest = max(batches, key=lambda b: b.padded_length)
     rows, samples, masked = longest.batch_size, longest.padded_length, features.return_attention_mask
     steps = features.input_length(samples)  # the encoder's input: samples, or feature frames
-    estimate = generation_estimate(model.module, model.params, rows, steps, runner.settings, masked, budget.bytes)
-    if estimate.bytes <= budget.bytes:
-        return
+    # One utterance of the longest bucket first: if even that cannot fit, the audio is to blame, else the batch.
     alone = generation_estimate(model.module, model.params, 1, steps, runner.settings, masked, budget.bytes)
-    if rows > 1 and alone.bytes <= budget.bytes:
-        refuse_if_too_large(estimate.bytes, f"batch_size={rows}: a batch of {rows} utterances padded to "
-                            f"{samples / rate:.1f} s (its largest array: {estimate.largest})", budget,
-                            "lower batch_size", param="batch_size")
     index = max(range(len(items)), key=lambda i: lengths[i])
     refuse_if_too_large(alone.bytes, f"{utterances[items[index].utterance].where}: {lengths[index] / rate:.1f} s of "
                         f"audio in one pass (its largest array: {alone.largest})", budget,
-                        "transcribe it in shorter chunks with chunk_seconds")
+                        "transcribe it in shorter chunks with chunk_seconds=...")
+    if rows > 1:
+        estimate = generation_estimate(model.module, model.params, rows, steps, runner.settings, masked,
+                                       budget.bytes)
+        refuse_if_too_large(estimate.bytes, f"batch_size={rows}: a batch of {rows} utterances padded to "
+                            f"{samples / rate:.1f} s (its largest array: {estimate.largest})", budget,
+                            "lower batch_size=...", param="batch_size")
 
 
 def _capacity(runner: Runner, tokens_per_second: float) -> str:

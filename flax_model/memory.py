@@ -139,16 +139,23 @@ def forward_estimate(module: Any, params: Any, batch: int, samples: int, tokens:
     return Estimate(held + factor * largest, what)
 
 
+def train_state_bytes(params: Any, frozen: Callable[[str], bool] | None, accumulate: bool) -> int:
+    """The parameters, and the trainable ones' gradients (twice with accumulation) and AdamW's two moments."""
+    from flax_model.training import split_trainable
+
+    trainable = params if frozen is None else split_trainable(params, frozen)[0]
+    return tree_bytes(params) + tree_bytes(trainable) * (4 if accumulate else 3)
+
+
 def training_estimate(module: Any, params: Any, batch: dict[str, Any], deterministic: bool,
                       freeze_feature_encoder: bool, accumulate: bool, limit: int,
                       frozen: Callable[[str], bool] | None = None) -> Estimate:
     """One training step on `batch` (abstract arrays: "inputs", "attention_mask", "labels", masks): the params,
     the trainable leaves' gradients (twice with accumulation) and AdamW's two moments, and twice the step's
     largest array. `frozen` (path -> bool): leaves without gradient or optimiser state."""
-    from flax_model.training import loss_grad_function, split_trainable
+    from flax_model.training import loss_grad_function
 
-    trainable = params if frozen is None else split_trainable(params, frozen)[0]
-    held = tree_bytes(params) + tree_bytes(trainable) * (4 if accumulate else 3)
+    held = train_state_bytes(params, frozen, accumulate)
     samples = batch["inputs"].shape[1]
     rows, positions = batch["labels"].shape
     bound = _bound(module.config, params, rows, samples, positions) * (sum(layer_stacks(module.config).values()) + 2)

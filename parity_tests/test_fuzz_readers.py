@@ -266,7 +266,8 @@ def _check_safetensors(directory: Path, data: bytes) -> tuple[Checkpoint, dict] 
     assert set(arrays) == set(reference), (sorted(arrays), sorted(reference))
     for key, tensor in reference.items():
         assert arrays[key].shape == tuple(tensor.shape), (key, arrays[key].shape, tensor.shape)
-        assert str(arrays[key].dtype) == str(tensor.dtype).removeprefix("torch."), (key, arrays[key].dtype, tensor.dtype)
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        assert str(arrays[key].dtype) == dtype, (key, arrays[key].dtype, dtype)
         assert arrays[key].tobytes() == tensor.reshape(-1).view(torch.uint8).numpy().tobytes(), key
     return result
 

@@ -111,3 +111,9 @@ def refuse_if_too_large(needed: int, what: str, budget: Budget, hint: str = "", 
         advice = f"{hint}, or pass" if hint else "pass"
         raise ResourceError(f"{what} needs at least {human_bytes(needed)} of memory, more than the "
                             f"{budget.describe()} ({advice} max_memory=... to try anyway)", param=param)
+
+
+def refuse_parameters_beyond(params_bytes: int, budget: Budget, model: str = "the model") -> None:
+    """Refuses a model whose parameters alone exceed the budget (whatever the input, nothing could run)."""
+    param = model.split("=", 1)[0] if "=" in model else None
+    refuse_if_too_large(params_bytes, f"{model}: holding its parameters", budget, param=param)
