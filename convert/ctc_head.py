@@ -59,8 +59,8 @@ def check_arguments(mode: str, vocab: str | Path | None) -> None:
     if vocab is None:
         return
     if mode != "auto":
-        raise UsageError(f"ctc_vocab: applies to --ctc-head auto only (a head with its own vocabulary), not "
-                         f"--ctc-head {mode}", param="ctc_vocab")
+        raise bad_argument("ctc_vocab", vocab, f"applies to ctc_head=auto only (a head with its own vocabulary), "
+                           f"not ctc_head={mode}")
     if not Path(vocab).is_file():
         raise bad_argument("ctc_vocab", vocab, "no such file (a CTC tokenizer's vocab.json)")
 
@@ -77,7 +77,7 @@ def plan_ctc_head(encoder: Any, config: Any, mode: str, vocab: str | Path | None
     keys = _head_keys(encoder)
     name = encoder.arch.ctc_head
     if mode == "none":
-        reason = f"CTC head of a ...ForCTC checkpoint; --ctc-head none" if keys else None
+        reason = "CTC head of a ...ForCTC checkpoint; --ctc-head none" if keys else None
         return CTCPlan(None, [], None, "no CTC head (--ctc-head none)", reason)
     if mode == "decoder":
         if config.pad_token_id is None:
@@ -92,7 +92,7 @@ def plan_ctc_head(encoder: Any, config: Any, mode: str, vocab: str | Path | None
     vocab_path = Path(vocab) if vocab is not None else encoder.path / "vocab.json"
     if keys:
         if not vocab_path.is_file():
-            reason = (f"CTC head of a ...ForCTC checkpoint; dropped: no vocab.json beside it (pass --ctc-vocab FILE "
+            reason = ("CTC head of a ...ForCTC checkpoint; dropped: no vocab.json beside it (pass --ctc-vocab FILE "
                       "to keep it, or --ctc-head decoder for a new head over the decoder's vocabulary)")
             return CTCPlan(None, [], None, "no CTC head: the encoder's CTC head has no vocabulary file", reason)
         weight, bias = keys
@@ -104,7 +104,8 @@ def plan_ctc_head(encoder: Any, config: Any, mode: str, vocab: str | Path | None
             vocab_size=int(vocab_size), blank_id=_int(raw.get("pad_token_id", 0), "pad_token_id", encoder),
             loss_reduction=raw.get("ctc_loss_reduction", "sum"),
             zero_infinity=bool(raw.get("ctc_zero_infinity", False)),
-            dropout=float(raw.get("final_dropout", 0.1)), vocabulary=VOCAB_FILE, source="encoder", **settings))
+            dropout=float(raw.get("final_dropout", 0.1)), vocabulary=VOCAB_FILE, source="encoder", **settings),
+            f"{encoder.path / 'config.json'} (its CTC settings)")
         linear = T.LINEAR if encoder.checkpoint.format != "flax" else T.IDENTITY
         kept = [_entry(encoder, weight, "ctc_head/kernel", linear), _entry(encoder, bias, "ctc_head/bias", T.IDENTITY)]
         return CTCPlan(head, kept, _read_tokens(vocab_path), f"CTC head kept from the encoder's {name} "
@@ -117,7 +118,8 @@ def plan_ctc_head(encoder: Any, config: Any, mode: str, vocab: str | Path | None
     if pad not in tokens:
         raise CTCError(f"{vocab_path}: has no pad token {pad!r} to use as the CTC blank")
     head = _checked(vocab_path, CTCHeadConfig(vocab_size=max(tokens.values()) + 1, blank_id=tokens[pad],
-                                              vocabulary=VOCAB_FILE, source="initialised", **settings))
+                                              vocabulary=VOCAB_FILE, source="initialised", **settings),
+                    str(vocab_path))
     return CTCPlan(head, [], tokens, f"new CTC head over {vocab_path} ({head.vocab_size} labels)")
 
 
@@ -159,9 +161,10 @@ def _tokenizer_settings(vocab_path: Path) -> dict[str, Any]:
             "unk_token": config["unk_token"], "special_tokens": special}
 
 
-def _checked(vocab_path: Path, head: CTCHeadConfig) -> CTCHeadConfig:
-    """The head, read back through the config's own checks, and its vocabulary against it."""
-    head = CTCHeadConfig.from_dict(head.to_dict(), "ctc head")
+def _checked(vocab_path: Path, head: CTCHeadConfig, where: str) -> CTCHeadConfig:
+    """The head, read back through the config's own checks (errors naming `where`), and its vocabulary against
+    it."""
+    head = CTCHeadConfig.from_dict(head.to_dict(), where)
     CTCVocabulary(_read_tokens(vocab_path), head, str(vocab_path))
     return head
 

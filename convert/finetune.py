@@ -364,8 +364,8 @@ class _Run:
 
         head = self.config.ctc
         if head is None:
-            raise UsageError("ctc_weight: the model has no CTC head (compose it with --ctc-head decoder, or keep a "
-                             "...ForCTC encoder's)", param="ctc_weight")
+            raise bad_argument("ctc_weight", self.settings.ctc_weight, "the model has no CTC head (compose it with "
+                               "--ctc-head decoder, or keep a ...ForCTC encoder's)")
         if head.shares_decoder_vocabulary:
             special = self.config.special_token_ids | {self.tokenizer.bos} - {None}
             labels = [[t for t in ids if t not in special] for ids in self.train_labels]
@@ -1298,7 +1298,7 @@ def data_sources(args: Any) -> tuple[Any, Any]:
                 raise UsageError(f"{name}: a manifest is needed (--{name} FILE.jsonl), or --dataset", param=name)
         return args.train, args.eval
     if args.train is not None or args.eval is not None:
-        raise UsageError("dataset: replaces --train and --eval (pass one or the other)", param="dataset")
+        raise bad_argument("dataset", args.dataset, "replaces --train and --eval (pass one or the other)")
     from convert.datasets_source import source_from_arguments
 
     return source_from_arguments(args, args.train_split), source_from_arguments(args, args.eval_split)

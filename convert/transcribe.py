@@ -300,7 +300,7 @@ def make_runner(model: Any, generation_config: Any = None, seed: int = 0, *, ctc
         return Runner("flax", model.config, settings, run_flax,
                       lambda: {"encoder": encoder_compilations() - encoder_start,
                                "search": sum(flax_generation.TRACES.values()) - start},
-                      align=_aligner(model, vocabulary) if timestamps else None)
+                      align=_aligner(model, vocabulary, settings) if timestamps else None)
     import torch
 
     generator = torch.Generator().manual_seed(seed)
@@ -351,7 +351,7 @@ def _best_path(logits: Any) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(labels), np.asarray(log_probs)
 
 
-def _aligner(model: Any, vocabulary: Any) -> Callable[..., list[Any]]:
+def _aligner(model: Any, vocabulary: Any, settings: GenerationSettings) -> Callable[..., list[Any]]:
     """Timestamps for attention or joint decoding: the transcript's CTC labels (its tokens without the special
     ones; for a head with its own vocabulary, the text in its characters) aligned to the CTC head's output by
     Viterbi; None for a row whose labels cannot be aligned (more labels than frames, a character the head lacks)."""
@@ -359,7 +359,8 @@ def _aligner(model: Any, vocabulary: Any) -> Callable[..., list[Any]]:
     from flax_model.ctc import label_log_probs
 
     config = model.config
-    special = config.special_token_ids
+    special = config.special_token_ids | {settings.decoder_start_token_id, settings.forced_bos_token_id,
+                                          *settings.eos_token_ids}
 
     def align(inputs, mask, ids, texts):
         rows = []

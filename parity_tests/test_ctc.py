@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from flax import traverse_util
 
 from convert.base.ctc import CTCHeadConfig, CTCVocabulary, forced_align, greedy_collapse, word_timestamps
 from convert.base.errors import ConvertError, UnsupportedConfig
@@ -390,7 +389,7 @@ def test_forced_alignment_is_the_best_path_that_spells_the_labels():
             if collapsed == labels and score > best:
                 best, best_path = score, path
         spans = forced_align(log_probs, labels, 0)
-        expected, k = [], -1
+        expected = []
         for t, p in enumerate(best_path):
             if p != 0 and (t == 0 or p != best_path[t - 1]):
                 expected.append([t, t + 1])

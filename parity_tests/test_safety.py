@@ -370,6 +370,9 @@ V = "{ws}/v/"  # where variants live
 CATALOGUE: dict[str, Case] = {
     # --- compose: arguments ---------------------------------------------------------------------------------
     "compose/seed-negative": compose_case(f"{GOOD} --seed -1", 2, "--seed -1:"),
+    "compose/ctc-vocab-missing": compose_case(f"{GOOD} --ctc-vocab {{ws}}/nope.json", 2, "--ctc-vocab"),
+    "compose/ctc-vocab-with-a-decoder-head": compose_case(f"{GOOD} --ctc-head decoder --ctc-vocab "
+                                                          "{ws}/data/train.jsonl", 2, "--ctc-vocab"),
     "compose/seed-too-large": compose_case(f"{GOOD} --seed 4294967296", 2, "--seed 4294967296:"),
     "compose/seed-not-a-number": compose_case(f"{GOOD} --seed abc", 2, "--seed"),
     "compose/dtype-unknown": compose_case(f"{GOOD} --dtype int8", 2, "--dtype"),
@@ -500,6 +503,12 @@ CATALOGUE: dict[str, Case] = {
     "generate/unknown-flag": Case("generate", ("--model", "{ws}/model", "--audio", "{ws}/audio/good.wav",
                                                "--beams", "2"), 2, "--beams"),
     "generate/no-audio": Case("generate", ("--model", "{ws}/model"), 2, "--audio"),
+    "generate/ctc-weight-without-a-ctc-head": Case("generate", (*MODEL_AUDIO, "--ctc-weight", "0.3"), 2,
+                                                   "--ctc-weight 0.3: needs a model with a CTC head"),
+    "generate/ctc-decoder-with-the-reference": Case("generate", (*MODEL_AUDIO, "--decoder", "ctc", "--framework",
+                                                                 "torch"), 2, "--decoder ctc: needs framework=flax"),
+    "generate/dataset-missing": Case("generate", ("--model", "{ws}/model", "--dataset", "{ws}/nodata"), 1,
+                                     "{ws}/nodata[test]"),
     # --- check --------------------------------------------------------------------------------------------------
     "check/model-missing": Case("check", ("{ws}/nope",), 1, "{ws}/nope"),
     "check/model-is-a-file": Case("check", ("{ws}/file.txt",), 1, "{ws}/file.txt"),
@@ -705,6 +714,11 @@ CATALOGUE: dict[str, Case] = {
                            ("--mesh", "dta=2"), ("--weight-decay", "nan"), ("--eval-batch-size", "0"),
                            ("--num-buckets", "0"), ("--seed", "x")]},
     "finetune/unknown-flag": finetune_case(("--resum",), 2, "--resum"),
+    "finetune/ctc-weight-out-of-range": finetune_case(("--ctc-weight", "1.5"), 2, "--ctc-weight 1.5"),
+    "finetune/ctc-weight-without-a-ctc-head": finetune_case(("--ctc-weight", "0.3"), 2, "--ctc-weight"),
+    "finetune/dataset-and-manifests": finetune_case(("--dataset", "{ws}/data"), 2, "--dataset"),
+    "finetune/dataset-missing": Case("finetune", ("--model", "{ws}/model", "--dataset", "{ws}/nodata", "--output",
+                                                  "{ws}/ftout", "--no-progress"), 1, "{ws}/nodata[train]"),
     "finetune/missing-train": Case("finetune", ("--model", "{ws}/model", "--eval", "{ws}/data/eval.jsonl",
                                                 "--output", "{ws}/ftout"), 2, "--train"),
     # --- finetune: inputs --------------------------------------------------------------------------------------------
