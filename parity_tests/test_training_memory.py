@@ -19,6 +19,7 @@ import jax.ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend import core as jax_core
 
 from flax_model.layers import grouped_conv
 from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel, SpeechEncoderDecoderModule
@@ -84,7 +85,7 @@ def _key_folds(jaxpr, found: collections.Counter) -> collections.Counter:
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "random_fold_in":
             found[str(eqn.invars[1])] += 1
-        for sub in jax.core.jaxprs_in_params(eqn.params):
+        for sub in jax_core.jaxprs_in_params(eqn.params):
             _key_folds(sub, found)
     return found
 
