@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from convert.base.archs.data2vec_audio import Data2VecAudioConfig
-from flax_model.layers import ACTIVATIONS
+from flax_model.layers import ACTIVATIONS, grouped_conv
 from flax_model.wav2vec2 import Encoder, Wav2Vec2Module, layer_norm, module_shapes
 
 # HF's nn.LayerNorm(hidden_size, elementwise_affine=False) keeps torch's default epsilon.
@@ -33,6 +33,7 @@ class PositionalConvLayer(nn.Module):
         kernel = c.conv_pos_kernel_size
         out = nn.Conv(c.hidden_size, kernel_size=(kernel,), padding=[(kernel // 2, kernel // 2)],
                       feature_group_count=c.num_conv_pos_embedding_groups, dtype=self.dtype,
+                      conv_general_dilated=grouped_conv,
                       name="conv")(hidden)  # [B, S + 1 - K % 2, D]
         # Symmetric padding of an even kernel yields one frame too many; the last one is dropped.
         out = out[:, :hidden.shape[1]]  # [B, S, D]

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from convert.base.archs.hubert import HubertConfig
-from flax_model.layers import ACTIVATIONS
+from flax_model.layers import ACTIVATIONS, grouped_conv
 from flax_model.wav2vec2 import Encoder, Wav2Vec2Module, WeightNormConv, module_shapes
 
 # torch's BatchNorm1d default (HF does not set it).
@@ -63,6 +63,7 @@ class HubertPositionalConvEmbedding(nn.Module):
             normed = BatchNorm(c.hidden_size, self.dtype, name="batch_norm")(hidden, deterministic)
             out = nn.Conv(c.hidden_size, kernel_size=(kernel,), padding=[(kernel // 2, kernel // 2)],
                           feature_group_count=c.num_conv_pos_embedding_groups, dtype=self.dtype,
+                          conv_general_dilated=grouped_conv,
                           name="conv")(normed)  # [B, S + 1 - K % 2, D]
         else:
             out = WeightNormConv(c, self.dtype, name="conv")(hidden)

@@ -110,13 +110,20 @@ def ctc_scales(ctc_weight: float, tokens: int, ctc_count: float) -> tuple[np.flo
 
 
 def loss_sums(logits: jax.Array, labels: jax.Array) -> LossSums:
-    """logits [B, T, V] (any float dtype; computed in float32), labels [B, T] with -100 for padding."""
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, T, V]
+    """logits [B, T, V] (any float dtype; computed in float32), labels [B, T] with -100 for padding.
+
+    -log p(label) = logsumexp(logits) - logits[label], and the smoothing term sums V * logsumexp - logits over
+    the vocabulary: no [B, T, V] log-probabilities are made (their gradient is the softmax, the one [B, T, V]
+    array the backward pass needs besides the float32 logits).
+    """
+    logits = logits.astype(jnp.float32)  # [B, T, V]
     real = labels != IGNORE_INDEX  # [B, T]
-    picked = jnp.take_along_axis(log_probs, jnp.where(real, labels, 0)[..., None], axis=-1)[..., 0]
-    nll = -jnp.sum(jnp.where(real, picked, 0.0))
-    smooth = -jnp.sum(jnp.where(real, jnp.sum(log_probs, axis=-1), 0.0))
-    return LossSums(nll, smooth, jnp.sum(real).astype(jnp.int32), logits.shape[-1])
+    normaliser = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
+    picked = jnp.take_along_axis(logits, jnp.where(real, labels, 0)[..., None], axis=-1)[..., 0]
+    nll = jnp.sum(jnp.where(real, normaliser - picked, 0.0))
+    vocab_size = logits.shape[-1]
+    smooth = jnp.sum(jnp.where(real, vocab_size * normaliser - jnp.sum(logits, axis=-1), 0.0))
+    return LossSums(nll, smooth, jnp.sum(real).astype(jnp.int32), vocab_size)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -133,36 +140,85 @@ def layer_pattern(stacks: list[str]) -> re.Pattern[str]:
 
 @contextlib.contextmanager
 def remat_layers(layers: re.Pattern[str]) -> Iterator[None]:
-    """Within this context, every call of a layer whose module path matches `layers` is rematerialised:
-    `nn.remat` keeps only the layer's inputs for the backward pass and recomputes its activations there.
+    """Within this context, every call of a layer whose module path matches `layers` is rematerialised: only the
+    layer's inputs are kept for the backward pass, which recomputes its activations there
+    (`recomputed_in_backward`).
 
     The layers are the architectures' own modules; wrapping their calls here (a Flax method interceptor) keeps
-    rematerialisation out of every architecture file. Array arguments go through `nn.remat`; the others
-    (flags, None, Python ints) are closed over, which makes them static. Dropout keys are replayed by
-    `nn.remat`, so the recomputation draws the same masks.
+    rematerialisation out of every architecture file. The layer runs as a pure function of its variables, a
+    dropout key drawn from its own stream (so the recomputation draws the same masks) and its array arguments;
+    the other arguments (flags, None, Python ints) are closed over, which makes them static. While the model is
+    initialised, layers run as they are.
     """
 
     def intercept(next_fun: Callable[..., Any], args: tuple, kwargs: dict, context: Any) -> Any:
         module = context.module
-        if (context.method_name != "__call__" or _INSIDE_REMAT.get()
+        if (context.method_name != "__call__" or _INSIDE_REMAT.get() or module.is_initializing()
                 or not layers.fullmatch("/".join(module.path))):
             return next_fun(*args, **kwargs)
         traced = [i for i, a in enumerate(args) if isinstance(a, jax.Array)]
+        # The layer's own "dropout" stream (its key and path), so that it draws what it draws without remat.
+        key = module.scope.rngs.get("dropout") if module.has_rng("dropout") else None
+        unbound = module.clone(parent=None)
 
-        def run(layer: nn.Module, *arrays: jax.Array) -> Any:
+        def run(variables: Any, key: jax.Array | None, *arrays: jax.Array) -> Any:
             full = list(args)
             for i, a in zip(traced, arrays):
                 full[i] = a
             token = _INSIDE_REMAT.set(True)
             try:
-                return layer(*full, **kwargs)
+                return unbound.apply(variables, *full, rngs=None if key is None else {"dropout": key}, **kwargs)
             finally:
                 _INSIDE_REMAT.reset(token)
 
-        return nn.remat(run)(module, *(args[i] for i in traced))
+        return recomputed_in_backward(run)(dict(module.variables), key, *(args[i] for i in traced))
 
     with nn.intercept_methods(intercept):
         yield
+
+
+def recomputed_in_backward(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn(params, key, *arrays)` whose backward pass recomputes it from its arguments (rematerialisation).
+
+    What `jax.checkpoint` does, with one difference that makes it work on XLA:CPU: the recomputation reads the
+    arrays multiplied by a 1 computed from the output's cotangent, so that it can run only once the backward pass
+    has reached this layer, and is not the forward computation again. XLA:CPU drops `jax.checkpoint`'s
+    optimisation barriers early; common-subexpression elimination then merges the recomputation with the forward
+    pass (or the scheduler runs it right after the forward pass), and the peak memory does not move (measured:
+    the same XLA temporaries with and without `jax.checkpoint` on every layer; `docs/training_performance.md`).
+    Scanned layers do not need this: a scan's body is recomputed inside the backward loop.
+    """
+
+    @jax.custom_vjp
+    def call(params: Any, key: Any, *arrays: jax.Array) -> Any:
+        return fn(params, key, *arrays)
+
+    def forward(params: Any, key: Any, *arrays: jax.Array) -> tuple[Any, tuple]:
+        return fn(params, key, *arrays), (params, key, arrays)
+
+    def backward(saved: tuple, grad_out: Any) -> tuple:
+        params, key, arrays = saved
+        anchor = next(g for g in jax.tree.leaves(grad_out) if jnp.issubdtype(g.dtype, jnp.floating))
+        anchor = anchor.reshape(-1)[0].astype(jnp.float32)
+        # 1 and 0, known only once the cotangent exists: XLA folds neither `0 * x` nor `x != x` for floats.
+        one, zero = 1 + 0 * anchor, (anchor != anchor).astype(jnp.uint32)
+        tied = [a * one.astype(a.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a for a in arrays]
+        # The key too: dropout's random bits depend on it alone, and would otherwise be kept from the forward pass.
+        key = jax.tree.map(lambda k: _tied_key(k, zero), key)
+        _, vjp = jax.vjp(lambda p, *xs: fn(p, key, *xs), params, *tied)
+        grads = vjp(grad_out)
+        key_grad = jax.tree.map(lambda k: np.zeros(np.shape(k), jax.dtypes.float0), saved[1])  # keys have none
+        return (grads[0], key_grad, *grads[1:])
+
+    call.defvjp(forward, backward)
+    return call
+
+
+def _tied_key(key: jax.Array, zero: jax.Array) -> jax.Array:
+    """`key` with `zero` (a uint32 0) added to its bits: the same key, computed after `zero`."""
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(jax.random.key_data(key) + zero, impl=jax.random.key_impl(key))
+    return key + zero.astype(key.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -190,7 +246,7 @@ def frozen_predicate(freeze_feature_encoder: bool, non_trainable: frozenset[str]
     def frozen(path: str) -> bool:
         if path in non_trainable or (freeze_encoder and in_speech_encoder(path)):
             return True
-        return freeze_feature_encoder and in_speech_encoder(path) and FEATURE_ENCODER in path.split("/")
+        return freeze_feature_encoder and in_feature_encoder(path)
 
     return frozen
 
@@ -218,6 +274,11 @@ def join_params(trainable: Mapping[str, Any], frozen: Mapping[str, Any]) -> dict
 def in_speech_encoder(path: str) -> bool:
     """The leaf at this `/`-joined path belongs to the speech encoder (not the projection or the decoder)."""
     return path.split("/", 1)[0] == "encoder"
+
+
+def in_feature_encoder(path: str) -> bool:
+    """The leaf at this `/`-joined path belongs to the speech encoder's conv feature encoder."""
+    return in_speech_encoder(path) and FEATURE_ENCODER in path.split("/")
 
 
 def decays(path: str) -> bool:
@@ -412,10 +473,14 @@ def loss_grad_function(module: nn.Module, *, deterministic: bool, freeze_feature
     def run(params: Any, batch: Mapping[str, Any], rng: jax.Array | None, label_smoothing: jax.Array,
             ctc_scales: tuple[jax.Array, jax.Array] | None = None):
         def objective(p: Any) -> tuple[jax.Array, LossSums]:
-            if gathered:
+            if gathered or freeze_feature_encoder:
                 flat = traverse_util.flatten_dict(dict(p), sep="/")
-                for path, sharding in gathered.items():
+                for path, sharding in (gathered or {}).items():
                     flat[path] = jax.lax.with_sharding_constraint(flat[path], sharding)
+                if freeze_feature_encoder:
+                    # A frozen conv feature encoder runs on constants: none of its ops is linearised, so none of
+                    # its full-rate activations is kept for the backward pass (its gradients are zeros).
+                    flat = {k: jax.lax.stop_gradient(v) if in_feature_encoder(k) else v for k, v in flat.items()}
                 p = traverse_util.unflatten_dict(flat, sep="/")
             sums = module.apply(
                 {"params": p}, batch["inputs"], batch.get("attention_mask"), batch["labels"], deterministic,

@@ -28,7 +28,8 @@ from flax import linen as nn
 from convert.base.archs.wav2vec2 import Wav2Vec2FamilyConfig
 from convert.base.configs import encoder_input_shape
 from convert.base.errors import UnsupportedConfig
-from flax_model.layers import ACTIVATIONS, frame_mask, is_scanned, layer_drop, make_stack, run_stack
+from flax_model.layers import (ACTIVATIONS, frame_mask, grouped_conv, is_scanned, layer_drop, make_stack,
+                               run_stack)
 
 # HF's PyTorch defaults: nn.GroupNorm / nn.LayerNorm in the conv feature encoder and the adapter do not
 # take config.layer_norm_eps.
@@ -161,14 +162,6 @@ class FeatureProjection(nn.Module):
 # Transformer encoder
 
 
-def grouped_conv(hidden: jax.Array, kernel: jax.Array, groups: int, dtype: Any) -> jax.Array:
-    """Same-padded grouped conv over time: hidden [B, S, D], kernel [K, D/G, D] -> [B, S + 1 - K % 2, D]."""
-    pad = kernel.shape[0] // 2
-    return jax.lax.conv_general_dilated(
-        hidden.astype(dtype), kernel.astype(dtype), window_strides=(1,), padding=[(pad, pad)],
-        dimension_numbers=("NWC", "WIO", "NWC"), feature_group_count=groups)
-
-
 class WeightNormConv(nn.Module):
     """The positional conv: grouped, weight-normalised (g and v kept in PyTorch's layout, like HF's Flax)."""
 
@@ -184,7 +177,10 @@ class WeightNormConv(nn.Module):
         weight_g = self.param("weight_g", lambda _: _tap_norms(weight_v))  # [1, 1, K]
         bias = self.param("bias", nn.initializers.zeros, (width,))
         weight = weight_v * (weight_g / _tap_norms(weight_v))  # [D, D/G, K]
-        out = grouped_conv(hidden, jnp.transpose(weight, (2, 1, 0)), groups, self.dtype)  # kernel [K, D/G, D]
+        # Same padding: [B, S + 1 - K % 2, D] (an even kernel yields one frame too many).
+        out = grouped_conv(hidden.astype(self.dtype), jnp.transpose(weight, (2, 1, 0)).astype(self.dtype), (1,),
+                           [(kernel // 2, kernel // 2)], dimension_numbers=("NWC", "WIO", "NWC"),
+                           feature_group_count=groups)  # kernel [K, D/G, D]
         return out + bias.astype(self.dtype)
 
 

@@ -29,7 +29,7 @@ from flax import linen as nn
 
 from convert.base.archs.wav2vec2_conformer import Wav2Vec2ConformerConfig
 from flax_model.hubert import BatchNorm
-from flax_model.layers import ACTIVATIONS, is_scanned, layer_drop, make_stack, run_stack
+from flax_model.layers import ACTIVATIONS, grouped_conv, is_scanned, layer_drop, make_stack, run_stack
 from flax_model.wav2vec2 import FeedForward, Wav2Vec2Module, layer_norm, masked_frames, module_shapes
 
 # transformers builds the blocks' layer norms with nn.LayerNorm's default eps, not config.layer_norm_eps.
@@ -153,6 +153,7 @@ class ConvolutionModule(nn.Module):
         hidden = nn.glu(hidden, axis=-1)  # [B, T, D]
         pad = (kernel - 1) // 2
         hidden = nn.Conv(d, kernel_size=(kernel,), padding=[(pad, pad)], feature_group_count=d, use_bias=False,
+                         conv_general_dilated=grouped_conv,
                          dtype=self.dtype, name="depthwise_conv")(hidden)
         hidden = BatchNorm(d, self.dtype, name="batch_norm")(hidden, deterministic)
         hidden = ACTIVATIONS[c.hidden_act](hidden)
