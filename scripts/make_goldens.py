@@ -257,9 +257,10 @@ def record_causal_lm(model: Any, inputs: Mapping[str, np.ndarray]) -> tuple[dict
     return {"logits": model(**t, use_cache=False).logits.numpy()}, used
 
 
-# A text LM's cached decoding and greedy generation: the prompt's first PREFILL tokens at once, then one at a time;
-# greedy search from the first PROMPT tokens of each row (unpadded) for GREEDY_TOKENS tokens, no eos.
-PREFILL, PROMPT, GREEDY_TOKENS = 5, 4, 12
+# A text LM's cached decoding and greedy generation: the padded batch's first PREFILL tokens at once, then one at a
+# time; greedy search from the first PROMPT tokens of each row (unpadded) for GREEDY_TOKENS tokens, no eos. Both fill
+# a cache as long as the batch (8): the tests' compiled shapes are then few and shared.
+PREFILL, PROMPT, GREEDY_TOKENS = 4, 4, 4
 
 
 def record_text_lm(model: Any, inputs: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
@@ -279,8 +280,8 @@ def record_text_lm(model: Any, inputs: Mapping[str, np.ndarray]) -> tuple[dict[s
     prompt = ids[:, :PROMPT]
     greedy = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=GREEDY_TOKENS,
                             min_new_tokens=0, do_sample=False, eos_token_id=None, pad_token_id=0, use_cache=True)
-    return {"logits": logits.numpy(), "cached_logits": torch.cat(cached, dim=1).numpy(),
-            "greedy": greedy.numpy()}, ["input_ids", "attention_mask"]
+    return {"logits": logits.numpy(), "cached_logits": torch.cat(cached, dim=1).numpy(), "greedy": greedy.numpy(),
+            "prefill_length": np.asarray(PREFILL), "prompt_length": np.asarray(PROMPT)}, ["input_ids", "attention_mask"]
 
 
 def record_seq2seq_decoder(model: Any, inputs: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
@@ -344,10 +345,12 @@ ARCHITECTURES: dict[str, Architecture] = {
     "Wav2Vec2ConformerModel": Architecture("Wav2Vec2ConformerModel", "encoder", record_speech_encoder, "audio"),
     "Wav2Vec2ConformerForCTC": Architecture("Wav2Vec2ConformerModel", "encoder", record_speech_encoder, "audio"),
     # Decoder-only LMs, on text alone (no cross-attention: what a composed decoder of these families computes
-    # without an encoder output). A LlamaModel file is read by LlamaForCausalLM (its tied head).
+    # without an encoder output).
     "LlamaForCausalLM": Architecture("LlamaForCausalLM", "decoder", record_text_lm, "text"),
-    "LlamaModel": Architecture("LlamaForCausalLM", "decoder", record_text_lm, "text"),
-    "Qwen2ForCausalLM": Architecture("Qwen2ForCausalLM", "decoder", record_text_lm, "text"),
+    # A LlamaModel file (a file-format and RoPE variant): logits only, read by LlamaForCausalLM (its tied head).
+    "LlamaModel": Architecture("LlamaForCausalLM", "decoder", record_causal_lm, "text"),
+    # Qwen2's cached path is Llama's with biases (llama_tied_bf16 has them): logits only.
+    "Qwen2ForCausalLM": Architecture("Qwen2ForCausalLM", "decoder", record_causal_lm, "text"),
     "MistralForCausalLM": Architecture("MistralForCausalLM", "decoder", record_text_lm, "text"),
     "Gemma2ForCausalLM": Architecture("Gemma2ForCausalLM", "decoder", record_text_lm, "text"),
     # w2v-BERT reads log-mel features: transformers' own extractor's output on speech-like audio.
@@ -482,6 +485,8 @@ EXTRACTED: tuple[Extracted, ...] = (
     Extracted("conformer_rotary", "bart_causal", "wav2vec2-conformer (BatchNorm step counters missing); BART"),
     Extracted("w2v_stable", "bert_xattn_untied", "BERT with its own cross-attention and an untied head"),
     Extracted("w2v_group", "roberta_mlm_bin", "RoBERTa from a masked-LM file, cross-attention created"),
+    Extracted("w2v_group", "llama_lm", "a composed Llama: its decoder without the cross-attention compose created, "
+              "read by LlamaForCausalLM (transformers has no cross-attending Llama)"),
 )
 EXTRACTED_PARTS = ("decoder", "encoder")
 
