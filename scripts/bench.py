@@ -576,11 +576,12 @@ def bench_llm(args) -> None:
 
     The sources are random, built once into `--cache-dir` (`scripts/make_random_llm.py`; the encoder as
     `scripts/bench_convert.py` builds it) and composed there in bfloat16 (`--no-verify`). The model loads in
-    bfloat16 (on a mesh of every device with `--mesh`), and greedy generation makes `--new-tokens` tokens per
-    utterance (no early end); the prefill (encoder and cross-attention keys/values) is timed apart and taken out.
-    Per batch size: decode tokens/s (batch x steps / decode time), the step time, the bytes a step reads
-    (`decode_step_bytes`), and the fraction of the roofline reached: bytes per step / step time / the measured
-    read bandwidth (`read_bandwidth`). `--quick` runs the same on toy shapes (to check the bench, not a figure)."""
+    bfloat16 (on a mesh of every device with `--mesh`). Per batch size: greedy generation end to end (`generate`,
+    64 new tokens, no early end: encoder, prefill and steps), and the decoder steps alone: one compiled loop of 64
+    cached steps from a prefilled cache, each feeding back its argmax. From the latter: decode tokens/s (batch x
+    steps / loop time), the step time, the bytes a step reads (`decode_step_bytes`), and the fraction of the
+    roofline reached: bytes per step / step time / the measured read bandwidth (`read_bandwidth`). `--quick` runs
+    the same on toy shapes (to check the bench, not a figure)."""
     import io
 
     from convert.compose import compose
@@ -606,34 +607,50 @@ def bench_llm(args) -> None:
     load_s = time.perf_counter() - start
     bandwidth = read_bandwidth(1 << 24 if args.quick else 1 << 30)
     new = args.new_tokens
+    module = model.module
+
+    def steps(params, cache, tokens):
+        """`new` cached decoder steps from a prefilled cache, each feeding back its argmax (what greedy search's
+        loop computes, without the processors)."""
+        def body(_, carry):
+            cache, tokens = carry
+            logits, cache = module.apply({"params": params}, tokens, None, None, cache=cache,
+                                         method=SpeechEncoderDecoderModule.decode)
+            return cache, jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)[:, None]
+
+        return jax.lax.fori_loop(0, new, body, (cache, tokens))[1]
+
+    decode_steps = jax.jit(steps)
+    prefill = jax.jit(lambda p, a, m: module.apply(
+        {"params": p}, a, m, method=lambda mod, a, m: mod.init_cache(a.shape[0], new + 1, *mod.encode(a, m))))
+
+    def timed(fn: Callable[[], Any]) -> tuple[float, float]:
+        """(the first call, the median of `--runs` calls after it), seconds."""
+        start = time.perf_counter()
+        block(fn())
+        first = time.perf_counter() - start
+        times = []
+        for _ in range(args.runs):
+            start = time.perf_counter()
+            block(fn())
+            times.append(time.perf_counter() - start)
+        return first, statistics.median(times)
+
     for batch in (int(b) for b in args.batches.split(",")):
         audio, mask = batch_inputs(batch, args.audio_seconds)
         fa, fm = jnp.asarray(audio), jnp.asarray(mask)
-        options = {"max_new_tokens": new, "min_new_tokens": new}
-        prefill = jax.jit(lambda p, a, m: model.module.apply(
-            {"params": p}, a, m, method=lambda mod, a, m: mod.init_cache(a.shape[0], new + 1, *mod.encode(a, m))))
-
-        def timed(fn: Callable[[], Any]) -> tuple[float, float]:
-            start = time.perf_counter()
-            block(fn())
-            first = time.perf_counter() - start
-            times = []
-            for _ in range(args.runs):
-                start = time.perf_counter()
-                block(fn())
-                times.append(time.perf_counter() - start)
-            return first, statistics.median(times)
-
-        first, generate_s = timed(lambda: model.generate(fa, fm, **options).sequences)
-        _, prefill_s = timed(lambda: prefill(model.params, fa, fm))
-        decode_s = generate_s - prefill_s
+        first, generate_s = timed(lambda: model.generate(fa, fm, max_new_tokens=new, min_new_tokens=new).sequences)
+        cache = block(prefill(model.params, fa, fm))
+        start_tokens = jnp.full((batch, 1), model.config.decoder_start_token_id, jnp.int32)
+        steps_first, decode_s = timed(lambda: decode_steps(model.params, cache, start_tokens))
         step_s = decode_s / new
-        frames = int(model.config.encoder.output_lengths(audio.shape[1]))
+        frames = int(cache.encoder_mask.shape[1])
         read = decode_step_bytes(model, batch, new + 1, frames)
         emit({"bench": "llm_decode", "model": composed.name, "devices": jax.device_count(),
               "device": str(jax.devices()[0].device_kind), "batch": batch, "new_tokens": new,
-              "audio_s": args.audio_seconds, "tokens_per_s": batch * new / decode_s, "step_ms": 1000 * step_s,
-              "prefill_s": prefill_s, "generate_s": generate_s, "compile_s": first - generate_s, "load_s": load_s,
+              "audio_s": args.audio_seconds, "decode_tokens_per_s": batch * new / decode_s, "step_ms": 1000 * step_s,
+              "generate_tokens_per_s": batch * new / generate_s, "generate_s": generate_s,
+              "generate_compile_s": first - generate_s, "steps_compile_s": steps_first - decode_s, "load_s": load_s,
               "bytes_per_step": read["total"], "weight_bytes": read["weights"], "cache_bytes": read["cache"],
               "read_bandwidth_gb_s": bandwidth / 1e9, "achieved_gb_s": read["total"] / step_s / 1e9,
               "roofline_fraction": read["total"] / step_s / bandwidth, "load": os.getloadavg()[0]})
