@@ -31,7 +31,7 @@ from convert.base.errors import ConvertError, KeyMapError, UnsupportedConfig, Us
 from convert.base.generation_settings import composed_generation_config, decoder_generation_config
 from convert.base.keymap import Entry, Plan
 from convert.base.params import plan_source, save_params, subtree
-from convert.base.registry import model_types
+from convert.base.registry import model_types, spec_for
 from convert.base.resources import human_bytes, memory_budget, parse_memory, refuse_if_too_large
 from convert.base.outputs import atomic_directory, check_output_location
 from convert.base.writing import TensorSpec, parse_size
@@ -320,6 +320,7 @@ def compose(
     std = float(config.decoder.init_scale)
     # The CTC head is the encoder's (transformers initialises Wav2Vec2ForCTC.lm_head from the encoder's config).
     std_of = lambda path: float(config.encoder.init_scale) if path.startswith("ctc_head/") else std
+    rules = _decoder_init_rules(dec)
     total = sum(s.nbytes for s in layout.specs)
     needed, what = memory_needed(layout.specs, verify)
     budget = memory_budget(max_memory)
@@ -327,7 +328,8 @@ def compose(
                         f"parameters, {human_bytes(total)} in {dtype}) {what}", budget,
                         "pass verify=False to compose without it" if verify else "")
     leaves = lambda: stream_leaves(layout.specs, layout.sources, dtype, progress,  # noqa: E731
-                                   lambda spec: init_leaf(spec.name, spec.shape, std_of(spec.name), seed, spec.dtype))
+                                   lambda spec: init_leaf(spec.name, spec.shape, std_of(spec.name), seed, spec.dtype,
+                                                          rules))
 
     with atomic_directory(output, overwrite=overwrite, sources=sources, needed_bytes=2 * total) as tmp:
         save_params(tmp, config, leaves, layout.specs, max_shard_size=shard_bytes)
@@ -412,6 +414,11 @@ def _source_report(src: Source, plan: Plan) -> dict[str, Any]:
     }
 
 
+def _decoder_init_rules(dec: Source) -> tuple[tuple[str, str], ...]:
+    """The decoder architecture's own initialisers (`ArchSpec.init_rules`), over the composed model's paths."""
+    return tuple((f"decoder/{pattern}", kind) for pattern, kind in dec.arch.init_rules)
+
+
 def _report(config, enc, dec, layout, seed, std, dtype, verification, copied, command, ctc=None) -> dict[str, Any]:
     count = lambda names: int(sum(np.prod(s.shape, dtype=np.int64) for s in layout.specs if s.name in names))  
     loaded = set(layout.sources)
@@ -424,7 +431,7 @@ def _report(config, enc, dec, layout, seed, std, dtype, verification, copied, co
         "encoder": _source_report(enc, layout.plans["encoder"]),
         "decoder": _source_report(dec, layout.plans["decoder"]),
         "initialised": layout.initialised,
-        "init": {"seed": seed, "std": std, "rules": [list(r) for r in INIT_RULES]},
+        "init": {"seed": seed, "std": std, "rules": [list(r) for r in (*_decoder_init_rules(dec), *INIT_RULES)]},
         "dtype": dtype,
         "token_ids": {
             "decoder_start_token_id": config.decoder_start_token_id,
@@ -451,12 +458,22 @@ def transformers_compatibility(config: SpeechEncoderDecoderConfig) -> dict[str, 
     really outputs: it projects when `output_hidden_size` (default `hidden_size`) differs from the decoder's
     width (and the decoder has no `cross_attention_hidden_size`), but builds the projection as
     Linear(`hidden_size`, decoder width); and it requires `cross_attention_hidden_size == hidden_size`. This
-    toolkit projects from the encoder's real output width (`encoder_output_size`).
+    toolkit projects from the encoder's real output width (`encoder_output_size`). And a decoder family whose
+    transformers class has no cross-attention (`ArchSpec.hf_cross_attention`: Llama, Qwen2, ...) cannot run in it.
 
     Returns:
         {"loads": bool, "reason": str | None, "ignored": what transformers loads without using: the CTC head's
         tensors and the config's `ctc` section, which its SpeechEncoderDecoderModel has no place for}.
     """
+    ignored = [] if config.ctc is None else ["ctc_head.weight", "ctc_head.bias", "config.json: ctc"]
+    decoder = spec_for(config.decoder, role="decoder")
+    if not decoder.hf_cross_attention:
+        lm = decoder.hf_class(config.decoder.to_hf_dict()["model_type"])
+        return {"loads": False, "ignored": ignored, "reason": (
+            f"transformers has no cross-attending {lm}: its SpeechEncoderDecoderModel builds the decoder without the "
+            f"cross-attention (it reports those weights unexpected) and its forward pass fails; `python -m "
+            f"convert.extract DIR --part decoder --output llm` writes the decoder without its cross-attention, which "
+            f"transformers' {lm} loads")}
     raw = config.encoder.to_hf_dict()
     hidden = raw.get("hidden_size")
     their_out = raw.get("output_hidden_size", hidden)
@@ -478,7 +495,6 @@ def transformers_compatibility(config: SpeechEncoderDecoderConfig) -> dict[str, 
             reason = (f"transformers builds enc_to_dec_proj from the encoder config's hidden_size ({hidden}) "
                       f"while the encoder outputs {width} features (its adapter's output_hidden_size), so it "
                       f"refuses the projection's weights [{dec_width}, {width}]")
-    ignored = [] if config.ctc is None else ["ctc_head.weight", "ctc_head.bias", "config.json: ctc"]
     return {"loads": reason is None, "reason": reason, "ignored": ignored}
 
 

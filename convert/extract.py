@@ -36,7 +36,7 @@ from convert.base.registry import spec_for
 from convert.base.spec import ArchSpec
 from convert.base.outputs import TOOLKIT_MARKER, atomic_directory, check_output_location
 from convert.base.writing import ShardedWriter, TensorSpec, parse_size
-from convert.compose import DECODER_EXTRA_FILES, ENCODER_EXTRA_FILES
+from convert.sources import DECODER_EXTRA_FILES, ENCODER_EXTRA_FILES
 
 PARTS = ("decoder", "encoder")
 _EXTRA_FILES = {"decoder": DECODER_EXTRA_FILES, "encoder": ENCODER_EXTRA_FILES}
@@ -47,13 +47,6 @@ _PROJECTION = "enc_to_dec_proj."
 class ExtractResult:
     output: Path
     report: dict[str, Any]
-
-
-def transformers_class(spec: ArchSpec, model_type: str) -> str:
-    """The transformers class whose state-dict keys are the part's canonical keys: the first of the spec's
-    `hf_classes` named after the config's model type (`MBartForCausalLM` for an mBART config of the BART spec)."""
-    stem = model_type.replace("-", "").replace("_", "").lower()
-    return next((c for c in spec.hf_classes if c.lower().startswith(stem)), spec.hf_classes[0])
 
 
 def extract(
@@ -106,7 +99,7 @@ def extract(
     spec = spec_for(part_config, where, role=part)
     keep_cross = part == "encoder" or spec.hf_cross_attention
     out_config = part_config if keep_cross else part_config.as_causal_lm()
-    hf_class = transformers_class(spec, out_config.to_hf_dict()["model_type"])
+    hf_class = spec.hf_class(out_config.to_hf_dict()["model_type"])
     tensors, left_out = _plan(checkpoint, config, part, spec, hf_class, keep_cross)
     specs = [TensorSpec(key, info.dtype, info.shape) for key, (_, _, info) in tensors.items()]
     total = sum(s.nbytes for s in specs)

@@ -133,13 +133,15 @@ def is_float(dtype: np.dtype) -> bool:
     return np.issubdtype(dtype, np.floating) or np.dtype(dtype).name == "bfloat16"
 
 
-def init_leaf(path: str, shape: tuple[int, ...], std: float, seed: int, dtype: np.dtype) -> np.ndarray:
+def init_leaf(path: str, shape: tuple[int, ...], std: float, seed: int, dtype: np.dtype,
+              rules: tuple[tuple[str, str], ...] = ()) -> np.ndarray:
     """A leaf no source has, drawn deterministically from (seed, path): the same seed gives the same bytes.
 
     numpy's PCG64 seeded with (seed, crc32(path)): independent of the order leaves are drawn in, and cheap
-    (no JAX random-number kernels to compile for a handful of tensors).
+    (no JAX random-number kernels to compile for a handful of tensors). `rules` (an architecture's `init_rules`,
+    over the whole path) are tried before INIT_RULES.
     """
-    kind = next((k for pattern, k in INIT_RULES if re.match(pattern, path)), None)
+    kind = next((k for pattern, k in (*rules, *INIT_RULES) if re.match(pattern, path)), None)
     if kind is None:
         raise KeyMapError(f"{path}: no initialiser for this kind of parameter")
     if kind == "zeros":

@@ -8,9 +8,11 @@ the same thing plainly in eager PyTorch; both follow transformers 5's `generate`
   (`generation_config.json`, else `config.json`), a GenerationConfig-like object, keyword arguments.
 * The encoder runs once (the model's own jitted `encode`, compiled once per input shape whatever the settings);
   `init_cache` projects the cross-attention keys/values once (the prefill); every step feeds the last token
-  through the decoder with the cache. The cache holds `max_new_tokens + 1` positions.
-* Every processor runs inside the loop on fixed shapes: the sequences so far live in a [rows, 1 + max_new_tokens]
-  buffer and a processor looks only at the first `1 + step` columns (masks built with `arange < cur_len`).
+  through the decoder with the cache. A plain prompt (`decoder_input_ids`, the start token put first as transformers
+  does) goes into the cache at once but its last token, which the first step feeds. The cache holds
+  `P + max_new_tokens` positions (P: the prompt's tokens, 1 without one).
+* Every processor runs inside the loop on fixed shapes: the sequences so far live in a [rows, P + max_new_tokens]
+  buffer and a processor looks only at the first `P + step` columns (masks built with `arange < cur_len`).
   Order: repetition_penalty, no_repeat_ngram_size, bad_words_ids, min_length / min_new_tokens,
   forced_bos_token_id, forced_eos_token_id, suppress_tokens, begin_suppress_tokens, then (sampling)
   temperature, top_k, top_p.
@@ -48,7 +50,7 @@ from convert.base.generation_settings import (
     GenerationConfigError,
     GenerationSettings,
     model_generation_config,
-    resolve_settings,
+    resolve_with_prompt,
 )
 from flax_model.cache import DecoderCache, reorder_cache
 from flax_model.ctc import JointScorer, PrefixState, decoding_log_probs
@@ -106,7 +108,9 @@ def generate(
             needs a CTC head over the decoder's vocabulary): each step scores (1 - lambda) x the processed
             attention log-probability + lambda x the CTC prefix score's increase. None: attention only. With
             num_beams=1 it is a beam search of one beam.
-        kwargs: generation settings by transformers' names (max_new_tokens, num_beams, do_sample, ...).
+        kwargs: generation settings by transformers' names (max_new_tokens, num_beams, do_sample, ...), and
+            `decoder_input_ids`: a plain prompt [B, P] (or [P] for every utterance), the start token put first
+            unless every row begins with it; the sequences returned begin with it.
 
     Returns:
         A `GenerateOutput`.
@@ -114,10 +118,14 @@ def generate(
     Raises:
         GenerationConfigError: a setting that is malformed, not implemented, or impossible for this model.
     """
-    settings = resolve_settings(model.config, model_generation_config(model), generation_config, **kwargs)
+    settings, prompt = resolve_with_prompt(model.config, model_generation_config(model), generation_config,
+                                           np.shape(inputs)[0], **kwargs)
     if settings.do_sample and prng_key is None:
         raise GenerationConfigError("generate: do_sample=True needs an explicit prng_key (jax.random.PRNGKey(seed))")
     joint = None if ctc_weight is None else joint_setting(model.config, settings, ctc_weight)
+    if joint is not None and settings.prompt_length > 1:
+        raise GenerationConfigError("generate: decoder_input_ids: a plain prompt does not go with ctc_weight (the "
+                                    "CTC prefix scores start from an empty transcript)")
     key = ("generate", settings.static, joint)
     if key not in model._compiled:
         model._compiled[key] = jax.jit(search_function(model.module, settings, joint))
@@ -129,7 +137,7 @@ def generate(
     if joint is None:
         # The encoder is compiled apart (once per input shape, whatever the generation settings).
         encoded = model.encode(inputs, attention_mask, params=params)
-        out = run(params, encoded.last_hidden_state, encoded.attention_mask, traced, rng)
+        out = run(params, encoded.last_hidden_state, encoded.attention_mask, traced, rng, None, jnp.asarray(prompt))
     else:
         mask = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
         hidden, encoder_mask, ctc_logits = model._fn("encode_with_ctc")(params, jnp.asarray(inputs, jnp.float32),
@@ -137,9 +145,10 @@ def generate(
         traced["ctc_weight"] = jnp.float32(ctc_weight)
         out = run(params, hidden, encoder_mask, traced, rng, ctc_logits)
     steps = int(out["steps"])
-    width = 1 + int(jnp.max(out["lengths"]))
+    width = settings.prompt_length + int(jnp.max(out["lengths"]))
     scores = None if out.get("scores") is None else np.asarray(out["scores"])[:, :steps]
-    beam_indices = None if out.get("beam_indices") is None else np.asarray(out["beam_indices"])[:, :width - 1]
+    beam_indices = (None if out.get("beam_indices") is None
+                    else np.asarray(out["beam_indices"])[:, :width - settings.prompt_length])
     return GenerateOutput(np.asarray(out["sequences"])[:, :width], np.asarray(out["sequences_scores"]), scores,
                           beam_indices)
 
@@ -188,31 +197,36 @@ def joint_setting(config: Any, settings: GenerationSettings, ctc_weight: float) 
 
 def search_function(module: Any, settings: GenerationSettings, joint: JointSetting | None = None) -> Callable:
     """The function to jit: (params, encoder output [B, S, D], its mask [B, S], traced settings, PRNG key[, CTC
-    logits [B, S, V] for joint decoding]) -> a dict of sequences [N, 1 + max_new_tokens], sequences_scores [N],
+    logits [B, S, V] for joint decoding, decoder prompt [B, P] (None: the start token alone)]) -> a dict of
+    sequences [N, P + max_new_tokens], sequences_scores [N],
     lengths [N] (generated tokens), steps [], and with `output_scores` scores [rows, max_new_tokens, V] (and
     beam_indices)."""
     mode = settings.mode if joint is None else "joint"
 
-    def run(params, hidden, encoder_mask, traced, key, ctc_logits=None):
+    def run(params, hidden, encoder_mask, traced, key, ctc_logits=None, prompt=None):
         TRACES[mode] += 1
         variables = {"params": params}
+        if prompt is None:  # the start token alone
+            prompt = jnp.full((hidden.shape[0], 1), settings.decoder_start_token_id, jnp.int32)
         if settings.num_beams == 1 and settings.num_return_sequences > 1:
-            hidden = jnp.repeat(hidden, settings.num_return_sequences, axis=0)
-            encoder_mask = jnp.repeat(encoder_mask, settings.num_return_sequences, axis=0)
-        cache = module.apply(variables, hidden.shape[0], settings.max_new_tokens + 1, hidden, encoder_mask,
-                             method="init_cache")
+            hidden, encoder_mask, prompt = (jnp.repeat(a, settings.num_return_sequences, axis=0)
+                                            for a in (hidden, encoder_mask, prompt))
+        cache = module.apply(variables, hidden.shape[0], settings.prompt_length + settings.max_new_tokens, hidden,
+                             encoder_mask, method="init_cache")
 
         def decode(tokens: jax.Array, cache: DecoderCache) -> tuple[jax.Array, DecoderCache]:
             logits, cache = module.apply(variables, tokens, None, None, cache=cache, method="decode")
             return logits[:, -1].astype(jnp.float32), cache  # [N, V]
 
+        if settings.prompt_length > 1:  # the prompt but its last token into the cache at once; the loop feeds that
+            _, cache = decode(prompt[:, :-1], cache)
         if joint is not None:
             scorer = JointScorer(decoding_log_probs(ctc_logits, encoder_mask, joint.blank), traced["ctc_weight"],
                                  settings.num_beams, joint.pre_beam, joint.blank, joint.eos_ids, joint.neutral_ids)
             return beam_search(decode, cache, settings, traced, key, scorer)
         if settings.num_beams == 1:
-            return greedy_or_sample(decode, cache, settings, traced, key)
-        return beam_search(decode, cache, settings, traced, key)
+            return greedy_or_sample(decode, cache, settings, traced, key, prompt)
+        return beam_search(decode, cache, settings, traced, key, prompt=prompt)
 
     return run
 
@@ -227,8 +241,9 @@ def process_scores(scores: jax.Array, sequences: jax.Array, step: jax.Array, set
 
     Args:
         scores: [N, V] float32 logits (greedy, sampling) or log-probs (beam search).
-        sequences: [N, L] int32, the start token then the generated tokens; columns >= 1 + step are not read.
-        step: [] int32 tokens generated so far (the sequences hold 1 + step tokens).
+        sequences: [N, L] int32, the decoder prompt (the start token, and a plain prompt after it) then the generated
+            tokens; columns >= prompt_length + step are not read.
+        step: [] int32 tokens generated so far (the sequences hold prompt_length + step tokens).
         settings: the static settings (which processors run).
         traced: the traced values (repetition_penalty, min_new_tokens, temperature, top_p).
 
@@ -237,7 +252,7 @@ def process_scores(scores: jax.Array, sequences: jax.Array, step: jax.Array, set
     """
     rows, vocab = scores.shape
     length = sequences.shape[1]
-    cur_len = step + 1
+    cur_len = step + settings.prompt_length
     neg_inf = jnp.float32(-jnp.inf)
     row_ids = jnp.arange(rows)[:, None]
 
@@ -322,11 +337,11 @@ def top_p_filter(scores: jax.Array, top_p: jax.Array, min_tokens_to_keep: int) -
 
 
 def greedy_or_sample(decode: DecodeFn, cache: DecoderCache, settings: GenerationSettings,
-                     traced: dict[str, jax.Array], key: jax.Array) -> dict[str, jax.Array]:
+                     traced: dict[str, jax.Array], key: jax.Array, prompt: jax.Array) -> dict[str, jax.Array]:
     rows = cache.encoder_mask.shape[0]
-    max_new = settings.max_new_tokens
+    max_new, first = settings.max_new_tokens, settings.prompt_length  # the prompt's P tokens, then the new ones
     pad = 0 if settings.pad_token_id is None else settings.pad_token_id
-    sequences = jnp.full((rows, max_new + 1), pad, jnp.int32).at[:, 0].set(settings.decoder_start_token_id)
+    sequences = jnp.full((rows, first + max_new), pad, jnp.int32).at[:, :first].set(prompt)
     eos = settings.eos_token_ids
 
     def not_done(state):
@@ -334,7 +349,7 @@ def greedy_or_sample(decode: DecodeFn, cache: DecoderCache, settings: Generation
 
     def step_fn(state):
         step = state["step"]
-        tokens = jax.lax.dynamic_slice_in_dim(state["sequences"], step, 1, axis=1)  # [N, 1]
+        tokens = jax.lax.dynamic_slice_in_dim(state["sequences"], first - 1 + step, 1, axis=1)  # [N, 1]
         logits, cache = decode(tokens, state["cache"])
         scores = process_scores(logits, state["sequences"], step, settings, traced)
         if settings.do_sample:
@@ -349,7 +364,7 @@ def greedy_or_sample(decode: DecodeFn, cache: DecoderCache, settings: Generation
         if eos:
             next_tokens = jnp.where(live, next_tokens, pad)
             out["finished"] = state["finished"] | jnp.isin(next_tokens, jnp.asarray(eos, jnp.int32))
-        out["sequences"] = jax.lax.dynamic_update_slice(state["sequences"], next_tokens[:, None], (0, step + 1))
+        out["sequences"] = jax.lax.dynamic_update_slice(state["sequences"], next_tokens[:, None], (0, first + step))
         if settings.output_scores:
             out["scores"] = jax.lax.dynamic_update_slice(state["scores"], scores[:, None, :], (0, step, 0))
         return out
@@ -379,10 +394,10 @@ def cache_vocab_probe(decode: DecodeFn, cache: DecoderCache) -> int:
 
 @flax.struct.dataclass
 class BeamState:
-    """The beam-search loop carry: B utterances x K beams, sequences of 1 + max_new_tokens slots."""
+    """The beam-search loop carry: B utterances x K beams, sequences of P + max_new_tokens slots (P: the prompt)."""
 
     cache: DecoderCache  # batch B * K, row b * K + k is beam k of utterance b
-    running: jax.Array  # [B, K, L] int32 running beams (start token, generated tokens, fill)
+    running: jax.Array  # [B, K, L] int32 running beams (the prompt, generated tokens, fill)
     running_scores: jax.Array  # [B, K] float32 sum of log-probs, best first
     running_beams: jax.Array  # [B, K, L - 1] int32 the running beam (b * K + k) each token came from, -1 after
     finished: jax.Array  # [B, K, L] int32 finished hypotheses, best first
@@ -396,15 +411,20 @@ class BeamState:
 
 
 def beam_search(decode: DecodeFn, cache: DecoderCache, settings: GenerationSettings,
-                traced: dict[str, jax.Array], key: jax.Array, joint: JointScorer | None = None) -> dict[str, jax.Array]:
+                traced: dict[str, jax.Array], key: jax.Array, joint: JointScorer | None = None,
+                prompt: jax.Array | None = None) -> dict[str, jax.Array]:
     """Beam search (and beam sampling); with `joint`, one-pass joint CTC/attention beam search: each step's scores
-    are `joint.score`'s, and the beams that go on carry their CTC prefix states."""
+    are `joint.score`'s, and the beams that go on carry their CTC prefix states. `prompt` [B, P]: the decoder
+    prompt every beam of an utterance starts from (None: the start token)."""
     k, max_new, keep = settings.num_beams, settings.max_new_tokens, settings.beams_to_keep
+    first = settings.prompt_length  # the prompt's P tokens, then the new ones
     batch = cache.encoder_mask.shape[0]
     length_penalty = traced["length_penalty"]
+    if prompt is None:
+        prompt = jnp.full((batch, 1), settings.decoder_start_token_id, jnp.int32)
     cache = reorder_cache(cache, jnp.repeat(jnp.arange(batch), k))  # one copy of each utterance per beam
-    sequences = jnp.full((batch, k, max_new + 1), settings.beam_fill_token_id, jnp.int32)
-    sequences = sequences.at[:, :, 0].set(settings.decoder_start_token_id)
+    sequences = jnp.full((batch, k, first + max_new), settings.beam_fill_token_id, jnp.int32)
+    sequences = sequences.at[:, :, :first].set(prompt[:, None, :])
     no_beams = jnp.full((batch, k, max_new), -1, jnp.int32)
     first_live = jnp.where(jnp.arange(k) == 0, 0.0, DEAD_BEAM_SCORE).astype(jnp.float32)
     scores = None
@@ -431,8 +451,8 @@ def beam_search(decode: DecodeFn, cache: DecoderCache, settings: GenerationSetti
 
     def step_fn(s: BeamState) -> BeamState:
         generated = s.step + 1  # tokens in every candidate after this step
-        flat_running = s.running.reshape(batch * k, max_new + 1)
-        tokens = jax.lax.dynamic_slice_in_dim(flat_running, s.step, 1, axis=1)  # [B*K, 1]
+        flat_running = s.running.reshape(batch * k, first + max_new)
+        tokens = jax.lax.dynamic_slice_in_dim(flat_running, first - 1 + s.step, 1, axis=1)  # [B*K, 1]
         logits, cache = decode(tokens, s.cache)
         log_probs = process_scores(jax.nn.log_softmax(logits, axis=-1), flat_running, s.step, settings,
                                    traced)  # [B*K, V]
@@ -450,7 +470,7 @@ def beam_search(decode: DecodeFn, cache: DecoderCache, settings: GenerationSetti
             top_scores, top_ids = jax.lax.top_k(candidates, keep)  # [B, K']
         source_beam, token = top_ids // vocab, (top_ids % vocab).astype(jnp.int32)
         extended = jnp.take_along_axis(s.running, source_beam[:, :, None], axis=1)  # [B, K', L]
-        extended = jax.lax.dynamic_update_slice(extended, token[:, :, None], (0, 0, generated))
+        extended = jax.lax.dynamic_update_slice(extended, token[:, :, None], (0, 0, first - 1 + generated))
         source_row = (jnp.arange(batch)[:, None] * k + source_beam).astype(jnp.int32)  # [B, K']
         beams = jnp.take_along_axis(s.running_beams, source_beam[:, :, None], axis=1)
         beams = jax.lax.dynamic_update_slice(beams, source_row[:, :, None], (0, 0, s.step))

@@ -28,7 +28,7 @@ from convert.extract import extract
 from flax_model import generation as flax_generation
 from flax_model import layers as flax_layers
 from flax_model import registry as flax_registry
-from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel, param_shapes
+from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel, SpeechEncoderDecoderModule, param_shapes
 from torch_reference import generation as torch_generation
 from torch_reference import layers as torch_layers
 from torch_reference import registry as torch_registry
@@ -170,6 +170,72 @@ def compare_decoder(name: str, directory: Path, settings: dict[str, Any], want: 
     for who, logits in (("Flax", flax_logits), ("reference", torch_logits.numpy())):
         err = max_diff(logits, want["logits"])
         assert err <= TOL, f"{name}: {who} logits vs transformers: max|diff|={err:.2e}"
+
+
+@pytest.mark.parametrize("name", cases("decoder", needs="greedy"))
+def test_text_lm_cached_decoding_and_greedy_search_match_transformers(name, fixture_dir):
+    """A decoder-only LM on text alone, through its cache: the padded batch's prompt at once, then one token per
+    call, gives transformers' cached logits; greedy search from the unpadded prompts gives its tokens."""
+    directory = checked_fixtures(name, fixture_dir)[name]
+    config, apply, params, reference = load_both(directory)
+    batch, want = inputs(CASES[name]["settings"]["inputs"]), golden(name)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    prefill, prompt = int(want["prefill_length"]), int(want["prompt_length"])
+    steps = want["greedy"].shape[1] - prompt
+    variables = {"params": params}
+
+    def flax_step(tokens, slot_mask, cache):
+        return apply(variables, tokens, slot_mask, cache=cache)
+
+    def torch_step(tokens, slot_mask, cache):
+        with torch.no_grad():
+            logits, cache = reference(torch.from_numpy(tokens), torch.from_numpy(slot_mask), cache=cache)
+        return logits.numpy(), cache
+
+    for who, step, init in (("Flax", flax_step, lambda b, n: apply(variables, b, n, method="init_cache")),
+                            ("reference", torch_step, reference.init_cache)):
+        cache = init(2, ids.shape[1])
+        pieces = []
+        for start, stop in [(0, prefill)] + [(t, t + 1) for t in range(prefill, ids.shape[1])]:
+            logits, cache = step(ids[:, start:stop], mask, cache)
+            pieces.append(np.asarray(logits))
+        err = max_diff(np.concatenate(pieces, axis=1), want["cached_logits"])
+        assert err <= TOL, f"{name}: {who} cached logits vs transformers' cached logits: max|diff|={err:.2e}"
+
+        cache = init(2, prompt + steps)
+        slot_mask = np.ones((2, prompt + steps), np.int32)
+        tokens = ids[:, :prompt]
+        generated = []
+        for _ in range(steps):
+            logits, cache = step(tokens, slot_mask, cache)
+            tokens = np.argmax(np.asarray(logits)[:, -1], axis=-1).astype(np.int32)[:, None]
+            generated.append(tokens)
+        np.testing.assert_array_equal(np.concatenate(generated, axis=1), want["greedy"][:, prompt:],
+                                      err_msg=f"{name}: {who} greedy tokens vs transformers'")
+
+
+ROTARY_CASES = [n for n in cases("decoder", needs="greedy")]
+
+
+@pytest.mark.parametrize("name", ROTARY_CASES)
+def test_composed_decoder_without_audio_is_transformers_causal_lm(name, fixture_dir, composed_dir):
+    """The text-only path (`decode` without an encoder output: cross-attention skipped) of a decoder composed with
+    a speech encoder, the created cross-attention in every layer, gives transformers' `...ForCausalLM` logits on
+    the source checkpoint."""
+    checked_fixtures(name, fixture_dir)
+    directory = composed_dir("w2v_group", name)
+    loaded = load_params(directory, param_shapes)
+    assert loaded.config.decoder.has_cross_attention
+    module = SpeechEncoderDecoderModule(loaded.config)
+    batch = inputs(CASES[name]["settings"]["inputs"])
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    flax_logits, _ = module.apply({"params": loaded.params}, ids, None, None, mask, method=module.decode)
+    reference, _ = torch_from_pretrained(directory)
+    with torch.no_grad():
+        torch_logits, _ = reference.decode(torch.from_numpy(ids), None, None, torch.from_numpy(mask))
+    for who, logits in (("Flax", flax_logits), ("reference", torch_logits.numpy())):
+        err = max_diff(logits, golden(name)["logits"])
+        assert err <= TOL, f"{name} composed, text alone: {who} logits vs transformers: max|diff|={err:.2e}"
 
 
 @pytest.mark.parametrize("name", cases("extracted"))

@@ -237,9 +237,17 @@ def test_get_slice_casts_and_refuses_steps(box_files):
 @pytest.mark.parametrize("mesh_shape", [((2, 4), ("data", "fsdp")), ((2, 2, 2), ("data", "fsdp", "model"))],
                          ids=["data2-fsdp4", "data2-fsdp2-model2"])
 def test_sharded_load_is_bit_exact_and_placed_by_the_rules(composed_dir, pair, prefer, mesh_shape):
-    directory = composed_dir(*pair)
-    mesh = _mesh(*mesh_shape)
-    order = FLAX_FIRST if prefer == "msgpack" else (SAFETENSORS,)
+    _check_sharded_load(composed_dir(*pair), _mesh(*mesh_shape), FLAX_FIRST if prefer == "msgpack" else (SAFETENSORS,))
+
+
+def test_a_rotary_decoder_loads_sharded_with_its_heads_split(composed_dir):
+    """Qwen2 (grouped-query attention, biases, a tied head) composed, on data 2 x fsdp 2 x model 2: every leaf
+    where the rules put it, its shards the file's bytes."""
+    _check_sharded_load(composed_dir("hubert_group", "qwen2_lm"), _mesh((2, 2, 2), ("data", "fsdp", "model")),
+                        (SAFETENSORS,))
+
+
+def _check_sharded_load(directory, mesh, order) -> None:
     loaded = load_sharded(directory, mesh, param_shapes, prefer=order)
     reference = _flat(load_params(directory, param_shapes, prefer=order).params)
     params = _flat(loaded.params)

@@ -3,7 +3,8 @@
     python scripts/bench_convert.py --cache-dir DIR [--work-dir DIR] [--quick] [--pairs ...] [--dtypes ...]
 
 Builds random Hugging Face-format checkpoints with the shapes of wav2vec2-base, wav2vec2-large-lv60,
-BART-base, BART-large and GPT-2 (124M) from `torch_reference` (cached in `--cache-dir`, reused when present),
+BART-base, BART-large and GPT-2 (124M) from `torch_reference`, and of Qwen2.5-1.5B in bfloat16
+(`scripts/make_random_llm.py`) (cached in `--cache-dir`, reused when present),
 then, for every pair and output dtype, runs in a fresh process each:
 
 * `compose --no-verify` (the figures the targets are about),
@@ -72,9 +73,13 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "wav2vec2-small": ("wav2vec2", WAV2VEC2_SMALL),
     "bart-small": ("bart", BART_SMALL),
     "gpt2-small": ("gpt2", GPT2_TINY),
+    # A 1.5 B decoder, bfloat16 as published (`scripts/make_random_llm.py`), and its toy twin for --quick.
+    "qwen2.5-1.5b": ("llm", {"shape": "qwen2.5-1.5b"}),
+    "qwen2.5-small": ("llm", {"shape": "qwen2.5-1.5b", "small": True}),
 }
-PAIRS = [("wav2vec2-base", "bart-base"), ("wav2vec2-large-lv60", "bart-large"), ("wav2vec2-base", "gpt2")]
-QUICK_PAIRS = [("wav2vec2-small", "bart-small"), ("wav2vec2-small", "gpt2-small")]
+PAIRS = [("wav2vec2-base", "bart-base"), ("wav2vec2-large-lv60", "bart-large"), ("wav2vec2-base", "gpt2"),
+         ("wav2vec2-large-lv60", "qwen2.5-1.5b")]
+QUICK_PAIRS = [("wav2vec2-small", "bart-small"), ("wav2vec2-small", "gpt2-small"), ("wav2vec2-small", "qwen2.5-small")]
 
 _NOISE_STD = 0.02  # HF's initializer_range: keeps the random models numerically tame for the verification
 _NOISE_LEN = 1 << 22
@@ -88,11 +93,16 @@ def build_source(name: str, cache_dir: Path) -> Path:
     from safetensors.torch import save_file
 
     arch, fields = MODELS[name]
-    config, state = {"wav2vec2": _wav2vec2, "bart": _bart, "gpt2": _gpt2}[arch](fields)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir))
     try:
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if arch == "llm":  # streamed to one file, tensor by tensor: a 3 GB state is never held
+            from scripts.make_random_llm import write_random_llm
+
+            write_random_llm(tmp, fields["shape"], "bfloat16", None, small=fields.get("small", False))
+        else:
+            config, state = {"wav2vec2": _wav2vec2, "bart": _bart, "gpt2": _gpt2}[arch](fields)
+            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         shutil.rmtree(directory, ignore_errors=True)
         tmp.rename(directory)
     finally:

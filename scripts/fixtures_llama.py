@@ -10,7 +10,8 @@ Cases:
                     `rope_theta`), sized so that every band of the llama3 rule is hit (one frequency kept, one
                     blended, two divided).
     llama_tied_bf16 A tied head (no `lm_head.weight` in the file), biases on every attention projection and on the
-                    MLP (`attention_bias`, `mlp_bias`), weights stored in bfloat16, a list of eos ids (Llama 3).
+                    MLP (`attention_bias`, `mlp_bias`), weights stored in bfloat16, a list of eos ids and Llama 3.x's
+                    sampling `generation_config.json` (temperature 0.6, top-p 0.9).
     llama_bin_sharded
                     LlamaModel names (no `model.` prefix, no head) in two `pytorch_model-*.bin` shards with the
                     per-layer `rotary_emb.inv_freq` buffers older transformers saved, linear RoPE scaling, a
@@ -19,6 +20,7 @@ Cases:
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -130,11 +132,17 @@ def llama_lm(directory: Path) -> None:
                                bos_token_id=1, eos_token_id=2, hidden_act="silu"), SEED)
 
 
+# Llama 3.x's generation_config.json: sampling settings and several end-of-sequence ids.
+LLAMA3_GENERATION = {"bos_token_id": 1, "do_sample": True, "eos_token_id": [2, 94], "temperature": 0.6, "top_p": 0.9,
+                     "transformers_version": "5.24.0"}
+
+
 def llama_tied_bf16(directory: Path) -> None:
     config = hf_config("llama", "LlamaForCausalLM", tie_word_embeddings=True, attention_bias=True, mlp_bias=True,
                        bos_token_id=1, eos_token_id=[2, 94], dtype="bfloat16",
                        rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
     build(directory, config, SEED + 1, dtype=torch.bfloat16)
+    (directory / "generation_config.json").write_text(json.dumps(LLAMA3_GENERATION, indent=2) + "\n")
 
 
 def llama_bin_sharded(directory: Path) -> None:
@@ -149,3 +157,10 @@ CASES: dict[str, Callable[[Path], object]] = {
     "llama_tied_bf16": llama_tied_bf16,
     "llama_bin_sharded": llama_bin_sharded,
 }
+
+# The rotary families share the decoder core's code: Qwen2 and Gemma 2 (between them: query/key/value biases,
+# grouped-query cross-attention, sliding windows, soft-capping, sandwich norms) take part in the heavy generic tests
+# (test_pairs, test_training; Qwen2 test_scan) for all four; this one composes with every encoder in
+# parity_tests/test_rotary_decoders.py and is checked against transformers in test_goldens.py.
+HEAVY_ENCODERS: tuple[str, ...] = ()
+SCANNED = False

@@ -22,3 +22,10 @@ def mistral_lm(directory: Path) -> None:
 
 
 CASES: dict[str, Callable[[Path], object]] = {"mistral_lm": mistral_lm}
+
+# The rotary families share the decoder core's code: Qwen2 and Gemma 2 (between them: query/key/value biases,
+# grouped-query cross-attention, sliding windows, soft-capping, sandwich norms) take part in the heavy generic tests
+# (test_pairs, test_training; Qwen2 test_scan) for all four; this one composes with every encoder in
+# parity_tests/test_rotary_decoders.py and is checked against transformers in test_goldens.py.
+HEAVY_ENCODERS: tuple[str, ...] = ()
+SCANNED = False

@@ -24,3 +24,7 @@ def qwen2_lm(directory: Path) -> None:
 
 
 CASES: dict[str, Callable[[Path], object]] = {"qwen2_lm": qwen2_lm}
+
+# The encoders this decoder pairs with in the heavy generic tests (test_pairs, test_training); it composes with every
+# encoder in parity_tests/test_rotary_decoders.py.
+HEAVY_ENCODERS = ("hubert",)

@@ -26,6 +26,17 @@ def cases_by_arch() -> dict[str, dict[str, Callable[[Path], object]]]:
     return {spec.name: importlib.import_module(spec.fixtures).CASES for spec in SPECS}
 
 
+def in_heavy_pairs(encoder: str, decoder: str) -> bool:
+    """Whether the encoder and decoder architectures (spec names) are paired in the heavy generic tests
+    (`parity_tests/test_pairs.py`, `test_training.py`): all of them, unless the decoder's fixture module names the
+    encoders it pairs with there (`HEAVY_ENCODERS`, possibly none); such a decoder composes with every encoder in a
+    cheap test of its own."""
+    from convert.base.registry import BY_NAME
+
+    chosen = getattr(importlib.import_module(BY_NAME[decoder].fixtures), "HEAVY_ENCODERS", None)
+    return chosen is None or encoder in chosen
+
+
 CASES: dict[str, Callable[[Path], object]] = {name: build for cases in cases_by_arch().values()
                                               for name, build in cases.items()}
 

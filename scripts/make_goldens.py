@@ -257,9 +257,10 @@ def record_causal_lm(model: Any, inputs: Mapping[str, np.ndarray]) -> tuple[dict
     return {"logits": model(**t, use_cache=False).logits.numpy()}, used
 
 
-# A text LM's cached decoding and greedy generation: the prompt's first PREFILL tokens at once, then one at a time;
-# greedy search from the first PROMPT tokens of each row (unpadded) for GREEDY_TOKENS tokens, no eos.
-PREFILL, PROMPT, GREEDY_TOKENS = 5, 4, 12
+# A text LM's cached decoding and greedy generation: the padded batch's first PREFILL tokens at once, then one at a
+# time; greedy search from the first PROMPT tokens of each row (unpadded) for GREEDY_TOKENS tokens, no eos. Both fill
+# a cache as long as the batch (8): the tests' compiled shapes are then few and shared.
+PREFILL, PROMPT, GREEDY_TOKENS = 4, 4, 4
 
 
 def record_text_lm(model: Any, inputs: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
@@ -279,8 +280,8 @@ def record_text_lm(model: Any, inputs: Mapping[str, np.ndarray]) -> tuple[dict[s
     prompt = ids[:, :PROMPT]
     greedy = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=GREEDY_TOKENS,
                             min_new_tokens=0, do_sample=False, eos_token_id=None, pad_token_id=0, use_cache=True)
-    return {"logits": logits.numpy(), "cached_logits": torch.cat(cached, dim=1).numpy(),
-            "greedy": greedy.numpy()}, ["input_ids", "attention_mask"]
+    return {"logits": logits.numpy(), "cached_logits": torch.cat(cached, dim=1).numpy(), "greedy": greedy.numpy(),
+            "prefill_length": np.asarray(PREFILL), "prompt_length": np.asarray(PROMPT)}, ["input_ids", "attention_mask"]
 
 
 def record_seq2seq_decoder(model: Any, inputs: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
@@ -344,10 +345,12 @@ ARCHITECTURES: dict[str, Architecture] = {
     "Wav2Vec2ConformerModel": Architecture("Wav2Vec2ConformerModel", "encoder", record_speech_encoder, "audio"),
     "Wav2Vec2ConformerForCTC": Architecture("Wav2Vec2ConformerModel", "encoder", record_speech_encoder, "audio"),
     # Decoder-only LMs, on text alone (no cross-attention: what a composed decoder of these families computes
-    # without an encoder output). A LlamaModel file is read by LlamaForCausalLM (its tied head).
+    # without an encoder output).
     "LlamaForCausalLM": Architecture("LlamaForCausalLM", "decoder", record_text_lm, "text"),
-    "LlamaModel": Architecture("LlamaForCausalLM", "decoder", record_text_lm, "text"),
-    "Qwen2ForCausalLM": Architecture("Qwen2ForCausalLM", "decoder", record_text_lm, "text"),
+    # A LlamaModel file (a file-format and RoPE variant): logits only, read by LlamaForCausalLM (its tied head).
+    "LlamaModel": Architecture("LlamaForCausalLM", "decoder", record_causal_lm, "text"),
+    # Qwen2's cached path is Llama's with biases (llama_tied_bf16 has them): logits only.
+    "Qwen2ForCausalLM": Architecture("Qwen2ForCausalLM", "decoder", record_causal_lm, "text"),
     "MistralForCausalLM": Architecture("MistralForCausalLM", "decoder", record_text_lm, "text"),
     "Gemma2ForCausalLM": Architecture("Gemma2ForCausalLM", "decoder", record_text_lm, "text"),
     # w2v-BERT reads log-mel features: transformers' own extractor's output on speech-like audio.
@@ -411,7 +414,8 @@ class Pair:
 PAIRS: tuple[Pair, ...] = (
     Pair("w2v_stable_adapter", "bart_untied", "adapter x BART; greedy row 0 ends with eos, row 1 hits the cap",
          generate=("greedy", "beam4", "beam4_never_lp2", "mbart_style", "penalties", "beam3_returns", "max_length",
-                   "sample_warped", "beam_sample_warped", "model_defaults"), eos_token_id=51),
+                   "sample_warped", "beam_sample_warped", "model_defaults", "prompt_greedy", "prompt_beam_processors"),
+         eos_token_id=51),
     Pair("w2v_stable_wide", "gpt2_untied", "no adapter x GPT-2, enc_to_dec_proj, cross-attention initialised by "
          "compose"),
     Pair("w2v_stable_wide", "gpt2_xattn_untied", "GPT-2 whose source cross-attention steers the tokens",
@@ -482,6 +486,8 @@ EXTRACTED: tuple[Extracted, ...] = (
     Extracted("conformer_rotary", "bart_causal", "wav2vec2-conformer (BatchNorm step counters missing); BART"),
     Extracted("w2v_stable", "bert_xattn_untied", "BERT with its own cross-attention and an untied head"),
     Extracted("w2v_group", "roberta_mlm_bin", "RoBERTa from a masked-LM file, cross-attention created"),
+    Extracted("w2v_group", "llama_lm", "a composed Llama: its decoder without the cross-attention compose created, "
+              "read by LlamaForCausalLM (transformers has no cross-attending Llama)"),
 )
 EXTRACTED_PARTS = ("decoder", "encoder")
 
@@ -547,6 +553,14 @@ GENERATION: dict[str, dict[str, Any]] = {
     "gpt2_penalties": {"repetition_penalty": 1.3, "no_repeat_ngram_size": 2, "bad_words_ids": [[43, 84], [63]],
                        "suppress_tokens": [71], "begin_suppress_tokens": [79], "min_new_tokens": 4,
                        "eos_token_id": [92, 95]},
+    # Plain prompts (`decoder_input_ids`): one beginning with the start token (2), one without (transformers puts
+    # it first); max_length and min_length count the prompt, the processors see it, begin_suppress_tokens act on
+    # the first generated token.
+    "prompt_greedy": {"decoder_input_ids": [[2, 60, 61, 62], [2, 63, 64, 65]]},
+    "prompt_beam_processors": {"decoder_input_ids": [[60, 61, 62], [63, 64, 65]], "num_beams": 3,
+                               "repetition_penalty": 1.3, "no_repeat_ngram_size": 2, "begin_suppress_tokens": [14],
+                               "max_new_tokens": None, "max_length": 14, "min_new_tokens": None, "min_length": 9,
+                               "eos_token_id": [16, 2]},
     # No argument at all: both sides generate with the generation_config.json that compose wrote (BART's forced
     # BOS / EOS, transformers' default of 20 new tokens): the generation config travels.
     "model_defaults": {},
@@ -555,7 +569,7 @@ GENERATION: dict[str, dict[str, Any]] = {
 MODEL_DEFAULTS_ROWS = ("model_defaults",)
 # Rows whose every step's processed scores are recorded too (kept to a few: [rows, steps, vocabulary] floats).
 PER_STEP_SCORES = ("penalties", "gpt2_penalties", "max_length", "sample_warped", "beam_sample_warped",
-                   "model_defaults")
+                   "model_defaults", "prompt_beam_processors")
 # transformers-only switches: plain search, outputs with sequences_scores. No cache: transformers 5.24 sizes
 # its DynamicCache by BART's `num_hidden_layers`, an alias of `encoder_layers` (1 in our fixtures, which have 2
 # decoder layers), and fails; without the cache every step recomputes the prefix, the same arithmetic.
@@ -725,8 +739,10 @@ def pair_case(pair: Pair, fixture_dirs: Mapping[str, Path], out: Path,
             # Keyword arguments over the model's generation config (the generation_config.json compose wrote), as
             # a user calls generate. Sampling draws from torch's global RNG: seeded, so the file is reproducible.
             torch.manual_seed(0)
-            result = model.generate(inputs=speech, attention_mask=batch["attention_mask"],
-                                    **{**TRANSFORMERS_GENERATION, **ours})
+            call = {**TRANSFORMERS_GENERATION, **ours}
+            if "decoder_input_ids" in call:  # a prompt: transformers takes a tensor, the manifest keeps the list
+                call["decoder_input_ids"] = torch.tensor(call["decoder_input_ids"])
+            result = model.generate(inputs=speech, attention_mask=batch["attention_mask"], **call)
             sequences = result.sequences.numpy().astype(np.int32)
             arrays[f"{setting}.sequences"] = sequences
             if setting in PER_STEP_SCORES:  # each step's scores after every processor (beam search: log-probs)

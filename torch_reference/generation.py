@@ -3,12 +3,14 @@ beam search and beam sampling, with transformers 5's logits processors in transf
 
 `flax_model.generation` computes the same thing vectorised inside one `lax.while_loop`; the two must give
 identical token sequences for the deterministic modes and scores within 1e-4. Both follow transformers 5's
-`generate` for an encoder-decoder model whose decoder prompt is the start token alone:
+`generate` for an encoder-decoder model, whose decoder prompt is the start token, or a plain prompt
+(`decoder_input_ids`, the start token put first unless every row begins with it, as transformers does):
 
 * Settings: `convert.base.generation_settings.resolve_settings` (the model's generation config, a GenerationConfig-like
-  object, keyword arguments). `max_new_tokens` = max_length - 1.
-* The encoder runs once; `init_cache` projects the cross-attention keys/values once; every step feeds the last
-  token through the decoder with the cache (the start token sits at position 0).
+  object, keyword arguments). `max_new_tokens` = max_length - P, P the prompt's tokens (1: the start token).
+* The encoder runs once; `init_cache` projects the cross-attention keys/values once; the prompt but its last token
+  goes through the decoder into the cache, and every step feeds the last token (the prompt's at first) with the
+  cache (the start token sits at position 0). Processors see the prompt as part of the sequence, as transformers'.
 * Processors, applied to each step's scores in this order (`process_scores`): repetition_penalty,
   no_repeat_ngram_size, bad_words_ids, min_length / min_new_tokens, forced_bos_token_id, forced_eos_token_id,
   suppress_tokens, begin_suppress_tokens; then, when sampling, temperature, top_k, top_p. The sequences they
@@ -49,7 +51,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from convert.base.generation_settings import GenerationSettings, model_generation_config, resolve_settings
+from convert.base.generation_settings import GenerationSettings, model_generation_config, resolve_with_prompt
 from torch_reference.cache import DecoderCache, LayerCache
 
 # The score of the beams that are not live at the first step, and the penalty transformers adds to scores that
@@ -62,7 +64,8 @@ class GenerateOutput:
     """What `generate` returns.
 
     Attributes:
-        sequences: [N, 1 + n] int64 (N = batch * num_return_sequences), starting with the decoder start token.
+        sequences: [N, P + n] int64 (N = batch * num_return_sequences), starting with the decoder prompt (the start
+            token, and a plain prompt after it).
         sequences_scores: [N] float32 (see the module docstring).
         scores: [rows, steps, V] float32 processed scores of each step, with `output_scores`; else None.
         beam_indices: [N, n] int64 running beam of each token (beam search with `output_scores`), -1 past the end.
@@ -92,7 +95,8 @@ def generate(
         attention_mask: [B, N], 1 for real samples (right padding); None means all real.
         generation_config: a GenerationConfig-like object (ours, transformers', or a dict) over the model's own.
         generator: the torch RNG that sampling draws from (None: torch's global RNG, as transformers).
-        kwargs: generation settings by transformers' names (max_new_tokens, num_beams, do_sample, ...).
+        kwargs: generation settings by transformers' names (max_new_tokens, num_beams, do_sample, ...), and
+            `decoder_input_ids`: a plain prompt [B, P] (or [P] for every utterance).
 
     Returns:
         A `GenerateOutput`.
@@ -100,18 +104,25 @@ def generate(
     Raises:
         GenerationConfigError: a setting that is malformed, not implemented, or impossible for this model.
     """
-    settings = resolve_settings(model.config, model_generation_config(model), generation_config, **kwargs)
     inputs = torch.as_tensor(inputs, dtype=torch.float32)
+    settings, prompt = resolve_with_prompt(model.config, model_generation_config(model), generation_config,
+                                           inputs.shape[0], **kwargs)
+    prompts = prompt.tolist()  # [B, P], the start token first
     if attention_mask is not None:
         attention_mask = torch.as_tensor(attention_mask)
     encoder_out, encoder_mask = model.encode(inputs, attention_mask)
     if settings.num_beams == 1:
         rows = torch.arange(inputs.shape[0]).repeat_interleave(settings.num_return_sequences)
         encoder_out, encoder_mask = encoder_out[rows], encoder_mask[rows]
-    cache = model.init_cache(encoder_out.shape[0], settings.max_new_tokens + 1, encoder_out, encoder_mask)
+        prompts = [prompts[int(r)] for r in rows]
+    cache = model.init_cache(encoder_out.shape[0], settings.prompt_length + settings.max_new_tokens, encoder_out,
+                             encoder_mask)
+    if settings.prompt_length > 1:  # the prompt but its last token, one token at a time: the loop feeds that one
+        for t in range(settings.prompt_length - 1):
+            _, cache = next_token_logits(model, torch.tensor([p[t] for p in prompts]), cache)
     if settings.num_beams == 1:
-        return greedy_or_sample(model, cache, settings, generator)
-    return beam_search(model, cache, settings, generator)
+        return greedy_or_sample(model, cache, settings, generator, prompts)
+    return beam_search(model, cache, settings, generator, prompts)
 
 
 def next_token_logits(model: Any, tokens: torch.Tensor, cache: DecoderCache) -> tuple[torch.Tensor, DecoderCache]:
@@ -128,7 +139,8 @@ def process_scores(sequences: list[list[int]], scores: torch.Tensor, settings: G
     """transformers 5's processors, in its order, on one step's scores.
 
     Args:
-        sequences: each row's tokens so far (the start token first); all rows have the same length.
+        sequences: each row's tokens so far (the decoder prompt first: the start token, and a plain prompt after
+            it); all rows have the same length.
         scores: [N, V] logits (greedy, sampling) or log-probs (beam search).
 
     Returns:
@@ -136,7 +148,7 @@ def process_scores(sequences: list[list[int]], scores: torch.Tensor, settings: G
     """
     scores = scores.clone()
     cur_len = len(sequences[0])
-    generated = cur_len - 1
+    generated = cur_len - settings.prompt_length
     neg_inf = -float("inf")
     if settings.uses_repetition_penalty:
         penalty = settings.repetition_penalty
@@ -203,10 +215,10 @@ def top_p_filter(scores: torch.Tensor, top_p: float, min_tokens_to_keep: int) ->
 
 
 def greedy_or_sample(model: Any, cache: DecoderCache, settings: GenerationSettings,
-                     generator: torch.Generator | None) -> GenerateOutput:
+                     generator: torch.Generator | None, prompts: list[list[int]]) -> GenerateOutput:
     rows = cache.encoder_mask.shape[0]
     eos = set(settings.eos_token_ids)
-    sequences = [[settings.decoder_start_token_id] for _ in range(rows)]
+    sequences = [list(p) for p in prompts]
     finished = [False] * rows
     log_prob_sums = [0.0] * rows
     lengths = [0] * rows
@@ -249,12 +261,11 @@ class Hypothesis:
 
 
 def beam_search(model: Any, cache: DecoderCache, settings: GenerationSettings,
-                generator: torch.Generator | None) -> GenerateOutput:
+                generator: torch.Generator | None, prompts: list[list[int]]) -> GenerateOutput:
     k, lp, eos = settings.num_beams, settings.length_penalty, set(settings.eos_token_ids)
     keep = settings.beams_to_keep
     batch = cache.encoder_mask.shape[0]
-    start = settings.decoder_start_token_id
-    cache = repeat_cache(cache, k)  # every beam starts from the start token; only the first is live at first
+    cache = repeat_cache(cache, k)  # every beam starts from the prompt; only the first is live at first
     running = [[Hypothesis([], 0.0 if j == 0 else DEAD_BEAM_SCORE, []) for j in range(k)] for _ in range(batch)]
     finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
     done = [False] * batch
@@ -262,8 +273,11 @@ def beam_search(model: Any, cache: DecoderCache, settings: GenerationSettings,
     for step in range(settings.max_new_tokens):
         generated = step + 1  # tokens in every candidate after this step
         flat = [h for beams in running for h in beams]
-        logits, cache = next_token_logits(model, torch.tensor([(h.tokens or [start])[-1] for h in flat]), cache)
-        log_probs = process_scores([[start] + h.tokens for h in flat], F.log_softmax(logits, dim=-1), settings)
+        prompt_of = [prompts[row // k] for row in range(batch * k)]
+        logits, cache = next_token_logits(model, torch.tensor([(p + h.tokens)[-1] for p, h in zip(prompt_of, flat)]),
+                                          cache)
+        log_probs = process_scores([p + h.tokens for p, h in zip(prompt_of, flat)], F.log_softmax(logits, dim=-1),
+                                   settings)
         if settings.output_scores:
             step_scores.append(log_probs)
         vocab = log_probs.shape[-1]
@@ -307,12 +321,12 @@ def beam_search(model: Any, cache: DecoderCache, settings: GenerationSettings,
             break
         cache = reorder_cache(cache, torch.tensor(source_rows))
     best = [h for hyps in finished for h in sorted(hyps, key=lambda h: -h.score)[:settings.num_return_sequences]]
-    width = max(len(h.tokens) for h in best)
-    sequences = torch.full((len(best), 1 + width), settings.beam_fill_token_id, dtype=torch.long)
-    sequences[:, 0] = start
+    width, first = max(len(h.tokens) for h in best), settings.prompt_length
+    sequences = torch.full((len(best), first + width), settings.beam_fill_token_id, dtype=torch.long)
     beam_indices = torch.full((len(best), width), -1, dtype=torch.long)
     for i, h in enumerate(best):
-        sequences[i, 1:1 + len(h.tokens)] = torch.tensor(h.tokens)
+        sequences[i, :first] = torch.tensor(prompts[i // settings.num_return_sequences])
+        sequences[i, first:first + len(h.tokens)] = torch.tensor(h.tokens)
         beam_indices[i, :len(h.beams)] = torch.tensor(h.beams)
     scores = torch.stack(step_scores, dim=1) if settings.output_scores else None
     return GenerateOutput(sequences, torch.tensor([h.score for h in best], dtype=torch.float32), scores,

@@ -32,6 +32,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self
 
+import numpy as np
+
 from convert.base.errors import UnsupportedConfig, UsageError
 
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -438,6 +440,10 @@ class GenerationSettings:
         temperature, top_k, top_p: sampling warpers (1.0 / 0 / 1.0 are off); only with `do_sample`.
         min_tokens_to_keep: what top-k / top-p always keep (beam sampling keeps one more than the eos ids).
         output_scores: return each step's processed scores.
+        prompt_length: the decoder prompt's tokens, the start token included (1: the start token alone; a plain
+            prompt passed as `decoder_input_ids`). The processors count it as transformers does: `min_length`,
+            `max_length` and the repetition, n-gram and bad-word processors see the whole sequence, `min_new_tokens`
+            and `max_new_tokens` the generated tokens only.
     """
 
     max_new_tokens: int
@@ -464,6 +470,7 @@ class GenerationSettings:
     top_p: float
     min_tokens_to_keep: int
     output_scores: bool
+    prompt_length: int = 1
 
     @property
     def mode(self) -> str:
@@ -508,13 +515,59 @@ class GenerationSettings:
                 self.forced_bos_token_id, self.forced_eos_token_ids, self.uses_repetition_penalty,
                 self.no_repeat_ngram_size, self.bad_words_ids, self.suppress_tokens, self.begin_suppress_tokens,
                 self.begin_index, self.uses_temperature, self.top_k if self.uses_top_k else 0, self.uses_top_p,
-                self.min_tokens_to_keep, self.output_scores)
+                self.min_tokens_to_keep, self.output_scores, self.prompt_length)
 
     @property
     def traced(self) -> dict[str, float | int]:
         """The values passed to a compiled search as arguments."""
         return {"length_penalty": self.length_penalty, "min_new_tokens": self.min_new_tokens,
                 "repetition_penalty": self.repetition_penalty, "temperature": self.temperature, "top_p": self.top_p}
+
+
+def resolve_with_prompt(model_config: Any, model_generation: GenerationConfig | None, generation_config: Any,
+                        batch: int, decoder_input_ids: Any = None, **kwargs: Any
+                        ) -> tuple[GenerationSettings, np.ndarray]:
+    """The settings of a `generate` call and its decoder prompt [B, P] int32 (`decoder_prompt`; [B, 1] start tokens
+    without `decoder_input_ids`)."""
+    settings = resolve_settings(model_config, model_generation, generation_config, **kwargs)
+    if decoder_input_ids is None:
+        return settings, np.full((batch, 1), settings.decoder_start_token_id, np.int32)
+    prompt = decoder_prompt(decoder_input_ids, settings.decoder_start_token_id, batch, model_config.decoder.vocab_size)
+    if prompt.shape[1] > 1:
+        settings = resolve_settings(model_config, model_generation, generation_config, prompt_length=prompt.shape[1],
+                                    **kwargs)
+    return settings, prompt
+
+
+def decoder_prompt(decoder_input_ids: Any, start_token_id: int, batch: int, vocab_size: int) -> np.ndarray:
+    """A plain decoder prompt as transformers' encoder-decoder `generate` takes it: [B, P] (or [P], the same prompt
+    for every utterance) token ids, the start token put first unless every row already begins with it.
+
+    Raises:
+        GenerationArgumentError: naming `decoder_input_ids`, for anything but non-empty integer ids of the
+            vocabulary, one row per utterance.
+    """
+    def refuse(why: str) -> GenerationArgumentError:
+        return GenerationArgumentError(f"decoder_input_ids: {why}", param="decoder_input_ids")
+
+    try:
+        ids = np.asarray(decoder_input_ids)
+    except (TypeError, ValueError):
+        raise refuse("is not an array of token ids (rows of equal length)") from None
+    if ids.dtype.kind not in "iu":
+        raise refuse(f"holds {ids.dtype} values, not integer token ids (rows of equal length)")
+    if ids.ndim == 1:
+        ids = np.broadcast_to(ids, (batch, ids.shape[0]))
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise refuse(f"has shape {list(ids.shape)}; expected [batch, tokens] or [tokens], not empty")
+    if ids.shape[0] != batch:
+        raise refuse(f"has {ids.shape[0]} rows for {batch} utterances")
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        raise refuse(f"holds ids outside the decoder's vocabulary (vocab_size={vocab_size})")
+    ids = ids.astype(np.int32)
+    if np.all(ids[:, 0] != start_token_id):  # transformers prepends the start token only then
+        ids = np.concatenate([np.full((batch, 1), start_token_id, np.int32), ids], axis=1)
+    return ids
 
 
 def model_generation_config(model: Any) -> GenerationConfig:
@@ -527,7 +580,7 @@ def model_generation_config(model: Any) -> GenerationConfig:
 
 
 def resolve_settings(model_config: Any, model_generation: GenerationConfig | None = None,
-                     generation_config: Any = None, **kwargs: Any) -> GenerationSettings:
+                     generation_config: Any = None, *, prompt_length: int = 1, **kwargs: Any) -> GenerationSettings:
     """The settings of one `generate` call.
 
     Args:
@@ -535,6 +588,7 @@ def resolve_settings(model_config: Any, model_generation: GenerationConfig | Non
         model_generation: the model's generation config (priority below `generation_config` and `kwargs`); None
             takes what the composed config implies (transformers' `from_model_config`).
         generation_config: a GenerationConfig-like object passed to `generate`, or None.
+        prompt_length: the decoder prompt's tokens, the start token included (`decoder_input_ids`).
         kwargs: keyword arguments of `generate` (transformers' names); None unsets the model's value.
 
     Raises:
@@ -572,21 +626,24 @@ def resolve_settings(model_config: Any, model_generation: GenerationConfig | Non
         """The first of `names` that is set (the setting a derived value comes from), else the last."""
         return next((n for n in names if getattr(config, n) is not None), names[-1])
 
-    # Lengths: the start token is the whole decoder prompt.
+    # Lengths: max_length counts the decoder prompt (the start token, and a plain prompt after it).
     if config.max_new_tokens is not None:
         max_new = config.max_new_tokens
     elif config.max_length is None:
         max_new = GLOBAL_DEFAULTS["max_length"]  # transformers: the default max_length counts new tokens only
     else:
         max_length = config.max_length
-        if max_length < 2:
-            raise refuse("max_length", max_length, "leaves no room after the decoder start token (set max_new_tokens)")
-        max_new = max_length - 1
+        if max_length <= prompt_length:
+            raise refuse("max_length", max_length, f"leaves no room after the decoder prompt ({prompt_length} "
+                                                   "tokens with the start token; set max_new_tokens)")
+        max_new = max_length - prompt_length
     positions = model_config.decoder.max_positions
-    if max_new + 1 > positions:
+    if max_new + prompt_length > positions:
         length = "max_length" if config.max_new_tokens is None and config.max_length is not None else "max_new_tokens"
-        shown = max_new + 1 if length == "max_length" else max_new
-        raise refuse(length, shown, f"needs {max_new + 1} decoder positions; the decoder has {positions}")
+        shown = max_new + prompt_length if length == "max_length" else max_new
+        prompted = f" with the {prompt_length}-token prompt" if prompt_length > 1 else ""
+        raise refuse(length, shown, f"needs {max_new + prompt_length} decoder positions{prompted}; the decoder has "
+                                    f"{positions}")
 
     start = config.decoder_start_token_id if config.decoder_start_token_id is not None else config.bos_token_id
     if start is None:
@@ -642,14 +699,17 @@ def resolve_settings(model_config: Any, model_generation: GenerationConfig | Non
         if config.min_new_tokens is not None:
             min_new = config.min_new_tokens
         else:
-            min_new = max(0, get("min_length") - 1)
+            min_new = max(0, get("min_length") - prompt_length)
     else:
         min_new = 0  # transformers adds the min-length processors only with eos ids
     bad_words = []
     for sequence in config.bad_words_ids or ():
         if not (len(sequence) == 1 and sequence[0] in eos_ids) and sequence not in bad_words:
             bad_words.append(sequence)
-    begin_index = 2 if config.forced_bos_token_id is not None else 1
+    # transformers: begin_suppress_tokens apply at the first generated token, one later when forced_bos_token_id
+    # takes it (it acts on a prompt of the start token alone).
+    forced_bos = config.forced_bos_token_id if prompt_length == 1 else None
+    begin_index = prompt_length + (1 if forced_bos is not None else 0)
     min_keep = (len(eos_ids) + 1 if eos_ids else 2) if num_beams > 1 else 1
     return GenerationSettings(
         max_new_tokens=max_new,
@@ -663,7 +723,7 @@ def resolve_settings(model_config: Any, model_generation: GenerationConfig | Non
         eos_token_ids=eos_ids,
         pad_token_id=pad,
         beam_fill_token_id=beam_fill,
-        forced_bos_token_id=config.forced_bos_token_id,
+        forced_bos_token_id=forced_bos,
         forced_eos_token_ids=tuple(forced_eos_ids),
         repetition_penalty=get("repetition_penalty"),
         no_repeat_ngram_size=get("no_repeat_ngram_size"),
@@ -676,6 +736,7 @@ def resolve_settings(model_config: Any, model_generation: GenerationConfig | Non
         top_p=get("top_p"),
         min_tokens_to_keep=min_keep,
         output_scores=get("output_scores"),
+        prompt_length=prompt_length,
     )
 
 

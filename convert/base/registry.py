@@ -13,8 +13,12 @@ from convert.base.archs import (
     bart,
     bert,
     data2vec_audio,
+    gemma2,
     gpt2,
     hubert,
+    llama,
+    mistral,
+    qwen2,
     roberta,
     wav2vec2,
     wav2vec2_bert,
@@ -36,6 +40,10 @@ SPECS: tuple[ArchSpec, ...] = (
     gpt2.SPEC,
     bert.SPEC,
     roberta.SPEC,
+    llama.SPEC,
+    qwen2.SPEC,
+    mistral.SPEC,
+    gemma2.SPEC,
 )
 
 BY_MODEL_TYPE: dict[str, ArchSpec] = {t: spec for spec in SPECS for t in spec.model_types}

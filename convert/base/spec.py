@@ -144,6 +144,9 @@ class ArchSpec:
         fan_in_fan_out: regexes (whole-key matches) of the canonical PyTorch weights of linear layers stored
             (in, out) rather than nn.Linear's (out, in) (GPT-2's Conv1D; PEFT's `fan_in_fan_out`); their Flax
             kernels are (out, in). LoRA needs it to merge its update (`convert.base.lora`).
+        init_rules: (regex over a Flax path of the architecture, initialiser "normal" | "zeros" | "ones") for the
+            parameters the composer creates, tried before its generic rules (kernels normal, biases 0, `scale` 1):
+            e.g. RMSNorm weights named `weight`, at 0 where the norm multiplies by `1 + weight` (Gemma).
         hf_cross_attention: for a decoder, whether transformers' class of the family has cross-attention (GPT-2's
             `add_cross_attention`, BART's `encoder_attn`). Without it, transformers' `SpeechEncoderDecoderModel`
             cannot run the composed model, and `convert.extract` leaves the cross-attention (the `initializable`
@@ -173,6 +176,7 @@ class ArchSpec:
     buffers: tuple[str, ...] = ()
     groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
     fan_in_fan_out: tuple[str, ...] = ()
+    init_rules: tuple[tuple[str, str], ...] = ()
     hf_cross_attention: bool = True
     causal_lm: bool = False
     ctc_head: str | None = None
@@ -193,6 +197,13 @@ class ArchSpec:
     def is_buffer(self, torch_key: str) -> bool:
         """Whether a canonical PyTorch key of this architecture is a buffer (see `buffers`)."""
         return any(re.fullmatch(pattern, torch_key) for pattern in self.buffers)
+
+    def hf_class(self, model_type: str) -> str:
+        """The transformers class whose state-dict keys are this architecture's canonical keys, for a config of
+        `model_type`: the first of `hf_classes` named after it (`MBartForCausalLM` for an mBART config of the BART
+        spec), else the first."""
+        stem = model_type.replace("-", "").replace("_", "").lower()
+        return next((c for c in self.hf_classes if c.lower().startswith(stem)), self.hf_classes[0])
 
     @property
     def model_types(self) -> tuple[str, ...]:

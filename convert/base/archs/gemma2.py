@@ -15,7 +15,15 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from convert.base.archs.llama import FULL_ATTENTION, SLIDING_ATTENTION, RotaryDecoderConfig, keymap
+from convert.base.archs.llama import (
+    FULL_ATTENTION,
+    HF_FLAX_NORM,
+    SLIDING_ATTENTION,
+    RotaryDecoderConfig,
+    layout,
+    spec,
+)
+from convert.base.decoder_layout import Kind, Slot
 
 # ----------------------------------------------------------------------------------------------------------
 # Config
@@ -112,5 +120,12 @@ class Gemma2Config(RotaryDecoderConfig):
         super().validate(where)
 
 
-KEYMAP = keymap("gemma2", ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-                           "post_feedforward_layernorm"))
+# transformers' Gemma 2 layer: `post_attention_layernorm` is the attention's post norm (Llama's is the MLP's pre
+# norm), `pre_feedforward_layernorm` / `post_feedforward_layernorm` wrap the MLP. A composed layer's cross-attention
+# is wrapped likewise: `cross_attn_layernorm` before, `post_cross_attn_layernorm` after.
+Gemma2Config.LAYOUT = layout("gemma2", (
+    ("self_attn_norm", "input_layernorm"), ("self_attn_post_norm", "post_attention_layernorm"),
+    ("mlp_norm", "pre_feedforward_layernorm"), ("mlp_post_norm", "post_feedforward_layernorm"),
+), cross=(Slot("cross_attn_post_norm", "post_cross_attn_layernorm", "post_cross_attn_layernorm", Kind.RMS_NORM,
+               HF_FLAX_NORM),))
+SPEC = spec("gemma2", Gemma2Config, ("Gemma2ForCausalLM", "Gemma2Model"), norm_init="zeros")

@@ -1,15 +1,20 @@
-"""Llama decoders (Llama 2/3.x, SmolLM2, TinyLlama): config, key table (HF `LlamaForCausalLM` <-> HF
-`FlaxLlamaForCausalLMModule`), source rules.
+"""Llama decoders (Llama 2/3.x, SmolLM2, TinyLlama): config, layout (HF `LlamaForCausalLM` <-> HF
+`FlaxLlamaForCausalLMModule`), key table, source rules, spec; and what the other rotary families share.
 
-The config class here also carries what every rotary decoder of this toolkit shares (Qwen2, Mistral and Gemma 2
-derive from it, as transformers' modular files derive them from Llama): grouped-query attention
-(`num_key_value_heads`), an explicit `head_dim`, RMSNorm, a gated MLP, rotary positions (`convert.base.rope`) and
-the token ids. Its properties say what a family computes in the words of the decoder core (`bias_qkv`,
-`layer_windows`, `norm_offset`, ...), so that a family is a config and a key table.
+`RotaryDecoderConfig` carries what every rotary decoder of this toolkit shares (Qwen2, Mistral and Gemma 2 derive
+from it, as transformers' modular files derive them from Llama): grouped-query attention (`num_key_value_heads`), an
+explicit `head_dim`, RMSNorm, a gated MLP, rotary positions (`convert.base.rope`) and the token ids. Its properties
+say what a family computes (`bias_qkv`, `layer_windows`, `norm_offset`, ...) and `decoder_core()` turns them into
+the decoder core's description: a family is a config, a layout and a spec, on the core's modules
+(`flax_model.decoder`, `torch_reference.decoder`).
 
-Composed, a decoder gets cross-attention in every layer, which no transformers class of these families has:
-`model.layers.{i}.cross_attn.{q,k,v,o}_proj` (the names of transformers' Mllama cross-attention) after a norm
-`model.layers.{i}.cross_attn_layernorm`, between the self-attention and the MLP; the composer creates them.
+Composed, a decoder gets cross-attention in every layer, which no transformers class of these families has: after
+the self-attention block, `model.layers.{i}.cross_attn.{q,k,v,o}_proj` (the names of transformers' Mllama
+cross-attention; keys and values with the self-attention's `num_key_value_heads`) normalised before by
+`model.layers.{i}.cross_attn_layernorm` (Gemma 2: and after by `post_cross_attn_layernorm`). The composer creates
+them as transformers' initialiser would (kernels from N(0, `initializer_range`), biases 0, norm weights at the
+value that makes the norm a plain RMSNorm: 1, and 0 for Gemma's `1 + weight`). Without an encoder output the
+cross-attention is skipped: the decoder then computes exactly what transformers' `...ForCausalLM` computes.
 """
 
 from __future__ import annotations
@@ -21,8 +26,11 @@ from typing import Any, ClassVar
 import numpy as np
 
 from convert.base.configs import HFConfig
-from convert.base.keymap import KeyMap, Rule, SourceRules, T
+from convert.base.decoder_core import DecoderCore
+from convert.base.decoder_layout import CROSS_ATTENTION_SLOTS, DecoderLayout, Kind, Slot, cross_attention_slots
+from convert.base.keymap import SourceRules
 from convert.base.rope import RopeSettings, inverse_frequencies, rope_settings
+from convert.base.spec import ArchSpec
 
 # ----------------------------------------------------------------------------------------------------------
 # Config
@@ -71,6 +79,7 @@ class RotaryDecoderConfig(HFConfig):
     )
     PROBABILITIES: ClassVar[tuple[str, ...]] = ("attention_dropout",)
     ALIASES: ClassVar[dict[str, str]] = {"eos_token_id": "eos_token_ids"}
+    LAYOUT: ClassVar[DecoderLayout]  # where the core's parameters sit: each family sets its own below its config
 
     vocab_size: int = 32000
     hidden_size: int = 4096
@@ -200,6 +209,24 @@ class RotaryDecoderConfig(HFConfig):
         """(inv_freq [head_size // 2] float32, the factor on cos/sin), as transformers computes them."""
         return inverse_frequencies(self.rope, self.head_size)
 
+    def decoder_core(self) -> DecoderCore:
+        """Pre-norm layers of RMSNorm, grouped-query attention with rotary positions, a gated MLP, a final norm."""
+        multiplier = self.embedding_multiplier
+        return DecoderCore(
+            vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_layers=self.num_hidden_layers,
+            num_heads=self.num_attention_heads, head_dim=self.head_size, intermediate_size=self.intermediate_size,
+            num_kv_heads=self.num_kv_heads, cross_num_kv_heads=self.num_kv_heads, padding_idx=self.pad_token_id,
+            embed_scale=multiplier, scale_inputs_embeds=multiplier is not None, positions="rotary",
+            max_positions=self.max_position_embeddings, rope=self.rope, norm="rms", norm_eps=self.rms_norm_eps,
+            norm_offset=self.norm_offset, pre_norm=True, post_block_norm=self.sandwich_norms,
+            qkv_bias=self.bias_qkv, out_bias=self.bias_o, score_scale=self.attention_multiplier,
+            attn_logit_softcap=self.attention_softcap, sliding_window=self.window,
+            sliding_layers=tuple(t == SLIDING_ATTENTION for t in self.layer_types),
+            cross_attention=self.add_cross_attention, activation=self.activation, gated_mlp=True,
+            mlp_bias=self.bias_mlp, final_norm=True, tie_word_embeddings=self.tie_word_embeddings,
+            final_logit_softcap=self.final_logit_softcap, attention_dropout=self.attention_dropout,
+            init_scale=self.initializer_range)
+
     # -- what the composed model asks (DecoderConfig) --------------------------------------------------------
 
     @property
@@ -299,50 +326,47 @@ class LlamaConfig(RotaryDecoderConfig):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Key table
+# Layout (HF `LlamaForCausalLM` <-> HF `FlaxLlamaForCausalLMModule`), key table, source rules, spec
 
-_MODEL = ("model.", "model/")
-_LAYER = ("model.layers.{i}.", "model/layers/{i}/")
-
-# (PyTorch parameter, Flax parameter, transform) of each kind of module. HF's Flax Llama names its RMSNorm
-# scale `weight`; Qwen2 and Gemma 2, never ported to Flax by HF, follow it.
-LINEAR = (("weight", "kernel", T.LINEAR), ("bias", "bias", T.IDENTITY))
-RMS_NORM = (("weight", "weight", T.NORM),)
-EMBED = (("weight", "embedding", T.EMBED),)
+# HF's Flax Llama names its RMSNorm scale `weight`; Qwen2 and Gemma 2, never ported to Flax by HF, follow it.
+HF_FLAX_NORM = (("weight", "weight"),)
 
 
-def rows(prefix: tuple[str, str], module: str, params: tuple[tuple[str, str, T], ...]) -> tuple[Rule, ...]:
-    """Rules for one module; `module` is dotted (`self_attn.q_proj`), its Flax path `/`-joined."""
-    torch_prefix, flax_prefix = prefix
-    flax_module = module.replace(".", "/")
-    return tuple(Rule(f"{torch_prefix}{module}.{p}", f"{flax_prefix}{flax_module}/{f}", t) for p, f, t in params)
+def layout(name: str, norms: tuple[tuple[str, str], ...], cross: tuple[Slot, ...] = ()) -> DecoderLayout:
+    """A Llama-family layout: `model.embed_tokens`, `model.layers`, `model.norm`, `lm_head`; each layer's
+    `self_attn.{q,k,v,o}_proj`, `mlp.{gate,up,down}_proj` and the RMSNorms `norms` ((core slot, module name)
+    pairs), in the order transformers registers them; then the cross-attention a composed model adds
+    (`cross_attn.*_proj`, `cross_attn_layernorm`, and `cross`)."""
+    def rms(slot: str, module: str) -> Slot:
+        return Slot(slot, module, module.replace(".", "/"), Kind.RMS_NORM, HF_FLAX_NORM)
 
+    def linear(slot: str, module: str) -> Slot:
+        return Slot(slot, module, module.replace(".", "/"), Kind.LINEAR)
 
-def keymap(name: str, layer_norms: tuple[str, ...]) -> KeyMap:
-    """A Llama-family key table whose layers have the RMSNorms `layer_norms` (besides the cross-attention's)."""
-    modules = (
-        (_MODEL, "embed_tokens", EMBED),  # [V, D]
-        *((_LAYER, f"{attn}.{proj}", LINEAR)
-          for attn in ("self_attn", "cross_attn") for proj in ("q_proj", "k_proj", "v_proj", "o_proj")),
-        *((_LAYER, norm, RMS_NORM) for norm in (*layer_norms, "cross_attn_layernorm")),
-        *((_LAYER, f"mlp.{proj}", LINEAR) for proj in ("gate_proj", "up_proj", "down_proj")),
-        (_MODEL, "norm", RMS_NORM),
-    )
-    return KeyMap(name, (
-        *(rule for prefix, module, params in modules for rule in rows(prefix, module, params)),
-        Rule("lm_head.weight", "lm_head/kernel", T.LINEAR),  # [V, D]; untied heads only
+    return DecoderLayout(name, top=(
+        Slot("embed_tokens", "model.embed_tokens", "model/embed_tokens", Kind.EMBED),  # [V, D]
+        Slot("layers", "model.layers", "model/layers", Kind.STACK),
+        rms("final_norm", "model.norm"),
+        Slot("head", "lm_head", "lm_head", Kind.HEAD),  # [V, D]; untied heads only
+    ), layer=(
+        *(linear(f"self_attn.{p}", f"self_attn.{p}_proj") for p in ("q", "k", "v", "o")),  # q: [N H, D]; k, v: [K H, D]
+        *(linear(f"mlp.{p}", f"mlp.{p}_proj") for p in ("gate", "up", "down")),
+        *(rms(slot, module) for slot, module in norms),
+        *cross_attention_slots(Kind.RMS_NORM, HF_FLAX_NORM),
+        *cross,
     ))
 
 
-KEYMAP = keymap("llama", ("input_layernorm", "post_attention_layernorm"))
-
-# Flax paths the composer may create: the cross-attention no source of these families has.
-INITIALIZABLE: tuple[str, ...] = (
-    r"model/layers/\d+/cross_attn/(q_proj|k_proj|v_proj|o_proj)/(kernel|bias)\Z",
-    r"model/layers/\d+/cross_attn_layernorm/weight\Z",
-)
+LAYOUT = layout("llama", (("self_attn_norm", "input_layernorm"), ("mlp_norm", "post_attention_layernorm")))
+LlamaConfig.LAYOUT = LAYOUT
+KEYMAP = LAYOUT.keymap()
 
 EMBED_TOKENS = "model.embed_tokens.weight"
+
+
+def cross_attention(family: DecoderLayout) -> tuple[str, ...]:
+    """The cross-attention slots of a family's layout (what the composer creates)."""
+    return tuple(s for s in CROSS_ATTENTION_SLOTS if s in family.slots)
 
 
 def source_rules(config: RotaryDecoderConfig) -> SourceRules:
@@ -361,4 +385,24 @@ def flax_source_rules(config: RotaryDecoderConfig) -> SourceRules:
 
 def tied_keys(config: RotaryDecoderConfig) -> dict[str, str]:
     """{"lm_head.weight": the token embedding} when the LM head is tied, else {}."""
-    return {"lm_head.weight": EMBED_TOKENS} if config.tie_word_embeddings else {}
+    return type(config).LAYOUT.tied_keys(config.decoder_core())
+
+
+def spec(name: str, config_class: type[RotaryDecoderConfig], hf_classes: tuple[str, ...],
+         norm_init: str = "ones") -> ArchSpec:
+    """The spec of a rotary decoder family: the core's modules, the family's layout; transformers' class has no
+    cross-attention (`hf_cross_attention=False`), so a composed model is read back by this toolkit and its decoder
+    by transformers after `convert.extract`. `norm_init`: the value created RMSNorm weights start at (transformers'
+    initialiser: 1, and 0 where the norm multiplies by `1 + weight`)."""
+    family = config_class.LAYOUT
+    cross = cross_attention(family)
+    return ArchSpec(
+        name=name, role="decoder", config_class=config_class, keymap=family.keymap(), source_rules=source_rules,
+        flax_source_rules=flax_source_rules, tied_keys=tied_keys, initializable=family.flax_patterns(cross),
+        groups=(("cross-attention", family.module_patterns(cross)),), causal_lm=True,
+        flax_class="flax_model.decoder:CausalLM", torch_class="torch_reference.decoder:CausalLM",
+        fixtures=f"scripts.fixtures_{name}", layer_stack=("num_hidden_layers", "model/layers/"),
+        hf_classes=hf_classes, hf_cross_attention=False, init_rules=((r".*norm/weight\Z", norm_init),))
+
+
+SPEC = spec("llama", LlamaConfig, ("LlamaForCausalLM", "LlamaModel"))

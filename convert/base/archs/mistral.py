@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from convert.base.archs.llama import FULL_ATTENTION, SLIDING_ATTENTION, RotaryDecoderConfig, keymap
+from convert.base.archs.llama import FULL_ATTENTION, LAYOUT, SLIDING_ATTENTION, RotaryDecoderConfig, spec
 
 # ----------------------------------------------------------------------------------------------------------
 # Config
@@ -38,4 +38,5 @@ class MistralConfig(RotaryDecoderConfig):
         return (kind,) * self.num_hidden_layers
 
 
-KEYMAP = keymap("mistral", ("input_layernorm", "post_attention_layernorm"))
+MistralConfig.LAYOUT = LAYOUT  # Llama's names
+SPEC = spec("mistral", MistralConfig, ('MistralForCausalLM', 'MistralModel'))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from convert.base.archs.llama import FULL_ATTENTION, SLIDING_ATTENTION, RotaryDecoderConfig, keymap
+from convert.base.archs.llama import FULL_ATTENTION, LAYOUT, SLIDING_ATTENTION, RotaryDecoderConfig, spec
 
 # ----------------------------------------------------------------------------------------------------------
 # Config
@@ -53,4 +53,5 @@ class Qwen2Config(RotaryDecoderConfig):
                      for i in range(self.num_hidden_layers))
 
 
-KEYMAP = keymap("qwen2", ("input_layernorm", "post_attention_layernorm"))
+Qwen2Config.LAYOUT = LAYOUT  # Llama's names
+SPEC = spec("qwen2", Qwen2Config, ('Qwen2ForCausalLM', 'Qwen2Model'))
