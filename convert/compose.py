@@ -35,6 +35,7 @@ from convert.base.registry import model_types, spec_for
 from convert.base.resources import human_bytes, memory_budget, parse_memory, refuse_if_too_large
 from convert.base.outputs import atomic_directory, check_output_location
 from convert.base.writing import TensorSpec, parse_size
+from convert.base.prefix import DEFAULT_PROMPT, DEFAULT_STACK_FRAMES, PROJECTOR_ACTIVATIONS, PROJECTOR_TYPES
 from convert.sources import (  # noqa: F401 - re-exported: part of convert.compose's API
     BUILTIN_DIR,
     BUILTIN_SOURCES,
@@ -542,6 +543,11 @@ def _human(n: float) -> str:
 # CLI
 
 
+MODES = ("cross-attention", "prefix")
+# The flags of the prefix mode (argparse names), passed to `compose_prefix` by the same names.
+PREFIX_FLAGS = ("projector", "stack_frames", "projector_hidden_size", "projector_activation", "prompt")
+
+
 def build_parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(
         prog="python -m convert.compose",
@@ -586,6 +592,20 @@ def build_parser() -> cli.ArgumentParser:
                      "decoder: a new head over the decoder's vocabulary (joint CTC/attention decoding); none")
     ctc.add_argument("--ctc-vocab", metavar="FILE",
                      help="a CTC tokenizer's vocab.json: the kept head's vocabulary, or a new head over it")
+    prefix = p.add_argument_group("Prefix mode (--mode prefix: encoder -> projector -> a decoder-only LM's prompt)")
+    prefix.add_argument("--mode", choices=MODES, default=MODES[0],
+                        help="cross-attention: the decoder attends to the encoder output (SpeechEncoderDecoderModel); "
+                        "prefix: stacked, projected encoder frames stand where the prompt's {audio} is")
+    prefix.add_argument("--projector", choices=PROJECTOR_TYPES, help="linear, or mlp (Linear, activation, Linear) "
+                        "(default: linear)")
+    prefix.add_argument("--stack-frames", type=int, metavar="K",
+                        help=f"encoder frames stacked into one projector input (default: {DEFAULT_STACK_FRAMES})")
+    prefix.add_argument("--projector-hidden-size", type=int, metavar="N",
+                        help="the mlp's inner width (default: the decoder's width)")
+    prefix.add_argument("--projector-activation", choices=PROJECTOR_ACTIVATIONS, help="the mlp's activation "
+                        "(default: gelu)")
+    prefix.add_argument("--prompt", metavar="TEMPLATE",
+                        help=f"the prompt, {{audio}} where the audio goes (default: {DEFAULT_PROMPT!r})")
     hub = p.add_argument_group("Hub")
     hub.add_argument("--push-to-hub", metavar="OWNER/NAME", help="upload the output to this Hub repo")
     hub.add_argument("--private", action="store_true", help="create the Hub repo as private")
@@ -614,15 +634,35 @@ def _run(args: Any, argv: Sequence[str] | None) -> int:
         except ConvertError as e:
             raise UsageError(str(with_param(e, "push_to_hub", args.push_to_hub)), param="push_to_hub") from None
     command = "python -m convert.compose " + " ".join(sys.argv[1:] if argv is None else argv)
-    result = compose(
-        args.encoder, args.decoder, args.output,
-        encoder_revision=args.encoder_revision, decoder_revision=args.decoder_revision,
-        seed=args.seed, dtype=args.dtype, overwrite=args.overwrite, verify=args.verify,
-        verify_factor=args.verify_factor, max_shard_size=args.max_shard_size,
-        decoder_start_token_id=args.decoder_start_token_id, pad_token_id=args.pad_token_id,
-        eos_token_id=args.eos_token_id, progress=args.progress, command=command, max_memory=args.max_memory,
-        ctc_head=args.ctc_head, ctc_vocab=args.ctc_vocab,
-    )
+    prefix_flags = {name: getattr(args, name) for name in PREFIX_FLAGS if getattr(args, name) is not None}
+    if args.mode == "prefix":
+        if args.ctc_vocab is not None or args.ctc_head == "decoder":
+            raise bad_argument("ctc_vocab" if args.ctc_vocab is not None else "ctc_head",
+                               args.ctc_vocab or args.ctc_head, "applies to the cross-attention mode only")
+        if args.decoder_start_token_id is not None:
+            raise bad_argument("decoder_start_token_id", args.decoder_start_token_id, "applies to the "
+                               "cross-attention mode only (the prefix mode starts from the prompt)")
+        from convert.compose_prefix import compose_prefix
+
+        result = compose_prefix(
+            args.encoder, args.decoder, args.output, **prefix_flags,
+            encoder_revision=args.encoder_revision, decoder_revision=args.decoder_revision,
+            seed=args.seed, dtype=args.dtype, overwrite=args.overwrite, verify=args.verify,
+            verify_factor=args.verify_factor, max_shard_size=args.max_shard_size, pad_token_id=args.pad_token_id,
+            eos_token_id=args.eos_token_id, progress=args.progress, command=command, max_memory=args.max_memory)
+    elif prefix_flags:
+        name, value = next(iter(prefix_flags.items()))
+        raise bad_argument(name, value, "applies to the prefix mode only")
+    else:
+        result = compose(
+            args.encoder, args.decoder, args.output,
+            encoder_revision=args.encoder_revision, decoder_revision=args.decoder_revision,
+            seed=args.seed, dtype=args.dtype, overwrite=args.overwrite, verify=args.verify,
+            verify_factor=args.verify_factor, max_shard_size=args.max_shard_size,
+            decoder_start_token_id=args.decoder_start_token_id, pad_token_id=args.pad_token_id,
+            eos_token_id=args.eos_token_id, progress=args.progress, command=command, max_memory=args.max_memory,
+            ctc_head=args.ctc_head, ctc_vocab=args.ctc_vocab,
+        )
     if args.push_to_hub:
         from convert.push import push_to_hub
 

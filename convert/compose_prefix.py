@@ -36,8 +36,8 @@ from convert.base.prefix import (
     projector_shapes,
     split_prompt,
     tokenize_prompt,
-    write_projector,
 )
+from convert.base.prefix_io import write_projector
 from convert.base.resources import human_bytes, memory_budget, parse_memory, refuse_if_too_large
 from convert.base.outputs import atomic_directory, check_output_location
 from convert.base.writing import TensorSpec, parse_size

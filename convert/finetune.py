@@ -188,15 +188,19 @@ class _Run:
 
         from convert.base.audio import feature_extractor_config
         from convert.base.batching import bucket_boundaries, length_batches
+        from convert.base.prefix import files_directory, is_prefix_directory
         from convert.training_data import AudioCache, LabelTokenizer, read_examples, sample_lengths
-        from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel
 
         self.settings = s = settings
         self.model_dir = model_dir
         self.train_source = train
         # `data`: the examples of `train` and `eval_manifest`, when the caller has read them already.
         self.train, self.eval = data if data is not None else (read_examples(train), read_examples(eval_manifest))
-        self.model = FlaxSpeechEncoderDecoderModel.from_pretrained(model_dir, mesh=mesh)
+        # A prefix composition (encoder, projector, decoder-only LM) or a cross-attention one.
+        self.prefix = is_prefix_directory(model_dir)
+        if self.prefix and mesh is not None:
+            raise bad_argument("mesh", mesh, "is not supported for a prefix composition (it trains on one device)")
+        self.model = self.model_class().from_pretrained(model_dir, **({} if self.prefix else {"mesh": mesh}))
         self.mesh = self.model.mesh  # None on one device
         self.config = config = self.model.config
         if s.freeze_feature_encoder and config.encoder.input_kind != "waveform":
@@ -206,8 +210,9 @@ class _Run:
         self.lora_layers: tuple = ()
         if self.lora is not None:
             self._add_lora()
-        self.features = feature_extractor_config(model_dir, config.encoder)
-        self.tokenizer = LabelTokenizer.for_model(model_dir, self.model, allow_unk=s.allow_unk)
+        self.features = feature_extractor_config(files_directory(model_dir, "encoder"), config.encoder)
+        self.tokenizer = LabelTokenizer.for_model(files_directory(model_dir, "decoder"), self.model,
+                                                  allow_unk=s.allow_unk)
         self.audio = AudioCache(self.features.sampling_rate)
         self.train_labels = [self.tokenizer.encode(e.text, e.where) for e in self.train]
         self.train_lengths = sample_lengths(self.train, self.features.sampling_rate)
@@ -227,8 +232,38 @@ class _Run:
         self.compute_dtype = jnp.bfloat16 if s.dtype == "bfloat16" else jnp.float32
         self.checkpoint_dir = checkpoint_dir
         self._epoch_cache: dict[int, list] = {}
+        if self.lora is not None:
+            self._check_lora_called()
         self._check_memory(max_memory)
         self._build_step()
+
+    def model_class(self) -> Any:
+        """The Flax model class of the run's kind of composition."""
+        if self.prefix:
+            from flax_model.prefix import FlaxSpeechPrefixModel
+
+            return FlaxSpeechPrefixModel
+        from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel
+
+        return FlaxSpeechEncoderDecoderModel
+
+    def module(self) -> Any:
+        """The linen module whose `loss_sums` the step differentiates."""
+        s = self.settings
+        if self.prefix:
+            from flax_model.prefix import SpeechPrefixModule
+
+            return SpeechPrefixModule(self.config, dtype=self.compute_dtype, remat=s.remat, lora=self.lora)
+        from flax_model.speech_encoder_decoder import SpeechEncoderDecoderModule
+
+        return SpeechEncoderDecoderModule(self.config, dtype=self.compute_dtype, remat=s.remat, lora=self.lora)
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        if self.prefix:
+            from flax_model.prefix import param_shapes
+        else:
+            from flax_model.speech_encoder_decoder import param_shapes
+        return param_shapes(self.config)
 
     def _add_lora(self) -> None:
         """The LoRA factors, drawn as PEFT draws them (seeded by --seed and the path), added to the params."""
@@ -236,21 +271,44 @@ class _Run:
         from flax import traverse_util
         from jax.sharding import NamedSharding, PartitionSpec
 
-        from convert.base.composed import composed_keymap, stores_in_out
+        from convert.base.composed import keymap_for, stores_in_out
         from convert.base.lora import find_lora_layers, init_lora
-        from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel, param_shapes
 
-        shapes = param_shapes(self.config)
-        self.lora_layers = find_lora_layers(composed_keymap(self.config), shapes, self.lora,
+        self.lora_layers = find_lora_layers(keymap_for(self.config), self.param_shapes(), self.lora,
                                             stores_in_out(self.config))
         flat = traverse_util.flatten_dict(self.model.params, sep="/")
         place = (jax.numpy.asarray if self.mesh is None
                  else lambda a: jax.device_put(a, NamedSharding(self.mesh, PartitionSpec())))
         flat.update({k: place(v) for k, v in init_lora(self.lora_layers, self.lora.rank, self.settings.seed).items()})
         generation = self.model.generation_config
-        self.model = FlaxSpeechEncoderDecoderModel(self.config, traverse_util.unflatten_dict(flat, sep="/"),
-                                                   lora=self.lora)
+        self.model = self.model_class()(self.config, traverse_util.unflatten_dict(flat, sep="/"), lora=self.lora)
         self.model.generation_config, self.model.mesh = generation, self.mesh
+
+    def _check_lora_called(self) -> None:
+        """Refuses a LoRA target that the model never calls as a layer (a head whose kernel it reads directly),
+        whose factors would train nothing: the loss is traced once (abstractly) and the adapted calls recorded."""
+        import jax
+        import jax.numpy as jnp
+
+        from convert.base.configs import encoder_input_shape
+        from flax_model.lora import recording_lora_calls
+
+        encoder = self.config.encoder
+        steps = 4 * encoder.min_input_length
+        while int(self.config.audio_lengths(encoder.output_lengths(steps)) if self.prefix
+                  else encoder.output_lengths(steps)) < 1:
+            steps *= 2
+        inputs = jax.ShapeDtypeStruct(encoder_input_shape(encoder, 1, steps), jnp.float32)
+        labels = jax.ShapeDtypeStruct((1, 2), jnp.int32)
+        params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.model.params)
+        module = self.module()
+        with recording_lora_calls() as seen:
+            jax.eval_shape(lambda p, x, y: module.apply({"params": p}, x, None, y, method="loss_sums"), params, inputs,
+                           labels)
+        missed = [layer.torch_module for layer in self.lora_layers if layer.module not in seen]
+        if missed:
+            raise bad_argument("lora_targets", ",".join(self.lora.targets), f"{missed[0]} is not called as a layer by "
+                               "the model (its weight is read directly, as a head's can be): LoRA cannot adapt it")
 
     def frozen(self) -> Any:
         """Path -> frozen, from the freezing flags, the buffers, --train-only and LoRA (a LoRA run trains only the
@@ -282,10 +340,14 @@ class _Run:
                     raise ConvertError(f"{example.where}: {example.audio} has {n} samples, too short for the encoder "
                                        f"(at least {needed})")
         positions = self.config.decoder.max_positions
-        for example, ids in zip(self.train, self.train_labels):
-            if len(ids) > positions:
-                raise ConvertError(f"{example.where}: {len(ids)} label tokens exceed the decoder's {positions} "
-                                   "positions")
+        for example, ids, n in zip(self.train, self.train_labels, self.train_lengths):
+            # A prefix composition reads the prompt and the audio embeddings first.
+            frames = self.config.encoder.output_lengths(self.features.input_length(n))
+            prefix = self.config.prompt_length + int(self.config.audio_lengths(frames)) if self.prefix else 0
+            if prefix + len(ids) > positions:
+                raise ConvertError(f"{example.where}: {len(ids)} label tokens"
+                                   + (f" after a prefix of {prefix} (prompt and audio)" if prefix else "")
+                                   + f" exceed the decoder's {positions} positions")
 
     def _check_memory(self, max_memory: int | None) -> None:
         """Refuses, before anything is compiled, a run that cannot fit in memory, naming what is to blame: the
@@ -298,9 +360,8 @@ class _Run:
         from convert.base.configs import encoder_input_shape
         from convert.base.generation_settings import model_generation_config, resolve_settings
         from convert.base.resources import memory_budget, refuse_if_too_large, refuse_parameters_beyond
-        from flax_model.memory import (device_memory, generation_estimate, train_state_bytes, training_estimate,
-                                       tree_bytes)
-        from flax_model.speech_encoder_decoder import SpeechEncoderDecoderModule
+        from flax_model.memory import (Estimate, device_memory, generation_estimate, train_state_bytes,
+                                       training_estimate, tree_bytes)
 
         s, rate = self.settings, self.features.sampling_rate
         device = device_memory()
@@ -317,7 +378,7 @@ class _Run:
         refuse_if_too_large(state + audio, f"{model}: its train state (the parameters, and the gradients and AdamW "
                             "moments of the trainable ones) with the run's audio", budget,
                             "freeze part of it (train_only=..., LoRA)", param="model")
-        module = SpeechEncoderDecoderModule(self.config, dtype=self.compute_dtype, remat=s.remat, lora=self.lora)
+        module = self.module()
         samples = self.boundaries[-1]
         steps = self.features.input_length(samples)  # the encoder's input: samples, or feature frames
         masked = self.features.return_attention_mask
@@ -330,11 +391,13 @@ class _Run:
                                          s.grad_accum > 1, budget.bytes - audio, frozen)
             return dataclasses.replace(estimate, bytes=estimate.bytes + audio)
 
-        max_new = s.max_new_tokens or min(self.config.decoder.max_positions - 1, 2 * self.label_length)
+        max_new = s.max_new_tokens or self.eval_max_new_tokens()
         settings = resolve_settings(self.config, model_generation_config(self.model), None, num_beams=s.num_beams,
                                     max_new_tokens=max_new)
 
         def evaluation(rows: int) -> Any:
+            if self.prefix:  # generation holds the model and one cache: well below a training step
+                return Estimate(tree_bytes(self.model.params) + audio, "the params")
             estimate = generation_estimate(self.model.module, self.model.params, rows, steps, settings, masked,
                                            budget.bytes - audio)
             return dataclasses.replace(estimate, bytes=estimate.bytes + state + audio)  # while training holds its state
@@ -385,7 +448,6 @@ class _Run:
         return labels
 
     def _build_step(self) -> None:
-        from flax_model.speech_encoder_decoder import SpeechEncoderDecoderModule
         from flax_model.training import (
             OptimizerSettings,
             StepFunctions,
@@ -416,8 +478,7 @@ class _Run:
         frozen_key = (s.freeze_feature_encoder, s.freeze_encoder, s.train_only, self.lora, self.lora_layers)
         key = (self.config, s.dtype, s.remat, s.dropout, self.mesh, frozen_key, with_ctc)
         if ("grad", key) not in _COMPILED:
-            module = SpeechEncoderDecoderModule(self.config, dtype=self.compute_dtype, remat=s.remat, lora=self.lora)
-            _COMPILED["grad", key] = compiled_grad(module, deterministic=not s.dropout,
+            _COMPILED["grad", key] = compiled_grad(self.module(), deterministic=not s.dropout,
                                                    freeze_feature_encoder=s.freeze_feature_encoder,
                                                    shardings=shardings, frozen=frozen, with_ctc=with_ctc)
         if ("apply", key, self.optimizer_settings) not in _COMPILED:
@@ -494,20 +555,28 @@ class _Run:
 
     # -- evaluation ------------------------------------------------------------------------------------
 
+    def eval_max_new_tokens(self) -> int:
+        """Twice the training labels' padded length, within the decoder's positions (less the longest prefix of a
+        prefix composition)."""
+        room = self.config.decoder.max_positions - 1
+        if self.prefix:
+            frames = self.config.encoder.output_lengths(self.features.input_length(self.boundaries[-1]))
+            room = self.config.decoder.max_positions - self.config.prompt_length - int(self.config.audio_lengths(frames))
+        return max(1, min(room, 2 * self.label_length))
+
     def evaluate(self, params: Any) -> dict[str, Any]:
         """WER and CER (jiwer) of generated transcripts on the eval set, with the toolkit's generation."""
         import jiwer
 
         from convert.base.batching import length_batches
         from convert.training_data import make_batch
-        from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel
 
         s = self.settings
-        model = FlaxSpeechEncoderDecoderModel(self.config, params, lora=self.lora)
+        model = self.model_class()(self.config, params, lora=self.lora)
         model.generation_config = self.model.generation_config  # as the exported directory will generate
         model._compiled = self.model._compiled  # one compiled search per shape for the whole run
         model.mesh = self.mesh  # on a mesh the batch is split over `data`
-        max_new = s.max_new_tokens or min(self.config.decoder.max_positions - 1, 2 * self.label_length)
+        max_new = s.max_new_tokens or self.eval_max_new_tokens()
         hypotheses = [""] * len(self.eval)
         started = time.perf_counter()
         for batch in length_batches(self.eval_lengths, s.eval_batch_size, self.boundaries):
@@ -972,7 +1041,10 @@ def _train_and_export(model_dir: Path, train: str | Path, eval: str | Path, outp
                                                                                checkpoint_dir)], param="output") as tmp:
             _write_output(tmp, run, leaves, factors, history, report)
             if verify:
-                from convert.verify import verify_directory
+                if run.prefix:
+                    from convert.verify_prefix import verify_prefix_directory as verify_directory
+                else:
+                    from convert.verify import verify_directory
 
                 report["verification"] = verify_directory(tmp, seed=settings.seed)
                 (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
@@ -1081,14 +1153,22 @@ def _write_output(tmp: Path, run: _Run, flat: dict[str, Any], factors: dict[str,
 
     if factors:
         _write_adapter(tmp / ADAPTER_DIR, run, dict(gathered_leaves(factors, sorted(factors))))
-    # Leaf by leaf: a sharded state is gathered one leaf at a time, never whole on the host.
-    order = sorted(flat)
-    specs = [TensorSpec(k, np.dtype(flat[k].dtype), tuple(flat[k].shape)) for k in order]
-    save_params(tmp, run.config, lambda: gathered_leaves(flat, order), specs=specs)
-    for name in COPIED_FILES:
-        if (run.model_dir / name).is_file():
-            shutil.copyfile(run.model_dir / name, tmp / name)
-    if not (tmp / "generation_config.json").is_file():
+    if run.prefix:  # each part in its own directory, with its own files; the projector beside them
+        from convert.base.prefix_io import save_prefix_params
+
+        save_prefix_params(tmp, run.config, dict(gathered_leaves(flat, sorted(flat))))
+        for part in ("encoder", "decoder"):
+            for name in COPIED_FILES:
+                if (run.model_dir / part / name).is_file():
+                    shutil.copyfile(run.model_dir / part / name, tmp / part / name)
+    else:  # leaf by leaf: a sharded state is gathered one leaf at a time, never whole on the host
+        order = sorted(flat)
+        specs = [TensorSpec(k, np.dtype(flat[k].dtype), tuple(flat[k].shape)) for k in order]
+        save_params(tmp, run.config, lambda: gathered_leaves(flat, order), specs=specs)
+        for name in COPIED_FILES:
+            if (run.model_dir / name).is_file():
+                shutil.copyfile(run.model_dir / name, tmp / name)
+    if not run.prefix and not (tmp / "generation_config.json").is_file():
         c = run.config
         generation = {"decoder_start_token_id": c.decoder_start_token_id, "eos_token_id": c.eos_token_id,
                       "pad_token_id": c.pad_token_id, "max_length": c.decoder.max_positions}
@@ -1104,14 +1184,18 @@ def _write_output(tmp: Path, run: _Run, flat: dict[str, Any], factors: dict[str,
 
 
 def _write_adapter(directory: Path, run: _Run, factors: dict[str, np.ndarray]) -> None:
-    """The LoRA factors as a PEFT adapter of the composed model (`SpeechEncoderDecoderModel`'s module names)."""
-    from convert.base.composed import composed_keymap, stores_in_out
-    from convert.base.lora import linear_modules, write_peft_adapter
-    from flax_model.speech_encoder_decoder import param_shapes
+    """The LoRA factors as a PEFT adapter: of the composed model (`SpeechEncoderDecoderModel`'s module names) in
+    the cross-attention mode; of each adapted part on its own (`adapter/decoder`: the LM's `...ForCausalLM` names,
+    `adapter/encoder`) in the prefix mode, whose parts are models of their own."""
+    from convert.base.composed import keymap_for, stores_in_out
+    from convert.base.lora import linear_modules, write_part_adapters, write_peft_adapter
 
-    directory.mkdir()
-    candidates = linear_modules(composed_keymap(run.config), param_shapes(run.config), stores_in_out(run.config))
-    write_peft_adapter(directory, run.lora, run.lora_layers, factors, candidates)
+    candidates = linear_modules(keymap_for(run.config), run.param_shapes(), stores_in_out(run.config))
+    if run.prefix:
+        write_part_adapters(directory, run.lora, run.lora_layers, factors, candidates)
+    else:
+        directory.mkdir()
+        write_peft_adapter(directory, run.lora, run.lora_layers, factors, candidates)
 
 
 def plot_loss_curve(history: dict[str, Any], path: Path) -> None:

@@ -23,6 +23,7 @@ import numpy as np
 from convert.base.audio import AudioBytes, FeatureExtractorConfig, audio_seconds, load_audio, prepare_batch
 from convert.base.batching import Batch
 from convert.base.errors import ConvertError
+from convert.base.prefix import SpeechPrefixConfig
 
 IGNORE_INDEX = -100
 TOKENIZER_FILE = "tokenizer.json"
@@ -134,6 +135,11 @@ class LabelTokenizer:
         from convert.base.generation_settings import model_generation_config
 
         config = model.config
+        if isinstance(config, SpeechPrefixConfig):
+            # The LM reads the transcript after the prompt: no start token (a BOS its tokenizer adds is dropped),
+            # nothing forced.
+            return cls(directory, getattr(config.decoder, "bos_token_id", None), config.eos_token_id,
+                       config.decoder.vocab_size, None, allow_unk)
         return cls(directory, config.decoder_start_token_id, config.eos_token_id, config.decoder.vocab_size,
                    model_generation_config(model).forced_bos_token_id, allow_unk)
 

@@ -58,6 +58,7 @@ from convert.base.audio import (
 from convert.base.batching import bucket_boundaries, length_batches
 from convert.base.errors import CheckpointError, ConvertError, UsageError, bad_argument
 from convert.base.generation_settings import GenerationSettings, model_generation_config, resolve_settings
+from convert.base.prefix import files_directory, is_prefix_directory
 
 TOKENIZER_FILE = "tokenizer.json"
 FRAMEWORKS = ("flax", "torch")
@@ -411,6 +412,17 @@ def load_model(model: str | Path, framework: str = "flax", revision: str | None 
 
         mesh = mesh_from_flag(mesh)
     directory = resolve_source(str(model), revision, what="model").path
+    if is_prefix_directory(directory):
+        if mesh is not None or scan_layers:
+            raise bad_argument("mesh" if mesh is not None else "scan_layers", mesh or scan_layers,
+                               "is not supported for a prefix composition (it runs on one device, layers unrolled)")
+        if framework == "flax":
+            from flax_model.prefix import FlaxSpeechPrefixModel
+
+            return FlaxSpeechPrefixModel.from_pretrained(directory), directory
+        from torch_reference.prefix import SpeechPrefixModel
+
+        return SpeechPrefixModel.from_pretrained(directory), directory
     if framework == "flax":
         from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel
 
@@ -538,10 +550,11 @@ def transcribe(
     vocabulary = load_ctc_vocabulary(directory, model.config)
     runner = make_runner(model, generation_config, seed, ctc_weight=ctc_weight, decoder=decoder,
                          timestamps=timestamps, vocabulary=vocabulary, **generation)
-    tokenizer = load_tokenizer(directory)
+    tokenizer = load_tokenizer(None if directory is None else files_directory(directory, "decoder"))
     decode_text = text_decoder(tokenizer, vocabulary if runner.decoder == "ctc" else None)
     decode_labels = text_decoder(tokenizer, vocabulary)  # the CTC labels' text (timestamps)
-    features = feature_extractor or (feature_extractor_config(directory, runner.config.encoder) if directory
+    features = feature_extractor or (feature_extractor_config(files_directory(directory, "encoder"),
+                                                              runner.config.encoder) if directory
                                      else default_feature_extractor(runner.config.encoder))
     rate = features.sampling_rate
 

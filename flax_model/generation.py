@@ -131,8 +131,7 @@ def generate(
         model._compiled[key] = jax.jit(search_function(model.module, settings, joint))
     run = model._compiled[key]
     params = model.params if params is None else params
-    traced = {name: jnp.asarray(value, jnp.int32 if name == "min_new_tokens" else jnp.float32)
-              for name, value in settings.traced.items()}
+    traced = traced_values(settings)
     rng = jax.random.PRNGKey(0) if prng_key is None else prng_key
     if joint is None:
         # The encoder is compiled apart (once per input shape, whatever the generation settings).
@@ -144,6 +143,17 @@ def generate(
                                                                         mask)
         traced["ctc_weight"] = jnp.float32(ctc_weight)
         out = run(params, hidden, encoder_mask, traced, rng, ctc_logits)
+    return search_output(out)
+
+
+def traced_values(settings: GenerationSettings) -> dict[str, jax.Array]:
+    """The settings a compiled search takes as traced arguments (new values do not compile again)."""
+    return {name: jnp.asarray(value, jnp.int32 if name == "min_new_tokens" else jnp.float32)
+            for name, value in settings.traced.items()}
+
+
+def search_output(out: dict[str, jax.Array]) -> GenerateOutput:
+    """A search's dict (`greedy_or_sample`, `beam_search`) as numpy, cut to the steps it took."""
     steps = int(out["steps"])
     width = settings.prompt_length + int(jnp.max(out["lengths"]))
     scores = None if out.get("scores") is None else np.asarray(out["scores"])[:, :steps]

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 from convert.base.lora import LoraSettings
 
 _ACTIVE: contextvars.ContextVar[LoraSettings | None] = contextvars.ContextVar("lora_active", default=None)
+# The module paths the update was added to, while `recording_lora_calls` runs.
+_SEEN: contextvars.ContextVar[set[str] | None] = contextvars.ContextVar("lora_seen", default=None)
 
 
 def lora_update(x: jax.Array, a: jax.Array, b: jax.Array, scaling: float) -> jax.Array:
@@ -50,6 +52,9 @@ def lora_updates(settings: LoraSettings | None) -> Iterator[None]:
             x = jnp.where(keep, x / (1.0 - settings.dropout), jnp.zeros_like(x))
         update = lora_update(x, module.get_variable("params", "lora_A"), module.get_variable("params", "lora_B"),
                              settings.scaling)
+        seen = _SEEN.get()
+        if seen is not None:
+            seen.add("/".join(module.path))
         return out + update.astype(out.dtype)
 
     token = _ACTIVE.set(settings)
@@ -58,3 +63,16 @@ def lora_updates(settings: LoraSettings | None) -> Iterator[None]:
             yield
     finally:
         _ACTIVE.reset(token)
+
+
+@contextlib.contextmanager
+def recording_lora_calls() -> Iterator[set[str]]:
+    """Yields the set of module paths (`/`-joined) that received a LoRA update while the context ran (a trace is
+    enough: `jax.eval_shape`). A layer that holds factors but is never called as a module (a head whose kernel a
+    model reads directly) would otherwise train nothing, silently."""
+    seen: set[str] = set()
+    token = _SEEN.set(seen)
+    try:
+        yield seen
+    finally:
+        _SEEN.reset(token)

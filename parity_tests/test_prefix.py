@@ -14,14 +14,13 @@ from convert.base.errors import CheckpointError, UnsupportedConfig, UsageError
 from convert.base.prefix import (
     PROJECTOR_FILE,
     SpeechPrefixConfig,
-    load_prefix_params,
     prefix_keymap,
     projector_shapes,
     read_prefix_config,
-    save_prefix_params,
     split_prompt,
     tokenize_prompt,
 )
+from convert.base.prefix_io import load_prefix_params, save_prefix_params
 from flax_model.speech_encoder_decoder import init_tree
 
 BUILTIN = Path(__file__).resolve().parents[1] / "convert" / "builtin"

@@ -5,8 +5,8 @@ Run it in the goldens environment (transformers and peft are never dependencies 
 
     PYTHONPATH=$PWD /work/tfenv/bin/python scripts/check_peft_export.py [--keep DIR]
 
-For each case (a composed fixture pair and the layers adapted: both weight layouts, GPT-2's Conv1D stored (in, out)
-and nn.Linear (out, in), encoder and decoder), the script
+For each case of the cross-attention mode (a composed fixture pair and the layers adapted: both weight layouts,
+GPT-2's Conv1D stored (in, out) and nn.Linear (out, in), encoder and decoder), the script
 
 1. composes the pair (`convert.compose`), adds LoRA factors (A as PEFT draws it, B random so that the update
    is not zero) and computes the Flax model's logits on a seeded padded batch;
@@ -17,8 +17,12 @@ and nn.Linear (out, in), encoder and decoder), the script
    compares: PEFT's logits vs the Flax LoRA model's, transformers' merged logits vs PEFT's, and PEFT's own
    `merge_and_unload()` weights vs the toolkit's merged file.
 
+Then the prefix mode (`run_prefix_case`): one adapter per part (the LM's `...ForCausalLM` names, the encoder's
+`...Model` names), each loaded by PEFT into transformers' own part, the whole prefix computed as
+`scripts/make_prefix_goldens.py` computes it, against the Flax prefix model with LoRA and the merged export.
+
 It prints one line per case with the figures and exits 1 if any exceeds its bound (logits 1e-5 absolute,
-merged weights 1e-6), or if PEFT reports a key of the adapter it did not load.
+merged weights 1e-6), or if PEFT injected fewer layers than were adapted.
 """
 
 from __future__ import annotations
@@ -41,16 +45,43 @@ CASES = {
 }
 
 
-def run_case(name: str, root: Path) -> dict:
+def nonzero_factors(layers, rank: int) -> dict[str, np.ndarray]:
+    """A as PEFT draws it, B random (PEFT starts B at zero: the update would be zero and prove nothing)."""
+    from convert.base.lora import init_lora
+
+    factors = init_lora(layers, rank, seed=0)
+    rng = np.random.default_rng(0)
+    for layer in layers:
+        factors[layer.b_path] = (0.2 * rng.standard_normal(factors[layer.b_path].shape)).astype(np.float32)
+    return factors
+
+
+def with_lora(base, shapes, settings):
+    """(the model with LoRA factors added, its flat params without them, every linear layer, the adapted ones,
+    the factors) for a loaded model of either composition."""
     import jax.numpy as jnp
+    from flax import traverse_util
+
+    from convert.base.composed import keymap_for, stores_in_out
+    from convert.base.lora import find_lora_layers, linear_modules
+
+    keymap = keymap_for(base.config)
+    candidates = linear_modules(keymap, shapes, stores_in_out(base.config))
+    layers = find_lora_layers(keymap, shapes, settings, stores_in_out(base.config))
+    factors = nonzero_factors(layers, settings.rank)
+    flat = traverse_util.flatten_dict(base.params, sep="/")
+    adapted = type(base)(base.config, traverse_util.unflatten_dict(
+        {**flat, **{k: jnp.asarray(v) for k, v in factors.items()}}, sep="/"), lora=settings)
+    return adapted, flat, candidates, layers, factors
+
+
+def run_case(name: str, root: Path) -> dict:
     import peft
     import torch
     import transformers
     from flax import traverse_util
 
-    from convert.base.composed import composed_keymap, stores_in_out
-    from convert.base.lora import LoraSettings, find_lora_layers, init_lora, linear_modules, merge_lora, \
-        write_peft_adapter
+    from convert.base.lora import LoraSettings, merge_lora, write_peft_adapter
     from convert.compose import compose
     from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel, param_shapes
     from scripts import make_fixtures
@@ -62,17 +93,9 @@ def run_case(name: str, root: Path) -> dict:
     base = FlaxSpeechEncoderDecoderModel.from_pretrained(base_dir)
     config = base.config
     settings = LoraSettings(rank=4, alpha=8.0, dropout=0.1, targets=targets, parts=parts)
-    shapes = param_shapes(config)
-    candidates = linear_modules(composed_keymap(config), shapes, stores_in_out(config))
-    layers = find_lora_layers(composed_keymap(config), shapes, settings, stores_in_out(config))
-    factors = init_lora(layers, settings.rank, seed=0)
-    rng = np.random.default_rng(0)
-    for layer in layers:
-        factors[layer.b_path] = (0.2 * rng.standard_normal(factors[layer.b_path].shape)).astype(np.float32)
-    flat = traverse_util.flatten_dict(base.params, sep="/")
-    adapted = FlaxSpeechEncoderDecoderModel(config, traverse_util.unflatten_dict(
-        {**flat, **{k: jnp.asarray(v) for k, v in factors.items()}}, sep="/"), lora=settings)
+    adapted, flat, candidates, layers, factors = with_lora(base, param_shapes(config), settings)
 
+    rng = np.random.default_rng(1)
     n = max(1600, 4 * config.encoder.min_input_length)
     inputs = rng.standard_normal((2, n)).astype(np.float32)
     mask = np.ones((2, n), np.int64)
@@ -121,6 +144,52 @@ def run_case(name: str, root: Path) -> dict:
     return result
 
 
+def run_prefix_case(root: Path) -> dict:
+    """The prefix composition: the LM's and the encoder's adapters (`adapter/decoder`, `adapter/encoder`, as
+    `convert.finetune --lora-export adapter` writes them) loaded by PEFT into transformers' own parts, the audio
+    embeddings from the saved projector (`scripts/make_prefix_goldens.py`), against the Flax model with LoRA; and
+    the merged export (`merge_lora`, `save_pretrained`) in transformers against PEFT's."""
+    from flax import traverse_util
+
+    from convert.base.lora import LoraSettings, merge_lora, write_part_adapters
+    from convert.compose_prefix import compose_prefix
+    from flax_model.prefix import FlaxSpeechPrefixModel, param_shapes
+    from scripts import make_fixtures
+    from scripts.make_prefix_goldens import record
+    from scripts.prefix_cases import COMPOSE, LMS, lm_with_tokenizer, prefix_batch
+
+    name = f"prefix: w2v_stable_wide+{LMS[0]}"
+    lm = lm_with_tokenizer(make_fixtures.build(LMS[0], root / "fixtures"), root / "lm")
+    directory = root / "prefix"
+    compose_prefix(str(make_fixtures.build("w2v_stable_wide", root / "fixtures")), str(lm), directory, **COMPOSE,
+                   verify=False, progress=False, log=io.StringIO())
+    base = FlaxSpeechPrefixModel.from_pretrained(directory)
+    config = base.config
+    settings = LoraSettings(rank=4, alpha=8.0, dropout=0.1, targets=("c_attn", "q_proj"), parts=("decoder", "encoder"))
+    adapted, flat, candidates, layers, factors = with_lora(base, param_shapes(config), settings)
+    batch = prefix_batch(config)
+    logits, real = (np.asarray(a) for a in adapted(batch["inputs"], batch["attention_mask"], batch["text_ids"]))
+    write_part_adapters(root / "adapter", settings, layers, factors, candidates)
+    del batch["labels"]
+    peft_rows = record(directory, batch, adapters=root / "adapter")
+    merged = merge_lora({**flat, **factors}, layers, settings.scaling)
+    FlaxSpeechPrefixModel(config, traverse_util.unflatten_dict(merged, sep="/")).save_pretrained(root / "merged")
+    merged_rows = record(root / "merged", batch)
+    base_rows = record(directory, batch)
+    rows = range(batch["inputs"].shape[0])
+    result = {
+        "case": name,
+        "adapted_layers": len(layers),
+        "peft_vs_flax_lora": max(float(np.abs(peft_rows[f"logits_{r}"] - logits[r][real[r]]).max()) for r in rows),
+        "transformers_merged_vs_peft": max(float(np.abs(merged_rows[f"logits_{r}"] - peft_rows[f"logits_{r}"]).max())
+                                           for r in rows),
+        "update_size": max(float(np.abs(peft_rows[f"logits_{r}"] - base_rows[f"logits_{r}"]).max()) for r in rows),
+    }
+    result["passed"] = (result["peft_vs_flax_lora"] <= LOGITS_BOUND and result["transformers_merged_vs_peft"]
+                        <= LOGITS_BOUND and result["update_size"] > 100 * LOGITS_BOUND)
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--keep", type=Path, help="write the cases here (kept) instead of a temporary directory")
@@ -135,6 +204,10 @@ def main() -> int:
         root = args.keep or Path(tmp)
         for name in args.only or CASES:
             result = run_case(name, root)
+            failed += not result["passed"]
+            print(json.dumps(result))
+        if not args.only:
+            result = run_prefix_case(root)
             failed += not result["passed"]
             print(json.dumps(result))
     return 1 if failed else 0

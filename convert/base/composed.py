@@ -15,6 +15,7 @@ from convert.base.ctc import TORCH_MODULE as CTC_TORCH
 from convert.base.ctc import CTCHeadConfig
 from convert.base.errors import UnsupportedConfig
 from convert.base.keymap import KeyMap, Rule, T
+from convert.base.prefix import SpeechPrefixConfig, prefix_keymap
 from convert.base.registry import config_from_hf_dict, spec_for
 
 COMPOSED_MODEL_TYPE = "speech-encoder-decoder"
@@ -152,7 +153,7 @@ def composed_tied_keys(config: SpeechEncoderDecoderConfig) -> dict[str, str]:
 def non_trainable_paths(config: SpeechEncoderDecoderConfig, flax_paths: Iterable[str]) -> frozenset[str]:
     """The Flax paths among `flax_paths` that transformers keeps as buffers (`ArchSpec.buffers`: a logits bias,
     BatchNorm running statistics), which training leaves unchanged."""
-    keymap = composed_keymap(config)
+    keymap = keymap_for(config)
     parts = {"encoder.": spec_for(config.encoder, role="encoder"), "decoder.": spec_for(config.decoder, role="decoder")}
     found = set()
     for path in flax_paths:
@@ -171,14 +172,14 @@ def non_trainable_paths(config: SpeechEncoderDecoderConfig, flax_paths: Iterable
 COMPOSED_GROUPS: dict[str, tuple[str, ...]] = {
     "encoder": (r"encoder/.*",),
     "decoder": (r"decoder/.*",),
-    "projector": (r"enc_to_dec_proj/.*",),
+    "projector": (r"enc_to_dec_proj/.*", r"projector/.*"),  # the cross-attention mode's; the prefix mode's
 }
 
 
 def train_groups(config: SpeechEncoderDecoderConfig) -> dict[str, tuple[str, ...]]:
     """Group name -> regexes of the composed model's Flax paths (whole-path matches): `encoder`, `decoder`,
-    `projector` (`enc_to_dec_proj`, which exists only when the widths differ) and the parts' own groups (a
-    decoder's `cross-attention`)."""
+    `projector` (`enc_to_dec_proj`, which exists only when the widths differ; the prefix composition's projector)
+    and the parts' own groups (a decoder's `cross-attention`). `config`: either composition's."""
     groups = dict(COMPOSED_GROUPS)
     for part in ("encoder", "decoder"):
         for name, regexes in spec_for(getattr(config, part), role=part).groups:
@@ -215,9 +216,11 @@ def stores_in_out(config: SpeechEncoderDecoderConfig):
 
 
 def keymap_for(config: HFConfig) -> KeyMap:
-    """The key table of a composed or single-architecture config."""
+    """The key table of a composed (either mode) or single-architecture config."""
     if isinstance(config, SpeechEncoderDecoderConfig):
         return composed_keymap(config)
+    if isinstance(config, SpeechPrefixConfig):
+        return prefix_keymap(config)
     return spec_for(config).keymap
 
 

@@ -265,6 +265,20 @@ def write_peft_adapter(directory: str | Path, settings: LoraSettings, layers: It
     return [directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS]
 
 
+def write_part_adapters(directory: str | Path, settings: LoraSettings, layers: Iterable[LoraLayer],
+                        leaves: Mapping[str, Any], candidates: Iterable[LoraLayer]) -> list[Path]:
+    """For a model whose parts are models of their own (the prefix composition): one PEFT adapter per adapted part,
+    in `directory/<part>/`, with the part's own module names (`decoder.` or `encoder.` left out), for
+    `PeftModel.from_pretrained(<the part's transformers model>, directory/<part>)`."""
+    layers, candidates, files = list(layers), list(candidates), []
+    for part in settings.parts:
+        target = Path(directory) / part
+        target.mkdir(parents=True)
+        mine = lambda items: [layer for layer in items if layer.module.startswith(f"{part}/")]  # noqa: E731
+        files += write_peft_adapter(target, settings, mine(layers), leaves, mine(candidates), strip=f"{part}.")
+    return files
+
+
 # Fields of an adapter config this toolkit reads, with the values it can honour (anything else is refused).
 _REFUSED_UNLESS = {"use_rslora": (False, None), "use_dora": (False, None), "bias": ("none", None),
                    "rank_pattern": ({}, None), "alpha_pattern": ({}, None), "modules_to_save": (None, []),

@@ -19,6 +19,7 @@ import numpy as np
 from convert.base.composed import SpeechEncoderDecoderConfig
 from convert.base.configs import HFConfig
 from convert.base.errors import UnsupportedConfig
+from convert.base.prefix import SpeechPrefixConfig
 from convert.base.registry import spec_for
 
 # Stack prefix -> number of layers.
@@ -27,7 +28,7 @@ Stacks = dict[str, int]
 
 def layer_stacks(config: HFConfig) -> Stacks:
     """The layer stacks of a composed model (under `encoder/` and `decoder/`) or of a single architecture."""
-    if isinstance(config, SpeechEncoderDecoderConfig):
+    if isinstance(config, SpeechEncoderDecoderConfig | SpeechPrefixConfig):
         stacks = {}
         for part in ("encoder", "decoder"):
             sub = getattr(config, part)

@@ -1,0 +1,86 @@
+"""Verification of a prefix-composed directory (`convert.compose --mode prefix`): each part's two weight files agree
+bit for bit, and the Flax model's logits pass `convert.verify.judge_logits` against the PyTorch reference run in
+float32 and float64, on a seeded padded batch (two utterances of different lengths, a few text tokens).
+
+Only the real columns (not the left padding) are judged. The float64 run converts the whole reference to
+float64 (`.double()`): twice the model's float32 memory (unlike the cross-attention mode's module-by-module run).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from convert.base.checkpoint import Checkpoint
+from convert.base.prefix import part_directories, read_prefix_config
+from convert.base.registry import spec_for
+from convert.verify import DEFAULT_FACTOR, compare_checkpoints, judge_logits
+
+VERIFY_SECONDS = 1.0
+TEXT_TOKENS = 4
+
+
+def prefix_inputs(config: Any, seed: int = 0, seconds: float = VERIFY_SECONDS) -> dict[str, np.ndarray]:
+    """Two utterances (the second 60% as long, right-padded; samples, or feature frames for an encoder that reads
+    features) and text ids [2, TEXT_TOKENS]; shorter than `seconds` when the decoder's positions cannot hold that
+    much audio."""
+    from convert.base.configs import encoder_input_shape
+
+    rng = np.random.default_rng(seed)
+    encoder = config.encoder
+    n = max(int(encoder.inputs_per_second * seconds), 8 * encoder.min_input_length)
+
+    def fits(steps: int) -> bool:
+        audio = int(config.audio_lengths(encoder.output_lengths(steps)))
+        return config.prompt_length + audio + TEXT_TOKENS <= config.decoder.max_positions
+
+    while not fits(n) and n > 2 * encoder.min_input_length:
+        n = max(n // 2, 2 * encoder.min_input_length)
+    audio = rng.standard_normal(encoder_input_shape(encoder, 2, n)).astype(np.float32)
+    mask = np.ones((2, n), np.int32)
+    mask[1, int(n * 0.6):] = 0
+    audio[1, int(n * 0.6):] = 0.0
+    ids = rng.integers(0, config.decoder.vocab_size, (2, TEXT_TOKENS)).astype(np.int64)
+    return {"inputs": audio, "attention_mask": mask, "text_ids": ids}
+
+
+def verify_prefix_directory(directory: str | Path, factor: float = DEFAULT_FACTOR, seed: int = 0,
+                            seconds: float = VERIFY_SECONDS) -> dict[str, Any]:
+    """Both weight files of each part bit-equal, and Flax's logits judged against the reference's.
+
+    Returns:
+        `judge_logits`'s figures on the real columns, plus "seed", "weight_files_identical", "differing_tensors"
+        and "passed".
+    """
+    import torch
+
+    from flax_model.prefix import FlaxSpeechPrefixModel
+    from torch_reference.prefix import SpeechPrefixModel
+
+    directory = Path(directory)
+    config = read_prefix_config(directory)
+    differing: list[str] = []
+    for part, path in part_directories(directory).items():
+        flax_file = Checkpoint(path, prefer=("flax_model.msgpack",))
+        torch_file = Checkpoint(path, prefer=("model.safetensors",))
+        files = compare_checkpoints(flax_file, torch_file, spec_for(getattr(config, part), role=part).keymap)
+        differing += [f"{part}/{name}" for name in files["mismatched"] + files["missing"]]
+    batch = prefix_inputs(config, seed, seconds)
+    reference = SpeechPrefixModel.from_pretrained(directory)
+    torch_batch = [torch.from_numpy(batch[k]) for k in ("inputs", "attention_mask", "text_ids")]
+    with torch.no_grad():
+        ref32, mask = reference(*torch_batch)
+        ref64, _ = reference.double()(torch_batch[0].double(), *torch_batch[1:])
+    del reference
+    flax32, flax_mask = FlaxSpeechPrefixModel.from_pretrained(directory)(*(batch[k] for k in batch))
+    real = mask.numpy()
+    if not np.array_equal(np.asarray(flax_mask), real):
+        judgement = {"passed": False, "reason": "Flax and the reference lay the batch out differently",
+                     "max_abs_logits_diff": float("inf")}
+    else:
+        judgement = judge_logits(np.asarray(flax32)[real][None], ref32.numpy()[real][None],
+                                 ref64.numpy()[real][None], factor)
+    return {**judgement, "seed": seed, "weight_files_identical": not differing,
+            "differing_tensors": differing[:20], "passed": not differing and judgement["passed"]}

@@ -1,0 +1,285 @@
+"""The prefix composition's models: Flax against the PyTorch reference (logits; loss and gradients of the projector
+and LoRA factors), a batch against each utterance alone, cached generation against the full forward and the
+reference, the loss over the transcript only, and `python -m convert.compose --mode prefix` verified.
+
+Pairs (tiny seeded fixtures): every encoder with the first decoder-only LM family, and the first encoder with
+every other decoder-only LM family (the families are those whose spec says `causal_lm`), so that each family
+is paired once with every role it meets, within the suite's time budget.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import torch
+from flax import traverse_util
+
+from convert.base.composed import stores_in_out
+from convert.base.lora import LoraSettings, find_lora_layers, init_lora, linear_modules
+from convert.base.prefix import prefix_keymap, read_prefix_config
+from convert.compose_prefix import compose_prefix
+from flax_model.prefix import FlaxSpeechPrefixModel, param_shapes
+from scripts.prefix_cases import COMPOSE, ENCODERS, LMS, PAIRS, lm_with_tokenizer, prefix_batch
+from torch_reference.lora import add_lora, lora_gradients
+from torch_reference.prefix import SpeechPrefixModel
+
+LOGITS_TOLERANCE = 1e-5
+LOSS_TOLERANCE = 1e-5
+GRAD_TOLERANCE = 1e-4
+GOLDENS = Path(__file__).parent / "goldens" / "prefix"
+
+
+@pytest.fixture(scope="session")
+def prefix_dir(fixture_dir, fixtures_root):
+    """`prefix_dir(encoder, decoder)`: the pair composed in prefix mode as `scripts.prefix_cases.COMPOSE` says (the
+    goldens' composition), once per session."""
+
+    @functools.cache
+    def build(encoder: str, decoder: str):
+        lm = lm_with_tokenizer(fixture_dir(decoder), fixtures_root / "prefix_lm" / decoder)
+        out = fixtures_root / "prefix" / f"{encoder}+{decoder}"
+        if not (out / "config.json").exists():
+            compose_prefix(str(fixture_dir(encoder)), str(lm), out, **COMPOSE, verify=False, progress=False,
+                           log=io.StringIO())
+        return out
+
+    return build
+
+
+def _batch(config, seed=0):
+    b = prefix_batch(config, seed)
+    return b["inputs"], b["attention_mask"], b["text_ids"], b["labels"]
+
+
+def _lora_settings(config) -> LoraSettings:
+    """LoRA on the first two kinds of linear layer of the LM's first layer (whatever the family calls them)."""
+    shapes = param_shapes(config)
+    names = sorted({layer.torch_module.rsplit(".", 1)[-1] for layer in linear_modules(
+        prefix_keymap(config), shapes, stores_in_out(config)) if layer.module.startswith("decoder/")
+        and ".0." in layer.torch_module})
+    return LoraSettings(rank=2, alpha=4.0, targets=tuple(names[:2]), parts=("decoder",))
+
+
+@pytest.mark.parametrize("encoder, decoder", PAIRS)
+def test_prefix_logits_match_the_reference_and_transformers(prefix_dir, encoder, decoder):
+    """Logits of every real column of a padded batch: Flax against the reference, and both against transformers'
+    (each utterance alone)."""
+    directory = prefix_dir(encoder, decoder)
+    flax_model = FlaxSpeechPrefixModel.from_pretrained(directory)
+    reference = SpeechPrefixModel.from_pretrained(directory)
+    inputs, mask, ids, _ = _batch(flax_model.config)
+    with jax.disable_jit():  # op by op: the tiny models' operations compile once for every pair
+        logits, real = (np.asarray(a) for a in flax_model(inputs, mask, ids))
+    with torch.no_grad():
+        ref_logits, ref_real = reference(*(torch.from_numpy(a) for a in (inputs, mask, ids)))
+    assert np.array_equal(real, ref_real.numpy())
+    err = float(np.abs(logits[real] - ref_logits.numpy()[real]).max())
+    assert err <= LOGITS_TOLERANCE, f"{encoder}+{decoder}: max|Δlogits| = {err:.2e}"
+    _check_goldens(f"{encoder}+{decoder}", directory, inputs, ids, {"flax": logits, "reference": ref_logits.numpy()},
+                   real)
+
+
+@pytest.mark.parametrize("encoder, decoder", [(ENCODERS[0], lm) for lm in LMS])
+def test_projector_and_lora_gradients_match_the_reference(prefix_dir, encoder, decoder):
+    """The loss and the gradients of what a `--train-only projector --lora-rank 2` run trains: the projector and
+    the LM's LoRA factors (B non-zero, so that A's gradient is not zero). One encoder per LM family: the encoder is
+    frozen, so its family changes the gradients' inputs, not how they flow (its logits are checked above)."""
+    directory = prefix_dir(encoder, decoder)
+    flax_model = FlaxSpeechPrefixModel.from_pretrained(directory)
+    reference = SpeechPrefixModel.from_pretrained(directory)
+    config = flax_model.config
+    inputs, mask, _, labels = _batch(config)
+    torch_in = [torch.from_numpy(a) for a in (inputs, mask, labels)]
+    settings = _lora_settings(config)
+    layers = find_lora_layers(prefix_keymap(config), param_shapes(config), settings, stores_in_out(config))
+    factors = init_lora(layers, settings.rank, seed=0)
+    rng = np.random.default_rng(1)
+    for layer in layers:
+        factors[layer.b_path] = (0.2 * rng.standard_normal(factors[layer.b_path].shape)).astype(np.float32)
+    flat = traverse_util.flatten_dict(flax_model.params, sep="/")
+    trainable = {k: v for k, v in {**flat, **factors}.items() if k.startswith("projector/") or k in factors}
+    frozen = {k: v for k, v in flat.items() if k not in trainable}
+    adapted = FlaxSpeechPrefixModel(config, flax_model.params, lora=settings)
+    with jax.disable_jit():
+        loss, grads = jax.value_and_grad(lambda t: adapted.loss(
+            inputs, mask, labels, params=traverse_util.unflatten_dict({**frozen, **t}, sep="/")))(
+            {k: jax.numpy.asarray(v) for k, v in trainable.items()})
+    lora = add_lora(reference, layers, settings, factors)
+    ref_loss = reference.loss(*torch_in)
+    ref_loss.backward()
+    keymap = prefix_keymap(config)
+    ref_grads = {**lora_gradients(lora)}
+    for name, param in reference.named_parameters():
+        if name.startswith("projector."):
+            path, transform = keymap.to_flax(name)
+            ref_grads[path] = transform.to_flax(param.grad.numpy())
+    ref_loss = float(ref_loss.detach())
+    rel = abs(float(loss) - ref_loss) / abs(ref_loss)
+    assert rel <= LOSS_TOLERANCE, f"{encoder}+{decoder}: loss {float(loss):.7f} vs {ref_loss:.7f}"
+    assert grads.keys() == ref_grads.keys(), sorted(grads.keys() ^ ref_grads.keys())
+    worst, where = 0.0, None
+    for key, ref in ref_grads.items():
+        norm = float(np.linalg.norm(ref))
+        assert norm > 0, f"{key}: zero gradient"
+        rel = float(np.linalg.norm(np.asarray(grads[key]) - ref)) / norm
+        worst, where = max((worst, where), (rel, key))
+    assert worst <= GRAD_TOLERANCE, f"{encoder}+{decoder}: {where}: |Δgrad| / |grad| = {worst:.2e}"
+
+
+def _check_goldens(name, directory, inputs, ids, logits, real):
+    """transformers' logits of each utterance alone (its encoder's output, the saved projector, its LM given
+    `inputs_embeds`; `scripts/make_prefix_goldens.py`) against the real columns of both our padded batches."""
+    path = GOLDENS / f"{name}.npz"
+    assert path.is_file(), f"{name}: no goldens; run scripts/make_prefix_goldens.py --only {name}"
+    manifest = json.loads((GOLDENS / "manifest.json").read_text())["cases"][name]
+    h = hashlib.sha256()
+    for weights in sorted(directory.rglob("*.safetensors")):
+        h.update(str(weights.relative_to(directory)).encode())
+        h.update(weights.read_bytes())
+    assert h.hexdigest() == manifest["weights_sha256"], f"{name}: the composed weights differ from the goldens'"
+    golden = np.load(path)
+    assert np.array_equal(golden["inputs"], inputs) and np.array_equal(golden["text_ids"], ids)
+    for row in range(inputs.shape[0]):
+        expected = golden[f"logits_{row}"]
+        for which, values in logits.items():
+            got = values[row][real[row]]
+            assert got.shape == expected.shape, (which, got.shape, expected.shape)
+            err = float(np.abs(got - expected).max())
+            assert err <= LOGITS_TOLERANCE, f"{name}: {which} row {row} vs transformers: max|Δlogits| = {err:.2e}"
+
+
+def test_a_batch_gives_each_rows_single_utterance_result(prefix_dir, fixture_dir):
+    """Left-padded prefixes, right-padded text, positions counting real columns only: each row of a padded batch
+    gives the logits of its utterance alone. (With an encoder that takes an attention mask: the group-norm wav2vec2
+    layout normalises over the padding, in transformers too.) Greedy tokens follow: cached generation gives the
+    full forward's argmax (below), which is each row's own."""
+    from convert.base.registry import specs
+    from scripts.make_fixtures import cases_by_arch
+
+    encoder = next(case for case in cases_by_arch()[specs("encoder")[0].name]
+                   if json.loads((fixture_dir(case) / "config.json").read_text()).get("feat_extract_norm") == "layer")
+    model = FlaxSpeechPrefixModel.from_pretrained(prefix_dir(encoder, LMS[0]))
+    inputs, mask, ids, _ = _batch(model.config)
+    short = int(mask[1].sum())
+    logits, real = (np.asarray(a) for a in model(inputs, mask, ids))
+    for row, (x, m) in enumerate(((inputs[:1], mask[:1]), (inputs[1:, :short], mask[1:, :short]))):
+        alone, alone_real = (np.asarray(a) for a in model(x, m, ids[row:row + 1]))
+        assert real[row].sum() == alone_real[0].sum() > ids.shape[1]
+        err = float(np.abs(logits[row][real[row]] - alone[0][alone_real[0]]).max())
+        assert err <= LOGITS_TOLERANCE, f"row {row}: batched vs alone max|Δlogits| = {err:.2e}"
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_cached_generation_equals_the_full_forward_and_the_reference(prefix_dir, num_beams):
+    directory = prefix_dir(ENCODERS[0], LMS[0])
+    model, reference = FlaxSpeechPrefixModel.from_pretrained(directory), SpeechPrefixModel.from_pretrained(directory)
+    inputs, mask, _, _ = _batch(model.config)
+    out = model.generate(inputs, mask, max_new_tokens=6, min_new_tokens=6, num_beams=num_beams)
+    ref = reference.generate(torch.from_numpy(inputs), torch.from_numpy(mask), max_new_tokens=6, min_new_tokens=6,
+                             num_beams=num_beams)
+    assert np.array_equal(out.sequences, ref.sequences.numpy()), (out.sequences, ref.sequences)
+    assert np.abs(out.sequences_scores - ref.sequences_scores.numpy()).max() <= 1e-4
+    if num_beams == 1:  # each cached step's argmax is the full forward's argmax at that column
+        generated = out.sequences[:, 1:]
+        logits, real = (np.asarray(a) for a in model(inputs, mask, generated))
+        width = logits.shape[1] - generated.shape[1]
+        assert np.array_equal(logits[:, width - 1:-1].argmax(-1), generated)
+
+
+def test_the_loss_covers_the_transcript_tokens_only(prefix_dir):
+    """The mean cross-entropy of the label columns, computed from the teacher-forced logits of [prefix, text]:
+    changing the prompt's ids or the audio's padding changes nothing it does not see."""
+    model = FlaxSpeechPrefixModel.from_pretrained(prefix_dir(ENCODERS[0], LMS[0]))
+    inputs, mask, _, labels = _batch(model.config)
+    text = np.where(labels[:, :-1] < 0, model.config.pad_token_id, labels[:, :-1])
+    logits, real = (np.asarray(a, np.float64) for a in model(inputs, mask, text, labels[:, :-1] >= 0))
+    width = logits.shape[1] - text.shape[1]
+    predicting = logits[:, width - 1:]  # column P - 1 + t predicts label t
+    log_probs = predicting - np.log(np.exp(predicting - predicting.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - predicting.max(-1, keepdims=True)
+    chosen = labels >= 0
+    expected = -np.take_along_axis(log_probs, np.where(chosen, labels, 0)[..., None], -1)[..., 0][chosen].mean()
+    loss = float(model.loss(inputs, mask, labels))
+    assert abs(loss - expected) <= 1e-5 * expected, (loss, expected)
+
+
+def test_compose_prefix_command_writes_a_verified_model(prefix_dir, fixture_dir, tmp_path, capsys):
+    from convert.compose import main
+
+    lm = lm_with_tokenizer(fixture_dir(LMS[0]), tmp_path / "lm")
+    out = tmp_path / "asr"
+    code = main(["--encoder", str(fixture_dir(ENCODERS[0])), "--decoder", str(lm), "--output", str(out),
+                 "--mode", "prefix", "--projector", "linear", "--stack-frames", "4", "--prompt", "{audio} w9",
+                 "--no-progress"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    report = json.loads((out / "compose_report.json").read_text())
+    assert report["verification"]["passed"] and report["verification"]["weight_files_identical"]
+    assert "verified" in printed.out
+    config = read_prefix_config(out)
+    assert (config.projector_type, config.prompt_ids_before, config.prompt_ids_after) == ("linear", (), (9,))
+    code = main(["--encoder", str(fixture_dir(ENCODERS[0])), "--decoder", "bart", "--output", str(tmp_path / "x"),
+                 "--projector", "mlp"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == ["error: --projector mlp: applies to the prefix mode only"], err
+
+
+def test_finetune_trains_the_projector_and_lora_of_a_prefix_model_and_exports_the_adapter(tmp_path):
+    """`convert.finetune --train-only projector --lora-rank 2 --lora-targets c_attn --lora-export adapter` on a
+    prefix composition: only the projector moves in the exported weights, the LM's adapter is a PEFT adapter of the
+    LM alone (its `...ForCausalLM` names), and the report counts exactly the projector's and the factors'
+    parameters, with AdamW's two moments each."""
+    import soundfile
+
+    from convert import finetune
+    from convert.base.lora import read_peft_adapter
+
+    compose_prefix("wav2vec2", "gpt2", tmp_path / "base", stack_frames=4, prompt="{audio}", verify=False,
+                   progress=False, log=io.StringIO())
+    with (tmp_path / "data.jsonl").open("w") as f:
+        for i, text in enumerate(("one two", "three", "four five", "six")):
+            t = np.arange(int(16000 * 0.4)) / 16000
+            soundfile.write(tmp_path / f"{i}.wav", (0.3 * np.sin(2 * np.pi * (200 + 50 * i) * t)).astype(np.float32),
+                            16000)
+            f.write(json.dumps({"audio": f"{i}.wav", "text": text}) + "\n")
+    settings = finetune.FinetuneSettings(max_steps=2, batch_size=2, num_buckets=1, eval_batch_size=4,
+                                         max_new_tokens=2, learning_rate=1e-2, train_only=("projector",),
+                                         lora_rank=2, lora_alpha=4.0, lora_targets=("c_attn",), lora_export="adapter")
+    finetune.finetune(tmp_path / "base", tmp_path / "data.jsonl", tmp_path / "data.jsonl", tmp_path / "out", settings,
+                      verify=False, progress=False, log=io.StringIO())
+    base, trained = (FlaxSpeechPrefixModel.from_pretrained(tmp_path / d) for d in ("base", "out"))
+    before, after = (traverse_util.flatten_dict(m.params, sep="/") for m in (base, trained))
+    changed = sorted(k for k in before if not np.array_equal(np.asarray(before[k]), np.asarray(after[k])))
+    assert changed == ["projector/linear_1/bias", "projector/linear_1/kernel"], changed
+    config = base.config
+    layers = find_lora_layers(prefix_keymap(config), param_shapes(config), settings.lora, stores_in_out(config))
+    report = json.loads((tmp_path / "out" / "training_report.json").read_text())
+    expected = sum(np.asarray(before[k]).size for k in changed) + sum(
+        settings.lora.rank * (layer.in_features + layer.out_features) for layer in layers)
+    memory = report["memory"]
+    assert memory["trainable_parameters"] == expected, memory
+    assert 8 * expected <= memory["optimizer_state_bytes"] <= 8 * expected + 64, memory  # two float32 moments
+    candidates = [c for c in linear_modules(prefix_keymap(config), param_shapes(config), stores_in_out(config))
+                  if c.module.startswith("decoder/")]
+    adapter = tmp_path / "out" / "adapter" / "decoder"
+    read_settings, factors = read_peft_adapter(adapter, candidates, strip="decoder.")
+    assert read_settings.rank == 2 and read_settings.targets == ("c_attn",) and len(factors) == 2 * len(layers)
+    from convert.base.checkpoint.safetensors_reader import SafetensorsFile
+
+    names = sorted(SafetensorsFile(adapter / "adapter_model.safetensors").entries)
+    assert names[0].startswith("base_model.model.transformer.h.0.attn.c_attn.lora_A"), names[:2]
+    assert any(np.abs(v).max() > 0 for k, v in factors.items() if k.endswith("lora_B")), "B never trained"
+    # `convert.generate` transcribes with it (the decoder's tokenizer, the encoder's feature settings).
+    from convert.transcribe import transcribe
+
+    report = transcribe(tmp_path / "out", [tmp_path / "0.wav"], manifests=[tmp_path / "data.jsonl"],
+                        max_new_tokens=2, progress=False)
+    assert len(report.results) == 5 and all(isinstance(r.text, str) for r in report.results)
+    assert report.wer is not None
