@@ -143,7 +143,7 @@ def generate(
                                                                         mask)
         traced["ctc_weight"] = jnp.float32(ctc_weight)
         out = run(params, hidden, encoder_mask, traced, rng, ctc_logits)
-    return search_output(out)
+    return search_output(out, settings.prompt_length)
 
 
 def traced_values(settings: GenerationSettings) -> dict[str, jax.Array]:
@@ -152,13 +152,14 @@ def traced_values(settings: GenerationSettings) -> dict[str, jax.Array]:
             for name, value in settings.traced.items()}
 
 
-def search_output(out: dict[str, jax.Array]) -> GenerateOutput:
-    """A search's dict (`greedy_or_sample`, `beam_search`) as numpy, cut to the steps it took."""
+def search_output(out: dict[str, jax.Array], prompt_length: int = 1) -> GenerateOutput:
+    """A search's dict (`greedy_or_sample`, `beam_search`) as numpy, cut to the steps it took (after a decoder
+    prompt of `prompt_length` tokens, the start token included)."""
     steps = int(out["steps"])
-    width = settings.prompt_length + int(jnp.max(out["lengths"]))
+    width = prompt_length + int(jnp.max(out["lengths"]))
     scores = None if out.get("scores") is None else np.asarray(out["scores"])[:, :steps]
     beam_indices = (None if out.get("beam_indices") is None
-                    else np.asarray(out["beam_indices"])[:, :width - settings.prompt_length])
+                    else np.asarray(out["beam_indices"])[:, :width - prompt_length])
     return GenerateOutput(np.asarray(out["sequences"])[:, :width], np.asarray(out["sequences_scores"]), scores,
                           beam_indices)
 
@@ -347,10 +348,12 @@ def top_p_filter(scores: jax.Array, top_p: jax.Array, min_tokens_to_keep: int) -
 
 
 def greedy_or_sample(decode: DecodeFn, cache: DecoderCache, settings: GenerationSettings,
-                     traced: dict[str, jax.Array], key: jax.Array, prompt: jax.Array) -> dict[str, jax.Array]:
+                     traced: dict[str, jax.Array], key: jax.Array, prompt: jax.Array | None = None) -> dict[str, jax.Array]:
     rows = cache.encoder_mask.shape[0]
     max_new, first = settings.max_new_tokens, settings.prompt_length  # the prompt's P tokens, then the new ones
     pad = 0 if settings.pad_token_id is None else settings.pad_token_id
+    if prompt is None:  # the start token alone
+        prompt = jnp.full((rows, 1), settings.decoder_start_token_id, jnp.int32)
     sequences = jnp.full((rows, first + max_new), pad, jnp.int32).at[:, :first].set(prompt)
     eos = settings.eos_token_ids
 
