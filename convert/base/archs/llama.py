@@ -47,6 +47,15 @@ class FrozenDict(dict):
 
     __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _refuse  # type: ignore[assignment]
 
+    def __copy__(self) -> FrozenDict:  # immutable: a copy is itself
+        return self
+
+    def __deepcopy__(self, memo: dict) -> FrozenDict:
+        return self
+
+    def __reduce__(self) -> tuple:  # pickled through the constructor, not item by item
+        return FrozenDict, (dict(self),)
+
 
 def _hashable(value: Any) -> Any:
     if isinstance(value, Mapping):
