@@ -30,7 +30,15 @@ from scripts.prefix_cases import COMPOSE, ENCODERS, LMS, PAIRS, lm_with_tokenize
 from torch_reference.lora import add_lora, lora_gradients
 from torch_reference.prefix import SpeechPrefixModel
 
+# Logits: max|Δ| <= 1e-5 x max(1, max|logits|), i.e. 1e-5 absolute on logits up to 1 and 1e-5 relative above
+# (the issue asks 1e-4 relative). float32 logits near 10 are spaced 9.5e-7 apart; two programs that sum in a
+# different order (XLA's fused ops, torch's) differ by a few of those steps (measured: 1.4e-5 on the Llama pair's
+# logits of magnitude 10.2).
 LOGITS_TOLERANCE = 1e-5
+
+
+def logits_bound(reference: np.ndarray) -> float:
+    return LOGITS_TOLERANCE * max(1.0, float(np.abs(reference).max()))
 LOSS_TOLERANCE = 1e-5
 GRAD_TOLERANCE = 1e-4
 GOLDENS = Path(__file__).parent / "goldens" / "prefix"
@@ -81,7 +89,9 @@ def test_prefix_logits_match_the_reference_and_transformers(prefix_dir, encoder,
         ref_logits, ref_real = reference(*(torch.from_numpy(a) for a in (inputs, mask, ids)))
     assert np.array_equal(real, ref_real.numpy())
     err = float(np.abs(logits[real] - ref_logits.numpy()[real]).max())
-    assert err <= LOGITS_TOLERANCE, f"{encoder}+{decoder}: max|Δlogits| = {err:.2e}"
+    scale = float(np.abs(ref_logits.numpy()[real]).max())
+    assert err <= logits_bound(ref_logits.numpy()[real]), (
+        f"{encoder}+{decoder}: max|Δlogits| = {err:.2e} (max|logits| {scale:.3g})")
     _check_goldens(f"{encoder}+{decoder}", directory, inputs, ids, {"flax": logits, "reference": ref_logits.numpy()},
                    real)
 
@@ -152,7 +162,9 @@ def _check_goldens(name, directory, inputs, ids, logits, real):
             got = values[row][real[row]]
             assert got.shape == expected.shape, (which, got.shape, expected.shape)
             err = float(np.abs(got - expected).max())
-            assert err <= LOGITS_TOLERANCE, f"{name}: {which} row {row} vs transformers: max|Δlogits| = {err:.2e}"
+            assert err <= logits_bound(expected), (
+                f"{name}: {which} row {row} vs transformers: max|Δlogits| = {err:.2e} (max|logits| "
+                f"{float(np.abs(expected).max()):.3g})")
 
 
 def test_a_batch_gives_each_rows_single_utterance_result(prefix_dir, fixture_dir):

@@ -215,8 +215,10 @@ def top_p_filter(scores: torch.Tensor, top_p: float, min_tokens_to_keep: int) ->
 
 
 def greedy_or_sample(model: Any, cache: DecoderCache, settings: GenerationSettings,
-                     generator: torch.Generator | None, prompts: list[list[int]]) -> GenerateOutput:
+                     generator: torch.Generator | None, prompts: list[list[int]] | None = None) -> GenerateOutput:
     rows = cache.encoder_mask.shape[0]
+    if prompts is None:  # the start token alone
+        prompts = [[settings.decoder_start_token_id]] * rows
     eos = set(settings.eos_token_ids)
     sequences = [list(p) for p in prompts]
     finished = [False] * rows
@@ -261,10 +263,12 @@ class Hypothesis:
 
 
 def beam_search(model: Any, cache: DecoderCache, settings: GenerationSettings,
-                generator: torch.Generator | None, prompts: list[list[int]]) -> GenerateOutput:
+                generator: torch.Generator | None, prompts: list[list[int]] | None = None) -> GenerateOutput:
     k, lp, eos = settings.num_beams, settings.length_penalty, set(settings.eos_token_ids)
     keep = settings.beams_to_keep
     batch = cache.encoder_mask.shape[0]
+    if prompts is None:  # the start token alone
+        prompts = [[settings.decoder_start_token_id]] * batch
     cache = repeat_cache(cache, k)  # every beam starts from the prompt; only the first is live at first
     running = [[Hypothesis([], 0.0 if j == 0 else DEAD_BEAM_SCORE, []) for j in range(k)] for _ in range(batch)]
     finished: list[list[Hypothesis]] = [[] for _ in range(batch)]

@@ -43,8 +43,9 @@ class DecoderCore:
     Embeddings:
         padding_idx: the token-embedding row whose lookups pass no gradient (torch's `padding_idx`), or None.
         embed_scale: the token embeddings are multiplied by it (BART's `scale_embedding`, Gemma's sqrt(D)).
-        scale_inputs_embeds: the scale also applies to `inputs_embeds` given instead of ids (Gemma); otherwise
-            `inputs_embeds` stand for the scaled token embeddings (BART).
+        scale_inputs_embeds: the scale also applies to `inputs_embeds` given instead of ids (transformers 4's
+            Gemma); otherwise `inputs_embeds` stand for the scaled token embeddings (BART; Gemma 2 in
+            transformers 5, whose embedding module scales its lookups and leaves `inputs_embeds` as given).
         token_types: the rows of a token-type embedding, of which type 0 is added to every token (BERT's
             type_vocab_size); 0 for none.
         positions: "learned" (a table indexed by position + `position_offset`), "rotary" (`rope`), "none".

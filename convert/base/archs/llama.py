@@ -225,7 +225,7 @@ class RotaryDecoderConfig(HFConfig):
             vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_layers=self.num_hidden_layers,
             num_heads=self.num_attention_heads, head_dim=self.head_size, intermediate_size=self.intermediate_size,
             num_kv_heads=self.num_kv_heads, cross_num_kv_heads=self.num_kv_heads, padding_idx=self.pad_token_id,
-            embed_scale=multiplier, scale_inputs_embeds=multiplier is not None, positions="rotary",
+            embed_scale=multiplier, positions="rotary",
             max_positions=self.max_position_embeddings, rope=self.rope, norm="rms", norm_eps=self.rms_norm_eps,
             norm_offset=self.norm_offset, pre_norm=True, post_block_norm=self.sandwich_norms,
             qkv_bias=self.bias_qkv, out_bias=self.bias_o, score_scale=self.attention_multiplier,
