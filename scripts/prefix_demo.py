@@ -1,4 +1,4 @@
-"""The prefix demonstration's comparison (README, "Demonstration: a speech encoder and a small LM, prefix mode"):
+"""The prefix demonstration's comparison (README, "Demonstration: the spoken-digits encoder and a small LM, prefix mode"):
 the same prefix-composed pair trained three ways, each run in a process of its own (so that its peak memory is
 its own), and one table of what was measured.
 
