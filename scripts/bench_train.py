@@ -1,171 +1,461 @@
-"""CPU benchmark of one training step: the Flax step (jit) against the eager PyTorch reference's, in one run.
+"""Benchmark of one training step: the Flax step in several settings against the PyTorch reference's, in one run.
 
-    python scripts/bench_train.py [--quick] [--runs N] [--batch N] [--audio-seconds S] [--threads N]
+    python scripts/bench_train.py [--batch 4] [--audio-seconds 10] [--label-tokens 32] [--runs 3]
+        [--settings float32,bfloat16,remat,scan,scan+remat] [--device cpu|gpu] [--threads N] [--no-freeze]
+        [--quick] [--memory-only] [--profile DIR] [--largest-batch [--max-batch N]]
 
-Model: wav2vec2-base with a BART-base decoder, random, built as `scripts/bench.py` builds it (same weights in both
-frameworks). A step is what `convert.finetune` does: train mode (dropout, LayerDrop), the loss on labels shifted
-into the decoder, the backward pass, global-norm clipping and an AdamW update, the conv feature encoder frozen
-(`--no-freeze` trains it too). PyTorch: `model.train()`, `loss.backward()`, `clip_grad_norm_`, `torch.optim.AdamW`.
+Model: wav2vec2-base with a BART-base decoder, random, built as `scripts/bench.py` builds it (the same weights in
+both frameworks). A step is what `convert.finetune` runs: train mode (dropout, LayerDrop), the loss on labels
+shifted into the decoder, the backward pass, global-norm clipping and an AdamW update, the conv feature encoder
+frozen (`--no-freeze` trains it too); the Flax step is `flax_model.training`'s (`step_functions`, `train_step`:
+the gradient function, then the update with the train state donated). PyTorch: `model.train()`,
+`loss.backward()`, `clip_grad_norm_`, `torch.optim.AdamW`.
 
-Figures, one JSON line each (`load`: the 1-minute load average when taken; above the core count, disturbed):
-    step      median seconds per step, Flax and PyTorch alternating; audio-seconds per second for each; ratio
-              (torch_s / flax_s, > 1: Flax is faster); Flax's compile time (first call minus a compiled one).
-    memory    for Flax with and without per-layer rematerialisation (and bfloat16 compute): XLA's own account
-              of the compiled step (`temp_bytes`: activations and scratch; `argument_bytes`: params, optimiser
-              state, batch), the step time, and the process's peak RSS so far.
+Each framework and each Flax setting runs in a process of its own, one after the other, so that each peak
+resident memory is its own. A setting joins words with "+": `scan` (the layer stacks as one `nn.scan` each, the
+params stacked), `remat` (every encoder and decoder layer recomputed in the backward pass), `bfloat16` (compute
+in bfloat16 over float32 master weights); `float32` alone is the plain step.
+
+Figures, one JSON line each (`load`: the 1-minute load average when taken; above the core count the machine was
+busy and the times are inflated):
+    step      per framework / setting: the first step (tracing, compilation and the run: what a user waits for),
+              the median compiled step (`step_s`) over `--runs`, audio-seconds per second, the peak resident memory
+              of the process while training (`peak_rss_gb`, from the model in memory through the steps) and, on
+              a GPU, the peak device memory; Flax adds XLA's own account of the compiled gradient function
+              (`temp_bytes`: activations and scratch; `argument_bytes`: params and batch; `output_bytes`: the
+              gradients) and its compile time.
+    compare   per Flax setting against PyTorch: `speedup` (torch step / Flax step), `rss_ratio` (Flax peak RSS /
+              PyTorch's), `first_over_step` (Flax's first step / its compiled step), and whether each target
+              holds (speedup >= 1.5, rss_ratio <= 1, first_over_step <= 3).
+    largest   with `--largest-batch` (meant for a GPU): the largest batch of `--audio-seconds` utterances whose
+              step runs, per framework / setting (doubling from `--batch`, then bisecting; `--max-batch` caps it).
+
+`--memory-only`: XLA's account of each setting's compiled gradient function, nothing run (little memory: usable
+on a busy machine at any batch). `--profile DIR`: one Flax setting (the first) and PyTorch, each profiled over one
+compiled step: the time per model part and operation (jax.profiler trace / torch.profiler), XLA's largest buffers
+(its memory-usage report, from an HLO dump in DIR) and the PyTorch operators that allocate the most
+(docs/training_performance.md reads them).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
+import dataclasses
+import json
 import os
-import resource
+import re
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import torch
+SETTING_WORDS = ("float32", "bfloat16", "remat", "scan")
+FLAX_DEFAULTS = "float32,bfloat16,remat,scan,scan+remat"
+TARGETS = {"speedup": 1.5, "rss_ratio": 1.0, "first_over_step": 3.0}
 
-from flax_model.speech_encoder_decoder import SpeechEncoderDecoderModule
-from flax_model.training import (
-    OptimizerSettings,
-    buffer_paths,
-    apply_function,
-    frozen_predicate,
-    init_state,
-    leaf_labels,
-    loss_grad_function,
-    make_optimizer,
-    step_key,
-)
-from scripts.bench import bart_base, batch_inputs, build_models, composed_config, emit
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """A Flax step setting: compute dtype, rematerialisation, scanned layers."""
+
+    name: str
+    bfloat16: bool = False
+    remat: bool = False
+    scan: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> Setting:
+        words = text.split("+")
+        unknown = [w for w in words if w not in SETTING_WORDS]
+        if unknown or not words:
+            raise SystemExit(f"error: --settings {text}: {', '.join(unknown) or 'empty'} is not one of "
+                             f"{', '.join(SETTING_WORDS)} (joined with +)")
+        return cls(text, "bfloat16" in words, "remat" in words, "scan" in words)
 
 
 def load() -> float:
-    return os.getloadavg()[0]
+    return round(os.getloadavg()[0], 2)
+
+
+def emit(record: dict[str, Any]) -> None:
+    print(json.dumps({k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in record.items()}), flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Resident memory of this process
+
+
+def reset_peak_rss() -> bool:
+    """Resets the kernel's record of this process's peak resident memory (Linux: `/proc/self/clear_refs`)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
 
 def peak_rss_gb() -> float:
+    """The peak resident memory since `reset_peak_rss` (VmHWM), else since the process started."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
-def labels_for(config, batch: int, length: int) -> np.ndarray:
+def rss_gb() -> float:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    return float("nan")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The batch
+
+
+def bench_batch(config: Any, batch: int, audio_seconds: float, label_tokens: int) -> dict[str, Any]:
+    """Numpy inputs: `batch_inputs`' padded audio, labels with a padded last row, and the seconds of real audio."""
+    import numpy as np
+
+    from scripts.bench import SAMPLE_RATE, batch_inputs
+
+    audio, mask = batch_inputs(batch, audio_seconds)
     rng = np.random.default_rng(2)
-    labels = rng.integers(4, config.decoder.vocab_size, (batch, length))
-    labels[-1, int(0.75 * length):] = -100  # a padded row, as in a real batch
-    return labels
+    labels = rng.integers(4, config.decoder.vocab_size, (batch, label_tokens))
+    labels[-1, int(0.75 * label_tokens):] = -100  # a padded row, as in a real batch
+    return {"inputs": audio, "attention_mask": mask, "labels": labels.astype(np.int32),
+            "audio_s": float(mask.sum()) / SAMPLE_RATE}
 
 
-def flax_step(model, batch: dict, freeze: bool, remat: bool, dtype) -> tuple:
-    """(compiled grad function, compiled apply, state): the step `convert.finetune` runs."""
-    settings = OptimizerSettings(learning_rate=1e-4, total_steps=1000, warmup_steps=10, weight_decay=0.01)
-    optimizer = make_optimizer(settings, leaf_labels(model.params, frozen_predicate(
-        freeze, buffer_paths(model.config, model.params))))
-    module = SpeechEncoderDecoderModule(model.config, dtype=dtype, remat=remat)
-    grad_fn = jax.jit(loss_grad_function(module, deterministic=False, freeze_feature_encoder=freeze))
-    apply = jax.jit(apply_function(optimizer), donate_argnums=(0,))
-    state = init_state(jax.tree.map(jnp.array, model.params), optimizer)
-    return grad_fn, apply, state
+def model_config(args: argparse.Namespace) -> Any:
+    from scripts.bench import bart_base, composed_config
+
+    return composed_config(bart_base(args.quick), args.quick)
 
 
-def memory_of(grad_fn, state, batch) -> dict:
-    compiled = grad_fn.lower(state.params, batch, step_key(0, 0), jnp.float32(0.0)).compile()
+# ----------------------------------------------------------------------------------------------------------
+# Workers: one framework / setting per process
+
+
+def flax_worker(args: argparse.Namespace, setting: Setting) -> dict[str, Any]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from flax_model.speech_encoder_decoder import SpeechEncoderDecoderModule, stack_params
+    from flax_model.training import (
+        OptimizerSettings,
+        buffer_paths,
+        frozen_predicate,
+        init_state,
+        leaf_labels,
+        make_optimizer,
+        step_functions,
+        step_key,
+        train_step,
+    )
+    from scripts.bench import random_params
+
+    config = model_config(args)
+    data = bench_batch(config, args.batch, args.audio_seconds, args.label_tokens)
+    batch = {k: data[k] for k in ("inputs", "attention_mask", "labels")}
+    params = random_params(config)
+    if setting.scan:
+        params = stack_params(config, params)
+    optimizer = make_optimizer(
+        OptimizerSettings(learning_rate=1e-4, total_steps=1000, warmup_steps=10, weight_decay=0.01),
+        leaf_labels(params, frozen_predicate(args.freeze, buffer_paths(config, params))))
+    module = SpeechEncoderDecoderModule(config, dtype=jnp.bfloat16 if setting.bfloat16 else jnp.float32,
+                                        remat=setting.remat, scan_layers=setting.scan)
+    fns = step_functions(module, optimizer, deterministic=False, freeze_feature_encoder=args.freeze)
+    record: dict[str, Any] = {"bench": "step", "framework": "flax", "setting": setting.name,
+                              "device": str(jax.devices()[0].platform), "batch": args.batch,
+                              "audio_s": data["audio_s"]}
+    device_batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    example = (params, device_batch, step_key(0, 0), np.float32(0.0))
+    if args.memory_only:
+        started = time.perf_counter()
+        compiled = fns.grad.lower(*example).compile()
+        return {**record, "compile_s": time.perf_counter() - started, **xla_memory(compiled), "load": load()}
+
+    state = init_state(params, optimizer)
+    del params
+    example = (state.params, *example[1:])
+    record["setup_rss_gb"] = rss_gb()
+    reset_peak_rss()
+    # Compiled ahead of time (what the first call does) so that XLA's account of the same executable is read.
+    started = time.perf_counter()
+    grad = fns.grad.lower(*example).compile()
+    compile_s = time.perf_counter() - started
+    fns = dataclasses.replace(fns, grad=grad)
+    del example
+    times = []
+    for step in range(1 + max(1, args.runs)):
+        if step == 1 and args.profile:
+            profile_flax(args.profile, fns, state, batch, grad)
+        started = time.perf_counter()
+        state, objective, tokens = train_step(fns, state, [(batch, step_key(0, step))])
+        jax.block_until_ready(state.params)
+        times.append(time.perf_counter() - started)
+    step_s = statistics.median(times[1:])
+    record.update({"first_step_s": compile_s + times[0], "compile_s": compile_s, "step_s": step_s,
+                   "audio_s_per_s": data["audio_s"] / step_s, "loss": objective / tokens,
+                   "peak_rss_gb": peak_rss_gb(), **xla_memory(grad)})
+    if record["device"] != "cpu":
+        stats = jax.devices()[0].memory_stats() or {}
+        record["peak_device_gb"] = stats.get("peak_bytes_in_use", float("nan")) / 1e9
+    return {**record, "load": load()}
+
+
+def xla_memory(compiled: Any) -> dict[str, int]:
     stats = compiled.memory_analysis()
     return {"temp_bytes": int(stats.temp_size_in_bytes), "argument_bytes": int(stats.argument_size_in_bytes),
             "output_bytes": int(stats.output_size_in_bytes)}
 
 
+def torch_worker(args: argparse.Namespace) -> dict[str, Any]:
+    import jax
+    import torch
+
+    from scripts.bench import random_params, reference_model
+
+    torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "gpu" else "cpu")
+    config = model_config(args)
+    data = bench_batch(config, args.batch, args.audio_seconds, args.label_tokens)
+    params = random_params(config)
+    model = reference_model(config, params).to(device).train()
+    del params
+    jax.clear_caches()
+    if args.freeze:
+        model.freeze_feature_encoder()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=1e-4, weight_decay=0.01)
+    inputs, mask, labels = (torch.from_numpy(data[k]).to(device) for k in ("inputs", "attention_mask", "labels"))
+
+    def step() -> float:
+        loss = model.loss(inputs, mask, labels.long())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return float(loss)
+
+    record: dict[str, Any] = {"bench": "step", "framework": "torch", "setting": "reference", "device": args.device,
+                              "batch": args.batch, "audio_s": data["audio_s"], "setup_rss_gb": rss_gb()}
+    reset_peak_rss()
+    times = []
+    for i in range(1 + max(1, args.runs)):
+        if i == 1 and args.profile:
+            profile_torch(args.profile, step)
+        started = time.perf_counter()
+        loss = step()
+        times.append(time.perf_counter() - started)
+    step_s = statistics.median(times[1:])
+    record.update({"first_step_s": times[0], "step_s": step_s, "audio_s_per_s": data["audio_s"] / step_s,
+                   "loss": loss, "peak_rss_gb": peak_rss_gb()})
+    if device.type == "cuda":
+        record["peak_device_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    return {**record, "load": load()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Profiles
+
+
+def profile_flax(directory: str, fns: Any, state: Any, batch: dict[str, Any], grad: Any) -> None:
+    """One compiled step under jax.profiler: milliseconds per model part and operation (from the HLO's source
+    metadata), then XLA's largest buffers of the gradient function (its memory-usage report)."""
+    import jax
+    from jax.profiler import ProfileData
+
+    from flax_model.training import step_key
+
+    out = Path(directory)
+    trace = out / "jax_trace"
+    names = hlo_sources(grad.as_text())
+    jax.profiler.start_trace(str(trace))
+    jax.block_until_ready(grad(state.params, {k: jax.numpy.asarray(v) for k, v in batch.items()}, step_key(0, 99),
+                               jax.numpy.float32(0.0)))
+    jax.profiler.stop_trace()
+    totals: collections.Counter = collections.Counter()
+    for path in sorted(trace.rglob("*.xplane.pb"))[-1:]:
+        for plane in ProfileData.from_file(str(path)).planes:
+            for line in plane.lines:
+                for event in line.events:
+                    if event.name in names:
+                        totals[names[event.name]] += event.duration_ns
+    overall = sum(totals.values())
+    for part, ns in totals.most_common(25):
+        emit({"bench": "profile", "framework": "flax", "where": part, "ms": ns / 1e6, "share": ns / max(overall, 1)})
+    reports = sorted(out.glob("xla_dump/*jit_run*memory-usage-report.txt"), key=lambda p: p.stat().st_size)
+    if reports:
+        for size, values in largest_buffers(reports[-1].read_text())[:15]:
+            emit({"bench": "buffer", "framework": "flax", "mib": size, "holds": values})
+
+
+def hlo_sources(hlo: str) -> dict[str, str]:
+    """HLO instruction name -> "fwd|bwd <model part>: <op>" from its source metadata."""
+    found = {}
+    for line in hlo.splitlines():
+        match = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{[^}]*op_name=\"([^\"]*)\"", line)
+        if match:
+            found[match.group(1)] = source_part(match.group(2))
+    return found
+
+
+def source_part(op_name: str) -> str:
+    kind = "bwd" if "transpose(" in op_name else "fwd"
+    op_name = re.sub(r"(jvp|transpose|checkpoint|remat|vmap|jit)\(([^)]*)\)", r"\2", op_name)
+    parts = [p for p in op_name.split("/") if p]
+    path = [p for p in parts[:-1] if not re.match(r"(while|body|closed_call|cond|run|loss_sums)$", p)
+            and not p.startswith("SpeechEncoderDecoderModule")]
+    path = [re.sub(r"^\d+$", "*", p) for p in path]
+    return f"{kind} {'/'.join(path[:5]) or '-'}: {parts[-1] if parts else '?'}"
+
+
+def largest_buffers(report: str) -> list[tuple[float, str]]:
+    """(MiB, the values that share the allocation) of an XLA memory-usage report's first table."""
+    rows = []
+    for line in report.split("\n\n")[0].splitlines():
+        match = re.match(r"\s*[\d.]+\w+\(\s*\d+%\);\s*([\d.]+)(\w+);\s*\d+;\s*\d+;\s*(.*)", line)
+        if match:
+            scale = {"KiB": 1 / 1024, "MiB": 1.0, "GiB": 1024.0}.get(match.group(2), 1.0)
+            rows.append((float(match.group(1)) * scale, match.group(3)))
+    return rows
+
+
+def profile_torch(directory: str, step: Any) -> None:
+    """One step under torch.profiler: the operators that take the most time and that allocate the most."""
+    import torch.profiler
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = prof.key_averages()
+    overall = sum(e.self_cpu_time_total for e in events)
+    for event in sorted(events, key=lambda e: -e.self_cpu_time_total)[:20]:
+        emit({"bench": "profile", "framework": "torch", "where": event.key, "ms": event.self_cpu_time_total / 1e3,
+              "share": event.self_cpu_time_total / max(overall, 1), "calls": event.count})
+    for event in sorted(events, key=lambda e: -e.cpu_memory_usage)[:10]:
+        emit({"bench": "buffer", "framework": "torch", "op": event.key, "allocated_gb": event.cpu_memory_usage / 1e9})
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(Path(directory) / "torch_trace.json"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The parent: runs the workers, compares
+
+
+def run_worker(args: argparse.Namespace, worker: str, batch: int | None = None) -> list[dict[str, Any]] | None:
+    """Runs one worker process; its JSON lines, or None when it failed (its last error line is reported)."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", worker, *args.forward]
+    if batch is not None:  # the largest-batch search: does one step run
+        command += ["--batch", str(batch), "--runs", "1"]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent) + os.pathsep + env.get("PYTHONPATH", "")
+    # PyTorch's worker draws the weights with JAX on the CPU.
+    env["JAX_PLATFORMS"] = "cuda" if args.device == "gpu" and worker != "torch" else "cpu"
+    env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"  # the peak device memory is then what the step uses
+    if args.profile and worker != "torch":
+        dump = Path(args.profile) / "xla_dump"
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_dump_to={dump} --xla_dump_hlo_module_re=.*run.*").strip()
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    records = []
+    for line in done.stdout.splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            records.append(json.loads(line))
+    if done.returncode != 0:
+        error = [line for line in done.stderr.splitlines() if line.strip()][-1:] or ["(no message)"]
+        emit({"bench": "failed", "worker": worker, "batch": batch or args.batch, "exit": done.returncode,
+              "error": error[0][:300], "load": load()})
+        return None
+    return records
+
+
+def largest_batch(args: argparse.Namespace, worker: str) -> int:
+    """The largest batch whose step runs: doubling from --batch, then bisecting (at most --max-batch)."""
+    works, fails = 0, None
+    size = args.batch
+    while size <= args.max_batch:
+        if run_worker(args, worker, size) is None:
+            fails = size
+            break
+        works, size = size, size * 2
+    if fails is None:
+        return works
+    while fails - works > 1:
+        middle = (works + fails) // 2
+        works, fails = (middle, fails) if run_worker(args, worker, middle) is not None else (works, middle)
+    return works
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 layers per stack (a smoke test)")
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=3, help="compiled steps timed (the median is reported)")
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--audio-seconds", type=float, default=5.0)
+    parser.add_argument("--audio-seconds", type=float, default=10.0)
     parser.add_argument("--label-tokens", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--no-freeze", dest="freeze", action="store_false")
-    parser.add_argument("--memory-only", action="store_true",
-                        help="only XLA's memory account of the compiled step, with and without remat (no timing)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    emit({"threads": args.threads, "devices": str(jax.devices())})
+    parser.add_argument("--settings", default=FLAX_DEFAULTS,
+                        help="Flax settings, comma-separated; words float32, bfloat16, remat, scan joined with +")
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch's intra-op threads")
+    parser.add_argument("--no-freeze", dest="freeze", action="store_false", help="train the conv feature encoder too")
+    parser.add_argument("--no-torch", dest="torch", action="store_false", help="Flax only")
+    parser.add_argument("--memory-only", action="store_true", help="XLA's memory account of each setting only")
+    parser.add_argument("--profile", metavar="DIR", help="profile the first setting and PyTorch (traces in DIR)")
+    parser.add_argument("--largest-batch", action="store_true", help="search the largest batch that runs")
+    parser.add_argument("--max-batch", type=int, default=256)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args, _ = parser.parse_known_args(argv)
+    settings = [Setting.parse(text) for text in args.settings.split(",") if text]
 
-    config = composed_config(bart_base(args.quick), args.quick)
-    flax_model, reference = build_models(config)
-    audio, mask = batch_inputs(args.batch, args.audio_seconds)
-    labels = labels_for(config, args.batch, args.label_tokens)
-    batch = {"inputs": jnp.asarray(audio), "attention_mask": jnp.asarray(mask), "labels": jnp.asarray(labels, jnp.int32)}
-    audio_s = float(mask.sum()) / 16000
-
-    if args.memory_only:
-        for remat, dtype in ((False, jnp.float32), (True, jnp.float32), (False, jnp.bfloat16), (True, jnp.bfloat16)):
-            grad_fn, _, state = flax_step(flax_model, batch, args.freeze, remat=remat, dtype=dtype)
-            emit({"bench": "memory", "remat": remat, "dtype": jnp.dtype(dtype).name, "batch": args.batch,
-                  "audio_s": audio_s, **memory_of(grad_fn, state, batch), "load": load()})
+    if args.worker:
+        record = torch_worker(args) if args.worker == "torch" else flax_worker(args, Setting.parse(args.worker))
+        emit(record)
         return 0
-    grad_fn, apply, state = flax_step(flax_model, batch, args.freeze, remat=False, dtype=jnp.float32)
-    counter = {"step": 0}
 
-    def run_flax():
-        nonlocal state
-        sums, grads = grad_fn(state.params, batch, step_key(0, counter["step"]), jnp.float32(0.0))
-        state = apply(state, grads, sums.tokens)
-        counter["step"] += 1
-        jax.block_until_ready(state.params)
-
-    reference.train()
-    if args.freeze:
-        reference.freeze_feature_encoder()
-    optimizer = torch.optim.AdamW([p for p in reference.parameters() if p.requires_grad], lr=1e-4,
-                                  weight_decay=0.01)
-    t_audio, t_mask, t_labels = (torch.from_numpy(audio), torch.from_numpy(mask), torch.from_numpy(labels))
-
-    def run_torch():
-        loss = reference.loss(t_audio, t_mask, t_labels)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in reference.parameters() if p.requires_grad], 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    start = time.perf_counter()
-    run_flax()
-    first = time.perf_counter() - start
-    run_torch()
-    flax_times, torch_times = [], []
-    for _ in range(args.runs):
-        for fn, times in ((run_flax, flax_times), (run_torch, torch_times)):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    flax_s, torch_s = statistics.median(flax_times), statistics.median(torch_times)
-    emit({"bench": "step", "model": "wav2vec2-base+bart-base", "batch": args.batch, "audio_s": audio_s,
-          "flax_s": flax_s, "torch_s": torch_s, "ratio": torch_s / flax_s,
-          "flax_audio_s_per_s": audio_s / flax_s, "torch_audio_s_per_s": audio_s / torch_s,
-          "compile_s": first - flax_s, "freeze_feature_encoder": args.freeze, "load": load()})
-    optimizer.state.clear()  # the reference's Adam moments: not needed for the Flax memory figures
-    reference.zero_grad(set_to_none=True)
-    del state
-
-    for remat, dtype in ((False, jnp.float32), (True, jnp.float32), (False, jnp.bfloat16), (True, jnp.bfloat16)):
-        grad_fn, apply, state = flax_step(flax_model, batch, args.freeze, remat=remat, dtype=dtype)
-        memory = memory_of(grad_fn, state, batch)
-        times = []
-        for i in range(max(2, args.runs)):
-            start = time.perf_counter()
-            sums, grads = grad_fn(state.params, batch, step_key(0, i), jnp.float32(0.0))
-            state = apply(state, grads, sums.tokens)
-            jax.block_until_ready(state.params)
-            times.append(time.perf_counter() - start)
-        emit({"bench": "memory", "remat": remat, "dtype": jnp.dtype(dtype).name, **memory,
-              "step_s": statistics.median(times[1:]), "peak_rss_gb": peak_rss_gb(), "load": load()})
-        del state, grads
+    given = list(sys.argv[1:] if argv is None else argv)
+    args.forward = [a for a in given if not a.startswith("--largest-batch")]
+    if args.profile:
+        settings = settings[:1]
+        args.runs = 1
+    emit({"bench": "machine", "device": args.device, "cpus": os.cpu_count(), "threads": args.threads,
+          "batch": args.batch, "audio_seconds": args.audio_seconds, "quick": args.quick, "load": load()})
+    results: dict[str, dict[str, Any]] = {}
+    workers = ([] if args.memory_only or not args.torch else ["torch"]) + [s.name for s in settings]
+    for worker in workers:
+        records = run_worker(args, worker)
+        for record in records or []:
+            if record.get("bench") == "step":
+                results[worker] = record
+            emit(record)
+    reference = results.get("torch")
+    for setting in settings:
+        flax = results.get(setting.name)
+        if not reference or not flax or "step_s" not in flax:
+            continue
+        figures = {"speedup": reference["step_s"] / flax["step_s"],
+                   "rss_ratio": flax["peak_rss_gb"] / reference["peak_rss_gb"],
+                   "first_over_step": flax["first_step_s"] / flax["step_s"]}
+        met = {f"{k}_met": (v >= TARGETS[k] if k == "speedup" else v <= TARGETS[k]) for k, v in figures.items()}
+        emit({"bench": "compare", "setting": setting.name, **figures, **met, "load": load()})
+    if args.largest_batch:
+        for worker in workers:
+            emit({"bench": "largest", "worker": worker, "audio_seconds": args.audio_seconds,
+                  "batch": largest_batch(args, worker), "load": load()})
     return 0
 
 
