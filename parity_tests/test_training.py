@@ -47,8 +47,22 @@ def _first_case(spec) -> str:
     return next(iter(cases_by_arch()[spec.name]))
 
 
-PAIRS = [(_first_case(e), _first_case(d)) for e in specs("encoder") for d in specs("decoder")
-         if in_heavy_pairs(e.name, d.name)]
+def _training_pairs() -> list[tuple[str, str]]:
+    """The pairs whose every gradient is compared: the first decoder (BART) with every encoder; each other decoder
+    with two of its heavy-pair encoders, taken in turn, so that every encoder's gradient also flows back through
+    other decoders' cross-attention (test_pairs composes and runs every heavy pair; the gradients of a pair are
+    those of its two parts, joined through the cross-attention and the projection)."""
+    encoders = specs("encoder")
+    pairs = []
+    for j, d in enumerate(specs("decoder")):
+        chosen = [e for e in encoders if in_heavy_pairs(e.name, d.name)]
+        if j > 0 and len(chosen) > 2:
+            chosen = [chosen[(2 * j) % len(chosen)], chosen[(2 * j + 1) % len(chosen)]]
+        pairs += [(_first_case(e), _first_case(d)) for e in chosen]
+    return pairs
+
+
+PAIRS = _training_pairs()
 ADAPTER_ENCODERS = [e.name for e in specs("encoder")
                     if "add_adapter" in {f.name for f in dataclasses.fields(e.config_class)}]
 

@@ -30,6 +30,9 @@ when the figure was taken: on a 2-core machine, figures taken above 2 are distur
               (500 frames of 160 values), Flax (jit) against the reference, at each batch size; `fbank_s` is
               the numpy feature extraction of one 10 s utterance (`convert.base.fbank`). `--quick`: 2 blocks, 1 s.
               Not run by default (it needs about 6 GB of memory).
+    llm       decode tokens/s of a random Qwen2.5-1.5B- (or Llama-3.2-1B-, `--llm`) shaped bf16 decoder composed
+              with wav2vec2-large-lv60, with the fraction of the memory-bandwidth roofline reached (bytes a step
+              reads / step time / the device's measured read bandwidth); `bench_llm`, not run by default.
     compile   compilation time (tracing, lowering and XLA compilation; nothing runs, params are abstract) of
               the encoder (`encode`, 10 s of audio) and of the decoder (the teacher-forced `decode` of 32 tokens,
               and greedy `generate`'s search: prefill and 64-step loop), unrolled against scanned layers
@@ -535,6 +538,134 @@ def bench_compile(args) -> None:
                   "runs": args.runs, "load": os.getloadavg()[0]})
 
 
+def read_bandwidth(nbytes: int = 1 << 30, runs: int = 5) -> float:
+    """The device's measured read bandwidth, bytes/s: a compiled sum over a float32 array of `nbytes` (every byte
+    read once, nothing written but a scalar), the median of `runs` after a warm-up."""
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    block(total(x))
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        block(total(x))
+        times.append(time.perf_counter() - start)
+    del x
+    return nbytes / statistics.median(times)
+
+
+def decode_step_bytes(model: FlaxSpeechEncoderDecoderModel, batch: int, cache_length: int, frames: int) -> dict:
+    """What one cached decoder step reads from memory, in bytes: every decoder weight but the cross-attention's
+    key/value projections (their output is cached at prefill) and, with an untied head, the embedding table (a
+    lookup reads B rows); and the whole cache as compiled: self-attention keys/values of every slot (masked slots
+    are read too) and the cross-attention keys/values of every frame."""
+    from flax import traverse_util
+
+    tied = model.config.decoder.tie_word_embeddings
+    weights = 0
+    for path, leaf in traverse_util.flatten_dict(model.params["decoder"], sep="/").items():
+        if "cross_attn/k_proj/" in path or "cross_attn/v_proj/" in path:
+            continue
+        if path.endswith("embed_tokens/embedding") and not tied:
+            continue
+        weights += leaf.size * leaf.dtype.itemsize
+    hidden = jax.ShapeDtypeStruct((batch, frames, model.config.decoder.hidden_size), model.dtype)
+    frame_mask = jax.ShapeDtypeStruct((batch, frames), jnp.bool_)
+    cache = jax.eval_shape(lambda p, h, m: model.module.apply(
+        {"params": p}, batch, cache_length, h, m, method=SpeechEncoderDecoderModule.init_cache), model.params,
+        hidden, frame_mask)
+    cache_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(cache)
+                      if leaf.ndim >= 4)
+    return {"weights": weights, "cache": cache_bytes, "total": weights + cache_bytes}
+
+
+LLM_SHAPES = ("qwen2.5-1.5b", "llama-3.2-1b")
+
+
+def bench_llm(args) -> None:
+    """Decoding with a 1-2 B decoder composed with wav2vec2-large-lv60, bf16, against the memory-bandwidth roofline.
+
+    The sources are random, built once into `--cache-dir` (`scripts/make_random_llm.py`; the encoder as
+    `scripts/bench_convert.py` builds it) and composed there in bfloat16 (`--no-verify`). The model loads in
+    bfloat16 (on a mesh of every device with `--mesh`). Per batch size: greedy generation end to end (`generate`,
+    64 new tokens, no early end: encoder, prefill and steps), and the decoder steps alone: one compiled loop of 64
+    cached steps from a prefilled cache, each feeding back its argmax. From the latter: decode tokens/s (batch x
+    steps / loop time), the step time, the bytes a step reads (`decode_step_bytes`), and the fraction of the
+    roofline reached: bytes per step / step time / the measured read bandwidth (`read_bandwidth`). `--quick` runs
+    the same on toy shapes (to check the bench, not a figure)."""
+    import io
+
+    from convert.compose import compose
+    from scripts.bench_convert import build_source
+    from scripts.make_random_llm import write_random_llm
+
+    cache_dir = Path(args.cache_dir or "/tmp/benchcache")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    suffix = "-small" if args.quick else ""
+    encoder = build_source("wav2vec2-small" if args.quick else "wav2vec2-large-lv60", cache_dir)
+    decoder = cache_dir / f"{args.llm}{suffix}-bf16"
+    if not (decoder / "config.json").is_file():
+        write_random_llm(decoder, args.llm, "bfloat16", None, small=args.quick)
+    composed = cache_dir / f"{encoder.name}+{decoder.name}"
+    if not (composed / "config.json").is_file():
+        start = time.perf_counter()
+        compose(str(encoder), str(decoder), composed, dtype="bfloat16", verify=False, progress=False,
+                log=io.StringIO())
+        emit({"bench": "llm_compose", "model": composed.name, "seconds": time.perf_counter() - start})
+    mesh = jax.make_mesh((1, jax.device_count()), ("data", "fsdp")) if args.mesh else None
+    start = time.perf_counter()
+    model = FlaxSpeechEncoderDecoderModel.from_pretrained(composed, dtype=jnp.bfloat16, mesh=mesh)
+    load_s = time.perf_counter() - start
+    bandwidth = read_bandwidth(1 << 24 if args.quick else 1 << 30)
+    new = args.new_tokens
+    module = model.module
+
+    def steps(params, cache, tokens):
+        """`new` cached decoder steps from a prefilled cache, each feeding back its argmax (what greedy search's
+        loop computes, without the processors)."""
+        def body(_, carry):
+            cache, tokens = carry
+            logits, cache = module.apply({"params": params}, tokens, None, None, cache=cache,
+                                         method=SpeechEncoderDecoderModule.decode)
+            return cache, jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)[:, None]
+
+        return jax.lax.fori_loop(0, new, body, (cache, tokens))[1]
+
+    decode_steps = jax.jit(steps)
+    prefill = jax.jit(lambda p, a, m: module.apply(
+        {"params": p}, a, m, method=lambda mod, a, m: mod.init_cache(a.shape[0], new + 1, *mod.encode(a, m))))
+
+    def timed(fn: Callable[[], Any]) -> tuple[float, float]:
+        """(the first call, the median of `--runs` calls after it), seconds."""
+        start = time.perf_counter()
+        block(fn())
+        first = time.perf_counter() - start
+        times = []
+        for _ in range(args.runs):
+            start = time.perf_counter()
+            block(fn())
+            times.append(time.perf_counter() - start)
+        return first, statistics.median(times)
+
+    for batch in (int(b) for b in args.batches.split(",")):
+        audio, mask = batch_inputs(batch, args.audio_seconds)
+        fa, fm = jnp.asarray(audio), jnp.asarray(mask)
+        first, generate_s = timed(lambda: model.generate(fa, fm, max_new_tokens=new, min_new_tokens=new).sequences)
+        cache = block(prefill(model.params, fa, fm))
+        start_tokens = jnp.full((batch, 1), model.config.decoder_start_token_id, jnp.int32)
+        steps_first, decode_s = timed(lambda: decode_steps(model.params, cache, start_tokens))
+        step_s = decode_s / new
+        frames = int(cache.encoder_mask.shape[1])
+        read = decode_step_bytes(model, batch, new + 1, frames)
+        emit({"bench": "llm_decode", "model": composed.name, "devices": jax.device_count(),
+              "device": str(jax.devices()[0].device_kind), "batch": batch, "new_tokens": new,
+              "audio_s": args.audio_seconds, "decode_tokens_per_s": batch * new / decode_s, "step_ms": 1000 * step_s,
+              "generate_tokens_per_s": batch * new / generate_s, "generate_s": generate_s,
+              "generate_compile_s": first - generate_s, "steps_compile_s": steps_first - decode_s, "load_s": load_s,
+              "bytes_per_step": read["total"], "weight_bytes": read["weights"], "cache_bytes": read["cache"],
+              "read_bandwidth_gb_s": bandwidth / 1e9, "achieved_gb_s": read["total"] / step_s / 1e9,
+              "roofline_fraction": read["total"] / step_s / bandwidth, "load": os.getloadavg()[0]})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
@@ -545,7 +676,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", default="1,4", help="comma-separated batch sizes")
     parser.add_argument("--benches", default="forward,generate,transcribe",
                         help="comma-separated: forward, generate, transcribe, mesh (1 vs 8 simulated devices), "
-                             "compile (unrolled vs scanned layers), encoder (w2v-BERT 2.0's encoder alone)")
+                             "compile (unrolled vs scanned layers), encoder (w2v-BERT 2.0's encoder alone), llm (a 1-2 B "
+                             "decoder with wav2vec2-large-lv60)")
+    parser.add_argument("--llm", choices=LLM_SHAPES, default=LLM_SHAPES[0], help="the llm bench's decoder shape")
+    parser.add_argument("--cache-dir", help="llm bench: where the random sources and the composed model are kept "
+                        "(default /tmp/benchcache)")
+    parser.add_argument("--mesh", action="store_true", help="llm bench: load over a mesh of every device (fsdp)")
     args = parser.parse_args(argv)
     args.runs = args.runs or (1 if args.quick else 5)
     args.audio_seconds = 1.0 if args.quick else 10.0
@@ -562,6 +698,8 @@ def main(argv: list[str] | None = None) -> int:
         bench_compile(args)
     if "encoder" in args.benches.split(","):
         bench_encoder(args)
+    if "llm" in args.benches.split(","):
+        bench_llm(args)
     if "transcribe" in args.benches:
         bench_transcribe(args)
     for key in args.models.split(","):
