@@ -66,6 +66,10 @@ class FinetuneSettings:
         label_smoothing: `label_smoothing_factor`.
         dtype: the compute dtype ("float32", or "bfloat16" over float32 master weights).
         remat: rematerialise every transformer layer (less memory, more compute).
+        scan_layers: run the encoder's and the decoder's layer stacks as one `nn.scan` each in the training step
+            (one layer compiled per stack: a shorter first step; with `remat`, the least memory). The weights,
+            checkpoints and output keep HF's per-layer layout; dropout draws differ from the unrolled step's.
+            Cross-attention compositions only.
         freeze_feature_encoder: no gradient and no update for the conv feature encoder.
         freeze_encoder: no update for any speech-encoder weight (train the decoder, its cross-attention and the
             projection on fixed encoder outputs; e.g. a first stage that teaches a new decoder to listen).
@@ -105,6 +109,7 @@ class FinetuneSettings:
     label_smoothing: float = 0.0
     dtype: str = "float32"
     remat: bool = False
+    scan_layers: bool = False
     freeze_feature_encoder: bool = False
     freeze_encoder: bool = False
     spec_augment: bool = True
@@ -200,6 +205,9 @@ class _Run:
         self.prefix = is_prefix_directory(model_dir)
         if self.prefix and mesh is not None:
             raise bad_argument("mesh", mesh, "is not supported for a prefix composition (it trains on one device)")
+        if self.prefix and s.scan_layers:
+            raise bad_argument("scan_layers", True, "is not supported for a prefix composition (its layers run "
+                               "unrolled)")
         self.model = self.model_class().from_pretrained(model_dir, **({} if self.prefix else {"mesh": mesh}))
         self.mesh = self.model.mesh  # None on one device
         self.config = config = self.model.config
@@ -256,7 +264,8 @@ class _Run:
             return SpeechPrefixModule(self.config, dtype=self.compute_dtype, remat=s.remat, lora=self.lora)
         from flax_model.speech_encoder_decoder import SpeechEncoderDecoderModule
 
-        return SpeechEncoderDecoderModule(self.config, dtype=self.compute_dtype, remat=s.remat, lora=self.lora)
+        return SpeechEncoderDecoderModule(self.config, dtype=self.compute_dtype, remat=s.remat,
+                                          scan_layers=s.scan_layers, lora=self.lora)
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         if self.prefix:
@@ -476,7 +485,7 @@ class _Run:
         # run, the tests): jax.jit caches per function object.
         with_ctc = s.ctc_weight > 0
         frozen_key = (s.freeze_feature_encoder, s.freeze_encoder, s.train_only, self.lora, self.lora_layers)
-        key = (self.config, s.dtype, s.remat, s.dropout, self.mesh, frozen_key, with_ctc)
+        key = (self.config, s.dtype, s.remat, s.scan_layers, s.dropout, self.mesh, frozen_key, with_ctc)
         if ("grad", key) not in _COMPILED:
             _COMPILED["grad", key] = compiled_grad(self.module(), deterministic=not s.dropout,
                                                    freeze_feature_encoder=s.freeze_feature_encoder,
@@ -1258,7 +1267,8 @@ def render_card(model_dir: Path, report: dict[str, Any]) -> str:
              + (", SpecAugment" if s["spec_augment"] and s["dropout"] else "")
              + (", frozen feature encoder" if s["freeze_feature_encoder"] else "")
              + (", frozen encoder" if s.get("freeze_encoder") else "")
-             + (", rematerialised layers" if s["remat"] else "")),
+             + (", rematerialised layers" if s["remat"] else "")
+             + (", scanned layers" if s.get("scan_layers") else "")),
             ("loss", f"{report['first_loss']:.3f} -> {report['final_loss']:.3f}"),
             ("held-out WER", f"{100 * first['wer']:.1f}% -> {100 * last['wer']:.1f}%"),
             ("held-out CER", f"{100 * first['cer']:.1f}% -> {100 * last['cer']:.1f}%"),
@@ -1312,6 +1322,9 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--dtype", choices=COMPUTE_DTYPES, default=d.dtype,
                    help="compute dtype; bfloat16 keeps float32 master weights")
     p.add_argument("--remat", action="store_true", help="rematerialise each layer (less memory, ~30%% more time)")
+    p.add_argument("--scan-layers", action="store_true",
+                   help="run each layer stack as one scan in the step: one layer compiled per stack (a shorter "
+                   "first step; with --remat, the least memory); the output keeps the per-layer layout")
     p.add_argument("--freeze-feature-encoder", action="store_true", help="do not train the conv feature encoder")
     p.add_argument("--freeze-encoder", action="store_true",
                    help="do not train the speech encoder at all (the decoder, cross-attention and projection train)")

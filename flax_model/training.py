@@ -43,6 +43,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from convert.base.composed import non_trainable_paths
 from convert.base.labels import check_label_smoothing, check_labels
+from convert.base.stacking import layer_stacks, stack_params
 from flax_model.sharding import gathered_in_training, shard_batch, train_batch_rows, train_batch_sharding
 
 IGNORE_INDEX = -100
@@ -468,12 +469,17 @@ def loss_grad_function(module: nn.Module, *, deterministic: bool, freeze_feature
 
     `frozen`: the gradients are those of the trainable leaves alone (`split_trainable`'s first tree); nothing is
     computed for the frozen ones.
+
+    A module with `scan_layers` takes `params` in either layout: stacked (the gradients come back stacked), or
+    HF's per-layer layout, whose stacks are then stacked inside the function (`convert.base.stacking`; the
+    gradients come back per layer, as `convert.finetune --scan-layers` keeps its state).
     """
+    stacks = layer_stacks(module.config) if getattr(module, "scan_layers", False) else None
 
     def run(params: Any, batch: Mapping[str, Any], rng: jax.Array | None, label_smoothing: jax.Array,
             ctc_scales: tuple[jax.Array, jax.Array] | None = None):
         def objective(p: Any) -> tuple[jax.Array, LossSums]:
-            if gathered or freeze_feature_encoder:
+            if gathered or freeze_feature_encoder or stacks:
                 flat = traverse_util.flatten_dict(dict(p), sep="/")
                 for path, sharding in (gathered or {}).items():
                     flat[path] = jax.lax.with_sharding_constraint(flat[path], sharding)
@@ -481,6 +487,8 @@ def loss_grad_function(module: nn.Module, *, deterministic: bool, freeze_feature
                     # A frozen conv feature encoder runs on constants: none of its ops is linearised, so none of
                     # its full-rate activations is kept for the backward pass (its gradients are zeros).
                     flat = {k: jax.lax.stop_gradient(v) if in_feature_encoder(k) else v for k, v in flat.items()}
+                if stacks:
+                    flat = stack_params(flat, stacks, stack=jnp.stack)
                 p = traverse_util.unflatten_dict(flat, sep="/")
             sums = module.apply(
                 {"params": p}, batch["inputs"], batch.get("attention_mask"), batch["labels"], deterministic,

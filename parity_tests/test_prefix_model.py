@@ -295,3 +295,7 @@ def test_finetune_trains_the_projector_and_lora_of_a_prefix_model_and_exports_th
                         max_new_tokens=2, progress=False)
     assert len(report.results) == 5 and all(isinstance(r.text, str) for r in report.results)
     assert report.wer is not None
+    # Scanned layers are for cross-attention compositions: asked of a prefix one, a one-line usage error.
+    code = finetune.main(["--model", str(tmp_path / "base"), "--train", str(tmp_path / "data.jsonl"), "--eval",
+                          str(tmp_path / "data.jsonl"), "--output", str(tmp_path / "scanned"), "--scan-layers"])
+    assert code == 2 and not (tmp_path / "scanned").exists()
