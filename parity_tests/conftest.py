@@ -14,16 +14,6 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 # fifth of each compilation and buy nothing measurable at these sizes. (Tolerances are unchanged.)
 if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
-# One persistent compilation cache per test run, shared by the xdist workers and the processes the tests start:
-# a test that loads a model builds its compiled functions afresh, and a program compiled before (by any test of
-# the run, same computation and shapes) is then read back instead of compiled again. A fresh directory per run:
-# nothing from an earlier run (another version of the code) is reused.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    import tempfile
-
-    _run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), f"speech-encdec-xla-cache-{_run}")
-    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.05"
 
 from collections.abc import Callable
 from pathlib import Path
