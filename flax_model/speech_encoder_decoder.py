@@ -290,10 +290,25 @@ def init_shapes(config: SpeechEncoderDecoderConfig, trace_every_layer: bool = Fa
 
 
 def init_tree(config: HFConfig) -> dict[str, Any]:
-    """The abstract param tree (nested dict of jax.ShapeDtypeStruct) of a composed or single-architecture model."""
+    """The abstract param tree (nested dict of jax.ShapeDtypeStruct) of a composed or single-architecture model.
+
+    Tracing a model's init takes a tenth of a second or more and every load, save and shape check asks for it, so
+    the tree is kept per config (configs are frozen: equal configs give equal trees); each call gets its own
+    copy of the dicts. A config that holds an unhashable value is traced every time."""
+    try:
+        tree = _cached_init_tree(config)
+    except TypeError:  # unhashable field
+        tree = _traced_init_tree(config)
+    return jax.tree_util.tree_map(lambda leaf: leaf, tree)
+
+
+def _traced_init_tree(config: HFConfig) -> dict[str, Any]:
     if isinstance(config, SpeechEncoderDecoderConfig):
         return init_shapes(config)
     return arch_module(spec_for(config)).init_shapes(config)
+
+
+_cached_init_tree = functools.lru_cache(maxsize=64)(_traced_init_tree)
 
 
 def param_shapes(config: HFConfig) -> dict[str, tuple[int, ...]]:

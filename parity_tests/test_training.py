@@ -1,14 +1,16 @@
 """Training in Flax means what it means in PyTorch: the loss and every parameter's gradient match the reference.
 
-Pairs come from the registry: every encoder spec x every decoder spec, one fixture each (the first case of its
-fixture module), plus every encoder spec that has the adapter with it. Each pair compiles one `value_and_grad`
-and is checked twice: a padded batch without smoothing, and with label smoothing and SpecAugment masks.
+Pairs come from the registry: every encoder spec with a decoder spec, until every decoder spec that pairs in the
+heavy tests has been used (each encoder's fixture with the adapter where it has one). Each pair runs one
+`value_and_grad` op by op and is checked twice: a padded batch without smoothing, and with label smoothing and
+SpecAugment masks.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import json
 
 import jax
@@ -47,31 +49,36 @@ def _first_case(spec) -> str:
     return next(iter(cases_by_arch()[spec.name]))
 
 
+def _encoder_case(spec) -> str:
+    """The encoder's fixture for the gradient pairs: its adapter case where it has one (that case is its first case
+    plus the adapter, so every gradient of the first case is compared too), else its first case."""
+    fixtures = importlib.import_module(spec.fixtures)
+    cases = getattr(fixtures, "PAIR_CASES", ())
+    adapters = [c for c in cases if c.endswith("_adapter")]
+    return adapters[0] if adapters else _first_case(spec)
+
+
 def _training_pairs() -> list[tuple[str, str]]:
-    """The pairs whose every gradient is compared: the first decoder (BART) with every encoder; each other decoder
-    with two of its heavy-pair encoders, taken in turn, so that every encoder's gradient also flows back through
-    other decoders' cross-attention (test_pairs composes and runs every heavy pair; the gradients of a pair are
-    those of its two parts, joined through the cross-attention and the projection)."""
-    encoders = specs("encoder")
-    pairs = []
-    for j, d in enumerate(specs("decoder")):
-        chosen = [e for e in encoders if in_heavy_pairs(e.name, d.name)]
-        if j > 0 and len(chosen) > 2:
-            chosen = [chosen[(2 * j) % len(chosen)], chosen[(2 * j + 1) % len(chosen)]]
-        pairs += [(_first_case(e), _first_case(d)) for e in chosen]
-    return pairs
+    """Every encoder with one decoder and every decoder (that pairs in the heavy tests: `in_heavy_pairs`) with one
+    encoder at least. A decoder that names its heavy encoders takes one of them; the others take the encoders in
+    turn. The gradients of a pair are those of its two parts joined through the cross-attention and, where the
+    widths differ, the projection; test_pairs composes and runs every heavy pair."""
+    encoders, pairs = specs("encoder"), []
+    decoders = [d for d in specs("decoder") if any(in_heavy_pairs(e.name, d.name) for e in encoders)]
+    unused = list(encoders)
+    for d in sorted(decoders, key=lambda d: sum(in_heavy_pairs(e.name, d.name) for e in encoders)):
+        allowed = [e for e in encoders if in_heavy_pairs(e.name, d.name)]
+        e = next((e for e in unused if e in allowed), allowed[0])
+        pairs.append((e, d))
+        if e in unused:
+            unused.remove(e)
+    free = [d for d in decoders if all(in_heavy_pairs(e.name, d.name) for e in encoders)]
+    pairs += [(e, free[i % len(free)]) for i, e in enumerate(unused)]
+    order = {e.name: i for i, e in enumerate(encoders)}
+    return [(_encoder_case(e), _first_case(d)) for e, d in sorted(pairs, key=lambda p: order[p[0].name])]
 
 
 PAIRS = _training_pairs()
-ADAPTER_ENCODERS = [e.name for e in specs("encoder")
-                    if "add_adapter" in {f.name for f in dataclasses.fields(e.config_class)}]
-
-
-def _adapter_case(arch: str, fixture_dir) -> str:
-    for case in cases_by_arch()[arch]:
-        if json.loads((fixture_dir(case) / "config.json").read_text()).get("add_adapter"):
-            return case
-    raise AssertionError(f"{arch}: no fixture case with add_adapter=True")
 
 
 def _batch(config, seed: int = 0) -> dict[str, np.ndarray]:
@@ -168,10 +175,25 @@ def test_loss_and_every_gradient_match_the_reference(encoder, decoder, composed_
     _check_pair(composed_dir(encoder, decoder), f"{encoder}+{decoder}")
 
 
-@pytest.mark.parametrize("arch", ADAPTER_ENCODERS)
-def test_gradients_match_the_reference_with_the_adapter(arch, composed_dir, fixture_dir):
-    encoder, decoder = _adapter_case(arch, fixture_dir), _first_case(specs("decoder")[0])
-    _check_pair(composed_dir(encoder, decoder), f"{encoder}+{decoder}")
+def test_the_pairs_cover_every_encoder_with_its_adapter_and_every_decoder(fixture_dir, composed_dir):
+    """The claims `_training_pairs` and `_encoder_case` rest on: every encoder and every heavy-pair decoder takes
+    part; an encoder's adapter case is its first case plus the adapter (so none of the first case's gradients goes
+    unchecked); some pairs join through the projection and some without."""
+    encoders = specs("encoder")
+    assert {c for c, _ in PAIRS} == {_encoder_case(e) for e in encoders}
+    heavy = {_first_case(d) for d in specs("decoder") if any(in_heavy_pairs(e.name, d.name) for e in encoders)}
+    assert {d for _, d in PAIRS} == heavy
+    for spec in encoders:
+        if "add_adapter" not in {f.name for f in dataclasses.fields(spec.config_class)}:
+            continue
+        adapter, first = (json.loads((fixture_dir(c) / "config.json").read_text())
+                          for c in (_encoder_case(spec), _first_case(spec)))
+        assert adapter["add_adapter"], f"{spec.name}: {_encoder_case(spec)} has no adapter"
+        differing = {k for k in adapter.keys() | first.keys() if adapter.get(k) != first.get(k)}
+        assert differing <= {"add_adapter", "num_adapter_layers", "output_hidden_size", "layer_norm_eps"}, (
+            f"{spec.name}: the adapter case differs from {_first_case(spec)} in {sorted(differing)}")
+    projected = {"enc_to_dec_proj" in _models(composed_dir(*pair))[0].params for pair in PAIRS}
+    assert projected == {True, False}, projected
 
 
 def test_saved_gradients_have_transformers_names_in_both_formats(composed_dir, tmp_path):

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flax import traverse_util
 
 from convert.base.checkpoint import CONFIG, FLAX_MSGPACK, WEIGHT_FILES, Checkpoint
 from convert.base.composed import (  # noqa: F401 - composed_keymap, tied_keys_for: part of this module's API
@@ -35,6 +34,7 @@ from convert.base.outputs import atomic_directory
 from convert.base.registry import spec_for
 from convert.base.spec import ArchSpec
 from convert.base.stacking import layer_stacks
+from convert.base.trees import flatten, unflatten
 from convert.base.writing import ShardedWriter, TensorSpec, WriteLanes
 
 Shapes = dict[str, tuple[int, ...]]
@@ -111,7 +111,7 @@ def load_params(directory: str | Path, shapes_of: ShapesOf, dtype: np.dtype | No
     for entry in plan.entries:
         array = read_entry(checkpoint, entry)
         flat[entry.target] = array.astype(dtype) if dtype is not None and _is_float(array) else array
-    return Loaded(config, traverse_util.unflatten_dict(flat, sep="/"), plan)
+    return Loaded(config, unflatten(flat), plan)
 
 
 def plan_checkpoint(checkpoint: Checkpoint, shapes_of: ShapesOf) -> tuple[HFConfig, Plan]:
@@ -241,7 +241,7 @@ def _is_float(a: np.ndarray) -> bool:
 
 def params_to_torch_state(config: HFConfig, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """The PyTorch state (HF key names, PyTorch layouts) of a Flax param tree; tied keys are left out."""
-    flat = traverse_util.flatten_dict(dict(params), sep="/")
+    flat = flatten(params)
     plan = plan_flax_to_torch(keymap_for(config), {k: np.shape(v) for k, v in flat.items()})
     return {e.target: e.transform.to_torch(np.asarray(flat[e.source])) for e in plan.entries}
 
