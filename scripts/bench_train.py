@@ -13,8 +13,9 @@ the gradient function, then the update with the train state donated). PyTorch: `
 
 Each framework and each Flax setting runs in a process of its own, one after the other, so that each peak
 resident memory is its own. A setting joins words with "+": `scan` (the layer stacks as one `nn.scan` each, the
-params stacked), `remat` (every encoder and decoder layer recomputed in the backward pass), `bfloat16` (compute
-in bfloat16 over float32 master weights); `float32` alone is the plain step.
+params stacked), `perlayer` (with `scan`: the state kept in HF's per-layer layout and stacked inside the step, as
+`convert.finetune --scan-layers` runs it), `remat` (every encoder and decoder layer recomputed in the backward
+pass), `bfloat16` (compute in bfloat16 over float32 master weights); `float32` alone is the plain step.
 
 Figures, one JSON line each (`load`: the 1-minute load average when taken; above the core count the machine was
 busy and the times are inflated):
@@ -56,7 +57,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-SETTING_WORDS = ("float32", "bfloat16", "remat", "scan")
+SETTING_WORDS = ("float32", "bfloat16", "remat", "scan", "perlayer")
 FLAX_DEFAULTS = "float32,bfloat16,remat,scan,scan+remat"
 TARGETS = {"speedup": 1.5, "rss_ratio": 1.0, "first_over_step": 3.0}
 
@@ -69,6 +70,7 @@ class Setting:
     bfloat16: bool = False
     remat: bool = False
     scan: bool = False
+    per_layer: bool = False  # with scan: the state per layer, stacked inside the step (convert.finetune's way)
 
     @classmethod
     def parse(cls, text: str) -> Setting:
@@ -77,7 +79,9 @@ class Setting:
         if unknown or not words:
             raise SystemExit(f"error: --settings {text}: {', '.join(unknown) or 'empty'} is not one of "
                              f"{', '.join(SETTING_WORDS)} (joined with +)")
-        return cls(text, "bfloat16" in words, "remat" in words, "scan" in words)
+        if "perlayer" in words and "scan" not in words:
+            raise SystemExit(f"error: --settings {text}: perlayer goes with scan (scan+perlayer)")
+        return cls(text, "bfloat16" in words, "remat" in words, "scan" in words, "perlayer" in words)
 
 
 def load() -> float:
@@ -170,7 +174,7 @@ def flax_worker(args: argparse.Namespace, setting: Setting) -> dict[str, Any]:
     data = bench_batch(config, args.batch, args.audio_seconds, args.label_tokens)
     batch = {k: data[k] for k in ("inputs", "attention_mask", "labels")}
     params = random_params(config)
-    if setting.scan:
+    if setting.scan and not setting.per_layer:
         params = stack_params(config, params)
     optimizer = make_optimizer(
         OptimizerSettings(learning_rate=1e-4, total_steps=1000, warmup_steps=10, weight_decay=0.01),
@@ -409,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--audio-seconds", type=float, default=10.0)
     parser.add_argument("--label-tokens", type=int, default=32)
     parser.add_argument("--settings", default=FLAX_DEFAULTS,
-                        help="Flax settings, comma-separated; words float32, bfloat16, remat, scan joined with +")
+                        help="Flax settings, comma-separated; words float32, bfloat16, remat, scan, perlayer "
+                             "joined with +")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch's intra-op threads")
     parser.add_argument("--no-freeze", dest="freeze", action="store_false", help="train the conv feature encoder too")
