@@ -29,3 +29,10 @@ def test_a_path_that_is_a_leaf_and_a_subtree_is_refused():
         unflatten({"a": 1, "a/b": 2})
     with pytest.raises(ValueError, match="a"):
         unflatten({"a/b": 2, "a": 1})
+
+
+def test_two_leaves_that_join_to_one_path_are_refused():
+    from convert.base.trees import PathClash
+
+    with pytest.raises(PathClash, match="a/b"):
+        flatten({"a/b": 1, "a": {"b": 2}})

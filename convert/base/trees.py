@@ -7,9 +7,18 @@ from collections.abc import Mapping
 from typing import Any
 
 
+class PathClash(ValueError):
+    """Two leaves of a tree join to the same path (`{"a/b": x, "a": {"b": y}}`)."""
+
+    def __init__(self, path: str):
+        super().__init__(f"two leaves are named {path!r}")
+        self.path = path
+
+
 def flatten(tree: Mapping[str, Any], sep: str = "/") -> dict[str, Any]:
     """`{"a": {"b": x}}` -> `{"a/b": x}`. Any Mapping is a node (an empty one contributes nothing), anything else
-    a leaf; the order is the tree's, depth first."""
+    a leaf; the order is the tree's, depth first. Two leaves that join to the same path raise PathClash rather
+    than one hiding the other."""
     flat: dict[str, Any] = {}
 
     def walk(node: Mapping[str, Any], prefix: str) -> None:
@@ -17,6 +26,8 @@ def flatten(tree: Mapping[str, Any], sep: str = "/") -> dict[str, Any]:
             path = f"{prefix}{sep}{key}" if prefix else str(key)
             if isinstance(value, Mapping):
                 walk(value, path)
+            elif path in flat:
+                raise PathClash(path)
             else:
                 flat[path] = value
 

@@ -16,6 +16,7 @@ import numpy as np
 import convert.base.checkpoint.tensors as tensors
 from convert.base.checkpoint.tensors import TensorInfo, brief, checked_shape, read_box
 from convert.base.errors import CheckpointError
+from convert.base.trees import PathClash, flatten
 
 # A Flax parameter tree is about a dozen msgpack levels deep: 64 is far beyond any real file, and far within
 # Python's recursion limit, which the walker would otherwise meet on a corrupt one.
@@ -34,7 +35,6 @@ class FlaxMsgpackFile:
         self.path = path
         self.bytes_read = 0
         size = path.stat().st_size
-        self._leaves: dict[str, ArrayRef | np.ndarray] = {}
         try:
             with path.open("rb") as f:
                 tree = _MsgpackIndex(f, size).value()
@@ -44,7 +44,7 @@ class FlaxMsgpackFile:
                 tree = tree["params"]
             if not isinstance(tree, dict):
                 raise _CorruptMsgpack(f"a {type(tree).__name__}, not a Flax parameter tree")
-            _flatten_tree(tree, "", self._leaves)
+            self._leaves: dict[str, ArrayRef | np.ndarray] = _flat_leaves(tree)
         except _CorruptMsgpack as e:
             raise CheckpointError(f"{path}: truncated or corrupt msgpack file ({e})") from None
         except EOFError:
@@ -263,24 +263,19 @@ def _dtype_from_name(name: Any) -> np.dtype:
     return _FLAX_DTYPES[name]
 
 
-def _flatten_tree(tree: dict, prefix: str, out: dict[str, Any]) -> None:
-    """`/`-joined paths of the leaves, as flax.traverse_util.flatten_dict (empty subtrees vanish).
-
-    Leaves are arrays or numbers; two paths that join to the same name ("a/b" and "a" > "b") are refused
-    rather than one silently hiding the other.
-    """
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict):
-            _flatten_tree(value, path + "/", out)
-            continue
-        if path in out:
-            raise _CorruptMsgpack(f"two leaves are named {brief(path)}")
-        if isinstance(value, ArrayRef):
-            out[path] = value
-        elif type(value) in (bool, int, float, complex):
-            out[path] = np.asarray(value)
-        else:
+def _flat_leaves(tree: dict) -> dict[str, Any]:
+    """`/`-joined paths of the leaves (`convert.base.trees.flatten`: empty subtrees vanish, two paths that join to
+    the same name, "a/b" and "a" > "b", are refused rather than one silently hiding the other). Leaves are arrays or
+    numbers."""
+    try:
+        flat = flatten(tree)
+    except PathClash as e:
+        raise _CorruptMsgpack(f"two leaves are named {brief(e.path)}") from None
+    for path, value in flat.items():
+        if type(value) in (bool, int, float, complex):
+            flat[path] = np.asarray(value)
+        elif not isinstance(value, ArrayRef):
             raise _CorruptMsgpack(f"the leaf {brief(path)} is a {type(value).__name__}, not an array or number")
+    return flat
 
 
