@@ -630,6 +630,9 @@ def save_checkpoint(manager: Any, state: Any, meta: dict[str, Any]) -> None:
         return
     directory = Path(manager.directory)
     try:
+        # Made here, before orbax starts its writer threads: when orbax itself fails to make it, the threads wait
+        # for a signal that never comes and hold the process at exit for orbax's 5-minute timeout.
+        directory.mkdir(parents=True, exist_ok=True)
         with quiet_orbax():
             manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                        meta=ocp.args.JsonSave(meta)))

@@ -108,11 +108,10 @@ def test_lora_loss_and_gradients_match_the_reference(case, name):
     frozen = lambda path: not (path.rsplit("/", 1)[-1] in ("lora_A", "lora_B") or path.startswith("enc_to_dec_proj"))
     trainable, rest = split_trainable(model.params, frozen)
     assert trainable.keys() >= {"enc_to_dec_proj"}, "the pair should have a projection"
-    with jax.disable_jit():
-        loss, grads = jax.value_and_grad(lambda t: model.loss(
-            inputs, mask, labels, params=traverse_util.unflatten_dict(
-                {**traverse_util.flatten_dict(rest, sep="/"), **traverse_util.flatten_dict(t, sep="/")}, sep="/"))
-        )(trainable)
+    loss, grads = jax.value_and_grad(lambda t: model.loss(
+        inputs, mask, labels, params=traverse_util.unflatten_dict(
+            {**traverse_util.flatten_dict(rest, sep="/"), **traverse_util.flatten_dict(t, sep="/")}, sep="/"))
+    )(trainable)
 
     reference = SpeechEncoderDecoderModel.from_pretrained(directory)
     lora = add_lora(reference, layers, settings, factors)
@@ -149,11 +148,10 @@ def test_merged_export_equals_adapter_plus_base(case, name, tmp_path):
     assert lora.keys() == factors.keys()
     merged = merge_lora(flat, layers, settings.scaling)
     plain = FlaxSpeechEncoderDecoderModel(model.config, traverse_util.unflatten_dict(merged, sep="/"))
-    with jax.disable_jit():  # the operations the gradient test compiled; a jit per tree would compile the model
-        adapted_logits = np.asarray(model(inputs, mask, ids).logits)
-        merged_logits = np.asarray(plain(inputs, mask, ids).logits)
-        base_logits = np.asarray(FlaxSpeechEncoderDecoderModel(model.config, traverse_util.unflatten_dict(
-            base, sep="/"))(inputs, mask, ids).logits)
+    adapted_logits = np.asarray(model(inputs, mask, ids).logits)
+    merged_logits = np.asarray(plain(inputs, mask, ids).logits)
+    base_logits = np.asarray(FlaxSpeechEncoderDecoderModel(model.config, traverse_util.unflatten_dict(
+        base, sep="/"))(inputs, mask, ids).logits)
     err = float(np.abs(adapted_logits - merged_logits).max())
     assert err <= LOGITS_TOLERANCE, f"{name}: Flax LoRA vs merged: max|Δlogits| = {err:.2e}"
     moved = float(np.abs(adapted_logits - base_logits).max())

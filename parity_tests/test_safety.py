@@ -12,7 +12,6 @@ matters: the exit status the shell sees, a full disk. `save_pretrained` follows 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
 import io
 import json
@@ -32,6 +31,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from convert.compose import BUILTIN_DIR, compose
+from parity_tests.file_state import listing as tree_listing
+from parity_tests.file_state import sha256
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -795,22 +796,6 @@ CATALOGUE: dict[str, Case] = {
 # Running a case
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _listing(root: Path) -> dict[str, tuple]:
-    """Every path under `root` (links not followed) with its kind, size and modification time."""
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            path = Path(dirpath) / name
-            st = path.lstat()
-            out[str(path.relative_to(root))] = (st.st_mode >> 12, st.st_size, st.st_mtime_ns,
-                                                os.readlink(path) if path.is_symlink() else None)
-    return out
-
-
 def _inputs(argv: list[str], root: Path) -> list[Path]:
     """The files an argument list names (directories expanded, and the audio files manifests name), inside the
     workspace or the built-ins."""
@@ -877,8 +862,8 @@ def test_bad_input_is_one_line_and_changes_nothing(name, ws, capsys, monkeypatch
     monkeypatch.chdir(ws / "cwd")
     argv = [_fill(a, ws) for a in case.argv]
     inputs = _inputs(argv, ws)
-    hashes = {p: _sha256(p) for p in inputs}
-    listing = _listing(ws)
+    hashes = {p: sha256(p) for p in inputs}
+    listing = tree_listing(ws)
     capsys.readouterr()
 
     try:
@@ -904,8 +889,8 @@ def _assert_refused(name: str, case: Case, ws: Path, code: int, out: str, err: s
     assert culprit in err, f"{name}: the message does not name {culprit!r}: {err!r}"
     assert case.absent is None or case.absent not in err, f"{name}: the message says {case.absent!r}: {err!r}"
     assert out == "", f"{name}: printed {out!r}"
-    assert {p: _sha256(p) for p in inputs} == hashes, f"{name}: an input file changed"
-    after = _listing(ws)
+    assert {p: sha256(p) for p in inputs} == hashes, f"{name}: an input file changed"
+    after = tree_listing(ws)
     assert after == listing, (f"{name}: the workspace changed: added {sorted(set(after) - set(listing))}, removed "
                               f"{sorted(set(listing) - set(after))}, changed "
                               f"{sorted(k for k in after if k in listing and after[k] != listing[k])}")
@@ -1087,8 +1072,8 @@ def test_the_python_api_refuses_with_one_line_and_changes_nothing(name, ws, mode
     try:
         inputs = sorted({p for p in ws.rglob("*") if p.is_file() and not p.is_symlink() and "v" not in
                          p.relative_to(ws).parts[:1]} | {p for p in BUILTIN_DIR.rglob("*") if p.is_file()})
-        hashes = {p: _sha256(p) for p in inputs}
-        listing = _listing(ws)
+        hashes = {p: sha256(p) for p in inputs}
+        listing = tree_listing(ws)
         with pytest.raises(error) as info:
             case.call(ws, models)
         text = str(info.value)
@@ -1096,8 +1081,8 @@ def test_the_python_api_refuses_with_one_line_and_changes_nothing(name, ws, mode
         culprit = _fill(case.culprit, ws)
         assert culprit in text, f"{name}: the message does not name {culprit!r}: {text!r}"
         assert not re.search(r"(^|\s)--[a-z]", text), f"{name}: the API's message names a flag: {text!r}"
-        assert {p: _sha256(p) for p in inputs} == hashes, f"{name}: an input file changed"
-        after = _listing(ws)
+        assert {p: sha256(p) for p in inputs} == hashes, f"{name}: an input file changed"
+        after = tree_listing(ws)
         assert after == listing, (f"{name}: the workspace changed: added {sorted(set(after) - set(listing))}, "
                                   f"removed {sorted(set(listing) - set(after))}, changed "
                                   f"{sorted(k for k in after if k in listing and after[k] != listing[k])}")
@@ -1240,7 +1225,7 @@ def test_save_pretrained_into_its_own_directory_replaces_only_the_model_files(fr
     directory = _copy(ws / "model", tmp_path / "model")
     (directory / "notes").mkdir()
     (directory / "notes" / "mine.txt").write_text("the user's")
-    kept = {p: _sha256(p) for p in directory.rglob("*") if p.is_file() and p.name not in (
+    kept = {p: sha256(p) for p in directory.rglob("*") if p.is_file() and p.name not in (
         "config.json", "generation_config.json", "model.safetensors", "flax_model.msgpack")}
     assert {"tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "README.md",
             "compose_report.json", "mine.txt"} <= {p.name for p in kept}
@@ -1258,7 +1243,7 @@ def test_save_pretrained_into_its_own_directory_replaces_only_the_model_files(fr
             param += 1.0
         model.save_pretrained(directory, overwrite=True)  # formats=("safetensors",): the Flax file is rewritten too
         want = param.detach().numpy()
-    assert {p: _sha256(p) for p in kept} == kept, "a file that is not the model's changed"
+    assert {p: sha256(p) for p in kept} == kept, "a file that is not the model's changed"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"], "a temporary or lock file was left"
     reloaded_flax = FlaxSpeechEncoderDecoderModel.from_pretrained(directory)  # reads flax_model.msgpack first
     reloaded_torch = SpeechEncoderDecoderModel.from_pretrained(directory)  # reads model.safetensors

@@ -14,15 +14,14 @@ of every input file and the listing of every path in the workspace (nothing adde
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
 import io
 import json
-import os
 import resource
 import shutil
 import signal
 import struct
+import threading
 import wave
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +35,8 @@ from convert.base.resources import ResourceError
 from convert.check import check
 from convert.compose import BUILTIN_DIR, compose
 from convert.training_data import DataError
+from parity_tests.file_state import listing as tree_listing
+from parity_tests.file_state import sha256
 
 # ----------------------------------------------------------------------------------------------------------
 # The workspace: sources, a composed model, audio, manifests and checkpoints, shared by the cases of a worker
@@ -632,23 +633,6 @@ CATALOGUE: dict[str, Case | ApiCase] = {**CLI_CASES, **API_CASES}
 # Running a case
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _listing(root: Path) -> dict[str, tuple]:
-    """Every path under `root` (links not followed) with its kind, and a file's size and modification time (a
-    directory's own time moves when a run's exclusive claim beside an output comes and goes, leaving nothing)."""
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            st = (Path(dirpath) / name).lstat()
-            is_dir = name in dirnames
-            out[str((Path(dirpath) / name).relative_to(root))] = (st.st_mode >> 12, None if is_dir else st.st_size,
-                                                                  None if is_dir else st.st_mtime_ns)
-    return out
-
-
 def _fill(text: str, root: Path) -> str:
     return text.replace("{ws}", str(root))
 
@@ -663,8 +647,8 @@ def test_bad_input_is_one_line_and_changes_nothing(name, ws, objects, capsys, mo
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(ws / "cwd")
     inputs = sorted(p for p in ws.rglob("*") if p.is_file())
-    hashes = {p: _sha256(p) for p in inputs}
-    listing = _listing(ws)
+    hashes = {p: sha256(p) for p in inputs}
+    listing = tree_listing(ws, directory_times=False)
     capsys.readouterr()
 
     if isinstance(entry, Case):
@@ -688,8 +672,8 @@ def test_bad_input_is_one_line_and_changes_nothing(name, ws, objects, capsys, mo
     assert "Traceback" not in message and "internal error" not in message, f"{name}: {message!r}"
     culprit = _fill(entry.culprit, ws)
     assert culprit in message, f"{name}: the message does not name {culprit!r}: {message!r}"
-    assert {p: _sha256(p) for p in inputs} == hashes, f"{name}: an input file changed"
-    after = _listing(ws)
+    assert {p: sha256(p) for p in inputs} == hashes, f"{name}: an input file changed"
+    after = tree_listing(ws, directory_times=False)
     assert after == listing, (f"{name}: the workspace changed: added {sorted(set(after) - set(listing))}, removed "
                               f"{sorted(set(listing) - set(after))}, changed "
                               f"{sorted(k for k in after if k in listing and after[k] != listing[k])}")
@@ -745,7 +729,7 @@ def test_a_checkpoint_write_that_fails_is_one_line_keeps_the_last_good_step_and_
     directory = tmp_path / "ck"
     shutil.copytree(ws / "ck" / "good", directory)
     shutil.rmtree(directory / "4")
-    before = {p: _sha256(p) for p in (directory / "2").rglob("*") if p.is_file()}
+    before = {p: sha256(p) for p in (directory / "2").rglob("*") if p.is_file()}
     manager = checkpoint_manager(directory)
     largest = _largest_file(ws / "ck" / "good" / "4").stat().st_size
     handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -762,15 +746,19 @@ def test_a_checkpoint_write_that_fails_is_one_line_keeps_the_last_good_step_and_
                                                       "written (") and "File too large" in message, message
     assert f"the last good checkpoint, step 2, is kept in {directory}" in message, message
     assert sorted(p.name for p in directory.iterdir()) == ["2"], sorted(p.name for p in directory.iterdir())
-    assert {p: _sha256(p) for p in (directory / "2").rglob("*") if p.is_file()} == before
+    assert {p: sha256(p) for p in (directory / "2").rglob("*") if p.is_file()} == before
 
 
 def test_a_checkpoint_that_cannot_be_created_is_one_line(ws, objects):
     from convert.finetune import checkpoint_manager, save_checkpoint
 
-    listing = _listing(ws)
+    listing = tree_listing(ws, directory_times=False)
+    threads = set(threading.enumerate())
     with pytest.raises(OutputError) as info:
         save_checkpoint(checkpoint_manager(ws / "file.txt" / "ck"), objects["state"], {"loss": []})
     assert "\n" not in str(info.value) and str(info.value).startswith(f"{ws / 'file.txt' / 'ck' / '0'}:"), info.value
     assert "there is no earlier checkpoint" in str(info.value)
-    assert _listing(ws) == listing
+    assert tree_listing(ws, directory_times=False) == listing
+    # No writer thread is left waiting for a directory that will never exist (it held the exit for 5 minutes).
+    waiting = [t.name for t in set(threading.enumerate()) - threads if t.is_alive() and not t.daemon]
+    assert not waiting, f"threads left running: {waiting}"
