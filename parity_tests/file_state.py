@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import time
 from pathlib import Path
 
@@ -42,8 +43,7 @@ def listing(root: Path, directory_times: bool = True) -> dict[str, tuple]:
         for name in dirnames + filenames:
             path = os.path.join(dirpath, name)
             st = os.lstat(path)
-            kind = st.st_mode >> 12
-            timed = directory_times or name not in dirnames
-            out[path[base:]] = (kind, st.st_size if timed else None, st.st_mtime_ns if timed else None,
-                                os.readlink(path) if os.path.islink(path) else None)
+            timed = directory_times or not stat.S_ISDIR(st.st_mode)
+            out[path[base:]] = (st.st_mode >> 12, st.st_size if timed else None, st.st_mtime_ns if timed else None,
+                                os.readlink(path) if stat.S_ISLNK(st.st_mode) else None)
     return out

@@ -58,13 +58,18 @@ def _encoder_case(spec) -> str:
     return adapters[0] if adapters else _first_case(spec)
 
 
+def _heavy_decoders() -> list:
+    """The decoder specs that pair with some encoder in the heavy tests."""
+    return [d for d in specs("decoder") if any(in_heavy_pairs(e.name, d.name) for e in specs("encoder"))]
+
+
 def _training_pairs() -> list[tuple[str, str]]:
     """Every encoder with one decoder and every decoder (that pairs in the heavy tests: `in_heavy_pairs`) with one
     encoder at least. A decoder that names its heavy encoders takes one of them; the others take the encoders in
     turn. The gradients of a pair are those of its two parts joined through the cross-attention and, where the
     widths differ, the projection; test_pairs composes and runs every heavy pair."""
     encoders, pairs = specs("encoder"), []
-    decoders = [d for d in specs("decoder") if any(in_heavy_pairs(e.name, d.name) for e in encoders)]
+    decoders = _heavy_decoders()
     unused = list(encoders)
     for d in sorted(decoders, key=lambda d: sum(in_heavy_pairs(e.name, d.name) for e in encoders)):
         allowed = [e for e in encoders if in_heavy_pairs(e.name, d.name)]
@@ -156,11 +161,17 @@ def _spec_augment_masks(config, batch) -> dict[str, np.ndarray]:
     return masks
 
 
+def _no_masks(masks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """All-False masks of the same shapes: they change nothing, and the gradient compiled for the masked check
+    serves the unmasked one."""
+    return {k: np.zeros_like(v) for k, v in masks.items()}
+
+
 def _check_pair(directory, case: str) -> None:
     flax_model, ref, value_and_grad = _models(directory)
     batch = _batch(flax_model.config)
     masks = _spec_augment_masks(flax_model.config, batch)
-    no_masks = {k: np.zeros_like(v) for k, v in masks.items()}  # all-False masks change nothing
+    no_masks = _no_masks(masks)
     for smoothing, given in ((0.0, no_masks), (0.1, masks)):
         loss, grads = value_and_grad(flax_model.params, batch, smoothing, given)
         ref_loss, ref_grads = _reference_loss_and_grads(ref, batch, smoothing, **{
@@ -180,8 +191,7 @@ def test_the_pairs_cover_every_encoder_with_its_adapter_and_every_decoder(fixtur
     unchecked); some pairs join through the projection and some without."""
     encoders = specs("encoder")
     assert {c for c, _ in PAIRS} == {_encoder_case(e) for e in encoders}
-    heavy = {_first_case(d) for d in specs("decoder") if any(in_heavy_pairs(e.name, d.name) for e in encoders)}
-    assert {d for _, d in PAIRS} == heavy
+    assert {d for _, d in PAIRS} == {_first_case(d) for d in _heavy_decoders()}
     for spec in encoders:
         if "add_adapter" not in {f.name for f in dataclasses.fields(spec.config_class)}:
             continue
@@ -203,7 +213,7 @@ def test_saved_gradients_have_transformers_names_in_both_formats(composed_dir, t
     encoder, decoder = PAIRS[0]
     flax_model, ref, value_and_grad = _models(composed_dir(encoder, decoder))
     batch = _batch(flax_model.config, seed=1)
-    no_masks = {k: np.zeros_like(v) for k, v in _spec_augment_masks(flax_model.config, batch).items()}
+    no_masks = _no_masks(_spec_augment_masks(flax_model.config, batch))
     _, grads = value_and_grad(flax_model.params, batch, 0.0, no_masks)  # the pair test's compiled gradient
     _reference_loss_and_grads(ref, batch)
     flax_model.save_pretrained(tmp_path / "flax", params=grads)

@@ -6,7 +6,8 @@ lowering and XLA compilation seconds (jax.monitoring's duration events), and a s
     python scripts/suite_profile.py [DIR]                                # totals per file and the costliest tests
 
 Compilations in processes a test starts (the CLI tests) are not seen: such tests show wall time without compile
-time, and the CPU seconds of those processes (`children_cpu`); `cpu` is the test process's own (all its threads). Findings: docs/test_suite.md.
+time, and the CPU seconds of those processes (`children_cpu`); `cpu` is the test process's own (all its
+threads). Findings: docs/test_suite.md.
 """
 
 from __future__ import annotations
