@@ -1,6 +1,10 @@
 """Every encoder composes with every decoder: each registered encoder's pair cases (its main fixture, and its
 adapter fixture where it has an adapter) with each registered decoder's main fixture, composed in-process (a decoder
 whose fixture module names `HEAVY_ENCODERS` is paired here with those only; `scripts.make_fixtures.in_heavy_pairs`).
+Every pair's output holds every source tensor bit for bit; the logits are compared with the reference's for a cover
+of the pairs (`LOGIT_PAIRS`: every encoder case once, the decoders in turn, so every decoder too): a composed model
+runs its encoder's code and its decoder's, joined by the cross-attention (and the projection where the widths
+differ), and the cover takes each of them (docs/test_suite.md).
 
 The pairs derive from the registry (`specs("encoder")` x `specs("decoder")`) and the fixture modules'
 `PAIR_CASES` (default: the first case of `CASES`; DESIGN.md, "Adding an architecture"), so that a newly
@@ -10,6 +14,7 @@ registered architecture is paired with every architecture of the other role with
 from __future__ import annotations
 
 import importlib
+import json
 
 import numpy as np
 import pytest
@@ -35,6 +40,41 @@ def pair_cases(spec) -> tuple[str, ...]:
 PAIRS = [(encoder, decoder) for encoder_spec in specs("encoder") for encoder in pair_cases(encoder_spec)
          for decoder_spec in specs("decoder") for decoder in pair_cases(decoder_spec)
          if in_heavy_pairs(encoder_spec.name, decoder_spec.name)]
+
+
+def logit_pairs() -> list[tuple[str, str]]:
+    """Every encoder case and every decoder of `PAIRS` in one pair at least: the decoders that pair with fewest
+    encoders first, each with an encoder case not yet taken, then each encoder case left with the decoders in turn."""
+    encoders = list(dict.fromkeys(e for e, _ in PAIRS))
+    decoders = list(dict.fromkeys(d for _, d in PAIRS))
+    cover, unused = [], list(encoders)
+    for d in sorted(decoders, key=lambda d: sum((e, d) in PAIRS for e in encoders)):
+        allowed = [e for e in encoders if (e, d) in PAIRS]
+        e = next((e for e in unused if e in allowed), allowed[0])
+        cover.append((e, d))
+        if e in unused:
+            unused.remove(e)
+    for i, e in enumerate(unused):
+        turn = decoders[i % len(decoders):] + decoders[:i % len(decoders)]
+        cover.append((e, next(d for d in turn if (e, d) in PAIRS)))
+    return sorted(cover, key=lambda pair: PAIRS.index(pair))
+
+
+LOGIT_PAIRS = logit_pairs()
+
+
+def test_the_logit_pairs_cover_every_encoder_case_and_every_decoder(fixture_dir):
+    assert {e for e, _ in LOGIT_PAIRS} == {e for e, _ in PAIRS}
+    assert {d for _, d in LOGIT_PAIRS} == {d for _, d in PAIRS}
+    assert set(LOGIT_PAIRS) <= set(PAIRS) and len(set(LOGIT_PAIRS)) == len(LOGIT_PAIRS)
+
+    def width(case: str) -> int:  # the adapter's output width where there is one, else the model's
+        config = json.loads((fixture_dir(case) / "config.json").read_text())
+        return config["output_hidden_size"] if config.get("add_adapter") else config.get("hidden_size",
+                                                                                         config.get("n_embd"))
+
+    joins = {(e, d): width(e) == width(d) for e, d in LOGIT_PAIRS}
+    assert set(joins.values()) == {True, False}, f"the cover needs pairs with and without the projection: {joins}"
 
 
 def test_every_registered_architecture_takes_part_in_pairs():
@@ -83,6 +123,8 @@ def test_composed_pair_matches_reference_and_copies_every_weight_bit_exactly(enc
             assert back.dtype == expected.dtype and back.tobytes() == expected.tobytes(), path
             copied += 1
     assert copied > 0
+    if (encoder, decoder) not in LOGIT_PAIRS:
+        return
 
     # Flax logits equal the reference's on a padded batch. The composed module runs op by op: the tiny models'
     # ops compile once per test worker and serve every pair, a third of the CPU time of one jit per pair (the

@@ -182,7 +182,12 @@ def _check_pair(directory, case: str) -> None:
 
 @pytest.mark.parametrize(("encoder", "decoder"), PAIRS, ids=[f"{e}+{d}" for e, d in PAIRS])
 def test_loss_and_every_gradient_match_the_reference(encoder, decoder, composed_dir):
-    _check_pair(composed_dir(encoder, decoder), f"{encoder}+{decoder}")
+    """For the first pair, also the rematerialised layers' gradient against the one just checked
+    (`_check_remat`): one test, so that the gradient compiled here serves both on whichever worker runs it."""
+    directory = composed_dir(encoder, decoder)
+    _check_pair(directory, f"{encoder}+{decoder}")
+    if (encoder, decoder) == PAIRS[0]:
+        _check_remat(directory)
 
 
 def test_the_pairs_cover_every_encoder_with_its_adapter_and_every_decoder(fixture_dir, composed_dir):
@@ -263,8 +268,10 @@ def _frozen_run(directory, steps: int = 8):
     return model, losses, state
 
 
-def test_a_frozen_feature_encoder_gets_exactly_zero_update(composed_dir):
-    model, _, state = _frozen_run(composed_dir(*PAIRS[0]))
+def test_a_frozen_feature_encoder_gets_exactly_zero_update_and_the_loss_falls(composed_dir):
+    """Eight AdamW steps (weight decay on) with the feature encoder frozen: its leaves stay bit-identical, the others
+    move, and the loss on the tiny batch falls below 0.7 of its first value (one run serves both checks)."""
+    model, losses, state = _frozen_run(composed_dir(*PAIRS[0]))
     before = traverse_util.flatten_dict(model.params, sep="/")
     after = traverse_util.flatten_dict(state.params, sep="/")
     feature = [k for k in before if k.startswith("encoder/") and FEATURE_ENCODER in k.split("/")]
@@ -273,6 +280,7 @@ def test_a_frozen_feature_encoder_gets_exactly_zero_update(composed_dir):
         assert np.array_equal(np.asarray(before[key]), np.asarray(after[key])), f"{key} moved"
     moved = [k for k in before if k not in feature and not np.array_equal(np.asarray(before[k]), np.asarray(after[k]))]
     assert len(moved) >= len(before) - len(feature) - 8, f"only {len(moved)} of {len(before) - len(feature)} moved"
+    assert losses[-1] < 0.7 * losses[0], f"losses {[round(x, 3) for x in losses]}"
 
 
 def test_a_frozen_encoder_gets_exactly_zero_update_and_everything_else_moves(composed_dir):
@@ -316,11 +324,6 @@ def test_an_encoder_learning_rate_is_adamw_at_that_rate_on_the_encoder_only(comp
     assert worst <= 1e-6, f"largest difference from AdamW at the per-part rates: {worst:.3g}"
 
 
-def test_a_few_steps_reduce_the_loss_on_a_tiny_batch(composed_dir):
-    _, losses, _ = _frozen_run(composed_dir(*PAIRS[0]))
-    assert losses[-1] < 0.7 * losses[0], f"losses {[round(x, 3) for x in losses]}"
-
-
 def _with_rates(config, dropout: float, layerdrop: float):
     """The config with every dropout probability of both parts set to `dropout` and every LayerDrop rate to
     `layerdrop` (fields found by name, so any architecture's are)."""
@@ -356,11 +359,12 @@ def test_dropout_and_layerdrop_change_with_the_key_and_not_otherwise(composed_di
     assert deterministic not in set(_losses(dropout, batch, keys)), "train mode gave the deterministic loss"
 
 
-def test_rematerialised_layers_give_the_same_gradients(composed_dir):
+def _check_remat(directory) -> None:
     """`remat=True` recomputes every encoder and decoder layer in the backward pass (one `custom_vjp` per layer in
     the traced loss; what it saves: test_training_memory.py) and changes no gradient beyond float32 rounding."""
-    model, _, value_and_grad = _models(composed_dir(*PAIRS[0]))
+    model, _, value_and_grad = _models(directory)
     batch = _batch(model.config, seed=5)
+    no_masks = _no_masks(_spec_augment_masks(model.config, batch))
     module = SpeechEncoderDecoderModule(model.config, remat=True)
     remat = loss_grad_function(module, deterministic=True)
     device_batch = {k: jnp.asarray(v) for k, v in batch.items()}
@@ -370,7 +374,7 @@ def test_rematerialised_layers_give_the_same_gradients(composed_dir):
     layers = model.config.encoder.num_hidden_layers + model.config.decoder.num_layers
     regions = program.count("custom_vjp_call")
     assert regions >= layers, f"{regions} recomputed regions for {layers} layers"
-    _, expected = value_and_grad(model.params, batch, 0.0, {})  # without remat: gradients of the mean loss
+    _, expected = value_and_grad(model.params, batch, 0.0, no_masks)  # the pair's compiled gradient, of the mean
     sums, got = jax.jit(remat)(model.params, device_batch, None, jnp.float32(0.0))
     got = jax.tree.map(lambda g: g / sums.tokens, got)  # gradients of the summed objective -> of the mean
     worst = max(float(jnp.linalg.norm(g - e) / jnp.maximum(jnp.linalg.norm(e), 1e-12))

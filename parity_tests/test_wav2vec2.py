@@ -25,7 +25,7 @@ from convert.base.keymap import plan_flax_to_torch, plan_torch_to_flax
 from convert.base.params import load_params
 from flax_model.registry import module_for
 from flax_model.speech_encoder_decoder import param_shapes
-from flax_model.wav2vec2 import Wav2Vec2Module, init_shapes
+from flax_model.wav2vec2 import FeatureEncoder, Wav2Vec2Module, init_shapes
 from flax_model.wav2vec2 import feature_vector_mask as flax_feature_vector_mask
 from torch_reference import wav2vec2 as reference
 from torch_reference.registry import from_pretrained as reference_from_pretrained
@@ -191,7 +191,14 @@ def test_layerdrop_draws_a_new_subset_of_layers_per_key(fixture_dir):
 
 @pytest.mark.parametrize("case", FAMILY)
 def test_freeze_feature_encoder_gives_exactly_zero_gradient_to_the_conv_feature_encoder(case, fixture_dir):
+    """Numerically for wav2vec2 and for a family whose module runs a feature encoder or a `__call__` of its own;
+    a family that runs wav2vec2's (the freezing is `FeatureEncoder`'s `stop_gradient`) is checked to do so (a
+    compiled gradient per family cost 4-8 s; every family's gradients are compared in test_training.py)."""
     config, params = _loaded(case, fixture_dir)
+    module_class = type(module_for(config))
+    if case != FAMILY[0] and module_class.FEATURE_ENCODER is FeatureEncoder and (
+            module_class.__call__ is Wav2Vec2Module.__call__):
+        return
     values, mask = _batch()
     frames = config.output_lengths(values.shape[1], add_adapter=False)
     time = np.zeros((len(values), frames), bool)
