@@ -36,13 +36,10 @@ IDS = [case for _, case in CASES]
 GOLDEN_KINDS = ("encoder", "decoder")
 
 
-def golden_cases() -> set[str]:
-    """The fixture cases whose single-architecture outputs transformers' goldens record (test_goldens.py)."""
-    manifest = json.loads((Path(__file__).parent / "goldens" / "manifest.json").read_text())
-    return {name for name, case in manifest["cases"].items() if case["kind"] in GOLDEN_KINDS}
-
-
-UNGOLDEN = [(arch, case) for arch, case in CASES if case not in golden_cases()]
+# The fixture cases whose single-architecture outputs transformers' goldens record (test_goldens.py).
+GOLDEN_CASES = {name for name, case in json.loads((Path(__file__).parent / "goldens" / "manifest.json").read_text())[
+    "cases"].items() if case["kind"] in GOLDEN_KINDS}
+UNGOLDEN = [(arch, case) for arch, case in CASES if case not in GOLDEN_CASES]
 
 
 def _batch(config, role: str) -> dict[str, np.ndarray]:
@@ -93,7 +90,7 @@ def test_config_roundtrip_loses_nothing(arch, case, fixture_dir):
 def test_every_case_is_compared_on_a_padded_batch_here_or_against_transformers():
     """A case leaves the padded-batch test only for a golden of its own: test_goldens.py's encoder and decoder
     tests take every such manifest case."""
-    goldens = golden_cases()
+    goldens = GOLDEN_CASES
     assert goldens <= set(IDS), f"goldens of cases no spec has: {sorted(goldens - set(IDS))}"
     assert {case for _, case in UNGOLDEN} | goldens == set(IDS)
     assert UNGOLDEN, "every case has a golden: the reference comparison would never run"

@@ -2,7 +2,7 @@
 adapter fixture where it has an adapter) with each registered decoder's main fixture, composed in-process (a decoder
 whose fixture module names `HEAVY_ENCODERS` is paired here with those only; `scripts.make_fixtures.in_heavy_pairs`).
 Every pair's output holds every source tensor bit for bit; the logits are compared with the reference's for a cover
-of the pairs (`LOGIT_PAIRS`: every encoder case once, the decoders in turn, so every decoder too): a composed model
+of the pairs (`LOGIT_PAIRS`: every encoder case and every decoder in one pair at least): a composed model
 runs its encoder's code and its decoder's, joined by the cross-attention (and the projection where the widths
 differ), and the cover takes each of them (docs/test_suite.md).
 
@@ -24,6 +24,7 @@ from convert.base.checkpoint import Checkpoint
 from convert.base.composed import composed_keymap
 from convert.base.registry import spec_for, specs
 from convert.verify import seeded_inputs
+from parity_tests.pair_cover import cover
 from flax_model.speech_encoder_decoder import SpeechEncoderDecoderModule
 from scripts.make_fixtures import in_heavy_pairs
 from torch_reference.speech_encoder_decoder import from_pretrained as torch_from_pretrained
@@ -43,21 +44,10 @@ PAIRS = [(encoder, decoder) for encoder_spec in specs("encoder") for encoder in 
 
 
 def logit_pairs() -> list[tuple[str, str]]:
-    """Every encoder case and every decoder of `PAIRS` in one pair at least: the decoders that pair with fewest
-    encoders first, each with an encoder case not yet taken, then each encoder case left with the decoders in turn."""
+    """Every encoder case and every decoder of `PAIRS` in one pair at least (`pair_cover.cover`), in `PAIRS`' order."""
     encoders = list(dict.fromkeys(e for e, _ in PAIRS))
     decoders = list(dict.fromkeys(d for _, d in PAIRS))
-    cover, unused = [], list(encoders)
-    for d in sorted(decoders, key=lambda d: sum((e, d) in PAIRS for e in encoders)):
-        allowed = [e for e in encoders if (e, d) in PAIRS]
-        e = next((e for e in unused if e in allowed), allowed[0])
-        cover.append((e, d))
-        if e in unused:
-            unused.remove(e)
-    for i, e in enumerate(unused):
-        turn = decoders[i % len(decoders):] + decoders[:i % len(decoders)]
-        cover.append((e, next(d for d in turn if (e, d) in PAIRS)))
-    return sorted(cover, key=lambda pair: PAIRS.index(pair))
+    return sorted(cover(encoders, decoders, lambda e, d: (e, d) in PAIRS), key=PAIRS.index)
 
 
 LOGIT_PAIRS = logit_pairs()

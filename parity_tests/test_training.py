@@ -34,6 +34,7 @@ from flax_model.training import (
     loss_grad_function,
     make_optimizer,
 )
+from parity_tests.pair_cover import cover
 from scripts.make_fixtures import cases_by_arch, in_heavy_pairs
 from torch_reference.speech_encoder_decoder import SpeechEncoderDecoderModel, non_trainable_paths
 from torch_reference.training import gradients_in_flax_layout
@@ -68,17 +69,8 @@ def _training_pairs() -> list[tuple[str, str]]:
     encoder at least. A decoder that names its heavy encoders takes one of them; the others take the encoders in
     turn. The gradients of a pair are those of its two parts joined through the cross-attention and, where the
     widths differ, the projection; test_pairs composes and runs every heavy pair."""
-    encoders, pairs = specs("encoder"), []
-    decoders = _heavy_decoders()
-    unused = list(encoders)
-    for d in sorted(decoders, key=lambda d: sum(in_heavy_pairs(e.name, d.name) for e in encoders)):
-        allowed = [e for e in encoders if in_heavy_pairs(e.name, d.name)]
-        e = next((e for e in unused if e in allowed), allowed[0])
-        pairs.append((e, d))
-        if e in unused:
-            unused.remove(e)
-    free = [d for d in decoders if all(in_heavy_pairs(e.name, d.name) for e in encoders)]
-    pairs += [(e, free[i % len(free)]) for i, e in enumerate(unused)]
+    encoders = specs("encoder")
+    pairs = cover(encoders, _heavy_decoders(), lambda e, d: in_heavy_pairs(e.name, d.name))
     order = {e.name: i for i, e in enumerate(encoders)}
     return [(_encoder_case(e), _first_case(d)) for e, d in sorted(pairs, key=lambda p: order[p[0].name])]
 
@@ -247,7 +239,6 @@ def test_save_pretrained_refuses_a_tree_of_another_shape(composed_dir, tmp_path)
     assert not (tmp_path / "bad").exists()
 
 
-@functools.cache
 def _frozen_run(directory, steps: int = 8):
     """`steps` deterministic AdamW steps (weight decay on) on one batch with the toolkit's train step and a
     frozen feature encoder; returns (model, losses, final state)."""
