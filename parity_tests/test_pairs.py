@@ -24,8 +24,8 @@ from convert.base.checkpoint import Checkpoint
 from convert.base.composed import composed_keymap
 from convert.base.registry import spec_for, specs
 from convert.verify import seeded_inputs
-from parity_tests.pair_cover import cover
 from flax_model.speech_encoder_decoder import SpeechEncoderDecoderModule
+from parity_tests.pair_cover import cover
 from scripts.make_fixtures import in_heavy_pairs
 from torch_reference.speech_encoder_decoder import from_pretrained as torch_from_pretrained
 
