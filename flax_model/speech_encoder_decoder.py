@@ -37,6 +37,7 @@ from flax_model.cache import DecoderCache
 from flax_model.generation import generate as _generate
 from flax_model.layers import frame_mask, layer_scan
 from flax_model.lora import lora_updates
+from flax_model.random_bits import Dropout
 from flax_model.registry import arch_module, module_for
 from flax_model.sharding import (
     gathered_leaves,
@@ -88,7 +89,7 @@ class SpeechEncoderDecoderModule(nn.Module):
                 kernel_init=jax.nn.initializers.normal(cfg.decoder.init_scale),
             )
         if cfg.ctc is not None:  # Wav2Vec2ForCTC's dropout and lm_head, over the encoder output
-            self.ctc_dropout = nn.Dropout(cfg.ctc.dropout)
+            self.ctc_dropout = Dropout(cfg.ctc.dropout)
             self.ctc_head = nn.Dense(cfg.ctc.vocab_size, dtype=self.dtype,
                                      kernel_init=jax.nn.initializers.normal(cfg.encoder.init_scale))
 

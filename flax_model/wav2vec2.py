@@ -30,6 +30,7 @@ from convert.base.configs import encoder_input_shape
 from convert.base.errors import UnsupportedConfig
 from flax_model.layers import (ACTIVATIONS, frame_mask, grouped_conv, is_scanned, layer_drop, make_stack,
                                run_stack)
+from flax_model.random_bits import Dropout
 
 # HF's PyTorch defaults: nn.GroupNorm / nn.LayerNorm in the conv feature encoder and the adapter do not
 # take config.layer_norm_eps.
@@ -155,7 +156,7 @@ class FeatureProjection(nn.Module):
         if c.has_projection_layer_norm:
             features = layer_norm(c.layer_norm_eps, self.dtype, "layer_norm")(features)
         hidden = nn.Dense(c.hidden_size, dtype=self.dtype, name="projection")(features)  # [B, S, D]
-        return nn.Dropout(c.feat_proj_dropout)(hidden, deterministic=deterministic)
+        return Dropout(c.feat_proj_dropout)(hidden, deterministic=deterministic)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -219,7 +220,7 @@ class Attention(nn.Module):
         if bias is not None:
             scores = scores + bias
         probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype)
-        probs = nn.Dropout(c.attention_dropout)(probs, deterministic=deterministic)
+        probs = Dropout(c.attention_dropout)(probs, deterministic=deterministic)
         out = jnp.einsum("BNTS,BSNH->BTNH", probs, v).reshape(b, t, d)
         return nn.Dense(d, dtype=self.dtype, name="out_proj")(out)
 
@@ -238,9 +239,9 @@ class FeedForward(nn.Module):
         c = self.config
         hidden = nn.Dense(c.intermediate_size, dtype=self.dtype, name="intermediate_dense")(hidden)  # [B, T, F]
         hidden = ACTIVATIONS[self.activation or c.hidden_act](hidden)
-        hidden = nn.Dropout(c.activation_dropout)(hidden, deterministic=deterministic)
+        hidden = Dropout(c.activation_dropout)(hidden, deterministic=deterministic)
         hidden = nn.Dense(self.width or c.hidden_size, dtype=self.dtype, name="output_dense")(hidden)  # [B, T, D]
-        return nn.Dropout(c.hidden_dropout)(hidden, deterministic=deterministic)
+        return Dropout(c.hidden_dropout)(hidden, deterministic=deterministic)
 
 
 class EncoderLayer(nn.Module):
@@ -256,7 +257,7 @@ class EncoderLayer(nn.Module):
         norm = layer_norm(c.layer_norm_eps, self.dtype, "layer_norm")
         feed_forward = FeedForward(c, self.dtype, name="feed_forward")
         final_norm = layer_norm(c.layer_norm_eps, self.dtype, "final_layer_norm")
-        dropout = nn.Dropout(c.hidden_dropout)
+        dropout = Dropout(c.hidden_dropout)
         if c.do_stable_layer_norm:
             hidden = hidden + dropout(attention(norm(hidden), bias, deterministic), deterministic=deterministic)
             return hidden + feed_forward(final_norm(hidden), deterministic)
@@ -308,7 +309,7 @@ class Encoder(nn.Module):
         norm = layer_norm(c.layer_norm_eps, self.dtype, "layer_norm")
         if not c.do_stable_layer_norm:
             hidden = norm(hidden)
-        hidden = nn.Dropout(c.hidden_dropout)(hidden, deterministic=deterministic)
+        hidden = Dropout(c.hidden_dropout)(hidden, deterministic=deterministic)
         hidden = self.run_layers(hidden, bias, deterministic)
         if c.do_stable_layer_norm:
             hidden = norm(hidden)

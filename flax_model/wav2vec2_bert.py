@@ -27,6 +27,7 @@ from flax import linen as nn
 from convert.base.archs.wav2vec2_bert import Wav2Vec2BertConfig
 from convert.base.errors import UnsupportedConfig
 from flax_model.layers import ACTIVATIONS
+from flax_model.random_bits import Dropout
 from flax_model.wav2vec2 import FeedForward, layer_norm, masked_frames, module_shapes, spec_augment
 from flax_model.wav2vec2_conformer import ConformerLayers as ConformerStack
 from flax_model.wav2vec2_conformer import SelfAttention, relative_position_table
@@ -60,7 +61,7 @@ class ConvolutionModule(nn.Module):
         hidden = layer_norm(c.layer_norm_eps, self.dtype, "depthwise_layer_norm")(hidden)
         hidden = ACTIVATIONS[c.hidden_act](hidden)
         hidden = nn.Conv(d, kernel_size=(1,), use_bias=False, dtype=self.dtype, name="pointwise_conv2")(hidden)
-        return nn.Dropout(c.conformer_conv_dropout)(hidden, deterministic=deterministic)
+        return Dropout(c.conformer_conv_dropout)(hidden, deterministic=deterministic)
 
 
 class ConformerBlock(nn.Module):
@@ -78,7 +79,7 @@ class ConformerBlock(nn.Module):
         hidden = hidden + 0.5 * ffn1(norm("ffn1_layer_norm")(hidden), deterministic)
         attention = SelfAttention(c, self.dtype, name="self_attn")
         attended = attention(norm("self_attn_layer_norm")(hidden), bias, positions, deterministic)
-        hidden = hidden + nn.Dropout(c.attention_dropout)(attended, deterministic=deterministic)
+        hidden = hidden + Dropout(c.attention_dropout)(attended, deterministic=deterministic)
         hidden = hidden + ConvolutionModule(c, self.dtype, name="conv_module")(hidden, frame_mask, deterministic)
         ffn2 = FeedForward(c, self.dtype, name="ffn2")
         hidden = hidden + 0.5 * ffn2(norm("ffn2_layer_norm")(hidden), deterministic)
@@ -102,7 +103,7 @@ class ConformerEncoder(nn.Module):
         """`hidden` [B, S, D]; `frame_mask` [B, S] bool (True for real frames) or None."""
         c = self.config
         hidden, bias = masked_frames(hidden, frame_mask, self.dtype)
-        hidden = nn.Dropout(c.hidden_dropout)(hidden, deterministic=deterministic)
+        hidden = Dropout(c.hidden_dropout)(hidden, deterministic=deterministic)
         positions = None
         if c.position_embeddings_type == "rotary":
             positions = jnp.asarray(rotary_frequencies(c))
@@ -138,7 +139,7 @@ class AdapterLayer(nn.Module):
         if lengths is not None:
             bias = masked_frames(hidden, jnp.arange(hidden.shape[1])[None, :] < lengths[:, None], self.dtype)[1]
         attended = SelfAttention(c, self.dtype, kind=None, name="self_attn")(hidden, bias, None, deterministic)
-        hidden = nn.Dropout(c.conformer_conv_dropout)(attended, deterministic=deterministic) + residual
+        hidden = Dropout(c.conformer_conv_dropout)(attended, deterministic=deterministic) + residual
         ffn = FeedForward(c, self.dtype, activation=c.adapter_act, width=width, name="ffn")
         return ffn(norm("ffn_layer_norm")(hidden), deterministic) + hidden
 
@@ -181,7 +182,7 @@ class FeatureProjection(nn.Module):
         c = self.config
         features = layer_norm(c.layer_norm_eps, self.dtype, "layer_norm")(features)
         hidden = nn.Dense(c.hidden_size, dtype=self.dtype, name="projection")(features)  # [B, S, D]
-        return nn.Dropout(c.feat_proj_dropout)(hidden, deterministic=deterministic)
+        return Dropout(c.feat_proj_dropout)(hidden, deterministic=deterministic)
 
 
 class Wav2Vec2BertModule(nn.Module):

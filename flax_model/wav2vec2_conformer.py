@@ -30,6 +30,7 @@ from flax import linen as nn
 from convert.base.archs.wav2vec2_conformer import Wav2Vec2ConformerConfig
 from flax_model.hubert import BatchNorm
 from flax_model.layers import ACTIVATIONS, grouped_conv, is_scanned, layer_drop, make_stack, run_stack
+from flax_model.random_bits import Dropout
 from flax_model.wav2vec2 import FeedForward, Wav2Vec2Module, layer_norm, masked_frames, module_shapes
 
 # transformers builds the blocks' layer norms with nn.LayerNorm's default eps, not config.layer_norm_eps.
@@ -133,7 +134,7 @@ class SelfAttention(nn.Module):
         if bias is not None:
             scores = scores + bias
         probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype)
-        probs = nn.Dropout(c.attention_dropout)(probs, deterministic=deterministic)
+        probs = Dropout(c.attention_dropout)(probs, deterministic=deterministic)
         out = jnp.einsum("BNTS,BSNH->BTNH", probs, v).reshape(b, t, d)
         return dense("linear_out")(out)
 
@@ -158,7 +159,7 @@ class ConvolutionModule(nn.Module):
         hidden = BatchNorm(d, self.dtype, name="batch_norm")(hidden, deterministic)
         hidden = ACTIVATIONS[c.hidden_act](hidden)
         hidden = nn.Conv(d, kernel_size=(1,), use_bias=False, dtype=self.dtype, name="pointwise_conv2")(hidden)
-        return nn.Dropout(c.conformer_conv_dropout)(hidden, deterministic=deterministic)
+        return Dropout(c.conformer_conv_dropout)(hidden, deterministic=deterministic)
 
 
 class ConformerBlock(nn.Module):
@@ -177,7 +178,7 @@ class ConformerBlock(nn.Module):
         attended = SelfAttention(c, self.dtype, name="self_attn")(norm("self_attn_layer_norm")(hidden), bias,
                                                                  positions, deterministic)
         # transformers sizes this dropout by attention_dropout.
-        hidden = hidden + nn.Dropout(c.attention_dropout)(attended, deterministic=deterministic)
+        hidden = hidden + Dropout(c.attention_dropout)(attended, deterministic=deterministic)
         hidden = hidden + ConvolutionModule(c, self.dtype, name="conv_module")(hidden, deterministic)
         ffn2 = FeedForward(c, self.dtype, name="ffn2")
         hidden = hidden + 0.5 * ffn2(norm("ffn2_layer_norm")(hidden), deterministic)
@@ -257,7 +258,7 @@ class ConformerEncoder(nn.Module):
         c = self.config
         UnusedPositionalConv(c, name="pos_conv_embed")()
         hidden, bias = masked_frames(hidden, frame_mask, self.dtype)
-        hidden = nn.Dropout(c.hidden_dropout)(hidden, deterministic=deterministic)
+        hidden = Dropout(c.hidden_dropout)(hidden, deterministic=deterministic)
         positions = None
         if c.position_embeddings_type == "rotary":
             positions = RotaryPositions(c, name="embed_positions")()

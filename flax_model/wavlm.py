@@ -23,6 +23,7 @@ from flax import linen as nn
 
 from convert.base.archs.wavlm import WavLMConfig
 from flax_model.layers import is_scanned, layer_drop, make_stack, run_stack
+from flax_model.random_bits import Dropout
 from flax_model.wav2vec2 import (
     Attention,
     Encoder,
@@ -91,7 +92,7 @@ class WavLMEncoderLayer(nn.Module):
         norm = layer_norm(c.layer_norm_eps, self.dtype, "layer_norm")
         feed_forward = FeedForward(c, self.dtype, name="feed_forward")
         final_norm = layer_norm(c.layer_norm_eps, self.dtype, "final_layer_norm")
-        dropout = nn.Dropout(c.hidden_dropout)
+        dropout = Dropout(c.hidden_dropout)
         if c.do_stable_layer_norm:
             attended = attention(norm(hidden), bias, position_bias, deterministic)
             hidden = hidden + dropout(attended, deterministic=deterministic)

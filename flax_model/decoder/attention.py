@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from convert.base.decoder_core import DecoderCore
+from flax_model.random_bits import bernoulli
 
 
 def split_heads(x: jax.Array, heads: int) -> jax.Array:
@@ -28,7 +29,7 @@ def dropout(module: nn.Module, x: jax.Array, rate: float, deterministic: bool) -
     if rate == 1.0:
         return jnp.zeros_like(x)
     keep = 1.0 - rate
-    mask = jax.random.bernoulli(module.make_rng("dropout"), p=keep, shape=x.shape)
+    mask = bernoulli(module.make_rng("dropout"), p=keep, shape=x.shape)
     return jax.lax.select(mask, x / keep, jnp.zeros_like(x))
 
 
