@@ -3,7 +3,7 @@
 On the CPU, JAX lowers its Threefry-2x32 hash as a loop of five passes over the whole array (to keep compile
 times short), which XLA cannot fuse: a [4, 12, 499, 499] attention-dropout mask takes ~150 ms there, and the
 masks of one wav2vec2-base training step at 4 x 10 s took ~2 s of its ~16 s. The same twenty rounds written
-out as array arithmetic become one fused elementwise loop, ~15x faster, and give the same bits (JAX's
+out as array arithmetic become one fused elementwise loop, ~13x faster, and give the same bits (JAX's
 partitionable Threefry: one hash of each element's flat index, its two output words XOR-ed). Where that
 equality is not known to hold (another PRNG implementation, the non-partitionable scheme, 64-bit floats, 2**32
 or more elements, a backend other than the CPU) the draw is JAX's own.
