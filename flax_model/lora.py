@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from convert.base.lora import LoraSettings
-from flax_model.random_bits import bernoulli
+from flax_model.random_bits import dropout
 
 _ACTIVE: contextvars.ContextVar[LoraSettings | None] = contextvars.ContextVar("lora_active", default=None)
 # The module paths the update was added to, while `recording_lora_calls` runs.
@@ -49,8 +49,7 @@ def lora_updates(settings: LoraSettings | None) -> Iterator[None]:
             return out
         x = args[0]
         if settings.dropout > 0.0 and module.has_rng("dropout"):
-            keep = bernoulli(module.make_rng("dropout"), 1.0 - settings.dropout, x.shape)
-            x = jnp.where(keep, x / (1.0 - settings.dropout), jnp.zeros_like(x))
+            x = dropout(x, settings.dropout, False, lambda: module.make_rng("dropout"))
         update = lora_update(x, module.get_variable("params", "lora_A"), module.get_variable("params", "lora_B"),
                              settings.scaling)
         seen = _SEEN.get()

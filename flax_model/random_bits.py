@@ -11,7 +11,7 @@ or more elements, a backend other than the CPU) the draw is JAX's own.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -77,6 +77,22 @@ def bernoulli(key: jax.Array, p: float, shape: Sequence[int]) -> jax.Array:
     return lax.rem(uniform, np.float32(2.0)) < np.float32(p)
 
 
+def dropout(x: jax.Array, rate: float, deterministic: bool, key: Callable[[], jax.Array],
+            broadcast_dims: Sequence[int] = ()) -> jax.Array:
+    """Inverted dropout as `nn.Dropout` computes it, the mask from `bernoulli`. `key()` is called only when a mask
+    is drawn, so that a Flax module's PRNG stream advances as it does under `nn.Dropout`."""
+    if deterministic or rate == 0.0:
+        return x
+    if rate == 1.0:  # no 0 / 0 in the gradient
+        return jnp.zeros_like(x)
+    keep = 1.0 - rate
+    shape = list(x.shape)
+    for dim in broadcast_dims:
+        shape[dim] = 1
+    mask = jnp.broadcast_to(bernoulli(key(), keep, shape), x.shape)
+    return lax.select(mask, x / keep, jnp.zeros_like(x))
+
+
 class Dropout(nn.Dropout):
     """`nn.Dropout` with its mask from `bernoulli`: the same outputs and PRNG stream (the module keeps the name
     Flax gives `nn.Dropout`, `Dropout_<n>`), drawn faster on the CPU."""
@@ -85,15 +101,5 @@ class Dropout(nn.Dropout):
     def __call__(self, inputs: jax.Array, deterministic: bool | None = None,
                  rng: jax.Array | None = None) -> jax.Array:
         deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
-        if self.rate == 0.0 or deterministic:
-            return inputs
-        if self.rate == 1.0:
-            return jnp.zeros_like(inputs)
-        keep = 1.0 - self.rate
-        if rng is None:
-            rng = self.make_rng(self.rng_collection)
-        shape = list(inputs.shape)
-        for dim in self.broadcast_dims:
-            shape[dim] = 1
-        mask = jnp.broadcast_to(bernoulli(rng, keep, shape), inputs.shape)
-        return lax.select(mask, inputs / keep, jnp.zeros_like(inputs))
+        return dropout(inputs, self.rate, deterministic,
+                       lambda: self.make_rng(self.rng_collection) if rng is None else rng, self.broadcast_dims)

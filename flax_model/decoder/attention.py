@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from convert.base.decoder_core import DecoderCore
-from flax_model.random_bits import bernoulli
+from flax_model.random_bits import dropout as draw_dropout
 
 
 def split_heads(x: jax.Array, heads: int) -> jax.Array:
@@ -24,13 +24,7 @@ def split_heads(x: jax.Array, heads: int) -> jax.Array:
 
 def dropout(module: nn.Module, x: jax.Array, rate: float, deterministic: bool) -> jax.Array:
     """Inverted dropout drawn from `module`'s "dropout" stream (what `nn.Dropout` computes, without a submodule)."""
-    if deterministic or rate == 0.0:
-        return x
-    if rate == 1.0:
-        return jnp.zeros_like(x)
-    keep = 1.0 - rate
-    mask = bernoulli(module.make_rng("dropout"), p=keep, shape=x.shape)
-    return jax.lax.select(mask, x / keep, jnp.zeros_like(x))
+    return draw_dropout(x, rate, deterministic, lambda: module.make_rng("dropout"))
 
 
 def rotary_angles(core: DecoderCore, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
