@@ -1433,4 +1433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from convert.allocator import keep_freed_memory
+
+    keep_freed_memory()  # before JAX starts its backend: each step then reuses its buffers' pages (no faults)
     cli.run(main)

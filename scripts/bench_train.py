@@ -115,6 +115,29 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
+class StepCounters:
+    """The process's kernel CPU seconds and minor page faults over each timed step: what the step pays the kernel
+    for memory it maps afresh (every first touch of a page is a fault, and the kernel zeroes the page)."""
+
+    def __init__(self) -> None:
+        self.sys_s: list[float] = []
+        self.faults: list[int] = []
+
+    @contextlib.contextmanager
+    def step(self):
+        import resource
+
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        yield
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        self.sys_s.append(after.ru_stime - before.ru_stime)
+        self.faults.append(after.ru_minflt - before.ru_minflt)
+
+    def record(self) -> dict[str, float]:
+        """Medians over the steps after the first (the first includes compilation)."""
+        return {"step_sys_s": statistics.median(self.sys_s[1:]), "step_page_faults": statistics.median(self.faults[1:])}
+
+
 def rss_gb() -> float:
     with contextlib.suppress(OSError):
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -152,6 +175,9 @@ def model_config(args: argparse.Namespace) -> Any:
 
 
 def flax_worker(args: argparse.Namespace, setting: Setting) -> dict[str, Any]:
+    from convert.allocator import keep_freed_memory
+
+    kept = keep_freed_memory() if args.malloc == "kept" else False  # before JAX starts (as convert.finetune does)
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -183,7 +209,7 @@ def flax_worker(args: argparse.Namespace, setting: Setting) -> dict[str, Any]:
                                         remat=setting.remat, scan_layers=setting.scan)
     fns = step_functions(module, optimizer, deterministic=False, freeze_feature_encoder=args.freeze)
     record: dict[str, Any] = {"bench": "step", "framework": "flax", "setting": setting.name,
-                              "device": str(jax.devices()[0].platform), "batch": args.batch,
+                              "device": str(jax.devices()[0].platform), "batch": args.batch, "malloc_kept": kept,
                               "audio_s": data["audio_s"]}
     device_batch = {k: jnp.asarray(v) for k, v in batch.items()}
     example = (params, device_batch, step_key(0, 0), np.float32(0.0))
@@ -203,18 +229,19 @@ def flax_worker(args: argparse.Namespace, setting: Setting) -> dict[str, Any]:
     compile_s = time.perf_counter() - started
     fns = dataclasses.replace(fns, grad=grad)
     del example
-    times = []
+    times, counters = [], StepCounters()
     for step in range(1 + max(1, args.runs)):
         if step == 1 and args.profile:
             profile_flax(args.profile, fns, state, batch, grad)
         started = time.perf_counter()
-        state, objective, tokens = train_step(fns, state, [(batch, step_key(0, step))])
-        jax.block_until_ready(state.params)
+        with counters.step():
+            state, objective, tokens = train_step(fns, state, [(batch, step_key(0, step))])
+            jax.block_until_ready(state.params)
         times.append(time.perf_counter() - started)
     step_s = statistics.median(times[1:])
     record.update({"first_step_s": compile_s + times[0], "compile_s": compile_s, "step_s": step_s,
                    "audio_s_per_s": data["audio_s"] / step_s, "loss": objective / tokens,
-                   "peak_rss_gb": peak_rss_gb(), **xla_memory(grad)})
+                   "peak_rss_gb": peak_rss_gb(), **counters.record(), **xla_memory(grad)})
     if record["device"] != "cpu":
         stats = jax.devices()[0].memory_stats() or {}
         record["peak_device_gb"] = stats.get("peak_bytes_in_use", float("nan")) / 1e9
@@ -228,6 +255,9 @@ def xla_memory(compiled: Any) -> dict[str, int]:
 
 
 def torch_worker(args: argparse.Namespace) -> dict[str, Any]:
+    from convert.allocator import keep_freed_memory
+
+    kept = keep_freed_memory() if args.torch_malloc == "kept" else False
     import jax
     import torch
 
@@ -258,18 +288,20 @@ def torch_worker(args: argparse.Namespace) -> dict[str, Any]:
         return float(loss)
 
     record: dict[str, Any] = {"bench": "step", "framework": "torch", "setting": "reference", "device": args.device,
-                              "batch": args.batch, "audio_s": data["audio_s"], "setup_rss_gb": rss_gb()}
+                              "malloc_kept": kept, "batch": args.batch, "audio_s": data["audio_s"],
+                              "setup_rss_gb": rss_gb()}
     reset_peak_rss()
-    times = []
+    times, counters = [], StepCounters()
     for i in range(1 + max(1, args.runs)):
         if i == 1 and args.profile:
             profile_torch(args.profile, step)
         started = time.perf_counter()
-        loss = step()
+        with counters.step():
+            loss = step()
         times.append(time.perf_counter() - started)
     step_s = statistics.median(times[1:])
     record.update({"first_step_s": times[0], "step_s": step_s, "audio_s_per_s": data["audio_s"] / step_s,
-                   "loss": loss, "peak_rss_gb": peak_rss_gb()})
+                   "loss": loss, "peak_rss_gb": peak_rss_gb(), **counters.record()})
     if device.type == "cuda":
         record["peak_device_gb"] = torch.cuda.max_memory_allocated() / 1e9
     return {**record, "load": load()}
@@ -419,6 +451,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch's intra-op threads")
     parser.add_argument("--no-freeze", dest="freeze", action="store_false", help="train the conv feature encoder too")
     parser.add_argument("--no-torch", dest="torch", action="store_false", help="Flax only")
+    parser.add_argument("--malloc", choices=("kept", "default"), default="kept",
+                        help="Flax processes: glibc keeps freed memory (convert.allocator, as convert.finetune runs) "
+                             "or its defaults")
+    parser.add_argument("--torch-malloc", choices=("default", "kept"), default="default",
+                        help="the PyTorch process: glibc's defaults (as PyTorch runs) or the same settings")
     parser.add_argument("--memory-only", action="store_true", help="XLA's memory account of each setting only")
     parser.add_argument("--profile", metavar="DIR", help="profile the first setting and PyTorch (traces in DIR)")
     parser.add_argument("--largest-batch", action="store_true", help="search the largest batch that runs")
