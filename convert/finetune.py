@@ -497,7 +497,7 @@ class _Run:
         self.step_fns = StepFunctions(_COMPILED["grad", key], _COMPILED["add", key],
                                       _COMPILED["apply", key, self.optimizer_settings], self.mesh,
                                       self.config.decoder.vocab_size,
-                                      self.config.ctc.loss_reduction if with_ctc else None)
+                                      self.config.ctc.loss_reduction if with_ctc else None, frozen)
         # One compiled search per shape for the whole run (on a mesh: the model's own cache, which in a
         # multi-process run returns replicated results).
         self.model._compiled = _COMPILED.setdefault(("generate", self.config, self.mesh, self.lora),

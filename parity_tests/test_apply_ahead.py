@@ -1,0 +1,80 @@
+"""`train_step` compiles the optimiser update (`StepFunctions.apply`) in a thread of its own while the first
+gradient compiles and runs, once: the later call finds it in jax.jit's cache, and the step's result is the one of
+an update compiled in the calling thread."""
+
+from __future__ import annotations
+
+import threading
+
+import jax
+import jax.monitoring
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from flax_model.training import (
+    LossSums,
+    OptimizerSettings,
+    StepFunctions,
+    apply_function,
+    compiled_add,
+    compiled_apply,
+    init_state,
+    leaf_labels,
+    make_optimizer,
+    split_trainable,
+    train_step,
+)
+
+SETTINGS = OptimizerSettings(learning_rate=1e-2, total_steps=10, warmup_steps=2, weight_decay=0.01)
+
+
+def _params() -> dict:
+    rng = np.random.default_rng(0)
+    shapes = {"encoder/w": (3, 4), "encoder/b": (4,), "decoder/w": (4, 5), "decoder/scale": (5,)}
+    return traverse_util.unflatten_dict({k: jnp.asarray(rng.normal(size=s), jnp.float32)
+                                         for k, s in shapes.items()}, sep="/")
+
+
+def _grad(frozen):
+    """A gradient function of the step's signature: the gradient of mean(x) sum(p) + 0.5 sum(p^2) per leaf."""
+    def grad(params, batch, key, smoothing):
+        trainable = params if frozen is None else split_trainable(params, frozen)[0]
+        grads = jax.tree.map(lambda p: batch["x"].mean() * jnp.ones_like(p) + p, trainable)
+        tokens = jnp.int32(batch["x"].size)
+        return LossSums(jnp.float32(1.0), jnp.float32(0.0), tokens), grads
+    return jax.jit(grad)
+
+
+def _compiles(record: list) -> None:
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, duration, **kw: record.append((kw.get("fun_name"), threading.current_thread().name))
+        if event == "/jax/core/compile/backend_compile_duration" else None)
+
+
+def test_apply_compiles_once_in_its_own_thread_and_gives_the_same_step():
+    record: list = []
+    _compiles(record)
+    frozen = lambda path: path.startswith("encoder/")  # noqa: E731 - the gradients are the decoder's only
+    trainable = split_trainable(_params(), frozen)[0]
+    optimizer = make_optimizer(SETTINGS, leaf_labels(trainable, lambda path: False))
+    fns = StepFunctions(_grad(frozen), compiled_add(None, frozen), compiled_apply(optimizer, None, frozen),
+                        frozen=frozen)
+    batch = {"x": np.full((2, 3), 0.5, np.float32), "labels": np.zeros((2, 3), np.int32)}
+    state = init_state(_params(), optimizer, frozen)
+    for _ in range(2):
+        state, _, _ = train_step(fns, state, [(batch, None)])
+    applied = [thread for name, thread in record if name == "jit(apply)"]
+    assert applied == ["compile-apply"], f"apply compiled in {applied} (expected once, ahead, in its own thread)"
+
+    # The same two steps with the update compiled where it is called.
+    expected = init_state(_params(), optimizer, frozen)
+    apply = jax.jit(apply_function(optimizer, frozen))
+    for _ in range(2):
+        _, grads = _grad(frozen)(expected.params, batch, None, np.float32(0.0))
+        expected = apply(expected, grads, np.int32(6))
+    got, want = (traverse_util.flatten_dict(s.params, sep="/") for s in (state, expected))
+    assert got.keys() == want.keys()
+    for path in got:
+        np.testing.assert_array_equal(np.asarray(got[path]), np.asarray(want[path]), err_msg=path)
+    assert not np.array_equal(np.asarray(got["decoder/w"]), np.asarray(_params()["decoder"]["w"]))
