@@ -699,7 +699,7 @@ def train_step(fns: StepFunctions, state: TrainState, micro_batches: Iterable[tu
     """
     grads, objective, tokens = None, 0.0, 0
     smoothing = np.float32(check_label_smoothing(label_smoothing))
-    ahead = compile_apply_ahead(fns, state)
+    ahead = None
     scales = None
     if fns.ctc_reduction is not None:
         micro_batches = list(micro_batches)
@@ -710,6 +710,8 @@ def train_step(fns: StepFunctions, state: TrainState, micro_batches: Iterable[tu
     for batch, key in micro_batches:
         if not isinstance(batch["labels"], jax.core.Tracer):  # host arrays: ids checked before they are gathered
             check_labels(batch["labels"], fns.vocab_size or np.iinfo(np.int32).max, need_tokens=False)
+        if grads is None:  # the first micro-batch's labels are valid: the update compiles beside its gradient
+            ahead = compile_apply_ahead(fns, state)
         if fns.mesh is not None:
             batch = pad_batch(batch, train_batch_rows(fns.mesh))
         extra = () if scales is None else (scales,)
