@@ -36,10 +36,11 @@ def keep_freed_memory() -> bool:
         return False
     try:
         libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-        gnu_libc_version = libc.gnu_get_libc_version  # glibc only: musl's mallopt ignores the parameters
-    except (OSError, AttributeError):
+    except OSError:
         return False
-    del gnu_libc_version
+    # glibc only (`gnu_get_libc_version`): musl's mallopt ignores the parameters
+    if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
+        return False
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return all([mallopt(parameter, value) == 1 for parameter, value in SETTINGS])

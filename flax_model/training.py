@@ -30,6 +30,7 @@ import contextvars
 import dataclasses
 import re
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -648,7 +649,8 @@ def _abstract(x: Any) -> jax.ShapeDtypeStruct:
                                 weak_type=bool(getattr(x, "weak_type", False)))
 
 
-_APPLY_AHEAD: dict[int, threading.Thread] = {}  # id(fns.apply) -> the thread compiling it (kept once started)
+# fns.apply -> the thread that compiled it ahead (an entry goes with its function)
+_APPLY_AHEAD: weakref.WeakKeyDictionary[Any, threading.Thread] = weakref.WeakKeyDictionary()
 
 
 def compile_apply_ahead(fns: StepFunctions, state: TrainState) -> threading.Thread | None:
@@ -661,8 +663,8 @@ def compile_apply_ahead(fns: StepFunctions, state: TrainState) -> threading.Thre
     finds the program in jax.jit's cache, as its arguments have these shapes, dtypes and placements."""
     if fns.mesh is not None:
         return None
-    if id(fns.apply) in _APPLY_AHEAD:
-        return _APPLY_AHEAD[id(fns.apply)]
+    if fns.apply in _APPLY_AHEAD:
+        return _APPLY_AHEAD[fns.apply]
     params = state.params if fns.frozen is None else split_trainable(state.params, fns.frozen)[0]
     args = (jax.tree.map(_abstract, state), jax.tree.map(_abstract, params),  # gradients: like their params
             jax.ShapeDtypeStruct((), np.int32))
@@ -671,7 +673,7 @@ def compile_apply_ahead(fns: StepFunctions, state: TrainState) -> threading.Thre
         with contextlib.suppress(Exception):  # an optimisation only: the call itself compiles (and reports) then
             fns.apply.lower(*args).compile()
 
-    thread = _APPLY_AHEAD[id(fns.apply)] = threading.Thread(target=compile_apply, name="compile-apply",
+    thread = _APPLY_AHEAD[fns.apply] = threading.Thread(target=compile_apply, name="compile-apply",
                                                            daemon=True)
     thread.start()
     return thread
