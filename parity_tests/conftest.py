@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import os
+import sys
+
+# Compiled bytecode is kept (in the __pycache__ folders git ignores) even where the environment says not to write
+# it (PYTHONDONTWRITEBYTECODE): otherwise each worker, and each command a test starts as a process, compiles this
+# repository's ~70 modules again (~1.3 s a process) and pytest rewrites every test file's asserts again.
+sys.dont_write_bytecode = False
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
 # Eight simulated CPU devices for the mesh tests (parity_tests/test_mesh.py), set before JAX starts its backend;
 # every other test keeps running on the first device.

@@ -1,4 +1,8 @@
-"""`python -m convert.check`: passes on a good composed model, fails with the figure on a bad one."""
+"""`python -m convert.check`: passes on a good composed model, fails with the figure on a bad one.
+
+The command runs in this process (`convert.check.main`, its output read from stdout) where what is checked is what
+it computes and prints; one test starts it as `python -m convert.check` (the entry point, the exit status and the
+one-line error on stderr)."""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from convert import check as check_command
 from convert.check import check
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,10 +38,19 @@ def write_wav(path: Path, seconds: float, seed: int) -> Path:
     return path
 
 
-def test_check_passes_on_a_good_composed_model(composed_dir):
-    result = run_check(str(composed_dir("w2v_stable_wide", "gpt2_lm")), "--json")
-    assert result.returncode == 0, result.stdout + result.stderr
-    figures = json.loads(result.stdout)
+def main_check(capsys, *args: str) -> tuple[int, str]:
+    """`convert.check.main(args)` in this process: (exit status, what it printed on stdout)."""
+    capsys.readouterr()
+    code = check_command.main(list(args))
+    out, err = capsys.readouterr()
+    assert err == "" or code != 0, err
+    return code, out + err
+
+
+def test_check_passes_on_a_good_composed_model(composed_dir, capsys):
+    code, out = main_check(capsys, str(composed_dir("w2v_stable_wide", "gpt2_lm")), "--json")
+    assert code == 0, out
+    figures = json.loads(out)
     assert figures["passed"] and [c["passed"] for c in figures["checks"]] == [True, True, True, True]
     logits = next(c for c in figures["checks"] if c["name"].startswith("max |Δlogits|"))
     # Flax's error from the float64 reference, next to the float32 reference's own: both rounding-sized.
@@ -44,21 +58,21 @@ def test_check_passes_on_a_good_composed_model(composed_dir):
     assert 0 < logits["reference_error"] <= 1e-5, logits
 
 
-def test_check_fails_with_the_figure_when_weight_files_disagree(composed_dir, tmp_path):
+def test_check_fails_with_the_figure_when_weight_files_disagree(composed_dir, tmp_path, capsys):
     bad = tmp_path / "bad"
     shutil.copytree(composed_dir("w2v_group_adapter", "bart_cg"), bad)
     tensors = load_file(bad / "model.safetensors")
     key = "decoder.model.decoder.layers.0.fc1.weight"
     tensors[key] = tensors[key] + np.float32(0.25)
     save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
-    result = run_check(str(bad))
-    assert result.returncode == 1, result.stdout + result.stderr
-    assert "flax_model.msgpack == model.safetensors" in result.stdout
-    assert "1 differ (max |Δ| 2.500e-01)" in result.stdout
+    code, out = main_check(capsys, str(bad))
+    assert code == 1, out
+    assert "flax_model.msgpack == model.safetensors" in out
+    assert "1 differ (max |Δ| 2.500e-01)" in out
     # The text output names the tensor and by how much it differs.
-    assert f"{key}: max |Δ| 2.500e-01, " in result.stdout, result.stdout
-    assert "FAIL" in result.stdout and "FAILED" in result.stdout
-    logits_line = next(line for line in result.stdout.splitlines() if "max |Δlogits|" in line)
+    assert f"{key}: max |Δ| 2.500e-01, " in out, out
+    assert "FAIL" in out and "FAILED" in out
+    logits_line = next(line for line in out.splitlines() if "max |Δlogits|" in line)
     assert logits_line.rstrip().endswith("FAIL"), logits_line
     assert float(logits_line.split()[6]) > 1e-3, logits_line
 

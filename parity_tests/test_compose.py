@@ -316,13 +316,18 @@ def test_cli_help_lists_every_flag(capsys):
 # in test_interrupts.py.
 
 
-def test_cli_failed_verification_exits_nonzero_and_writes_nothing(tmp_path):
+def test_cli_failed_verification_exits_nonzero_and_writes_nothing(tmp_path, capsys):
+    """In this process (`convert.compose.main`; the test above starts the command as `python -m`)."""
+    from convert import compose as compose_command
+
     # Flax is ~1e-6 from the float64 reference: a bound of 1e-9 times the reference's own error must fail.
-    result = run_cli("--encoder", "wav2vec2", "--decoder", "bart", "--output", str(tmp_path / "out"),
-                     "--no-progress", "--verify-factor", "1e-9")
-    assert result.returncode == 1
-    assert "error: verification failed: Flax is " in result.stderr and "more than 1e-09 x" in result.stderr
-    assert "largest at utterance" in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    capsys.readouterr()
+    code = compose_command.main(["--encoder", "wav2vec2", "--decoder", "bart", "--output", str(tmp_path / "out"),
+                                 "--no-progress", "--verify-factor", "1e-9"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "error: verification failed: Flax is " in err and "more than 1e-09 x" in err
+    assert "largest at utterance" in err and err.count("\n") == 1, err
     assert list(tmp_path.iterdir()) == []
 
 
