@@ -611,7 +611,8 @@ class FlaxSpeechEncoderDecoderModel:
             attention_mask: [B, N] / [B, S], 1 for real samples (frames); None when nothing is padded.
             labels: [B, T] integer token ids within the vocabulary, -100 for padding (at least one token).
             params: differentiate with respect to these; `self.params` by default.
-            label_smoothing: transformers' `label_smoothing_factor`, in [0, 1).
+            label_smoothing: transformers' `label_smoothing_factor`, in [0, 1) (inside a caller's `jax.jit`, a
+                traced float scalar, whose value cannot be checked).
             dropout_rng: a PRNG key turns on train mode (dropout, LayerDrop); None is deterministic.
             freeze_feature_encoder: no gradient reaches the conv feature encoder.
             mask_time_indices: [B, S] bool SpecAugment time mask over the encoder's frames (before any adapter).
@@ -629,7 +630,12 @@ class FlaxSpeechEncoderDecoderModel:
                 token, or a smoothing factor outside [0, 1); one line naming the first bad id and its position.
         """
         params = self.params if params is None else params
-        label_smoothing = check_label_smoothing(label_smoothing)
+        if isinstance(label_smoothing, jax.core.Tracer):  # inside a caller's jit, as labels below
+            if label_smoothing.shape != () or not jnp.issubdtype(label_smoothing.dtype, jnp.floating):
+                raise UsageError(f"label_smoothing: {label_smoothing.dtype}{list(label_smoothing.shape)}, expected "
+                                 "a float scalar", param="label_smoothing")
+        else:
+            label_smoothing = check_label_smoothing(label_smoothing)
         if isinstance(labels, jax.core.Tracer):  # inside a caller's jit: only what the type says can be checked
             if not jnp.issubdtype(labels.dtype, jnp.integer):
                 raise UsageError(f"labels: dtype {labels.dtype}, expected integer token ids (-100 for padding)",

@@ -109,6 +109,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resuming_matches_an_uninterrupted_run(dat
     assert len(err) == 1 and "holds checkpoints of an earlier run" in err[0] and "--resume" in err[0], err
 
 
+@pytest.mark.default_emitters  # scanned and unrolled weights within 1e-6
 def test_scanned_layers_train_as_the_unrolled_step_does(data, tmp_path):
     """`--scan-layers` stacks each layer stack inside the step (the weights stay per layer): in deterministic
     mode its losses and trained weights are the unrolled run's, up to the float reassociation of a scan."""

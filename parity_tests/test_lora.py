@@ -108,10 +108,10 @@ def test_lora_loss_and_gradients_match_the_reference(case, name):
     frozen = lambda path: not (path.rsplit("/", 1)[-1] in ("lora_A", "lora_B") or path.startswith("enc_to_dec_proj"))
     trainable, rest = split_trainable(model.params, frozen)
     assert trainable.keys() >= {"enc_to_dec_proj"}, "the pair should have a projection"
-    loss, grads = jax.value_and_grad(lambda t: model.loss(
+    loss, grads = jax.jit(jax.value_and_grad(lambda t: model.loss(
         inputs, mask, labels, params=traverse_util.unflatten_dict(
             {**traverse_util.flatten_dict(rest, sep="/"), **traverse_util.flatten_dict(t, sep="/")}, sep="/"))
-    )(trainable)
+    ))(trainable)
 
     reference = SpeechEncoderDecoderModel.from_pretrained(directory)
     lora = add_lora(reference, layers, settings, factors)

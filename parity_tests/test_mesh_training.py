@@ -102,6 +102,7 @@ class _Run:
         return init_state(self.model.params, self.optimizer)
 
 
+@pytest.mark.default_emitters  # sharded and one-device gradients within 1e-6
 def test_sharded_training_equals_one_device_and_resumes_from_its_checkpoint(runs, composed_dir, tmp_path):
     """One test over one pair of runs: the runs' compilations are most of this module's time, and a module
     fixture used by several tests is built again by every pytest-xdist worker that runs one of them."""

@@ -4,7 +4,8 @@ against the unrolled per-layer model: outputs, gradients, the layout conversion,
 Every registered architecture takes part: each encoder's first pair case is composed with a decoder, the
 decoders taken in turn (derived from the registry), plus mBART (pre-norm BART). The forward of every pair and
 the gradient of the first pair are compared after jit, at the XLA CPU optimisation level the suite runs at
-(conftest: level 0), where the scanned and unrolled programs compute bit-identical results; at XLA's default
+(conftest: level 0) with XLA's default CPU emitters (the tests are marked `default_emitters`), where the scanned
+and unrolled programs compute bit-identical results; at XLA's default
 level the LLVM backend generates slightly different code for the loop body (a few float32 ulps on the logits,
 see README "Scanned layers").
 """
@@ -105,39 +106,50 @@ def test_every_registered_architecture_is_scanned():
     assert {first_pair_case(s) for s in specs() if scanned(s)} <= used
 
 
+def float64(tree):
+    """Every floating leaf as float64 (under `jax.enable_x64`)."""
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float64) if jnp.issubdtype(jnp.result_type(x), jnp.floating)
+                        else jnp.asarray(x), tree)
+
+
 @pytest.mark.parametrize(("encoder", "decoder"), PAIRS, ids=[f"{e}+{d}" for e, d in PAIRS])
 def test_scanned_layers_equal_unrolled_outputs_and_gradients(encoder, decoder, composed_dir):
+    """Computed in float64 (the modules' `dtype`, params and inputs; attention scores and rotary tables stay float32
+    by design): the scan then computes the unrolled layers' numbers to ~1e-15 whatever XLA's code generation, where
+    in float32 the two programs agree to the bit only as XLA compiles them by default at level 0."""
     model = load(composed_dir(encoder, decoder))
     config = exercised_config(model.config)
-    batch = {k: jnp.asarray(v) for k, v in seeded_inputs(config, seed=1, seconds=0.1).items()}
-    per_layer = model.params
-    stacked = stack_params(config, per_layer)
+    with jax.enable_x64(True):
+        batch = float64({k: jnp.asarray(v) for k, v in seeded_inputs(config, seed=1, seconds=0.1).items()})
+        per_layer = float64(model.params)
+        stacked = stack_params(config, per_layer)
 
-    # The scanned module's own param tree is the stacked layout `convert.base.stacking` converts to.
-    scanned = SpeechEncoderDecoderModule(config, scan_layers=True)
-    traced = jax.eval_shape(lambda: scanned.init(jax.random.PRNGKey(0), batch["inputs"], None,
-                                                 batch["decoder_input_ids"][:, :1]))["params"]
-    assert {k: tuple(v.shape) for k, v in flat(traced).items()} == stacked_param_shapes(config)
+        # The scanned module's own param tree is the stacked layout `convert.base.stacking` converts to.
+        scanned = SpeechEncoderDecoderModule(config, scan_layers=True, dtype=jnp.float64)
+        traced = jax.eval_shape(lambda: scanned.init(jax.random.PRNGKey(0), batch["inputs"], None,
+                                                     batch["decoder_input_ids"][:, :1]))["params"]
+        assert {k: tuple(v.shape) for k, v in flat(traced).items()} == stacked_param_shapes(config)
 
-    # The gradient for the main pair only: a forward that is equal layer by layer reads every layer's own slice of
-    # the stacked params, and the gradient of the scan is JAX's transpose of it (two compilations of about 5 s
-    # per pair saved; the train step's scanned gradient is also checked in test_finetune).
-    gradient = (encoder, decoder) == MAIN
-    logits, grads = logits_and_gradient(SpeechEncoderDecoderModule(config), per_layer, batch, gradient=gradient)
-    scan_logits, scan_grads = logits_and_gradient(scanned, stacked, batch, gradient=gradient)
-    err = float(np.max(np.abs(scan_logits - logits)))
-    assert err <= TOLERANCE, f"{encoder}+{decoder}: logits max|diff|={err:.2e}"
-    if not gradient:
-        return
+        # The gradient for the main pair only: a forward that is equal layer by layer reads every layer's own slice
+        # of the stacked params, and the gradient of the scan is JAX's transpose of it (two compilations of about
+        # 5 s per pair saved; the train step's scanned gradient is also checked in test_finetune).
+        gradient = (encoder, decoder) == MAIN
+        logits, grads = logits_and_gradient(SpeechEncoderDecoderModule(config, dtype=jnp.float64), per_layer, batch,
+                                            gradient=gradient)
+        scan_logits, scan_grads = logits_and_gradient(scanned, stacked, batch, gradient=gradient)
+        assert logits.dtype == np.float64
+        err = float(np.max(np.abs(scan_logits - logits)))
+        assert err <= TOLERANCE, f"{encoder}+{decoder}: logits max|diff|={err:.2e}"
+        if not gradient:
+            return
 
-    scan_grads = flat(unstack_params(config, traverse_util.unflatten_dict(scan_grads, sep="/")))
-    assert scan_grads.keys() == grads.keys()
-    rel, where = gradient_difference(grads, scan_grads)
-    assert rel <= TOLERANCE, f"{encoder}+{decoder}: gradient max|diff| / max|gradient| = {rel:.2e} (at {where})"
+        scan_grads = flat(unstack_params(config, traverse_util.unflatten_dict(scan_grads, sep="/")))
+        assert scan_grads.keys() == grads.keys()
+        rel, where = gradient_difference(grads, scan_grads)
+        assert rel <= TOLERANCE, f"{encoder}+{decoder}: gradient max|diff| / max|gradient| = {rel:.2e} (at {where})"
 
-    if (encoder, decoder) == MAIN:
         # Rematerialised scanned layers (`nn.remat` inside the scan, as `remat=True` training runs them): the same
-        # gradient. XLA fuses the rematerialised program differently, hence relative to the gradient's scale.
+        # gradient.
         _, remat_grads = logits_and_gradient(scanned, stacked, batch, remat=True)
         remat_grads = flat(unstack_params(config, traverse_util.unflatten_dict(remat_grads, sep="/")))
         rel, where = gradient_difference(grads, remat_grads)
@@ -219,48 +231,51 @@ def test_save_and_load_round_trip_in_both_layouts_is_bit_exact(composed_dir, tmp
 
 
 def test_cached_decoding_and_generation_equal_unrolled(composed_dir):
-    directory = composed_dir(*MAIN)
-    unrolled, scanned = load(directory), load(directory, scan_layers=True)
-    batch = seeded_inputs(unrolled.config, seed=2, seconds=0.1)
-    layers = unrolled.config.decoder.num_layers
+    """In float64, as the test above (the scanned programs equal the unrolled ones whatever XLA's code
+    generation); the tokens of greedy and beam search too."""
+    with jax.enable_x64(True):
+        directory = composed_dir(*MAIN)
+        unrolled, scanned = load(directory, dtype=jnp.float64), load(directory, scan_layers=True, dtype=jnp.float64)
+        batch = seeded_inputs(unrolled.config, seed=2, seconds=0.1)
+        layers = unrolled.config.decoder.num_layers
 
-    # The cache: one stacked LayerCache, each array the per-layer caches stacked.
-    encoded = unrolled.encode(batch["inputs"], batch["attention_mask"])
-    cache = unrolled.init_cache(2, 6, encoded)
-    stacked = scanned.init_cache(2, 6, scanned.encode(batch["inputs"], batch["attention_mask"]))
-    assert stacked.stacked and not cache.stacked and stacked.max_length == cache.max_length == 6
-    for name in ("self_keys", "cross_keys", "cross_values"):
-        expected = np.stack([np.asarray(getattr(c, name)) for c in cache.layers])
-        got = np.asarray(getattr(stacked.layers, name))
-        assert got.shape[0] == layers
-        err = float(np.max(np.abs(got - expected)))
-        assert err <= TOLERANCE, f"{name}: max|diff|={err:.2e}"
+        # The cache: one stacked LayerCache, each array the per-layer caches stacked.
+        encoded = unrolled.encode(batch["inputs"], batch["attention_mask"])
+        cache = unrolled.init_cache(2, 6, encoded)
+        stacked = scanned.init_cache(2, 6, scanned.encode(batch["inputs"], batch["attention_mask"]))
+        assert stacked.stacked and not cache.stacked and stacked.max_length == cache.max_length == 6
+        for name in ("self_keys", "cross_keys", "cross_values"):
+            expected = np.stack([np.asarray(getattr(c, name)) for c in cache.layers])
+            got = np.asarray(getattr(stacked.layers, name))
+            assert got.shape[0] == layers
+            err = float(np.max(np.abs(got - expected)))
+            assert err <= TOLERANCE, f"{name}: max|diff|={err:.2e}"
 
-    # Beam search's reorder gathers along the batch axis (the second of a stacked array).
-    rows = jnp.asarray([1, 0, 1])
-    moved, moved_stacked = reorder_cache(cache, rows), reorder_cache(stacked, rows)
-    for i, layer in enumerate(cache.layers):
-        assert np.array_equal(np.asarray(moved_stacked.layers.cross_keys[i]), np.asarray(moved.layers[i].cross_keys))
-        assert np.array_equal(np.asarray(moved_stacked.layers.cross_keys[i]),
-                              np.asarray(stacked.layers.cross_keys[i])[np.asarray(rows)])
-    kept = reorder_cache(stacked, jnp.asarray([1, 0]), cross=False)
-    assert kept.layers.cross_keys is stacked.layers.cross_keys
+        # Beam search's reorder gathers along the batch axis (the second of a stacked array).
+        rows = jnp.asarray([1, 0, 1])
+        moved, moved_stacked = reorder_cache(cache, rows), reorder_cache(stacked, rows)
+        for i, layer in enumerate(cache.layers):
+            assert np.array_equal(np.asarray(moved.layers[i].cross_keys), np.asarray(layer.cross_keys)[np.asarray(rows)])
+            assert np.array_equal(np.asarray(moved_stacked.layers.cross_keys[i]),
+                                  np.asarray(stacked.layers.cross_keys[i])[np.asarray(rows)])
+        kept = reorder_cache(stacked, jnp.asarray([1, 0]), cross=False)
+        assert kept.layers.cross_keys is stacked.layers.cross_keys
 
-    # Cached decoding, token by token.
-    ids = batch["decoder_input_ids"][:, :4]
-    for step in range(ids.shape[1]):
-        logits, cache = unrolled.decode(ids[:, step:step + 1], None, cache=cache)
-        scan_logits, stacked = scanned.decode(ids[:, step:step + 1], None, cache=stacked)
-        err = float(np.max(np.abs(np.asarray(scan_logits) - np.asarray(logits))))
-        assert err <= TOLERANCE, f"step {step}: max|diff|={err:.2e}"
-    assert int(stacked.index) == ids.shape[1]
+        # Cached decoding, token by token.
+        ids = batch["decoder_input_ids"][:, :4]
+        for step in range(ids.shape[1]):
+            logits, cache = unrolled.decode(ids[:, step:step + 1], None, cache=cache)
+            scan_logits, stacked = scanned.decode(ids[:, step:step + 1], None, cache=stacked)
+            err = float(np.max(np.abs(np.asarray(scan_logits) - np.asarray(logits))))
+            assert err <= TOLERANCE, f"step {step}: max|diff|={err:.2e}"
+        assert int(stacked.index) == ids.shape[1]
 
-    for settings in ({"num_beams": 1}, {"num_beams": 3}):
-        expected = unrolled.generate(batch["inputs"], batch["attention_mask"], max_new_tokens=6, **settings)
-        got = scanned.generate(batch["inputs"], batch["attention_mask"], max_new_tokens=6, **settings)
-        assert got.sequences.tolist() == expected.sequences.tolist(), settings
-        err = float(np.max(np.abs(got.sequences_scores - expected.sequences_scores)))
-        assert err <= TOLERANCE, f"{settings}: sequence scores max|diff|={err:.2e}"
+        for settings in ({"num_beams": 1}, {"num_beams": 3}):
+            expected = unrolled.generate(batch["inputs"], batch["attention_mask"], max_new_tokens=6, **settings)
+            got = scanned.generate(batch["inputs"], batch["attention_mask"], max_new_tokens=6, **settings)
+            assert got.sequences.tolist() == expected.sequences.tolist(), settings
+            err = float(np.max(np.abs(got.sequences_scores - expected.sequences_scores)))
+            assert err <= TOLERANCE, f"{settings}: sequence scores max|diff|={err:.2e}"
 
 
 def test_train_mode_follows_its_key_and_layer_drop_matches_unrolled(composed_dir):

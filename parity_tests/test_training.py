@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import importlib
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -98,6 +99,7 @@ def _models(directory):
     op by op took twice as long: 64 s against 35 s for the six pairs in one process)."""
     flax_model = FlaxSpeechEncoderDecoderModel.from_pretrained(directory)
 
+    @jax.jit
     def value_and_grad(params, batch, smoothing, masks):
         return jax.value_and_grad(lambda p: flax_model.loss(
             batch["inputs"], batch["attention_mask"], batch["labels"], params=p, label_smoothing=smoothing,
@@ -225,6 +227,20 @@ def test_saved_gradients_have_transformers_names_in_both_formats(composed_dir, t
     total = float(np.sqrt(sum(np.sum(np.square(theirs[k].astype(np.float64))) for k in grad_keys)))
     worst = max(float(np.linalg.norm(ours[k].astype(np.float64) - theirs[k])) / total for k in grad_keys)
     assert worst <= GRAD_TOLERANCE, f"max |Δgrad| / |grad| over the saved tensors: {worst:.2e}"
+
+
+def test_a_traced_label_smoothing_must_be_a_float_scalar(composed_dir):
+    """Inside a caller's jit the loss takes the smoothing as a traced scalar (the pair tests differentiate it so);
+    its value cannot be checked there, its type can."""
+    from convert.base.errors import UsageError
+
+    model = FlaxSpeechEncoderDecoderModel.from_pretrained(composed_dir(*PAIRS[0]))
+    batch = _batch(model.config)
+    loss = lambda smoothing: model.loss(batch["inputs"], batch["attention_mask"], batch["labels"],
+                                        label_smoothing=smoothing)
+    for bad, shown in ((jnp.int32(0), "int32[]"), (jnp.zeros(2), "float32[2]")):
+        with pytest.raises(UsageError, match=rf"^label_smoothing: {re.escape(shown)}, expected a float scalar"):
+            jax.jit(loss)(bad)
 
 
 def test_save_pretrained_refuses_a_tree_of_another_shape(composed_dir, tmp_path):

@@ -171,7 +171,8 @@ class DecoderLayer(nn.Module):
             if rope_cos is not None:
                 query, key = rotate(query, rope_cos, rope_sin), rotate(key, rope_cos, rope_sin)
             if layer_cache is not None:
-                at = (0, 0, index, 0)
+                zero = jnp.zeros((), jnp.int32)  # one index type, whether or not JAX's 64-bit mode is on
+                at = (zero, zero, jnp.asarray(index, jnp.int32), zero)
                 key = jax.lax.dynamic_update_slice(layer_cache.self_keys, key.astype(layer_cache.self_keys.dtype), at)
                 value = jax.lax.dynamic_update_slice(layer_cache.self_values,
                                                      value.astype(layer_cache.self_values.dtype), at)
