@@ -83,8 +83,7 @@ def test_prefix_logits_match_the_reference_and_transformers(prefix_dir, encoder,
     flax_model = FlaxSpeechPrefixModel.from_pretrained(directory)
     reference = SpeechPrefixModel.from_pretrained(directory)
     inputs, mask, ids, _ = _batch(flax_model.config)
-    with jax.disable_jit():  # op by op: the tiny models' operations compile once for every pair
-        logits, real = (np.asarray(a) for a in flax_model(inputs, mask, ids))
+    logits, real = (np.asarray(a) for a in flax_model(inputs, mask, ids))
     with torch.no_grad():
         ref_logits, ref_real = reference(*(torch.from_numpy(a) for a in (inputs, mask, ids)))
     assert np.array_equal(real, ref_real.numpy())
@@ -117,10 +116,9 @@ def test_projector_and_lora_gradients_match_the_reference(prefix_dir, encoder, d
     trainable = {k: v for k, v in {**flat, **factors}.items() if k.startswith("projector/") or k in factors}
     frozen = {k: v for k, v in flat.items() if k not in trainable}
     adapted = FlaxSpeechPrefixModel(config, flax_model.params, lora=settings)
-    with jax.disable_jit():
-        loss, grads = jax.value_and_grad(lambda t: adapted.loss(
-            inputs, mask, labels, params=traverse_util.unflatten_dict({**frozen, **t}, sep="/")))(
-            {k: jax.numpy.asarray(v) for k, v in trainable.items()})
+    loss, grads = jax.jit(jax.value_and_grad(lambda t: adapted.loss(
+        inputs, mask, labels, params=traverse_util.unflatten_dict({**frozen, **t}, sep="/"))))(
+        {k: jax.numpy.asarray(v) for k, v in trainable.items()})
     lora = add_lora(reference, layers, settings, factors)
     ref_loss = reference.loss(*torch_in)
     ref_loss.backward()
