@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import json
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -116,9 +117,8 @@ def test_composed_pair_matches_reference_and_copies_every_weight_bit_exactly(enc
     if (encoder, decoder) not in LOGIT_PAIRS:
         return
 
-    # Flax logits equal the reference's on a padded batch. The composed module runs op by op: the tiny models'
-    # ops compile once per test worker and serve every pair, a third of the CPU time of one jit per pair (the
-    # jitted path is what test_architectures, test_compose and test_goldens run).
+    # Flax logits equal the reference's on a padded batch, the composed module compiled (with the suite's compile
+    # settings, conftest.py, one jit per pair costs less than running the pairs op by op).
     batch = seeded_inputs(config, seed=1, seconds=0.1)
     params = {}
     for path in sorted(flax_file.keys()):
@@ -127,7 +127,7 @@ def test_composed_pair_matches_reference_and_copies_every_weight_bit_exactly(enc
         for name in parents:
             node = node.setdefault(name, {})
         node[leaf] = flax_file.get(path)
-    logits = SpeechEncoderDecoderModule(config).apply(
+    logits = jax.jit(SpeechEncoderDecoderModule(config).apply)(
         {"params": params}, batch["inputs"], batch["attention_mask"], batch["decoder_input_ids"])
     with torch.no_grad():
         expected = torch_model(*(torch.from_numpy(batch[k]) for k in ("inputs", "attention_mask",
