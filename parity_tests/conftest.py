@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 
@@ -22,81 +21,48 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 # fifth of each compilation and buy nothing measurable at these sizes. (Tolerances are unchanged.)
 if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
+# XLA's CPU code generation without its MLIR fusion emitters: for these tiny models it compiles about 2.5x faster
+# (a composed pair's gradient 3.2 CPU-seconds instead of 8.2), compilation being the suite's largest cost. Results
+# differ from the default emitters' by rounding only (reductions summed in another order; docs/test_suite.md).
+# The tests marked `default_emitters` keep XLA's defaults, as users run them: the run leaves them out and
+# test_default_emitters.py runs them in a pytest process of their own with PARITY_DEFAULT_EMITTERS=1, which also
+# runs any test (all of them, without `-m`) with the defaults. Processes the tests start inherit the setting.
+DEFAULT_EMITTERS = os.environ.get("PARITY_DEFAULT_EMITTERS") == "1"
+if not DEFAULT_EMITTERS and "xla_cpu_use_fusion_emitters" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_cpu_use_fusion_emitters=false"
 
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-import jax
-import pytest
+import pytest  # noqa: E402
 
-# Programs compiled with `jax.jit` in the test processes use XLA's CPU code generation without its MLIR fusion
-# emitters: for these tiny models it compiles about 2.5x faster (a composed pair's gradient 3.2 CPU-seconds instead
-# of 8.2), the suite's largest cost. The results differ from the default emitters' by rounding only (reductions
-# are summed in another order); docs/test_suite.md has the figures. What stays on XLA's default code generation:
-# operations run one by one (the transformers and pre-core goldens compare those), the commands the tests start
-# as processes (the CLI verification and check tests), the tests marked `default_emitters` (those comparing two
-# compiled float32 programs for equality to the last bits), and every test with PARITY_DEFAULT_EMITTERS=1 set.
-LEGACY_EMITTERS = {"xla_cpu_use_fusion_emitters": False}
-_plain_jit = jax.jit
-_default_emitters = os.environ.get("PARITY_DEFAULT_EMITTERS") == "1"
-_marked_default = False
+from scripts import make_fixtures  # noqa: E402
 
-
-class _Jit:
-    """What `jax.jit(fun, **options)` gives in the test processes: called at the top level (no tracer among the
-    arguments) it runs the program compiled with LEGACY_EMITTERS, unless the test keeps the defaults; called
-    inside another transformation, the plain jit (XLA takes compiler options for top-level programs only)."""
-
-    def __init__(self, fun, kwargs):
-        self._plain = _plain_jit(fun, **kwargs)
-        options = {**LEGACY_EMITTERS, **(kwargs.get("compiler_options") or {})}
-        self._legacy = _plain_jit(fun, **{**kwargs, "compiler_options": options})
-
-    def _target(self, args, kwargs):
-        if _default_emitters or _marked_default:
-            return self._plain
-        traced = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((args, kwargs)))
-        return self._plain if traced else self._legacy
-
-    def __call__(self, *args, **kwargs):
-        return self._target(args, kwargs)(*args, **kwargs)
-
-    def lower(self, *args, **kwargs):
-        return self._target(args, kwargs).lower(*args, **kwargs)
-
-    def _cache_size(self) -> int:  # what convert.transcribe reports as compilations
-        return self._plain._cache_size() + self._legacy._cache_size()
-
-    def __getattr__(self, name):
-        return getattr(self._plain, name)
-
-    def __get__(self, instance, owner):  # a jitted method
-        return self if instance is None else functools.partial(self, instance)
-
-
-def _jit(fun=None, /, **kwargs):
-    if fun is None:
-        return lambda f: _Jit(f, dict(kwargs))
-    return _Jit(fun, dict(kwargs))
-
-
-_jit.__doc__ = _plain_jit.__doc__
-jax.jit = _jit
+# Modules whose tests take 10-40 s each (training runs, several processes) and the default-emitters group: run
+# first, so that the two workers do not end with one of them still in such a test while the other waits
+# (pytest-xdist's worksteal balances the short tests that follow).
+LONG_MODULES = ("test_default_emitters.py", "test_multiprocess.py", "test_mesh_training.py", "test_finetune.py",
+                "test_ctc.py")
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "default_emitters: the test's programs compile with XLA's default CPU code "
-                                       "generation (it compares compiled float32 programs to the last bits)")
+    config.addinivalue_line("markers", "default_emitters: runs with XLA's default CPU code generation, in the "
+                                       "pytest process test_default_emitters.py starts (float32 equalities of two "
+                                       "compiled programs, goldens recorded with the defaults, what users run)")
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_runtest_setup(item: pytest.Item) -> None:
-    """Before the test's fixtures are set up: whether the programs they and the test compile keep the defaults."""
-    global _marked_default
-    _marked_default = item.get_closest_marker("default_emitters") is not None
-
-
-from scripts import make_fixtures  # noqa: E402  (after jax.jit is replaced: modules jitting at import see it)
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
+    """Long modules first; the `default_emitters` tests only where the defaults are on, and their runner only where
+    they are not."""
+    rank = {name: i for i, name in enumerate(LONG_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_MODULES)))  # stable: the rest keep their order
+    runner = lambda item: item.path.name == "test_default_emitters.py"
+    marked = lambda item: item.get_closest_marker("default_emitters") is not None
+    leave_out = (lambda item: runner(item)) if DEFAULT_EMITTERS else marked
+    kept = [item for item in items if not leave_out(item)]
+    if len(kept) != len(items):
+        config.hook.pytest_deselected(items=[item for item in items if leave_out(item)])
+        items[:] = kept
 
 
 @pytest.fixture(scope="session")

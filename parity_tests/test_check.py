@@ -15,6 +15,7 @@ import wave
 from pathlib import Path
 
 import numpy as np
+import pytest
 from safetensors.numpy import load_file, save_file
 
 from convert import check as check_command
@@ -47,6 +48,7 @@ def main_check(capsys, *args: str) -> tuple[int, str]:
     return code, out + err
 
 
+@pytest.mark.default_emitters  # the check users run
 def test_check_passes_on_a_good_composed_model(composed_dir, capsys):
     code, out = main_check(capsys, str(composed_dir("w2v_stable_wide", "gpt2_lm")), "--json")
     assert code == 0, out

@@ -283,6 +283,7 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> sub
                           cwd=cwd or REPO, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, timeout=300)
 
 
+@pytest.mark.default_emitters  # the verification users run
 def test_cli_composes_the_builtin_sources_offline(tmp_path):
     # Without --no-progress: stderr is not a terminal here, so no progress bar may be drawn on it.
     result = run_cli("--encoder", "wav2vec2", "--decoder", "bart", "--output", str(tmp_path / "out"))

@@ -19,6 +19,9 @@ from flax_model.speech_encoder_decoder import param_shapes
 from scripts import make_core_goldens as goldens
 from torch_reference.registry import from_pretrained as reference_from_pretrained
 
+# Recorded with XLA's default CPU code generation, op by op: held to the bit there (conftest.py).
+pytestmark = pytest.mark.default_emitters
+
 GOLDEN = np.load(goldens.OUTPUT)
 TOLERANCE = 1e-6  # absolute, on logits of magnitude up to ~10 and on the loss; relative on gradients
 INPUTS = {k.split("/", 1)[1]: GOLDEN[k] for k in GOLDEN.files if k.startswith("inputs/")}
