@@ -7,6 +7,12 @@ import jax
 import jax.numpy as jnp
 
 
+def slice_start(*indices) -> tuple[jax.Array, ...]:
+    """Start indices for `jax.lax.dynamic_update_slice`, all int32: Python ints become int64 in JAX's 64-bit mode,
+    and the positions it is given are int32."""
+    return tuple(jnp.asarray(i, jnp.int32) for i in indices)
+
+
 @flax.struct.dataclass
 class LayerCache:
     """One decoder layer's cache.

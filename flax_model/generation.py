@@ -52,7 +52,7 @@ from convert.base.generation_settings import (
     model_generation_config,
     resolve_with_prompt,
 )
-from flax_model.cache import DecoderCache, reorder_cache
+from flax_model.cache import DecoderCache, reorder_cache, slice_start
 from flax_model.ctc import JointScorer, PrefixState, decoding_log_probs
 
 # How many times each search has been traced (a Python side effect that runs only while tracing).
@@ -82,11 +82,6 @@ class GenerateOutput:
     sequences_scores: np.ndarray
     scores: np.ndarray | None = None
     beam_indices: np.ndarray | None = None
-
-
-def _at(*indices) -> tuple[jax.Array, ...]:
-    """Start indices for `dynamic_update_slice`, all int32 (Python ints become int64 in JAX's 64-bit mode)."""
-    return tuple(jnp.asarray(i, jnp.int32) for i in indices)
 
 
 def generate(
@@ -382,9 +377,11 @@ def greedy_or_sample(decode: DecodeFn, cache: DecoderCache, settings: Generation
         if eos:
             next_tokens = jnp.where(live, next_tokens, pad)
             out["finished"] = state["finished"] | jnp.isin(next_tokens, jnp.asarray(eos, jnp.int32))
-        out["sequences"] = jax.lax.dynamic_update_slice(state["sequences"], next_tokens[:, None], _at(0, first + step))
+        out["sequences"] = jax.lax.dynamic_update_slice(state["sequences"], next_tokens[:, None],
+                                                        slice_start(0, first + step))
         if settings.output_scores:
-            out["scores"] = jax.lax.dynamic_update_slice(state["scores"], scores[:, None, :], _at(0, step, 0))
+            out["scores"] = jax.lax.dynamic_update_slice(state["scores"], scores[:, None, :],
+                                                         slice_start(0, step, 0))
         return out
 
     state = {"sequences": sequences, "cache": cache, "finished": jnp.zeros((rows,), bool),
@@ -488,10 +485,11 @@ def beam_search(decode: DecodeFn, cache: DecoderCache, settings: GenerationSetti
             top_scores, top_ids = jax.lax.top_k(candidates, keep)  # [B, K']
         source_beam, token = top_ids // vocab, (top_ids % vocab).astype(jnp.int32)
         extended = jnp.take_along_axis(s.running, source_beam[:, :, None], axis=1)  # [B, K', L]
-        extended = jax.lax.dynamic_update_slice(extended, token[:, :, None], _at(0, 0, first - 1 + generated))
+        extended = jax.lax.dynamic_update_slice(extended, token[:, :, None],
+                                                slice_start(0, 0, first - 1 + generated))
         source_row = (jnp.arange(batch)[:, None] * k + source_beam).astype(jnp.int32)  # [B, K']
         beams = jnp.take_along_axis(s.running_beams, source_beam[:, :, None], axis=1)
-        beams = jax.lax.dynamic_update_slice(beams, source_row[:, :, None], _at(0, 0, s.step))
+        beams = jax.lax.dynamic_update_slice(beams, source_row[:, :, None], slice_start(0, 0, s.step))
         ends = jnp.isin(token, eos) | (generated >= max_new)  # [B, K']
 
         # The K best candidates that go on; ended ones rank last (transformers' score - 1e9; a stable sort keeps
@@ -523,7 +521,8 @@ def beam_search(decode: DecodeFn, cache: DecoderCache, settings: GenerationSetti
             done = s.done | (full & (jnp.min(finished_scores, axis=1) >= best_possible))
         step_scores = s.scores
         if settings.output_scores:
-            step_scores = jax.lax.dynamic_update_slice(s.scores, log_probs[:, None, :], _at(0, s.step, 0))
+            step_scores = jax.lax.dynamic_update_slice(s.scores, log_probs[:, None, :],
+                                                       slice_start(0, s.step, 0))
         return BeamState(
             cache=reorder_cache(cache, rows.reshape(-1), cross=False),  # beams stay within their utterance
             running=running,

@@ -58,7 +58,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     items.sort(key=lambda item: rank.get(item.path.name, len(LONG_MODULES)))  # stable: the rest keep their order
     runner = lambda item: item.path.name == "test_default_emitters.py"
     marked = lambda item: item.get_closest_marker("default_emitters") is not None
-    leave_out = (lambda item: runner(item)) if DEFAULT_EMITTERS else marked
+    leave_out = runner if DEFAULT_EMITTERS else marked
     kept = [item for item in items if not leave_out(item)]
     if len(kept) != len(items):
         config.hook.pytest_deselected(items=[item for item in items if leave_out(item)])

@@ -173,9 +173,9 @@ def test_two_processes_read_their_shards_generate_train_and_save_like_one(compos
     # The tiny model compiles far longer than it runs: XLA's CPU backend optimisations off and its legacy emitters,
     # as conftest.py compiles the single-process programs compared with here.
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS} "
-                                      "--xla_backend_optimization_level=0"
-                                      + ("" if os.environ.get("PARITY_DEFAULT_EMITTERS") == "1"
-                                         else " --xla_cpu_use_fusion_emitters=false"),
+                                      "--xla_backend_optimization_level=0 "
+                                      + " ".join(f for f in os.environ["XLA_FLAGS"].split()
+                                                 if f.startswith("--xla_cpu_use_fusion_emitters")),
            "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
     outs = [tmp_path / f"process{i}.json" for i in range(PROCESSES)]
     saved = tmp_path / "trained"

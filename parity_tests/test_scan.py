@@ -255,7 +255,8 @@ def test_cached_decoding_and_generation_equal_unrolled(composed_dir):
         rows = jnp.asarray([1, 0, 1])
         moved, moved_stacked = reorder_cache(cache, rows), reorder_cache(stacked, rows)
         for i, layer in enumerate(cache.layers):
-            assert np.array_equal(np.asarray(moved.layers[i].cross_keys), np.asarray(layer.cross_keys)[np.asarray(rows)])
+            assert np.array_equal(np.asarray(moved.layers[i].cross_keys),
+                                  np.asarray(layer.cross_keys)[np.asarray(rows)])
             assert np.array_equal(np.asarray(moved_stacked.layers.cross_keys[i]),
                                   np.asarray(stacked.layers.cross_keys[i])[np.asarray(rows)])
         kept = reorder_cache(stacked, jnp.asarray([1, 0]), cross=False)

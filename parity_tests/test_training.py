@@ -95,8 +95,8 @@ def _batch(config, seed: int = 0) -> dict[str, np.ndarray]:
 @functools.cache
 def _models(directory):
     """The pair's Flax model, reference, and (params, batch, smoothing, masks) -> (loss, grads): the gradient of
-    the model's compiled loss (smoothing and masks are its arguments, so a pair compiles once for both checks;
-    op by op took twice as long: 64 s against 35 s for the six pairs in one process)."""
+    the model's loss, compiled whole (smoothing and masks are its arguments, so a pair compiles once for both
+    checks, and the remat check compares two programs compiled alike)."""
     flax_model = FlaxSpeechEncoderDecoderModel.from_pretrained(directory)
 
     @jax.jit

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from convert.base.decoder_core import DecoderCore
 from convert.base.decoder_layout import DecoderLayout
-from flax_model.cache import DecoderCache, LayerCache
+from flax_model.cache import DecoderCache, LayerCache, slice_start
 from flax_model.decoder.attention import attend, dropout, layer_flags, rotate, split_heads
 from flax_model.decoder.tree import adopt, build_tree, lookup
 from flax_model.layers import ACTIVATIONS, layer_drop, make_stack, map_stack, run_stack
@@ -171,8 +171,7 @@ class DecoderLayer(nn.Module):
             if rope_cos is not None:
                 query, key = rotate(query, rope_cos, rope_sin), rotate(key, rope_cos, rope_sin)
             if layer_cache is not None:
-                zero = jnp.zeros((), jnp.int32)  # one index type, whether or not JAX's 64-bit mode is on
-                at = (zero, zero, jnp.asarray(index, jnp.int32), zero)
+                at = slice_start(0, 0, index, 0)
                 key = jax.lax.dynamic_update_slice(layer_cache.self_keys, key.astype(layer_cache.self_keys.dtype), at)
                 value = jax.lax.dynamic_update_slice(layer_cache.self_values,
                                                      value.astype(layer_cache.self_values.dtype), at)
