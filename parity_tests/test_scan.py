@@ -38,6 +38,7 @@ from flax_model.speech_encoder_decoder import (
     stacked_param_shapes,
     unstack_params,
 )
+from parity_tests.float64 import float64
 
 TOLERANCE = 1e-6
 
@@ -104,12 +105,6 @@ def logits_and_gradient(module: SpeechEncoderDecoderModule, params, batch, remat
 def test_every_registered_architecture_is_scanned():
     used = {c for pair in PAIRS for c in pair}
     assert {first_pair_case(s) for s in specs() if scanned(s)} <= used
-
-
-def float64(tree):
-    """Every floating leaf as float64 (under `jax.enable_x64`)."""
-    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float64) if jnp.issubdtype(jnp.result_type(x), jnp.floating)
-                        else jnp.asarray(x), tree)
 
 
 @pytest.mark.parametrize(("encoder", "decoder"), PAIRS, ids=[f"{e}+{d}" for e, d in PAIRS])
