@@ -1,9 +1,11 @@
-"""The decoders compute what they computed before the decoder core (issue 19), to the bit or within 1e-6.
+"""The decoders compute what they computed before the decoder core (issue 19), within 1e-6.
 
 `parity_tests/goldens/decoder_core.npz` was written by `scripts/make_core_goldens.py` with the per-family decoders
 that the core replaced: every decoder fixture's file digests, the logits of the Flax model and of the PyTorch
 reference (teacher-forced, and decoded through the cache), and the decoder-side label loss and gradients of a few
-composed pairs. This module recomputes them all with the code of today.
+composed pairs, all computed in float64 and stored as projections (norm and 8 random directions). This module
+recomputes them all with the code of today, in float64 too: the figures then hold on any CPU and with either of
+XLA's CPU emitters (in float32 they moved by 3e-6 to 7e-6 on an AMD EPYC against the machine they were recorded on).
 """
 
 from __future__ import annotations
@@ -19,11 +21,10 @@ from flax_model.speech_encoder_decoder import param_shapes
 from scripts import make_core_goldens as goldens
 from torch_reference.registry import from_pretrained as reference_from_pretrained
 
-# Recorded with XLA's default CPU code generation, op by op: held to the bit there (conftest.py).
-pytestmark = pytest.mark.default_emitters
-
 GOLDEN = np.load(goldens.OUTPUT)
-TOLERANCE = 1e-6  # absolute, on logits of magnitude up to ~10 and on the loss; relative on gradients
+# On the loss absolute; on logits and gradients relative to the array's norm (or, for a gradient that is zero
+# analytically, e.g. an attention key bias's, to a millionth of the whole gradient's).
+TOLERANCE = 1e-6
 INPUTS = {k.split("/", 1)[1]: GOLDEN[k] for k in GOLDEN.files if k.startswith("inputs/")}
 # The decoder fixtures that existed before the core (families added on the core have goldens of their own).
 PRE_CORE_CASES = sorted(k.split("/")[0] for k in GOLDEN.files if k.endswith("/fixture_sha256"))
@@ -34,24 +35,20 @@ def test_every_pre_core_decoder_fixture_is_still_made():
     assert PRE_CORE_CASES and not missing, f"decoder fixtures of the golden no longer made: {missing}"
 
 
-def max_diff(a: np.ndarray, b: np.ndarray) -> float:
-    assert a.shape == b.shape, f"shape {a.shape} vs {b.shape}"
-    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+def relative_diff(got: np.ndarray, want: np.ndarray, scale: float) -> float:
+    """max|got - want| / scale (projections: [norm, 8 dot products])."""
+    assert got.shape == want.shape, f"shape {got.shape} vs {want.shape}"
+    return float(np.max(np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64)))) / scale
 
 
 @functools.cache
-def _logits(directory: Path) -> dict[str, np.ndarray]:
-    """{"<flax|torch>/<logits|cached_logits>": array} of a fixture, with the golden's batch."""
+def _logits(directory: Path, case: str) -> dict[str, np.ndarray]:
+    """{"<flax|torch>/<logits|cached_logits>": projections} of a fixture's float64 logits, with the golden's batch."""
     loaded = load_params(directory, param_shapes)
     model, _ = reference_from_pretrained(directory)
     batch = goldens.case_inputs(loaded.config, INPUTS)
-    out = {}
-    for who, (full, cached) in (("flax", goldens.flax_logits(loaded.config, loaded.params, batch)),
-                                ("torch", goldens.torch_logits(model, loaded.config, batch))):
-        out[f"{who}/logits"] = full
-        if cached is not None:
-            out[f"{who}/cached_logits"] = cached
-    return out
+    out = goldens.logits_projections(case, loaded.config, loaded.params, model, batch)
+    return {k.removeprefix(f"{case}/"): v for k, v in out.items()}
 
 
 @pytest.mark.parametrize("case", PRE_CORE_CASES)
@@ -66,13 +63,16 @@ def test_decoder_logits_equal_those_before_the_core(case, fixture_dir):
         assert mine.config == theirs.config
         assert goldens.params_digest(mine.params) == goldens.params_digest(theirs.params)
         return
-    got = _logits(directory)
+    got = _logits(directory, case)
     expected = sorted(k.split("/", 1)[1] for k in GOLDEN.files if k.startswith(f"{case}/") and "logits" in k)
     assert sorted(got) == expected
-    errors = {name: max_diff(got[name], GOLDEN[f"{case}/{name}"]) for name in expected}
+    errors = {}
+    for name in expected:
+        want = GOLDEN[f"{case}/{name}"]
+        errors[name] = relative_diff(got[name], want, float(want[0]))
     worst = max(errors, key=errors.get)
-    print(f"{case}: max|Δ| {errors[worst]:.2e} ({worst})")
-    assert errors[worst] <= TOLERANCE, f"{case}: {worst} moved by max|Δ|={errors[worst]:.2e}"
+    print(f"{case}: max relative |Δ| {errors[worst]:.2e} ({worst})")
+    assert errors[worst] <= TOLERANCE, f"{case}: {worst} moved by {errors[worst]:.2e} of its norm"
 
 
 @pytest.mark.parametrize(("encoder", "decoder"), goldens.PAIRS, ids=[f"{e}+{d}" for e, d in goldens.PAIRS])
@@ -88,7 +88,7 @@ def test_composed_decoder_gradients_equal_those_before_the_core(encoder, decoder
     worst, worst_key = 0.0, None
     for key, value in expected.items():
         scale = 1.0 if key.endswith("/loss") else max(float(value[0]), 1e-6 * total[key[:key.index("/") + 1]])
-        err = max_diff(got[key], value) / scale
+        err = relative_diff(got[key], value, scale)
         if err > worst:
             worst, worst_key = err, key
     print(f"{encoder}+{decoder}: max relative |Δ| {worst:.2e} ({worst_key})")

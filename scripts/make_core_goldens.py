@@ -5,14 +5,25 @@
 For every decoder fixture case (every case of every registered decoder spec): the sha256 of the fixture's files
 (the fixture scripts draw their weights in the reference module's parameter order, so a change of that order
 shows here), and, once per distinct model (a case that loads to the config and params of an earlier case, e.g.
-the same decoder stored as `BartForConditionalGeneration`, only names that case), the logits of the Flax model and of the PyTorch reference on one padded batch, teacher-forced
-and, for causal decoders, decoded through the cache (a prefill of 6 tokens, then one token at a time). For a few
-composed pairs (whose decoders hold the cross-attention the composer created): the label loss of the decoder on
-the same batch and every decoder parameter's gradient (as `projections`), in both frameworks. Flax runs eagerly,
-as the test that reads this file does (`parity_tests/test_decoder_core.py`).
+the same decoder stored as `BartForConditionalGeneration`, only names that case), the logits of the Flax model and
+of the PyTorch reference on one padded batch, teacher-forced and, for causal decoders, decoded through the cache (a
+prefill of 6 tokens, then one token at a time). For a few composed pairs (whose decoders hold the cross-attention
+the composer created): the label loss of the decoder on the same batch and every decoder parameter's gradient, in
+both frameworks. Flax runs eagerly, as the test that reads this file does (`parity_tests/test_decoder_core_goldens.py`).
 
-The file was written with the decoders as they were before the decoder core (issue 19); the test proves that
-the code of today reproduces it. Rerun this script only when a decoder's numbers are meant to change.
+Everything is computed in float64 (the Flax modules' `dtype` under `jax.enable_x64`, the reference `.double()`,
+params and inputs cast; the softmax of attention scores stays float32 by design): float32 results move with the
+CPU and XLA's code generation by a few 1e-6, float64 ones by ~1e-15, so the file holds on any machine. Each logits
+array and gradient is stored as `projections` (its norm and 8 dot products with seeded random directions, float64):
+any change of the array moves them, and they take 72 bytes.
+
+The file was written with the decoders as they were before the decoder core (issue 19), this script run in a
+checkout of the commit before it:
+
+    git worktree add /tmp/pre-core bb46fd9 && cp scripts/make_core_goldens.py /tmp/pre-core/scripts/
+    (cd /tmp/pre-core && PYTHONPATH=$PWD python scripts/make_core_goldens.py --output $OLDPWD/parity_tests/goldens/decoder_core.npz)
+
+and the test proves that the code of today reproduces it. Rerun it only when a decoder's numbers are meant to change.
 """
 
 from __future__ import annotations
@@ -112,26 +123,38 @@ def cache_chunks() -> list[tuple[int, int]]:
     return [(0, PREFILL), *((t, t + 1) for t in range(PREFILL, LENGTH))]
 
 
+def float64(tree):
+    """Every floating leaf of a tree of arrays as float64 (numpy; JAX keeps it under `jax.enable_x64`)."""
+    return jax.tree.map(lambda x: np.asarray(x, np.float64) if np.issubdtype(np.asarray(x).dtype, np.floating)
+                        else np.asarray(x), tree)
+
+
 def flax_logits(config, params, batch) -> tuple[np.ndarray, np.ndarray | None]:
-    """(teacher-forced logits, cached logits or None) of the Flax model, run eagerly (not jitted as a whole)."""
-    module = module_for(config)
-    variables = {"params": params}
-    full, _ = module.apply(variables, **batch)
-    if not is_causal(config):
-        return np.asarray(full), None
-    cache = module.apply(variables, BATCH, LENGTH, batch.get("encoder_hidden_states"),
-                         batch.get("encoder_attention_mask"), method="init_cache")
-    steps = []
-    for start, stop in cache_chunks():
-        logits, cache = module.apply(variables, batch["input_ids"][:, start:stop], batch["attention_mask"],
-                                     cache=cache)
-        steps.append(np.asarray(logits))
-    return np.asarray(full), np.concatenate(steps, axis=1)
+    """(teacher-forced logits, cached logits or None) of the Flax model in float64, run eagerly (not jitted as a
+    whole)."""
+    import jax.numpy as jnp
+
+    with jax.enable_x64(True):
+        module = module_for(config, dtype=jnp.float64)
+        variables = {"params": float64(params)}
+        batch = float64(batch)
+        full, _ = module.apply(variables, **batch)
+        if not is_causal(config):
+            return np.asarray(full), None
+        cache = module.apply(variables, BATCH, LENGTH, batch.get("encoder_hidden_states"),
+                             batch.get("encoder_attention_mask"), method="init_cache")
+        steps = []
+        for start, stop in cache_chunks():
+            logits, cache = module.apply(variables, batch["input_ids"][:, start:stop], batch["attention_mask"],
+                                         cache=cache)
+            steps.append(np.asarray(logits))
+        return np.asarray(full), np.concatenate(steps, axis=1)
 
 
 def torch_logits(model, config, batch) -> tuple[np.ndarray, np.ndarray | None]:
-    """(teacher-forced logits, cached logits or None) of the reference."""
-    t = {k: torch.from_numpy(v) for k, v in batch.items()}
+    """(teacher-forced logits, cached logits or None) of the reference in float64 (`model` is made double)."""
+    model.double()
+    t = {k: torch.from_numpy(v) for k, v in float64(batch).items()}
     with torch.no_grad(), one_torch_thread():
         full, _ = model(**t)
         if not is_causal(config):
@@ -144,30 +167,43 @@ def torch_logits(model, config, batch) -> tuple[np.ndarray, np.ndarray | None]:
     return full.numpy(), np.concatenate(steps, axis=1)
 
 
+def logits_projections(case: str, config, params, model, batch) -> dict[str, np.ndarray]:
+    """{"<case>/<flax|torch>/<logits|cached_logits>": projections} of both frameworks' float64 logits."""
+    out = {}
+    for who, (full, cached) in (("flax", flax_logits(config, params, batch)),
+                                ("torch", torch_logits(model, config, batch))):
+        for name, logits in (("logits", full), ("cached_logits", cached)):
+            if logits is not None:
+                key = f"{case}/{who}/{name}"
+                out[key] = projections(key, logits)
+    return out
+
+
 def label_loss_flax(logits, ids, mask):
-    """Mean next-token cross-entropy over the real target tokens: logits [B, T, V], ids/mask [B, T]."""
+    """Mean next-token cross-entropy over the real target tokens, in the logits' dtype: logits [B, T, V], ids/mask
+    [B, T]."""
     import jax.numpy as jnp
 
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
     picked = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
-    weight = mask[:, 1:].astype(jnp.float32)
+    weight = mask[:, 1:].astype(logits.dtype)
     return -jnp.sum(picked * weight) / jnp.sum(weight)
 
 
 def label_loss_torch(logits, ids, mask):
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)
     picked = torch.gather(logp, -1, ids[:, 1:, None].long())[..., 0]
-    weight = mask[:, 1:].float()
+    weight = mask[:, 1:].to(logits.dtype)
     return -torch.sum(picked * weight) / torch.sum(weight)
 
 
-def projections(path: str, grad: np.ndarray) -> np.ndarray:
-    """[norm, 4 projections] of a gradient: its float64 norm and its dot products with 4 N(0, 1) directions drawn
-    from the path's CRC32, which stand for the whole array (any change of it moves them) in 5 numbers."""
+def projections(path: str, array: np.ndarray) -> np.ndarray:
+    """[norm, 8 projections] of an array: its float64 norm and its dot products with 8 N(0, 1) directions drawn
+    from the path's CRC32, which stand for the whole array (any change of it moves them) in 9 numbers."""
     import zlib
 
-    flat = np.asarray(grad, np.float64).ravel()
-    directions = np.random.default_rng(zlib.crc32(path.encode())).standard_normal((flat.size, 4))
+    flat = np.asarray(array, np.float64).ravel()
+    directions = np.random.default_rng(zlib.crc32(path.encode())).standard_normal((flat.size, 8))
     return np.concatenate([[np.linalg.norm(flat)], flat @ directions])
 
 
@@ -177,22 +213,26 @@ def pair_gradients(directory: Path, inputs: dict[str, np.ndarray]) -> dict[str, 
     from convert.base.registry import spec_for
     from torch_reference.speech_encoder_decoder import from_pretrained as composed_from_pretrained
 
+    import jax.numpy as jnp
+
     loaded = load_params(directory, param_shapes)
     config = loaded.config.decoder
-    module = module_for(config)
+    inputs = float64(inputs)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     extra = {k: inputs[k] for k in ("encoder_hidden_states", "encoder_attention_mask")}
+    with jax.enable_x64(True):
+        module = module_for(config, dtype=jnp.float64)
 
-    def loss(params):
-        logits, _ = module.apply({"params": params}, ids, mask, **extra)
-        return label_loss_flax(logits, ids, mask)
+        def loss(params):
+            logits, _ = module.apply({"params": params}, ids, mask, **extra)
+            return label_loss_flax(logits, ids, mask)
 
-    value, grads = jax.value_and_grad(loss)(loaded.params["decoder"])
-    out = {"flax/loss": np.asarray(value)}
-    out.update({f"flax/{k}": projections(k, v) for k, v in traverse_util.flatten_dict(grads, sep="/").items()})
+        value, grads = jax.value_and_grad(loss)(float64(loaded.params["decoder"]))
+        out = {"flax/loss": np.asarray(value)}
+        out.update({f"flax/{k}": projections(k, v) for k, v in traverse_util.flatten_dict(grads, sep="/").items()})
 
     model, _ = composed_from_pretrained(directory)
-    decoder = model.decoder
+    decoder = model.decoder.double()
     decoder.zero_grad()
     t = {k: torch.from_numpy(v) for k, v in inputs.items()}
     with one_torch_thread():
@@ -210,10 +250,28 @@ def pair_gradients(directory: Path, inputs: dict[str, np.ndarray]) -> dict[str, 
     return out
 
 
+def int32_slice_starts() -> None:
+    """Makes `jax.lax.dynamic_update_slice` take its start indices as int32 for this run. The pre-core decoders wrote
+    their cache at (0, 0, index, 0) with an int32 index beside Python ints, which JAX refuses under `enable_x64`
+    (int64 and int32 mixed; today's code passes int32 throughout): indices only, no number changes."""
+    import jax.numpy as jnp
+
+    update = jax.lax.dynamic_update_slice
+    if getattr(update, "int32_starts", False):
+        return
+
+    def int32_starts(operand, value, start_indices):
+        return update(operand, value, [jnp.asarray(i, jnp.int32) for i in start_indices])
+
+    int32_starts.int32_starts = True
+    jax.lax.dynamic_update_slice = int32_starts
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=OUTPUT)
     args = parser.parse_args(argv)
+    int32_slice_starts()
     from convert.compose import compose
 
     inputs = text_inputs()
@@ -232,11 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             model, _ = reference_from_pretrained(directory)
             batch = case_inputs(loaded.config, inputs)
-            for who, (full, cached) in (("flax", flax_logits(loaded.config, loaded.params, batch)),
-                                        ("torch", torch_logits(model, loaded.config, batch))):
-                arrays[f"{case}/{who}/logits"] = full.astype(np.float32)
-                if cached is not None:
-                    arrays[f"{case}/{who}/cached_logits"] = cached.astype(np.float32)
+            arrays.update(logits_projections(case, loaded.config, loaded.params, model, batch))
             print(case, "done", flush=True)
         for encoder, decoder in PAIRS:
             out = root / "composed" / f"{encoder}+{decoder}"
