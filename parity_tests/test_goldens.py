@@ -343,20 +343,21 @@ def test_transformers_loads_composed_model_as_documented(name, fixture_dir, comp
 
 @pytest.mark.parametrize("name", cases("composed", needs="logits"))
 def test_composed_logits_match_transformers(name, composed):
-    """Logits in float64 (the module, op by op, and the reference; see the module's docstring) and the encoder's
-    frame mask of the model users call."""
+    """Logits and the encoder's frame mask in float64 (both models op by op; see the module's docstring)."""
     flax_model, reference = composed(name)
     batch, want = inputs(CASES[name]["settings"]["inputs"]), golden(name)
     args = (speech(batch), batch["attention_mask"], batch["decoder_input_ids"], batch["decoder_attention_mask"])
-    flax_logits = f64.flax_apply(SpeechEncoderDecoderModule(flax_model.config), flax_model.params, *args)
+    module = SpeechEncoderDecoderModule(flax_model.config)
+    flax_logits = f64.flax_apply(module, flax_model.params, *args)
+    flax_mask = f64.flax_apply(module, flax_model.params, *args[:2], method="encode_features")[1]
     with torch.no_grad():
-        torch_logits = copy.deepcopy(reference).double()(*f64.torch_inputs(*args)).logits.numpy()
-    for who, logits in (("Flax", flax_logits), ("reference", torch_logits)):
+        torch_out = copy.deepcopy(reference).double()(*f64.torch_inputs(*args))
+    for who, logits, mask in (("Flax", flax_logits, flax_mask),
+                              ("reference", torch_out.logits.numpy(), torch_out.encoder_attention_mask.numpy())):
         err = max_diff(logits, want["logits_f64"])
-        assert err <= TOL, f"{name}: {who} logits vs transformers (float64): max|diff|={err:.2e}"
-    mask = np.asarray(flax_model(*args).encoder_attention_mask)
-    wrong = np.argwhere(mask != want["encoder_frame_mask"]).tolist()
-    assert not wrong, f"{name}: encoder frame mask differs from transformers' at [row, frame] {wrong}"
+        wrong = np.argwhere(mask != want["encoder_frame_mask"]).tolist()
+        assert err <= TOL and not wrong, (f"{name}: {who} vs transformers (float64): logits max|diff|={err:.2e}, "
+                                          f"encoder frame mask differs at [row, frame] {wrong}")
 
 
 def generate_options(generate: Callable, settings: dict[str, Any]) -> dict[str, Any]:
