@@ -341,7 +341,7 @@ def test_transformers_loads_composed_model_as_documented(name, fixture_dir, comp
         assert (recorded["class"], recorded["padding_value"]) == (settings.extractor, settings.padding_value), name
 
 
-@pytest.mark.parametrize("name", cases("composed", needs="logits"))
+@pytest.mark.parametrize("name", cases("composed", needs="logits_f64"))
 def test_composed_logits_match_transformers(name, composed):
     """Logits and the encoder's frame mask in float64 (both models op by op; see the module's docstring)."""
     flax_model, reference = composed(name)
