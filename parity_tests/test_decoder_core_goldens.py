@@ -1,4 +1,4 @@
-"""The decoders compute what they computed before the decoder core (issue 19), within 1e-6.
+"""The decoders compute what they computed before the decoder core (issue 19), within 1e-6 of each array's norm.
 
 `parity_tests/goldens/decoder_core.npz` was written by `scripts/make_core_goldens.py` with the per-family decoders
 that the core replaced: every decoder fixture's file digests, the logits of the Flax model and of the PyTorch

@@ -78,11 +78,12 @@ FIXTURE_TORCH = "2.13.0"  # the seeded fixtures are bit-for-bit those of this to
 # transformers' eager attention: the plain softmax(QK^T)V that our code writes out too.
 ATTN_IMPLEMENTATION = "eager"
 # Outputs recorded from a float64 run (the checkpoint loaded with dtype=torch.float64, float inputs cast) instead of
-# the float32 one, as `<name>_f64`, stored rounded to float32 (within half an ulp: 4.8e-7 below 16). Float32 logits of magnitude ~10
-# move by up to ~1e-5 with the CPU that computes them (transformers' own float32 Qwen2 logits lie 8e-6 to 1.3e-5
-# from its float64 ones, by machine), so the tests hold both of our models, run in float64, to these: the formulas
-# compared without float32's noise. transformers keeps a few steps in float32 even then: the softmax and the rotary
-# tables, as our models do, and the RMSNorm, which ours compute in float64 (Llama-family logits differ by ~5e-6).
+# the float32 one, as `<name>_f64`, stored rounded to float32 (within half an ulp: 4.8e-7 below 16). Float32 logits
+# of magnitude ~10 move by up to ~1e-5 with the CPU that computes them (transformers' own float32 Qwen2 logits lie
+# 8e-6 to 1.3e-5 from its float64 ones, by machine), so the tests hold both of our models, run in float64, to these:
+# the formulas compared without float32's noise. transformers keeps a few steps in float32 even then: the softmax
+# and the rotary tables, as our models do, and the RMSNorm, which ours compute in float64 (Llama-family logits
+# differ by ~5e-6).
 FLOAT64_OUTPUTS = ("logits", "cached_logits")
 
 # ----------------------------------------------------------------------------------------------------------
