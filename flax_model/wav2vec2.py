@@ -29,7 +29,7 @@ from convert.base.archs.wav2vec2 import Wav2Vec2FamilyConfig
 from convert.base.configs import encoder_input_shape
 from convert.base.errors import UnsupportedConfig
 from flax_model.layers import (ACTIVATIONS, frame_mask, grouped_conv, is_scanned, layer_drop, make_stack,
-                               run_stack)
+                               run_stack, run_unless_dropped)
 from flax_model.random_bits import Dropout
 
 # HF's PyTorch defaults: nn.GroupNorm / nn.LayerNorm in the conv feature encoder and the adapter do not
@@ -284,8 +284,8 @@ class EncoderLayers(nn.Module):
         scanned = is_scanned(layers)
 
         def step(layer: nn.Module, i: Any, hidden: jax.Array, _: None) -> tuple[jax.Array, None]:
-            out = layer(hidden, bias, deterministic)
-            return jnp.where(layer_drop(layer if scanned else self, c.layerdrop, deterministic), hidden, out), None
+            drop = layer_drop(layer if scanned else self, c.layerdrop, deterministic)
+            return run_unless_dropped(drop, layer, lambda m, h, b: m(h, b, deterministic), hidden, bias), None
 
         return run_stack(layers, c.num_hidden_layers, step, hidden)[0]
 

@@ -29,7 +29,8 @@ from flax import linen as nn
 
 from convert.base.archs.wav2vec2_conformer import Wav2Vec2ConformerConfig
 from flax_model.hubert import BatchNorm
-from flax_model.layers import ACTIVATIONS, grouped_conv, is_scanned, layer_drop, make_stack, run_stack
+from flax_model.layers import (ACTIVATIONS, grouped_conv, is_scanned, layer_drop, make_stack, run_stack,
+                               run_unless_dropped)
 from flax_model.random_bits import Dropout
 from flax_model.wav2vec2 import FeedForward, Wav2Vec2Module, layer_norm, masked_frames, module_shapes
 
@@ -203,8 +204,8 @@ class ConformerLayers(nn.Module):
         scanned = is_scanned(layers)
 
         def step(layer: nn.Module, i: Any, hidden: jax.Array, _: None) -> tuple[jax.Array, None]:
-            out = layer(hidden, *shared, deterministic)
-            return jnp.where(layer_drop(layer if scanned else self, c.layerdrop, deterministic), hidden, out), None
+            drop = layer_drop(layer if scanned else self, c.layerdrop, deterministic)
+            return run_unless_dropped(drop, layer, lambda m, h, *s: m(h, *s, deterministic), hidden, *shared), None
 
         # The position embedding and masks are computed once by the encoder and shared: the scan closes over them.
         return run_stack(layers, c.num_hidden_layers, step, hidden)[0]

@@ -22,7 +22,7 @@ import numpy as np
 from flax import linen as nn
 
 from convert.base.archs.wavlm import WavLMConfig
-from flax_model.layers import is_scanned, layer_drop, make_stack, run_stack
+from flax_model.layers import is_scanned, layer_drop, make_stack, run_stack, run_unless_dropped
 from flax_model.random_bits import Dropout
 from flax_model.wav2vec2 import (
     Attention,
@@ -116,11 +116,13 @@ class WavLMEncoderLayers(nn.Module):
         scanned = is_scanned(layers)
 
         def step(layer: nn.Module, i: Any, hidden: jax.Array, _: None) -> tuple[jax.Array, None]:
-            out = layer(hidden, bias, position_bias, deterministic)
-            if not scanned:  # unrolled: layer 0 draws nothing (this module's stream, as before scanning existed)
-                return (out if i == 0 else jnp.where(layer_drop(self, c.layerdrop, deterministic), hidden, out)), None
-            # Scanned: every layer draws from its own key; layer 0's draw is ignored.
-            return jnp.where(layer_drop(layer, c.layerdrop, deterministic) & (i > 0), hidden, out), None
+            if scanned:  # every layer draws from its own key; layer 0's draw is ignored
+                drop = layer_drop(layer, c.layerdrop, deterministic)
+                drop = drop if drop is False else drop & (i > 0)
+            else:  # unrolled: layer 0 draws nothing (this module's stream, as before scanning existed)
+                drop = i > 0 and layer_drop(self, c.layerdrop, deterministic)
+            return run_unless_dropped(drop, layer, lambda m, h, *a: m(h, *a, deterministic), hidden, bias,
+                                      position_bias), None
 
         # The position bias is computed once by the encoder and shared: the scan closes over it.
         return run_stack(layers, c.num_hidden_layers, step, hidden)[0]

@@ -18,7 +18,7 @@ from convert.base.decoder_layout import DecoderLayout
 from flax_model.cache import DecoderCache, LayerCache, slice_start
 from flax_model.decoder.attention import attend, dropout, layer_flags, rotate, split_heads
 from flax_model.decoder.tree import adopt, build_tree, lookup
-from flax_model.layers import ACTIVATIONS, layer_drop, make_stack, map_stack, run_stack
+from flax_model.layers import ACTIVATIONS, layer_drop, make_stack, map_stack, run_stack, run_unless_dropped
 
 
 class DecoderLayer(nn.Module):
@@ -153,11 +153,19 @@ class DecoderLayer(nn.Module):
 
         Returns:
             (hidden [B, T, D], the new layer cache or None). In training, LayerDrop may skip the layer: its input
-            and cache pass through.
+            and cache pass through, and it computes nothing (`run_unless_dropped`).
         """
+        skip = layer_drop(self, self.core.layerdrop, deterministic)
+        return run_unless_dropped(skip, self, lambda layer, carry: layer.blocks(
+            *carry, self_mask, sliding_mask, rope_cos, rope_sin, encoder_hidden_states, cross_mask, index,
+            deterministic, layer_index), (hidden, layer_cache))
+
+    def blocks(self, hidden: jax.Array, layer_cache: LayerCache | None, self_mask: jax.Array,
+               sliding_mask: jax.Array | None, rope_cos: jax.Array | None, rope_sin: jax.Array | None,
+               encoder_hidden_states: jax.Array | None, cross_mask: jax.Array | None, index: jax.Array | int,
+               deterministic: bool, layer_index: jax.Array | int) -> tuple[jax.Array, LayerCache | None]:
+        """The layer's blocks (`__call__` without LayerDrop); the new cache is `layer_cache` updated, or None."""
         core = self.core
-        skip = layer_drop(self, core.layerdrop, deterministic)
-        layer_input = hidden
         new_cache = None
         if sliding_mask is not None:  # some layers slide, others not
             if isinstance(layer_index, int):
@@ -198,10 +206,6 @@ class DecoderLayer(nn.Module):
                 hidden = self.residual_block(block, cross_attention, hidden, deterministic)
             elif block == "mlp":
                 hidden = self.residual_block(block, lambda x: self.feed_forward(x, deterministic), hidden, deterministic)
-        if skip is not False:
-            hidden = jnp.where(skip, layer_input, hidden)
-            if new_cache is not None:
-                new_cache = jax.tree.map(lambda old, new: jnp.where(skip, old, new), layer_cache, new_cache)
         return hidden, new_cache
 
 
