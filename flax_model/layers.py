@@ -30,6 +30,41 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Linear layers over tokens
+
+
+def token_matmul(x: jax.Array, kernel: jax.Array, kernel_in_axis: int = 0, precision: Any = None,
+                 preferred_element_type: Any = None) -> jax.Array:
+    """x [..., I] times a 2-D kernel ([I, O], or [O, I] with `kernel_in_axis=1`) -> [..., O], the leading axes of x
+    merged into one for the matmul (a reshape, no copy).
+
+    The product is the same; what changes is the backward pass: the kernel's gradient contracts the tokens, and
+    over the [B, T] axes of x XLA:CPU first transposes the output gradient or the input into a copy (the tokens
+    minor), at every linear layer of the step; over one merged axis the matmul reads both as they are.
+    """
+    dtype = jnp.result_type(x, kernel)  # as jnp.einsum promotes
+    flat = x.reshape(-1, x.shape[-1]).astype(dtype)
+    out = jax.lax.dot_general(flat, kernel.astype(dtype), (((1,), (kernel_in_axis,)), ((), ())), precision=precision,
+                              preferred_element_type=preferred_element_type)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def token_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any, precision: Any = None,
+                      preferred_element_type: Any = None, **kwargs: Any) -> jax.Array:
+    """`jax.lax.dot_general` for `nn.Dense`: its [..., I] x [I, O] product through `token_matmul`; any other
+    product as it is."""
+    (lhs_contract, rhs_contract), batch = dimension_numbers
+    if (tuple(lhs_contract) == (lhs.ndim - 1,) and tuple(rhs_contract) == (0,) and rhs.ndim == 2
+            and batch == ((), ()) and not kwargs):
+        return token_matmul(lhs, rhs, 0, precision, preferred_element_type)
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type, **kwargs)
+
+
+# `nn.Dense` (the same params and product) whose kernel gradient needs no transposed copy: `token_matmul`.
+Dense = functools.partial(nn.Dense, dot_general=token_dot_general)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Grouped convolutions over time
 
 

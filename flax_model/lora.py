@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from convert.base.lora import LoraSettings
+from flax_model.layers import token_matmul
 from flax_model.random_bits import dropout
 
 _ACTIVE: contextvars.ContextVar[LoraSettings | None] = contextvars.ContextVar("lora_active", default=None)
@@ -29,8 +30,8 @@ _SEEN: contextvars.ContextVar[set[str] | None] = contextvars.ContextVar("lora_se
 
 def lora_update(x: jax.Array, a: jax.Array, b: jax.Array, scaling: float) -> jax.Array:
     """s · B A x for inputs x [..., in], A [r, in], B [out, r] -> [..., out]."""
-    inner = jnp.einsum("...I,RI->...R", x, a.astype(x.dtype))  # [..., r]
-    return jnp.einsum("...R,OR->...O", inner, b.astype(x.dtype)) * jnp.asarray(scaling, x.dtype)
+    inner = token_matmul(x, a.astype(x.dtype), kernel_in_axis=1)  # [..., r]
+    return token_matmul(inner, b.astype(x.dtype), kernel_in_axis=1) * jnp.asarray(scaling, x.dtype)
 
 
 @contextlib.contextmanager

@@ -49,7 +49,7 @@ from convert.base.prefix_io import load_prefix_params, save_prefix_params
 from convert.base.outputs import atomic_directory
 from flax_model.cache import DecoderCache
 from flax_model.generation import GenerateOutput, beam_search, greedy_or_sample, search_output, traced_values
-from flax_model.layers import ACTIVATIONS, frame_mask
+from flax_model.layers import ACTIVATIONS, Dense, frame_mask
 from flax_model.lora import lora_updates
 from flax_model.registry import module_for
 from flax_model.speech_encoder_decoder import init_tree
@@ -106,10 +106,10 @@ class Projector(nn.Module):
         cfg = self.config
         init = nn.initializers.normal(cfg.decoder.init_scale)
         if cfg.projector_type == "linear":
-            return nn.Dense(cfg.decoder.hidden_size, dtype=self.dtype, kernel_init=init, name="linear_1")(x)
-        x = nn.Dense(cfg.projector_inner_size, dtype=self.dtype, kernel_init=init, name="linear_1")(x)
+            return Dense(cfg.decoder.hidden_size, dtype=self.dtype, kernel_init=init, name="linear_1")(x)
+        x = Dense(cfg.projector_inner_size, dtype=self.dtype, kernel_init=init, name="linear_1")(x)
         x = ACTIVATIONS[cfg.projector_activation](x)
-        return nn.Dense(cfg.decoder.hidden_size, dtype=self.dtype, kernel_init=init, name="linear_2")(x)
+        return Dense(cfg.decoder.hidden_size, dtype=self.dtype, kernel_init=init, name="linear_2")(x)
 
 
 def _with_lora(method: Callable[..., Any]) -> Callable[..., Any]:

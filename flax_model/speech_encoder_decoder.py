@@ -35,7 +35,7 @@ from convert.base.registry import spec_for
 from convert.base.writing import TensorSpec, parse_size
 from flax_model.cache import DecoderCache
 from flax_model.generation import generate as _generate
-from flax_model.layers import frame_mask, layer_scan
+from flax_model.layers import Dense, frame_mask, layer_scan
 from flax_model.lora import lora_updates
 from flax_model.random_bits import Dropout
 from flax_model.registry import arch_module, module_for
@@ -83,14 +83,14 @@ class SpeechEncoderDecoderModule(nn.Module):
         self.encoder = module_for(cfg.encoder, "encoder", dtype=self.dtype)
         self.decoder = module_for(cfg.decoder, "decoder", dtype=self.dtype)
         if cfg.has_projection:
-            self.enc_to_dec_proj = nn.Dense(
+            self.enc_to_dec_proj = Dense(
                 cfg.decoder.hidden_size,
                 dtype=self.dtype,
                 kernel_init=jax.nn.initializers.normal(cfg.decoder.init_scale),
             )
         if cfg.ctc is not None:  # Wav2Vec2ForCTC's dropout and lm_head, over the encoder output
             self.ctc_dropout = Dropout(cfg.ctc.dropout)
-            self.ctc_head = nn.Dense(cfg.ctc.vocab_size, dtype=self.dtype,
+            self.ctc_head = Dense(cfg.ctc.vocab_size, dtype=self.dtype,
                                      kernel_init=jax.nn.initializers.normal(cfg.encoder.init_scale))
 
     @_under_scan_setting

@@ -28,7 +28,7 @@ from flax import linen as nn
 from convert.base.archs.wav2vec2 import Wav2Vec2FamilyConfig
 from convert.base.configs import encoder_input_shape
 from convert.base.errors import UnsupportedConfig
-from flax_model.layers import (ACTIVATIONS, frame_mask, grouped_conv, is_scanned, layer_drop, make_stack,
+from flax_model.layers import (ACTIVATIONS, Dense, frame_mask, grouped_conv, is_scanned, layer_drop, make_stack,
                                run_stack, run_unless_dropped)
 from flax_model.random_bits import Dropout
 
@@ -155,7 +155,7 @@ class FeatureProjection(nn.Module):
         c = self.config
         if c.has_projection_layer_norm:
             features = layer_norm(c.layer_norm_eps, self.dtype, "layer_norm")(features)
-        hidden = nn.Dense(c.hidden_size, dtype=self.dtype, name="projection")(features)  # [B, S, D]
+        hidden = Dense(c.hidden_size, dtype=self.dtype, name="projection")(features)  # [B, S, D]
         return Dropout(c.feat_proj_dropout)(hidden, deterministic=deterministic)
 
 
@@ -212,17 +212,17 @@ class Attention(nn.Module):
         c = self.config
         b, t, d = hidden.shape
         heads = (b, t, c.num_attention_heads, d // c.num_attention_heads)
-        q = nn.Dense(d, dtype=self.dtype, name="q_proj")(hidden) * heads[-1] ** -0.5
+        q = Dense(d, dtype=self.dtype, name="q_proj")(hidden) * heads[-1] ** -0.5
         q = q.reshape(heads)  # [B, T, N, H]
-        k = nn.Dense(d, dtype=self.dtype, name="k_proj")(hidden).reshape(heads)  # [B, S, N, H]
-        v = nn.Dense(d, dtype=self.dtype, name="v_proj")(hidden).reshape(heads)  # [B, S, N, H]
+        k = Dense(d, dtype=self.dtype, name="k_proj")(hidden).reshape(heads)  # [B, S, N, H]
+        v = Dense(d, dtype=self.dtype, name="v_proj")(hidden).reshape(heads)  # [B, S, N, H]
         scores = jnp.einsum("BTNH,BSNH->BNTS", q, k)
         if bias is not None:
             scores = scores + bias
         probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype)
         probs = Dropout(c.attention_dropout)(probs, deterministic=deterministic)
         out = jnp.einsum("BNTS,BSNH->BTNH", probs, v).reshape(b, t, d)
-        return nn.Dense(d, dtype=self.dtype, name="out_proj")(out)
+        return Dense(d, dtype=self.dtype, name="out_proj")(out)
 
 
 class FeedForward(nn.Module):
@@ -237,10 +237,10 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, hidden: jax.Array, deterministic: bool = True) -> jax.Array:
         c = self.config
-        hidden = nn.Dense(c.intermediate_size, dtype=self.dtype, name="intermediate_dense")(hidden)  # [B, T, F]
+        hidden = Dense(c.intermediate_size, dtype=self.dtype, name="intermediate_dense")(hidden)  # [B, T, F]
         hidden = ACTIVATIONS[self.activation or c.hidden_act](hidden)
         hidden = Dropout(c.activation_dropout)(hidden, deterministic=deterministic)
-        hidden = nn.Dense(self.width or c.hidden_size, dtype=self.dtype, name="output_dense")(hidden)  # [B, T, D]
+        hidden = Dense(self.width or c.hidden_size, dtype=self.dtype, name="output_dense")(hidden)  # [B, T, D]
         return Dropout(c.hidden_dropout)(hidden, deterministic=deterministic)
 
 
@@ -357,7 +357,7 @@ class Adapter(nn.Module):
     def __call__(self, hidden: jax.Array) -> jax.Array:
         c = self.config
         if c.encoder_output_size != c.hidden_size:
-            hidden = nn.Dense(c.encoder_output_size, dtype=self.dtype, name="proj")(hidden)  # [B, S, D_out]
+            hidden = Dense(c.encoder_output_size, dtype=self.dtype, name="proj")(hidden)  # [B, S, D_out]
             hidden = layer_norm(_ADAPTER_NORM_EPS, self.dtype, "proj_layer_norm")(hidden)
         return AdapterLayers(c, self.dtype, name="layers")(hidden)
 

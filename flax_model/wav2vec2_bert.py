@@ -26,7 +26,7 @@ from flax import linen as nn
 
 from convert.base.archs.wav2vec2_bert import Wav2Vec2BertConfig
 from convert.base.errors import UnsupportedConfig
-from flax_model.layers import ACTIVATIONS
+from flax_model.layers import ACTIVATIONS, Dense
 from flax_model.random_bits import Dropout
 from flax_model.wav2vec2 import FeedForward, layer_norm, masked_frames, module_shapes, spec_augment
 from flax_model.wav2vec2_conformer import ConformerLayers as ConformerStack
@@ -154,7 +154,7 @@ class Adapter(nn.Module):
     def __call__(self, hidden: jax.Array, frame_mask: jax.Array | None, deterministic: bool = True) -> jax.Array:
         c = self.config
         if c.encoder_output_size != c.hidden_size:
-            hidden = nn.Dense(c.encoder_output_size, dtype=self.dtype, name="proj")(hidden)  # [B, S, D_out]
+            hidden = Dense(c.encoder_output_size, dtype=self.dtype, name="proj")(hidden)  # [B, S, D_out]
             hidden = layer_norm(c.layer_norm_eps, self.dtype, "proj_layer_norm")(hidden)
         lengths = None if frame_mask is None else frame_mask.sum(-1)
         return AdapterLayers(c, self.dtype, name="layers")(hidden, lengths, deterministic)
@@ -181,7 +181,7 @@ class FeatureProjection(nn.Module):
     def __call__(self, features: jax.Array, deterministic: bool = True) -> jax.Array:
         c = self.config
         features = layer_norm(c.layer_norm_eps, self.dtype, "layer_norm")(features)
-        hidden = nn.Dense(c.hidden_size, dtype=self.dtype, name="projection")(features)  # [B, S, D]
+        hidden = Dense(c.hidden_size, dtype=self.dtype, name="projection")(features)  # [B, S, D]
         return Dropout(c.feat_proj_dropout)(hidden, deterministic=deterministic)
 
 

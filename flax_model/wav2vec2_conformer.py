@@ -29,7 +29,7 @@ from flax import linen as nn
 
 from convert.base.archs.wav2vec2_conformer import Wav2Vec2ConformerConfig
 from flax_model.hubert import BatchNorm
-from flax_model.layers import (ACTIVATIONS, grouped_conv, is_scanned, layer_drop, make_stack, run_stack,
+from flax_model.layers import (ACTIVATIONS, Dense, grouped_conv, is_scanned, layer_drop, make_stack, run_stack,
                                run_unless_dropped)
 from flax_model.random_bits import Dropout
 from flax_model.wav2vec2 import FeedForward, Wav2Vec2Module, layer_norm, masked_frames, module_shapes
@@ -108,7 +108,7 @@ class SelfAttention(nn.Module):
         b, t, d = hidden.shape
         n = c.num_attention_heads
         h = d // n
-        dense = lambda name, use_bias=True: nn.Dense(d, use_bias=use_bias, dtype=self.dtype, name=name)
+        dense = lambda name, use_bias=True: Dense(d, use_bias=use_bias, dtype=self.dtype, name=name)
         # Rotary: queries and keys are projected from the rotated input, values from the input itself.
         rotated = rotate(hidden, positions, n) if kind == "rotary" else hidden
         q = dense("linear_q")(rotated).reshape(b, t, n, h)  # [B, T, N, H]

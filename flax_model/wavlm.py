@@ -22,7 +22,7 @@ import numpy as np
 from flax import linen as nn
 
 from convert.base.archs.wavlm import WavLMConfig
-from flax_model.layers import is_scanned, layer_drop, make_stack, run_stack, run_unless_dropped
+from flax_model.layers import Dense, is_scanned, layer_drop, make_stack, run_stack, run_unless_dropped
 from flax_model.random_bits import Dropout
 from flax_model.wav2vec2 import (
     Attention,
@@ -68,7 +68,7 @@ class WavLMAttention(Attention):
         b, t, d = hidden.shape
         n = c.num_attention_heads
         per_head = hidden.reshape(b, t, n, d // n)  # [B, T, N, H]
-        gate = nn.Dense(8, dtype=self.dtype, name="gru_rel_pos_linear")(per_head)  # [B, T, N, 8]
+        gate = Dense(8, dtype=self.dtype, name="gru_rel_pos_linear")(per_head)  # [B, T, N, 8]
         gate = jax.nn.sigmoid(gate.reshape(b, t, n, 2, 4).sum(-1))  # [B, T, N, 2]
         const = self.param("gru_rel_pos_const", nn.initializers.ones, (1, n, 1, 1))
         gate = gate[..., 0] * (gate[..., 1] * const.reshape(n).astype(self.dtype) - 1.0) + 2.0  # [B, T, N]

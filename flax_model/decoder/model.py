@@ -34,7 +34,7 @@ from flax_model.decoder.masks import (
     make_attention_mask,
 )
 from flax_model.decoder.tree import adopt, build_tree, lookup
-from flax_model.layers import ACTIVATIONS
+from flax_model.layers import ACTIVATIONS, token_matmul
 
 
 def padding_row_without_gradient(vectors: jax.Array, ids: jax.Array, padding_idx: int | None) -> jax.Array:
@@ -163,12 +163,12 @@ class CausalLM(nn.Module):
         bias = self.slot("logits_bias") if core.logits_bias else None
         if core.tie_word_embeddings:
             embedding = self.slot("embed_tokens").embedding.astype(self.dtype)  # [V, D]
-            logits = jnp.einsum("BTD,VD->BTV", hidden, embedding)
+            logits = token_matmul(hidden, embedding, kernel_in_axis=1)
         else:
             slot = self.layout.slots["head"]
             head, names = self.slot("head"), dict(slot.flax_names)
             kernel = getattr(head, names.get("weight", "kernel")).astype(self.dtype)  # [D, V]
-            logits = jax.lax.dot_general(hidden.astype(self.dtype), kernel, (((hidden.ndim - 1,), (0,)), ((), ())))
+            logits = token_matmul(hidden.astype(self.dtype), kernel)
             if slot.kind is Kind.HEAD_WITH_BIAS:
                 # An untied head's own bias (transformers 5); the logits bias is then unused.
                 bias = getattr(head, names.get("bias", "bias"))

@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flax_model.layers import token_matmul
+
 
 class Conv1D(nn.Module):
     """A linear layer with HF Flax GPT-2's kernel layout: `kernel` [out, in], `bias` [out]."""
@@ -20,7 +22,7 @@ class Conv1D(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", nn.initializers.normal(self.init_scale), (self.features, x.shape[-1]))
-        y = jnp.einsum("...I,OI->...O", x.astype(self.dtype), kernel.astype(self.dtype))
+        y = token_matmul(x.astype(self.dtype), kernel.astype(self.dtype), kernel_in_axis=1)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
         return y

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from convert.base.decoder_core import DecoderCore
 from convert.base.decoder_layout import Kind, Slot
 from flax_model.decoder.modules import Conv1D, RMSNorm
+from flax_model.layers import Dense
 
 PARAM = "param"  # a raw parameter (a vocabulary projection's kernel and bias)
 
@@ -154,7 +155,7 @@ def _module(child: Leaf, init_scale: float, dtype: Any) -> nn.Module:
     if child.kind is Kind.EMBED:
         return nn.Embed(*child.shape, embedding_init=init, dtype=dtype)
     if child.kind is Kind.LINEAR:
-        return nn.Dense(child.shape[0], use_bias=child.use_bias, dtype=dtype, kernel_init=init)
+        return Dense(child.shape[0], use_bias=child.use_bias, dtype=dtype, kernel_init=init)
     if child.kind is Kind.CONV1D:
         return Conv1D(child.shape[0], init_scale, child.use_bias, dtype)
     if child.kind is Kind.LAYER_NORM:
