@@ -11,6 +11,7 @@ or more elements, a backend other than the CPU) the draw is JAX's own.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import flax.linen as nn
@@ -51,23 +52,42 @@ def _key_words(key: jax.Array) -> jax.Array | None:
     return key
 
 
-def random_bits(key: jax.Array, shape: Sequence[int]) -> jax.Array | None:
-    """`jax.random.bits(key, shape, jnp.uint32)` computed fused, or None where equality is not known to hold."""
+def _fused_words(key: jax.Array, shape: tuple[int, ...]) -> jax.Array | None:
+    """The key's uint32[2] words where `random_bits` computes JAX's bits for `shape`, else None."""
     words = _key_words(key)
     size = int(np.prod(shape, dtype=np.int64))
     if (words is None or not jax.config.jax_threefry_partitionable or size >= 2**32
             or jax.default_backend() != "cpu"):
         return None
-    index = lax.iota(jnp.uint32, size).reshape(shape)  # the flat index's low word; its high word is 0 here
+    return words
+
+
+def random_bits(key: jax.Array, shape: Sequence[int]) -> jax.Array | None:
+    """`jax.random.bits(key, shape, jnp.uint32)` computed fused, or None where equality is not known to hold."""
+    words = _fused_words(key, tuple(shape))
+    return None if words is None else _bits(words, tuple(shape))
+
+
+def _bits(words: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    index = lax.iota(jnp.uint32, int(np.prod(shape))).reshape(shape)  # the flat index's low word; its high word is 0
     high, low = threefry2x32(words, jnp.zeros(shape, jnp.uint32), index)
     return high ^ low
 
 
 def bernoulli(key: jax.Array, p: float, shape: Sequence[int]) -> jax.Array:
     """`jax.random.bernoulli(key, p, shape)` for a Python float `p`, equal to it bit for bit, fused on the CPU."""
-    bits = None if jax.config.jax_enable_x64 else random_bits(key, tuple(shape))
-    if bits is None:
+    words = None if jax.config.jax_enable_x64 else _fused_words(key, tuple(shape))
+    if words is None:
         return jax.random.bernoulli(key, p, shape)
+    return _fused_bernoulli(words, p, tuple(shape))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _fused_bernoulli(words: jax.Array, p: float, shape: tuple[int, ...]) -> jax.Array:
+    """`bernoulli`'s fused draw. Jitted so that its ~130 operations are traced once per mask shape and reused by
+    every layer's dropout (and by the training step's linearisation) instead of traced at every call; the
+    compiled program is the same (XLA inlines the call)."""
+    bits = _bits(words, shape)
     # jax.random.uniform's float32 construction: 23 random mantissa bits under the exponent of 1.0, minus 1.
     mantissa = (bits >> np.uint32(9)) | np.float32(1.0).view(np.uint32)
     uniform = lax.bitcast_convert_type(mantissa, jnp.float32) - np.float32(1.0)
