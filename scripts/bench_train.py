@@ -2,14 +2,16 @@
 
     python scripts/bench_train.py [--batch 4] [--audio-seconds 10] [--label-tokens 32] [--runs 3]
         [--settings float32,bfloat16,remat,scan,scan+remat] [--device cpu|gpu] [--threads N] [--no-freeze]
-        [--quick] [--memory-only] [--profile DIR] [--largest-batch [--max-batch N]]
+        [--layerdrop R] [--quick] [--memory-only] [--profile DIR] [--largest-batch [--max-batch N]]
 
 Model: wav2vec2-base with a BART-base decoder, random, built as `scripts/bench.py` builds it (the same weights in
 both frameworks). A step is what `convert.finetune` runs: train mode (dropout, LayerDrop), the loss on labels
 shifted into the decoder, the backward pass, global-norm clipping and an AdamW update, the conv feature encoder
-frozen (`--no-freeze` trains it too); the Flax step is `flax_model.training`'s (`step_functions`, `train_step`:
-the gradient function, then the update with the train state donated). PyTorch: `model.train()`,
-`loss.backward()`, `clip_grad_norm_`, `torch.optim.AdamW`.
+frozen (`--no-freeze` trains it too). LayerDrop skips each encoder layer with probability 0.1 at each step, in
+both frameworks, so a step's time depends on its draws (PyTorch's are seeded, Flax's keys fixed per step: each run
+draws the same); `--layerdrop 0` compares the same work in every step. The Flax step is `flax_model.training`'s
+(`step_functions`, `train_step`: the gradient function, then the update with the train state donated). PyTorch:
+`model.train()`, `loss.backward()`, `clip_grad_norm_`, `torch.optim.AdamW`.
 
 Each framework and each Flax setting runs in a process of its own, one after the other, so that each peak
 resident memory is its own. A setting joins words with "+": `scan` (the layer stacks as one `nn.scan` each, the
@@ -32,7 +34,8 @@ busy and the times are inflated):
               step runs, per framework / setting (doubling from `--batch`, then bisecting; `--max-batch` caps it).
 
 `--memory-only`: XLA's account of each setting's compiled gradient function, nothing run (little memory: usable
-on a busy machine at any batch). `--profile DIR`: one Flax setting (the first) and PyTorch, each profiled over one
+on a busy machine at any batch), and its compile time in parts (`trace_s`: JAX tracing the step, `lower_s`,
+`xla_compile_s`). `--profile DIR`: one Flax setting (the first) and PyTorch, each profiled over one
 compiled step: the time per model part and operation (jax.profiler trace / torch.profiler), XLA's largest buffers
 (its memory-usage report, from an HLO dump in DIR) and the PyTorch operators that allocate the most
 (docs/training_performance.md reads them).
@@ -167,7 +170,10 @@ def bench_batch(config: Any, batch: int, audio_seconds: float, label_tokens: int
 def model_config(args: argparse.Namespace) -> Any:
     from scripts.bench import bart_base, composed_config
 
-    return composed_config(bart_base(args.quick), args.quick)
+    config = composed_config(bart_base(args.quick), args.quick)
+    if args.layerdrop is not None:
+        config = dataclasses.replace(config, encoder=config.encoder.replace(layerdrop=args.layerdrop))
+    return config
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -216,8 +222,15 @@ def flax_worker(args: argparse.Namespace, setting: Setting) -> dict[str, Any]:
     example = (params, device_batch, step_key(0, 0), np.float32(0.0))
     if args.memory_only:
         started = time.perf_counter()
-        compiled = fns.grad.lower(*example).compile()
-        return {**record, "compile_s": time.perf_counter() - started, **xla_memory(compiled), "load": load()}
+        traced = fns.grad.trace(*example)
+        traced_at = time.perf_counter()
+        lowered = traced.lower()
+        lowered_at = time.perf_counter()
+        compiled = lowered.compile()
+        done = time.perf_counter()
+        return {**record, "compile_s": done - started, "trace_s": traced_at - started,
+                "lower_s": lowered_at - traced_at, "xla_compile_s": done - lowered_at, **xla_memory(compiled),
+                "load": load()}
 
     state = init_state(params, optimizer)
     del params
@@ -267,6 +280,7 @@ def torch_worker(args: argparse.Namespace) -> dict[str, Any]:
     from scripts.bench import random_params, reference_model
 
     torch.set_num_threads(args.threads)
+    torch.manual_seed(0)  # the same dropout and LayerDrop draws in every run
     device = torch.device("cuda" if args.device == "gpu" else "cpu")
     config = model_config(args)
     data = bench_batch(config, args.batch, args.audio_seconds, args.label_tokens)
@@ -453,6 +467,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch's intra-op threads")
     parser.add_argument("--no-freeze", dest="freeze", action="store_false", help="train the conv feature encoder too")
+    parser.add_argument("--layerdrop", type=float, default=None,
+                        help="the encoder's LayerDrop rate (default: wav2vec2-base's 0.1); 0: every step computes "
+                             "every layer in both frameworks")
     parser.add_argument("--no-torch", dest="torch", action="store_false", help="Flax only")
     parser.add_argument("--malloc", choices=("kept", "default"), default="kept",
                         help="Flax processes: glibc keeps freed memory (convert.allocator, as convert.finetune runs) "
