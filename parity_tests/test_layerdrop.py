@@ -10,6 +10,8 @@ wav2vec2-base's encoder at LayerDrop 0.1), and the eval program has no condition
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,19 +59,25 @@ def _inputs(case: str) -> tuple[np.ndarray, np.ndarray]:
     return values, mask
 
 
-def _program(config, values, mask, scan: bool, deterministic: bool) -> jax_core.Jaxpr:
-    """The traced value and gradient of the encoder's summed output, params as shapes only."""
+def _program(config, scan: bool, deterministic: bool, *inputs: Any, **named: Any) -> jax_core.Jaxpr:
+    """The traced value and gradient of the summed squares of the model's output (the first, for a model that
+    returns several), params as shapes only."""
     module = module_for(config)
     with layer_scan(scan):
-        shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), values, mask))["params"]
+        shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs, **named))["params"]
 
     def loss(params):
         with layer_scan(scan):
-            out = module.apply({"params": params}, values, mask, deterministic=deterministic,
+            out = module.apply({"params": params}, *inputs, **named, deterministic=deterministic,
                                rngs=None if deterministic else {"dropout": jax.random.key(1)})
-        return jnp.sum(out ** 2)
+        return jnp.sum((out[0] if isinstance(out, tuple) else out) ** 2)
 
     return jax.make_jaxpr(jax.value_and_grad(loss))(shapes).jaxpr
+
+
+def _skipping(conds: list[list[int]]) -> list[list[int]]:
+    """The conditionals with a branch of matmuls and a branch of none."""
+    return [c for c in conds if len(c) == 2 and min(c) == 0 and max(c) > 0]
 
 
 @pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
@@ -77,15 +85,15 @@ def _program(config, values, mask, scan: bool, deterministic: bool) -> jax_core.
 def test_a_dropped_layer_computes_nothing_forward_or_backward(case, scan, fixture_dir):
     config = load_params(fixture_dir(case), param_shapes).config.replace(layerdrop=0.1)
     values, mask = _inputs(case)
-    conds = _conds(_program(config, values, mask, scan, deterministic=False))
+    conds = _conds(_program(config, scan, False, values, mask))
     droppable = config.num_hidden_layers - CASES[case]
     # Forward and backward: one conditional per droppable layer each, unrolled; one each in the scan's body.
     expected = 2 if scan else 2 * droppable
-    skipping = [c for c in conds if len(c) == 2 and min(c) == 0 and max(c) > 0]
+    skipping = _skipping(conds)
     assert len(skipping) == expected, f"conditionals (matmuls per branch): {conds}, expected {expected} skipping"
     if not scan:  # each layer's whole forward and backward work sits in its branches
-        one_layer = (_dots(_program(config.replace(num_hidden_layers=1), values, mask, scan, deterministic=True))
-                     - _dots(_program(config.replace(num_hidden_layers=0), values, mask, scan, deterministic=True)))
+        one_layer = (_dots(_program(config.replace(num_hidden_layers=1), scan, True, values, mask))
+                     - _dots(_program(config.replace(num_hidden_layers=0), scan, True, values, mask)))
         held = sorted(max(c) for c in skipping)
         assert sum(held) == droppable * one_layer, (
             f"the branches hold {held} matmuls; one layer's forward and backward passes hold {one_layer}")
@@ -95,8 +103,8 @@ def test_a_dropped_layer_computes_nothing_forward_or_backward(case, scan, fixtur
 def test_eval_and_layerdrop_zero_have_no_conditional(case, fixture_dir):
     config = load_params(fixture_dir(case), param_shapes).config.replace(layerdrop=0.1)
     values, mask = _inputs(case)
-    assert _conds(_program(config, values, mask, scan=False, deterministic=True)) == []
-    assert _conds(_program(config.replace(layerdrop=0.0), values, mask, scan=False, deterministic=False)) == []
+    assert _conds(_program(config, False, True, values, mask)) == []
+    assert _conds(_program(config.replace(layerdrop=0.0), False, False, values, mask)) == []
 
 
 @pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
@@ -107,19 +115,6 @@ def test_a_dropped_decoder_layer_computes_nothing(scan, fixture_dir):
     batch = {"input_ids": rng.integers(0, 90, (2, 7)).astype(np.int32), "attention_mask": np.ones((2, 7), np.int32),
              "encoder_hidden_states": rng.standard_normal((2, 5, config.d_model)).astype(np.float32)}
 
-    def program(config, deterministic: bool) -> jax_core.Jaxpr:
-        module = module_for(config)
-        with layer_scan(scan):
-            shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), **batch))["params"]
-
-        def loss(params):
-            with layer_scan(scan):
-                logits = module.apply({"params": params}, **batch, deterministic=deterministic,
-                                      rngs=None if deterministic else {"dropout": jax.random.key(1)})[0]
-            return jnp.sum(logits ** 2)
-
-        return jax.make_jaxpr(jax.value_and_grad(loss))(shapes).jaxpr
-
-    skipping = [c for c in _conds(program(config, False)) if len(c) == 2 and min(c) == 0 and max(c) > 0]
+    skipping = _skipping(_conds(_program(config, scan, False, **batch)))
     assert len(skipping) == (2 if scan else 2 * config.decoder_layers), f"skipping conditionals: {skipping}"
-    assert _conds(program(config, True)) == []
+    assert _conds(_program(config, scan, True, **batch)) == []
