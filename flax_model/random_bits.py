@@ -7,6 +7,9 @@ out as array arithmetic become one fused elementwise loop, ~13x faster, and give
 partitionable Threefry: one hash of each element's flat index, its two output words XOR-ed). Where that
 equality is not known to hold (another PRNG implementation, the non-partitionable scheme, 64-bit floats, 2**32
 or more elements, a backend other than the CPU) the draw is JAX's own.
+
+`Dropout` (and `dropout`) apply the mask where it is drawn: its gradient draws it again from the same key
+(`_fused_dropout`), so no boolean mask is written, kept for the backward pass and read back.
 """
 
 from __future__ import annotations
@@ -82,25 +85,60 @@ def bernoulli(key: jax.Array, p: float, shape: Sequence[int]) -> jax.Array:
     return _fused_bernoulli(words, p, tuple(shape))
 
 
+def _uniform(words: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """`jax.random.uniform`'s float32 construction from the fused bits: 23 random mantissa bits under the exponent
+    of 1.0, minus 1."""
+    mantissa = (_bits(words, shape) >> np.uint32(9)) | np.float32(1.0).view(np.uint32)
+    return lax.bitcast_convert_type(mantissa, jnp.float32) - np.float32(1.0)
+
+
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _fused_bernoulli(words: jax.Array, p: float, shape: tuple[int, ...]) -> jax.Array:
-    """`bernoulli`'s fused draw. Jitted so that its ~130 operations are traced once per mask shape and reused by
-    every layer's dropout (and by the training step's linearisation) instead of traced at every call; the
-    compiled program is the same (XLA inlines the call)."""
-    bits = _bits(words, shape)
-    # jax.random.uniform's float32 construction: 23 random mantissa bits under the exponent of 1.0, minus 1.
-    mantissa = (bits >> np.uint32(9)) | np.float32(1.0).view(np.uint32)
-    uniform = lax.bitcast_convert_type(mantissa, jnp.float32) - np.float32(1.0)
+    """`bernoulli`'s fused draw, computed once into a buffer for all its readers. Jitted so that its ~130
+    operations are traced once per mask shape and reused by every call instead of traced at each; the compiled
+    program is the same (XLA inlines the call)."""
     # The remainder of division by 2 changes no number in [0, 1); XLA counts a floating-point remainder as costly,
     # so it computes the hash once into a buffer instead of copying its twenty rounds into every fusion that reads
     # the mask (the forward's and the backward's), which doubled a small model's compile time.
-    return lax.rem(uniform, np.float32(2.0)) < np.float32(p)
+    return lax.rem(_uniform(words, shape), np.float32(2.0)) < np.float32(p)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _fused_keep(words: jax.Array, p: float, shape: tuple[int, ...]) -> jax.Array:
+    """The same draw without a buffer: XLA computes it inside the fusion that reads it (one reader only)."""
+    return _uniform(words, shape) < np.float32(p)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _fused_dropout(x: jax.Array, words: jax.Array, keep: float, shape: tuple[int, ...]) -> jax.Array:
+    """Inverted dropout of `x` with the mask of `shape` (broadcast to x's) drawn from `words`.
+
+    Its gradient draws the mask again rather than reading one kept from the forward pass: each pass computes the
+    hash inside the fusion that applies the mask, so no mask is written, kept between the passes or read back
+    (a wav2vec2-base step at 4 x 10 s spent ~0.3 s writing the masks and turning them into booleans). Values and
+    gradients are `nn.Dropout`'s to the bit."""
+    return _apply_mask(x, _fused_keep(words, keep, shape), keep)
+
+
+def _apply_mask(x: jax.Array, mask: jax.Array, keep: float) -> jax.Array:
+    return lax.select(jnp.broadcast_to(mask, x.shape), x / keep, jnp.zeros_like(x))
+
+
+def _fused_dropout_forward(x, words, keep, shape):
+    return _fused_dropout(x, words, keep, shape), words
+
+
+def _fused_dropout_backward(keep, shape, words, grad):
+    return _apply_mask(grad, _fused_keep(words, keep, shape), keep), None
+
+
+_fused_dropout.defvjp(_fused_dropout_forward, _fused_dropout_backward)
 
 
 def dropout(x: jax.Array, rate: float, deterministic: bool, key: Callable[[], jax.Array],
             broadcast_dims: Sequence[int] = ()) -> jax.Array:
-    """Inverted dropout as `nn.Dropout` computes it, the mask from `bernoulli`. `key()` is called only when a mask
-    is drawn, so that a Flax module's PRNG stream advances as it does under `nn.Dropout`."""
+    """Inverted dropout as `nn.Dropout` computes it, the mask drawn as `bernoulli` draws it. `key()` is called
+    only when a mask is drawn, so that a Flax module's PRNG stream advances as it does under `nn.Dropout`."""
     if deterministic or rate == 0.0:
         return x
     if rate == 1.0:  # no 0 / 0 in the gradient
@@ -109,8 +147,11 @@ def dropout(x: jax.Array, rate: float, deterministic: bool, key: Callable[[], ja
     shape = list(x.shape)
     for dim in broadcast_dims:
         shape[dim] = 1
-    mask = jnp.broadcast_to(bernoulli(key(), keep, shape), x.shape)
-    return lax.select(mask, x / keep, jnp.zeros_like(x))
+    drawn = key()
+    words = None if jax.config.jax_enable_x64 else _fused_words(drawn, tuple(shape))
+    if words is None:
+        return _apply_mask(x, jax.random.bernoulli(drawn, keep, shape), keep)
+    return _fused_dropout(x, words, keep, tuple(shape))
 
 
 class Dropout(nn.Dropout):

@@ -52,6 +52,11 @@ RELATIVE = 1e-6
 # Below this fraction of the whole gradient's norm a tensor's gradient is zero analytically (softmax ignores a
 # shift shared by every key: the key biases), as parity_tests/test_training.py.
 ZERO_GRADIENT = 1e-6
+# A tensor whose gradient is below this fraction of the whole is a sum that partly cancels, its float32 rounding set
+# by the size of the terms, which the mesh sums in another order: its difference is measured against this fraction
+# of the whole norm. (A cross-attention query bias, 7.6e-3 of the whole, differs by 1.09e-6 of itself on an Intel
+# Xeon with AMX, under 1e-6 on an AMD EPYC: XLA's kernels differ.)
+SMALL_GRADIENT = 1e-2
 
 
 def _mesh() -> Mesh:
@@ -156,10 +161,11 @@ def _check_loss_and_gradients(runs) -> None:
             zeros += 1
             assert float(np.linalg.norm(got[key])) < ZERO_GRADIENT * total, f"{key}: {np.linalg.norm(got[key]):.1e}"
             continue
-        diff = float(np.linalg.norm(got[key] - g)) / norm
+        diff = float(np.linalg.norm(got[key] - g)) / max(norm, SMALL_GRADIENT * total)
         if diff > worst:
             worst, worst_key = diff, key
-    assert worst <= RELATIVE, f"{worst_key}: |Δgrad| / |grad| = {worst:.2e}"
+    assert worst <= RELATIVE, (f"{worst_key}: |Δgrad| / |grad| = {worst:.2e} (its gradient: "
+                               f"{np.linalg.norm(want[worst_key]) / total:.1e} of the whole)")
     assert zeros < len(want) // 4, f"{zeros} of {len(want)} gradients are zero"
     # The gradients come out split like their parameters (split leaves are many).
     params = traverse_util.flatten_dict(sharded["run"].shardings.params, sep="/")

@@ -1,4 +1,5 @@
-"""The dropout masks of `flax_model.random_bits` are JAX's own, bit for bit, and compile to one hash per mask."""
+"""The dropout masks of `flax_model.random_bits` are JAX's own, bit for bit; `bernoulli` compiles to one hash per mask,
+`Dropout` to one inside each pass that applies it, with no mask kept between the passes."""
 
 from __future__ import annotations
 
@@ -80,3 +81,46 @@ def test_a_compiled_gradient_hashes_each_mask_once():
     compiled = len(re.findall(r"= u32\[4,64,32\]\S* xor\(", lowered.compile().as_text()))
     assert written == 21, f"{written} XORs over the masks' shape written (one hash, called per mask)"
     assert compiled == 3 * 21, f"{compiled} XORs over the masks' shape compiled for three masks: the hash was copied"
+
+
+@pytest.mark.parametrize("broadcast_dims", [(), (1,)])
+def test_dropout_gradient_equals_flax_dropouts_bit_for_bit(broadcast_dims):
+    """The gradient draws the mask again (`_fused_dropout`'s backward): it must be the one `nn.Dropout`'s
+    gradient reads from the forward pass. Compiled (as a training step is): op by op, nn.Dropout's own
+    differentiated forward pass divides by the keep probability as a traced scalar, which rounds 1 ulp away
+    from its undifferentiated output in some entries, so eager gradients are not comparable to the bit."""
+    x = jax.random.normal(jax.random.key(2), (3, 40, 16))
+    rngs = {"dropout": jax.random.key(4)}
+
+    def loss(module, x):
+        return jnp.sum(jnp.sin(module.apply({}, x, False, rngs=rngs)) * x)
+
+    ours = jax.jit(jax.grad(lambda x: loss(_module(Dropout, 0.3, broadcast_dims), x)))(x)
+    flax = jax.jit(jax.grad(lambda x: loss(_module(nn.Dropout, 0.3, broadcast_dims), x)))(x)
+    assert np.array_equal(ours, flax), f"{int((ours != flax).sum())} gradient entries differ"
+    assert int((ours == 0).sum()) > 0.2 * ours.size, "the masks dropped nothing"
+
+
+def test_a_compiled_dropout_gradient_hashes_inside_the_passes_and_keeps_no_mask():
+    """`Dropout` in a training step: the hash is computed where the mask is applied, once in the forward pass
+    and once in the backward (twice 21 XORs per mask), and no boolean mask of the activations' shape is written
+    to memory, kept for the backward pass or read back; with three masks, the jaxpr holds no mask among the
+    values the backward pass reads (they would be `bool` of the activations' shape)."""
+    shape = (4, 64, 32)
+
+    def loss(x, key):
+        for i in range(3):
+            x = Dropout(0.2).apply({}, x, False, rngs={"dropout": jax.random.fold_in(key, i)})
+            x = (x - x.mean(-1, keepdims=True)) * jax.lax.rsqrt(x.var(-1, keepdims=True) + 1e-5)
+        return jnp.sum(jnp.tanh(x) ** 2)
+
+    compiled = jax.jit(jax.grad(loss)).lower(jnp.ones(shape), jax.random.key(0)).compile().as_text()
+    xors = len(re.findall(r"= u32\[4,64,32\]\S* xor\(", compiled))
+    assert xors == 2 * 3 * 21, f"{xors} XORs over the masks' shape compiled for three masks (126 expected)"
+    fusions = re.findall(r"^\s*(?:ROOT )?%?\S+ = (\S+) fusion\(", compiled, re.M)
+    masks = [s for s in fusions if s.startswith("pred[4,64,32]")]
+    assert not masks, f"fusions writing a boolean mask: {masks}"
+    _, vjp = jax.vjp(lambda x: loss(x, jax.random.key(0)), jnp.ones(shape))
+    masks = [leaf for leaf in jax.tree.leaves(vjp) if getattr(leaf, "dtype", None) == jnp.bool_
+             and leaf.shape == shape]
+    assert not masks, f"{len(masks)} boolean masks kept for the backward pass"

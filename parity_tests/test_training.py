@@ -45,6 +45,10 @@ GRAD_TOLERANCE = 1e-4  # relative, in norm, per tensor
 # A gradient below this fraction of the whole model's gradient norm is zero analytically (attention key biases:
 # softmax ignores a shift shared by every key); both frameworks must then give rounding noise below it.
 ZERO_GRADIENT = 1e-6
+# Below this fraction of the whole model's gradient norm a tensor's gradient nearly cancels (a cross-attention query
+# bias: 9e-6 of it): its float32 rounding is set by the size of the terms summed, not by the sum, so where two Flax
+# programs are compared (remat or not) its difference is measured against this fraction of the whole norm.
+SMALL_GRADIENT = 1e-4
 
 
 def _first_case(spec) -> str:
@@ -384,6 +388,12 @@ def _check_remat(directory) -> None:
     _, expected = value_and_grad(model.params, batch, 0.0, no_masks)  # the pair's compiled gradient, of the mean
     sums, got = jax.jit(remat)(model.params, device_batch, None, jnp.float32(0.0))
     got = jax.tree.map(lambda g: g / sums.tokens, got)  # gradients of the summed objective -> of the mean
-    worst = max(float(jnp.linalg.norm(g - e) / jnp.maximum(jnp.linalg.norm(e), 1e-12))
-                for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)) if float(jnp.linalg.norm(e)) > 1e-6)
+    total = float(np.sqrt(sum(float(jnp.sum(jnp.square(e))) for e in jax.tree.leaves(expected))))
+    worst = 0.0
+    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+        norm = float(jnp.linalg.norm(e))
+        if norm < ZERO_GRADIENT * total:  # zero analytically: rounding noise in both
+            assert float(jnp.linalg.norm(g)) < ZERO_GRADIENT * total, f"{float(jnp.linalg.norm(g)):.1e}"
+            continue
+        worst = max(worst, float(jnp.linalg.norm(g - e)) / max(norm, SMALL_GRADIENT * total))
     assert worst <= 1e-5, f"max relative gradient difference with remat: {worst:.2e}"

@@ -124,6 +124,7 @@ class StepCounters:
 
     def __init__(self) -> None:
         self.sys_s: list[float] = []
+        self.user_s: list[float] = []
         self.faults: list[int] = []
 
     @contextlib.contextmanager
@@ -134,11 +135,14 @@ class StepCounters:
         yield
         after = resource.getrusage(resource.RUSAGE_SELF)
         self.sys_s.append(after.ru_stime - before.ru_stime)
+        self.user_s.append(after.ru_utime - before.ru_utime)
         self.faults.append(after.ru_minflt - before.ru_minflt)
 
     def record(self) -> dict[str, float]:
-        """Medians over the steps after the first (the first includes compilation)."""
-        return {"step_sys_s": statistics.median(self.sys_s[1:]), "step_page_faults": statistics.median(self.faults[1:])}
+        """Medians over the steps after the first, and the first's own (its run, after compilation)."""
+        return {"step_sys_s": statistics.median(self.sys_s[1:]), "step_page_faults": statistics.median(self.faults[1:]),
+                "step_user_s": statistics.median(self.user_s[1:]), "first_run_sys_s": self.sys_s[0],
+                "first_run_user_s": self.user_s[0], "first_run_page_faults": self.faults[0]}
 
 
 def rss_gb() -> float:
@@ -255,7 +259,7 @@ def flax_worker(args: argparse.Namespace, setting: Setting) -> dict[str, Any]:
             jax.block_until_ready(state.params)
         times.append(time.perf_counter() - started)
     step_s = statistics.median(times[1:])
-    record.update({"first_step_s": compile_s + times[0], "compile_s": compile_s, "step_s": step_s,
+    record.update({"first_step_s": compile_s + times[0], "compile_s": compile_s, "first_run_s": times[0], "step_s": step_s,
                    "audio_s_per_s": data["audio_s"] / step_s, "loss": objective / tokens,
                    "peak_rss_gb": peak_rss_gb(), **counters.record(), **xla_memory(grad)})
     if record["device"] != "cpu":
