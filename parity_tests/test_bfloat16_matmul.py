@@ -1,0 +1,84 @@
+"""The linear layers' bfloat16 product (`flax_model.layers.token_matmul` under `dtype=jnp.bfloat16`): the forward
+pass, the input gradient and the kernel gradient each sum their products in float32 and round once to bfloat16,
+checked against the same sums computed in float32 from the same bfloat16 values with numpy."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from jax.extend import core as jax_core
+
+from flax_model.layers import Dense, token_matmul
+
+BF16 = ml_dtypes.bfloat16
+
+
+def _rounded(x: np.ndarray) -> np.ndarray:
+    return x.astype(BF16).astype(np.float64)
+
+
+def _check(name: str, got: jax.Array, exact: np.ndarray) -> None:
+    """Within one bfloat16 rounding (2^-8 relative) of the float64 sum: the float32 sum's own error is far below."""
+    got = np.asarray(got).astype(np.float64)
+    assert got.shape == exact.shape, f"{name}: shape {got.shape} vs {exact.shape}"
+    err = np.abs(got - exact) / np.maximum(np.abs(exact), 1e-30)
+    assert float(err.max()) <= 2.0 ** -8, f"{name}: worst relative error {err.max():.2e} (one rounding is 3.9e-3)"
+    rounded = np.mean(got == _rounded(exact))
+    assert rounded >= 0.99, f"{name}: only {rounded:.1%} of the entries are the float64 sum rounded to bfloat16"
+
+
+@pytest.mark.parametrize("kernel_in_axis", [0, 1])
+def test_bfloat16_products_and_gradients_are_float32_sums_rounded_once(kernel_in_axis):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 37, 48)).astype(BF16)
+    kernel = rng.standard_normal((48, 24) if kernel_in_axis == 0 else (24, 48)).astype(BF16)
+    grad = rng.standard_normal((2, 37, 24)).astype(BF16)
+    out, vjp = jax.vjp(lambda a, k: token_matmul(a, k, kernel_in_axis), jnp.asarray(x), jnp.asarray(kernel))
+    grad_x, grad_kernel = vjp(jnp.asarray(grad))
+    assert out.dtype == grad_x.dtype == grad_kernel.dtype == jnp.bfloat16
+    x64, g64 = x.astype(np.float64).reshape(-1, 48), grad.astype(np.float64).reshape(-1, 24)
+    k64 = kernel.astype(np.float64) if kernel_in_axis == 0 else kernel.astype(np.float64).T  # [I, O]
+    _check("output", out.reshape(-1, 24), x64 @ k64)
+    _check("input gradient", grad_x.reshape(-1, 48), g64 @ k64.T)
+    _check("kernel gradient", grad_kernel, x64.T @ g64 if kernel_in_axis == 0 else g64.T @ x64)
+    # Each product asks XLA for float32 sums of bfloat16 operands (returning bfloat16 is what runs without the
+    # CPU's bfloat16 matrix units).
+    program = jax.make_jaxpr(lambda a, k, g: jax.vjp(lambda a, k: token_matmul(a, k, kernel_in_axis), a, k)[1](g))(
+        jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(grad))
+    dots = [e for e in _equations(program.jaxpr) if e.primitive.name == "dot_general"]
+    assert len(dots) == 3, f"{len(dots)} products in the forward and backward pass"
+    for eqn in dots:
+        assert [v.aval.dtype for v in eqn.invars] == [jnp.bfloat16] * 2, eqn
+        assert eqn.params["preferred_element_type"] == jnp.float32, eqn
+
+
+def _equations(jaxpr) -> list:
+    found = []
+    for eqn in jaxpr.eqns:
+        found.append(eqn)
+        for sub in jax_core.jaxprs_in_params(eqn.params):
+            found.extend(_equations(sub))
+    return found
+
+
+def test_a_bfloat16_dense_layer_trains_float32_params_through_the_float32_sums():
+    """`Dense(dtype=bfloat16)` over float32 params: the float32 kernel's gradient is the bfloat16 kernel gradient
+    (the cast's transpose), its bias gradient the tokens' sum of the output gradient."""
+    rng = np.random.default_rng(1)
+    layer = Dense(16, dtype=jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((3, 11, 32)), jnp.float32)
+    params = layer.init(jax.random.key(0), x)["params"]
+    assert params["kernel"].dtype == jnp.float32
+    out, vjp = jax.vjp(lambda p: layer.apply({"params": p}, x), params)
+    assert out.dtype == jnp.bfloat16
+    grad = rng.standard_normal(out.shape).astype(BF16)
+    (grads,) = vjp(jnp.asarray(grad))
+    assert grads["kernel"].dtype == jnp.float32
+    x64, g64 = _rounded(np.asarray(x)).reshape(-1, 32), grad.astype(np.float64).reshape(-1, 16)
+    _check("kernel gradient", grads["kernel"], x64.T @ g64)
+    exact_out = x64 @ _rounded(np.asarray(params["kernel"])) + _rounded(np.asarray(params["bias"]))
+    err = np.abs(np.asarray(out, np.float64).reshape(-1, 16) - exact_out).max() / np.abs(exact_out).max()
+    assert err <= 2.0 ** -7, f"output with its bias: worst error {err:.2e} of the largest entry"
