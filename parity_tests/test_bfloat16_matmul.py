@@ -82,3 +82,21 @@ def test_a_bfloat16_dense_layer_trains_float32_params_through_the_float32_sums()
     exact_out = x64 @ _rounded(np.asarray(params["kernel"])) + _rounded(np.asarray(params["bias"]))
     err = np.abs(np.asarray(out, np.float64).reshape(-1, 16) - exact_out).max() / np.abs(exact_out).max()
     assert err <= 2.0 ** -7, f"output with its bias: worst error {err:.2e} of the largest entry"
+
+
+@pytest.mark.parametrize(("x_shape", "kernel_shape", "kernel_in_axis"), [
+    ((1, 1, 8), (8, 4), 0), ((3, 5, 4), (4, 768), 0), ((2, 7, 768), (768, 4), 0), ((2, 3, 16), (50, 16), 1),
+    ((1, 1, 3), (1, 3), 1)])
+def test_bfloat16_products_run_at_any_size(x_shape, kernel_shape, kernel_in_axis):
+    """XLA:CPU refuses some bfloat16 x bfloat16 -> float32 products at run time (UNIMPLEMENTED, where its matrix
+    library does not take them, e.g. batched attention products): the linear layers' three, at the sizes of a
+    LoRA rank, a single token and a vocabulary projection, forward and backward."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal(x_shape), jnp.bfloat16)
+    kernel = jnp.asarray(rng.standard_normal(kernel_shape), jnp.bfloat16)
+    out, vjp = jax.jit(lambda a, k: jax.vjp(lambda a, k: token_matmul(a, k, kernel_in_axis), a, k))(x, kernel)
+    grads = vjp(jnp.ones_like(out))
+    exact = np.asarray(x, np.float64).reshape(-1, x_shape[-1]) @ (
+        np.asarray(kernel, np.float64) if kernel_in_axis == 0 else np.asarray(kernel, np.float64).T)
+    _check("output", out.reshape(exact.shape), exact)
+    assert all(bool(jnp.isfinite(g).all()) for g in grads)
