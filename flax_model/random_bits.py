@@ -77,9 +77,14 @@ def _bits(words: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return high ^ low
 
 
+def _bernoulli_words(key: jax.Array, shape: tuple[int, ...]) -> jax.Array | None:
+    """`_fused_words` where `jax.random.bernoulli`'s uniform is float32 (not under 64-bit floats), else None."""
+    return None if jax.config.jax_enable_x64 else _fused_words(key, shape)
+
+
 def bernoulli(key: jax.Array, p: float, shape: Sequence[int]) -> jax.Array:
     """`jax.random.bernoulli(key, p, shape)` for a Python float `p`, equal to it bit for bit, fused on the CPU."""
-    words = None if jax.config.jax_enable_x64 else _fused_words(key, tuple(shape))
+    words = _bernoulli_words(key, tuple(shape))
     if words is None:
         return jax.random.bernoulli(key, p, shape)
     return _fused_bernoulli(words, p, tuple(shape))
@@ -148,7 +153,7 @@ def dropout(x: jax.Array, rate: float, deterministic: bool, key: Callable[[], ja
     for dim in broadcast_dims:
         shape[dim] = 1
     drawn = key()
-    words = None if jax.config.jax_enable_x64 else _fused_words(drawn, tuple(shape))
+    words = _bernoulli_words(drawn, tuple(shape))
     if words is None:
         return _apply_mask(x, jax.random.bernoulli(drawn, keep, shape), keep)
     return _fused_dropout(x, words, keep, tuple(shape))

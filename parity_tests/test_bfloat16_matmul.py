@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from jax.extend import core as jax_core
 
 from flax_model.layers import Dense, token_matmul
+from parity_tests.jaxprs import equations
 
 BF16 = ml_dtypes.bfloat16
 
@@ -48,20 +48,11 @@ def test_bfloat16_products_and_gradients_are_float32_sums_rounded_once(kernel_in
     # CPU's bfloat16 matrix units).
     program = jax.make_jaxpr(lambda a, k, g: jax.vjp(lambda a, k: token_matmul(a, k, kernel_in_axis), a, k)[1](g))(
         jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(grad))
-    dots = [e for e in _equations(program.jaxpr) if e.primitive.name == "dot_general"]
+    dots = [e for e in equations(program) if e.primitive.name == "dot_general"]
     assert len(dots) == 3, f"{len(dots)} products in the forward and backward pass"
     for eqn in dots:
         assert [v.aval.dtype for v in eqn.invars] == [jnp.bfloat16] * 2, eqn
         assert eqn.params["preferred_element_type"] == jnp.float32, eqn
-
-
-def _equations(jaxpr) -> list:
-    found = []
-    for eqn in jaxpr.eqns:
-        found.append(eqn)
-        for sub in jax_core.jaxprs_in_params(eqn.params):
-            found.extend(_equations(sub))
-    return found
 
 
 def test_a_bfloat16_dense_layer_trains_float32_params_through_the_float32_sums():

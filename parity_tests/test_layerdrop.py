@@ -22,30 +22,22 @@ from convert.base.params import load_params
 from flax_model.layers import layer_scan
 from flax_model.registry import module_for
 from flax_model.speech_encoder_decoder import param_shapes
+from parity_tests.jaxprs import equations
 
 # One fixture per encoder stack (HuBERT and data2vec-audio run wav2vec2's), with the layers that may be dropped
 # (WavLM keeps its first layer, as transformers does).
 CASES = {"w2v_group": 0, "wavlm_group": 1, "conformer_rel": 0, "w2vbert": 0}
 
 
-def _dots(jaxpr: jax_core.Jaxpr) -> int:
+def _dots(jaxpr: Any) -> int:
     """dot_general equations in `jaxpr`, nested programs included."""
-    count = 0
-    for eqn in jaxpr.eqns:
-        count += eqn.primitive.name == "dot_general"
-        count += sum(_dots(sub.jaxpr if hasattr(sub, "jaxpr") else sub) for sub in jax_core.jaxprs_in_params(eqn.params))
-    return count
+    return sum(eqn.primitive.name == "dot_general" for eqn in equations(jaxpr))
 
 
-def _conds(jaxpr: jax_core.Jaxpr) -> list[list[int]]:
+def _conds(jaxpr: Any) -> list[list[int]]:
     """For every `cond` in `jaxpr` (nested programs included): the dot_general count of each of its branches."""
-    found = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "cond":
-            found.append([_dots(branch.jaxpr) for branch in eqn.params["branches"]])
-        for sub in jax_core.jaxprs_in_params(eqn.params):
-            found.extend(_conds(sub.jaxpr if hasattr(sub, "jaxpr") else sub))
-    return found
+    return [[_dots(branch) for branch in eqn.params["branches"]] for eqn in equations(jaxpr)
+            if eqn.primitive.name == "cond"]
 
 
 def _inputs(case: str) -> tuple[np.ndarray, np.ndarray]:

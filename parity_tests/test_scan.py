@@ -37,6 +37,7 @@ from flax_model.speech_encoder_decoder import (
     unstack_params,
 )
 from parity_tests.float64 import float64
+from parity_tests.jaxprs import equations
 
 TOLERANCE = 1e-6
 
@@ -312,18 +313,8 @@ def test_training_loss_rematerialises_each_scanned_layer(composed_dir):
         loss = lambda params: module.apply({"params": params}, batch["inputs"], batch["attention_mask"], labels,
                                            method=SpeechEncoderDecoderModule.loss_sums).nll
         jaxpr = jax.make_jaxpr(loss)(model.params)
-        found = []
-
-        def visit(eqns) -> None:
-            for eqn in eqns:
-                if eqn.primitive.name == "scan":
-                    body = eqn.params["jaxpr"].jaxpr
-                    found.append(any(e.primitive.name in ("checkpoint", "remat", "remat2") for e in body.eqns))
-                for sub in jax.core.jaxprs_in_params(eqn.params):
-                    visit(sub.eqns)
-
-        visit(jaxpr.jaxpr.eqns)
-        return found
+        return [any(e.primitive.name in ("checkpoint", "remat", "remat2") for e in eqn.params["jaxpr"].jaxpr.eqns)
+                for eqn in equations(jaxpr) if eqn.primitive.name == "scan"]
 
     with_remat, without = scans_with_remat(True), scans_with_remat(False)
     assert len(with_remat) >= 2 and all(with_remat), with_remat

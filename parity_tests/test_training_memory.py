@@ -19,11 +19,11 @@ import jax.ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.extend import core as jax_core
 
 from flax_model.layers import grouped_conv
 from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel, SpeechEncoderDecoderModule
 from flax_model.training import loss_grad_function, recomputed_in_backward, step_key
+from parity_tests.jaxprs import equations
 from scripts.make_fixtures import cases_by_arch
 
 ENCODER, DECODER = next(iter(cases_by_arch()["wav2vec2"])), next(iter(cases_by_arch()["bart"]))
@@ -82,11 +82,9 @@ def test_a_frozen_feature_encoder_keeps_none_of_its_activations_for_the_backward
 
 def _key_folds(jaxpr, found: collections.Counter) -> collections.Counter:
     """The data folded into PRNG keys anywhere in `jaxpr` (flax derives each module's dropout keys this way)."""
-    for eqn in jaxpr.eqns:
+    for eqn in equations(jaxpr):
         if eqn.primitive.name == "random_fold_in":
             found[str(eqn.invars[1])] += 1
-        for sub in jax_core.jaxprs_in_params(eqn.params):
-            _key_folds(sub, found)
     return found
 
 
