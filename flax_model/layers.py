@@ -244,7 +244,7 @@ class ScanSettings:
         scan: one `nn.scan` over a single layer module with stacked params (a leading layer axis) instead of
             one module per layer (`name=str(i)`, HF's layout).
         remat: rematerialise each scanned layer (`nn.remat` inside the scan). Unrolled layers are
-            rematerialised by `flax_model.training.remat_layers` instead.
+            rematerialised by `flax_model.layer_calls.pure_layers` instead.
     """
 
     scan: bool = False

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from convert.base.lora import LoraSettings
+from flax_model.layer_calls import module_path, traced_per_call
 from flax_model.layers import token_matmul
 from flax_model.random_bits import dropout
 
@@ -55,7 +56,7 @@ def lora_updates(settings: LoraSettings | None) -> Iterator[None]:
                              settings.scaling)
         seen = _SEEN.get()
         if seen is not None:
-            seen.add("/".join(module.path))
+            seen.add(module_path(module))
         return out + update.astype(out.dtype)
 
     token = _ACTIVE.set(settings)
@@ -74,6 +75,7 @@ def recording_lora_calls() -> Iterator[set[str]]:
     seen: set[str] = set()
     token = _SEEN.set(seen)
     try:
-        yield seen
+        with traced_per_call():
+            yield seen
     finally:
         _SEEN.reset(token)

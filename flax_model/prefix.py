@@ -53,7 +53,8 @@ from flax_model.layers import ACTIVATIONS, Dense, frame_mask
 from flax_model.lora import lora_updates
 from flax_model.registry import module_for
 from flax_model.speech_encoder_decoder import init_tree
-from flax_model.training import IGNORE_INDEX, LossSums, layer_pattern, loss_sums, remat_layers
+from flax_model.layer_calls import layer_pattern, pure_layers
+from flax_model.training import IGNORE_INDEX, LossSums, loss_sums
 
 # ----------------------------------------------------------------------------------------------------------
 # Pieces
@@ -209,12 +210,9 @@ class SpeechPrefixModule(nn.Module):
         (padding is the labels' -100)."""
         if with_ctc or decoder_attention_mask is not None:
             raise ValueError("a prefix composition has no CTC head, and its decoder mask comes from the labels")
-        if self.remat:
-            with remat_layers(layer_pattern(list(layer_stacks(self.config)))):
-                return self._loss_sums(inputs, attention_mask, labels, deterministic, freeze_feature_encoder,
-                                       mask_time_indices, mask_feature_indices)
-        return self._loss_sums(inputs, attention_mask, labels, deterministic, freeze_feature_encoder,
-                               mask_time_indices, mask_feature_indices)
+        with pure_layers(layer_pattern(list(layer_stacks(self.config))), remat=self.remat):
+            return self._loss_sums(inputs, attention_mask, labels, deterministic, freeze_feature_encoder,
+                                   mask_time_indices, mask_feature_indices)
 
     def _loss_sums(self, inputs, attention_mask, labels, deterministic, freeze_feature_encoder, mask_time_indices,
                    mask_feature_indices) -> LossSums:

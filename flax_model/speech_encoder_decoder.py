@@ -49,7 +49,8 @@ from flax_model.sharding import (
     sync_processes,
 )
 from flax_model.ctc import ctc_loss_terms, ctc_targets
-from flax_model.training import IGNORE_INDEX, LossSums, layer_pattern, remat_layers, shift_tokens_right
+from flax_model.layer_calls import layer_pattern, pure_layers
+from flax_model.training import IGNORE_INDEX, LossSums, shift_tokens_right
 from flax_model.training import loss_sums as label_loss_sums
 
 
@@ -247,12 +248,10 @@ class SpeechEncoderDecoderModule(nn.Module):
             ctc, count = ctc_loss_terms(self.ctc_logits(features, deterministic), mask, targets, rows, cfg.ctc)
             return sums.replace(ctc=ctc, ctc_count=count)
 
-        if not self.remat:
-            return run()
-        if self.scan_layers:  # `nn.remat` inside each scan
+        if self.remat and self.scan_layers:  # `nn.remat` inside each scan
             with layer_scan(True, remat=True):
                 return run()
-        with remat_layers(layer_pattern(layer_stacks(cfg))):
+        with pure_layers(layer_pattern(layer_stacks(cfg)), remat=self.remat):  # unrolled layers: traced once
             return run()
 
 

@@ -1,4 +1,4 @@
-"""Training the composed model in JAX: the loss, per-layer rematerialisation, the optimiser and the train step.
+"""Training the composed model in JAX: the loss, the optimiser and the train step (the layers' calls: `layer_calls`).
 
 Semantics are transformers' (`SpeechEncoderDecoderModel.forward(labels=...)` and `Seq2SeqTrainer`):
 
@@ -26,12 +26,10 @@ functions say what their results' shardings are
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
-import re
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -127,101 +125,6 @@ def loss_sums(logits: jax.Array, labels: jax.Array) -> LossSums:
     vocab_size = logits.shape[-1]
     smooth = jnp.sum(jnp.where(real, vocab_size * normaliser - jnp.sum(logits, axis=-1), 0.0))
     return LossSums(nll, smooth, jnp.sum(real).astype(jnp.int32), vocab_size)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Rematerialisation
-
-
-_INSIDE_REMAT = contextvars.ContextVar("inside_remat", default=False)
-
-
-def layer_pattern(stacks: list[str]) -> re.Pattern[str]:
-    """Module paths of the layers of the given stacks (e.g. `encoder/encoder/layers/` -> `.../layers/3`)."""
-    return re.compile("|".join(f"{re.escape(stack)}\\d+" for stack in stacks))
-
-
-@contextlib.contextmanager
-def remat_layers(layers: re.Pattern[str]) -> Iterator[None]:
-    """Within this context, every call of a layer whose module path matches `layers` is rematerialised: only the
-    layer's inputs are kept for the backward pass, which recomputes its activations there
-    (`recomputed_in_backward`).
-
-    The layers are the architectures' own modules; wrapping their calls here (a Flax method interceptor) keeps
-    rematerialisation out of every architecture file. The layer runs as a pure function of its variables, a
-    dropout key drawn from its own stream (so the recomputation draws the same masks) and its array arguments;
-    the other arguments (flags, None, Python ints) are closed over, which makes them static. While the model is
-    initialised, layers run as they are.
-    """
-
-    def intercept(next_fun: Callable[..., Any], args: tuple, kwargs: dict, context: Any) -> Any:
-        module = context.module
-        if (context.method_name != "__call__" or _INSIDE_REMAT.get() or module.is_initializing()
-                or not layers.fullmatch("/".join(module.path))):
-            return next_fun(*args, **kwargs)
-        traced = [i for i, a in enumerate(args) if isinstance(a, jax.Array)]
-        # The layer's own "dropout" stream (its key and path), so that it draws what it draws without remat.
-        key = module.scope.rngs.get("dropout") if module.has_rng("dropout") else None
-        unbound = module.clone(parent=None)
-
-        def run(variables: Any, key: jax.Array | None, *arrays: jax.Array) -> Any:
-            full = list(args)
-            for i, a in zip(traced, arrays):
-                full[i] = a
-            token = _INSIDE_REMAT.set(True)
-            try:
-                return unbound.apply(variables, *full, rngs=None if key is None else {"dropout": key}, **kwargs)
-            finally:
-                _INSIDE_REMAT.reset(token)
-
-        return recomputed_in_backward(run)(dict(module.variables), key, *(args[i] for i in traced))
-
-    with nn.intercept_methods(intercept):
-        yield
-
-
-def recomputed_in_backward(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """`fn(params, key, *arrays)` whose backward pass recomputes it from its arguments (rematerialisation).
-
-    What `jax.checkpoint` does, with one difference that makes it work on XLA:CPU: the recomputation reads the
-    arrays multiplied by a 1 computed from the output's cotangent, so that it can run only once the backward pass
-    has reached this layer, and is not the forward computation again. XLA:CPU drops `jax.checkpoint`'s
-    optimisation barriers early; common-subexpression elimination then merges the recomputation with the forward
-    pass (or the scheduler runs it right after the forward pass), and the peak memory does not move (measured:
-    the same XLA temporaries with and without `jax.checkpoint` on every layer; `docs/training_performance.md`).
-    Scanned layers do not need this: a scan's body is recomputed inside the backward loop.
-    """
-
-    @jax.custom_vjp
-    def call(params: Any, key: Any, *arrays: jax.Array) -> Any:
-        return fn(params, key, *arrays)
-
-    def forward(params: Any, key: Any, *arrays: jax.Array) -> tuple[Any, tuple]:
-        return fn(params, key, *arrays), (params, key, arrays)
-
-    def backward(saved: tuple, grad_out: Any) -> tuple:
-        params, key, arrays = saved
-        anchor = next(g for g in jax.tree.leaves(grad_out) if jnp.issubdtype(g.dtype, jnp.floating))
-        anchor = anchor.reshape(-1)[0].astype(jnp.float32)
-        # 1 and 0, known only once the cotangent exists: XLA folds neither `0 * x` nor `x != x` for floats.
-        one, zero = 1 + 0 * anchor, (anchor != anchor).astype(jnp.uint32)
-        tied = [a * one.astype(a.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a for a in arrays]
-        # The key too: dropout's random bits depend on it alone, and would otherwise be kept from the forward pass.
-        key = jax.tree.map(lambda k: _tied_key(k, zero), key)
-        _, vjp = jax.vjp(lambda p, *xs: fn(p, key, *xs), params, *tied)
-        grads = vjp(grad_out)
-        key_grad = jax.tree.map(lambda k: np.zeros(np.shape(k), jax.dtypes.float0), saved[1])  # keys have none
-        return (grads[0], key_grad, *grads[1:])
-
-    call.defvjp(forward, backward)
-    return call
-
-
-def _tied_key(key: jax.Array, zero: jax.Array) -> jax.Array:
-    """`key` with `zero` (a uint32 0) added to its bits: the same key, computed after `zero`."""
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return jax.random.wrap_key_data(jax.random.key_data(key) + zero, impl=jax.random.key_impl(key))
-    return key + zero.astype(key.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ import pytest
 
 from flax_model.layers import grouped_conv
 from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel, SpeechEncoderDecoderModule
-from flax_model.training import loss_grad_function, recomputed_in_backward, step_key
+from flax_model.layer_calls import recomputed_in_backward
+from flax_model.training import loss_grad_function, step_key
 from parity_tests.jaxprs import equations
 from scripts.make_fixtures import cases_by_arch
 

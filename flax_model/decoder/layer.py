@@ -18,6 +18,7 @@ from convert.base.decoder_layout import DecoderLayout
 from flax_model.cache import DecoderCache, LayerCache, slice_start
 from flax_model.decoder.attention import attend, dropout, layer_flags, rotate, split_heads
 from flax_model.decoder.tree import adopt, build_tree, lookup
+from flax_model.layer_calls import stack_index
 from flax_model.layers import ACTIVATIONS, layer_drop, make_stack, map_stack, run_stack, run_unless_dropped
 
 
@@ -236,7 +237,7 @@ class LayerStack(nn.Module):
 
         def step(layer: nn.Module, i: Any, hidden: jax.Array, layer_cache: LayerCache | None):
             return layer(hidden, self_mask, sliding_mask, cos, sin, encoder_hidden_states, cross_mask, layer_cache,
-                         index, deterministic, layer_index=i)
+                         index, deterministic, layer_index=stack_index(i))
 
         hidden, new_layers = run_stack(self.layers, self.core.num_layers, step, hidden,
                                        cache.layers if cache is not None else None)
