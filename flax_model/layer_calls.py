@@ -39,6 +39,16 @@ _SHARED = contextvars.ContextVar("shared_layer_traces", default=True)
 _PREFIX: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("pure_layer_path", default=())
 
 
+@contextlib.contextmanager
+def _setting(var: contextvars.ContextVar, value: Any) -> Iterator[None]:
+    """`var` set to `value` within the context."""
+    token = var.set(value)
+    try:
+        yield
+    finally:
+        var.reset(token)
+
+
 def layer_pattern(stacks: list[str]) -> re.Pattern[str]:
     """Module paths of the layers of the given stacks (e.g. `encoder/encoder/layers/` -> `.../layers/3`)."""
     return re.compile("|".join(f"{re.escape(stack)}\\d+" for stack in stacks))
@@ -62,11 +72,8 @@ class LayerCall:
         for i, a in zip(self.traced, arrays):
             leaves[i] = a
         args, kwargs = jax.tree.unflatten(self.tree, leaves)
-        token = _INSIDE_LAYER.set(True)
-        try:
+        with _setting(_INSIDE_LAYER, True):
             return self.layer.apply(variables, *args, rngs=None if key is None else {"dropout": key}, **kwargs)
-        finally:
-            _INSIDE_LAYER.reset(token)
 
 
 def _call_layer(call: LayerCall, variables: Any, key: jax.Array | None, *arrays: jax.Array) -> Any:
@@ -108,29 +115,19 @@ def pure_layers(layers: re.Pattern[str], remat: bool = False) -> Iterator[None]:
             hash(call)
         except TypeError:  # a static argument that cannot be compared: this call is traced on its own
             shareable = False
-        token = _PREFIX.set(tuple(module.path))
-        try:
+        with _setting(_PREFIX, tuple(module.path)):
             return (shared if shareable else _call_layer)(call, dict(module.variables), key, *arrays)
-        finally:
-            _PREFIX.reset(token)
 
-    token = _ACTIVE.set(True)
-    try:
-        with nn.intercept_methods(intercept):
-            yield
-    finally:
-        _ACTIVE.reset(token)
+    with _setting(_ACTIVE, True), nn.intercept_methods(intercept):
+        yield
 
 
 @contextlib.contextmanager
 def traced_per_call() -> Iterator[None]:
     """Within this context `pure_layers` traces every layer call on its own (for what records, while traced, which
     modules ran: a shared trace runs the Python of the first layer only)."""
-    token = _SHARED.set(False)
-    try:
+    with _setting(_SHARED, False):
         yield
-    finally:
-        _SHARED.reset(token)
 
 
 def module_path(module: nn.Module) -> str:
