@@ -86,19 +86,45 @@ def _bfloat16_matmul_backward(kernel_in_axis, saved, grad):
 _bfloat16_matmul.defvjp(_bfloat16_matmul_forward, _bfloat16_matmul_backward)
 
 
-def token_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any, precision: Any = None,
-                      preferred_element_type: Any = None, **kwargs: Any) -> jax.Array:
-    """`jax.lax.dot_general` for `nn.Dense`: its [..., I] x [I, O] product through `token_matmul`; any other
-    product as it is."""
-    (lhs_contract, rhs_contract), batch = dimension_numbers
-    if (tuple(lhs_contract) == (lhs.ndim - 1,) and tuple(rhs_contract) == (0,) and rhs.ndim == 2
-            and batch == ((), ()) and not kwargs):
-        return token_matmul(lhs, rhs, 0, precision, preferred_element_type)
-    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type, **kwargs)
+def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
+    """y [..., O] plus a bias [O] cast to y's dtype. Where y is of lower precision than the bias (bfloat16
+    compute over float32 params), the bias's gradient is the output gradient summed over the tokens in float32
+    and returned in the bias's dtype. JAX's own transpose of the cast-and-add sums in bfloat16, which XLA:CPU
+    runs as a window tree rounding every partial sum to bfloat16 (~8 ms per [4, 499, 768] sum, 85 of them in a
+    wav2vec2-base step, beside ~0.2 ms for the float32 sum)."""
+    if jnp.issubdtype(y.dtype, jnp.floating) and jnp.finfo(y.dtype).bits < jnp.finfo(bias.dtype).bits:
+        return _low_precision_bias_add(y, bias)
+    return y + bias.astype(y.dtype)
 
 
-# `nn.Dense` (the same params and product) whose kernel gradient needs no transposed copy: `token_matmul`.
-Dense = functools.partial(nn.Dense, dot_general=token_dot_general)
+@jax.custom_vjp
+def _low_precision_bias_add(y: jax.Array, bias: jax.Array) -> jax.Array:
+    return y + bias.astype(y.dtype)
+
+
+def _low_precision_bias_add_forward(y, bias):
+    return _low_precision_bias_add(y, bias), jnp.zeros((0,), bias.dtype)
+
+
+def _low_precision_bias_add_backward(bias_dtype_carrier, grad):
+    grad_bias = jnp.sum(grad.reshape(-1, grad.shape[-1]), axis=0, dtype=jnp.float32)
+    return grad, grad_bias.astype(bias_dtype_carrier.dtype)
+
+
+_low_precision_bias_add.defvjp(_low_precision_bias_add_forward, _low_precision_bias_add_backward)
+
+
+class Dense(nn.Dense):
+    """`nn.Dense` (the same fields, params, initialisers and product) whose kernel gradient needs no transposed
+    copy (`token_matmul`) and whose bias gradient is summed in float32 under a bfloat16 `dtype` (`add_bias`)."""
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+        inputs, kernel, _ = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        y = token_matmul(inputs, kernel, 0, self.precision)
+        return y if bias is None else add_bias(y, bias)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -28,8 +28,8 @@ from flax import linen as nn
 from convert.base.archs.wav2vec2 import Wav2Vec2FamilyConfig
 from convert.base.configs import encoder_input_shape
 from convert.base.errors import UnsupportedConfig
-from flax_model.layers import (ACTIVATIONS, Dense, frame_mask, grouped_conv, is_scanned, layer_drop, make_stack,
-                               run_stack, run_unless_dropped)
+from flax_model.layers import (ACTIVATIONS, Dense, add_bias, frame_mask, grouped_conv, is_scanned, layer_drop,
+                               make_stack, run_stack, run_unless_dropped)
 from flax_model.random_bits import Dropout
 
 # HF's PyTorch defaults: nn.GroupNorm / nn.LayerNorm in the conv feature encoder and the adapter do not
@@ -182,7 +182,7 @@ class WeightNormConv(nn.Module):
         out = grouped_conv(hidden.astype(self.dtype), jnp.transpose(weight, (2, 1, 0)).astype(self.dtype), (1,),
                            [(kernel // 2, kernel // 2)], dimension_numbers=("NWC", "WIO", "NWC"),
                            feature_group_count=groups)  # kernel [K, D/G, D]
-        return out + bias.astype(self.dtype)
+        return add_bias(out, bias)
 
 
 def _tap_norms(weight_v: jax.Array) -> jax.Array:

@@ -91,3 +91,28 @@ def test_bfloat16_products_run_at_any_size(x_shape, kernel_shape, kernel_in_axis
         np.asarray(kernel, np.float64) if kernel_in_axis == 0 else np.asarray(kernel, np.float64).T)
     _check("output", out.reshape(exact.shape), exact)
     assert all(bool(jnp.isfinite(g).all()) for g in grads)
+
+
+@pytest.mark.parametrize("layer", ["dense", "conv1d"])
+def test_a_bfloat16_layers_bias_gradient_is_summed_in_float32(layer):
+    """A bias added to bfloat16 outputs (`add_bias`: `Dense`, GPT-2's `Conv1D`, the positional convolution, the
+    logits bias): its float32 gradient is the output gradient's float32 sum over the tokens, not a bfloat16 sum
+    (JAX's transpose of the cast-and-add, which XLA:CPU rounds to bfloat16 at every partial sum)."""
+    from flax_model.decoder.modules import Conv1D
+
+    rng = np.random.default_rng(2)
+    module = Dense(8, dtype=jnp.bfloat16) if layer == "dense" else Conv1D(8, dtype=jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((4, 499, 16)), jnp.float32)
+    params = module.init(jax.random.key(0), x)["params"]
+    out, vjp = jax.jit(lambda p: jax.vjp(lambda q: module.apply({"params": q}, x), p))(params)
+    assert out.dtype == jnp.bfloat16
+    grad = (1.0 + rng.random(out.shape)).astype(BF16)  # positive: a bfloat16 running sum loses its low bits
+    (grads,) = vjp(jnp.asarray(grad))
+    assert grads["bias"].dtype == jnp.float32
+    exact = grad.astype(np.float64).reshape(-1, 8).sum(axis=0)
+    err = float(np.max(np.abs(np.asarray(grads["bias"], np.float64) - exact) / exact))
+    assert err <= 1e-6, f"bias gradient: worst relative error {err:.2e} against the float64 sum (float32: ~1e-7)"
+    program = jax.make_jaxpr(lambda p, g: jax.vjp(lambda q: module.apply({"params": q}, x), p)[1](g))(
+        params, jnp.asarray(grad))
+    sums = [e for e in equations(program) if e.primitive.name == "reduce_sum"]
+    assert sums and all(e.outvars[0].aval.dtype == jnp.float32 for e in sums), [str(e) for e in sums]

@@ -34,7 +34,7 @@ from flax_model.decoder.masks import (
     make_attention_mask,
 )
 from flax_model.decoder.tree import adopt, build_tree, lookup
-from flax_model.layers import ACTIVATIONS, token_matmul
+from flax_model.layers import ACTIVATIONS, add_bias, token_matmul
 
 
 def padding_row_without_gradient(vectors: jax.Array, ids: jax.Array, padding_idx: int | None) -> jax.Array:
@@ -173,7 +173,7 @@ class CausalLM(nn.Module):
                 # An untied head's own bias (transformers 5); the logits bias is then unused.
                 bias = getattr(head, names.get("bias", "bias"))
         if bias is not None:
-            logits = logits + bias.astype(self.dtype)
+            logits = add_bias(logits, bias)
         return softcap(logits, core.final_logit_softcap)
 
     def __call__(

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_model.layers import token_matmul
+from flax_model.layers import add_bias, token_matmul
 
 
 class Conv1D(nn.Module):
@@ -24,7 +24,7 @@ class Conv1D(nn.Module):
         kernel = self.param("kernel", nn.initializers.normal(self.init_scale), (self.features, x.shape[-1]))
         y = token_matmul(x.astype(self.dtype), kernel.astype(self.dtype), kernel_in_axis=1)
         if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
+            y = add_bias(y, self.param("bias", nn.initializers.zeros, (self.features,)))
         return y
 
 

@@ -1,0 +1,112 @@
+"""Paired A/B of the compiled training gradient in one process: the step as the package has it against the same
+step with one change undone (`--undo NAME`), both compiled side by side and run alternately (A B B A ...), so that
+a drift in the machine's speed (a busy host) weighs on both alike. Prints JSON lines: each variant's median run
+and the median of the paired ratios (undone / as is), with the load before and after.
+
+    python scripts/ab_step.py --undo bias_sum --setting bfloat16 --pairs 6
+    python scripts/ab_step.py --undo bias_sum --setting bfloat16 --batch 8 --audio-seconds 15
+
+What `--undo` can undo (each patches the package while the B variant is traced):
+    bias_sum  the float32 sum of a bias's gradient under bfloat16 compute (`flax_model.layers.add_bias`): B adds
+              the bias as JAX transposes it (a bfloat16 sum)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+@contextlib.contextmanager
+def _undo_bias_sum() -> Iterator[None]:
+    from flax_model import layers
+
+    kept = layers._low_precision_bias_add
+    layers._low_precision_bias_add = lambda y, bias: y + bias.astype(y.dtype)
+    try:
+        yield
+    finally:
+        layers._low_precision_bias_add = kept
+
+
+UNDO: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {"bias_sum": _undo_bias_sum}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--undo", choices=sorted(UNDO), required=True)
+    parser.add_argument("--setting", default="float32", help="as bench_train.py's --settings (one)")
+    parser.add_argument("--pairs", type=int, default=6)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--audio-seconds", type=float, default=10.0)
+    parser.add_argument("--label-tokens", type=int, default=32)
+    parser.add_argument("--quick", action="store_true", help="2 layers per stack (a smoke test)")
+    parser.add_argument("--layerdrop", type=float, default=None)
+    args = parser.parse_args(argv)
+    args.freeze = True
+
+    from convert.allocator import keep_freed_memory
+
+    keep_freed_memory()
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from flax_model.speech_encoder_decoder import SpeechEncoderDecoderModule, stack_params
+    from flax_model.training import compiled_grad, step_key
+    from scripts.bench import random_params
+    from scripts.bench_train import Setting, bench_batch, load, model_config
+
+    setting = Setting.parse(args.setting)
+    config = model_config(args)
+    data = bench_batch(config, args.batch, args.audio_seconds, args.label_tokens)
+    batch = {k: jnp.asarray(data[k]) for k in ("inputs", "attention_mask", "labels")}
+    params = random_params(config)
+    if setting.scan and not setting.per_layer:
+        params = stack_params(config, params)
+    params = jax.tree.map(jnp.asarray, params)
+    module = SpeechEncoderDecoderModule(config, dtype=jnp.bfloat16 if setting.bfloat16 else jnp.float32,
+                                        remat=setting.remat, scan_layers=setting.scan)
+    example = (params, batch, step_key(0, 0), np.float32(0.0))
+    compiled = {}
+    for name, patch in (("as_is", contextlib.nullcontext), (f"undo_{args.undo}", UNDO[args.undo])):
+        with patch():
+            started = time.perf_counter()
+            grad = compiled_grad(module, deterministic=False, freeze_feature_encoder=True)
+            compiled[name] = grad.lower(*example).compile()
+        print(json.dumps({"bench": "ab_compile", "variant": name, "compile_s": round(time.perf_counter() - started, 2),
+                          "temp_bytes": compiled[name].memory_analysis().temp_size_in_bytes}), flush=True)
+    names = list(compiled)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    losses: dict[str, float] = {}
+    load_before = load()
+    for name in names:  # the first run of each faults its pages in: not timed
+        jax.block_until_ready(compiled[name](*example))
+    for pair in range(args.pairs):
+        for name in (names if pair % 2 == 0 else names[::-1]):
+            started = time.perf_counter()
+            sums, _ = jax.block_until_ready(compiled[name](params, batch, step_key(0, pair + 1), np.float32(0.0)))
+            times[name].append(time.perf_counter() - started)
+            losses[name] = float(jax.tree.leaves(sums)[0])
+    ratios = [b / a for a, b in zip(times[names[0]], times[names[1]])]
+    for name in names:
+        print(json.dumps({"bench": "ab_run", "variant": name, "median_s": round(statistics.median(times[name]), 3),
+                          "runs_s": [round(t, 3) for t in times[name]], "first_loss_sum": losses[name]}))
+    print(json.dumps({"bench": "ab", "undo": args.undo, "setting": setting.name, "batch": args.batch,
+                      "audio_seconds": args.audio_seconds, "pairs": args.pairs,
+                      "median_ratio_undone_over_as_is": round(statistics.median(ratios), 3),
+                      "ratios": [round(r, 3) for r in ratios], "load_before": load_before, "load_after": load()}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
