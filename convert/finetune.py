@@ -1387,6 +1387,11 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip comparing the output's Flax and PyTorch logits")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--compile-cache", metavar="DIR",
+                   help="JAX's persistent compilation cache: a later run with the same model, settings and batch "
+                        "shapes reads its compiled step from DIR (default: $JAX_COMPILATION_CACHE_DIR, else "
+                        "~/.cache/speech-encdec-flax/xla/<machine>)")
+    p.add_argument("--no-compile-cache", action="store_true", help="compile every program afresh")
     return p
 
 
@@ -1413,11 +1418,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop = threading.Event()  # set by the first Ctrl-C while a step or a save is under way (see `finetune`)
 
     def work() -> int:
+        from convert.compile_cache import default_directory, persistent_cache, usable_directory
+
+        if args.no_compile_cache and args.compile_cache is not None:
+            raise bad_argument("--compile-cache", args.compile_cache, "goes without --no-compile-cache")
+        cache = None if args.no_compile_cache else usable_directory(args.compile_cache or default_directory())
         train, eval_data = data_sources(args)
-        result = finetune(args.model, train, eval_data, args.output, settings,
-                          checkpoint_dir=args.checkpoint_dir, resume=args.resume, overwrite=args.overwrite,
-                          verify=args.verify, progress=args.progress, command=command, stop=stop,
-                          mesh=args.mesh, max_memory=args.max_memory)
+        with persistent_cache(cache):
+            result = finetune(args.model, train, eval_data, args.output, settings,
+                              checkpoint_dir=args.checkpoint_dir, resume=args.resume, overwrite=args.overwrite,
+                              verify=args.verify, progress=args.progress, command=command, stop=stop,
+                              mesh=args.mesh, max_memory=args.max_memory)
         if result.interrupted:
             step = result.report["checkpoint_step"]
             sys.stderr.write(f"interrupted: checkpoint saved at step {step} in {result.report['checkpoint_dir']} "

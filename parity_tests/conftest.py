@@ -31,6 +31,16 @@ DEFAULT_EMITTERS = os.environ.get("PARITY_DEFAULT_EMITTERS") == "1"
 if not DEFAULT_EMITTERS and "xla_cpu_use_fusion_emitters" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_cpu_use_fusion_emitters=false"
 
+# Commands that keep a cache in the user's cache directory (convert.finetune's compiled programs) keep it in a
+# directory of this process's own, removed at its end: the tests write nothing into the home directory.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="parity-cache-")
+    atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)
+
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 

@@ -188,3 +188,45 @@ def test_labels_start_with_the_token_generation_forces_first(data):
     assert tokenizer.decode(tokenizer.encode("one two")) == "one two"
     plain = LabelTokenizer(data["model"], model.config.decoder_start_token_id, model.config.eos_token_id, 320)
     assert plain.encode("one two") == [*raw, model.config.eos_token_id]
+
+
+def _cli_run(data: dict[str, Path], output: Path, *flags: str) -> int:
+    return finetune.main(["--model", str(data["model"]), "--train", str(data["train"]), "--eval", str(data["eval"]),
+                          "--output", str(output), "--max-steps", "2", "--batch-size", "2", "--num-buckets", "1",
+                          "--eval-batch-size", "2", "--max-new-tokens", "2", "--no-progress", "--no-verify", *flags])
+
+
+def test_the_compile_cache_hands_a_later_run_its_compiled_programs(data, tmp_path):
+    """`--compile-cache DIR`: the first run writes its compiled programs there, a second run with the same
+    settings compiles nothing new (every program read back) and trains the same weights; JAX's own setting is
+    restored after each run."""
+    import jax
+
+    cache = tmp_path / "cache" / "xla"
+    before = jax.config.jax_compilation_cache_dir
+    threshold = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # the tiny programs compile in < 1 s
+    try:
+        assert _cli_run(data, tmp_path / "first", "--compile-cache", str(cache)) == cli.EXIT_OK
+        assert jax.config.jax_compilation_cache_dir == before
+        written = sorted(p.name for p in cache.iterdir())
+        assert any(name.startswith("jit_") for name in written), written
+        assert _cli_run(data, tmp_path / "second", "--compile-cache", str(cache)) == cli.EXIT_OK
+        again = sorted(p.name for p in cache.iterdir())
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", threshold)
+    assert again == written, f"programs compiled again: {sorted(set(again) - set(written))}"
+    first, second = _params(tmp_path / "first"), _params(tmp_path / "second")
+    assert all(np.array_equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.parametrize("case", ["under_a_file", "with_no_cache"])
+def test_a_bad_compile_cache_is_a_usage_error(data, tmp_path, capsys, case):
+    blocker = tmp_path / "file"
+    blocker.write_text("kept")
+    flags = (["--compile-cache", str(blocker / "xla")] if case == "under_a_file"
+             else ["--compile-cache", str(tmp_path / "c"), "--no-compile-cache"])
+    code = _cli_run(data, tmp_path / "out", *flags)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == cli.EXIT_USAGE and len(err) == 1 and "--compile-cache" in err[0], err
+    assert blocker.read_text() == "kept" and not (tmp_path / "out").exists() and not (tmp_path / "c").exists()
