@@ -1420,6 +1420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def work() -> int:
         from convert.compile_cache import default_directory, persistent_cache, usable_directory
 
+        cli.set_interrupt_note("nothing was trained or written")  # finetune sets it too; the cache comes first
         if args.no_compile_cache and args.compile_cache is not None:
             raise bad_argument("--compile-cache", args.compile_cache, "goes without --no-compile-cache")
         cache = None if args.no_compile_cache else usable_directory(args.compile_cache or default_directory())
