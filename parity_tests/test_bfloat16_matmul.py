@@ -116,3 +116,41 @@ def test_a_bfloat16_layers_bias_gradient_is_summed_in_float32(layer):
         params, jnp.asarray(grad))
     sums = [e for e in equations(program) if e.primitive.name == "reduce_sum"]
     assert sums and all(e.outvars[0].aval.dtype == jnp.float32 for e in sums), [str(e) for e in sums]
+
+
+@pytest.mark.parametrize("kernel_in_axis", [0, 1])
+def test_the_bfloat16_kernel_gradient_reads_its_tokens_as_columns(kernel_in_axis):
+    """At 128 tokens or more, the kernel gradient's left operand is first laid out with its tokens as columns (an
+    identity product per block of columns, `_tokens_last`): the same float32 sums rounded once, and the product
+    that contracts the tokens takes the left operand's last axis, the form XLA:CPU runs on the matrix units."""
+    rng = np.random.default_rng(6)
+    # 300 tokens; widths 256 and 1536 (two 768 blocks); positive values: sums without cancellation, whose
+    # relative error is one rounding's
+    x = (0.5 + rng.random((3, 100, 256))).astype(BF16)
+    kernel = rng.standard_normal((256, 1536) if kernel_in_axis == 0 else (1536, 256)).astype(BF16)
+    grad = (0.5 + rng.random((3, 100, 1536))).astype(BF16)
+    grads = jax.jit(lambda a, k, g: jax.vjp(lambda a, k: token_matmul(a, k, kernel_in_axis), a, k)[1](g))(
+        jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(grad))
+    x64, g64 = x.astype(np.float64).reshape(-1, 256), grad.astype(np.float64).reshape(-1, 1536)
+    _check("kernel gradient", grads[1], x64.T @ g64 if kernel_in_axis == 0 else g64.T @ x64)
+    program = jax.make_jaxpr(lambda a, k, g: jax.vjp(lambda a, k: token_matmul(a, k, kernel_in_axis), a, k)[1](g))(
+        jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(grad))
+    kernel_products = [e for e in equations(program) if e.primitive.name == "dot_general"
+                       and e.outvars[0].aval.shape == kernel.shape]
+    assert len(kernel_products) == 1, kernel_products
+    contracting, _ = kernel_products[0].params["dimension_numbers"]
+    assert contracting == ((1,), (0,)), f"the kernel gradient contracts {contracting}"
+    # the left operand's transposed layout: one identity product per block of at most 768 columns
+    width = 256 if kernel_in_axis == 0 else 1536
+    blocks = [e for e in equations(program) if e.primitive.name == "dot_general"
+              and e.outvars[0].aval.shape in ((256, 300), (768, 300))]
+    assert len(blocks) == (1 if width == 256 else 2), [e.outvars[0].aval.shape for e in blocks]
+
+
+def test_tokens_last_is_the_transpose_exactly():
+    from flax_model.layers import _tokens_last
+
+    rng = np.random.default_rng(7)
+    a = jnp.asarray(rng.standard_normal((300, 1536)) * 1e3, jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(jax.jit(_tokens_last)(a), np.float32), np.asarray(a, np.float32).T)
+    assert _tokens_last(a[:100]) is None and _tokens_last(jnp.zeros((300, 127), jnp.bfloat16)) is None

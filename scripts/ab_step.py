@@ -9,6 +9,8 @@ and the median of the paired ratios (undone / as is), with the load before and a
 What `--undo` can undo (each patches the package while the B variant is traced):
     bias_sum  the float32 sum of a bias's gradient under bfloat16 compute (`flax_model.layers.add_bias`): B adds
               the bias as JAX transposes it (a bfloat16 sum)
+    tokens_last  the bfloat16 kernel gradient's left operand laid out tokens last (`flax_model.layers._tokens_last`):
+              B contracts the tokens of both operands, as before
 """
 
 from __future__ import annotations
@@ -37,7 +39,20 @@ def _undo_bias_sum() -> Iterator[None]:
         layers._low_precision_bias_add = kept
 
 
-UNDO: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {"bias_sum": _undo_bias_sum}
+@contextlib.contextmanager
+def _undo_tokens_last() -> Iterator[None]:
+    from flax_model import layers
+
+    kept = layers._tokens_last
+    layers._tokens_last = lambda a: None
+    try:
+        yield
+    finally:
+        layers._tokens_last = kept
+
+
+UNDO: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
+    "bias_sum": _undo_bias_sum, "tokens_last": _undo_tokens_last}
 
 
 def main(argv: list[str] | None = None) -> int:
