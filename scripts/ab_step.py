@@ -23,36 +23,28 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 @contextlib.contextmanager
-def _undo_bias_sum() -> Iterator[None]:
+def _patched(name: str, replacement: Callable[..., Any]) -> Iterator[None]:
+    """`flax_model.layers.<name>` replaced while the block runs."""
     from flax_model import layers
 
-    kept = layers._low_precision_bias_add
-    layers._low_precision_bias_add = lambda y, bias: y + bias.astype(y.dtype)
+    kept = getattr(layers, name)
+    setattr(layers, name, replacement)
     try:
         yield
     finally:
-        layers._low_precision_bias_add = kept
-
-
-@contextlib.contextmanager
-def _undo_tokens_last() -> Iterator[None]:
-    from flax_model import layers
-
-    kept = layers._tokens_last
-    layers._tokens_last = lambda a: None
-    try:
-        yield
-    finally:
-        layers._tokens_last = kept
+        setattr(layers, name, kept)
 
 
 UNDO: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
-    "bias_sum": _undo_bias_sum, "tokens_last": _undo_tokens_last}
+    "bias_sum": lambda: _patched("_low_precision_bias_add", lambda y, bias: y + bias.astype(y.dtype)),
+    "tokens_last": lambda: _patched("_tokens_last", lambda a: None),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
