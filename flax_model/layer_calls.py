@@ -33,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core.scope import LazyRng
 
+from flax_model.recompute import recomputed_in_backward
+
 _INSIDE_LAYER = contextvars.ContextVar("inside_pure_layer", default=False)
 _ACTIVE = contextvars.ContextVar("pure_layers", default=False)
 _SHARED = contextvars.ContextVar("shared_layer_traces", default=True)
@@ -77,7 +79,7 @@ class LayerCall:
 
 
 def _call_layer(call: LayerCall, variables: Any, key: jax.Array | None, *arrays: jax.Array) -> Any:
-    fn = recomputed_in_backward(call.run) if call.remat else call.run
+    fn = recomputed_in_backward(call.run, constants=1) if call.remat else call.run
     return fn(variables, key, *arrays)
 
 
@@ -141,47 +143,3 @@ def stack_index(index: jax.Array | int) -> jax.Array | int:
     that the layers share one trace; what depends on the index is selected at run time, as in a scanned stack),
     anything else as it is."""
     return jnp.asarray(index, jnp.int32) if _ACTIVE.get() and isinstance(index, int) else index
-
-
-def recomputed_in_backward(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """`fn(params, key, *arrays)` whose backward pass recomputes it from its arguments (rematerialisation).
-
-    What `jax.checkpoint` does, with one difference that makes it work on XLA:CPU: the recomputation reads the
-    arrays multiplied by a 1 computed from the output's cotangent, so that it can run only once the backward pass
-    has reached this layer, and is not the forward computation again. XLA:CPU drops `jax.checkpoint`'s
-    optimisation barriers early; common-subexpression elimination then merges the recomputation with the forward
-    pass (or the scheduler runs it right after the forward pass), and the peak memory does not move (measured:
-    the same XLA temporaries with and without `jax.checkpoint` on every layer; `docs/training_performance.md`).
-    Scanned layers do not need this: a scan's body is recomputed inside the backward loop.
-    """
-
-    @jax.custom_vjp
-    def call(params: Any, key: Any, *arrays: jax.Array) -> Any:
-        return fn(params, key, *arrays)
-
-    def forward(params: Any, key: Any, *arrays: jax.Array) -> tuple[Any, tuple]:
-        return fn(params, key, *arrays), (params, key, arrays)
-
-    def backward(saved: tuple, grad_out: Any) -> tuple:
-        params, key, arrays = saved
-        anchor = next(g for g in jax.tree.leaves(grad_out) if jnp.issubdtype(g.dtype, jnp.floating))
-        anchor = anchor.reshape(-1)[0].astype(jnp.float32)
-        # 1 and 0, known only once the cotangent exists: XLA folds neither `0 * x` nor `x != x` for floats.
-        one, zero = 1 + 0 * anchor, (anchor != anchor).astype(jnp.uint32)
-        tied = [a * one.astype(a.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a for a in arrays]
-        # The key too: dropout's random bits depend on it alone, and would otherwise be kept from the forward pass.
-        key = jax.tree.map(lambda k: _tied_key(k, zero), key)
-        _, vjp = jax.vjp(lambda p, *xs: fn(p, key, *xs), params, *tied)
-        grads = vjp(grad_out)
-        key_grad = jax.tree.map(lambda k: np.zeros(np.shape(k), jax.dtypes.float0), saved[1])  # keys have none
-        return (grads[0], key_grad, *grads[1:])
-
-    call.defvjp(forward, backward)
-    return call
-
-
-def _tied_key(key: jax.Array, zero: jax.Array) -> jax.Array:
-    """`key` with `zero` (a uint32 0) added to its bits: the same key, computed after `zero`."""
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return jax.random.wrap_key_data(jax.random.key_data(key) + zero, impl=jax.random.key_impl(key))
-    return key + zero.astype(key.dtype)

@@ -15,18 +15,83 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flax_model.recompute import recomputed_in_backward
+
+
+def _derivative_kept(fn: Callable[[jax.Array], jax.Array]) -> Callable[[jax.Array], jax.Array]:
+    """Elementwise `fn` whose forward pass also computes its derivative (a forward-mode product with ones, in the
+    same fused loop) and keeps it alone for the backward pass, which multiplies it in. JAX's linearisation keeps
+    the intermediate terms instead: three arrays of the input's size for the exact GELU (x / 2, erfc, exp), two
+    for the tanh forms and SiLU, where a wav2vec2-base layer's 3072-wide activation is its largest array.
+    (Recomputing the activation from its input in the backward pass would keep one array too, but its
+    transcendental functions, compiled into other loops, round differently from the forward's.)"""
+
+    @jax.custom_vjp
+    def activation(x: jax.Array) -> jax.Array:
+        return fn(x)
+
+    def forward(x):
+        return jax.jvp(fn, (x,), (jnp.ones_like(x),))
+
+    def backward(derivative, grad):
+        return (grad * derivative,)
+
+    activation.defvjp(forward, backward)
+    return activation
+
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_fast": lambda x: 0.5 * x * (1.0 + jnp.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x))),
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "gelu": _derivative_kept(lambda x: jax.nn.gelu(x, approximate=False)),
+    "gelu_new": _derivative_kept(lambda x: jax.nn.gelu(x, approximate=True)),
+    "gelu_pytorch_tanh": _derivative_kept(lambda x: jax.nn.gelu(x, approximate=True)),
+    "gelu_fast": _derivative_kept(lambda x: 0.5 * x * (1.0 + jnp.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))),
+    "quick_gelu": _derivative_kept(lambda x: x * jax.nn.sigmoid(1.702 * x)),
     "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
+    "silu": _derivative_kept(jax.nn.silu),
+    "swish": _derivative_kept(jax.nn.silu),
     "tanh": jnp.tanh,
 }
+
+
+class LayerNorm(nn.LayerNorm):
+    """`nn.LayerNorm` over the last axis with the two-pass variance (`use_fast_variance=False`, as torch computes
+    it), the same params and numbers, whose backward pass keeps only its input and recomputes the statistics
+    (torch keeps the input, mean and 1/std; JAX's linearisation of Flax's computation keeps three arrays of the
+    input's size in float32)."""
+
+    use_fast_variance: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+        if mask is not None or self.use_fast_variance or self.axis_name is not None or self.reduction_axes != -1 \
+                or self.feature_axes != -1 or not self.force_float32_reductions:
+            raise NotImplementedError("LayerNorm: only the last axis, two-pass variance, no mask or axis name")
+        width = (x.shape[-1],)
+        scale = self.param("scale", self.scale_init, width, self.param_dtype) if self.use_scale else None
+        bias = self.param("bias", self.bias_init, width, self.param_dtype) if self.use_bias else None
+        dtype = self.dtype or jnp.result_type(x, *(p for p in (scale, bias) if p is not None))
+        return _recomputed_normalise(self.epsilon, jnp.dtype(dtype))(x, scale, bias)
+
+
+def _normalise(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, epsilon: float, dtype: Any
+               ) -> jax.Array:
+    """Flax's LayerNorm arithmetic, op for op: statistics in at least float32, (x - mean) * (rsqrt(var + eps) *
+    scale) + bias, cast to `dtype`."""
+    h = x.astype(jnp.promote_types(dtype, jnp.float32))
+    mean = h.mean(-1, keepdims=True)
+    var = jax.lax.square(h - mean).mean(-1, keepdims=True)
+    mul = jax.lax.rsqrt(var + epsilon)
+    if scale is not None:
+        mul = mul * scale
+    y = (x - mean) * mul
+    if bias is not None:
+        y = y + bias
+    return y.astype(dtype)
+
+
+@functools.cache
+def _recomputed_normalise(epsilon: float, dtype: Any) -> Callable[..., jax.Array]:
+    return recomputed_in_backward(functools.partial(_normalise, epsilon=epsilon, dtype=dtype))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -28,8 +28,8 @@ from flax import linen as nn
 from convert.base.archs.wav2vec2 import Wav2Vec2FamilyConfig
 from convert.base.configs import encoder_input_shape
 from convert.base.errors import UnsupportedConfig
-from flax_model.layers import (ACTIVATIONS, Dense, add_bias, frame_mask, grouped_conv, is_scanned, layer_drop,
-                               make_stack, run_stack, run_unless_dropped)
+from flax_model.layers import (ACTIVATIONS, Dense, LayerNorm, add_bias, frame_mask, grouped_conv, is_scanned,
+                               layer_drop, make_stack, run_stack, run_unless_dropped)
 from flax_model.random_bits import Dropout
 
 # HF's PyTorch defaults: nn.GroupNorm / nn.LayerNorm in the conv feature encoder and the adapter do not
@@ -91,10 +91,8 @@ def masked_frames(hidden: jax.Array, frame_mask: jax.Array | None, dtype: Any
     return jnp.where(frame_mask[:, :, None], hidden, 0.0), bias
 
 
-def layer_norm(epsilon: float, dtype: Any, name: str, use_scale: bool = True) -> nn.LayerNorm:
-    # Two-pass variance, as torch computes it (the fast E[x^2] - E[x]^2 form loses digits).
-    return nn.LayerNorm(epsilon=epsilon, dtype=dtype, use_fast_variance=False, use_scale=use_scale,
-                        use_bias=use_scale, name=name)
+def layer_norm(epsilon: float, dtype: Any, name: str, use_scale: bool = True) -> LayerNorm:
+    return LayerNorm(epsilon=epsilon, dtype=dtype, use_scale=use_scale, use_bias=use_scale, name=name)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import io
 import re
 
@@ -22,7 +23,7 @@ import pytest
 
 from flax_model.layers import grouped_conv
 from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel, SpeechEncoderDecoderModule
-from flax_model.layer_calls import recomputed_in_backward
+from flax_model.recompute import recomputed_in_backward
 from flax_model.training import loss_grad_function, step_key
 from parity_tests.jaxprs import equations
 from scripts.make_fixtures import cases_by_arch
@@ -105,6 +106,89 @@ def test_rematerialised_layers_keep_only_their_inputs_and_draw_the_same_masks(mo
     assert kept[False], f"without remat the layers' activations {sorted(inner)} should be kept"
     assert not kept[True], f"with remat {len(kept[True])} layer activations are kept: {kept[True][:3]}"
     assert folds[True] and folds[True] == folds[False], f"key derivations differ: {folds[True] ^ folds[False]}"
+
+
+def test_the_layers_keep_one_array_per_activation_and_none_per_layer_norm(model, monkeypatch):
+    """The step keeps what torch keeps: per feed-forward, the activation's derivative (not JAX's three
+    intermediate terms) beside the dropped activation the second matmul reads; per layer norm, nothing beyond its
+    input, where JAX's linearisation of Flax's arithmetic keeps three arrays of the hidden width (one of which
+    may be kept anyway, as the next matmul's input: at least two more per norm)."""
+    from flax_model import layers
+
+    config = model.config
+    batch = _batch(config)
+    frames = int(config.encoder.output_lengths(batch["inputs"].shape[1]))
+    ffn = {(2, frames, config.encoder.intermediate_size), (2 * frames, config.encoder.intermediate_size)}
+    hidden = {(2, frames, config.encoder.hidden_size), (2 * frames, config.encoder.hidden_size)}
+    loss = _loss(SpeechEncoderDecoderModule(config), batch, jax.random.key(3))
+    shapes = [shape for shape, _ in _saved_residuals(loss, model.params)]
+    layers_ = config.encoder.num_hidden_layers
+    wide = sum(shape in ffn for shape in shapes)
+    assert wide == 2 * layers_, f"{wide} arrays of the feed-forward's width for {layers_} layers"
+    monkeypatch.setattr(layers, "_recomputed_normalise", lambda epsilon, dtype: functools.partial(
+        layers._normalise, epsilon=epsilon, dtype=dtype))
+    linearised = [shape for shape, _ in _saved_residuals(_loss(SpeechEncoderDecoderModule(config), batch,
+                                                                jax.random.key(3)), model.params)]
+    extra = sum(shape in hidden for shape in linearised) - sum(shape in hidden for shape in shapes)
+    assert extra >= 2 * 2 * layers_, f"linearised by JAX, the layers' norms keep {extra} more arrays, not 2 each"
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_layer_norms_compute_flaxs_numbers_and_gradients_to_the_bit(dtype):
+    """`LayerNorm` (recomputed in the backward pass) against `nn.LayerNorm(use_fast_variance=False)`, and the
+    decoder's `RMSNorm` against its own arithmetic linearised by JAX: values and every gradient equal."""
+    from flax import linen as nn
+
+    from flax_model.decoder.modules import RMSNorm, _rms_norm
+    from flax_model.layers import LayerNorm
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 9, 48)) * 3 + 1, dtype)
+    cotangent = jnp.asarray(rng.standard_normal((2, 9, 48)), dtype)
+    weights = {"scale": jnp.asarray(rng.standard_normal(48), jnp.float32),
+               "bias": jnp.asarray(rng.standard_normal(48), jnp.float32)}
+    pairs = [("LayerNorm", lambda p, h: LayerNorm(epsilon=1e-5, dtype=dtype).apply({"params": p}, h),
+              lambda p, h: nn.LayerNorm(epsilon=1e-5, dtype=dtype, use_fast_variance=False).apply({"params": p}, h),
+              weights)]
+    for offset in (0.0, 1.0):
+        pairs.append((f"RMSNorm offset {offset}", lambda p, h, o=offset: RMSNorm(1e-6, o, dtype=dtype).apply(
+            {"params": p}, h), lambda p, h, o=offset: _rms_norm(h, p["scale"], 1e-6, o, jnp.dtype(dtype)),
+            {"scale": weights["scale"]}))
+    for name, ours, reference in ((n, a, b) for n, a, b, _ in pairs):
+        params = next(p for n, _, _, p in pairs if n == name)
+        got, expected = (jax.jit(lambda p, h, f=f: jax.vjp(f, p, h)[0])(params, x) for f in (ours, reference))
+        assert got.dtype == expected.dtype == dtype and np.array_equal(got, expected), f"{name}: values differ"
+        grads = [jax.jit(lambda p, h, f=f: jax.vjp(f, p, h)[1](cotangent))(params, x) for f in (ours, reference)]
+        differ = [i for i, (a, b) in enumerate(zip(*map(jax.tree.leaves, grads))) if not np.array_equal(a, b)]
+        assert not differ, f"{name}: gradients {differ} differ"
+    for norm, most in ((LayerNorm(epsilon=1e-5), 0), (nn.LayerNorm(epsilon=1e-5, use_fast_variance=False), 3)):
+        computed = [r for r in _saved_residuals(lambda h: jnp.sum(norm.apply({"params": weights}, h)), x)
+                    if r[0] == x.shape and "from the argument" not in r[1]]
+        assert len(computed) == most, f"{type(norm).__module__}.LayerNorm keeps {computed} beside its input"
+
+
+def test_activations_keep_their_derivative_and_differentiate_as_accurately_as_jax():
+    """Each activation keeps one array for the backward pass (the exact GELU: JAX's linearisation keeps 3) and its
+    gradient is as close to the float64 derivative as JAX's own (within twice its error: the derivative is rounded
+    once before the cotangent multiplies it)."""
+    from flax_model.layers import ACTIVATIONS
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(200_000) * 4, jnp.float32)
+    cotangent = jnp.asarray(rng.standard_normal(200_000), jnp.float32)
+    plain_gelu = [r for r in _saved_residuals(lambda h: jnp.sum(jax.nn.gelu(h, approximate=False)), x) if r[0]]
+    assert len(plain_gelu) == 3, plain_gelu
+    for name in ("gelu", "gelu_new", "gelu_fast", "quick_gelu", "silu"):
+        fn = ACTIVATIONS[name]
+        kept = [r for r in _saved_residuals(lambda h: jnp.sum(fn(h)), x) if r[0]]
+        assert len(kept) == 1 and kept[0][0] == x.shape, f"{name} keeps {kept}"
+        with jax.enable_x64(True):
+            exact = np.asarray(jax.vjp(fn.fun, jnp.asarray(np.asarray(x), jnp.float64))[1](
+                jnp.asarray(np.asarray(cotangent), jnp.float64))[0])
+        ours = np.asarray(jax.jit(lambda h, g: jax.vjp(fn, h)[1](g)[0])(x, cotangent), np.float64)
+        jaxs = np.asarray(jax.jit(lambda h, g: jax.vjp(fn.fun, h)[1](g)[0])(x, cotangent), np.float64)
+        worst, reference = float(np.max(np.abs(ours - exact))), float(np.max(np.abs(jaxs - exact)))
+        assert worst <= 2 * reference, f"{name}: gradient {worst:.2e} from float64 (JAX's own: {reference:.2e})"
 
 
 def test_recomputation_in_the_backward_pass_lowers_xlas_temporaries():

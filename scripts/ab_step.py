@@ -11,12 +11,15 @@ What `--undo` can undo (each patches the package while the B variant is traced):
               the bias as JAX transposes it (a bfloat16 sum)
     tokens_last  the bfloat16 kernel gradient's left operand laid out tokens last (`flax_model.layers._tokens_last`):
               B contracts the tokens of both operands, as before
+    kept_inputs  the activations and layer norms that keep only their input for the backward pass
+              (`flax_model.layers.ACTIVATIONS`, `LayerNorm`): B keeps what JAX's linearisation keeps
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import statistics
 import sys
@@ -29,21 +32,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 @contextlib.contextmanager
-def _patched(name: str, replacement: Callable[..., Any]) -> Iterator[None]:
-    """`flax_model.layers.<name>` replaced while the block runs."""
-    from flax_model import layers
-
-    kept = getattr(layers, name)
-    setattr(layers, name, replacement)
+def _patched(name: str, replacement: Any, owner: Any = None) -> Iterator[None]:
+    """`owner.<name>` (default: the module `flax_model.layers`) replaced while the block runs."""
+    if owner is None:
+        from flax_model import layers as owner
+    kept = getattr(owner, name)
+    setattr(owner, name, replacement)
     try:
         yield
     finally:
-        setattr(layers, name, kept)
+        setattr(owner, name, kept)
+
+
+@contextlib.contextmanager
+def _linearised_by_jax() -> Iterator[None]:
+    """The activations and layer norms as JAX linearises them (their intermediate arrays kept), not recomputed
+    from their inputs."""
+    from flax_model import layers
+
+    kept = dict(layers.ACTIVATIONS)
+    layers.ACTIVATIONS.update({name: getattr(fn, "fun", fn) for name, fn in kept.items()})
+    try:
+        with _patched("_recomputed_normalise", lambda epsilon, dtype: functools.partial(
+                layers._normalise, epsilon=epsilon, dtype=dtype)):
+            yield
+    finally:
+        layers.ACTIVATIONS.update(kept)
 
 
 UNDO: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
     "bias_sum": lambda: _patched("_low_precision_bias_add", lambda y, bias: y + bias.astype(y.dtype)),
     "tokens_last": lambda: _patched("_tokens_last", lambda a: None),
+    "kept_inputs": _linearised_by_jax,
 }
 
 

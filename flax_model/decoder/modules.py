@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -9,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_model.layers import add_bias, token_matmul
+from flax_model.recompute import recomputed_in_backward
 
 
 class Conv1D(nn.Module):
@@ -44,8 +47,19 @@ class RMSNorm(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         init = nn.initializers.zeros if self.offset else nn.initializers.ones
         scale = self.param(self.scale_name, init, (x.shape[-1],))
-        h = x.astype(jnp.float32)
-        h = h * jax.lax.rsqrt(jnp.mean(jnp.square(h), axis=-1, keepdims=True) + self.epsilon)
-        if self.offset:
-            return (h * (self.offset + scale.astype(jnp.float32))).astype(self.dtype)
-        return scale.astype(self.dtype) * h.astype(self.dtype)
+        return _recomputed_rms_norm(self.epsilon, self.offset, jnp.dtype(self.dtype))(x, scale)
+
+
+def _rms_norm(x: jax.Array, scale: jax.Array, epsilon: float, offset: float, dtype: Any) -> jax.Array:
+    h = x.astype(jnp.float32)
+    h = h * jax.lax.rsqrt(jnp.mean(jnp.square(h), axis=-1, keepdims=True) + epsilon)
+    if offset:
+        return (h * (offset + scale.astype(jnp.float32))).astype(dtype)
+    return scale.astype(dtype) * h.astype(dtype)
+
+
+@functools.cache
+def _recomputed_rms_norm(epsilon: float, offset: float, dtype: Any) -> Callable[..., jax.Array]:
+    """`_rms_norm` whose backward pass keeps its input alone (JAX's linearisation keeps two float32 arrays of the
+    input's size)."""
+    return recomputed_in_backward(functools.partial(_rms_norm, epsilon=epsilon, offset=offset, dtype=dtype))

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from convert.base.decoder_core import DecoderCore
 from convert.base.decoder_layout import Kind, Slot
 from flax_model.decoder.modules import Conv1D, RMSNorm
-from flax_model.layers import Dense
+from flax_model.layers import Dense, LayerNorm
 
 PARAM = "param"  # a raw parameter (a vocabulary projection's kernel and bias)
 
@@ -161,8 +161,7 @@ def _module(child: Leaf, init_scale: float, dtype: Any) -> nn.Module:
     if child.kind is Kind.LAYER_NORM:
         if names:
             raise ValueError(f"{child.slot}: a LayerNorm's Flax parameters are `scale` and `bias`, not renamed")
-        # Two-pass variance, as torch computes it: the one-pass form loses digits that 1e-5 parity needs.
-        return nn.LayerNorm(epsilon=child.eps, dtype=dtype, use_fast_variance=False)
+        return LayerNorm(epsilon=child.eps, dtype=dtype)  # two-pass variance: the one-pass form loses digits
     if child.kind is Kind.RMS_NORM:
         return RMSNorm(child.eps, child.offset, names.get("weight", "scale"), dtype)
     raise ValueError(f"{child.slot}: kind {child.kind} has no module")

@@ -1,0 +1,86 @@
+"""Recomputation in the backward pass (rematerialisation) that holds on XLA:CPU.
+
+`recomputed_in_backward(fn)` keeps only `fn`'s arguments for the backward pass and computes `fn` again there. It
+is what `jax.checkpoint` does, with one difference that makes it work on XLA:CPU: the recomputation reads its
+arguments multiplied by a 1 computed from the output's cotangent, so that it can run only once the backward pass
+has reached it, and is not the forward computation again. XLA:CPU drops `jax.checkpoint`'s optimisation barriers
+early; common-subexpression elimination then merges the recomputation with the forward pass (or the scheduler
+runs it right after the forward pass), and the peak memory does not move (measured: the same XLA temporaries with
+and without `jax.checkpoint` on every layer; `docs/training_performance.md`).
+
+Used for whole layers (`flax_model.layer_calls`, `--remat`) and, always, for the cheap elementwise pieces whose
+linearisation would keep several arrays where their input suffices (the exact GELU, layer norm: `flax_model.layers`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def recomputed_in_backward(fn: Callable[..., Any], constants: int = 0) -> Callable[..., Any]:
+    """`fn(*args)` (pytrees of arrays) whose backward pass recomputes it from its arguments.
+
+    The gradients are those of `fn` itself (the same linearisation, of the same numbers). PRNG keys among the
+    arguments get no gradient (dropout's random bits depend on the key alone: it is tied to the cotangent too, so
+    that no bits are kept from the forward pass).
+
+    Args:
+        fn: the function; its outputs must include a floating-point array.
+        constants: how many leading arguments are read as they are in the recomputation (a layer's params:
+            what depends on them alone, such as their cast to the compute dtype, may be shared with the forward
+            pass).
+    """
+
+    @jax.custom_vjp
+    def call(*args: Any) -> Any:
+        return fn(*args)
+
+    def forward(*args: Any) -> tuple[Any, tuple]:
+        return fn(*args), args
+
+    def backward(args: tuple, grad_out: Any) -> tuple:
+        leaves, tree = jax.tree.flatten(args[:constants] + _tied_to(grad_out, args[constants:]))
+        keys = [_is_key(a) for a in leaves]
+
+        def with_keys(*differentiated: jax.Array) -> Any:
+            it = iter(differentiated)
+            return fn(*jax.tree.unflatten(tree, [a if k else next(it) for a, k in zip(leaves, keys)]))
+
+        _, vjp = jax.vjp(with_keys, *[a for a, k in zip(leaves, keys) if not k])
+        grads = iter(vjp(grad_out))
+        return tuple(jax.tree.unflatten(tree, [np.zeros(np.shape(a), jax.dtypes.float0) if k else next(grads)
+                                               for a, k in zip(leaves, keys)]))
+
+    call.defvjp(forward, backward)
+    return call
+
+
+def _tied_to(grad_out: Any, tree: Any) -> Any:
+    """`tree`'s arrays as they are, but computed only once `grad_out` (a backward pass's cotangent) exists: what
+    the backward pass recomputes from them then runs there, not beside the forward pass."""
+    anchor = next(g for g in jax.tree.leaves(grad_out) if jnp.issubdtype(g.dtype, jnp.floating))
+    anchor = anchor.reshape(-1)[0].astype(jnp.float32)
+    # 1 and 0, known only once the cotangent exists: XLA folds neither `0 * x` nor `x != x` for floats.
+    one, zero = 1 + 0 * anchor, (anchor != anchor).astype(jnp.uint32)
+    return jax.tree.map(lambda a: _tied(a, one, zero), tree)
+
+
+def _is_key(a: Any) -> bool:
+    return jnp.issubdtype(a.dtype, jax.dtypes.prng_key)
+
+
+def _tied(a: jax.Array, one: jax.Array, zero: jax.Array) -> jax.Array:
+    """`a` computed after the cotangent: a float times `one`, a key with `zero` added to its bits; other integer
+    and boolean arrays as they are (nothing is recomputed from them alone)."""
+    if _is_key(a):
+        return jax.random.wrap_key_data(jax.random.key_data(a) + zero, impl=jax.random.key_impl(a))
+    if jnp.issubdtype(a.dtype, jnp.floating):
+        return a * one.astype(a.dtype)
+    if a.dtype == jnp.uint32:  # raw key data (`jax.random.PRNGKey`)
+        return a + zero
+    return a
