@@ -1,6 +1,6 @@
-"""Small pieces shared by the Flax architectures: activations, grouped convolutions over time, frame masks,
-LayerDrop, and the layer stack (per-layer modules or one scanned layer) every architecture runs its identical
-layers through."""
+"""Small pieces shared by the Flax architectures: activations, layer norm, linear layers, grouped convolutions over
+time, frame masks, LayerDrop, and the layer stack (per-layer modules or one scanned layer) every architecture runs
+its identical layers through."""
 
 from __future__ import annotations
 

@@ -8,8 +8,9 @@ early; common-subexpression elimination then merges the recomputation with the f
 runs it right after the forward pass), and the peak memory does not move (measured: the same XLA temporaries with
 and without `jax.checkpoint` on every layer; `docs/training_performance.md`).
 
-Used for whole layers (`flax_model.layer_calls`, `--remat`) and, always, for the cheap elementwise pieces whose
-linearisation would keep several arrays where their input suffices (the exact GELU, layer norm: `flax_model.layers`).
+Used for whole layers (`flax_model.layer_calls`, `--remat`) and, always, for the layer norms, whose linearisation
+would keep three arrays of their input's size where the input suffices (`flax_model.layers.LayerNorm`, the decoder
+core's `RMSNorm`).
 """
 
 from __future__ import annotations
