@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_model.recompute import recomputed_in_backward
+from flax_model.recompute import recomputed_with
 
 
 def _derivative_kept(fn: Callable[[jax.Array], jax.Array]) -> Callable[[jax.Array], jax.Array]:
@@ -89,9 +89,8 @@ def _normalise(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, ep
     return y.astype(dtype)
 
 
-@functools.cache
 def _recomputed_normalise(epsilon: float, dtype: Any) -> Callable[..., jax.Array]:
-    return recomputed_in_backward(functools.partial(_normalise, epsilon=epsilon, dtype=dtype))
+    return recomputed_with(_normalise, epsilon=epsilon, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------

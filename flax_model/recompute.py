@@ -15,6 +15,7 @@ core's `RMSNorm`).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -59,6 +60,13 @@ def recomputed_in_backward(fn: Callable[..., Any], constants: int = 0) -> Callab
 
     call.defvjp(forward, backward)
     return call
+
+
+@functools.cache
+def recomputed_with(fn: Callable[..., Any], **static: Any) -> Callable[..., Any]:
+    """`recomputed_in_backward(functools.partial(fn, **static))`, made once per function and static arguments
+    (hashable: epsilons, dtypes)."""
+    return recomputed_in_backward(functools.partial(fn, **static))
 
 
 def _tied_to(grad_out: Any, tree: Any) -> Any:

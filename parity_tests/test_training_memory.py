@@ -154,8 +154,7 @@ def test_layer_norms_compute_flaxs_numbers_and_gradients_to_the_bit(dtype):
         pairs.append((f"RMSNorm offset {offset}", lambda p, h, o=offset: RMSNorm(1e-6, o, dtype=dtype).apply(
             {"params": p}, h), lambda p, h, o=offset: _rms_norm(h, p["scale"], 1e-6, o, jnp.dtype(dtype)),
             {"scale": weights["scale"]}))
-    for name, ours, reference in ((n, a, b) for n, a, b, _ in pairs):
-        params = next(p for n, _, _, p in pairs if n == name)
+    for name, ours, reference, params in pairs:
         got, expected = (jax.jit(lambda p, h, f=f: jax.vjp(f, p, h)[0])(params, x) for f in (ours, reference))
         assert got.dtype == expected.dtype == dtype and np.array_equal(got, expected), f"{name}: values differ"
         grads = [jax.jit(lambda p, h, f=f: jax.vjp(f, p, h)[1](cotangent))(params, x) for f in (ours, reference)]

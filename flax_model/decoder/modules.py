@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -11,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_model.layers import add_bias, token_matmul
-from flax_model.recompute import recomputed_in_backward
+from flax_model.recompute import recomputed_with
 
 
 class Conv1D(nn.Module):
@@ -47,7 +45,9 @@ class RMSNorm(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         init = nn.initializers.zeros if self.offset else nn.initializers.ones
         scale = self.param(self.scale_name, init, (x.shape[-1],))
-        return _recomputed_rms_norm(self.epsilon, self.offset, jnp.dtype(self.dtype))(x, scale)
+        # Recomputed from its input in the backward pass (JAX's linearisation keeps two float32 arrays of its size).
+        return recomputed_with(_rms_norm, epsilon=self.epsilon, offset=self.offset, dtype=jnp.dtype(self.dtype))(
+            x, scale)
 
 
 def _rms_norm(x: jax.Array, scale: jax.Array, epsilon: float, offset: float, dtype: Any) -> jax.Array:
@@ -57,9 +57,3 @@ def _rms_norm(x: jax.Array, scale: jax.Array, epsilon: float, offset: float, dty
         return (h * (offset + scale.astype(jnp.float32))).astype(dtype)
     return scale.astype(dtype) * h.astype(dtype)
 
-
-@functools.cache
-def _recomputed_rms_norm(epsilon: float, offset: float, dtype: Any) -> Callable[..., jax.Array]:
-    """`_rms_norm` whose backward pass keeps its input alone (JAX's linearisation keeps two float32 arrays of the
-    input's size)."""
-    return recomputed_in_backward(functools.partial(_rms_norm, epsilon=epsilon, offset=offset, dtype=dtype))
