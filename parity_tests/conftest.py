@@ -31,13 +31,8 @@ DEFAULT_EMITTERS = os.environ.get("PARITY_DEFAULT_EMITTERS") == "1"
 if not DEFAULT_EMITTERS and "xla_cpu_use_fusion_emitters" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_cpu_use_fusion_emitters=false"
 
-# One persistent compilation cache for the whole run, in a directory of the first process's own (removed at its
-# end), which the pytest-xdist workers, the commands the tests start and the default-emitters process inherit: a
-# program one of them compiled is read back by the others (the same fixtures' models compile in many of them;
-# the suite's CPU time 900 -> 670 s). Programs that compile in under 0.2 s are not written. Locked reads and writes
-# (a size limit turns on JAX's file lock): two workers may reach one program at once. XLA's flags are part of
-# each program's key, so the default-emitters process compiles its own. Commands that keep a cache in the user's
-# cache directory keep it there too: the tests write nothing into the home directory.
+# Commands that keep a cache in the user's cache directory (convert.finetune's compiled programs) keep it in a
+# directory of this process's own, removed at its end: the tests write nothing into the home directory.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     import atexit
     import shutil
@@ -45,9 +40,6 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
     os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="parity-cache-")
     atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(os.environ["XDG_CACHE_HOME"], "xla")
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
-    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
 
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402

@@ -4,9 +4,7 @@ an update compiled in the calling thread."""
 
 from __future__ import annotations
 
-import contextlib
 import threading
-from collections.abc import Iterator
 
 import jax
 import jax.monitoring
@@ -48,22 +46,6 @@ def _grad(frozen):
     return jax.jit(grad)
 
 
-@contextlib.contextmanager
-def _compiled_afresh() -> Iterator[None]:
-    """JAX's persistent compilation cache off while the block runs (the suite shares one, conftest.py): each program
-    is compiled, not read back, so that each compilation is an event."""
-    from jax.experimental.compilation_cache import compilation_cache
-
-    before = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)
-    compilation_cache.reset_cache()  # JAX decides whether to use a cache at the first compilation after a reset
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_compilation_cache", before)
-        compilation_cache.reset_cache()
-
-
 def _compiles(record: list) -> None:
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, duration, **kw: record.append((kw.get("fun_name"), threading.current_thread().name))
@@ -80,9 +62,8 @@ def test_apply_compiles_once_in_its_own_thread_and_gives_the_same_step():
                         frozen=frozen)
     batch = {"x": np.full((2, 3), 0.5, np.float32), "labels": np.zeros((2, 3), np.int32)}
     state = init_state(_params(), optimizer, frozen)
-    with _compiled_afresh():
-        for _ in range(2):
-            state, _, _ = train_step(fns, state, [(batch, None)])
+    for _ in range(2):
+        state, _, _ = train_step(fns, state, [(batch, None)])
     applied = [thread for name, thread in record if name == "jit(apply)"]
     assert applied == ["compile-apply"], f"apply compiled in {applied} (expected once, ahead, in its own thread)"
 
