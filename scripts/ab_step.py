@@ -32,16 +32,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 @contextlib.contextmanager
-def _patched(name: str, replacement: Any, owner: Any = None) -> Iterator[None]:
-    """`owner.<name>` (default: the module `flax_model.layers`) replaced while the block runs."""
-    if owner is None:
-        from flax_model import layers as owner
-    kept = getattr(owner, name)
-    setattr(owner, name, replacement)
+def _patched(name: str, replacement: Any) -> Iterator[None]:
+    """`flax_model.layers.<name>` replaced while the block runs."""
+    from flax_model import layers
+
+    kept = getattr(layers, name)
+    setattr(layers, name, replacement)
     try:
         yield
     finally:
-        setattr(owner, name, kept)
+        setattr(layers, name, kept)
 
 
 @contextlib.contextmanager
