@@ -7,9 +7,11 @@
 Model: wav2vec2-base with a BART-base decoder, random, built as `scripts/bench.py` builds it (the same weights in
 both frameworks). A step is what `convert.finetune` runs: train mode (dropout, LayerDrop), the loss on labels
 shifted into the decoder, the backward pass, global-norm clipping and an AdamW update, the conv feature encoder
-frozen (`--no-freeze` trains it too). LayerDrop skips each encoder layer with probability 0.1 at each step, in
-both frameworks, so a step's time depends on its draws (PyTorch's are seeded, Flax's keys fixed per step: each run
-draws the same); `--layerdrop 0` compares the same work in every step. The Flax step is `flax_model.training`'s
+frozen (`--no-freeze` trains it too). LayerDrop skips each encoder layer with probability 0.1 at each step, so a
+step's time depends on its draws. Flax's keys are fixed per step (each run draws the same); the PyTorch step skips
+the layers the first Flax setting's step skips, step by step (found first by a `layerdrop` line's worker), so that
+both do the same work; a setting that draws otherwise (the scanned ones: a key per layer) is marked
+`same_layers: false` in its `compare` line. `--layerdrop 0` computes every layer in every step. The Flax step is `flax_model.training`'s
 (`step_functions`, `train_step`: the gradient function, then the update with the train state donated). PyTorch:
 `model.train()`, `loss.backward()`, `clip_grad_norm_`, `torch.optim.AdamW`.
 
@@ -22,14 +24,17 @@ pass), `bfloat16` (compute in bfloat16 over float32 master weights); `float32` a
 Figures, one JSON line each (`load`: the 1-minute load average when taken; above the core count the machine was
 busy and the times are inflated):
     step      per framework / setting: the first step (tracing, compilation and the run: what a user waits for),
-              the median compiled step (`step_s`) over `--runs`, audio-seconds per second, the peak resident memory
+              the median compiled step (`step_s`) over `--runs` (each in `steps_s`), audio-seconds per second, the peak resident memory
               of the process while training (`peak_rss_gb`, from the model in memory through the steps) and, on
               a GPU, the peak device memory; Flax adds XLA's own account of the compiled gradient function
               (`temp_bytes`: activations and scratch; `argument_bytes`: params and batch; `output_bytes`: the
               gradients) and its compile time.
+    layerdrop per Flax setting: the encoder layers its step skips at each step (`dropped`; the PyTorch step's
+              record has the ones it skipped).
     compare   per Flax setting against PyTorch: `speedup` (torch step / Flax step), `rss_ratio` (Flax peak RSS /
               PyTorch's), `first_over_step` (Flax's first step / its compiled step), and whether each target
-              holds (speedup >= 1.5, rss_ratio <= 1, first_over_step <= 3).
+              holds (speedup >= 1.5, rss_ratio <= 1, first_over_step <= 3); `same_layers`: both skipped the
+              same layers at every step, and `layers_skipped` over the timed steps.
     largest   with `--largest-batch` (meant for a GPU): the largest batch of `--audio-seconds` utterances whose
               step runs, per framework / setting (doubling from `--batch`, then bisecting; `--max-batch` caps it).
 
@@ -260,6 +265,7 @@ def flax_worker(args: argparse.Namespace, setting: Setting) -> dict[str, Any]:
         times.append(time.perf_counter() - started)
     step_s = statistics.median(times[1:])
     record.update({"first_step_s": compile_s + times[0], "compile_s": compile_s, "first_run_s": times[0], "step_s": step_s,
+                   "steps_s": [round(t, 3) for t in times[1:]],
                    "audio_s_per_s": data["audio_s"] / step_s, "loss": objective / tokens,
                    "peak_rss_gb": peak_rss_gb(), **counters.record(), **xla_memory(grad)})
     if record["device"] != "cpu":
@@ -272,6 +278,86 @@ def xla_memory(compiled: Any) -> dict[str, int]:
     stats = compiled.memory_analysis()
     return {"temp_bytes": int(stats.temp_size_in_bytes), "argument_bytes": int(stats.argument_size_in_bytes),
             "output_bytes": int(stats.output_size_in_bytes)}
+
+
+def layerdrop_worker(args: argparse.Namespace, settings: list[Setting]) -> list[dict[str, Any]]:
+    """Which encoder layers each Flax setting's step skips at each of the bench's steps (LayerDrop, keys
+    `step_key(0, step)`): the setting's model forward (`loss_sums`, jitted) on a one-utterance batch with the
+    encoder stack's `layer_drop` wrapped to report each draw. A draw depends on the key and the module's path,
+    not on the batch (an unrolled stack draws from its own stream, a scanned one from each layer's)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import flax_model.wav2vec2 as encoder_module
+    from flax_model.speech_encoder_decoder import SpeechEncoderDecoderModule, stack_params
+    from flax_model.training import step_key
+    from scripts.bench import random_params
+
+    config = model_config(args)
+    params = random_params(config)
+    samples = 4000  # 0.25 s: a few frames
+    batch = (np.zeros((1, samples), np.float32), np.ones((1, samples), np.int32), np.full((1, 2), 5, np.int32))
+    draws: list[bool] = []
+    original = encoder_module.layer_drop
+
+    def reported(module: Any, rate: float, deterministic: bool) -> Any:
+        drop = original(module, rate, deterministic)
+        if not isinstance(drop, bool):
+            jax.debug.callback(lambda value: draws.append(bool(value)), drop, ordered=True)
+        return drop
+
+    records = []
+    encoder_module.layer_drop = reported
+    try:
+        for setting in settings:
+            module = SpeechEncoderDecoderModule(config, dtype=jnp.bfloat16 if setting.bfloat16 else jnp.float32,
+                                                remat=setting.remat, scan_layers=setting.scan)
+            forward = jax.jit(lambda p, key, m=module: m.apply(
+                {"params": p}, *batch, False, args.freeze, method="loss_sums", rngs={"dropout": key}))
+            weights = stack_params(config, params) if setting.scan else params
+            dropped = []
+            for step in range(1 + max(1, args.runs)):
+                draws.clear()
+                jax.block_until_ready(forward(weights, step_key(0, step)))
+                jax.effects_barrier()
+                if len(draws) != config.encoder.num_hidden_layers:
+                    raise RuntimeError(f"{setting.name}: {len(draws)} LayerDrop draws at step {step}, expected "
+                                       f"{config.encoder.num_hidden_layers}")
+                dropped.append([i for i, drop in enumerate(draws) if drop])
+            records.append({"bench": "layerdrop", "setting": setting.name, "dropped": dropped})
+    finally:
+        encoder_module.layer_drop = original
+    return records
+
+
+class LayerDropSchedule:
+    """The PyTorch reference's LayerDrop made to skip given layers (`dropped[step]`, layer indices) instead of
+    drawing, or to draw as transformers does (no schedule); either way it records what each step skipped."""
+
+    def __init__(self, dropped: list[list[int]] | None, layers: int) -> None:
+        from torch_reference.layers import layer_drop
+
+        self.given, self.layers, self.draw = dropped, layers, layer_drop
+        self.dropped: list[list[int]] = []
+        self.calls = 0
+
+    def start_step(self) -> None:
+        if self.dropped and self.calls != self.layers:
+            raise RuntimeError(f"LayerDrop asked {self.calls} times in a step, expected {self.layers}")
+        self.dropped.append([])
+        self.calls = 0
+
+    def __call__(self, training: bool, rate: float) -> bool:
+        step, layer = len(self.dropped) - 1, self.calls
+        self.calls += 1
+        if self.given is not None and step < len(self.given):
+            drop = training and rate > 0.0 and layer in self.given[step]
+        else:
+            drop = self.draw(training, rate)
+        if drop:
+            self.dropped[-1].append(layer)
+        return drop
 
 
 def torch_worker(args: argparse.Namespace) -> dict[str, Any]:
@@ -294,11 +380,17 @@ def torch_worker(args: argparse.Namespace) -> dict[str, Any]:
     jax.clear_caches()
     if args.freeze:
         model.freeze_feature_encoder()
+    import torch_reference.wav2vec2
+
+    schedule = LayerDropSchedule(json.loads(args.layerdrop_schedule) if args.layerdrop_schedule else None,
+                                 config.encoder.num_hidden_layers)
+    torch_reference.wav2vec2.layer_drop = schedule  # the encoder stack's LayerDrop (wav2vec2-base)
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=1e-4, weight_decay=0.01)
     inputs, mask, labels = (torch.from_numpy(data[k]).to(device) for k in ("inputs", "attention_mask", "labels"))
 
     def step() -> float:
+        schedule.start_step()
         loss = model.loss(inputs, mask, labels.long())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
@@ -321,8 +413,10 @@ def torch_worker(args: argparse.Namespace) -> dict[str, Any]:
             loss = step()
         times.append(time.perf_counter() - started)
     step_s = statistics.median(times[1:])
-    record.update({"first_step_s": times[0], "step_s": step_s, "audio_s_per_s": data["audio_s"] / step_s,
-                   "loss": loss, "peak_rss_gb": peak_rss_gb(), **counters.record()})
+    record.update({"first_step_s": times[0], "step_s": step_s, "steps_s": [round(t, 3) for t in times[1:]],
+                   "audio_s_per_s": data["audio_s"] / step_s,
+                   "loss": loss, "peak_rss_gb": peak_rss_gb(), **counters.record(),
+                   "layerdrop_given": schedule.given is not None, "dropped": schedule.dropped})
     if device.type == "cuda":
         record["peak_device_gb"] = torch.cuda.max_memory_allocated() / 1e9
     return {**record, "load": load()}
@@ -415,9 +509,21 @@ def profile_torch(directory: str, step: Any) -> None:
 # The parent: runs the workers, compares
 
 
-def run_worker(args: argparse.Namespace, worker: str, batch: int | None = None) -> list[dict[str, Any]] | None:
+def layerdrop_draws(args: argparse.Namespace) -> dict[str, list[list[int]]]:
+    """Setting name -> the encoder layers its step skips at each step (`layerdrop_worker`, in a process of its
+    own); empty where LayerDrop is off, or where the worker failed (PyTorch then draws its own)."""
+    if args.layerdrop == 0:
+        return {}
+    records = run_worker(args, "layerdrop") or []
+    for record in records:
+        emit(record)
+    return {r["setting"]: r["dropped"] for r in records if r.get("bench") == "layerdrop"}
+
+
+def run_worker(args: argparse.Namespace, worker: str, batch: int | None = None,
+               extra: list[str] | None = None) -> list[dict[str, Any]] | None:
     """Runs one worker process; its JSON lines, or None when it failed (its last error line is reported)."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", worker, *args.forward]
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", worker, *args.forward, *(extra or [])]
     if batch is not None:  # the largest-batch search: does one step run
         command += ["--batch", str(batch), "--runs", "1"]
     env = dict(os.environ)
@@ -485,9 +591,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--largest-batch", action="store_true", help="search the largest batch that runs")
     parser.add_argument("--max-batch", type=int, default=256)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--layerdrop-schedule", help=argparse.SUPPRESS)  # PyTorch's: the layers each step skips
     args, _ = parser.parse_known_args(argv)
     settings = [Setting.parse(text) for text in args.settings.split(",") if text]
 
+    if args.worker == "layerdrop":
+        for record in layerdrop_worker(args, settings):
+            emit(record)
+        return 0
     if args.worker:
         record = torch_worker(args) if args.worker == "torch" else flax_worker(args, Setting.parse(args.worker))
         emit(record)
@@ -502,8 +613,11 @@ def main(argv: list[str] | None = None) -> int:
           "batch": args.batch, "audio_seconds": args.audio_seconds, "quick": args.quick, "load": load()})
     results: dict[str, dict[str, Any]] = {}
     workers = ([] if args.memory_only or not args.torch else ["torch"]) + [s.name for s in settings]
+    dropped = layerdrop_draws(args) if "torch" in workers and not args.profile else {}
     for worker in workers:
-        records = run_worker(args, worker)
+        # PyTorch skips the layers the first Flax setting's step skips, step by step: the same work in both.
+        given = ["--layerdrop-schedule", json.dumps(dropped[settings[0].name])] if worker == "torch" and dropped else []
+        records = run_worker(args, worker, extra=given)
         for record in records or []:
             if record.get("bench") == "step":
                 results[worker] = record
@@ -517,7 +631,11 @@ def main(argv: list[str] | None = None) -> int:
                    "rss_ratio": flax["peak_rss_gb"] / reference["peak_rss_gb"],
                    "first_over_step": flax["first_step_s"] / flax["step_s"]}
         met = {f"{k}_met": (v >= TARGETS[k] if k == "speedup" else v <= TARGETS[k]) for k, v in figures.items()}
-        emit({"bench": "compare", "setting": setting.name, **figures, **met, "load": load()})
+        same = {}
+        if setting.name in dropped:  # whether both frameworks computed the same layers at every step
+            same = {"same_layers": dropped[setting.name] == reference["dropped"],
+                    "layers_skipped": sum(map(len, dropped[setting.name][1:]))}
+        emit({"bench": "compare", "setting": setting.name, **figures, **met, **same, "load": load()})
     if args.largest_batch:
         for worker in workers:
             emit({"bench": "largest", "worker": worker, "audio_seconds": args.audio_seconds,
