@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import itertools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -21,13 +22,17 @@ import pytest
 from flax import traverse_util
 
 from convert.base import stacking
+from convert.base.archs.bart import BartConfig
+from convert.base.archs.wav2vec2 import Wav2Vec2Config
 from convert.base.checkpoint import Checkpoint
+from convert.base.composed import SpeechEncoderDecoderConfig
 from convert.base.errors import UnsupportedConfig
 from convert.base.registry import specs
 from convert.verify import seeded_inputs
 from flax_model.cache import reorder_cache
 from flax_model.layers import layer_scan
 from flax_model.sharding import param_shardings, partition_rules, partition_spec
+from flax_model.training import compiled_grad, loss_grad_function, step_key
 from flax_model.speech_encoder_decoder import (
     FlaxSpeechEncoderDecoderModel,
     SpeechEncoderDecoderModule,
@@ -355,3 +360,41 @@ def test_scanned_model_loads_onto_a_mesh_with_stacked_leaves_placed_by_the_rules
             assert value.sharding.is_equivalent_to(shardings[path], value.ndim), path
         assert any(len(placed[k].sharding.spec) > 1 and placed[k].sharding.spec[1] == "fsdp" for k in placed
                    if stacking.layer_path(k, stacking.layer_stacks(sharded.config))), "no stacked leaf split"
+
+
+@pytest.mark.default_emitters  # the legacy emitters (the suite's) fuse the upcasts: nothing to hoist
+def test_scanned_bfloat16_gradient_upcasts_its_residuals_inside_the_backward_loop():
+    """XLA's loop-invariant code motion would convert a scanned stack's bfloat16 residuals (and its bfloat16
+    weights) to float32 for every layer at once, before the backward loop: a float32 copy of each stack.
+    `compiled_grad` compiles a scanned gradient without that pass (`SCANNED_COMPILER_OPTIONS`): the same numbers,
+    fewer temporaries. XLA hoists them for 64-wide layers over ~300 frames (not at the fixtures' sizes): a
+    wav2vec2 + BART pair of that size, 3 layers per stack, HF's default dropout and LayerDrop."""
+    encoder = Wav2Vec2Config(num_hidden_layers=3, hidden_size=64, intermediate_size=256, num_attention_heads=4,
+                             conv_dim=(32, 32), conv_kernel=(10, 2), conv_stride=(5, 2), num_conv_pos_embeddings=16,
+                             num_conv_pos_embedding_groups=4)
+    decoder = BartConfig(d_model=64, decoder_layers=3, decoder_attention_heads=4, decoder_ffn_dim=256, vocab_size=96,
+                         max_position_embeddings=64, is_decoder=True, add_cross_attention=True)
+    config = SpeechEncoderDecoderConfig(raw={}, encoder=encoder, decoder=decoder, decoder_start_token_id=2,
+                                        pad_token_id=1, eos_token_id=2)
+    module = SpeechEncoderDecoderModule(config, dtype=jnp.bfloat16, scan_layers=True)
+    rng = np.random.default_rng(5)
+    batch = {"inputs": jnp.asarray(rng.standard_normal((2, 1600)), jnp.float32),
+             "attention_mask": jnp.ones((2, 1600), jnp.int32), "labels": jnp.asarray(rng.integers(3, 96, (2, 4)))}
+    params = jax.jit(lambda key: module.init(key, batch["inputs"], batch["attention_mask"], batch["labels"]))(
+        jax.random.PRNGKey(0))["params"]
+    example = (params, batch, step_key(0, 1), np.float32(0.0))
+    package = compiled_grad(module, deterministic=False).lower(*example).compile()
+    plain = jax.jit(loss_grad_function(module, deterministic=False)).lower(*example).compile()
+
+    def stacked_upcasts(compiled) -> list[str]:
+        """Converts to float32 of a whole stack ([3, ...]) in the entry computation."""
+        entry = compiled.as_text().split("\nENTRY ")[-1]
+        return re.findall(r"= f32\[3,[\d,]+\]\S* fusion\([^)]*\), kind=kLoop, calls=%wrapped_convert", entry)
+
+    assert len(stacked_upcasts(plain)) > 10, "XLA no longer hoists the upcasts: SCANNED_COMPILER_OPTIONS may go"
+    assert not stacked_upcasts(package), stacked_upcasts(package)
+    temps = [c.memory_analysis().temp_size_in_bytes for c in (package, plain)]
+    assert temps[0] < temps[1], f"temporaries {temps[0]} with the options, {temps[1]} without"
+    (sums, grads), (plain_sums, plain_grads) = package(*example), plain(*example)
+    worst = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(plain_grads)))
+    assert float(sums.nll) == float(plain_sums.nll) and worst == 0.0, f"nll {sums.nll} vs {plain_sums.nll}, {worst}"

@@ -13,6 +13,8 @@ What `--undo` can undo (each patches the package while the B variant is traced):
               B contracts the tokens of both operands, as before
     kept_inputs  the activations and layer norms that keep only their input for the backward pass
               (`flax_model.layers.ACTIVATIONS`, `LayerNorm`): B keeps what JAX's linearisation keeps
+    scan_licm  a scanned gradient compiled without XLA's loop-invariant code motion
+              (`flax_model.training.SCANNED_COMPILER_OPTIONS`): B compiles with it (a scan setting)
 """
 
 from __future__ import annotations
@@ -32,16 +34,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 @contextlib.contextmanager
-def _patched(name: str, replacement: Any) -> Iterator[None]:
-    """`flax_model.layers.<name>` replaced while the block runs."""
-    from flax_model import layers
+def _patched(name: str, replacement: Any, module: str = "layers") -> Iterator[None]:
+    """`flax_model.<module>.<name>` replaced while the block runs."""
+    import importlib
 
-    kept = getattr(layers, name)
-    setattr(layers, name, replacement)
+    owner = importlib.import_module(f"flax_model.{module}")
+    kept = getattr(owner, name)
+    setattr(owner, name, replacement)
     try:
         yield
     finally:
-        setattr(layers, name, kept)
+        setattr(owner, name, kept)
 
 
 @contextlib.contextmanager
@@ -64,6 +67,7 @@ UNDO: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
     "bias_sum": lambda: _patched("_low_precision_bias_add", lambda y, bias: y + bias.astype(y.dtype)),
     "tokens_last": lambda: _patched("_tokens_last", lambda a: None),
     "kept_inputs": _linearised_by_jax,
+    "scan_licm": lambda: _patched("SCANNED_COMPILER_OPTIONS", {}, "training"),
 }
 
 
