@@ -1,7 +1,7 @@
 """Benchmark of one training step: the Flax step in several settings against the PyTorch reference's, in one run.
 
     python scripts/bench_train.py [--batch 4] [--audio-seconds 10] [--label-tokens 32] [--runs 3]
-        [--settings float32,bfloat16,remat,scan,scan+remat] [--device cpu|gpu] [--threads N] [--no-freeze]
+        [--settings float32,bfloat16,remat,scan,scan+remat,scan+bfloat16] [--device cpu|gpu] [--threads N] [--no-freeze]
         [--layerdrop R] [--quick] [--memory-only] [--profile DIR] [--largest-batch [--max-batch N]]
 
 Model: wav2vec2-base with a BART-base decoder, random, built as `scripts/bench.py` builds it (the same weights in
@@ -66,7 +66,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 SETTING_WORDS = ("float32", "bfloat16", "remat", "scan", "perlayer")
-FLAX_DEFAULTS = "float32,bfloat16,remat,scan,scan+remat"
+FLAX_DEFAULTS = "float32,bfloat16,remat,scan,scan+remat,scan+bfloat16"
 TARGETS = {"speedup": 1.5, "rss_ratio": 1.0, "first_over_step": 3.0}
 
 
