@@ -1,19 +1,19 @@
 """Benchmark of one training step: the Flax step in several settings against the PyTorch reference's, in one run.
 
     python scripts/bench_train.py [--batch 4] [--audio-seconds 10] [--label-tokens 32] [--runs 3]
-        [--settings float32,bfloat16,remat,scan,scan+remat,scan+bfloat16] [--device cpu|gpu] [--threads N] [--no-freeze]
-        [--layerdrop R] [--quick] [--memory-only] [--profile DIR] [--largest-batch [--max-batch N]]
+        [--settings float32,bfloat16,remat,scan,scan+remat,scan+bfloat16] [--device cpu|gpu] [--threads N]
+        [--no-freeze] [--layerdrop R] [--quick] [--memory-only] [--profile DIR] [--largest-batch [--max-batch N]]
 
 Model: wav2vec2-base with a BART-base decoder, random, built as `scripts/bench.py` builds it (the same weights in
 both frameworks). A step is what `convert.finetune` runs: train mode (dropout, LayerDrop), the loss on labels
 shifted into the decoder, the backward pass, global-norm clipping and an AdamW update, the conv feature encoder
 frozen (`--no-freeze` trains it too). LayerDrop skips each encoder layer with probability 0.1 at each step, so a
 step's time depends on its draws. Flax's keys are fixed per step (each run draws the same); the PyTorch step skips
-the layers the first Flax setting's step skips, step by step (found first by a `layerdrop` line's worker), so that
-both do the same work; a setting that draws otherwise (the scanned ones: a key per layer) is marked
-`same_layers: false` in its `compare` line. `--layerdrop 0` computes every layer in every step. The Flax step is `flax_model.training`'s
-(`step_functions`, `train_step`: the gradient function, then the update with the train state donated). PyTorch:
-`model.train()`, `loss.backward()`, `clip_grad_norm_`, `torch.optim.AdamW`.
+the layers the first Flax setting's step skips, step by step (found first by a `layerdrop` line's worker), so
+that both do the same work; a setting that draws otherwise (the scanned ones: a key per layer) is marked
+`same_layers: false` in its `compare` line. `--layerdrop 0` computes every layer in every step. The Flax step is
+`flax_model.training`'s (`step_functions`, `train_step`: the gradient function, then the update with the train
+state donated). PyTorch: `model.train()`, `loss.backward()`, `clip_grad_norm_`, `torch.optim.AdamW`.
 
 Each framework and each Flax setting runs in a process of its own, one after the other, so that each peak
 resident memory is its own. A setting joins words with "+": `scan` (the layer stacks as one `nn.scan` each, the
@@ -24,17 +24,19 @@ pass), `bfloat16` (compute in bfloat16 over float32 master weights); `float32` a
 Figures, one JSON line each (`load`: the 1-minute load average when taken; above the core count the machine was
 busy and the times are inflated):
     step      per framework / setting: the first step (tracing, compilation and the run: what a user waits for),
-              the median compiled step (`step_s`) over `--runs` (each in `steps_s`), audio-seconds per second, the peak resident memory
-              of the process while training (`peak_rss_gb`, from the model in memory through the steps) and, on
-              a GPU, the peak device memory; Flax adds XLA's own account of the compiled gradient function
-              (`temp_bytes`: activations and scratch; `argument_bytes`: params and batch; `output_bytes`: the
-              gradients) and its compile time.
+              the median compiled step (`step_s`) over `--runs` (each in `steps_s`), audio-seconds per second,
+              the peak resident memory of the process while training (`peak_rss_gb`, from the model in memory
+              through the steps) and, on a GPU, the peak device memory; the machine's speed before and after the
+              steps (`probe_gflops`, `host_probe`); Flax adds XLA's own account of the compiled gradient
+              function (`temp_bytes`: activations and scratch; `argument_bytes`: params and batch;
+              `output_bytes`: the gradients) and its compile time.
     layerdrop per Flax setting: the encoder layers its step skips at each step (`dropped`; the PyTorch step's
               record has the ones it skipped).
     compare   per Flax setting against PyTorch: `speedup` (torch step / Flax step), `rss_ratio` (Flax peak RSS /
               PyTorch's), `first_over_step` (Flax's first step / its compiled step), and whether each target
               holds (speedup >= 1.5, rss_ratio <= 1, first_over_step <= 3); `same_layers`: both skipped the
-              same layers at every step, and `layers_skipped` over the timed steps.
+              same layers at every step, and `layers_skipped` over the timed steps; `probe_ratio`: the machine's
+              speed while Flax ran over its speed while PyTorch ran (far from 1: the host moved between them).
     largest   with `--largest-batch` (meant for a GPU): the largest batch of `--audio-seconds` utterances whose
               step runs, per framework / setting (doubling from `--batch`, then bisecting; `--max-batch` caps it).
 
@@ -94,6 +96,22 @@ class Setting:
 
 def load() -> float:
     return round(os.getloadavg()[0], 2)
+
+
+def host_probe() -> float:
+    """The machine's speed now: GFLOP/s of a fixed float32 product in NumPy (four 2048 x 2048 products, best of
+    5). On a shared host the same code runs at different speeds from one process to the next, which the load
+    average does not show; each worker probes before and after its steps."""
+    import numpy as np
+
+    a = np.random.default_rng(0).standard_normal((2048, 2048), dtype=np.float32)
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        for _ in range(4):
+            a @ a
+        best = min(best, time.perf_counter() - started)
+    return round(4 * 2 * 2048**3 / best / 1e9, 1)
 
 
 def emit(record: dict[str, Any]) -> None:
@@ -245,6 +263,7 @@ def flax_worker(args: argparse.Namespace, setting: Setting) -> dict[str, Any]:
     del params
     example = (state.params, *example[1:])
     record["setup_rss_gb"] = rss_gb()
+    probe = host_probe()
     reset_peak_rss()
     # Compiled ahead of time (what the first call does) so that XLA's account of the same executable is read;
     # the update compiles beside it, as train_step's first call has it do (compile_apply_ahead).
@@ -268,6 +287,7 @@ def flax_worker(args: argparse.Namespace, setting: Setting) -> dict[str, Any]:
                    "steps_s": [round(t, 3) for t in times[1:]],
                    "audio_s_per_s": data["audio_s"] / step_s, "loss": objective / tokens,
                    "peak_rss_gb": peak_rss_gb(), **counters.record(), **xla_memory(grad)})
+    record["probe_gflops"] = [probe, host_probe()]
     if record["device"] != "cpu":
         stats = jax.devices()[0].memory_stats() or {}
         record["peak_device_gb"] = stats.get("peak_bytes_in_use", float("nan")) / 1e9
@@ -403,6 +423,7 @@ def torch_worker(args: argparse.Namespace) -> dict[str, Any]:
     record: dict[str, Any] = {"bench": "step", "framework": "torch", "setting": "reference", "device": args.device,
                               "malloc_kept": kept, "batch": args.batch, "audio_s": data["audio_s"],
                               "setup_rss_gb": rss_gb()}
+    probe = host_probe()
     reset_peak_rss()
     times, counters = [], StepCounters()
     for i in range(1 + max(1, args.runs)):
@@ -417,6 +438,7 @@ def torch_worker(args: argparse.Namespace) -> dict[str, Any]:
                    "audio_s_per_s": data["audio_s"] / step_s,
                    "loss": loss, "peak_rss_gb": peak_rss_gb(), **counters.record(),
                    "layerdrop_given": schedule.given is not None, "dropped": schedule.dropped})
+    record["probe_gflops"] = [probe, host_probe()]
     if device.type == "cuda":
         record["peak_device_gb"] = torch.cuda.max_memory_allocated() / 1e9
     return {**record, "load": load()}
@@ -635,7 +657,10 @@ def main(argv: list[str] | None = None) -> int:
         if setting.name in dropped:  # whether both frameworks computed the same layers at every step
             same = {"same_layers": dropped[setting.name] == reference["dropped"],
                     "layers_skipped": sum(map(len, dropped[setting.name][1:]))}
-        emit({"bench": "compare", "setting": setting.name, **figures, **met, **same, "load": load()})
+        # the machine's speed while Flax ran over its speed while PyTorch ran (1: a like-for-like host)
+        probe = statistics.mean(flax["probe_gflops"]) / statistics.mean(reference["probe_gflops"])
+        emit({"bench": "compare", "setting": setting.name, **figures, **met, **same, "probe_ratio": probe,
+              "load": load()})
     if args.largest_batch:
         for worker in workers:
             emit({"bench": "largest", "worker": worker, "audio_seconds": args.audio_seconds,
