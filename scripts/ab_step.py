@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    from flax_model.speech_encoder_decoder import SpeechEncoderDecoderModule, stack_params
+    from flax_model.speech_encoder_decoder import stack_params
     from flax_model.training import compiled_grad, step_key
     from scripts.bench import random_params
     from scripts.bench_train import Setting, bench_batch, load, model_config
@@ -104,8 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     if setting.scan and not setting.per_layer:
         params = stack_params(config, params)
     params = jax.tree.map(jnp.asarray, params)
-    module = SpeechEncoderDecoderModule(config, dtype=jnp.bfloat16 if setting.bfloat16 else jnp.float32,
-                                        remat=setting.remat, scan_layers=setting.scan)
+    module = setting.module(config)
     example = (params, batch, step_key(0, 0), np.float32(0.0))
     compiled = {}
     for name, patch in (("as_is", contextlib.nullcontext), (f"undo_{args.undo}", UNDO[args.undo])):

@@ -93,6 +93,15 @@ class Setting:
             raise SystemExit(f"error: --settings {text}: perlayer goes with scan (scan+perlayer)")
         return cls(text, "bfloat16" in words, "remat" in words, "scan" in words, "perlayer" in words)
 
+    def module(self, config: Any) -> Any:
+        """The composed model's module in this setting."""
+        import jax.numpy as jnp
+
+        from flax_model.speech_encoder_decoder import SpeechEncoderDecoderModule
+
+        return SpeechEncoderDecoderModule(config, dtype=jnp.bfloat16 if self.bfloat16 else jnp.float32,
+                                          remat=self.remat, scan_layers=self.scan)
+
 
 def load() -> float:
     return round(os.getloadavg()[0], 2)
@@ -215,7 +224,7 @@ def flax_worker(args: argparse.Namespace, setting: Setting) -> dict[str, Any]:
     import jax.numpy as jnp
     import numpy as np
 
-    from flax_model.speech_encoder_decoder import SpeechEncoderDecoderModule, stack_params
+    from flax_model.speech_encoder_decoder import stack_params
     from flax_model.training import (
         OptimizerSettings,
         buffer_paths,
@@ -239,8 +248,7 @@ def flax_worker(args: argparse.Namespace, setting: Setting) -> dict[str, Any]:
     optimizer = make_optimizer(
         OptimizerSettings(learning_rate=1e-4, total_steps=1000, warmup_steps=10, weight_decay=0.01),
         leaf_labels(params, frozen_predicate(args.freeze, buffer_paths(config, params))))
-    module = SpeechEncoderDecoderModule(config, dtype=jnp.bfloat16 if setting.bfloat16 else jnp.float32,
-                                        remat=setting.remat, scan_layers=setting.scan)
+    module = setting.module(config)
     fns = step_functions(module, optimizer, deterministic=False, freeze_feature_encoder=args.freeze)
     record: dict[str, Any] = {"bench": "step", "framework": "flax", "setting": setting.name,
                               "device": str(jax.devices()[0].platform), "batch": args.batch, "malloc_kept": kept,
@@ -306,11 +314,10 @@ def layerdrop_worker(args: argparse.Namespace, settings: list[Setting]) -> list[
     encoder stack's `layer_drop` wrapped to report each draw. A draw depends on the key and the module's path,
     not on the batch (an unrolled stack draws from its own stream, a scanned one from each layer's)."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     import flax_model.wav2vec2 as encoder_module
-    from flax_model.speech_encoder_decoder import SpeechEncoderDecoderModule, stack_params
+    from flax_model.speech_encoder_decoder import stack_params
     from flax_model.training import step_key
     from scripts.bench import random_params
 
@@ -331,8 +338,7 @@ def layerdrop_worker(args: argparse.Namespace, settings: list[Setting]) -> list[
     encoder_module.layer_drop = reported
     try:
         for setting in settings:
-            module = SpeechEncoderDecoderModule(config, dtype=jnp.bfloat16 if setting.bfloat16 else jnp.float32,
-                                                remat=setting.remat, scan_layers=setting.scan)
+            module = setting.module(config)
             forward = jax.jit(lambda p, key, m=module: m.apply(
                 {"params": p}, *batch, False, args.freeze, method="loss_sums", rngs={"dropout": key}))
             weights = stack_params(config, params) if setting.scan else params
