@@ -32,7 +32,6 @@ from convert.verify import seeded_inputs
 from flax_model.cache import reorder_cache
 from flax_model.layers import layer_scan
 from flax_model.sharding import param_shardings, partition_rules, partition_spec
-from flax_model.training import compiled_grad, loss_grad_function, step_key
 from flax_model.speech_encoder_decoder import (
     FlaxSpeechEncoderDecoderModel,
     SpeechEncoderDecoderModule,
@@ -41,6 +40,7 @@ from flax_model.speech_encoder_decoder import (
     stacked_param_shapes,
     unstack_params,
 )
+from flax_model.training import compiled_grad, loss_grad_function, step_key
 from parity_tests.float64 import float64
 from parity_tests.jaxprs import equations
 

@@ -107,6 +107,12 @@ def load() -> float:
     return round(os.getloadavg()[0], 2)
 
 
+def step_figures(times: list[float], audio_s: float) -> dict[str, Any]:
+    """The compiled steps' figures from every step's time (the first, which compiles or warms up, left out)."""
+    step_s = statistics.median(times[1:])
+    return {"step_s": step_s, "steps_s": [round(t, 3) for t in times[1:]], "audio_s_per_s": audio_s / step_s}
+
+
 def host_probe() -> float:
     """The machine's speed now: GFLOP/s of a fixed float32 product in NumPy (four 2048 x 2048 products, best of
     5). On a shared host the same code runs at different speeds from one process to the next, which the load
@@ -290,10 +296,8 @@ def flax_worker(args: argparse.Namespace, setting: Setting) -> dict[str, Any]:
             state, objective, tokens = train_step(fns, state, [(batch, step_key(0, step))])
             jax.block_until_ready(state.params)
         times.append(time.perf_counter() - started)
-    step_s = statistics.median(times[1:])
-    record.update({"first_step_s": compile_s + times[0], "compile_s": compile_s, "first_run_s": times[0], "step_s": step_s,
-                   "steps_s": [round(t, 3) for t in times[1:]],
-                   "audio_s_per_s": data["audio_s"] / step_s, "loss": objective / tokens,
+    record.update({"first_step_s": compile_s + times[0], "compile_s": compile_s, "first_run_s": times[0],
+                   **step_figures(times, data["audio_s"]), "loss": objective / tokens,
                    "peak_rss_gb": peak_rss_gb(), **counters.record(), **xla_memory(grad)})
     record["probe_gflops"] = [probe, host_probe()]
     if record["device"] != "cpu":
@@ -439,9 +443,7 @@ def torch_worker(args: argparse.Namespace) -> dict[str, Any]:
         with counters.step():
             loss = step()
         times.append(time.perf_counter() - started)
-    step_s = statistics.median(times[1:])
-    record.update({"first_step_s": times[0], "step_s": step_s, "steps_s": [round(t, 3) for t in times[1:]],
-                   "audio_s_per_s": data["audio_s"] / step_s,
+    record.update({"first_step_s": times[0], **step_figures(times, data["audio_s"]),
                    "loss": loss, "peak_rss_gb": peak_rss_gb(), **counters.record(),
                    "layerdrop_given": schedule.given is not None, "dropped": schedule.dropped})
     record["probe_gflops"] = [probe, host_probe()]
