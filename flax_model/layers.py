@@ -355,10 +355,13 @@ class ScanSettings:
             one module per layer (`name=str(i)`, HF's layout).
         remat: rematerialise each scanned layer (`nn.remat` inside the scan). Unrolled layers are
             rematerialised by `flax_model.layer_calls.pure_layers` instead.
+        residual_bits: keep a scanned layer's bfloat16 residuals (a rematerialised one's: its inputs) as their
+            bits (`bfloat16_residual_bits`); set by the training loss under bfloat16 compute.
     """
 
     scan: bool = False
     remat: bool = False
+    residual_bits: bool = False
 
 
 UNROLLED = ScanSettings()
@@ -371,7 +374,7 @@ def scan_settings() -> ScanSettings:
 
 
 @contextlib.contextmanager
-def layer_scan(scan: bool = True, remat: bool | None = None) -> Iterator[None]:
+def layer_scan(scan: bool = True, remat: bool | None = None, residual_bits: bool | None = None) -> Iterator[None]:
     """Within this context, the layer stacks that modules build (`make_stack`) are scanned (or not: `scan=False`).
 
     The choice changes the param tree, so a model must be initialised and applied under the same setting: the
@@ -380,8 +383,11 @@ def layer_scan(scan: bool = True, remat: bool | None = None) -> Iterator[None]:
     Args:
         scan: scan the stacks.
         remat: rematerialise each scanned layer; None keeps the enclosing context's choice.
+        residual_bits: `ScanSettings.residual_bits`; None keeps the enclosing context's choice.
     """
-    token = _SCAN.set(ScanSettings(scan, scan_settings().remat if remat is None else remat))
+    outer = scan_settings()
+    token = _SCAN.set(ScanSettings(scan, outer.remat if remat is None else remat,
+                                   outer.residual_bits if residual_bits is None else residual_bits))
     try:
         yield
     finally:
@@ -416,11 +422,12 @@ def is_scanned(layers: Stack) -> bool:
     return isinstance(layers, nn.Module)
 
 
-Step = Callable[[nn.Module, Any, Any, Any], tuple[Any, Any]]
+Step = Callable[..., tuple[Any, Any]]  # (layer, index, carry, x, *shared) -> (carry, out)
 
 
-def run_stack(layers: Stack, num_layers: int, step: Step, carry: Any, per_layer: Any = None) -> tuple[Any, Any]:
-    """Runs `step` through the layers in order: `carry, out = step(layer, index, carry, x)`.
+def run_stack(layers: Stack, num_layers: int, step: Step, carry: Any, per_layer: Any = None,
+              shared: tuple[Any, ...] = ()) -> tuple[Any, Any]:
+    """Runs `step` through the layers in order: `carry, out = step(layer, index, carry, x, *shared)`.
 
     Unrolled, `index` is the Python int i and `x` is `per_layer[i]`; the outputs come back as a tuple. Scanned,
     `index` is a traced int32 scalar, `x` the i-th slice of the stacked `per_layer` pytree (leading layer axis),
@@ -430,27 +437,81 @@ def run_stack(layers: Stack, num_layers: int, step: Step, carry: Any, per_layer:
     Args:
         layers: from `make_stack`.
         num_layers: how many layers (the scan's length).
-        step: one layer's work; arguments other than `carry` and `x` are closed over (static or constants).
+        step: one layer's work; what it reads besides its arguments is closed over (static, or arrays that are
+            not differentiated).
         carry: what flows from layer to layer (e.g. the hidden states [B, T, D]).
         per_layer: each layer's own input (e.g. its `LayerCache`), or None.
+        shared: what every layer reads as it is (the attention bias, the encoder's hidden states for
+            cross-attention, ...), passed to `step` after `x`. A scanned stack broadcasts them to each step as
+            arguments: an array that is differentiated must come this way, not closed over by `step` (the custom
+            gradient of `bfloat16_residual_bits` can only differentiate its arguments).
     """
     if not is_scanned(layers):
         outs = []
         for i, layer in enumerate(layers):
-            carry, out = step(layer, i, carry, None if per_layer is None else per_layer[i])
+            carry, out = step(layer, i, carry, None if per_layer is None else per_layer[i], *shared)
             outs.append(out)
         return carry, tuple(outs)
 
-    def body(layer: nn.Module, carry: Any, xs: tuple[jax.Array, Any]) -> tuple[Any, Any]:
+    def body(layer: nn.Module, carry: Any, xs: tuple[jax.Array, Any], shared: tuple[Any, ...]) -> tuple[Any, Any]:
         index, x = xs
-        return step(layer, index, carry, x)
+        return step(layer, index, carry, x, *shared)
 
     if scan_settings().remat:
         # Inside a scan, common-subexpression elimination cannot merge the recomputation with the forward pass.
         body = nn.remat(body, prevent_cse=False)
+    if scan_settings().residual_bits:
+        body = bfloat16_residual_bits(body)
     scanned = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                      length=num_layers)
-    return scanned(layers, carry, (jnp.arange(num_layers, dtype=jnp.int32), per_layer))
+                      in_axes=(0, nn.broadcast), length=num_layers)
+    return scanned(layers, carry, (jnp.arange(num_layers, dtype=jnp.int32), per_layer), shared)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["leaves"], meta_fields=["tree", "bfloat16"])
+@dataclasses.dataclass(frozen=True)
+class _Residuals:
+    leaves: list[jax.Array]  # the residuals, bfloat16 ones as their 16 bits (uint16)
+    tree: Any  # the structure of the linearised layer's backward function (its residuals the leaves)
+    bfloat16: tuple[bool, ...]  # which leaves were bfloat16
+
+
+def bfloat16_residual_bits(body: Callable[..., Any]) -> Callable[..., Any]:
+    """`body` (a scanned layer step: module, then arrays) with its bfloat16 residuals kept as their bits (uint16).
+
+    A scan keeps each layer's residuals for the backward pass by writing them into arrays stacked over the layers.
+    XLA's CPU backend has no bfloat16 dynamic-update-slice: it converts the whole stacked array to float32, writes
+    the layer's slice and converts it back, at every layer (for wav2vec2-base at 4 x 10 s, twelve layers' attention
+    probabilities, 1.7 GB, read and written per layer). Integers are written in place. The gradient is the same:
+    the bits are the residuals (`jax.lax.bitcast_convert_type` both ways).
+
+    The layer runs as a pure function of its variables, its "dropout" key and the arrays (a custom gradient may
+    not close over values traced inside the scan), so its random draws come from that key as an `apply` has them.
+    """
+
+    def run(layer: nn.Module, *args: Any) -> Any:
+        module, variables = layer.unbind()
+        rng = layer.make_rng("dropout") if layer.has_rng("dropout") else None
+
+        def pure(variables: Any, rng: jax.Array | None, *args: Any) -> Any:
+            return module.apply(variables, *args, rngs=None if rng is None else {"dropout": rng}, method=body)
+
+        def forward(*inputs: Any) -> tuple[Any, _Residuals]:
+            out, backward_fn = jax.vjp(pure, *inputs)
+            leaves, tree = jax.tree.flatten(backward_fn)
+            bfloat16 = tuple(leaf.dtype == jnp.bfloat16 for leaf in leaves)
+            bits = [jax.lax.bitcast_convert_type(leaf, jnp.uint16) if b else leaf for leaf, b in zip(leaves, bfloat16)]
+            return out, _Residuals(bits, tree, bfloat16)
+
+        def backward(residuals: _Residuals, grad: Any) -> Any:
+            leaves = [jax.lax.bitcast_convert_type(leaf, jnp.bfloat16) if b else leaf
+                      for leaf, b in zip(residuals.leaves, residuals.bfloat16)]
+            return jax.tree.unflatten(residuals.tree, leaves)(grad)
+
+        layer_step = jax.custom_vjp(pure)
+        layer_step.defvjp(forward, backward)
+        return layer_step(variables, rng, *args)
+
+    return run
 
 
 def map_stack(layers: Stack, num_layers: int, fn: Callable[[nn.Module], Any]) -> Any:

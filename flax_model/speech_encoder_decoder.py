@@ -248,8 +248,8 @@ class SpeechEncoderDecoderModule(nn.Module):
             ctc, count = ctc_loss_terms(self.ctc_logits(features, deterministic), mask, targets, rows, cfg.ctc)
             return sums.replace(ctc=ctc, ctc_count=count)
 
-        if self.remat and self.scan_layers:  # `nn.remat` inside each scan
-            with layer_scan(True, remat=True):
+        if self.scan_layers:  # `nn.remat` inside each scan; bfloat16 residuals stacked as bits (written in place)
+            with layer_scan(True, remat=self.remat, residual_bits=self.dtype == jnp.bfloat16):
                 return run()
         with pure_layers(layer_pattern(layer_stacks(cfg)), remat=self.remat):  # unrolled layers: traced once
             return run()

@@ -446,30 +446,21 @@ def _grad_shardings(shardings: TrainState, frozen: Callable[[str], bool] | None)
     return shardings.params if frozen is None else split_trainable(shardings.params, frozen)[0]
 
 
-# XLA's loop-invariant code motion moves the float32 upcast of a scanned stack's bfloat16 residuals (the
-# attention probabilities, the feed-forward activations) out of the backward loop, converting every layer's at once
-# before it: ~1 GB more temporaries for wav2vec2-base + BART-base at 4 x 10 s (3.54 -> 2.57 GB without the pass).
-# A scanned module's gradient compiles without that pass (docs/training_performance.md).
-SCANNED_COMPILER_OPTIONS: dict[str, Any] = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
-
-
 def compiled_grad(module: nn.Module, *, deterministic: bool, freeze_feature_encoder: bool = False,
                   shardings: TrainState | None = None, frozen: Callable[[str], bool] | None = None,
                   with_ctc: bool = False) -> Callable[..., tuple[LossSums, Any]]:
     """`loss_grad_function` compiled; on a mesh (`shardings`) the gradients come out sharded like the params and
-    the loss sums replicated (every process can read them). A scanned module compiles with
-    `SCANNED_COMPILER_OPTIONS`."""
-    options = dict(SCANNED_COMPILER_OPTIONS) if getattr(module, "scan_layers", False) else None
+    the loss sums replicated (every process can read them)."""
     if shardings is None:
         return jax.jit(loss_grad_function(module, deterministic=deterministic,
                                           freeze_feature_encoder=freeze_feature_encoder, frozen=frozen,
-                                          with_ctc=with_ctc), compiler_options=options)
+                                          with_ctc=with_ctc))
     replicated = NamedSharding(shardings.step.mesh, PartitionSpec())
     params = traverse_util.flatten_dict(dict(shardings.params), sep="/")
     gathered = {path: replicated for path in sorted(gathered_in_training(module.config, params))}
     grad = loss_grad_function(module, deterministic=deterministic, freeze_feature_encoder=freeze_feature_encoder,
                               gathered=gathered, frozen=frozen, with_ctc=with_ctc)
-    return jax.jit(grad, out_shardings=(replicated, _grad_shardings(shardings, frozen)), compiler_options=options)
+    return jax.jit(grad, out_shardings=(replicated, _grad_shardings(shardings, frozen)))
 
 
 def compiled_add(shardings: TrainState | None = None, frozen: Callable[[str], bool] | None = None

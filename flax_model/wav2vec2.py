@@ -283,11 +283,12 @@ class EncoderLayers(nn.Module):
         layers = make_stack(self, lambda i, name: self.LAYER(c, self.dtype, name=name), c.num_hidden_layers)
         scanned = is_scanned(layers)
 
-        def step(layer: nn.Module, i: Any, hidden: jax.Array, _: None) -> tuple[jax.Array, None]:
+        def step(layer: nn.Module, i: Any, hidden: jax.Array, _: None, bias: jax.Array | None
+                 ) -> tuple[jax.Array, None]:
             drop = layer_drop(layer if scanned else self, c.layerdrop, deterministic)
             return run_unless_dropped(drop, layer, lambda m, h, b: m(h, b, deterministic), hidden, bias), None
 
-        return run_stack(layers, c.num_hidden_layers, step, hidden)[0]
+        return run_stack(layers, c.num_hidden_layers, step, hidden, shared=(bias,))[0]
 
 
 class Encoder(nn.Module):

@@ -203,12 +203,12 @@ class ConformerLayers(nn.Module):
         layers = make_stack(self, lambda i, name: self.BLOCK(c, self.dtype, name=name), c.num_hidden_layers)
         scanned = is_scanned(layers)
 
-        def step(layer: nn.Module, i: Any, hidden: jax.Array, _: None) -> tuple[jax.Array, None]:
+        def step(layer: nn.Module, i: Any, hidden: jax.Array, _: None, *shared: Any) -> tuple[jax.Array, None]:
             drop = layer_drop(layer if scanned else self, c.layerdrop, deterministic)
             return run_unless_dropped(drop, layer, lambda m, h, *s: m(h, *s, deterministic), hidden, *shared), None
 
-        # The position embedding and masks are computed once by the encoder and shared: the scan closes over them.
-        return run_stack(layers, c.num_hidden_layers, step, hidden)[0]
+        # The position embedding and masks are computed once by the encoder and shared.
+        return run_stack(layers, c.num_hidden_layers, step, hidden, shared=shared)[0]
 
 
 class UnusedWeightNormConv(nn.Module):

@@ -115,7 +115,8 @@ class WavLMEncoderLayers(nn.Module):
         layers = make_stack(self, lambda i, name: WavLMEncoderLayer(c, self.dtype, name=name), c.num_hidden_layers)
         scanned = is_scanned(layers)
 
-        def step(layer: nn.Module, i: Any, hidden: jax.Array, _: None) -> tuple[jax.Array, None]:
+        def step(layer: nn.Module, i: Any, hidden: jax.Array, _: None, position_bias: jax.Array
+                 ) -> tuple[jax.Array, None]:
             if scanned:  # every layer draws from its own key; layer 0's draw is ignored
                 drop = layer_drop(layer, c.layerdrop, deterministic)
                 drop = drop if drop is False else drop & (i > 0)
@@ -124,8 +125,8 @@ class WavLMEncoderLayers(nn.Module):
             return run_unless_dropped(drop, layer, lambda m, h, *a: m(h, *a, deterministic), hidden, bias,
                                       position_bias), None
 
-        # The position bias is computed once by the encoder and shared: the scan closes over it.
-        return run_stack(layers, c.num_hidden_layers, step, hidden)[0]
+        # The position bias is computed once by the encoder (from the first layer's params) and shared.
+        return run_stack(layers, c.num_hidden_layers, step, hidden, shared=(position_bias,))[0]
 
 
 class WavLMEncoder(Encoder):

@@ -13,8 +13,8 @@ What `--undo` can undo (each patches the package while the B variant is traced):
               B contracts the tokens of both operands, as before
     kept_inputs  the activations and layer norms that keep only their input for the backward pass
               (`flax_model.layers.ACTIVATIONS`, `LayerNorm`): B keeps what JAX's linearisation keeps
-    scan_licm  a scanned gradient compiled without XLA's loop-invariant code motion
-              (`flax_model.training.SCANNED_COMPILER_OPTIONS`): B compiles with it (a scan setting)
+    residual_bits  a scanned bfloat16 layer's residuals kept as their bits (`flax_model.layers.
+              bfloat16_residual_bits`): B stacks them as bfloat16 (scan+bfloat16)
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ UNDO: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
     "bias_sum": lambda: _patched("_low_precision_bias_add", lambda y, bias: y + bias.astype(y.dtype)),
     "tokens_last": lambda: _patched("_tokens_last", lambda a: None),
     "kept_inputs": _linearised_by_jax,
-    "scan_licm": lambda: _patched("SCANNED_COMPILER_OPTIONS", {}, "training"),
+    "residual_bits": lambda: _patched("bfloat16_residual_bits", lambda body: body),
 }
 
 

@@ -235,10 +235,11 @@ class LayerStack(nn.Module):
         index = cache.index if cache is not None else 0
         cos, sin = rope if rope is not None else (None, None)
 
-        def step(layer: nn.Module, i: Any, hidden: jax.Array, layer_cache: LayerCache | None):
+        def step(layer: nn.Module, i: Any, hidden: jax.Array, layer_cache: LayerCache | None,
+                 encoder_hidden_states: jax.Array | None):
             return layer(hidden, self_mask, sliding_mask, cos, sin, encoder_hidden_states, cross_mask, layer_cache,
                          index, deterministic, layer_index=stack_index(i))
 
         hidden, new_layers = run_stack(self.layers, self.core.num_layers, step, hidden,
-                                       cache.layers if cache is not None else None)
+                                       cache.layers if cache is not None else None, shared=(encoder_hidden_states,))
         return hidden, (new_layers if cache is not None else None)
