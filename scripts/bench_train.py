@@ -488,12 +488,17 @@ def profile_flax(directory: str, fns: Any, state: Any, batch: dict[str, Any], gr
 
 
 def hlo_sources(hlo: str) -> dict[str, str]:
-    """HLO instruction name -> "fwd|bwd <model part>: <op>" from its source metadata."""
+    """HLO instruction name -> "fwd|bwd <model part>: <op>" from its source metadata, or "no source: <kind>" (the
+    name without its number) for an instruction XLA made without metadata (a fusion of its own passes')."""
     found = {}
     for line in hlo.splitlines():
         match = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{[^}]*op_name=\"([^\"]*)\"", line)
         if match:
             found[match.group(1)] = source_part(match.group(2))
+            continue
+        match = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = \S+ (?:fusion|copy|custom-call|convert)\(", line)
+        if match:
+            found[match.group(1)] = "no source: " + re.sub(r"[.]\d+$", "", match.group(1))
     return found
 
 
