@@ -379,8 +379,8 @@ def test_scanned_model_loads_onto_a_mesh_with_stacked_leaves_placed_by_the_rules
                    if stacking.layer_path(k, stacking.layer_stacks(sharded.config))), "no stacked leaf split"
 
 
-def small_bfloat16_pair(dtype=jnp.bfloat16):
-    """A scanned wav2vec2 + BART module 64 wide, 3 layers per stack, HF's default dropout and LayerDrop, with its
+def small_bfloat16_pair():
+    """A scanned bfloat16 wav2vec2 + BART module 64 wide, 3 layers per stack, HF's default dropout and LayerDrop, with its
     params (float32) and a batch of two 0.1 s utterances."""
     encoder = Wav2Vec2Config(num_hidden_layers=3, hidden_size=64, intermediate_size=256, num_attention_heads=4,
                              conv_dim=(32, 32), conv_kernel=(10, 2), conv_stride=(5, 2), num_conv_pos_embeddings=16,
@@ -389,7 +389,7 @@ def small_bfloat16_pair(dtype=jnp.bfloat16):
                          max_position_embeddings=64, is_decoder=True, add_cross_attention=True)
     config = SpeechEncoderDecoderConfig(raw={}, encoder=encoder, decoder=decoder, decoder_start_token_id=2,
                                         pad_token_id=1, eos_token_id=2)
-    module = SpeechEncoderDecoderModule(config, dtype=dtype, scan_layers=True)
+    module = SpeechEncoderDecoderModule(config, dtype=jnp.bfloat16, scan_layers=True)
     rng = np.random.default_rng(5)
     batch = {"inputs": jnp.asarray(rng.standard_normal((2, 1600)), jnp.float32),
              "attention_mask": jnp.ones((2, 1600), jnp.int32), "labels": jnp.asarray(rng.integers(3, 96, (2, 4)))}
@@ -428,6 +428,17 @@ def test_scanned_bfloat16_gradient_writes_each_layers_residuals_in_place(monkeyp
 
     # measured: 0.0084543 both (bfloat16 rounding); a wrong bit pattern would be O(1)
     assert error(grads) <= 1.02 * error(plain_grads), f"{error(grads):.3g} vs {error(plain_grads):.3g}"
+
+    # Rematerialised, a scanned layer keeps only its (bfloat16) inputs: kept as bits too, the same gradient.
+    remat = dataclasses.replace(module, remat=True)
+    remat_package = compiled_grad(remat, deterministic=True).lower(*example).compile()
+    with monkeypatch.context() as patch:
+        patch.setattr("flax_model.layers.bfloat16_residual_bits", lambda body: body)
+        remat_plain = compiled_grad(remat, deterministic=True).lower(*example).compile()
+    assert whole_stack_upcasts(remat_plain) > 0 and whole_stack_upcasts(remat_package) == 0
+    worst = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(remat_package(*example)),
+                                                                jax.tree.leaves(remat_plain(*example))))
+    assert worst == 0.0, f"remat: max|diff| {worst}"
 
     # In train mode the layers draw from the key they are given (each layer's "dropout" key).
     train = compiled_grad(module, deterministic=False).lower(*example).compile()
