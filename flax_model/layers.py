@@ -475,6 +475,27 @@ class _Residuals:
     bfloat16: tuple[bool, ...]  # which leaves were bfloat16
 
 
+def _residuals_as_bits(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` (a pure function of pytrees of arrays) whose gradient keeps the bfloat16 residuals of its linearisation
+    as their bits (uint16) between the forward and the backward pass; the same gradient."""
+
+    def forward(*args: Any) -> tuple[Any, _Residuals]:
+        out, backward_fn = jax.vjp(fn, *args)
+        leaves, tree = jax.tree.flatten(backward_fn)
+        bfloat16 = tuple(leaf.dtype == jnp.bfloat16 for leaf in leaves)
+        bits = [jax.lax.bitcast_convert_type(leaf, jnp.uint16) if b else leaf for leaf, b in zip(leaves, bfloat16)]
+        return out, _Residuals(bits, tree, bfloat16)
+
+    def backward(residuals: _Residuals, grad: Any) -> Any:
+        leaves = [jax.lax.bitcast_convert_type(leaf, jnp.bfloat16) if b else leaf
+                  for leaf, b in zip(residuals.leaves, residuals.bfloat16)]
+        return jax.tree.unflatten(residuals.tree, leaves)(grad)
+
+    call = jax.custom_vjp(fn)
+    call.defvjp(forward, backward)
+    return call
+
+
 def bfloat16_residual_bits(body: Callable[..., Any]) -> Callable[..., Any]:
     """`body` (a scanned layer step: module, then arrays) with its bfloat16 residuals kept as their bits (uint16).
 
@@ -495,21 +516,7 @@ def bfloat16_residual_bits(body: Callable[..., Any]) -> Callable[..., Any]:
         def pure(variables: Any, rng: jax.Array | None, *args: Any) -> Any:
             return module.apply(variables, *args, rngs=None if rng is None else {"dropout": rng}, method=body)
 
-        def forward(*inputs: Any) -> tuple[Any, _Residuals]:
-            out, backward_fn = jax.vjp(pure, *inputs)
-            leaves, tree = jax.tree.flatten(backward_fn)
-            bfloat16 = tuple(leaf.dtype == jnp.bfloat16 for leaf in leaves)
-            bits = [jax.lax.bitcast_convert_type(leaf, jnp.uint16) if b else leaf for leaf, b in zip(leaves, bfloat16)]
-            return out, _Residuals(bits, tree, bfloat16)
-
-        def backward(residuals: _Residuals, grad: Any) -> Any:
-            leaves = [jax.lax.bitcast_convert_type(leaf, jnp.bfloat16) if b else leaf
-                      for leaf, b in zip(residuals.leaves, residuals.bfloat16)]
-            return jax.tree.unflatten(residuals.tree, leaves)(grad)
-
-        layer_step = jax.custom_vjp(pure)
-        layer_step.defvjp(forward, backward)
-        return layer_step(variables, rng, *args)
+        return _residuals_as_bits(pure)(variables, rng, *args)
 
     return run
 

@@ -34,17 +34,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 @contextlib.contextmanager
-def _patched(name: str, replacement: Any, module: str = "layers") -> Iterator[None]:
-    """`flax_model.<module>.<name>` replaced while the block runs."""
-    import importlib
+def _patched(name: str, replacement: Any) -> Iterator[None]:
+    """`flax_model.layers.<name>` replaced while the block runs."""
+    from flax_model import layers
 
-    owner = importlib.import_module(f"flax_model.{module}")
-    kept = getattr(owner, name)
-    setattr(owner, name, replacement)
+    kept = getattr(layers, name)
+    setattr(layers, name, replacement)
     try:
         yield
     finally:
-        setattr(owner, name, kept)
+        setattr(layers, name, kept)
 
 
 @contextlib.contextmanager
