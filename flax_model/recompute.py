@@ -46,8 +46,8 @@ def recomputed_in_backward(fn: Callable[..., Any], constants: int = 0) -> Callab
         return fn(*args), args
 
     def backward(args: tuple, grad_out: Any) -> tuple:
-        leaves, tree = jax.tree.flatten(args[:constants] + _tied_to(grad_out, args[constants:]))
-        keys = [_is_key(a) for a in leaves]
+        leaves, tree = jax.tree.flatten(args[:constants] + tied_to(grad_out, args[constants:]))
+        keys = [is_key(a) for a in leaves]
 
         def with_keys(*differentiated: jax.Array) -> Any:
             it = iter(differentiated)
@@ -69,7 +69,7 @@ def recomputed_with(fn: Callable[..., Any], **static: Any) -> Callable[..., Any]
     return recomputed_in_backward(functools.partial(fn, **static))
 
 
-def _tied_to(grad_out: Any, tree: Any) -> Any:
+def tied_to(grad_out: Any, tree: Any) -> Any:
     """`tree`'s arrays as they are, but computed only once `grad_out` (a backward pass's cotangent) exists: what
     the backward pass recomputes from them then runs there, not beside the forward pass."""
     anchor = next(g for g in jax.tree.leaves(grad_out) if jnp.issubdtype(g.dtype, jnp.floating))
@@ -79,14 +79,14 @@ def _tied_to(grad_out: Any, tree: Any) -> Any:
     return jax.tree.map(lambda a: _tied(a, one, zero), tree)
 
 
-def _is_key(a: Any) -> bool:
+def is_key(a: Any) -> bool:
     return jnp.issubdtype(a.dtype, jax.dtypes.prng_key)
 
 
 def _tied(a: jax.Array, one: jax.Array, zero: jax.Array) -> jax.Array:
     """`a` computed after the cotangent: a float times `one`, a key with `zero` added to its bits; other integer
     and boolean arrays as they are (nothing is recomputed from them alone)."""
-    if _is_key(a):
+    if is_key(a):
         return jax.random.wrap_key_data(jax.random.key_data(a) + zero, impl=jax.random.key_impl(a))
     if jnp.issubdtype(a.dtype, jnp.floating):
         return a * one.astype(a.dtype)

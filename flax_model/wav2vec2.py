@@ -28,6 +28,7 @@ from flax import linen as nn
 from convert.base.archs.wav2vec2 import Wav2Vec2FamilyConfig
 from convert.base.configs import encoder_input_shape
 from convert.base.errors import UnsupportedConfig
+from flax_model.attention_probs import probs_times_values
 from flax_model.layers import (ACTIVATIONS, Dense, LayerNorm, add_bias, frame_mask, grouped_conv, is_scanned,
                                layer_drop, make_stack, run_stack, run_unless_dropped)
 from flax_model.random_bits import Dropout
@@ -219,9 +220,10 @@ class Attention(nn.Module):
         scores = jnp.einsum("BNTH,BNSH->BNTS", q, k)
         if bias is not None:
             scores = scores + bias
-        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype)
-        probs = Dropout(c.attention_dropout)(probs, deterministic=deterministic)
-        out = jnp.einsum("BNTS,BNSH->BNTH", probs, v).transpose(0, 2, 1, 3).reshape(b, t, d)
+        drop = Dropout(c.attention_dropout)
+        out = probs_times_values(scores, v, "BNTS,BNSH->BNTH", drop.rate, deterministic,
+                                 lambda: drop.make_rng("dropout"))
+        out = out.transpose(0, 2, 1, 3).reshape(b, t, d)
         return Dense(d, dtype=self.dtype, name="out_proj")(out)
 
 

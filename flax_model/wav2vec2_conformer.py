@@ -28,6 +28,7 @@ import numpy as np
 from flax import linen as nn
 
 from convert.base.archs.wav2vec2_conformer import Wav2Vec2ConformerConfig
+from flax_model.attention_probs import probs_times_values
 from flax_model.hubert import BatchNorm
 from flax_model.layers import (ACTIVATIONS, Dense, grouped_conv, is_scanned, layer_drop, make_stack, run_stack,
                                run_unless_dropped)
@@ -134,9 +135,9 @@ class SelfAttention(nn.Module):
             scores = scores + jnp.take_along_axis(by_distance, index, axis=-1) * scale
         if bias is not None:
             scores = scores + bias
-        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype)
-        probs = Dropout(c.attention_dropout)(probs, deterministic=deterministic)
-        out = jnp.einsum("BNTS,BSNH->BTNH", probs, v).reshape(b, t, d)
+        drop = Dropout(c.attention_dropout)
+        out = probs_times_values(scores, v, "BNTS,BSNH->BTNH", drop.rate, deterministic,
+                                 lambda: drop.make_rng("dropout")).reshape(b, t, d)
         return dense("linear_out")(out)
 
 

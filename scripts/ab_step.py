@@ -15,6 +15,8 @@ What `--undo` can undo (each patches the package while the B variant is traced):
               (`flax_model.layers.ACTIVATIONS`, `LayerNorm`): B keeps what JAX's linearisation keeps
     residual_bits  a scanned bfloat16 layer's residuals kept as their bits (`flax_model.layers.
               bfloat16_residual_bits`): B stacks them as bfloat16 (scan+bfloat16)
+    probs_recomputed  the attention's probabilities recomputed from the scores in the backward pass
+              (`flax_model.attention_probs`): B keeps the softmax's exponentials and the dropped probabilities
 """
 
 from __future__ import annotations
@@ -34,16 +36,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 @contextlib.contextmanager
-def _patched(name: str, replacement: Any) -> Iterator[None]:
-    """`flax_model.layers.<name>` replaced while the block runs."""
-    from flax_model import layers
+def _patched(name: str, replacement: Any, module: str = "layers") -> Iterator[None]:
+    """`flax_model.<module>.<name>` replaced while the block runs."""
+    import importlib
 
-    kept = getattr(layers, name)
-    setattr(layers, name, replacement)
+    where = importlib.import_module(f"flax_model.{module}")
+    kept = getattr(where, name)
+    setattr(where, name, replacement)
     try:
         yield
     finally:
-        setattr(layers, name, kept)
+        setattr(where, name, kept)
 
 
 @contextlib.contextmanager
@@ -62,11 +65,27 @@ def _linearised_by_jax() -> Iterator[None]:
         layers.ACTIVATIONS.update(kept)
 
 
+def _probs_kept(spec: str, rate: float, probs_shape: tuple[int, ...] | None) -> Callable[..., Any]:
+    """The attention's probabilities times the values as JAX linearises them (the softmax's exponentials and the
+    dropped probabilities kept for the backward pass)."""
+    import jax
+    import jax.numpy as jnp
+
+    from flax_model import attention_probs
+
+    def call(scores: Any, values: Any, drawn: Any) -> Any:
+        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
+        return attention_probs._times_values(probs, values, drawn, spec, rate, probs_shape)
+
+    return call
+
+
 UNDO: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
     "bias_sum": lambda: _patched("_low_precision_bias_add", lambda y, bias: y + bias.astype(y.dtype)),
     "tokens_last": lambda: _patched("_tokens_last", lambda a: None),
     "kept_inputs": _linearised_by_jax,
     "residual_bits": lambda: _patched("bfloat16_residual_bits", lambda body: body),
+    "probs_recomputed": lambda: _patched("_recomputed", _probs_kept, "attention_probs"),
 }
 
 

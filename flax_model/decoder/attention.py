@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from convert.base.decoder_core import DecoderCore
+from flax_model.attention_probs import probs_times_values
 from flax_model.random_bits import dropout as draw_dropout
 
 
@@ -82,13 +83,10 @@ def attend(module: nn.Module, core: DecoderCore, query: jax.Array, key: jax.Arra
         scores = scores / jnp.asarray(layer_index + 1, scores.dtype)
     scores = softcap(scores, core.attn_logit_softcap)
     scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
-    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(value.dtype)
-    probs = dropout(module, probs, core.attention_dropout, deterministic)
-    if groups == 1:
-        out = jnp.einsum("BNTS,BNSH->BTNH", probs, value)
-    else:
-        probs = probs.reshape(batch, key.shape[1], groups, length, -1)
-        out = jnp.einsum("BKGTS,BKSH->BTKGH", probs, value)
+    grouped_shape = None if groups == 1 else (batch, key.shape[1], groups, length, scores.shape[-1])
+    out = probs_times_values(scores, value, "BNTS,BNSH->BTNH" if groups == 1 else "BKGTS,BKSH->BTKGH",
+                             core.attention_dropout, deterministic, lambda: module.make_rng("dropout"),
+                             grouped_shape)
     return out.reshape(batch, length, -1)
 
 

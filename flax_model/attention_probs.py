@@ -1,0 +1,86 @@
+"""The attention's probabilities times the values, with the probabilities recomputed in the backward pass.
+
+softmax(scores) in float32, cast to the values' dtype, dropout, then the product with the values: JAX's
+linearisation of that keeps two arrays of the scores' size for the backward pass, the softmax's float32
+exponentials and the dropped probabilities (the product's operand). For wav2vec2-base at 4 x 10 s each is
+[4, 12, 499, 499]: 48 MB in float32 per layer, twice over. `probs_times_values` keeps the scores (one array of
+that size, in the scores' dtype) and each row's maximum and sum, and the backward pass computes the probabilities
+again from them, exp(scores - max) / sum, the forward pass's own operations on the same numbers, and the dropout
+mask again from its key.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flax_model.random_bits import dropout
+from flax_model.recompute import tied_to
+
+
+def probs_times_values(scores: jax.Array, values: jax.Array, spec: str, rate: float, deterministic: bool,
+                       key: Callable[[], jax.Array], probs_shape: tuple[int, ...] | None = None) -> jax.Array:
+    """`jnp.einsum(spec, probs, values)` with probs = dropout(softmax(scores, float32) as the values' dtype).
+
+    Args:
+        scores: the attention scores, masked, softmax over the last axis.
+        values: the product's second operand.
+        spec: the product's einsum, probabilities first.
+        rate: the dropout rate of the probabilities.
+        deterministic: no dropout.
+        key: draws the dropout key (a module's "dropout" stream); called only when a mask is drawn, as
+            `nn.Dropout` calls it, so that the stream advances as it did.
+        probs_shape: the probabilities reshaped to this before the product (grouped query heads).
+    """
+    rate = 0.0 if deterministic else rate
+    drawn = key() if 0.0 < rate < 1.0 else None
+    return _recomputed(spec, rate, probs_shape)(scores, values, drawn)
+
+
+def _softmax_terms(scores: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`jax.nn.softmax`'s operations in float32: the probabilities, each row's maximum and the sum of its
+    exponentials."""
+    x = scores.astype(jnp.float32)
+    high = jax.lax.stop_gradient(x.max(-1, keepdims=True))
+    unnormalised = jnp.exp(x - high)
+    total = unnormalised.sum(-1, keepdims=True)
+    return unnormalised / total, high, total
+
+
+def _times_values(probs: jax.Array, values: jax.Array, drawn: jax.Array | None, spec: str, rate: float,
+                  probs_shape: tuple[int, ...] | None) -> jax.Array:
+    """The float32 probabilities as the values' dtype, dropped out, times the values."""
+    probs = dropout(probs.astype(values.dtype), rate, rate == 0.0, lambda: drawn)
+    return jnp.einsum(spec, probs if probs_shape is None else probs.reshape(probs_shape), values)
+
+
+@functools.cache
+def _recomputed(spec: str, rate: float, probs_shape: tuple[int, ...] | None) -> Callable[..., jax.Array]:
+    product = functools.partial(_times_values, spec=spec, rate=rate, probs_shape=probs_shape)
+
+    @jax.custom_vjp
+    def call(scores: jax.Array, values: jax.Array, drawn: jax.Array | None) -> jax.Array:
+        return product(_softmax_terms(scores)[0], values, drawn)
+
+    def forward(scores: jax.Array, values: jax.Array, drawn: jax.Array | None) -> tuple[jax.Array, tuple]:
+        probs, high, total = _softmax_terms(scores)
+        return product(probs, values, drawn), (scores, values, drawn, high, total)
+
+    def backward(kept: tuple, grad: jax.Array) -> tuple:
+        scores, values, drawn, high, total = kept
+        # Read only once the cotangent exists: XLA would otherwise merge the recomputation with the forward pass
+        # and keep its arrays until here.
+        scores, drawn = tied_to(grad, (scores, drawn))
+        probs = jnp.exp(scores.astype(jnp.float32) - high) / total
+        _, vjp = jax.vjp(lambda p, v: product(p, v, drawn), probs, values)
+        grad_probs, grad_values = vjp(grad)
+        grad_scores = probs * (grad_probs - (grad_probs * probs).sum(-1, keepdims=True))
+        no_key = None if drawn is None else np.zeros(np.shape(drawn), jax.dtypes.float0)
+        return grad_scores.astype(scores.dtype), grad_values, no_key
+
+    call.defvjp(forward, backward)
+    return call

@@ -1,0 +1,116 @@
+"""The attention's probabilities recomputed in the backward pass (`flax_model.attention_probs`): what the backward
+pass keeps, the gradient against JAX's linearisation of the plain computation, and the dropout stream."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+
+import flax.linen as nn
+import jax
+import jax.ad_checkpoint
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flax_model.attention_probs import probs_times_values
+from flax_model.random_bits import Dropout, dropout
+
+SPEC = "BNTS,BNSH->BNTH"
+GROUPED = "BKGTS,BKSH->BTKGH"
+
+
+def _plain(scores, values, spec, rate, key, probs_shape=None):
+    """softmax in float32, cast, dropout (`nn.Dropout`'s numbers: `test_random_bits.py`), the product: as the
+    attention layers computed it before, linearised by JAX."""
+    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(values.dtype)
+    probs = dropout(probs, rate, False, lambda: key)
+    return jnp.einsum(spec, probs if probs_shape is None else probs.reshape(probs_shape), values)
+
+
+def _ours(scores, values, spec, rate, key, probs_shape=None):
+    return probs_times_values(scores, values, spec, rate, False, lambda: key, probs_shape)
+
+
+def _inputs(dtype, shape=(2, 3, 7, 7), head=5, seed=0):
+    rng = np.random.default_rng(seed)
+    scores = rng.standard_normal(shape) * 3
+    scores[1, :, :, 5:] = np.finfo(np.float32).min  # padded keys, as the attention masks them
+    values = rng.standard_normal(shape[:2] + (shape[3], head))
+    cotangent = rng.standard_normal(shape[:3] + (head,))
+    return (jnp.asarray(scores, dtype), jnp.asarray(values, dtype), jnp.asarray(cotangent, dtype))
+
+
+def _saved_shapes(fn, *args) -> list[tuple[tuple[int, ...], str]]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        jax.ad_checkpoint.print_saved_residuals(fn, *args)
+    return [(tuple(int(d) for d in m.group(1).split(",") if d), m.group(2))
+            for m in (re.match(r"\s*\w+\[([\d,]*)\]\s+(.*)", line) for line in out.getvalue().splitlines()) if m]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_the_backward_pass_keeps_the_scores_and_no_probabilities(dtype):
+    """JAX's linearisation of the plain computation keeps two arrays of the scores' shape beside its arguments
+    (the exponentials and the dropped probabilities); ours keeps none (the scores are an argument) and only
+    [.., T, 1] row statistics besides."""
+    scores, values, _ = _inputs(dtype)
+    key = jax.random.key(1)
+    plain = [s for s, what in _saved_shapes(lambda s, v: _plain(s, v, SPEC, 0.1, key).sum(), scores, values)
+             if s == scores.shape and "from the argument" not in what]
+    assert len(plain) == 2, plain
+    kept = _saved_shapes(lambda s, v: _ours(s, v, SPEC, 0.1, key).sum(), scores, values)
+    computed = [(s, what) for s, what in kept if "from the argument" not in what and s != ()]
+    assert all(s == scores.shape[:-1] + (1,) for s, _ in computed), computed
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)])
+def test_the_gradient_is_that_of_the_plain_computation(dtype, tolerance, grouped):
+    """Under `jax.jit`, outputs and gradients together, with dropout, padded keys and (grouped) query heads sharing
+    a key/value head: within the dtype's rounding of the largest (float32: a few units in the last place;
+    bfloat16: its 8 bits), as the two compute the same numbers in a different order."""
+    scores, values, cotangent = _inputs(dtype, (2, 4, 33, 33), 8, seed=4)
+    spec, probs_shape = SPEC, None
+    if grouped:  # 4 query heads reading 2 key/value heads
+        spec, probs_shape = GROUPED, (2, 2, 2, 33, 33)
+        values, cotangent = values[:, :2], cotangent.transpose(0, 2, 1, 3).reshape(2, 33, 2, 2, 8)
+    key = jax.random.key(5)
+    results = {}
+    for name, fn in (("plain", _plain), ("ours", _ours)):
+        results[name] = jax.jit(lambda s, v, g, f=fn: (lambda o, vjp: (o, *vjp(g)))(
+            *jax.vjp(lambda s, v: f(s, v, spec, 0.1, key, probs_shape), s, v)))(scores, values, cotangent)
+    for got, expected, what in zip(results["ours"], results["plain"], ("output", "scores", "values")):
+        assert bool(jnp.all(jnp.isfinite(got))), what
+        got, expected = (np.asarray(a, np.float64) for a in (got, expected))
+        error = float(np.max(np.abs(got - expected)) / np.max(np.abs(expected)))
+        assert error <= tolerance, f"{what}: {error:.2e} from the plain computation"
+
+
+def test_the_dropout_stream_is_the_dropout_modules():
+    """Drawn through a module's "dropout" stream, the probabilities are dropped as `Dropout` drops them in that
+    module (the same key, the same mask); deterministic or at rate 0 no key is drawn."""
+
+    class Attend(nn.Module):
+        ours: bool
+
+        @nn.compact
+        def __call__(self, scores, values):
+            drop = Dropout(0.3)
+            if self.ours:
+                return probs_times_values(scores, values, SPEC, drop.rate, False, lambda: drop.make_rng("dropout"))
+            probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(values.dtype)
+            return jnp.einsum(SPEC, drop(probs, deterministic=False), values)
+
+    scores, values, _ = _inputs(jnp.float32)
+    got, expected = (Attend(ours).apply({}, scores, values, rngs={"dropout": jax.random.key(7)})
+                     for ours in (True, False))
+    assert np.array_equal(got, expected)
+    undrawn = lambda: pytest.fail("a key was drawn")  # noqa: E731
+    plain = _plain(scores, values, SPEC, 0.0, None)
+    for rate, deterministic in ((0.3, True), (0.0, False)):
+        assert np.array_equal(probs_times_values(scores, values, SPEC, rate, deterministic, undrawn), plain)
+    dropped = probs_times_values(scores, values, SPEC, 1.0, False, undrawn)
+    assert not np.any(dropped), "rate 1 drops every probability"
+
