@@ -6,7 +6,8 @@ exponentials and the dropped probabilities (the product's operand). For wav2vec2
 [4, 12, 499, 499]: 48 MB in float32 per layer, twice over. `probs_times_values` keeps the scores (one array of
 that size, in the scores' dtype) and each row's maximum and sum, and the backward pass computes the probabilities
 again from them, exp(scores - max) / sum, the forward pass's own operations on the same numbers, and the dropout
-mask again from its key.
+mask again from its key. Inside a layer that the backward pass recomputes as a whole (`--remat`), the computation
+is left to JAX's linearisation.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_model.random_bits import dropout
-from flax_model.recompute import tied_to
+from flax_model.recompute import in_recomputed_layer, tied_to
 
 
 def probs_times_values(scores: jax.Array, values: jax.Array, spec: str, rate: float, deterministic: bool,
@@ -38,7 +39,9 @@ def probs_times_values(scores: jax.Array, values: jax.Array, spec: str, rate: fl
     """
     rate = 0.0 if deterministic else rate
     drawn = key() if 0.0 < rate < 1.0 else None
-    return _recomputed(spec, rate, probs_shape)(scores, values, drawn)
+    # In a layer the backward pass recomputes as a whole, recomputing the probabilities again would only add work.
+    made = _linearised if in_recomputed_layer() else _recomputed
+    return made(spec, rate, probs_shape)(scores, values, drawn)
 
 
 def _softmax_terms(scores: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -56,6 +59,12 @@ def _times_values(probs: jax.Array, values: jax.Array, drawn: jax.Array | None, 
     """The float32 probabilities as the values' dtype, dropped out, times the values."""
     probs = dropout(probs.astype(values.dtype), rate, rate == 0.0, lambda: drawn)
     return jnp.einsum(spec, probs if probs_shape is None else probs.reshape(probs_shape), values)
+
+
+def _linearised(spec: str, rate: float, probs_shape: tuple[int, ...] | None) -> Callable[..., jax.Array]:
+    """The same computation as JAX linearises it (the exponentials and the dropped probabilities kept)."""
+    return lambda scores, values, drawn: _times_values(jax.nn.softmax(scores.astype(jnp.float32), axis=-1), values,
+                                                       drawn, spec, rate, probs_shape)
 
 
 @functools.cache

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core.scope import LazyRng
 
-from flax_model.recompute import recomputed_in_backward
+from flax_model.recompute import layer_recomputed, recomputed_in_backward
 
 _INSIDE_LAYER = contextvars.ContextVar("inside_pure_layer", default=False)
 _ACTIVE = contextvars.ContextVar("pure_layers", default=False)
@@ -74,7 +74,7 @@ class LayerCall:
         for i, a in zip(self.traced, arrays):
             leaves[i] = a
         args, kwargs = jax.tree.unflatten(self.tree, leaves)
-        with _setting(_INSIDE_LAYER, True):
+        with _setting(_INSIDE_LAYER, True), layer_recomputed(self.remat):
             return self.layer.apply(variables, *args, rngs=None if key is None else {"dropout": key}, **kwargs)
 
 

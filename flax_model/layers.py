@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_model.recompute import recomputed_with
+from flax_model.recompute import layer_recomputed, recomputed_with
 
 
 def _derivative_kept(fn: Callable[[jax.Array], jax.Array]) -> Callable[[jax.Array], jax.Array]:
@@ -453,11 +453,14 @@ def run_stack(layers: Stack, num_layers: int, step: Step, carry: Any, per_layer:
             outs.append(out)
         return carry, tuple(outs)
 
+    remat = scan_settings().remat
+
     def body(layer: nn.Module, carry: Any, xs: tuple[jax.Array, Any], shared: tuple[Any, ...]) -> tuple[Any, Any]:
         index, x = xs
-        return step(layer, index, carry, x, *shared)
+        with layer_recomputed(remat):
+            return step(layer, index, carry, x, *shared)
 
-    if scan_settings().remat:
+    if remat:
         # Inside a scan, common-subexpression elimination cannot merge the recomputation with the forward pass.
         body = nn.remat(body, prevent_cse=False)
     if scan_settings().residual_bits:

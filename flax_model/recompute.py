@@ -15,8 +15,10 @@ core's `RMSNorm`).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -60,6 +62,25 @@ def recomputed_in_backward(fn: Callable[..., Any], constants: int = 0) -> Callab
 
     call.defvjp(forward, backward)
     return call
+
+
+_LAYER_RECOMPUTED = contextvars.ContextVar("layer_recomputed", default=False)
+
+
+@contextlib.contextmanager
+def layer_recomputed(recomputed: bool = True) -> Iterator[None]:
+    """Within this context a whole layer is traced that the backward pass recomputes (`--remat`): its parts then
+    keep what their linearisation keeps instead of recomputing it once more (`in_recomputed_layer`)."""
+    token = _LAYER_RECOMPUTED.set(recomputed)
+    try:
+        yield
+    finally:
+        _LAYER_RECOMPUTED.reset(token)
+
+
+def in_recomputed_layer() -> bool:
+    """Whether the code being traced is a layer the backward pass recomputes as a whole (`layer_recomputed`)."""
+    return _LAYER_RECOMPUTED.get()
 
 
 @functools.cache

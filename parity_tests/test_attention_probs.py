@@ -114,3 +114,44 @@ def test_the_dropout_stream_is_the_dropout_modules():
     dropped = probs_times_values(scores, values, SPEC, 1.0, False, undrawn)
     assert not np.any(dropped), "rate 1 drops every probability"
 
+
+
+def test_the_model_recomputes_the_probabilities_unless_it_recomputes_the_whole_layer(composed_dir, monkeypatch):
+    """The composed model's train-mode loss: each encoder layer keeps one array of the attention's [B, N, T, T]
+    shape (its scores), where JAX's linearisation keeps two (the exponentials and the dropped probabilities); under
+    `remat`, unrolled or
+    scanned, where the backward pass recomputes whole layers, the attention computes its probabilities once per
+    pass (no recomputation of its own is traced)."""
+    from flax_model import attention_probs
+    from flax_model.speech_encoder_decoder import (FlaxSpeechEncoderDecoderModel, SpeechEncoderDecoderModule,
+                                                   stack_params)
+    from scripts.make_fixtures import cases_by_arch
+
+    model = FlaxSpeechEncoderDecoderModel.from_pretrained(composed_dir(next(iter(cases_by_arch()["wav2vec2"])),
+                                                                       next(iter(cases_by_arch()["bart"]))))
+    config = model.config
+    rng = np.random.default_rng(0)
+    batch = (jnp.asarray(rng.standard_normal((2, 4000)), jnp.float32), jnp.ones((2, 4000), jnp.int32),
+             jnp.asarray(rng.integers(0, config.decoder.vocab_size, (2, 6)), jnp.int32))
+    frames = int(config.encoder.output_lengths(4000))
+    probs_shape = (2, config.encoder.num_attention_heads, frames, frames)
+
+    def loss(module):
+        return lambda params: module.apply({"params": params}, *batch, False, True, method="loss_sums",
+                                           rngs={"dropout": jax.random.key(3)}).nll
+
+    def kept(module, params):
+        return sum(shape == probs_shape for shape, _ in _saved_shapes(loss(module), params))
+
+    layers_ = config.encoder.num_hidden_layers
+    assert kept(SpeechEncoderDecoderModule(config), model.params) == layers_
+    made = []
+    monkeypatch.setattr(attention_probs, "_recomputed",
+                        lambda *a: (made.append(a), attention_probs._linearised(*a))[1])
+    assert kept(SpeechEncoderDecoderModule(config), model.params) == 2 * layers_, "JAX's linearisation"
+    assert made, "the attention's recomputation was not traced"
+    for scan in (False, True):
+        made.clear()
+        params = stack_params(config, model.params) if scan else model.params
+        jax.eval_shape(jax.grad(loss(SpeechEncoderDecoderModule(config, remat=True, scan_layers=scan))), params)
+        assert not made, f"remat, scan_layers={scan}: the attention recomputes its probabilities inside the layer"

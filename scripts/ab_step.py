@@ -65,19 +65,10 @@ def _linearised_by_jax() -> Iterator[None]:
         layers.ACTIVATIONS.update(kept)
 
 
-def _probs_kept(spec: str, rate: float, probs_shape: tuple[int, ...] | None) -> Callable[..., Any]:
-    """The attention's probabilities times the values as JAX linearises them (the softmax's exponentials and the
-    dropped probabilities kept for the backward pass)."""
-    import jax
-    import jax.numpy as jnp
-
+def _attention_probs() -> Any:
     from flax_model import attention_probs
 
-    def call(scores: Any, values: Any, drawn: Any) -> Any:
-        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
-        return attention_probs._times_values(probs, values, drawn, spec, rate, probs_shape)
-
-    return call
+    return attention_probs
 
 
 UNDO: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
@@ -85,7 +76,7 @@ UNDO: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
     "tokens_last": lambda: _patched("_tokens_last", lambda a: None),
     "kept_inputs": _linearised_by_jax,
     "residual_bits": lambda: _patched("bfloat16_residual_bits", lambda body: body),
-    "probs_recomputed": lambda: _patched("_recomputed", _probs_kept, "attention_probs"),
+    "probs_recomputed": lambda: _patched("_recomputed", _attention_probs()._linearised, "attention_probs"),
 }
 
 
