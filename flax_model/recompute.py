@@ -49,7 +49,7 @@ def recomputed_in_backward(fn: Callable[..., Any], constants: int = 0) -> Callab
 
     def backward(args: tuple, grad_out: Any) -> tuple:
         leaves, tree = jax.tree.flatten(args[:constants] + tied_to(grad_out, args[constants:]))
-        keys = [is_key(a) for a in leaves]
+        keys = [_is_key(a) for a in leaves]
 
         def with_keys(*differentiated: jax.Array) -> Any:
             it = iter(differentiated)
@@ -100,14 +100,14 @@ def tied_to(grad_out: Any, tree: Any) -> Any:
     return jax.tree.map(lambda a: _tied(a, one, zero), tree)
 
 
-def is_key(a: Any) -> bool:
+def _is_key(a: Any) -> bool:
     return jnp.issubdtype(a.dtype, jax.dtypes.prng_key)
 
 
 def _tied(a: jax.Array, one: jax.Array, zero: jax.Array) -> jax.Array:
     """`a` computed after the cotangent: a float times `one`, a key with `zero` added to its bits; other integer
     and boolean arrays as they are (nothing is recomputed from them alone)."""
-    if is_key(a):
+    if _is_key(a):
         return jax.random.wrap_key_data(jax.random.key_data(a) + zero, impl=jax.random.key_impl(a))
     if jnp.issubdtype(a.dtype, jnp.floating):
         return a * one.astype(a.dtype)

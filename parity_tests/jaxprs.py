@@ -1,10 +1,15 @@
-"""Walking a traced program: every equation of a jaxpr, those of the programs nested in it included."""
+"""Walking a traced program: every equation of a jaxpr, those of the programs nested in it included; what a
+function's backward pass keeps."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+import io
+import re
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import jax.ad_checkpoint
 from jax.extend import core as jax_core
 
 
@@ -15,3 +20,16 @@ def equations(jaxpr: Any) -> Iterator[Any]:
         yield eqn
         for sub in jax_core.jaxprs_in_params(eqn.params):
             yield from equations(sub)
+
+
+def saved_residuals(fn: Callable[..., Any], *args: Any) -> list[tuple[tuple[int, ...], str]]:
+    """(shape, what) of every array the backward pass of `fn(*args)` keeps (`print_saved_residuals`' lines)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        jax.ad_checkpoint.print_saved_residuals(fn, *args)
+    found = []
+    for line in out.getvalue().splitlines():
+        match = re.match(r"\s*\w+\[([\d,]*)\]\s+(.*)", line)
+        if match:
+            found.append((tuple(int(d) for d in match.group(1).split(",") if d), match.group(2)))
+    return found

@@ -3,19 +3,15 @@ pass keeps, the gradient against JAX's linearisation of the plain computation, a
 
 from __future__ import annotations
 
-import contextlib
-import io
-import re
-
 import flax.linen as nn
 import jax
-import jax.ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from flax_model.attention_probs import probs_times_values
 from flax_model.random_bits import Dropout, dropout
+from parity_tests.jaxprs import saved_residuals
 
 SPEC = "BNTS,BNSH->BNTH"
 GROUPED = "BKGTS,BKSH->BTKGH"
@@ -42,14 +38,6 @@ def _inputs(dtype, shape=(2, 3, 7, 7), head=5, seed=0):
     return (jnp.asarray(scores, dtype), jnp.asarray(values, dtype), jnp.asarray(cotangent, dtype))
 
 
-def _saved_shapes(fn, *args) -> list[tuple[tuple[int, ...], str]]:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        jax.ad_checkpoint.print_saved_residuals(fn, *args)
-    return [(tuple(int(d) for d in m.group(1).split(",") if d), m.group(2))
-            for m in (re.match(r"\s*\w+\[([\d,]*)\]\s+(.*)", line) for line in out.getvalue().splitlines()) if m]
-
-
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_the_backward_pass_keeps_the_scores_and_no_probabilities(dtype):
     """JAX's linearisation of the plain computation keeps two arrays of the scores' shape beside its arguments
@@ -57,10 +45,10 @@ def test_the_backward_pass_keeps_the_scores_and_no_probabilities(dtype):
     [.., T, 1] row statistics besides."""
     scores, values, _ = _inputs(dtype)
     key = jax.random.key(1)
-    plain = [s for s, what in _saved_shapes(lambda s, v: _plain(s, v, SPEC, 0.1, key).sum(), scores, values)
+    plain = [s for s, what in saved_residuals(lambda s, v: _plain(s, v, SPEC, 0.1, key).sum(), scores, values)
              if s == scores.shape and "from the argument" not in what]
     assert len(plain) == 2, plain
-    kept = _saved_shapes(lambda s, v: _ours(s, v, SPEC, 0.1, key).sum(), scores, values)
+    kept = saved_residuals(lambda s, v: _ours(s, v, SPEC, 0.1, key).sum(), scores, values)
     computed = [(s, what) for s, what in kept if "from the argument" not in what and s != ()]
     assert all(s == scores.shape[:-1] + (1,) for s, _ in computed), computed
 
@@ -141,7 +129,7 @@ def test_the_model_recomputes_the_probabilities_unless_it_recomputes_the_whole_l
                                            rngs={"dropout": jax.random.key(3)}).nll
 
     def kept(module, params):
-        return sum(shape == probs_shape for shape, _ in _saved_shapes(loss(module), params))
+        return sum(shape == probs_shape for shape, _ in saved_residuals(loss(module), params))
 
     layers_ = config.encoder.num_hidden_layers
     assert kept(SpeechEncoderDecoderModule(config), model.params) == layers_

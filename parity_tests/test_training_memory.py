@@ -10,13 +10,9 @@ convolutions' own kernel gradient equals XLA's.
 from __future__ import annotations
 
 import collections
-import contextlib
 import functools
-import io
-import re
 
 import jax
-import jax.ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -25,7 +21,7 @@ from flax_model.layers import grouped_conv
 from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel, SpeechEncoderDecoderModule
 from flax_model.recompute import recomputed_in_backward
 from flax_model.training import loss_grad_function, step_key
-from parity_tests.jaxprs import equations
+from parity_tests.jaxprs import equations, saved_residuals
 from scripts.make_fixtures import cases_by_arch
 
 ENCODER, DECODER = next(iter(cases_by_arch()["wav2vec2"])), next(iter(cases_by_arch()["bart"]))
@@ -46,19 +42,6 @@ def _batch(config, samples: int = 4000) -> dict[str, jax.Array]:
             "attention_mask": jnp.asarray(mask), "labels": jnp.asarray(labels, jnp.int32)}
 
 
-def _saved_residuals(step, params) -> list[tuple[tuple[int, ...], str]]:
-    """(shape, what) of every array the backward pass of `step` keeps (`print_saved_residuals`' lines)."""
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        jax.ad_checkpoint.print_saved_residuals(step, params)
-    found = []
-    for line in out.getvalue().splitlines():
-        match = re.match(r"\s*\w+\[([\d,]*)\]\s+(.*)", line)
-        if match:
-            found.append((tuple(int(d) for d in match.group(1).split(",") if d), match.group(2)))
-    return found
-
-
 def _loss(module, batch, key):
     return lambda params: module.apply({"params": params}, batch["inputs"], batch["attention_mask"], batch["labels"],
                                        False, True, method="loss_sums", rngs={"dropout": key}).nll
@@ -71,7 +54,7 @@ def test_a_frozen_feature_encoder_keeps_none_of_its_activations_for_the_backward
     batch = _batch(model.config)
     step = loss_grad_function(SpeechEncoderDecoderModule(model.config), deterministic=False,
                               freeze_feature_encoder=True)
-    residuals = _saved_residuals(lambda p: step(p, batch, step_key(0, 0), jnp.float32(0.1))[0].nll, model.params)
+    residuals = saved_residuals(lambda p: step(p, batch, step_key(0, 0), jnp.float32(0.1))[0].nll, model.params)
     length, rates = batch["inputs"].shape[1], []
     for kernel, stride in zip(config.conv_kernel, config.conv_stride):
         rates.append(length)
@@ -101,7 +84,7 @@ def test_rematerialised_layers_keep_only_their_inputs_and_draw_the_same_masks(mo
     kept, folds = {}, {}
     for remat in (False, True):
         loss = _loss(SpeechEncoderDecoderModule(config, remat=remat), batch, key)
-        kept[remat] = [shape for shape, _ in _saved_residuals(loss, model.params) if shape in inner]
+        kept[remat] = [shape for shape, _ in saved_residuals(loss, model.params) if shape in inner]
         folds[remat] = _key_folds(jax.make_jaxpr(loss)(model.params).jaxpr, collections.Counter())
     assert kept[False], f"without remat the layers' activations {sorted(inner)} should be kept"
     assert not kept[True], f"with remat {len(kept[True])} layer activations are kept: {kept[True][:3]}"
@@ -121,13 +104,13 @@ def test_the_layers_keep_one_array_per_activation_and_none_per_layer_norm(model,
     ffn = {(2, frames, config.encoder.intermediate_size), (2 * frames, config.encoder.intermediate_size)}
     hidden = {(2, frames, config.encoder.hidden_size), (2 * frames, config.encoder.hidden_size)}
     loss = _loss(SpeechEncoderDecoderModule(config), batch, jax.random.key(3))
-    shapes = [shape for shape, _ in _saved_residuals(loss, model.params)]
+    shapes = [shape for shape, _ in saved_residuals(loss, model.params)]
     layers_ = config.encoder.num_hidden_layers
     wide = sum(shape in ffn for shape in shapes)
     assert wide == 2 * layers_, f"{wide} arrays of the feed-forward's width for {layers_} layers"
     monkeypatch.setattr(layers, "_recomputed_normalise", lambda epsilon, dtype: functools.partial(
         layers._normalise, epsilon=epsilon, dtype=dtype))
-    linearised = [shape for shape, _ in _saved_residuals(_loss(SpeechEncoderDecoderModule(config), batch,
+    linearised = [shape for shape, _ in saved_residuals(_loss(SpeechEncoderDecoderModule(config), batch,
                                                                 jax.random.key(3)), model.params)]
     extra = sum(shape in hidden for shape in linearised) - sum(shape in hidden for shape in shapes)
     assert extra >= 2 * 2 * layers_, f"linearised by JAX, the layers' norms keep {extra} more arrays, not 2 each"
@@ -161,7 +144,7 @@ def test_layer_norms_compute_flaxs_numbers_and_gradients_to_the_bit(dtype):
         differ = [i for i, (a, b) in enumerate(zip(*map(jax.tree.leaves, grads))) if not np.array_equal(a, b)]
         assert not differ, f"{name}: gradients {differ} differ"
     for norm, most in ((LayerNorm(epsilon=1e-5), 0), (nn.LayerNorm(epsilon=1e-5, use_fast_variance=False), 3)):
-        computed = [r for r in _saved_residuals(lambda h: jnp.sum(norm.apply({"params": weights}, h)), x)
+        computed = [r for r in saved_residuals(lambda h: jnp.sum(norm.apply({"params": weights}, h)), x)
                     if r[0] == x.shape and "from the argument" not in r[1]]
         assert len(computed) == most, f"{type(norm).__module__}.LayerNorm keeps {computed} beside its input"
 
@@ -175,11 +158,11 @@ def test_activations_keep_their_derivative_and_differentiate_as_accurately_as_ja
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal(200_000) * 4, jnp.float32)
     cotangent = jnp.asarray(rng.standard_normal(200_000), jnp.float32)
-    plain_gelu = [r for r in _saved_residuals(lambda h: jnp.sum(jax.nn.gelu(h, approximate=False)), x) if r[0]]
+    plain_gelu = [r for r in saved_residuals(lambda h: jnp.sum(jax.nn.gelu(h, approximate=False)), x) if r[0]]
     assert len(plain_gelu) == 3, plain_gelu
     for name in ("gelu", "gelu_new", "gelu_fast", "quick_gelu", "silu"):
         fn = ACTIVATIONS[name]
-        kept = [r for r in _saved_residuals(lambda h: jnp.sum(fn(h)), x) if r[0]]
+        kept = [r for r in saved_residuals(lambda h: jnp.sum(fn(h)), x) if r[0]]
         assert len(kept) == 1 and kept[0][0] == x.shape, f"{name} keeps {kept}"
         with jax.enable_x64(True):
             exact = np.asarray(jax.vjp(fn.fun, jnp.asarray(np.asarray(x), jnp.float64))[1](

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import importlib
 import json
 import statistics
 import sys
@@ -38,15 +39,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 @contextlib.contextmanager
 def _patched(name: str, replacement: Any, module: str = "layers") -> Iterator[None]:
     """`flax_model.<module>.<name>` replaced while the block runs."""
-    import importlib
-
-    where = importlib.import_module(f"flax_model.{module}")
-    kept = getattr(where, name)
-    setattr(where, name, replacement)
+    owner = importlib.import_module(f"flax_model.{module}")
+    kept = getattr(owner, name)
+    setattr(owner, name, replacement)
     try:
         yield
     finally:
-        setattr(where, name, kept)
+        setattr(owner, name, kept)
 
 
 @contextlib.contextmanager
@@ -65,18 +64,13 @@ def _linearised_by_jax() -> Iterator[None]:
         layers.ACTIVATIONS.update(kept)
 
 
-def _attention_probs() -> Any:
-    from flax_model import attention_probs
-
-    return attention_probs
-
-
 UNDO: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
     "bias_sum": lambda: _patched("_low_precision_bias_add", lambda y, bias: y + bias.astype(y.dtype)),
     "tokens_last": lambda: _patched("_tokens_last", lambda a: None),
     "kept_inputs": _linearised_by_jax,
     "residual_bits": lambda: _patched("bfloat16_residual_bits", lambda body: body),
-    "probs_recomputed": lambda: _patched("_recomputed", _attention_probs()._linearised, "attention_probs"),
+    "probs_recomputed": lambda: _patched(
+        "_recomputed", importlib.import_module("flax_model.attention_probs")._linearised, "attention_probs"),
 }
 
 
