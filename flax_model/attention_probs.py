@@ -85,8 +85,9 @@ def _recomputed(spec: str, rate: float, probs_shape: tuple[int, ...] | None) -> 
     def backward(kept: tuple, grad: jax.Array) -> tuple:
         scores, values, drawn, high, total = kept
         # Read only once the cotangent exists: XLA would otherwise merge the recomputation with the forward pass
-        # and keep its arrays until here.
-        scores, drawn = tied_to(grad, (scores, drawn))
+        # and keep its arrays until here (the row maxima and sums included: XLA:CPU fuses a reduction with its
+        # broadcast, and would keep the forward pass's broadcast, an array of the scores' size, for the backward).
+        scores, drawn, high, total = tied_to(grad, (scores, drawn, high, total))
         probs = jnp.exp(scores.astype(jnp.float32) - high) / total
         _, vjp = jax.vjp(lambda p, v: product(p, v, drawn), probs, values)
         grad_probs, grad_values = vjp(grad)

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_model.recompute import layer_recomputed, recomputed_with
+from flax_model.recompute import computed_beside, layer_recomputed, recomputed_with
 
 
 def _derivative_kept(fn: Callable[[jax.Array], jax.Array]) -> Callable[[jax.Array], jax.Array]:
@@ -24,14 +24,17 @@ def _derivative_kept(fn: Callable[[jax.Array], jax.Array]) -> Callable[[jax.Arra
     the intermediate terms instead: three arrays of the input's size for the exact GELU (x / 2, erfc, exp), two
     for the tanh forms and SiLU, where a wav2vec2-base layer's 3072-wide activation is its largest array.
     (Recomputing the activation from its input in the backward pass would keep one array too, but its
-    transcendental functions, compiled into other loops, round differently from the forward's.)"""
+    transcendental functions, compiled into other loops, round differently from the forward's.) The value is read
+    beside the derivative (`computed_beside`): otherwise XLA computes the derivative inside the backward pass's
+    loop and keeps the terms and the input instead, four arrays in place of one for the exact GELU."""
 
     @jax.custom_vjp
     def activation(x: jax.Array) -> jax.Array:
         return fn(x)
 
     def forward(x):
-        return jax.jvp(fn, (x,), (jnp.ones_like(x),))
+        value, derivative = jax.jvp(fn, (x,), (jnp.ones_like(x),))
+        return computed_beside(value, derivative), derivative
 
     def backward(derivative, grad):
         return (grad * derivative,)

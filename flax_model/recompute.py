@@ -100,6 +100,22 @@ def tied_to(grad_out: Any, tree: Any) -> Any:
     return jax.tree.map(lambda a: _tied(a, one, zero), tree)
 
 
+def computed_beside(out: jax.Array, kept: jax.Array) -> jax.Array:
+    """`out` unchanged (bit for bit), read beside `kept` (same shape, same width of dtype): `kept` is then read in
+    the forward pass and XLA computes it there into a buffer of its own.
+
+    An elementwise array the backward pass alone reads (an activation's derivative) is otherwise fused by XLA into
+    the backward pass's loop, which then keeps the terms it is computed from (for the exact GELU: its input, its
+    erfc and exp terms) until there, where LayerDrop's conditionals or a scanned stack would have ended the pass
+    and kept `kept` alone. The bits of `kept` are OR-ed into `out`'s after an AND with a 0 that XLA cannot fold
+    (false both ways of comparing a float with itself)."""
+    bits = jnp.dtype(f"uint{8 * jnp.dtype(out.dtype).itemsize}")
+    first = kept.reshape(-1)[0].astype(jnp.float32)
+    zero = ((first != first) & (first == first)).astype(bits)
+    as_bits = functools.partial(jax.lax.bitcast_convert_type, new_dtype=bits)
+    return jax.lax.bitcast_convert_type(as_bits(out) | (as_bits(kept) & zero), out.dtype)
+
+
 def _is_key(a: Any) -> bool:
     return jnp.issubdtype(a.dtype, jax.dtypes.prng_key)
 

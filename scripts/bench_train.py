@@ -26,7 +26,8 @@ busy and the times are inflated):
     step      per framework / setting: the first step (tracing, compilation and the run: what a user waits for),
               the median compiled step (`step_s`) over `--runs` (each in `steps_s`), audio-seconds per second,
               the peak resident memory of the process while training (`peak_rss_gb`, from the model in memory
-              through the steps) and, on a GPU, the peak device memory; the machine's speed before and after the
+              through the steps; the resident memory after the compile, `compiled_rss_gb`, and after each step,
+              `steps_rss_gb`) and, on a GPU, the peak device memory; the machine's speed before and after the
               steps (`probe_gflops`, `host_probe`); Flax adds XLA's own account of the compiled gradient
               function (`temp_bytes`: activations and scratch; `argument_bytes`: params and batch;
               `output_bytes`: the gradients) and its compile time.
@@ -287,7 +288,8 @@ def flax_worker(args: argparse.Namespace, setting: Setting) -> dict[str, Any]:
     compile_s = time.perf_counter() - started
     fns = dataclasses.replace(fns, grad=grad)
     del example
-    times, counters = [], StepCounters()
+    record["compiled_rss_gb"] = rss_gb()
+    times, counters, resident = [], StepCounters(), []
     for step in range(1 + max(1, args.runs)):
         if step == 1 and args.profile:
             profile_flax(args.profile, fns, state, batch, grad)
@@ -296,6 +298,8 @@ def flax_worker(args: argparse.Namespace, setting: Setting) -> dict[str, Any]:
             state, objective, tokens = train_step(fns, state, [(batch, step_key(0, step))])
             jax.block_until_ready(state.params)
         times.append(time.perf_counter() - started)
+        resident.append(round(rss_gb(), 3))
+    record["steps_rss_gb"] = resident
     record.update({"first_step_s": compile_s + times[0], "compile_s": compile_s, "first_run_s": times[0],
                    **step_figures(times, data["audio_s"]), "loss": objective / tokens,
                    "peak_rss_gb": peak_rss_gb(), **counters.record(), **xla_memory(grad)})
@@ -307,9 +311,13 @@ def flax_worker(args: argparse.Namespace, setting: Setting) -> dict[str, Any]:
 
 
 def xla_memory(compiled: Any) -> dict[str, int]:
+    """XLA's account of the compiled gradient function: its buffers, and the floating-point operations of its
+    HLO (`xla_gflop`; each conditional's costliest branch, a loop's body once per trip where XLA knows the count)."""
     stats = compiled.memory_analysis()
+    cost = compiled.cost_analysis() or {}
+    cost = cost[0] if isinstance(cost, list) else cost
     return {"temp_bytes": int(stats.temp_size_in_bytes), "argument_bytes": int(stats.argument_size_in_bytes),
-            "output_bytes": int(stats.output_size_in_bytes)}
+            "output_bytes": int(stats.output_size_in_bytes), "xla_gflop": float(cost.get("flops", float("nan"))) / 1e9}
 
 
 def layerdrop_worker(args: argparse.Namespace, settings: list[Setting]) -> list[dict[str, Any]]:
@@ -435,7 +443,7 @@ def torch_worker(args: argparse.Namespace) -> dict[str, Any]:
                               "setup_rss_gb": rss_gb()}
     probe = host_probe()
     reset_peak_rss()
-    times, counters = [], StepCounters()
+    times, counters, resident = [], StepCounters(), []
     for i in range(1 + max(1, args.runs)):
         if i == 1 and args.profile:
             profile_torch(args.profile, step)
@@ -443,7 +451,8 @@ def torch_worker(args: argparse.Namespace) -> dict[str, Any]:
         with counters.step():
             loss = step()
         times.append(time.perf_counter() - started)
-    record.update({"first_step_s": times[0], **step_figures(times, data["audio_s"]),
+        resident.append(round(rss_gb(), 3))
+    record.update({"first_step_s": times[0], **step_figures(times, data["audio_s"]), "steps_rss_gb": resident,
                    "loss": loss, "peak_rss_gb": peak_rss_gb(), **counters.record(),
                    "layerdrop_given": schedule.given is not None, "dropped": schedule.dropped})
     record["probe_gflops"] = [probe, host_probe()]
