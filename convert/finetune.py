@@ -1412,6 +1412,11 @@ def data_sources(args: Any) -> tuple[Any, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if argv is None:
+        from convert.xla_settings import memory_ordered, order_for_memory
+
+        if memory_ordered(args.scan_layers, args.dtype):
+            order_for_memory()  # the command's own process, before JAX starts its backend (XLA reads its flags once)
     names = {f.name for f in dataclasses.fields(FinetuneSettings)}
     settings = FinetuneSettings(**{k: v for k, v in vars(args).items() if k in names})
     command = shlex.join(["python", "-m", "convert.finetune", *(sys.argv[1:] if argv is None else argv)])

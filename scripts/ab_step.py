@@ -88,8 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     args.freeze = True
 
     from convert.allocator import keep_freed_memory
+    from convert.xla_settings import memory_ordered, order_for_memory
+    from scripts.bench_train import Setting, bench_batch, load, model_config
 
-    keep_freed_memory()
+    setting = Setting.parse(args.setting)
+    keep_freed_memory()  # before JAX starts its backend, as convert.finetune has both
+    if memory_ordered(setting.scan, "bfloat16" if setting.bfloat16 else "float32"):
+        order_for_memory()
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -97,9 +102,6 @@ def main(argv: list[str] | None = None) -> int:
     from flax_model.speech_encoder_decoder import stack_params
     from flax_model.training import compiled_grad, step_key
     from scripts.bench import random_params
-    from scripts.bench_train import Setting, bench_batch, load, model_config
-
-    setting = Setting.parse(args.setting)
     config = model_config(args)
     data = bench_batch(config, args.batch, args.audio_seconds, args.label_tokens)
     batch = {k: jnp.asarray(data[k]) for k in ("inputs", "attention_mask", "labels")}

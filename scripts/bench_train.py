@@ -46,7 +46,10 @@ on a busy machine at any batch), and its compile time in parts (`trace_s`: JAX t
 `xla_compile_s`). `--profile DIR`: one Flax setting (the first) and PyTorch, each profiled over one
 compiled step: the time per model part and operation (jax.profiler trace / torch.profiler), XLA's largest buffers
 (its memory-usage report, from an HLO dump in DIR) and the PyTorch operators that allocate the most
-(docs/training_performance.md reads them).
+(docs/training_performance.md reads them). Each Flax process starts as `convert.finetune` does: glibc keeping freed
+memory (`--malloc default`: not) and XLA ordering its programs for memory where the command has it
+(`convert.xla_settings.memory_ordered`; `--xla-order memory` or `default`: always or never; the
+`xla_memory_order` field says which held).
 """
 
 from __future__ import annotations
@@ -226,7 +229,12 @@ def model_config(args: argparse.Namespace) -> Any:
 def flax_worker(args: argparse.Namespace, setting: Setting) -> dict[str, Any]:
     from convert.allocator import keep_freed_memory
 
+    from convert.xla_settings import FLAG, memory_ordered, order_for_memory
+
     kept = keep_freed_memory() if args.malloc == "kept" else False  # before JAX starts (as convert.finetune does)
+    finetunes_so = memory_ordered(setting.scan, "bfloat16" if setting.bfloat16 else "float32")
+    if args.xla_order == "memory" or (args.xla_order == "finetune" and finetunes_so):
+        order_for_memory()
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -259,6 +267,7 @@ def flax_worker(args: argparse.Namespace, setting: Setting) -> dict[str, Any]:
     fns = step_functions(module, optimizer, deterministic=False, freeze_feature_encoder=args.freeze)
     record: dict[str, Any] = {"bench": "step", "framework": "flax", "setting": setting.name,
                               "device": str(jax.devices()[0].platform), "batch": args.batch, "malloc_kept": kept,
+                              "xla_memory_order": f"{FLAG}=false" in os.environ.get("XLA_FLAGS", ""),
                               "audio_s": data["audio_s"]}
     device_batch = {k: jnp.asarray(v) for k, v in batch.items()}
     example = (params, device_batch, step_key(0, 0), np.float32(0.0))
@@ -628,6 +637,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--malloc", choices=("kept", "default"), default="kept",
                         help="Flax processes: glibc keeps freed memory (convert.allocator, as convert.finetune runs) "
                              "or its defaults")
+    parser.add_argument("--xla-order", choices=("finetune", "memory", "default"), default="finetune",
+                        help="Flax processes: XLA orders the programs as convert.finetune has it (for memory when "
+                             "scanned or in bfloat16: convert.xla_settings), for memory, or by its default order")
     parser.add_argument("--torch-malloc", choices=("default", "kept"), default="default",
                         help="the PyTorch process: glibc's defaults (as PyTorch runs) or the same settings")
     parser.add_argument("--memory-only", action="store_true", help="XLA's memory account of each setting only")
