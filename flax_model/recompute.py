@@ -109,6 +109,8 @@ def computed_beside(out: jax.Array, kept: jax.Array) -> jax.Array:
     erfc and exp terms) until there, where LayerDrop's conditionals or a scanned stack would have ended the pass
     and kept `kept` alone. The bits of `kept` are OR-ed into `out`'s after an AND with a 0 that XLA cannot fold
     (false both ways of comparing a float with itself)."""
+    if kept.size == 0:
+        return out
     bits = jnp.dtype(f"uint{8 * jnp.dtype(out.dtype).itemsize}")
     first = kept.reshape(-1)[0].astype(jnp.float32)
     zero = ((first != first) & (first == first)).astype(bits)
