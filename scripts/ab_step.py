@@ -88,12 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     args.freeze = True
 
     from convert.allocator import keep_freed_memory
-    from convert.xla_settings import memory_ordered, order_for_memory
+    from convert.xla_settings import order_for_memory
     from scripts.bench_train import Setting, bench_batch, load, model_config
 
     setting = Setting.parse(args.setting)
     keep_freed_memory()  # before JAX starts its backend, as convert.finetune has both
-    if memory_ordered(setting.scan, "bfloat16" if setting.bfloat16 else "float32"):
+    if setting.memory_ordered():
         order_for_memory()
     import jax
     import jax.numpy as jnp

@@ -97,6 +97,12 @@ class Setting:
             raise SystemExit(f"error: --settings {text}: perlayer goes with scan (scan+perlayer)")
         return cls(text, "bfloat16" in words, "remat" in words, "scan" in words, "perlayer" in words)
 
+    def memory_ordered(self) -> bool:
+        """Whether `convert.finetune` runs this setting's step with XLA's programs ordered for memory."""
+        from convert.xla_settings import memory_ordered
+
+        return memory_ordered(self.scan, "bfloat16" if self.bfloat16 else "float32")
+
     def module(self, config: Any) -> Any:
         """The composed model's module in this setting."""
         import jax.numpy as jnp
@@ -229,11 +235,10 @@ def model_config(args: argparse.Namespace) -> Any:
 def flax_worker(args: argparse.Namespace, setting: Setting) -> dict[str, Any]:
     from convert.allocator import keep_freed_memory
 
-    from convert.xla_settings import FLAG, memory_ordered, order_for_memory
+    from convert.xla_settings import FLAG, order_for_memory
 
     kept = keep_freed_memory() if args.malloc == "kept" else False  # before JAX starts (as convert.finetune does)
-    finetunes_so = memory_ordered(setting.scan, "bfloat16" if setting.bfloat16 else "float32")
-    if args.xla_order == "memory" or (args.xla_order == "finetune" and finetunes_so):
+    if args.xla_order == "memory" or (args.xla_order == "finetune" and setting.memory_ordered()):
         order_for_memory()
     import jax
     import jax.numpy as jnp
