@@ -194,6 +194,7 @@ class _Run:
         from convert.base.audio import feature_extractor_config
         from convert.base.batching import bucket_boundaries, length_batches
         from convert.base.prefix import files_directory, is_prefix_directory
+        from convert.base.stacking import layer_stacks
         from convert.training_data import AudioCache, LabelTokenizer, read_examples, sample_lengths
 
         self.settings = s = settings
@@ -208,9 +209,14 @@ class _Run:
         if self.prefix and s.scan_layers:
             raise bad_argument("scan_layers", True, "is not supported for a prefix composition (its layers run "
                                "unrolled)")
-        self.model = self.model_class().from_pretrained(model_dir, **({} if self.prefix else {"mesh": mesh}))
+        # With --scan-layers the state is stacked from the start (one leaf per layer-leaf name, a leading layer
+        # axis): the step, the optimiser and the checkpoints work on it as it lies; evaluation generates with
+        # scanned layers; the export writes HF's per-layer layout.
+        self.model = self.model_class().from_pretrained(
+            model_dir, **({} if self.prefix else {"mesh": mesh, "scan_layers": s.scan_layers}))
         self.mesh = self.model.mesh  # None on one device
         self.config = config = self.model.config
+        self.stacks = None if self.prefix else layer_stacks(config)
         if s.freeze_feature_encoder and config.encoder.input_kind != "waveform":
             raise bad_argument("freeze_feature_encoder", True, f"this encoder reads {config.encoder.input_kind}, "
                                "not audio: it has no conv feature encoder to freeze")
@@ -255,6 +261,12 @@ class _Run:
 
         return FlaxSpeechEncoderDecoderModel
 
+    def model_of(self, params: Any) -> Any:
+        """A model of the run's class over `params` (the run's layout), with its LoRA settings."""
+        if self.prefix:
+            return self.model_class()(self.config, params, lora=self.lora)
+        return self.model_class()(self.config, params, scan_layers=self.settings.scan_layers, lora=self.lora)
+
     def module(self) -> Any:
         """The linen module whose `loss_sums` the step differentiates."""
         s = self.settings
@@ -282,15 +294,19 @@ class _Run:
 
         from convert.base.composed import keymap_for, stores_in_out
         from convert.base.lora import find_lora_layers, init_lora
+        from convert.base.stacking import stack_params
 
         self.lora_layers = find_lora_layers(keymap_for(self.config), self.param_shapes(), self.lora,
                                             stores_in_out(self.config))
         flat = traverse_util.flatten_dict(self.model.params, sep="/")
         place = (jax.numpy.asarray if self.mesh is None
                  else lambda a: jax.device_put(a, NamedSharding(self.mesh, PartitionSpec())))
-        flat.update({k: place(v) for k, v in init_lora(self.lora_layers, self.lora.rank, self.settings.seed).items()})
+        factors = init_lora(self.lora_layers, self.lora.rank, self.settings.seed)
+        if self.settings.scan_layers:  # the factors of a stack's layers, stacked as its other leaves are
+            factors = stack_params(factors, self.stacks)
+        flat.update({k: place(v) for k, v in factors.items()})
         generation = self.model.generation_config
-        self.model = self.model_class()(self.config, traverse_util.unflatten_dict(flat, sep="/"), lora=self.lora)
+        self.model = self.model_of(traverse_util.unflatten_dict(flat, sep="/"))
         self.model.generation_config, self.model.mesh = generation, self.mesh
 
     def _check_lora_called(self) -> None:
@@ -300,6 +316,7 @@ class _Run:
         import jax.numpy as jnp
 
         from convert.base.configs import encoder_input_shape
+        from convert.base.stacking import layer_of
         from flax_model.lora import recording_lora_calls
 
         encoder = self.config.encoder
@@ -314,20 +331,27 @@ class _Run:
         with recording_lora_calls() as seen:
             jax.eval_shape(lambda p, x, y: module.apply({"params": p}, x, None, y, method="loss_sums"), params, inputs,
                            labels)
-        missed = [layer.torch_module for layer in self.lora_layers if layer.module not in seen]
+        # A scanned stack's layers run as one module, recorded at the stacked path.
+        called = ((lambda path: (layer_of(path, self.stacks) or (path,))[0]) if self.settings.scan_layers
+                  else (lambda path: path))
+        missed = [layer.torch_module for layer in self.lora_layers if called(layer.module) not in seen]
         if missed:
             raise bad_argument("lora_targets", ",".join(self.lora.targets), f"{missed[0]} is not called as a layer by "
                                "the model (its weight is read directly, as a head's can be): LoRA cannot adapt it")
 
-    def frozen(self) -> Any:
+    def frozen(self, stacked: bool | None = None) -> Any:
         """Path -> frozen, from the freezing flags, the buffers, --train-only and LoRA (a LoRA run trains only the
-        factors unless --train-only names groups too)."""
-        from convert.base.composed import group_predicate, train_groups
+        factors unless --train-only names groups too); over the paths of the stacked layout when `stacked` (the
+        run's layout by default), each stacked leaf frozen as its layers are."""
+        from convert.base.composed import group_predicate, non_trainable_paths, train_groups
         from convert.base.lora import is_lora_leaf
-        from flax_model.training import buffer_paths, frozen_predicate
+        from convert.base.stacking import stacked_predicate
+        from flax_model.training import frozen_predicate
 
         s = self.settings
-        non_trainable = buffer_paths(self.config, self.model.params)
+        if self.settings.scan_layers if stacked is None else stacked:
+            return stacked_predicate(self.frozen(stacked=False), self.stacks)
+        non_trainable = non_trainable_paths(self.config, self.param_shapes())  # per layer, as the key table reads
         base = frozen_predicate(s.freeze_feature_encoder, non_trainable, s.freeze_encoder)
         chosen = None if s.train_only is None else group_predicate(train_groups(self.config), s.train_only)
         lora = self.lora is not None
@@ -500,7 +524,7 @@ class _Run:
                                       self.config.ctc.loss_reduction if with_ctc else None, frozen)
         # One compiled search per shape for the whole run (on a mesh: the model's own cache, which in a
         # multi-process run returns replicated results).
-        self.model._compiled = _COMPILED.setdefault(("generate", self.config, self.mesh, self.lora),
+        self.model._compiled = _COMPILED.setdefault(("generate", self.config, self.mesh, self.lora, s.scan_layers),
                                                     {} if self.mesh is None else self.model._compiled)
         self.schedule = self.optimizer_settings.schedule()
 
@@ -581,7 +605,7 @@ class _Run:
         from convert.training_data import make_batch
 
         s = self.settings
-        model = self.model_class()(self.config, params, lora=self.lora)
+        model = self.model_of(params)
         model.generation_config = self.model.generation_config  # as the exported directory will generate
         model._compiled = self.model._compiled  # one compiled search per shape for the whole run
         model.mesh = self.mesh  # on a mesh the batch is split over `data`
@@ -607,7 +631,54 @@ class _Run:
         save_checkpoint(manager, state, meta)
 
     def restore(self, manager: Any, state: Any) -> tuple[Any, dict[str, Any]]:
-        return restore_checkpoint(manager, state, self.checkpoint_dir, verify=False)  # `finetune` verified it
+        """The latest checkpoint, in the run's layout: a checkpoint of the other layer layout (saved by a run with
+        --scan-layers when this one is without, or the other way round) is read in its own layout and converted
+        (`flax_model.training.relayout_state`)."""
+        try:
+            return restore_checkpoint(manager, state, self.checkpoint_dir, verify=False)  # `finetune` verified it
+        except CheckpointError as error:
+            if self.prefix:
+                raise
+            other = self.abstract_state(stacked=not self.settings.scan_layers)
+            try:
+                restored, meta = restore_checkpoint(manager, other, self.checkpoint_dir, verify=False)
+            except CheckpointError:
+                raise error from None
+        import jax
+
+        from flax_model.training import relayout_state
+
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
+        shardings = None if self.mesh is None else jax.tree.map(lambda a: a.sharding, target)
+        relayout = jax.jit(lambda tree: relayout_state(tree, target, self.stacks), out_shardings=shardings)
+        return relayout(restored), meta
+
+    def abstract_state(self, stacked: bool) -> Any:
+        """The run's train state in the stacked or per-layer layout, as shapes, dtypes (and shardings on a mesh)."""
+        import jax
+        from flax import traverse_util
+
+        from convert.base.stacking import stack_params, unstack_params
+        from flax_model.sharding import param_shardings
+        from flax_model.training import init_state, leaf_labels, make_optimizer, split_trainable, state_shardings
+
+        flat = traverse_util.flatten_dict(self.model.params, sep="/")
+        flat = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flat.items()}
+        if stacked != self.settings.scan_layers:
+            flat = jax.eval_shape(lambda tree: (stack_params(tree, self.stacks, stack=jax.numpy.stack) if stacked
+                                                else unstack_params(tree, self.stacks)), flat)
+        params = traverse_util.unflatten_dict(flat, sep="/")
+        frozen = self.frozen(stacked)
+        optimizer = make_optimizer(self.optimizer_settings,
+                                   leaf_labels(split_trainable(params, frozen)[0], lambda path: False))
+        state = jax.eval_shape(lambda p: init_state(p, optimizer, frozen), params)
+        if self.mesh is None:
+            return state
+        placed = param_shardings(self.config, {k: v.shape for k, v in flat.items()}, self.mesh)
+        params = traverse_util.unflatten_dict({k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=placed[k])
+                                               for k, v in flat.items()}, sep="/")
+        return jax.tree.map(lambda a, sharding: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), state,
+                            state_shardings(params, optimizer, frozen))
 
 
 def save_checkpoint(manager: Any, state: Any, meta: dict[str, Any]) -> None:
@@ -1148,8 +1219,12 @@ def export_leaves(run: _Run, params: Any) -> tuple[dict[str, Any], dict[str, Any
     from flax import traverse_util
 
     from convert.base.lora import merge_lora, split_lora
+    from convert.base.stacking import unstack_params
 
     flat = traverse_util.flatten_dict(params, sep="/")
+    if run.settings.scan_layers:  # HF's per-layer layout; on one device each layer's leaf is a view of the host copy
+        flat = unstack_params(flat if run.mesh is not None else {k: np.asarray(v) for k, v in flat.items()},
+                              run.stacks)
     if run.lora is None:
         return flat, {}
     if run.settings.lora_export == "merged":

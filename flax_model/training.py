@@ -43,7 +43,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from convert.base.composed import non_trainable_paths
 from convert.base.labels import check_label_smoothing, check_labels
-from convert.base.stacking import layer_stacks, stack_params
+from convert.base.stacking import Stacks, layer_of, layer_path, layer_stacks, stack_params, stack_size
 from flax_model.sharding import gathered_in_training, shard_batch, train_batch_rows, train_batch_sharding
 
 IGNORE_INDEX = -100
@@ -307,17 +307,48 @@ def state_shardings(params: Any, optimizer: optax.GradientTransformation,
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def follow(path: tuple, leaf: Any) -> NamedSharding:
-        keys: list[str] = []
-        for key in reversed(path):
-            if not isinstance(key, jax.tree_util.DictKey):
-                break
-            keys.append(str(key.key))
-        param = flat.get("/".join(reversed(keys)))
+        param = flat.get(param_keypath(path)[1])
         return param.sharding if param is not None and param.shape == leaf.shape else replicated
 
     abstract = jax.eval_shape(optimizer.init, params if frozen is None else split_trainable(params, frozen)[0])
     return TrainState(replicated, jax.tree.map(lambda x: x.sharding, params),
                       jax.tree_util.tree_map_with_path(follow, abstract))
+
+
+def param_keypath(keypath: tuple) -> tuple[str, str]:
+    """(optax's part, the parameter's `/`-joined path) of a train-state leaf's key path: optax keeps the params'
+    dict layout below its own nodes, so the trailing dict keys are the parameter's path ("" for a leaf that
+    belongs to no parameter, such as a step count)."""
+    n = len(keypath)
+    while n and isinstance(keypath[n - 1], jax.tree_util.DictKey):
+        n -= 1
+    return jax.tree_util.keystr(tuple(keypath[:n])), "/".join(str(k.key) for k in keypath[n:])
+
+
+def relayout_state(state: TrainState, target: TrainState, stacks: Stacks) -> TrainState:
+    """`state` in the other layer layout (per layer <-> stacked, `convert.base.stacking`), shaped like `target`
+    (an abstract state of the same optimiser over the other layout's params): each stacked leaf (a parameter, an
+    Adam moment) is the stack of its layers' leaves, each per-layer leaf an index into its stacked leaf; every
+    other leaf is carried over. Bit-exact. Jit it with the target's shardings to convert a state on a mesh.
+
+    Raises:
+        KeyError: `target` holds a leaf `state` has no counterpart of (another model or optimiser).
+    """
+    source = {param_keypath(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]}
+
+    def build(path: tuple, _: Any) -> jax.Array:
+        above, param = param_keypath(path)
+        if (above, param) in source:
+            return source[above, param]
+        layers = stack_size(param, stacks)
+        if layers is not None:  # a stacked leaf, from its layers
+            return jnp.stack([source[above, layer_path(param, stacks, i)] for i in range(layers)])
+        split = layer_of(param, stacks)  # a layer's leaf, from its stacked leaf
+        if split is None:
+            raise KeyError(f"{above}{param}")
+        return source[above, split[0]][split[1]]
+
+    return jax.tree_util.tree_map_with_path(build, target)
 
 
 def step_key(seed: int, step: int, micro_batch: int = 0) -> jax.Array:

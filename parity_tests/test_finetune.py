@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -135,6 +136,42 @@ def test_scanned_layers_train_as_the_unrolled_step_does(data, tmp_path):
     diff, where = max((float(np.max(np.abs(scanned[k] - unrolled[k]))), k) for k in unrolled
                       if not k.endswith("k_proj/bias"))
     assert diff <= 1e-6, f"trained weights differ by {diff:.2e} (at {where})"
+
+
+@pytest.mark.default_emitters  # scanned and unrolled weights within 1e-6
+def test_a_checkpoint_resumes_in_the_other_layer_layout(data, tmp_path):
+    """With `--scan-layers` the state is stacked, checkpoints included; a run in the other layout resumes from such
+    a checkpoint (or a stacked run from a per-layer one), its parameters, LoRA factors and AdamW moments converted:
+    it ends where an uninterrupted run ends. LoRA on the encoder's and the decoder's layers, merged in the export."""
+    settings = {**SETTINGS, "save_every": 0, "dropout": False, "lora_rank": 4, "lora_parts": ("encoder", "decoder")}
+
+    def run(out: Path, scan: bool, stop_at: int | None = None, resume: bool = False) -> list[float]:
+        stop = threading.Event()
+        log = io.StringIO()
+        finetune.finetune(data["model"], data["train"], data["eval"], out, FinetuneSettings(**settings, scan_layers=scan),
+                          checkpoint_dir=tmp_path / f"{out.name}.checkpoints", resume=resume, stop=stop,
+                          after_step=lambda step: stop.set() if step == stop_at else None, verify=False,
+                          progress=False, log=log)
+        assert ("resumed from" in log.getvalue()) == resume, log.getvalue()
+        return [] if stop_at else [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text()
+                                   .splitlines() if "loss" in json.loads(line)]
+
+    straight_losses = run(tmp_path / "straight", scan=False)
+    straight = _params(tmp_path / "straight")
+    for first in (True, False):  # stacked checkpoint -> per-layer run; per-layer checkpoint -> stacked run
+        out = tmp_path / f"first_scanned_{first}"
+        run(out, scan=first, stop_at=2)
+        # The checkpoint holds the state in its run's layout: `layers/attention/...` stacked, `layers/0/...` not.
+        stored = json.loads((tmp_path / f"{out.name}.checkpoints" / "2" / "state" / "_METADATA").read_text())
+        assert any("'layers', 'attention'" in key for key in stored["tree_metadata"]) == first
+        losses = run(out, scan=not first, resume=True)
+        # The log holds the whole run's losses: the first run's two, then the resumed run's.
+        rel = max(abs(a - b) / abs(b) for a, b in zip(losses, straight_losses))
+        assert len(losses) == 4 and rel <= 1e-5, f"losses {losses} vs {straight_losses}: {rel:.2e}"
+        resumed = _params(out)
+        assert resumed.keys() == straight.keys()
+        diff, where = max((float(np.max(np.abs(resumed[k] - straight[k]))), k) for k in straight)
+        assert diff <= 1e-6, f"trained weights differ by {diff:.2e} (at {where})"
 
 
 def test_a_bad_manifest_line_is_a_one_line_error(data, tmp_path, capsys):

@@ -206,6 +206,54 @@ def test_stacked_and_per_layer_layouts_convert_bit_exactly(composed_dir):
     assert all(again[k].tobytes() == v.tobytes() for k, v in stacked.items())
 
 
+def test_a_train_state_converts_between_layouts_as_the_optimiser_would_have_kept_it(composed_dir):
+    """`relayout_state`: AdamW's state after a step on per-layer params, converted to the stacked layout, is the
+    state the same optimiser keeps when it steps on the stacked params (optax run on each layout on its own), bit
+    for bit; and back. The optimiser has what `convert.finetune` builds: a lower encoder rate (a masked scale),
+    decay masked off biases, clipping, frozen leaves (no state)."""
+    from flax_model.training import (
+        OptimizerSettings,
+        frozen_predicate,
+        init_state,
+        leaf_labels,
+        make_optimizer,
+        relayout_state,
+        split_trainable,
+    )
+
+    model = load(composed_dir(*MAIN))
+    stacks = stacking.layer_stacks(model.config)
+    per_layer = flat(model.params)
+    settings = OptimizerSettings(learning_rate=1e-3, total_steps=10, weight_decay=0.01, max_grad_norm=1e9,
+                                 encoder_learning_rate=1e-4)
+    frozen = frozen_predicate(True)  # the conv feature encoder: outside the stacks
+    layouts = {}
+    for name, tree, predicate in (("per_layer", per_layer, frozen),
+                                  ("stacked", stacking.stack_params(per_layer, stacks, stack=jnp.stack),
+                                   stacking.stacked_predicate(frozen, stacks))):
+        params = traverse_util.unflatten_dict(tree, sep="/")
+        optimizer = make_optimizer(settings, leaf_labels(split_trainable(params, predicate)[0], lambda path: False))
+        state = init_state(params, optimizer, predicate)
+        # The same gradient in either layout: a pure function of the per-layer path (a layer's rows of a stacked
+        # leaf from its own path).
+        grads = {k: jnp.sin(jnp.arange(v.size, dtype=jnp.float32).reshape(v.shape) + len(k))
+                 for k, v in per_layer.items() if not frozen(k)}
+        if name == "stacked":
+            grads = stacking.stack_params(grads, stacks, stack=jnp.stack)
+        trainable = split_trainable(params, predicate)[0]
+        updates, opt_state = optimizer.update(traverse_util.unflatten_dict(grads, sep="/"), state.opt_state, trainable)
+        layouts[name] = dataclasses.replace(state, opt_state=opt_state)
+    per_layer_state, stacked_state = layouts["per_layer"], layouts["stacked"]
+    assert len(jax.tree.leaves(stacked_state)) < len(jax.tree.leaves(per_layer_state))
+    for source, target in ((per_layer_state, stacked_state), (stacked_state, per_layer_state)):
+        converted = relayout_state(source, jax.eval_shape(lambda: target), stacks)
+        assert jax.tree.structure(converted) == jax.tree.structure(target)
+        got, want = jax.tree.leaves_with_path(converted), jax.tree.leaves_with_path(target)
+        differ = [jax.tree_util.keystr(path) for (path, a), (_, b) in zip(got, want)
+                  if a.dtype != b.dtype or np.asarray(a).tobytes() != np.asarray(b).tobytes()]
+        assert not differ, f"{len(differ)} leaves differ, e.g. {differ[:3]}"
+
+
 def test_stacking_refuses_a_stack_with_a_missing_layer(composed_dir):
     model = load(composed_dir(*MAIN))
     stacks = stacking.layer_stacks(model.config)

@@ -49,19 +49,50 @@ def _split(path: str, stacks: Stacks) -> tuple[str, int, str] | None:
     return None
 
 
-def stacked_path(path: str, stacks: Stacks) -> str | None:
-    """The stacked leaf that holds per-layer `path`, or None when `path` is outside every stack."""
+def layer_of(path: str, stacks: Stacks) -> tuple[str, int] | None:
+    """(the stacked leaf that holds per-layer `path`, the layer's index), or None outside every stack."""
     split = _split(path, stacks)
-    return None if split is None else split[0] + split[2]
+    return None if split is None else (split[0] + split[2], split[1])
+
+
+def _stack_of(path: str, stacks: Stacks) -> str | None:
+    """The prefix of the stack that stacked leaf `path` belongs to, or None when `path` is not a stacked leaf."""
+    for prefix in stacks:
+        rest = path[len(prefix):]
+        if path.startswith(prefix) and rest and not re.match(r"\d+/", rest):
+            return prefix
+    return None
+
+
+def stack_size(path: str, stacks: Stacks) -> int | None:
+    """The number of layers of stacked leaf `path`, or None when `path` is not a stacked leaf."""
+    prefix = _stack_of(path, stacks)
+    return None if prefix is None else stacks[prefix]
+
+
+def stacked_predicate(predicate: Callable[[str], bool], stacks: Stacks) -> Callable[[str], bool]:
+    """A predicate over per-layer paths as one over stacked paths: a stacked leaf gets its layers' answer.
+
+    Raises (when called):
+        UnsupportedConfig: the layers of a stacked leaf answer differently (the stacked layout cannot hold that).
+    """
+    def stacked(path: str) -> bool:
+        layers = stack_size(path, stacks)
+        if layers is None:
+            return predicate(path)
+        answers = {bool(predicate(layer_path(path, stacks, i))) for i in range(layers)}
+        if len(answers) > 1:
+            raise UnsupportedConfig(f"params: the layers of {path} are not all frozen or all trained: they cannot "
+                                    "be stacked for scanned layers")
+        return answers.pop()
+
+    return stacked
 
 
 def layer_path(path: str, stacks: Stacks, layer: int = 0) -> str | None:
     """The per-layer path of layer `layer` of stacked leaf `path`, or None when `path` is not a stacked leaf."""
-    for prefix in stacks:
-        rest = path[len(prefix):]
-        if path.startswith(prefix) and rest and not re.match(r"\d+/", rest):
-            return f"{prefix}{layer}/{rest}"
-    return None
+    prefix = _stack_of(path, stacks)
+    return None if prefix is None else f"{prefix}{layer}/{path[len(prefix):]}"
 
 
 def stack_params(flat: Mapping[str, Any], stacks: Stacks, stack: Callable[[list[Any]], Any] = np.stack,
