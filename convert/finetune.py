@@ -67,9 +67,10 @@ class FinetuneSettings:
         dtype: the compute dtype ("float32", or "bfloat16" over float32 master weights).
         remat: rematerialise every transformer layer (less memory, more compute).
         scan_layers: run the encoder's and the decoder's layer stacks as one `nn.scan` each in the training step
-            (one layer compiled per stack: a shorter first step; with `remat`, the least memory). The weights,
-            checkpoints and output keep HF's per-layer layout; dropout draws differ from the unrolled step's.
-            Cross-attention compositions only.
+            (one layer compiled per stack: a shorter first step; with `remat`, the least memory). The train state
+            (weights, AdamW moments, LoRA factors) and its checkpoints are stacked (a leading layer axis); a
+            checkpoint of the other layout is converted on resume; evaluation generates scanned; the output has
+            HF's per-layer layout. Dropout draws differ from the unrolled step's. Cross-attention compositions only.
         freeze_feature_encoder: no gradient and no update for the conv feature encoder.
         freeze_encoder: no update for any speech-encoder weight (train the decoder, its cross-attention and the
             projection on fixed encoder outputs; e.g. a first stage that teaches a new decoder to listen).

@@ -18,8 +18,12 @@ state donated). PyTorch: `model.train()`, `loss.backward()`, `clip_grad_norm_`, 
 Each framework and each Flax setting runs in a process of its own, one after the other, so that each peak
 resident memory is its own. A setting joins words with "+": `scan` (the layer stacks as one `nn.scan` each, the
 params stacked), `perlayer` (with `scan`: the state kept in HF's per-layer layout and stacked inside the step, as
-`convert.finetune --scan-layers` runs it), `remat` (every encoder and decoder layer recomputed in the backward
-pass), `bfloat16` (compute in bfloat16 over float32 master weights); `float32` alone is the plain step.
+`convert.finetune --scan-layers` ran it until the twenty-first session), `remat` (every encoder and decoder layer
+recomputed in the backward pass), `bfloat16` (compute in bfloat16 over float32 master weights); `float32` alone is
+the plain step. `finetune` runs the step of `python -m convert.finetune` itself with the matching flags
+(`finetune+scan+bfloat16`: `--scan-layers --dtype bfloat16`) on the bench's model and batch written to disk
+(`finetune_worker`): what a user's run does, from the command's own process set-up to its compiled step; it reports
+the step times, the first step (compiled afresh) and the peak resident memory of the steps.
 
 Figures, one JSON line each (`load`: the 1-minute load average when taken; above the core count the machine was
 busy and the times are inflated):
@@ -71,7 +75,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-SETTING_WORDS = ("float32", "bfloat16", "remat", "scan", "perlayer")
+SETTING_WORDS = ("float32", "bfloat16", "remat", "scan", "perlayer", "finetune")
 FLAX_DEFAULTS = "float32,bfloat16,remat,scan,scan+remat,scan+bfloat16"
 TARGETS = {"speedup": 1.5, "rss_ratio": 1.0, "first_over_step": 3.0}
 
@@ -84,7 +88,8 @@ class Setting:
     bfloat16: bool = False
     remat: bool = False
     scan: bool = False
-    per_layer: bool = False  # with scan: the state per layer, stacked inside the step (convert.finetune's way)
+    per_layer: bool = False  # with scan: the state per layer, stacked inside the step
+    finetune: bool = False  # the step as `python -m convert.finetune` runs it, from a model directory on disk
 
     @classmethod
     def parse(cls, text: str) -> Setting:
@@ -93,9 +98,10 @@ class Setting:
         if unknown or not words:
             raise SystemExit(f"error: --settings {text}: {', '.join(unknown) or 'empty'} is not one of "
                              f"{', '.join(SETTING_WORDS)} (joined with +)")
-        if "perlayer" in words and "scan" not in words:
-            raise SystemExit(f"error: --settings {text}: perlayer goes with scan (scan+perlayer)")
-        return cls(text, "bfloat16" in words, "remat" in words, "scan" in words, "perlayer" in words)
+        if "perlayer" in words and ("scan" not in words or "finetune" in words):
+            raise SystemExit(f"error: --settings {text}: perlayer goes with scan, not with finetune (scan+perlayer)")
+        return cls(text, "bfloat16" in words, "remat" in words, "scan" in words, "perlayer" in words,
+                   "finetune" in words)
 
     def memory_ordered(self) -> bool:
         """Whether `convert.finetune` runs this setting's step with XLA's programs ordered for memory."""
@@ -259,6 +265,8 @@ def flax_worker(args: argparse.Namespace, setting: Setting) -> dict[str, Any]:
     )
     from scripts.bench import random_params
 
+    if setting.finetune:
+        return finetune_worker(args, setting, kept)
     config = model_config(args)
     data = bench_batch(config, args.batch, args.audio_seconds, args.label_tokens)
     batch = {k: data[k] for k in ("inputs", "attention_mask", "labels")}
@@ -322,6 +330,103 @@ def flax_worker(args: argparse.Namespace, setting: Setting) -> dict[str, Any]:
         stats = jax.devices()[0].memory_stats() or {}
         record["peak_device_gb"] = stats.get("peak_bytes_in_use", float("nan")) / 1e9
     return {**record, "load": load()}
+
+
+def finetune_files(args: argparse.Namespace, directory: Path) -> None:
+    """What `finetune_worker` trains on, written into `directory`: the bench's model (`model/`: the random params
+    with the built-in BART's tokenizer and the built-in model's preprocessor and generation configs; label ids
+    stay within BART-base's vocabulary), the bench batch's utterances as 16 kHz float WAV files (`train.jsonl`,
+    transcripts of about `--label-tokens` tokens) and one held-out 1 s utterance (`eval.jsonl`)."""
+    import io
+    import shutil
+
+    import numpy as np
+    import soundfile
+
+    from convert.compose import compose
+    from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel
+    from scripts.bench import SAMPLE_RATE, batch_inputs, random_params
+
+    config = model_config(args)
+    FlaxSpeechEncoderDecoderModel(config, random_params(config)).save_pretrained(directory / "model")
+    compose("wav2vec2", "bart", directory / "builtin", verify=False, progress=False, log=io.StringIO())
+    for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "generation_config.json"):
+        if (directory / "builtin" / name).is_file():
+            shutil.copyfile(directory / "builtin" / name, directory / "model" / name)
+    audio, mask = batch_inputs(args.batch, args.audio_seconds)
+    words = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "zero")
+    rng = np.random.default_rng(2)
+    for name, rows in (("train", [a[m.astype(bool)] for a, m in zip(audio, mask)]),
+                       ("eval", [audio[0, :SAMPLE_RATE]])):
+        with (directory / f"{name}.jsonl").open("w") as f:
+            for i, row in enumerate(rows):
+                soundfile.write(directory / f"{name}{i}.wav", row, SAMPLE_RATE, subtype="FLOAT")
+                text = " ".join(rng.choice(words, max(1, args.label_tokens // 3)))
+                f.write(json.dumps({"audio": f"{name}{i}.wav", "text": text}) + "\n")
+
+
+def finetune_worker(args: argparse.Namespace, setting: Setting, kept: bool) -> dict[str, Any]:
+    """The step of `python -m convert.finetune` itself (this process started as the command starts: glibc keeping
+    freed memory, XLA's order): `finetune_files`' model and batch, one batch per step (`--batch-size` the bench's
+    batch, one length bucket), train mode without SpecAugment (the reference has none), `--runs` + 1 steps, each
+    `_Run.step` call timed (the first compiles: `--no-compile-cache`, so that it compiles as a first run does). The peak resident memory is the steps' (reset before the first:
+    loading and the step-0 evaluation are left out, as the other workers leave out their set-up)."""
+    import shutil
+    import tempfile
+
+    import jax
+
+    from convert import finetune
+    from convert.xla_settings import FLAG
+
+    work = Path(tempfile.mkdtemp(prefix="bench_finetune_"))
+    try:
+        shape = ["--batch", str(args.batch), "--audio-seconds", str(args.audio_seconds), "--label-tokens",
+                 str(args.label_tokens), *(["--quick"] if args.quick else []),
+                 *([] if args.layerdrop is None else ["--layerdrop", str(args.layerdrop)])]
+        files = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", "finetune-files",
+                                "--files", str(work), *shape], capture_output=True, text=True)
+        if files.returncode != 0:
+            raise RuntimeError(f"finetune-files: {(files.stderr.strip().splitlines() or ['(no message)'])[-1]}")
+        times: list[float] = []
+        resident: list[float] = []
+        peak: list[float] = []
+        step = finetune._Run.step
+
+        def timed(run: Any, state: Any, number: int) -> Any:
+            if number == 0:
+                reset_peak_rss()
+            started = time.perf_counter()
+            out = step(run, state, number)
+            jax.block_until_ready(out[0].params)
+            times.append(time.perf_counter() - started)
+            resident.append(round(rss_gb(), 3))
+            peak.append(peak_rss_gb())
+            return out
+
+        finetune._Run.step = timed
+        probe = host_probe()
+        flags = (["--scan-layers"] if setting.scan else []) + (["--remat"] if setting.remat else []) + (
+            ["--dtype", "bfloat16"] if setting.bfloat16 else []) + (["--freeze-feature-encoder"] if args.freeze else [])
+        argv = ["--model", str(work / "model"), "--train", str(work / "train.jsonl"), "--eval", str(work / "eval.jsonl"),
+                "--output", str(work / "out"), "--max-steps", str(1 + max(1, args.runs)), "--batch-size", str(args.batch),
+                "--num-buckets", "1", "--eval-batch-size", "1", "--max-new-tokens", "1", "--no-spec-augment",
+                "--no-verify", "--no-progress", "--no-compile-cache", *flags]
+        with contextlib.redirect_stdout(sys.stderr):
+            code = finetune.main(argv)
+        if code != 0:
+            raise RuntimeError(f"convert.finetune exited {code}")
+        report = json.loads((work / "out" / finetune.REPORT_FILE).read_text())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    from scripts.bench import SAMPLE_RATE, batch_inputs
+
+    audio_s = float(batch_inputs(args.batch, args.audio_seconds)[1].sum()) / SAMPLE_RATE  # the training audio
+    return {"bench": "step", "framework": "flax", "setting": setting.name, "device": str(jax.devices()[0].platform),
+            "batch": args.batch, "malloc_kept": kept, "command": "python -m convert.finetune " + " ".join(flags),
+            "xla_memory_order": f"{FLAG}=false" in os.environ.get("XLA_FLAGS", ""), "audio_s": audio_s,
+            "first_step_s": times[0], **step_figures(times, audio_s), "loss": report["final_loss"],
+            "peak_rss_gb": max(peak), "steps_rss_gb": resident, "probe_gflops": [probe, host_probe()], "load": load()}
 
 
 def xla_memory(compiled: Any) -> dict[str, int]:
@@ -652,6 +757,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--largest-batch", action="store_true", help="search the largest batch that runs")
     parser.add_argument("--max-batch", type=int, default=256)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--files", help=argparse.SUPPRESS)  # finetune-files: where to write
     parser.add_argument("--layerdrop-schedule", help=argparse.SUPPRESS)  # PyTorch's: the layers each step skips
     args, _ = parser.parse_known_args(argv)
     settings = [Setting.parse(text) for text in args.settings.split(",") if text]
@@ -659,6 +765,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker == "layerdrop":
         for record in layerdrop_worker(args, settings):
             emit(record)
+        return 0
+    if args.worker == "finetune-files":
+        finetune_files(args, Path(args.files))
         return 0
     if args.worker:
         record = torch_worker(args) if args.worker == "torch" else flax_worker(args, Setting.parse(args.worker))
