@@ -761,6 +761,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layerdrop-schedule", help=argparse.SUPPRESS)  # PyTorch's: the layers each step skips
     args, _ = parser.parse_known_args(argv)
     settings = [Setting.parse(text) for text in args.settings.split(",") if text]
+    for flag, given in (("--memory-only", args.memory_only), ("--profile", args.profile)):
+        if given and any(s.finetune for s in settings):
+            raise SystemExit(f"error: {flag}: not for the finetune settings (they run the command itself); name the "
+                             "setting without finetune (its step is the same)")
 
     if args.worker == "layerdrop":
         for record in layerdrop_worker(args, settings):
