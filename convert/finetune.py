@@ -481,6 +481,12 @@ class _Run:
                                     "infinite)")
         return labels
 
+    def optimizer_for(self, trainable: Any) -> Any:
+        """The run's optimiser over `trainable` (the trainable leaves, in either layer layout)."""
+        from flax_model.training import leaf_labels, make_optimizer
+
+        return make_optimizer(self.optimizer_settings, leaf_labels(trainable, lambda path: False))
+
     def _build_step(self) -> None:
         from flax_model.training import (
             OptimizerSettings,
@@ -488,8 +494,6 @@ class _Run:
             compiled_add,
             compiled_apply,
             compiled_grad,
-            leaf_labels,
-            make_optimizer,
             split_trainable,
             state_shardings,
         )
@@ -503,7 +507,7 @@ class _Run:
         trainable = split_trainable(self.model.params, frozen)[0]
         if not trainable:
             raise bad_argument("train_only", ",".join(s.train_only or ()), "selects no parameter of this model")
-        self.optimizer = make_optimizer(self.optimizer_settings, leaf_labels(trainable, lambda path: False))
+        self.optimizer = self.optimizer_for(trainable)
         # On a mesh: where every leaf of the train state lives (the optimiser state follows its parameters).
         shardings = state_shardings(self.model.params, self.optimizer, frozen)
         # Compiled functions are shared by runs of the same model, settings and mesh in one process (a resumed
@@ -661,7 +665,7 @@ class _Run:
 
         from convert.base.stacking import stack_params, unstack_params
         from flax_model.sharding import param_shardings
-        from flax_model.training import init_state, leaf_labels, make_optimizer, split_trainable, state_shardings
+        from flax_model.training import init_state, split_trainable, state_shardings
 
         flat = traverse_util.flatten_dict(self.model.params, sep="/")
         flat = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flat.items()}
@@ -670,8 +674,7 @@ class _Run:
                                                 else unstack_params(tree, self.stacks)), flat)
         params = traverse_util.unflatten_dict(flat, sep="/")
         frozen = self.frozen(stacked)
-        optimizer = make_optimizer(self.optimizer_settings,
-                                   leaf_labels(split_trainable(params, frozen)[0], lambda path: False))
+        optimizer = self.optimizer_for(split_trainable(params, frozen)[0])
         state = jax.eval_shape(lambda p: init_state(p, optimizer, frozen), params)
         if self.mesh is None:
             return state

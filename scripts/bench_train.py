@@ -241,11 +241,13 @@ def model_config(args: argparse.Namespace) -> Any:
 def flax_worker(args: argparse.Namespace, setting: Setting) -> dict[str, Any]:
     from convert.allocator import keep_freed_memory
 
-    from convert.xla_settings import FLAG, order_for_memory
+    from convert.xla_settings import order_for_memory
 
     kept = keep_freed_memory() if args.malloc == "kept" else False  # before JAX starts (as convert.finetune does)
     if args.xla_order == "memory" or (args.xla_order == "finetune" and setting.memory_ordered()):
         order_for_memory()
+    if setting.finetune:
+        return finetune_worker(args, setting, kept)
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -265,8 +267,6 @@ def flax_worker(args: argparse.Namespace, setting: Setting) -> dict[str, Any]:
     )
     from scripts.bench import random_params
 
-    if setting.finetune:
-        return finetune_worker(args, setting, kept)
     config = model_config(args)
     data = bench_batch(config, args.batch, args.audio_seconds, args.label_tokens)
     batch = {k: data[k] for k in ("inputs", "attention_mask", "labels")}
@@ -280,8 +280,7 @@ def flax_worker(args: argparse.Namespace, setting: Setting) -> dict[str, Any]:
     fns = step_functions(module, optimizer, deterministic=False, freeze_feature_encoder=args.freeze)
     record: dict[str, Any] = {"bench": "step", "framework": "flax", "setting": setting.name,
                               "device": str(jax.devices()[0].platform), "batch": args.batch, "malloc_kept": kept,
-                              "xla_memory_order": f"{FLAG}=false" in os.environ.get("XLA_FLAGS", ""),
-                              "audio_s": data["audio_s"]}
+                              "xla_memory_order": xla_memory_order(), "audio_s": data["audio_s"]}
     device_batch = {k: jnp.asarray(v) for k, v in batch.items()}
     example = (params, device_batch, step_key(0, 0), np.float32(0.0))
     if args.memory_only:
@@ -332,6 +331,13 @@ def flax_worker(args: argparse.Namespace, setting: Setting) -> dict[str, Any]:
     return {**record, "load": load()}
 
 
+def xla_memory_order() -> bool:
+    """Whether this process's XLA orders its programs for memory (`convert.xla_settings`)."""
+    from convert.xla_settings import FLAG
+
+    return f"{FLAG}=false" in os.environ.get("XLA_FLAGS", "")
+
+
 def finetune_files(args: argparse.Namespace, directory: Path) -> None:
     """What `finetune_worker` trains on, written into `directory`: the bench's model (`model/`: the random params
     with the built-in BART's tokenizer and the built-in model's preprocessor and generation configs; label ids
@@ -369,15 +375,15 @@ def finetune_worker(args: argparse.Namespace, setting: Setting, kept: bool) -> d
     """The step of `python -m convert.finetune` itself (this process started as the command starts: glibc keeping
     freed memory, XLA's order): `finetune_files`' model and batch, one batch per step (`--batch-size` the bench's
     batch, one length bucket), train mode without SpecAugment (the reference has none), `--runs` + 1 steps, each
-    `_Run.step` call timed (the first compiles: `--no-compile-cache`, so that it compiles as a first run does). The peak resident memory is the steps' (reset before the first:
-    loading and the step-0 evaluation are left out, as the other workers leave out their set-up)."""
+    `_Run.step` call timed (the first compiles: `--no-compile-cache`, so that it compiles as a first run does). The
+    peak resident memory is the steps' (reset before the first, read after the last: loading and the evaluations
+    are left out, as the other workers leave out their set-up)."""
     import shutil
     import tempfile
 
     import jax
 
     from convert import finetune
-    from convert.xla_settings import FLAG
 
     work = Path(tempfile.mkdtemp(prefix="bench_finetune_"))
     try:
@@ -390,10 +396,11 @@ def finetune_worker(args: argparse.Namespace, setting: Setting, kept: bool) -> d
             raise RuntimeError(f"finetune-files: {(files.stderr.strip().splitlines() or ['(no message)'])[-1]}")
         times: list[float] = []
         resident: list[float] = []
-        peak: list[float] = []
+        peak = 0.0  # the high-water mark since the first step, after the latest
         step = finetune._Run.step
 
         def timed(run: Any, state: Any, number: int) -> Any:
+            nonlocal peak
             if number == 0:
                 reset_peak_rss()
             started = time.perf_counter()
@@ -401,7 +408,7 @@ def finetune_worker(args: argparse.Namespace, setting: Setting, kept: bool) -> d
             jax.block_until_ready(out[0].params)
             times.append(time.perf_counter() - started)
             resident.append(round(rss_gb(), 3))
-            peak.append(peak_rss_gb())
+            peak = peak_rss_gb()
             return out
 
         finetune._Run.step = timed
@@ -424,9 +431,9 @@ def finetune_worker(args: argparse.Namespace, setting: Setting, kept: bool) -> d
     audio_s = float(batch_inputs(args.batch, args.audio_seconds)[1].sum()) / SAMPLE_RATE  # the training audio
     return {"bench": "step", "framework": "flax", "setting": setting.name, "device": str(jax.devices()[0].platform),
             "batch": args.batch, "malloc_kept": kept, "command": "python -m convert.finetune " + " ".join(flags),
-            "xla_memory_order": f"{FLAG}=false" in os.environ.get("XLA_FLAGS", ""), "audio_s": audio_s,
+            "xla_memory_order": xla_memory_order(), "audio_s": audio_s,
             "first_step_s": times[0], **step_figures(times, audio_s), "loss": report["final_loss"],
-            "peak_rss_gb": max(peak), "steps_rss_gb": resident, "probe_gflops": [probe, host_probe()], "load": load()}
+            "peak_rss_gb": peak, "steps_rss_gb": resident, "probe_gflops": [probe, host_probe()], "load": load()}
 
 
 def xla_memory(compiled: Any) -> dict[str, int]:
