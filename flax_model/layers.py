@@ -173,6 +173,24 @@ def _tokens_last(a: jax.Array) -> jax.Array | None:
 _bfloat16_matmul.defvjp(_bfloat16_matmul_forward, _bfloat16_matmul_backward)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _bfloat16_matmul_sums(flat: jax.Array, kernel: jax.Array, kernel_in_axis: int) -> jax.Array:
+    """`_bfloat16_matmul` returning its float32 sums unrounded (for a caller that adds products before rounding);
+    the gradient is `_bfloat16_matmul`'s of the output gradient rounded to bfloat16."""
+    return jax.lax.dot_general(flat, kernel, (((1,), (kernel_in_axis,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _bfloat16_matmul_sums_forward(flat, kernel, kernel_in_axis):
+    return _bfloat16_matmul_sums(flat, kernel, kernel_in_axis), (flat, kernel)
+
+
+def _bfloat16_matmul_sums_backward(kernel_in_axis, saved, grad):
+    return _bfloat16_matmul_backward(kernel_in_axis, saved, grad.astype(saved[0].dtype))
+
+
+_bfloat16_matmul_sums.defvjp(_bfloat16_matmul_sums_forward, _bfloat16_matmul_sums_backward)
+
+
 def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
     """y [..., O] plus a bias [O] cast to y's dtype. Where y is of lower precision than the bias (bfloat16
     compute over float32 params), the bias's gradient is the output gradient summed over the tokens in float32
@@ -215,7 +233,75 @@ class Dense(nn.Dense):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Grouped convolutions over time
+# Convolutions over time
+
+
+def strided_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding: Any,
+                 lhs_dilation: Sequence[int] | None = None, rhs_dilation: Sequence[int] | None = None,
+                 dimension_numbers: Any = None, feature_group_count: int = 1, precision: Any = None,
+                 preferred_element_type: Any = None) -> jax.Array:
+    """`jax.lax.conv_general_dilated` (the signature `nn.Conv(conv_general_dilated=...)` takes), computed under
+    bfloat16 as one matrix product where the convolution is 1-D over time, ungrouped, undilated, inputs
+    [B, N, C_in] and kernel [K, C_in, C_out], unpadded, with at least 128 inputs per stride (the feature encoders'
+    strided convs, the conformers' pointwise convs); every other case is `jax.lax.conv_general_dilated`.
+
+    XLA:CPU computes a bfloat16 convolution as a float32 one, off the CPU's bfloat16 matrix units (AMX on an
+    Intel Xeon): wav2vec2-base's second feature conv at 4 x 10 s ([4, 31999, 512] -> [4, 15999, 512], 3 taps,
+    stride 2) took 284 ms, as one product 127 ms. The frames are grouped by the stride (a reshape: [B, G, S *
+    C_in]) and multiplied by the kernel's taps laid out per group shift ([S * C_in, M * C_out], M = ceil(K / S),
+    zeros for taps past K), summed in float32; each output frame adds its M shifted slices and is rounded once.
+    The product does M * S / K times the convolution's multiply-adds (4/3 for 3 taps at stride 2). Its gradients
+    are `token_matmul`'s under bfloat16 (on the matrix units); where the last output frame reads past the last
+    whole group (3 taps at stride 2 over an odd number of frames) it is a float32 conv of its own frames, and the
+    frames and kernel it shares with the product add two gradients each rounded once.
+    """
+    numbers = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    plain = (lhs.dtype != jnp.bfloat16 or lhs.ndim != 3 or feature_group_count != 1
+             or any(d not in (None, (1,), [1]) for d in (lhs_dilation, rhs_dilation))
+             or numbers != jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NWC", "WIO", "NWC"))
+             or precision is not None or preferred_element_type is not None)
+    if not plain:
+        (stride,), (taps, width, _) = window_strides, rhs.shape
+        plain = not _unpadded(padding) or stride * width < 128 or -(-taps // stride) > 4
+    if plain:
+        return jax.lax.conv_general_dilated(
+            lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+            dimension_numbers=dimension_numbers, feature_group_count=feature_group_count, precision=precision,
+            preferred_element_type=preferred_element_type)
+    return _conv_as_product(lhs, rhs.astype(lhs.dtype), stride)
+
+
+def _unpadded(padding: Any) -> bool:
+    """Whether a 1-D conv's `padding` ("VALID", "SAME" or (before, after) pairs) adds no frames ("SAME" may)."""
+    return padding == "VALID" or (not isinstance(padding, str) and all(tuple(p) == (0, 0) for p in padding))
+
+
+def _conv_as_product(hidden: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """hidden [B, N, C] conv kernel [K, C, O] at `stride`, no padding -> [B, T, O], as `strided_conv` says."""
+    b, n, c = hidden.shape
+    taps, _, o = kernel.shape
+    t = (n - taps) // stride + 1  # output frames
+    shifts = -(-taps // stride)  # M: output frame t reads groups t .. t + M - 1
+    # The frames cut to whole groups, never padded: a pad beside the reshape made XLA's loop that computes the
+    # frames (the previous layer's norm and activation, fused with both) 4-8x slower. An output frame that would
+    # read past the last whole group (the last one where N - K is odd at stride 2) is computed apart.
+    groups = min(n // stride, t + shifts - 1)
+    whole = min(t, groups - shifts + 1)  # output frames computed from whole groups
+    grouped = hidden[:, :stride * groups].reshape(b * groups, stride * c)  # [B * G, S * C]
+    per_shift = jnp.pad(kernel, ((0, shifts * stride - taps), (0, 0), (0, 0))).reshape(shifts, stride * c, o)
+    weights = per_shift.transpose(1, 0, 2).reshape(stride * c, shifts * o)  # [S * C, M * O]
+    if shifts == 1 and whole == t:  # each output frame is one group's product
+        return _bfloat16_matmul(grouped, weights, 0).reshape(b, t, o)
+    out = _bfloat16_matmul_sums(grouped, weights, 0).reshape(b, groups, shifts, o)
+    summed = out[:, :whole, 0]
+    for shift in range(1, shifts):
+        summed = summed + out[:, shift:shift + whole, shift]
+    if whole < t:  # products of bfloat16 values are exact in float32, so this sums as the product does
+        rest = jax.lax.conv_general_dilated(hidden[:, stride * whole:].astype(jnp.float32),
+                                            kernel.astype(jnp.float32), (stride,), "VALID",
+                                            dimension_numbers=("NWC", "WIO", "NWC"))  # [B, T - whole, O]
+        summed = jnp.concatenate([summed, rest], axis=1)
+    return summed.astype(hidden.dtype)  # [B, T, O]
 
 
 def grouped_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding: Any,

@@ -30,7 +30,7 @@ from convert.base.configs import encoder_input_shape
 from convert.base.errors import UnsupportedConfig
 from flax_model.attention_probs import probs_times_values
 from flax_model.layers import (ACTIVATIONS, Dense, LayerNorm, add_bias, frame_mask, grouped_conv, is_scanned,
-                               layer_drop, make_stack, run_stack, run_unless_dropped)
+                               layer_drop, make_stack, run_stack, run_unless_dropped, strided_conv)
 from flax_model.random_bits import Dropout
 
 # HF's PyTorch defaults: nn.GroupNorm / nn.LayerNorm in the conv feature encoder and the adapter do not
@@ -111,7 +111,8 @@ class ConvLayer(nn.Module):
     def __call__(self, hidden: jax.Array) -> jax.Array:
         c, i = self.config, self.layer_id
         hidden = nn.Conv(c.conv_dim[i], kernel_size=(c.conv_kernel[i],), strides=(c.conv_stride[i],),
-                         padding="VALID", use_bias=c.conv_bias, dtype=self.dtype, name="conv")(hidden)  # [B, L, C]
+                         padding="VALID", use_bias=c.conv_bias, conv_general_dilated=strided_conv, dtype=self.dtype,
+                         name="conv")(hidden)  # [B, L, C]
         if c.feat_extract_norm == "layer":
             hidden = layer_norm(_CONV_NORM_EPS, self.dtype, "layer_norm")(hidden)
         elif i == 0:

@@ -26,7 +26,7 @@ from flax import linen as nn
 
 from convert.base.archs.wav2vec2_bert import Wav2Vec2BertConfig
 from convert.base.errors import UnsupportedConfig
-from flax_model.layers import ACTIVATIONS, Dense
+from flax_model.layers import ACTIVATIONS, Dense, strided_conv
 from flax_model.random_bits import Dropout
 from flax_model.wav2vec2 import FeedForward, layer_norm, masked_frames, module_shapes, spec_augment
 from flax_model.wav2vec2_conformer import ConformerLayers as ConformerStack
@@ -53,14 +53,16 @@ class ConvolutionModule(nn.Module):
         hidden = layer_norm(c.layer_norm_eps, self.dtype, "layer_norm")(hidden)
         if frame_mask is not None:  # padded frames must not leak into real ones through the conv
             hidden = jnp.where(frame_mask[:, :, None], hidden, jnp.zeros((), hidden.dtype))
-        hidden = nn.Conv(2 * d, kernel_size=(1,), use_bias=False, dtype=self.dtype, name="pointwise_conv1")(hidden)
+        hidden = nn.Conv(2 * d, kernel_size=(1,), use_bias=False, conv_general_dilated=strided_conv, dtype=self.dtype,
+                         name="pointwise_conv1")(hidden)
         hidden = nn.glu(hidden, axis=-1)  # [B, T, D]
         # Causal: every pad on the left.
         hidden = nn.Conv(d, kernel_size=(kernel,), padding=[(kernel - 1, 0)], feature_group_count=d, use_bias=False,
                          dtype=self.dtype, name="depthwise_conv")(hidden)
         hidden = layer_norm(c.layer_norm_eps, self.dtype, "depthwise_layer_norm")(hidden)
         hidden = ACTIVATIONS[c.hidden_act](hidden)
-        hidden = nn.Conv(d, kernel_size=(1,), use_bias=False, dtype=self.dtype, name="pointwise_conv2")(hidden)
+        hidden = nn.Conv(d, kernel_size=(1,), use_bias=False, conv_general_dilated=strided_conv, dtype=self.dtype,
+                         name="pointwise_conv2")(hidden)
         return Dropout(c.conformer_conv_dropout)(hidden, deterministic=deterministic)
 
 

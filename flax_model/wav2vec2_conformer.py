@@ -31,7 +31,7 @@ from convert.base.archs.wav2vec2_conformer import Wav2Vec2ConformerConfig
 from flax_model.attention_probs import probs_times_values
 from flax_model.hubert import BatchNorm
 from flax_model.layers import (ACTIVATIONS, Dense, grouped_conv, is_scanned, layer_drop, make_stack, run_stack,
-                               run_unless_dropped)
+                               run_unless_dropped, strided_conv)
 from flax_model.random_bits import Dropout
 from flax_model.wav2vec2 import FeedForward, Wav2Vec2Module, layer_norm, masked_frames, module_shapes
 
@@ -152,7 +152,8 @@ class ConvolutionModule(nn.Module):
         c = self.config
         d, kernel = c.hidden_size, c.conv_depthwise_kernel_size
         hidden = layer_norm(_BLOCK_NORM_EPS, self.dtype, "layer_norm")(hidden)
-        hidden = nn.Conv(2 * d, kernel_size=(1,), use_bias=False, dtype=self.dtype, name="pointwise_conv1")(hidden)
+        hidden = nn.Conv(2 * d, kernel_size=(1,), use_bias=False, conv_general_dilated=strided_conv, dtype=self.dtype,
+                         name="pointwise_conv1")(hidden)
         hidden = nn.glu(hidden, axis=-1)  # [B, T, D]
         pad = (kernel - 1) // 2
         hidden = nn.Conv(d, kernel_size=(kernel,), padding=[(pad, pad)], feature_group_count=d, use_bias=False,
@@ -160,7 +161,8 @@ class ConvolutionModule(nn.Module):
                          dtype=self.dtype, name="depthwise_conv")(hidden)
         hidden = BatchNorm(d, self.dtype, name="batch_norm")(hidden, deterministic)
         hidden = ACTIVATIONS[c.hidden_act](hidden)
-        hidden = nn.Conv(d, kernel_size=(1,), use_bias=False, dtype=self.dtype, name="pointwise_conv2")(hidden)
+        hidden = nn.Conv(d, kernel_size=(1,), use_bias=False, conv_general_dilated=strided_conv, dtype=self.dtype,
+                         name="pointwise_conv2")(hidden)
         return Dropout(c.conformer_conv_dropout)(hidden, deterministic=deterministic)
 
 

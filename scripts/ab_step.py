@@ -17,6 +17,8 @@ What `--undo` can undo (each patches the package while the B variant is traced):
               bfloat16_residual_bits`): B stacks them as bfloat16 (scan+bfloat16)
     probs_recomputed  the attention's probabilities recomputed from the scores in the backward pass
               (`flax_model.attention_probs`): B keeps the softmax's exponentials and the dropped probabilities
+    conv_product  a bfloat16 strided conv over time as one product on the matrix units (`flax_model.layers.
+              strided_conv`: the feature encoder's): B is XLA's convolution
 """
 
 from __future__ import annotations
@@ -64,6 +66,12 @@ def _linearised_by_jax() -> Iterator[None]:
         layers.ACTIVATIONS.update(kept)
 
 
+def _xla_conv(hidden: Any, kernel: Any, stride: int) -> Any:
+    import jax
+
+    return jax.lax.conv_general_dilated(hidden, kernel, (stride,), "VALID", dimension_numbers=("NWC", "WIO", "NWC"))
+
+
 UNDO: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
     "bias_sum": lambda: _patched("_low_precision_bias_add", lambda y, bias: y + bias.astype(y.dtype)),
     "tokens_last": lambda: _patched("_tokens_last", lambda a: None),
@@ -71,6 +79,7 @@ UNDO: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
     "residual_bits": lambda: _patched("bfloat16_residual_bits", lambda body: body),
     "probs_recomputed": lambda: _patched(
         "_recomputed", importlib.import_module("flax_model.attention_probs")._linearised, "attention_probs"),
+    "conv_product": lambda: _patched("_conv_as_product", _xla_conv),
 }
 
 
