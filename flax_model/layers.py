@@ -262,7 +262,7 @@ def strided_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], 
              or precision is not None or preferred_element_type is not None)
     if not plain:
         (stride,), (taps, width, _) = window_strides, rhs.shape
-        plain = not _unpadded(padding) or stride * width < 128 or -(-taps // stride) > 4
+        plain = not _unpadded(padding, lhs.shape[1], taps, stride) or stride * width < 128 or -(-taps // stride) > 4
     if plain:
         return jax.lax.conv_general_dilated(
             lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
@@ -271,9 +271,12 @@ def strided_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], 
     return _conv_as_product(lhs, rhs.astype(lhs.dtype), stride)
 
 
-def _unpadded(padding: Any) -> bool:
-    """Whether a 1-D conv's `padding` ("VALID", "SAME" or (before, after) pairs) adds no frames ("SAME" may)."""
-    return padding == "VALID" or (not isinstance(padding, str) and all(tuple(p) == (0, 0) for p in padding))
+def _unpadded(padding: Any, length: int, taps: int, stride: int) -> bool:
+    """Whether a 1-D conv's `padding` ("VALID", "SAME" as `nn.Conv`'s default, or (before, after) pairs) adds no
+    frames ("SAME" adds none for a pointwise conv)."""
+    if isinstance(padding, str):
+        padding = jax.lax.padtype_to_pads((length,), (taps,), (stride,), padding)
+    return all(tuple(p) == (0, 0) for p in padding)
 
 
 def _conv_as_product(hidden: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:

@@ -103,3 +103,18 @@ def test_a_float32_padded_or_narrow_conv_is_xlas_convolution(dtype, padding, wid
     assert np.array_equal(np.asarray(ours, np.float32), np.asarray(xla, np.float32))
     program = jax.make_jaxpr(lambda a, k: strided_conv(a, k, (2,), padding, dimension_numbers=NUMBERS))(x, kernel)
     assert [e.primitive.name for e in equations(program)] == ["conv_general_dilated"]
+
+
+def test_a_pointwise_conv_at_nn_convs_default_padding_runs_as_the_product():
+    """The conformers' pointwise convs (`nn.Conv(kernel_size=(1,))`, whose default padding "SAME" adds no frames):
+    the product, and its output the float64 sum rounded once."""
+    import flax.linen as nn
+
+    rng = np.random.default_rng(5)
+    layer = nn.Conv(48, kernel_size=(1,), use_bias=False, conv_general_dilated=strided_conv, dtype=jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((2, 19, 128)).astype(BF16))
+    params = layer.init(jax.random.key(0), x)
+    names = [e.primitive.name for e in equations(jax.make_jaxpr(lambda p, a: layer.apply(p, a))(params, x))]
+    assert "dot_general" in names and "conv_general_dilated" not in names, names
+    kernel = np.asarray(params["params"]["kernel"]).astype(BF16).astype(np.float64)  # [1, 128, 48]
+    _check("output", layer.apply(params, x), np.asarray(x, np.float64) @ kernel[0])
