@@ -236,6 +236,19 @@ class Dense(nn.Dense):
 # Convolutions over time
 
 
+_TIME_NUMBERS = ("NWC", "WIO", "NWC")  # [B, N, C_in] inputs, [K, C_in / G, C_out] kernel, [B, T, C_out] outputs
+
+
+def _over_time(lhs: jax.Array, rhs: jax.Array, lhs_dilation: Any, rhs_dilation: Any, dimension_numbers: Any,
+               preferred_element_type: Any) -> bool:
+    """Whether a `conv_general_dilated` call is a 1-D conv over time in the `_TIME_NUMBERS` layout, undilated, in
+    its operands' dtype: the form the fast paths below take."""
+    numbers = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    return (lhs.ndim == 3 and all(d in (None, (1,), [1]) for d in (lhs_dilation, rhs_dilation))
+            and numbers == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _TIME_NUMBERS)
+            and preferred_element_type is None)
+
+
 def strided_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding: Any,
                  lhs_dilation: Sequence[int] | None = None, rhs_dilation: Sequence[int] | None = None,
                  dimension_numbers: Any = None, feature_group_count: int = 1, precision: Any = None,
@@ -255,11 +268,8 @@ def strided_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], 
     whole group (3 taps at stride 2 over an odd number of frames) it is a float32 conv of its own frames, and the
     frames and kernel it shares with the product add two gradients each rounded once.
     """
-    numbers = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-    plain = (lhs.dtype != jnp.bfloat16 or lhs.ndim != 3 or feature_group_count != 1
-             or any(d not in (None, (1,), [1]) for d in (lhs_dilation, rhs_dilation))
-             or numbers != jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NWC", "WIO", "NWC"))
-             or precision is not None or preferred_element_type is not None)
+    plain = (lhs.dtype != jnp.bfloat16 or feature_group_count != 1 or precision is not None
+             or not _over_time(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, preferred_element_type))
     if not plain:
         (stride,), (taps, width, _) = window_strides, rhs.shape
         plain = not _unpadded(padding, lhs.shape[1], taps, stride) or stride * width < 128 or -(-taps // stride) > 4
@@ -302,7 +312,7 @@ def _conv_as_product(hidden: jax.Array, kernel: jax.Array, stride: int) -> jax.A
     if whole < t:  # products of bfloat16 values are exact in float32, so this sums as the product does
         rest = jax.lax.conv_general_dilated(hidden[:, stride * whole:].astype(jnp.float32),
                                             kernel.astype(jnp.float32), (stride,), "VALID",
-                                            dimension_numbers=("NWC", "WIO", "NWC"))  # [B, T - whole, O]
+                                            dimension_numbers=_TIME_NUMBERS)  # [B, T - whole, O]
         summed = jnp.concatenate([summed, rest], axis=1)
     return summed.astype(hidden.dtype)  # [B, T, O]
 
@@ -320,11 +330,8 @@ def grouped_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], 
     the whole training step); here it is one batched matmul per kernel tap (`grouped_conv_kernel_grad`). The
     forward pass and the input gradient are XLA's own. Every other case is `jax.lax.conv_general_dilated`.
     """
-    numbers = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-    plain = (lhs.ndim != 3 or feature_group_count == 1 or tuple(window_strides) != (1,)
-             or any(d not in (None, (1,), [1]) for d in (lhs_dilation, rhs_dilation))
-             or numbers != jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NWC", "WIO", "NWC"))
-             or isinstance(padding, str) or preferred_element_type is not None)
+    plain = (feature_group_count == 1 or tuple(window_strides) != (1,) or isinstance(padding, str)
+             or not _over_time(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, preferred_element_type))
     if plain:
         return jax.lax.conv_general_dilated(
             lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
@@ -335,7 +342,7 @@ def grouped_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], 
 
 def _xla_grouped_conv_1d(hidden: jax.Array, kernel: jax.Array, padding: tuple[int, int], groups: int,
                          precision: Any) -> jax.Array:
-    return jax.lax.conv_general_dilated(hidden, kernel, (1,), [padding], dimension_numbers=("NWC", "WIO", "NWC"),
+    return jax.lax.conv_general_dilated(hidden, kernel, (1,), [padding], dimension_numbers=_TIME_NUMBERS,
                                         feature_group_count=groups, precision=precision)
 
 

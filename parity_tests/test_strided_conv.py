@@ -18,11 +18,16 @@ BF16 = ml_dtypes.bfloat16
 NUMBERS = ("NWC", "WIO", "NWC")
 
 
+def _tap(a: np.ndarray, j: int, stride: int, frames_out: int) -> np.ndarray:
+    """The frames of `a` [B, N, C] that tap `j` reads for each of `frames_out` output frames: a[:, stride * t + j]."""
+    return a[:, j:j + stride * (frames_out - 1) + 1:stride]
+
+
 def _conv64(x: np.ndarray, kernel: np.ndarray, stride: int) -> np.ndarray:
     """x [B, N, C] conv kernel [K, C, O], no padding, in float64: out[b, t] = sum_j x[b, stride * t + j] @ kernel[j]."""
     taps = kernel.shape[0]
     frames = (x.shape[1] - taps) // stride + 1
-    return sum(np.einsum("btc,co->bto", x[:, j:j + stride * (frames - 1) + 1:stride], kernel[j]) for j in range(taps))
+    return sum(np.einsum("btc,co->bto", _tap(x, j, stride, frames), kernel[j]) for j in range(taps))
 
 
 # (frames, channels in, channels out, taps, stride): wav2vec2's 3-tap stride-2 convs over an odd and an even number
@@ -45,16 +50,16 @@ def test_a_bfloat16_strided_conv_and_its_gradients_are_float32_sums_rounded_once
     x64, k64, g64 = (a.astype(np.float64) for a in (x, kernel, grad))
     frames_out = out.shape[1]
     _check("output", out, _conv64(x64, k64, stride))
+
     def frames_gradient(g: np.ndarray, k: np.ndarray) -> np.ndarray:  # each tap's part added into its frames
         per_tap = np.einsum("bto,jco->btjc", g, k)
         summed = np.zeros(x.shape)
         for j in range(taps):
-            summed[:, j:j + stride * (frames_out - 1) + 1:stride] += per_tap[:, :, j]
+            _tap(summed, j, stride, frames_out)[...] += per_tap[:, :, j]
         return summed
 
     def kernel_gradient(a: np.ndarray, g: np.ndarray) -> np.ndarray:
-        return np.stack([np.einsum("btc,bto->co", a[:, j:j + stride * (frames_out - 1) + 1:stride], g)
-                         for j in range(taps)])
+        return np.stack([np.einsum("btc,bto->co", _tap(a, j, stride, frames_out), g) for j in range(taps)])
 
     exact_x, exact_kernel = frames_gradient(g64, k64), kernel_gradient(x64, g64)
     if (frames - taps) % stride == 0 and taps > stride:

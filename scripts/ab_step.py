@@ -69,7 +69,9 @@ def _linearised_by_jax() -> Iterator[None]:
 def _xla_conv(hidden: Any, kernel: Any, stride: int) -> Any:
     import jax
 
-    return jax.lax.conv_general_dilated(hidden, kernel, (stride,), "VALID", dimension_numbers=("NWC", "WIO", "NWC"))
+    from flax_model.layers import _TIME_NUMBERS
+
+    return jax.lax.conv_general_dilated(hidden, kernel, (stride,), "VALID", dimension_numbers=_TIME_NUMBERS)
 
 
 UNDO: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
