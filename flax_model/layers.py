@@ -327,7 +327,7 @@ def grouped_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], 
 
     XLA:CPU lowers the kernel gradient of a grouped convolution to a dilated convolution that computes every group
     against every other (wav2vec2-base's positional conv, 16 groups: 80 times the time of the forward conv, half of
-    the whole training step); here it is one batched matmul per kernel tap (`grouped_conv_kernel_grad`). The
+    the whole training step); here it is a few batched matmuls (`grouped_conv_kernel_grad`). The
     forward pass and the input gradient are XLA's own. Every other case is `jax.lax.conv_general_dilated`.
     """
     plain = (feature_group_count == 1 or tuple(window_strides) != (1,) or isinstance(padding, str)
@@ -369,7 +369,11 @@ _grouped_conv_1d.defvjp(_grouped_conv_1d_forward, _grouped_conv_1d_backward)
 
 def grouped_conv_kernel_grad(hidden: jax.Array, grad_out: jax.Array, taps: int, padding: tuple[int, int],
                              groups: int) -> jax.Array:
-    """The kernel gradient of a grouped, stride-1 conv over time, one batched matmul per tap.
+    """The kernel gradient of a grouped, stride-1 conv over time.
+
+    Where each group is at least `_TAP_PRODUCT_MIN_WIDTH` channels wide in and out (wav2vec2's positional conv:
+    48), a few taps at a time as one batched product per chunk (`_kernel_grad_by_tap_chunks`); narrower groups
+    (the depthwise convs: 1) one batched product per tap, contracting the tokens of both operands.
 
     Args:
         hidden: the conv's input [B, N, G * I].
@@ -383,6 +387,8 @@ def grouped_conv_kernel_grad(hidden: jax.Array, grad_out: jax.Array, taps: int, 
     """
     b, t, out_channels = grad_out.shape
     per_group_in, per_group_out = hidden.shape[2] // groups, out_channels // groups
+    if min(per_group_in, per_group_out) >= _TAP_PRODUCT_MIN_WIDTH:
+        return _kernel_grad_by_tap_chunks(hidden, grad_out, taps, padding, groups)
     padded = jnp.pad(hidden, ((0, 0), padding, (0, 0)))
     padded = padded.reshape(b, -1, groups, per_group_in).transpose(2, 0, 1, 3)  # [G, B, N + pad, I]
     grads = grad_out.reshape(b, t, groups, per_group_out).transpose(2, 0, 1, 3).reshape(groups, b * t, per_group_out)
@@ -393,6 +399,41 @@ def grouped_conv_kernel_grad(hidden: jax.Array, grad_out: jax.Array, taps: int, 
 
     kernel_grad = jax.lax.map(tap, jnp.arange(taps))  # [K, G, I, O]
     return kernel_grad.transpose(0, 2, 1, 3).reshape(taps, per_group_in, out_channels)
+
+
+_TAP_PRODUCT_MIN_WIDTH = 16  # channels per group, in and out, from which the taps are chunked into products
+_TAP_PRODUCT_ROWS = 384  # taps x input channels per group in one chunk's product
+
+
+def _kernel_grad_by_tap_chunks(hidden: jax.Array, grad_out: jax.Array, taps: int, padding: tuple[int, int],
+                               groups: int) -> jax.Array:
+    """`grouped_conv_kernel_grad` as one batched product per chunk of C taps, C x I ~ `_TAP_PRODUCT_ROWS`:
+    [G, C * I, R] windows (the input laid out tokens last, shifted by each tap of the chunk) times the output
+    gradient [G, R, O], the R = B * T tokens contracted as the left operand's last axis and the right one's rows.
+
+    That is the form XLA:CPU runs on the matrix units for bfloat16 operands with float32 sums (a product that
+    contracts the rows of both operands, as one tap's [G, R, I]^T x [G, R, O] does, is upcast to float32 and runs
+    at ~60-100 GFLOP/s), and in float32 too the wider products are faster than one per tap. The chunks run in a
+    loop (`jax.lax.map`), so one chunk's windows (C * I * R entries per group) are alive at a time, whatever
+    order XLA gives the program; the input's tokens-last copy is made once, before the loop."""
+    b, t, out_channels = grad_out.shape
+    per_group_in, per_group_out = hidden.shape[2] // groups, out_channels // groups
+    chunk = max(1, min(taps, _TAP_PRODUCT_ROWS // per_group_in))
+    chunks = -(-taps // chunk)  # the last chunk's taps past K read clamped windows and are cut below
+    padded = jnp.pad(hidden, ((0, 0), padding, (0, 0)))
+    tokens_last = padded.reshape(b, -1, groups, per_group_in).transpose(2, 3, 0, 1)  # [G, I, B, N + pad]
+    grads = grad_out.reshape(b, t, groups, per_group_out).transpose(2, 0, 1, 3).reshape(groups, b * t, per_group_out)
+
+    def taps_from(first: jax.Array) -> jax.Array:
+        windows = jnp.stack([jax.lax.dynamic_slice_in_dim(tokens_last, first + j, t, axis=3) for j in range(chunk)],
+                            axis=1)  # [G, C, I, B, T]
+        windows = windows.reshape(groups, chunk * per_group_in, b * t)
+        return jnp.einsum("GMR,GRO->GMO", windows, grads, preferred_element_type=jnp.float32)  # [G, C * I, O]
+
+    kernel_grad = jax.lax.map(taps_from, jnp.arange(0, chunks * chunk, chunk))  # [chunks, G, C * I, O]
+    kernel_grad = kernel_grad.reshape(chunks, groups, chunk, per_group_in, per_group_out)
+    kernel_grad = kernel_grad.transpose(0, 2, 3, 1, 4).reshape(chunks * chunk, per_group_in, out_channels)
+    return kernel_grad[:taps]
 
 
 def frame_mask(encoder_config: Any, attention_mask: jax.Array, num_frames: int,

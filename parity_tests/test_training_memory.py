@@ -17,7 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flax_model.layers import grouped_conv
 from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel, SpeechEncoderDecoderModule
 from flax_model.recompute import recomputed_in_backward
 from flax_model.training import loss_grad_function, step_key
@@ -237,22 +236,3 @@ def test_recomputation_in_the_backward_pass_lowers_xlas_temporaries():
     worst = max(float(jnp.linalg.norm(got - expected) / jnp.linalg.norm(expected))
                 for got, expected in zip(jax.tree.leaves(grads[True]), jax.tree.leaves(grads[False])))
     assert worst <= 1e-5, f"max relative gradient difference, recomputed vs kept: {worst:.2e}"
-
-
-@pytest.mark.parametrize(("taps", "channels", "groups"), [(16, 48, 4), (7, 12, 12)], ids=["grouped", "depthwise"])
-def test_grouped_conv_kernel_gradient_equals_xlas(taps, channels, groups):
-    rng = np.random.default_rng(0)
-    hidden = jnp.asarray(rng.standard_normal((2, 40, channels)), jnp.float32)
-    kernel = jnp.asarray(rng.standard_normal((taps, channels // groups, channels)), jnp.float32)
-    padding = [(taps // 2, taps // 2)]
-
-    def grads(conv):
-        def loss(h, k):
-            out = conv(h, k, (1,), padding, dimension_numbers=("NWC", "WIO", "NWC"), feature_group_count=groups)
-            return jnp.sum(jnp.sin(out))
-        return jax.grad(loss, argnums=(0, 1))(hidden, kernel)
-
-    ours, xla = grads(grouped_conv), grads(jax.lax.conv_general_dilated)
-    for name, got, expected in zip(("input", "kernel"), ours, xla):
-        err = float(jnp.max(jnp.abs(got - expected)) / jnp.max(jnp.abs(expected)))
-        assert err <= 1e-5, f"{name} gradient: max relative difference {err:.2e}"

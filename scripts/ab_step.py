@@ -19,6 +19,8 @@ What `--undo` can undo (each patches the package while the B variant is traced):
               (`flax_model.attention_probs`): B keeps the softmax's exponentials and the dropped probabilities
     conv_product  a bfloat16 strided conv over time as one product on the matrix units (`flax_model.layers.
               strided_conv`: the feature encoder's): B is XLA's convolution
+    tap_chunks  the grouped conv's kernel gradient as one product per chunk of taps (`flax_model.layers.
+              grouped_conv_kernel_grad`: the positional conv's): B computes one product per tap
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ UNDO: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
     "probs_recomputed": lambda: _patched(
         "_recomputed", importlib.import_module("flax_model.attention_probs")._linearised, "attention_probs"),
     "conv_product": lambda: _patched("_conv_as_product", _xla_conv),
+    "tap_chunks": lambda: _patched("_TAP_PRODUCT_MIN_WIDTH", sys.maxsize),
 }
 
 
