@@ -346,21 +346,42 @@ def _xla_grouped_conv_1d(hidden: jax.Array, kernel: jax.Array, padding: tuple[in
                                         feature_group_count=groups, precision=precision)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _grouped_conv_1d(hidden: jax.Array, kernel: jax.Array, padding: tuple[int, int], groups: int,
-                     precision: Any) -> jax.Array:
+def _chunked(hidden: jax.Array, kernel: jax.Array, groups: int) -> bool:
+    """Whether each group is wide enough, in and out, for the taps to be chunked into products."""
+    return min(hidden.shape[2], kernel.shape[2]) // groups >= _TAP_PRODUCT_MIN_WIDTH
+
+
+def _grouped_conv_forward(hidden: jax.Array, kernel: jax.Array, padding: tuple[int, int], groups: int,
+                          precision: Any) -> jax.Array:
+    """The conv: in bfloat16 with wide groups, products over chunks of taps (`_conv_by_tap_chunks`); else XLA's."""
+    if hidden.dtype == kernel.dtype == jnp.bfloat16 and precision is None and _chunked(hidden, kernel, groups):
+        return _conv_by_tap_chunks(hidden, kernel, padding, groups)
     return _xla_grouped_conv_1d(hidden, kernel, padding, groups, precision)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _grouped_conv_1d(hidden: jax.Array, kernel: jax.Array, padding: tuple[int, int], groups: int,
+                     precision: Any) -> jax.Array:
+    return _grouped_conv_forward(hidden, kernel, padding, groups, precision)
+
+
 def _grouped_conv_1d_forward(hidden, kernel, padding, groups, precision):
-    return _xla_grouped_conv_1d(hidden, kernel, padding, groups, precision), (hidden, kernel)
+    return _grouped_conv_forward(hidden, kernel, padding, groups, precision), (hidden, kernel)
 
 
 def _grouped_conv_1d_backward(padding, groups, precision, saved, grad_out):
     hidden, kernel = saved
-    _, input_vjp = jax.vjp(lambda h: _xla_grouped_conv_1d(h, kernel, padding, groups, precision), hidden)
-    (grad_hidden,) = input_vjp(grad_out)
-    kernel_grad = grouped_conv_kernel_grad(hidden, grad_out, kernel.shape[0], padding, groups)
+    taps = kernel.shape[0]
+    if max(padding) < taps:  # the input gradient is the conv of the output gradient with the kernel turned round
+        per_group_in, per_group_out = kernel.shape[1], kernel.shape[2] // groups
+        turned = kernel[::-1].reshape(taps, per_group_in, groups, per_group_out).transpose(0, 3, 2, 1)
+        turned = turned.reshape(taps, per_group_out, groups * per_group_in)  # [K, O, G * I], taps reversed
+        grad_hidden = _grouped_conv_forward(grad_out, turned, (taps - 1 - padding[0], taps - 1 - padding[1]), groups,
+                                            precision)
+    else:
+        _, input_vjp = jax.vjp(lambda h: _xla_grouped_conv_1d(h, kernel, padding, groups, precision), hidden)
+        (grad_hidden,) = input_vjp(grad_out)
+    kernel_grad = grouped_conv_kernel_grad(hidden, grad_out, taps, padding, groups)
     return grad_hidden, kernel_grad.astype(kernel.dtype)
 
 
@@ -434,6 +455,40 @@ def _kernel_grad_by_tap_chunks(hidden: jax.Array, grad_out: jax.Array, taps: int
     kernel_grad = kernel_grad.reshape(chunks, groups, chunk, per_group_in, per_group_out)
     kernel_grad = kernel_grad.transpose(0, 2, 3, 1, 4).reshape(chunks * chunk, per_group_in, out_channels)
     return kernel_grad[:taps]
+
+
+def _conv_by_tap_chunks(hidden: jax.Array, kernel: jax.Array, padding: tuple[int, int], groups: int) -> jax.Array:
+    """The grouped, stride-1 conv over time (hidden [B, N, G * I], kernel [K, I, G * O] -> [B, T, G * O]) as one
+    batched product per chunk of C taps, C x I ~ `_TAP_PRODUCT_ROWS`: [G, R, C * I] windows (the R = B * T output
+    frames' inputs at the chunk's taps) times the chunk's kernel rows [G, C * I, O], summed over the chunks in
+    float32 and rounded once to the inputs' dtype.
+
+    For bfloat16 operands: XLA:CPU computes a bfloat16 convolution as a float32 one, off the matrix units
+    (wav2vec2-base's positional conv at 4 x 10 s: ~100 ms; as products: ~60 ms). In float32 its convolution is
+    the faster. One chunk's windows are alive at a time (a loop, as for the kernel gradient)."""
+    b, n, _ = hidden.shape
+    taps, per_group_in, out_channels = kernel.shape
+    per_group_out = out_channels // groups
+    t = n + padding[0] + padding[1] - taps + 1
+    chunk = max(1, min(taps, _TAP_PRODUCT_ROWS // per_group_in))
+    chunks = -(-taps // chunk)
+    extra = chunks * chunk - taps  # the last chunk's taps past K: zero kernel rows over zero frames
+    padded = jnp.pad(hidden, ((0, 0), (padding[0], padding[1] + extra), (0, 0)))
+    padded = padded.reshape(b, -1, groups, per_group_in).transpose(2, 0, 1, 3)  # [G, B, N + pad, I]
+    rows = jnp.pad(kernel, ((0, extra), (0, 0), (0, 0))).reshape(chunks, chunk, per_group_in, groups, per_group_out)
+    rows = rows.transpose(0, 3, 1, 2, 4).reshape(chunks, groups, chunk * per_group_in, per_group_out)
+
+    def add_chunk(sums: jax.Array, chunk_rows: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, None]:
+        first, kernel_rows = chunk_rows
+        windows = jnp.stack([jax.lax.dynamic_slice_in_dim(padded, first + j, t, axis=2) for j in range(chunk)],
+                            axis=3)  # [G, B, T, C, I]
+        windows = windows.reshape(groups, b * t, chunk * per_group_in)
+        return sums + jnp.einsum("GRM,GMO->GRO", windows, kernel_rows, preferred_element_type=jnp.float32), None
+
+    sums = jnp.zeros((groups, b * t, per_group_out), jnp.float32)
+    sums, _ = jax.lax.scan(add_chunk, sums, (jnp.arange(0, chunks * chunk, chunk), rows))
+    out = sums.astype(hidden.dtype).reshape(groups, b, t, per_group_out)
+    return out.transpose(1, 2, 0, 3).reshape(b, t, out_channels)
 
 
 def frame_mask(encoder_config: Any, attention_mask: jax.Array, num_frames: int,

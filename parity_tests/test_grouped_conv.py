@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -64,6 +65,86 @@ def test_the_chunked_kernel_gradient_is_float32_sums_of_its_operands(dtype, taps
                                       taps, padding, groups)
     err = float(np.max(np.abs(got - expected) / magnitudes))
     assert err <= 1e-6, f"max error relative to the sum of magnitudes: {err:.2e}"
+
+
+def _float64_conv(hidden, kernel, padding, groups):
+    """hidden [B, N, G * I] conv kernel [K, I, G * O], stride 1, in float64."""
+    taps, width, out_channels = kernel.shape
+    padded = np.pad(hidden, ((0, 0), padding, (0, 0))).reshape(hidden.shape[0], -1, groups, width)
+    t = padded.shape[1] - taps + 1
+    per_group = kernel.reshape(taps, width, groups, out_channels // groups)
+    return sum(np.einsum("btgi,igo->btgo", padded[:, k:k + t], per_group[k]) for k in range(taps)).reshape(
+        hidden.shape[0], t, out_channels)
+
+
+# (frames, taps, padding, groups, channels per group): 20 taps over two groups of 48 (chunks of 8 taps, the last
+# one half past the kernel), wav2vec2's positional conv's padding (K / 2 both sides), and 3 taps over 3 groups of 16
+# without padding.
+@pytest.mark.parametrize(("frames", "taps", "padding", "groups", "width"),
+                         [(50, 20, (10, 9), 2, 48), (40, 16, (8, 8), 2, 32), (30, 3, (0, 0), 3, 16)])
+def test_a_bfloat16_grouped_conv_and_its_gradients_are_float32_sums_rounded_once(frames, taps, padding, groups,
+                                                                                  width):
+    """Output and input gradient as products over chunks of taps, the kernel gradient as `grouped_conv_kernel_grad`,
+    each within one bfloat16 rounding of the float64 conv of the same bfloat16 values."""
+    rng = np.random.default_rng(frames)
+    hidden = rng.standard_normal((2, frames, groups * width)).astype(ml_dtypes.bfloat16)
+    kernel = (rng.standard_normal((taps, width, groups * width)) / np.sqrt(taps * width)).astype(ml_dtypes.bfloat16)
+    conv = lambda h, k: grouped_conv(h, k, (1,), [padding], dimension_numbers=_NUMBERS,  # noqa: E731
+                                     feature_group_count=groups)
+    out, vjp = jax.vjp(conv, jnp.asarray(hidden), jnp.asarray(kernel))
+    grad = rng.standard_normal(out.shape).astype(ml_dtypes.bfloat16)
+    grad_hidden, grad_kernel = vjp(jnp.asarray(grad))
+    assert out.dtype == grad_hidden.dtype == grad_kernel.dtype == jnp.bfloat16
+    h64, k64, g64 = (a.astype(np.float64) for a in (hidden, kernel, grad))
+    turned = k64[::-1].reshape(taps, width, groups, width).transpose(0, 3, 2, 1).reshape(taps, width, groups * width)
+    turned_padding = (taps - 1 - padding[0], taps - 1 - padding[1])
+    for name, got, exact, magnitudes in (
+            ("output", out, _float64_conv(h64, k64, padding, groups), _float64_conv(abs(h64), abs(k64), padding,
+                                                                                    groups)),
+            ("input gradient", grad_hidden, _float64_conv(g64, turned, turned_padding, groups),
+             _float64_conv(abs(g64), abs(turned), turned_padding, groups)),
+            ("kernel gradient", grad_kernel, _float64_kernel_grad(h64, g64, taps, padding, groups),
+             _float64_kernel_grad(abs(h64), abs(g64), taps, padding, groups))):
+        _check_rounded_once(name, got, exact, magnitudes)
+
+
+def _check_rounded_once(name, got, exact, magnitudes):
+    """Within one bfloat16 rounding (2^-8 relative) of the float64 sum, plus a float32 sum's error (2^-20 of the
+    sum of its terms' magnitudes: what cancelling terms leave of it)."""
+    got = np.asarray(got).astype(np.float64)
+    assert got.shape == exact.shape, f"{name}: shape {got.shape} vs {exact.shape}"
+    err = np.abs(got - exact) / (2.0 ** -8 * np.abs(exact) + 2.0 ** -20 * magnitudes)
+    assert float(err.max()) <= 1.0, f"{name}: worst error {err.max():.2f} of the bound"
+
+
+def test_the_bfloat16_positional_conv_runs_as_chunked_products():
+    """wav2vec2-base's positional conv under bfloat16, forward and input gradient: a loop of 16 products of
+    [16, R, 384] x [16, 384, 48] bfloat16 operands with float32 sums (the windows' channels contracted), no XLA
+    convolution."""
+    hidden = jnp.zeros((2, 30, 768), jnp.bfloat16)
+    kernel = jnp.zeros((128, 48, 768), jnp.bfloat16)
+    conv = lambda h, k: grouped_conv(h, k, (1,), [(64, 64)], dimension_numbers=_NUMBERS,  # noqa: E731
+                                     feature_group_count=16)
+    jaxpr = jax.make_jaxpr(lambda h, k: jax.vjp(conv, h, k)[1](jnp.ones((2, 31, 768), jnp.bfloat16)))(hidden,
+                                                                                                       kernel)
+    assert not [eqn for eqn in equations(jaxpr) if eqn.primitive.name == "conv_general_dilated"]
+    loops = [eqn for eqn in equations(jaxpr) if eqn.primitive.name == "scan"]
+    assert sorted(loop.params["length"] for loop in loops) == [16, 16, 16]  # output, input gradient, kernel gradient
+    shapes = sorted((str(eqn.invars[0].aval), str(eqn.invars[1].aval), eqn.params["dimension_numbers"][0])
+                    for eqn in equations(jaxpr) if eqn.primitive.name == "dot_general"
+                    and eqn.params["preferred_element_type"] == jnp.float32)
+    assert shapes == [("bfloat16[16,384,62]", "bfloat16[16,62,48]", ((2,), (1,))),  # kernel gradient
+                      ("bfloat16[16,60,384]", "bfloat16[16,384,48]", ((2,), (1,))),  # input gradient: 30 frames
+                      ("bfloat16[16,62,384]", "bfloat16[16,384,48]", ((2,), (1,)))], shapes  # output: 31 frames
+
+
+def test_a_float32_or_depthwise_grouped_conv_is_xlas_convolution():
+    """In float32 XLA's convolution is the faster; a depthwise conv's groups are one channel wide."""
+    for dtype, channels, groups in ((jnp.float32, 96, 2), (jnp.bfloat16, 12, 12)):
+        hidden, kernel = jnp.zeros((2, 30, channels), dtype), jnp.zeros((5, channels // groups, channels), dtype)
+        jaxpr = jax.make_jaxpr(lambda h, k: grouped_conv(h, k, (1,), [(2, 2)], dimension_numbers=_NUMBERS,
+                                                         feature_group_count=groups))(hidden, kernel)
+        assert [eqn.primitive.name for eqn in equations(jaxpr)].count("conv_general_dilated") == 1, (dtype, groups)
 
 
 def test_positional_conv_kernel_gradient_runs_as_chunked_products_on_the_matrix_units_form():

@@ -19,8 +19,9 @@ What `--undo` can undo (each patches the package while the B variant is traced):
               (`flax_model.attention_probs`): B keeps the softmax's exponentials and the dropped probabilities
     conv_product  a bfloat16 strided conv over time as one product on the matrix units (`flax_model.layers.
               strided_conv`: the feature encoder's): B is XLA's convolution
-    tap_chunks  the grouped conv's kernel gradient as one product per chunk of taps (`flax_model.layers.
-              grouped_conv_kernel_grad`: the positional conv's): B computes one product per tap
+    tap_chunks  the grouped conv over time as one product per chunk of taps (`flax_model.layers.grouped_conv`:
+              the positional conv's kernel gradient, and in bfloat16 its output and input gradient): B computes the
+              kernel gradient one product per tap and the rest as XLA's convolution
 """
 
 from __future__ import annotations
