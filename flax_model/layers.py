@@ -327,8 +327,9 @@ def grouped_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], 
 
     XLA:CPU lowers the kernel gradient of a grouped convolution to a dilated convolution that computes every group
     against every other (wav2vec2-base's positional conv, 16 groups: 80 times the time of the forward conv, half of
-    the whole training step); here it is a few batched matmuls (`grouped_conv_kernel_grad`). The
-    forward pass and the input gradient are XLA's own. Every other case is `jax.lax.conv_general_dilated`.
+    the whole training step); here it is a few batched matmuls (`grouped_conv_kernel_grad`). The conv and its
+    input gradient are XLA's, or in bfloat16 over wide groups products too (`_conv_by_tap_chunks`). Every other
+    case is `jax.lax.conv_general_dilated`.
     """
     plain = (feature_group_count == 1 or tuple(window_strides) != (1,) or isinstance(padding, str)
              or not _over_time(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, preferred_element_type))
@@ -346,15 +347,20 @@ def _xla_grouped_conv_1d(hidden: jax.Array, kernel: jax.Array, padding: tuple[in
                                         feature_group_count=groups, precision=precision)
 
 
-def _chunked(hidden: jax.Array, kernel: jax.Array, groups: int) -> bool:
-    """Whether each group is wide enough, in and out, for the taps to be chunked into products."""
-    return min(hidden.shape[2], kernel.shape[2]) // groups >= _TAP_PRODUCT_MIN_WIDTH
+def _as_products(hidden: jax.Array, kernel: jax.Array, groups: int, precision: Any) -> bool:
+    """Whether the conv and its input gradient run as products over chunks of taps (`_conv_by_tap_chunks`):
+    bfloat16 operands, groups at least `_TAP_PRODUCT_MIN_WIDTH` channels wide in and out."""
+    return (hidden.dtype == kernel.dtype == jnp.bfloat16 and precision is None
+            and _wide_groups(hidden, kernel.shape[2], groups))
+
+
+def _wide_groups(hidden: jax.Array, out_channels: int, groups: int) -> bool:
+    return min(hidden.shape[2], out_channels) // groups >= _TAP_PRODUCT_MIN_WIDTH
 
 
 def _grouped_conv_forward(hidden: jax.Array, kernel: jax.Array, padding: tuple[int, int], groups: int,
                           precision: Any) -> jax.Array:
-    """The conv: in bfloat16 with wide groups, products over chunks of taps (`_conv_by_tap_chunks`); else XLA's."""
-    if hidden.dtype == kernel.dtype == jnp.bfloat16 and precision is None and _chunked(hidden, kernel, groups):
+    if _as_products(hidden, kernel, groups, precision):
         return _conv_by_tap_chunks(hidden, kernel, padding, groups)
     return _xla_grouped_conv_1d(hidden, kernel, padding, groups, precision)
 
@@ -372,12 +378,13 @@ def _grouped_conv_1d_forward(hidden, kernel, padding, groups, precision):
 def _grouped_conv_1d_backward(padding, groups, precision, saved, grad_out):
     hidden, kernel = saved
     taps = kernel.shape[0]
-    if max(padding) < taps:  # the input gradient is the conv of the output gradient with the kernel turned round
+    if _as_products(hidden, kernel, groups, precision) and max(padding) < taps:
+        # The input gradient is the conv of the output gradient with the kernel turned round: taps reversed, in
+        # and out swapped ([K, O, G * I]), each side's padding K - 1 - p.
         per_group_in, per_group_out = kernel.shape[1], kernel.shape[2] // groups
         turned = kernel[::-1].reshape(taps, per_group_in, groups, per_group_out).transpose(0, 3, 2, 1)
-        turned = turned.reshape(taps, per_group_out, groups * per_group_in)  # [K, O, G * I], taps reversed
-        grad_hidden = _grouped_conv_forward(grad_out, turned, (taps - 1 - padding[0], taps - 1 - padding[1]), groups,
-                                            precision)
+        grad_hidden = _conv_by_tap_chunks(grad_out, turned.reshape(taps, per_group_out, groups * per_group_in),
+                                          (taps - 1 - padding[0], taps - 1 - padding[1]), groups)
     else:
         _, input_vjp = jax.vjp(lambda h: _xla_grouped_conv_1d(h, kernel, padding, groups, precision), hidden)
         (grad_hidden,) = input_vjp(grad_out)
@@ -408,7 +415,7 @@ def grouped_conv_kernel_grad(hidden: jax.Array, grad_out: jax.Array, taps: int, 
     """
     b, t, out_channels = grad_out.shape
     per_group_in, per_group_out = hidden.shape[2] // groups, out_channels // groups
-    if min(per_group_in, per_group_out) >= _TAP_PRODUCT_MIN_WIDTH:
+    if _wide_groups(hidden, out_channels, groups):
         return _kernel_grad_by_tap_chunks(hidden, grad_out, taps, padding, groups)
     padded = jnp.pad(hidden, ((0, 0), padding, (0, 0)))
     padded = padded.reshape(b, -1, groups, per_group_in).transpose(2, 0, 1, 3)  # [G, B, N + pad, I]
@@ -426,6 +433,21 @@ _TAP_PRODUCT_MIN_WIDTH = 16  # channels per group, in and out, from which the ta
 _TAP_PRODUCT_ROWS = 384  # taps x input channels per group in one chunk's product
 
 
+def _tap_chunks(taps: int, per_group_in: int) -> tuple[int, int]:
+    """(C, the taps per chunk; the number of chunks): C x I ~ `_TAP_PRODUCT_ROWS`, the last chunk possibly running
+    past the K-th tap."""
+    chunk = max(1, min(taps, _TAP_PRODUCT_ROWS // per_group_in))
+    return chunk, -(-taps // chunk)
+
+
+def _tap_windows(frames: jax.Array, first: jax.Array, chunk: int, length: int, axis: int, stack_axis: int
+                 ) -> jax.Array:
+    """The `length` frames (along `axis`) that each of the taps first, ..., first + chunk - 1 reads, stacked at
+    `stack_axis`."""
+    return jnp.stack([jax.lax.dynamic_slice_in_dim(frames, first + j, length, axis=axis) for j in range(chunk)],
+                     axis=stack_axis)
+
+
 def _kernel_grad_by_tap_chunks(hidden: jax.Array, grad_out: jax.Array, taps: int, padding: tuple[int, int],
                                groups: int) -> jax.Array:
     """`grouped_conv_kernel_grad` as one batched product per chunk of C taps, C x I ~ `_TAP_PRODUCT_ROWS`:
@@ -439,16 +461,13 @@ def _kernel_grad_by_tap_chunks(hidden: jax.Array, grad_out: jax.Array, taps: int
     order XLA gives the program; the input's tokens-last copy is made once, before the loop."""
     b, t, out_channels = grad_out.shape
     per_group_in, per_group_out = hidden.shape[2] // groups, out_channels // groups
-    chunk = max(1, min(taps, _TAP_PRODUCT_ROWS // per_group_in))
-    chunks = -(-taps // chunk)  # the last chunk's taps past K read clamped windows and are cut below
+    chunk, chunks = _tap_chunks(taps, per_group_in)  # the last chunk's taps past K read clamped windows, cut below
     padded = jnp.pad(hidden, ((0, 0), padding, (0, 0)))
     tokens_last = padded.reshape(b, -1, groups, per_group_in).transpose(2, 3, 0, 1)  # [G, I, B, N + pad]
     grads = grad_out.reshape(b, t, groups, per_group_out).transpose(2, 0, 1, 3).reshape(groups, b * t, per_group_out)
 
     def taps_from(first: jax.Array) -> jax.Array:
-        windows = jnp.stack([jax.lax.dynamic_slice_in_dim(tokens_last, first + j, t, axis=3) for j in range(chunk)],
-                            axis=1)  # [G, C, I, B, T]
-        windows = windows.reshape(groups, chunk * per_group_in, b * t)
+        windows = _tap_windows(tokens_last, first, chunk, t, 3, 1).reshape(groups, chunk * per_group_in, b * t)
         return jnp.einsum("GMR,GRO->GMO", windows, grads, preferred_element_type=jnp.float32)  # [G, C * I, O]
 
     kernel_grad = jax.lax.map(taps_from, jnp.arange(0, chunks * chunk, chunk))  # [chunks, G, C * I, O]
@@ -470,8 +489,7 @@ def _conv_by_tap_chunks(hidden: jax.Array, kernel: jax.Array, padding: tuple[int
     taps, per_group_in, out_channels = kernel.shape
     per_group_out = out_channels // groups
     t = n + padding[0] + padding[1] - taps + 1
-    chunk = max(1, min(taps, _TAP_PRODUCT_ROWS // per_group_in))
-    chunks = -(-taps // chunk)
+    chunk, chunks = _tap_chunks(taps, per_group_in)
     extra = chunks * chunk - taps  # the last chunk's taps past K: zero kernel rows over zero frames
     padded = jnp.pad(hidden, ((0, 0), (padding[0], padding[1] + extra), (0, 0)))
     padded = padded.reshape(b, -1, groups, per_group_in).transpose(2, 0, 1, 3)  # [G, B, N + pad, I]
@@ -480,9 +498,7 @@ def _conv_by_tap_chunks(hidden: jax.Array, kernel: jax.Array, padding: tuple[int
 
     def add_chunk(sums: jax.Array, chunk_rows: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, None]:
         first, kernel_rows = chunk_rows
-        windows = jnp.stack([jax.lax.dynamic_slice_in_dim(padded, first + j, t, axis=2) for j in range(chunk)],
-                            axis=3)  # [G, B, T, C, I]
-        windows = windows.reshape(groups, b * t, chunk * per_group_in)
+        windows = _tap_windows(padded, first, chunk, t, 2, 3).reshape(groups, b * t, chunk * per_group_in)
         return sums + jnp.einsum("GRM,GMO->GRO", windows, kernel_rows, preferred_element_type=jnp.float32), None
 
     sums = jnp.zeros((groups, b * t, per_group_out), jnp.float32)
