@@ -147,23 +147,6 @@ def test_a_float32_or_depthwise_grouped_conv_is_xlas_convolution():
         assert [eqn.primitive.name for eqn in equations(jaxpr)].count("conv_general_dilated") == 1, (dtype, groups)
 
 
-def test_positional_conv_kernel_gradient_runs_as_chunked_products_on_the_matrix_units_form():
-    """wav2vec2-base's positional conv under bfloat16 (128 taps, 16 groups of 48 channels): 16 products of
-    [16, 384, R] x [16, R, 48] bfloat16 operands with float32 sums, the tokens the left operand's last axis and
-    the right one's rows (the form XLA:CPU runs on the matrix units), in a loop over the chunks."""
-    hidden = jnp.zeros((2, 30, 768), jnp.bfloat16)
-    grad_out = jnp.zeros((2, 31, 768), jnp.bfloat16)
-    jaxpr = jax.make_jaxpr(lambda h, g: grouped_conv_kernel_grad(h, g, 128, (64, 64), 16))(hidden, grad_out)
-    loops = [eqn for eqn in equations(jaxpr) if eqn.primitive.name == "scan"]
-    assert [loop.params["length"] for loop in loops] == [16]
-    products = [eqn for eqn in equations(loops[0].params["jaxpr"]) if eqn.primitive.name == "dot_general"]
-    assert len(products) == 1
-    (contracting, batch), (lhs, rhs) = products[0].params["dimension_numbers"], products[0].invars
-    assert [str(lhs.aval), str(rhs.aval)] == ["bfloat16[16,384,62]", "bfloat16[16,62,48]"]
-    assert contracting == ((2,), (1,)) and batch == ((0,), (0,))
-    assert products[0].params["preferred_element_type"] == jnp.float32
-
-
 def test_narrow_groups_keep_one_product_per_tap(monkeypatch):
     """Below `_TAP_PRODUCT_MIN_WIDTH` channels per group the chunks are not used (a depthwise conv's would be
     products one column wide); with the threshold above the groups' width, a 48-wide group takes that path too
