@@ -118,9 +118,9 @@ def _check_rounded_once(name, got, exact, magnitudes):
 
 
 def test_the_bfloat16_positional_conv_runs_as_chunked_products():
-    """wav2vec2-base's positional conv under bfloat16, forward and input gradient: a loop of 16 products of
-    [16, R, 384] x [16, 384, 48] bfloat16 operands with float32 sums (the windows' channels contracted), no XLA
-    convolution."""
+    """wav2vec2-base's positional conv under bfloat16: the output, the input gradient and the kernel gradient each
+    a loop of 16 products of bfloat16 operands with float32 sums, the left operand contracting its last axis, no
+    XLA convolution."""
     hidden = jnp.zeros((2, 30, 768), jnp.bfloat16)
     kernel = jnp.zeros((128, 48, 768), jnp.bfloat16)
     conv = lambda h, k: grouped_conv(h, k, (1,), [(64, 64)], dimension_numbers=_NUMBERS,  # noqa: E731
@@ -128,6 +128,9 @@ def test_the_bfloat16_positional_conv_runs_as_chunked_products():
     jaxpr = jax.make_jaxpr(lambda h, k: jax.vjp(conv, h, k)[1](jnp.ones((2, 31, 768), jnp.bfloat16)))(hidden,
                                                                                                        kernel)
     assert not [eqn for eqn in equations(jaxpr) if eqn.primitive.name == "conv_general_dilated"]
+    # the windows are sliced as the frames' bits (XLA:CPU slices bfloat16 through a float32 copy)
+    sliced = {str(eqn.invars[0].aval.dtype) for eqn in equations(jaxpr) if eqn.primitive.name == "dynamic_slice"}
+    assert sliced == {"uint16"}, sliced
     loops = [eqn for eqn in equations(jaxpr) if eqn.primitive.name == "scan"]
     assert sorted(loop.params["length"] for loop in loops) == [16, 16, 16]  # output, input gradient, kernel gradient
     shapes = sorted((str(eqn.invars[0].aval), str(eqn.invars[1].aval), eqn.params["dimension_numbers"][0])
