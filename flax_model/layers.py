@@ -332,7 +332,8 @@ def grouped_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], 
     case is `jax.lax.conv_general_dilated`.
     """
     plain = (feature_group_count == 1 or tuple(window_strides) != (1,) or isinstance(padding, str)
-             or not _over_time(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, preferred_element_type))
+             or not _over_time(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, preferred_element_type)
+             or min(min(side) for side in padding) < 0)  # a negative padding crops
     if plain:
         return jax.lax.conv_general_dilated(
             lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,

@@ -164,3 +164,15 @@ def test_narrow_groups_keep_one_product_per_tap(monkeypatch):
     per_tap = grouped_conv_kernel_grad(hidden, grad_out, 9, (4, 4), 2)
     err = float(jnp.max(jnp.abs(chunked - per_tap)) / jnp.max(jnp.abs(per_tap)))
     assert err <= 1e-6, f"chunked vs per-tap kernel gradient: max relative difference {err:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_a_negative_padding_crops_as_xlas_conv_does(dtype):
+    """An explicit negative padding (frames cropped) is XLA's convolution and its gradients, in either dtype."""
+    rng = np.random.default_rng(3)
+    hidden = jnp.asarray(rng.standard_normal((2, 20, 64)), dtype)
+    kernel = jnp.asarray(rng.standard_normal((5, 32, 64)), dtype)
+    ours = _conv_grads(grouped_conv, hidden, kernel, (-1, 2), 2)
+    xla = _conv_grads(jax.lax.conv_general_dilated, hidden, kernel, (-1, 2), 2)
+    for name, got, expected in zip(("input", "kernel"), ours, xla):
+        assert got.shape == expected.shape and bool(jnp.all(got == expected)), f"{name} gradient differs from XLA's"
