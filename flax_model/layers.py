@@ -348,6 +348,12 @@ def _xla_grouped_conv_1d(hidden: jax.Array, kernel: jax.Array, padding: tuple[in
                                         feature_group_count=groups, precision=precision)
 
 
+def _per_group(x: jax.Array, groups: int) -> jax.Array:
+    """[B, N, G * W] -> [G, B, N, W]: each group's channels, the groups leading (the batched products' batch)."""
+    b, n, channels = x.shape
+    return x.reshape(b, n, groups, channels // groups).transpose(2, 0, 1, 3)
+
+
 def _as_products(hidden: jax.Array, kernel: jax.Array, groups: int, precision: Any) -> bool:
     """Whether the conv and its input gradient run as products over chunks of taps (`_conv_by_tap_chunks`):
     bfloat16 operands, groups at least `_TAP_PRODUCT_MIN_WIDTH` channels wide in and out."""
@@ -418,9 +424,8 @@ def grouped_conv_kernel_grad(hidden: jax.Array, grad_out: jax.Array, taps: int, 
     per_group_in, per_group_out = hidden.shape[2] // groups, out_channels // groups
     if _wide_groups(hidden, out_channels, groups):
         return _kernel_grad_by_tap_chunks(hidden, grad_out, taps, padding, groups)
-    padded = jnp.pad(hidden, ((0, 0), padding, (0, 0)))
-    padded = padded.reshape(b, -1, groups, per_group_in).transpose(2, 0, 1, 3)  # [G, B, N + pad, I]
-    grads = grad_out.reshape(b, t, groups, per_group_out).transpose(2, 0, 1, 3).reshape(groups, b * t, per_group_out)
+    padded = _per_group(jnp.pad(hidden, ((0, 0), padding, (0, 0))), groups)  # [G, B, N + pad, I]
+    grads = _per_group(grad_out, groups).reshape(groups, b * t, per_group_out)
 
     def tap(k: jax.Array) -> jax.Array:
         window = jax.lax.dynamic_slice_in_dim(padded, k, t, axis=2).reshape(groups, b * t, per_group_in)
@@ -470,7 +475,7 @@ def _kernel_grad_by_tap_chunks(hidden: jax.Array, grad_out: jax.Array, taps: int
     chunk, chunks = _tap_chunks(taps, per_group_in)  # the last chunk's taps past K read clamped windows, cut below
     padded = jnp.pad(hidden, ((0, 0), padding, (0, 0)))
     tokens_last = padded.reshape(b, -1, groups, per_group_in).transpose(2, 3, 0, 1)  # [G, I, B, N + pad]
-    grads = grad_out.reshape(b, t, groups, per_group_out).transpose(2, 0, 1, 3).reshape(groups, b * t, per_group_out)
+    grads = _per_group(grad_out, groups).reshape(groups, b * t, per_group_out)
 
     def taps_from(first: jax.Array) -> jax.Array:
         windows = _tap_windows(tokens_last, first, chunk, t, 3, 1).reshape(groups, chunk * per_group_in, b * t)
@@ -497,8 +502,7 @@ def _conv_by_tap_chunks(hidden: jax.Array, kernel: jax.Array, padding: tuple[int
     t = n + padding[0] + padding[1] - taps + 1
     chunk, chunks = _tap_chunks(taps, per_group_in)
     extra = chunks * chunk - taps  # the last chunk's taps past K: zero kernel rows over zero frames
-    padded = jnp.pad(hidden, ((0, 0), (padding[0], padding[1] + extra), (0, 0)))
-    padded = padded.reshape(b, -1, groups, per_group_in).transpose(2, 0, 1, 3)  # [G, B, N + pad, I]
+    padded = _per_group(jnp.pad(hidden, ((0, 0), (padding[0], padding[1] + extra), (0, 0))), groups)  # [G, B, N', I]
     rows = jnp.pad(kernel, ((0, extra), (0, 0), (0, 0))).reshape(chunks, chunk, per_group_in, groups, per_group_out)
     rows = rows.transpose(0, 3, 1, 2, 4).reshape(chunks, groups, chunk * per_group_in, per_group_out)
 
