@@ -22,6 +22,15 @@ What `--undo` can undo (each patches the package while the B variant is traced):
     tap_chunks  the grouped conv over time as one product per chunk of taps (`flax_model.layers.grouped_conv`:
               the positional conv's kernel gradient, and in bfloat16 its output and input gradient): B computes the
               kernel gradient one product per tap and the rest as XLA's convolution
+    hash_rounds  a measurement, not a change to undo: B draws the dropout masks through Threefry's key additions
+              without its twenty rounds (`flax_model.random_bits.threefry2x32`; masks that are not random), so the
+              difference is what the fused hash costs the step
+
+`--compiler-option KEY=VALUE` (repeatable) instead of `--undo`: B is the same program compiled with those XLA
+options (`jax.jit(...).lower(...).compile(compiler_options=...)`, e.g. `xla_backend_optimization_level=1`), and
+each variant's compile time is printed.
+
+    python scripts/ab_step.py --compiler-option xla_backend_optimization_level=1 --setting scan+bfloat16
 """
 
 from __future__ import annotations
@@ -86,12 +95,49 @@ UNDO: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
         "_recomputed", importlib.import_module("flax_model.attention_probs")._linearised, "attention_probs"),
     "conv_product": lambda: _patched("_conv_as_product", _xla_conv),
     "tap_chunks": lambda: _patched("_TAP_PRODUCT_MIN_WIDTH", sys.maxsize),
+    "hash_rounds": lambda: _without_hash_rounds(),
 }
+
+
+@contextlib.contextmanager
+def _without_hash_rounds() -> Iterator[None]:
+    """Threefry-2x32's key additions without its rounds. The masks are drawn by jitted functions, traced once per
+    shape: their caches are cleared on the way in and out so that each variant traces its own."""
+    import numpy as np
+
+    from flax_model import random_bits
+
+    def additions_only(key: Any, x0: Any, x1: Any) -> tuple[Any, Any]:
+        return x0 + key[0], x1 + key[1] + np.uint32(1)
+
+    drawn = (random_bits._fused_keep, random_bits._fused_bernoulli)
+    for fn in drawn:
+        fn.clear_cache()
+    try:
+        with _patched("threefry2x32", additions_only, "random_bits"):
+            yield
+    finally:
+        for fn in drawn:
+            fn.clear_cache()
+
+
+def _compiler_options(pairs: list[str]) -> dict[str, Any]:
+    """KEY=VALUE strings as XLA compile options (integers as integers)."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, equals, value = pair.partition("=")
+        if not equals or not key:
+            raise SystemExit(f"--compiler-option {pair!r}: expected KEY=VALUE")
+        options[key] = int(value) if value.lstrip("-").isdigit() else value
+    return options
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--undo", choices=sorted(UNDO), required=True)
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--undo", choices=sorted(UNDO))
+    which.add_argument("--compiler-option", action="append", metavar="KEY=VALUE",
+                       help="B: the same program compiled with this XLA option (repeatable)")
     parser.add_argument("--setting", default="float32", help="as bench_train.py's --settings (one)")
     parser.add_argument("--pairs", type=int, default=6)
     parser.add_argument("--batch", type=int, default=4)
@@ -126,12 +172,14 @@ def main(argv: list[str] | None = None) -> int:
     params = jax.tree.map(jnp.asarray, params)
     module = setting.module(config)
     example = (params, batch, step_key(0, 0), np.float32(0.0))
+    options = _compiler_options(args.compiler_option) if args.compiler_option else None
+    variant = f"undo_{args.undo}" if args.undo else "options"
     compiled = {}
-    for name, patch in (("as_is", contextlib.nullcontext), (f"undo_{args.undo}", UNDO[args.undo])):
+    for name, patch in (("as_is", contextlib.nullcontext), (variant, UNDO.get(args.undo, contextlib.nullcontext))):
         with patch():
             started = time.perf_counter()
             grad = compiled_grad(module, deterministic=False, freeze_feature_encoder=True)
-            compiled[name] = grad.lower(*example).compile()
+            compiled[name] = grad.lower(*example).compile(compiler_options=options if name == variant else None)
         print(json.dumps({"bench": "ab_compile", "variant": name, "compile_s": round(time.perf_counter() - started, 2),
                           "temp_bytes": compiled[name].memory_analysis().temp_size_in_bytes}), flush=True)
     names = list(compiled)
@@ -145,12 +193,13 @@ def main(argv: list[str] | None = None) -> int:
             started = time.perf_counter()
             sums, _ = jax.block_until_ready(compiled[name](params, batch, step_key(0, pair + 1), np.float32(0.0)))
             times[name].append(time.perf_counter() - started)
-            losses[name] = float(jax.tree.leaves(sums)[0])
+            losses.setdefault(name, float(jax.tree.leaves(sums)[0]))  # the first timed run's
     ratios = [b / a for a, b in zip(times[names[0]], times[names[1]])]
     for name in names:
         print(json.dumps({"bench": "ab_run", "variant": name, "median_s": round(statistics.median(times[name]), 3),
                           "runs_s": [round(t, 3) for t in times[name]], "first_loss_sum": losses[name]}))
-    print(json.dumps({"bench": "ab", "undo": args.undo, "setting": setting.name, "batch": args.batch,
+    print(json.dumps({"bench": "ab", "undo": args.undo, "compiler_options": options, "setting": setting.name,
+                      "batch": args.batch,
                       "audio_seconds": args.audio_seconds, "pairs": args.pairs,
                       "median_ratio_undone_over_as_is": round(statistics.median(ratios), 3),
                       "ratios": [round(r, 3) for r in ratios], "load_before": load_before, "load_after": load()}))
