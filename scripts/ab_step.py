@@ -22,6 +22,8 @@ What `--undo` can undo (each patches the package while the B variant is traced):
     tap_chunks  the grouped conv over time as one product per chunk of taps (`flax_model.layers.grouped_conv`:
               the positional conv's kernel gradient, and in bfloat16 its output and input gradient): B computes the
               kernel gradient one product per tap and the rest as XLA's convolution
+    layerdrop_cond  a dropped encoder layer skipped under `nn.cond` (`flax_model.layers.run_unless_dropped`, as
+              `flax_model.wav2vec2` calls it): B computes every layer and selects a dropped one's input
     hash_rounds  a measurement, not a change to undo: B draws the dropout masks through Threefry's key additions
               without its twenty rounds (`flax_model.random_bits.threefry2x32`; masks that are not random), so the
               difference is what the fused hash costs the step
@@ -95,8 +97,19 @@ UNDO: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
         "_recomputed", importlib.import_module("flax_model.attention_probs")._linearised, "attention_probs"),
     "conv_product": lambda: _patched("_conv_as_product", _xla_conv),
     "tap_chunks": lambda: _patched("_TAP_PRODUCT_MIN_WIDTH", sys.maxsize),
+    "layerdrop_cond": lambda: _patched("run_unless_dropped", _computed_and_selected, "wav2vec2"),
     "hash_rounds": lambda: _without_hash_rounds(),
 }
+
+
+def _computed_and_selected(drop: Any, layer: Any, run: Callable[..., Any], carry: Any, *args: Any) -> Any:
+    """LayerDrop as before `nn.cond`: the layer computed, its input selected where it is dropped."""
+    import jax
+    import jax.numpy as jnp
+
+    if drop is False:
+        return run(layer, carry, *args)
+    return jax.tree.map(functools.partial(jnp.where, drop), carry, run(layer, carry, *args))
 
 
 @contextlib.contextmanager
