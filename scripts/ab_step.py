@@ -192,7 +192,12 @@ def main(argv: list[str] | None = None) -> int:
         with patch():
             started = time.perf_counter()
             grad = compiled_grad(module, deterministic=False, freeze_feature_encoder=True)
-            compiled[name] = grad.lower(*example).compile(compiler_options=options if name == variant else None)
+            try:
+                compiled[name] = grad.lower(*example).compile(compiler_options=options if name == variant else None)
+            except jax.errors.JaxRuntimeError as error:  # an option XLA does not know, or a value it refuses
+                if name != variant or options is None:
+                    raise
+                raise SystemExit(f"--compiler-option {options}: {str(error).splitlines()[0]}") from None
         print(json.dumps({"bench": "ab_compile", "variant": name, "compile_s": round(time.perf_counter() - started, 2),
                           "temp_bytes": compiled[name].memory_analysis().temp_size_in_bytes}), flush=True)
     names = list(compiled)
@@ -212,8 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"bench": "ab_run", "variant": name, "median_s": round(statistics.median(times[name]), 3),
                           "runs_s": [round(t, 3) for t in times[name]], "first_loss_sum": losses[name]}))
     print(json.dumps({"bench": "ab", "undo": args.undo, "compiler_options": options, "setting": setting.name,
-                      "batch": args.batch,
-                      "audio_seconds": args.audio_seconds, "pairs": args.pairs,
+                      "batch": args.batch, "audio_seconds": args.audio_seconds, "pairs": args.pairs,
                       "median_ratio_undone_over_as_is": round(statistics.median(ratios), 3),
                       "ratios": [round(r, 3) for r in ratios], "load_before": load_before, "load_after": load()}))
     return 0
