@@ -559,8 +559,15 @@ def run_unless_dropped(drop: jax.Array | bool, layer: nn.Module, run: Callable[.
     if drop is False:
         return run(layer, carry, *args)
     if layer.is_initializing():
-        return jax.tree.map(functools.partial(jnp.where, drop), carry, run(layer, carry, *args))
+        return computed_and_selected(drop, layer, run, carry, *args)
     return nn.cond(drop, lambda _, passed, *__: passed, run, layer, carry, *args)
+
+
+def computed_and_selected(drop: jax.Array | bool, layer: nn.Module, run: Callable[..., Any], carry: Any,
+                          *args: Any) -> Any:
+    """`run(layer, carry, *args)` computed whatever `drop` is, `carry` selected where it is True (LayerDrop
+    without a conditional: a dropped layer costs its whole work)."""
+    return jax.tree.map(functools.partial(jnp.where, drop), carry, run(layer, carry, *args))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -88,30 +88,6 @@ def _xla_conv(hidden: Any, kernel: Any, stride: int) -> Any:
     return jax.lax.conv_general_dilated(hidden, kernel, (stride,), "VALID", dimension_numbers=_TIME_NUMBERS)
 
 
-UNDO: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
-    "bias_sum": lambda: _patched("_low_precision_bias_add", lambda y, bias: y + bias.astype(y.dtype)),
-    "tokens_last": lambda: _patched("_tokens_last", lambda a: None),
-    "kept_inputs": _linearised_by_jax,
-    "residual_bits": lambda: _patched("bfloat16_residual_bits", lambda body: body),
-    "probs_recomputed": lambda: _patched(
-        "_recomputed", importlib.import_module("flax_model.attention_probs")._linearised, "attention_probs"),
-    "conv_product": lambda: _patched("_conv_as_product", _xla_conv),
-    "tap_chunks": lambda: _patched("_TAP_PRODUCT_MIN_WIDTH", sys.maxsize),
-    "layerdrop_cond": lambda: _patched("run_unless_dropped", _computed_and_selected, "wav2vec2"),
-    "hash_rounds": lambda: _without_hash_rounds(),
-}
-
-
-def _computed_and_selected(drop: Any, layer: Any, run: Callable[..., Any], carry: Any, *args: Any) -> Any:
-    """LayerDrop as before `nn.cond`: the layer computed, its input selected where it is dropped."""
-    import jax
-    import jax.numpy as jnp
-
-    if drop is False:
-        return run(layer, carry, *args)
-    return jax.tree.map(functools.partial(jnp.where, drop), carry, run(layer, carry, *args))
-
-
 @contextlib.contextmanager
 def _without_hash_rounds() -> Iterator[None]:
     """Threefry-2x32's key additions without its rounds. The masks are drawn by jitted functions, traced once per
@@ -132,6 +108,21 @@ def _without_hash_rounds() -> Iterator[None]:
     finally:
         for fn in drawn:
             fn.clear_cache()
+
+
+UNDO: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
+    "bias_sum": lambda: _patched("_low_precision_bias_add", lambda y, bias: y + bias.astype(y.dtype)),
+    "tokens_last": lambda: _patched("_tokens_last", lambda a: None),
+    "kept_inputs": _linearised_by_jax,
+    "residual_bits": lambda: _patched("bfloat16_residual_bits", lambda body: body),
+    "probs_recomputed": lambda: _patched(
+        "_recomputed", importlib.import_module("flax_model.attention_probs")._linearised, "attention_probs"),
+    "conv_product": lambda: _patched("_conv_as_product", _xla_conv),
+    "tap_chunks": lambda: _patched("_TAP_PRODUCT_MIN_WIDTH", sys.maxsize),
+    "layerdrop_cond": lambda: _patched(
+        "run_unless_dropped", importlib.import_module("flax_model.layers").computed_and_selected, "wav2vec2"),
+    "hash_rounds": _without_hash_rounds,
+}
 
 
 def _compiler_options(pairs: list[str]) -> dict[str, Any]:
