@@ -1,10 +1,13 @@
 """`train_step` compiles the optimiser update (`StepFunctions.apply`) in a thread of its own while the first
 gradient compiles and runs, once: the later call finds it in jax.jit's cache, and the step's result is the one of
-an update compiled in the calling thread."""
+an update compiled in the calling thread. The gradient is traced and lowered before the update's thread starts
+(the two traces do not take turns on the interpreter), compiled once, with the cyclic garbage collector paused."""
 
 from __future__ import annotations
 
+import gc
 import threading
+import time
 
 import jax
 import jax.monitoring
@@ -17,6 +20,7 @@ from flax_model.training import (
     OptimizerSettings,
     StepFunctions,
     apply_function,
+    collector_paused,
     compiled_add,
     compiled_apply,
     init_state,
@@ -78,3 +82,46 @@ def test_apply_compiles_once_in_its_own_thread_and_gives_the_same_step():
     for path in got:
         np.testing.assert_array_equal(np.asarray(got[path]), np.asarray(want[path]), err_msg=path)
     assert not np.array_equal(np.asarray(got["decoder/w"]), np.asarray(_params()["decoder"]["w"]))
+
+
+def test_the_gradient_is_lowered_before_the_update_is_traced_and_compiles_once():
+    events: list = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, duration, **kw: events.append((event.rsplit("/", 1)[-1], kw.get("fun_name"),
+                                                     time.perf_counter() - duration, time.perf_counter())))
+    frozen = lambda path: path.startswith("encoder/")  # noqa: E731
+    trainable = split_trainable(_params(), frozen)[0]
+    optimizer = make_optimizer(SETTINGS, leaf_labels(trainable, lambda path: False))
+    fns = StepFunctions(_grad(frozen), compiled_add(None, frozen), compiled_apply(optimizer, None, frozen),
+                        frozen=frozen)
+    batch = {"x": np.full((2, 3), 0.25, np.float32), "labels": np.zeros((2, 3), np.int32)}
+    state = init_state(_params(), optimizer, frozen)
+    for _ in range(2):
+        state, _, _ = train_step(fns, state, [(batch, None)])
+    lowered = [end for name, fun, _, end in events
+               if name == "jaxpr_to_mlir_module_duration" and fun == "jit(grad)"]
+    traced = [start for name, fun, start, _ in events if name == "jaxpr_trace_duration" and fun == "apply"]
+    compiled = [fun for name, fun, _, _ in events if name == "backend_compile_duration" and fun == "jit(grad)"]
+    assert len(lowered) == 1 and len(traced) == 1, (lowered, traced)
+    assert traced[0] >= lowered[0], f"apply traced {lowered[0] - traced[0]:.4f} s before the gradient was lowered"
+    assert compiled == ["jit(grad)"], f"the gradient compiled {len(compiled)} times (expected once)"
+
+
+def test_collector_paused_restores_the_collector():
+    assert gc.isenabled()
+    with collector_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with collector_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled(), "a collector the caller had turned off was turned on"
+    finally:
+        gc.enable()
+    try:
+        with collector_paused():
+            raise KeyError("inside")
+    except KeyError:
+        pass
+    assert gc.isenabled()
