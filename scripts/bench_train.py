@@ -32,9 +32,10 @@ busy and the times are inflated):
               the peak resident memory of the process while training (`peak_rss_gb`, from the model in memory
               through the steps; the resident memory after the compile, `compiled_rss_gb`, and after each step,
               `steps_rss_gb`) and, on a GPU, the peak device memory; the machine's speed before and after the
-              steps (`probe_gflops`, `host_probe`); Flax adds XLA's own account of the compiled gradient
-              function (`temp_bytes`: activations and scratch; `argument_bytes`: params and batch;
-              `output_bytes`: the gradients) and its compile time.
+              steps (`probe_gflops`, `host_probe`) and what a page of fresh memory costs it (`fault_us`,
+              `fault_probe`: the first run's faults, and PyTorch's at every step); Flax adds XLA's own account of
+              the compiled gradient function (`temp_bytes`: activations and scratch; `argument_bytes`: params and
+              batch; `output_bytes`: the gradients) and its compile time.
     layerdrop per Flax setting: the encoder layers its step skips at each step (`dropped`; the PyTorch step's
               record has the ones it skipped).
     compare   per Flax setting against PyTorch: `speedup` (torch step / Flax step), `rss_ratio` (Flax peak RSS /
@@ -143,6 +144,27 @@ def host_probe() -> float:
             a @ a
         best = min(best, time.perf_counter() - started)
     return round(4 * 2 * 2048**3 / best / 1e9, 1)
+
+
+def fault_probe() -> float:
+    """What memory touched for the first time costs the machine now: microseconds of kernel time per page
+    faulted in (64 MiB of fresh anonymous memory, each page written once). The first run of a compiled step faults
+    in its XLA temporaries and gradients, and PyTorch's steps their activations; on a virtual machine that hands
+    freed memory back to its host (free page reporting) each such fault costs the host's work too, from ~1 to
+    ~15 us a page from one hour to the next. Each worker probes it beside the host's speed (`fault_us`)."""
+    import mmap
+    import resource
+
+    import numpy as np
+
+    region = mmap.mmap(-1, 64 << 20)
+    view = np.frombuffer(region, np.uint8)
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    view[::mmap.PAGESIZE] = 1
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    del view
+    region.close()
+    return round((after.ru_stime - before.ru_stime) * 1e6 / max(after.ru_minflt - before.ru_minflt, 1), 2)
 
 
 def emit(record: dict[str, Any]) -> None:
@@ -301,7 +323,7 @@ def flax_worker(args: argparse.Namespace, setting: Setting) -> dict[str, Any]:
     del params
     example = (state.params, *example[1:])
     record["setup_rss_gb"] = rss_gb()
-    probe = host_probe()
+    probe, faults = host_probe(), fault_probe()
     reset_peak_rss()
     # Compiled ahead of time as train_step's first call compiles it (compile_first_step: the update traced and
     # compiled in a thread while XLA compiles the gradient), so that XLA's account of the same executable is read.
@@ -326,6 +348,7 @@ def flax_worker(args: argparse.Namespace, setting: Setting) -> dict[str, Any]:
                    **step_figures(times, data["audio_s"]), "loss": objective / tokens,
                    "peak_rss_gb": peak_rss_gb(), **counters.record(), **xla_memory(grad)})
     record["probe_gflops"] = [probe, host_probe()]
+    record["fault_us"] = [faults, fault_probe()]
     if record["device"] != "cpu":
         stats = jax.devices()[0].memory_stats() or {}
         record["peak_device_gb"] = stats.get("peak_bytes_in_use", float("nan")) / 1e9
@@ -413,7 +436,7 @@ def finetune_worker(args: argparse.Namespace, setting: Setting, kept: bool) -> d
             return out
 
         finetune._Run.step = timed
-        probe = host_probe()
+        probe, faults = host_probe(), fault_probe()
         flags = (["--scan-layers"] if setting.scan else []) + (["--remat"] if setting.remat else []) + (
             ["--dtype", "bfloat16"] if setting.bfloat16 else []) + (["--freeze-feature-encoder"] if args.freeze else [])
         argv = ["--model", str(work / "model"), "--train", str(work / "train.jsonl"), "--eval", str(work / "eval.jsonl"),
@@ -434,7 +457,8 @@ def finetune_worker(args: argparse.Namespace, setting: Setting, kept: bool) -> d
             "batch": args.batch, "malloc_kept": kept, "command": "python -m convert.finetune " + " ".join(flags),
             "xla_memory_order": xla_memory_order(), "audio_s": audio_s,
             "first_step_s": times[0], **step_figures(times, audio_s), "loss": report["final_loss"],
-            "peak_rss_gb": peak, "steps_rss_gb": resident, "probe_gflops": [probe, host_probe()], "load": load()}
+            "peak_rss_gb": peak, "steps_rss_gb": resident, "probe_gflops": [probe, host_probe()],
+            "fault_us": [faults, fault_probe()], "load": load()}
 
 
 def xla_memory(compiled: Any) -> dict[str, int]:
@@ -568,7 +592,7 @@ def torch_worker(args: argparse.Namespace) -> dict[str, Any]:
     record: dict[str, Any] = {"bench": "step", "framework": "torch", "setting": "reference", "device": args.device,
                               "malloc_kept": kept, "batch": args.batch, "audio_s": data["audio_s"],
                               "setup_rss_gb": rss_gb()}
-    probe = host_probe()
+    probe, faults = host_probe(), fault_probe()
     reset_peak_rss()
     times, counters, resident = [], StepCounters(), []
     for i in range(1 + max(1, args.runs)):
@@ -583,6 +607,7 @@ def torch_worker(args: argparse.Namespace) -> dict[str, Any]:
                    "loss": loss, "peak_rss_gb": peak_rss_gb(), **counters.record(),
                    "layerdrop_given": schedule.given is not None, "dropped": schedule.dropped})
     record["probe_gflops"] = [probe, host_probe()]
+    record["fault_us"] = [faults, fault_probe()]
     if device.type == "cuda":
         record["peak_device_gb"] = torch.cuda.max_memory_allocated() / 1e9
     return {**record, "load": load()}
