@@ -599,19 +599,19 @@ def collector_paused() -> Iterator[None]:
 
 
 def compile_first_step(fns: StepFunctions, state: TrainState, *grad_args: Any) -> tuple[Any, threading.Thread | None]:
-    """The step's first compile, ordered so that Python's work does not wait on itself: the gradient traced and
-    lowered first, then `apply` traced and compiled in a thread (`compile_apply_ahead`) while XLA compiles the
-    gradient, which releases the interpreter lock; the cyclic garbage collector paused throughout
-    (`collector_paused`). Traced beside each other, the two traces and lowerings took turns on the interpreter:
-    the gradient's trace and lowering took 1.8 s in `convert.finetune`'s first step (wav2vec2-base + BART-base,
-    scanned, bfloat16), 0.8 s in this order with the collector paused.
+    """The step's first compile, ordered so that Python's work does not wait on itself and the second core has
+    work: `apply` traced and lowered here, its XLA compile started in a thread (`compile_apply_ahead`), then the
+    gradient traced, lowered and compiled here while that compile runs (XLA's compiles release the interpreter
+    lock); the cyclic garbage collector paused throughout (`collector_paused`). With the update traced in its
+    thread beside the gradient's trace, the two took turns on the interpreter (the gradient's trace and lowering:
+    1.8 s in `convert.finetune`'s first step, wav2vec2-base + BART-base scanned in bfloat16; 1.3 s in this order,
+    beside the update's XLA compile).
 
     Returns the compiled gradient (a later `fns.grad(*grad_args)` finds it in jax.jit's cache, traced, lowered
     and compiled once) and the thread compiling `apply` (None on a mesh)."""
     with collector_paused():
-        lowered = fns.grad.trace(*grad_args).lower()
         thread = compile_apply_ahead(fns, state)
-        return lowered.compile(), thread
+        return fns.grad.trace(*grad_args).lower().compile(), thread
 
 
 # fns.apply -> the thread that compiled it ahead (an entry goes with its function)
@@ -619,8 +619,9 @@ _APPLY_AHEAD: weakref.WeakKeyDictionary[Any, threading.Thread] = weakref.WeakKey
 
 
 def compile_apply_ahead(fns: StepFunctions, state: TrainState) -> threading.Thread | None:
-    """Starts compiling `fns.apply` for `state`'s shapes and placements in a thread, once per `apply` function;
-    returns the thread (join it before the first `fns.apply` call), or None on a mesh (not done there).
+    """Traces and lowers `fns.apply` for `state`'s shapes and placements here and starts its XLA compile in a
+    thread, once per `apply` function; returns the thread (join it before the first `fns.apply` call), or None on
+    a mesh (not done there).
 
     The step's first call compiles the gradient function, during which XLA:CPU leaves part of the cores idle
     (a wav2vec2-base + BART-base gradient: 16.8 s, 23.6 CPU-seconds unrolled); `apply` (AdamW over the trainable
@@ -635,9 +636,14 @@ def compile_apply_ahead(fns: StepFunctions, state: TrainState) -> threading.Thre
     args = (jax.tree.map(_abstract, state), jax.tree.map(_abstract, params),  # gradients: like their params
             jax.ShapeDtypeStruct((), np.int32))
 
+    lowered = None
+    with contextlib.suppress(Exception):  # an optimisation only: the call itself compiles (and reports) then
+        lowered = fns.apply.lower(*args)
+
     def compile_apply() -> None:
-        with contextlib.suppress(Exception):  # an optimisation only: the call itself compiles (and reports) then
-            fns.apply.lower(*args).compile()
+        with contextlib.suppress(Exception):
+            if lowered is not None:
+                lowered.compile()
 
     thread = _APPLY_AHEAD[fns.apply] = threading.Thread(target=compile_apply, name="compile-apply",
                                                            daemon=True)

@@ -1,7 +1,8 @@
 """`train_step` compiles the optimiser update (`StepFunctions.apply`) in a thread of its own while the first
 gradient compiles and runs, once: the later call finds it in jax.jit's cache, and the step's result is the one of
-an update compiled in the calling thread. The gradient is traced and lowered before the update's thread starts
-(the two traces do not take turns on the interpreter), compiled once, with the cyclic garbage collector paused."""
+an update compiled in the calling thread. The update is traced and lowered before the gradient's trace begins
+(the two traces do not take turns on the interpreter), the gradient compiled once, with the cyclic garbage
+collector paused."""
 
 from __future__ import annotations
 
@@ -84,7 +85,7 @@ def test_apply_compiles_once_in_its_own_thread_and_gives_the_same_step():
     assert not np.array_equal(np.asarray(got["decoder/w"]), np.asarray(_params()["decoder"]["w"]))
 
 
-def test_the_gradient_is_lowered_before_the_update_is_traced_and_compiles_once():
+def test_the_update_is_lowered_before_the_gradient_is_traced_which_compiles_once():
     events: list = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, duration, **kw: events.append((event.rsplit("/", 1)[-1], kw.get("fun_name"),
@@ -98,12 +99,11 @@ def test_the_gradient_is_lowered_before_the_update_is_traced_and_compiles_once()
     state = init_state(_params(), optimizer, frozen)
     for _ in range(2):
         state, _, _ = train_step(fns, state, [(batch, None)])
-    lowered = [end for name, fun, _, end in events
-               if name == "jaxpr_to_mlir_module_duration" and fun == "jit(grad)"]
-    traced = [start for name, fun, start, _ in events if name == "jaxpr_trace_duration" and fun == "apply"]
+    lowered = [end for name, fun, _, end in events if name == "jaxpr_to_mlir_module_duration" and fun == "jit(apply)"]
+    traced = [start for name, fun, start, _ in events if name == "jaxpr_trace_duration" and fun == "grad"]
     compiled = [fun for name, fun, _, _ in events if name == "backend_compile_duration" and fun == "jit(grad)"]
     assert len(lowered) == 1 and len(traced) == 1, (lowered, traced)
-    assert traced[0] >= lowered[0], f"apply traced {lowered[0] - traced[0]:.4f} s before the gradient was lowered"
+    assert traced[0] >= lowered[0], f"the gradient traced {lowered[0] - traced[0]:.4f} s before the update was lowered"
     assert compiled == ["jit(grad)"], f"the gradient compiled {len(compiled)} times (expected once)"
 
 

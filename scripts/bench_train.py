@@ -325,8 +325,8 @@ def flax_worker(args: argparse.Namespace, setting: Setting) -> dict[str, Any]:
     record["setup_rss_gb"] = rss_gb()
     probe, faults = host_probe(), fault_probe()
     reset_peak_rss()
-    # Compiled ahead of time as train_step's first call compiles it (compile_first_step: the update traced and
-    # compiled in a thread while XLA compiles the gradient), so that XLA's account of the same executable is read.
+    # Compiled ahead of time as train_step's first call compiles it (compile_first_step: the update lowered, then
+    # compiled in a thread while the gradient is traced and compiled), so that XLA's account of it is read.
     started = time.perf_counter()
     grad, _ = compile_first_step(fns, state, *example)
     compile_s = time.perf_counter() - started
