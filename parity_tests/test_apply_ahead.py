@@ -57,18 +57,25 @@ def _compiles(record: list) -> None:
         if event == "/jax/core/compile/backend_compile_duration" else None)
 
 
-def test_apply_compiles_once_in_its_own_thread_and_gives_the_same_step():
-    record: list = []
-    _compiles(record)
+def _two_train_steps(fill: float):
+    """Two `train_step` calls of a step whose encoder is frozen: (the state after them, the optimizer, the frozen
+    predicate, the batch)."""
     frozen = lambda path: path.startswith("encoder/")  # noqa: E731 - the gradients are the decoder's only
     trainable = split_trainable(_params(), frozen)[0]
     optimizer = make_optimizer(SETTINGS, leaf_labels(trainable, lambda path: False))
     fns = StepFunctions(_grad(frozen), compiled_add(None, frozen), compiled_apply(optimizer, None, frozen),
                         frozen=frozen)
-    batch = {"x": np.full((2, 3), 0.5, np.float32), "labels": np.zeros((2, 3), np.int32)}
+    batch = {"x": np.full((2, 3), fill, np.float32), "labels": np.zeros((2, 3), np.int32)}
     state = init_state(_params(), optimizer, frozen)
     for _ in range(2):
         state, _, _ = train_step(fns, state, [(batch, None)])
+    return state, optimizer, frozen, batch
+
+
+def test_apply_compiles_once_in_its_own_thread_and_gives_the_same_step():
+    record: list = []
+    _compiles(record)
+    state, optimizer, frozen, batch = _two_train_steps(0.5)
     applied = [thread for name, thread in record if name == "jit(apply)"]
     assert applied == ["compile-apply"], f"apply compiled in {applied} (expected once, ahead, in its own thread)"
 
@@ -90,15 +97,7 @@ def test_the_update_is_lowered_before_the_gradient_is_traced_which_compiles_once
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, duration, **kw: events.append((event.rsplit("/", 1)[-1], kw.get("fun_name"),
                                                      time.perf_counter() - duration, time.perf_counter())))
-    frozen = lambda path: path.startswith("encoder/")  # noqa: E731
-    trainable = split_trainable(_params(), frozen)[0]
-    optimizer = make_optimizer(SETTINGS, leaf_labels(trainable, lambda path: False))
-    fns = StepFunctions(_grad(frozen), compiled_add(None, frozen), compiled_apply(optimizer, None, frozen),
-                        frozen=frozen)
-    batch = {"x": np.full((2, 3), 0.25, np.float32), "labels": np.zeros((2, 3), np.int32)}
-    state = init_state(_params(), optimizer, frozen)
-    for _ in range(2):
-        state, _, _ = train_step(fns, state, [(batch, None)])
+    _two_train_steps(0.25)
     lowered = [end for name, fun, _, end in events if name == "jaxpr_to_mlir_module_duration" and fun == "jit(apply)"]
     traced = [start for name, fun, start, _ in events if name == "jaxpr_trace_duration" and fun == "grad"]
     compiled = [fun for name, fun, _, _ in events if name == "backend_compile_duration" and fun == "jit(grad)"]
