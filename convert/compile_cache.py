@@ -19,19 +19,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from convert.base.errors import bad_argument
+from convert.host_cpu import cpuinfo_lines
 
 _FLAG = "--compile-cache"
 
 
 def machine_tag() -> str:
     """`<arch>-<12 hex digits>`: the architecture and a hash of the CPU's model name and feature flags."""
-    identity = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            lines = [line for line in f if line.split(":")[0].strip() in ("model name", "flags", "Features")]
-        identity += "".join(sorted(set(lines)))
-    except OSError:
-        pass
+    identity = (platform.processor() or "") + "".join(cpuinfo_lines())
     return f"{platform.machine() or 'unknown'}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
 
 

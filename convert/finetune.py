@@ -41,6 +41,8 @@ import numpy as np
 from convert.base.errors import CheckpointError, ConvertError, OutputError, UsageError, bad_argument
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
+BFLOAT16_PRODUCTS = ("auto", "native", "upcast")  # convert.host_cpu.CHOICES
+PRODUCT_FORMS = {"native": "bfloat16 operands, float32 sums", "upcast": "operands upcast to float32"}
 LORA_EXPORTS = ("merged", "adapter")
 ADAPTER_DIR = "adapter"  # where --lora-export adapter puts the PEFT adapter, inside the output
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
@@ -65,6 +67,10 @@ class FinetuneSettings:
         encoder_learning_rate: the speech encoder's peak rate, when it should differ (None: `learning_rate`).
         label_smoothing: `label_smoothing_factor`.
         dtype: the compute dtype ("float32", or "bfloat16" over float32 master weights).
+        bfloat16_products: how a bfloat16 run computes its products: "native" (bfloat16 operands, float32 sums:
+            for CPUs with bfloat16 arithmetic and accelerators), "upcast" (the operands cast to float32: for CPUs
+            without it, where XLA emulates the native form slower than float32), or "auto" (by the device and the
+            CPU's flags, `convert.host_cpu`). The same numbers up to the order of the sums.
         remat: rematerialise every transformer layer (less memory, more compute).
         scan_layers: run the encoder's and the decoder's layer stacks as one `nn.scan` each in the training step
             (one layer compiled per stack: a shorter first step; with `remat`, the least memory). The train state
@@ -109,6 +115,7 @@ class FinetuneSettings:
     max_grad_norm: float = 1.0
     label_smoothing: float = 0.0
     dtype: str = "float32"
+    bfloat16_products: str = "auto"
     remat: bool = False
     scan_layers: bool = False
     freeze_feature_encoder: bool = False
@@ -160,6 +167,7 @@ class FinetuneSettings:
         cli.require_float("max_grad_norm", self.max_grad_norm, low=0.0)
         cli.require_float("label_smoothing", self.label_smoothing, low=0.0, high=1.0, high_inclusive=False)
         cli.require_choice("dtype", self.dtype, COMPUTE_DTYPES)
+        cli.require_choice("bfloat16_products", self.bfloat16_products, BFLOAT16_PRODUCTS)
         if self.max_new_tokens is not None:
             cli.require_int("max_new_tokens", self.max_new_tokens, low=1)
         cli.require_choice("lora_export", self.lora_export, LORA_EXPORTS)
@@ -190,12 +198,14 @@ class _Run:
     def __init__(self, model_dir: Path, train: Any, eval_manifest: Any, settings: FinetuneSettings,
                  checkpoint_dir: Path, mesh: Any = None, max_memory: int | None = None,
                  data: tuple[list, list] | None = None):
+        import jax
         import jax.numpy as jnp
 
         from convert.base.audio import feature_extractor_config
         from convert.base.batching import bucket_boundaries, length_batches
         from convert.base.prefix import files_directory, is_prefix_directory
         from convert.base.stacking import layer_stacks
+        from convert.host_cpu import bfloat16_products
         from convert.training_data import AudioCache, LabelTokenizer, read_examples, sample_lengths
 
         self.settings = s = settings
@@ -245,6 +255,10 @@ class _Run:
         steps_per_epoch = max(1, self.batches_per_epoch // s.grad_accum)
         self.total_steps = s.max_steps or max(1, round(s.epochs * steps_per_epoch))
         self.compute_dtype = jnp.bfloat16 if s.dtype == "bfloat16" else jnp.float32
+        # How bfloat16 products are computed (None in float32): entered by every step and evaluation, so that the
+        # programs they trace have that form.
+        self.products = bfloat16_products(s.bfloat16_products, platform_name=jax.default_backend(),
+                                          param="bfloat16_products") if s.dtype == "bfloat16" else None
         self.checkpoint_dir = checkpoint_dir
         self._epoch_cache: dict[int, list] = {}
         if self.lora is not None:
@@ -514,7 +528,8 @@ class _Run:
         # run, the tests): jax.jit caches per function object.
         with_ctc = s.ctc_weight > 0
         frozen_key = (s.freeze_feature_encoder, s.freeze_encoder, s.train_only, self.lora, self.lora_layers)
-        key = (self.config, s.dtype, s.remat, s.scan_layers, s.dropout, self.mesh, frozen_key, with_ctc)
+        key = (self.config, s.dtype, self.products_form, s.remat, s.scan_layers, s.dropout, self.mesh, frozen_key,
+               with_ctc)
         if ("grad", key) not in _COMPILED:
             _COMPILED["grad", key] = compiled_grad(self.module(), deterministic=not s.dropout,
                                                    freeze_feature_encoder=s.freeze_feature_encoder,
@@ -529,7 +544,8 @@ class _Run:
                                       self.config.ctc.loss_reduction if with_ctc else None, frozen)
         # One compiled search per shape for the whole run (on a mesh: the model's own cache, which in a
         # multi-process run returns replicated results).
-        self.model._compiled = _COMPILED.setdefault(("generate", self.config, self.mesh, self.lora, s.scan_layers),
+        self.model._compiled = _COMPILED.setdefault(("generate", self.config, self.products_form, self.mesh, self.lora,
+                                                     s.scan_layers),
                                                     {} if self.mesh is None else self.model._compiled)
         self.schedule = self.optimizer_settings.schedule()
 
@@ -574,8 +590,16 @@ class _Run:
 
     # -- one step --------------------------------------------------------------------------------------
 
+    @property
+    def products_form(self) -> str:
+        """The form of bfloat16 products that the run's programs are traced in (`flax_model.layers`)."""
+        from flax_model.layers import NATIVE
+
+        return NATIVE if self.products is None else self.products.form
+
     def step(self, state: Any, step: int) -> tuple[Any, float, float]:
         """One optimiser step (all its micro-batches); returns (state, mean loss, seconds of audio)."""
+        from flax_model.layers import bfloat16_products_as
         from flax_model.training import step_key, train_step
 
         seconds = 0.0
@@ -587,8 +611,9 @@ class _Run:
                 seconds += batch_seconds
                 yield batch, step_key(self.settings.seed, step, micro) if self.settings.dropout else None
 
-        state, objective, tokens = train_step(self.step_fns, state, micro_batches(), self.settings.label_smoothing,
-                                              self.settings.ctc_weight)
+        with bfloat16_products_as(self.products_form):
+            state, objective, tokens = train_step(self.step_fns, state, micro_batches(),
+                                                  self.settings.label_smoothing, self.settings.ctc_weight)
         return state, objective / max(tokens, 1), seconds
 
     # -- evaluation ------------------------------------------------------------------------------------
@@ -604,6 +629,12 @@ class _Run:
 
     def evaluate(self, params: Any) -> dict[str, Any]:
         """WER and CER (jiwer) of generated transcripts on the eval set, with the toolkit's generation."""
+        from flax_model.layers import bfloat16_products_as
+
+        with bfloat16_products_as(self.products_form):
+            return self._evaluate(params)
+
+    def _evaluate(self, params: Any) -> dict[str, Any]:
         import jiwer
 
         from convert.base.batching import length_batches
@@ -1035,6 +1066,9 @@ def _train_and_export(model_dir: Path, train: str | Path, eval: str | Path, outp
         memory = training_memory(state, run.frozen_fn)
         print(f"training {memory['trainable_parameters']:,} of {memory['parameters']:,} parameters "
               f"({memory['optimizer_state_bytes'] / 2**20:.1f} MiB of optimiser state)", file=log, flush=True)
+        if run.products is not None:
+            print(f"bfloat16 products: {PRODUCT_FORMS[run.products.form]} ({run.products.reason})", file=log,
+                  flush=True)
         history: dict[str, Any] = {"loss": [], "eval": [], "audio_seconds": 0.0, "train_seconds": 0.0}
         if resume and manager.latest_step() is not None:
             state, history = run.restore(manager, state)
@@ -1164,6 +1198,7 @@ def _report(run: _Run, history: dict[str, Any], model_dir: Path, train: Any, eva
         "train_audio_hours": round(sum(run.train_lengths) / run.features.sampling_rate / 3600, 4),
         "eval_examples": len(run.eval),
         "settings": dataclasses.asdict(s),
+        "bfloat16_products": None if run.products is None else run.products.form,
         "mesh": None if run.mesh is None else {str(k): int(v) for k, v in run.mesh.shape.items()},
         "steps": run.total_steps,
         "optimizer": dataclasses.asdict(run.optimizer_settings),
@@ -1344,7 +1379,9 @@ def render_card(model_dir: Path, report: dict[str, Any]) -> str:
             *([("hybrid CTC/attention", f"loss {s['ctc_weight']:g} CTC + {1 - s['ctc_weight']:g} cross-entropy"
                 + (f"; evaluated with joint decoding, CTC weight {s['eval_ctc_weight']:g}"
                    if s.get("eval_ctc_weight") is not None else ""))] if s.get("ctc_weight") else []),
-            ("compute dtype", s["dtype"] + (" (float32 master weights)" if s["dtype"] != "float32" else "")),
+            ("compute dtype", s["dtype"] + (" (float32 master weights)" if s["dtype"] != "float32" else "")
+             + (f"; products: {PRODUCT_FORMS[report['bfloat16_products']]}"
+                if report.get("bfloat16_products") in PRODUCT_FORMS else "")),
             ("train mode", ("dropout and LayerDrop" if s["dropout"] else "deterministic")
              + (", SpecAugment" if s["spec_augment"] and s["dropout"] else "")
              + (", frozen feature encoder" if s["freeze_feature_encoder"] else "")
@@ -1403,6 +1440,10 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="label smoothing factor")
     p.add_argument("--dtype", choices=COMPUTE_DTYPES, default=d.dtype,
                    help="compute dtype; bfloat16 keeps float32 master weights")
+    p.add_argument("--bfloat16-products", choices=BFLOAT16_PRODUCTS, default=d.bfloat16_products,
+                   help="with --dtype bfloat16: native (bfloat16 operands, float32 sums), upcast (float32 operands: "
+                   "for a CPU without bfloat16 arithmetic, where it is faster) or auto (by the device and the CPU's "
+                   "flags)")
     p.add_argument("--remat", action="store_true", help="rematerialise each layer (less memory, ~30%% more time)")
     p.add_argument("--scan-layers", action="store_true",
                    help="run each layer stack as one scan in the step: one layer compiled per stack (a shorter "

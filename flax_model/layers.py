@@ -97,6 +97,62 @@ def _recomputed_normalise(epsilon: float, dtype: Any) -> Callable[..., jax.Array
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Products of bfloat16 operands
+
+NATIVE = "native"
+UPCAST = "upcast"
+_bfloat16_products = NATIVE
+
+
+def bfloat16_products() -> str:
+    """How this process computes the products of bfloat16 operands (`set_bfloat16_products`)."""
+    return _bfloat16_products
+
+
+def set_bfloat16_products(form: str) -> str:
+    """Sets how the products of bfloat16 operands are computed, for every program traced afterwards (a jitted
+    function already traced keeps its form); returns the previous form.
+
+    `NATIVE` (the default): the operands stay bfloat16 and the products are summed in float32, the form XLA:CPU
+    runs on a CPU's bfloat16 instructions (AMX, AVX512_BF16) and an accelerator on its matrix units. `UPCAST`: the
+    operands are cast to float32 and multiplied as float32 arrays, for a CPU without bfloat16 arithmetic, where
+    XLA:CPU emulates the bfloat16 form at ~60% of its float32 products' rate (AVX2: a [1996, 768] x [768, 3072]
+    product 97 against 155 GFLOP/s upcast). The numbers are the same up to the order of the sums (the product of
+    two bfloat16 values is exact in float32), rounded once as in the native form. The device code decides: a
+    command reads the host CPU's flags (`convert.host_cpu`)."""
+    global _bfloat16_products
+    if form not in (NATIVE, UPCAST):
+        raise ValueError(f"bfloat16 products: {form!r} is neither {NATIVE!r} nor {UPCAST!r}")
+    previous, _bfloat16_products = _bfloat16_products, form
+    return previous
+
+
+@contextlib.contextmanager
+def bfloat16_products_as(form: str) -> Iterator[None]:
+    """`set_bfloat16_products(form)` while the block runs (the programs it traces), the previous form after it."""
+    previous = set_bfloat16_products(form)
+    try:
+        yield
+    finally:
+        set_bfloat16_products(previous)
+
+
+def float32_sums(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any) -> jax.Array:
+    """`jax.lax.dot_general` of bfloat16 (or float32) operands summed in float32, in this process's form of
+    bfloat16 products (`set_bfloat16_products`)."""
+    if _bfloat16_products == UPCAST:
+        lhs, rhs = lhs.astype(jnp.float32), rhs.astype(jnp.float32)
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, preferred_element_type=jnp.float32)
+
+
+def float32_einsum(spec: str, lhs: jax.Array, rhs: jax.Array) -> jax.Array:
+    """`jnp.einsum(spec, lhs, rhs)` summed in float32, in this process's form of bfloat16 products."""
+    if _bfloat16_products == UPCAST:
+        lhs, rhs = lhs.astype(jnp.float32), rhs.astype(jnp.float32)
+    return jnp.einsum(spec, lhs, rhs, preferred_element_type=jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Linear layers over tokens
 
 
@@ -121,8 +177,7 @@ def token_matmul(x: jax.Array, kernel: jax.Array, kernel_in_axis: int = 0, preci
 
 def _float32_sum(lhs: jax.Array, rhs: jax.Array, lhs_axis: int, rhs_axis: int, dtype: Any) -> jax.Array:
     """lhs x rhs contracting one axis of each, summed in float32, rounded to `dtype`."""
-    return jax.lax.dot_general(lhs, rhs, (((lhs_axis,), (rhs_axis,)), ((), ())),
-                               preferred_element_type=jnp.float32).astype(dtype)
+    return float32_sums(lhs, rhs, (((lhs_axis,), (rhs_axis,)), ((), ()))).astype(dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -163,6 +218,8 @@ def _tokens_last(a: jax.Array) -> jax.Array | None:
     the kernel gradient [1996, 768]^T x [1996, 3072] then runs in ~25 ms instead of ~86 (one measurement, busy
     machine)."""
     n, w = a.shape
+    if _bfloat16_products == UPCAST:  # float32 products contract the rows of both operands at their full rate
+        return None
     block = next((b for b in range(min(w, 768), 127, -1) if w % b == 0), None)
     if block is None or n < 128:
         return None
@@ -177,7 +234,7 @@ _bfloat16_matmul.defvjp(_bfloat16_matmul_forward, _bfloat16_matmul_backward)
 def _bfloat16_matmul_sums(flat: jax.Array, kernel: jax.Array, kernel_in_axis: int) -> jax.Array:
     """`_bfloat16_matmul` returning its float32 sums unrounded (for a caller that adds products before rounding);
     the gradient is `_bfloat16_matmul`'s of the output gradient rounded to bfloat16."""
-    return jax.lax.dot_general(flat, kernel, (((1,), (kernel_in_axis,)), ((), ())), preferred_element_type=jnp.float32)
+    return float32_sums(flat, kernel, (((1,), (kernel_in_axis,)), ((), ())))
 
 
 def _bfloat16_matmul_sums_forward(flat, kernel, kernel_in_axis):
@@ -272,7 +329,8 @@ def strided_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], 
              or not _over_time(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, preferred_element_type))
     if not plain:
         (stride,), (taps, width, _) = window_strides, rhs.shape
-        plain = not _unpadded(padding, lhs.shape[1], taps, stride) or stride * width < 128 or -(-taps // stride) > 4
+        plain = (not _unpadded(padding, lhs.shape[1], taps, stride) or stride * width < 128 or -(-taps // stride) > 4
+                 or _bfloat16_products == UPCAST)
     if plain:
         return jax.lax.conv_general_dilated(
             lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
@@ -429,7 +487,7 @@ def grouped_conv_kernel_grad(hidden: jax.Array, grad_out: jax.Array, taps: int, 
 
     def tap(k: jax.Array) -> jax.Array:
         window = jax.lax.dynamic_slice_in_dim(padded, k, t, axis=2).reshape(groups, b * t, per_group_in)
-        return jnp.einsum("GRI,GRO->GIO", window, grads, preferred_element_type=jnp.float32)  # [G, I, O]
+        return float32_einsum("GRI,GRO->GIO", window, grads)  # [G, I, O]
 
     kernel_grad = jax.lax.map(tap, jnp.arange(taps))  # [K, G, I, O]
     return kernel_grad.transpose(0, 2, 1, 3).reshape(taps, per_group_in, out_channels)
@@ -479,7 +537,7 @@ def _kernel_grad_by_tap_chunks(hidden: jax.Array, grad_out: jax.Array, taps: int
 
     def taps_from(first: jax.Array) -> jax.Array:
         windows = _tap_windows(tokens_last, first, chunk, t, 3, 1).reshape(groups, chunk * per_group_in, b * t)
-        return jnp.einsum("GMR,GRO->GMO", windows, grads, preferred_element_type=jnp.float32)  # [G, C * I, O]
+        return float32_einsum("GMR,GRO->GMO", windows, grads)  # [G, C * I, O]
 
     kernel_grad = jax.lax.map(taps_from, jnp.arange(0, chunks * chunk, chunk))  # [chunks, G, C * I, O]
     kernel_grad = kernel_grad.reshape(chunks, groups, chunk, per_group_in, per_group_out)
@@ -509,7 +567,7 @@ def _conv_by_tap_chunks(hidden: jax.Array, kernel: jax.Array, padding: tuple[int
     def add_chunk(sums: jax.Array, chunk_rows: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, None]:
         first, kernel_rows = chunk_rows
         windows = _tap_windows(padded, first, chunk, t, 2, 3).reshape(groups, b * t, chunk * per_group_in)
-        return sums + jnp.einsum("GRM,GMO->GRO", windows, kernel_rows, preferred_element_type=jnp.float32), None
+        return sums + float32_einsum("GRM,GMO->GRO", windows, kernel_rows), None
 
     sums = jnp.zeros((groups, b * t, per_group_out), jnp.float32)
     sums, _ = jax.lax.scan(add_chunk, sums, (jnp.arange(0, chunks * chunk, chunk), rows))

@@ -102,3 +102,13 @@ def composed_dir(fixture_dir: Callable[[str], Path], fixtures_root: Path) -> Cal
         return out
 
     return build
+
+
+@pytest.fixture(params=["native", "upcast"])
+def bfloat16_form(request: pytest.FixtureRequest) -> str:
+    """Each form of bfloat16 products (`flax_model.layers.set_bfloat16_products`), set for the test's traces and
+    restored after it."""
+    from flax_model.layers import bfloat16_products_as
+
+    with bfloat16_products_as(request.param):
+        yield request.param

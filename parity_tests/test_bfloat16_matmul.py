@@ -1,6 +1,7 @@
 """The linear layers' bfloat16 product (`flax_model.layers.token_matmul` under `dtype=jnp.bfloat16`): the forward
 pass, the input gradient and the kernel gradient each sum their products in float32 and round once to bfloat16,
-checked against the same sums computed in float32 from the same bfloat16 values with numpy."""
+checked against the same sums computed in float32 from the same bfloat16 values with numpy, in both forms of
+bfloat16 products (`bfloat16_form`: bfloat16 operands, or operands upcast to float32)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def _check(name: str, got: jax.Array, exact: np.ndarray) -> None:
 
 
 @pytest.mark.parametrize("kernel_in_axis", [0, 1])
-def test_bfloat16_products_and_gradients_are_float32_sums_rounded_once(kernel_in_axis):
+def test_bfloat16_products_and_gradients_are_float32_sums_rounded_once(kernel_in_axis, bfloat16_form):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 37, 48)).astype(BF16)
     kernel = rng.standard_normal((48, 24) if kernel_in_axis == 0 else (24, 48)).astype(BF16)
@@ -45,13 +46,14 @@ def test_bfloat16_products_and_gradients_are_float32_sums_rounded_once(kernel_in
     _check("input gradient", grad_x.reshape(-1, 48), g64 @ k64.T)
     _check("kernel gradient", grad_kernel, x64.T @ g64 if kernel_in_axis == 0 else g64.T @ x64)
     # Each product asks XLA for float32 sums of bfloat16 operands (returning bfloat16 is what runs without the
-    # CPU's bfloat16 matrix units).
+    # CPU's bfloat16 matrix units), or of float32 operands in the upcast form.
     program = jax.make_jaxpr(lambda a, k, g: jax.vjp(lambda a, k: token_matmul(a, k, kernel_in_axis), a, k)[1](g))(
         jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(grad))
     dots = [e for e in equations(program) if e.primitive.name == "dot_general"]
     assert len(dots) == 3, f"{len(dots)} products in the forward and backward pass"
     for eqn in dots:
-        assert [v.aval.dtype for v in eqn.invars] == [jnp.bfloat16] * 2, eqn
+        operands = jnp.bfloat16 if bfloat16_form == "native" else jnp.float32
+        assert [v.aval.dtype for v in eqn.invars] == [operands] * 2, eqn
         assert eqn.params["preferred_element_type"] == jnp.float32, eqn
 
 
@@ -78,7 +80,7 @@ def test_a_bfloat16_dense_layer_trains_float32_params_through_the_float32_sums()
 @pytest.mark.parametrize(("x_shape", "kernel_shape", "kernel_in_axis"), [
     ((1, 1, 8), (8, 4), 0), ((3, 5, 4), (4, 768), 0), ((2, 7, 768), (768, 4), 0), ((2, 3, 16), (50, 16), 1),
     ((1, 1, 3), (1, 3), 1)])
-def test_bfloat16_products_run_at_any_size(x_shape, kernel_shape, kernel_in_axis):
+def test_bfloat16_products_run_at_any_size(x_shape, kernel_shape, kernel_in_axis, bfloat16_form):
     """XLA:CPU refuses some bfloat16 x bfloat16 -> float32 products at run time (UNIMPLEMENTED, where its matrix
     library does not take them, e.g. batched attention products): the linear layers' three, at the sizes of a
     LoRA rank, a single token and a vocabulary projection, forward and backward."""
@@ -145,6 +147,31 @@ def test_the_bfloat16_kernel_gradient_reads_its_tokens_as_columns(kernel_in_axis
     blocks = [e for e in equations(program) if e.primitive.name == "dot_general"
               and e.outvars[0].aval.shape in ((256, 300), (768, 300))]
     assert len(blocks) == (1 if width == 256 else 2), [e.outvars[0].aval.shape for e in blocks]
+
+
+@pytest.mark.parametrize("kernel_in_axis", [0, 1])
+def test_upcast_the_kernel_gradient_contracts_the_tokens_of_float32_operands(kernel_in_axis):
+    """In the upcast form (a CPU without bfloat16 arithmetic, where float32 products contract the rows of both
+    operands at their full rate) the kernel gradient has no identity products: one float32 product contracting
+    the tokens, the same sums rounded once."""
+    from flax_model.layers import UPCAST, bfloat16_products_as
+
+    rng = np.random.default_rng(8)
+    x = (0.5 + rng.random((3, 100, 256))).astype(BF16)
+    kernel = rng.standard_normal((256, 768) if kernel_in_axis == 0 else (768, 256)).astype(BF16)
+    grad = (0.5 + rng.random((3, 100, 768))).astype(BF16)
+    backward = lambda a, k, g: jax.vjp(lambda a, k: token_matmul(a, k, kernel_in_axis), a, k)[1](g)  # noqa: E731
+    args = (jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(grad))
+    with bfloat16_products_as(UPCAST):
+        grads = jax.jit(backward)(*args)
+        program = jax.make_jaxpr(backward)(*args)
+    x64, g64 = x.astype(np.float64).reshape(-1, 256), grad.astype(np.float64).reshape(-1, 768)
+    _check("kernel gradient", grads[1], x64.T @ g64 if kernel_in_axis == 0 else g64.T @ x64)
+    dots = [e for e in equations(program) if e.primitive.name == "dot_general"]
+    assert len(dots) == 3, [e.outvars[0].aval.shape for e in dots]  # forward, input and kernel gradient
+    (kernel_product,) = [e for e in dots if e.outvars[0].aval.shape == kernel.shape]
+    assert kernel_product.params["dimension_numbers"][0] == ((0,), (0,)), kernel_product
+    assert all(v.aval.dtype == jnp.float32 for e in dots for v in e.invars), dots
 
 
 def test_tokens_last_is_the_transpose_exactly():

@@ -66,6 +66,7 @@ def test_the_exported_directory_loads_and_convert_check_passes(data, uninterrupt
         assert (uninterrupted / name).is_file(), name
     report = json.loads((uninterrupted / "training_report.json").read_text())
     assert report["steps"] == 4 and [e["step"] for e in report["eval"]] == [0, 4]
+    assert report["bfloat16_products"] is None  # a float32 run
     assert "Training run" in (uninterrupted / "README.md").read_text()
     trained, base = _params(uninterrupted), _params(data["model"])
     assert trained.keys() == base.keys()
@@ -258,6 +259,24 @@ def _cli_run(data: dict[str, Path], output: Path, *flags: str) -> int:
     return finetune.main(["--model", str(data["model"]), "--train", str(data["train"]), "--eval", str(data["eval"]),
                           "--output", str(output), "--max-steps", "2", "--batch-size", "2", "--num-buckets", "1",
                           "--eval-batch-size", "2", "--max-new-tokens", "2", "--no-progress", "--no-verify", *flags])
+
+
+def test_a_bfloat16_run_traces_its_products_in_the_form_asked_and_says_so(data, tmp_path, capsys, monkeypatch):
+    """`--dtype bfloat16 --bfloat16-products upcast`: every float32-sum product the run traces (its step and its
+    evaluation) is traced in the upcast form; the log, the report and the model card say so; the process's form
+    is restored after the run."""
+    from flax_model import layers
+
+    traced = []
+    kept = layers.float32_sums
+    monkeypatch.setattr(layers, "float32_sums", lambda *a: traced.append(layers.bfloat16_products()) or kept(*a))
+    assert _cli_run(data, tmp_path / "out", "--dtype", "bfloat16", "--bfloat16-products", "upcast") == cli.EXIT_OK
+    assert traced and set(traced) == {"upcast"}, set(traced)
+    assert "bfloat16 products: operands upcast to float32 (as asked)" in capsys.readouterr().out
+    report = json.loads((tmp_path / "out" / "training_report.json").read_text())
+    assert report["bfloat16_products"] == "upcast" and report["settings"]["bfloat16_products"] == "upcast"
+    assert "products: operands upcast to float32" in (tmp_path / "out" / "README.md").read_text()
+    assert layers.bfloat16_products() == layers.NATIVE
 
 
 def test_the_compile_cache_hands_a_later_run_its_compiled_programs(data, tmp_path):

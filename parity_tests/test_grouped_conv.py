@@ -51,14 +51,15 @@ def _float64_kernel_grad(hidden, grad_out, taps, padding, groups):
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 @pytest.mark.parametrize(("taps", "padding", "groups", "width"), [(20, (10, 9), 2, 48), (3, (0, 0), 3, 16)])
-def test_the_chunked_kernel_gradient_is_float32_sums_of_its_operands(dtype, taps, padding, groups, width):
+def test_the_chunked_kernel_gradient_is_float32_sums_of_its_operands(dtype, taps, padding, groups, width,
+                                                                    bfloat16_form):
     """Against float64 sums of the same (bfloat16 or float32) values: one float32 accumulation's error, relative to
     the sums of magnitudes, at most 1e-6 (the tokens summed: 2 x 60)."""
     rng = np.random.default_rng(1)
     hidden = jnp.asarray(rng.standard_normal((2, 60 - padding[0] - padding[1] + taps - 1, groups * width)), dtype)
     grad_out = jnp.asarray(rng.standard_normal((2, 60, groups * width)), dtype)
-    got = np.asarray(jax.jit(grouped_conv_kernel_grad, static_argnums=(2, 3, 4))(hidden, grad_out, taps, padding,
-                                                                                   groups))
+    # a function of its own per test: jax.jit keys its cache on the function, not on the form of products
+    got = np.asarray(jax.jit(lambda h, g: grouped_conv_kernel_grad(h, g, taps, padding, groups))(hidden, grad_out))
     assert got.dtype == np.float32 and got.shape == (taps, width, groups * width)
     expected = _float64_kernel_grad(hidden, grad_out, taps, padding, groups)
     magnitudes = _float64_kernel_grad(jnp.abs(hidden.astype(jnp.float32)), jnp.abs(grad_out.astype(jnp.float32)),
@@ -83,7 +84,7 @@ def _float64_conv(hidden, kernel, padding, groups):
 @pytest.mark.parametrize(("frames", "taps", "padding", "groups", "width"),
                          [(50, 20, (10, 9), 2, 48), (40, 16, (8, 8), 2, 32), (30, 3, (0, 0), 3, 16)])
 def test_a_bfloat16_grouped_conv_and_its_gradients_are_float32_sums_rounded_once(frames, taps, padding, groups,
-                                                                                  width):
+                                                                                  width, bfloat16_form):
     """Output and input gradient as products over chunks of taps, the kernel gradient as `grouped_conv_kernel_grad`,
     each within one bfloat16 rounding of the float64 conv of the same bfloat16 values."""
     rng = np.random.default_rng(frames)
@@ -106,6 +107,11 @@ def test_a_bfloat16_grouped_conv_and_its_gradients_are_float32_sums_rounded_once
             ("kernel gradient", grad_kernel, _float64_kernel_grad(h64, g64, taps, padding, groups),
              _float64_kernel_grad(abs(h64), abs(g64), taps, padding, groups))):
         _check_rounded_once(name, got, exact, magnitudes)
+    # the products' operands: bfloat16, or float32 in the upcast form
+    program = jax.make_jaxpr(lambda h, k, g: jax.vjp(conv, h, k)[1](g))(jnp.asarray(hidden), jnp.asarray(kernel),
+                                                                         jnp.asarray(grad))
+    operands = {v.aval.dtype for e in equations(program) if e.primitive.name == "dot_general" for v in e.invars}
+    assert operands == {jnp.dtype(jnp.bfloat16 if bfloat16_form == "native" else jnp.float32)}, operands
 
 
 def _check_rounded_once(name, got, exact, magnitudes):

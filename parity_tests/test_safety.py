@@ -710,6 +710,7 @@ CATALOGUE: dict[str, Case] = {
     **{f"finetune/{flag.strip('-')}-{value}": finetune_case((flag, value), 2, f"{flag}")
        for flag, value in [("--max-steps", "0"), ("--batch-size", "0"), ("--learning-rate", "-1"),
                            ("--label-smoothing", "1.5"), ("--dtype", "float16"), ("--epochs", "0"),
+                           ("--bfloat16-products", "fast"),
                            ("--warmup-steps", "-1"), ("--num-beams", "0"), ("--max-new-tokens", "0"),
                            ("--eval-every", "-1"), ("--grad-accum", "0"), ("--max-grad-norm", "-1"),
                            ("--mesh", "dta=2"), ("--weight-decay", "nan"), ("--eval-batch-size", "0"),

@@ -27,6 +27,10 @@ What `--undo` can undo (each patches the package while the B variant is traced):
     hash_rounds  a measurement, not a change to undo: B draws the dropout masks through Threefry's key additions
               without its twenty rounds (`flax_model.random_bits.threefry2x32`; masks that are not random), so the
               difference is what the fused hash costs the step
+    upcast_products  a comparison of the two forms of bfloat16 products: A computes them natively (bfloat16
+              operands, float32 sums: the default here, whatever the CPU), B upcast to float32 operands
+              (`flax_model.layers.set_bfloat16_products`, what `convert.finetune` chooses on a CPU without bfloat16
+              arithmetic)
 
 `--compiler-option KEY=VALUE` (repeatable) instead of `--undo`: B is the same program compiled with those XLA
 options (`jax.jit(...).lower(...).compile(compiler_options=...)`, e.g. `xla_backend_optimization_level=1`), and
@@ -122,6 +126,7 @@ UNDO: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
     "layerdrop_cond": lambda: _patched(
         "run_unless_dropped", importlib.import_module("flax_model.layers").computed_and_selected, "wav2vec2"),
     "hash_rounds": _without_hash_rounds,
+    "upcast_products": lambda: importlib.import_module("flax_model.layers").bfloat16_products_as("upcast"),
 }
 
 

@@ -54,7 +54,10 @@ compiled step: the time per model part and operation (jax.profiler trace / torch
 (docs/training_performance.md reads them). Each Flax process starts as `convert.finetune` does: glibc keeping freed
 memory (`--malloc default`: not) and XLA ordering its programs for memory where the command has it
 (`convert.xla_settings.memory_ordered`; `--xla-order memory` or `default`: always or never; the
-`xla_memory_order` field says which held).
+`xla_memory_order` field says which held). A bfloat16 setting computes its products as `convert.finetune
+--bfloat16-products auto` does (natively, or upcast to float32 on a CPU without bfloat16 arithmetic:
+`convert.host_cpu`); `--bfloat16-products native` or `upcast` forces a form, and the `bfloat16_products` field
+says which ran.
 """
 
 from __future__ import annotations
@@ -109,6 +112,20 @@ class Setting:
         from convert.xla_settings import memory_ordered
 
         return memory_ordered(self.scan, "bfloat16" if self.bfloat16 else "float32")
+
+    def products(self, choice: str) -> str | None:
+        """The form of bfloat16 products for `--bfloat16-products choice` as `convert.finetune` decides it, set for
+        the programs this process traces (None in float32)."""
+        import jax
+
+        from convert.host_cpu import bfloat16_products
+        from flax_model.layers import set_bfloat16_products
+
+        if not self.bfloat16:
+            return None
+        form = bfloat16_products(choice, platform_name=jax.default_backend(), param="--bfloat16-products").form
+        set_bfloat16_products(form)
+        return form
 
     def module(self, config: Any) -> Any:
         """The composed model's module in this setting."""
@@ -290,6 +307,7 @@ def flax_worker(args: argparse.Namespace, setting: Setting) -> dict[str, Any]:
     )
     from scripts.bench import random_params
 
+    products = setting.products(args.bfloat16_products)
     config = model_config(args)
     data = bench_batch(config, args.batch, args.audio_seconds, args.label_tokens)
     batch = {k: data[k] for k in ("inputs", "attention_mask", "labels")}
@@ -303,7 +321,8 @@ def flax_worker(args: argparse.Namespace, setting: Setting) -> dict[str, Any]:
     fns = step_functions(module, optimizer, deterministic=False, freeze_feature_encoder=args.freeze)
     record: dict[str, Any] = {"bench": "step", "framework": "flax", "setting": setting.name,
                               "device": str(jax.devices()[0].platform), "batch": args.batch, "malloc_kept": kept,
-                              "xla_memory_order": xla_memory_order(), "audio_s": data["audio_s"]}
+                              "xla_memory_order": xla_memory_order(), "bfloat16_products": products,
+                              "audio_s": data["audio_s"]}
     device_batch = {k: jnp.asarray(v) for k, v in batch.items()}
     example = (params, device_batch, step_key(0, 0), np.float32(0.0))
     if args.memory_only:
@@ -438,7 +457,8 @@ def finetune_worker(args: argparse.Namespace, setting: Setting, kept: bool) -> d
         finetune._Run.step = timed
         probe, faults = host_probe(), fault_probe()
         flags = (["--scan-layers"] if setting.scan else []) + (["--remat"] if setting.remat else []) + (
-            ["--dtype", "bfloat16"] if setting.bfloat16 else []) + (["--freeze-feature-encoder"] if args.freeze else [])
+            ["--dtype", "bfloat16", "--bfloat16-products", args.bfloat16_products] if setting.bfloat16 else []) + (
+            ["--freeze-feature-encoder"] if args.freeze else [])
         argv = ["--model", str(work / "model"), "--train", str(work / "train.jsonl"), "--eval", str(work / "eval.jsonl"),
                 "--output", str(work / "out"), "--max-steps", str(1 + max(1, args.runs)), "--batch-size", str(args.batch),
                 "--num-buckets", "1", "--eval-batch-size", "1", "--max-new-tokens", "1", "--no-spec-augment",
@@ -455,7 +475,7 @@ def finetune_worker(args: argparse.Namespace, setting: Setting, kept: bool) -> d
     audio_s = float(batch_inputs(args.batch, args.audio_seconds)[1].sum()) / SAMPLE_RATE  # the training audio
     return {"bench": "step", "framework": "flax", "setting": setting.name, "device": str(jax.devices()[0].platform),
             "batch": args.batch, "malloc_kept": kept, "command": "python -m convert.finetune " + " ".join(flags),
-            "xla_memory_order": xla_memory_order(), "audio_s": audio_s,
+            "xla_memory_order": xla_memory_order(), "bfloat16_products": report["bfloat16_products"], "audio_s": audio_s,
             "first_step_s": times[0], **step_figures(times, audio_s), "loss": report["final_loss"],
             "peak_rss_gb": peak, "steps_rss_gb": resident, "probe_gflops": [probe, host_probe()],
             "fault_us": [faults, fault_probe()], "load": load()}
@@ -785,6 +805,9 @@ def main(argv: list[str] | None = None) -> int:
                              "scanned or in bfloat16: convert.xla_settings), for memory, or by its default order")
     parser.add_argument("--torch-malloc", choices=("default", "kept"), default="default",
                         help="the PyTorch process: glibc's defaults (as PyTorch runs) or the same settings")
+    parser.add_argument("--bfloat16-products", choices=("auto", "native", "upcast"), default="auto",
+                        help="bfloat16 settings: how the products are computed, as convert.finetune's flag (auto: by "
+                             "the device and the CPU's flags)")
     parser.add_argument("--memory-only", action="store_true", help="XLA's memory account of each setting only")
     parser.add_argument("--profile", metavar="DIR", help="profile the first setting and PyTorch (traces in DIR)")
     parser.add_argument("--largest-batch", action="store_true", help="search the largest batch that runs")
