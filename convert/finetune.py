@@ -168,6 +168,9 @@ class FinetuneSettings:
         cli.require_float("label_smoothing", self.label_smoothing, low=0.0, high=1.0, high_inclusive=False)
         cli.require_choice("dtype", self.dtype, COMPUTE_DTYPES)
         cli.require_choice("bfloat16_products", self.bfloat16_products, BFLOAT16_PRODUCTS)
+        if self.bfloat16_products != "auto" and self.dtype != "bfloat16":
+            raise bad_argument("bfloat16_products", self.bfloat16_products,
+                               f"goes with dtype bfloat16 (this run computes in {self.dtype})")
         if self.max_new_tokens is not None:
             cli.require_int("max_new_tokens", self.max_new_tokens, low=1)
         cli.require_choice("lora_export", self.lora_export, LORA_EXPORTS)

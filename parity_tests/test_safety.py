@@ -716,6 +716,8 @@ CATALOGUE: dict[str, Case] = {
                            ("--mesh", "dta=2"), ("--weight-decay", "nan"), ("--eval-batch-size", "0"),
                            ("--num-buckets", "0"), ("--seed", "x")]},
     "finetune/unknown-flag": finetune_case(("--resum",), 2, "--resum"),
+    "finetune/bfloat16-products-in-float32": finetune_case(("--bfloat16-products", "upcast"), 2,
+                                                           "--bfloat16-products upcast: goes with dtype bfloat16"),
     "finetune/ctc-weight-out-of-range": finetune_case(("--ctc-weight", "1.5"), 2, "--ctc-weight 1.5"),
     "finetune/ctc-weight-without-a-ctc-head": finetune_case(("--ctc-weight", "0.3"), 2, "--ctc-weight"),
     "finetune/dataset-and-manifests": finetune_case(("--dataset", "{ws}/data"), 2, "--dataset"),
