@@ -39,9 +39,9 @@ from typing import Any, TextIO
 import numpy as np
 
 from convert.base.errors import CheckpointError, ConvertError, OutputError, UsageError, bad_argument
+from convert.host_cpu import CHOICES as BFLOAT16_PRODUCTS
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
-BFLOAT16_PRODUCTS = ("auto", "native", "upcast")  # convert.host_cpu.CHOICES
 PRODUCT_FORMS = {"native": "bfloat16 operands, float32 sums", "upcast": "operands upcast to float32"}
 LORA_EXPORTS = ("merged", "adapter")
 ADAPTER_DIR = "adapter"  # where --lora-export adapter puts the PEFT adapter, inside the output

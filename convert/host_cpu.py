@@ -68,10 +68,12 @@ def bfloat16_products(choice: str = "auto", *, platform_name: str = "cpu", param
     if platform_name != "cpu":
         return Bfloat16Products("native", f"the {platform_name} device multiplies bfloat16")
     machine = machine or platform.machine()
-    names = " or ".join(BFLOAT16_FLAGS.get(machine, ()))
+    flags = cpu_flags() if flags is None else flags
     known = has_bfloat16_arithmetic(flags, machine)
     if known is None:
         return Bfloat16Products("native", "this CPU's bfloat16 arithmetic is not known from its flags")
+    names = BFLOAT16_FLAGS[machine]
     if known:
-        return Bfloat16Products("native", f"this CPU has bfloat16 arithmetic ({names})")
-    return Bfloat16Products("upcast", f"this CPU has no bfloat16 arithmetic (no {names} flag)")
+        present = ", ".join(name for name in names if name in flags)
+        return Bfloat16Products("native", f"this CPU has bfloat16 arithmetic: {present}")
+    return Bfloat16Products("upcast", f"this CPU has no bfloat16 arithmetic: no {' or '.join(names)} flag")

@@ -34,11 +34,11 @@ def test_the_flags_common_to_every_processor_are_read_from_cpuinfo(tmp_path, mon
 
 
 @pytest.mark.parametrize(("flags", "machine", "form", "reason"), [
-    (ZEN3, "x86_64", "upcast", "no amx_bf16 or avx512_bf16 flag"),
-    (ZEN4, "x86_64", "native", "has bfloat16 arithmetic"),
-    (SAPPHIRE_RAPIDS, "x86_64", "native", "has bfloat16 arithmetic"),
+    (ZEN3, "x86_64", "upcast", "has no bfloat16 arithmetic: no amx_bf16 or avx512_bf16 flag"),
+    (ZEN4, "x86_64", "native", "has bfloat16 arithmetic: avx512_bf16"),
+    (SAPPHIRE_RAPIDS, "x86_64", "native", "has bfloat16 arithmetic: amx_bf16"),
     (frozenset({"fp", "asimd"}), "aarch64", "upcast", "no bf16 flag"),
-    (frozenset({"fp", "asimd", "bf16"}), "aarch64", "native", "has bfloat16 arithmetic"),
+    (frozenset({"fp", "asimd", "bf16"}), "aarch64", "native", "has bfloat16 arithmetic: bf16"),
     (frozenset({"fpu"}), "riscv64", "native", "not known"),
 ])
 def test_auto_upcasts_only_on_a_cpu_known_to_lack_bfloat16_arithmetic(flags, machine, form, reason):

@@ -805,7 +805,9 @@ def main(argv: list[str] | None = None) -> int:
                              "scanned or in bfloat16: convert.xla_settings), for memory, or by its default order")
     parser.add_argument("--torch-malloc", choices=("default", "kept"), default="default",
                         help="the PyTorch process: glibc's defaults (as PyTorch runs) or the same settings")
-    parser.add_argument("--bfloat16-products", choices=("auto", "native", "upcast"), default="auto",
+    from convert.host_cpu import CHOICES
+
+    parser.add_argument("--bfloat16-products", choices=CHOICES, default="auto",
                         help="bfloat16 settings: how the products are computed, as convert.finetune's flag (auto: by "
                              "the device and the CPU's flags)")
     parser.add_argument("--memory-only", action="store_true", help="XLA's memory account of each setting only")
