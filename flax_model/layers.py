@@ -414,8 +414,9 @@ def _per_group(x: jax.Array, groups: int) -> jax.Array:
 
 def _as_products(hidden: jax.Array, kernel: jax.Array, groups: int, precision: Any) -> bool:
     """Whether the conv and its input gradient run as products over chunks of taps (`_conv_by_tap_chunks`):
-    bfloat16 operands, groups at least `_TAP_PRODUCT_MIN_WIDTH` channels wide in and out."""
-    return (hidden.dtype == kernel.dtype == jnp.bfloat16 and precision is None
+    bfloat16 operands multiplied natively (upcast, XLA's convolution is the faster, as in float32), groups at least
+    `_TAP_PRODUCT_MIN_WIDTH` channels wide in and out."""
+    return (hidden.dtype == kernel.dtype == jnp.bfloat16 and precision is None and _bfloat16_products == NATIVE
             and _wide_groups(hidden, kernel.shape[2], groups))
 
 

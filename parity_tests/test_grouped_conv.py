@@ -85,8 +85,9 @@ def _float64_conv(hidden, kernel, padding, groups):
                          [(50, 20, (10, 9), 2, 48), (40, 16, (8, 8), 2, 32), (30, 3, (0, 0), 3, 16)])
 def test_a_bfloat16_grouped_conv_and_its_gradients_are_float32_sums_rounded_once(frames, taps, padding, groups,
                                                                                   width, bfloat16_form):
-    """Output and input gradient as products over chunks of taps, the kernel gradient as `grouped_conv_kernel_grad`,
-    each within one bfloat16 rounding of the float64 conv of the same bfloat16 values."""
+    """Output and input gradient as products over chunks of taps (native) or XLA's convolution (upcast), the kernel
+    gradient as `grouped_conv_kernel_grad`, each within one bfloat16 rounding of the float64 conv of the same
+    bfloat16 values."""
     rng = np.random.default_rng(frames)
     hidden = rng.standard_normal((2, frames, groups * width)).astype(ml_dtypes.bfloat16)
     kernel = (rng.standard_normal((taps, width, groups * width)) / np.sqrt(taps * width)).astype(ml_dtypes.bfloat16)
@@ -145,6 +146,28 @@ def test_the_bfloat16_positional_conv_runs_as_chunked_products():
     assert shapes == [("bfloat16[16,384,62]", "bfloat16[16,62,48]", ((2,), (1,))),  # kernel gradient
                       ("bfloat16[16,60,384]", "bfloat16[16,384,48]", ((2,), (1,))),  # input gradient: 30 frames
                       ("bfloat16[16,62,384]", "bfloat16[16,384,48]", ((2,), (1,)))], shapes  # output: 31 frames
+
+
+def test_upcast_the_positional_conv_and_its_input_gradient_are_xlas_convolutions():
+    """In the upcast form of bfloat16 products (a CPU without bfloat16 arithmetic) the output and the input
+    gradient are XLA's grouped convolution, as in float32 (faster there than the chunks' products upcast), and the
+    kernel gradient the chunked products of float32 operands."""
+    hidden = jnp.zeros((2, 30, 768), jnp.bfloat16)
+    kernel = jnp.zeros((128, 48, 768), jnp.bfloat16)
+    conv = lambda h, k: grouped_conv(h, k, (1,), [(64, 64)], dimension_numbers=_NUMBERS,  # noqa: E731
+                                     feature_group_count=16)
+    with layers.bfloat16_products_as(layers.UPCAST):
+        jaxpr = jax.make_jaxpr(lambda h, k: jax.vjp(conv, h, k)[1](jnp.ones((2, 31, 768), jnp.bfloat16)))(hidden,
+                                                                                                           kernel)
+    convs = [eqn for eqn in equations(jaxpr) if eqn.primitive.name == "conv_general_dilated"]
+    # the output [2, 31, 768] and the input gradient [2, 30, 768] (the backward's vjp also traces the output again,
+    # unused: XLA drops it)
+    assert {eqn.outvars[0].aval.shape for eqn in convs} == {(2, 31, 768), (2, 30, 768)}, convs
+    assert all(eqn.params["feature_group_count"] == 16 for eqn in convs), convs
+    loops = [eqn for eqn in equations(jaxpr) if eqn.primitive.name == "scan"]
+    assert [loop.params["length"] for loop in loops] == [16]  # the kernel gradient
+    operands = {v.aval.dtype for e in equations(jaxpr) if e.primitive.name == "dot_general" for v in e.invars}
+    assert operands == {jnp.dtype(jnp.float32)}, operands
 
 
 def test_a_float32_or_depthwise_grouped_conv_is_xlas_convolution():
