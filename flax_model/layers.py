@@ -118,8 +118,8 @@ def set_bfloat16_products(form: str) -> str:
     operands are cast to float32 and multiplied as float32 arrays, for a CPU without bfloat16 arithmetic, where
     XLA:CPU emulates the bfloat16 form at ~60% of its float32 products' rate (AVX2: a [1996, 768] x [768, 3072]
     product 97 against 155 GFLOP/s upcast). The numbers are the same up to the order of the sums (the product of
-    two bfloat16 values is exact in float32), rounded once as in the native form. The device code decides: a
-    command reads the host CPU's flags (`convert.host_cpu`)."""
+    two bfloat16 values is exact in float32), rounded once as in the native form. The caller decides:
+    `convert.finetune` by the host CPU's flags (`convert.host_cpu`)."""
     global _bfloat16_products
     if form not in (NATIVE, UPCAST):
         raise ValueError(f"bfloat16 products: {form!r} is neither {NATIVE!r} nor {UPCAST!r}")
@@ -137,19 +137,22 @@ def bfloat16_products_as(form: str) -> Iterator[None]:
         set_bfloat16_products(previous)
 
 
+def _operands(lhs: jax.Array, rhs: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A product's operands in this process's form of bfloat16 products: as they are, or cast to float32."""
+    if _bfloat16_products == UPCAST:
+        return lhs.astype(jnp.float32), rhs.astype(jnp.float32)
+    return lhs, rhs
+
+
 def float32_sums(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any) -> jax.Array:
     """`jax.lax.dot_general` of bfloat16 (or float32) operands summed in float32, in this process's form of
     bfloat16 products (`set_bfloat16_products`)."""
-    if _bfloat16_products == UPCAST:
-        lhs, rhs = lhs.astype(jnp.float32), rhs.astype(jnp.float32)
-    return jax.lax.dot_general(lhs, rhs, dimension_numbers, preferred_element_type=jnp.float32)
+    return jax.lax.dot_general(*_operands(lhs, rhs), dimension_numbers, preferred_element_type=jnp.float32)
 
 
 def float32_einsum(spec: str, lhs: jax.Array, rhs: jax.Array) -> jax.Array:
     """`jnp.einsum(spec, lhs, rhs)` summed in float32, in this process's form of bfloat16 products."""
-    if _bfloat16_products == UPCAST:
-        lhs, rhs = lhs.astype(jnp.float32), rhs.astype(jnp.float32)
-    return jnp.einsum(spec, lhs, rhs, preferred_element_type=jnp.float32)
+    return jnp.einsum(spec, *_operands(lhs, rhs), preferred_element_type=jnp.float32)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -214,11 +217,12 @@ def _tokens_last(a: jax.Array) -> jax.Array | None:
     XLA:CPU folds a transposed copy of an operand back into the product that reads it (a transpose, or one hidden
     behind a reshape, an `optimization_barrier` or an added zero), which then contracts the rows of both operands
     again; the product with an identity is a product of its own. Each output is one input times 1.0 summed with
-    zeros in float32: exact (an infinite input gives NaN beside it). [1996, 768] -> [768, 1996]: ~3 ms on AMX;
+    zeros in float32: exact (an infinite input gives NaN beside it). None too in the upcast form of bfloat16
+    products, where the float32 product contracting the rows of both operands runs at its full rate. [1996, 768] -> [768, 1996]: ~3 ms on AMX;
     the kernel gradient [1996, 768]^T x [1996, 3072] then runs in ~25 ms instead of ~86 (one measurement, busy
     machine)."""
     n, w = a.shape
-    if _bfloat16_products == UPCAST:  # float32 products contract the rows of both operands at their full rate
+    if _bfloat16_products == UPCAST:
         return None
     block = next((b for b in range(min(w, 768), 127, -1) if w % b == 0), None)
     if block is None or n < 128:
