@@ -217,10 +217,10 @@ def _tokens_last(a: jax.Array) -> jax.Array | None:
     XLA:CPU folds a transposed copy of an operand back into the product that reads it (a transpose, or one hidden
     behind a reshape, an `optimization_barrier` or an added zero), which then contracts the rows of both operands
     again; the product with an identity is a product of its own. Each output is one input times 1.0 summed with
-    zeros in float32: exact (an infinite input gives NaN beside it). None too in the upcast form of bfloat16
-    products, where the float32 product contracting the rows of both operands runs at its full rate. [1996, 768] -> [768, 1996]: ~3 ms on AMX;
+    zeros in float32: exact (an infinite input gives NaN beside it). [1996, 768] -> [768, 1996]: ~3 ms on AMX;
     the kernel gradient [1996, 768]^T x [1996, 3072] then runs in ~25 ms instead of ~86 (one measurement, busy
-    machine)."""
+    machine). None too in the upcast form of bfloat16 products, where the float32 product contracting the rows of
+    both operands runs at its full rate."""
     n, w = a.shape
     if _bfloat16_products == UPCAST:
         return None
