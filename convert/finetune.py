@@ -260,8 +260,8 @@ class _Run:
         self.compute_dtype = jnp.bfloat16 if s.dtype == "bfloat16" else jnp.float32
         # How bfloat16 products are computed (None in float32): entered by every step and evaluation, so that the
         # programs they trace have that form.
-        self.products = bfloat16_products(s.bfloat16_products, platform_name=jax.default_backend(),
-                                          param="bfloat16_products") if s.dtype == "bfloat16" else None
+        self.products = (bfloat16_products(s.bfloat16_products, platform_name=jax.default_backend())
+                         if s.dtype == "bfloat16" else None)
         self.checkpoint_dir = checkpoint_dir
         self._epoch_cache: dict[int, list] = {}
         if self.lora is not None:

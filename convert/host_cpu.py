@@ -15,10 +15,9 @@ import platform
 from convert.base.errors import bad_argument
 
 CPUINFO = "/proc/cpuinfo"
-# The flags that name bfloat16 arithmetic, per architecture (`platform.machine()`): x86's AMX tiles and AVX-512
-# dot products, Arm's BF16 extension (BFDOT, BFMMLA).
-BFLOAT16_FLAGS = {"x86_64": ("amx_bf16", "avx512_bf16"), "AMD64": ("amx_bf16", "avx512_bf16"),
-                  "aarch64": ("bf16",), "arm64": ("bf16",)}
+# The flags that name bfloat16 arithmetic, per architecture (`platform.machine()` on Linux, the only system with
+# /proc/cpuinfo): x86's AMX tiles and AVX-512 dot products, Arm's BF16 extension (BFDOT, BFMMLA).
+BFLOAT16_FLAGS = {"x86_64": ("amx_bf16", "avx512_bf16"), "aarch64": ("bf16",)}
 CHOICES = ("auto", "native", "upcast")
 
 

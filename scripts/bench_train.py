@@ -123,7 +123,7 @@ class Setting:
 
         if not self.bfloat16:
             return None
-        form = bfloat16_products(choice, platform_name=jax.default_backend(), param="--bfloat16-products").form
+        form = bfloat16_products(choice, platform_name=jax.default_backend()).form  # choice: argparse's CHOICES
         set_bfloat16_products(form)
         return form
 
