@@ -100,6 +100,29 @@ def layer_norm(epsilon: float, dtype: Any, name: str, use_scale: bool = True) ->
 # Feature encoder
 
 
+class ChannelNorm(nn.Module):
+    """`nn.GroupNorm` with one group per channel (HF's `nn.GroupNorm(C, C)`): each channel of [B, L, C]
+    normalised over time, its mean and variance in at least float32 (the variance of the centred values), then
+    scaled and shifted; GroupNorm's params (`scale`, `bias`: [C]).
+
+    Written out rather than `nn.GroupNorm(num_groups=C)`: that one reduces a [B, L, C, 1] view over time and its
+    size-1 axis, which XLA:CPU runs ~18x slower than the same sums over time alone (wav2vec2-base's first conv at
+    4 x 10 s, the variance: 489 ms against the mean's 28 ms in a profiled step)."""
+
+    epsilon: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, hidden: jax.Array) -> jax.Array:
+        channels = (hidden.shape[-1],)
+        scale = self.param("scale", nn.initializers.ones, channels, jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, channels, jnp.float32)
+        wide = hidden.astype(jnp.promote_types(hidden.dtype, jnp.float32))
+        mean = wide.mean(-2, keepdims=True)  # [B, 1, C]
+        variance = jnp.square(wide - mean).mean(-2, keepdims=True)
+        return ((hidden - mean) * (jax.lax.rsqrt(variance + self.epsilon) * scale) + bias).astype(self.dtype)
+
+
 class ConvLayer(nn.Module):
     """One strided conv of the feature encoder, with its norm (if any) and activation."""
 
@@ -116,9 +139,7 @@ class ConvLayer(nn.Module):
         if c.feat_extract_norm == "layer":
             hidden = layer_norm(_CONV_NORM_EPS, self.dtype, "layer_norm")(hidden)
         elif i == 0:
-            # One group per channel: each channel is normalised over time.
-            hidden = nn.GroupNorm(num_groups=c.conv_dim[0], epsilon=_CONV_NORM_EPS, dtype=self.dtype,
-                                  use_fast_variance=False, name="layer_norm")(hidden)
+            hidden = ChannelNorm(_CONV_NORM_EPS, self.dtype, name="layer_norm")(hidden)
         return ACTIVATIONS[c.feat_extract_activation](hidden)
 
 

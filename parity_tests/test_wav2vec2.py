@@ -430,3 +430,47 @@ def test_bin_pickle_needing_more_than_weights_is_refused(extra, fixture_dir, tmp
         reference_from_pretrained(path.parent)
     message = _one_line(error)
     assert str(path) in message and "refused" in message and "weights_only" in message
+
+
+def test_channel_norm_matches_torch_group_norm_with_a_group_per_channel():
+    """The feature encoder's first norm (`ChannelNorm`, written out for XLA:CPU's sake) against torch's
+    `nn.GroupNorm(C, C)`: values and the gradients of the input, scale and bias; values off zero so that a
+    variance taken without centring would show."""
+    from flax_model.wav2vec2 import ChannelNorm
+
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((2, 301, 24)) * 3.0 + 40.0).astype(np.float32)
+    scale, bias = rng.standard_normal(24).astype(np.float32), rng.standard_normal(24).astype(np.float32)
+    cotangent = rng.standard_normal(x.shape).astype(np.float32)
+    module = ChannelNorm(1e-5)
+    assert jax.tree.map(np.shape, module.init(jax.random.key(0), x)) == {"params": {"scale": (24,), "bias": (24,)}}
+
+    def loss(params, hidden):
+        return jnp.sum(module.apply({"params": params}, hidden) * cotangent)
+
+    params = {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)}
+    out = module.apply({"params": params}, x)
+    grads, grad_x = jax.grad(loss, argnums=(0, 1))(params, jnp.asarray(x))
+
+    norm = torch.nn.GroupNorm(24, 24, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.from_numpy(scale))
+        norm.bias.copy_(torch.from_numpy(bias))
+    given = torch.from_numpy(x).transpose(1, 2).requires_grad_(True)  # [B, C, L], as the reference runs it
+    expected = norm(given)
+    (expected * torch.from_numpy(cotangent).transpose(1, 2)).sum().backward()
+    pairs = {"output": (out, expected.detach().transpose(1, 2)), "input gradient": (grad_x, given.grad.transpose(1, 2)),
+             "scale gradient": (grads["scale"], norm.weight.grad), "bias gradient": (grads["bias"], norm.bias.grad)}
+    for name, (ours, theirs) in pairs.items():
+        theirs = theirs.numpy()
+        error = float(np.max(np.abs(np.asarray(ours) - theirs)) / max(1.0, float(np.max(np.abs(theirs)))))
+        assert error < TOLERANCE, f"{name}: max error {error:.2e} relative to the largest value"
+
+    # bfloat16 compute: the statistics in float32, the output in bfloat16, as nn.GroupNorm gives it
+    low = ChannelNorm(1e-5, jnp.bfloat16).apply({"params": params}, jnp.asarray(x, jnp.bfloat16))
+    assert low.dtype == jnp.bfloat16
+    wide = np.asarray(jnp.asarray(x, jnp.bfloat16), np.float64)
+    centred = wide - wide.mean(1, keepdims=True)
+    want = centred / np.sqrt((centred**2).mean(1, keepdims=True) + 1e-5) * scale + bias
+    error = float(np.max(np.abs(np.asarray(low, np.float64) - want)))
+    assert error < 2.0**-7 * np.max(np.abs(want)), f"bfloat16: max error {error:.3e}"

@@ -24,6 +24,8 @@ What `--undo` can undo (each patches the package while the B variant is traced):
               kernel gradient one product per tap and the rest as XLA's convolution
     layerdrop_cond  a dropped encoder layer skipped under `nn.cond` (`flax_model.layers.run_unless_dropped`, as
               `flax_model.wav2vec2` calls it): B computes every layer and selects a dropped one's input
+    channel_norm  the feature encoder's group norm (one group per channel) written out over time
+              (`flax_model.wav2vec2.ChannelNorm`): B is `nn.GroupNorm`, which reduces a [B, L, C, 1] view
     hash_rounds  a measurement, not a change to undo: B draws the dropout masks through Threefry's key additions
               without its twenty rounds (`flax_model.random_bits.threefry2x32`; masks that are not random), so the
               difference is what the fused hash costs the step
@@ -92,6 +94,13 @@ def _xla_conv(hidden: Any, kernel: Any, stride: int) -> Any:
     return jax.lax.conv_general_dilated(hidden, kernel, (stride,), "VALID", dimension_numbers=_TIME_NUMBERS)
 
 
+def _group_norm(epsilon: float, dtype: Any, name: str) -> Any:
+    from flax import linen as nn
+
+    return nn.GroupNorm(num_groups=None, group_size=1, epsilon=epsilon, dtype=dtype, use_fast_variance=False,
+                        name=name)
+
+
 @contextlib.contextmanager
 def _without_hash_rounds() -> Iterator[None]:
     """Threefry-2x32's key additions without its rounds. The masks are drawn by jitted functions, traced once per
@@ -125,6 +134,7 @@ UNDO: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
     "tap_chunks": lambda: _patched("_TAP_PRODUCT_MIN_WIDTH", sys.maxsize),
     "layerdrop_cond": lambda: _patched(
         "run_unless_dropped", importlib.import_module("flax_model.layers").computed_and_selected, "wav2vec2"),
+    "channel_norm": lambda: _patched("ChannelNorm", _group_norm, "wav2vec2"),
     "hash_rounds": _without_hash_rounds,
     "upcast_products": lambda: importlib.import_module("flax_model.layers").bfloat16_products_as("upcast"),
 }
