@@ -6,8 +6,9 @@ exponentials and the dropped probabilities (the product's operand). For wav2vec2
 [4, 12, 499, 499]: 48 MB in float32 per layer, twice over. `probs_times_values` keeps the scores (one array of
 that size, in the scores' dtype) and each row's maximum and sum, and the backward pass computes the probabilities
 again from them, exp(scores - max) / sum, the forward pass's own operations on the same numbers, and the dropout
-mask again from its key. Inside a layer that the backward pass recomputes as a whole (`--remat`), and in float64,
-the computation is left to JAX's linearisation.
+mask again from its key, once (the gradient's mask is read from the dropped probabilities' zeros). Inside a layer
+that the backward pass recomputes as a whole (`--remat`), and in float64, the computation is left to JAX's
+linearisation.
 """
 
 from __future__ import annotations
@@ -60,8 +61,16 @@ def _softmax_terms(scores: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
 def _times_values(probs: jax.Array, values: jax.Array, drawn: jax.Array | None, spec: str, rate: float,
                   probs_shape: tuple[int, ...] | None) -> jax.Array:
     """The float32 probabilities as the values' dtype, dropped out, times the values."""
-    probs = dropout(probs.astype(values.dtype), rate, rate == 0.0, lambda: drawn)
-    return jnp.einsum(spec, probs if probs_shape is None else probs.reshape(probs_shape), values)
+    return _product(_dropped(probs, values, drawn, rate), values, spec, probs_shape)
+
+
+def _product(operand: jax.Array, values: jax.Array, spec: str, probs_shape: tuple[int, ...] | None) -> jax.Array:
+    return jnp.einsum(spec, operand if probs_shape is None else operand.reshape(probs_shape), values)
+
+
+def _dropped(probs: jax.Array, values: jax.Array, drawn: jax.Array | None, rate: float) -> jax.Array:
+    """The float32 probabilities as the values' dtype, dropped out: the product's operand."""
+    return dropout(probs.astype(values.dtype), rate, rate == 0.0, lambda: drawn)
 
 
 def _linearised(spec: str, rate: float, probs_shape: tuple[int, ...] | None) -> Callable[..., jax.Array]:
@@ -73,6 +82,7 @@ def _linearised(spec: str, rate: float, probs_shape: tuple[int, ...] | None) -> 
 @functools.cache
 def _recomputed(spec: str, rate: float, probs_shape: tuple[int, ...] | None) -> Callable[..., jax.Array]:
     product = functools.partial(_times_values, spec=spec, rate=rate, probs_shape=probs_shape)
+    dropped = functools.partial(_dropped, rate=rate)
 
     @jax.custom_vjp
     def call(scores: jax.Array, values: jax.Array, drawn: jax.Array | None) -> jax.Array:
@@ -89,8 +99,15 @@ def _recomputed(spec: str, rate: float, probs_shape: tuple[int, ...] | None) -> 
         # broadcast, and would keep the forward pass's broadcast, an array of the scores' size, for the backward).
         scores, drawn, high, total = tied_to(grad, (scores, drawn, high, total))
         probs = jnp.exp(scores.astype(jnp.float32) - high) / total
-        _, vjp = jax.vjp(lambda p, v: product(p, v, drawn), probs, values)
-        grad_probs, grad_values = vjp(grad)
+        # The product's operand as the forward pass dropped it (the mask drawn once here). Its gradient is
+        # dropped by the same mask, read from the operand's zeros rather than drawn a second time: where the
+        # mask kept a probability that is 0 the gradient is dropped too, and it is multiplied by that 0 below.
+        operand = dropped(probs, values, drawn)
+        _, vjp = jax.vjp(functools.partial(_product, spec=spec, probs_shape=probs_shape), operand, values)
+        grad_operand, grad_values = vjp(grad)
+        if 0.0 < rate:
+            grad_operand = jax.lax.select(operand != 0, grad_operand / (1.0 - rate), jnp.zeros_like(grad_operand))
+        grad_probs = grad_operand.astype(jnp.float32)
         # The transpose of softmax's JVP, y * (dx - sum(y * dx)), in the order JAX computes it.
         weighted = probs * grad_probs
         grad_scores = weighted + probs * (-weighted).sum(-1, keepdims=True)

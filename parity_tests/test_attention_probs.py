@@ -3,6 +3,8 @@ pass keeps, the gradient against JAX's linearisation of the plain computation, a
 
 from __future__ import annotations
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -103,6 +105,22 @@ def test_the_gradient_is_that_of_the_plain_computation(dtype, tolerance, grouped
         got, expected = (np.asarray(a, np.float64) for a in (got, expected))
         error = float(np.max(np.abs(got - expected)) / np.max(np.abs(expected)))
         assert error <= tolerance, f"{what}: {error:.2e} from the plain computation"
+
+
+def test_the_compiled_gradient_hashes_the_mask_once_per_pass():
+    """The probabilities are dropped in the forward pass and again in the backward's recomputation, and their
+    gradient is dropped by the same mask: the compiled forward and backward pass hash it once each (21 XORs over
+    the probabilities' shape per hash). The backward pass reads the gradient's mask from the dropped operand's
+    zeros; drawn again for it, the hash was compiled four times here (84 XORs)."""
+    scores, values, cotangent = _inputs(jnp.float32, (2, 4, 16, 16), 8)
+
+    def grads(s, v, g):  # the cotangent an argument, as in a training step (not a constant XLA could fold)
+        out, vjp = jax.vjp(lambda s, v: _ours(s, v, SPEC, 0.1, jax.random.key(3)), s, v)
+        return out, vjp(g)
+
+    compiled = jax.jit(grads).lower(scores, values, cotangent).compile().as_text()
+    xors = len(re.findall(r"= u32\[2,4,16,16\]\S* xor\(", compiled))
+    assert xors == 2 * 21, f"{xors} XORs over the probabilities' shape (two hashes: 42)"
 
 
 def test_the_dropout_stream_is_the_dropout_modules():
