@@ -101,7 +101,8 @@ def _recomputed(spec: str, rate: float, probs_shape: tuple[int, ...] | None) -> 
         probs = jnp.exp(scores.astype(jnp.float32) - high) / total
         # The product's operand as the forward pass dropped it (the mask drawn once here). Its gradient is
         # dropped by the same mask, read from the operand's zeros rather than drawn a second time: where the
-        # mask kept a probability that is 0 the gradient is dropped too, and it is multiplied by that 0 below.
+        # mask kept a probability that is 0 in the operand's dtype the gradient is dropped too, and is multiplied
+        # below by that probability (0, or under the dtype's smallest normal number).
         operand = dropped(probs, values, drawn)
         _, vjp = jax.vjp(functools.partial(_product, spec=spec, probs_shape=probs_shape), operand, values)
         grad_operand, grad_values = vjp(grad)
