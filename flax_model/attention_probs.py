@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_model.random_bits import dropout
+from flax_model.random_bits import apply_mask, dropout
 from flax_model.recompute import in_recomputed_layer, tied_to
 
 
@@ -107,7 +107,7 @@ def _recomputed(spec: str, rate: float, probs_shape: tuple[int, ...] | None) -> 
         _, vjp = jax.vjp(functools.partial(_product, spec=spec, probs_shape=probs_shape), operand, values)
         grad_operand, grad_values = vjp(grad)
         if 0.0 < rate:
-            grad_operand = jax.lax.select(operand != 0, grad_operand / (1.0 - rate), jnp.zeros_like(grad_operand))
+            grad_operand = apply_mask(grad_operand, operand != 0, 1.0 - rate)
         grad_probs = grad_operand.astype(jnp.float32)
         # The transpose of softmax's JVP, y * (dx - sum(y * dx)), in the order JAX computes it.
         weighted = probs * grad_probs

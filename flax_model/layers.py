@@ -76,13 +76,13 @@ class LayerNorm(nn.LayerNorm):
         return _recomputed_normalise(self.epsilon, jnp.dtype(dtype))(x, scale, bias)
 
 
-def _normalise(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, epsilon: float, dtype: Any
-               ) -> jax.Array:
-    """Flax's LayerNorm arithmetic, op for op: statistics in at least float32, (x - mean) * (rsqrt(var + eps) *
-    scale) + bias, cast to `dtype`."""
+def normalise(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, epsilon: float, dtype: Any,
+              axis: int = -1) -> jax.Array:
+    """Flax's LayerNorm arithmetic over `axis`, op for op: statistics in at least float32, (x - mean) *
+    (rsqrt(var + eps) * scale) + bias, cast to `dtype`."""
     h = x.astype(jnp.promote_types(dtype, jnp.float32))
-    mean = h.mean(-1, keepdims=True)
-    var = jax.lax.square(h - mean).mean(-1, keepdims=True)
+    mean = h.mean(axis, keepdims=True)
+    var = jax.lax.square(h - mean).mean(axis, keepdims=True)
     mul = jax.lax.rsqrt(var + epsilon)
     if scale is not None:
         mul = mul * scale
@@ -93,7 +93,7 @@ def _normalise(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, ep
 
 
 def _recomputed_normalise(epsilon: float, dtype: Any) -> Callable[..., jax.Array]:
-    return recomputed_with(_normalise, epsilon=epsilon, dtype=dtype)
+    return recomputed_with(normalise, epsilon=epsilon, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------

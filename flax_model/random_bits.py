@@ -122,10 +122,12 @@ def _fused_dropout(x: jax.Array, words: jax.Array, keep: float, shape: tuple[int
     hash inside the fusion that applies the mask, so no mask is written, kept between the passes or read back
     (a wav2vec2-base step at 4 x 10 s spent ~0.3 s writing the masks and turning them into booleans). Values and
     gradients are `nn.Dropout`'s to the bit."""
-    return _apply_mask(x, _fused_keep(words, keep, shape), keep)
+    return apply_mask(x, _fused_keep(words, keep, shape), keep)
 
 
-def _apply_mask(x: jax.Array, mask: jax.Array, keep: float) -> jax.Array:
+def apply_mask(x: jax.Array, mask: jax.Array, keep: float) -> jax.Array:
+    """Inverted dropout's arithmetic: `x / keep` where `mask` (broadcast to x's shape) holds, else 0; also the
+    gradient of that, applied to a cotangent."""
     return lax.select(jnp.broadcast_to(mask, x.shape), x / keep, jnp.zeros_like(x))
 
 
@@ -134,7 +136,7 @@ def _fused_dropout_forward(x, words, keep, shape):
 
 
 def _fused_dropout_backward(keep, shape, words, grad):
-    return _apply_mask(grad, _fused_keep(words, keep, shape), keep), None
+    return apply_mask(grad, _fused_keep(words, keep, shape), keep), None
 
 
 _fused_dropout.defvjp(_fused_dropout_forward, _fused_dropout_backward)
@@ -155,7 +157,7 @@ def dropout(x: jax.Array, rate: float, deterministic: bool, key: Callable[[], ja
     drawn = key()
     words = _bernoulli_words(drawn, tuple(shape))
     if words is None:
-        return _apply_mask(x, jax.random.bernoulli(drawn, keep, shape), keep)
+        return apply_mask(x, jax.random.bernoulli(drawn, keep, shape), keep)
     return _fused_dropout(x, words, keep, tuple(shape))
 
 

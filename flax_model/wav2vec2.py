@@ -30,7 +30,7 @@ from convert.base.configs import encoder_input_shape
 from convert.base.errors import UnsupportedConfig
 from flax_model.attention_probs import probs_times_values
 from flax_model.layers import (ACTIVATIONS, Dense, LayerNorm, add_bias, frame_mask, grouped_conv, is_scanned,
-                               layer_drop, make_stack, run_stack, run_unless_dropped, strided_conv)
+                               layer_drop, make_stack, normalise, run_stack, run_unless_dropped, strided_conv)
 from flax_model.random_bits import Dropout
 
 # HF's PyTorch defaults: nn.GroupNorm / nn.LayerNorm in the conv feature encoder and the adapter do not
@@ -102,8 +102,8 @@ def layer_norm(epsilon: float, dtype: Any, name: str, use_scale: bool = True) ->
 
 class ChannelNorm(nn.Module):
     """`nn.GroupNorm` with one group per channel (HF's `nn.GroupNorm(C, C)`): each channel of [B, L, C]
-    normalised over time, its mean and variance in at least float32 (the variance of the centred values), then
-    scaled and shifted; GroupNorm's params (`scale`, `bias`: [C]).
+    normalised over time with the layer norm's arithmetic (`layers.normalise`: statistics in at least float32,
+    the variance of the centred values); GroupNorm's params (`scale`, `bias`: [C]).
 
     Written out rather than `nn.GroupNorm(num_groups=C)`: that one reduces a [B, L, C, 1] view over time and its
     size-1 axis, which XLA:CPU runs ~18x slower than the same sums over time alone (wav2vec2-base's first conv at
@@ -117,10 +117,7 @@ class ChannelNorm(nn.Module):
         channels = (hidden.shape[-1],)
         scale = self.param("scale", nn.initializers.ones, channels, jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, channels, jnp.float32)
-        wide = hidden.astype(jnp.promote_types(hidden.dtype, jnp.float32))
-        mean = wide.mean(-2, keepdims=True)  # [B, 1, C]
-        variance = jnp.square(wide - mean).mean(-2, keepdims=True)
-        return ((hidden - mean) * (jax.lax.rsqrt(variance + self.epsilon) * scale) + bias).astype(self.dtype)
+        return normalise(hidden, scale, bias, self.epsilon, self.dtype, axis=-2)
 
 
 class ConvLayer(nn.Module):

@@ -108,7 +108,7 @@ def test_the_layers_keep_one_array_per_activation_and_none_per_layer_norm(model,
     wide = sum(shape in ffn for shape in shapes)
     assert wide == 2 * layers_, f"{wide} arrays of the feed-forward's width for {layers_} layers"
     monkeypatch.setattr(layers, "_recomputed_normalise", lambda epsilon, dtype: functools.partial(
-        layers._normalise, epsilon=epsilon, dtype=dtype))
+        layers.normalise, epsilon=epsilon, dtype=dtype))
     linearised = [shape for shape, _ in saved_residuals(_loss(SpeechEncoderDecoderModule(config), batch,
                                                                 jax.random.key(3)), model.params)]
     extra = sum(shape in hidden for shape in linearised) - sum(shape in hidden for shape in shapes)

@@ -80,7 +80,7 @@ def _linearised_by_jax() -> Iterator[None]:
     layers.ACTIVATIONS.update({name: getattr(fn, "fun", fn) for name, fn in kept.items()})
     try:
         with _patched("_recomputed_normalise", lambda epsilon, dtype: functools.partial(
-                layers._normalise, epsilon=epsilon, dtype=dtype)):
+                layers.normalise, epsilon=epsilon, dtype=dtype)):
             yield
     finally:
         layers.ACTIVATIONS.update(kept)
