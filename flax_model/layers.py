@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flax_model.fft_conv import grouped_conv_by_fft
 from flax_model.recompute import computed_beside, layer_recomputed, recomputed_with
 
 
@@ -390,8 +391,9 @@ def grouped_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], 
     XLA:CPU lowers the kernel gradient of a grouped convolution to a dilated convolution that computes every group
     against every other (wav2vec2-base's positional conv, 16 groups: 80 times the time of the forward conv, half of
     the whole training step); here it is a few batched matmuls (`grouped_conv_kernel_grad`). The conv and its
-    input gradient are XLA's, or in bfloat16 over wide groups products too (`_conv_by_tap_chunks`). Every other
-    case is `jax.lax.conv_general_dilated`.
+    input gradient are XLA's, or in bfloat16 over wide groups products too (`_conv_by_tap_chunks`). A long kernel
+    over wide groups (wav2vec2's positional conv) goes through the FFT instead, the conv and both gradients
+    (`_by_fft`), except where bfloat16 products run natively. Every other case is `jax.lax.conv_general_dilated`.
     """
     plain = (feature_group_count == 1 or tuple(window_strides) != (1,) or isinstance(padding, str)
              or not _over_time(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, preferred_element_type)
@@ -401,7 +403,10 @@ def grouped_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], 
             lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
             dimension_numbers=dimension_numbers, feature_group_count=feature_group_count, precision=precision,
             preferred_element_type=preferred_element_type)
-    return _grouped_conv_1d(lhs, rhs, tuple(tuple(p) for p in padding)[0], feature_group_count, precision)
+    padding = tuple(tuple(p) for p in padding)[0]
+    if _by_fft(lhs, rhs, feature_group_count, precision):
+        return grouped_conv_by_fft(lhs, rhs, padding, feature_group_count)
+    return _grouped_conv_1d(lhs, rhs, padding, feature_group_count, precision)
 
 
 def _xla_grouped_conv_1d(hidden: jax.Array, kernel: jax.Array, padding: tuple[int, int], groups: int,
@@ -426,6 +431,18 @@ def _as_products(hidden: jax.Array, kernel: jax.Array, groups: int, precision: A
 
 def _wide_groups(hidden: jax.Array, out_channels: int, groups: int) -> bool:
     return min(hidden.shape[2], out_channels) // groups >= _TAP_PRODUCT_MIN_WIDTH
+
+
+_FFT_MIN_TAPS = 64  # taps from which a grouped conv over wide groups goes through the FFT (`_by_fft`)
+
+
+def _by_fft(hidden: jax.Array, kernel: jax.Array, groups: int, precision: Any) -> bool:
+    """Whether the conv and both its gradients go through the FFT (`flax_model.fft_conv`): a kernel of at least
+    `_FFT_MIN_TAPS` taps over groups at least `_TAP_PRODUCT_MIN_WIDTH` wide, wherever it would otherwise be XLA's
+    convolution (float32, or bfloat16 upcast; native bfloat16 products run on the matrix units as chunks of taps).
+    wav2vec2-base's positional conv at 4 x 10 s, output and both gradients: ~0.25 s against ~0.6-0.7 s (AVX2)."""
+    return (kernel.shape[0] >= _FFT_MIN_TAPS and _wide_groups(hidden, kernel.shape[2], groups)
+            and not _as_products(hidden, kernel, groups, precision))
 
 
 def _grouped_conv_forward(hidden: jax.Array, kernel: jax.Array, padding: tuple[int, int], groups: int,

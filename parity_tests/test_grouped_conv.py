@@ -148,28 +148,6 @@ def test_the_bfloat16_positional_conv_runs_as_chunked_products():
                       ("bfloat16[16,62,384]", "bfloat16[16,384,48]", ((2,), (1,)))], shapes  # output: 31 frames
 
 
-def test_upcast_the_positional_conv_and_its_input_gradient_are_xlas_convolutions():
-    """In the upcast form of bfloat16 products (a CPU without bfloat16 arithmetic) the output and the input
-    gradient are XLA's grouped convolution, as in float32 (faster there than the chunks' products upcast), and the
-    kernel gradient the chunked products of float32 operands."""
-    hidden = jnp.zeros((2, 30, 768), jnp.bfloat16)
-    kernel = jnp.zeros((128, 48, 768), jnp.bfloat16)
-    conv = lambda h, k: grouped_conv(h, k, (1,), [(64, 64)], dimension_numbers=_NUMBERS,  # noqa: E731
-                                     feature_group_count=16)
-    with layers.bfloat16_products_as(layers.UPCAST):
-        jaxpr = jax.make_jaxpr(lambda h, k: jax.vjp(conv, h, k)[1](jnp.ones((2, 31, 768), jnp.bfloat16)))(hidden,
-                                                                                                           kernel)
-    convs = [eqn for eqn in equations(jaxpr) if eqn.primitive.name == "conv_general_dilated"]
-    # the output [2, 31, 768] and the input gradient [2, 30, 768] (the backward's vjp also traces the output again,
-    # unused: XLA drops it)
-    assert {eqn.outvars[0].aval.shape for eqn in convs} == {(2, 31, 768), (2, 30, 768)}, convs
-    assert all(eqn.params["feature_group_count"] == 16 for eqn in convs), convs
-    loops = [eqn for eqn in equations(jaxpr) if eqn.primitive.name == "scan"]
-    assert [loop.params["length"] for loop in loops] == [16]  # the kernel gradient
-    operands = {v.aval.dtype for e in equations(jaxpr) if e.primitive.name == "dot_general" for v in e.invars}
-    assert operands == {jnp.dtype(jnp.float32)}, operands
-
-
 def test_a_float32_or_depthwise_grouped_conv_is_xlas_convolution():
     """In float32 XLA's convolution is the faster; a depthwise conv's groups are one channel wide."""
     for dtype, channels, groups in ((jnp.float32, 96, 2), (jnp.bfloat16, 12, 12)):

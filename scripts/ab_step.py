@@ -5,6 +5,7 @@ and the median of the paired ratios (undone / as is), with the load before and a
 
     python scripts/ab_step.py --undo bias_sum --setting bfloat16 --pairs 6
     python scripts/ab_step.py --undo bias_sum --setting bfloat16 --batch 8 --audio-seconds 15
+    python scripts/ab_step.py --undo fft_conv --setting scan+bfloat16 --bfloat16-products upcast
 
 What `--undo` can undo (each patches the package while the B variant is traced):
     bias_sum  the float32 sum of a bias's gradient under bfloat16 compute (`flax_model.layers.add_bias`): B adds
@@ -26,6 +27,8 @@ What `--undo` can undo (each patches the package while the B variant is traced):
               `flax_model.wav2vec2` calls it): B computes every layer and selects a dropped one's input
     channel_norm  the feature encoder's group norm (one group per channel) written out over time
               (`flax_model.wav2vec2.ChannelNorm`): B is `nn.GroupNorm`, which reduces a [B, L, C, 1] view
+    fft_conv  the positional conv and its gradients through the FFT (`flax_model.fft_conv`, as
+              `flax_model.layers.grouped_conv` calls it): B is XLA's convolution with the chunked kernel gradient
     hash_rounds  a measurement, not a change to undo: B draws the dropout masks through Threefry's key additions
               without its twenty rounds (`flax_model.random_bits.threefry2x32`; masks that are not random), so the
               difference is what the fused hash costs the step
@@ -135,6 +138,7 @@ UNDO: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
     "layerdrop_cond": lambda: _patched(
         "run_unless_dropped", importlib.import_module("flax_model.layers").computed_and_selected, "wav2vec2"),
     "channel_norm": lambda: _patched("ChannelNorm", _group_norm, "wav2vec2"),
+    "fft_conv": lambda: _patched("_FFT_MIN_TAPS", sys.maxsize),
     "hash_rounds": _without_hash_rounds,
     "upcast_products": lambda: importlib.import_module("flax_model.layers").bfloat16_products_as("upcast"),
 }
@@ -164,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label-tokens", type=int, default=32)
     parser.add_argument("--quick", action="store_true", help="2 layers per stack (a smoke test)")
     parser.add_argument("--layerdrop", type=float, default=None)
+    parser.add_argument("--bfloat16-products", choices=("native", "upcast"), default="native",
+                        help="the form of bfloat16 products both variants trace (upcast: what convert.finetune "
+                             "chooses on a CPU without bfloat16 arithmetic)")
     args = parser.parse_args(argv)
     args.freeze = True
 
@@ -179,9 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     import jax.numpy as jnp
     import numpy as np
 
+    from flax_model.layers import set_bfloat16_products
     from flax_model.speech_encoder_decoder import stack_params
     from flax_model.training import compiled_grad, step_key
     from scripts.bench import random_params
+    set_bfloat16_products(args.bfloat16_products)
     config = model_config(args)
     data = bench_batch(config, args.batch, args.audio_seconds, args.label_tokens)
     batch = {k: jnp.asarray(data[k]) for k in ("inputs", "attention_mask", "labels")}
@@ -223,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"bench": "ab_run", "variant": name, "median_s": round(statistics.median(times[name]), 3),
                           "runs_s": [round(t, 3) for t in times[name]], "first_loss_sum": losses[name]}))
     print(json.dumps({"bench": "ab", "undo": args.undo, "compiler_options": options, "setting": setting.name,
+                      "bfloat16_products": args.bfloat16_products,
                       "batch": args.batch, "audio_seconds": args.audio_seconds, "pairs": args.pairs,
                       "median_ratio_undone_over_as_is": round(statistics.median(ratios), 3),
                       "ratios": [round(r, 3) for r in ratios], "load_before": load_before, "load_after": load()}))
