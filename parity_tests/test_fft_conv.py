@@ -45,10 +45,11 @@ def _conv_and_grads(conv, hidden, kernel, grad):
 
 
 # (frames, taps, padding, groups, channels per group): wav2vec2-base's positional conv over fewer frames (128 taps,
-# K / 2 both sides: one frame too many, as PyTorch's), an odd kernel, no padding, and more padding than taps.
+# K / 2 both sides: one frame too many, as PyTorch's; one block), an odd kernel (two blocks), no padding, more
+# padding than taps, and five blocks of 128 frames.
 @pytest.mark.parametrize(("frames", "taps", "padding", "groups", "width"),
                          [(90, 128, (64, 64), 4, 48), (75, 65, (32, 32), 2, 32), (120, 64, (0, 0), 3, 16),
-                          (40, 64, (70, 3), 2, 16)])
+                          (40, 64, (70, 3), 2, 16), (300, 64, (32, 31), 2, 16)])
 def test_the_fft_conv_and_its_gradients_are_within_float32_rounding_of_float64_sums(frames, taps, padding, groups,
                                                                                     width):
     """Each of the three within 2e-6 of the float64 result's largest magnitude (float32 has 6e-8 per rounding; the
