@@ -149,7 +149,8 @@ def test_the_bfloat16_positional_conv_runs_as_chunked_products():
 
 
 def test_a_float32_or_depthwise_grouped_conv_is_xlas_convolution():
-    """In float32 XLA's convolution is the faster; a depthwise conv's groups are one channel wide."""
+    """A short kernel (under `_FFT_MIN_TAPS` taps) in float32 is XLA's convolution, the faster there; a depthwise
+    conv's groups are one channel wide."""
     for dtype, channels, groups in ((jnp.float32, 96, 2), (jnp.bfloat16, 12, 12)):
         hidden, kernel = jnp.zeros((2, 30, channels), dtype), jnp.zeros((5, channels // groups, channels), dtype)
         jaxpr = jax.make_jaxpr(lambda h, k: grouped_conv(h, k, (1,), [(2, 2)], dimension_numbers=_NUMBERS,
