@@ -297,6 +297,18 @@ class _Run:
         return SpeechEncoderDecoderModule(self.config, dtype=self.compute_dtype, remat=s.remat,
                                           scan_layers=s.scan_layers, lora=self.lora)
 
+    def untrained_projector_frozen(self) -> bool:
+        """A prefix composition whose projector is as `compose` initialised it (the model directory is no
+        fine-tuned one: it has no training report) and which this run freezes."""
+        from convert.base.composed import group_predicate, train_groups
+
+        if not self.prefix or (self.model_dir / REPORT_FILE).exists():
+            return False
+        in_projector = group_predicate(train_groups(self.config), ("projector",))
+        projector = [path for path in self.param_shapes() if in_projector(path)]
+        frozen = self.frozen(stacked=False)
+        return bool(projector) and all(frozen(path) for path in projector)
+
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         if self.prefix:
             from flax_model.prefix import param_shapes
@@ -1069,6 +1081,9 @@ def _train_and_export(model_dir: Path, train: str | Path, eval: str | Path, outp
         memory = training_memory(state, run.frozen_fn)
         print(f"training {memory['trainable_parameters']:,} of {memory['parameters']:,} parameters "
               f"({memory['optimizer_state_bytes'] / 2**20:.1f} MiB of optimiser state)", file=log, flush=True)
+        if run.untrained_projector_frozen():
+            print("note: the projector is as composing initialised it and stays frozen in this run (add "
+                  "--train-only projector to train it)", file=log, flush=True)
         if run.products is not None:
             print(f"bfloat16 products: {PRODUCT_FORMS[run.products.form]} ({run.products.reason})", file=log,
                   flush=True)
@@ -1178,8 +1193,8 @@ def _train_and_export(model_dir: Path, train: str | Path, eval: str | Path, outp
         cli.set_interrupt_note(f"{output} was written completely")
         sync_processes("finetune export")
         print(f"wrote {output}: WER {history['eval'][0]['wer']:.3f} -> {final['wer']:.3f} on {len(run.eval)} "
-              f"held-out utterances, {run.total_steps} steps in {report['wall_seconds']:.0f} s", file=log,
-              flush=True)
+              f"held-out utterances, {run.total_steps} step{'s' * (run.total_steps != 1)} in "
+              f"{report['wall_seconds']:.0f} s", file=log, flush=True)
         return FinetuneResult(output, report)
     except BaseException:
         remove_if_unused()

@@ -9,6 +9,7 @@ is paired once with every role it meets, within the suite's time budget.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import io
@@ -262,8 +263,17 @@ def test_finetune_trains_the_projector_and_lora_of_a_prefix_model_and_exports_th
     settings = finetune.FinetuneSettings(max_steps=2, batch_size=2, num_buckets=1, eval_batch_size=4,
                                          max_new_tokens=2, learning_rate=1e-2, train_only=("projector",),
                                          lora_rank=2, lora_alpha=4.0, lora_targets=("c_attn",), lora_export="adapter")
+    log = io.StringIO()
     finetune.finetune(tmp_path / "base", tmp_path / "data.jsonl", tmp_path / "data.jsonl", tmp_path / "out", settings,
-                      verify=False, progress=False, log=io.StringIO())
+                      verify=False, progress=False, log=log)
+    assert "note: the projector" not in log.getvalue(), log.getvalue()
+    # LoRA alone on a model as composed leaves its initialised projector frozen: the run says so (not on a
+    # fine-tuned model, nor where the projector trains, as above).
+    lora_only = dataclasses.replace(settings, train_only=None)
+    noted = {model: finetune._Run(tmp_path / model, tmp_path / "data.jsonl", tmp_path / "data.jsonl", lora_only,
+                                  tmp_path / f"{model}.checkpoints").untrained_projector_frozen()
+             for model in ("base", "out")}
+    assert noted == {"base": True, "out": False}, noted
     base, trained = (FlaxSpeechPrefixModel.from_pretrained(tmp_path / d) for d in ("base", "out"))
     before, after = (traverse_util.flatten_dict(m.params, sep="/") for m in (base, trained))
     changed = sorted(k for k in before if not np.array_equal(np.asarray(before[k]), np.asarray(after[k])))
