@@ -11,7 +11,8 @@ Loads the checkpoint (a local directory or a Hub repo id), then checks, and prin
   reference, and Flax's error may be at most `--factor` times the float32 reference's own (see
   `convert.verify`);
 - that greedy generation gives the same tokens in both.
-The models are loaded one after the other, never side by side. Exit status: 0 when every check passes, 1 when
+A prefix composition (`convert.compose --mode prefix`) gets the same checks over its layout
+(`convert.check_prefix`). The models are loaded one after the other, never side by side. Exit status: 0 when every check passes, 1 when
 one fails (or the model cannot be read), 2 for a usage error, 130 when interrupted.
 """
 
@@ -32,6 +33,7 @@ import numpy as np
 from convert.base.checkpoint import Checkpoint
 from convert.base.errors import ConvertError, bad_argument, with_param
 from convert.base.params import plan_checkpoint
+from convert.greedy_check import greedy_sequences, tokens_check
 
 FORMATS = ("both", "flax", "safetensors")
 FLAX_FILES = ("flax_model.msgpack", "flax_model.msgpack.index.json")
@@ -90,6 +92,13 @@ def check(
         directory = resolve_source(str(model), revision, what="model").path
     except ConvertError as e:
         raise with_param(e, "model", model) from None
+    from convert.base.prefix import is_prefix_directory
+
+    if is_prefix_directory(directory):
+        from convert.check_prefix import prefix_checks
+
+        return _result(model, directory, prefix_checks(directory, weights, factor, audio, max_new_tokens, seed,
+                                                       max_memory))
     config = _composed_config(directory)
     checks = [_files_check(directory, weights)]
     if not checks[0]["passed"]:
@@ -217,36 +226,22 @@ def _model_checks(directory: Path, config: Any, prefer: tuple[tuple[str, ...], t
     compiled = compiling_forward(config, batch)
     flax_model = load_flax(directory, prefer=prefer[0])
     flax32 = forward_logits(compiled.result(), flax_model, batch)
-    flax_tokens = _generate(flax_model.generate, batch["inputs"], batch.get("attention_mask"), max_new_tokens)
+    flax_tokens = greedy_sequences(flax_model.generate, batch["inputs"], batch.get("attention_mask"), max_new_tokens)
     del flax_model
     gc.collect()
     release_free_memory()
     with torch_threads(1):  # a batch of a few utterances: one thread is as fast, and less hurt by a busy machine
         mapped = prefer[1] == TORCH_FILES  # the safetensors pages themselves, uncopied
         torch_model = load_torch_mapped(directory) if mapped else load_torch(directory, prefer=prefer[1])
-        torch_tokens = _generate(torch_model.generate, *_torch(batch), max_new_tokens)
+        torch_tokens = greedy_sequences(torch_model.generate, *_torch(batch), max_new_tokens)
         ref32, ref64 = reference_logits(torch_model, batch)
     del torch_model
     judgement = judge_logits(flax32, ref32, ref64, factor)
-    same = flax_tokens.shape == torch_tokens.shape and bool(np.array_equal(flax_tokens, torch_tokens))
     return [
         {"name": "max |Δlogits| Flax vs float64 reference", "value": judgement["flax_error"],
          "limit": judgement["bound"], "passed": judgement["passed"], **judgement},
-        {"name": f"greedy tokens ({max_new_tokens} new) Flax vs PyTorch",
-         "value": "identical" if same else _first_difference(flax_tokens, torch_tokens),
-         "limit": "identical", "passed": same, "flax": flax_tokens.tolist(), "torch": torch_tokens.tolist()},
+        tokens_check(flax_tokens, torch_tokens, max_new_tokens),
     ]
-
-
-def _generate(generate: Any, inputs: Any, mask: Any, max_new_tokens: int) -> np.ndarray:
-    from convert.base.generation_settings import GenerationConfigError
-
-    try:
-        # Greedy whatever the generation config asks for (sampling, beams): the comparison is deterministic.
-        greedy = {"do_sample": False, "num_beams": 1, "num_return_sequences": 1}
-        return np.asarray(generate(inputs, mask, max_new_tokens=max_new_tokens, **greedy).sequences)
-    except (ValueError, GenerationConfigError) as e:  # options the model cannot honour, found by generate
-        raise ConvertError(f"greedy generation: {' '.join(str(e).split())}") from None
 
 
 def _inputs(directory: Path, config: Any, audio: Sequence[str | Path], seed: int) -> dict[str, np.ndarray]:
@@ -276,13 +271,6 @@ def _torch(batch: dict[str, np.ndarray]) -> tuple[Any, Any]:
 
     mask = batch.get("attention_mask")
     return torch.from_numpy(batch["inputs"]), None if mask is None else torch.from_numpy(mask)
-
-
-def _first_difference(a: np.ndarray, b: np.ndarray) -> str:
-    if a.shape != b.shape:
-        return f"lengths differ: {list(a.shape)} vs {list(b.shape)}"
-    row, step = (int(x[0]) for x in np.nonzero(a != b))
-    return f"differ at utterance {row}, token {step}"
 
 
 def print_table(result: dict[str, Any], out: TextIO) -> None:

@@ -89,6 +89,11 @@ def extract(
     sources = [("the composed model", directory)]
     check_output_location(output, overwrite=overwrite, sources=sources)
     cli.set_interrupt_note(f"nothing was written to {output}")
+    from convert.base.prefix import is_prefix_directory
+
+    if is_prefix_directory(directory):
+        raise UnsupportedConfig(f"{directory}: a prefix composition keeps its {part} as a checkpoint of its own, in "
+                                f"{directory / part} (transformers loads that directory as it is)", param="directory")
     checkpoint = Checkpoint(directory)
     where = str(directory / CONFIG)
     config = read_any_config(checkpoint.config, where)

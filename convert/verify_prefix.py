@@ -46,6 +46,42 @@ def prefix_inputs(config: Any, seed: int = 0, seconds: float = VERIFY_SECONDS) -
     return {"inputs": audio, "attention_mask": mask, "text_ids": ids}
 
 
+def differing_tensors(directory: Path, config: Any) -> list[str]:
+    """The tensors (`part/name`) in which a part's `flax_model.msgpack` and `model.safetensors` differ or that one
+    of them lacks."""
+    differing: list[str] = []
+    for part, path in part_directories(directory).items():
+        flax_file = Checkpoint(path, prefer=("flax_model.msgpack",))
+        torch_file = Checkpoint(path, prefer=("model.safetensors",))
+        files = compare_checkpoints(flax_file, torch_file, spec_for(getattr(config, part), role=part).keymap)
+        differing += [f"{part}/{name}" for name in files["mismatched"] + files["missing"]]
+    return differing
+
+
+def judged_logits(directory: Path, batch: dict[str, np.ndarray], factor: float) -> dict[str, Any]:
+    """Flax's float32 logits on `batch` (inputs, attention_mask, text_ids) judged against the reference's float32
+    and float64 runs, on the real columns; the reference is loaded, run and released first."""
+    import torch
+
+    from flax_model.prefix import FlaxSpeechPrefixModel
+    from torch_reference.prefix import SpeechPrefixModel
+
+    reference = SpeechPrefixModel.from_pretrained(directory)
+    torch_batch = [torch.from_numpy(batch[k]) for k in ("inputs", "attention_mask", "text_ids")]
+    with torch.no_grad():
+        ref32, mask = reference(*torch_batch)
+        ref64, _ = reference.double()(torch_batch[0].double(), *torch_batch[1:])
+    del reference
+    flax32, flax_mask = FlaxSpeechPrefixModel.from_pretrained(directory)(
+        *(batch[k] for k in ("inputs", "attention_mask", "text_ids")))
+    real = mask.numpy()
+    if not np.array_equal(np.asarray(flax_mask), real):
+        return {"passed": False, "reason": "Flax and the reference lay the batch out differently",
+                "flax_error": float("inf"), "reference_error": float("nan"), "bound": float("nan"), "factor": factor,
+                "logit_scale": float("nan"), "max_abs_logits_diff": float("inf"), "where": None}
+    return judge_logits(np.asarray(flax32)[real][None], ref32.numpy()[real][None], ref64.numpy()[real][None], factor)
+
+
 def verify_prefix_directory(directory: str | Path, factor: float = DEFAULT_FACTOR, seed: int = 0,
                             seconds: float = VERIFY_SECONDS) -> dict[str, Any]:
     """Both weight files of each part bit-equal, and Flax's logits judged against the reference's.
@@ -54,33 +90,9 @@ def verify_prefix_directory(directory: str | Path, factor: float = DEFAULT_FACTO
         `judge_logits`'s figures on the real columns, plus "seed", "weight_files_identical", "differing_tensors"
         and "passed".
     """
-    import torch
-
-    from flax_model.prefix import FlaxSpeechPrefixModel
-    from torch_reference.prefix import SpeechPrefixModel
-
     directory = Path(directory)
     config = read_prefix_config(directory)
-    differing: list[str] = []
-    for part, path in part_directories(directory).items():
-        flax_file = Checkpoint(path, prefer=("flax_model.msgpack",))
-        torch_file = Checkpoint(path, prefer=("model.safetensors",))
-        files = compare_checkpoints(flax_file, torch_file, spec_for(getattr(config, part), role=part).keymap)
-        differing += [f"{part}/{name}" for name in files["mismatched"] + files["missing"]]
-    batch = prefix_inputs(config, seed, seconds)
-    reference = SpeechPrefixModel.from_pretrained(directory)
-    torch_batch = [torch.from_numpy(batch[k]) for k in ("inputs", "attention_mask", "text_ids")]
-    with torch.no_grad():
-        ref32, mask = reference(*torch_batch)
-        ref64, _ = reference.double()(torch_batch[0].double(), *torch_batch[1:])
-    del reference
-    flax32, flax_mask = FlaxSpeechPrefixModel.from_pretrained(directory)(*(batch[k] for k in batch))
-    real = mask.numpy()
-    if not np.array_equal(np.asarray(flax_mask), real):
-        judgement = {"passed": False, "reason": "Flax and the reference lay the batch out differently",
-                     "max_abs_logits_diff": float("inf")}
-    else:
-        judgement = judge_logits(np.asarray(flax32)[real][None], ref32.numpy()[real][None],
-                                 ref64.numpy()[real][None], factor)
+    differing = differing_tensors(directory, config)
+    judgement = judged_logits(directory, prefix_inputs(config, seed, seconds), factor)
     return {**judgement, "seed": seed, "weight_files_identical": not differing,
             "differing_tensors": differing[:20], "passed": not differing and judgement["passed"]}

@@ -242,6 +242,57 @@ def test_compose_prefix_command_writes_a_verified_model(prefix_dir, fixture_dir,
     assert code == 2 and err == ["error: --projector mlp: applies to the prefix mode only"], err
 
 
+def test_check_judges_a_prefix_composition_and_extract_names_its_parts(prefix_dir, tmp_path, capsys):
+    """`convert.check` on a prefix composition: the four checks pass on a good one; a changed decoder tensor in
+    `model.safetensors` (which the reference reads) fails the weights check, naming it, and the logits check; a
+    missing projector file fails the files check. `--format flax` is a usage error. `convert.extract` points to
+    the part's own directory instead of failing on the layout."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from convert import check, extract
+
+    good = tmp_path / "good"
+    shutil.copytree(prefix_dir(ENCODERS[0], LMS[0]), good)
+
+    def run(*args: str) -> tuple[int, dict | list[str]]:
+        code = check.main([*args, "--max-new-tokens", "3", "--json"])
+        out, err = capsys.readouterr()
+        return code, json.loads(out) if out.strip() else err.strip().splitlines()
+
+    code, result = run(str(good))
+    names = [c["name"] for c in result["checks"]]
+    assert code == 0 and result["passed"], json.dumps(result)[:2000]
+    assert names == ["weight files present", "flax_model.msgpack == model.safetensors",
+                     "max |Δlogits| Flax vs float64 reference", "greedy tokens (3 new) Flax vs PyTorch"], names
+    logits, tokens = result["checks"][2], result["checks"][3]
+    assert logits["value"] <= logits["limit"] and len(tokens["flax"][0]) > 1, (logits, tokens)
+
+    bad = tmp_path / "bad"
+    shutil.copytree(good, bad)
+    tensors = load_file(bad / "decoder" / "model.safetensors")
+    changed = next(k for k in sorted(tensors) if k.endswith("attn.c_proj.weight"))
+    tensors[changed] = tensors[changed] * np.float32(3.0)  # not a uniform shift, which the next layer norm removes
+    save_file(tensors, bad / "decoder" / "model.safetensors", metadata={"format": "pt"})
+    code, result = run(str(bad))
+    weights, logits = result["checks"][1], result["checks"][2]
+    assert code == 1 and not result["passed"], json.dumps(result)[:2000]
+    assert [d["tensor"] for d in weights["differing"]] == [f"decoder/{changed}"], weights
+    assert not logits["passed"] and logits["value"] > logits["limit"], logits
+    (bad / "projector.safetensors").unlink()
+    code, result = run(str(bad))
+    assert code == 1 and [c["value"] for c in result["checks"]] == ["missing projector.safetensors"], result
+
+    code, err = run(str(good), "--format", "flax")
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: --format flax: a prefix composition"), err
+    code = extract.main([str(good), "--part", "decoder", "--output", str(tmp_path / "lm")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err == [f"error: {good}: a prefix composition keeps its decoder as a checkpoint of its own, "
+                                 f"in {good / 'decoder'} (transformers loads that directory as it is)"], err
+    assert not (tmp_path / "lm").exists()
+
+
 def test_finetune_trains_the_projector_and_lora_of_a_prefix_model_and_exports_the_adapter(tmp_path):
     """`convert.finetune --train-only projector --lora-rank 2 --lora-targets c_attn --lora-export adapter` on a
     prefix composition: only the projector moves in the exported weights, the LM's adapter is a PEFT adapter of the
