@@ -12,8 +12,9 @@ Loads the checkpoint (a local directory or a Hub repo id), then checks, and prin
   `convert.verify`);
 - that greedy generation gives the same tokens in both.
 A prefix composition (`convert.compose --mode prefix`) gets the same checks over its layout
-(`convert.check_prefix`). The models are loaded one after the other, never side by side. Exit status: 0 when every check passes, 1 when
-one fails (or the model cannot be read), 2 for a usage error, 130 when interrupted.
+(`convert.check_prefix`). The models are loaded one after the other, never side by side. Exit status: 0
+when every check passes, 1 when one fails (or the model cannot be read), 2 for a usage error, 130 when
+interrupted.
 """
 
 from __future__ import annotations  # noqa: I001 - convert.cli is imported first, on purpose
