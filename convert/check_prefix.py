@@ -67,14 +67,10 @@ def _files_check(directory: Path) -> dict[str, Any]:
 
 
 def _same_weights_check(directory: Path, config: Any) -> dict[str, Any]:
-    from convert.base.checkpoint import Checkpoint
-    from convert.base.registry import spec_for
-    from convert.verify import compare_checkpoints
+    from convert.verify_prefix import part_comparisons
 
     tensors, largest, differing = 0, 0.0, []
-    for part, path in part_directories(directory).items():
-        files = compare_checkpoints(Checkpoint(path, prefer=(PART_FILES[0],)), Checkpoint(path, prefer=(PART_FILES[1],)),
-                                    spec_for(getattr(config, part), role=part).keymap)
+    for part, files in part_comparisons(directory, config).items():
         tensors += files["tensors"]
         largest = max(largest, files["max_abs_diff"])
         differing += [{**d, "tensor": f"{part}/{d['tensor']}"} for d in files["differences"]]
@@ -126,7 +122,7 @@ def _greedy_tokens(directory: Path, batch: dict[str, np.ndarray], max_new_tokens
     gc.collect()
     reference = SpeechPrefixModel.from_pretrained(directory)
     torch_tokens = greedy_sequences(reference.generate, torch.from_numpy(batch["inputs"]),
-                             torch.from_numpy(batch["attention_mask"]), max_new_tokens)
+                                    torch.from_numpy(batch["attention_mask"]), max_new_tokens)
     return flax_tokens, torch_tokens
 
 

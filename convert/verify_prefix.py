@@ -46,16 +46,15 @@ def prefix_inputs(config: Any, seed: int = 0, seconds: float = VERIFY_SECONDS) -
     return {"inputs": audio, "attention_mask": mask, "text_ids": ids}
 
 
-def differing_tensors(directory: Path, config: Any) -> list[str]:
-    """The tensors (`part/name`) in which a part's `flax_model.msgpack` and `model.safetensors` differ or that one
-    of them lacks."""
-    differing: list[str] = []
+def part_comparisons(directory: Path, config: Any) -> dict[str, dict[str, Any]]:
+    """Each part's `flax_model.msgpack` against its `model.safetensors` (`convert.verify.compare_checkpoints`)."""
+    comparisons = {}
     for part, path in part_directories(directory).items():
         flax_file = Checkpoint(path, prefer=("flax_model.msgpack",))
         torch_file = Checkpoint(path, prefer=("model.safetensors",))
-        files = compare_checkpoints(flax_file, torch_file, spec_for(getattr(config, part), role=part).keymap)
-        differing += [f"{part}/{name}" for name in files["mismatched"] + files["missing"]]
-    return differing
+        keymap = spec_for(getattr(config, part), role=part).keymap
+        comparisons[part] = compare_checkpoints(flax_file, torch_file, keymap)
+    return comparisons
 
 
 def judged_logits(directory: Path, batch: dict[str, np.ndarray], factor: float) -> dict[str, Any]:
@@ -92,7 +91,8 @@ def verify_prefix_directory(directory: str | Path, factor: float = DEFAULT_FACTO
     """
     directory = Path(directory)
     config = read_prefix_config(directory)
-    differing = differing_tensors(directory, config)
+    differing = [f"{part}/{name}" for part, files in part_comparisons(directory, config).items()
+                 for name in files["mismatched"] + files["missing"]]
     judgement = judged_logits(directory, prefix_inputs(config, seed, seconds), factor)
     return {**judgement, "seed": seed, "weight_files_identical": not differing,
             "differing_tensors": differing[:20], "passed": not differing and judgement["passed"]}
