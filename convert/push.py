@@ -26,9 +26,11 @@ from huggingface_hub import errors as hf_errors
 
 from convert.base import checkpoint as ckpt
 from convert.base import hub
+from convert.base.checkpoint.safetensors_reader import SafetensorsFile
 from convert.base.composed import COMPOSE_REPORT, COMPOSED_MODEL_TYPE
 from convert.base.errors import CheckpointError, ConvertError, HubError, UsageError, bad_argument, with_param
 from convert.base.hub import HUB_URL, LOGIN_HINT
+from convert.base.prefix import PREFIX_MODEL_TYPE, PROJECTOR_FILE, part_directories, read_prefix_config
 from convert.model_card import card_sources
 
 DEFAULT_COMMIT_MESSAGE = "Upload composed speech encoder-decoder"
@@ -74,7 +76,9 @@ def check_composed_directory(directory: str | Path) -> dict:
 
     A composed directory has a `config.json` with `model_type: speech-encoder-decoder` and weights: at least
     one of the weight files `Checkpoint` reads, every shard named by an index present, no empty weight file,
-    and safetensors headers that fit their files (a truncated copy is refused).
+    and safetensors headers that fit their files (a truncated copy is refused). A prefix composition
+    (`speech-prefix-lm`) has its parts' configs agreeing with the top one and such weights in each part's directory
+    (`encoder/`, `decoder/`), and `projector.safetensors`.
 
     Args:
         directory: the directory to check.
@@ -94,9 +98,26 @@ def check_composed_directory(directory: str | Path) -> dict:
     if not config_path.is_file():
         raise CheckpointError(f"{directory}: not a composed model directory (no config.json)")
     config = ckpt.read_json(config_path)
+    if config.get("model_type") == PREFIX_MODEL_TYPE:
+        read_prefix_config(directory)  # the parts' config.json files agree with the copies in this one
+        for part in part_directories(directory).values():
+            _check_weights(part)
+        projector = directory / PROJECTOR_FILE
+        if not projector.is_file():
+            raise CheckpointError(f"{directory}: no {PROJECTOR_FILE} (the prefix composition's projector)")
+        if projector.stat().st_size == 0:
+            raise CheckpointError(f"{projector}: empty weight file")
+        SafetensorsFile(projector)  # its header fits the file
+        return config
     if config.get("model_type") != COMPOSED_MODEL_TYPE:
         raise CheckpointError(f"{config_path}: model_type={config.get('model_type')!r} is not a composed speech "
-                              f"encoder-decoder (expected {COMPOSED_MODEL_TYPE!r})")
+                              f"encoder-decoder (expected {COMPOSED_MODEL_TYPE!r} or {PREFIX_MODEL_TYPE!r})")
+    _check_weights(directory)
+    return config
+
+
+def _check_weights(directory: Path) -> None:
+    """At least one weight file, every shard an index names present, none empty, safetensors headers that fit."""
     present = [name for name in ckpt.WEIGHT_FILES if (directory / name).is_file()]
     if not present:
         raise CheckpointError(f"{directory}: no weights (looked for {', '.join(ckpt.WEIGHT_FILES)}); "
@@ -117,7 +138,6 @@ def check_composed_directory(directory: str | Path) -> dict:
     if ckpt.SAFETENSORS in present or ckpt.SAFETENSORS_INDEX in present:
         # Header-only parse: checks every tensor's extent against the file size without reading data.
         ckpt.Checkpoint(directory, prefer=(ckpt.SAFETENSORS, ckpt.SAFETENSORS_INDEX))
-    return config
 
 
 def upload_files(directory: str | Path) -> list[tuple[str, Path, int]]:

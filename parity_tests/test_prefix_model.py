@@ -14,6 +14,7 @@ import functools
 import hashlib
 import io
 import json
+import re
 from pathlib import Path
 
 import jax
@@ -291,6 +292,43 @@ def test_check_judges_a_prefix_composition_and_extract_names_its_parts(prefix_di
     assert code == 1 and err == [f"error: {good}: a prefix composition keeps its decoder as a checkpoint of its own, "
                                  f"in {good / 'decoder'} (transformers loads that directory as it is)"], err
     assert not (tmp_path / "lm").exists()
+
+
+def test_push_sends_a_prefix_composition_whole_and_refuses_a_partial_one(prefix_dir, tmp_path, capsys):
+    """`convert.push --dry-run` on a prefix composition lists every file of it, the parts' directories included;
+    a copy without a part's weights, with a truncated part file or without the projector is refused in one line."""
+    import os
+    import shutil
+
+    from convert import push
+
+    source = prefix_dir(ENCODERS[0], LMS[0])
+    on_disk = sorted((p.relative_to(source).as_posix(), p.stat().st_size) for p in source.rglob("*") if p.is_file())
+    assert push.main([str(source), "me/asr-llm", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    listed = [(name, int(size.replace(",", ""))) for name, size in re.findall(r"^  (\S+)\s+.*\(([\d,]+) bytes\)$",
+                                                                               out, flags=re.M)]
+    assert listed == on_disk and any(name.startswith("decoder/") for name, _ in listed), out
+
+    def broken(how: str) -> Path:
+        copy = tmp_path / how
+        shutil.copytree(source, copy)
+        if how == "no-decoder-weights":
+            for name in ("model.safetensors", "flax_model.msgpack"):
+                (copy / "decoder" / name).unlink()
+        elif how == "truncated-encoder":
+            path = copy / "encoder" / "model.safetensors"
+            os.truncate(path, path.stat().st_size - 4)
+        else:
+            (copy / "projector.safetensors").unlink()
+        return copy
+
+    for how, message in (("no-decoder-weights", "decoder: no weights"), ("truncated-encoder", "model.safetensors"),
+                         ("no-projector", "no projector.safetensors")):
+        copy = broken(how)
+        assert push.main([str(copy), "me/asr-llm", "--dry-run"]) == 1, how
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, (how, err)
 
 
 def test_finetune_trains_the_projector_and_lora_of_a_prefix_model_and_exports_the_adapter(tmp_path):
