@@ -113,10 +113,10 @@ def _greedy_tokens(directory: Path, batch: dict[str, np.ndarray], max_new_tokens
 
     import torch
 
-    from flax_model.prefix import FlaxSpeechPrefixModel
+    from convert.verify_prefix import float32_model
     from torch_reference.prefix import SpeechPrefixModel
 
-    model = FlaxSpeechPrefixModel.from_pretrained(directory)
+    model = float32_model(directory)
     flax_tokens = greedy_sequences(model.generate, batch["inputs"], batch["attention_mask"], max_new_tokens)
     del model
     gc.collect()

@@ -57,12 +57,25 @@ def part_comparisons(directory: Path, config: Any) -> dict[str, dict[str, Any]]:
     return comparisons
 
 
+def float32_model(directory: Path) -> Any:
+    """The directory's Flax model with float32 parameters, whatever dtype its files store (as the reference holds
+    them: a bfloat16 composition's weights, exactly, in float32)."""
+    import jax
+    import jax.numpy as jnp
+
+    from flax_model.prefix import FlaxSpeechPrefixModel
+
+    model = FlaxSpeechPrefixModel.from_pretrained(directory)
+    model.params = jax.tree.map(lambda a: a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+                                model.params)
+    return model
+
+
 def judged_logits(directory: Path, batch: dict[str, np.ndarray], factor: float) -> dict[str, Any]:
     """Flax's float32 logits on `batch` (inputs, attention_mask, text_ids) judged against the reference's float32
     and float64 runs, on the real columns; the reference is loaded, run and released first."""
     import torch
 
-    from flax_model.prefix import FlaxSpeechPrefixModel
     from torch_reference.prefix import SpeechPrefixModel
 
     reference = SpeechPrefixModel.from_pretrained(directory)
@@ -71,8 +84,7 @@ def judged_logits(directory: Path, batch: dict[str, np.ndarray], factor: float) 
         ref32, mask = reference(*torch_batch)
         ref64, _ = reference.double()(torch_batch[0].double(), *torch_batch[1:])
     del reference
-    flax32, flax_mask = FlaxSpeechPrefixModel.from_pretrained(directory)(
-        *(batch[k] for k in ("inputs", "attention_mask", "text_ids")))
+    flax32, flax_mask = float32_model(directory)(*(batch[k] for k in ("inputs", "attention_mask", "text_ids")))
     real = mask.numpy()
     if not np.array_equal(np.asarray(flax_mask), real):
         return {"passed": False, "reason": "Flax and the reference lay the batch out differently",

@@ -154,6 +154,27 @@ def test_compose_prefix_copies_each_part_bit_for_bit_and_initialises_only_the_pr
     assert (out / "compose_report.json").is_file() and "prefix composition" in (out / "README.md").read_text()
 
 
+def test_a_bfloat16_prefix_composition_stores_bfloat16_and_passes_its_verification(tmp_path):
+    """`--dtype bfloat16`: each part's tensors are the sources' rounded to bfloat16, and the verification (the
+    reference reading the bfloat16 files, Flax's parameters in float32 as the reference holds them) passes."""
+    import io
+
+    import ml_dtypes
+
+    from convert.base.checkpoint import Checkpoint
+    from convert.compose_prefix import compose_prefix
+
+    out = tmp_path / "prefix"
+    result = compose_prefix("wav2vec2", "gpt2", out, stack_frames=2, prompt="{audio}", dtype="bfloat16",
+                            progress=False, log=io.StringIO())
+    verification = result.report["verification"]
+    assert verification["passed"] and verification["weight_files_identical"], verification
+    source, written = Checkpoint(BUILTIN / "gpt2"), Checkpoint(out / "decoder", prefer=("model.safetensors",))
+    key = next(k for k in sorted(written.keys()) if k.endswith("attn.c_attn.weight"))
+    assert written.get(key).dtype == ml_dtypes.bfloat16
+    assert np.array_equal(written.get(key), source.get(key).astype(ml_dtypes.bfloat16)), key
+
+
 def test_compose_prefix_refuses_a_decoder_that_is_not_a_language_model_on_its_own(tmp_path):
     from convert.compose_prefix import compose_prefix
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from convert.base.checkpoint import numpy_to_torch
 from convert.base.errors import UnsupportedConfig
 from convert.base.generation_settings import GenerationConfig, model_generation_config, resolve_settings
 from convert.base.prefix import (
@@ -241,5 +242,5 @@ def _torch_state(config: SpeechPrefixConfig, flat: Mapping[str, np.ndarray]) -> 
     out = {}
     for path, value in flat.items():
         key, transform = keymap.to_torch(path)
-        out[key] = torch.from_numpy(np.ascontiguousarray(transform.to_torch(np.asarray(value))))
+        out[key] = numpy_to_torch(transform.to_torch(np.asarray(value)))  # bfloat16 files too, bit for bit
     return out
