@@ -236,6 +236,7 @@ class _Run:
                                "not audio: it has no conv feature encoder to freeze")
         self.lora = s.lora
         self.lora_layers: tuple = ()
+        self.stored_dtype = self._float32_master_weights()
         if self.lora is not None:
             self._add_lora()
         self.features = feature_extractor_config(files_directory(model_dir, "encoder"), config.encoder)
@@ -315,6 +316,34 @@ class _Run:
         else:
             from flax_model.speech_encoder_decoder import param_shapes
         return param_shapes(self.config)
+
+    def _float32_master_weights(self) -> Any:
+        """Casts the model's floating-point leaves to float32 where its files store another dtype, so that AdamW's
+        updates, far below bfloat16's resolution, are not rounded away at every step; returns the dtype every
+        floating-point leaf was stored in when it was one other than float32 (the export writes that dtype
+        again), else None."""
+        import jax.numpy as jnp
+        from flax import traverse_util
+
+        flat = traverse_util.flatten_dict(self.model.params, sep="/")
+        floating = {k for k, v in flat.items() if jnp.issubdtype(v.dtype, jnp.floating)}
+        dtypes = {flat[k].dtype for k in floating}
+        if dtypes <= {jnp.dtype(jnp.float32)}:
+            return None
+        flat = {k: v.astype(jnp.float32) if k in floating else v for k, v in flat.items()}
+        generation = self.model.generation_config
+        self.model = self.model_of(traverse_util.unflatten_dict(flat, sep="/"))
+        self.model.generation_config, self.model.mesh = generation, self.mesh
+        return next(iter(dtypes)) if len(dtypes) == 1 else None
+
+    def as_stored(self, flat: dict[str, Any]) -> dict[str, Any]:
+        """The floating-point leaves of `flat` in the dtype the model's files stored (`stored_dtype`), if not
+        float32."""
+        import jax.numpy as jnp
+
+        if self.stored_dtype is None:
+            return flat
+        return {k: v.astype(self.stored_dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v for k, v in flat.items()}
 
     def _add_lora(self) -> None:
         """The LoRA factors, drawn as PEFT draws them (seeded by --seed and the path), added to the params."""
@@ -1283,10 +1312,11 @@ def export_leaves(run: _Run, params: Any) -> tuple[dict[str, Any], dict[str, Any
         flat = unstack_params(flat if run.mesh is not None else {k: np.asarray(v) for k, v in flat.items()},
                               run.stacks)
     if run.lora is None:
-        return flat, {}
+        return run.as_stored(flat), {}
     if run.settings.lora_export == "merged":
-        return merge_lora(flat, run.lora_layers, run.lora.scaling), {}
-    return split_lora(flat)
+        return run.as_stored(merge_lora(flat, run.lora_layers, run.lora.scaling)), {}
+    base, factors = split_lora(flat)
+    return run.as_stored(base), factors
 
 
 def _write_output(tmp: Path, run: _Run, flat: dict[str, Any], factors: dict[str, Any], history: dict[str, Any],

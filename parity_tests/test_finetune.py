@@ -202,6 +202,42 @@ def test_a_checkpoint_resumes_in_the_other_layer_layout(data, tmp_path):
         assert diff <= 1e-6, f"trained weights differ by {diff:.2e} (at {where})"
 
 
+def test_a_bfloat16_model_trains_float32_master_weights_and_is_written_back_in_bfloat16(data, tmp_path):
+    """A composition stored in bfloat16 trains float32 master weights: its run ends where the same run from a
+    float32 copy of the same values ends, rounded to bfloat16 once, at the export (rounded at every step, most of
+    AdamW's updates, far below bfloat16's resolution, were lost)."""
+    import shutil
+
+    import jax
+    import ml_dtypes
+
+    from convert.base.checkpoint import Checkpoint
+    from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel
+
+    model = FlaxSpeechEncoderDecoderModel.from_pretrained(data["model"])
+    rounded = jax.tree.map(lambda a: np.asarray(a).astype(ml_dtypes.bfloat16), model.params)
+    settings = FinetuneSettings(**{**SETTINGS, "save_every": 0, "dropout": False, "max_steps": 3})
+    exported, reports = {}, {}
+    for name, dtype in (("bfloat16", ml_dtypes.bfloat16), ("float32", np.float32)):
+        start = tmp_path / name
+        model.save_pretrained(start, params=jax.tree.map(lambda a: a.astype(dtype), rounded))
+        for f in data["model"].iterdir():  # the tokenizer, the feature extractor's config, the compose report
+            if not (start / f.name).exists():
+                shutil.copyfile(f, start / f.name)
+        out = tmp_path / f"{name}-out"
+        finetune.finetune(start, data["train"], data["eval"], out, settings, verify=False, progress=False,
+                          log=io.StringIO())
+        checkpoint = Checkpoint(out, prefer=("model.safetensors",))
+        exported[name] = {k: checkpoint.get(k) for k in checkpoint.keys()}
+        reports[name] = json.loads((out / "training_report.json").read_text())["memory"]
+    assert reports["bfloat16"]["parameter_bytes"] == 4 * reports["bfloat16"]["parameters"], reports  # float32 state
+    assert exported["bfloat16"].keys() == exported["float32"].keys()
+    assert {v.dtype for v in exported["bfloat16"].values()} == {np.dtype(ml_dtypes.bfloat16)}
+    rounded_float32 = {k: v.astype(ml_dtypes.bfloat16).view(np.uint16) for k, v in exported["float32"].items()}
+    differ = [k for k, v in exported["bfloat16"].items() if not np.array_equal(v.view(np.uint16), rounded_float32[k])]
+    assert not differ, f"{len(differ)} tensors differ from the float32 run's, rounded: {differ[:3]}"
+
+
 def test_a_bad_manifest_line_is_a_one_line_error(data, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"audio": "x.wav", "text": "one"}\n')
