@@ -562,9 +562,17 @@ def transcribe(
     seconds = [audio_seconds(u.audio) for u in utterances]
     # The decoder describes so much audio; CTC decoding alone is bounded by the frames only.
     limit = runner.settings.max_new_tokens / tokens_per_second if runner.decoder == "attention" else math.inf
+    capacity = _capacity(runner, tokens_per_second)
+    if hasattr(runner.config, "prompt_length"):  # a prefix composition: the audio takes decoder positions too
+        prefix_limit = _prefix_seconds(runner.config, runner.settings.max_new_tokens, features)
+        if prefix_limit < limit:
+            limit = prefix_limit
+            capacity = (f"its prompt and audio take the decoder's positions before the max_new_tokens="
+                        f"{runner.settings.max_new_tokens} it may write, {runner.config.decoder.max_positions} in all "
+                        "(--max-new-tokens)")
     if chunk_seconds is not None and chunk_seconds > limit:
         raise bad_argument("chunk_seconds", chunk_seconds, f"is longer than the {limit:.1f} s one pass can transcribe "
-                           f"({_capacity(runner, tokens_per_second)})")
+                           f"({capacity})")
     items = []
     for i, (u, s) in enumerate(zip(utterances, seconds)):
         samples = round(s * rate)
@@ -572,7 +580,7 @@ def transcribe(
             if s > limit:
                 raise TranscriptionError(
                     f"{u.where}: {s:.1f} s of audio is longer than the {limit:.1f} s this model can transcribe in one "
-                    f"pass ({_capacity(runner, tokens_per_second)}); transcribe it in overlapping chunks with "
+                    f"pass ({capacity}); transcribe it in overlapping chunks with "
                     "chunk_seconds (--chunk-seconds)")
             items.append(_Item(i, 0, 0, samples, True))
         else:
@@ -685,6 +693,24 @@ def _check_memory(model: Any, runner: Runner, items: Sequence[_Item], utterances
         refuse_if_too_large(estimate.bytes, f"batch_size={rows}: a batch of {rows} utterances padded to "
                             f"{samples / rate:.1f} s (its largest array: {estimate.largest})", budget,
                             "lower batch_size=...", param="batch_size")
+
+
+def _prefix_seconds(config: Any, max_new_tokens: int, features: FeatureExtractorConfig) -> float:
+    """The longest audio (seconds) whose prefix of a prefix composition (its prompt and audio columns) leaves room for
+    `max_new_tokens` in the decoder's positions (`flax_model.prefix`'s generate: columns - 1 + new tokens)."""
+    room = config.decoder.max_positions + 1 - max_new_tokens
+
+    def fits(samples: int) -> bool:
+        frames = config.encoder.output_lengths(features.input_length(samples))
+        return config.prompt_length + int(config.audio_lengths(frames)) <= room
+
+    low, high = 0, features.sampling_rate
+    while fits(high):  # doubling, then bisecting: the columns grow with the samples
+        low, high = high, 2 * high
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low / features.sampling_rate
 
 
 def _capacity(runner: Runner, tokens_per_second: float) -> str:

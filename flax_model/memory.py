@@ -95,9 +95,9 @@ def _bound(config: Any, params: Any, rows: int, samples: int, positions: int) ->
 
 def generation_estimate(module: Any, params: Any, batch: int, samples: int, settings: Any, masked: bool,
                         limit: int) -> Estimate:
-    """What generation with `module` (a `SpeechEncoderDecoderModule`) and `params` (arrays or abstract) on a
-    [batch, samples] input with `settings` (resolved `GenerationSettings`) needs; not traced when the quick bound
-    is within `limit` bytes."""
+    """What generation with `module` (a `SpeechEncoderDecoderModule` or a `SpeechPrefixModule`) and `params` (arrays
+    or abstract) on a [batch, samples] input with `settings` (resolved `GenerationSettings`) needs; not traced when
+    the quick bound is within `limit` bytes."""
     from flax_model.generation import search_function
 
     held = tree_bytes(params) + 2 * _input_bytes(module.config, batch, samples)
@@ -108,16 +108,24 @@ def generation_estimate(module: Any, params: Any, batch: int, samples: int, sett
     inputs = jax.ShapeDtypeStruct(encoder_input_shape(module.config.encoder, batch, samples), jnp.float32)
     mask = jax.ShapeDtypeStruct((batch, samples), jnp.int32) if masked else None
 
+    # What the search reads: the encoder's output of a composed model, the prefix (prompt and projected audio) of a
+    # prefix composition, whose search is its own (`flax_model.prefix`); both searches take it the same way.
+    from flax_model.prefix import SpeechPrefixModule
+    from flax_model.prefix import search_function as prefix_search
+
+    prefix = isinstance(module, SpeechPrefixModule)
+    method = "prefix" if prefix else "encode"
+
     def encode(p, x, m):
-        return module.apply({"params": p}, x, m, method="encode")
+        return module.apply({"params": p}, x, m, method=method)
 
     encoder_bytes, encoder_what = largest_array(encode, spec, inputs, mask)
     hidden, frame_mask = jax.eval_shape(encode, spec, inputs, mask)
     traced = {k: jax.ShapeDtypeStruct((), jnp.int32 if k == "min_new_tokens" else jnp.float32)
               for k in settings.traced}
     key = jax.ShapeDtypeStruct((2,), jnp.uint32)
-    search_bytes, search_what = largest_array(search_function(module, settings), spec, hidden, frame_mask,
-                                              traced, key)
+    search = (prefix_search if prefix else search_function)(module, settings)
+    search_bytes, search_what = largest_array(search, spec, hidden, frame_mask, traced, key)
     largest, what = max((encoder_bytes, f"the encoder's {encoder_what}"), (search_bytes, f"the search's {search_what}"))
     return Estimate(held + 2 * largest, what)
 

@@ -294,6 +294,46 @@ def test_check_judges_a_prefix_composition_and_extract_names_its_parts(prefix_di
     assert not (tmp_path / "lm").exists()
 
 
+def test_transcription_bounds_a_prefix_compositions_audio_by_the_decoders_positions(prefix_dir, tmp_path):
+    """A prefix composition's audio takes decoder positions before the tokens it writes: a file whose prefix and
+    `max_new_tokens` exceed them is refused in one line naming the longest audio that fits, and transcribes in
+    chunks of that length; the memory estimate traces the prefix and the prefix composition's own search (it
+    called an encoder-decoder's `encode` and failed)."""
+    import soundfile
+
+    from convert.base.generation_settings import model_generation_config, resolve_settings
+    from convert.base.prefix import prefix_generation_config
+    from convert.transcribe import TranscriptionError, transcribe
+    from flax_model.memory import generation_estimate, tree_bytes
+
+    directory = prefix_dir(ENCODERS[0], LMS[0])
+    model = FlaxSpeechPrefixModel.from_pretrained(directory)
+    config, new_tokens = model.config, 4
+    positions = config.decoder.max_positions
+    # The longest audio that fits, computed here from the config: whole seconds' tenths, columns - 1 + tokens.
+    columns = lambda s: config.prompt_length + int(config.audio_lengths(config.encoder.output_lengths(int(16000 * s))))
+    fits = max(t / 10 for t in range(1, 10 * positions) if columns(t / 10) - 1 + new_tokens <= positions)
+    path = tmp_path / "long.wav"
+    soundfile.write(path, (0.1 * np.random.default_rng(0).standard_normal(int(16000 * (fits + 1)))).astype(np.float32),
+                    16000)
+    with pytest.raises(TranscriptionError) as error:
+        transcribe(model, [path], max_new_tokens=new_tokens, tokens_per_second=0.01, progress=False)
+    message = str(error.value)
+    assert message.startswith(f"{path}: {fits + 1:.1f} s of audio is longer than the ") and "\n" not in message, message
+    said = float(message.split("longer than the ")[1].split(" s")[0])
+    assert fits <= said < fits + 0.1, (said, fits)
+    report = transcribe(model, [path], max_new_tokens=new_tokens, tokens_per_second=0.01, chunk_seconds=fits,
+                        chunk_overlap_seconds=fits / 4, progress=False)
+    assert len(report.results) == 1 and report.results[0].chunks >= 2, report.results
+
+    settings = resolve_settings(config, prefix_generation_config(model_generation_config(model), config),
+                                max_new_tokens=new_tokens)
+    samples = int(16000 * fits)
+    estimate = generation_estimate(model.module, model.params, 2, samples, settings, True, 0)  # 0: never the quick bound
+    assert estimate.largest.startswith(("the encoder's", "the search's")), estimate
+    assert estimate.bytes > tree_bytes(model.params), estimate
+
+
 def test_push_sends_a_prefix_composition_whole_and_refuses_a_partial_one(prefix_dir, tmp_path, capsys):
     """`convert.push --dry-run` on a prefix composition lists every file of it, the parts' directories included;
     a copy without a part's weights, with a truncated part file or without the projector is refused in one line."""
