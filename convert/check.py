@@ -251,15 +251,9 @@ def _inputs(directory: Path, config: Any, audio: Sequence[str | Path], seed: int
     batch = seeded_inputs(config, seed, seconds=VERIFY_SECONDS)
     if not audio:
         return batch
-    from convert.base.audio import AudioError, feature_extractor_config, load_audio, prepare_batch
+    from convert.base.audio import feature_extractor_config, files_batch
 
-    extractor = feature_extractor_config(directory, config.encoder)
-    waveforms = [load_audio(p, extractor.sampling_rate) for p in audio]
-    needed = extractor.min_samples(config.encoder)
-    for path, w in zip(audio, waveforms):
-        if len(w) < needed:
-            raise AudioError(f"{path}: {len(w)} samples is too short for the encoder (it needs at least {needed})")
-    inputs, mask = prepare_batch(waveforms, extractor)
+    inputs, mask = files_batch(audio, feature_extractor_config(directory, config.encoder), config.encoder)
     ids = np.repeat(batch["decoder_input_ids"][:1], len(audio), axis=0)
     out = {"inputs": inputs, "decoder_input_ids": ids}
     if mask is not None:

@@ -49,12 +49,14 @@ def prefix_checks(directory: Path, weights: str, factor: float, audio: Sequence[
 
     same = _same_weights_check(directory, config)
     batch = _inputs(directory, config, audio, seed)
-    judgement = judged_logits(directory, batch, factor)
+    judgement, (torch_tokens, flax_tokens) = judged_logits(
+        directory, batch, factor, greedy=lambda model, inputs, mask: greedy_sequences(model.generate, inputs, mask,
+                                                                                      max_new_tokens))
     return [
         files, same,
         {"name": "max |Δlogits| Flax vs float64 reference", "value": judgement["flax_error"],
          "limit": judgement["bound"], **judgement},
-        tokens_check(*_greedy_tokens(directory, batch, max_new_tokens), max_new_tokens),
+        tokens_check(flax_tokens, torch_tokens, max_new_tokens),
     ]
 
 
@@ -87,43 +89,17 @@ def _inputs(directory: Path, config: Any, audio: Sequence[str | Path], seed: int
     batch = prefix_inputs(config, seed)
     if not audio:
         return batch
-    from convert.base.audio import AudioError, feature_extractor_config, load_audio, prepare_batch
+    from convert.base.audio import AudioError, audio_seconds, feature_extractor_config, files_batch
 
-    extractor = feature_extractor_config(directory / "encoder", config.encoder)
-    waveforms = [load_audio(p, extractor.sampling_rate) for p in audio]
-    needed = extractor.min_samples(config.encoder)
-    for path, w in zip(audio, waveforms):
-        if len(w) < needed:
-            raise AudioError(f"{path}: {len(w)} samples is too short for the encoder (it needs at least {needed})")
-    inputs, mask = prepare_batch(waveforms, extractor)
+    inputs, mask = files_batch(audio, feature_extractor_config(directory / "encoder", config.encoder), config.encoder)
     text = np.repeat(batch["text_ids"][:1], len(audio), axis=0)
     columns = config.prompt_length + int(config.audio_lengths(config.encoder.output_lengths(inputs.shape[1])))
     if columns + text.shape[1] > config.decoder.max_positions:
-        longest = max(zip(audio, waveforms), key=lambda pair: len(pair[1]))[0]
+        longest = max(audio, key=lambda p: audio_seconds(Path(p)))
         raise AudioError(f"{longest}: its prefix of {columns} columns and {text.shape[1]} text tokens exceed the "
                          f"decoder's {config.decoder.max_positions} positions (check with a shorter file)")
     return {"inputs": inputs, "attention_mask": np.ones(inputs.shape[:2], np.int32) if mask is None else mask,
             "text_ids": text}
-
-
-def _greedy_tokens(directory: Path, batch: dict[str, np.ndarray], max_new_tokens: int
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """Greedy tokens of Flax, then of the reference (one model in memory at a time)."""
-    import gc
-
-    import torch
-
-    from convert.verify_prefix import float32_model
-    from torch_reference.prefix import SpeechPrefixModel
-
-    model = float32_model(directory)
-    flax_tokens = greedy_sequences(model.generate, batch["inputs"], batch["attention_mask"], max_new_tokens)
-    del model
-    gc.collect()
-    reference = SpeechPrefixModel.from_pretrained(directory)
-    torch_tokens = greedy_sequences(reference.generate, torch.from_numpy(batch["inputs"]),
-                                    torch.from_numpy(batch["attention_mask"]), max_new_tokens)
-    return flax_tokens, torch_tokens
 
 
 def _refuse_beyond(directory: Path, config: Any, max_memory: int) -> None:

@@ -8,6 +8,7 @@ float64 (`.double()`): twice the model's float32 memory (unlike the cross-attent
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,26 +72,37 @@ def float32_model(directory: Path) -> Any:
     return model
 
 
-def judged_logits(directory: Path, batch: dict[str, np.ndarray], factor: float) -> dict[str, Any]:
+def judged_logits(directory: Path, batch: dict[str, np.ndarray], factor: float,
+                  greedy: Callable[[Any, Any, Any], Any] | None = None) -> tuple[dict[str, Any], tuple[Any, ...]]:
     """Flax's float32 logits on `batch` (inputs, attention_mask, text_ids) judged against the reference's float32
-    and float64 runs, on the real columns; the reference is loaded, run and released first."""
+    and float64 runs, on the real columns; the reference is loaded, run and released first, each model loaded once.
+
+    `greedy(model, inputs, attention_mask)`, if given, runs on the float32 reference and then on the Flax model
+    while each is loaded (`convert.check`'s token comparison); its two results follow the judgement, else ()."""
     import torch
 
     from torch_reference.prefix import SpeechPrefixModel
 
+    names = ("inputs", "attention_mask", "text_ids")
     reference = SpeechPrefixModel.from_pretrained(directory)
-    torch_batch = [torch.from_numpy(batch[k]) for k in ("inputs", "attention_mask", "text_ids")]
+    torch_batch = [torch.from_numpy(batch[k]) for k in names]
+    extra = () if greedy is None else (greedy(reference, *torch_batch[:2]),)
     with torch.no_grad():
         ref32, mask = reference(*torch_batch)
         ref64, _ = reference.double()(torch_batch[0].double(), *torch_batch[1:])
     del reference
-    flax32, flax_mask = float32_model(directory)(*(batch[k] for k in ("inputs", "attention_mask", "text_ids")))
+    flax_model = float32_model(directory)
+    flax32, flax_mask = flax_model(*(batch[k] for k in names))
+    if greedy is not None:
+        extra += (greedy(flax_model, batch["inputs"], batch["attention_mask"]),)
+    del flax_model
     real = mask.numpy()
     if not np.array_equal(np.asarray(flax_mask), real):
         return {"passed": False, "reason": "Flax and the reference lay the batch out differently",
                 "flax_error": float("inf"), "reference_error": float("nan"), "bound": float("nan"), "factor": factor,
-                "logit_scale": float("nan"), "max_abs_logits_diff": float("inf"), "where": None}
-    return judge_logits(np.asarray(flax32)[real][None], ref32.numpy()[real][None], ref64.numpy()[real][None], factor)
+                "logit_scale": float("nan"), "max_abs_logits_diff": float("inf"), "where": None}, extra
+    return judge_logits(np.asarray(flax32)[real][None], ref32.numpy()[real][None], ref64.numpy()[real][None],
+                        factor), extra
 
 
 def verify_prefix_directory(directory: str | Path, factor: float = DEFAULT_FACTOR, seed: int = 0,
@@ -105,6 +117,6 @@ def verify_prefix_directory(directory: str | Path, factor: float = DEFAULT_FACTO
     config = read_prefix_config(directory)
     differing = [f"{part}/{name}" for part, files in part_comparisons(directory, config).items()
                  for name in files["mismatched"] + files["missing"]]
-    judgement = judged_logits(directory, prefix_inputs(config, seed, seconds), factor)
+    judgement, _ = judged_logits(directory, prefix_inputs(config, seed, seconds), factor)
     return {**judgement, "seed": seed, "weight_files_identical": not differing,
             "differing_tensors": differing[:20], "passed": not differing and judgement["passed"]}

@@ -312,6 +312,22 @@ def zero_mean_unit_var(x: np.ndarray) -> np.ndarray:
     return ((x - x.mean()) / np.sqrt(x.var() + NORM_EPS)).astype(np.float32)
 
 
+def files_batch(paths: Sequence[str | Path], config: FeatureExtractorConfig, encoder_config: Any
+                ) -> tuple[np.ndarray, np.ndarray | None]:
+    """`prepare_batch` of the audio files `paths` (resampled to `config.sampling_rate`), each checked to give the
+    encoder at least one output frame.
+
+    Raises:
+        AudioError: an unreadable file, or one too short for the encoder (naming it).
+    """
+    waveforms = [load_audio(p, config.sampling_rate) for p in paths]
+    needed = config.min_samples(encoder_config)
+    for path, w in zip(paths, waveforms):
+        if len(w) < needed:
+            raise AudioError(f"{path}: {len(w)} samples is too short for the encoder (it needs at least {needed})")
+    return prepare_batch(waveforms, config)
+
+
 def prepare_batch(waveforms: Sequence[np.ndarray], config: FeatureExtractorConfig,
                   length: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """The encoder's inputs for a batch of waveforms, as the model's feature extractor makes them.
