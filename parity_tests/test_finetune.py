@@ -13,8 +13,8 @@ import pytest
 import soundfile
 from flax import traverse_util
 
-from convert import cli, finetune
-from convert.finetune import FinetuneSettings
+from convert import cli, finetune, finetune_run
+from convert.finetune_settings import FinetuneSettings
 from convert.training_data import LabelTokenizer
 
 SETTINGS = {"max_steps": 4, "batch_size": 2, "num_buckets": 1, "eval_batch_size": 2, "max_new_tokens": 4,
@@ -86,7 +86,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resuming_matches_an_uninterrupted_run(dat
     # Ctrl-C as the interrupt guard delivers it: the callback finetune registered is called after step 3 starts.
     handlers = []
     monkeypatch.setattr(cli, "defer_interrupts", lambda h: handlers.append(h))
-    real_step = finetune._Run.step
+    real_step = finetune_run.Run.step
 
     def step(self, state, number):
         if number == 2:  # the callback registered while step 3 runs (steps 1 and 2 are done, not yet saved)
@@ -94,12 +94,12 @@ def test_ctrl_c_saves_a_checkpoint_and_resuming_matches_an_uninterrupted_run(dat
             handlers[-1]()
         return real_step(self, state, number)
 
-    monkeypatch.setattr(finetune._Run, "step", step)
+    monkeypatch.setattr(finetune_run.Run, "step", step)
     assert finetune.main(argv) == cli.EXIT_INTERRUPTED
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("interrupted: checkpoint saved at step 3"), err
     assert not out.exists() and checkpoints.is_dir()
-    monkeypatch.setattr(finetune._Run, "step", real_step)
+    monkeypatch.setattr(finetune_run.Run, "step", real_step)
     assert finetune.main([*argv, "--resume"]) == cli.EXIT_OK
     assert "resumed from" in capsys.readouterr().out
     resumed, straight = _params(out), _params(uninterrupted)

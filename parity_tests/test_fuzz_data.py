@@ -89,7 +89,7 @@ class _Saved:
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory) -> _Saved:
     """Checkpoints of steps 2 and 4, and the bytes of every file of step 4 as saved."""
-    from convert.finetune import checkpoint_manager, save_checkpoint
+    from convert.train_checkpoints import checkpoint_manager, save_checkpoint
 
     directory = tmp_path_factory.mktemp("fuzz_checkpoints") / "ck"
     manager = checkpoint_manager(directory)
@@ -186,7 +186,7 @@ def _checkpoint_file_names() -> tuple[str, ...]:
 @example(edits=[("delete", MANIFEST, b"")])
 @example(edits=[("add", "state/extra", b"")])
 def test_mutated_checkpoint_is_refused_or_restored_exactly(saved, edits):
-    from convert.finetune import checkpoint_manager, restore_checkpoint
+    from convert.train_checkpoints import checkpoint_manager, restore_checkpoint
 
     directory, files = saved.directory, saved.files
     step = directory / "4"

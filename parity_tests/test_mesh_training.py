@@ -28,7 +28,7 @@ import pytest
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from convert import cli, finetune, generate
+from convert import cli, finetune, generate, train_checkpoints
 from convert.base.errors import UsageError
 from flax_model.sharding import gathered_in_training, mesh_from_flag, parse_mesh
 from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel, SpeechEncoderDecoderModule
@@ -297,15 +297,15 @@ def _trailing_dict_keys(path) -> list:
 
 
 def _check_checkpoint_resumes_exactly(runs, tmp_path) -> None:
-    """orbax saves the sharded state as it lies (`convert.finetune.save_checkpoint`); restored into a template
+    """orbax saves the sharded state as it lies (`convert.train_checkpoints.save_checkpoint`); restored into a template
     on the mesh it comes back with the same shardings and bits, and one more step from it gives exactly the
     uninterrupted run's parameters and optimiser state."""
     run, states = runs["sharded"]["run"], runs["sharded"]["states"]
     after_one = jax.device_put(states[0], run.shardings)
-    manager = finetune.checkpoint_manager(tmp_path / "checkpoints")
-    finetune.save_checkpoint(manager, after_one, {"loss": [[1, runs["sharded"]["losses"][0]]]})
+    manager = train_checkpoints.checkpoint_manager(tmp_path / "checkpoints")
+    train_checkpoints.save_checkpoint(manager, after_one, {"loss": [[1, runs["sharded"]["losses"][0]]]})
     template = jax.device_put(jax.tree.map(np.zeros_like, states[0]), run.shardings)
-    restored, meta = finetune.restore_checkpoint(finetune.checkpoint_manager(tmp_path / "checkpoints"), template,
+    restored, meta = train_checkpoints.restore_checkpoint(train_checkpoints.checkpoint_manager(tmp_path / "checkpoints"), template,
                                                  tmp_path / "checkpoints")
     assert meta == {"loss": [[1, runs["sharded"]["losses"][0]]]}, meta
     for (path, got), want, sharding in zip(jax.tree_util.tree_leaves_with_path(restored), jax.tree.leaves(states[0]),
@@ -439,7 +439,7 @@ def test_finetune_on_a_mesh_exports_the_state_of_its_sharded_checkpoint(finetune
     report = json.loads((out / "training_report.json").read_text())
     assert report["mesh"] == {"data": 2, "fsdp": 4} and report["steps"] == 2, report.get("mesh")
     assert all(math.isfinite(e["wer"]) for e in report["eval"]) and math.isfinite(report["final_loss"]), report
-    manager = finetune.checkpoint_manager(out.with_name("sharded.checkpoints"))
+    manager = train_checkpoints.checkpoint_manager(out.with_name("sharded.checkpoints"))
     assert manager.latest_step() == 2
     restored = manager.restore(2, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     saved = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(restored.state["params"], sep="/").items()}

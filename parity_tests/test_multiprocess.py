@@ -126,7 +126,7 @@ def worker(process_id: int, port: int, model_dir: Path, out: Path, saved: Path) 
 
     # The sharded state through an orbax checkpoint (`convert.finetune`'s functions): every process writes its
     # devices' shards and reads them back.
-    from convert.finetune import checkpoint_manager, restore_checkpoint, save_checkpoint
+    from convert.train_checkpoints import checkpoint_manager, restore_checkpoint, save_checkpoint
 
     checkpoints = saved.with_name("checkpoints")
     save_checkpoint(checkpoint_manager(checkpoints), state, {"loss": result["train_loss"]})

@@ -378,7 +378,7 @@ def test_finetune_trains_the_projector_and_lora_of_a_prefix_model_and_exports_th
     parameters, with AdamW's two moments each."""
     import soundfile
 
-    from convert import finetune
+    from convert import finetune, finetune_run
     from convert.base.lora import read_peft_adapter
 
     compose_prefix("wav2vec2", "gpt2", tmp_path / "base", stack_frames=4, prompt="{audio}", verify=False,
@@ -399,7 +399,7 @@ def test_finetune_trains_the_projector_and_lora_of_a_prefix_model_and_exports_th
     # LoRA alone on a model as composed leaves its initialised projector frozen: the run says so (not on a
     # fine-tuned model, nor where the projector trains, as above).
     lora_only = dataclasses.replace(settings, train_only=None)
-    noted = {model: finetune._Run(tmp_path / model, tmp_path / "data.jsonl", tmp_path / "data.jsonl", lora_only,
+    noted = {model: finetune_run.Run(tmp_path / model, tmp_path / "data.jsonl", tmp_path / "data.jsonl", lora_only,
                                   tmp_path / f"{model}.checkpoints").untrained_projector_frozen()
              for model in ("base", "out")}
     assert noted == {"base": True, "out": False}, noted

@@ -1444,18 +1444,18 @@ def test_finetune_interrupted_while_exporting_keeps_its_last_checkpoint_and_writ
 
     The run resumes from a checkpoint of its last step (made here with finetune's own functions, so that the
     subprocess goes straight to the final evaluation and the export without compiling a training step)."""
-    from convert import finetune
+    from convert import finetune, finetune_run, train_checkpoints
     from flax_model.training import init_state
 
     out, checkpoints = tmp_path / "ft", tmp_path / "ft.checkpoints"
     argv = _finetune_argv(ws, out, "--resume")
     settings = finetune.FinetuneSettings(max_steps=1, batch_size=1, num_buckets=1, eval_batch_size=1,
                                          max_new_tokens=2)
-    run = finetune._Run(ws / "model", ws / "data" / "train.jsonl", ws / "data" / "eval.jsonl", settings, checkpoints)
+    run = finetune_run.Run(ws / "model", ws / "data" / "train.jsonl", ws / "data" / "eval.jsonl", settings, checkpoints)
     state = init_state(run.model.params, run.optimizer, run.frozen_fn)
     history = {"loss": [[1, 5.0]], "eval": [{"step": 0, "wer": 1.0, "cer": 1.0, "examples": [], "seconds": 0.0}],
                "audio_seconds": 0.5, "train_seconds": 1.0}
-    finetune.save_checkpoint(finetune.checkpoint_manager(checkpoints), state.replace(step=state.step + 1), history)
+    train_checkpoints.save_checkpoint(train_checkpoints.checkpoint_manager(checkpoints), state.replace(step=state.step + 1), history)
     del run, state
     ready = lambda pid: any(tmp_path.glob(".ft.partial-*"))  # noqa: E731
     code, err, seconds = _interrupt(argv, tmp_path, ready, signal.SIGTERM)

@@ -123,13 +123,14 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def objects(root: Path) -> dict[str, Any]:
     """The loaded models, a batch of inputs and the initial train state of a run on the workspace's data."""
-    from convert.finetune import FinetuneSettings, _Run
+    from convert.finetune_run import Run
+    from convert.finetune_settings import FinetuneSettings
     from flax_model.training import init_state
     from torch_reference.speech_encoder_decoder import SpeechEncoderDecoderModel
 
     settings = FinetuneSettings(max_steps=4, batch_size=2, num_buckets=1, eval_batch_size=2, max_new_tokens=4)
     data = root / "data"
-    run = _Run(root / "model", data / "train.jsonl", data / "eval.jsonl", settings, root / "ck" / "unused")
+    run = Run(root / "model", data / "train.jsonl", data / "eval.jsonl", settings, root / "ck" / "unused")
     return {"flax": run.model, "torch": SpeechEncoderDecoderModel.from_pretrained(root / "model"),
             "inputs": np.random.default_rng(0).standard_normal((2, 800)).astype(np.float32),
             "state": init_state(run.model.params, run.optimizer, run.frozen_fn)}
@@ -140,7 +141,7 @@ def ws(root: Path, objects: dict[str, Any]) -> Path:
     """The workspace, with orbax checkpoints of a run on its data (steps 2 and 4, as `--save-every 2` leaves
     them), saved through `save_checkpoint` from the initial train state (nothing is compiled), and copies of
     them edited after the save."""
-    from convert.finetune import checkpoint_manager, save_checkpoint
+    from convert.train_checkpoints import checkpoint_manager, save_checkpoint
 
     manager = checkpoint_manager(root / "ck" / "good")
     for step in (2, 4):
@@ -571,7 +572,7 @@ def _transcribe(**kw: Any) -> Callable[[Path, dict[str, Any]], Any]:
 
 def _restore(name: str) -> Callable[[Path, dict[str, Any]], Any]:
     def call(ws: Path, o: dict[str, Any]) -> Any:
-        from convert.finetune import checkpoint_manager, restore_checkpoint
+        from convert.train_checkpoints import checkpoint_manager, restore_checkpoint
 
         return restore_checkpoint(checkpoint_manager(ws / "ck" / name), o["state"], ws / "ck" / name)
     return call
@@ -690,7 +691,7 @@ def test_the_catalogue_holds_at_least_100_cases_over_the_commands_and_the_api():
 
 
 def test_a_good_checkpoint_resumes_and_reads_back_what_was_saved(ws, objects):
-    from convert.finetune import checkpoint_manager, restore_checkpoint
+    from convert.train_checkpoints import checkpoint_manager, restore_checkpoint
 
     state, meta = restore_checkpoint(checkpoint_manager(ws / "ck" / "good"), objects["state"], ws / "ck" / "good")
     assert int(state.step) == 4 and meta["loss"] == [[4, 1.0]]
@@ -724,7 +725,7 @@ def test_labels_a_loss_can_score_pass_the_checks():
 def test_a_checkpoint_write_that_fails_is_one_line_keeps_the_last_good_step_and_leaves_no_partial(ws, objects,
                                                                                                   tmp_path):
     """A file size limit (what a full disk looks like to orbax's writers): the save fails with EFBIG partway."""
-    from convert.finetune import checkpoint_manager, save_checkpoint
+    from convert.train_checkpoints import checkpoint_manager, save_checkpoint
 
     directory = tmp_path / "ck"
     shutil.copytree(ws / "ck" / "good", directory)
@@ -750,7 +751,7 @@ def test_a_checkpoint_write_that_fails_is_one_line_keeps_the_last_good_step_and_
 
 
 def test_a_checkpoint_that_cannot_be_created_is_one_line(ws, objects):
-    from convert.finetune import checkpoint_manager, save_checkpoint
+    from convert.train_checkpoints import checkpoint_manager, save_checkpoint
 
     listing = tree_listing(ws, directory_times=False)
     threads = set(threading.enumerate())

@@ -246,8 +246,8 @@ def test_fine_tuning_batches_are_feature_frames_with_spec_augment_on_them(compos
     """`convert.finetune`'s host batches for a feature encoder: log-mel frames of each bucket's length, the frame
     mask, and SpecAugment time masks over those frames (transformers' draw: inside each utterance's real frames);
     freezing the (absent) feature encoder is refused."""
-    from convert import finetune
-    from convert.finetune import FinetuneSettings
+    from convert import finetune_run
+    from convert.finetune_settings import FinetuneSettings
 
     (tmp_path / "wav").mkdir()
     with (tmp_path / "train.jsonl").open("w") as f:
@@ -255,7 +255,7 @@ def test_fine_tuning_batches_are_feature_frames_with_spec_augment_on_them(compos
             soundfile.write(str(tmp_path / "wav" / f"{i}.wav"), tone(seconds, 180 + 60 * i, i), RATE)
             f.write(json.dumps({"audio": f"wav/{i}.wav", "text": "one two"}) + "\n")
     settings = FinetuneSettings(batch_size=3, num_buckets=1, max_steps=1)
-    run = finetune._Run(composed, tmp_path / "train.jsonl", tmp_path / "train.jsonl", settings, tmp_path / "ckpt")
+    run = finetune_run.Run(composed, tmp_path / "train.jsonl", tmp_path / "train.jsonl", settings, tmp_path / "ckpt")
     batch, seconds = run.arrays(0, 0)
     frames = (fbank.frames_of(run.micro_batch(0).padded_length) + 1) // 2  # padded to even, pairs stacked
     assert batch["inputs"].shape == (3, frames, 160) and batch["attention_mask"].shape == (3, frames)
@@ -265,4 +265,4 @@ def test_fine_tuning_batches_are_feature_frames_with_spec_augment_on_them(compos
     assert not (time_mask & (batch["attention_mask"] == 0)).any()  # spans stay in the real frames
     frozen = FinetuneSettings(batch_size=3, num_buckets=1, max_steps=1, freeze_feature_encoder=True)
     with pytest.raises(ConvertError, match="freeze_feature_encoder=True: this encoder reads features, not audio"):
-        finetune._Run(composed, tmp_path / "train.jsonl", tmp_path / "train.jsonl", frozen, tmp_path / "ckpt")
+        finetune_run.Run(composed, tmp_path / "train.jsonl", tmp_path / "train.jsonl", frozen, tmp_path / "ckpt")

@@ -418,7 +418,7 @@ def finetune_worker(args: argparse.Namespace, setting: Setting, kept: bool) -> d
     """The step of `python -m convert.finetune` itself (this process started as the command starts: glibc keeping
     freed memory, XLA's order): `finetune_files`' model and batch, one batch per step (`--batch-size` the bench's
     batch, one length bucket), train mode without SpecAugment (the reference has none), `--runs` + 1 steps, each
-    `_Run.step` call timed (the first compiles: `--no-compile-cache`, so that it compiles as a first run does). The
+    `Run.step` call timed (the first compiles: `--no-compile-cache`, so that it compiles as a first run does). The
     peak resident memory is the steps' (reset before the first, read after the last: loading and the evaluations
     are left out, as the other workers leave out their set-up)."""
     import shutil
@@ -426,7 +426,7 @@ def finetune_worker(args: argparse.Namespace, setting: Setting, kept: bool) -> d
 
     import jax
 
-    from convert import finetune
+    from convert import finetune, finetune_run
 
     work = Path(tempfile.mkdtemp(prefix="bench_finetune_"))
     try:
@@ -440,7 +440,7 @@ def finetune_worker(args: argparse.Namespace, setting: Setting, kept: bool) -> d
         times: list[float] = []
         resident: list[float] = []
         peak = 0.0  # the high-water mark since the first step, after the latest
-        step = finetune._Run.step
+        step = finetune_run.Run.step
 
         def timed(run: Any, state: Any, number: int) -> Any:
             nonlocal peak
@@ -454,7 +454,7 @@ def finetune_worker(args: argparse.Namespace, setting: Setting, kept: bool) -> d
             peak = peak_rss_gb()
             return out
 
-        finetune._Run.step = timed
+        finetune_run.Run.step = timed
         probe, faults = host_probe(), fault_probe()
         flags = (["--scan-layers"] if setting.scan else []) + (["--remat"] if setting.remat else []) + (
             ["--dtype", "bfloat16", "--bfloat16-products", args.bfloat16_products] if setting.bfloat16 else []) + (
