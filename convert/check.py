@@ -101,6 +101,9 @@ def check(
         return _result(model, directory, prefix_checks(directory, weights, factor, audio, max_new_tokens, seed,
                                                        max_memory))
     config = _composed_config(directory)
+    from convert.base.generation_settings import GenerationConfig
+
+    GenerationConfig.from_directory(directory)  # a broken generation config is refused before any work starts
     checks = [_files_check(directory, weights)]
     if not checks[0]["passed"]:
         return _result(model, directory, checks)
@@ -110,13 +113,14 @@ def check(
         plan_checkpoint(Checkpoint(directory, prefer=(name,)), param_shapes)
     import torch  # noqa: F401 - before the comparison's thread, which uses it: two threads importing it race
 
-    from convert.verify import InBackground, open_weight_files
+    from convert.verify import InBackground, open_weight_files, settling
 
     # The weight files are compared in a background thread (memory maps, no copies) while the models run.
     comparing = InBackground(_same_weights_check, *open_weight_files(directory)) if weights == "both" else None
     prefer = {"both": (FLAX_FILES, TORCH_FILES), "flax": (FLAX_FILES, FLAX_FILES),
               "safetensors": (TORCH_FILES, TORCH_FILES)}[weights]
-    model_checks = _model_checks(directory, config, prefer, factor, audio, max_new_tokens, seed, max_memory)
+    with settling(comparing):
+        model_checks = _model_checks(directory, config, prefer, factor, audio, max_new_tokens, seed, max_memory)
     if comparing is not None:
         checks.append(comparing.result())
     checks.extend(model_checks)
@@ -219,13 +223,15 @@ def _model_checks(directory: Path, config: Any, prefer: tuple[tuple[str, ...], t
         load_torch_mapped,
         reference_logits,
         release_free_memory,
+        settling,
         torch_threads,
     )
 
     batch = _inputs(directory, config, audio, seed)
     _check_memory(directory, config, batch, audio, max_new_tokens, max_memory)  # before anything is compiled
     compiled = compiling_forward(config, batch)
-    flax_model = load_flax(directory, prefer=prefer[0])
+    with settling(compiled):
+        flax_model = load_flax(directory, prefer=prefer[0])
     flax32 = forward_logits(compiled.result(), flax_model, batch)
     flax_tokens = greedy_sequences(flax_model.generate, batch["inputs"], batch.get("attention_mask"), max_new_tokens)
     del flax_model

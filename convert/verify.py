@@ -12,7 +12,9 @@ activation, a mask off by one) moves logits by orders of magnitude more than rou
 
 from __future__ import annotations
 
+import contextlib
 import mmap
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -496,18 +498,19 @@ def verify_directory(directory: str | Path, factor: float = DEFAULT_FACTOR, seed
     batch = seeded_inputs(config, seed, seconds=seconds)
     compiled = compiling_forward(config, batch)
     comparing = InBackground(compare_checkpoints, flax_file, torch_file, keymap)
-    with torch_threads(1):  # 24 frames: one thread is as fast, and the other core has the background work
-        torch_model = load_torch_mapped(directory, keep_dtype=True)
-        ref32, ref64 = reference_logits(torch_model, batch)
-    del torch_model
-    gc.collect()
-    release_free_memory()
-    flax_model = load_flax(directory, prefer=FLAX_FILES)  # numpy leaves: the compiled call takes them uncopied
-    flax32 = forward_logits(compiled.result(), flax_model, batch)
-    del flax_model
-    gc.collect()
-    release_free_memory()
-    files = comparing.result()
+    with settling(compiled, comparing):
+        with torch_threads(1):  # 24 frames: one thread is as fast, and the other core has the background work
+            torch_model = load_torch_mapped(directory, keep_dtype=True)
+            ref32, ref64 = reference_logits(torch_model, batch)
+        del torch_model
+        gc.collect()
+        release_free_memory()
+        flax_model = load_flax(directory, prefer=FLAX_FILES)  # numpy leaves: the compiled call takes them uncopied
+        flax32 = forward_logits(compiled.result(), flax_model, batch)
+        del flax_model
+        gc.collect()
+        release_free_memory()
+        files = comparing.result()
     judgement = judge_logits(flax32, ref32, ref64, factor)
     identical = not files["mismatched"] and not files["missing"]
     return {
@@ -612,6 +615,24 @@ class InBackground:
         if self._error is not None:
             raise self._error
         return self._value
+
+    def settle(self) -> None:
+        """Waits for the thread to end, its value and error dropped."""
+        self._thread.join()
+
+
+@contextlib.contextmanager
+def settling(*tasks: InBackground | None) -> Iterator[None]:
+    """On an error in the block, waits for `tasks` to end before it propagates: a process that exits while a thread
+    is still inside XLA or PyTorch aborts ("terminate called without an active exception", exit 134) instead of
+    giving its one-line error."""
+    try:
+        yield
+    except BaseException:
+        for task in tasks:
+            if task is not None:
+                task.settle()
+        raise
 
 
 # One forward on 24 frames: XLA's optimisation passes cost more than they save (compilation 3.2 -> 2.3 s of CPU

@@ -112,3 +112,31 @@ def test_check_fails_when_a_weight_file_is_missing_unless_the_format_is_restrict
     restricted = check(str(partial), weights="safetensors", max_new_tokens=2)
     assert restricted["passed"], restricted
     assert [c["name"].split()[0] for c in restricted["checks"]] == ["weight", "max", "greedy"]
+
+
+def test_a_broken_generation_config_is_refused_before_any_background_work(composed_dir, tmp_path, monkeypatch):
+    """The command used to abort (exit 134, "terminate called without an active exception") when the generation
+    config was refused while its background threads were inside PyTorch or XLA: it is now read first, and an error
+    in the block waits for those threads (`convert.verify.settling`)."""
+    import threading
+    import time
+
+    from convert import verify
+    from convert.base.errors import ConvertError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(composed_dir("w2v_group_adapter", "bart_cg"), broken)
+    config = json.loads((broken / "generation_config.json").read_text())
+    (broken / "generation_config.json").write_text(json.dumps({**config, "num_beams": "four"}))
+    started = []
+    monkeypatch.setattr(verify.InBackground, "__init__", lambda self, fn, *args: started.append(fn))
+    with pytest.raises(ConvertError, match=r"generation_config\.json: num_beams=four"):
+        check(str(broken), max_new_tokens=2)
+    assert started == []
+    monkeypatch.undo()
+
+    ended = threading.Event()
+    slow = verify.InBackground(lambda: (time.sleep(0.3), ended.set()))
+    with pytest.raises(ValueError, match="in the block"), verify.settling(None, slow):
+        raise ValueError("in the block")
+    assert ended.is_set()
