@@ -104,6 +104,9 @@ def check(
     from convert.base.generation_settings import GenerationConfig
 
     GenerationConfig.from_directory(directory)  # a broken generation config is refused before any work starts
+    from convert.sources import check_part_files
+
+    check_part_files(directory, config.encoder, directory, config.decoder.vocab_size)  # the files beside them
     checks = [_files_check(directory, weights)]
     if not checks[0]["passed"]:
         return _result(model, directory, checks)

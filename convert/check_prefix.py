@@ -40,6 +40,10 @@ def prefix_checks(directory: Path, weights: str, factor: float, audio: Sequence[
         raise bad_argument("weights", weights, "a prefix composition is checked with both weight files of each part "
                            "(each framework reads its own)")
     config = read_prefix_config(directory)
+    from convert.sources import check_part_files
+
+    parts = part_directories(directory)
+    check_part_files(parts["encoder"], config.encoder, parts["decoder"], config.decoder.vocab_size)
     files = _files_check(directory)
     if not files["passed"]:
         return [files]

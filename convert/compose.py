@@ -50,6 +50,7 @@ from convert.sources import (  # noqa: F401 - re-exported: part of convert.compo
     Source,
     VerificationFailed,
     check_arguments,
+    check_extra_files,
     init_leaf,
     is_float,
     local_path,
@@ -309,6 +310,7 @@ def compose(
     dec = open_source(decoder, "decoder", decoder_revision)
     sources = [("the encoder source", enc.path), ("the decoder source", dec.path), BUILTIN_SOURCES]
     check_output_location(output, overwrite=overwrite, sources=sources)
+    check_extra_files(enc, dec)
     config = compose_config(enc, dec, decoder_start_token_id, pad_token_id, eos_token_id)
     ctc = plan_ctc_head(enc, config, ctc_head, ctc_vocab)
     config = dataclasses.replace(config, ctc=ctc.head)

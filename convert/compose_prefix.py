@@ -22,7 +22,7 @@ import numpy as np
 
 from convert import cli
 from convert.base.composed import COMPOSE_REPORT
-from convert.base.errors import ConvertError, KeyMapError, UnsupportedConfig, bad_argument, with_param
+from convert.base.errors import CheckpointError, ConvertError, KeyMapError, UnsupportedConfig, bad_argument, with_param
 from convert.base.generation_settings import decoder_generation_config
 from convert.base.keymap import check_missing
 from convert.base.params import plan_source, save_params
@@ -40,6 +40,7 @@ from convert.base.prefix import (
 from convert.base.prefix_io import write_projector
 from convert.base.resources import human_bytes, memory_budget, parse_memory, refuse_if_too_large
 from convert.base.outputs import atomic_directory, check_output_location
+from convert.base.tokenizer_file import read_tokenizer
 from convert.base.writing import TensorSpec, parse_size
 from convert.sources import (
     BUILTIN_SOURCES,
@@ -50,6 +51,7 @@ from convert.sources import (
     Source,
     VerificationFailed,
     check_arguments,
+    check_extra_files,
     init_leaf,
     is_float,
     local_path,
@@ -77,13 +79,8 @@ def prefix_config(encoder: Source, decoder: Source, projector: str, stack_frames
     if not path.is_file():
         raise UnsupportedConfig(f"decoder={decoder.spec}: no tokenizer.json (the prefix mode tokenises the prompt "
                                 "with the decoder's tokenizer)", param="decoder")
-    from tokenizers import Tokenizer
-
-    try:
-        tokenizer = Tokenizer.from_file(str(path))
-    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for a malformed file
-        raise UnsupportedConfig(f"decoder={decoder.spec}: {path.name} is not a tokenizers file "
-                                f"({str(e).splitlines()[0]})", param="decoder") from None
+    tokenizer = read_tokenizer(path, CheckpointError, decoder.config.vocab_size,
+                               where=f"decoder={decoder.spec}: {path.name}", param="decoder")
     dec = decoder.config
     before, after = tokenize_prompt(prompt, lambda text, specials: tokenizer.encode(
         text, add_special_tokens=specials).ids, getattr(dec, "bos_token_id", None))
@@ -147,7 +144,7 @@ def compose_prefix(
     projector: str = "linear",
     stack_frames: int = DEFAULT_STACK_FRAMES,
     projector_hidden_size: int | None = None,
-    projector_activation: str = "gelu",
+    projector_activation: str | None = None,
     prompt: str = DEFAULT_PROMPT,
     encoder_revision: str | None = None,
     decoder_revision: str | None = None,
@@ -172,8 +169,8 @@ def compose_prefix(
         output: the directory to create, atomically (the same rules as `convert.compose.compose`).
         projector: "linear" or "mlp".
         stack_frames: K, encoder frames stacked into one projector input (SLAM-ASR: 5 on a 50 Hz encoder).
-        projector_hidden_size: the mlp's inner width (default: the decoder's width).
-        projector_activation: the mlp's activation, "gelu" (Voxtral) or "relu" (SLAM-ASR).
+        projector_hidden_size: the mlp's inner width (default: the decoder's width); mlp only.
+        projector_activation: the mlp's activation, "gelu" (Voxtral, the default) or "relu" (SLAM-ASR); mlp only.
         prompt: the template; `{audio}` marks where the audio embeddings go.
         pad_token_id, eos_token_id: override the decoder's ids.
         max_memory: refuse before writing anything when the estimate exceeds it (default: the machine's memory).
@@ -192,9 +189,16 @@ def compose_prefix(
         seed, dtype, verify_factor, pad_token_id=pad_token_id, eos_token_id=eos_token_id, overwrite=overwrite,
         verify=verify, progress=progress, encoder_revision=encoder_revision, decoder_revision=decoder_revision)
     cli.require_choice("projector", projector, PROJECTOR_TYPES)
-    cli.require_choice("projector_activation", projector_activation, PROJECTOR_ACTIVATIONS)
+    if projector_activation is not None:
+        cli.require_choice("projector_activation", projector_activation, PROJECTOR_ACTIVATIONS)
     cli.require_int("stack_frames", stack_frames, 1, 4096)
     cli.require_int("projector_hidden_size", projector_hidden_size, 1, 2**31 - 1, allow_none=True)
+    if projector != "mlp":  # the linear projector has no hidden layer: its settings would be recorded and unused
+        for name, value in (("projector_hidden_size", projector_hidden_size),
+                            ("projector_activation", projector_activation)):
+            if value is not None:
+                raise bad_argument(name, value, f"applies to projector=mlp only (this projector is {projector})")
+    projector_activation = projector_activation or "gelu"
     split_prompt(prompt)
     shard_bytes = parse_size(max_shard_size)
     budget = memory_budget(parse_memory(max_memory))
@@ -209,6 +213,7 @@ def compose_prefix(
     dec = open_source(decoder, "decoder", decoder_revision)
     sources = [("the encoder source", enc.path), ("the decoder source", dec.path), BUILTIN_SOURCES]
     check_output_location(output, overwrite=overwrite, sources=sources)
+    check_extra_files(enc, dec)
     config = prefix_config(enc, dec, projector, stack_frames, projector_hidden_size, projector_activation, prompt,
                            eos_token_id, pad_token_id)
     try:
@@ -217,17 +222,20 @@ def compose_prefix(
         raise with_param(e, "decoder", decoder) from None
     layouts = {src.role: (src, *_part_layout(src, out_dtype)) for src in (enc, dec)}
     std = float(config.decoder.init_scale)
-    projector_leaves = {path: init_leaf(path, shape, std, seed, out_dtype)
-                        for path, shape in projector_shapes(config).items()}
-    total = sum(s.nbytes for _, specs, _ in layouts.values() for s in specs)
-    elements = sum(math.prod(s.shape) for _, specs, _ in layouts.values() for s in specs)
-    largest = max(math.prod(s.shape) for _, specs, _ in layouts.values() for s in specs)
+    projector_elements = [math.prod(shape) for shape in projector_shapes(config).values()]
+    shapes = [s.shape for _, specs, _ in layouts.values() for s in specs] + list(projector_shapes(config).values())
+    total = (sum(s.nbytes for _, specs, _ in layouts.values() for s in specs)
+             + sum(projector_elements) * out_dtype.itemsize)
+    elements = sum(math.prod(shape) for shape in shapes)
+    largest = max(math.prod(shape) for shape in shapes)
     # Streaming holds about two copies of the largest tensor; the verification the reference in float32 and
     # float64 (`convert.verify_prefix`), then the Flax model in float32.
     needed = 16 * elements if verify else 2 * largest * max(out_dtype.itemsize, 4)
     refuse_if_too_large(needed, f"the composed model ({elements / 1e6:,.1f}M parameters, {human_bytes(total)} in "
                         f"{dtype}) {'to verify' if verify else 'to stream into the weight files'}", budget,
                         "pass verify=False to compose without it" if verify else "")
+    projector_leaves = {path: init_leaf(path, shape, std, seed, out_dtype)
+                        for path, shape in projector_shapes(config).items()}
 
     with atomic_directory(output, overwrite=overwrite, sources=sources, needed_bytes=2 * total) as tmp:
         (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")

@@ -24,9 +24,9 @@ from convert.base.audio import AudioBytes, FeatureExtractorConfig, audio_seconds
 from convert.base.batching import Batch
 from convert.base.errors import ConvertError
 from convert.base.prefix import SpeechPrefixConfig
+from convert.base.tokenizer_file import TOKENIZER_FILE, read_tokenizer
 
 IGNORE_INDEX = -100
-TOKENIZER_FILE = "tokenizer.json"
 
 
 class DataError(ConvertError):
@@ -110,16 +110,11 @@ class LabelTokenizer:
 
     def __init__(self, directory: str | Path, decoder_start_token_id: int | None, eos_token_id: int | None,
                  vocab_size: int, forced_bos_token_id: int | None = None, allow_unk: bool = False):
-        from tokenizers import Tokenizer
-
         path = Path(directory) / TOKENIZER_FILE
         if not path.is_file():
             raise DataError(f"{path}: no such file (training needs the decoder's tokenizer.json in the model "
                             "directory)")
-        try:
-            self.tokenizer = Tokenizer.from_file(str(path))
-        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for a malformed file
-            raise DataError(f"{path}: not a tokenizers file ({str(e).splitlines()[0]})") from None
+        self.tokenizer = read_tokenizer(path, DataError)
         self.path = path
         self.start, self.eos, self.vocab_size = decoder_start_token_id, eos_token_id, vocab_size
         self.bos = forced_bos_token_id

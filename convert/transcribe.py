@@ -56,11 +56,11 @@ from convert.base.audio import (
     prepare_batch,
 )
 from convert.base.batching import bucket_boundaries, length_batches
-from convert.base.errors import CheckpointError, ConvertError, UsageError, bad_argument
+from convert.base.errors import ConvertError, UsageError, bad_argument
 from convert.base.generation_settings import GenerationSettings, model_generation_config, resolve_settings
 from convert.base.prefix import files_directory, is_prefix_directory
+from convert.base.tokenizer_file import TOKENIZER_FILE, read_tokenizer
 
-TOKENIZER_FILE = "tokenizer.json"
 FRAMEWORKS = ("flax", "torch")
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".aifc", ".au", ".caf", ".w64", ".opus")
 DEFAULT_TOKENS_PER_SECOND = 4.0
@@ -436,13 +436,7 @@ def load_tokenizer(directory: Path | None) -> Any:
     """The decoder's `tokenizer.json` (the `tokenizers` package), or None when the directory has none."""
     if directory is None or not (directory / TOKENIZER_FILE).is_file():
         return None
-    from tokenizers import Tokenizer
-
-    path = directory / TOKENIZER_FILE
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as e:  # noqa: BLE001 - the tokenizers package raises a bare Exception for a malformed file
-        raise CheckpointError(f"{path}: not a tokenizers file ({str(e).splitlines()[0]})") from None
+    return read_tokenizer(directory / TOKENIZER_FILE)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -243,6 +243,29 @@ def test_feature_extractor_config_is_read_or_defaulted(tmp_path):
     assert (read.do_normalize, read.sampling_rate, read.return_attention_mask) == (False, 8000, True)
 
 
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"sampling_rate": None}, "sampling_rate=null is not an integer"),
+    ({"sampling_rate": "16000"}, 'sampling_rate="16000" is not an integer'),
+    ({"sampling_rate": 1.5}, "sampling_rate=1.5 is not an integer"),
+    ({"sampling_rate": 0}, "sampling_rate=0 must be at least 1000"),
+    ({"sampling_rate": 10**12}, "sampling_rate=1000000000000 must be at most 768000"),
+    ({"do_normalize": "false"}, 'do_normalize="false" is not true or false'),
+    ({"return_attention_mask": 1}, "return_attention_mask=1 is not true or false"),
+    ({"padding_value": "abc"}, 'padding_value="abc" is not a number'),
+    ({"feature_size": "1"}, 'feature_size="1" is not an integer'),
+])
+def test_a_waveform_preprocessor_config_is_checked_field_by_field(tmp_path, fields, message):
+    """Each field of a `Wav2Vec2FeatureExtractor` file is checked, as the w2v-BERT extractor's are: a wrong type or
+    range is refused naming the file and the field, never read as another value (bool("false") is True)."""
+    from convert.base.archs.wav2vec2 import Wav2Vec2Config
+
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(
+        {"feature_extractor_type": "Wav2Vec2FeatureExtractor", "sampling_rate": 16000, **fields}))
+    with pytest.raises(audio_io.AudioError) as caught:
+        audio_io.feature_extractor_config(tmp_path, Wav2Vec2Config())
+    assert str(caught.value) == f"{tmp_path / 'preprocessor_config.json'}: {message}"
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Fuzzing
 

@@ -140,3 +140,20 @@ def test_a_broken_generation_config_is_refused_before_any_background_work(compos
     with pytest.raises(ValueError, match="in the block"), verify.settling(None, slow):
         raise ValueError("in the block")
     assert ended.is_set()
+
+
+def test_check_refuses_a_broken_tokenizer_or_preprocessor_config_beside_the_weights(composed_dir, tmp_path):
+    """`convert.check` used to pass a directory whose tokenizer.json or preprocessor config was broken (generation
+    then failed on it): both are read, and refused in one line naming the file."""
+    from convert.base.errors import ConvertError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(composed_dir("w2v_group_adapter", "bart_cg"), broken)
+    (broken / "tokenizer.json").write_text("garbage{")
+    with pytest.raises(ConvertError, match=rf"^{broken / 'tokenizer.json'}: not a tokenizers file \("):
+        check(str(broken), max_new_tokens=2)
+    (broken / "tokenizer.json").unlink()
+    (broken / "preprocessor_config.json").write_text(json.dumps({"do_normalize": "false"}))
+    with pytest.raises(ConvertError, match=rf'^{broken / "preprocessor_config.json"}: do_normalize="false" is not '
+                                           r"true or false$"):
+        check(str(broken), max_new_tokens=2)

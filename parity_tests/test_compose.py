@@ -492,3 +492,38 @@ def test_float64_reference_run_layer_by_layer_equals_a_whole_float64_model(encod
     got = float64_logits(model, batch)
     assert got.dtype == np.float64 and np.array_equal(got, expected), f"max|diff|={np.max(np.abs(got - expected)):.2e}"
     assert all(p.dtype == torch.float32 for p in model.parameters())  # each went back after its module ran
+
+
+def test_compose_refuses_a_sources_broken_tokenizer_or_preprocessor_config_before_writing(tmp_path):
+    """The files composing copies are read first: a tokenizer.json that is no tokenizers file or belongs to another
+    model (ids beyond the decoder's vocabulary), and a preprocessor config with a wrong field, are refused in one
+    line naming the source and the file; nothing is written."""
+    import shutil
+
+    from tokenizers import Tokenizer, models
+
+    from convert.base.audio import AudioError
+    from convert.base.errors import CheckpointError
+    from convert.sources import BUILTIN_DIR
+
+    out = tmp_path / "out"
+    run = lambda enc, dec: compose(str(enc), str(dec), out, verify=False, progress=False, log=io.StringIO())  # noqa: E731
+    dec = tmp_path / "dec"
+    shutil.copytree(BUILTIN_DIR / "bart", dec)
+    (dec / "tokenizer.json").write_text("garbage{")
+    with pytest.raises(CheckpointError, match=rf"^decoder={dec}: tokenizer.json: not a tokenizers file \("):
+        run("wav2vec2", dec)
+    vocab_size = json.loads((dec / "config.json").read_text())["vocab_size"]
+    Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size + 5)}, unk_token="w0")).save(
+        str(dec / "tokenizer.json"))
+    with pytest.raises(CheckpointError, match=rf"^decoder={dec}: tokenizer.json: makes token ids up to "
+                                              rf"{vocab_size + 4} \('w{vocab_size + 4}'\), but the decoder has "
+                                              rf"{vocab_size} \(vocab_size\)"):
+        run("wav2vec2", dec)
+    enc = tmp_path / "enc"
+    shutil.copytree(BUILTIN_DIR / "wav2vec2", enc)
+    (enc / "preprocessor_config.json").write_text(json.dumps({"sampling_rate": "16000"}))
+    with pytest.raises(AudioError, match=rf'^encoder={enc}/preprocessor_config.json: sampling_rate="16000" is not '
+                                         r"an integer$"):
+        run(enc, "bart")
+    assert not out.exists()

@@ -182,3 +182,23 @@ def test_compose_prefix_refuses_a_decoder_that_is_not_a_language_model_on_its_ow
                                                 r"prefix mode takes one of: gpt2"):
         compose_prefix("wav2vec2", "bart", tmp_path / "out", verify=False, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_compose_prefix_refuses_linear_projector_settings_and_a_projector_beyond_memory(tmp_path):
+    """The mlp's width and activation given for the linear projector would be recorded and unused: refused. An
+    mlp too large for the machine is refused by the memory estimate, which counts the projector, before it is
+    drawn (it used to be drawn first and run out of memory)."""
+    from convert.base.errors import ConvertError, UsageError
+    from convert.compose_prefix import compose_prefix
+
+    out = tmp_path / "out"
+    for setting, message in (({"projector_hidden_size": 8}, "projector_hidden_size=8"),
+                             ({"projector_activation": "relu"}, "projector_activation=relu")):
+        with pytest.raises(UsageError, match=rf"^{message}: applies to projector=mlp only \(this projector is "
+                                             r"linear\)$"):
+            compose_prefix("wav2vec2", "gpt2", out, verify=False, progress=False, **setting)
+    with pytest.raises(ConvertError, match=r"^the composed model \([\d,.]+M parameters, [\d.]+ TB in float32\) to "
+                                           r"stream into the weight files needs at least"):
+        compose_prefix("wav2vec2", "gpt2", out, projector="mlp", projector_hidden_size=2_000_000_000, verify=False,
+                       progress=False, max_memory="1TB")
+    assert not out.exists()

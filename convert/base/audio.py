@@ -37,6 +37,9 @@ RESAMPLE_QUALITY = "HQ"
 # A rate this low holds no speech: a header that claims one is corrupt, and resampling a few hertz to 16 kHz
 # would multiply the samples by thousands.
 MIN_SAMPLE_RATE = 1000
+# The highest rate audio is commonly stored at: a model said to run at more is a corrupt config, whose resampling
+# would ask for more memory than any machine has.
+MAX_SAMPLE_RATE = 768_000
 # Samples (all channels) decoded at a time, so that a header claiming a huge length or channel count
 # allocates no more than the data it really holds.
 _BLOCK_SAMPLES = 1 << 20
@@ -159,38 +162,52 @@ def feature_extractor_config(directory: str | Path, encoder_config: Any | None =
     if data.get("padding_side", "right") != "right":
         raise AudioError(f"{path}: padding_side={data['padding_side']!r} is not supported (only 'right')")
     if extractor == WAVEFORM:
-        if data.get("feature_size", 1) != 1:
+        if _number(path, data, "feature_size", 1, 1) != 1:
             raise AudioError(f"{path}: feature_size={data['feature_size']} is not supported (raw waveforms have 1)")
         return FeatureExtractorConfig(
-            sampling_rate=int(data.get("sampling_rate", defaults.sampling_rate)),
-            do_normalize=bool(data.get("do_normalize", defaults.do_normalize)),
-            return_attention_mask=bool(data.get("return_attention_mask", defaults.return_attention_mask)),
-            padding_value=float(data.get("padding_value", defaults.padding_value)),
+            sampling_rate=_number(path, data, "sampling_rate", defaults.sampling_rate, MIN_SAMPLE_RATE,
+                                  high=MAX_SAMPLE_RATE),
+            do_normalize=_flag(path, data, "do_normalize", defaults.do_normalize),
+            return_attention_mask=_flag(path, data, "return_attention_mask", defaults.return_attention_mask),
+            padding_value=_number(path, data, "padding_value", defaults.padding_value, -np.inf, float),
         )
     return _fbank_config(path, data, encoder_config)
 
 
+def _number(path: Path, data: Mapping[str, Any], name: str, default: Any, low: float, kind: type = int,
+            high: float = np.inf) -> Any:
+    """`data[name]` (or `default`) checked to be a finite number of `kind` in [low, high]."""
+    value = data.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        raise AudioError(f"{path}: {name}={json.dumps(value)} is not {'an integer' if kind is int else 'a number'}")
+    if not np.isfinite(value) or value < low:
+        raise AudioError(f"{path}: {name}={value} must be at least {low:g}")
+    if value > high:
+        raise AudioError(f"{path}: {name}={value} must be at most {high:g}")
+    return kind(value)
+
+
+def _flag(path: Path, data: Mapping[str, Any], name: str, default: bool) -> bool:
+    """`data[name]` (or `default`) checked to be true or false: a string such as "false" is refused, not read
+    as true."""
+    value = data.get(name, default)
+    if not isinstance(value, bool):
+        raise AudioError(f"{path}: {name}={json.dumps(value)} is not true or false")
+    return value
+
+
 def _fbank_config(path: Path, data: Mapping[str, Any], encoder_config: Any | None) -> FeatureExtractorConfig:
     """The settings of a `SeamlessM4TFeatureExtractor`, each checked (transformers' defaults where absent)."""
-
-    def number(name: str, default: Any, low: float, kind: type = int) -> Any:
-        value = data.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-            raise AudioError(f"{path}: {name}={json.dumps(value)} is not {'an integer' if kind is int else 'a number'}")
-        if not np.isfinite(value) or value < low:
-            raise AudioError(f"{path}: {name}={value} must be at least {low:g}")
-        return kind(value)
-
     # transformers pads 2-D features only when feature_size > 1 (it names the mel bins; nothing else reads it).
-    number("feature_size", 80, 2)
+    _number(path, data, "feature_size", 80, 2)
     config = FeatureExtractorConfig(
-        sampling_rate=number("sampling_rate", DEFAULT_SAMPLE_RATE, MIN_SAMPLE_RATE),
-        return_attention_mask=bool(data.get("return_attention_mask", True)),
-        padding_value=number("padding_value", 0.0, -np.inf, float),
+        sampling_rate=_number(path, data, "sampling_rate", DEFAULT_SAMPLE_RATE, MIN_SAMPLE_RATE, high=MAX_SAMPLE_RATE),
+        return_attention_mask=_flag(path, data, "return_attention_mask", True),
+        padding_value=_number(path, data, "padding_value", 0.0, -np.inf, float),
         extractor=FBANK,
-        num_mel_bins=number("num_mel_bins", 80, 1),
+        num_mel_bins=_number(path, data, "num_mel_bins", 80, 1),
         # With stride 1, transformers' mask (every stride-th frame from the second) would keep no frame.
-        stride=number("stride", 2, 2),
+        stride=_number(path, data, "stride", 2, 2),
     )
     width = getattr(encoder_config, "input_feature_size", None)
     if width is not None and config.num_mel_bins * config.stride != width:
