@@ -283,12 +283,20 @@ def make_runner(model: Any, generation_config: Any = None, seed: int = 0, *, ctc
 
         from flax_model import generation as flax_generation
 
-        def encoder_compilations() -> int:
-            # jax.jit's count of the shapes it compiled (a private accessor; absent: counted as 0)
-            fn = model._compiled.get("encode")
-            return int(getattr(fn, "_cache_size", lambda: 0)()) if fn is not None else 0
+        # jax.jit's count of the shapes a function compiled (a private accessor; absent: counted as 0)
+        compiled = lambda fn: int(getattr(fn, "_cache_size", lambda: 0)()) if fn is not None else 0  # noqa: E731
+        prefix = hasattr(model.config, "prompt_length")  # a prefix composition: its own jitted functions
 
-        start = sum(flax_generation.TRACES.values())
+        def encoder_compilations() -> int:
+            return compiled(model._compiled.get("prefix" if prefix else "encode"))
+
+        def search_compilations() -> int:
+            if not prefix:
+                return sum(flax_generation.TRACES.values())
+            return sum(compiled(fn) for key, fn in model._compiled.items()
+                       if isinstance(key, tuple) and key[0] == "generate")
+
+        start = search_compilations()
         encoder_start = encoder_compilations()
         key = jax.random.PRNGKey(seed)
 
@@ -300,7 +308,7 @@ def make_runner(model: Any, generation_config: Any = None, seed: int = 0, *, ctc
 
         return Runner("flax", model.config, settings, run_flax,
                       lambda: {"encoder": encoder_compilations() - encoder_start,
-                               "search": sum(flax_generation.TRACES.values()) - start},
+                               "search": search_compilations() - start},
                       align=_aligner(model, vocabulary, settings) if timestamps else None)
     import torch
 
@@ -558,12 +566,8 @@ def transcribe(
     limit = runner.settings.max_new_tokens / tokens_per_second if runner.decoder == "attention" else math.inf
     capacity = _capacity(runner, tokens_per_second)
     if hasattr(runner.config, "prompt_length"):  # a prefix composition: the audio takes decoder positions too
-        prefix_limit = _prefix_seconds(runner.config, runner.settings.max_new_tokens, features)
-        if prefix_limit < limit:
-            limit = prefix_limit
-            capacity = (f"its prompt and audio take the decoder's positions before the max_new_tokens="
-                        f"{runner.settings.max_new_tokens} it may write, {runner.config.decoder.max_positions} in all "
-                        "(--max-new-tokens)")
+        limit = min(limit, _prefix_seconds(runner.config, runner.settings.max_new_tokens, features))
+        capacity = _prefix_capacity(runner, features, tokens_per_second if runner.decoder == "attention" else None)
     if chunk_seconds is not None and chunk_seconds > limit:
         raise bad_argument("chunk_seconds", chunk_seconds, f"is longer than the {limit:.1f} s one pass can transcribe "
                            f"({capacity})")
@@ -705,6 +709,32 @@ def _prefix_seconds(config: Any, max_new_tokens: int, features: FeatureExtractor
         middle = (low + high) // 2
         low, high = (middle, high) if fits(middle) else (low, middle)
     return low / features.sampling_rate
+
+
+def _prefix_capacity(runner: Runner, features: FeatureExtractorConfig, tokens_per_second: float | None) -> str:
+    """What bounds a prefix composition's pass: its prompt and audio take the decoder's positions before the tokens
+    it writes, and (attention decoding) max_new_tokens bounds the speech they can describe; then the longest audio
+    any max_new_tokens allows, and with which."""
+    config, tokens = runner.config, runner.settings.max_new_tokens
+    positions = config.decoder.max_positions
+    described = math.inf if tokens_per_second is None else tokens / tokens_per_second
+
+    def reach(n: int) -> float:  # the longest audio one pass with max_new_tokens=n transcribes
+        room = _prefix_seconds(config, n, features)
+        return room if tokens_per_second is None else min(n / tokens_per_second, room)
+
+    best = 1
+    if tokens_per_second is not None:  # the speech n tokens describe grows with n, the room the prefix leaves shrinks
+        low, high = 1, positions
+        while high - low > 1:
+            middle = (low + high) // 2
+            fits = middle / tokens_per_second <= _prefix_seconds(config, middle, features)
+            low, high = (middle, high) if fits else (low, middle)
+        best = max((low, high), key=reach)
+    what = (f"max_new_tokens={tokens} at {tokens_per_second:g} tokens per second of speech describe {described:.1f} s"
+            f"; " if tokens_per_second is not None else "")
+    return (f"{what}its prompt and audio take the decoder's positions before the {tokens} tokens it may write, "
+            f"{positions} in all; at most {reach(best):.1f} s fits, with max_new_tokens={best} (--max-new-tokens)")
 
 
 def _capacity(runner: Runner, tokens_per_second: float) -> str:

@@ -325,6 +325,23 @@ def test_transcription_bounds_a_prefix_compositions_audio_by_the_decoders_positi
     report = transcribe(model, [path], max_new_tokens=new_tokens, tokens_per_second=0.01, chunk_seconds=fits,
                         chunk_overlap_seconds=fits / 4, progress=False)
     assert len(report.results) == 1 and report.results[0].chunks >= 2, report.results
+    # The prefix composition's own jitted functions are counted (they used to be reported as 0 and 0).
+    assert report.compilations["encoder"] >= 1 and report.compilations["search"] >= 1, report.compilations
+
+    # The hint names the max_new_tokens that lets the longest audio through, at 4 tokens per second of speech (it
+    # used to give the cross-attention formula, whose advice then left no room for the audio).
+    with pytest.raises(TranscriptionError) as error:
+        transcribe(model, [path], max_new_tokens=new_tokens, progress=False)
+    hint = str(error.value).split("at most ")[1]
+    said, best = float(hint.split(" s fits")[0]), int(hint.split("max_new_tokens=")[1].split(" ")[0])
+    tenths = {t: columns(t / 10) for t in range(1, 10 * positions)}
+    reach = lambda n: min(n / 4, max((t / 10 for t, c in tenths.items() if c - 1 + n <= positions), default=0))
+    expected = max(range(1, positions), key=reach)
+    assert reach(expected) - 0.05 <= said < reach(expected) + 0.15 and abs(reach(best) - reach(expected)) < 0.1, (
+        hint, expected, reach(expected))
+    shorter = tmp_path / "fits.wav"
+    soundfile.write(shorter, np.zeros(int(1600 * int(10 * said)), np.float32) + 0.01, 16000)
+    assert len(transcribe(model, [shorter], max_new_tokens=best, progress=False).results) == 1
 
     settings = resolve_settings(config, prefix_generation_config(model_generation_config(model), config),
                                 max_new_tokens=new_tokens)
