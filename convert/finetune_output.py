@@ -34,6 +34,7 @@ def run_report(run: Run, history: dict[str, Any], model_dir: Path, train: Any, e
     losses = [loss for _, loss in history["loss"]]
     return {
         "base_model": str(model_dir),
+        "prefix": run.prefix,
         "train_manifest": str(train),
         "eval_manifest": str(eval_manifest),
         "train_examples": len(run.train),
@@ -235,16 +236,48 @@ def render_card(model_dir: Path, report: dict[str, Any]) -> str:
             ("held-out WER", f"{100 * first['wer']:.1f}% -> {100 * last['wer']:.1f}%"),
             ("held-out CER", f"{100 * first['cer']:.1f}% -> {100 * last['cer']:.1f}%"),
             ("time", f"{report['wall_seconds']:.0f} s wall, {report['audio_seconds_per_second']} audio-s/s")]
-    body = ["# Fine-tuned speech encoder-decoder\n",
-            ("Fine-tuned with `convert.finetune` (JAX/Flax) from the composed model below; the weights are in "
-             "transformers' format (`SpeechEncoderDecoderModel`) and this toolkit's Flax layout.\n"),
+    layout = ("each part in its own transformers format (the encoder in `encoder/`, the decoder-only LM in "
+              "`decoder/`), the projector in `projector.safetensors`" if report.get("prefix") else
+              "transformers' format (`SpeechEncoderDecoderModel`) and this toolkit's Flax layout")
+    body = ["# Fine-tuned speech " + ("encoder + projector + LM (prefix composition)" if report.get("prefix")
+                                      else "encoder-decoder") + "\n",
+            f"Fine-tuned with `convert.finetune` (JAX/Flax) from the composed model below; the weights are in "
+            f"{layout}.\n",
             "## Training run\n", "| | |\n| --- | --- |", *[f"| {k} | {v} |" for k, v in rows], "",
-            f"![loss curve]({CURVE_FILE})\n", "## How to load\n",
-            ("```python\nfrom flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel\n\n"
-             'model = FlaxSpeechEncoderDecoderModel.from_pretrained("path/to/this/directory")\n```\n'),
-            ("```python\nfrom transformers import SpeechEncoderDecoderModel\n\n"
-             'model = SpeechEncoderDecoderModel.from_pretrained("path/to/this/directory")\n```\n'),
+            f"![loss curve]({CURVE_FILE})\n", "## How to load\n", *_loading(report),
             "## How it was made\n",
             f"```bash\n{report['command'] or 'python -m convert.finetune ...'}\n```\n"]
     header = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, default_flow_style=False)
     return f"---\n{header}---\n\n" + "\n".join(body)
+
+
+def _loading(report: dict[str, Any]) -> list[str]:
+    """The card's "How to load": the classes of the composition's kind, and with a LoRA adapter (written beside
+    the base weights) how PEFT applies it; the held-out figures above are the adapted model's."""
+    lora = report.get("lora") or {}
+    adapter = lora.get("export") == "adapter"
+    if report.get("prefix"):
+        flax = ("```python\nfrom flax_model.prefix import FlaxSpeechPrefixModel\n\n"
+                'model = FlaxSpeechPrefixModel.from_pretrained("path/to/this/directory")\n```\n')
+        torch = ("```python\nfrom transformers import AutoModel, AutoModelForCausalLM\n\n"
+                 'encoder = AutoModel.from_pretrained("path/to/this/directory/encoder")\n'
+                 'llm = AutoModelForCausalLM.from_pretrained("path/to/this/directory/decoder")\n'
+                 '# projector weights: safetensors.torch.load_file("path/to/this/directory/projector.safetensors")\n'
+                 + ("from peft import PeftModel\n\n"
+                    f'llm = PeftModel.from_pretrained(llm, "path/to/this/directory/{ADAPTER_DIR}/decoder")\n'
+                    if adapter else "") + "```\n")
+    else:
+        flax = ("```python\nfrom flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel\n\n"
+                'model = FlaxSpeechEncoderDecoderModel.from_pretrained("path/to/this/directory")\n```\n')
+        torch = ("```python\nfrom transformers import SpeechEncoderDecoderModel\n\n"
+                 'model = SpeechEncoderDecoderModel.from_pretrained("path/to/this/directory")\n'
+                 + ("from peft import PeftModel\n\n"
+                    f'model = PeftModel.from_pretrained(model, "path/to/this/directory/{ADAPTER_DIR}")\n'
+                    if adapter else "") + "```\n")
+    if not adapter:
+        return [flax, torch]
+    return [f"The weights in this directory are the base model's; the LoRA factors trained in this run are a PEFT "
+            f"adapter in `{ADAPTER_DIR}/` (rank {lora['rank']}, alpha {lora['alpha']:g}), and the held-out figures "
+            "above are those of the base model with the adapter applied. With transformers and PEFT:\n", torch,
+            "This toolkit's Flax model loads the base weights alone (the adapter is not applied): for a model with "
+            "the adapter folded into its weights, fine-tune with `--lora-export merged`.\n", flax]

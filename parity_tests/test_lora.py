@@ -241,3 +241,29 @@ def test_the_adapted_layers_are_the_ones_the_model_calls(case):
     with recording_lora_calls() as seen:
         jax.eval_shape(lambda p: model.module.apply({"params": p}, inputs, mask, labels, method="loss_sums"), params)
     assert seen == {layer.module for layer in layers}, sorted(seen ^ {layer.module for layer in layers})
+
+
+@pytest.mark.parametrize("prefix", [False, True])
+def test_the_fine_tuned_models_card_says_how_to_apply_its_adapter(tmp_path, prefix):
+    """With `--lora-export adapter` the directory holds the base weights and the adapter: the card says so, shows
+    PEFT applying it to the composition's own classes (the prefix mode's LM, or the composed model), and says that
+    the held-out figures are the adapted model's; a merged export's card shows the plain loading."""
+    import dataclasses
+
+    from convert.finetune_output import render_card
+    from convert.finetune_settings import FinetuneSettings
+
+    settings = FinetuneSettings(lora_rank=4, lora_alpha=8.0, lora_export="adapter")
+    report = {"base_model": "m", "prefix": prefix, "train_manifest": "t.jsonl", "train_examples": 2,
+              "train_audio_hours": 0.001, "eval_manifest": "e.jsonl", "eval_examples": 1,
+              "settings": dataclasses.asdict(settings), "steps": 3, "first_loss": 5.0, "final_loss": 4.0,
+              "eval": [{"step": 0, "wer": 1.0, "cer": 1.0}, {"step": 3, "wer": 0.5, "cer": 0.4}],
+              "wall_seconds": 10.0, "audio_seconds_per_second": 1.0, "command": None,
+              "lora": {"rank": 4, "alpha": 8.0, "export": "adapter"}}
+    card = render_card(tmp_path, report)
+    loads = "PeftModel.from_pretrained(llm, \"path/to/this/directory/adapter/decoder\")" if prefix else \
+        "PeftModel.from_pretrained(model, \"path/to/this/directory/adapter\")"
+    assert loads in card and "with the adapter applied" in card, card
+    assert ("FlaxSpeechPrefixModel" in card) == prefix and ("SpeechEncoderDecoderModel" in card) != prefix, card
+    merged = render_card(tmp_path, {**report, "lora": {**report["lora"], "export": "merged"}})
+    assert "PeftModel" not in merged and "adapter" not in merged.split("## How to load")[1], merged
