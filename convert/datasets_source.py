@@ -63,25 +63,70 @@ class Row:
     where: str
 
 
+SINGLE_FILE_SPLIT = "train"  # the one split of a single .parquet / .arrow file (`load_dataset(builder, data_files=f)`)
+_COLUMN_DEFAULTS = {"audio_column": "audio", "text_column": "text"}
+
+
 def add_arguments(group: Any, splits: tuple[tuple[str, str, str], ...], what: str) -> None:
     """The command-line flags of a dataset source: --dataset, --dataset-config, the split flags ((flag, default,
-    help) each), --audio-column, --text-column (`what` the text is) and --streaming."""
+    help) each), --audio-column, --text-column (`what` the text is) and --streaming.
+
+    Every flag but --dataset defaults to None (its default stated in its help, the split flags' defaults recorded
+    in `dataset_split_defaults`), so that `source_from_arguments` and `given_without_dataset` can tell a flag given
+    from a default."""
     group.add_argument("--dataset", metavar="NAME_OR_PATH",
                        help="a Hub dataset id or a local dataset (save_to_disk directory, parquet / arrow file, "
                        "audiofolder or parquet directory); audio decoded by the toolkit's reader")
-    group.add_argument("--dataset-config", metavar="C", help="the dataset's configuration")
+    group.add_argument("--dataset-config", metavar="C", help="the dataset's configuration (a Hub dataset or a "
+                       "dataset directory that load_dataset reads)")
+    defaults = {}
     for flag, default, text in splits:
-        group.add_argument(flag, default=default, metavar="S", help=text)
-    group.add_argument("--audio-column", default="audio", metavar="COL", help="the column holding the audio")
-    group.add_argument("--text-column", default="text", metavar="COL", help=f"the column holding {what}")
+        action = group.add_argument(flag, metavar="S", help=f"{text} (default: {default}; a single .parquet / "
+                                    f".arrow file holds one split, {SINGLE_FILE_SPLIT})")
+        defaults[action.dest] = default
+    group.set_defaults(dataset_split_defaults=defaults)
+    group.add_argument("--audio-column", metavar="COL",
+                       help=f"the column holding the audio (default: {_COLUMN_DEFAULTS['audio_column']})")
+    group.add_argument("--text-column", metavar="COL",
+                       help=f"the column holding {what} (default: {_COLUMN_DEFAULTS['text_column']})")
     group.add_argument("--streaming", action="store_true",
                        help="read row by row instead of preparing the dataset in the datasets cache")
 
 
-def source_from_arguments(args: Any, split: str) -> DatasetSource:
-    """The `DatasetSource` the flags of `add_arguments` name, for one split."""
-    return DatasetSource(args.dataset, args.dataset_config, split, args.audio_column, args.text_column,
+def given_without_dataset(args: Any) -> str | None:
+    """The first flag of `add_arguments` (but --dataset) that the command line gave while it gave no --dataset, as
+    its parameter name (`train_split`), or None: those flags apply to --dataset only."""
+    if args.dataset is not None:
+        return None
+    names = ["dataset_config", *getattr(args, "dataset_split_defaults", {}), *_COLUMN_DEFAULTS]
+    given = [name for name in names if getattr(args, name, None) is not None]
+    if getattr(args, "streaming", False):
+        given.append("streaming")
+    return given[0] if given else None
+
+
+def source_from_arguments(args: Any, split: str | None) -> DatasetSource:
+    """The `DatasetSource` the flags of `add_arguments` name, for one split: `split` as given, or None for the
+    default of the command's (one) split flag, which for a single .parquet / .arrow file is its one split."""
+    if split is None:
+        defaults = list(getattr(args, "dataset_split_defaults", {}).values())
+        split = (SINGLE_FILE_SPLIT if _single_file(Path(args.dataset).expanduser()) or len(defaults) != 1
+                 else defaults[0])
+    columns = {name: getattr(args, name) if getattr(args, name) is not None else default
+               for name, default in _COLUMN_DEFAULTS.items()}
+    return DatasetSource(args.dataset, args.dataset_config, split, columns["audio_column"], columns["text_column"],
                          args.streaming)
+
+
+def _single_file(path: Path) -> bool:
+    return path.is_file() and path.suffix in (".parquet", ".arrow")
+
+
+def _looks_like_a_path(name: str) -> bool:
+    """A NAME_OR_PATH that a Hub id cannot be (`owner/name` or `name`): absolute, relative with ./ or ../, from ~,
+    with two slashes or more, a backslash, or a data file's suffix."""
+    return (name.startswith(("/", "./", "../", "~")) or name in (".", "..") or name.count("/") > 1
+            or "\\" in name or Path(name).suffix in (".parquet", ".arrow", ".jsonl", ".json", ".csv"))
 
 
 def read_rows(source: DatasetSource, require_text: bool = True) -> list[Row]:
@@ -129,17 +174,26 @@ def _load(source: DatasetSource) -> Any:
 
     path = Path(source.name).expanduser()
     kwargs: dict[str, Any] = {"split": source.split, "streaming": source.streaming}
+    saved = path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file())
+    if not path.exists() and _looks_like_a_path(source.name):
+        raise DatasetError(f"{source.name}: no such file or directory")
+    if source.config is not None and (saved or _single_file(path)):
+        what = "a save_to_disk directory" if saved else f"a single {path.suffix} file"
+        raise bad_argument("dataset_config", source.config, f"{source.name} is {what}, which has no configurations")
+    if _single_file(path) and source.split != SINGLE_FILE_SPLIT:
+        raise DatasetError(f"{source.name}: no split {source.split!r}: a single {path.suffix} file holds one split, "
+                           f"{SINGLE_FILE_SPLIT!r}")
     try:
-        if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+        if saved:
             loaded = datasets.load_from_disk(str(path))
             if isinstance(loaded, datasets.DatasetDict):
                 if source.split not in loaded:
                     raise DatasetError(f"{source}: no split {source.split!r} (splits: {', '.join(loaded)})")
                 loaded = loaded[source.split]
             return loaded.to_iterable_dataset() if source.streaming else loaded
-        if path.is_file() and path.suffix in (".parquet", ".arrow"):
+        if _single_file(path):
             builder = path.suffix[1:]
-            return datasets.load_dataset(builder, data_files={source.split: str(path)}, **kwargs)
+            return datasets.load_dataset(builder, data_files={SINGLE_FILE_SPLIT: str(path)}, **kwargs)
         return datasets.load_dataset(str(path) if path.exists() else source.name, source.config, **kwargs)
     except DatasetError:
         raise

@@ -429,6 +429,12 @@ def build_parser() -> cli.ArgumentParser:
 
 def data_sources(args: Any) -> tuple[Any, Any]:
     """The training and held-out data the flags name: two manifests, or two splits of one dataset."""
+    from convert.datasets_source import given_without_dataset, source_from_arguments
+
+    stray = given_without_dataset(args)
+    if stray is not None:
+        value = True if stray == "streaming" else getattr(args, stray)
+        raise bad_argument(stray, value, "applies to --dataset (the data here are the --train / --eval manifests)")
     if args.dataset is None:
         for name in ("train", "eval"):
             if getattr(args, name) is None:
@@ -436,9 +442,8 @@ def data_sources(args: Any) -> tuple[Any, Any]:
         return args.train, args.eval
     if args.train is not None or args.eval is not None:
         raise bad_argument("dataset", args.dataset, "replaces --train and --eval (pass one or the other)")
-    from convert.datasets_source import source_from_arguments
-
-    return source_from_arguments(args, args.train_split), source_from_arguments(args, args.eval_split)
+    splits = [getattr(args, name) or args.dataset_split_defaults[name] for name in ("train_split", "eval_split")]
+    return source_from_arguments(args, splits[0]), source_from_arguments(args, splits[1])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -72,18 +72,18 @@ def test_an_audiofolder_gives_its_splits_rows_decoded_by_the_toolkit(tmp_path):
 
 def test_parquet_audio_bytes_are_decoded_and_resampled_by_the_toolkit(tmp_path):
     path = make_parquet(tmp_path / "data.parquet")
-    rows = read_rows(DatasetSource(str(path), split="test", text_column="sentence"))
+    rows = read_rows(DatasetSource(str(path), text_column="sentence"))
     assert [r.text for r in rows] == list(WORDS[:3])
     expected = io.BytesIO()
     soundfile.write(expected, _tone(2, 8000, 0.4), 8000, format="FLAC")
     (tmp_path / "2.flac").write_bytes(expected.getvalue())
     ours = load_audio(rows[2].audio, 16000)
     assert ours.shape == (6400,) and np.array_equal(ours, load_audio(tmp_path / "2.flac", 16000))
-    assert str(rows[2].audio) == f"{path}[test]:2 (2.flac)"
+    assert str(rows[2].audio) == f"{path}[train]:2 (2.flac)"
     # Without the text column, transcription reads the rows without references; training refuses them.
-    assert [r.text for r in read_rows(DatasetSource(str(path), split="test"), require_text=False)] == [None] * 3
+    assert [r.text for r in read_rows(DatasetSource(str(path)), require_text=False)] == [None] * 3
     with pytest.raises(DatasetError, match="no column 'text'"):
-        read_rows(DatasetSource(str(path), split="test"))
+        read_rows(DatasetSource(str(path)))
 
 
 def test_a_saved_arrow_dataset_is_read_from_disk(tmp_path):
@@ -100,3 +100,38 @@ def test_a_saved_arrow_dataset_is_read_from_disk(tmp_path):
     assert [r.audio.data for r in again] == [r.audio.data for r in rows]
     with pytest.raises(DatasetError, match=r"no split 'train' \(splits: validation\)"):
         read_rows(DatasetSource(str(tmp_path / "arrow"), split="train", audio_column="speech", text_column="words"))
+
+
+def test_a_single_file_answers_only_to_its_one_split_train(tmp_path):
+    """`load_dataset("parquet", data_files=FILE)` calls a single file's rows `train`: another split name is refused
+    (it was answered with the same rows, so a run evaluated on its training rows), naming the file and the split;
+    a command's default split (generate's `--split test`) means the file's one split."""
+    import argparse
+
+    from convert.datasets_source import add_arguments, source_from_arguments
+
+    path = make_parquet(tmp_path / "data.parquet")
+    for split in ("test", "validation"):
+        with pytest.raises(DatasetError) as info:
+            read_rows(DatasetSource(str(path), split=split, text_column="sentence"))
+        assert str(info.value) == (f"{path}: no split {split!r}: a single .parquet file holds one split, 'train'")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, (("--split", "test", "the split"),), "the references")
+    assert source_from_arguments(parser.parse_args(["--dataset", str(path)]), None).split == "train"
+    assert source_from_arguments(parser.parse_args(["--dataset", str(tmp_path)]), None).split == "test"
+    given = parser.parse_args(["--dataset", str(path), "--split", "test"])
+    with pytest.raises(DatasetError, match="no split 'test'"):
+        read_rows(source_from_arguments(given, given.split))
+
+
+def test_a_missing_local_path_and_a_config_a_local_file_cannot_have_are_refused(tmp_path):
+    from convert.base.errors import UsageError
+
+    for name in ("./nope_dir", str(tmp_path / "nope"), "~/nope/x", "nope.parquet"):
+        with pytest.raises(DatasetError) as info:
+            read_rows(DatasetSource(name))
+        assert str(info.value) == f"{name}: no such file or directory"
+    path = make_parquet(tmp_path / "data.parquet")
+    with pytest.raises(UsageError, match=r"^dataset_config=clean: .*data.parquet is a single .parquet file, which "
+                       "has no configurations$"):
+        read_rows(DatasetSource(str(path), config="clean", text_column="sentence"))

@@ -349,3 +349,18 @@ def test_a_bad_compile_cache_is_a_usage_error(data, tmp_path, capsys, case):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == cli.EXIT_USAGE and len(err) == 1 and "--compile-cache" in err[0], err
     assert blocker.read_text() == "kept" and not (tmp_path / "out").exists() and not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("flags", [["--train-split", "train"], ["--eval-split", "validation"], ["--audio-column", "a"],
+                                   ["--text-column", "text"], ["--streaming"], ["--dataset-config", "clean"]])
+def test_a_dataset_flag_with_manifests_is_a_usage_error_naming_it(tmp_path, capsys, flags):
+    """The dataset flags were ignored beside --train / --eval (even given their default values); without them the
+    same command gets past the data flags (to the missing model)."""
+    argv = ["--model", str(tmp_path / "nomodel"), "--train", str(tmp_path / "t.jsonl"), "--eval",
+            str(tmp_path / "e.jsonl"), "--output", str(tmp_path / "out")]
+    assert finetune.main([*argv, *flags]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {' '.join(flags)}: applies to --dataset"), err
+    assert finetune.main(argv) == cli.EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --model"), err
