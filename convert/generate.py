@@ -89,8 +89,8 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--chunk-seconds", type=float, metavar="S",
                    help="transcribe audio longer than S seconds in overlapping S-second chunks (default: refuse "
                    "audio too long for the model)")
-    p.add_argument("--chunk-overlap-seconds", type=float, default=1.0, metavar="S",
-                   help="overlap of consecutive chunks")
+    p.add_argument("--chunk-overlap-seconds", type=float, metavar="S",
+                   help="overlap of consecutive chunks (with --chunk-seconds; default: 1.0)")
     p.add_argument("--tokens-per-second", type=float, default=DEFAULT_TOKENS_PER_SECOND, metavar="X",
                    help="speech rate assumed to bound the audio max_new_tokens can describe")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of sampling (--do-sample)")

@@ -64,6 +64,7 @@ from convert.base.tokenizer_file import TOKENIZER_FILE, read_tokenizer
 FRAMEWORKS = ("flax", "torch")
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".aifc", ".au", ".caf", ".w64", ".opus")
 DEFAULT_TOKENS_PER_SECOND = 4.0
+DEFAULT_CHUNK_OVERLAP_SECONDS = 1.0
 
 
 class TranscriptionError(ConvertError):
@@ -255,12 +256,11 @@ def make_runner(model: Any, generation_config: Any = None, seed: int = 0, *, ctc
     generation settings are resolved (and refused) here, before any audio is read. `ctc_weight`, `decoder="ctc"`
     and `timestamps` need the Flax model and a CTC head; `vocabulary` is the head's own (`CTCVocabulary`), if any,
     to align transcripts with."""
-    if decoder not in DECODERS:
-        raise bad_argument("decoder", decoder, f"is not one of {', '.join(DECODERS)}")
+    check_decoding(ctc_weight, decoder, generation_config, generation)
     settings = resolve_settings(model.config, model_generation_config(model), generation_config, **generation)
-    if settings.num_return_sequences != 1:
-        raise bad_argument("num_return_sequences", settings.num_return_sequences,
-                           "transcription writes one transcript per file")
+    if settings.num_return_sequences != 1:  # blamed on where it was set (an argument, a generation config file)
+        raise settings.refuse("num_return_sequences", settings.num_return_sequences,
+                              "transcription writes one transcript per file")
     uses_ctc = ctc_weight is not None or decoder == "ctc" or timestamps
     if uses_ctc:
         name = "ctc_weight" if ctc_weight is not None else "decoder" if decoder == "ctc" else "timestamps"
@@ -272,6 +272,10 @@ def make_runner(model: Any, generation_config: Any = None, seed: int = 0, *, ctc
         if ctc_weight is not None and decoder == "ctc":
             raise bad_argument("ctc_weight", ctc_weight, "applies to joint decoding (decoder=attention), not to CTC "
                                "decoding alone")
+        if ctc_weight is not None and settings.do_sample:  # set by a generation config (an argument is refused above)
+            where = settings.origins.get("do_sample")
+            raise bad_argument("ctc_weight", ctc_weight, "joint CTC/attention decoding is a beam search; it does not "
+                               f"sample (do_sample=true{f' is set in {where}' if where else ''})")
         if ctc_weight is not None:
             from flax_model.generation import joint_setting
 
@@ -320,6 +324,28 @@ def make_runner(model: Any, generation_config: Any = None, seed: int = 0, *, ctc
         return out.sequences.numpy(), out.sequences_scores.numpy()
 
     return Runner("torch", model.config, settings, run_torch, dict)
+
+
+def check_decoding(ctc_weight: float | None, decoder: str, generation_config: Any, generation: Mapping[str, Any]
+                   ) -> None:
+    """Refuses decoding arguments that are wrong by themselves or together, before any work: `ctc_weight` out of
+    [0, 1] or with sampling, and generation settings with `decoder="ctc"` (the CTC head alone runs no search)."""
+    from convert import cli
+
+    cli.require_choice("decoder", decoder, DECODERS)
+    cli.require_float("ctc_weight", ctc_weight, 0.0, 1.0, allow_none=True)
+    if ctc_weight is not None and generation.get("do_sample"):
+        raise bad_argument("ctc_weight", ctc_weight, "joint CTC/attention decoding is a beam search; it does not "
+                           "sample (do_sample=True)")
+    if decoder == "ctc":
+        given = {name: value for name, value in generation.items() if value is not None}
+        if generation_config is not None:  # shown as the file it was read from (the command's), else its type
+            origins = {where for where in getattr(generation_config, "origins", {}).values() if where}
+            given = {"generation_config": origins.pop() if len(origins) == 1 else type(generation_config).__name__,
+                     **given}
+        for name, value in given.items():
+            raise bad_argument(name, value, "applies to attention decoding, not to decoding with the CTC head alone "
+                               "(decoder ctc)")
 
 
 def _ctc_runner(model: Any, settings: GenerationSettings, timestamps: bool) -> Runner:
@@ -473,7 +499,7 @@ def transcribe(
     batch_size: int = 8,
     buckets: int = 4,
     chunk_seconds: float | None = None,
-    chunk_overlap_seconds: float = 1.0,
+    chunk_overlap_seconds: float | None = None,
     tokens_per_second: float = DEFAULT_TOKENS_PER_SECOND,
     seed: int = 0,
     progress: bool = True,
@@ -502,7 +528,7 @@ def transcribe(
         buckets: the most distinct padded lengths.
         chunk_seconds: transcribe audio longer than this many seconds in overlapping chunks of this length
             (None: audio too long for the model is refused).
-        chunk_overlap_seconds: how much consecutive chunks overlap.
+        chunk_overlap_seconds: how much consecutive chunks overlap (None: 1.0); only with `chunk_seconds`.
         tokens_per_second: the speech rate assumed to bound how much audio `max_new_tokens` can describe.
         seed: seeds sampling (`do_sample=True`).
         progress: show a progress bar (on stderr, when it is a terminal).
@@ -538,7 +564,11 @@ def transcribe(
     max_memory = parse_memory(max_memory)
     if chunk_seconds is not None:
         cli.require_float("chunk_seconds", chunk_seconds, 0.0, low_inclusive=False)
-        cli.require_float("chunk_overlap_seconds", chunk_overlap_seconds, 0.0, chunk_seconds / 2)
+        chunk_overlap_seconds = DEFAULT_CHUNK_OVERLAP_SECONDS if chunk_overlap_seconds is None else \
+            cli.require_float("chunk_overlap_seconds", chunk_overlap_seconds, 0.0, chunk_seconds / 2)
+    elif chunk_overlap_seconds is not None:
+        raise bad_argument("chunk_overlap_seconds", chunk_overlap_seconds, "applies only with chunk_seconds=...")
+    check_decoding(ctc_weight, decoder, generation_config, generation)  # before the model is loaded
     if timestamps and chunk_seconds is not None:
         raise bad_argument("timestamps", timestamps, "is not available with chunk_seconds (chunks are joined by "
                            "their tokens, not their times)")
@@ -569,15 +599,17 @@ def transcribe(
         limit = min(limit, _prefix_seconds(runner.config, runner.settings.max_new_tokens, features))
         capacity = _prefix_capacity(runner, features, tokens_per_second if runner.decoder == "attention" else None)
     if chunk_seconds is not None and chunk_seconds > limit:
-        raise bad_argument("chunk_seconds", chunk_seconds, f"is longer than the {limit:.1f} s one pass can transcribe "
+        most = distinct_seconds(chunk_seconds, limit)[1]
+        raise bad_argument("chunk_seconds", chunk_seconds, f"is longer than the {most} s one pass can transcribe "
                            f"({capacity})")
     items = []
     for i, (u, s) in enumerate(zip(utterances, seconds)):
         samples = round(s * rate)
         if chunk_seconds is None or s <= chunk_seconds:
             if s > limit:
+                shown, most = distinct_seconds(s, limit)
                 raise TranscriptionError(
-                    f"{u.where}: {s:.1f} s of audio is longer than the {limit:.1f} s this model can transcribe in one "
+                    f"{u.where}: {shown} s of audio is longer than the {most} s this model can transcribe in one "
                     f"pass ({capacity}); transcribe it in overlapping chunks with "
                     "chunk_seconds (--chunk-seconds)")
             items.append(_Item(i, 0, 0, samples, True))
@@ -742,6 +774,16 @@ def _capacity(runner: Runner, tokens_per_second: float) -> str:
     return (f"max_new_tokens={runner.settings.max_new_tokens} at {tokens_per_second:g} tokens per second of speech; "
             f"the decoder's {positions} positions allow up to {(positions - 1) / tokens_per_second:.1f} s with "
             f"max_new_tokens={positions - 1} (--max-new-tokens)")
+
+
+def distinct_seconds(longer: float, limit: float) -> tuple[str, str]:
+    """`longer` and `limit` (longer > limit) as texts that read differently: one decimal, or as many more as it takes
+    (rounding is monotonic, so the first text then reads larger)."""
+    for places in range(1, 10):
+        texts = f"{longer:.{places}f}", f"{limit:.{places}f}"
+        if texts[0] != texts[1]:
+            return texts
+    return repr(float(longer)), repr(float(limit))
 
 
 def chunk_bounds(samples: int, rate: int, chunk_seconds: float, overlap_seconds: float) -> list[tuple[int, int]]:

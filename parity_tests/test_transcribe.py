@@ -15,6 +15,7 @@ import soundfile
 import torch
 
 from convert.base.audio import zero_mean_unit_var
+from convert.base.errors import UsageError
 from convert.generate import main
 from convert.transcribe import chunk_bounds, merge_overlapping, read_manifest, transcribe
 from flax_model.speech_encoder_decoder import FlaxSpeechEncoderDecoderModel
@@ -229,6 +230,55 @@ def test_bad_arguments_are_one_line_naming_the_flag(builtin_model, tmp_path, cap
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.count("\n") == 1, captured
     assert captured.err.startswith("error: ") and message.replace("{tmp}", str(tmp_path)) in captured.err, captured.err
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--ctc-weight", "1.5"], "--ctc-weight 1.5: must be from 0.0 to 1.0"),
+    (["--ctc-weight", "-0.1"], "--ctc-weight -0.1: must be from 0.0 to 1.0"),
+    (["--ctc-weight", "nan"], "--ctc-weight nan: must be a finite number"),
+    (["--ctc-weight", "0.3", "--do-sample"], "--ctc-weight 0.3: joint CTC/attention decoding is a beam search; it "
+                                             "does not sample (--do-sample)"),
+    (["--decoder", "ctc", "--num-beams", "4"], "--num-beams 4: applies to attention decoding"),
+    (["--decoder", "ctc", "--do-sample"], "--do-sample: applies to attention decoding"),
+    (["--decoder", "ctc", "--generation-config", "{tmp}/g.json"], "--generation-config {tmp}/g.json: applies to "
+                                                                    "attention decoding"),
+    (["--chunk-overlap-seconds", "0.5"], "--chunk-overlap-seconds 0.5: applies only with --chunk-seconds S"),
+])
+def test_decoding_flags_wrong_by_themselves_are_usage_errors_before_the_model_is_read(tmp_path, capsys, extra,
+                                                                                        message):
+    """The model does not exist: a check made after loading it would report that instead (exit 1)."""
+    wav = write_audio(tmp_path / "a.wav", tone(0.3, 300, seed=0))
+    (tmp_path / "g.json").write_text(json.dumps({"num_beams": 2}))
+    argv = ["--model", str(tmp_path / "no-model"), "--audio", str(wav), *(a.replace("{tmp}", str(tmp_path))
+                                                                        for a in extra)]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1, captured
+    assert captured.err.startswith("error: " + message.replace("{tmp}", str(tmp_path))), captured.err
+
+
+def test_a_setting_transcription_refuses_names_the_generation_config_that_set_it(builtin_model, tmp_path, capsys):
+    wav = write_audio(tmp_path / "a.wav", tone(0.3, 300, seed=0))
+    config = tmp_path / "gc.json"
+    config.write_text(json.dumps({"num_beams": 3, "num_return_sequences": 2}))
+    argv = ["--model", str(builtin_model), "--audio", str(wav), "--framework", "torch", "--no-progress"]
+    assert main([*argv, "--generation-config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: {config}: num_return_sequences=2: transcription writes one transcript per file\n", err
+    with pytest.raises(UsageError, match=r"^num_return_sequences=2: transcription writes one transcript per file"):
+        transcribe(builtin_model, [wav], framework="torch", num_beams=3, num_return_sequences=2, progress=False)
+
+
+def test_audio_just_too_long_reads_longer_than_the_limit(masked_model, tmp_path, capsys):
+    """2.02 s against a 2.0 s limit: one decimal would read "2.0 s ... longer than the 2.0 s"."""
+    wav = write_audio(tmp_path / "a.wav", tone(2.02, 330, seed=1))
+    assert main(["--model", str(masked_model), "--audio", str(wav), "--max-new-tokens", "8", "--framework", "torch",
+                 "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {wav}: 2.02 s of audio is longer than the 2.00 s this model can transcribe"), err
+    assert main(["--model", str(masked_model), "--audio", str(wav), "--max-new-tokens", "8", "--framework", "torch",
+                 "--chunk-seconds", "2.04", "--no-progress"]) == 2
+    assert "--chunk-seconds 2.04: is longer than the 2.00 s one pass" in capsys.readouterr().err
 
 
 def test_help_documents_every_option():

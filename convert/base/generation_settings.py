@@ -444,6 +444,8 @@ class GenerationSettings:
             prompt passed as `decoder_input_ids`). The processors count it as transformers does: `min_length`,
             `max_length` and the repetition, n-gram and bad-word processors see the whole sequence, `min_new_tokens`
             and `max_new_tokens` the generated tokens only.
+        origins: where each setting was set (`GenerationConfig.origin`: a file or object, None for an argument,
+            `DEFAULT`), so that a later refusal (`refuse`) names the culprit.
     """
 
     max_new_tokens: int
@@ -471,6 +473,12 @@ class GenerationSettings:
     min_tokens_to_keep: int
     output_scores: bool
     prompt_length: int = 1
+    origins: Mapping[str, str | None] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    def refuse(self, name: str, value: Any, why: str) -> UsageError | UnsupportedConfig:
+        """The error about setting `name` (a caller's rule, e.g. transcription's one sequence per file), blaming
+        where it was set: an argument, the file or object that set it, or the default."""
+        return setting_error(self.origins.get(name, DEFAULT), name, value, why)
 
     @property
     def mode(self) -> str:
@@ -737,6 +745,7 @@ def resolve_settings(model_config: Any, model_generation: GenerationConfig | Non
         min_tokens_to_keep=min_keep,
         output_scores=get("output_scores"),
         prompt_length=prompt_length,
+        origins={name: config.origin(name) for name in FIELDS},
     )
 
 
