@@ -527,3 +527,18 @@ def test_compose_refuses_a_sources_broken_tokenizer_or_preprocessor_config_befor
                                          r"an integer$"):
         run(enc, "bart")
     assert not out.exists()
+
+
+def test_an_eos_id_outside_the_vocabulary_is_blamed_on_eos_when_pad_defaults_to_it(fixture_dir, tmp_path):
+    """A decoder config without a pad id takes its eos id as pad: a bad eos id is named as eos_token_id, where it
+    was written (it used to be reported as pad_token_id, a field the file does not have)."""
+    import shutil
+
+    dec = tmp_path / "dec"
+    shutil.copytree(fixture_dir("llama_lm"), dec)
+    config = json.loads((dec / "config.json").read_text())
+    config.pop("pad_token_id", None)
+    (dec / "config.json").write_text(json.dumps({**config, "eos_token_id": config["vocab_size"] + 10}))
+    with pytest.raises(ConvertError, match=rf"^decoder={dec}/config.json: eos_token_id={config['vocab_size'] + 10} "
+                                           rf"is not a token id of the decoder"):
+        compose("wav2vec2", str(dec), tmp_path / "out", verify=False, progress=False, log=io.StringIO())

@@ -22,7 +22,8 @@ COMPOSED_MODEL_TYPE = "speech-encoder-decoder"
 # Files of a composed directory besides config.json and the weights.
 COMPOSE_REPORT = "compose_report.json"  # written by convert.compose; marks a directory this toolkit wrote
 GENERATION_CONFIG = "generation_config.json"
-_TOKEN_IDS = ("decoder_start_token_id", "pad_token_id", "eos_token_id")
+# eos before pad: a pad id missing from a config is the eos id, and an error names where the value came from.
+_TOKEN_IDS = ("decoder_start_token_id", "eos_token_id", "pad_token_id")
 
 
 @dataclasses.dataclass(frozen=True)
