@@ -24,6 +24,7 @@ from convert import cli  # first: guards interrupts from here on (see convert.cl
 import contextlib
 import dataclasses
 import json
+import math
 import shlex
 import sys
 import threading
@@ -191,6 +192,10 @@ def _train_and_export(model_dir: Path, train: str | Path, eval: str | Path, outp
         if resume and manager.latest_step() is not None:
             verify_checkpoint(checkpoint_dir, manager.latest_step())  # before the model and the data are read
         run = Run(model_dir, train, eval, settings, checkpoint_dir, mesh, max_memory, data)
+        if resume and (manager.latest_step() or 0) > run.total_steps:  # it would be exported as this run's steps
+            raise UsageError(f"resume=True: the checkpoint in {checkpoint_dir} is at step {manager.latest_step()}, "
+                             f"beyond this run's {run.total_steps} step{'s' * (run.total_steps != 1)} (raise "
+                             "max_steps or epochs, or start a fresh run in another checkpoint_dir)", param="resume")
         state = init_state(run.model.params, run.optimizer, run.frozen_fn)
         memory = training_memory(state, run.frozen_fn)
         print(f"training {memory['trainable_parameters']:,} of {memory['parameters']:,} parameters "
@@ -239,6 +244,11 @@ def _train_and_export(model_dir: Path, train: str | Path, eval: str | Path, outp
                 step = int(state.step)
                 tick = time.perf_counter()
                 state, loss, seconds = run.step(state, step)
+                if not math.isfinite(loss):  # what follows would train on, and export, non-finite weights
+                    raise ConvertError(f"step {step + 1}: the training loss is {loss} (not finite): the model may "
+                                       "hold non-finite weights, or the learning rate "
+                                       f"({settings.learning_rate}) is too high; nothing was written to {output}; "
+                                       f"{kept()}")
                 jax.block_until_ready(state.params)
                 deferred()  # a step is done that no checkpoint holds yet
                 elapsed = time.perf_counter() - tick

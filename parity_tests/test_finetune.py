@@ -364,3 +364,15 @@ def test_a_dataset_flag_with_manifests_is_a_usage_error_naming_it(tmp_path, caps
     assert finetune.main(argv) == cli.EXIT_USAGE
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --model"), err
+
+
+def test_a_non_finite_loss_stops_the_run_with_one_line_and_writes_nothing(data, tmp_path, capsys, monkeypatch):
+    """A non-finite loss (a model with a NaN weight gives one) trained on and exported NaN weights with exit 0: the
+    run stops at that step, names it and the likely causes, and writes no output. (The step's loss is made NaN
+    here; a model with a NaN cross-attention kernel gives the same line from the real step.)"""
+    monkeypatch.setattr(finetune_run.Run, "step", lambda self, state, number: (state, float("nan"), 0.5))
+    assert _cli_run(data, tmp_path / "out") == cli.EXIT_ERROR
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: step 1: the training loss is nan (not finite)"), err
+    assert "non-finite weights" in err[0] and "learning rate" in err[0] and "no checkpoint was saved" in err[0], err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.checkpoints").exists()

@@ -429,6 +429,9 @@ CLI_CASES: dict[str, Case] = {
     "finetune/resume-corrupt-says-the-earlier-step": case("finetune", _resume("flip400"), 1,
                                                           "to resume from step 2, the checkpoint before"),
     "finetune/resume-flip-names-the-file": case("finetune", _resume("flip1"), 1, "differs from its sha256 at save"),
+    "finetune/resume-checkpoint-beyond-the-steps": case("finetune", _resume("good"), 2,
+                                                        "--resume: the checkpoint in {ws}/ck/good is at step 4, beyond "
+                                                        "this run's 1 step"),
     "finetune/fresh-run-into-old-checkpoints": case("finetune", f"{FINETUNE} --checkpoint-dir {{ws}}/ck/good", 2,
                                                     "{ws}/ck/good: holds checkpoints of an earlier run"),
     # --- resources: work that cannot fit in memory -------------------------------------------------------------------
