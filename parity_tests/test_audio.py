@@ -345,3 +345,39 @@ def test_corrupted_audio_gives_audio_error_or_a_valid_waveform(tmp_path, seed_fi
     for w in (samples, waveform):
         assert w.dtype == np.float32 and w.ndim == 1 and len(w) > 0 and np.isfinite(w).all()
     assert rate >= 1 and seconds >= 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Truncated files: libsndfile cuts the length to the bytes there and reads the rest as if it were all
+
+
+@pytest.mark.parametrize("fmt", ["WAV", "RF64"])
+def test_a_truncated_wav_is_refused_naming_the_frames_its_header_states(tmp_path, fmt):
+    whole = tmp_path / "whole.wav"
+    soundfile.write(str(whole), np.zeros(11200, np.int16), 16000, format=fmt, subtype="PCM_16")
+    data = whole.read_bytes()
+    truncated = tmp_path / "trunc.wav"
+    truncated.write_bytes(data[:5589])  # `head -c 5589`: the data chunk says 22400 bytes
+    held = soundfile.info(str(truncated)).frames  # what libsndfile reads without a word
+    assert 0 < held < 11200
+    message = f"the file is truncated: its header says 11200 frames, the file holds {held}"
+    assert_refused_in_one_line(truncated, message)
+    assert_refused_in_one_line(truncated, message, read=audio_io.audio_seconds)
+    assert_refused_in_one_line(truncated, message, read=lambda p: audio_io.load_audio(p, 8000))
+    with pytest.raises(audio_io.AudioError, match=r"^row 3: the file is truncated: its header says 11200 frames"):
+        audio_io.read_audio(audio_io.AudioBytes(data[:5589], "row 3"))  # dataset bytes (training) too
+    assert truncated.read_bytes() == data[:5589]  # never modified
+    samples, _ = audio_io.read_audio(whole)
+    assert samples.shape == (11200,) and audio_io.audio_seconds(whole) == 0.7
+
+
+def test_a_wav_whose_data_size_means_to_the_end_is_read_whole(tmp_path):
+    """Streamed writers that cannot seek back leave the data size 0xFFFFFFFF: the samples run to the end."""
+    raw = (np.arange(100, dtype=np.int16) * 50).tobytes()
+    for size in (0xFFFFFFFF,):
+        path = write_wav(tmp_path / f"stream{size}.wav", raw, PCM, 16)
+        data = bytearray(path.read_bytes())
+        data[data.index(b"data") + 4:data.index(b"data") + 8] = size.to_bytes(4, "little")
+        path.write_bytes(bytes(data))
+        samples, _ = audio_io.read_audio(path)
+        assert samples.shape == (100,), size

@@ -7,12 +7,14 @@ AIFF, ...). Integer PCM is scaled as soundfile scales it, by 1 / 2 ** (bits - 1)
 `prepare_batch` turns waveforms into the encoder's inputs as the model's feature extractor does: HF's
 `Wav2Vec2FeatureExtractor` (normalised, padded waveforms) for encoders that read audio, `SeamlessM4TFeatureExtractor`
 (`convert.base.fbank`: stacked log-mel frames) for those that read features. Every problem with a file (missing,
-not audio, a corrupt header, no samples, NaN or infinite samples) is an `AudioError` of one line naming the file.
+not audio, a corrupt header, truncated, no samples, NaN or infinite samples) is an `AudioError` of one line naming
+the file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -43,6 +45,12 @@ MAX_SAMPLE_RATE = 768_000
 # Samples (all channels) decoded at a time, so that a header claiming a huge length or channel count
 # allocates no more than the data it really holds.
 _BLOCK_SAMPLES = 1 << 20
+# Bytes per sample of the encodings whose frames tile a WAV's data chunk exactly (libsndfile's subtypes): a data
+# chunk of these holds size // (channels * width) frames.
+_FIXED_WIDTHS = {"PCM_S8": 1, "PCM_U8": 1, "PCM_16": 2, "PCM_24": 3, "PCM_32": 4, "FLOAT": 4, "DOUBLE": 8,
+                 "ULAW": 1, "ALAW": 1}
+# A WAV data size that means "to the end of the file" (streamed writers that cannot seek back), not a length.
+_UNKNOWN_SIZE = 0xFFFFFFFF
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -71,8 +79,6 @@ AudioSource = str | Path | AudioBytes
 def _opened(source: AudioSource) -> tuple[Any, Path | AudioBytes]:
     """What soundfile opens (a path, or the bytes as a file), and what messages name."""
     if isinstance(source, AudioBytes):
-        import io
-
         return io.BytesIO(source.data), source
     path = Path(source)
     _check_is_file(path)
@@ -225,7 +231,8 @@ def read_audio(path: AudioSource) -> tuple[np.ndarray, int]:
         (samples [N] float32, integer PCM scaled to [-1, 1); the file's sample rate in Hz).
 
     Raises:
-        AudioError: one line naming the file: missing, not audio, no samples, or NaN or infinite samples.
+        AudioError: one line naming the file: missing, not audio, truncated (a WAV's data chunk or a FLAC's
+            STREAMINFO states more frames than the file holds), no samples, or NaN or infinite samples.
     """
     opened, path = _opened(path)
     if Path(str(path)).suffix.lower() == ".raw":  # soundfile would ask for the rate and encoding a headerless file lacks
@@ -237,6 +244,7 @@ def read_audio(path: AudioSource) -> tuple[np.ndarray, int]:
             rate, channels = f.samplerate, f.channels
             if rate < 1 or channels < 1:
                 raise AudioError(f"{path}: not a valid audio file ({channels} channels at {rate} Hz)")
+            _refuse_truncated(path, channels, f.subtype, f.frames)
             frames_per_block = max(1, _BLOCK_SAMPLES // channels)
             while (block := f.read(frames_per_block, dtype="float64", always_2d=True)).shape[0]:  # [F, C]
                 _refuse_bad_samples(path, np.isfinite(block).all(axis=1), rate, at, "holds NaN or infinite samples")
@@ -247,6 +255,9 @@ def read_audio(path: AudioSource) -> tuple[np.ndarray, int]:
                                     "holds samples beyond float32's range")
                 mono.append(average.astype(np.float32))
                 at += block.shape[0]
+            if f.format == "FLAC" and at < f.frames:  # STREAMINFO's count is exact (MP3's and Vorbis' are not)
+                raise AudioError(f"{path}: the file is truncated: its header says {f.frames} frames, the file holds "
+                                 f"{at}")
     except (soundfile.SoundFileError, RuntimeError, TypeError, ValueError, OSError) as e:
         raise AudioError(f"{path}: not an audio file soundfile can read ({_one_line(e)})") from None
     if not at:
@@ -285,7 +296,7 @@ def audio_seconds(path: AudioSource) -> float:
     For MP3 the length is libsndfile's estimate from the stream headers.
 
     Raises:
-        AudioError: a missing file or one soundfile cannot open.
+        AudioError: a missing file, one soundfile cannot open, or a truncated WAV (as `read_audio`).
     """
     opened, path = _opened(path)
     try:
@@ -294,7 +305,50 @@ def audio_seconds(path: AudioSource) -> float:
         raise AudioError(f"{path}: not an audio file soundfile can read ({_one_line(e)})") from None
     if info.samplerate < 1:
         raise AudioError(f"{path}: not a valid audio file ({info.channels} channels at {info.samplerate} Hz)")
+    _refuse_truncated(path, info.channels, info.subtype, info.frames)
     return info.frames / info.samplerate
+
+
+def _refuse_truncated(path: Path | AudioBytes, channels: int, subtype: str, frames: int) -> None:
+    """Refuses a WAV whose data chunk's stated size holds more frames than the file does (`frames`: libsndfile
+    cuts the length to the bytes there and reads the rest as if it were all). Only where the size tiles into
+    frames exactly (PCM, float, mu-law, A-law) and states a length (not a streamed writer's 0xFFFFFFFF)."""
+    width = _FIXED_WIDTHS.get(subtype)
+    if width is None or channels < 1:
+        return
+    try:
+        with (io.BytesIO(path.data) if isinstance(path, AudioBytes) else open(path, "rb")) as handle:
+            size = _wav_data_size(handle)
+    except OSError as e:
+        raise AudioError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
+    if size is not None and size // (channels * width) > frames:
+        raise AudioError(f"{path}: the file is truncated: its header says {size // (channels * width)} frames, the "
+                         f"file holds {frames}")
+
+
+def _wav_data_size(handle: Any) -> int | None:
+    """The size in bytes a RIFF, RIFX or RF64 WAVE file's header states for its data chunk; None for another
+    format, no data chunk, or a size that stands for "to the end of the file". Only the chunk headers are read."""
+    head = handle.read(12)
+    kind = head[:4]
+    if len(head) < 12 or head[8:12] != b"WAVE" or kind not in (b"RIFF", b"RIFX", b"RF64"):
+        return None
+    order = "big" if kind == b"RIFX" else "little"
+    at, ds64 = 12, None
+    while True:  # each step moves on by at least 8 bytes, and reading past the end gives fewer than 8
+        handle.seek(at)
+        chunk = handle.read(8)
+        if len(chunk) < 8:
+            return None
+        size = int.from_bytes(chunk[4:], order)
+        if chunk[:4] == b"ds64" and kind == b"RF64":  # RF64's 64-bit sizes: RIFF, data, sample count
+            body = handle.read(16)
+            ds64 = int.from_bytes(body[8:16], "little") if len(body) == 16 else None
+        elif chunk[:4] == b"data":
+            if kind == b"RF64" and size == 0xFFFFFFFF:
+                return ds64 or None
+            return None if size == _UNKNOWN_SIZE else size
+        at += 8 + size + (size & 1)  # chunks are padded to an even size
 
 
 def _check_is_file(path: Path) -> None:
