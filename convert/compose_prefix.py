@@ -300,7 +300,20 @@ def compose_prefix(
         print("  not verified: Flax was not compared with the PyTorch reference", file=log)
     else:
         print(f"  verified    Flax vs reference max |Δlogits| {verification['max_abs_logits_diff']:.2e}", file=log)
+    unknown = _unknown_prompt_tokens(dec, config)
+    if unknown:
+        print(f"  note: {unknown} of the prompt's {len(config.prompt_ids_before) + len(config.prompt_ids_after)} "
+              "tokens are the decoder tokenizer's unknown token: the LM reads no instruction there (pass a --prompt "
+              "in words its tokenizer knows)", file=log)
     return ComposeResult(output, report)
+
+
+def _unknown_prompt_tokens(decoder: Source, config: SpeechPrefixConfig) -> int:
+    """How many of the prompt's token ids are the decoder tokenizer's unknown token (0 when it has none)."""
+    from convert.training_data import unknown_token_id
+
+    unk = unknown_token_id(read_tokenizer(decoder.path / "tokenizer.json"))
+    return 0 if unk is None else [*config.prompt_ids_before, *config.prompt_ids_after].count(unk)
 
 
 def model_card(report: dict[str, Any]) -> str:

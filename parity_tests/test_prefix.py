@@ -202,3 +202,32 @@ def test_compose_prefix_refuses_linear_projector_settings_and_a_projector_beyond
         compose_prefix("wav2vec2", "gpt2", out, projector="mlp", projector_hidden_size=2_000_000_000, verify=False,
                        progress=False, max_memory="1TB")
     assert not out.exists()
+
+
+def test_compose_prefix_notes_a_prompt_its_tokenizer_reads_as_unknown_tokens(tmp_path):
+    import io
+    import json
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from convert.compose_prefix import compose_prefix
+    from convert.sources import BUILTIN_DIR
+
+    known = io.StringIO()
+    compose_prefix("wav2vec2", "gpt2", tmp_path / "known", verify=False, progress=False, log=known)
+    assert "note:" not in known.getvalue(), known.getvalue()
+    dec = tmp_path / "dec"
+    shutil.copytree(BUILTIN_DIR / "gpt2", dec)
+    vocab = json.loads((dec / "config.json").read_text())["vocab_size"]
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token=f"w{vocab - 1}"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    words.save(str(dec / "tokenizer.json"))
+    unknown = io.StringIO()
+    compose_prefix("wav2vec2", str(dec), tmp_path / "unknown", verify=False, progress=False, log=unknown,
+                   prompt="w5 {audio} transcribe")
+    ids = json.loads((tmp_path / "unknown" / "compose_report.json").read_text())["prompt"]
+    total = len(ids["ids_before"]) + len(ids["ids_after"])
+    assert [*ids["ids_before"], *ids["ids_after"]].count(vocab - 1) == 1, ids  # "transcribe"; w5 is known
+    assert f"note: 1 of the prompt's {total} tokens are the decoder tokenizer's unknown token" in unknown.getvalue(), (
+        unknown.getvalue())
