@@ -385,7 +385,8 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, metavar="N")
     p.add_argument("--num-beams", type=int, default=d.num_beams, metavar="N", help="beam width for evaluation")
     p.add_argument("--max-new-tokens", type=int, metavar="N", help="most tokens generated in evaluation")
-    p.add_argument("--seed", type=int, default=d.seed, help="data order, dropout and SpecAugment")
+    p.add_argument("--seed", type=int, default=d.seed, metavar="N",
+                   help="data order, dropout, SpecAugment and LoRA's initialisation (0 to 4294967295)")
     p.add_argument("--allow-unk", action="store_true",
                    help="train on transcripts with words the tokenizer maps to its unknown token (counted in "
                    "training_report.json); by default they are refused, naming the manifest line and the words")

@@ -134,6 +134,9 @@ class FinetuneSettings:
                                f"goes with dtype bfloat16 (this run computes in {self.dtype})")
         if self.max_new_tokens is not None:
             cli.require_int("max_new_tokens", self.max_new_tokens, low=1)
+        from convert.sources import MAX_SEED  # compose's and generate's limit (numpy's seeds are 32-bit)
+
+        cli.require_int("seed", self.seed, 0, MAX_SEED)
         cli.require_choice("lora_export", self.lora_export, LORA_EXPORTS)
         if self.lora_rank is None:
             if self.lora_alpha is not None or self.lora_dropout:

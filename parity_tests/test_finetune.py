@@ -248,12 +248,15 @@ def test_a_bad_manifest_line_is_a_one_line_error(data, tmp_path, capsys):
     assert err[0].startswith(f"error: {bad}:1: audio ") and "no such file" in err[0], err
 
 
-@pytest.mark.parametrize("flag, value", [("--label-smoothing", "1.5"), ("--encoder-learning-rate", "0")])
+@pytest.mark.parametrize("flag, value", [("--label-smoothing", "1.5"), ("--encoder-learning-rate", "0"),
+                                         ("--seed", "-1"), ("--seed", "4294967296")])
 def test_a_bad_setting_is_a_usage_error_naming_the_flag(data, tmp_path, capsys, flag, value):
     code = finetune.main(["--model", str(data["model"]), "--train", str(data["train"]), "--eval", str(data["eval"]),
                           "--output", str(tmp_path / "out"), flag, value])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == cli.EXIT_USAGE and len(err) == 1 and flag in err[0], err
+    assert code == cli.EXIT_USAGE and len(err) == 1 and err[0].startswith(f"error: {flag} "), err
+    assert "must be" in err[0], err
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_model_directory_without_config_is_a_usage_error_naming_the_flag(data, tmp_path, capsys):
