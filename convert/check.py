@@ -34,6 +34,7 @@ import numpy as np
 from convert.base.checkpoint import Checkpoint
 from convert.base.errors import ConvertError, bad_argument, with_param
 from convert.base.params import plan_checkpoint
+from convert.finetune_output import ADAPTER_DIR
 from convert.greedy_check import greedy_sequences, tokens_check
 
 FORMATS = ("both", "flax", "safetensors")
@@ -140,8 +141,11 @@ def _composed_config(directory: Path) -> Any:
 
 
 def _result(model: str, directory: Path, checks: list[dict[str, Any]]) -> dict[str, Any]:
+    notes = []
+    if (directory / ADAPTER_DIR).is_dir():  # `convert.finetune --lora-export adapter` writes its factors there
+        notes.append(f"{directory / ADAPTER_DIR} holds a LoRA adapter: these checks ran the base weights without it")
     return {"source": str(model), "directory": str(directory), "checks": checks,
-            "passed": all(c["passed"] for c in checks)}
+            "passed": all(c["passed"] for c in checks), "notes": notes}
 
 
 def _present(directory: Path, names: Sequence[str]) -> str | None:
@@ -295,6 +299,8 @@ def print_table(result: dict[str, Any], out: TextIO) -> None:
             print(f"      ... and {len(c['differing']) - LISTED_TENSORS} more (see --json)", file=out)
         if "flax_error" in c:
             print(f"      {describe_judgement(c)}", file=out)
+    for note in result.get("notes", ()):
+        print(f"note: {note}", file=out)
     print("all checks passed" if result["passed"] else "FAILED", file=out)
 
 

@@ -157,3 +157,14 @@ def test_check_refuses_a_broken_tokenizer_or_preprocessor_config_beside_the_weig
     with pytest.raises(ConvertError, match=rf'^{broken / "preprocessor_config.json"}: do_normalize="false" is not '
                                            r"true or false$"):
         check(str(broken), max_new_tokens=2)
+
+
+def test_check_notes_an_adapter_it_does_not_apply(composed_dir, tmp_path, capsys):
+    """A directory `convert.finetune --lora-export adapter` wrote holds the base weights and `adapter/`: the check
+    runs the base weights, and says so rather than passing in silence."""
+    with_adapter = tmp_path / "with_adapter"
+    shutil.copytree(composed_dir("w2v_group_adapter", "bart_cg"), with_adapter)
+    (with_adapter / "adapter").mkdir()
+    code, out = main_check(capsys, str(with_adapter), "--max-new-tokens", "2")
+    assert code == 0, out
+    assert f"note: {with_adapter / 'adapter'} holds a LoRA adapter: these checks ran the base weights without it" in out
