@@ -76,9 +76,9 @@ def check_composed_directory(directory: str | Path) -> dict:
 
     A composed directory has a `config.json` with `model_type: speech-encoder-decoder` and weights: at least
     one of the weight files `Checkpoint` reads, every shard named by an index present, no empty weight file,
-    and safetensors headers that fit their files (a truncated copy is refused). A prefix composition
-    (`speech-prefix-lm`) has its parts' configs agreeing with the top one and such weights in each part's directory
-    (`encoder/`, `decoder/`), and `projector.safetensors`.
+    safetensors headers that fit their files and msgpack files whose structure reads to their end (a truncated copy
+    is refused). A prefix composition (`speech-prefix-lm`) has its parts' configs agreeing with the top one and such
+    weights in each part's directory (`encoder/`, `decoder/`), and `projector.safetensors`.
 
     Args:
         directory: the directory to check.
@@ -117,7 +117,8 @@ def check_composed_directory(directory: str | Path) -> dict:
 
 
 def _check_weights(directory: Path) -> None:
-    """At least one weight file, every shard an index names present, none empty, safetensors headers that fit."""
+    """At least one weight file, every shard an index names present, none empty, safetensors headers that fit,
+    msgpack files whose structure reads to their end."""
     present = [name for name in ckpt.WEIGHT_FILES if (directory / name).is_file()]
     if not present:
         raise CheckpointError(f"{directory}: no weights (looked for {', '.join(ckpt.WEIGHT_FILES)}); "
@@ -138,6 +139,9 @@ def _check_weights(directory: Path) -> None:
     if ckpt.SAFETENSORS in present or ckpt.SAFETENSORS_INDEX in present:
         # Header-only parse: checks every tensor's extent against the file size without reading data.
         ckpt.Checkpoint(directory, prefer=(ckpt.SAFETENSORS, ckpt.SAFETENSORS_INDEX))
+    if ckpt.FLAX_MSGPACK in present or ckpt.FLAX_MSGPACK_INDEX in present:
+        # The msgpack structure walked whole, array data skipped: a truncated or corrupt file does not end there.
+        ckpt.Checkpoint(directory, prefer=(ckpt.FLAX_MSGPACK, ckpt.FLAX_MSGPACK_INDEX))
 
 
 def upload_files(directory: str | Path) -> list[tuple[str, Path, int]]:
@@ -294,6 +298,8 @@ def push_to_hub(directory: str | Path, repo_id: str, *, private: bool = False, c
     for name, value in (("commit_message", commit_message), ("revision", revision)):
         if value is not None and (not isinstance(value, str) or not value.strip()):
             raise bad_argument(name, repr(value), "is empty" if isinstance(value, str) else "is not a string")
+    if revision is not None and (problem := hub.branch_name_problem(revision)) is not None:
+        raise bad_argument("revision", repr(revision), f"is not a branch name git accepts (it {problem})")
     try:
         listing = upload_files(directory)  # first: a link out of the directory is refused before anything is read
         check_composed_directory(directory)

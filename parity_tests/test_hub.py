@@ -594,6 +594,13 @@ def _break(directory: Path, how: str) -> tuple[Path, str]:
         data = (directory / "model.safetensors").read_bytes()
         (directory / "model.safetensors").write_bytes(data[:-4])
         return directory, "truncated safetensors file"
+    if how == "truncated-msgpack":
+        import msgpack
+
+        array = msgpack.ExtType(1, msgpack.packb(((2, 2), "float32", bytes(16)), use_bin_type=True))  # flax's ndarray
+        data = msgpack.packb({"params": {"w": array}}, use_bin_type=True)
+        (directory / "flax_model.msgpack").write_bytes(data[:-4])
+        return directory, "flax_model.msgpack: truncated or corrupt msgpack file"
     if how == "empty-msgpack":
         (directory / "flax_model.msgpack").write_bytes(b"")
         return directory, "flax_model.msgpack: empty weight file"
@@ -601,7 +608,7 @@ def _break(directory: Path, how: str) -> tuple[Path, str]:
 
 
 @pytest.mark.parametrize("how", ["missing", "not-composed", "no-weights", "missing-shard", "truncated",
-                                 "empty-msgpack"])
+                                 "truncated-msgpack", "empty-msgpack"])
 def test_push_cli_refuses_other_and_partial_directories(composed_dir, fake_api, how, capsys) -> None:
     directory, message = _break(composed_dir, how)
     assert push.main([str(directory), "me/composed", "--dry-run"]) == 1
@@ -615,6 +622,25 @@ def test_push_cli_refuses_other_and_partial_directories(composed_dir, fake_api, 
 def test_push_cli_refuses_invalid_repo_id(composed_dir, repo_id, capsys) -> None:
     assert push.main([str(composed_dir), repo_id, "--dry-run"]) == 2  # a usage error
     assert capsys.readouterr().err == f"error: {repo_id}: not a valid Hub repo id (expected OWNER/NAME)\n"
+
+
+@pytest.mark.parametrize(("revision", "why"), [
+    ("../../x", "holds '..'"), ("a b~^:", "holds ' ', '~', '^', ':'"), ("-x", "starts with '-'"),
+    ("/x", "starts with '/'"), ("x/", "ends with '/'"), ("x.lock", "has a part ending with '.lock'"),
+    ("a@{1}", "holds '@{'"), ("@", "is '@' alone"), ("a\tb", "holds a control character"),
+    ("a/.b", "has a part starting with '.'"), ("a?", "holds '?'"), ("a\\b", "holds '\\\\'"), ("x.", "ends with '.'"),
+])
+def test_push_cli_refuses_a_branch_name_git_refuses(composed_dir, fake_api, revision, why, capsys) -> None:
+    assert push.main([str(composed_dir), "me/composed", "--dry-run", f"--revision={revision}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --revision {revision!r}: is not a branch name git accepts (it {why}"), err
+    assert err.count("\n") == 1 and fake_api.instances == []
+
+
+def test_push_dry_run_accepts_branch_names_git_accepts(composed_dir, capsys) -> None:
+    for revision in ("experiments", "feature/x-1.2", "refs/pr/1", "v1.0@2"):
+        assert push.main([str(composed_dir), "me/composed", "--dry-run", "--revision", revision]) == 0
+        assert f"branch:   {revision}" in capsys.readouterr().out
 
 
 def test_push_cli_bad_flag_is_a_usage_error(composed_dir, capsys) -> None:

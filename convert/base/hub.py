@@ -130,6 +130,41 @@ def is_repo_id(text: str) -> bool:
     )
 
 
+# What git refuses anywhere in a ref name (`git check-ref-format`): space, ~ ^ : ? * [ and backslash; plus control
+# characters, checked apart.
+_REF_FORBIDDEN = " ~^:?*[\\"
+
+
+def branch_name_problem(name: str) -> str | None:
+    """Why git would refuse `name` as a branch (`git check-ref-format --branch`'s rules), or None if it accepts it.
+
+    No `..`, `@{`, `//`, control character or any of ` ~^:?*[\\`; not `@` alone; no leading `-` or `/`, no trailing
+    `/` or `.`; no component starting with `.` or ending with `.lock`.
+    """
+    if not name:
+        return "is empty"
+    if name == "@":
+        return "is '@' alone"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        return "holds a control character"
+    bad = [c for c in dict.fromkeys(name) if c in _REF_FORBIDDEN]
+    if bad:
+        return f"holds {', '.join(repr(c) for c in bad)}"
+    for sequence in ("..", "@{", "//"):
+        if sequence in name:
+            return f"holds {sequence!r}"
+    if name[0] in "-/":
+        return f"starts with {name[0]!r}"
+    if name[-1] in "/.":
+        return f"ends with {name[-1]!r}"
+    for component in name.split("/"):
+        if component.startswith("."):
+            return f"has a part starting with '.' ({component!r})"
+        if component.endswith(".lock"):
+            return f"has a part ending with '.lock' ({component!r})"
+    return None
+
+
 def validate_repo_id(repo_id: str, *, flag: str | None = None) -> None:
     """Refuses anything but OWNER/NAME as a push target, before any work is done.
 
