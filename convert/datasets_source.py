@@ -24,6 +24,7 @@ from typing import Any
 
 from convert.base.audio import AudioBytes
 from convert.base.errors import ConvertError, bad_argument
+from convert.training_data import not_unicode
 
 
 class DatasetError(ConvertError):
@@ -160,6 +161,8 @@ def read_rows(source: DatasetSource, require_text: bool = True) -> list[Row]:
                 text = item.get(text_column)
                 if text is not None and not isinstance(text, str):
                     raise DatasetError(f"{where}: {text_column!r} is {type(text).__name__}, not a string")
+                if text is not None and not_unicode(text):
+                    raise DatasetError(f"{where}: {text_column!r} {not_unicode(text)}")
                 if require_text and (text is None or not text.strip()):
                     raise DatasetError(f"{where}: {text_column!r} must be a non-empty string")
             rows.append(Row(_audio_of(item[source.audio_column], where), text, where))

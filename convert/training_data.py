@@ -84,6 +84,9 @@ def read_manifest(path: str | Path) -> list[Example]:
         for field in ("audio", "text"):
             if not isinstance(item.get(field), str) or not item[field].strip():
                 raise DataError(f"{where}: '{field}' must be a non-empty string")
+            problem = not_unicode(item[field])
+            if problem:
+                raise DataError(f"{where}: '{field}' {problem}")
         audio = Path(item["audio"])
         audio = audio if audio.is_absolute() else path.parent / audio
         if not audio.is_file():
@@ -92,6 +95,17 @@ def read_manifest(path: str | Path) -> list[Example]:
     if not examples:
         raise DataError(f"{path}: the manifest holds no examples")
     return examples
+
+
+def not_unicode(text: str) -> str | None:
+    """What makes `text` no valid Unicode (a lone surrogate, as a JSON escape like "\\ud800" can write: UTF-8
+    cannot encode it, and the tokenizer cannot read it), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (f"is not valid Unicode text: a lone surrogate U+{ord(text[e.start]):04X} at character {e.start} "
+                "(UTF-8 cannot encode it)")
+    return None
 
 
 class LabelTokenizer:

@@ -110,6 +110,8 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "no_text": '{"audio": "u0.wav"}\n',
         "text_number": '{"audio": "u0.wav", "text": 3}\n',
         "text_blank": '{"audio": "u0.wav", "text": "   "}\n',
+        "text_surrogate": '{"audio": "u0.wav", "text": "one \\ud800"}\n',  # a JSON escape of a lone surrogate
+        "audio_surrogate": '{"audio": "u\\udc00.wav", "text": "one"}\n',
         "audio_missing": '{"audio": "nope.wav", "text": "one"}\n',
         "audio_null": '{"audio": null, "text": "one"}\n',
         "blank_only": "\n\n   \n",
@@ -488,6 +490,8 @@ CLI_CASES: dict[str, Case] = {
        for name, where in (("bad_json", ":1: not a JSON object"), ("nested", ":1: not a JSON object (nested"),
                            ("array", ":1: not a JSON object"), ("no_text", ":1: 'text' must be"),
                            ("text_number", ":1: 'text' must be"), ("text_blank", ":1: 'text' must be"),
+                           ("text_surrogate", ":1: 'text' is not valid Unicode text: a lone surrogate U+D800"),
+                           ("audio_surrogate", ":1: 'audio' is not valid Unicode text"),
                            ("audio_missing", ":1: audio"), ("audio_null", ":1: 'audio' must be"),
                            ("blank_only", ": the manifest holds no examples"), ("latin1", ": not UTF-8 text"))},
     "finetune/eval-manifest-nested": case("finetune", finetune_with(eval=f"{D}nested.jsonl"), 1,
