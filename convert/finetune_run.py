@@ -58,6 +58,7 @@ class Run:
         if s.freeze_feature_encoder and config.encoder.input_kind != "waveform":
             raise bad_argument("freeze_feature_encoder", True, f"this encoder reads {config.encoder.input_kind}, "
                                "not audio: it has no conv feature encoder to freeze")
+        self._check_eval_ctc_weight()
         self.lora = s.lora
         self.lora_layers: tuple = ()
         self.stored_dtype = self._float32_master_weights()
@@ -93,6 +94,21 @@ class Run:
             self._check_lora_called()
         self._check_memory(max_memory)
         self._build_step()
+
+    def _check_eval_ctc_weight(self) -> None:
+        """Joint CTC/attention evaluation needs a CTC head over the decoder's vocabulary (`flax_model.generation.
+        joint_setting`): refused here, before any step, rather than by the first evaluation's generation."""
+        value = self.settings.eval_ctc_weight
+        if value is None:
+            return
+        head = self.config.ctc
+        if head is None:
+            raise bad_argument("eval_ctc_weight", value, "the model has no CTC head for joint decoding (compose it "
+                               "with --ctc-head decoder)")
+        if not head.shares_decoder_vocabulary:
+            raise bad_argument("eval_ctc_weight", value, f"the model's CTC head has its own vocabulary "
+                               f"({head.vocabulary}), so its scores cannot join the decoder's in joint decoding "
+                               "(compose with --ctc-head decoder)")
 
     def model_class(self) -> Any:
         """The Flax model class of the run's kind of composition."""

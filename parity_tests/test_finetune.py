@@ -379,3 +379,25 @@ def test_a_non_finite_loss_stops_the_run_with_one_line_and_writes_nothing(data, 
     assert len(err) == 1 and err[0].startswith("error: step 1: the training loss is nan (not finite)"), err
     assert "non-finite weights" in err[0] and "learning rate" in err[0] and "no checkpoint was saved" in err[0], err
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.checkpoints").exists()
+
+
+def test_eval_ctc_weight_on_a_head_joint_decoding_cannot_use_is_refused_before_any_step(data, tmp_path, monkeypatch):
+    """A CTC head with its own vocabulary cannot join the decoder's scores: refused when the run is set up (it was
+    refused by the evaluation's generation, in its words, after the step-0 evaluation or after training); the case
+    of no head at all is in test_safety_data's catalogue."""
+    from convert.base.errors import UsageError
+    from convert.compose import compose
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "|": 4, **{c: 5 + i for i, c in enumerate("eghinorstuvwxz")}}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    compose("wav2vec2", "bart", tmp_path / "own", ctc_vocab=tmp_path / "vocab.json", verify=False, progress=False,
+            log=io.StringIO())
+    monkeypatch.setattr(finetune_run.Run, "step", lambda *a: pytest.fail("a step ran"))
+    monkeypatch.setattr(finetune_run.Run, "evaluate", lambda *a: pytest.fail("an evaluation ran"))
+    with pytest.raises(UsageError) as info:
+        finetune.finetune(tmp_path / "own", data["train"], data["eval"], tmp_path / "out",
+                          FinetuneSettings(**SETTINGS, eval_ctc_weight=0.3), verify=False, progress=False,
+                          log=io.StringIO())
+    assert info.value.param == "eval_ctc_weight" and str(info.value).startswith(
+        "eval_ctc_weight=0.3: the model's CTC head has its own vocabulary"), info.value
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.checkpoints").exists()

@@ -434,6 +434,8 @@ CLI_CASES: dict[str, Case] = {
     "finetune/resume-checkpoint-beyond-the-steps": case("finetune", _resume("good"), 2,
                                                         "--resume: the checkpoint in {ws}/ck/good is at step 4, beyond "
                                                         "this run's 1 step"),
+    "finetune/eval-ctc-weight-without-a-ctc-head": case("finetune", f"{FINETUNE} --eval-ctc-weight 0.3", 2,
+                                                        "--eval-ctc-weight 0.3: the model has no CTC head"),
     "finetune/fresh-run-into-old-checkpoints": case("finetune", f"{FINETUNE} --checkpoint-dir {{ws}}/ck/good", 2,
                                                     "{ws}/ck/good: holds checkpoints of an earlier run"),
     # --- resources: work that cannot fit in memory -------------------------------------------------------------------
