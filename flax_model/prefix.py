@@ -52,7 +52,7 @@ from flax_model.generation import GenerateOutput, beam_search, greedy_or_sample,
 from flax_model.layers import ACTIVATIONS, Dense, frame_mask
 from flax_model.lora import lora_updates
 from flax_model.registry import module_for
-from flax_model.speech_encoder_decoder import init_tree
+from flax_model.speech_encoder_decoder import check_generate_inputs, init_tree
 from flax_model.layer_calls import layer_pattern, pure_layers
 from flax_model.training import IGNORE_INDEX, LossSums, loss_sums
 
@@ -415,6 +415,7 @@ class FlaxSpeechPrefixModel:
         `generation_config`, then keyword arguments). `sequences` [N, 1 + n]: a placeholder start token, then the
         transcript."""
         config = self.config
+        check_generate_inputs(config.encoder, inputs, attention_mask)
         settings = resolve_settings(config, prefix_generation_config(model_generation_config(self), config),
                                     generation_config, **kwargs)
         if settings.do_sample and prng_key is None:

@@ -26,7 +26,7 @@ from convert.base.checkpoint import FLAX_FIRST, Checkpoint
 from convert.base.composed import SpeechEncoderDecoderConfig
 from convert.base.configs import HFConfig, encoder_input_shape
 from convert.base.errors import UnsupportedConfig, UsageError
-from convert.base.generation_settings import GenerationConfig
+from convert.base.generation_settings import GenerationArgumentError, GenerationConfig
 from convert.base.hub import resolve_source
 from convert.base.labels import check_label_smoothing, check_labels
 from convert.base.lora import LoraSettings
@@ -676,7 +676,44 @@ class FlaxSpeechEncoderDecoderModel:
     def generate(self, inputs: Any, attention_mask: Any = None, **kwargs: Any) -> Any:
         """Greedy or beam-search transcription; see `flax_model.generation.generate`. On a mesh the batch is
         split over its `data` axis (`flax_model.sharding.generate_on_mesh`); the tokens are the same."""
+        check_generate_inputs(self.config.encoder, inputs, attention_mask)
         if self.mesh is not None:
             return generate_on_mesh(self, _generate, inputs, attention_mask, **kwargs)
         return _generate(self, inputs, attention_mask, **kwargs)
+
+
+def check_generate_inputs(encoder_config: Any, inputs: Any, attention_mask: Any) -> None:
+    """Refuses encoder inputs or a mask `generate` cannot read, on the host before anything is traced: a waveform
+    encoder reads inputs [B, samples], a feature encoder [B, frames, width] (`encoder_input_shape`); the mask is
+    [B, samples] or [B, frames] and holds only 0 and 1 (integers, booleans, or floats that are 0.0 or 1.0).
+
+    Raises:
+        GenerationArgumentError: one line naming `inputs` or `attention_mask`, the shape given and the one expected.
+    """
+    waveform = encoder_config.input_kind == "waveform"
+    shape = tuple(int(n) for n in np.shape(inputs))
+    steps = "samples" if waveform else "frames"
+    expected = encoder_input_shape(encoder_config, "B", steps)
+    shown = lambda dims: "[" + ", ".join(map(str, dims)) + "]"  # noqa: E731
+    reads = "waveforms" if waveform else f"feature frames of width {encoder_config.input_feature_size}"
+    if len(shape) != len(expected) or (not waveform and shape[2] != expected[2]) or 0 in shape:
+        raise GenerationArgumentError(f"inputs: shape {shown(shape)} is not {shown(expected)} with B and {steps} at "
+                                      f"least 1 (this model's encoder reads {reads})", param="inputs")
+    if attention_mask is None:
+        return
+    mask_shape = tuple(int(n) for n in np.shape(attention_mask))
+    if mask_shape != shape[:2]:
+        raise GenerationArgumentError(f"attention_mask: shape {shown(mask_shape)} is not [B, {steps}] = "
+                                      f"{shown(shape[:2])}, the batch and length of inputs {shown(shape)}",
+                                      param="attention_mask")
+    if isinstance(attention_mask, jax.Array) and not attention_mask.is_fully_addressable:
+        return  # a global array spread over hosts: its values are not all on this one (its shape is checked)
+    mask = np.asarray(attention_mask)
+    if mask.dtype.kind not in "biuf":
+        raise GenerationArgumentError(f"attention_mask: dtype {mask.dtype} is not a mask's (integers or booleans, 1 "
+                                      "for a real step, 0 for padding)", param="attention_mask")
+    if mask.dtype.kind != "b" and not ((mask == 0) | (mask == 1)).all():
+        value = mask[(mask != 0) & (mask != 1)].reshape(-1)[0]
+        raise GenerationArgumentError(f"attention_mask: holds {value.item()!r}; a mask holds only 0 and 1 (1 for a "
+                                      "real step, 0 for padding)", param="attention_mask")
 

@@ -411,3 +411,73 @@ def test_second_generate_call_does_not_trace_again(models, batch):
                                  **{**options, "repetition_penalty": 2.5, "min_new_tokens": 9, "length_penalty": 0.3})
     np.testing.assert_array_equal(changed.sequences, reference.sequences.numpy())
     assert not np.isin(changed.sequences[:, 1:10], m.case.eos_token_id).any(), changed.sequences
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inputs generate cannot read: refused on the host, naming the argument and both shapes, before anything compiles
+
+
+def _refused(generate, inputs, mask, message: str, param: str) -> None:
+    with pytest.raises(GenerationArgumentError) as error:
+        generate(inputs, mask, max_new_tokens=2)
+    text = str(error.value)
+    assert text.startswith(message) and "\n" not in text and error.value.param == param, text
+    assert isinstance(error.value, ValueError)
+
+
+def _bad_waveform_inputs(generate, batch) -> None:
+    inputs, mask = batch
+    _refused(generate, inputs, mask[:, :100], "attention_mask: shape [3, 100] is not [B, samples] = [3, 6000]",
+             "attention_mask")
+    _refused(generate, inputs, mask[:2], "attention_mask: shape [2, 6000] is not [B, samples] = [3, 6000]",
+             "attention_mask")
+    _refused(generate, inputs[0], None, "inputs: shape [6000] is not [B, samples]", "inputs")
+    _refused(generate, inputs[:, :, None], mask, "inputs: shape [3, 6000, 1] is not [B, samples]", "inputs")
+    _refused(generate, inputs, mask * 0.5, "attention_mask: holds 0.5; a mask holds only 0 and 1", "attention_mask")
+    _refused(generate, inputs, mask * 2, "attention_mask: holds 2; a mask holds only 0 and 1", "attention_mask")
+
+
+def test_generate_refuses_inputs_and_masks_of_the_wrong_shape_or_values(models, batch):
+    m = models("bart")
+    compiled = lambda: (len(m.flax._compiled), sum(flax_generation.TRACES.values()))  # noqa: E731
+    before = compiled()
+    _bad_waveform_inputs(m.flax.generate, batch)
+    assert compiled() == before  # refused before anything compiled
+    # Masks of 0 and 1 as booleans or floats are read as the integers.
+    inputs, mask = batch
+    expected = m.flax.generate(inputs, mask, max_new_tokens=3).sequences
+    for same in (mask.astype(bool), mask.astype(np.float32)):
+        np.testing.assert_array_equal(m.flax.generate(inputs, same, max_new_tokens=3).sequences, expected)
+
+
+def test_generate_on_a_feature_encoder_refuses_waveforms(composed_dir):
+    from convert.base.configs import seeded_encoder_inputs
+
+    model = FlaxSpeechEncoderDecoderModel.from_pretrained(composed_dir("w2vbert", "bart_untied"))
+    width = model.config.encoder.input_feature_size
+    waveforms = np.zeros((2, 16000), np.float32)
+    _refused(model.generate, waveforms, np.ones((2, 16000), np.int32),
+             f"inputs: shape [2, 16000] is not [B, frames, {width}] with B and frames at least 1 (this model's "
+             f"encoder reads feature frames of width {width})", "inputs")
+    inputs, mask = seeded_encoder_inputs(model.config.encoder, [7, 5], np.random.default_rng(0))
+    _refused(model.generate, inputs, np.ones((2, 7 * width)), f"attention_mask: shape [2, {7 * width}] is not "
+             "[B, frames] = [2, 7]", "attention_mask")
+    _refused(model.generate, inputs[..., :-1], mask, f"inputs: shape [2, 7, {width - 1}] is not [B, frames, {width}]",
+             "inputs")
+
+
+def test_prefix_generate_refuses_inputs_and_masks_of_the_wrong_shape_or_values(fixture_dir, fixtures_root, batch):
+    from convert.compose_prefix import compose_prefix
+    from flax_model.prefix import FlaxSpeechPrefixModel
+    from scripts.prefix_cases import COMPOSE, ENCODERS, LMS, lm_with_tokenizer
+
+    encoder, decoder = ENCODERS[0], LMS[0]
+    out = fixtures_root / "prefix" / f"{encoder}+{decoder}"  # test_prefix_model.py's composition, shared
+    if not (out / "config.json").exists():
+        lm = lm_with_tokenizer(fixture_dir(decoder), fixtures_root / "prefix_lm" / decoder)
+        compose_prefix(str(fixture_dir(encoder)), str(lm), out, **COMPOSE, verify=False, progress=False,
+                       log=io.StringIO())
+    model = FlaxSpeechPrefixModel.from_pretrained(out)
+    assert model.config.encoder.input_kind == "waveform"
+    _bad_waveform_inputs(model.generate, batch)
+    assert not model._compiled  # a fresh model: refused before anything compiled
