@@ -370,13 +370,16 @@ class Run:
                 labels = [vocabulary.encode(e.text, e.where) for e in self.train]
             except ConvertError as e:
                 raise DataError(str(e)) from None
-        if not head.zero_infinity:
-            for example, ids, n in zip(self.train, labels, self.train_lengths):
-                frames = int(self.config.encoder.output_lengths(self.features.input_length(n)))
-                if alignment_frames(ids) > frames:
-                    raise DataError(f"{example.where}: its {len(ids)} CTC labels need {alignment_frames(ids)} frames, "
-                                    f"the audio makes {frames} (the head's zero_infinity is off: the loss would be "
-                                    "infinite)")
+        # Targets no alignment can fit: CTC's loss is infinite (zero_infinity off), or 0 (zero_infinity: the
+        # utterance trains nothing through the head, silently).
+        for example, ids, n in zip(self.train, labels, self.train_lengths):
+            frames = int(self.config.encoder.output_lengths(self.features.input_length(n)))
+            if alignment_frames(ids) > frames:
+                outcome = ("its CTC loss would be 0 (zero_infinity) and train nothing" if head.zero_infinity
+                           else "its CTC loss would be infinite (the head's zero_infinity is off)")
+                raise DataError(f"{example.where}: its {len(ids)} CTC labels need {alignment_frames(ids)} frames (a "
+                                f"blank between repeated labels), the audio makes {frames} encoder frames: {outcome}; "
+                                "shorten the transcript or drop the line, or train with ctc_weight=0")
         return labels
 
     def optimizer_for(self, trainable: Any) -> Any:

@@ -401,3 +401,27 @@ def test_eval_ctc_weight_on_a_head_joint_decoding_cannot_use_is_refused_before_a
     assert info.value.param == "eval_ctc_weight" and str(info.value).startswith(
         "eval_ctc_weight=0.3: the model's CTC head has its own vocabulary"), info.value
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.checkpoints").exists()
+
+
+def test_ctc_targets_longer_than_the_audio_allows_are_refused_naming_the_line(data, tmp_path):
+    """With zero_infinity (a --ctc-head decoder head's setting), a transcript whose CTC labels cannot be aligned
+    with the utterance's encoder frames gave a CTC loss of 0 and trained nothing, silently: refused when the run is
+    set up, naming the manifest line, the labels and the frames."""
+    from convert.compose import compose
+    from convert.training_data import DataError
+
+    compose("wav2vec2", "bart", tmp_path / "ctc", ctc_head="decoder", verify=False, progress=False, log=io.StringIO())
+    assert json.loads((tmp_path / "ctc" / "config.json").read_text())["ctc"]["zero_infinity"] is True
+    lines = (data["train"]).read_text().splitlines()
+    long = json.loads(lines[1])
+    long["text"] = "one two three four five six seven eight nine zero"
+    train = data["root"] / "long_ctc.jsonl"  # beside the audio its lines name
+    train.write_text("\n".join([lines[0], json.dumps(long), *lines[2:]]) + "\n")
+    with pytest.raises(DataError) as info:
+        finetune.finetune(tmp_path / "ctc", train, data["eval"], tmp_path / "out",
+                          FinetuneSettings(**SETTINGS, ctc_weight=0.3), verify=False, progress=False,
+                          log=io.StringIO())
+    message = str(info.value)
+    assert message.startswith(f"{train}:2: its ") and "CTC labels need" in message, message
+    assert "encoder frames: its CTC loss would be 0 (zero_infinity) and train nothing" in message, message
+    assert not (tmp_path / "out").exists()
