@@ -269,8 +269,11 @@ class Run:
         for examples, lengths in ((self.train, self.train_lengths), (self.eval, self.eval_lengths)):
             for example, n in zip(examples, lengths):
                 if n < needed:
-                    raise ConvertError(f"{example.where}: {example.audio} has {n} samples, too short for the encoder "
-                                       f"(at least {needed})")
+                    # A dataset row's audio is named after the row already: `DATASET[SPLIT]:ROW (FILE)`.
+                    audio = str(example.audio)
+                    audio = f"its audio{audio[len(example.where):]}" if audio.startswith(example.where) else audio
+                    raise ConvertError(f"{example.where}: {audio} has {n} sample{'s' * (n != 1)}, too short for the "
+                                       f"encoder (at least {needed})")
         positions = self.config.decoder.max_positions
         for example, ids, n in zip(self.train, self.train_labels, self.train_lengths):
             # A prefix composition reads the prompt and the audio embeddings first.

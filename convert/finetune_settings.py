@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from convert import cli
-from convert.base.errors import UsageError, bad_argument
+from convert.base.errors import bad_argument
 from convert.host_cpu import CHOICES as BFLOAT16_PRODUCTS
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -139,8 +139,9 @@ class FinetuneSettings:
         cli.require_int("seed", self.seed, 0, MAX_SEED)
         cli.require_choice("lora_export", self.lora_export, LORA_EXPORTS)
         if self.lora_rank is None:
-            if self.lora_alpha is not None or self.lora_dropout:
-                raise UsageError("lora_alpha / lora_dropout: set lora_rank to use LoRA", param="lora_rank")
+            for name, unset in (("lora_alpha", None), ("lora_dropout", 0.0)):
+                if getattr(self, name) != unset:
+                    raise bad_argument(name, getattr(self, name), "applies to LoRA: set lora_rank=... to use it")
         else:
             self.lora.check()
         cli.require_float("ctc_weight", self.ctc_weight, low=0.0, high=1.0)

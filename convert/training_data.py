@@ -89,6 +89,8 @@ def read_manifest(path: str | Path) -> list[Example]:
                 raise DataError(f"{where}: '{field}' {problem}")
         audio = Path(item["audio"])
         audio = audio if audio.is_absolute() else path.parent / audio
+        if audio.is_dir():
+            raise DataError(f"{where}: audio {audio}: is a directory, not an audio file")
         if not audio.is_file():
             raise DataError(f"{where}: audio {audio}: no such file")
         examples.append(Example(audio, item["text"], where))
@@ -219,7 +221,7 @@ def _words_at(text: str, spans: Sequence[tuple[int, int]]) -> list[str]:
 
 def sample_lengths(examples: Sequence[Example], sampling_rate: int) -> list[int]:
     """Each utterance's length in samples at `sampling_rate`, from the file headers (nothing is decoded)."""
-    return [max(1, round(audio_seconds(e.audio) * sampling_rate)) for e in examples]
+    return [max(0, round(audio_seconds(e.audio) * sampling_rate)) for e in examples]
 
 
 class AudioCache:

@@ -425,3 +425,29 @@ def test_ctc_targets_longer_than_the_audio_allows_are_refused_naming_the_line(da
     assert message.startswith(f"{train}:2: its ") and "CTC labels need" in message, message
     assert "encoder frames: its CTC loss would be 0 (zero_infinity) and train nothing" in message, message
     assert not (tmp_path / "out").exists()
+
+
+def test_audio_too_short_is_named_once_with_its_true_length(data, tmp_path, monkeypatch):
+    """A zero-sample WAV in a dataset row was `ROW: ROW (FILE) has 1 samples` (the row named twice, the length
+    rounded up to 1): the row once, its file, and the samples it has; a manifest's file likewise."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from convert.base.errors import ConvertError
+    from convert.datasets_source import DatasetSource
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    wav = io.BytesIO()
+    soundfile.write(wav, np.zeros(0, np.float32), 16000, format="WAV")
+    pq.write_table(pa.table({"audio": [{"bytes": wav.getvalue(), "path": "zero.wav"}], "text": ["one"]}),
+                   tmp_path / "zero.parquet")
+    (tmp_path / "zero.wav").write_bytes(wav.getvalue())
+    (tmp_path / "zero.jsonl").write_text(json.dumps({"audio": "zero.wav", "text": "one"}) + "\n")
+    dataset = DatasetSource(str(tmp_path / "zero.parquet"))
+    for train, where, audio in ((dataset, f"{dataset}:0", "its audio (zero.wav)"),
+                                (tmp_path / "zero.jsonl", f"{tmp_path / 'zero.jsonl'}:1", tmp_path / "zero.wav")):
+        with pytest.raises(ConvertError) as info:
+            finetune.finetune(data["model"], train, data["eval"], tmp_path / "out", FinetuneSettings(**SETTINGS),
+                              verify=False, progress=False, log=io.StringIO())
+        assert str(info.value).startswith(f"{where}: {audio} has 0 samples, too short for the encoder"), info.value

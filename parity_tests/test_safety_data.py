@@ -114,6 +114,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "audio_surrogate": '{"audio": "u\\udc00.wav", "text": "one"}\n',
         "audio_missing": '{"audio": "nope.wav", "text": "one"}\n',
         "audio_null": '{"audio": null, "text": "one"}\n',
+        "audio_directory": '{"audio": ".", "text": "one"}\n',
         "blank_only": "\n\n   \n",
     }
     for name, text in lines.items():
@@ -436,6 +437,10 @@ CLI_CASES: dict[str, Case] = {
                                                         "this run's 1 step"),
     "finetune/eval-ctc-weight-without-a-ctc-head": case("finetune", f"{FINETUNE} --eval-ctc-weight 0.3", 2,
                                                         "--eval-ctc-weight 0.3: the model has no CTC head"),
+    "finetune/lora-alpha-without-lora-rank": case("finetune", f"{FINETUNE} --lora-alpha 4", 2,
+                                                  "--lora-alpha 4.0: applies to LoRA: set --lora-rank R to use it"),
+    "finetune/lora-dropout-without-lora-rank": case("finetune", f"{FINETUNE} --lora-dropout 0.1", 2,
+                                                    "--lora-dropout 0.1: applies to LoRA"),
     "finetune/fresh-run-into-old-checkpoints": case("finetune", f"{FINETUNE} --checkpoint-dir {{ws}}/ck/good", 2,
                                                     "{ws}/ck/good: holds checkpoints of an earlier run"),
     # --- resources: work that cannot fit in memory -------------------------------------------------------------------
@@ -495,6 +500,7 @@ CLI_CASES: dict[str, Case] = {
                            ("text_surrogate", ":1: 'text' is not valid Unicode text: a lone surrogate U+D800"),
                            ("audio_surrogate", ":1: 'audio' is not valid Unicode text"),
                            ("audio_missing", ":1: audio"), ("audio_null", ":1: 'audio' must be"),
+                           ("audio_directory", ":1: audio {ws}/data: is a directory, not an audio file"),
                            ("blank_only", ": the manifest holds no examples"), ("latin1", ": not UTF-8 text"))},
     "finetune/eval-manifest-nested": case("finetune", finetune_with(eval=f"{D}nested.jsonl"), 1,
                                           "{ws}/data/nested.jsonl:1"),
