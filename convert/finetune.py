@@ -382,9 +382,12 @@ def build_parser() -> cli.ArgumentParser:
                    help="evaluate every N steps (0: before and after training only)")
     p.add_argument("--save-every", type=int, default=d.save_every, metavar="N",
                    help="checkpoint every N steps (0: at the end and on Ctrl-C only)")
-    p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, metavar="N")
+    p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, metavar="N",
+                   help="utterances per batch in evaluation")
     p.add_argument("--num-beams", type=int, default=d.num_beams, metavar="N", help="beam width for evaluation")
-    p.add_argument("--max-new-tokens", type=int, metavar="N", help="most tokens generated in evaluation")
+    p.add_argument("--max-new-tokens", type=int, metavar="N",
+                   help="most tokens generated in evaluation (default: twice the longest training label, rounded up "
+                   "to a multiple of 8, within the decoder's positions)")
     p.add_argument("--seed", type=int, default=d.seed, metavar="N",
                    help="data order, dropout, SpecAugment and LoRA's initialisation (0 to 4294967295)")
     p.add_argument("--allow-unk", action="store_true",

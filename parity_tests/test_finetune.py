@@ -451,3 +451,23 @@ def test_audio_too_short_is_named_once_with_its_true_length(data, tmp_path, monk
             finetune.finetune(data["model"], train, data["eval"], tmp_path / "out", FinetuneSettings(**SETTINGS),
                               verify=False, progress=False, log=io.StringIO())
         assert str(info.value).startswith(f"{where}: {audio} has 0 samples, too short for the encoder"), info.value
+
+
+def test_help_gives_every_option_a_text_and_every_default():
+    """The README says --help shows every default: every option has a help text, each that has a default value
+    shows it, and --max-new-tokens (computed from the data) says what it is."""
+    import argparse
+
+    parser = finetune.build_parser()
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if action.dest == "help" or not action.option_strings:
+            continue
+        text = formatter._get_help_string(action)
+        assert action.help, f"{action.option_strings[0]} has no help text"
+        switch = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+        if action.default is not None and not switch:
+            assert "default" in text.lower(), f"{action.option_strings[0]}: {text!r}"
+    help_text = " ".join(parser.format_help().split())
+    assert "--max-new-tokens N most tokens generated in evaluation (default: twice the longest training label" \
+        in help_text, help_text
