@@ -166,6 +166,11 @@ def run(args: Any, out: TextIO, log: TextIO) -> TranscriptionReport:
                                "one device)")
 
         mesh = mesh_from_flag(args.mesh)  # a bad value is refused before any work
+    from convert.datasets_source import given_without_dataset
+
+    stray = given_without_dataset(args)
+    if stray is not None:
+        raise bad_argument(stray, True if stray == "streaming" else getattr(args, stray), "applies to --dataset")
     if not args.audio and not args.manifests and args.dataset is None:
         raise UsageError("audio=[]: no audio given (pass --audio files or directories, --manifest, or --dataset)",
                          param="audio")

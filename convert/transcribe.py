@@ -60,6 +60,7 @@ from convert.base.errors import ConvertError, UsageError, bad_argument
 from convert.base.generation_settings import GenerationSettings, model_generation_config, resolve_settings
 from convert.base.prefix import files_directory, is_prefix_directory
 from convert.base.tokenizer_file import TOKENIZER_FILE, read_tokenizer
+from convert.training_data import not_unicode
 
 FRAMEWORKS = ("flax", "torch")
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".aifc", ".au", ".caf", ".w64", ".opus")
@@ -215,6 +216,10 @@ def read_manifest(path: str | Path) -> list[Utterance]:
         text = item.get("text")
         if text is not None and not isinstance(text, str):
             raise TranscriptionError(f'{where}: "text" must be a string')
+        for field in ("audio", "text"):
+            problem = None if item.get(field) is None else not_unicode(item[field])
+            if problem:
+                raise TranscriptionError(f'{where}: "{field}" {problem}')
         audio = Path(item["audio"])
         audio = audio if audio.is_absolute() else path.parent / audio
         if not audio.is_file():

@@ -243,6 +243,9 @@ def test_bad_arguments_are_one_line_naming_the_flag(builtin_model, tmp_path, cap
     (["--decoder", "ctc", "--generation-config", "{tmp}/g.json"], "--generation-config {tmp}/g.json: applies to "
                                                                     "attention decoding"),
     (["--chunk-overlap-seconds", "0.5"], "--chunk-overlap-seconds 0.5: applies only with --chunk-seconds S"),
+    (["--split", "test"], "--split test: applies to --dataset"),
+    (["--text-column", "txt"], "--text-column txt: applies to --dataset"),
+    (["--streaming"], "--streaming: applies to --dataset"),
 ])
 def test_decoding_flags_wrong_by_themselves_are_usage_errors_before_the_model_is_read(tmp_path, capsys, extra,
                                                                                         message):
@@ -290,3 +293,15 @@ def test_help_documents_every_option():
                  "--eos-token-id", "--suppress-tokens", "--bad-words-ids", "--generation-config", "--framework",
                  "--scan-layers", "--mesh"):
         assert flag in out, flag
+
+
+def test_a_manifest_text_that_is_not_valid_unicode_is_refused_naming_the_line(tmp_path):
+    """A lone surrogate (a JSON escape can write one) used to crash the output writer after all the work."""
+    from convert.transcribe import TranscriptionError, read_manifest
+
+    write_audio(tmp_path / "a.wav", tone(0.3, 300, seed=0))
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"audio": "a.wav", "text": "ok"}\n{"audio": "a.wav", "text": "x\\ud800"}\n')
+    with pytest.raises(TranscriptionError, match=rf'^{manifest}:2: "text" is not valid Unicode text: a lone surrogate '
+                                                 r"U\+D800 at character 1"):
+        read_manifest(manifest)
