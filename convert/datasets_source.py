@@ -140,7 +140,7 @@ def read_rows(source: DatasetSource, require_text: bool = True) -> list[Row]:
     """
     if not isinstance(source.name, str) or not source.name.strip():
         raise bad_argument("dataset", repr(source.name), "is not a dataset (a Hub id or a local path)")
-    with _audio_passthrough():
+    with _audio_passthrough(), _progress_bars_only_on_a_terminal():
         dataset = _load(source)
         columns = list(dataset.column_names or ()) if getattr(dataset, "column_names", None) else None
         text_column = source.text_column
@@ -169,6 +169,24 @@ def read_rows(source: DatasetSource, require_text: bool = True) -> list[Row]:
     if not rows:
         raise DatasetError(f"{source}: the split holds no rows")
     return rows
+
+
+@contextlib.contextmanager
+def _progress_bars_only_on_a_terminal() -> Iterator[None]:
+    """The `datasets` library's own progress bars (building a split, reading files) drawn only where the toolkit
+    draws its own: on a terminal (`cli.show_progress`), never as half-drawn lines in a log."""
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    from convert import cli
+
+    was_disabled = are_progress_bars_disabled()
+    if not cli.show_progress():
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            enable_progress_bars()
 
 
 def _load(source: DatasetSource) -> Any:
