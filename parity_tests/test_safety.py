@@ -509,7 +509,7 @@ CATALOGUE: dict[str, Case] = {
     "generate/ctc-decoder-with-the-reference": Case("generate", (*MODEL_AUDIO, "--decoder", "ctc", "--framework",
                                                                  "torch"), 2, "--decoder ctc: needs framework=flax"),
     "generate/dataset-missing": Case("generate", ("--model", "{ws}/model", "--dataset", "{ws}/nodata"), 1,
-                                     "{ws}/nodata[test]"),
+                                     "{ws}/nodata: no such file or directory"),
     # --- check --------------------------------------------------------------------------------------------------
     "check/model-missing": Case("check", ("{ws}/nope",), 1, "{ws}/nope"),
     "check/model-is-a-file": Case("check", ("{ws}/file.txt",), 1, "{ws}/file.txt"),
@@ -722,7 +722,7 @@ CATALOGUE: dict[str, Case] = {
     "finetune/ctc-weight-without-a-ctc-head": finetune_case(("--ctc-weight", "0.3"), 2, "--ctc-weight"),
     "finetune/dataset-and-manifests": finetune_case(("--dataset", "{ws}/data"), 2, "--dataset"),
     "finetune/dataset-missing": Case("finetune", ("--model", "{ws}/model", "--dataset", "{ws}/nodata", "--output",
-                                                  "{ws}/ftout", "--no-progress"), 1, "{ws}/nodata[train]"),
+                                                  "{ws}/ftout", "--no-progress"), 1, "{ws}/nodata: no such file or directory"),
     "finetune/missing-train": Case("finetune", ("--model", "{ws}/model", "--eval", "{ws}/data/eval.jsonl",
                                                 "--output", "{ws}/ftout"), 2, "--train"),
     # --- finetune: inputs --------------------------------------------------------------------------------------------
