@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from convert.base.errors import OutputError, UsageError, bad_argument
+from convert.finetune_output import ADAPTER_DIR
 from convert.base.outputs import atomic_file, check_output_file, input_sources
 from convert.transcribe import (
     DEFAULT_TOKENS_PER_SECOND,
@@ -225,6 +226,10 @@ def run(args: Any, out: TextIO, log: TextIO) -> TranscriptionReport:
                 tmp.open("w", encoding="utf-8") as handle:
             report = run_to(handle)
     print(report.summary(), file=log)
+    adapter = Path(args.model) / ADAPTER_DIR
+    if adapter.is_dir():  # `convert.finetune --lora-export adapter` wrote the base weights and this adapter
+        print(f"note: {adapter} holds a LoRA adapter that was not applied: these transcripts are the base weights' "
+              "(fine-tune with --lora-export merged for a model with the adapter in its weights)", file=log)
     return report
 
 

@@ -305,3 +305,17 @@ def test_a_manifest_text_that_is_not_valid_unicode_is_refused_naming_the_line(tm
     with pytest.raises(TranscriptionError, match=rf'^{manifest}:2: "text" is not valid Unicode text: a lone surrogate '
                                                  r"U\+D800 at character 1"):
         read_manifest(manifest)
+
+
+def test_generate_notes_an_adapter_it_does_not_apply(builtin_model, tmp_path, capsys):
+    """A directory `convert.finetune --lora-export adapter` wrote: generate transcribes with the base weights and
+    says so (it used to say nothing, and the transcripts were not the adapted model's)."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(builtin_model, model)
+    (model / "adapter").mkdir()
+    wav = write_audio(tmp_path / "a.wav", tone(0.3, 300, seed=0))
+    assert main(["--model", str(model), "--audio", str(wav), "--framework", "torch", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert f"note: {model / 'adapter'} holds a LoRA adapter that was not applied" in err, err
