@@ -24,7 +24,7 @@ from typing import Any
 
 from convert.base.audio import AudioBytes
 from convert.base.errors import ConvertError, bad_argument
-from convert.training_data import not_unicode
+from convert.base.unicode_text import not_unicode
 
 
 class DatasetError(ConvertError):

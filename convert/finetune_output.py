@@ -1,6 +1,7 @@
 """What a fine-tuning run writes into its output: the model in its stored dtype (or a PEFT adapter beside the base
 weights), the copied tokenizer and preprocessor files, `training_report.json`, `train_log.jsonl`, the loss curve
-and the model card."""
+and the model card. The functions' `run` is a `convert.finetune_run.Run` (not imported: that module reads
+REPORT_FILE from this one)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,12 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from convert.base.errors import ConvertError
 from convert.finetune_settings import PRODUCT_FORMS
-
-if TYPE_CHECKING:
-    from convert.finetune_run import Run
 
 ADAPTER_DIR = "adapter"  # where --lora-export adapter puts the PEFT adapter, inside the output
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
@@ -28,7 +26,7 @@ LOG_FILE = "train_log.jsonl"
 CURVE_FILE = "loss_curve.png"
 
 
-def run_report(run: Run, history: dict[str, Any], model_dir: Path, train: Any, eval_manifest: Any,
+def run_report(run: Any, history: dict[str, Any], model_dir: Path, train: Any, eval_manifest: Any,
             command: str | None, wall: float) -> dict[str, Any]:
     s = run.settings
     losses = [loss for _, loss in history["loss"]]
@@ -94,7 +92,7 @@ def peak_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def export_leaves(run: Run, params: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+def export_leaves(run: Any, params: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the model's leaves to write, the LoRA factors to write as a PEFT adapter) by `/`-joined Flax path. Without
     LoRA: the params and nothing; with `lora_export="merged"` the adapted kernels plus the LoRA update and
     nothing; with `"adapter"` the base leaves as they are and the factors."""
@@ -115,7 +113,7 @@ def export_leaves(run: Run, params: Any) -> tuple[dict[str, Any], dict[str, Any]
     return run.as_stored(base), factors
 
 
-def write_output(tmp: Path, run: Run, flat: dict[str, Any], factors: dict[str, Any], history: dict[str, Any],
+def write_output(tmp: Path, run: Any, flat: dict[str, Any], factors: dict[str, Any], history: dict[str, Any],
                   report: dict[str, Any]) -> None:
     from convert.base.params import save_params
     from convert.base.writing import TensorSpec
@@ -153,7 +151,7 @@ def write_output(tmp: Path, run: Run, flat: dict[str, Any], factors: dict[str, A
     (tmp / "README.md").write_text(render_card(run.model_dir, report))
 
 
-def _write_adapter(directory: Path, run: Run, factors: dict[str, np.ndarray]) -> None:
+def _write_adapter(directory: Path, run: Any, factors: dict[str, np.ndarray]) -> None:
     """The LoRA factors as a PEFT adapter: of the composed model (`SpeechEncoderDecoderModel`'s module names) in
     the cross-attention mode; of each adapted part on its own (`adapter/decoder`: the LM's `...ForCausalLM` names,
     `adapter/encoder`) in the prefix mode, whose parts are models of their own."""

@@ -25,6 +25,7 @@ from convert.base.batching import Batch
 from convert.base.errors import ConvertError
 from convert.base.prefix import SpeechPrefixConfig
 from convert.base.tokenizer_file import TOKENIZER_FILE, read_tokenizer
+from convert.base.unicode_text import not_unicode
 
 IGNORE_INDEX = -100
 
@@ -97,17 +98,6 @@ def read_manifest(path: str | Path) -> list[Example]:
     if not examples:
         raise DataError(f"{path}: the manifest holds no examples")
     return examples
-
-
-def not_unicode(text: str) -> str | None:
-    """What makes `text` no valid Unicode (a lone surrogate, as a JSON escape like "\\ud800" can write: UTF-8
-    cannot encode it, and the tokenizer cannot read it), or None."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        return (f"is not valid Unicode text: a lone surrogate U+{ord(text[e.start]):04X} at character {e.start} "
-                "(UTF-8 cannot encode it)")
-    return None
 
 
 class LabelTokenizer:

@@ -60,7 +60,7 @@ from convert.base.errors import ConvertError, UsageError, bad_argument
 from convert.base.generation_settings import GenerationSettings, model_generation_config, resolve_settings
 from convert.base.prefix import files_directory, is_prefix_directory
 from convert.base.tokenizer_file import TOKENIZER_FILE, read_tokenizer
-from convert.training_data import not_unicode
+from convert.base.unicode_text import not_unicode
 
 FRAMEWORKS = ("flax", "torch")
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".aifc", ".au", ".caf", ".w64", ".opus")
