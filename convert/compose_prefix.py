@@ -62,8 +62,9 @@ from convert.sources import (
 
 def prefix_config(encoder: Source, decoder: Source, projector: str, stack_frames: int,
                   projector_hidden_size: int | None, projector_activation: str, prompt: str,
-                  eos_token_id: int | None, pad_token_id: int | None) -> SpeechPrefixConfig:
+                  eos_token_id: int | None, pad_token_id: int | None, tokenizer: Any = None) -> SpeechPrefixConfig:
     """The composed config: the parts' configs unchanged, the projector, the tokenised prompt and the ids.
+    `tokenizer`: the decoder's, when the caller has read it (`check_extra_files`).
 
     Raises:
         UnsupportedConfig: a decoder that is not a language model on its own, or one without a tokenizer.json
@@ -79,8 +80,9 @@ def prefix_config(encoder: Source, decoder: Source, projector: str, stack_frames
     if not path.is_file():
         raise UnsupportedConfig(f"decoder={decoder.spec}: no tokenizer.json (the prefix mode tokenises the prompt "
                                 "with the decoder's tokenizer)", param="decoder")
-    tokenizer = read_tokenizer(path, CheckpointError, decoder.config.vocab_size,
-                               where=f"decoder={decoder.spec}: {path.name}", param="decoder")
+    if tokenizer is None:
+        tokenizer = read_tokenizer(path, CheckpointError, decoder.config.vocab_size,
+                                   where=f"decoder={decoder.spec}: {path.name}", param="decoder")
     dec = decoder.config
     before, after = tokenize_prompt(prompt, lambda text, specials: tokenizer.encode(
         text, add_special_tokens=specials).ids, getattr(dec, "bos_token_id", None))
@@ -213,9 +215,9 @@ def compose_prefix(
     dec = open_source(decoder, "decoder", decoder_revision)
     sources = [("the encoder source", enc.path), ("the decoder source", dec.path), BUILTIN_SOURCES]
     check_output_location(output, overwrite=overwrite, sources=sources)
-    check_extra_files(enc, dec)
+    tokenizer = check_extra_files(enc, dec)
     config = prefix_config(enc, dec, projector, stack_frames, projector_hidden_size, projector_activation, prompt,
-                           eos_token_id, pad_token_id)
+                           eos_token_id, pad_token_id, tokenizer)
     try:
         generation = decoder_generation_config(dec.path, dec.checkpoint.config)
     except ConvertError as e:
@@ -300,7 +302,7 @@ def compose_prefix(
         print("  not verified: Flax was not compared with the PyTorch reference", file=log)
     else:
         print(f"  verified    Flax vs reference max |Δlogits| {verification['max_abs_logits_diff']:.2e}", file=log)
-    unknown = _unknown_prompt_tokens(dec, config)
+    unknown = _unknown_prompt_tokens(tokenizer, config)
     if unknown:
         print(f"  note: {unknown} of the prompt's {len(config.prompt_ids_before) + len(config.prompt_ids_after)} "
               "tokens are the decoder tokenizer's unknown token: the LM reads no instruction there (pass a --prompt "
@@ -308,11 +310,11 @@ def compose_prefix(
     return ComposeResult(output, report)
 
 
-def _unknown_prompt_tokens(decoder: Source, config: SpeechPrefixConfig) -> int:
+def _unknown_prompt_tokens(tokenizer: Any, config: SpeechPrefixConfig) -> int:
     """How many of the prompt's token ids are the decoder tokenizer's unknown token (0 when it has none)."""
     from convert.training_data import unknown_token_id
 
-    unk = unknown_token_id(read_tokenizer(decoder.path / "tokenizer.json"))
+    unk = unknown_token_id(tokenizer)
     return 0 if unk is None else [*config.prompt_ids_before, *config.prompt_ids_after].count(unk)
 
 

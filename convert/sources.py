@@ -20,8 +20,8 @@ import numpy as np
 from convert import cli
 from convert.base.checkpoint import Checkpoint
 from convert.base.configs import HFConfig, read_json
-from convert.base.errors import (CheckpointError, ConvertError, KeyMapError, UnsupportedConfig, UsageError, bad_argument,
-                                 with_param)
+from convert.base.errors import (CheckpointError, ConvertError, KeyMapError, UnsupportedConfig, UsageError,
+                                 bad_argument, with_param)
 from convert.base.hub import resolve_source
 from convert.base.keymap import Entry
 from convert.base.params import check_layer_counts
@@ -49,31 +49,34 @@ DECODER_EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", 
 ENCODER_EXTRA_FILES = ("preprocessor_config.json",)
 
 
-def check_extra_files(encoder: Source, decoder: Source) -> None:
+def check_extra_files(encoder: Source, decoder: Source) -> Any:
     """Refuses, before any work, a file of the sources that composing copies and that is not what it claims to be
-    (see `check_part_files`), in one line naming the source and the file."""
+    (see `check_part_files`), in one line naming the source and the file; returns the decoder's tokenizer (None
+    without a tokenizer.json)."""
     from convert.base.tokenizer_file import TOKENIZER_FILE
 
     try:
         check_part_files(encoder.path, encoder.config, None, None)
     except ConvertError as e:
         raise with_param(e, "encoder", encoder.spec) from None
-    check_part_files(None, None, decoder.path, decoder.config.vocab_size,
-                     where=f"decoder={decoder.spec}: {TOKENIZER_FILE}", param="decoder")
+    return check_part_files(None, None, decoder.path, decoder.config.vocab_size,
+                            where=f"decoder={decoder.spec}: {TOKENIZER_FILE}", param="decoder")
 
 
 def check_part_files(encoder_dir: Path | None, encoder_config: Any, decoder_dir: Path | None, vocab_size: int | None,
-                     where: str | None = None, param: str | None = None) -> None:
+                     where: str | None = None, param: str | None = None) -> Any:
     """Refuses the encoder's `preprocessor_config.json` unless each of its fields is valid for the encoder, and the
     decoder's `tokenizer.json` unless it is a tokenizers file making no id beyond `vocab_size` (each when
-    present; a directory of None is skipped). `where`, `param`: how a tokenizer error names the file."""
+    present; a directory of None is skipped). `where`, `param`: how a tokenizer error names the file. Returns the
+    tokenizer read (None when there is none)."""
     from convert.base.audio import PREPROCESSOR_FILE, feature_extractor_config
     from convert.base.tokenizer_file import TOKENIZER_FILE, read_tokenizer
 
     if encoder_dir is not None and (encoder_dir / PREPROCESSOR_FILE).is_file():
         feature_extractor_config(encoder_dir, encoder_config)
-    if decoder_dir is not None and (decoder_dir / TOKENIZER_FILE).is_file():
-        read_tokenizer(decoder_dir / TOKENIZER_FILE, CheckpointError, vocab_size, where=where, param=param)
+    if decoder_dir is None or not (decoder_dir / TOKENIZER_FILE).is_file():
+        return None
+    return read_tokenizer(decoder_dir / TOKENIZER_FILE, CheckpointError, vocab_size, where=where, param=param)
 
 
 # How a leaf that no source has is initialised, by its name: (regex, initialiser). kernels and embeddings
