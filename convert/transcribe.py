@@ -599,14 +599,16 @@ def transcribe(
     seconds = [audio_seconds(u.audio) for u in utterances]
     # The decoder describes so much audio; CTC decoding alone is bounded by the frames only.
     limit = runner.settings.max_new_tokens / tokens_per_second if runner.decoder == "attention" else math.inf
-    capacity = _capacity(runner, tokens_per_second)
+    # What bounds one pass, for a refusal's message only (a prefix composition's takes a search: made when needed).
+    capacity = lambda: _capacity(runner, tokens_per_second)  # noqa: E731
     if hasattr(runner.config, "prompt_length"):  # a prefix composition: the audio takes decoder positions too
         limit = min(limit, _prefix_seconds(runner.config, runner.settings.max_new_tokens, features))
-        capacity = _prefix_capacity(runner, features, tokens_per_second if runner.decoder == "attention" else None)
+        capacity = lambda: _prefix_capacity(runner, features,  # noqa: E731
+                                            tokens_per_second if runner.decoder == "attention" else None)
     if chunk_seconds is not None and chunk_seconds > limit:
         most = distinct_seconds(chunk_seconds, limit)[1]
         raise bad_argument("chunk_seconds", chunk_seconds, f"is longer than the {most} s one pass can transcribe "
-                           f"({capacity})")
+                           f"({capacity()})")
     items = []
     for i, (u, s) in enumerate(zip(utterances, seconds)):
         samples = round(s * rate)
@@ -615,7 +617,7 @@ def transcribe(
                 shown, most = distinct_seconds(s, limit)
                 raise TranscriptionError(
                     f"{u.where}: {shown} s of audio is longer than the {most} s this model can transcribe in one "
-                    f"pass ({capacity}); transcribe it in overlapping chunks with "
+                    f"pass ({capacity()}); transcribe it in overlapping chunks with "
                     "chunk_seconds (--chunk-seconds)")
             items.append(_Item(i, 0, 0, samples, True))
         else:
